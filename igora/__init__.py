@@ -1,0 +1,21 @@
+"""Igora: an open market where anyone's machine can offer an LLM service."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .client import Answer, Client, Restart, SyncClient, Task  # noqa: E402
+from .errors import (  # noqa: E402
+    IgoraError,
+    MarketUnreachable,
+    NoWorkerError,
+    TaskAborted,
+    TaskError,
+    TaskFailed,
+    TaskTimeout,
+)
+
+__all__ = [
+    "Answer", "Client", "Restart", "SyncClient", "Task", "IgoraError", "MarketUnreachable",
+    "NoWorkerError", "TaskAborted", "TaskError", "TaskFailed", "TaskTimeout", "__version__",
+]

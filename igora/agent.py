@@ -1,0 +1,282 @@
+"""The runtime every Igora role builds on: one shared document, one awareness state,
+one websocket to the market that reconnects by itself.
+
+Liveness: every agent refreshes its awareness state every ``heartbeat`` seconds
+(default 5) and advertises that period in the field ``heartbeat``. A peer is *stale*
+when nothing was heard from it for 3 heartbeats (30 s for an original agent, the
+y-protocols awareness timeout). The market also removes the awareness state of a
+connection as soon as its socket closes, so a killed process is noticed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pycrdt import (
+    Awareness,
+    Doc,
+    Map,
+    TransactionEvent,
+    YMessageType,
+    YSyncMessageType,
+    create_awareness_message,
+    create_sync_message,
+    create_update_message,
+    handle_sync_message,
+    read_message,
+)
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
+
+from .config import MarketAddress
+from .errors import MarketUnreachable
+from .protocol import A, KANBAN, PROTOCOL_VERSION, MapName, Peer, new_id, now_ms
+
+DEFAULT_HEARTBEAT = 5.0
+ORIGINAL_TIMEOUT = 30.0  # y-protocols' awareness outdated timeout
+BACKOFF_START = 0.2
+BACKOFF_MAX = 5.0
+
+log = logging.getLogger("igora.agent")
+
+
+class Agent:
+    """A connection to one market room.
+
+    Use as ``async with Agent(address, type=..., name=...) as agent:``; on enter it
+    waits until the document is synced with the market.
+    """
+
+    def __init__(
+        self,
+        address: MarketAddress,
+        *,
+        type: str,
+        name: str,
+        style: str,
+        state: str = "ready",
+        fields: dict[str, Any] | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.address = address
+        self.id = new_id()
+        self.name = name
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.log = logging.getLogger(f"igora.{type}")
+        self.doc = Doc()
+        self.maps: dict[MapName, Map] = {m: self.doc.get(m.value, type=Map) for m in KANBAN}
+        self.maps[MapName.STREAMS] = self.doc.get(MapName.STREAMS.value, type=Map)
+        self.awareness = Awareness(self.doc)
+        self.awareness.set_local_state(
+            {
+                A.ID: self.id,
+                A.NAME: name,
+                A.TYPE: type,
+                A.STYLE: style,
+                A.STATE: state,
+                A.DATE: now_ms(),
+                A.PROTOCOL: PROTOCOL_VERSION,
+                A.HEARTBEAT: heartbeat,
+                A.SINCE: now_ms(),
+                **(fields or {}),
+            }
+        )
+        self.synced = asyncio.Event()
+        self.connected = False
+        self.connected_at = time.monotonic()
+        self._outbox: asyncio.Queue[bytes] | None = None
+        self._applying_remote = False
+        self._task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self.doc.observe(self._on_doc_update)
+        self.awareness.observe(self._on_awareness)
+
+    # ---------------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self, wait: bool = True) -> None:
+        self._outbox = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name=f"agent-{self.name}")
+        if wait:
+            try:
+                await asyncio.wait_for(self.synced.wait(), self.connect_timeout)
+            except asyncio.TimeoutError:
+                await self.stop()
+                raise MarketUnreachable(
+                    f"no market answered at {self.address.room_url} within "
+                    f"{self.connect_timeout:g} s: is `igora market` (or `igora up`) running?"
+                ) from None
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        # Say goodbye so the others notice at once, then close.
+        with contextlib.suppress(Exception):
+            self.awareness.set_local_state(None)
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    # ---------------------------------------------------------------- document
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.doc.transaction(origin=self.id):
+            yield
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (no argument, must not write) after any document or awareness
+        change, local or remote."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for cb in self._listeners:
+            try:
+                cb()
+            except Exception:  # a listener must never break the connection
+                self.log.exception("change listener failed")
+
+    def _on_doc_update(self, event: TransactionEvent) -> None:
+        if not self._applying_remote and self._outbox is not None and self.connected:
+            self._outbox.put_nowait(create_update_message(event.update))
+        self._notify()
+
+    # ---------------------------------------------------------------- awareness
+    @property
+    def local_state(self) -> dict[str, Any]:
+        return dict(self.awareness.get_local_state() or {})
+
+    def set_state(self, **fields: Any) -> None:
+        """Update fields of this agent's awareness state (and its ``date``)."""
+        state = self.local_state
+        state.update(fields)
+        state[A.DATE] = now_ms()
+        self.awareness.set_local_state(state)
+
+    def _on_awareness(self, topic: str, change: tuple[dict[str, Any], Any]) -> None:
+        changes, origin = change
+        if topic == "update" and origin == "local" and self._outbox is not None and self.connected:
+            ids = [c for v in changes.values() for c in v]
+            update = self.awareness.encode_awareness_update(ids)
+            self._outbox.put_nowait(create_awareness_message(update))
+        if topic == "change":
+            self._notify()
+
+    def peers(self, include_stale: bool = False) -> list[Peer]:
+        """Other agents in the room, fresh ones only unless asked."""
+        now = time.time() * 1000
+        out = []
+        for client_id, state in list(self.awareness.states.items()):
+            if client_id == self.awareness.client_id or not isinstance(state, dict) or not state:
+                continue
+            if not include_stale and self.is_stale(client_id, state, now):
+                continue
+            out.append(Peer(client_id, state))
+        return out
+
+    def is_stale(self, client_id: int, state: dict[str, Any], now: float | None = None) -> bool:
+        now = time.time() * 1000 if now is None else now
+        meta = self.awareness.meta.get(client_id) or {}
+        last = meta.get("lastUpdated", 0)
+        hb = state.get(A.HEARTBEAT)
+        limit = 3 * float(hb) if isinstance(hb, (int, float)) and 0 < hb < 600 else ORIGINAL_TIMEOUT
+        return now - last > limit * 1000
+
+    # ---------------------------------------------------------------- connection
+    async def _run(self) -> None:
+        delay = BACKOFF_START
+        attempt = 0
+        while True:
+            try:
+                async with connect(
+                    self.address.room_url,
+                    max_size=None,
+                    open_timeout=self.connect_timeout,
+                    ping_interval=10,
+                    ping_timeout=20,
+                ) as ws:
+                    if attempt:
+                        self.log.info("%s reconnected to %s", self.name, self.address.room_url)
+                    else:
+                        self.log.debug("%s connected to %s", self.name, self.address.room_url)
+                    delay = BACKOFF_START
+                    await self._session(ws)
+                self.log.warning("%s: market closed the connection", self.name)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
+                level = logging.WARNING if attempt else logging.DEBUG
+                self.log.log(level, "%s: market %s unreachable (%s); retrying in %.1f s",
+                             self.name, self.address.room_url, exc or type(exc).__name__, delay)
+            except Exception:
+                self.log.exception("%s: connection error", self.name)
+            finally:
+                self.connected = False
+            attempt += 1
+            await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        assert self._outbox is not None
+        # Drop what was queued while offline: the sync below sends the whole difference.
+        while not self._outbox.empty():
+            self._outbox.get_nowait()
+        self.connected = True
+        self.connected_at = time.monotonic()
+        await ws.send(create_sync_message(self.doc))
+        local = self.awareness.get_local_state()
+        if local is not None:
+            self.set_state()  # bump clock so the market takes it even after a restart
+        sender = asyncio.create_task(self._send_loop(ws))
+        beat = asyncio.create_task(self._heartbeat_loop())
+        try:
+            async for message in ws:
+                if isinstance(message, str) or not message:
+                    continue
+                reply = self._handle(message)
+                if reply is not None:
+                    await ws.send(reply)
+        finally:
+            sender.cancel()
+            beat.cancel()
+
+    def _handle(self, message: bytes) -> bytes | None:
+        kind = message[0]
+        if kind == YMessageType.SYNC:
+            self._applying_remote = True
+            try:
+                reply = handle_sync_message(message[1:], self.doc)
+            finally:
+                self._applying_remote = False
+            if message[1] == YSyncMessageType.SYNC_STEP2 and not self.synced.is_set():
+                self.synced.set()
+            return reply
+        if kind == YMessageType.AWARENESS:
+            self.awareness.apply_awareness_update(read_message(message[1:]), "remote")
+        return None
+
+    async def _send_loop(self, ws: ClientConnection) -> None:
+        assert self._outbox is not None
+        while True:
+            message = await self._outbox.get()
+            await ws.send(message)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            if self.awareness.get_local_state() is not None:
+                self.set_state()

@@ -1,0 +1,205 @@
+"""``igora broker``: assigns each waiting task to a fitting worker, when it is the active
+broker of the room, and applies the recovery policies (see ``policies``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from pycrdt import MapEvent
+
+from ..agent import Agent
+from ..protocol import F, MapName, ProtocolError, State, now_ms, validate_task
+from . import policies
+from .fairness import fair_order
+from .leader import Leadership
+from .matching import pick_worker
+from .presence import DEFAULT_GRACE, Presence
+
+TICK = 0.5
+RETENTION_EVERY = 5.0
+
+log = logging.getLogger("igora.broker")
+
+
+class Broker:
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        grace: float = DEFAULT_GRACE,
+        max_attempts: int = policies.DEFAULT_MAX_ATTEMPTS,
+        task_timeout: float = policies.DEFAULT_TIMEOUT,
+        retention: float = policies.DEFAULT_RETENTION,
+    ) -> None:
+        self.agent = agent
+        self.presence = Presence(agent, grace)
+        self.leadership = Leadership(agent, self.presence)
+        self.max_attempts = max_attempts
+        self.task_timeout = task_timeout
+        self.retention = retention
+        self.assigned = 0
+        self._wake = asyncio.Event()
+        self._last_retention = 0.0
+        self._rejected: set[str] = set()
+        m = agent.maps
+        self.todos, self.prepared, self.doing = m[MapName.TODOS], m[MapName.PREPARED], m[MapName.DOING]
+        self.done, self.streams = m[MapName.DONE], m[MapName.STREAMS]
+        for mp in (self.todos, self.prepared, self.doing):
+            mp.observe(self._on_map)
+        agent.awareness.observe(lambda topic, change: self._wake.set() if topic == "change" else None)
+
+    def _on_map(self, event: MapEvent) -> None:
+        # Value refreshes of running tasks (compatibility fields) need no new round.
+        if any(c.get("action") != "update" for c in event.keys.values()) or event.target is self.todos:
+            self._wake.set()
+        else:
+            for c in event.keys.values():
+                v = c.get("newValue")
+                if isinstance(v, dict) and v.get(F.ABORTED):
+                    self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                self.round()
+            except Exception:  # one bad round must not stop the broker
+                log.exception("%s: round failed", self.agent.name)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK)
+
+    # ------------------------------------------------------------------ one round
+    def _read(self, source: MapName) -> dict[str, dict[str, Any]]:
+        """Valid tasks of a map; invalid ones are ended (``failed``) with a log line."""
+        out: dict[str, dict[str, Any]] = {}
+        mp = self.agent.maps[source]
+        for tid, value in list(mp.items()):
+            try:
+                task = validate_task(value)
+                if task[F.ID] != tid:
+                    raise ProtocolError(f"id {task[F.ID]!r} does not match its key")
+                out[tid] = task
+            except ProtocolError as exc:
+                self._reject(source, tid, value, str(exc))
+        return out
+
+    def _reject(self, source: MapName, tid: str, value: Any, why: str) -> None:
+        if tid not in self._rejected:
+            log.warning("%s: invalid task %r in %s: %s", self.agent.name, tid[:80], source.value, why)
+            self._rejected.add(tid)
+        if not self.leadership.leading:
+            return
+        base = value if isinstance(value, dict) else {}
+        with self.agent.transaction():
+            self.agent.maps[source].pop(tid, None)
+            self.done[tid] = {
+                F.ID: tid, F.STATE: State.FAILED.value, F.END: now_ms(),
+                F.ERROR: f"invalid task: {why}",
+                **{k: base[k] for k in (F.ASKER, F.CLIENT_ID) if isinstance(base.get(k), (str, int, float))},
+            }
+
+    def round(self) -> None:
+        if not self.agent.synced.is_set() or not self.agent.connected:
+            return
+        self.presence.refresh()
+        if not self.leadership.decide():
+            return
+        snap = policies.Snapshot(
+            self._read(MapName.TODOS), self._read(MapName.PREPARED), self._read(MapName.DOING)
+        )
+        moves = (
+            policies.expire(snap, self.task_timeout)
+            + policies.recover(snap, self.presence.present, self.max_attempts)
+            + policies.abort_orphans(snap, self.presence.present)
+        )
+        touched = self._apply(moves)
+        self._assign(
+            [t for tid, t in snap.todos.items() if tid not in touched],
+            {**snap.prepared, **snap.doing},
+            touched,
+        )
+        if time.monotonic() - self._last_retention > RETENTION_EVERY:
+            self._last_retention = time.monotonic()
+            self._retain()
+
+    def _apply(self, moves: list[policies.Move]) -> set[str]:
+        touched: set[str] = set()
+        if not moves:
+            return touched
+        with self.agent.transaction():
+            for mv in moves:
+                if mv.task_id in touched:
+                    continue
+                touched.add(mv.task_id)
+                if mv.source is not None:
+                    self.agent.maps[mv.source].pop(mv.task_id, None)
+                if mv.target is not None and mv.task is not None:
+                    self.agent.maps[mv.target][mv.task_id] = mv.task
+                if mv.drop_stream:
+                    self.streams.pop(mv.drop_stream, None)
+                log.info("%s: task %s %s", self.agent.name, mv.task_id, mv.why)
+        return touched
+
+    def _assign(self, waiting: list[dict[str, Any]], busy: dict[str, dict[str, Any]],
+                touched: set[str]) -> None:
+        if not waiting:
+            return
+        workers = [p for p in self.presence.peers if p.type == "worker"]
+        if not workers:
+            return
+        load: Counter[str] = Counter()
+        in_flight: Counter[str] = Counter()
+        for tid, task in busy.items():
+            if tid in touched:
+                continue
+            load[str(task.get(F.WORKER))] += 1
+            in_flight[str(task.get(F.ASKER) or "")] += 1
+        writes = []
+        for task in fair_order(waiting, in_flight):
+            worker = pick_worker(task, workers, load)
+            if worker is None:
+                continue
+            load[worker.id or ""] += 1
+            attempts = int(task.get(F.ATTEMPTS) or 0) + 1
+            writes.append((task, {
+                **task,
+                F.WORKER: worker.id,
+                F.STATE: State.PREPARED.value,
+                F.ATTEMPTS: attempts,
+                F.START: now_ms(),
+                F.BROKER: self.agent.id,
+            }, worker))
+        if not writes:
+            return
+        with self.agent.transaction():
+            for task, prepared, worker in writes:
+                self.todos.pop(task[F.ID], None)
+                self.prepared[task[F.ID]] = prepared
+        self.assigned += len(writes)
+        for task, _prepared, worker in writes:
+            log.info("%s: task %s assigned to %s (model %s)", self.agent.name, task[F.ID],
+                     worker.name, task.get(F.MODEL) or "any")
+
+    def _retain(self) -> None:
+        now = now_ms()
+        done = {k: v for k, v in self.done.items()}
+        old = policies.retain(done, now, self.retention)
+        live_streams = {
+            t.get(F.STREAM) for t in self.doing.values() if isinstance(t, dict)
+        }
+        orphans = [k for k in self.streams.keys() if k not in live_streams]
+        if not old and not orphans:
+            return
+        with self.agent.transaction():
+            for tid in old:
+                self.done.pop(tid, None)
+            for key in orphans:
+                self.streams.pop(key, None)
+        if old:
+            log.info("%s: %d finished task(s) left the live document (archived by the market)",
+                     self.agent.name, len(old))

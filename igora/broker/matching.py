@@ -1,0 +1,39 @@
+"""Which worker gets a task: one that serves the task's model and has a free slot.
+
+A task naming no model goes to any text worker, as in the original. Among fitting
+workers the one with the most free slots wins; ties are broken at random.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from ..protocol import A, AgentState, F, Peer, TEXT_STYLE
+
+
+def free_slots(worker: Peer, load: dict[str, int]) -> int:
+    state = worker.state.get(A.STATE)
+    if state == AgentState.BUSY.value:
+        return 0
+    if not worker.igora and state != AgentState.READY.value:
+        return 0  # an original worker says "working" while it runs its one task
+    return worker.slots - load.get(worker.id or "", 0)
+
+
+def pick_worker(task: dict[str, Any], workers: list[Peer], load: dict[str, int]) -> Peer | None:
+    model = task.get(F.MODEL) or None
+    style = task.get(F.STYLE) or TEXT_STYLE
+    best: list[Peer] = []
+    best_free = 0
+    for w in workers:
+        if w.state.get(A.STYLE, TEXT_STYLE) != style or not w.serves(model):
+            continue
+        free = free_slots(w, load)
+        if free <= 0:
+            continue
+        if free > best_free:
+            best, best_free = [w], free
+        elif free == best_free:
+            best.append(w)
+    return random.choice(best) if best else None

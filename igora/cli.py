@@ -1,0 +1,233 @@
+"""The ``igora`` command: a thin shell over the library, one subcommand per role."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, data_dir, env, market_address
+from .engines.base import EngineError
+from .errors import IgoraError
+
+EXAMPLES = """\
+Start a whole local market (market, broker, worker on the bundled model, gateway, web page):
+  igora up
+Then, in another terminal:
+  igora chat "What is the capital of France?"
+  igora status
+
+Join a remote market as a worker serving your own GGUF model:
+  igora worker --market wss://market.example --model ~/models/my-model.gguf
+
+Environment (also read from ./.env): YJS_ENV=LOCAL|REMOTE, YJS_LOCAL_URL, YJS_REMOTE_URL,
+YJS_MARKET_ROOM, LLM_MODEL_NAME, IGORA_DATA.
+"""
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _market_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("market")
+    g.add_argument("--market", metavar="URL",
+                   help="market websocket URL (default: from YJS_ENV / YJS_LOCAL_URL / "
+                        "YJS_REMOTE_URL, else ws://localhost:1234)")
+    g.add_argument("--room", help="market room (default: YJS_MARKET_ROOM or 'market')")
+    g.add_argument("--heartbeat", type=float, default=5.0, metavar="S",
+                   help="seconds between two awareness refreshes; peers count an agent as "
+                        "gone after 3 missed ones")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default=env("IGORA_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"], help="how much to log")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="igora",
+        description="Igora: an open market where any machine can offer an LLM service "
+                    "and anyone can use it.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"igora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("up", formatter_class=Formatter,
+                       help="start a complete local market in one command",
+                       description="Start market, broker, worker (bundled model) and gateway "
+                                   "with web page; answer a first prompt to show it works; "
+                                   "Ctrl-C stops everything.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=1234, help="market port")
+    p.add_argument("--gateway-port", type=int, default=5678, help="OpenAI gateway and web page port")
+    p.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder of the market's store (default: IGORA_DATA or ~/.local/share/igora)")
+    p.add_argument("--model", help="GGUF file for the worker (default: bundled SmolLM2-135M)")
+    p.add_argument("--engine", default="llama", choices=["llama", "echo"], help="worker engine")
+    p.add_argument("--slots", type=int, default=1, help="tasks the worker runs at once")
+    p.add_argument("--no-check", action="store_true", help="skip the first prompt")
+    _common(p)
+
+    p = sub.add_parser("market", formatter_class=Formatter,
+                       help="run a market (y-websocket server) that agents join",
+                       description="Run the market: a y-websocket server hosting rooms "
+                                   "(created on first join), persisted in DATA.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: everyone)")
+    p.add_argument("--port", type=int, default=1234, help="port")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder of the store (default: IGORA_DATA or ~/.local/share/igora)")
+    p.add_argument("--memory", action="store_true", help="keep rooms in memory only")
+    p.add_argument("--max-message", type=int, default=16 * 1024 * 1024, metavar="BYTES",
+                   help="largest websocket message accepted; bigger ones disconnect the sender")
+    p.add_argument("--max-connections", type=int, default=2000, help="connections in all")
+    p.add_argument("--max-per-address", type=int, default=500,
+                   help="connections from one IP address")
+    _common(p)
+
+    p = sub.add_parser("broker", formatter_class=Formatter,
+                       help="assign waiting tasks to fitting workers",
+                       description="Run a broker. Several may run on one room: one is active, "
+                                   "the others take over when it goes.")
+    p.add_argument("--name", default="broker", help="name shown to others")
+    p.add_argument("--grace", type=float, default=8.0, metavar="S",
+                   help="seconds an agent may be missing before its tasks are re-queued "
+                        "(worker) or aborted (asker)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="assignments of a task before it is failed")
+    p.add_argument("--task-timeout", type=float, default=600.0, metavar="S",
+                   help="deadline of tasks that name none")
+    p.add_argument("--retention", type=float, default=600.0, metavar="S",
+                   help="seconds finished tasks stay in the live document (then archive only)")
+    _market_options(p)
+    _common(p)
+
+    p = sub.add_parser("worker", formatter_class=Formatter,
+                       help="offer an LLM on the market",
+                       description="Run a worker: it announces its models and runs the tasks "
+                                   "assigned to it.")
+    p.add_argument("--name", default=None, help="name shown to others (default: worker-HOST)")
+    p.add_argument("--engine", default="llama", choices=["llama", "echo", "openai"],
+                   help="llama: llama.cpp on a GGUF file; echo: deterministic test engine; "
+                        "openai: an OpenAI-compatible server")
+    p.add_argument("--model", action="append", default=None,
+                   help="llama: GGUF path (default: LLM_MODEL_NAME or the bundled SmolLM2-135M); "
+                        "echo: model name; openai: NAME or NAME=ALIAS, repeatable")
+    p.add_argument("--base-url", help="openai: the upstream's base URL (e.g. http://127.0.0.1:8000/v1)")
+    p.add_argument("--api-key", default=None, help="openai: the upstream's API key "
+                                                   "(default: OPENAI_API_KEY)")
+    p.add_argument("--context", type=int, default=2048, help="llama: context length in tokens")
+    p.add_argument("--threads", type=int, default=None, help="llama: CPU threads")
+    p.add_argument("--slots", type=int, default=1, help="tasks run at once")
+    p.add_argument("--delay", type=float, default=0.0, help="echo: seconds per token")
+    p.add_argument("--no-warmup", action="store_true", help="skip the speed measurement at start")
+    _market_options(p)
+    _common(p)
+
+    p = sub.add_parser("chat", formatter_class=Formatter, help="ask the market, stream the answer",
+                       description="Put one prompt on the market and print the answer as it "
+                                   "streams in.")
+    p.add_argument("prompt", help="what to ask")
+    p.add_argument("--model", default=None, help="model to ask for (default: any worker)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")
+    p.add_argument("--no-stream", action="store_true", help="print the answer once complete")
+    _market_options(p)
+    _common(p)
+
+    p = sub.add_parser("status", formatter_class=Formatter, help="agents and tasks on the market",
+                       description="Show the agents (type, state, models, slots) and the "
+                                   "tasks by state.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _market_options(p)
+    _common(p)
+
+    try:
+        from .gateway import cli as gateway_cli
+    except ImportError:  # pragma: no cover - gateway not built yet
+        gateway_cli = None
+    if gateway_cli is not None:
+        gateway_cli.add_parser(sub, Formatter, _market_options, _common)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("websockets", "httpx", "uvicorn.access", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(coro_factory: Callable[[], Awaitable[Any]]) -> Any:
+    try:
+        return asyncio.run(coro_factory())  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    setup_logging(args.log_level)
+    try:
+        return int(_dispatch(args) or 0)
+    except (IgoraError, ConfigError, EngineError, OSError) as exc:
+        print(f"igora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int | None:
+    from . import roles
+
+    if args.command == "market":
+        from .market.server import run_market
+
+        data = None if args.memory else (args.data or data_dir())
+        run_market(args.host, args.port, data, max_message=args.max_message,
+                   max_connections=args.max_connections, max_per_address=args.max_per_address,
+                   log_level=args.log_level)
+        return 0
+    if args.command == "up":
+        from .up import up
+
+        return up(args)
+    if args.command == "gateway":
+        from .gateway.cli import run as run_gateway
+
+        return run_gateway(args)
+    address = market_address(getattr(args, "market", None), getattr(args, "room", None))
+    if args.command == "broker":
+        return _run(lambda: roles.run_broker(address, args))
+    if args.command == "worker":
+        return _run(lambda: roles.run_worker(address, args))
+    if args.command == "chat":
+        return _run(lambda: roles.chat(address, args))
+    if args.command == "status":
+        return _run(lambda: roles.status(address, args))
+    raise SystemExit(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

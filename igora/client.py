@@ -1,0 +1,428 @@
+"""``igora.Client``: put tasks on the market and read their answers.
+
+    async with Client() as client:                 # ws://localhost:1234, room "market"
+        print(await client.chat("Bonjour"))
+        async for piece in await client.chat("Raconte une histoire", stream=True):
+            print(piece, end="")
+
+``SyncClient`` offers the same without ``async``. Answers are read from the task's token
+stream (``streams``), from ``doing[id].response`` for original workers, and from
+``done[id]``; once read, the client removes its task from ``done`` (the market keeps it
+in its archive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pycrdt import MapEvent, Text
+
+from .agent import Agent
+from .config import market_address
+from .errors import NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
+from .protocol import (
+    ABORTED_MARK,
+    AgentType,
+    F,
+    MapName,
+    State,
+    TEXT_STYLE,
+    new_id,
+    now_ms,
+    validate_task,
+)
+
+DEFAULT_TIMEOUT = 300.0
+
+
+class Restart(str):
+    """Marker yielded in a stream when the task restarts from scratch on another worker
+    (its first worker vanished); what follows replaces what came before."""
+
+    __slots__ = ()
+
+
+RESTART_TEXT = "\n[igora: the worker was lost; the answer restarts on another worker]\n"
+
+
+@dataclass
+class Answer:
+    """A finished task: its text and what the worker said about it."""
+
+    text: str
+    finish_reason: str
+    usage: dict[str, int]
+    task: dict[str, Any]
+
+    @property
+    def model(self) -> str | None:
+        return self.task.get(F.MODEL)
+
+
+@dataclass
+class _Watch:
+    task_id: str
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    attempt: int = 0
+    delivered: str = ""
+    ended: bool = False
+
+    def feed(self, attempt: int, text: str) -> None:
+        """Deliver new text of an attempt (whole-so-far or appended pieces)."""
+        if attempt < self.attempt or self.ended:
+            return
+        if attempt > self.attempt:
+            if self.delivered:
+                self.queue.put_nowait(Restart(RESTART_TEXT))
+            self.attempt, self.delivered = attempt, ""
+        if text:
+            self.delivered += text
+            self.queue.put_nowait(text)
+
+    def feed_whole(self, attempt: int, whole: str) -> None:
+        if attempt > self.attempt:
+            self.feed(attempt, whole)
+        elif attempt == self.attempt and whole.startswith(self.delivered):
+            self.feed(attempt, whole[len(self.delivered):])
+
+
+def _attempt_of(key: str) -> tuple[str, int]:
+    tid, _, n = key.rpartition("#")
+    try:
+        return tid, int(n)
+    except ValueError:
+        return key, 0
+
+
+class Client:
+    """An asker on the market."""
+
+    def __init__(
+        self,
+        market: str | None = None,
+        room: str | None = None,
+        *,
+        name: str = "igora-client",
+        style: str = TEXT_STYLE,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.address = market_address(market, room)
+        self.timeout = timeout
+        self.agent = Agent(self.address, type=AgentType.CLIENT.value, name=name, style=style,
+                           connect_timeout=connect_timeout)
+        self._watches: dict[str, _Watch] = {}
+        m = self.agent.maps
+        m[MapName.STREAMS].observe_deep(self._on_streams)
+        m[MapName.DOING].observe(self._on_doing)
+        m[MapName.DONE].observe(self._on_done)
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        await self.agent.start()
+
+    async def close(self) -> None:
+        await self.agent.stop()
+
+    # ------------------------------------------------------------------ market view
+    def workers(self) -> list[Any]:
+        return [p for p in self.agent.peers() if p.type == AgentType.WORKER.value]
+
+    def models(self) -> list[str]:
+        """Models served by the workers on the market now."""
+        names: set[str] = set()
+        for w in self.workers():
+            names.update(w.models)
+        return sorted(names)
+
+    async def wait_for_worker(self, model: str | None, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            if any(w.serves(model) for w in self.workers()):
+                return
+            if loop.time() >= end:
+                raise NoWorkerError(model, self.models())
+            await asyncio.sleep(0.1)
+
+    # ------------------------------------------------------------------ observers
+    def _on_streams(self, events: list[Any]) -> None:
+        for ev in events:
+            if isinstance(ev, MapEvent):
+                for key, change in ev.keys.items():
+                    value = change.get("newValue")
+                    tid, attempt = _attempt_of(key)
+                    w = self._watches.get(tid)
+                    if w is not None and isinstance(value, Text):
+                        w.feed_whole(attempt, str(value))
+            else:
+                path = getattr(ev, "path", None)
+                if not path:
+                    continue
+                tid, attempt = _attempt_of(str(path[0]))
+                w = self._watches.get(tid)
+                if w is None:
+                    continue
+                pieces = "".join(d["insert"] for d in ev.delta if isinstance(d.get("insert"), str))
+                w.feed(attempt, pieces)
+
+    def _on_doing(self, event: MapEvent) -> None:
+        for tid, change in event.keys.items():
+            w = self._watches.get(tid)
+            value = change.get("newValue")
+            if w is None or not isinstance(value, dict):
+                continue
+            attempt = int(value.get(F.ATTEMPTS) or 1) if isinstance(
+                value.get(F.ATTEMPTS), (int, float)) else 1
+            if F.STREAM in value:
+                if attempt > w.attempt:
+                    w.feed(attempt, "")
+                continue
+            response = value.get(F.RESPONSE)
+            if isinstance(response, str):  # an original worker: read the whole response
+                w.feed_whole(attempt, response)
+
+    def _on_done(self, event: MapEvent) -> None:
+        for tid, change in event.keys.items():
+            w = self._watches.get(tid)
+            value = change.get("newValue")
+            if w is None or w.ended or not isinstance(value, dict):
+                continue
+            response = value.get(F.RESPONSE)
+            if value.get(F.STATE) == State.DONE.value and isinstance(response, str):
+                attempt = max(w.attempt, 1)
+                if not response.startswith(w.delivered):
+                    w.feed(attempt + 1, response)
+                else:
+                    w.feed(attempt, response[len(w.delivered):])
+            w.ended = True
+            w.queue.put_nowait(value)
+
+    # ------------------------------------------------------------------ tasks
+    def _task(
+        self,
+        prompt: str | list[dict[str, str]],
+        *,
+        model: str | None,
+        system: str | None,
+        temperature: float | None,
+        top_p: float | None,
+        seed: int | None,
+        max_tokens: int | None,
+        stop: str | list[str] | None,
+        timeout: float,
+    ) -> dict[str, Any]:
+        tid = new_id()
+        task: dict[str, Any] = {
+            F.ID: tid,
+            F.ASKER: self.agent.id,
+            F.ASKER_NAME: self.agent.name,
+            F.CLIENT_ID: self.agent.awareness.client_id,
+            F.STYLE: TEXT_STYLE,
+            F.STATE: State.TODO.value,
+            F.DATE: now_ms(),
+            F.DEADLINE: now_ms() + int(timeout * 1000),
+            F.SYSTEM_PROMPT: system or "",
+        }
+        if isinstance(prompt, str):
+            task[F.PROMPT] = prompt
+        else:
+            task[F.MESSAGES] = [dict(m) for m in prompt]
+        optional = {F.MODEL: model, F.TEMPERATURE: temperature, F.TOP_P: top_p, F.SEED: seed,
+                    F.MAX_TOKENS: max_tokens, F.STOP: stop}
+        task.update({k: v for k, v in optional.items() if v is not None})
+        return validate_task(task)
+
+    async def submit(
+        self,
+        prompt: str | list[dict[str, str]],
+        *,
+        model: str | None = None,
+        system: str | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+        wait_worker: float = 5.0,
+    ) -> Task:
+        """Put a task on the market and return its handle (raises NoWorkerError at once if
+        no worker serving ``model`` shows up within ``wait_worker`` seconds)."""
+        await self.wait_for_worker(model, wait_worker)
+        timeout = timeout or self.timeout
+        task = self._task(prompt, model=model, system=system, temperature=temperature,
+                          top_p=top_p, seed=seed, max_tokens=max_tokens, stop=stop,
+                          timeout=timeout)
+        watch = _Watch(task[F.ID])
+        self._watches[task[F.ID]] = watch
+        with self.agent.transaction():
+            self.agent.maps[MapName.TODOS][task[F.ID]] = task
+        return Task(self, task, watch, timeout)
+
+    async def chat(
+        self,
+        prompt: str | list[dict[str, str]],
+        *,
+        stream: bool = False,
+        **options: Any,
+    ) -> Any:
+        """Ask and return the answer's text, or with ``stream=True`` an async iterator of
+        text pieces (a ``Restart`` piece marks a restart on another worker)."""
+        task = await self.submit(prompt, **options)
+        if stream:
+            return task.stream()
+        return (await task.result()).text
+
+    def abort(self, task_id: str) -> None:
+        """Ask for a task to stop; it ends ``aborted``."""
+        m = self.agent.maps
+        with self.agent.transaction():
+            for source in (MapName.TODOS, MapName.PREPARED, MapName.DOING):
+                value = m[source].get(task_id)
+                if isinstance(value, dict) and not value.get(F.ABORTED):
+                    m[source][task_id] = {**value, F.ABORTED: ABORTED_MARK}
+
+    def _forget(self, task_id: str) -> None:
+        self._watches.pop(task_id, None)
+        if self.agent.connected:
+            with self.agent.transaction():
+                self.agent.maps[MapName.DONE].pop(task_id, None)
+
+
+class Task:
+    """A task put on the market by a Client."""
+
+    def __init__(self, client: Client, task: dict[str, Any], watch: _Watch, timeout: float):
+        self.client = client
+        self.task = task
+        self.id: str = task[F.ID]
+        self._watch = watch
+        self._timeout = timeout
+        self.final: dict[str, Any] | None = None
+
+    async def events(self) -> AsyncIterator[str | dict[str, Any]]:
+        """Text pieces, then the final task (a dict). Raises on failure."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self._timeout + 5
+        finished = False
+        try:
+            while True:
+                left = end - loop.time()
+                try:
+                    item = await asyncio.wait_for(self._watch.queue.get(), max(left, 0.01))
+                except asyncio.TimeoutError:
+                    raise TaskTimeout(f"no answer within {self._timeout:g} s", self.task) from None
+                if isinstance(item, dict):
+                    finished = True
+                    self.final = item
+                    self._raise_for(item)
+                    yield item
+                    return
+                yield item
+        finally:
+            if not finished:
+                self.abort()
+            self.client._forget(self.id)
+
+    def _raise_for(self, final: dict[str, Any]) -> None:
+        state = final.get(F.STATE)
+        if state == State.DONE.value:
+            return
+        error = str(final.get(F.ERROR) or "")
+        if state == State.ABORTED.value:
+            raise TaskAborted(f"task {self.id} was aborted", final)
+        if "deadline" in error:
+            raise TaskTimeout(error, final)
+        raise TaskFailed(error or f"task {self.id} failed", final)
+
+    async def stream(self) -> AsyncIterator[str]:
+        async for item in self.events():
+            if isinstance(item, str):
+                yield item
+
+    async def result(self) -> Answer:
+        async for _ in self.events():
+            pass
+        final = self.final or {}
+        usage = final.get(F.USAGE) if isinstance(final.get(F.USAGE), dict) else {}
+        return Answer(
+            text=str(final.get(F.RESPONSE) or ""),
+            finish_reason=str(final.get(F.FINISH_REASON) or "stop"),
+            usage={k: int(v) for k, v in usage.items() if isinstance(v, (int, float))},
+            task=final,
+        )
+
+    def abort(self) -> None:
+        if self.final is None:
+            self.client.abort(self.id)
+
+
+class SyncClient:
+    """The Client for code without ``async``: ``SyncClient().chat("Bonjour")``."""
+
+    def __init__(self, market: str | None = None, room: str | None = None, **kw: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="igora-client")
+        self._thread.start()
+        self._client = self._call(self._make(market, room, kw))
+        try:
+            self._call(self._client.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    async def _make(self, market: str | None, room: str | None, kw: dict[str, Any]) -> Client:
+        return Client(market, room, **kw)
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            with contextlib.suppress(Exception):
+                self._call(self._client.close())
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def models(self) -> list[str]:
+        return self._client.models()
+
+    def chat(self, prompt: str | list[dict[str, str]], *, stream: bool = False,
+             **options: Any) -> Any:
+        if not stream:
+            return self._call(self._client.chat(prompt, **options))
+        return self._iterate(prompt, options)
+
+    def _iterate(self, prompt: Any, options: dict[str, Any]) -> Iterator[str]:
+        agen = self._call(self._client.chat(prompt, stream=True, **options))
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                self._call(agen.aclose())

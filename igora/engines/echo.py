@@ -1,0 +1,63 @@
+"""A deterministic engine for tests and benchmarks: it answers with the words of the
+last user message (``Echo: ...``), optionally waiting ``delay`` seconds per token.
+
+Instructions in the prompt drive it: ``#fail`` makes it raise an engine error, and
+``#repeat N`` makes it answer N tokens (``tok0 tok1 ...``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+from .base import Engine, EngineError, Finish, ModelInfo, Request
+
+_REPEAT = re.compile(r"#repeat (\d+)")
+
+
+class EchoEngine(Engine):
+    kind = "echo"
+
+    def __init__(self, model: str = "echo", delay: float = 0.0) -> None:
+        self.model = model
+        self.delay = delay
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(self.model, 1_000_000)]
+
+    @staticmethod
+    def tokens_for(request: Request) -> list[str]:
+        last = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
+        repeat = _REPEAT.search(last)
+        if repeat:
+            n = int(repeat.group(1))
+            return [f"tok{i} " for i in range(n)]
+        words = last.split()
+        return ["Echo:"] + [" " + w for w in words]
+
+    async def generate(self, request: Request) -> AsyncIterator[str | Finish]:
+        last = request.messages[-1]["content"] if request.messages else ""
+        if "#fail" in last:
+            raise EngineError("the echo engine was asked to fail (#fail in the prompt)")
+        tokens = self.tokens_for(request)
+        limit = request.max_tokens
+        reason = "stop"
+        if limit is not None and len(tokens) > limit:
+            tokens, reason = tokens[:limit], "length"
+        text = ""
+        for i, tok in enumerate(tokens):
+            text += tok
+            if any(s and s in text for s in request.stop):
+                cut = min(text.find(s) for s in request.stop if s and s in text)
+                before = text[len(text) - len(tok) : cut]
+                if before:
+                    yield before
+                yield Finish("stop", len(last.split()), i + 1)
+                return
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            elif i % 64 == 63:
+                await asyncio.sleep(0)
+            yield tok
+        yield Finish(reason, len(last.split()), len(tokens))

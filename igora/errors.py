@@ -1,0 +1,47 @@
+"""Typed errors of the public API; each message says what happened and what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IgoraError(Exception):
+    """Base class of Igora's errors."""
+
+
+class MarketUnreachable(IgoraError, ConnectionError):
+    """No market answered at the given URL."""
+
+
+class NoWorkerError(IgoraError):
+    """No worker on the market serves the requested model."""
+
+    def __init__(self, model: str | None, available: list[str]) -> None:
+        self.model = model
+        self.available = available
+        if not available:
+            msg = "no worker is on the market right now: start one with `igora worker`"
+        else:
+            msg = (f"no worker serves model {model!r}; models on the market: "
+                   + ", ".join(sorted(available)))
+        super().__init__(msg)
+
+
+class TaskError(IgoraError):
+    """A task ended without an answer."""
+
+    def __init__(self, message: str, task: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.task = task or {}
+
+
+class TaskFailed(TaskError):
+    """The task ended ``failed``; ``str(err)`` is the worker's or broker's reason."""
+
+
+class TaskAborted(TaskError):
+    """The task ended ``aborted``."""
+
+
+class TaskTimeout(TaskError):
+    """No answer before the task's deadline."""

@@ -1,0 +1,437 @@
+"""``igora market``: a y-websocket server (pycrdt-websocket) with a durable store.
+
+Any y-websocket client joins a room at ``ws://HOST:PORT/<room>``; rooms are created on
+first join and their documents persist in ``DATA/market.sqlite3``. ``GET /`` answers
+``Okay`` (as the original public market did) and ``GET /status`` gives a JSON view.
+
+What the market adds to plain pycrdt-websocket:
+- every incoming frame is checked before the room sees it (type, framing, awareness
+  JSON); an offender is disconnected with a log line and nothing of its frame is kept;
+- the awareness states a connection announced are removed, and the removal broadcast,
+  when its socket closes, so the others notice a dead agent at once;
+- a newcomer receives the current awareness states on connect;
+- limits on message size and on connections (in all and per address);
+- finished tasks (entries of ``done``) are copied to the archive as they appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pycrdt import (
+    Decoder,
+    Doc,
+    Encoder,
+    Map,
+    MapEvent,
+    TransactionEvent,
+    YMessageType,
+    YSyncMessageType,
+    create_awareness_message,
+    read_message,
+)
+from pycrdt.websocket import WebsocketServer, YRoom
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .. import __version__
+from ..protocol import KANBAN, MapName, State
+from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
+
+log = logging.getLogger("igora.market")
+
+DEFAULT_PORT = 1234
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 2_000
+DEFAULT_MAX_PER_ADDRESS = 500
+QUERY_AWARENESS = 3
+AUTH = 2
+
+
+class BadFrame(ValueError):
+    pass
+
+
+def awareness_entries(payload: bytes) -> list[tuple[int, int, Any]]:
+    """Decode an awareness update fully; raise BadFrame on anything malformed."""
+    try:
+        dec = Decoder(payload)
+        n = dec.read_var_uint()
+        if n > 10_000:
+            raise BadFrame("too many awareness entries")
+        out = []
+        for _ in range(n):
+            client_id = dec.read_var_uint()
+            clock = dec.read_var_uint()
+            raw = dec.read_var_string()
+            state = json.loads(raw) if raw else None
+            if state is not None and not isinstance(state, dict):
+                raise BadFrame("awareness state must be an object or null")
+            out.append((client_id, clock, state))
+        return out
+    except BadFrame:
+        raise
+    except Exception as exc:
+        raise BadFrame(f"malformed awareness update ({exc})") from None
+
+
+def check_frame(message: bytes) -> None:
+    if not message:
+        raise BadFrame("empty frame")
+    kind = message[0]
+    if kind == YMessageType.SYNC:
+        if len(message) < 2 or message[1] not in (
+            YSyncMessageType.SYNC_STEP1,
+            YSyncMessageType.SYNC_STEP2,
+            YSyncMessageType.SYNC_UPDATE,
+        ):
+            raise BadFrame("unknown sync message")
+        try:
+            body = read_message(message[2:])
+        except Exception:
+            raise BadFrame("truncated sync message") from None
+        if len(body) + 2 > len(message):
+            raise BadFrame("truncated sync message")
+    elif kind == YMessageType.AWARENESS:
+        try:
+            payload = read_message(message[1:])
+        except Exception:
+            raise BadFrame("truncated awareness message") from None
+        awareness_entries(payload)
+    elif kind not in (AUTH, QUERY_AWARENESS):
+        raise BadFrame(f"unknown message type {kind}")
+
+
+class MarketChannel:
+    """A Starlette websocket seen as a pycrdt Channel, checking every frame."""
+
+    def __init__(self, websocket: WebSocket, room: str, peer: str) -> None:
+        self.websocket = websocket
+        self._path = room
+        self.peer = peer
+        self.controlled: set[int] = set()
+        self.closed = False
+        self.room: MarketRoom | None = None
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __aiter__(self) -> MarketChannel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self.closed:
+                raise StopAsyncIteration
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                code = message.get("code")
+                if code == 1009:
+                    log.warning("%s: disconnected, message over the size limit", self.peer)
+                self.closed = True
+                raise StopAsyncIteration
+            data = message.get("bytes")
+            if data is None:
+                await self.reject("text frame (y-websocket speaks binary)")
+                raise StopAsyncIteration
+            try:
+                check_frame(data)
+            except BadFrame as exc:
+                await self.reject(str(exc))
+                raise StopAsyncIteration from None
+            kind = data[0]
+            if kind == YMessageType.AWARENESS:
+                for client_id, _clock, state in awareness_entries(read_message(data[1:])):
+                    if state is None:
+                        self.controlled.discard(client_id)
+                    else:
+                        self.controlled.add(client_id)
+            elif kind == QUERY_AWARENESS:
+                if self.room is not None:
+                    await self.send_awareness_snapshot(self.room)
+                continue
+            elif kind == AUTH:
+                continue
+            return data
+
+    async def recv(self) -> bytes:
+        return await self.__anext__()
+
+    async def send(self, message: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            await self.websocket.send_bytes(message)
+        except Exception:
+            self.closed = True
+
+    async def send_awareness_snapshot(self, room: YRoom) -> None:
+        ids = [c for c, s in room.awareness.states.items() if s and c != room.awareness.client_id]
+        if ids:
+            await self.send(create_awareness_message(room.awareness.encode_awareness_update(ids)))
+
+    async def reject(self, reason: str) -> None:
+        log.warning("%s: disconnected, %s", self.peer, reason)
+        self.closed = True
+        with contextlib.suppress(Exception):
+            await self.websocket.close(code=1003)
+
+
+class MarketRoom(YRoom):
+    """A room whose document is loaded from, and written to, the store."""
+
+    def __init__(self, name: str, store: Store | None) -> None:
+        doc = Doc()
+        self.name = name
+        self.store = store
+        self._pending: list[bytes] = []
+        self._archive: list[dict[str, Any]] = []
+        if store is not None:
+            updates = store.load(name)
+            for update in updates:
+                try:
+                    doc.apply_update(update)
+                except Exception:
+                    log.exception("room %s: a stored update could not be applied", name)
+            if len(updates) > 1:
+                store.replace(name, doc.get_update())
+            if updates:
+                log.info("room %s: loaded from the store", name)
+        super().__init__(ready=True, ydoc=doc, log=logging.getLogger("igora.market.room"))
+        self.on_message_error = self._message_error
+        for m in KANBAN:
+            doc.get(m.value, type=Map)
+        doc.get(MapName.STREAMS.value, type=Map)
+        if store is not None:
+            doc.observe(self._on_update)
+            doc.get(MapName.DONE.value, type=Map).observe(self._on_done)
+        self._flusher: asyncio.Task[None] | None = None
+
+    def _on_update(self, event: TransactionEvent) -> None:
+        self._pending.append(event.update)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    def _on_done(self, event: MapEvent) -> None:
+        for key, change in event.keys.items():
+            value = change.get("newValue")
+            if change.get("action") in ("add", "update") and isinstance(value, dict):
+                if value.get("state") in {s.value for s in State if s.final}:
+                    self._archive.append({**value, "id": value.get("id", key)})
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        await self.flush()
+
+    async def flush(self) -> None:
+        if self.store is None:
+            return
+        updates, self._pending = self._pending, []
+        archive, self._archive = self._archive, []
+        if archive:
+            await asyncio.to_thread(self.store.archive, self.name, archive)
+        if not updates:
+            return
+        rows = await asyncio.to_thread(self.store.append, self.name, updates)
+        if rows > SQUASH_AFTER:
+            state = self.ydoc.get_update()
+            self._pending = []  # the state holds them
+            await asyncio.to_thread(self.store.replace, self.name, state)
+
+    def flush_sync(self) -> None:
+        if self.store is None:
+            return
+        if self._archive:
+            self.store.archive(self.name, self._archive)
+            self._archive = []
+        if self._pending:
+            self.store.append(self.name, self._pending)
+            self._pending = []
+
+    async def _message_error(self, exc: Exception, message: bytes, channel: Any) -> bool:
+        peer = getattr(channel, "peer", "?")
+        reject = getattr(channel, "reject", None)
+        if reject is not None:
+            await reject(f"bad update ({type(exc).__name__}: {exc})")
+        else:
+            log.warning("%s: bad message: %s", peer, exc)
+        return True
+
+    def forget(self, client_ids: set[int], peer: str) -> None:
+        """Remove the awareness states of a closed connection and tell everyone."""
+        aw = self.awareness
+        gone = [c for c in client_ids if c in aw.states]
+        if not gone:
+            return
+        enc = Encoder()
+        enc.write_var_uint(len(gone))
+        for c in gone:
+            enc.write_var_uint(c)
+            enc.write_var_uint(int(aw.meta.get(c, {}).get("clock", 0)))
+            enc.write_var_string("null")
+        aw.remove_awareness_states(gone, "disconnect")
+        for c in gone:
+            aw.meta.pop(c, None)  # a returning client may reuse its clock
+        message = create_awareness_message(enc.to_bytes())
+        for client in list(self.clients):
+            asyncio.get_running_loop().create_task(client.send(message))
+        log.info("room %s: %s left (%d awareness state(s) removed)", self.name, peer, len(gone))
+
+    def summary(self) -> dict[str, Any]:
+        agents = [
+            s for c, s in self.awareness.states.items() if s and c != self.awareness.client_id
+        ]
+        tasks = {m.value: len(self.ydoc.get(m.value, type=Map)) for m in KANBAN}
+        return {
+            "name": self.name,
+            "connections": len(self.clients),
+            "agents": agents,
+            "tasks": tasks,
+            "archived": self.store.archive_count(self.name) if self.store else 0,
+        }
+
+
+class MarketServer(WebsocketServer):
+    def __init__(self, store: Store | None) -> None:
+        super().__init__(auto_clean_rooms=False, log=logging.getLogger("igora.market.server"))
+        self.store = store
+
+    async def get_room(self, name: str) -> YRoom:
+        if name not in self.rooms:
+            self.rooms[name] = MarketRoom(name, self.store)
+        room = self.rooms[name]
+        await self.start_room(room)
+        return room
+
+
+class Market:
+    """The market application: Starlette routes around a MarketServer."""
+
+    def __init__(
+        self,
+        data: Path | None,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
+    ) -> None:
+        self.store = Store(data / "market.sqlite3") if data is not None else None
+        self.server = MarketServer(self.store)
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.connections: Counter[str] = Counter()
+        self.app = Starlette(
+            routes=[
+                Route("/", self.index),
+                Route("/status", self.status),
+                Route("/rooms/{room}/tasks/{task_id}", self.archived_task),
+                WebSocketRoute("/{room:path}", self.websocket),
+            ],
+            lifespan=self.lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette):  # type: ignore[no-untyped-def]
+        async with self.server:
+            yield
+            for room in list(self.server.rooms.values()):
+                if isinstance(room, MarketRoom):
+                    room.flush_sync()
+        if self.store is not None:
+            self.store.close()
+
+    async def index(self, request: Request) -> Response:
+        return PlainTextResponse("Okay")
+
+    async def status(self, request: Request) -> Response:
+        rooms = [r.summary() for r in self.server.rooms.values() if isinstance(r, MarketRoom)]
+        return JSONResponse(
+            {
+                "status": "ok",
+                "version": __version__,
+                "connections": sum(self.connections.values()),
+                "rooms": rooms,
+            }
+        )
+
+    async def archived_task(self, request: Request) -> Response:
+        room, task_id = request.path_params["room"], request.path_params["task_id"]
+        task = self.store.archived(room, task_id) if self.store else None
+        if task is None:
+            return JSONResponse({"error": f"no archived task {task_id!r} in {room!r}"}, 404)
+        return JSONResponse(task)
+
+    async def websocket(self, websocket: WebSocket) -> None:
+        room_name = websocket.path_params["room"].strip("/") or "market"
+        address = websocket.client.host if websocket.client else "?"
+        peer = f"{address}:{websocket.client.port if websocket.client else '?'}"
+        if sum(self.connections.values()) >= self.max_connections:
+            log.warning("%s: refused, %d connections already", peer, self.max_connections)
+            await websocket.close(code=1013)
+            return
+        if self.connections[address] >= self.max_per_address:
+            log.warning("%s: refused, %d connections from %s already",
+                        peer, self.max_per_address, address)
+            await websocket.close(code=1013)
+            return
+        self.connections[address] += 1
+        channel = MarketChannel(websocket, room_name, peer)
+        room: MarketRoom | None = None
+        try:
+            await websocket.accept()
+            room = await self.server.get_room(room_name)  # type: ignore[assignment]
+            assert isinstance(room, MarketRoom)
+            channel.room = room
+            await channel.send_awareness_snapshot(room)
+            await room.serve(channel)  # type: ignore[arg-type]
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            log.exception("%s: connection failed", peer)
+        finally:
+            self.connections[address] -= 1
+            if self.connections[address] <= 0:
+                del self.connections[address]
+            if room is not None:
+                room.forget(channel.controlled, peer)
+            if not channel.closed:
+                with contextlib.suppress(Exception):
+                    await websocket.close()
+
+
+def run_market(
+    host: str,
+    port: int,
+    data: Path | None,
+    *,
+    max_message: int = DEFAULT_MAX_MESSAGE,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
+    log_level: str = "info",
+) -> None:
+    import uvicorn
+
+    market = Market(data, max_connections=max_connections, max_per_address=max_per_address)
+    where = f"storing rooms in {data}" if data else "in memory only (no --data)"
+    log.info("market listening on ws://%s:%d, %s", host, port, where)
+    config = uvicorn.Config(
+        market.app,
+        host=host,
+        port=port,
+        ws_max_size=max_message,
+        ws_ping_interval=10,
+        ws_ping_timeout=20,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,309 @@
+"""The Igora protocol: the one place that names maps, states and fields.
+
+The layout stays compatible with the original JavaScript Igora agents (see
+``docs/protocol.md``): four kanban maps of *task id -> plain JSON task*, awareness
+states ``{id, name, type, style, state, date}``. Everything Igora adds is an extra
+field or an extra map, never a rename.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+PROTOCOL_VERSION = 2
+"""Awareness field ``protocol``: 2 is this project; original agents have none (1)."""
+
+DEFAULT_ROOM = "market"
+DEFAULT_LOCAL_URL = "ws://localhost:1234"
+
+
+class MapName(str, Enum):
+    """Top-level shared types of the room document."""
+
+    TODOS = "todos"
+    PREPARED = "prepared"
+    DOING = "doing"
+    DONE = "done"
+    STREAMS = "streams"  # stream key -> Y.Text, appended token by token (Igora addition)
+
+
+class State(str, Enum):
+    """Task states. ``failed`` and ``aborted`` are Igora additions; both live in ``done``."""
+
+    TODO = "todo"
+    PREPARED = "prepared"
+    DOING = "doing"
+    DONE = "done"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def map(self) -> MapName:
+        return STATE_MAP[self]
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+STATE_MAP: dict[State, MapName] = {
+    State.TODO: MapName.TODOS,
+    State.PREPARED: MapName.PREPARED,
+    State.DOING: MapName.DOING,
+    State.DONE: MapName.DONE,
+    State.FAILED: MapName.DONE,
+    State.ABORTED: MapName.DONE,
+}
+FINAL_STATES = frozenset({State.DONE, State.FAILED, State.ABORTED})
+KANBAN = (MapName.TODOS, MapName.PREPARED, MapName.DOING, MapName.DONE)
+
+
+class AgentType(str, Enum):
+    WORKER = "worker"
+    BROKER = "broker"
+    CLIENT = "client"
+
+
+class AgentState(str, Enum):
+    READY = "ready"
+    WORKING = "working"
+    BUSY = "busy"  # worker whose engine is not available (e.g. upstream down)
+
+
+TEXT_STYLE = "text"
+BROKER_STYLE = "normal"
+GATEWAY_STYLE = "openai_compatible_endpoint"
+ABORTED_MARK = "aborted"  # value of the original ``aborted`` field
+
+
+class F:
+    """Task field names (one source of truth; the original's spelling is kept)."""
+
+    ID = "id"
+    ASKER = "asker"
+    CLIENT_ID = "clientID"
+    STYLE = "style"
+    SYSTEM_PROMPT = "systemPrompt"
+    PROMPT = "prompt"
+    MESSAGES = "messages"
+    STATE = "state"
+    MODEL = "model"
+    TEMPERATURE = "temperature"
+    SEED = "seed"
+    DATE = "date"
+    WORKER = "worker"
+    ATTEMPTS = "attemps"  # sic: the original's spelling, kept for compatibility
+    START = "start"
+    RESPONSE = "response"
+    DELTA = "delta"
+    CHUNK_DATE = "chunkDate"
+    END = "end"
+    DURATION = "duration"
+    ABORTED = "aborted"
+    # Igora additions
+    MAX_TOKENS = "maxTokens"
+    TOP_P = "topP"
+    STOP = "stop"
+    DEADLINE = "deadline"
+    ERROR = "error"
+    FINISH_REASON = "finishReason"
+    USAGE = "usage"
+    BROKER = "broker"
+    STREAM = "stream"
+    ASKER_NAME = "askerName"
+    END_ASKED = "abortSeen"  # ms when the broker saw the abort mark (worker grace starts)
+
+
+class A:
+    """Awareness field names."""
+
+    ID = "id"
+    NAME = "name"
+    TYPE = "type"
+    STYLE = "style"
+    STATE = "state"
+    DATE = "date"
+    ENGINE = "engine"
+    # Igora additions
+    PROTOCOL = "protocol"
+    MODELS = "models"  # [{"name", "contextLength"}]
+    SLOTS = "slots"
+    RUNNING = "running"
+    SPEED = "speed"  # measured tokens per second
+    SINCE = "since"  # ms epoch when the agent started (broker leader election)
+    LEADER = "leader"  # broker: true while it is the active one
+    HEARTBEAT = "heartbeat"  # seconds between two refreshes of ``date``
+
+
+# Limits applied to anything read from the shared document.
+MAX_TEXT = 1_000_000  # characters of prompt / system prompt / one message
+MAX_MESSAGES = 1_000
+MAX_ID = 200
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+class ProtocolError(ValueError):
+    """A value read from (or about to be written to) the market is not a valid task."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def stream_key(task_id: str, attempt: int) -> str:
+    """Key of a task's token stream in the ``streams`` map; one per attempt."""
+    return f"{task_id}#{attempt}"
+
+
+def _opt_number(task: dict[str, Any], field: str, lo: float, hi: float) -> None:
+    value = task.get(field)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(f"{field} must be a number")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{field} must be between {lo} and {hi}")
+
+
+def _opt_str(task: dict[str, Any], field: str, limit: int = MAX_TEXT) -> None:
+    value = task.get(field)
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ProtocolError(f"{field} must be a string")
+    if len(value) > limit:
+        raise ProtocolError(f"{field} is longer than {limit} characters")
+
+
+def validate_task(value: Any) -> dict[str, Any]:
+    """Check a task read from the market; return it (a plain dict) or raise ProtocolError.
+
+    Unknown fields are kept: other agents may add their own.
+    """
+    if not isinstance(value, dict):
+        raise ProtocolError("a task must be a JSON object")
+    task = value
+    tid = task.get(F.ID)
+    if not isinstance(tid, str) or not tid or len(tid) > MAX_ID:
+        raise ProtocolError("id must be a non-empty string")
+    for field in (F.ASKER, F.STYLE, F.MODEL, F.WORKER, F.STREAM, F.BROKER):
+        _opt_str(task, field, MAX_ID)
+    _opt_str(task, F.SYSTEM_PROMPT)
+    _opt_str(task, F.PROMPT)
+    state = task.get(F.STATE)
+    if state is not None and state not in {s.value for s in State}:
+        raise ProtocolError(f"unknown state {state!r}")
+    messages = task.get(F.MESSAGES)
+    if messages is not None:
+        if not isinstance(messages, list) or len(messages) > MAX_MESSAGES:
+            raise ProtocolError(f"messages must be a list of at most {MAX_MESSAGES}")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ProtocolError("each message needs a role and a content")
+            content = m.get("content")
+            if not isinstance(content, str) or len(content) > MAX_TEXT:
+                raise ProtocolError("each message content must be a string")
+    if task.get(F.PROMPT) is None and not messages:
+        raise ProtocolError("a task needs a prompt or messages")
+    _opt_number(task, F.TEMPERATURE, 0, 10)
+    _opt_number(task, F.TOP_P, 0, 1)
+    _opt_number(task, F.SEED, -(2**63), 2**64)
+    _opt_number(task, F.MAX_TOKENS, 1, MAX_TOKENS_LIMIT)
+    _opt_number(task, F.DEADLINE, 0, 2**53)
+    _opt_number(task, F.ATTEMPTS, 0, 1000)
+    stop = task.get(F.STOP)
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) for s in stop):
+            raise ProtocolError("stop must be a string or a list of at most 16 strings")
+    return task
+
+
+def chat_messages(task: dict[str, Any]) -> list[dict[str, str]]:
+    """The conversation a task asks for, system prompt first (as the original builds it)."""
+    out: list[dict[str, str]] = []
+    system = task.get(F.SYSTEM_PROMPT)
+    messages = task.get(F.MESSAGES) or []
+    if system and not any(m.get("role") == "system" for m in messages):
+        out.append({"role": "system", "content": system})
+    out.extend({"role": m["role"], "content": m["content"]} for m in messages)
+    if not messages and task.get(F.PROMPT) is not None:
+        out.append({"role": "user", "content": task[F.PROMPT]})
+    return out
+
+
+def stop_list(task: dict[str, Any]) -> list[str]:
+    stop = task.get(F.STOP)
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One agent as seen through awareness."""
+
+    client_id: int
+    state: dict[str, Any]
+
+    @property
+    def id(self) -> str | None:
+        v = self.state.get(A.ID)
+        return v if isinstance(v, str) else None
+
+    @property
+    def type(self) -> str | None:
+        return self.state.get(A.TYPE)
+
+    @property
+    def name(self) -> str:
+        return str(self.state.get(A.NAME) or self.id or self.client_id)
+
+    @property
+    def date(self) -> float:
+        d = self.state.get(A.DATE)
+        return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
+
+    @property
+    def models(self) -> list[str]:
+        raw = self.state.get(A.MODELS)
+        if not isinstance(raw, list):
+            return []
+        names = []
+        for m in raw:
+            if isinstance(m, dict) and isinstance(m.get("name"), str):
+                names.append(m["name"])
+            elif isinstance(m, str):
+                names.append(m)
+        return names
+
+    @property
+    def slots(self) -> int:
+        s = self.state.get(A.SLOTS)
+        if isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 1024:
+            return s
+        return 1  # an original worker runs one task at a time
+
+    @property
+    def igora(self) -> bool:
+        return self.state.get(A.PROTOCOL) == PROTOCOL_VERSION
+
+    def serves(self, model: str | None) -> bool:
+        """Whether this worker can run a task asking for ``model`` (None: any)."""
+        if self.type != AgentType.WORKER.value:
+            return False
+        if not model:
+            return True
+        models = self.models
+        # An original worker advertises no models: it takes only tasks naming none.
+        return model in models

@@ -1,0 +1,395 @@
+"""``igora worker``: runs the tasks the broker assigns to it, streaming tokens back.
+
+A task in ``prepared`` whose ``worker`` is this worker's id is moved to ``doing`` when a
+slot is free. Tokens are appended to a ``Y.Text`` in ``streams`` (linear bytes on the
+wire); the original fields of ``doing[id]`` (``response``, ``delta``, ``chunkDate``) are
+refreshed at most every ``compat_interval`` seconds and only when the answer grew by a
+quarter since the last refresh, so original readers follow along at a cost that stays
+linear in the answer's length. The task ends in ``done`` as ``done``, ``failed`` (with
+``error``) or ``aborted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pycrdt import Map, MapEvent, Text
+
+from ..agent import Agent
+from ..engines.base import Engine, EngineError, EngineUnavailable, Finish, Request
+from ..protocol import (
+    A,
+    AgentState,
+    F,
+    MapName,
+    ProtocolError,
+    State,
+    now_ms,
+    stream_key,
+    validate_task,
+)
+
+COMPAT_INTERVAL = 0.25
+COMPAT_GROWTH = 1.25
+HEALTH_INTERVAL = 5.0
+
+log = logging.getLogger("igora.worker")
+
+
+@dataclass
+class Running:
+    task_id: str
+    attempt: int
+    job: asyncio.Task[None] | None = None
+    stop_reason: str | None = None  # "aborted", "lost" (taken away) or a deadline message
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Worker:
+    def __init__(
+        self,
+        agent: Agent,
+        engine: Engine,
+        *,
+        slots: int = 1,
+        compat_interval: float = COMPAT_INTERVAL,
+    ) -> None:
+        self.agent = agent
+        self.engine = engine
+        self.slots = max(1, slots)
+        self.compat_interval = compat_interval
+        self.running: dict[str, Running] = {}
+        self.available = True
+        self.speed: float | None = None
+        self.completed = 0
+        self._wake = asyncio.Event()
+        self.prepared: Map = agent.maps[MapName.PREPARED]
+        self.doing: Map = agent.maps[MapName.DOING]
+        self.done: Map = agent.maps[MapName.DONE]
+        self.todos: Map = agent.maps[MapName.TODOS]
+        self.streams: Map = agent.maps[MapName.STREAMS]
+        agent.on_change(self._wake.set)
+        self.doing.observe(self._on_doing)
+
+    # ------------------------------------------------------------------ adverts
+    def advert(self) -> dict[str, Any]:
+        busy = len(self.running)
+        ready = self.available and busy < self.slots
+        return {
+            A.STATE: AgentState.READY.value if ready else (
+                AgentState.WORKING.value if self.available else AgentState.BUSY.value),
+            A.ENGINE: self.engine.kind,
+            A.MODELS: [m.advert() for m in self.engine.models()],
+            A.SLOTS: self.slots if self.available else 0,
+            A.RUNNING: busy,
+            A.SPEED: round(self.speed, 1) if self.speed else None,
+        }
+
+    def _publish(self) -> None:
+        self.agent.set_state(**self.advert())
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self) -> None:
+        self._publish()
+        health = asyncio.create_task(self._health_loop())
+        try:
+            while True:
+                self._wake.clear()
+                self._claim()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+        finally:
+            health.cancel()
+            for r in list(self.running.values()):
+                if r.job:
+                    r.job.cancel()
+
+    async def _health_loop(self) -> None:
+        while True:
+            ok = await self.engine.available()
+            if ok != self.available:
+                self.available = ok
+                log.warning("%s: engine %s", self.agent.name,
+                            "is back" if ok else "is unavailable; not taking tasks")
+                self._publish()
+            await asyncio.sleep(HEALTH_INTERVAL)
+
+    def _claim(self) -> None:
+        if not self.agent.synced.is_set():
+            return
+        me = self.agent.id
+        for task_id, value in list(self.prepared.items()):
+            if len(self.running) >= self.slots:
+                return
+            if not isinstance(value, dict) or value.get(F.WORKER) != me or task_id in self.running:
+                continue
+            try:
+                task = validate_task(value)
+            except ProtocolError as exc:
+                log.warning("%s: task %s rejected: %s", self.agent.name, task_id, exc)
+                self._finish_from(MapName.PREPARED, task_id, value, State.FAILED,
+                                  error=f"invalid task: {exc}")
+                continue
+            if task.get(F.ABORTED):
+                self._finish_from(MapName.PREPARED, task_id, task, State.ABORTED,
+                                  error="aborted before it started")
+                continue
+            model = task.get(F.MODEL)
+            served = [m.name for m in self.engine.models()]
+            if model and model not in served:
+                self._finish_from(MapName.PREPARED, task_id, task, State.FAILED,
+                                  error=f"worker {self.agent.name} does not serve model {model!r}")
+                continue
+            if not self.available:
+                continue
+            self._start(task_id, task)
+
+    def _start(self, task_id: str, task: dict[str, Any]) -> None:
+        attempt = int(task.get(F.ATTEMPTS) or 1)
+        key = stream_key(task_id, attempt)
+        now = now_ms()
+        doing = {
+            **task,
+            F.STATE: State.DOING.value,
+            F.WORKER: self.agent.id,
+            F.STREAM: key,
+            F.RESPONSE: "",
+            F.START: task.get(F.START) or now,
+        }
+        with self.agent.transaction():
+            self.prepared.pop(task_id, None)
+            self.doing[task_id] = doing
+            self.streams[key] = Text()
+        run = Running(task_id, attempt)
+        self.running[task_id] = run
+        log.info("%s: task %s started (model %s, attempt %d)", self.agent.name, task_id,
+                 task.get(F.MODEL) or "default", attempt)
+        run.job = asyncio.create_task(self._execute(run, doing))
+        self._publish()
+
+    # ------------------------------------------------------------------ watching
+    def _on_doing(self, event: MapEvent) -> None:
+        for key, change in event.keys.items():
+            run = self.running.get(key)
+            if run is None or run.stop_reason:
+                continue
+            value = change.get("newValue")
+            if change.get("action") == "delete" or not isinstance(value, dict):
+                self._stop(run, "lost")
+            elif value.get(F.WORKER) != self.agent.id:
+                self._stop(run, "lost")
+            elif value.get(F.ABORTED):
+                self._stop(run, "aborted")
+
+    def _stop(self, run: Running, reason: str) -> None:
+        run.stop_reason = reason
+        run.stop.set()
+
+    # ------------------------------------------------------------------ running
+    async def _tokens(self, run: Running, request: Request) -> AsyncIterator[list[str] | Finish]:
+        """The engine's stream, coalesced: every piece ready at once comes in one batch."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def produce() -> None:
+            try:
+                async for item in self.engine.generate(request):
+                    queue.put_nowait(item)
+                    if isinstance(item, Finish):
+                        return
+            except Exception as exc:  # handed to the consumer
+                queue.put_nowait(exc)
+
+        producer = asyncio.create_task(produce())
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Finish):
+                    yield item
+                    return
+                batch = [item]
+                while not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, str):
+                        batch.append(nxt)
+                        continue
+                    yield batch
+                    if isinstance(nxt, BaseException):
+                        raise nxt
+                    yield nxt
+                    return
+                yield batch
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await producer
+
+    async def _execute(self, run: Running, task: dict[str, Any]) -> None:
+        task_id = run.task_id
+        key = task[F.STREAM]
+        started = time.monotonic()
+        response = ""
+        finish: Finish | None = None
+        error: str | None = None
+        requeue = False
+        last_refresh = 0.0
+        refreshed_len = 0
+        deadline = task.get(F.DEADLINE)
+        text = self.streams.get(key)
+        try:
+            tokens = self._tokens(run, Request.from_task(task))
+            stop_wait = asyncio.create_task(run.stop.wait())
+            try:
+                while True:
+                    nxt = asyncio.ensure_future(tokens.__anext__())
+                    await asyncio.wait({nxt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    if not nxt.done():
+                        nxt.cancel()
+                        with contextlib.suppress(BaseException):
+                            await nxt
+                        break
+                    try:
+                        item = nxt.result()
+                    except StopAsyncIteration:
+                        break
+                    if isinstance(item, Finish):
+                        finish = item
+                        break
+                    piece = "".join(item)
+                    response += piece
+                    now = time.monotonic()
+                    with self.agent.transaction():
+                        if text is not None:
+                            text += piece
+                        if (now - last_refresh >= self.compat_interval
+                                and len(response) >= refreshed_len * COMPAT_GROWTH):
+                            self._refresh(task_id, task, response, piece)
+                            last_refresh, refreshed_len = now, len(response)
+                    if deadline and now_ms() > float(deadline):
+                        self._stop(run, "the task passed its deadline while running")
+                        break
+            finally:
+                stop_wait.cancel()
+                await tokens.aclose()
+        except EngineUnavailable as exc:
+            error, requeue = str(exc), True
+        except EngineError as exc:
+            error = str(exc)
+        except Exception as exc:  # an engine bug must not kill the worker
+            log.exception("%s: task %s: engine error", self.agent.name, task_id)
+            error = f"engine error: {type(exc).__name__}: {exc}"
+        finally:
+            self.running.pop(task_id, None)
+        elapsed = time.monotonic() - started
+        reason = run.stop_reason
+        if reason == "lost":
+            log.info("%s: task %s was taken away; stopped", self.agent.name, task_id)
+            with self.agent.transaction():
+                self.streams.pop(key, None)
+        elif requeue:
+            log.warning("%s: task %s handed back: %s", self.agent.name, task_id, error)
+            self._requeue(task_id, task, key)
+        elif error is not None:
+            log.warning("%s: task %s failed: %s", self.agent.name, task_id, error)
+            self._finish(task_id, task, key, State.FAILED, response, error=error)
+        elif reason == "aborted":
+            log.info("%s: task %s aborted after %d characters", self.agent.name, task_id,
+                     len(response))
+            self._finish(task_id, task, key, State.ABORTED, response)
+        elif reason is not None:
+            self._finish(task_id, task, key, State.FAILED, response, error=reason)
+        else:
+            assert finish is not None or response == ""
+            finish = finish or Finish("stop")
+            if finish.completion_tokens and elapsed > 0:
+                rate = finish.completion_tokens / elapsed
+                self.speed = rate if self.speed is None else 0.7 * self.speed + 0.3 * rate
+            self.completed += 1
+            log.info("%s: task %s done (%d tokens, %.2f s)", self.agent.name, task_id,
+                     finish.completion_tokens, elapsed)
+            self._finish(task_id, task, key, State.DONE, response, finish=finish)
+        self._publish()
+        self._wake.set()
+
+    def _refresh(self, task_id: str, task: dict[str, Any], response: str, piece: str) -> None:
+        current = self.doing.get(task_id)
+        if not isinstance(current, dict) or current.get(F.WORKER) != self.agent.id:
+            return
+        self.doing[task_id] = {
+            **current,
+            F.RESPONSE: response,
+            F.DELTA: {"role": "assistant", "content": piece},
+            F.CHUNK_DATE: now_ms(),
+        }
+
+    def _mine(self, task_id: str) -> dict[str, Any] | None:
+        current = self.doing.get(task_id)
+        if isinstance(current, dict) and current.get(F.WORKER) == self.agent.id:
+            return current
+        return None
+
+    def _finish(
+        self,
+        task_id: str,
+        task: dict[str, Any],
+        key: str,
+        state: State,
+        response: str,
+        *,
+        error: str | None = None,
+        finish: Finish | None = None,
+    ) -> None:
+        with self.agent.transaction():
+            current = self._mine(task_id)
+            self.streams.pop(key, None)
+            if current is None:
+                return  # someone else (the broker) already ended or moved it
+            self.doing.pop(task_id, None)
+            end = now_ms()
+            final: dict[str, Any] = {
+                **current,
+                F.STATE: state.value,
+                F.RESPONSE: response,
+                F.END: end,
+                F.DURATION: end - float(current.get(F.START) or end),
+            }
+            final.pop(F.DELTA, None)
+            if state == State.ABORTED:
+                final[F.ABORTED] = final.get(F.ABORTED) or "aborted"
+            if error:
+                final[F.ERROR] = error
+            if finish:
+                final[F.FINISH_REASON] = finish.reason
+                final[F.USAGE] = {
+                    "promptTokens": finish.prompt_tokens,
+                    "completionTokens": finish.completion_tokens,
+                }
+            self.done[task_id] = final
+
+    def _finish_from(self, source: MapName, task_id: str, task: Any, state: State,
+                     *, error: str) -> None:
+        base = dict(task) if isinstance(task, dict) else {}
+        end = now_ms()
+        with self.agent.transaction():
+            self.agent.maps[source].pop(task_id, None)
+            self.done[task_id] = {**base, F.ID: task_id, F.STATE: state.value, F.ERROR: error,
+                                  F.END: end}
+
+    def _requeue(self, task_id: str, task: dict[str, Any], key: str) -> None:
+        with self.agent.transaction():
+            current = self._mine(task_id)
+            self.streams.pop(key, None)
+            if current is None:
+                return
+            self.doing.pop(task_id, None)
+            back = {k: v for k, v in current.items()
+                    if k not in (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM)}
+            back[F.STATE] = State.TODO.value
+            self.todos[task_id] = back
