@@ -15,7 +15,7 @@ from pycrdt import MapEvent
 from ..agent import Agent
 from ..protocol import F, MapName, ProtocolError, State, now_ms, validate_task
 from . import policies
-from .fairness import fair_order
+from .fairness import Fairness
 from .leader import Leadership
 from .matching import pick_worker
 from .presence import DEFAULT_GRACE, Presence
@@ -39,6 +39,7 @@ class Broker:
         self.agent = agent
         self.presence = Presence(agent, grace)
         self.leadership = Leadership(agent, self.presence)
+        self.fairness = Fairness()
         self.max_attempts = max_attempts
         self.task_timeout = task_timeout
         self.retention = retention
@@ -160,11 +161,12 @@ class Broker:
             load[str(task.get(F.WORKER))] += 1
             in_flight[str(task.get(F.ASKER) or "")] += 1
         writes = []
-        for task in fair_order(waiting, in_flight):
+        for task in self.fairness.order(waiting, in_flight):
             worker = pick_worker(task, workers, load)
             if worker is None:
                 continue
             load[worker.id or ""] += 1
+            self.fairness.record(task)
             attempts = int(task.get(F.ATTEMPTS) or 0) + 1
             writes.append((task, {
                 **task,
