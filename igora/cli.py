@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="openai: the upstream's base URL (e.g. http://127.0.0.1:8000/v1)")
     p.add_argument("--api-key", default=None, help="openai: the upstream's API key "
                                                    "(default: OPENAI_API_KEY)")
+    p.add_argument("--upstream-timeout", type=float, default=300.0, metavar="S",
+                   help="openai: seconds the upstream may stay silent before the task fails")
     p.add_argument("--context", type=int, default=2048, help="llama: context length in tokens")
     p.add_argument("--threads", type=int, default=None, help="llama: CPU threads")
     p.add_argument("--slots", type=int, default=1, help="tasks run at once")

@@ -32,7 +32,8 @@ def make_engine(args: argparse.Namespace) -> Engine:
             raise EngineError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
         if not models:
             raise EngineError("--engine openai needs at least one --model NAME[=ALIAS]")
-        return OpenAIEngine(args.base_url, models, api_key=args.api_key)
+        return OpenAIEngine(args.base_url, models, api_key=args.api_key,
+                            timeout=getattr(args, "upstream_timeout", None) or 300.0)
     from .engines.llama import LlamaEngine, resolve_model
 
     if len(models) > 1:

@@ -38,6 +38,7 @@ from ..protocol import (
 COMPAT_INTERVAL = 0.25
 COMPAT_GROWTH = 1.25
 HEALTH_INTERVAL = 5.0
+HANDBACK_ATTEMPTS = 3  # a task is handed back to ``todos`` only while it has had fewer assignments
 
 log = logging.getLogger("igora.worker")
 
@@ -96,6 +97,7 @@ class Worker:
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
+        self.available = await self.engine.available()  # never advertise a dead upstream ready
         self._publish()
         health = asyncio.create_task(self._health_loop())
         try:
@@ -147,6 +149,11 @@ class Worker:
                                   error=f"worker {self.agent.name} does not serve model {model!r}")
                 continue
             if not self.available:
+                if self._another_can_serve(task):  # assigned just before we went busy
+                    with self.agent.transaction():
+                        self.prepared.pop(task_id, None)
+                        self.todos[task_id] = {**{k: v for k, v in task.items() if k != F.WORKER},
+                                               F.STATE: State.TODO.value}
                 continue
             self._start(task_id, task)
 
@@ -279,7 +286,10 @@ class Worker:
                 stop_wait.cancel()
                 await tokens.aclose()
         except EngineUnavailable as exc:
-            error, requeue = str(exc), True
+            error = str(exc)
+            self.available = False  # busy at once, before the task is handed back
+            self._publish()
+            requeue = self._another_can_serve(task)
         except EngineError as exc:
             error = str(exc)
         except Exception as exc:  # an engine bug must not kill the worker
@@ -317,6 +327,17 @@ class Worker:
             self._finish(task_id, task, key, State.DONE, response, finish=finish)
         self._publish()
         self._wake.set()
+
+    def _another_can_serve(self, task: dict[str, Any]) -> bool:
+        """Whether a task this worker cannot run now should go back to ``todos``: only if
+        another worker that is not busy serves its model and attempts are left. Otherwise
+        it ends ``failed`` here with the engine's reason rather than wait for its deadline."""
+        if int(task.get(F.ATTEMPTS) or 1) >= HANDBACK_ATTEMPTS:
+            return False
+        model = task.get(F.MODEL) or None
+        return any(p.id != self.agent.id and p.serves(model)
+                   and p.state.get(A.STATE) != AgentState.BUSY.value
+                   for p in self.agent.peers())
 
     def _refresh(self, task_id: str, task: dict[str, Any], response: str, piece: str) -> None:
         current = self.doing.get(task_id)
