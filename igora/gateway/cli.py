@@ -1,0 +1,79 @@
+"""``igora gateway``: serve the OpenAI-compatible API of a market over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ..client import DEFAULT_TIMEOUT
+from ..config import ConfigError, env, market_address
+from .app import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME
+
+API_KEYS_ENV = "IGORA_API_KEYS"
+
+log = logging.getLogger("igora.gateway")
+
+
+def add_parser(sub: Any, formatter: type[argparse.HelpFormatter],
+               market_options: Callable[[argparse.ArgumentParser], None],
+               common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "gateway", formatter_class=formatter,
+        help="serve an OpenAI-compatible API (and the web page) for a market",
+        description="Serve /v1/chat/completions, /v1/completions and /v1/models: every "
+                    "request becomes a task on the market. Point any OpenAI client at "
+                    "base_url http://HOST:PORT/v1.")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: everyone)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help=f"accept only requests with 'Authorization: Bearer KEY' (repeatable; "
+                        f"default: the comma-separated {API_KEYS_ENV}, else no key needed)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="browser origin allowed to call the API (repeatable; default: any, '*')")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help="deadline of each task, in seconds")
+    p.add_argument("--wait-worker", type=float, default=0.0, metavar="S",
+                   help="seconds a request waits for a worker serving its model to appear "
+                        "before failing with 503/404")
+    p.add_argument("--name", default=GATEWAY_NAME, help="name shown to others on the market")
+    market_options(p)
+    common(p)
+    return p
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    if args.api_key:
+        return [k for k in args.api_key if k]
+    raw = env(API_KEYS_ENV) or ""
+    return [k.strip() for k in raw.split(",") if k.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..up import port_free
+    from .app import create_app
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
+    if args.timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    address = market_address(args.market, args.room)  # fail early on a bad URL
+    if not port_free(args.host, args.port):
+        raise ConfigError(f"port {args.port} on {args.host} is taken (another gateway running?): "
+                          "stop it or choose another with --port")
+    keys = api_keys(args)
+    app = create_app(address.url, address.room, api_keys=keys,
+                     cors_origins=args.cors_origin or ["*"], timeout=args.timeout,
+                     wait_worker=max(0.0, args.wait_worker), heartbeat=args.heartbeat,
+                     name=args.name)
+    log.info("gateway on http://%s:%d/v1 for market %s%s", args.host, args.port,
+             address.room_url, f" ({len(keys)} API key(s))" if keys else " (no API key)")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                            log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1

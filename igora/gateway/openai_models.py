@@ -1,0 +1,186 @@
+"""Request and response bodies of the OpenAI-compatible API, as Pydantic models.
+
+Requests are strict (no silent type coercion: ``"1"`` is not an integer) so that
+malformed input is a 400, never a surprise further down. Fields OpenAI defines but
+Igora cannot honour either have no effect on the answer (``presence_penalty``,
+``frequency_penalty``, ``logit_bias``) or are refused with a clear 400 when set to
+anything but their neutral value (``n > 1``, ``logprobs``, ``tools``, ...). Unknown
+fields are accepted and ignored, as many OpenAI clients send a few of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..protocol import MAX_ID, MAX_MESSAGES, MAX_TEXT, MAX_TOKENS_LIMIT
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+MAX_STOP = 16
+MAX_STOP_LENGTH = 1_000
+MAX_USER = 256
+
+GENERIC_MODELS = frozenset({"", "default", "igora", "auto", "any"})
+"""Model names that mean "any worker" (as a task naming no model)."""
+
+
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = Field(
+        None, description="Send a last chunk with `usage` and no choices before `[DONE]`.")
+
+
+class ContentPart(_Request):
+    type: str = Field(..., max_length=64, description="Only `text` is supported.")
+    text: str | None = Field(None, max_length=MAX_TEXT)
+
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class ChatMessage(_Request):
+    role: Role
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
+    name: str | None = Field(None, max_length=MAX_ID)
+
+
+class ResponseFormat(_Request):
+    type: str = Field(..., max_length=64, description="Only `text` is supported.")
+
+
+class _Sampling(_Request):
+    """Parameters shared by chat and text completions."""
+
+    model: str | None = Field(
+        None, max_length=MAX_ID,
+        description="A model served on the market (see `GET /v1/models`). Missing, empty, "
+                    "`default`, `igora`, `auto` or `any`: any worker answers.")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"Up to {MAX_STOP} non-empty strings that end the answer.")
+    n: int | None = Field(None, ge=1, le=128, description="Only 1 is supported.")
+    user: str | None = Field(None, max_length=MAX_USER,
+                             description="End-user id: logged by the gateway, not put on "
+                                         "the market.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Ignored.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Ignored.")
+    logit_bias: dict[str, float] | None = Field(None, description="Ignored.")
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool | None = Field(None, description="Only false is supported.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Not supported.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Ignored.")
+    functions: list[dict[str, Any]] | None = Field(None, description="Not supported.")
+    function_call: str | dict[str, Any] | None = Field(None, description="Ignored.")
+    parallel_tool_calls: bool | None = Field(None, description="Ignored.")
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=128)] = Field(
+        ..., description="The text to complete (a list must hold exactly one string).")
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT,
+                                   description="As OpenAI's legacy API: 16 by default.")
+    echo: bool | None = Field(False, description="Put the prompt before the answer.")
+    suffix: str | None = Field(None, description="Not supported.")
+    best_of: int | None = Field(None, ge=1, le=20, description="Only 1 is supported.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported.")
+
+
+# ---------------------------------------------------------------------- responses
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class TextChoice(_Response):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class Completion(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class Model(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(_Response):
+    error: ErrorDetail
+
+
+class Health(_Response):
+    status: str
+    market: str
+    connected: bool
+    workers: int
+    models: list[str]
