@@ -1,0 +1,287 @@
+"""What the web page's market view shows: agents, tasks by state, throughput.
+
+A ``MarketTracker`` watches one connected agent (the gateway's client). Live tasks are
+read from the kanban maps at each snapshot. Finished tasks do not stay in ``done`` (their
+client removes them once read, the broker after its retention time), so the tracker
+records each one as it appears there; the last ``KEEP_FINISHED`` are listed and those of
+the last ``SERIES_SPAN`` seconds feed the throughput figures.
+
+Prompts and answers are not part of the snapshot: the page shows who asked what model,
+who runs it and how it went, not what was said.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from pycrdt import MapEvent
+
+from ..agent import Agent
+from ..protocol import A, KANBAN, AgentType, F, MapName, State, now_ms
+
+KEEP_FINISHED = 50
+"""Finished tasks listed in a snapshot (most recent first)."""
+SERIES_SPAN = 300
+"""Seconds of history in the throughput chart."""
+BUCKET = 10
+"""Seconds per point of the throughput chart."""
+RATE_WINDOW = 60
+"""Seconds over which ``tasksPerMin`` and ``tokensPerSec`` are averaged."""
+MAX_COMPLETIONS = 20_000
+"""Bound on remembered completions (a very busy market keeps only the newest)."""
+MAX_NAMES = 2_000
+
+# Task states as the page groups them.
+WAITING = (State.TODO, State.PREPARED)
+GROUPS: dict[str, tuple[State, ...]] = {
+    "waiting": WAITING,
+    "running": (State.DOING,),
+    "done": (State.DONE,),
+    "failed": (State.FAILED,),
+    "aborted": (State.ABORTED,),
+}
+
+
+@dataclass(frozen=True)
+class Completion:
+    end: int  # ms epoch
+    state: str
+    tokens: int
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _int(value: Any) -> int | None:
+    n = _num(value)
+    return int(n) if n is not None and abs(n) < 2**53 else None
+
+
+def _str(value: Any, limit: int = 200) -> str | None:
+    return value[:limit] if isinstance(value, str) and value else None
+
+
+def _tokens(task: dict[str, Any]) -> int:
+    usage = task.get(F.USAGE)
+    if isinstance(usage, dict):
+        n = _num(usage.get("completionTokens"))
+        if n is not None and n >= 0:
+            return int(n)
+    return 0
+
+
+class MarketTracker:
+    """Snapshots of one market for the web page, and a signal when it changes."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.version = 0
+        self._event = asyncio.Event()
+        self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._completions: deque[Completion] = deque(maxlen=MAX_COMPLETIONS)
+        self._counted: OrderedDict[str, None] = OrderedDict()
+        self._names: OrderedDict[str, str] = OrderedDict()
+        agent.on_change(self._changed)
+        agent.maps[MapName.DONE].observe(self._on_done)
+        for tid, value in list(agent.maps[MapName.DONE].items()):
+            self._record(tid, value)
+
+    # ------------------------------------------------------------------ change signal
+    def _changed(self) -> None:
+        self.version += 1
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait_change(self, version: int, timeout: float) -> None:
+        """Return once ``self.version`` differs from ``version`` or after ``timeout`` s."""
+        if self.version != version:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+    # ------------------------------------------------------------------ recording
+    def _on_done(self, event: MapEvent) -> None:
+        for tid, change in event.keys.items():
+            self._record(tid, change.get("newValue"))
+
+    def _record(self, tid: Any, value: Any) -> None:
+        if not isinstance(tid, str) or not isinstance(value, dict):
+            return
+        state = value.get(F.STATE)
+        if state not in (State.DONE.value, State.FAILED.value, State.ABORTED.value):
+            return
+        if tid in self._counted:  # seen already: refresh its line, keep its place
+            if tid in self._finished:
+                self._finished[tid] = self._summary(value, state)
+            return
+        self._counted[tid] = None
+        while len(self._counted) > MAX_COMPLETIONS:
+            self._counted.popitem(last=False)
+        self._finished[tid] = self._summary(value, state)
+        while len(self._finished) > KEEP_FINISHED:
+            self._finished.popitem(last=False)
+        end = _num(value.get(F.END))
+        self._completions.append(Completion(int(end) if end else now_ms(), state, _tokens(value)))
+
+    # ------------------------------------------------------------------ names
+    def _remember(self, agent_id: str | None, name: str) -> None:
+        if agent_id:
+            self._names[agent_id] = name
+            self._names.move_to_end(agent_id)
+            while len(self._names) > MAX_NAMES:
+                self._names.popitem(last=False)
+
+    def _name_of(self, agent_id: Any) -> str | None:
+        if not isinstance(agent_id, str):
+            return None
+        return self._names.get(agent_id)
+
+    # ------------------------------------------------------------------ snapshot
+    def agents(self) -> list[dict[str, Any]]:
+        own = self.agent.local_state
+        rows = []
+        states = [(p.client_id, p.state, False) for p in self.agent.peers()]
+        if own:
+            states.append((self.agent.awareness.client_id, own, True))
+        for client_id, s, is_self in states:
+            aid = _str(s.get(A.ID))
+            name = str(s.get(A.NAME) or aid or client_id)[:200]
+            self._remember(aid, name)
+            raw_models = s.get(A.MODELS)
+            models = []
+            if isinstance(raw_models, list):
+                for m in raw_models[:50]:
+                    if isinstance(m, dict) and isinstance(m.get("name"), str):
+                        models.append({"name": m["name"][:200],
+                                       "contextLength": _int(m.get("contextLength"))})
+                    elif isinstance(m, str):
+                        models.append({"name": m[:200], "contextLength": None})
+            rows.append({
+                "id": aid,
+                "name": name,
+                "type": _str(s.get(A.TYPE), 40),
+                "style": _str(s.get(A.STYLE), 60),
+                "state": _str(s.get(A.STATE), 40),
+                "models": models,
+                "slots": _int(s.get(A.SLOTS)),
+                "running": _int(s.get(A.RUNNING)),
+                "speed": _num(s.get(A.SPEED)),
+                "engine": _str(s.get(A.ENGINE), 60),
+                "leader": bool(s.get(A.LEADER)) if A.LEADER in s else None,
+                "igora": s.get(A.PROTOCOL) is not None,
+                "self": is_self,
+            })
+        order = {AgentType.WORKER.value: 0, AgentType.BROKER.value: 1, AgentType.CLIENT.value: 2}
+        rows.sort(key=lambda a: (order.get(a["type"] or "", 3), a["name"]))
+        return rows
+
+    def _summary(self, task: dict[str, Any], state: Any) -> dict[str, Any]:
+        asker = _str(task.get(F.ASKER))
+        worker = _str(task.get(F.WORKER))
+        return {
+            "id": _str(task.get(F.ID)),
+            "state": state if isinstance(state, str) else None,
+            "model": _str(task.get(F.MODEL)),
+            "asker": asker,
+            "askerName": _str(task.get(F.ASKER_NAME)) or self._name_of(asker),
+            "worker": worker,
+            "workerName": self._name_of(worker),
+            "date": _num(task.get(F.DATE)),
+            "start": _num(task.get(F.START)),
+            "end": _num(task.get(F.END)),
+            "duration": _num(task.get(F.DURATION)),
+            "attempts": _int(task.get(F.ATTEMPTS)),
+            "tokens": _tokens(task) or None,
+            "maxTokens": _num(task.get(F.MAX_TOKENS)),
+            "error": _str(task.get(F.ERROR), 500),
+            "abortAsked": bool(task.get(F.ABORTED)),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole view as plain JSON-able data."""
+        agents = self.agents()  # refreshes the id -> name memory first
+        live: dict[str, dict[str, Any]] = {}
+        for m in KANBAN:
+            for tid, value in list(self.agent.maps[m].items()):
+                if not isinstance(value, dict) or not isinstance(tid, str):
+                    continue
+                if m is MapName.DONE:
+                    self._record(tid, value)
+                    continue
+                state = value.get(F.STATE)
+                if state not in (State.TODO.value, State.PREPARED.value, State.DOING.value):
+                    state = {MapName.TODOS: State.TODO, MapName.PREPARED: State.PREPARED,
+                             MapName.DOING: State.DOING}[m].value
+                live[tid] = self._summary(value, state)
+        # Names may have become known since a task was recorded.
+        finished = []
+        for t in reversed(self._finished.values()):
+            t = dict(t)
+            t["askerName"] = t["askerName"] or self._name_of(t["asker"])
+            t["workerName"] = t["workerName"] or self._name_of(t["worker"])
+            finished.append(t)
+        tasks: dict[str, list[dict[str, Any]]] = {g: [] for g in GROUPS}
+        group_of = {s.value: g for g, states in GROUPS.items() for s in states}
+        for t in sorted(live.values(), key=lambda t: t["date"] or 0):
+            tasks[group_of[t["state"]]].append(t)
+        for t in finished:
+            tasks[group_of[t["state"]]].append(t)
+        counts = {g: len(v) for g, v in tasks.items()}
+        return {
+            "time": now_ms(),
+            "room": self.agent.address.room,
+            "self": {"id": self.agent.id, "name": self.agent.name},
+            "connected": self.agent.connected,
+            "agents": agents,
+            "tasks": tasks,
+            "counts": counts,
+            "throughput": self.throughput(),
+        }
+
+    def throughput(self, now: int | None = None) -> dict[str, Any]:
+        """Finished tasks per minute and generated tokens per second: averages over the
+        last ``RATE_WINDOW`` s, and a series of ``BUCKET``-second points for the chart."""
+        now = now_ms() if now is None else now
+        n_buckets = SERIES_SPAN // BUCKET
+        first = now - n_buckets * BUCKET * 1000
+        buckets = [{"t": first + (i + 1) * BUCKET * 1000, "tasks": 0, "tokens": 0}
+                   for i in range(n_buckets)]
+        window_tasks = window_tokens = 0
+        for c in self._completions:
+            if c.end > first:
+                i = min(n_buckets - 1, int((c.end - first) // (BUCKET * 1000)))
+                buckets[i]["tasks"] += 1
+                buckets[i]["tokens"] += c.tokens
+            if c.end > now - RATE_WINDOW * 1000:
+                window_tasks += 1
+                window_tokens += c.tokens
+        series = [{"t": b["t"], "tasksPerMin": b["tasks"] * 60 / BUCKET,
+                   "tokensPerSec": round(b["tokens"] / BUCKET, 2)} for b in buckets]
+        return {
+            "window": RATE_WINDOW,
+            "bucket": BUCKET,
+            "tasksPerMin": round(window_tasks * 60 / RATE_WINDOW, 2),
+            "tokensPerSec": round(window_tokens / RATE_WINDOW, 2),
+            "series": series,
+        }
+
+
+def tracker_for(state: Any) -> MarketTracker | None:
+    """The tracker stored on an app's ``state`` (made on first use from ``state.client``)."""
+    tracker = getattr(state, "web_market", None)
+    client = getattr(state, "client", None)
+    agent = getattr(client, "agent", None)
+    if not isinstance(agent, Agent):
+        return None
+    if tracker is None or tracker.agent is not agent:
+        tracker = MarketTracker(agent)
+        state.web_market = tracker
+    return tracker
+
