@@ -214,7 +214,10 @@ class MarketRoom(YRoom):
         doc.get(MapName.STREAMS.value, type=Map)
         if store is not None:
             doc.observe(self._on_update)
-            doc.get(MapName.DONE.value, type=Map).observe(self._on_done)
+            # Keep the Map (and its subscription): pycrdt drops the observer of a
+            # temporary Map wrapper when it is garbage collected.
+            self._done_map = doc.get(MapName.DONE.value, type=Map)
+            self._done_sub = self._done_map.observe(self._on_done)
         self._flusher: asyncio.Task[None] | None = None
 
     def _on_update(self, event: TransactionEvent) -> None:
