@@ -1,0 +1,86 @@
+"""The command line as a user runs it: `igora up`, `igora chat`, `igora status`, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .conftest import Cluster, free_port
+
+
+def igora(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "igora", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+def test_chat_streams_the_answer_to_the_terminal(echo_market: Cluster) -> None:
+    run = igora("chat", "hello from the terminal", "--market", echo_market.url)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "Echo: hello from the terminal\n"
+
+
+def test_status_shows_agents_and_tasks(echo_market: Cluster) -> None:
+    run = igora("status", "--market", echo_market.url)
+    assert run.returncode == 0, run.stderr
+    assert "worker" in run.stdout and "echo" in run.stdout
+    assert "broker" in run.stdout and "(active)" in run.stdout
+    assert "todo" in run.stdout and "failed" in run.stdout
+
+
+def test_errors_are_one_clear_line_without_traceback(tmp_path: Path) -> None:
+    port = free_port()
+    cases = [
+        (["chat", "hi", "--market", f"ws://127.0.0.1:{port}", "--timeout", "5"], "no market"),
+        (["chat", "hi", "--market", "http://nope"], "not a websocket URL"),
+        (["worker", "--market", f"ws://127.0.0.1:{port}", "--model", str(tmp_path / "x.gguf")],
+         "not found"),
+    ]
+    for args, expected in cases:
+        run = igora(*args, cwd=tmp_path, env={**os.environ, "IGORA_LOG_LEVEL": "error"})
+        assert run.returncode == 2, (args, run.stderr)
+        assert expected in run.stderr, (args, run.stderr)
+        assert "Traceback" not in run.stderr
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a model")
+    run = igora("worker", "--market", f"ws://127.0.0.1:{port}", "--model", str(bad), cwd=tmp_path)
+    assert run.returncode == 2 and "cannot load model" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    port, gport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "igora", "up", "--port", str(port), "--gateway-port", str(gport),
+         "--data", str(tmp_path / "data"), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = []
+    try:
+        end = time.monotonic() + 180
+        while time.monotonic() < end:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if not line and proc.poll() is not None:
+                break
+            out.append(line)
+            if "Ctrl-C stops all" in line:
+                break
+        text = "".join(out)
+        assert "the market answers" in text, text
+        answer = [ln for ln in out if ln.strip().startswith("A:")][0]
+        assert len(answer.strip()) > 4
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) >= 3  # market + broker + worker (+ gateway)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        time.sleep(0.5)
+        left = [c for c in children if Path(f"/proc/{c}").exists()
+                and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()]
+        assert left == [], f"processes left behind: {left}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
