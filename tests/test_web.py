@@ -1,0 +1,353 @@
+"""The web page, end to end: ``igora up`` with the bundled model, driven by Debian's
+headless Chromium through Playwright.
+
+One ``igora up`` serves the whole module. The chat tests type into the page as a person
+would; the market tests read the page's live view (and ``/api/market``) while tasks run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+
+from .conftest import free_port
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+GROUP_STATES = {"waiting", "running", "done", "failed", "aborted"}
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------- igora up
+class Up:
+    """One ``igora up`` process tree on free ports."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.gateway_port = free_port()
+        self.base = f"http://127.0.0.1:{self.gateway_port}"
+        self.log_path = tmp / "up.log"
+        self._log = open(self.log_path, "ab")
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "igora", "up", "--port", str(self.port), "--gateway-port",
+             str(self.gateway_port), "--data", str(tmp / "data"), "--no-check"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def market(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.base}/api/market", timeout=5) as r:
+            return json.loads(r.read())
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.p.poll() is not None:
+                raise AssertionError(f"igora up exited with {self.p.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError, ValueError):
+                value = check()
+                if value:
+                    return value
+            time.sleep(0.1)
+        raise AssertionError(f"{what}: not within {timeout} s\n{self.log()}")
+
+    def ready_worker(self) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            for a in self.market()["agents"]:
+                if a["type"] == "worker" and a["state"] == "ready":
+                    return a
+            return None
+        return self.wait("a ready worker on the market", check, timeout=120)
+
+    def task(self, task_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            for t in self.market()["tasks"][state]:
+                if t["id"] == task_id:
+                    return t
+            return None
+        return self.wait(f"task {task_id} {state}", check, timeout)
+
+    def children(self) -> list[int]:
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.p.pid:
+                    out.append(int(stat.parent.name))
+        return out
+
+    def stop(self) -> None:
+        children = self.children()  # each in its own session: `igora up` stops them itself
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.p.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.p.wait(20)
+        for pid in [self.p.pid, *children]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.p.wait(5)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    u = Up(tmp_path_factory.mktemp("web"))
+    try:
+        u.wait("the gateway", lambda: urllib.request.urlopen(f"{u.base}/health", timeout=2)
+               .status == 200, timeout=60)
+        u.ready_worker()
+        yield u
+    finally:
+        u.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    ctx = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800})
+    ctx.set_default_timeout(30_000)
+    yield ctx
+    ctx.close()
+
+
+def open_page(ctx: BrowserContext, up: Up, view: str = "chat") -> Page:
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{up.base}/#{view}")
+    page.wait_for_selector("html[data-ready=true]")
+    page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
+def bundled_model(up: Up) -> str:
+    with urllib.request.urlopen(f"{up.base}/v1/models", timeout=5) as r:
+        ids = [m["id"] for m in json.loads(r.read())["data"]]
+    assert any("SmolLM2" in i for i in ids), ids
+    return next(i for i in ids if "SmolLM2" in i)
+
+
+def ask(page: Page, prompt: str, *, max_tokens: int, system: str | None = None) -> None:
+    """Fill the settings and send ``prompt`` with the Enter key."""
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#seed", "7")
+    if system is not None:
+        page.select_option("#preset", system)
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+
+
+RECORD_LENGTHS = """() => {
+  window.__lengths = [];
+  new MutationObserver(() => {
+    const bodies = document.querySelectorAll('.msg-assistant .body');
+    const last = bodies[bodies.length - 1];
+    if (last && window.__lengths[window.__lengths.length - 1] !== last.textContent.length)
+      window.__lengths.push(last.textContent.length);
+  }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+}"""
+
+RECORD_STATES = """() => {
+  window.__seen = {};
+  const look = () => {
+    for (const card of document.querySelectorAll('#board li.task')) {
+      const group = card.closest('section[data-group]').dataset.group;
+      const seen = (window.__seen[card.dataset.id] ||= []);
+      if (seen[seen.length - 1] !== group) seen.push(group);
+    }
+  };
+  new MutationObserver(look).observe(document.getElementById('board'), {subtree: true, childList: true});
+  look();
+}"""
+
+
+# ---------------------------------------------------------------------- tests
+def test_market_api_gives_agents_tasks_and_throughput(up: Up) -> None:
+    snap = up.market()
+    assert set(snap) >= {"time", "room", "self", "agents", "tasks", "counts", "throughput"}
+    assert snap["room"] == "market" and snap["connected"] is True
+    types = {a["type"] for a in snap["agents"]}
+    assert {"worker", "broker", "client"} <= types
+    worker = next(a for a in snap["agents"] if a["type"] == "worker")
+    assert worker["slots"] == 1 and worker["engine"] == "llama.cpp"
+    assert any("SmolLM2" in m["name"] and m["contextLength"] for m in worker["models"])
+    me = next(a for a in snap["agents"] if a["self"])
+    assert me["id"] == snap["self"]["id"] and me["style"] == "openai_compatible_endpoint"
+    assert set(snap["tasks"]) == GROUP_STATES
+    assert snap["counts"] == {g: len(v) for g, v in snap["tasks"].items()}
+    th = snap["throughput"]
+    assert th["series"] and {"t", "tasksPerMin", "tokensPerSec"} <= set(th["series"][0])
+    # The event stream pushes the same kind of snapshot.
+    with httpx.stream("GET", f"{up.base}/api/market/events", timeout=10) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                pushed = json.loads(line[5:])
+                assert pushed["self"] == snap["self"]
+                break
+
+
+def test_page_follows_the_browser_language_and_the_switch(browser: Browser, up: Up) -> None:
+    ctx = browser.new_context(locale="fr-FR")
+    try:
+        page = open_page(ctx, up)
+        assert page.get_attribute("html", "lang") == "fr"
+        assert page.inner_text("#tab-chat") == "Discussion"
+        assert page.inner_text("#send") == "Envoyer"
+        assert page.get_attribute("label[for=system]", "for") == "system"
+        assert "Prompt système" in page.inner_text("label[for=system]")
+        page.click("#lang-en")
+        assert page.get_attribute("html", "lang") == "en"
+        assert page.inner_text("#tab-chat") == "Chat"
+        assert page.get_attribute("#lang-en", "aria-pressed") == "true"
+        # The choice is remembered over the browser's language.
+        again = open_page(ctx, up, "market")
+        assert again.inner_text("#tab-market") == "Market"
+        again.click("#lang-fr")
+        assert again.inner_text("#group-running").startswith("En cours")
+        assert not page.errors and not again.errors  # type: ignore[attr-defined]
+    finally:
+        ctx.close()
+
+
+def test_model_picker_lists_the_bundled_model_and_presets_fill_the_system_prompt(
+        context: BrowserContext, up: Up) -> None:
+    model = bundled_model(up)
+    page = open_page(context, up)
+    page.wait_for_function(
+        "m => [...document.querySelectorAll('#model option')].some(o => o.value === m)", arg=model)
+    assert page.input_value("#model") == model
+    page.select_option("#preset", "romancier")
+    assert "novelist" in page.input_value("#system")
+    page.click("#lang-fr")
+    assert "romancier" in page.input_value("#system")  # a preset's text follows the language
+    page.fill("#system", "Réponds en une phrase.")
+    assert page.input_value("#preset") == "custom"
+
+
+def test_enter_sends_and_the_answer_streams_in(context: BrowserContext, up: Up) -> None:
+    page = open_page(context, up)
+    page.evaluate(RECORD_LENGTHS)
+    page.fill("#prompt", "Write two sentences")
+    page.press("#prompt", "Shift+Enter")  # a new line, not a send
+    page.type("#prompt", "about Paris.")
+    assert page.locator(".msg").count() == 0
+    assert page.input_value("#prompt") == "Write two sentences\nabout Paris."
+    ask(page, page.input_value("#prompt"), max_tokens=48)
+    page.wait_for_selector(".msg-user")
+    assert page.inner_text(".msg-user .body") == "Write two sentences\nabout Paris."
+    assert page.is_enabled("#stop")
+    page.wait_for_selector(".msg-assistant[data-finish]", timeout=90_000)
+    finish = page.get_attribute(".msg-assistant", "data-finish")
+    answer = page.inner_text(".msg-assistant .body")
+    assert finish in ("stop", "length"), page.inner_text("#log")
+    assert answer.strip()
+    lengths = page.evaluate("window.__lengths")
+    assert len([n for n in lengths if n > 0]) >= 3, lengths  # it grew piece by piece
+    assert lengths == sorted(lengths)
+    task_id = page.get_attribute(".msg-assistant", "data-task")
+    done = up.task(task_id, "done")
+    assert done["askerName"] == "openai-gateway" and done["workerName"].startswith("worker")
+    assert not page.is_enabled("#stop") and page.is_enabled("#send")
+
+
+def test_stop_aborts_a_long_answer(context: BrowserContext, up: Up) -> None:
+    up.ready_worker()
+    page = open_page(context, up)
+    ask(page, "Raconte une très longue histoire de dragons, de chevaliers et de châteaux.",
+        max_tokens=400, system="romancier")
+    page.wait_for_function(
+        "() => (document.querySelector('.msg-assistant .body')?.textContent.length || 0) > 0",
+        timeout=90_000)
+    page.click("#stop")
+    page.wait_for_selector(".msg-assistant[data-finish=stopped]")
+    assert page.inner_text(".msg-assistant .note-info") == "Stopped."
+    stopped_at = page.inner_text(".msg-assistant .body")
+    task_id = page.get_attribute(".msg-assistant", "data-task")
+    assert task_id
+    aborted = up.task(task_id, "aborted", timeout=30)
+    assert aborted["workerName"].startswith("worker")
+    assert (aborted["tokens"] or 0) < 400
+    worker = up.ready_worker()  # the worker is free again long before 400 tokens
+    assert worker["running"] == 0
+    assert page.inner_text(".msg-assistant .body") == stopped_at  # it stopped growing
+    assert page.is_enabled("#send")
+
+
+def test_errors_are_readable(context: BrowserContext, up: Up) -> None:
+    page = open_page(context, up)
+    page.evaluate("""() => {
+      const o = document.createElement('option');
+      o.value = o.textContent = 'no-such-model';
+      document.getElementById('model').append(o);
+      document.getElementById('model').value = 'no-such-model';
+    }""")
+    ask(page, "Bonjour", max_tokens=8)
+    alert = page.wait_for_selector(".msg-assistant [role=alert]")
+    assert alert.inner_text() == "This model is not on the market."
+    page.click("#lang-fr")
+    page.fill("#max-tokens", "0")
+    page.select_option("#model", bundled_model(up))
+    page.fill("#prompt", "Bonjour")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("document.querySelectorAll('.msg-assistant [role=alert]').length == 2")
+    second = page.locator(".msg-assistant [role=alert]").nth(1).inner_text()
+    assert second.startswith("La requête a été refusée") and "max_tokens" in second
+
+
+def test_market_view_shows_the_worker_and_tasks_moving_through_their_states(
+        context: BrowserContext, up: Up) -> None:
+    up.ready_worker()
+    model = bundled_model(up)
+    market = open_page(context, up, "market")
+    market.wait_for_selector("#agents tr[data-type=worker]")
+    row = market.locator("#agents tr[data-type=worker]")
+    assert row.get_attribute("data-name").startswith("worker")
+    assert model in row.locator("td.models").inner_text()
+    assert row.locator("td.slots").inner_text().replace(" ", "") in ("0/1", "1/1")
+    market.evaluate(RECORD_STATES)
+
+    first, second = open_page(context, up), open_page(context, up)
+    ask(first, "Tell a story about a cat.", max_tokens=40)
+    first.wait_for_selector(".msg-assistant[data-task]")
+    a = first.get_attribute(".msg-assistant", "data-task")
+    market.wait_for_selector(f"#board section[data-group=running] li[data-id='{a}']")
+    assert "1 / 1" in row.locator("td.slots").inner_text()
+    ask(second, "Tell a story about a dog.", max_tokens=8)  # waits: the only slot is taken
+    second.wait_for_selector(".msg-assistant[data-task]")
+    b = second.get_attribute(".msg-assistant", "data-task")
+    for page in (first, second):
+        page.wait_for_selector(".msg-assistant[data-finish]", timeout=90_000)
+    market.wait_for_selector(f"#board section[data-group=done] li[data-id='{b}']")
+    seen = market.evaluate("window.__seen")
+    assert seen[a][-2:] == ["running", "done"], seen
+    assert seen[b] == ["waiting", "running", "done"], seen
+    card = market.locator(f"#board li[data-id='{b}']")
+    assert "openai-gateway" in card.inner_text() and "worker" in card.inner_text()
+    market.wait_for_function("Number(document.getElementById('tasks-per-min').textContent) > 0")
+    assert not market.errors  # type: ignore[attr-defined]
