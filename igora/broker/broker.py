@@ -43,6 +43,9 @@ class Broker:
         self.max_attempts = max_attempts
         self.task_timeout = task_timeout
         self.retention = retention
+        # Others count this broker gone after 3 silent heartbeats; a gap of 2 between two
+        # rounds means it may have been, and must not act on its old view.
+        self.stall_limit = max(2 * agent.heartbeat, 2 * TICK)
         self.assigned = 0
         self._wake = asyncio.Event()
         self._last_retention = 0.0
@@ -65,14 +68,29 @@ class Broker:
                     self._wake.set()
 
     async def run(self) -> None:
+        last = time.monotonic()
         while True:
             self._wake.clear()
+            now = time.monotonic()
+            if now - last > self.stall_limit:
+                self._resettle(now - last)
+            last = now
             try:
                 self.round()
             except Exception:  # one bad round must not stop the broker
                 log.exception("%s: round failed", self.agent.name)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), TICK)
+
+    def _resettle(self, gap: float) -> None:
+        """This process was paused (SIGSTOP, swap, a debugger) or starved for ``gap``
+        seconds: the others may have counted it gone and another broker may be active.
+        Its view of who is present is outdated, so it steps down and judges nobody until
+        it has heard the room again (one settle time, one grace)."""
+        log.warning("%s: stalled for %.1f s; stepping down and re-settling before acting",
+                    self.agent.name, gap)
+        self.presence.restart_clock()
+        self.leadership.step_down()
 
     # ------------------------------------------------------------------ one round
     def _read(self, source: MapName) -> dict[str, dict[str, Any]]:

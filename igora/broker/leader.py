@@ -1,10 +1,13 @@
 """One active broker per room.
 
-Every broker advertises ``since`` (its start time); the active one is the present broker
-with the smallest ``(since, id)``. A broker only claims the role once it has been synced
-for ``settle`` seconds, so that it has heard of the brokers already there. When the
-active broker goes (socket closed: at once; silent: after 3 missed heartbeats) the next
-one takes over at its next round.
+Every broker advertises ``since`` (its start time) and ``leader``. A broker claims the
+role only once it has been synced for ``settle`` seconds (so that it has heard of the
+brokers already there), and only while no other present broker claims it; when none
+does, the one with the smallest ``(since, id)`` claims it. Two claimants (started at the
+same moment) resolve by the same order: the later one steps down. An active broker keeps
+the role until it goes: when its socket closes the next one takes over at its next round;
+when it falls silent, after 3 missed heartbeats. A broker that finds it was paused steps
+down and settles again (``Broker._resettle``), so it never competes with its successor.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Leadership:
         self.presence = presence
         self.settle = settle
         self.leading = False
+        self._settle_from = 0.0
 
     def _rank(self, state: dict) -> tuple[float, str]:
         since = state.get(A.SINCE)
@@ -33,12 +37,27 @@ class Leadership:
     def decide(self) -> bool:
         """Return whether this broker is the active one now (and advertise it)."""
         me = self._rank(self.agent.local_state)
-        settled = (time.monotonic() - self.agent.connected_at) >= self.settle
-        others = [self._rank(p.state) for p in self.presence.of_type(AgentType.BROKER)]
-        leading = settled and self.agent.synced.is_set() and all(me < o for o in others)
+        since = max(self.agent.connected_at, self._settle_from)
+        settled = (time.monotonic() - since) >= self.settle and self.agent.synced.is_set()
+        brokers = self.presence.of_type(AgentType.BROKER)
+        claimed = [self._rank(p.state) for p in brokers if p.state.get(A.LEADER) is True]
+        if not settled:
+            leading = False
+        elif claimed:  # never take over from an active broker; of two claimants, the first
+            leading = self.leading and all(me < o for o in claimed)
+        else:
+            leading = self.leading or all(me < self._rank(p.state) for p in brokers)
+        self._set(leading)
+        return leading
+
+    def step_down(self) -> None:
+        """Stop acting at once and wait one settle time before claiming again."""
+        self._settle_from = time.monotonic()
+        self._set(False)
+
+    def _set(self, leading: bool) -> None:
         if leading != self.leading:
             self.leading = leading
             self.agent.log.info("%s %s the active broker", self.agent.name,
                                 "is now" if leading else "is no longer")
             self.agent.set_state(**{A.LEADER: leading})
-        return leading

@@ -2,17 +2,22 @@
 
 An agent counts as present while it was seen (fresh awareness state) less than
 ``grace`` seconds ago. The clock starts again whenever this agent (re)connects, so a
-market restart or a network blip on our side does not make everyone look gone.
+market restart or a network blip on our side does not make everyone look gone; it also
+starts again after this agent was paused (see ``Broker._resettle``).
 """
 
 from __future__ import annotations
 
 import time
 
-from ..agent import Agent
+from ..agent import BACKOFF_MAX, Agent
 from ..protocol import AgentType, Peer
 
 DEFAULT_GRACE = 8.0
+# After reconnecting, the others may still be in their reconnect backoff (up to
+# BACKOFF_MAX, +20 % jitter, e.g. all of them after a market restart): their grace starts
+# only once that has passed.
+RECONNECT_ALLOWANCE = BACKOFF_MAX * 1.2 + 1.0
 
 
 class Presence:
@@ -21,9 +26,13 @@ class Presence:
         self.grace = grace
         self.last_seen: dict[str, float] = {}
         self.peers: list[Peer] = []
+        self.clock_start = time.monotonic()
+        self.first_connected_at: float | None = None
 
     def refresh(self) -> None:
         now = time.monotonic()
+        if self.first_connected_at is None and self.agent.connected:
+            self.first_connected_at = self.agent.connected_at
         self.peers = self.agent.peers()
         for peer in self.peers:
             if peer.id:
@@ -34,8 +43,14 @@ class Presence:
             return False
         if agent_id == self.agent.id:
             return True
-        since = max(self.last_seen.get(agent_id, 0.0), self.agent.connected_at)
+        since = max(self.last_seen.get(agent_id, 0.0), self.clock_start, self.agent.connected_at)
+        if self.agent.connected_at != self.first_connected_at:
+            since = max(since, self.agent.connected_at + RECONNECT_ALLOWANCE)
         return time.monotonic() - since < self.grace
+
+    def restart_clock(self) -> None:
+        """Give everyone a new grace from now (after this agent was paused)."""
+        self.clock_start = time.monotonic()
 
     def of_type(self, kind: AgentType) -> list[Peer]:
         return [p for p in self.peers if p.type == kind.value]
