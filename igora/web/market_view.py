@@ -89,7 +89,8 @@ class MarketTracker:
         self._counted: OrderedDict[str, None] = OrderedDict()
         self._names: OrderedDict[str, str] = OrderedDict()
         agent.on_change(self._changed)
-        agent.maps[MapName.DONE].observe(self._on_done)
+        # Keep the subscription: finished tasks are seen only through it.
+        self._done_sub = agent.maps[MapName.DONE].observe(self._on_done)
         for tid, value in list(agent.maps[MapName.DONE].items()):
             self._record(tid, value)
 

@@ -2,7 +2,7 @@
 
 import { pickLanguage, setLanguage } from "./i18n.js";
 import { initChat, modelsFromMarket } from "./chat.js";
-import { initMarket, onSnapshot, redraw } from "./market.js";
+import { followMarket, initMarket, onSnapshot, redraw } from "./market.js";
 
 function showView() {
   const view = location.hash === "#market" ? "market" : "chat";
@@ -12,6 +12,7 @@ function showView() {
     if (v === view) tab.setAttribute("aria-current", "page");
     else tab.removeAttribute("aria-current");
   }
+  followMarket(view === "market" && document.visibilityState !== "hidden");
   if (view === "market") redraw();
 }
 
@@ -20,9 +21,10 @@ for (const code of ["fr", "en"]) {
   document.getElementById(`lang-${code}`).addEventListener("click", () => setLanguage(code));
 }
 window.addEventListener("hashchange", showView);
-showView();
+document.addEventListener("visibilitychange", showView);
 initChat();
 initMarket();
+showView();
 onSnapshot((snap) => {
   modelsFromMarket(snap.agents.filter((a) => a.type === "worker").flatMap((a) => a.models.map((m) => m.name)));
 });

@@ -5,6 +5,13 @@ import { PRESETS, presetText, presetOf } from "./presets.js";
 
 const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "igora.chat";
+const KEY_KEY = "igora.apiKey";
+
+/** Headers for the gateway's /v1 API (with the API key, when one was given). */
+function apiHeaders(extra = {}) {
+  const key = $("api-key").value.trim();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
 
 const history = [];          // [{role, content}] sent with each request (system prompt apart)
 let controller = null;       // AbortController of the answer being streamed
@@ -17,6 +24,8 @@ function saveSettings() {
     temperature: $("temperature").value, seed: $("seed").value, maxTokens: $("max-tokens").value,
   };
   localStorage.setItem(SETTINGS_KEY, JSON.stringify(s));
+  if ($("api-key").value.trim()) sessionStorage.setItem(KEY_KEY, $("api-key").value.trim());
+  else sessionStorage.removeItem(KEY_KEY);
 }
 
 function loadSettings() {
@@ -30,6 +39,7 @@ function loadSettings() {
     $("preset").value = "assistant";
     $("system").value = presetText("assistant", lang());
   }
+  $("api-key").value = sessionStorage.getItem(KEY_KEY) || "";
   if (s.temperature) $("temperature").value = s.temperature;
   if (s.seed !== undefined) $("seed").value = s.seed;
   if (s.maxTokens) $("max-tokens").value = s.maxTokens;
@@ -54,8 +64,12 @@ function fillPresets() {
 export async function refreshModels(preferred) {
   let ids = knownModels;
   try {
-    const r = await fetch("/v1/models");
+    const r = await fetch("/v1/models", { headers: apiHeaders() });
     if (r.ok) ids = ((await r.json()).data || []).map((m) => m.id).filter(Boolean).sort();
+    else if (r.status === 401) {
+      $("model-hint").textContent = t("err.auth");
+      return;
+    }
   } catch { /* keep the last list; the market view says when the gateway is gone */ }
   if (ids.join("\n") === knownModels.join("\n") && $("model").options.length) return;
   knownModels = ids;
@@ -173,7 +187,7 @@ async function send() {
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      headers: apiHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
       body: JSON.stringify(requestBody()),
       signal: controller.signal,
     });
@@ -273,6 +287,7 @@ export function initChat() {
     $("preset").value = presetOf($("system").value)?.id || "custom";
   });
   $("settings").addEventListener("change", saveSettings);
+  $("api-key").addEventListener("change", () => refreshModels());
   $("settings").addEventListener("submit", (e) => e.preventDefault());
 
   onLanguage((code) => {

@@ -137,12 +137,14 @@ function drawChart(th) {
     if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
   });
   ctx.stroke();
-  ctx.fillStyle = css("--muted");
   ctx.font = "11px system-ui, sans-serif";
+  ctx.fillStyle = css("--accent");
   ctx.textAlign = "right";
   ctx.fillText(fmt(maxTasks, 0), pad.l - 4, pad.t + 10);
+  ctx.fillStyle = css("--tokens");
   ctx.textAlign = "left";
   ctx.fillText(fmt(maxTok, 0), pad.l + iw + 4, pad.t + 10);
+  ctx.fillStyle = css("--muted");
   ctx.fillText(`−${Math.round((n * (th.bucket || 10)) / 60)} min`, pad.l, h - 4);
   ctx.textAlign = "right";
   ctx.fillText("0", pad.l + iw, h - 4);
@@ -169,17 +171,31 @@ function render() {
 
 export function redraw() { if (last) drawChart(last.throughput); }
 
+let source = null;
+
+/** Follow the market (one Server-Sent Events connection) while the view is shown; a
+ * browser allows few connections per host, so hidden views and tabs hold none. */
+export function followMarket(on) {
+  if (on && !source) {
+    online = false;
+    renderStatus();
+    source = new EventSource("/api/market/events");
+    source.addEventListener("market", (e) => {
+      try { last = JSON.parse(e.data); } catch { return; }
+      online = true;
+      render();
+      for (const fn of subscribers) fn(last);
+    });
+    source.addEventListener("open", () => { online = true; renderStatus(); });
+    source.addEventListener("error", () => { online = false; renderStatus(); });
+  } else if (!on && source) {
+    source.close();
+    source = null;
+  }
+}
+
 export function initMarket() {
   renderStatus();
-  const source = new EventSource("/api/market/events");
-  source.addEventListener("market", (e) => {
-    try { last = JSON.parse(e.data); } catch { return; }
-    online = true;
-    render();
-    for (const fn of subscribers) fn(last);
-  });
-  source.addEventListener("open", () => { online = true; renderStatus(); });
-  source.addEventListener("error", () => { online = false; renderStatus(); });
   onLanguage(render);
   window.addEventListener("resize", redraw);
 }
