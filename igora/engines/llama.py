@@ -51,6 +51,8 @@ def resolve_model(spec: str | None) -> Path:
     path = Path(spec).expanduser()
     if not path.exists() and (Path("models") / spec).exists():
         path = Path("models") / spec
+    if path.is_dir():
+        raise EngineError(f"model {spec!r} is a folder: give the path of a .gguf file in it")
     if not path.is_file():
         raise EngineError(f"model file {spec!r} not found (give a path to a .gguf file)")
     return path.resolve()
@@ -94,7 +96,8 @@ class LlamaEngine(Engine):
                 )
         except Exception as exc:
             raise EngineError(
-                f"cannot load model {self.model_path}: {exc} (is it a valid GGUF file?)"
+                f"cannot load model {self.model_path}: llama.cpp cannot read it; "
+                f"is it a complete GGUF file? ({exc})"
             ) from None
 
     def models(self) -> list[ModelInfo]:
