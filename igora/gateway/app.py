@@ -55,6 +55,8 @@ MAX_BODY = 8 * 1024 * 1024
 STARTUP_GRACE = 2.0
 """Seconds after connecting during which a request waits for workers' awareness to
 arrive before concluding that no worker serves its model."""
+STARTUP_SYNC_WAIT = 3.0
+"""Seconds the start-up waits for the market before serving anyway (answering 503)."""
 TASK_HEADER = "x-igora-task"
 FINISH_REASONS = frozenset({"stop", "length"})
 
@@ -584,7 +586,7 @@ def create_app(
         app.state.gateway = Gateway(client, keys, wait_worker, timeout)
         await client.agent.start(wait=False)
         try:
-            await asyncio.wait_for(client.agent.synced.wait(), client.agent.connect_timeout)
+            await asyncio.wait_for(client.agent.synced.wait(), STARTUP_SYNC_WAIT)
             log.info("%s connected to %s", client.agent.name, client.address.room_url)
         except asyncio.TimeoutError:
             log.warning("%s: market %s not reachable yet; /health answers 503 and requests "
