@@ -217,6 +217,12 @@ async function send() {
           try { chunk = JSON.parse(data); } catch { continue; }
           if (chunk.error) { error = describeError(0, chunk.error); break reading; }
           const choice = chunk.choices?.[0];
+          if (chunk.igora?.restart) {  // the worker was lost: the answer starts again elsewhere
+            answer = "";
+            body.textContent = "";
+            note(box, "info", t("restarted"));
+            continue;
+          }
           const piece = choice?.delta?.content;
           if (piece) {
             answer += piece;
