@@ -393,3 +393,51 @@ async def _write_malformed_tasks(up: Up) -> None:
                 for key in ("bad-done", "bad-state", "not-a-task"):
                     agent.maps[MapName.DONE].pop(key, None)
             await asyncio.sleep(0.2)
+
+
+def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> None:
+    from igora.protocol import now_ms
+    from igora.web.market_view import MarketTracker
+
+    agent = Agent(market_address("ws://127.0.0.1:9", "market"), type="client", name="page",
+                  style="text")  # never connected: the document is only local here
+    tracker = MarketTracker(agent)
+    now = now_ms()
+    maps = agent.maps
+    with agent.transaction():
+        maps[MapName.TODOS]["t1"] = {"id": "t1", "state": "todo", "asker": agent.id,
+                                     "prompt": "a", "date": now}
+        maps[MapName.PREPARED]["t2"] = {"id": "t2", "state": "prepared", "askerName": "bob",
+                                        "worker": "w-1", "prompt": "b", "date": now}
+        maps[MapName.DOING]["t3"] = {"id": "t3", "state": "doing", "worker": "w-1",
+                                     "prompt": "c", "date": now, "aborted": "aborted"}
+    version = tracker.version
+    with agent.transaction():
+        for i, (state, tokens) in enumerate((("done", 30), ("done", 10), ("failed", 0),
+                                             ("aborted", 0))):
+            maps[MapName.DONE][f"f{i}"] = {
+                "id": f"f{i}", "state": state, "end": now - 5000, "prompt": "x",
+                "usage": {"completionTokens": tokens}, "error": "boom" if state == "failed"
+                else None}
+    assert tracker.version > version
+    # A client removes its finished tasks from `done`: the tracker has recorded them.
+    with agent.transaction():
+        for i in range(4):
+            del maps[MapName.DONE][f"f{i}"]
+    snap = tracker.snapshot()
+    ids = {g: [t["id"] for t in ts] for g, ts in snap["tasks"].items()}
+    assert ids == {"waiting": ["t1", "t2"], "running": ["t3"], "done": ["f1", "f0"],
+                   "failed": ["f2"], "aborted": ["f3"]}
+    t1, t2 = snap["tasks"]["waiting"]
+    assert t1["askerName"] == "page" and t2["askerName"] == "bob"  # resolved, or as given
+    assert snap["tasks"]["running"][0]["abortAsked"] is True
+    assert snap["tasks"]["failed"][0]["error"] == "boom"
+    assert snap["counts"] == {"waiting": 2, "running": 1, "done": 2, "failed": 1, "aborted": 1}
+    th = snap["throughput"]
+    assert th["tasksPerMin"] == 4.0 and th["tokensPerSec"] == round(40 / 60, 2)
+    assert sum(p["tasksPerMin"] for p in th["series"]) * th["bucket"] / 60 == 4
+    # The same task seen again in `done` is not counted twice.
+    with agent.transaction():
+        maps[MapName.DONE]["f0"] = {"id": "f0", "state": "done", "end": now - 5000,
+                                    "usage": {"completionTokens": 30}, "prompt": "x"}
+    assert tracker.throughput()["tasksPerMin"] == 4.0

@@ -34,6 +34,10 @@ RATE_WINDOW = 60
 MAX_COMPLETIONS = 20_000
 """Bound on remembered completions (a very busy market keeps only the newest)."""
 MAX_NAMES = 2_000
+LIVE_LIMIT = 200
+"""Waiting or running tasks listed per group (the counts are always complete)."""
+CACHE_MS = 500
+"""A snapshot is reused by every page for this long while the market does not change."""
 
 # Task states as the page groups them.
 WAITING = (State.TODO, State.PREPARED)
@@ -88,6 +92,7 @@ class MarketTracker:
         self._completions: deque[Completion] = deque(maxlen=MAX_COMPLETIONS)
         self._counted: OrderedDict[str, None] = OrderedDict()
         self._names: OrderedDict[str, str] = OrderedDict()
+        self._cache: tuple[int, int, dict[str, Any]] | None = None
         agent.on_change(self._changed)
         # Keep the subscription: finished tasks are seen only through it.
         self._done_sub = agent.maps[MapName.DONE].observe(self._on_done)
@@ -206,7 +211,18 @@ class MarketTracker:
         }
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole view as plain JSON-able data."""
+        """The whole view as plain JSON-able data (shared by all pages for ``CACHE_MS``
+        while nothing changes)."""
+        now = now_ms()
+        if self._cache is not None:
+            version, made, snap = self._cache
+            if version == self.version and 0 <= now - made < CACHE_MS:
+                return snap
+        snap = self._snapshot()
+        self._cache = (self.version, now, snap)
+        return snap
+
+    def _snapshot(self) -> dict[str, Any]:
         agents = self.agents()  # refreshes the id -> name memory first
         live: dict[str, dict[str, Any]] = {}
         for m in KANBAN:
@@ -235,6 +251,8 @@ class MarketTracker:
         for t in finished:
             tasks[group_of[t["state"]]].append(t)
         counts = {g: len(v) for g, v in tasks.items()}
+        for g in ("waiting", "running"):
+            del tasks[g][LIVE_LIMIT:]
         return {
             "time": now_ms(),
             "room": self.agent.address.room,
