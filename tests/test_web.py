@@ -416,7 +416,7 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
         for i, (state, tokens) in enumerate((("done", 30), ("done", 10), ("failed", 0),
                                              ("aborted", 0))):
             maps[MapName.DONE][f"f{i}"] = {
-                "id": f"f{i}", "state": state, "end": now - 5000, "prompt": "x",
+                "id": f"f{i}", "state": state, "end": now - 5000 + i, "prompt": "x",
                 "usage": {"completionTokens": tokens}, "error": "boom" if state == "failed"
                 else None}
     assert tracker.version > version
@@ -426,7 +426,7 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
             del maps[MapName.DONE][f"f{i}"]
     snap = tracker.snapshot()
     ids = {g: [t["id"] for t in ts] for g, ts in snap["tasks"].items()}
-    assert ids == {"waiting": ["t1", "t2"], "running": ["t3"], "done": ["f1", "f0"],
+    assert ids == {"waiting": ["t1", "t2"], "running": ["t3"], "done": ["f1", "f0"],  # newest first
                    "failed": ["f2"], "aborted": ["f3"]}
     t1, t2 = snap["tasks"]["waiting"]
     assert t1["askerName"] == "page" and t2["askerName"] == "bob"  # resolved, or as given

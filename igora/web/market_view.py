@@ -239,7 +239,9 @@ class MarketTracker:
                 live[tid] = self._summary(value, state)
         # Names may have become known since a task was recorded.
         finished = []
-        for t in reversed(self._finished.values()):
+        newest_first = sorted(reversed(self._finished.values()),
+                              key=lambda t: -(t["end"] or 0))
+        for t in newest_first:
             t = dict(t)
             t["askerName"] = t["askerName"] or self._name_of(t["asker"])
             t["workerName"] = t["workerName"] or self._name_of(t["worker"])
