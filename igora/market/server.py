@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import socket
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pycrdt import (
-    Decoder,
     Doc,
     Encoder,
     Map,
@@ -34,7 +36,6 @@ from pycrdt import (
     YMessageType,
     YSyncMessageType,
     create_awareness_message,
-    read_message,
 )
 from pycrdt.websocket import WebsocketServer, YRoom
 from starlette.applications import Starlette
@@ -58,57 +59,94 @@ AUTH = 2
 
 
 class BadFrame(ValueError):
-    pass
+    """A frame that breaks the y-websocket protocol; its sender is disconnected."""
 
 
-def awareness_entries(payload: bytes) -> list[tuple[int, int, Any]]:
-    """Decode an awareness update fully; raise BadFrame on anything malformed."""
-    try:
-        dec = Decoder(payload)
-        n = dec.read_var_uint()
-        if n > 10_000:
-            raise BadFrame("too many awareness entries")
-        out = []
-        for _ in range(n):
-            client_id = dec.read_var_uint()
-            clock = dec.read_var_uint()
-            raw = dec.read_var_string()
-            state = json.loads(raw) if raw else None
-            if state is not None and not isinstance(state, dict):
-                raise BadFrame("awareness state must be an object or null")
-            out.append((client_id, clock, state))
+MAX_ROOM_NAME = 200
+MAX_AWARENESS_ENTRIES = 10_000
+
+
+class _Reader:
+    """Strict lib0 decoder: every length is checked against what the frame really holds
+    (pycrdt's own decoder silently returns a short slice for a truncated message)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def uint(self) -> int:
+        value = shift = 0
+        while True:
+            if self.at >= len(self.data):
+                raise BadFrame("truncated message")
+            byte = self.data[self.at]
+            self.at += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+            if shift > 53:
+                raise BadFrame("integer too large")
+
+    def chunk(self) -> bytes:
+        n = self.uint()
+        if n > len(self.data) - self.at:
+            raise BadFrame(f"truncated message ({n} bytes announced, "
+                           f"{len(self.data) - self.at} present)")
+        out = self.data[self.at:self.at + n]
+        self.at += n
         return out
-    except BadFrame:
-        raise
-    except Exception as exc:
-        raise BadFrame(f"malformed awareness update ({exc})") from None
+
+    def string(self) -> str:
+        try:
+            return self.chunk().decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadFrame("awareness state is not UTF-8") from None
 
 
-def check_frame(message: bytes) -> None:
-    if not message:
-        raise BadFrame("empty frame")
-    kind = message[0]
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity would break JavaScript peers
+
+
+def awareness_entries(payload: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
+    """Decode an awareness update fully; raise BadFrame on anything malformed."""
+    r = _Reader(payload)
+    n = r.uint()
+    if n > MAX_AWARENESS_ENTRIES:
+        raise BadFrame("too many awareness entries")
+    out = []
+    for _ in range(n):
+        client_id = r.uint()
+        clock = r.uint()
+        raw = r.string()
+        try:
+            state = json.loads(raw, parse_constant=_no_constant) if raw else None
+        except (ValueError, RecursionError) as exc:
+            raise BadFrame(f"awareness state is not JSON ({exc})") from None
+        if state is not None and not isinstance(state, dict):
+            raise BadFrame("awareness state must be an object or null")
+        out.append((client_id, clock, state))
+    if r.at != len(payload):
+        raise BadFrame("trailing bytes after the awareness update")
+    return out
+
+
+def check_frame(message: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
+    """Check one incoming frame; return its awareness entries (if it is an awareness one)."""
+    r = _Reader(message)
+    kind = r.uint()
     if kind == YMessageType.SYNC:
-        if len(message) < 2 or message[1] not in (
-            YSyncMessageType.SYNC_STEP1,
-            YSyncMessageType.SYNC_STEP2,
-            YSyncMessageType.SYNC_UPDATE,
-        ):
-            raise BadFrame("unknown sync message")
-        try:
-            body = read_message(message[2:])
-        except Exception:
-            raise BadFrame("truncated sync message") from None
-        if len(body) + 2 > len(message):
-            raise BadFrame("truncated sync message")
-    elif kind == YMessageType.AWARENESS:
-        try:
-            payload = read_message(message[1:])
-        except Exception:
-            raise BadFrame("truncated awareness message") from None
-        awareness_entries(payload)
-    elif kind not in (AUTH, QUERY_AWARENESS):
-        raise BadFrame(f"unknown message type {kind}")
+        step = r.uint()
+        if step not in (YSyncMessageType.SYNC_STEP1, YSyncMessageType.SYNC_STEP2,
+                        YSyncMessageType.SYNC_UPDATE):
+            raise BadFrame(f"unknown sync message type {step}")
+        r.chunk()
+        return []
+    if kind == YMessageType.AWARENESS:
+        return awareness_entries(r.chunk())
+    if kind in (AUTH, QUERY_AWARENESS):
+        return []
+    raise BadFrame(f"unknown message type {kind}")
 
 
 class MarketChannel:
@@ -144,14 +182,17 @@ class MarketChannel:
             if data is None:
                 await self.reject("text frame (y-websocket speaks binary)")
                 raise StopAsyncIteration
+            if not data:
+                await self.reject("empty frame")
+                raise StopAsyncIteration
             try:
-                check_frame(data)
+                entries = check_frame(data)
             except BadFrame as exc:
                 await self.reject(str(exc))
                 raise StopAsyncIteration from None
             kind = data[0]
             if kind == YMessageType.AWARENESS:
-                for client_id, _clock, state in awareness_entries(read_message(data[1:])):
+                for client_id, _clock, state in entries:
                     if state is None:
                         self.controlled.discard(client_id)
                     else:
@@ -219,11 +260,12 @@ class MarketRoom(YRoom):
             self._done_map = doc.get(MapName.DONE.value, type=Map)
             self._done_sub = self._done_map.observe(self._on_done)
         self._flusher: asyncio.Task[None] | None = None
+        self._last_flush = 0.0
 
     def _on_update(self, event: TransactionEvent) -> None:
         self._pending.append(event.update)
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     def _on_done(self, event: MapEvent) -> None:
         for key, change in event.keys.items():
@@ -232,20 +274,40 @@ class MarketRoom(YRoom):
                 if value.get("state") in {s.value for s in State if s.final}:
                     self._archive.append({**value, "id": value.get("id", key)})
 
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(FLUSH_INTERVAL)
-        await self.flush()
+    async def _flush_loop(self) -> None:
+        """Write pending updates: at once when the store is idle, then at most once per
+        ``FLUSH_INTERVAL`` while updates keep coming (a token stream is one write per
+        interval, a lone change is on disk a few milliseconds after it arrived)."""
+        while self._pending or self._archive:
+            wait = self._last_flush + FLUSH_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last_flush = time.monotonic()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("room %s: writing to the store failed; retrying", self.name)
+                await asyncio.sleep(1.0)
 
     async def flush(self) -> None:
         if self.store is None:
             return
         updates, self._pending = self._pending, []
         archive, self._archive = self._archive, []
-        if archive:
-            await asyncio.to_thread(self.store.archive, self.name, archive)
+        try:
+            if archive:
+                await asyncio.to_thread(self.store.archive, self.name, archive)
+        except BaseException:
+            self._archive[:0] = archive
+            self._pending[:0] = updates
+            raise
         if not updates:
             return
-        rows = await asyncio.to_thread(self.store.append, self.name, updates)
+        try:
+            rows = await asyncio.to_thread(self.store.append, self.name, updates)
+        except BaseException:
+            self._pending[:0] = updates
+            raise
         if rows > SQUASH_AFTER:
             state = self.ydoc.get_update()
             self._pending = []  # the state holds them
@@ -411,6 +473,41 @@ class Market:
                     await websocket.close()
 
 
+def _check_limits(port: int, max_message: int, max_connections: int,
+                  max_per_address: int) -> None:
+    from ..config import ConfigError
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
+    for flag, value, least in (("--max-message", max_message, 1024),
+                               ("--max-connections", max_connections, 1),
+                               ("--max-per-address", max_per_address, 1)):
+        if value < least:
+            raise ConfigError(f"{flag} must be at least {least}, not {value}")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves, so that a busy port is a one-line error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(f"port {port} on {host} is in use (another market is running? "
+                          "choose another with --port)") from None
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_market(
     host: str,
     port: int,
@@ -421,15 +518,21 @@ def run_market(
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
     log_level: str = "info",
 ) -> None:
+    """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit)."""
     import uvicorn
 
+    _check_limits(port, max_message, max_connections, max_per_address)
+    # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
+    for noisy in ("igora.market.room", "igora.market.server"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    sock = _listen(host, port)
     market = Market(data, max_connections=max_connections, max_per_address=max_per_address)
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
-    log.info("market listening on ws://%s:%d, %s", host, port, where)
+    log.info("market listening on ws://%s:%d, %s; limits: message %d bytes, %d connections "
+             "(%d per address)", host, port, where, max_message, max_connections,
+             max_per_address)
     config = uvicorn.Config(
         market.app,
-        host=host,
-        port=port,
         ws_max_size=max_message,
         ws_ping_interval=10,
         ws_ping_timeout=20,
@@ -437,4 +540,4 @@ def run_market(
         lifespan="on",
         timeout_graceful_shutdown=2,
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,141 @@
+"""Peers used by the market tests: the original stack's node client, a Python agent,
+raw websockets that speak (or mangle) the y-websocket protocol, and condition polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from igora.agent import Agent
+from igora.config import market_address
+
+JS = Path(__file__).resolve().parent / "js"
+
+
+def ensure_node_modules() -> None:
+    """Install the npm packages of tests/js (yjs, y-websocket, ws) if they are missing."""
+    if (JS / "node_modules" / "y-websocket").is_dir() and (JS / "node_modules" / "ws").is_dir():
+        return
+    npm = shutil.which("npm")
+    assert npm, "npm is needed by the wire tests: run scripts/test-tools.sh"
+    subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=JS,
+                   check=True, timeout=600)
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class NodePeer:
+    """``node tests/js/peer.mjs``: a yjs + y-websocket client, driven through stdin/stdout."""
+
+    def __init__(self, url: str, room: str, log: Path, name: str = "node-peer") -> None:
+        self.name = name
+        self._stderr = open(log, "ab")
+        self.p = subprocess.Popen(
+            ["node", str(JS / "peer.mjs"), url, room, name], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1,
+            start_new_session=True,
+        )
+        self.maps: dict[str, dict[str, Any]] = {}
+        self.states: dict[int, dict[str, Any]] = {}
+        self.client_id: int | None = None
+        self.synced = 0
+        self.status = "connecting"
+        self.seen_states: list[dict[str, Any]] = []  # every remote state ever seen
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            ev = event.get("ev")
+            if ev == "doc":
+                self.maps = event["maps"]
+            elif ev == "awareness":
+                self.client_id = event["self"]
+                self.states = {int(k): v for k, v in event["states"].items()}
+                self.seen_states += [v for k, v in self.states.items() if int(k) != self.client_id]
+            elif ev == "synced":
+                self.synced += 1
+            elif ev == "status":
+                self.status = event["status"]
+
+    def send(self, **command: Any) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(json.dumps(command) + "\n")
+        self.p.stdin.flush()
+
+    def set(self, map: str, key: str, value: Any) -> None:
+        self.send(op="set", map=map, key=key, value=value)
+
+    def aware(self, state: dict[str, Any] | None) -> None:
+        self.send(op="aware", state=state)
+
+    def others(self) -> list[dict[str, Any]]:
+        return [s for c, s in self.states.items() if c != self.client_id and s]
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.p.pid, signal.SIGKILL)
+        self.p.wait(10)
+        self._stderr.close()
+
+
+def agent(url: str, room: str, name: str = "py-agent", heartbeat: float = 1.0) -> Agent:
+    return Agent(market_address(url, room), type="client", name=name, style="normal",
+                 heartbeat=heartbeat)
+
+
+def stored_maps(db: Path, room: str) -> dict[str, dict[str, Any]]:
+    """The room's document as the market's SQLite store holds it right now."""
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = con.execute("SELECT data FROM updates WHERE room=? ORDER BY rowid", (room,))
+        updates = [bytes(r[0]) for r in rows]
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        con.close()
+    doc = Doc()
+    for u in updates:
+        doc.apply_update(u)
+    return {m: doc.get(m, type=Map).to_py() or {} for m in ("todos", "prepared", "doing", "done")}
+
+
+def entry(a: Agent, map: str, key: str) -> Any:
+    """One entry of one of the agent's maps (None if absent)."""
+    from igora.protocol import MapName
+
+    return a.maps[MapName(map)].get(key)

@@ -1,0 +1,322 @@
+"""The market (`igora market`) and the agent runtime, through real processes on 127.0.0.1:
+the original stack's node client (npm yjs + y-websocket) and Python agents in one room."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import websockets
+from pycrdt import Awareness, Doc, create_awareness_message
+
+from igora import config
+from igora.config import ConfigError, market_address
+from igora.protocol import MapName
+
+from .conftest import Cluster, Proc
+from .market_peers import NodePeer, agent, ensure_node_modules, entry, stored_maps, until
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> None:
+    ensure_node_modules()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One market for the tests that do not restart it; each test uses its own room."""
+    c = Cluster(tmp_path_factory.mktemp("market"))
+    c.market()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def node(shared: Cluster, node_modules: None, request: pytest.FixtureRequest
+         ) -> Iterator[NodePeer]:
+    """A node peer in the room named after the test."""
+    peer = NodePeer(shared.url, room_of(request), shared.tmp / f"{room_of(request)}-node.log")
+    yield peer
+    peer.kill()
+
+
+def room_of(request: pytest.FixtureRequest) -> str:
+    return request.node.name.removeprefix("test_")[:60]
+
+
+def http_get(url: str) -> tuple[str, str]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.headers.get("content-type", ""), r.read().decode()
+
+
+# ------------------------------------------------------------------------------ wire
+
+
+async def test_node_client_and_python_agent_see_each_others_entries_and_awareness(
+    shared: Cluster, node: NodePeer, request: pytest.FixtureRequest
+) -> None:
+    room_name = room_of(request)
+    await until(lambda: node.synced, 20, "the node client to sync")
+    async with agent(shared.url, room_name, name="py") as py:
+        # node -> python: a map entry and an awareness state
+        node.set("todos", "from-node", {"id": "from-node", "prompt": "bonjour", "n": 1})
+        node.aware({"type": "client", "style": "text", "state": "ready"})
+        await until(lambda: entry(py, "todos", "from-node"), 10, "python to see node's entry")
+        assert entry(py, "todos", "from-node") == {"id": "from-node", "prompt": "bonjour",
+                                                     "n": 1}
+        seen = await until(lambda: [p for p in py.peers() if p.state.get("name") == "node-peer"],
+                           10, "python to see node's awareness")
+        assert seen[0].state["style"] == "text"
+
+        # python -> node
+        with py.transaction():
+            py.maps[MapName.DONE]["from-py"] = {"id": "from-py", "response": "salut"}
+        py.set_state(state="working")
+        await until(lambda: node.maps.get("done", {}).get("from-py"), 10,
+                    "node to see python's entry")
+        assert node.maps["done"]["from-py"] == {"id": "from-py", "response": "salut"}
+        state = await until(
+            lambda: [s for s in node.others() if s.get("name") == "py" and s.get("state") ==
+                     "working"], 10, "node to see python's awareness")
+        assert state[0]["type"] == "client" and state[0]["id"] == py.id
+
+        # what the market itself reports
+        room = next(r for r in shared.status()["rooms"] if r["name"] == room_name)
+        assert room["connections"] == 2
+        assert {a.get("name") for a in room["agents"]} == {"py", "node-peer"}
+        assert room["tasks"]["todos"] == 1 and room["tasks"]["done"] == 1
+
+
+# ------------------------------------------------------------------------------ http
+
+
+async def test_root_answers_okay_and_status_counts_connections_agents_and_tasks(
+    shared: Cluster, request: pytest.FixtureRequest
+) -> None:
+    kind, body = http_get(f"http://127.0.0.1:{shared.port}/")
+    assert body == "Okay" and kind.startswith("text/plain")
+    room_name = room_of(request)
+    async with agent(shared.url, room_name, name="counter") as a:
+        with a.transaction():
+            a.maps[MapName.TODOS]["t1"] = {"id": "t1", "state": "todo"}
+            a.maps[MapName.TODOS]["t2"] = {"id": "t2", "state": "todo"}
+
+        def seen() -> dict | None:
+            status = shared.status()
+            assert status["status"] == "ok" and status["connections"] >= 1
+            room = next((r for r in status["rooms"] if r["name"] == room_name), None)
+            return room if room and room["tasks"]["todos"] == 2 and room["agents"] else None
+
+        room = await until(seen, 10, "/status to count the agent and its tasks")
+    assert room["connections"] == 1
+    assert room["agents"][0]["name"] == "counter" and room["agents"][0]["id"] == a.id
+    assert room["tasks"] == {"todos": 2, "prepared": 0, "doing": 0, "done": 0}
+    await until(lambda: next(r for r in shared.status()["rooms"] if r["name"] == room_name)[
+        "connections"] == 0, 10, "/status to see the agent leave")
+
+
+# ------------------------------------------------------------------------------ liveness
+
+
+async def test_killed_node_agent_is_removed_from_awareness_at_once(
+    shared: Cluster, node: NodePeer, request: pytest.FixtureRequest
+) -> None:
+    node.aware({"type": "worker", "style": "text", "state": "ready"})
+    async with agent(shared.url, room_of(request), name="watcher", heartbeat=5) as py:
+        await until(lambda: any(p.state.get("name") == "node-peer"
+                                for p in py.peers(include_stale=True)), 10, "the node peer")
+        node.kill()
+        # The node peer advertised no heartbeat: staleness alone would take 30 s. The market
+        # removes its state when the socket closes, so it goes within a couple of seconds.
+        await until(lambda: not any(p.state.get("name") == "node-peer"
+                                    for p in py.peers(include_stale=True)), 3,
+                    "the killed peer's awareness state to be removed")
+    await until(lambda: "node-peer" not in json.dumps(shared.status()), 3, "market status")
+    assert f"room {room_of(request)}: 127.0.0.1:" in shared.procs[0].log()
+
+
+async def test_silent_peer_is_stale_after_three_heartbeats(
+    shared: Cluster, request: pytest.FixtureRequest
+) -> None:
+    async with agent(shared.url, room_of(request), name="watcher") as py:
+        # A raw y-websocket connection that announces itself once (heartbeat 0.4 s), then
+        # stays connected and silent: alive for the socket, dead for the protocol.
+        doc = Doc()
+        aw = Awareness(doc)
+        aw.set_local_state({"id": "silent", "name": "silent", "type": "worker",
+                            "style": "text", "state": "ready", "heartbeat": 0.4})
+        async with websockets.connect(f"{shared.url}/{room_of(request)}") as ws:
+            await ws.send(create_awareness_message(aw.encode_awareness_update([aw.client_id])))
+            await until(lambda: any(p.state.get("id") == "silent" for p in py.peers()), 10,
+                        "the silent peer to appear")
+            await until(lambda: not any(p.state.get("id") == "silent" for p in py.peers()), 5,
+                        "the silent peer to become stale")
+            stale = [p for p in py.peers(include_stale=True) if p.state.get("id") == "silent"]
+            assert stale, "a stale peer is still listed on request"
+            assert py.is_stale(stale[0].client_id, stale[0].state)
+
+
+# ------------------------------------------------------------------------------ restart
+
+
+async def test_market_killed_and_restarted_keeps_document_and_agents_resume(
+    cluster: Cluster, node_modules: None
+) -> None:
+    market = cluster.market()
+    node = NodePeer(cluster.url, "wire", cluster.tmp / "node-peer.log")
+    try:
+        await restart_scenario(cluster, market, node)
+    finally:
+        node.kill()
+
+
+async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer) -> None:
+    db = cluster.data / "market.sqlite3"
+    entries = {f"t{i}": {"id": f"t{i}", "prompt": "é" * i, "n": i} for i in range(20)}
+
+    # 1. The store alone: the writer leaves, the market is killed, nobody resyncs it.
+    async with agent(cluster.url, "kept", name="writer") as w:
+        with w.transaction():
+            for k, v in entries.items():
+                w.maps[MapName.TODOS][k] = v
+    await until(lambda: stored_maps(db, "kept").get("todos") == entries, 5,
+                "the entries to be in the store")
+    market.kill()
+    market = cluster.market()
+    async with agent(cluster.url, "kept", name="reader") as r:
+        assert dict(r.maps[MapName.TODOS].to_py() or {}) == entries
+
+    # 2. Connected agents (python and node) resume by themselves after a SIGKILL.
+    await until(lambda: node.synced, 20, "the node client to sync")
+    node.aware({"type": "worker", "state": "ready"})
+    async with agent(cluster.url, "wire", name="resumer") as py:
+        with py.transaction():
+            py.maps[MapName.TODOS]["before"] = {"id": "before"}
+        await until(lambda: "before" in node.maps.get("todos", {}), 10, "node sees 'before'")
+        market.kill()
+        await until(lambda: not py.connected and node.status == "disconnected", 10,
+                    "both clients to notice the market is gone")
+        market = cluster.market()
+        await until(lambda: py.connected and node.status == "connected", 15,
+                    "both clients to reconnect by themselves")
+        with py.transaction():
+            py.maps[MapName.TODOS]["after"] = {"id": "after"}
+        node.set("todos", "node-after", {"id": "node-after"})
+        await until(lambda: "after" in node.maps.get("todos", {}), 10, "node sees 'after'")
+        await until(lambda: entry(py, "todos", "node-after"), 10, "python sees 'node-after'")
+        async with agent(cluster.url, "wire", name="newcomer") as fresh:
+            await until(lambda: {"before", "after", "node-after"} <= set(
+                fresh.maps[MapName.TODOS].keys()), 10, "a newcomer to see everything")
+            await until(lambda: {"resumer", "node-peer"} <= {p.state.get("name") for p in
+                                                               fresh.peers()}, 10,
+                        "a newcomer to see both resumed agents' awareness")
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for name in ("YJS_ENV", "YJS_LOCAL_URL", "YJS_REMOTE_URL", "YJS_MARKET_ROOM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "_dotenv_loaded", False)
+    return tmp_path
+
+
+def test_original_environment_names_choose_the_market(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert market_address() == config.MarketAddress("ws://localhost:1234", "market")
+    monkeypatch.setenv("YJS_LOCAL_URL", "ws://127.0.0.1:4321/")
+    monkeypatch.setenv("YJS_MARKET_ROOM", "salle")
+    assert market_address().room_url == "ws://127.0.0.1:4321/salle"
+    monkeypatch.setenv("YJS_ENV", "remote")
+    monkeypatch.setenv("YJS_REMOTE_URL", "wss://market.example")
+    assert market_address().room_url == "wss://market.example/salle"
+    # flags win over the environment
+    assert market_address("ws://h:1", "r").room_url == "ws://h:1/r"
+
+
+def test_dotenv_file_is_read_and_real_environment_wins(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (clean_env / ".env").write_text(
+        "YJS_ENV=REMOTE\nYJS_REMOTE_URL=wss://from-dotenv.example\nYJS_MARKET_ROOM=dot\n"
+    )
+    monkeypatch.setenv("YJS_MARKET_ROOM", "real")
+    assert market_address().room_url == "wss://from-dotenv.example/real"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"YJS_ENV": "MOON"}, "YJS_ENV must be LOCAL or REMOTE"),
+        ({"YJS_ENV": "REMOTE"}, "needs YJS_REMOTE_URL"),
+        ({"YJS_LOCAL_URL": "http://localhost:1234"}, "not a websocket URL"),
+        ({"YJS_LOCAL_URL": "ws://localhost:99999"}, "bad port"),
+        ({"YJS_MARKET_ROOM": "a/b"}, "room name"),
+    ],
+)
+def test_bad_settings_raise_config_error(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=message):
+        market_address()
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("YJS_")}
+    return subprocess.run([sys.executable, "-m", "igora", *args], cwd=cwd, text=True,
+                          capture_output=True, env={**clean, **(env or {})}, timeout=timeout)
+
+
+BAD_CLI = [
+    (["status"], {"YJS_ENV": "MOON"}, "YJS_ENV must be LOCAL or REMOTE"),
+    (["status", "--market", "http://127.0.0.1:1"], {}, "not a websocket URL"),
+    (["broker", "--room", "a/b"], {}, "room name"),
+    (["market", "--port", "70000"], {}, "--port 70000 is not a TCP port"),
+    (["market", "--max-message", "0"], {}, "--max-message must be at least"),
+    (["market", "--max-per-address", "-1"], {}, "--max-per-address must be at least"),
+    (["market", "--host", "no-such-host.invalid"], {}, "cannot listen on"),
+]
+
+
+def test_cli_bad_values_give_one_line_error_and_exit_code_2(tmp_path: Path) -> None:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("YJS_")}
+    procs = [subprocess.Popen([sys.executable, "-m", "igora", *args, "--log-level", "error"],
+                              cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**clean, **env})
+             for args, env, _ in BAD_CLI]  # at once: each start costs an interpreter
+    for p, (args, _, message) in zip(procs, BAD_CLI):
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 2, (args, err)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and message in lines[0], (args, err)
+
+
+def test_cli_reads_dotenv_to_find_the_market_and_a_busy_port_is_a_clear_error(
+    shared: Cluster, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text(f"YJS_ENV=LOCAL\nYJS_LOCAL_URL={shared.url}\n"
+                                   "YJS_MARKET_ROOM=from-dotenv\n")
+    status = run_cli("status", "--json", cwd=tmp_path)
+    busy = run_cli("market", "--port", str(shared.port), "--memory", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "from-dotenv" in [r["name"] for r in shared.status()["rooms"]]
+    assert busy.returncode == 2, busy.stderr
+    assert busy.stderr.strip().splitlines() == [
+        f"igora market: error: port {shared.port} on 127.0.0.1 is in use (another market is "
+        "running? choose another with --port)"]
