@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=2000, help="connections in all")
     p.add_argument("--max-per-address", type=int, default=500,
                    help="connections from one IP address")
+    p.add_argument("--room-idle", type=float, default=60.0, metavar="S",
+                   help="seconds a room without connections stays in memory (it stays in "
+                        "the store)")
     _common(p)
 
     p = sub.add_parser("broker", formatter_class=Formatter,
@@ -131,7 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="llama: CPU threads")
     p.add_argument("--slots", type=int, default=1, help="tasks run at once")
     p.add_argument("--delay", type=float, default=0.0, help="echo: seconds per token")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="answer length limit for tasks that set none")
     p.add_argument("--no-warmup", action="store_true", help="skip the speed measurement at start")
+    _market_options(p)
+    _common(p)
+
+    p = sub.add_parser("workers", formatter_class=Formatter,
+                       help="run several workers from one TOML file",
+                       description="Run every [[worker]] of a TOML file in this process, each "
+                                   "its own agent on the market (see docs/workers.md).")
+    p.add_argument("--config", type=Path, required=True, metavar="FILE",
+                   help="TOML file with one [[worker]] table per worker")
+    p.add_argument("--check", action="store_true",
+                   help="only read the file and print the workers it describes")
     _market_options(p)
     _common(p)
 
@@ -208,7 +224,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         data = None if args.memory else (args.data or data_dir())
         run_market(args.host, args.port, data, max_message=args.max_message,
                    max_connections=args.max_connections, max_per_address=args.max_per_address,
-                   log_level=args.log_level)
+                   room_idle=args.room_idle, log_level=args.log_level)
         return 0
     if args.command == "up":
         from .up import up
@@ -218,6 +234,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from .gateway.cli import run as run_gateway
 
         return run_gateway(args)
+    if args.command == "workers":
+        from .workers_config import run_workers
+
+        return _run(lambda: run_workers(args))
     address = market_address(getattr(args, "market", None), getattr(args, "room", None))
     if args.command == "broker":
         return _run(lambda: roles.run_broker(address, args))

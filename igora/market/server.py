@@ -36,6 +36,9 @@ from pycrdt import (
     YMessageType,
     YSyncMessageType,
     create_awareness_message,
+    create_update_message,
+    is_awareness_disconnect_message,
+    read_message,
 )
 from pycrdt.websocket import WebsocketServer, YRoom
 from starlette.applications import Starlette
@@ -46,6 +49,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
 from ..protocol import KANBAN, MapName, State
+from .fanout import Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
 
 log = logging.getLogger("igora.market")
@@ -54,6 +58,7 @@ DEFAULT_PORT = 1234
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 2_000
 DEFAULT_MAX_PER_ADDRESS = 500
+DEFAULT_ROOM_IDLE = 60.0  # seconds a room with no connection stays in memory (with a store)
 QUERY_AWARENESS = 3
 AUTH = 2
 
@@ -159,6 +164,7 @@ class MarketChannel:
         self.controlled: set[int] = set()
         self.closed = False
         self.room: MarketRoom | None = None
+        self.outbox = Outbox(self._write, peer)
 
     @property
     def path(self) -> str:
@@ -168,6 +174,8 @@ class MarketChannel:
         return self
 
     async def __anext__(self) -> bytes:
+        if self.room is not None:
+            self.room.sender = None  # the previous message of this channel is handled
         while True:
             if self.closed:
                 raise StopAsyncIteration
@@ -177,6 +185,7 @@ class MarketChannel:
                 if code == 1009:
                     log.warning("%s: disconnected, message over the size limit", self.peer)
                 self.closed = True
+                self.outbox.close()
                 raise StopAsyncIteration
             data = message.get("bytes")
             if data is None:
@@ -197,24 +206,35 @@ class MarketChannel:
                         self.controlled.discard(client_id)
                     else:
                         self.controlled.add(client_id)
+                if self.room is not None:
+                    self.room.relay_awareness(self, data)
+                    continue
             elif kind == QUERY_AWARENESS:
                 if self.room is not None:
                     await self.send_awareness_snapshot(self.room)
                 continue
             elif kind == AUTH:
                 continue
+            if self.room is not None:
+                # The room applies it before this channel reads again (no await between),
+                # so the update's fan-out can skip its sender.
+                self.room.sender = self
             return data
 
     async def recv(self) -> bytes:
         return await self.__anext__()
 
     async def send(self, message: bytes) -> None:
+        self.outbox.put(message)
+
+    async def _write(self, message: bytes) -> None:
         if self.closed:
             return
         try:
             await self.websocket.send_bytes(message)
         except Exception:
             self.closed = True
+            self.outbox.close()
 
     async def send_awareness_snapshot(self, room: YRoom) -> None:
         ids = [c for c, s in room.awareness.states.items() if s and c != room.awareness.client_id]
@@ -224,6 +244,7 @@ class MarketChannel:
     async def reject(self, reason: str) -> None:
         log.warning("%s: disconnected, %s", self.peer, reason)
         self.closed = True
+        self.outbox.close()
         with contextlib.suppress(Exception):
             await self.websocket.close(code=1003)
 
@@ -261,6 +282,33 @@ class MarketRoom(YRoom):
             self._done_sub = self._done_map.observe(self._on_done)
         self._flusher: asyncio.Task[None] | None = None
         self._last_flush = 0.0
+        self.holders = 0  # connections using the room (including ones still joining)
+        self.idle_since = 0.0
+        self.sender: MarketChannel | None = None
+
+    # Fan-out (see fanout.py): replaces pycrdt-websocket's task per message and receiver.
+    async def _watch_ready(self) -> None:
+        await self.ready_event.wait()
+        self._subscription = self.ydoc.observe(self._fan_out)
+        self.ydoc_observed.set()
+
+    async def _broadcast_updates(self) -> None:
+        return None  # _fan_out sends as updates are applied
+
+    def _fan_out(self, event: TransactionEvent) -> None:
+        message = create_update_message(event.update)
+        for client in self.clients:
+            if client is not self.sender:
+                client.outbox.put(message)
+
+    def relay_awareness(self, channel: MarketChannel, message: bytes) -> None:
+        """Forward an awareness update to everyone (its sender too, as a keep-alive,
+        unless it says goodbye) and apply it to the room's view."""
+        leaving = is_awareness_disconnect_message(message[1:])
+        for client in self.clients:
+            if not (leaving and client is channel):
+                client.outbox.put(message)
+        self.awareness.apply_awareness_update(read_message(message[1:]), self)
 
     def _on_update(self, event: TransactionEvent) -> None:
         self._pending.append(event.update)
@@ -371,10 +419,14 @@ class MarketServer(WebsocketServer):
         super().__init__(auto_clean_rooms=False, log=logging.getLogger("igora.market.server"))
         self.store = store
 
-    async def get_room(self, name: str) -> YRoom:
+    def room(self, name: str) -> MarketRoom:
+        """The room of that name, loaded from the store (not started) if not in memory."""
         if name not in self.rooms:
             self.rooms[name] = MarketRoom(name, self.store)
-        room = self.rooms[name]
+        return self.rooms[name]  # type: ignore[return-value]
+
+    async def get_room(self, name: str) -> YRoom:
+        room = self.room(name)
         await self.start_room(room)
         return room
 
@@ -388,8 +440,10 @@ class Market:
         *,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
+        room_idle: float = DEFAULT_ROOM_IDLE,
     ) -> None:
         self.store = Store(data / "market.sqlite3") if data is not None else None
+        self.room_idle = room_idle
         self.server = MarketServer(self.store)
         self.max_connections = max_connections
         self.max_per_address = max_per_address
@@ -439,6 +493,10 @@ class Market:
         room_name = websocket.path_params["room"].strip("/") or "market"
         address = websocket.client.host if websocket.client else "?"
         peer = f"{address}:{websocket.client.port if websocket.client else '?'}"
+        if len(room_name) > MAX_ROOM_NAME or not room_name.isprintable():
+            log.warning("%s: refused, room name too long or not printable", peer)
+            await websocket.close(code=1008)
+            return
         if sum(self.connections.values()) >= self.max_connections:
             log.warning("%s: refused, %d connections already", peer, self.max_connections)
             await websocket.close(code=1013)
@@ -453,8 +511,9 @@ class Market:
         room: MarketRoom | None = None
         try:
             await websocket.accept()
-            room = await self.server.get_room(room_name)  # type: ignore[assignment]
-            assert isinstance(room, MarketRoom)
+            room = self.server.room(room_name)
+            room.holders += 1  # before any await: an idle room is not unloaded under us
+            await self.server.start_room(room)
             channel.room = room
             await channel.send_awareness_snapshot(room)
             await room.serve(channel)  # type: ignore[arg-type]
@@ -467,18 +526,46 @@ class Market:
             if self.connections[address] <= 0:
                 del self.connections[address]
             if room is not None:
+                room.holders -= 1
                 room.forget(channel.controlled, peer)
+                if room.holders == 0:
+                    self._unload_later(room)
             if not channel.closed:
                 with contextlib.suppress(Exception):
                     await websocket.close()
 
+    def _unload_later(self, room: MarketRoom) -> None:
+        """Drop a room nobody uses from memory after ``room_idle`` s; it stays in the store.
+        A market without a store keeps its rooms: they exist nowhere else."""
+        if self.store is None:
+            return
+        room.idle_since = time.monotonic()
+        asyncio.get_running_loop().call_later(
+            self.room_idle, lambda: asyncio.ensure_future(self._unload_if_idle(room)))
+
+    async def _unload_if_idle(self, room: MarketRoom) -> None:
+        if room.holders or self.server.rooms.get(room.name) is not room:
+            return
+        if time.monotonic() - room.idle_since < self.room_idle * 0.99:
+            return  # someone came and went since: a later call decides
+        await room.flush()
+        if room.holders or room._pending or self.server.rooms.get(room.name) is not room:
+            return
+        del self.server.rooms[room.name]  # no await between the check and this
+        with contextlib.suppress(Exception):
+            await room.stop()
+        log.info("room %s: unloaded from memory after %g s without connections",
+                 room.name, self.room_idle)
+
 
 def _check_limits(port: int, max_message: int, max_connections: int,
-                  max_per_address: int) -> None:
+                  max_per_address: int, room_idle: float) -> None:
     from ..config import ConfigError
 
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
+    if not room_idle > 0:
+        raise ConfigError(f"--room-idle must be a positive number of seconds, not {room_idle}")
     for flag, value, least in (("--max-message", max_message, 1024),
                                ("--max-connections", max_connections, 1),
                                ("--max-per-address", max_per_address, 1)):
@@ -516,17 +603,19 @@ def run_market(
     max_message: int = DEFAULT_MAX_MESSAGE,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
+    room_idle: float = DEFAULT_ROOM_IDLE,
     log_level: str = "info",
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit)."""
     import uvicorn
 
-    _check_limits(port, max_message, max_connections, max_per_address)
+    _check_limits(port, max_message, max_connections, max_per_address, room_idle)
     # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
     for noisy in ("igora.market.room", "igora.market.server"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     sock = _listen(host, port)
-    market = Market(data, max_connections=max_connections, max_per_address=max_per_address)
+    market = Market(data, max_connections=max_connections, max_per_address=max_per_address,
+                    room_idle=room_idle)
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
     log.info("market listening on ws://%s:%d, %s; limits: message %d bytes, %d connections "
              "(%d per address)", host, port, where, max_message, max_connections,
