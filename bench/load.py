@@ -1,0 +1,51 @@
+"""A load process: K clients (each its own market connection) asking in a closed loop.
+
+``python -m bench.load URL K START DURATION OUT`` connects K ``Client``s, waits until the
+wall-clock time START, then has each client ask short echo prompts one after the other
+for DURATION seconds; it writes the count of answers and their latencies to OUT (JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+from igora import Client
+
+
+async def main(url: str, k: int, start: float, duration: float, out: str) -> None:
+    clients = [Client(url, name=f"load-{i}", connect_timeout=60) for i in range(k)]
+    await asyncio.gather(*(c.connect() for c in clients))
+    await clients[0].wait_for_worker(None, 60)
+    latencies: list[float] = []
+    errors = 0
+    end = start + duration
+
+    async def loop(c: Client, i: int) -> None:
+        nonlocal errors
+        n = 0
+        while time.time() < end:
+            t0 = time.time()
+            try:
+                text = await c.chat(f"load {i} {n}", wait_worker=30)
+                assert text == f"Echo: load {i} {n}", text
+            except Exception:
+                errors += 1
+            t1 = time.time()
+            n += 1
+            if start <= t0 and t1 <= end:
+                latencies.append(t1 - t0)
+
+    await asyncio.sleep(max(0.0, start - 1.0 - time.time()))
+    # one second of warm-up before the window opens
+    await asyncio.gather(*(loop(c, i) for i, c in enumerate(clients)))
+    await asyncio.gather(*(c.close() for c in clients))
+    with open(out, "w") as f:
+        json.dump({"latencies": latencies, "errors": errors}, f)
+
+
+if __name__ == "__main__":
+    url, k, start, duration, out = sys.argv[1:6]
+    asyncio.run(main(url, int(k), float(start), float(duration), out))

@@ -1,0 +1,148 @@
+"""How a room sends: one outbox and one writer task per connection.
+
+pycrdt-websocket sends every message to every connection in a task of its own (one task
+per message and per receiver), and echoes each document update to the connection it
+came from. With many agents that is most of the market's time (profiled: task creation,
+ASGI send and compression of tiny frames per receiver). Here a message is appended to
+each receiver's outbox (no task), the sender of a document update is skipped (it has the
+update already), and a writer drains its outbox: what piled up while it was sending
+goes out coalesced, consecutive document updates merged into one update and
+consecutive awareness updates into one awareness message. A quiet room sends each
+message at once; a busy one sends fewer, larger frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+
+from pycrdt import (
+    Encoder,
+    YMessageType,
+    YSyncMessageType,
+    create_awareness_message,
+    create_update_message,
+    merge_updates,
+)
+
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+"""A connection that lets this much pile up unsent (it does not read) is dropped."""
+
+log = logging.getLogger("igora.market")
+
+
+def _uint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _payload(message: bytes, at: int) -> bytes:
+    n, at = _uint(message, at)
+    return message[at:at + n]
+
+
+def _is_update(message: bytes) -> bool:
+    return len(message) > 1 and message[0] == YMessageType.SYNC and message[1] == YSyncMessageType.SYNC_UPDATE
+
+
+def _is_awareness(message: bytes) -> bool:
+    return bool(message) and message[0] == YMessageType.AWARENESS
+
+
+def _merge_awareness(messages: list[bytes]) -> bytes:
+    count = 0
+    entries = []
+    for m in messages:
+        payload = _payload(m, 1)
+        n, at = _uint(payload, 0)
+        count += n
+        entries.append(payload[at:])
+    enc = Encoder()
+    enc.write_var_uint(count)
+    return create_awareness_message(enc.to_bytes() + b"".join(entries))
+
+
+def coalesce(batch: list[bytes]) -> Iterator[bytes]:
+    """The frames to send for ``batch``, in order, runs of updates merged."""
+    i = 0
+    while i < len(batch):
+        j = i + 1
+        if _is_update(batch[i]):
+            while j < len(batch) and _is_update(batch[j]):
+                j += 1
+            if j - i > 1:
+                yield create_update_message(merge_updates(*(_payload(m, 2) for m in batch[i:j])))
+            else:
+                yield batch[i]
+        elif _is_awareness(batch[i]):
+            while j < len(batch) and _is_awareness(batch[j]):
+                j += 1
+            yield _merge_awareness(batch[i:j]) if j - i > 1 else batch[i]
+        else:
+            yield batch[i]
+        i = j
+
+
+class Outbox:
+    """The messages waiting for one connection, and the task that writes them."""
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]], name: str) -> None:
+        self._send = send
+        self._name = name
+        self._queue: deque[bytes] = deque()
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.frames = 0  # sent, after coalescing
+
+    def put(self, message: bytes) -> None:
+        if self.closed:
+            return
+        self._queue.append(message)
+        self._bytes += len(message)
+        if self._bytes > MAX_QUEUED_BYTES:
+            log.warning("%s: disconnected, %d MiB waiting unsent (it does not read)",
+                        self._name, self._bytes >> 20)
+            self.close()
+            return
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self.closed:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(self._queue)
+            self._queue.clear()
+            self._bytes = 0
+            try:
+                frames = list(coalesce(batch))
+            except Exception:  # a frame we cannot parse: send the batch as it came
+                log.exception("%s: could not coalesce %d messages", self._name, len(batch))
+                frames = batch
+            for frame in frames:
+                if self.closed:
+                    return
+                self.frames += 1
+                await self._send(frame)
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.clear()
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        with contextlib.suppress(Exception):
+            self._wake.set()
