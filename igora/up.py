@@ -53,17 +53,20 @@ def _spawn(args: list[str], log_level: str) -> subprocess.Popen[bytes]:
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 8.0) -> None:
-    for p in reversed(procs):
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGINT)
-    end = time.monotonic() + timeout
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(max(0.1, end - time.monotonic()))
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    """Stop the agents first (they say goodbye to the market), then the market."""
+    agents, market = procs[1:], procs[:1]
+    for group in (agents, market):
+        for p in group:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGINT)
+        end = time.monotonic() + timeout
+        for p in group:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.1, end - time.monotonic()))
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 async def first_answer(url: str, wait: float) -> str:
