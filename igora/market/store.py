@@ -1,9 +1,10 @@
 """The market's durable store: each room's Yjs updates and the archive of finished tasks.
 
-One SQLite file (WAL mode). Updates are buffered and written every ``flush_interval``
-seconds in one transaction, so a token stream costs one disk write per interval rather
-than one per token. On load, and whenever a room has accumulated ``squash_after``
-rows, its history is replaced by one update holding the current state.
+One SQLite file (WAL mode). The room (``server.MarketRoom``) writes a lone update at once
+and groups a stream of them into one transaction per ``FLUSH_INTERVAL`` seconds, so a token
+stream costs one disk write per interval rather than one per token. On load, and whenever
+a room has accumulated ``SQUASH_AFTER`` rows, its history is replaced by one update holding
+the current state. See docs/market.md for what survives a crash.
 """
 
 from __future__ import annotations
