@@ -344,6 +344,16 @@ def test_too_large_body_is_a_413(gw: Setup) -> None:
                    headers={"content-type": "application/json"})
     assert_openai_error(r, 413, "request_too_large")
 
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the gateway counts as it reads
+        yield b'{"messages": "'
+        for _ in range(9):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    r = httpx.post(f"{gw.main}/v1/chat/completions", timeout=30, content=chunked(),
+                   headers={"content-type": "application/json"})
+    assert_openai_error(r, 413, "request_too_large")
+
 
 def test_unknown_path_and_method_are_openai_errors(gw: Setup) -> None:
     assert_openai_error(httpx.get(f"{gw.main}/v1/nothing"), 404, "not_found")

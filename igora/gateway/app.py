@@ -27,7 +27,8 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..client import DEFAULT_TIMEOUT, Client, Restart, Task
 from ..errors import IgoraError
@@ -145,7 +146,22 @@ class GuardMiddleware:
             scope["headers"] = [(k, v) for k, v in scope.get("headers", [])
                                 if k.lower() != b"content-type"]
             scope["headers"].append((b"content-type", b"application/json"))
-        await self.app(scope, receive, send)
+        await self.app(scope, self._limited(receive), send)
+
+    def _limited(self, receive: Receive) -> Receive:
+        """A body sent without Content-Length (chunked) is cut at the same limit."""
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise HTTPException(413, "request body too large")
+            return message
+
+        return limited
 
     def _auth_error(self, header: str | None) -> OpenAIError | None:
         if not header:
@@ -204,28 +220,30 @@ class EventStream(StreamingResponse):
         self.finished = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def stream() -> None:
-                try:
-                    await self.stream_response(send)
-                    self.finished = True
-                except OSError:
-                    pass
-                group.cancel_scope.cancel()
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                        self.finished = True
+                    except OSError:
+                        pass
+                    group.cancel_scope.cancel()
 
-            async def listen() -> None:
-                await _disconnected(receive)
-                group.cancel_scope.cancel()
+                async def listen() -> None:
+                    await _disconnected(receive)
+                    group.cancel_scope.cancel()
 
-            group.start_soon(stream)
-            group.start_soon(listen)
-        if not self.finished:
-            self._on_gone()
-        aclose = getattr(self._source, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+                group.start_soon(stream)
+                group.start_soon(listen)
+        finally:
+            if not self.finished:
+                self._on_gone()
+            aclose = getattr(self._source, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
 
 def sse(data: dict[str, Any] | str) -> str:

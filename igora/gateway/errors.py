@@ -116,9 +116,11 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
     message = str(exc.detail) if exc.detail else "error"
-    if exc.status_code == 404:
+    if exc.status_code == 413:
+        message = "The request body is too large."
+    elif exc.status_code == 404:
         message = f"Unknown path {request.url.path!r}: see /docs for the API."
     elif exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path!r}."
