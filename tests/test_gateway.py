@@ -12,6 +12,7 @@ origin), ``empty``, ``fuzz``, and ``down`` (its market does not exist).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import subprocess
@@ -141,6 +142,28 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
     if param is not None:
         assert err["param"] == param, err
     return err
+
+
+# ---------------------------------------------------------------------- command line
+def test_api_keys_come_from_flags_else_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from igora.gateway.cli import api_keys
+
+    monkeypatch.setenv("IGORA_API_KEYS", " one, two ,,")
+    assert api_keys(argparse.Namespace(api_key=None)) == ["one", "two"]
+    assert api_keys(argparse.Namespace(api_key=["flag"])) == ["flag"]
+    monkeypatch.setenv("IGORA_API_KEYS", "")
+    assert api_keys(argparse.Namespace(api_key=None)) == []
+
+
+def test_bad_settings_are_clear_errors_not_tracebacks(gw: Setup) -> None:
+    taken = gw.main.rsplit(":", 1)[1]
+    for args, expected in ((["--market", "http://nope"], "not a websocket URL"),
+                           (["--port", taken], f"port {taken}"),
+                           (["--port", "70000"], "not a TCP port")):
+        run = subprocess.run([sys.executable, "-m", "igora", "gateway", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2, run.stderr
+        assert expected in run.stderr and "Traceback" not in run.stderr
 
 
 # ---------------------------------------------------------------------- answers
