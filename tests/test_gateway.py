@@ -408,8 +408,16 @@ def test_unreachable_market_is_a_503_and_health_says_so(gw: Setup) -> None:
 
 
 def test_worker_failure_is_a_502_with_the_reason(gw: Setup) -> None:
-    err = assert_openai_error(chat(gw.main, "#fail", model="echo"), 502, "worker_error")
+    r = chat(gw.main, "#fail", model="echo")
+    err = assert_openai_error(r, 502, "worker_error")
     assert "asked to fail" in err["message"]
+    assert r.headers["x-should-retry"] == "false"
+    sent: list[httpx.Request] = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    sdk = openai.OpenAI(base_url=f"{gw.main}/v1", api_key="unused", http_client=http)
+    with pytest.raises(openai.InternalServerError):  # the SDK retries 5xx twice by default
+        sdk.chat.completions.create(model="echo", messages=[{"role": "user", "content": "#fail"}])
+    assert len(sent) == 1
     r = chat(gw.main, "#fail", model="echo", stream=True)
     assert_openai_error(r, 502, "worker_error")
 
@@ -420,6 +428,7 @@ def test_task_timeout_is_a_504(gw: Setup) -> None:
         "model": "slow", "messages": [{"role": "user", "content": "#repeat 400"}]})
     err = assert_openai_error(r, 504, "task_timeout")
     assert err["type"] == "timeout"
+    assert r.headers["x-should-retry"] == "false"  # the openai package would retry a 504
 
 
 def test_timeout_after_the_stream_started_is_an_error_event(gw: Setup) -> None:

@@ -31,6 +31,10 @@ from ..protocol import ProtocolError
 log = logging.getLogger("igora.gateway")
 
 INVALID = "invalid_request_error"
+SHOULD_RETRY = "x-should-retry"
+"""Header the official OpenAI clients obey instead of their own retry rules."""
+NO_RETRY = frozenset({502, 504})
+"""A worker's failure or a timeout would only repeat: tell clients not to retry."""
 SERVER = "server_error"
 
 
@@ -51,6 +55,9 @@ class OpenAIError(Exception):
                           "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        headers = dict(headers or {})
+        if self.status in NO_RETRY:
+            headers[SHOULD_RETRY] = "false"
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
