@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .config import market_address
 from .errors import NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
 from .protocol import (
     ABORTED_MARK,
+    FINAL_STATES,
     AgentType,
     F,
     MapName,
@@ -38,6 +40,9 @@ from .protocol import (
 )
 
 DEFAULT_TIMEOUT = 300.0
+
+log = logging.getLogger("igora.client")
+FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 
 
 class Restart(str):
@@ -181,6 +186,11 @@ class Client:
         for tid, change in event.keys.items():
             w = self._watches.get(tid)
             value = change.get("newValue")
+            if w is not None and change.get("action") == "delete" and not w.ended:
+                final = self.agent.maps[MapName.DONE].get(tid)
+                if isinstance(final, dict):  # an original worker's two-step move ended
+                    self._end(tid, w, final)
+                continue
             if w is None or not isinstance(value, dict):
                 continue
             attempt = int(value.get(F.ATTEMPTS) or 1) if isinstance(
@@ -199,15 +209,33 @@ class Client:
             value = change.get("newValue")
             if w is None or w.ended or not isinstance(value, dict):
                 continue
-            response = value.get(F.RESPONSE)
-            if value.get(F.STATE) == State.DONE.value and isinstance(response, str):
-                attempt = max(w.attempt, 1)
-                if not response.startswith(w.delivered):
-                    w.feed(attempt + 1, response)
-                else:
-                    w.feed(attempt, response[len(w.delivered):])
-            w.ended = True
-            w.queue.put_nowait(value)
+            self._end(tid, w, value)
+
+    def _end(self, tid: str, w: _Watch, value: dict[str, Any]) -> None:
+        """Take ``done[tid]`` as the task's end, unless it does not look like one.
+
+        Workers and brokers move a task to ``done`` in one transaction, so an entry in
+        ``done`` while the task is still in ``todos``/``prepared``/``doing`` is either a
+        forgery or the first half of an original worker's two-step move: wait (the
+        ``doing`` deletion calls this again)."""
+        state = value.get(F.STATE)
+        if state not in FINAL_VALUES and not value.get(F.ABORTED):
+            log.warning("task %s: ignoring an entry in done with state %r", tid, state)
+            return
+        if any(tid in self.agent.maps[m] for m in (MapName.TODOS, MapName.PREPARED,
+                                                     MapName.DOING)):
+            log.info("task %s: an end was written while it still runs; waiting for the "
+                     "move to complete", tid)
+            return
+        response = value.get(F.RESPONSE)
+        if state == State.DONE.value and isinstance(response, str):
+            attempt = max(w.attempt, 1)
+            if not response.startswith(w.delivered):
+                w.feed(attempt + 1, response)
+            else:
+                w.feed(attempt, response[len(w.delivered):])
+        w.ended = True
+        w.queue.put_nowait(value)
 
     # ------------------------------------------------------------------ tasks
     def _task(

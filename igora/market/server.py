@@ -49,6 +49,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
 from ..protocol import KANBAN, MapName, State
+from ..updates import UpdateError, update_depth
 from .fanout import Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
 
@@ -145,7 +146,12 @@ def check_frame(message: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
         if step not in (YSyncMessageType.SYNC_STEP1, YSyncMessageType.SYNC_STEP2,
                         YSyncMessageType.SYNC_UPDATE):
             raise BadFrame(f"unknown sync message type {step}")
-        r.chunk()
+        update = r.chunk()
+        if step != YSyncMessageType.SYNC_STEP1:
+            try:  # a value nested thousands deep would crash the decoder (igora.updates)
+                update_depth(update)
+            except UpdateError as exc:
+                raise BadFrame(f"refused update: {exc}") from None
         return []
     if kind == YMessageType.AWARENESS:
         return awareness_entries(r.chunk())

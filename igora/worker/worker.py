@@ -38,6 +38,8 @@ from ..protocol import (
 COMPAT_INTERVAL = 0.25
 COMPAT_GROWTH = 1.25
 HEALTH_INTERVAL = 5.0
+STRAY_CHECK = 2.0  # seconds between two looks for tasks wrongly attributed to this worker
+_RUN_FIELDS = (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM)
 HANDBACK_ATTEMPTS = 3  # a task is handed back to ``todos`` only while it has had fewer assignments
 
 log = logging.getLogger("igora.worker")
@@ -69,6 +71,7 @@ class Worker:
         self.available = True
         self.speed: float | None = None
         self.completed = 0
+        self._strays_checked = 0.0
         self._wake = asyncio.Event()
         self.prepared: Map = agent.maps[MapName.PREPARED]
         self.doing: Map = agent.maps[MapName.DOING]
@@ -104,6 +107,8 @@ class Worker:
             while True:
                 self._wake.clear()
                 self._claim()
+                if time.monotonic() - self._strays_checked > STRAY_CHECK:
+                    self._hand_back_strays()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 1.0)
         finally:
@@ -156,6 +161,26 @@ class Worker:
                                                F.STATE: State.TODO.value}
                 continue
             self._start(task_id, task)
+
+    def _hand_back_strays(self) -> None:
+        """Tasks ``doing`` says this worker runs while it does not (a forged entry, or a
+        write that lost a race) go back to ``todos`` for the broker to assign again;
+        otherwise they would wait for their deadline, since this worker is present."""
+        self._strays_checked = time.monotonic()
+        if not self.agent.synced.is_set():
+            return
+        me = self.agent.id
+        strays = [(tid, v) for tid, v in list(self.doing.items())
+                  if isinstance(v, dict) and v.get(F.WORKER) == me and tid not in self.running]
+        if not strays:
+            return
+        with self.agent.transaction():
+            for tid, value in strays:
+                log.warning("%s: task %s is in doing under this worker, which is not running "
+                            "it; handed back to todos", self.agent.name, tid)
+                self.doing.pop(tid, None)
+                self.todos[tid] = {**{k: v for k, v in value.items() if k not in _RUN_FIELDS},
+                                   F.STATE: State.TODO.value}
 
     def _start(self, task_id: str, task: dict[str, Any]) -> None:
         attempt = int(task.get(F.ATTEMPTS) or 1)
@@ -249,7 +274,6 @@ class Worker:
         last_refresh = 0.0
         refreshed_len = 0
         deadline = task.get(F.DEADLINE)
-        text = self.streams.get(key)
         try:
             tokens = self._tokens(run, Request.from_task(task))
             stop_wait = asyncio.create_task(run.stop.wait())
@@ -273,7 +297,12 @@ class Worker:
                     response += piece
                     now = time.monotonic()
                     with self.agent.transaction():
-                        if text is not None:
+                        # Look the stream up at each write, never keep it across awaits:
+                        # writing to a Text another peer replaced or deleted crashes
+                        # pycrdt (use after free). Gone or replaced: the final answer in
+                        # done still carries the whole text.
+                        text = self.streams.get(key)
+                        if isinstance(text, Text):
                             text += piece
                         if (now - last_refresh >= self.compat_interval
                                 and len(response) >= refreshed_len * COMPAT_GROWTH):
