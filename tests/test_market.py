@@ -3,6 +3,7 @@ the original stack's node client (npm yjs + y-websocket) and Python agents in on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -118,6 +119,22 @@ async def test_root_answers_okay_and_status_counts_connections_agents_and_tasks(
     assert room["tasks"] == {"todos": 2, "prepared": 0, "doing": 0, "done": 0}
     await until(lambda: next(r for r in shared.status()["rooms"] if r["name"] == room_name)[
         "connections"] == 0, 10, "/status to see the agent leave")
+
+
+async def test_many_agents_joining_a_new_room_at_once_are_all_served(
+    shared: Cluster, request: pytest.FixtureRequest
+) -> None:
+    agents = [agent(shared.url, room_of(request), name=f"a{i}") for i in range(12)]
+    await asyncio.gather(*(a.start() for a in agents))  # each waits for its sync
+    try:
+        with agents[0].transaction():
+            agents[0].maps[MapName.TODOS]["hello"] = {"id": "hello"}
+        await until(lambda: all(entry(a, "todos", "hello") for a in agents), 10,
+                    "every agent to see the entry")
+        room = next(r for r in shared.status()["rooms"] if r["name"] == room_of(request))
+        assert room["connections"] == 12
+    finally:
+        await asyncio.gather(*(a.stop() for a in agents))
 
 
 # ------------------------------------------------------------------------------ liveness

@@ -24,6 +24,7 @@ import logging
 import socket
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,17 @@ DEFAULT_MAX_PER_ADDRESS = 500
 DEFAULT_ROOM_IDLE = 60.0  # seconds a room with no connection stays in memory (with a store)
 QUERY_AWARENESS = 3
 AUTH = 2
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def background(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` without awaiting it, keeping a reference until it ends (asyncio only
+    keeps weak ones, so an unreferenced task may vanish mid-way)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 class BadFrame(ValueError):
@@ -403,7 +415,7 @@ class MarketRoom(YRoom):
             aw.meta.pop(c, None)  # a returning client may reuse its clock
         message = create_awareness_message(enc.to_bytes())
         for client in list(self.clients):
-            asyncio.get_running_loop().create_task(client.send(message))
+            background(client.send(message))
         log.info("room %s: %s left (%d awareness state(s) removed)", self.name, peer, len(gone))
 
     def summary(self) -> dict[str, Any]:
@@ -424,12 +436,28 @@ class MarketServer(WebsocketServer):
     def __init__(self, store: Store | None) -> None:
         super().__init__(auto_clean_rooms=False, log=logging.getLogger("igora.market.server"))
         self.store = store
+        self._start_guards: dict[int, asyncio.Lock] = {}
 
     def room(self, name: str) -> MarketRoom:
         """The room of that name, loaded from the store (not started) if not in memory."""
         if name not in self.rooms:
             self.rooms[name] = MarketRoom(name, self.store)
         return self.rooms[name]  # type: ignore[return-value]
+
+    async def start_room(self, room: YRoom) -> None:
+        """Start a room once, however many connections join it at the same instant.
+        (pycrdt-websocket's own start_room lets a second concurrent joiner wait forever
+        on the room's start lock, which the first start holds for the room's life.)"""
+        if room.started.is_set():
+            return
+        guard = self._start_guards.setdefault(id(room), asyncio.Lock())
+        try:
+            async with guard:
+                if not room.started.is_set():
+                    await super().start_room(room)
+        finally:
+            if room.started.is_set():
+                self._start_guards.pop(id(room), None)
 
     async def get_room(self, name: str) -> YRoom:
         room = self.room(name)
@@ -547,7 +575,7 @@ class Market:
             return
         room.idle_since = time.monotonic()
         asyncio.get_running_loop().call_later(
-            self.room_idle, lambda: asyncio.ensure_future(self._unload_if_idle(room)))
+            self.room_idle, lambda: background(self._unload_if_idle(room)))
 
     async def _unload_if_idle(self, room: MarketRoom) -> None:
         if room.holders or self.server.rooms.get(room.name) is not room:
