@@ -482,6 +482,7 @@ class Market:
         self.max_connections = max_connections
         self.max_per_address = max_per_address
         self.connections: Counter[str] = Counter()
+        self._refusals: dict[str, tuple[float, int]] = {}
         self.app = Starlette(
             routes=[
                 Route("/", self.index),
@@ -527,17 +528,15 @@ class Market:
         room_name = websocket.path_params["room"].strip("/") or "market"
         address = websocket.client.host if websocket.client else "?"
         peer = f"{address}:{websocket.client.port if websocket.client else '?'}"
+        refusal = None
         if len(room_name) > MAX_ROOM_NAME or not room_name.isprintable():
-            log.warning("%s: refused, room name too long or not printable", peer)
-            await websocket.close(code=1008)
-            return
-        if sum(self.connections.values()) >= self.max_connections:
-            log.warning("%s: refused, %d connections already", peer, self.max_connections)
-            await websocket.close(code=1013)
-            return
-        if self.connections[address] >= self.max_per_address:
-            log.warning("%s: refused, %d connections from %s already",
-                        peer, self.max_per_address, address)
+            refusal = "room name too long or not printable"
+        elif sum(self.connections.values()) >= self.max_connections:
+            refusal = f"{self.max_connections} connections already"
+        elif self.connections[address] >= self.max_per_address:
+            refusal = f"{self.max_per_address} connections from {address} already"
+        if refusal is not None:
+            self._log_refusal(address, peer, refusal)
             await websocket.close(code=1013)
             return
         self.connections[address] += 1
@@ -567,6 +566,19 @@ class Market:
             if not channel.closed:
                 with contextlib.suppress(Exception):
                     await websocket.close()
+
+    def _log_refusal(self, address: str, peer: str, reason: str) -> None:
+        """One line per address and second at most: a flood must not flood the log too."""
+        now = time.monotonic()
+        last, hidden = self._refusals.get(address, (0.0, 0))
+        if now - last < 1.0:
+            self._refusals[address] = (last, hidden + 1)
+            return
+        more = f" ({hidden} more from {address} in the last second)" if hidden else ""
+        log.warning("%s: refused, %s%s", peer, reason, more)
+        self._refusals[address] = (now, 0)
+        if len(self._refusals) > 10_000:
+            self._refusals.clear()
 
     def _unload_later(self, room: MarketRoom) -> None:
         """Drop a room nobody uses from memory after ``room_idle`` s; it stays in the store.
