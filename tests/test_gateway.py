@@ -498,7 +498,8 @@ def test_client_disconnecting_mid_stream_aborts_its_task(gw: Setup) -> None:
     # Leaving the block closes the connection with 397 tokens still to come (~20 s).
     final = poll(lambda: gw.archived(task_id), 15, f"task {task_id} archived")
     assert final["state"] == "aborted", final
-    assert len(final["response"].split()) < 100
+    # Whoever ended it (worker or broker) kept at most what was streamed before the abort.
+    assert len((final.get("response") or "").split()) < 100
     slow = poll(lambda: [w for w in gw.cluster.agents("worker")
                          if w.get("models") and w["models"][0]["name"] == "slow"
                          and w.get("running") == 0], 15, "slow worker free again")
