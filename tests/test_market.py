@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -239,6 +240,19 @@ async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer) -> No
             await until(lambda: {"resumer", "node-peer"} <= {p.state.get("name") for p in
                                                                fresh.peers()}, 10,
                         "a newcomer to see both resumed agents' awareness")
+
+
+async def test_sigterm_flushes_the_store_before_the_market_exits(cluster: Cluster) -> None:
+    market = cluster.market()
+    async with agent(cluster.url, "term", name="writer") as w:
+        for i in range(300):  # a burst: grouped writes still pending when SIGTERM comes
+            with w.transaction():
+                w.maps[MapName.TODOS][f"k{i}"] = {"i": i}
+        await until(lambda: cluster.status()["rooms"][0]["tasks"]["todos"] == 300, 10,
+                    "the market to have the burst")
+        market.kill(signal.SIGTERM)
+    assert "store" in market.log() and "flushed and closed" in market.log()
+    assert len(stored_maps(cluster.data / "market.sqlite3", "term")["todos"]) == 300
 
 
 async def test_idle_room_leaves_memory_and_comes_back_from_the_store_with_its_archive(

@@ -502,6 +502,9 @@ class Market:
                     room.flush_sync()
         if self.store is not None:
             self.store.close()
+            log.info("market stopped, store %s flushed and closed", self.store.path)
+        else:
+            log.info("market stopped")
 
     async def index(self, request: Request) -> Response:
         return PlainTextResponse("Okay")
