@@ -92,6 +92,7 @@ class Agent:
         self.synced = asyncio.Event()
         self.connected = False
         self.connected_at = time.monotonic()
+        self.last_error: str | None = None
         self._outbox: asyncio.Queue[bytes] | None = None
         self._applying_remote = False
         self._task: asyncio.Task[None] | None = None
@@ -115,9 +116,11 @@ class Agent:
                 await asyncio.wait_for(self.synced.wait(), self.connect_timeout)
             except asyncio.TimeoutError:
                 await self.stop()
+                why = f" (last error: {self.last_error})" if self.last_error else ""
                 raise MarketUnreachable(
                     f"no market answered at {self.address.room_url} within "
-                    f"{self.connect_timeout:g} s: is `igora market` (or `igora up`) running?"
+                    f"{self.connect_timeout:g} s{why}: is `igora market` (or `igora up`) "
+                    "running?"
                 ) from None
 
     async def stop(self) -> None:
@@ -219,6 +222,7 @@ class Agent:
             except asyncio.CancelledError:
                 raise
             except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
                 level = logging.WARNING if attempt else logging.DEBUG
                 self.log.log(level, "%s: market %s unreachable (%s); retrying in %.1f s",
                              self.name, self.address.room_url, exc or type(exc).__name__, delay)

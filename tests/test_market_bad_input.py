@@ -17,6 +17,8 @@ from pycrdt import Doc, Map, create_update_message
 from websockets.exceptions import InvalidStatus
 
 from igora.agent import Agent
+from igora.config import market_address
+from igora.errors import MarketUnreachable
 from igora.protocol import MapName
 
 from .conftest import Cluster
@@ -215,6 +217,10 @@ async def test_flood_over_the_total_limit_is_refused(tmp_path: Path) -> None:
             try:
                 assert len(accepted) == 4 and refused == 16
                 assert "refused, 6 connections already" in c.procs[0].log()
+                late = Agent(market_address(c.url, "room-a"), type="client", name="late",
+                             style="normal", connect_timeout=1)
+                with pytest.raises(MarketUnreachable, match="HTTP 403"):
+                    await late.start()  # refused: it says why, it does not hang
                 with a.transaction():
                     a.maps[MapName.TODOS]["still"] = {"id": "still"}
                 await until(lambda: entry(b, "todos", "still"), 10, "b to see a's entry")
