@@ -132,6 +132,30 @@ async def test_garbage_bytes_disconnect_the_sender_only(
     await round_trip(py, node, "after-garbage")
 
 
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\x00\xff not even HTTP \x01\x02\r\n\r\n", "invalid HTTP request"),
+        (b"GET /market HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         b"Sec-WebSocket-Key: bad\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         r"bad websocket handshake \(HTTP 400\)"),
+    ],
+    ids=["tcp-garbage", "bad-handshake"],
+)
+async def test_garbage_before_the_websocket_handshake_disconnects_the_sender_only(
+    market: Cluster, node: NodePeer, py: Agent, payload: bytes, reason: str
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", market.port)
+    port = writer.get_extra_info("sockname")[1]
+    writer.write(payload)
+    answer = await asyncio.wait_for(reader.read(), 10)  # the market answers, then closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400")
+    line = re.compile(rf"127\.0\.0\.1:{port}: disconnected, {reason}")
+    await until(lambda: line.search(market.procs[0].log()), 5, f"a log line {line.pattern!r}")
+    await round_trip(py, node, "after-tcp-garbage")
+
+
 async def test_truncated_sync_message_disconnects_the_sender_and_changes_nothing(
     market: Cluster, node: NodePeer, py: Agent
 ) -> None:

@@ -644,6 +644,48 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _peer_of(protocol: Any) -> str:
+    client = getattr(protocol, "client", None)
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+class _QuietInvalidRequest(logging.Filter):
+    """uvicorn's own line for a bad request says neither who nor why: ours replaces it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Invalid HTTP request received."
+
+
+def _protocols() -> dict[str, Any]:
+    """uvicorn's HTTP and websocket protocols, logging who sent garbage before the
+    websocket handshake (the ASGI app never sees those connections)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
+
+    out: dict[str, Any] = {}
+    if hasattr(AutoHTTPProtocol, "send_400_response"):
+
+        class HTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+            def send_400_response(self, msg: str) -> None:
+                log.warning("%s: disconnected, invalid HTTP request", _peer_of(self))
+                super().send_400_response(msg)
+
+        out["http"] = HTTP
+        logging.getLogger("uvicorn.error").addFilter(_QuietInvalidRequest())
+    if AutoWebSocketsProtocol is not None and hasattr(AutoWebSocketsProtocol, "handle_connect"):
+
+        class WS(AutoWebSocketsProtocol):  # type: ignore[misc, valid-type]
+            def handle_connect(self, event: Any) -> None:
+                super().handle_connect(event)
+                status = getattr(getattr(self, "response", None), "status_code", 101)
+                if status != 101:
+                    log.warning("%s: disconnected, bad websocket handshake (HTTP %s)",
+                                _peer_of(self), status)
+
+        out["ws"] = WS
+    return out
+
+
 def run_market(
     host: str,
     port: int,
@@ -677,5 +719,7 @@ def run_market(
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=2,
+        log_config=None,  # uvicorn's lines go through our format (igora.cli.setup_logging)
+        **_protocols(),
     )
     uvicorn.Server(config).run(sockets=[sock])
