@@ -8,6 +8,8 @@ The model a request names picks the behaviour:
 - ``hang``: never answers;
 - ``cut``: three pieces, then the socket is closed in the middle of the chunked body;
 - ``cut-clean``: three pieces, then a well-formed end of body without ``[DONE]``;
+- ``interrupted``: three pieces, then ``[DONE]`` with no finish reason (what
+  llama-cpp-python's server sends when another request interrupts a stream);
 - ``midstream-error``: one piece, then an ``{"error": ...}`` chunk;
 - ``json``: a whole (non-streaming) chat.completion even though a stream was asked;
 - ``e400``, ``e401``, ``e404``, ``e429``, ``e500``, ``e503``: that HTTP status with an
@@ -28,7 +30,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MODES = ["ok", "slow", "hang", "cut", "cut-clean", "midstream-error", "json",
+MODES = ["ok", "slow", "hang", "cut", "cut-clean", "interrupted", "midstream-error", "json",
          "e400", "e401", "e404", "e429", "e500", "e503"]
 OK_PIECES = ["Hello", " from", " the", " stub"]
 ERRORS = {
@@ -223,6 +225,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _mode_cut_clean(self, model: str, body: dict[str, Any]) -> None:
         self._three(model)
+        self._chunk(b"")
+
+    def _mode_interrupted(self, model: str, body: dict[str, Any]) -> None:
+        self._three(model)
+        self._event("[DONE]")
         self._chunk(b"")
 
     def _mode_midstream_error(self, model: str, body: dict[str, Any]) -> None:

@@ -136,6 +136,7 @@ class OpenAIEngine(Engine):
         self._usage_ok: bool | None = None  # does the upstream accept stream_options?
         self._client: httpx.AsyncClient | None = None
         self._health: tuple[bool, str] = (True, "")
+        self._in_flight = 0  # requests being answered now
         self._missing_warned = False
 
     # ------------------------------------------------------------------ models
@@ -224,6 +225,7 @@ class OpenAIEngine(Engine):
         body = self._body(model, request)
         pieces = 0
         answered = False
+        self._in_flight += 1
         try:
             async with self._open(body) as response:
                 answered = True
@@ -256,8 +258,10 @@ class OpenAIEngine(Engine):
                             yield content
                         if choice.get("finish_reason"):
                             reason = str(choice["finish_reason"])
-                if not ended and reason is None:
-                    raise EngineError(self._cut(pieces, "the stream ended without finishing"))
+                if reason is None:  # llama-cpp-python's server ends an interrupted stream so
+                    raise EngineError(self._cut(
+                        pieces, "[DONE] came without a finish reason: interrupted by another "
+                                "request?" if ended else "the stream ended without finishing"))
                 yield self._finish(reason, usage, pieces)
         except EngineError:
             raise
@@ -275,6 +279,8 @@ class OpenAIEngine(Engine):
             raise EngineError(self._cut(pieces, _why(exc))) from None
         except httpx.HTTPError as exc:
             raise EngineError(f"request to the upstream {self.base_url} failed: {_why(exc)}") from None
+        finally:
+            self._in_flight -= 1
 
     def _cut(self, pieces: int, why: str) -> str:
         return (f"the upstream {self.base_url} cut the answer off after {pieces} piece(s) "
@@ -320,6 +326,11 @@ class OpenAIEngine(Engine):
 
     # ------------------------------------------------------------------ health
     async def available(self) -> bool:
+        if self._in_flight:
+            # A request in progress already tells whether the upstream is there, and a poll
+            # would hurt: llama-cpp-python's server interrupts a running stream on any new
+            # request (its --interrupt_requests default), even GET /models.
+            return self._health[0]
         try:
             response = await self._http().get(f"{self.base_url}/models", timeout=HEALTH_TIMEOUT)
         except httpx.HTTPError as exc:

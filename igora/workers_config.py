@@ -1,0 +1,230 @@
+"""``igora workers --config FILE``: several workers in one process, from one TOML file.
+
+Each ``[[worker]]`` table is one worker, with the keys of ``igora worker``'s flags
+(``--base-url`` becomes ``base_url``). Keys at the top of the file are defaults for
+every worker. Each worker is its own agent on the market (own id, name, models and
+slots); they share the process and its event loop.
+
+    market = "ws://127.0.0.1:1234"
+
+    [[worker]]
+    name = "smol"
+    engine = "llama"
+    slots = 2
+
+    [[worker]]
+    name = "ollama"
+    engine = "openai"
+    base_url = "http://localhost:11434/v1"
+    models = ["llama3.2:3b=llama3.2", "qwen2.5:7b"]
+
+A setting comes from the worker's table, else the top of the file, else the command
+line (``--market``, ``--room``, ``--heartbeat``), else the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .agent import Agent
+from .config import ConfigError, MarketAddress, market_address
+from .engines.base import Engine, EngineError
+from .engines.openai import DEFAULT_TIMEOUT, check_base_url, parse_models
+from .protocol import TEXT_STYLE, AgentType
+from .worker.worker import Worker
+
+ENGINES = ("llama", "echo", "openai")
+
+# key -> (accepted types, what it is); the same meaning as the ``igora worker`` flag.
+KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "name": ((str,), "name shown to others"),
+    "engine": ((str,), "llama, echo or openai"),
+    "model": ((str, list), "llama: GGUF path; echo: name; openai: NAME[=ALIAS] or a list"),
+    "models": ((list, str), "same as model"),
+    "base_url": ((str,), "openai: the upstream's base URL"),
+    "api_key": ((str,), "openai: the upstream's API key"),
+    "api_key_env": ((str,), "openai: environment variable holding the API key"),
+    "upstream_timeout": ((int, float), "openai: seconds the upstream may stay silent"),
+    "context": ((int,), "llama: context length in tokens"),
+    "threads": ((int,), "llama: CPU threads"),
+    "slots": ((int,), "tasks run at once"),
+    "delay": ((int, float), "echo: seconds per token"),
+    "warmup": ((bool,), "measure the speed at start (default true)"),
+    "market": ((str,), "market websocket URL"),
+    "room": ((str,), "market room"),
+    "heartbeat": ((int, float), "seconds between two awareness refreshes"),
+}
+
+
+@dataclass
+class WorkerSpec:
+    """One worker of the file, resolved: its market and the flags ``make_engine`` reads."""
+
+    name: str
+    address: MarketAddress
+    heartbeat: float
+    warmup: bool
+    args: argparse.Namespace
+
+
+def _check(where: str, key: str, value: Any) -> None:
+    if key not in KEYS:
+        known = ", ".join(sorted(KEYS))
+        raise ConfigError(f"{where}: unknown key {key!r} (known keys: {known})")
+    types, what = KEYS[key]
+    bad_bool = isinstance(value, bool) and bool not in types
+    if bad_bool or not isinstance(value, types):
+        kinds = " or ".join("list of strings" if t is list else t.__name__ for t in types)
+        raise ConfigError(f"{where}: {key} must be a {kinds} ({what}), not {value!r}")
+    if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: {key} must be a list of non-empty strings")
+    if key in ("slots", "context", "threads", "heartbeat", "upstream_timeout") and value <= 0:
+        raise ConfigError(f"{where}: {key} must be positive")
+    if key == "engine" and value not in ENGINES:
+        raise ConfigError(f"{where}: engine must be one of {', '.join(ENGINES)}, not {value!r}")
+
+
+def parse(text: str, *, source: str = "config", cli: argparse.Namespace | None = None,
+          ) -> list[WorkerSpec]:
+    """The workers a TOML text describes; ConfigError says what is wrong and where."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    tables = data.pop("worker", None)
+    if tables is None:
+        raise ConfigError(f"{source}: no [[worker]] table: add one per worker")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{source}: 'worker' must be tables written [[worker]]")
+    defaults = dict(data)
+    for key, value in defaults.items():
+        if key == "name":
+            raise ConfigError(f"{source}: 'name' belongs in each [[worker]] table")
+        _check(f"{source} (top level)", key, value)
+    host = socket.gethostname()
+    specs: list[WorkerSpec] = []
+    names: set[str] = set()
+    for i, table in enumerate(tables, 1):
+        label = f"{source}: worker {i}" + (f" ({table['name']!r})" if "name" in table else "")
+        for key, value in table.items():
+            _check(label, key, value)
+        if "model" in table and "models" in table:
+            raise ConfigError(f"{label}: give model or models, not both")
+        merged = {**defaults, **table}
+        name = merged.get("name") or f"worker-{host}-{i}"
+        if name in names:
+            raise ConfigError(f"{label}: two workers are named {name!r}")
+        names.add(name)
+        specs.append(_spec(label, name, merged, cli))
+    if not specs:
+        raise ConfigError(f"{source}: no [[worker]] table: add one per worker")
+    return specs
+
+
+def _spec(label: str, name: str, s: dict[str, Any], cli: argparse.Namespace | None) -> WorkerSpec:
+    engine = s.get("engine", "llama")
+    models = s.get("models", s.get("model"))
+    models = [models] if isinstance(models, str) else list(models or [])
+    api_key = s.get("api_key")
+    if api_key is None and s.get("api_key_env"):
+        api_key = os.environ.get(s["api_key_env"])
+        if not api_key:
+            raise ConfigError(f"{label}: the environment variable {s['api_key_env']} "
+                              "(api_key_env) is not set")
+    if engine == "openai":
+        if not s.get("base_url"):
+            raise ConfigError(f"{label}: engine openai needs base_url "
+                              "(e.g. \"http://localhost:11434/v1\")")
+        if not models:
+            raise ConfigError(f"{label}: engine openai needs models = [\"NAME[=ALIAS]\", ...]")
+        try:
+            check_base_url(s["base_url"])
+            parse_models(models)
+        except EngineError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+    cli_get = (lambda k: getattr(cli, k, None)) if cli is not None else (lambda k: None)
+    try:
+        address = market_address(s.get("market") or cli_get("market"),
+                                 s.get("room") or cli_get("room"))
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+    args = argparse.Namespace(
+        engine=engine, model=models, base_url=s.get("base_url"), api_key=api_key,
+        upstream_timeout=float(s.get("upstream_timeout", DEFAULT_TIMEOUT)),
+        context=int(s.get("context", 2048)), threads=s.get("threads"),
+        slots=int(s.get("slots", 1)), delay=float(s.get("delay", 0.0)),
+    )
+    heartbeat = float(s.get("heartbeat") or cli_get("heartbeat") or 5.0)
+    return WorkerSpec(name, address, heartbeat, bool(s.get("warmup", True)), args)
+
+
+def load(path: Path, cli: argparse.Namespace | None = None) -> list[WorkerSpec]:
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the config file {path} is not UTF-8 text") from None
+    return parse(text, source=str(path), cli=cli)
+
+
+def describe(spec: WorkerSpec) -> str:
+    a = spec.args
+    what = ", ".join(a.model) if a.model else "default model"
+    where = f" via {a.base_url}" if a.engine == "openai" else ""
+    return (f"{spec.name}: {a.engine}{where} serving {what}, {a.slots} slot(s), "
+            f"on {spec.address.room_url}")
+
+
+async def run_workers(args: argparse.Namespace) -> int:
+    """Build every engine first (a bad file starts nothing), then run all workers."""
+    from .roles import make_engine, warmup
+
+    specs = load(args.config, args)
+    if getattr(args, "check", False):
+        for spec in specs:
+            print(describe(spec))
+        return 0
+    engines: list[Engine] = []
+    try:
+        for spec in specs:
+            try:
+                engines.append(await asyncio.to_thread(make_engine, spec.args))
+            except EngineError as exc:
+                raise EngineError(f"worker {spec.name!r}: {exc}") from None
+        workers = []
+        for spec, engine in zip(specs, engines):
+            agent = Agent(spec.address, type=AgentType.WORKER.value, name=spec.name,
+                          style=TEXT_STYLE, heartbeat=spec.heartbeat, state="busy")
+            worker = Worker(agent, engine, slots=spec.args.slots,
+                            max_tokens=getattr(spec.args, "max_tokens", 512))
+            if spec.warmup and spec.args.engine != "echo":
+                await warmup(worker)
+            workers.append(worker)
+        for spec, worker in zip(specs, workers):
+            await worker.agent.start(wait=False)
+            worker.agent.log.info("%s", describe(spec))
+        try:
+            await asyncio.gather(*(w.run() for w in workers))
+        finally:
+            for w in workers:
+                with contextlib.suppress(Exception):
+                    await w.agent.stop()
+    finally:
+        for engine in engines:
+            with contextlib.suppress(Exception):
+                await engine.close()
+    return 0

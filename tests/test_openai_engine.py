@@ -1,0 +1,447 @@
+"""Workers in front of an OpenAI-compatible upstream.
+
+Three layers: the engine alone against a misbehaving stub upstream (every failure
+class), real ``igora worker --engine openai`` processes on a real market in front of
+that stub, and the proof of normal operation: llama-cpp-python's own server on the
+bundled model, behind an openai worker, answering through the market.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from igora import Client, TaskAborted, TaskFailed, TaskTimeout
+from igora.engines.base import EngineError, EngineUnavailable, Finish, Request
+from igora.engines.llama import bundled_model
+from igora.engines.openai import OpenAIEngine, UpstreamModel
+from igora.protocol import A, F, State
+
+from .conftest import Cluster, free_port, wait_http
+from .upstream_stub import Stub
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+async def collect(engine: OpenAIEngine, model: str | None = None, **kw: Any) -> list[Any]:
+    return [item async for item in engine.generate(Request(HI, model=model, **kw))]
+
+
+def until(check: Any, timeout: float, what: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what() if callable(what) else what} within {timeout} s")
+
+
+async def until_async(check: Any, timeout: float, what: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+@pytest.fixture
+def stub() -> Iterator[Stub]:
+    with Stub() as s:
+        yield s
+
+
+@pytest.fixture
+async def engine(stub: Stub) -> AsyncIterator[OpenAIEngine]:
+    e = OpenAIEngine(stub.url, ["ok", "ok=friendly", "slow", "hang", "cut", "cut-clean",
+                                "interrupted", "midstream-error", "json", "e400", "e401", "e404", "e429",
+                                "e500", "e503"], timeout=1.0)
+    yield e
+    await e.close()
+
+
+# ---------------------------------------------------------------------- the engine alone
+async def test_engine_streams_the_upstream_pieces_then_its_usage(engine: OpenAIEngine) -> None:
+    items = await collect(engine, "ok")
+    assert items == ["Hello", " from", " the", " stub", Finish("stop", 7, 4)]
+
+
+async def test_alias_is_advertised_and_the_upstream_id_is_sent(
+    engine: OpenAIEngine, stub: Stub
+) -> None:
+    assert "friendly" in [m.name for m in engine.models()]
+    assert "".join(i for i in await collect(engine, "friendly") if isinstance(i, str)) == \
+        "Hello from the stub"
+    assert stub.requests[-1]["model"] == "ok"
+    assert stub.requests[-1]["stream"] is True
+
+
+async def test_max_tokens_is_forwarded_and_length_reported(engine: OpenAIEngine) -> None:
+    items = await collect(engine, "ok", max_tokens=2, temperature=0.5, seed=3)
+    assert items == ["Hello", " from", Finish("length", 7, 2)]
+
+
+async def test_upstream_refusing_stream_options_is_asked_again_without_them() -> None:
+    with Stub(strict_options=True) as s:
+        e = OpenAIEngine(s.url, ["ok"])
+        try:
+            first = await collect(e, "ok")
+            second = await collect(e, "ok")
+        finally:
+            await e.close()
+    assert first[-1] == second[-1] == Finish("stop", 0, 4)  # usage counted from the pieces
+    assert ["stream_options" in r for r in s.requests] == [True, False, False]
+
+
+async def test_non_streaming_answer_is_accepted(engine: OpenAIEngine) -> None:
+    assert await collect(engine, "json") == ["a whole answer", Finish("stop", 3, 3)]
+
+
+@pytest.mark.parametrize("model, message", [
+    ("e400", "HTTP 400: stub: the request is invalid"),
+    ("e401", "HTTP 401: Incorrect API key provided"),
+    ("e404", "HTTP 404: stub: no such model (check the model name"),
+    ("e500", "HTTP 500: stub: internal failure while generating"),
+])
+async def test_request_errors_fail_with_the_upstream_message(
+    engine: OpenAIEngine, model: str, message: str
+) -> None:
+    with pytest.raises(EngineError, match=message.replace("(", r"\(")) as err:
+        await collect(engine, model)
+    assert not isinstance(err.value, EngineUnavailable)
+
+
+@pytest.mark.parametrize("model, message", [
+    ("e429", "HTTP 429: stub: rate limit reached"),
+    ("e503", "HTTP 503: stub: overloaded"),
+])
+async def test_overload_statuses_mean_unavailable(
+    engine: OpenAIEngine, model: str, message: str
+) -> None:
+    with pytest.raises(EngineUnavailable, match=message):
+        await collect(engine, model)
+
+
+@pytest.mark.parametrize("model, message", [
+    ("cut", "cut the answer off after 3 piece"),
+    ("cut-clean", r"cut the answer off after 3 piece\(s\) \(the stream ended without finishing"),
+    ("interrupted", r"after 3 piece\(s\) \(\[DONE\] came without a finish reason"),
+    ("midstream-error", "failed mid-answer: stub: the GPU fell off the bus"),
+])
+async def test_stream_broken_mid_answer_fails(
+    engine: OpenAIEngine, model: str, message: str
+) -> None:
+    pieces: list[Any] = []
+    with pytest.raises(EngineError, match=message) as err:
+        async for item in engine.generate(Request(HI, model=model)):
+            pieces.append(item)
+    assert not isinstance(err.value, EngineUnavailable)
+    assert pieces and all(isinstance(p, str) for p in pieces)
+
+
+async def test_silent_upstream_fails_after_the_upstream_timeout(engine: OpenAIEngine) -> None:
+    with pytest.raises(EngineError, match=r"sent nothing for 1 s \(upstream timeout\)"):
+        await collect(engine, "hang")
+
+
+async def test_unreachable_upstream_is_unavailable() -> None:
+    e = OpenAIEngine(f"http://127.0.0.1:{free_port()}/v1", ["ok"])
+    try:
+        assert await e.available() is False
+        with pytest.raises(EngineUnavailable, match="cannot reach the upstream .*connection refused"):
+            await collect(e)
+    finally:
+        await e.close()
+
+
+async def test_health_check_needs_the_right_api_key() -> None:
+    with Stub(api_key="sesame") as s:
+        wrong, right = OpenAIEngine(s.url, ["ok"], api_key="nope"), OpenAIEngine(
+            s.url, ["ok=smart"], api_key="sesame")
+        try:
+            assert await wrong.available() is False
+            assert await right.available() is True
+            assert right.models()[0].advert() == {"name": "smart", "contextLength": 4096}
+            assert (await collect(right, "smart"))[-1] == Finish("stop", 7, 4)
+        finally:
+            await wrong.close()
+            await right.close()
+
+
+async def test_closing_the_stream_closes_the_upstream_connection(
+    engine: OpenAIEngine, stub: Stub
+) -> None:
+    gen = engine.generate(Request(HI, model="slow"))
+    pieces = [await gen.__anext__() for _ in range(3)]
+    assert pieces == ["tok0 ", "tok1 ", "tok2 "]
+    await gen.aclose()
+    await until_async(lambda: stub.disconnects >= 1, 5, "the upstream did not see the abort")
+
+
+@pytest.mark.parametrize("spec, what", [
+    ("=alias", "malformed"), ("name=", "malformed"), ("", "malformed"),
+])
+def test_bad_model_specs_are_refused_clearly(spec: str, what: str) -> None:
+    with pytest.raises(EngineError, match=what):
+        OpenAIEngine("http://127.0.0.1:1/v1", [spec])
+
+
+def test_model_spec_and_url_checks() -> None:
+    assert UpstreamModel.parse("llama3.2:3b=llama") == UpstreamModel("llama3.2:3b", "llama")
+    assert UpstreamModel.parse("qwen") == UpstreamModel("qwen", "qwen")
+    with pytest.raises(EngineError, match="two models are advertised as 'x'"):
+        OpenAIEngine("http://127.0.0.1:1/v1", ["a=x", "b=x"])
+    with pytest.raises(EngineError, match="must look like http://host:port/v1"):
+        OpenAIEngine("localhost:11434", ["a"])
+
+
+def test_cli_refuses_a_bad_base_url_without_a_traceback(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "igora", "worker", "--engine", "openai", "--base-url",
+         "ftp://x", "--model", "a", "--market", "ws://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "must look like http://host:port/v1" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------- through the market
+@pytest.fixture(scope="module")
+def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("openai"))
+    c.market()
+    c.broker()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def stub_workers(market: Cluster) -> Iterator[tuple[Cluster, Stub]]:
+    """Workers in front of one stub: one serving many behaviours, two offering model
+    ``flaky`` (one over a 503-answering upstream, with more slots so it is picked
+    first), one alone on model ``lonely`` (503), and one whose upstream is not there."""
+    s = Stub().start()
+
+    def worker(name: str, *extra: str, base_url: str = s.url) -> None:
+        market.worker("--no-warmup", "--base-url", base_url, *extra, name=name, engine="openai")
+
+    worker("multi", "--model", "ok=stub-ok", "--model", "hang=stub-hang",
+           "--model", "cut=stub-cut", "--model", "e400=stub-400", "--model", "e401=stub-401",
+           "--model", "e500=stub-500", "--model", "slow=stub-slow",
+           "--upstream-timeout", "2", "--slots", "2")
+    worker("flaky-bad", "--model", "e503=flaky", "--slots", "3")
+    worker("flaky-good", "--model", "ok=flaky")
+    worker("lonely", "--model", "e503=lonely")
+    worker("down", "--model", "ok=flaky", "--model", "ok=nowhere",
+           base_url=f"http://127.0.0.1:{free_port()}/v1")
+    until(lambda: {"multi", "flaky-bad", "flaky-good", "lonely", "down"}
+          <= {a.get("name") for a in market.agents("worker")}, 60,
+          lambda: "the stub workers did not all join\n" + market.logs())
+    yield market, s
+    s.stop()
+
+
+def worker_state(cluster: Cluster, name: str) -> dict[str, Any]:
+    found = [a for a in cluster.agents("worker") if a.get("name") == name]
+    return found[0] if found else {}
+
+
+def wait_ready(cluster: Cluster, *names: str, timeout: float = 30) -> None:
+    for name in names:
+        until(lambda: worker_state(cluster, name).get(A.STATE) == "ready", timeout,
+              lambda: f"worker {name} did not become ready\n" + cluster.logs())
+
+
+async def test_market_task_is_answered_by_the_upstream_under_its_alias(
+    stub_workers: tuple[Cluster, Stub],
+) -> None:
+    cluster, stub = stub_workers
+    wait_ready(cluster, "multi")
+    advert = worker_state(cluster, "multi")
+    assert advert[A.ENGINE] == "openai" and advert[A.SLOTS] == 2
+    assert {m["name"] for m in advert[A.MODELS]} >= {"stub-ok", "stub-hang", "stub-slow"}
+    async with Client(cluster.url, timeout=30) as client:
+        answer = await (await client.submit("Hi", model="stub-ok")).result()
+    assert answer.text == "Hello from the stub"
+    assert answer.finish_reason == "stop"
+    assert answer.usage == {"promptTokens": 7, "completionTokens": 4}
+    assert stub.models_of("ok")
+
+
+@pytest.mark.parametrize("model, message", [
+    ("stub-400", "HTTP 400: stub: the request is invalid"),
+    ("stub-401", "HTTP 401: Incorrect API key provided"),
+    ("stub-500", "HTTP 500: stub: internal failure while generating"),
+    ("stub-hang", r"sent nothing for 2 s \(upstream timeout\)"),
+    ("stub-cut", r"cut the answer off after 3 piece"),
+])
+async def test_upstream_failure_ends_the_task_failed_with_its_reason(
+    stub_workers: tuple[Cluster, Stub], model: str, message: str,
+) -> None:
+    cluster, _ = stub_workers
+    wait_ready(cluster, "multi")
+    async with Client(cluster.url, timeout=30) as client:
+        with pytest.raises(TaskFailed, match=message) as err:
+            await client.chat("Hi", model=model)
+    assert err.value.task[F.STATE] == State.FAILED.value
+    assert int(err.value.task[F.ATTEMPTS]) == 1
+
+
+async def test_abort_mid_stream_ends_the_task_aborted_and_closes_the_upstream_stream(
+    stub_workers: tuple[Cluster, Stub],
+) -> None:
+    cluster, stub = stub_workers
+    wait_ready(cluster, "multi")
+    before = stub.disconnects
+    async with Client(cluster.url, timeout=60) as client:
+        task = await client.submit("a long answer please", model="stub-slow")
+        pieces = []
+        with pytest.raises(TaskAborted) as err:
+            async for piece in task.stream():
+                pieces.append(piece)
+                if len("".join(pieces)) >= 10:
+                    task.abort()
+    assert "".join(pieces).startswith("tok0 tok1")
+    assert err.value.task[F.STATE] == State.ABORTED.value
+    assert len(err.value.task.get(F.RESPONSE) or "") < 200  # stopped early, not run to its end
+    await until_async(lambda: stub.disconnects > before, 10,
+                      "the upstream stream was not closed after the abort")
+
+
+async def test_unavailable_upstream_hands_the_task_to_another_worker_once(
+    stub_workers: tuple[Cluster, Stub],
+) -> None:
+    cluster, stub = stub_workers
+    wait_ready(cluster, "flaky-bad", "flaky-good")
+    async with Client(cluster.url, timeout=30) as client:
+        ids = {w.name: w.id for w in client.workers()}
+        answer = await (await client.submit("Hi", model="flaky")).result()
+    assert answer.text == "Hello from the stub"
+    assert answer.task[F.WORKER] == ids["flaky-good"]
+    assert answer.task[F.ATTEMPTS] == 2  # tried on flaky-bad (503), then handed back once
+    assert len(stub.models_of("e503")) >= 1
+
+
+async def test_unavailable_upstream_with_no_other_worker_fails_with_its_reason(
+    stub_workers: tuple[Cluster, Stub],
+) -> None:
+    cluster, _ = stub_workers
+    wait_ready(cluster, "lonely")
+    async with Client(cluster.url, timeout=30) as client:
+        with pytest.raises(TaskFailed, match="HTTP 503: stub: overloaded"):
+            await client.chat("Hi", model="lonely")
+    # it advertised itself busy at once; the health poll (every 5 s) brings it back
+    wait_ready(cluster, "lonely", timeout=20)
+
+
+async def test_worker_with_unreachable_upstream_advertises_busy_and_takes_nothing(
+    stub_workers: tuple[Cluster, Stub],
+) -> None:
+    cluster, _ = stub_workers
+    down = worker_state(cluster, "down")
+    assert down[A.STATE] == "busy" and down[A.SLOTS] == 0
+    assert {m["name"] for m in down[A.MODELS]} == {"flaky", "nowhere"}
+    async with Client(cluster.url) as client:
+        with pytest.raises(TaskTimeout, match="deadline passed while waiting"):
+            await client.chat("Hi", model="nowhere", timeout=2)
+    log = next(p for p in cluster.procs if p.log_path.name.endswith("-down.log"))
+    until(lambda: "connection refused" in log.log(), 10, "the down worker did not log why")
+
+
+async def test_worker_goes_busy_while_its_upstream_is_down_and_comes_back(
+    market: Cluster,
+) -> None:
+    s = Stub().start()
+    port = s.port
+    market.worker("--no-warmup", "--base-url", s.url, "--model", "ok=phoenix",
+                  name="phoenix", engine="openai")
+    try:
+        wait_ready(market, "phoenix")
+        async with Client(market.url, timeout=30) as client:
+            assert await client.chat("Hi", model="phoenix") == "Hello from the stub"
+        s.stop()
+        until(lambda: worker_state(market, "phoenix").get(A.STATE) == "busy", 20,
+              lambda: "the worker did not report its upstream down\n" + market.logs())
+        s = Stub(port=port).start()
+        wait_ready(market, "phoenix", timeout=20)
+        async with Client(market.url, timeout=30) as client:
+            assert await client.chat("Hi", model="phoenix") == "Hello from the stub"
+    finally:
+        with contextlib.suppress(Exception):
+            s.stop()
+
+
+# ---------------------------------------------------------------------- a real upstream
+@pytest.fixture(scope="module")
+def real_upstream(market: Cluster) -> Iterator[Cluster]:
+    """llama-cpp-python's own OpenAI-compatible server on the bundled model, and an
+    ``igora worker --engine openai`` in front of it advertising it as ``smol``."""
+    port = free_port()
+    log_path = market.tmp / "llama-server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model()),
+             "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+             "--n_ctx", "2048", "--verbose", "False"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        try:
+            wait_http(f"http://127.0.0.1:{port}/v1/models", 90)
+        except AssertionError:
+            raise AssertionError("llama_cpp.server did not start:\n"
+                                 + log_path.read_text(errors="replace")[-3000:]) from None
+        market.worker("--base-url", f"http://127.0.0.1:{port}/v1", "--model", "smollm2=smol",
+                      "--slots", "1", name="real", engine="openai")
+        wait_ready(market, "real", timeout=60)
+        yield market
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
+
+
+async def test_real_openai_server_answers_through_the_market(real_upstream: Cluster) -> None:
+    advert = worker_state(real_upstream, "real")
+    assert advert[A.ENGINE] == "openai"
+    assert [m["name"] for m in advert[A.MODELS]] == ["smol"]
+    assert advert[A.SPEED] and advert[A.SPEED] > 0  # measured at start
+    async with Client(real_upstream.url, timeout=60) as client:
+        assert "smol" in client.models()
+        answer = await (await client.submit("What is the capital of France?", model="smol",
+                                            max_tokens=12, temperature=0.0)).result()
+    assert answer.text.strip()
+    assert answer.finish_reason in ("stop", "length")
+    assert 0 < answer.usage["completionTokens"] <= 12
+
+
+async def test_real_openai_server_stream_is_aborted_by_the_client(real_upstream: Cluster) -> None:
+    async with Client(real_upstream.url, timeout=60) as client:
+        # at temperature 0 the bundled model writes ~600 tokens here: many seconds of work
+        task = await client.submit("Write a very long story about a dragon.", model="smol",
+                                   max_tokens=1500, temperature=0.0)
+        pieces: list[str] = []
+        with pytest.raises(TaskAborted) as err:
+            async for piece in task.stream():
+                pieces.append(piece)
+                if len(pieces) == 1:
+                    task.abort()
+        assert pieces
+    assert err.value.task[F.STATE] == State.ABORTED.value
+    assert len(err.value.task.get(F.RESPONSE) or "") < 1000  # stopped long before its end
+    server_log = real_upstream.tmp / "llama-server.log"
+    await until_async(lambda: "Disconnected from client" in server_log.read_text(errors="replace"),
+                      20, "llama_cpp.server did not see the worker close the stream")
+    wait_ready(real_upstream, "real")  # the worker's slot is free again
