@@ -69,6 +69,9 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
+_KIND = {str: "a string", int: "an integer", bool: "true or false", list: "a list of strings"}
+
+
 @dataclass
 class WorkerSpec:
     """One worker of the file, resolved: its market and the flags ``make_engine`` reads."""
@@ -87,8 +90,8 @@ def _check(where: str, key: str, value: Any) -> None:
     types, what = KEYS[key]
     bad_bool = isinstance(value, bool) and bool not in types
     if bad_bool or not isinstance(value, types):
-        kinds = " or ".join("list of strings" if t is list else t.__name__ for t in types)
-        raise ConfigError(f"{where}: {key} must be a {kinds} ({what}), not {value!r}")
+        kinds = "a number" if float in types else " or ".join(_KIND[t] for t in types)
+        raise ConfigError(f"{where}: {key} must be {kinds} ({what}), not {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{where}: {key} must be a list of non-empty strings")
     if key in ("slots", "context", "threads", "heartbeat", "upstream_timeout") and value <= 0:
