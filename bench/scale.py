@@ -3,8 +3,10 @@
 and the latency of a small document update and of an awareness change between two
 probe agents in the same room, compared with the same probes on an empty market.
 
-The 1,000 agents are raw ``igora.agent.Agent`` connections in four ``bench.swarm``
-processes (every one receives the whole room's traffic, as a real agent does).
+The 1,000 agents are light y-websocket connections in four ``bench.swarm`` processes:
+each speaks the wire protocol like any agent (sync, awareness heartbeat, goodbye) and
+receives the whole room's traffic, but keeps no document, so the market is what is
+measured.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ async def run(quick: bool) -> Section:
          f"{ms(loaded['aware_p50'])} / {ms(loaded['aware_p99'])}"],
     ]
     body = (
-        f"{agents} raw agents in {procs} processes, awareness heartbeat {HEARTBEAT:g} s "
+        f"{agents} light agents in {procs} processes, awareness heartbeat {HEARTBEAT:g} s "
         f"(Igora's default), {CHURN:g} agents replaced per second (leave + join); connecting "
         f"them all took {connect_time:.0f} s. Probes: two more agents in the same room, "
         f"{n_probe} round trips of a small document update and {n_probe} awareness "

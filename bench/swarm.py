@@ -1,35 +1,111 @@
-"""A swarm process: N raw ``igora.agent.Agent`` connections to one room, with churn.
+"""A swarm process: N light y-websocket agents in one room, with churn.
 
-``python -m bench.swarm URL N HEARTBEAT CHURN SECONDS READY_FILE``: connects N agents
-(awareness heartbeat HEARTBEAT s), writes READY_FILE once all are synced, then every
-second replaces CHURN of them (one leaves, a new one joins) for SECONDS seconds.
+``python -m bench.swarm URL N HEARTBEAT CHURN SECONDS READY_FILE``. Each agent speaks
+the protocol as any agent does on the wire (sync step 1 and 2, an awareness state in
+Igora's layout refreshed every HEARTBEAT s, a goodbye when it leaves) but keeps no
+document: it reads and drops what the market sends, so that four such processes can
+hold 1,000 connections on two cores and the market is what gets measured. Once all
+are connected it writes READY_FILE, then every second CHURN of them leave and as many
+new ones join, for SECONDS seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
 import sys
 import time
 from pathlib import Path
 
-from igora.agent import Agent
-from igora.config import MarketAddress
+from pycrdt import Doc, Encoder, YMessageType, create_awareness_message, create_sync_message, handle_sync_message
+from websockets.asyncio.client import connect
+
+from igora.protocol import PROTOCOL_VERSION, new_id, now_ms
+
+EMPTY = Doc()
+
+
+def awareness(client_id: int, clock: int, state: dict | None) -> bytes:
+    enc = Encoder()
+    enc.write_var_uint(1)
+    enc.write_var_uint(client_id)
+    enc.write_var_uint(clock)
+    enc.write_var_string(json.dumps(state, separators=(",", ":")) if state else "null")
+    return create_awareness_message(enc.to_bytes())
+
+
+class Light:
+    def __init__(self, url: str, n: int, heartbeat: float) -> None:
+        self.url = url
+        self.client_id = random.getrandbits(31)
+        self.clock = 0
+        self.heartbeat = heartbeat
+        self.state = {"id": new_id(), "name": f"swarm-{n}", "type": "client", "style": "text",
+                      "state": "ready", "protocol": PROTOCOL_VERSION, "heartbeat": heartbeat,
+                      "since": now_ms(), "date": now_ms()}
+        self.synced = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.ws = None
+
+    async def run(self) -> None:
+        async with connect(self.url, max_size=None, open_timeout=300, ping_interval=None) as ws:
+            self.ws = ws
+            await ws.send(create_sync_message(EMPTY))
+            await self.beat()
+            beats = asyncio.create_task(self.beats())
+            try:
+                async for message in ws:
+                    if isinstance(message, bytes) and message[:2] == bytes([YMessageType.SYNC, 0]):
+                        reply = handle_sync_message(message[1:], EMPTY)
+                        if reply:
+                            await ws.send(reply)
+                    elif isinstance(message, bytes) and message[:2] == bytes([YMessageType.SYNC, 1]):
+                        self.synced.set()
+            finally:
+                beats.cancel()
+
+    async def beat(self) -> None:
+        self.clock += 1
+        self.state["date"] = now_ms()
+        assert self.ws is not None
+        await self.ws.send(awareness(self.client_id, self.clock, self.state))
+
+    async def beats(self) -> None:
+        await asyncio.sleep(random.random() * self.heartbeat)
+        while True:
+            await self.beat()
+            await asyncio.sleep(self.heartbeat)
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.run())
+        await asyncio.wait_for(self.synced.wait(), 300)
+
+    async def stop(self) -> None:
+        if self.ws is not None:
+            self.clock += 1
+            with contextlib.suppress(Exception):
+                await self.ws.send(awareness(self.client_id, self.clock, None))
+                await self.ws.close()
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
 
 
 async def main(url: str, n: int, heartbeat: float, churn: float, seconds: float,
                ready: str) -> None:
-    address = MarketAddress(url, "market")
+    room = f"{url}/market"
     count = 0
 
-    def make() -> Agent:
+    def make() -> Light:
         nonlocal count
         count += 1
-        return Agent(address, type="client", name=f"swarm-{count}", style="text",
-                     heartbeat=heartbeat, connect_timeout=300)
+        return Light(room, count, heartbeat)
 
     agents = [make() for _ in range(n)]
-    for i in range(0, n, 25):  # connect in waves, as a crowd arriving
+    for i in range(0, n, 25):  # a crowd arriving in waves
         await asyncio.gather(*(a.start() for a in agents[i:i + 25]))
     Path(ready).write_text("ready")
     end = time.monotonic() + seconds
