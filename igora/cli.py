@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline of tasks that name none")
     p.add_argument("--retention", type=float, default=600.0, metavar="S",
                    help="seconds finished tasks stay in the live document (then archive only)")
+    p.add_argument("--claim-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a present worker has to take a task assigned to it before "
+                        "the task goes to another one")
     _market_options(p)
     _common(p)
 

@@ -85,7 +85,8 @@ async def run_broker(address: MarketAddress, args: argparse.Namespace) -> int:
     agent = Agent(address, type=AgentType.BROKER.value, name=args.name, style=BROKER_STYLE,
                   heartbeat=args.heartbeat)
     broker = Broker(agent, grace=args.grace, max_attempts=args.max_attempts,
-                    task_timeout=args.task_timeout, retention=args.retention)
+                    task_timeout=args.task_timeout, retention=args.retention,
+                    claim_timeout=args.claim_timeout)
     await agent.start(wait=False)
     agent.log.info("%s watching %s", args.name, address.room_url)
     try:

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("entries"))
     c.market()
-    c.broker()
+    c.broker("--claim-timeout", "3")
     c.worker("--slots", "2", "--delay", "0.02", name="w")
     c.wait_agents("worker", 1)
     c.wait_agents("broker", 1)
@@ -254,3 +254,19 @@ async def test_garbage_in_done_and_in_awareness_hurts_nobody(market: Cluster,
     done = raw.maps[MapName.DONE]
     await wait_for(lambda: not any(k in done for k in keys), 20,
                    "the active broker removes entries of done that are not tasks", market)
+
+
+async def test_fake_worker_that_never_takes_its_tasks_loses_them_to_a_real_one(
+    market: Cluster,
+) -> None:
+    async with observer(market, "hostage-taker") as fake:
+        fake.set_state(type="worker", style="text", state="ready", slots=8, running=0,
+                       models=[{"name": "echo"}], engine="echo")
+        async with Client(market.url) as client:
+            await wait_for(lambda: len(client.workers()) == 2, 10, "the fake worker is seen")
+            answers = await asyncio.gather(*(client.chat(f"hostage {i}", timeout=60)
+                                             for i in range(6)))
+    assert answers == [f"Echo: hostage {i}" for i in range(6)]
+    log = market.procs[1].log()
+    assert f"worker {fake.id} does not take the tasks assigned to it" in log
+    assert "did not take it within 3 s" in log

@@ -22,6 +22,7 @@ from .presence import DEFAULT_GRACE, Presence
 
 TICK = 0.5
 RETENTION_EVERY = 5.0
+SHUN_FOR = 120.0  # seconds a worker that left a task untaken gets no new one
 
 log = logging.getLogger("igora.broker")
 
@@ -35,6 +36,7 @@ class Broker:
         max_attempts: int = policies.DEFAULT_MAX_ATTEMPTS,
         task_timeout: float = policies.DEFAULT_TIMEOUT,
         retention: float = policies.DEFAULT_RETENTION,
+        claim_timeout: float = policies.DEFAULT_CLAIM_TIMEOUT,
     ) -> None:
         self.agent = agent
         self.presence = Presence(agent, grace)
@@ -43,6 +45,9 @@ class Broker:
         self.max_attempts = max_attempts
         self.task_timeout = task_timeout
         self.retention = retention
+        self.claim_timeout = claim_timeout
+        # Workers that did not take a task assigned to them get none for a while.
+        self.shunned: dict[str, float] = {}
         # Others count this broker gone after 3 silent heartbeats; a gap of 2 between two
         # rounds means it may have been, and must not act on its old view.
         self.stall_limit = max(2 * agent.heartbeat, 2 * TICK)
@@ -134,6 +139,7 @@ class Broker:
         moves = (
             policies.expire(snap, self.task_timeout)
             + policies.recover(snap, self.presence.present, self.max_attempts)
+            + self._unclaimed(snap)
             + policies.abort_orphans(snap, self.presence.present)
         )
         touched = self._apply(moves)
@@ -145,6 +151,18 @@ class Broker:
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
             self._last_retention = time.monotonic()
             self._retain()
+
+    def _unclaimed(self, snap: policies.Snapshot) -> list[policies.Move]:
+        moves = policies.unclaimed(snap, self.claim_timeout, self.max_attempts)
+        now = time.monotonic()
+        self.shunned = {w: until for w, until in self.shunned.items() if until > now}
+        for mv in moves:
+            worker = snap.prepared[mv.task_id].get(F.WORKER)
+            if isinstance(worker, str) and self.shunned.get(worker, 0.0) < time.monotonic():
+                log.warning("%s: worker %s does not take the tasks assigned to it; none for "
+                            "%g s", self.agent.name, worker[:80], SHUN_FOR)
+                self.shunned[worker] = time.monotonic() + SHUN_FOR
+        return moves
 
     def _apply(self, moves: list[policies.Move]) -> set[str]:
         touched: set[str] = set()
@@ -168,7 +186,9 @@ class Broker:
                 touched: set[str]) -> None:
         if not waiting:
             return
-        workers = [p for p in self.presence.peers if p.type == "worker"]
+        now = time.monotonic()
+        workers = [p for p in self.presence.peers
+                   if p.type == "worker" and self.shunned.get(p.id or "", 0.0) < now]
         if not workers:
             return
         load: Counter[str] = Counter()

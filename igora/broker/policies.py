@@ -2,6 +2,7 @@
 
 - ``recover``: tasks of workers that vanished go back to ``todos`` (up to
   ``max_attempts`` assignments), then ``failed``;
+- ``unclaimed``: tasks a present worker does not take in time go back to ``todos``;
 - ``abort_orphans``: tasks of askers that vanished are ``aborted``;
 - ``expire``: tasks past their deadline are ``failed`` with the reason;
 - ``retain``: finished tasks leave the live document after ``retention`` seconds (the
@@ -21,6 +22,7 @@ from ..protocol import ABORTED_MARK, F, MapName, State, now_ms, stream_key
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_TIMEOUT = 600.0  # seconds a task may live when it names no deadline
 DEFAULT_RETENTION = 600.0
+DEFAULT_CLAIM_TIMEOUT = 30.0  # seconds a present worker has to take a task assigned to it
 ABORT_GRACE = 10.0  # seconds a worker has to end a task marked aborted
 
 
@@ -86,6 +88,30 @@ def recover(snap: Snapshot, present: Callable[[Any], bool], max_attempts: int) -
             else:
                 moves.append(Move(tid, source, MapName.TODOS, back_to_todo(task),
                                   f"re-queued: worker {worker} vanished", _stream_of(task)))
+    return moves
+
+
+def unclaimed(snap: Snapshot, claim_timeout: float, max_attempts: int) -> list[Move]:
+    """Tasks left in ``prepared`` longer than ``claim_timeout`` although their worker is
+    present (hung, or advertising slots it does not have) go back to ``todos``, up to
+    ``max_attempts`` assignments, then ``failed``. A live worker takes a task within
+    milliseconds of its assignment."""
+    moves = []
+    for tid, task in snap.prepared.items():
+        start = _num(task, F.START)
+        if start is None or snap.now - start <= claim_timeout * 1000:
+            continue
+        attempts = int(_num(task, F.ATTEMPTS) or 1)
+        worker = task.get(F.WORKER)
+        if attempts >= max_attempts:
+            moves.append(Move(tid, MapName.PREPARED, MapName.DONE, ended(
+                task, State.FAILED, snap.now,
+                **{F.ERROR: f"no worker took it ({attempts} attempts)"}),
+                "failed: never taken"))
+        else:
+            moves.append(Move(tid, MapName.PREPARED, MapName.TODOS, back_to_todo(task),
+                              f"re-queued: worker {worker} did not take it within "
+                              f"{claim_timeout:g} s"))
     return moves
 
 
@@ -155,4 +181,5 @@ def retain(done: dict[str, Any], now: int, retention: float) -> list[str]:
     return out
 
 
-__all__ = ["Snapshot", "Move", "recover", "abort_orphans", "expire", "retain", "stream_key"]
+__all__ = ["Snapshot", "Move", "recover", "unclaimed", "abort_orphans", "expire", "retain",
+           "stream_key"]
