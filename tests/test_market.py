@@ -21,7 +21,7 @@ from igora.config import ConfigError, market_address
 from igora.protocol import MapName
 
 from .conftest import Cluster, Proc
-from .market_peers import NodePeer, agent, ensure_node_modules, entry, stored_maps, until
+from .market_peers import NodePeer, TcpProxy, agent, ensure_node_modules, entry, stored_maps, until
 
 
 @pytest.fixture(scope="session")
@@ -194,13 +194,16 @@ async def test_market_killed_and_restarted_keeps_document_and_agents_resume(
 ) -> None:
     market = cluster.market()
     node = NodePeer(cluster.url, "wire", cluster.tmp / "node-peer.log")
+    node2 = NodePeer(cluster.url, "wire", cluster.tmp / "node-peer-2.log", name="node-2")
     try:
-        await restart_scenario(cluster, market, node)
+        await restart_scenario(cluster, market, node, node2)
     finally:
         node.kill()
+        node2.kill()
 
 
-async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer) -> None:
+async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer,
+                           node2: NodePeer) -> None:
     db = cluster.data / "market.sqlite3"
     entries = {f"t{i}": {"id": f"t{i}", "prompt": "é" * i, "n": i} for i in range(20)}
 
@@ -219,6 +222,7 @@ async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer) -> No
     # 2. Connected agents (python and node) resume by themselves after a SIGKILL.
     await until(lambda: node.synced, 20, "the node client to sync")
     node.aware({"type": "worker", "state": "ready"})
+    node2.aware({"type": "worker", "state": "ready"})
     async with agent(cluster.url, "wire", name="resumer") as py:
         with py.transaction():
             py.maps[MapName.TODOS]["before"] = {"id": "before"}
@@ -240,6 +244,10 @@ async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer) -> No
             await until(lambda: {"resumer", "node-peer"} <= {p.state.get("name") for p in
                                                                fresh.peers()}, 10,
                         "a newcomer to see both resumed agents' awareness")
+    # Two original (y-websocket) agents see each other again at once, not at their next
+    # renewal 15 s later: they re-announce at an unchanged clock (see renumber()).
+    await until(lambda: any(s.get("name") == "node-2" for s in node.others()), 5,
+                "node to see node-2 again")
 
 
 async def test_sigterm_flushes_the_store_before_the_market_exits(cluster: Cluster) -> None:
@@ -271,6 +279,38 @@ async def test_idle_room_leaves_memory_and_comes_back_from_the_store_with_its_ar
     async with agent(cluster.url, "idle", name="reader") as r:
         assert entry(r, "todos", "t1") == {"id": "t1", "state": "todo"}
         assert entry(r, "done", "d1") == done
+
+
+async def test_agents_reconnect_by_themselves_when_the_network_drops(
+    shared: Cluster, node_modules: None, request: pytest.FixtureRequest
+) -> None:
+    proxy = TcpProxy(shared.port)
+    await proxy.start()
+    room_name = room_of(request)
+    url = f"ws://127.0.0.1:{proxy.port}"
+    node = NodePeer(url, room_name, shared.tmp / f"{room_name}-node.log")
+    try:
+        async with agent(url, room_name, name="behind-proxy") as py, \
+                agent(shared.url, room_name, name="direct") as direct:
+            node.aware({"type": "worker", "state": "ready"})
+            await until(lambda: node.status == "connected" and len(direct.peers()) == 2, 20,
+                        "the node peer and the proxied agent to be seen")
+            assert proxy.cut() == 2
+            await until(lambda: not py.connected and node.status == "disconnected", 10,
+                        "both proxied clients to notice the drop")
+            await until(lambda: py.connected and node.status == "connected", 15,
+                        "both proxied clients to reconnect by themselves")
+            with direct.transaction():
+                direct.maps[MapName.TODOS]["after-drop"] = {"id": "after-drop"}
+            await until(lambda: entry(py, "todos", "after-drop")
+                        and "after-drop" in node.maps.get("todos", {}), 10,
+                        "the reconnected clients to receive a new entry")
+            await until(lambda: {"behind-proxy", "node-peer"} <= {p.state.get("name")
+                                                                  for p in direct.peers()},
+                        10, "their awareness states to be back")
+    finally:
+        node.kill()
+        await proxy.stop()
 
 
 # ------------------------------------------------------------------------------ config
