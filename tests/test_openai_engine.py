@@ -318,6 +318,25 @@ async def test_abort_mid_stream_ends_the_task_aborted_and_closes_the_upstream_st
                       "the upstream stream was not closed after the abort")
 
 
+async def test_worker_streams_as_many_upstream_answers_at_once_as_it_has_slots(
+    stub_workers: tuple[Cluster, Stub],
+) -> None:
+    cluster, stub = stub_workers
+    wait_ready(cluster, "multi")  # 2 slots
+    async with Client(cluster.url, timeout=60) as client:
+        tasks = [await client.submit(f"long {i}", model="stub-slow") for i in range(2)]
+        streams = [t.stream() for t in tasks]
+        firsts = await asyncio.wait_for(asyncio.gather(*(s.__anext__() for s in streams)), 30)
+        assert all(f.startswith("tok0 ") for f in firsts)  # both streams run at once
+        assert worker_state(cluster, "multi")[A.RUNNING] == 2
+        for t in tasks:
+            t.abort()
+        for s in streams:
+            with pytest.raises(TaskAborted):
+                async for _ in s:
+                    pass
+
+
 async def test_unavailable_upstream_hands_the_task_to_another_worker_once(
     stub_workers: tuple[Cluster, Stub],
 ) -> None:

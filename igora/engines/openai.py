@@ -200,19 +200,24 @@ class OpenAIEngine(Engine):
         upstream rejects that field (older servers)."""
         client = self._http()
         url = f"{self.base_url}/chat/completions"
+        retried = False
         while True:
             response = await client.send(client.build_request("POST", url, json=body),
                                          stream=True)
             try:
                 if response.status_code < 400:
+                    if retried:  # it was the field: never send it again
+                        self._usage_ok = False
+                    elif "stream_options" in body:
+                        self._usage_ok = True
                     yield response
                     return
                 error = await self._error_of(response)
                 if (response.status_code in (400, 422) and "stream_options" in body
-                        and self._usage_ok is None):
-                    log.info("upstream %s refused stream_options (%s); retrying without",
-                             self.base_url, error)
-                    self._usage_ok = False
+                        and self._usage_ok is None and not retried):
+                    log.info("upstream %s refused a request with stream_options (%s); "
+                             "trying again without", self.base_url, error)
+                    retried = True
                     body = {k: v for k, v in body.items() if k != "stream_options"}
                     continue
                 raise error
