@@ -64,8 +64,8 @@ def stub() -> Iterator[Stub]:
 @pytest.fixture
 async def engine(stub: Stub) -> AsyncIterator[OpenAIEngine]:
     e = OpenAIEngine(stub.url, ["ok", "ok=friendly", "slow", "hang", "cut", "cut-clean",
-                                "interrupted", "midstream-error", "json", "e400", "e401", "e404", "e429",
-                                "e500", "e503"], timeout=1.0)
+                                "interrupted", "midstream-error", "json", "e400", "e401",
+                                "e404", "e429", "e500", "e503"], timeout=1.0)
     yield e
     await e.close()
 
@@ -158,7 +158,8 @@ async def test_unreachable_upstream_is_unavailable() -> None:
     e = OpenAIEngine(f"http://127.0.0.1:{free_port()}/v1", ["ok"])
     try:
         assert await e.available() is False
-        with pytest.raises(EngineUnavailable, match="cannot reach the upstream .*connection refused"):
+        with pytest.raises(EngineUnavailable,
+                           match="cannot reach the upstream .*connection refused"):
             await collect(e)
     finally:
         await e.close()

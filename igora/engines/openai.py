@@ -283,7 +283,8 @@ class OpenAIEngine(Engine):
                     f"the upstream {self.base_url} closed the connection: {_why(exc)}") from None
             raise EngineError(self._cut(pieces, _why(exc))) from None
         except httpx.HTTPError as exc:
-            raise EngineError(f"request to the upstream {self.base_url} failed: {_why(exc)}") from None
+            raise EngineError(
+                f"request to the upstream {self.base_url} failed: {_why(exc)}") from None
         finally:
             self._in_flight -= 1
 
@@ -298,7 +299,8 @@ class OpenAIEngine(Engine):
             raise EngineError(f"the upstream {self.base_url} sent a malformed chunk: "
                               f"{data[:200]!r}") from None
         if not isinstance(chunk, dict):
-            raise EngineError(f"the upstream {self.base_url} sent a malformed chunk: {data[:200]!r}")
+            raise EngineError(
+                f"the upstream {self.base_url} sent a malformed chunk: {data[:200]!r}")
         if chunk.get("error"):
             err = chunk["error"]
             message = err.get("message", err) if isinstance(err, dict) else err
