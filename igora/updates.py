@@ -18,7 +18,8 @@ MAX_DEPTH = 64
 """Deepest nesting of arrays/objects accepted in a value of the shared document."""
 
 # lib0 ``writeAny`` tags
-_UNDEFINED, _NULL, _INT, _F32, _F64, _BIGINT, _FALSE, _TRUE = 127, 126, 125, 124, 123, 122, 121, 120
+_UNDEFINED, _NULL, _INT, _F32 = 127, 126, 125, 124
+_F64, _BIGINT, _FALSE, _TRUE = 123, 122, 121, 120
 _STRING, _OBJECT, _ARRAY, _BYTES = 119, 118, 117, 116
 
 

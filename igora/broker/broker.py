@@ -13,7 +13,7 @@ from typing import Any
 from pycrdt import MapEvent
 
 from ..agent import Agent
-from ..protocol import F, MapName, ProtocolError, State, now_ms, validate_task
+from ..protocol import A, AgentState, F, MapName, ProtocolError, State, now_ms, validate_task
 from . import policies
 from .fairness import Fairness
 from .leader import Leadership
@@ -114,6 +114,8 @@ class Broker:
 
     def _reject(self, source: MapName, tid: str, value: Any, why: str) -> None:
         if tid not in self._rejected:
+            if len(self._rejected) > 10_000:  # only there to log each offender once
+                self._rejected.clear()
             log.warning("%s: invalid task %r in %s: %s", self.agent.name, tid[:80], source.value, why)
             self._rejected.add(tid)
         if not self.leadership.leading:
@@ -153,7 +155,12 @@ class Broker:
             self._retain()
 
     def _unclaimed(self, snap: policies.Snapshot) -> list[policies.Move]:
-        moves = policies.unclaimed(snap, self.claim_timeout, self.max_attempts)
+        # A worker that says its engine is unavailable keeps its tasks on purpose (it hands
+        # them back itself when another worker can serve them).
+        busy = {p.id for p in self.presence.peers
+                if p.state.get(A.STATE) == AgentState.BUSY.value}
+        moves = [mv for mv in policies.unclaimed(snap, self.claim_timeout, self.max_attempts)
+                 if snap.prepared[mv.task_id].get(F.WORKER) not in busy]
         now = time.monotonic()
         self.shunned = {w: until for w, until in self.shunned.items() if until > now}
         for mv in moves:
