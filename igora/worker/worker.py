@@ -39,6 +39,7 @@ COMPAT_INTERVAL = 0.25
 COMPAT_GROWTH = 1.25
 HEALTH_INTERVAL = 5.0
 STRAY_CHECK = 2.0  # seconds between two looks for tasks wrongly attributed to this worker
+STALL_SETTLE = 0.2  # seconds to read the market's news after this process stood still
 _RUN_FIELDS = (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM)
 HANDBACK_ATTEMPTS = 3  # a task is handed back to ``todos`` only while it has had fewer assignments
 
@@ -272,6 +273,7 @@ class Worker:
         error: str | None = None
         requeue = False
         last_refresh = 0.0
+        last_item = time.monotonic()
         refreshed_len = 0
         deadline = task.get(F.DEADLINE)
         try:
@@ -293,6 +295,13 @@ class Worker:
                     if isinstance(item, Finish):
                         finish = item
                         break
+                    if time.monotonic() - last_item > 2 * self.agent.heartbeat:
+                        # Paused (or starved) long enough to be counted gone: the task may
+                        # have moved on. Read what arrived before writing anything.
+                        await asyncio.sleep(STALL_SETTLE)
+                        if run.stop_reason:
+                            break
+                    last_item = time.monotonic()
                     piece = "".join(item)
                     response += piece
                     now = time.monotonic()
