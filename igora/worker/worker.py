@@ -292,9 +292,6 @@ class Worker:
                         item = nxt.result()
                     except StopAsyncIteration:
                         break
-                    if isinstance(item, Finish):
-                        finish = item
-                        break
                     if time.monotonic() - last_item > 2 * self.agent.heartbeat:
                         # Paused (or starved) long enough to be counted gone: the task may
                         # have moved on. Read what arrived before writing anything.
@@ -302,6 +299,9 @@ class Worker:
                         if run.stop_reason:
                             break
                     last_item = time.monotonic()
+                    if isinstance(item, Finish):
+                        finish = item
+                        break
                     piece = "".join(item)
                     response += piece
                     now = time.monotonic()
