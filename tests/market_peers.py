@@ -35,15 +35,17 @@ def ensure_node_modules() -> None:
                    check=True, timeout=600)
 
 
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+async def until(check: Callable[[], Any], timeout: float, what: str | Callable[[], str]) -> Any:
+    """Poll ``check`` until it returns a truthy value; fail with ``what`` (a text, or a
+    function giving one when the time is up) after ``timeout``."""
     end = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
         await asyncio.sleep(0.02)
 
 
@@ -53,6 +55,7 @@ class NodePeer:
     def __init__(self, url: str, room: str, log: Path, name: str = "node-peer") -> None:
         self.name = name
         self._stderr = open(log, "ab")
+        self._events = open(log.with_suffix(".events"), "a")  # what it saw, for post-mortems
         self.p = subprocess.Popen(
             ["node", str(JS / "peer.mjs"), url, room, name], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1,
@@ -70,6 +73,8 @@ class NodePeer:
     def _read(self) -> None:
         assert self.p.stdout is not None
         for line in self.p.stdout:
+            self._events.write(f"{time.time():.3f} {line}")
+            self._events.flush()
             try:
                 event = json.loads(line)
             except ValueError:

@@ -243,7 +243,8 @@ async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer,
                 fresh.maps[MapName.TODOS].keys()), 10, "a newcomer to see everything")
             await until(lambda: {"resumer", "node-peer"} <= {p.state.get("name") for p in
                                                                fresh.peers()}, 10,
-                        "a newcomer to see both resumed agents' awareness")
+                        lambda: "a newcomer to see both resumed agents' awareness; it sees "
+                        f"{[(p.state.get('name'), fresh.is_stale(p.client_id, p.state)) for p in fresh.peers(include_stale=True)]}")
     # Two original (y-websocket) agents see each other again at once, not at their next
     # renewal 15 s later: they re-announce at an unchanged clock (see renumber()).
     await until(lambda: any(s.get("name") == "node-2" for s in node.others()), 5,

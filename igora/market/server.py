@@ -81,7 +81,6 @@ class BadFrame(ValueError):
 
 
 MAX_ROOM_NAME = 200
-MAX_REMEMBERED_REMOVALS = 10_000
 MAX_AWARENESS_ENTRIES = 10_000
 
 
@@ -181,7 +180,7 @@ class MarketChannel:
         self._path = room
         self.peer = peer
         self.controlled: set[int] = set()
-        self.clock_shift: dict[int, int] = {}  # see renumber()
+        self.owner: int | None = None  # awareness client id of the agent on this socket
         self.closed = False
         self.room: MarketRoom | None = None
         self.outbox = Outbox(self._write, peer)
@@ -227,7 +226,12 @@ class MarketChannel:
                     else:
                         self.controlled.add(client_id)
                 if self.room is not None:
-                    self.room.relay_awareness(self, data, self.renumber(self.room, entries, data))
+                    self.room.relay_awareness(self, data)
+                    if self.owner is None and len(entries) == 1 and entries[0][2] is not None:
+                        # y-websocket clients (and Igora agents) announce their own state
+                        # first; later messages may carry others' states they re-broadcast.
+                        self.owner = entries[0][0]
+                        self.nudge(self.owner, entries[0][1])
                     continue
             elif kind == QUERY_AWARENESS:
                 if self.room is not None:
@@ -244,40 +248,27 @@ class MarketChannel:
     async def recv(self) -> bytes:
         return await self.__anext__()
 
-    def renumber(self, room: MarketRoom,
-                 entries: list[tuple[int, int, dict[str, Any] | None]], data: bytes) -> bytes:
-        """Make a returning agent's awareness state count for the others.
+    def nudge(self, client_id: int, clock: int) -> None:
+        """Make a (re)joining agent raise its awareness clock, so that everyone takes its
+        state.
 
-        When a connection closes, the market tells everyone its states are removed, at
-        their current clock C. A y-websocket client that reconnects (after a network
-        drop, or to a restarted market) announces its state again *at the same clock C*,
-        which every peer that saw C ignores (y-protocols only takes a state with a
-        greater clock): an original agent would stay invisible until its next renewal,
-        up to 15 s later. So, for the others, the market shifts each client id's clocks
-        on a connection by a constant: past the removal it announced, else by one. The
-        sender itself keeps its own numbering (its echo is not renumbered).
+        A y-websocket client that reconnects (after a network drop, or to a restarted
+        market) announces its state again *at the clock it had*, C. Every peer that saw
+        C (or the market's removal of the state at C when the old socket closed) ignores
+        it, since y-protocols only takes a state with a greater clock: an original agent
+        would stay invisible until its next renewal, up to 15 s later. Sending the agent
+        alone "your state is removed at C" triggers y-protocols' own rule (never let a
+        remote remove the local state): it answers with its state at C + 1, which
+        everyone takes. Python agents raise their clock on reconnection anyway; for
+        them this is a no-op. Renumbering clocks in the market instead would loop:
+        y-websocket clients re-broadcast every change they apply.
         """
-        changed = False
-        out = []
-        for client_id, clock, state in entries:
-            shift = self.clock_shift.get(client_id)
-            removed = room.removed_clocks.pop(client_id, None)
-            if shift is None:
-                shift = self.clock_shift[client_id] = max(
-                    1, removed + 1 - clock if removed is not None else 1)
-            if shift:
-                changed = True
-                clock += shift
-            out.append((client_id, clock, state))
-        if not changed:
-            return data
         enc = Encoder()
-        enc.write_var_uint(len(out))
-        for client_id, clock, state in out:
-            enc.write_var_uint(client_id)
-            enc.write_var_uint(clock)
-            enc.write_var_string(json.dumps(state, separators=(",", ":")))
-        return create_awareness_message(enc.to_bytes())
+        enc.write_var_uint(1)
+        enc.write_var_uint(client_id)
+        enc.write_var_uint(clock)
+        enc.write_var_string("null")
+        self.outbox.put(create_awareness_message(enc.to_bytes()))
 
     async def send(self, message: bytes) -> None:
         self.outbox.put(message)
@@ -341,7 +332,6 @@ class MarketRoom(YRoom):
         self.holders = 0  # connections using the room (including ones still joining)
         self.idle_since = 0.0
         self.sender: MarketChannel | None = None
-        self.removed_clocks: dict[int, int] = {}  # awareness client id -> clock at removal
 
     # Fan-out (see fanout.py): replaces pycrdt-websocket's task per message and receiver.
     async def _watch_ready(self) -> None:
@@ -358,21 +348,14 @@ class MarketRoom(YRoom):
             if client is not self.sender:
                 client.outbox.put(message)
 
-    def relay_awareness(self, channel: MarketChannel, message: bytes,
-                        renumbered: bytes | None = None) -> None:
+    def relay_awareness(self, channel: MarketChannel, message: bytes) -> None:
         """Forward an awareness update to everyone (its sender too, as a keep-alive,
-        unless it says goodbye) and apply it to the room's view. The others (and the
-        room) get ``renumbered`` if given (see MarketChannel.renumber), the sender its own
-        message: its clock is its own business."""
-        relayed = message if renumbered is None else renumbered
+        unless it says goodbye) and apply it to the room's view."""
         leaving = is_awareness_disconnect_message(message[1:])
         for client in self.clients:
-            if client is channel:
-                if not leaving:
-                    client.outbox.put(message)
-            else:
-                client.outbox.put(relayed)
-        self.awareness.apply_awareness_update(read_message(relayed[1:]), self)
+            if not (leaving and client is channel):
+                client.outbox.put(message)
+        self.awareness.apply_awareness_update(read_message(message[1:]), self)
 
     def _on_update(self, event: TransactionEvent) -> None:
         self._pending.append(event.update)
@@ -458,10 +441,7 @@ class MarketRoom(YRoom):
             enc.write_var_string("null")
         aw.remove_awareness_states(gone, "disconnect")
         for c in gone:
-            # Everyone now holds "c removed at this clock"; see MarketChannel.renumber.
-            self.removed_clocks[c] = int(aw.meta.pop(c, {}).get("clock", 0))
-        while len(self.removed_clocks) > MAX_REMEMBERED_REMOVALS:
-            del self.removed_clocks[next(iter(self.removed_clocks))]
+            aw.meta.pop(c, None)  # a returning client may reuse its clock
         message = create_awareness_message(enc.to_bytes())
         for client in list(self.clients):
             background(client.send(message))
