@@ -66,7 +66,7 @@ async def run_worker(address: MarketAddress, args: argparse.Namespace) -> int:
     name = args.name or f"worker-{socket.gethostname()}"
     agent = Agent(address, type=AgentType.WORKER.value, name=name, style=TEXT_STYLE,
                   heartbeat=args.heartbeat, state="busy")
-    worker = Worker(agent, engine, slots=args.slots)
+    worker = Worker(agent, engine, slots=args.slots, max_tokens=args.max_tokens)
     if not args.no_warmup and args.engine != "echo":
         await warmup(worker)
     await agent.start(wait=False)

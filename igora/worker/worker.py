@@ -37,6 +37,7 @@ from ..protocol import (
 
 COMPAT_INTERVAL = 0.25
 COMPAT_GROWTH = 1.25
+DEFAULT_MAX_TOKENS = 512  # for tasks that set no maxTokens: small models loop forever
 HEALTH_INTERVAL = 5.0
 STRAY_CHECK = 2.0  # seconds between two looks for tasks wrongly attributed to this worker
 STALL_SETTLE = 0.2  # seconds to read the market's news after this process stood still
@@ -63,11 +64,13 @@ class Worker:
         *,
         slots: int = 1,
         compat_interval: float = COMPAT_INTERVAL,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
         self.agent = agent
         self.engine = engine
         self.slots = max(1, slots)
         self.compat_interval = compat_interval
+        self.max_tokens = max_tokens
         self.running: dict[str, Running] = {}
         self.available = True
         self.speed: float | None = None
@@ -277,7 +280,10 @@ class Worker:
         refreshed_len = 0
         deadline = task.get(F.DEADLINE)
         try:
-            tokens = self._tokens(run, Request.from_task(task))
+            request = Request.from_task(task)
+            if request.max_tokens is None:
+                request.max_tokens = self.max_tokens
+            tokens = self._tokens(run, request)
             stop_wait = asyncio.create_task(run.stop.wait())
             try:
                 while True:
