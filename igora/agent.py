@@ -50,7 +50,9 @@ class Agent:
     """A connection to one market room.
 
     Use as ``async with Agent(address, type=..., name=...) as agent:``; on enter it
-    waits until the document is synced with the market.
+    waits until the document is synced with the market. When the connection drops it
+    reconnects by itself: first after ``BACKOFF_START`` s, then doubling up to
+    ``backoff_max`` s, each delay with +/-20 % jitter.
     """
 
     def __init__(
@@ -64,12 +66,14 @@ class Agent:
         fields: dict[str, Any] | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         connect_timeout: float = 10.0,
+        backoff_max: float = BACKOFF_MAX,
     ) -> None:
         self.address = address
         self.id = new_id()
         self.name = name
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
+        self.backoff_max = backoff_max
         self.log = logging.getLogger(f"igora.{type}")
         self.doc = Doc()
         self.maps: dict[MapName, Map] = {m: self.doc.get(m.value, type=Map) for m in KANBAN}
@@ -232,7 +236,7 @@ class Agent:
                 self.connected = False
             attempt += 1
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, self.backoff_max)
 
     async def _session(self, ws: ClientConnection) -> None:
         assert self._outbox is not None

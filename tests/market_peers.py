@@ -117,8 +117,9 @@ class NodePeer:
 
 
 def agent(url: str, room: str, name: str = "py-agent", heartbeat: float = 1.0) -> Agent:
+    """A Python agent that retries at least every second (tests restart markets)."""
     return Agent(market_address(url, room), type="client", name=name, style="normal",
-                 heartbeat=heartbeat)
+                 heartbeat=heartbeat, backoff_max=1.0)
 
 
 def stored_maps(db: Path, room: str) -> dict[str, dict[str, Any]]:

@@ -158,6 +158,35 @@ async def test_killed_node_agent_is_removed_from_awareness_at_once(
     assert f"room {room_of(request)}: 127.0.0.1:" in shared.procs[0].log()
 
 
+async def test_a_killed_node_agent_takes_only_its_own_awareness_state_with_it(
+    shared: Cluster, node_modules: None, request: pytest.FixtureRequest
+) -> None:
+    # y-websocket clients re-broadcast every awareness change they apply, so the node peer
+    # also sends the Python agent's state: the market must not remove it when node goes.
+    room_name = room_of(request)
+    node = NodePeer(shared.url, room_name, shared.tmp / f"{room_name}-node.log")
+    try:
+        async with agent(shared.url, room_name, name="a", heartbeat=30) as a, \
+                agent(shared.url, room_name, name="watcher", heartbeat=30) as w:
+            node.aware({"type": "worker", "state": "ready"})
+            a.set_state(state="working")
+            await until(lambda: any(s.get("name") == "a" and s.get("state") == "working"
+                                    for s in node.others()), 10, "node to apply a's state")
+            node.set("todos", "barrier", {"id": "barrier"})  # same socket, sent after
+            await until(lambda: entry(w, "todos", "barrier"), 10, "node's later message")
+            a_id = a.awareness.client_id
+            gaps: list[bool] = []
+            w.on_change(lambda: gaps.append(a_id not in w.awareness.states))
+            node.kill()
+            await until(lambda: not any(p.state.get("name") == "node-peer"
+                                        for p in w.peers(include_stale=True)), 5,
+                        "node's state to be removed")
+            assert not any(gaps), "the market removed a's state when node left"
+            assert any(p.state.get("name") == "a" for p in w.peers())
+    finally:
+        node.kill()
+
+
 async def test_silent_peer_is_stale_after_three_heartbeats(
     shared: Cluster, request: pytest.FixtureRequest
 ) -> None:
@@ -382,8 +411,26 @@ BAD_CLI = [
     (["status"], {"YJS_ENV": "MOON"}, "YJS_ENV must be LOCAL or REMOTE"),
     (["broker", "--market", "http://127.0.0.1:1"], {}, "not a websocket URL"),
     (["market", "--port", "70000"], {}, "--port 70000 is not a TCP port"),
-    (["market", "--max-message", "0"], {}, "--max-message must be at least"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"max_message": 0}, "--max-message must be at least 1024"),
+        ({"max_connections": 0}, "--max-connections must be at least 1"),
+        ({"max_per_address": -1}, "--max-per-address must be at least 1"),
+        ({"room_idle": 0}, "--room-idle must be a positive number"),
+    ],
+)
+def test_market_limits_are_checked_before_anything_starts(
+    tmp_path: Path, limits: dict[str, float], message: str
+) -> None:
+    from igora.market.server import run_market
+
+    with pytest.raises(ConfigError, match=message):
+        run_market("127.0.0.1", 1234, tmp_path / "data", **limits)  # type: ignore[arg-type]
+    assert not (tmp_path / "data").exists()
 
 
 def test_cli_bad_values_give_one_line_error_and_exit_code_2(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .. import __version__
 from ..protocol import KANBAN, MapName, State
 from ..updates import UpdateError, update_depth
-from .fanout import Outbox
+from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
 
 log = logging.getLogger("igora.market")
@@ -179,7 +179,7 @@ class MarketChannel:
         self.websocket = websocket
         self._path = room
         self.peer = peer
-        self.controlled: set[int] = set()
+        self.controlled: set[int] = set()  # awareness client ids this socket speaks for
         self.owner: int | None = None  # awareness client id of the agent on this socket
         self.closed = False
         self.room: MarketRoom | None = None
@@ -220,18 +220,16 @@ class MarketChannel:
                 raise StopAsyncIteration from None
             kind = data[0]
             if kind == YMessageType.AWARENESS:
-                for client_id, _clock, state in entries:
-                    if state is None:
-                        self.controlled.discard(client_id)
-                    else:
-                        self.controlled.add(client_id)
+                # y-websocket clients (and Igora agents) announce their own state first;
+                # later messages may carry others' states, which y-websocket re-broadcasts.
+                first = self.owner is None and len(entries) == 1 and entries[0][2] is not None
+                if first:
+                    self.owner = entries[0][0]
                 if self.room is not None:
+                    self.room.claim(self, entries)
                     self.room.relay_awareness(self, data)
-                    if self.owner is None and len(entries) == 1 and entries[0][2] is not None:
-                        # y-websocket clients (and Igora agents) announce their own state
-                        # first; later messages may carry others' states they re-broadcast.
-                        self.owner = entries[0][0]
-                        self.nudge(self.owner, entries[0][1])
+                    if first:
+                        self.nudge(entries[0][0], entries[0][1])
                     continue
             elif kind == QUERY_AWARENESS:
                 if self.room is not None:
@@ -332,6 +330,8 @@ class MarketRoom(YRoom):
         self.holders = 0  # connections using the room (including ones still joining)
         self.idle_since = 0.0
         self.sender: MarketChannel | None = None
+        self.controllers: dict[int, MarketChannel] = {}  # awareness client id -> its socket
+        self._awareness_relay = AwarenessRelay(lambda: self.clients)
 
     # Fan-out (see fanout.py): replaces pycrdt-websocket's task per message and receiver.
     async def _watch_ready(self) -> None:
@@ -352,9 +352,7 @@ class MarketRoom(YRoom):
         """Forward an awareness update to everyone (its sender too, as a keep-alive,
         unless it says goodbye) and apply it to the room's view."""
         leaving = is_awareness_disconnect_message(message[1:])
-        for client in self.clients:
-            if not (leaving and client is channel):
-                client.outbox.put(message)
+        self._awareness_relay.add(channel, message, message, leaving)  # batched: fanout.py
         self.awareness.apply_awareness_update(read_message(message[1:]), self)
 
     def _on_update(self, event: TransactionEvent) -> None:
@@ -427,10 +425,32 @@ class MarketRoom(YRoom):
             log.warning("%s: bad message: %s", peer, exc)
         return True
 
-    def forget(self, client_ids: set[int], peer: str) -> None:
-        """Remove the awareness states of a closed connection and tell everyone."""
+    def claim(self, channel: MarketChannel, entries: list[tuple[int, int, Any]]) -> None:
+        """Record which connection speaks for which awareness client id: the ids it brought
+        into the room, and its own id (taken over from an older socket of the same agent,
+        one the market has not yet seen close). A y-websocket client also re-broadcasts
+        the states of others: that must not make it their speaker, or its leaving would
+        remove them."""
+        for client_id, _clock, state in entries:
+            holder = self.controllers.get(client_id)
+            if state is None:
+                if holder is channel:
+                    del self.controllers[client_id]
+                    channel.controlled.discard(client_id)
+            elif holder is None or (holder is not channel and client_id == channel.owner):
+                if holder is not None:
+                    holder.controlled.discard(client_id)
+                self.controllers[client_id] = channel
+                channel.controlled.add(client_id)
+
+    def forget(self, channel: MarketChannel, peer: str) -> None:
+        """Remove the awareness states a closed connection spoke for and tell everyone."""
         aw = self.awareness
-        gone = [c for c in client_ids if c in aw.states]
+        for c in channel.controlled:
+            if self.controllers.get(c) is channel:
+                del self.controllers[c]
+        gone = [c for c in channel.controlled if c in aw.states]
+        channel.controlled = set()
         if not gone:
             return
         enc = Encoder()
@@ -592,7 +612,7 @@ class Market:
                 del self.connections[address]
             if room is not None:
                 room.holders -= 1
-                room.forget(channel.controlled, peer)
+                room.forget(channel, peer)
                 if room.holders == 0:
                     self._unload_later(room)
             if not channel.closed:
