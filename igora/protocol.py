@@ -116,7 +116,6 @@ class F:
     BROKER = "broker"
     STREAM = "stream"
     ASKER_NAME = "askerName"
-    END_ASKED = "abortSeen"  # ms when the broker saw the abort mark (worker grace starts)
 
 
 class A:

@@ -55,6 +55,7 @@ class Broker:
         self._wake = asyncio.Event()
         self._last_retention = 0.0
         self._rejected: set[str] = set()
+        self._abort_seen: dict[str, int] = {}
         m = agent.maps
         self.todos, self.prepared, self.doing = m[MapName.TODOS], m[MapName.PREPARED], m[MapName.DOING]
         self.done, self.streams = m[MapName.DONE], m[MapName.STREAMS]
@@ -142,7 +143,7 @@ class Broker:
             policies.expire(snap, self.task_timeout)
             + policies.recover(snap, self.presence.present, self.max_attempts)
             + self._unclaimed(snap)
-            + policies.abort_orphans(snap, self.presence.present)
+            + policies.abort_orphans(snap, self.presence.present, self._abort_seen)
         )
         touched = self._apply(moves)
         self._assign(

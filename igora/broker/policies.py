@@ -115,7 +115,8 @@ def unclaimed(snap: Snapshot, claim_timeout: float, max_attempts: int) -> list[M
     return moves
 
 
-def abort_orphans(snap: Snapshot, present: Callable[[Any], bool]) -> list[Move]:
+def abort_orphans(snap: Snapshot, present: Callable[[Any], bool],
+                  abort_seen: dict[str, int]) -> list[Move]:
     moves = []
     for source, tasks in ((MapName.TODOS, snap.todos), (MapName.PREPARED, snap.prepared)):
         for tid, task in tasks.items():
@@ -130,22 +131,22 @@ def abort_orphans(snap: Snapshot, present: Callable[[Any], bool]) -> list[Move]:
                 task, State.ABORTED, snap.now, **{F.ABORTED: ABORTED_MARK}), why))
     for tid, task in snap.doing.items():
         asker = task.get(F.ASKER)
-        if task.get(F.ABORTED) and isinstance(task.get(F.END_ASKED), (int, float)):
-            if snap.now - float(task[F.END_ASKED]) > ABORT_GRACE * 1000:
+        if task.get(F.ABORTED):
+            # The worker stops at its next token; end it ourselves if it does not. The time
+            # we first saw the mark stays in memory: rewriting a running task would race
+            # with its worker ending it (a concurrent write brings a deleted entry back).
+            first = abort_seen.setdefault(tid, snap.now)
+            if snap.now - first > ABORT_GRACE * 1000:
                 moves.append(Move(tid, MapName.DOING, MapName.DONE, ended(
                     task, State.ABORTED, snap.now), "aborted: worker did not stop",
                     _stream_of(task)))
             continue
-        if task.get(F.ABORTED):
-            moves.append(Move(tid, None, MapName.DOING, {**task, F.END_ASKED: snap.now},
-                              "abort noted"))
-            continue
-        if not isinstance(asker, str) or present(asker):
-            continue
-        if not task.get(F.ABORTED):
-            moves.append(Move(tid, None, MapName.DOING,
-                              {**task, F.ABORTED: ABORTED_MARK, F.END_ASKED: snap.now},
+        if isinstance(asker, str) and not present(asker):
+            abort_seen[tid] = snap.now
+            moves.append(Move(tid, None, MapName.DOING, {**task, F.ABORTED: ABORTED_MARK},
                               f"abort asked: asker {asker} left"))
+    for tid in [t for t in abort_seen if t not in snap.doing]:
+        del abort_seen[tid]
     return moves
 
 

@@ -180,9 +180,14 @@ class Worker:
             return
         with self.agent.transaction():
             for tid, value in strays:
+                self.doing.pop(tid, None)
+                if value.get(F.ABORTED):
+                    # An abort mark written while this worker was ending the task brought
+                    # the entry back: the task is over, drop the ghost.
+                    log.info("%s: dropped aborted task %s left in doing", self.agent.name, tid)
+                    continue
                 log.warning("%s: task %s is in doing under this worker, which is not running "
                             "it; handed back to todos", self.agent.name, tid)
-                self.doing.pop(tid, None)
                 self.todos[tid] = {**{k: v for k, v in value.items() if k not in _RUN_FIELDS},
                                    F.STATE: State.TODO.value}
 
