@@ -34,7 +34,7 @@ from .protocol import (
     MapName,
     State,
     TEXT_STYLE,
-    new_id,
+    new_task_id,
     now_ms,
     validate_task,
 )
@@ -251,7 +251,7 @@ class Client:
         stop: str | list[str] | None,
         timeout: float,
     ) -> dict[str, Any]:
-        tid = new_id()
+        tid = new_task_id()
         task: dict[str, Any] = {
             F.ID: tid,
             F.ASKER: self.agent.id,
