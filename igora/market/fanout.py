@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from pycrdt import (
     Encoder,
@@ -59,6 +59,8 @@ def _is_awareness(message: bytes) -> bool:
 
 
 def _merge_awareness(messages: list[bytes]) -> bytes:
+    if len(messages) == 1:
+        return messages[0]
     count = 0
     entries = []
     for m in messages:
@@ -146,3 +148,58 @@ class Outbox:
             self._task.cancel()
         with contextlib.suppress(Exception):
             self._wake.set()
+
+
+AWARENESS_INTERVAL = 0.05
+"""Seconds between two awareness broadcasts of a busy room (a quiet room relays at once)."""
+
+
+class AwarenessRelay:
+    """Relays a room's awareness updates in batches: what arrives while a broadcast is
+    due goes out as one merged message per receiver, at most every ``interval``.
+
+    With N agents each renewing its state, relaying one by one costs N x N frames per
+    heartbeat; batched, a receiver gets one frame per interval whatever N. A sender gets
+    its own messages as it sent them (its echo, a keep-alive, never its goodbye) and the
+    others' as relayed (see ``MarketChannel.renumber``).
+    """
+
+    def __init__(self, receivers: Callable[[], Iterable[object]],
+                 interval: float = AWARENESS_INTERVAL) -> None:
+        self._receivers = receivers
+        self._interval = interval
+        self._batch: list[tuple[object, bytes, bytes, bool]] = []
+        self._due: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._last = 0.0
+        self.broadcasts = 0
+
+    def add(self, sender: object, own: bytes, relayed: bytes, leaving: bool) -> None:
+        self._batch.append((sender, own, relayed, leaving))
+        if self._due is None:
+            loop = asyncio.get_running_loop()
+            wait = self._last + self._interval - loop.time()
+            self._due = (loop.call_later(wait, self.flush) if wait > 0
+                         else loop.call_soon(self.flush))
+
+    def flush(self) -> None:
+        batch, self._batch, self._due = self._batch, [], None
+        if not batch:
+            return
+        self._last = asyncio.get_running_loop().time()
+        self.broadcasts += 1
+        senders = {id(s) for s, *_ in batch}
+        shared = _merge_awareness([r for _, _, r, _ in batch])
+        for client in self._receivers():
+            if id(client) in senders:
+                mine = [o if s is client else r for s, o, r, leaving in batch
+                        if not (s is client and leaving)]
+                if mine:
+                    client.outbox.put(_merge_awareness(mine))  # type: ignore[attr-defined]
+            else:
+                client.outbox.put(shared)  # type: ignore[attr-defined]
+
+    def cancel(self) -> None:
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+        self._batch.clear()

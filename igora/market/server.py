@@ -765,6 +765,10 @@ def run_market(
         ws_max_size=max_message,
         ws_ping_interval=10,
         ws_ping_timeout=20,
+        # No permessage-deflate: every frame goes to every agent and each connection
+        # would compress it again with its own context; at 1,000 agents that was 40 %
+        # of the market's time (docs/benchmarks.md). Frames are Yjs binary updates.
+        ws_per_message_deflate=False,
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=2,
