@@ -176,6 +176,12 @@ class Agent:
 
     def _on_awareness(self, topic: str, change: tuple[dict[str, Any], Any]) -> None:
         changes, origin = change
+        if (topic == "update" and origin != "local" and self.awareness.client_id in
+                changes.get("removed", ()) and self.awareness.get_local_state() is not None):
+            # Someone (the market, when an old socket of ours closed) removed our state:
+            # say we are here, with a greater clock, as y-protocols peers do.
+            self.set_state()
+            return
         if topic == "update" and origin == "local" and self._outbox is not None and self.connected:
             ids = [c for v in changes.values() for c in v]
             update = self.awareness.encode_awareness_update(ids)

@@ -52,12 +52,14 @@ async def until(check: Callable[[], Any], timeout: float, what: str | Callable[[
 class NodePeer:
     """``node tests/js/peer.mjs``: a yjs + y-websocket client, driven through stdin/stdout."""
 
-    def __init__(self, url: str, room: str, log: Path, name: str = "node-peer") -> None:
+    def __init__(self, url: str, room: str, log: Path, name: str = "node-peer",
+                 silent: bool = False) -> None:
         self.name = name
         self._stderr = open(log, "ab")
         self._events = open(log.with_suffix(".events"), "a")  # what it saw, for post-mortems
         self.p = subprocess.Popen(
-            ["node", str(JS / "peer.mjs"), url, room, name], stdin=subprocess.PIPE,
+            ["node", str(JS / "peer.mjs"), url, room, name, *(["--silent"] if silent else [])],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1,
             start_new_session=True,
         )

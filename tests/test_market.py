@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import websockets
-from pycrdt import Awareness, Doc, create_awareness_message
+from pycrdt import Awareness, Doc, create_awareness_message, read_message
 
 from igora import config
 from igora.config import ConfigError, market_address
+from igora.market.server import awareness_entries
 from igora.protocol import MapName
 
 from .conftest import Cluster, Proc
@@ -185,6 +186,38 @@ async def test_a_killed_node_agent_takes_only_its_own_awareness_state_with_it(
             assert any(p.state.get("name") == "a" for p in w.peers())
     finally:
         node.kill()
+
+
+async def test_a_watching_node_client_that_rebroadcasts_a_state_does_not_remove_it(
+    shared: Cluster, node_modules: None, request: pytest.FixtureRequest
+) -> None:
+    # A y-websocket client without a state of its own re-broadcasts the one state it
+    # receives on joining: the market must not take it for that client's own.
+    room_name = room_of(request)
+    async with agent(shared.url, room_name, name="a", heartbeat=30) as a, \
+            websockets.connect(f"{shared.url}/{room_name}") as listener:
+        removals: list[int] = []
+
+        async def listen() -> None:  # a raw socket with no state: sees every relay
+            async for message in listener:
+                if isinstance(message, bytes) and message[:1] == b"\x01":
+                    removals.extend(c for c, _, state in awareness_entries(
+                        read_message(message[1:])) if state is None)
+
+        listening = asyncio.create_task(listen())
+        node = NodePeer(shared.url, room_name, shared.tmp / f"{room_name}-node.log",
+                        silent=True)
+        try:
+            await until(lambda: any(s.get("name") == "a" for s in node.others()), 10,
+                        "the node client to receive a's state")
+            node.set("todos", "barrier", {"id": "barrier"})  # sent after its re-broadcast
+            await until(lambda: entry(a, "todos", "barrier"), 10, "node's later message")
+            await asyncio.sleep(0.2)  # let the listener read what came before the barrier
+            assert a.awareness.client_id not in removals, "a's state was removed"
+            assert any(s.get("name") == "a" for s in node.others())
+        finally:
+            node.kill()
+            listening.cancel()
 
 
 async def test_silent_peer_is_stale_after_three_heartbeats(

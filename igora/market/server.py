@@ -220,9 +220,11 @@ class MarketChannel:
                 raise StopAsyncIteration from None
             kind = data[0]
             if kind == YMessageType.AWARENESS:
-                # y-websocket clients (and Igora agents) announce their own state first;
-                # later messages may carry others' states, which y-websocket re-broadcasts.
-                first = self.owner is None and len(entries) == 1 and entries[0][2] is not None
+                # An agent's own state is the one it brings into the room: y-websocket
+                # clients also re-broadcast the states of others, which are present already.
+                first = (self.owner is None and self.room is not None and len(entries) == 1
+                         and entries[0][2] is not None
+                         and entries[0][0] not in self.room.awareness.states)
                 if first:
                     self.owner = entries[0][0]
                 if self.room is not None:
@@ -427,19 +429,17 @@ class MarketRoom(YRoom):
 
     def claim(self, channel: MarketChannel, entries: list[tuple[int, int, Any]]) -> None:
         """Record which connection speaks for which awareness client id: the ids it brought
-        into the room, and its own id (taken over from an older socket of the same agent,
-        one the market has not yet seen close). A y-websocket client also re-broadcasts
-        the states of others: that must not make it their speaker, or its leaving would
-        remove them."""
+        into the room. A y-websocket client also re-broadcasts the states of others: that
+        must not make it their speaker, or its leaving would remove them. (An agent whose
+        old socket the market has not yet seen close does not take its id over: when that
+        socket closes, the agent hears its state removed and announces it again.)"""
         for client_id, _clock, state in entries:
             holder = self.controllers.get(client_id)
             if state is None:
                 if holder is channel:
                     del self.controllers[client_id]
                     channel.controlled.discard(client_id)
-            elif holder is None or (holder is not channel and client_id == channel.owner):
-                if holder is not None:
-                    holder.controlled.discard(client_id)
+            elif holder is None:
                 self.controllers[client_id] = channel
                 channel.controlled.add(client_id)
 

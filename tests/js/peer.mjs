@@ -1,6 +1,8 @@
 // A peer of the original Igora stack (npm `yjs` + `y-websocket`), driven by the Python tests.
 //
-//   node peer.mjs <market-url> <room> [name]
+//   node peer.mjs <market-url> <room> [name] [--silent]
+//
+// --silent: join with no awareness state of its own (like a page that only watches).
 //
 // stdin, one JSON command per line:
 //   {"op": "set", "map": "todos", "key": "k", "value": {...}}
@@ -18,7 +20,9 @@ import { WebsocketProvider } from 'y-websocket'
 import WebSocket from 'ws'
 import readline from 'node:readline'
 
-const [url, room, name = 'node-peer'] = process.argv.slice(2)
+const args = process.argv.slice(2)
+const silent = args.includes('--silent')
+const [url, room, name = 'node-peer'] = args.filter((a) => a !== '--silent')
 if (!url || !room) {
   console.error('usage: node peer.mjs <market-url> <room> [name]')
   process.exit(2)
@@ -30,9 +34,12 @@ const maps = Object.fromEntries(MAPS.map((m) => [m, doc.getMap(m)]))
 const provider = new WebsocketProvider(url, room, doc, {
   WebSocketPolyfill: WebSocket,
   disableBc: true,
-  maxBackoffTime: 1000
+  maxBackoffTime: 1000,
+  connect: false
 })
 const awareness = provider.awareness
+if (silent) awareness.setLocalState(null)
+provider.connect()
 
 const emit = (event) => process.stdout.write(JSON.stringify(event) + '\n')
 
