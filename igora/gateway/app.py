@@ -47,11 +47,10 @@ from .openai_models import (
     ModelList,
 )
 
+from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME
+
 log = logging.getLogger("igora.gateway")
 
-GATEWAY_NAME = "openai-gateway"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 5678
 MAX_BODY = 8 * 1024 * 1024
 STARTUP_GRACE = 2.0
 """Seconds after connecting during which a request waits for workers' awareness to

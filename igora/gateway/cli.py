@@ -9,7 +9,7 @@ from typing import Any
 
 from ..client import DEFAULT_TIMEOUT
 from ..config import ConfigError, env, market_address
-from .app import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME
+from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME
 
 API_KEYS_ENV = "IGORA_API_KEYS"
 
