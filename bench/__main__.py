@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -149,6 +150,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
                    help="where to write the report")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the processes are stopped
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(main_async(args))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -63,10 +64,21 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+_LIVE: set[Cluster] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Whatever ends the benchmark, its processes end too (they run in their own sessions)."""
+    for c in list(_LIVE):
+        c.stop()
+
+
 class Cluster:
     """``python -m igora`` processes of one benchmark; logs under a temporary folder."""
 
     def __init__(self, name: str) -> None:
+        _LIVE.add(self)
         self.dir = Path(tempfile.mkdtemp(prefix=f"igora-bench-{name}-"))
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
@@ -131,6 +143,7 @@ class Cluster:
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
         self.procs.clear()
+        _LIVE.discard(self)
 
     def __enter__(self) -> Cluster:
         return self

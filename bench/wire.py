@@ -51,7 +51,8 @@ async def measure(sizes: list[int]) -> list[dict[str, float]]:
                     await asyncio.sleep(0.3)
                     up0, down0, cup0 = wp.up, cp.down, cp.up
                     t0 = time.perf_counter()
-                    pieces = [p async for p in await client.chat(f"#repeat {n}", stream=True)]
+                    pieces = [p async for p in await client.chat(f"#repeat {n}", stream=True,
+                                                                    max_tokens=n)]
                     elapsed = time.perf_counter() - t0
                     await asyncio.sleep(0.3)  # the last frames (done, deletion) arrive
                     assert "".join(pieces) == "".join(f"tok{i} " for i in range(n))

@@ -37,6 +37,7 @@ from ..protocol import (
 
 COMPAT_INTERVAL = 0.25
 COMPAT_GROWTH = 1.25
+STREAM_INTERVAL = 0.025  # seconds: pieces arriving faster are written together (the first at once)
 DEFAULT_MAX_TOKENS = 512  # for tasks that set no maxTokens: small models loop forever
 HEALTH_INTERVAL = 5.0
 STRAY_CHECK = 2.0  # seconds between two looks for tasks wrongly attributed to this worker
@@ -290,10 +291,22 @@ class Worker:
                 request.max_tokens = self.max_tokens
             tokens = self._tokens(run, request)
             stop_wait = asyncio.create_task(run.stop.wait())
+            held = ""  # pieces not written yet: at most one stream write per STREAM_INTERVAL
+            last_write = 0.0
+            nxt: asyncio.Future[Any] | None = None
             try:
                 while True:
-                    nxt = asyncio.ensure_future(tokens.__anext__())
-                    await asyncio.wait({nxt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    if nxt is None:
+                        nxt = asyncio.ensure_future(tokens.__anext__())
+                    wait = last_write + STREAM_INTERVAL - time.monotonic() if held else None
+                    await asyncio.wait({nxt, stop_wait}, timeout=wait,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if held and not nxt.done() and not stop_wait.done():
+                        last_write = time.monotonic()
+                        last_refresh, refreshed_len = self._write(
+                            task_id, task, key, response, held, last_refresh, refreshed_len)
+                        held = ""
+                        continue
                     if not nxt.done():
                         nxt.cancel()
                         with contextlib.suppress(BaseException):
@@ -303,6 +316,7 @@ class Worker:
                         item = nxt.result()
                     except StopAsyncIteration:
                         break
+                    nxt = None
                     if time.monotonic() - last_item > 2 * self.agent.heartbeat:
                         # Paused (or starved) long enough to be counted gone: the task may
                         # have moved on. Read what arrived before writing anything.
@@ -315,19 +329,13 @@ class Worker:
                         break
                     piece = "".join(item)
                     response += piece
+                    held += piece
                     now = time.monotonic()
-                    with self.agent.transaction():
-                        # Look the stream up at each write, never keep it across awaits:
-                        # writing to a Text another peer replaced or deleted crashes
-                        # pycrdt (use after free). Gone or replaced: the final answer in
-                        # done still carries the whole text.
-                        text = self.streams.get(key)
-                        if isinstance(text, Text):
-                            text += piece
-                        if (now - last_refresh >= self.compat_interval
-                                and len(response) >= refreshed_len * COMPAT_GROWTH):
-                            self._refresh(task_id, task, response, piece)
-                            last_refresh, refreshed_len = now, len(response)
+                    if now - last_write >= STREAM_INTERVAL:
+                        last_write = now
+                        last_refresh, refreshed_len = self._write(
+                            task_id, task, key, response, held, last_refresh, refreshed_len)
+                        held = ""
                     if deadline and now_ms() > float(deadline):
                         self._stop(run, "the task passed its deadline while running")
                         break
@@ -387,6 +395,25 @@ class Worker:
         return any(p.id != self.agent.id and p.serves(model)
                    and p.state.get(A.STATE) != AgentState.BUSY.value
                    for p in self.agent.peers())
+
+    def _write(self, task_id: str, task: dict[str, Any], key: str, response: str, piece: str,
+               last_refresh: float, refreshed_len: int) -> tuple[float, int]:
+        """Append ``piece`` to the task's stream, and refresh the compatibility fields when
+        due; return the new (last refresh time, length refreshed)."""
+        now = time.monotonic()
+        with self.agent.transaction():
+            # Look the stream up at each write, never keep it across awaits:
+            # writing to a Text another peer replaced or deleted crashes
+            # pycrdt (use after free). Gone or replaced: the final answer in
+            # done still carries the whole text.
+            text = self.streams.get(key)
+            if isinstance(text, Text):
+                text += piece
+            if (now - last_refresh >= self.compat_interval
+                    and len(response) >= refreshed_len * COMPAT_GROWTH):
+                self._refresh(task_id, task, response, piece)
+                return now, len(response)
+        return last_refresh, refreshed_len
 
     def _refresh(self, task_id: str, task: dict[str, Any], response: str, piece: str) -> None:
         current = self.doing.get(task_id)
