@@ -14,6 +14,8 @@ needs to find the depth; anything it cannot decode raises ``UpdateError``.
 
 from __future__ import annotations
 
+from .lib0 import Reader
+
 MAX_DEPTH = 64
 """Deepest nesting of arrays/objects accepted in a value of the shared document."""
 
@@ -27,47 +29,7 @@ class UpdateError(ValueError):
     """The update is malformed, or nests values deeper than allowed."""
 
 
-class _Reader:
-    __slots__ = ("buf", "pos")
-
-    def __init__(self, buf: bytes) -> None:
-        self.buf = buf
-        self.pos = 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.buf):
-            raise UpdateError("truncated update")
-        b = self.buf[self.pos]
-        self.pos += 1
-        return b
-
-    def uint(self) -> int:
-        n, shift = 0, 0
-        while True:
-            b = self.byte()
-            n |= (b & 0x7F) << shift
-            if b < 0x80:
-                return n
-            shift += 7
-            if shift > 70:
-                raise UpdateError("varint too long")
-
-    def skip(self, n: int) -> None:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise UpdateError("truncated update")
-        self.pos += n
-
-    def string(self) -> bytes:
-        n = self.uint()
-        start = self.pos
-        self.skip(n)
-        return self.buf[start:self.pos]
-
-    def int_(self) -> None:  # signed varint: same byte layout as a varuint
-        self.uint()
-
-
-def _any_depth(r: _Reader, limit: int) -> int:
+def _any_depth(r: Reader, limit: int) -> int:
     """Read one lib0 Any value; return its nesting depth (a scalar is 0)."""
     # Stack of containers still to read: [items left, is_object]
     stack: list[list[int]] = []
@@ -82,13 +44,13 @@ def _any_depth(r: _Reader, limit: int) -> int:
                 if deepest > limit:
                     raise UpdateError(f"a value nests deeper than {limit} levels")
                 if tag == _OBJECT:
-                    r.string()  # first key
+                    r.chunk()  # first key
                 continue
             deepest = max(deepest, len(stack) + 1)
         elif tag == _STRING or tag == _BYTES:
-            r.string()
+            r.chunk()
         elif tag == _INT:
-            r.int_()
+            r.uint()  # signed varint: same byte layout
         elif tag == _F32:
             r.skip(4)
         elif tag in (_F64, _BIGINT):
@@ -100,7 +62,7 @@ def _any_depth(r: _Reader, limit: int) -> int:
             stack[-1][0] -= 1
             if stack[-1][0] > 0:
                 if stack[-1][1]:
-                    r.string()  # next key
+                    r.chunk()  # next key
                 break
             stack.pop()
         if not stack:
@@ -130,7 +92,7 @@ def _json_depth(text: bytes) -> int:
 
 def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
     """Deepest value nesting in a v1 update; raise UpdateError if malformed or > limit."""
-    r = _Reader(update)
+    r = Reader(update, UpdateError)
     deepest = 0
 
     def seen(d: int) -> None:
@@ -155,31 +117,31 @@ def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
                 r.uint(), r.uint()  # right origin
             if info & 0xC0 == 0:
                 if r.uint() == 1:
-                    r.string()  # root type name
+                    r.chunk()  # root type name
                 else:
                     r.uint(), r.uint()  # parent id
                 if info & 0x20:
-                    r.string()  # key in the parent map
+                    r.chunk()  # key in the parent map
             if ref == 1:  # deleted
                 r.uint()
             elif ref == 2:  # JSON strings
                 for _ in range(r.uint()):
-                    seen(_json_depth(r.string()))
+                    seen(_json_depth(r.chunk()))
             elif ref in (3, 4):  # binary, string
-                r.string()
+                r.chunk()
             elif ref == 5:  # embed (JSON)
-                seen(_json_depth(r.string()))
+                seen(_json_depth(r.chunk()))
             elif ref == 6:  # format: key, JSON value
-                r.string()
-                seen(_json_depth(r.string()))
+                r.chunk()
+                seen(_json_depth(r.chunk()))
             elif ref == 7:  # nested shared type
                 if r.uint() in (3, 5):  # XmlElement, XmlHook carry a name
-                    r.string()
+                    r.chunk()
             elif ref == 8:  # any values
                 for _ in range(r.uint()):
                     seen(_any_depth(r, limit))
             elif ref == 9:  # subdocument
-                r.string()
+                r.chunk()
                 seen(_any_depth(r, limit))
             else:
                 raise UpdateError(f"unknown content type {ref}")

@@ -1,7 +1,7 @@
 """Who is still here: agents seen in awareness recently.
 
-An agent counts as present while it was seen (fresh awareness state) less than
-``grace`` seconds ago. The clock starts again whenever this agent (re)connects, so a
+An agent counts as present while it was seen (fresh awareness state), or first
+mentioned by a task, less than ``grace`` seconds ago. The clock starts again whenever this agent (re)connects, so a
 market restart or a network blip on our side does not make everyone look gone; it also
 starts again after this agent was paused (see ``Broker._resettle``).
 """
@@ -37,13 +37,20 @@ class Presence:
         for peer in self.peers:
             if peer.id:
                 self.last_seen[peer.id] = now
+        if len(self.last_seen) > 10_000:  # forget agents long gone
+            old = now - 100 * self.grace
+            self.last_seen = {k: v for k, v in self.last_seen.items() if v > old}
 
     def present(self, agent_id: object) -> bool:
         if not isinstance(agent_id, str):
             return False
         if agent_id == self.agent.id:
             return True
-        since = max(self.last_seen.get(agent_id, 0.0), self.clock_start, self.agent.connected_at)
+        if agent_id not in self.last_seen:
+            # First mention (e.g. a new asker's task): its awareness may still be on the
+            # way (the market relays awareness in batches), so its grace starts now.
+            self.last_seen[agent_id] = time.monotonic()
+        since = max(self.last_seen[agent_id], self.clock_start, self.agent.connected_at)
         if self.agent.connected_at != self.first_connected_at:
             since = max(since, self.agent.connected_at + RECONNECT_ALLOWANCE)
         return time.monotonic() - since < self.grace

@@ -50,6 +50,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
 from ..protocol import KANBAN, MapName, State
+from ..lib0 import Reader
 from ..updates import UpdateError, update_depth
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
@@ -84,51 +85,13 @@ MAX_ROOM_NAME = 200
 MAX_AWARENESS_ENTRIES = 10_000
 
 
-class _Reader:
-    """Strict lib0 decoder: every length is checked against what the frame really holds
-    (pycrdt's own decoder silently returns a short slice for a truncated message)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.at = 0
-
-    def uint(self) -> int:
-        value = shift = 0
-        while True:
-            if self.at >= len(self.data):
-                raise BadFrame("truncated message")
-            byte = self.data[self.at]
-            self.at += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value
-            shift += 7
-            if shift > 53:
-                raise BadFrame("integer too large")
-
-    def chunk(self) -> bytes:
-        n = self.uint()
-        if n > len(self.data) - self.at:
-            raise BadFrame(f"truncated message ({n} bytes announced, "
-                           f"{len(self.data) - self.at} present)")
-        out = self.data[self.at:self.at + n]
-        self.at += n
-        return out
-
-    def string(self) -> str:
-        try:
-            return self.chunk().decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadFrame("awareness state is not UTF-8") from None
-
-
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN/Infinity would break JavaScript peers
 
 
 def awareness_entries(payload: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
     """Decode an awareness update fully; raise BadFrame on anything malformed."""
-    r = _Reader(payload)
+    r = Reader(payload, BadFrame)
     n = r.uint()
     if n > MAX_AWARENESS_ENTRIES:
         raise BadFrame("too many awareness entries")
@@ -136,7 +99,7 @@ def awareness_entries(payload: bytes) -> list[tuple[int, int, dict[str, Any] | N
     for _ in range(n):
         client_id = r.uint()
         clock = r.uint()
-        raw = r.string()
+        raw = r.text("awareness state")
         try:
             state = json.loads(raw, parse_constant=_no_constant) if raw else None
         except (ValueError, RecursionError) as exc:
@@ -144,14 +107,14 @@ def awareness_entries(payload: bytes) -> list[tuple[int, int, dict[str, Any] | N
         if state is not None and not isinstance(state, dict):
             raise BadFrame("awareness state must be an object or null")
         out.append((client_id, clock, state))
-    if r.at != len(payload):
+    if r.pos != len(payload):
         raise BadFrame("trailing bytes after the awareness update")
     return out
 
 
 def check_frame(message: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
     """Check one incoming frame; return its awareness entries (if it is an awareness one)."""
-    r = _Reader(message)
+    r = Reader(message, BadFrame)
     kind = r.uint()
     if kind == YMessageType.SYNC:
         step = r.uint()
