@@ -2,10 +2,11 @@
 
 A task in ``prepared`` whose ``worker`` is this worker's id is moved to ``doing`` when a
 slot is free. Tokens are appended to a ``Y.Text`` in ``streams`` (linear bytes on the
-wire); the original fields of ``doing[id]`` (``response``, ``delta``, ``chunkDate``) are
-refreshed at most every ``compat_interval`` seconds and only when the answer grew by a
-quarter since the last refresh, so original readers follow along at a cost that stays
-linear in the answer's length. The task ends in ``done`` as ``done``, ``failed`` (with
+wire). While agents of the original protocol are in the room, the original fields of
+``doing[id]`` (``response``, ``delta``, ``chunkDate``) are also refreshed, at most every
+``compat_interval`` seconds and only when the answer grew by a quarter since the last
+refresh, so original readers follow along at a cost that stays linear in the answer's
+length; with only Igora agents in the room the stream alone carries the answer. The task ends in ``done`` as ``done``, ``failed`` (with
 ``error``) or ``aborted``.
 """
 
@@ -72,6 +73,8 @@ class Worker:
         self.slots = max(1, slots)
         self.compat_interval = compat_interval
         self.max_tokens = max_tokens
+        self._readers_checked = -1.0
+        self._readers = True
         self.running: dict[str, Running] = {}
         self.available = True
         self.speed: float | None = None
@@ -410,10 +413,20 @@ class Worker:
             if isinstance(text, Text):
                 text += piece
             if (now - last_refresh >= self.compat_interval
-                    and len(response) >= refreshed_len * COMPAT_GROWTH):
+                    and len(response) >= refreshed_len * COMPAT_GROWTH
+                    and self._original_readers(now)):
                 self._refresh(task_id, task, response, piece)
                 return now, len(response)
         return last_refresh, refreshed_len
+
+    def _original_readers(self, now: float) -> bool:
+        """Whether an agent of the original protocol (no ``protocol`` field in its
+        awareness) is in the room: only such readers need ``doing[id].response``. Looked
+        up at most once a second."""
+        if now - self._readers_checked >= 1.0:
+            self._readers_checked = now
+            self._readers = any(not p.igora for p in self.agent.peers())
+        return self._readers
 
     def _refresh(self, task_id: str, task: dict[str, Any], response: str, piece: str) -> None:
         current = self.doing.get(task_id)
