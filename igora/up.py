@@ -47,9 +47,18 @@ def wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) ->
     return False
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): get SIGTERM when ``igora up`` dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _spawn(args: list[str], log_level: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "igora", *args, "--log-level", log_level]
-    return subprocess.Popen(cmd, start_new_session=True)
+    return subprocess.Popen(cmd, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 8.0) -> None:

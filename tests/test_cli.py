@@ -84,3 +84,31 @@ def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_up_children_do_not_outlive_a_killed_up(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "igora", "up", "--port", str(port), "--no-gateway", "--no-check",
+         "--engine", "echo", "--data", str(tmp_path / "data"), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.monotonic() + 60
+        children: list[str] = []
+        while time.monotonic() < end and len(children) < 3:
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                      text=True).stdout.split()
+            time.sleep(0.2)
+        assert len(children) == 3, children
+        proc.kill()
+        proc.wait(10)
+        end = time.monotonic() + 20
+        alive = children
+        while alive and time.monotonic() < end:
+            alive = [c for c in children if Path(f"/proc/{c}").exists()
+                     and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()]
+            time.sleep(0.2)
+        assert alive == [], f"children left behind after kill -9 of igora up: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
