@@ -162,6 +162,10 @@ def echo_market(cluster: Cluster) -> Cluster:
     cluster.worker()
     cluster.wait_agents("worker", 1)
     cluster.wait_agents("broker", 1)
+    end = time.monotonic() + 20
+    while not any(b.get("leader") for b in cluster.agents("broker")):
+        assert time.monotonic() < end, "no active broker"
+        time.sleep(0.05)
     return cluster
 
 

@@ -34,12 +34,12 @@ async def test_real_model_is_deterministic_with_a_seed_and_honours_max_tokens(
 async def test_real_model_streams_system_prompt_and_messages(llama_market: Cluster) -> None:
     messages = [{"role": "user", "content": "Say hello."},
                 {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "Now count from one to five."}]
+                {"role": "user", "content": "Now tell me a short story about a cat."}]
     async with Client(llama_market.url) as client:
         pieces = [p async for p in await client.chat(
-            messages, system="You are a concise assistant.", max_tokens=24,
+            messages, system="You are a concise assistant.", max_tokens=40,
             temperature=0.0, stream=True)]
-    assert len(pieces) > 3
+    assert len(pieces) >= 2  # streamed, not delivered in one block
     assert "".join(pieces).strip()
 
 

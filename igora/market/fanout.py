@@ -182,9 +182,11 @@ class AwarenessRelay:
                          else loop.call_soon(self.flush))
 
     def flush(self) -> None:
-        batch, self._batch, self._due = self._batch, [], None
-        if not batch:
+        if not self._batch:
             return
+        if self._due is not None:
+            self._due.cancel()  # when flushed early (a document update must follow)
+        batch, self._batch, self._due = self._batch, [], None
         self._last = asyncio.get_running_loop().time()
         self.broadcasts += 1
         senders = {id(s) for s, *_ in batch}

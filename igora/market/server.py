@@ -308,6 +308,9 @@ class MarketRoom(YRoom):
         return None  # _fan_out sends as updates are applied
 
     def _fan_out(self, event: TransactionEvent) -> None:
+        # Awareness received before this update goes out before it: agents rely on the
+        # order (a worker says "busy" before it hands a task back).
+        self._awareness_relay.flush()
         message = create_update_message(event.update)
         for client in self.clients:
             if client is not self.sender:
