@@ -11,7 +11,7 @@ import httpx
 from igora.engines.base import Engine
 
 from .common import Cluster, Section, Target, free_port, ms, pct, table, wait_http
-from .overhead import _prompt, direct_ttft
+from .overhead import _prompt, direct_ttft, interleaved
 
 NAME = "gateway"
 
@@ -56,15 +56,10 @@ async def measure(engine_name: str, n: int) -> dict[str, list[float]]:
         wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
         await c.wait_agents("worker", 1, timeout=180)
         base = f"http://127.0.0.1:{port}"
-        direct: list[float] = []
-        via: list[float] = []
         async with httpx.AsyncClient(timeout=120) as http:
-            for i in range(3):
-                await direct_ttft(engine, _prompt(i), **opts)
-                await gateway_ttft(http, base, model, _prompt(i), **opts)
-            for i in range(n):
-                direct.append(await direct_ttft(engine, _prompt(i), **opts))
-                via.append(await gateway_ttft(http, base, model, _prompt(i), **opts))
+            direct, via = await interleaved(
+                lambda i: direct_ttft(engine, _prompt(i), **opts),
+                lambda i: gateway_ttft(http, base, model, _prompt(i), **opts), n)
         await engine.close()
         return {"direct": direct, "gateway": via}
 

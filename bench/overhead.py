@@ -9,6 +9,7 @@ deterministic zero-latency echo engine and for the real bundled model.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from igora import Client
 from igora.engines.base import Engine, Request
@@ -17,6 +18,23 @@ from .common import Cluster, Section, Target, ms, pct, table
 
 NAME = "overhead"
 PROMPT_WORDS = ["bonjour", "le", "marché", "des", "modèles", "ouverts"]
+
+
+async def interleaved(
+    reference: Callable[[int], Awaitable[float]], measured: Callable[[int], Awaitable[float]],
+    n: int, warm: int = 3,
+) -> tuple[list[float], list[float]]:
+    """Time both paths ``n`` times, alternating so that drifts hit both alike, after
+    ``warm`` untimed rounds (imports, first allocations, llama.cpp graph)."""
+    for i in range(warm):
+        await reference(i)
+        await measured(i)
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(n):
+        a.append(await reference(i))
+        b.append(await measured(i))
+    return a, b
 
 
 def _prompt(i: int) -> str:
@@ -60,17 +78,11 @@ async def measure(engine_name: str, n: int, llama_opts: dict[str, object]) -> di
             engine = LlamaEngine(bundled_model())
         await c.wait_agents("worker", 1, timeout=180)
         await c.wait_agents("broker", 1)
-        direct: list[float] = []
-        market: list[float] = []
         async with Client(c.url, name="bench-overhead") as client:
             await client.wait_for_worker(None, 30)
-            # warm-up both paths (imports, first allocation, llama.cpp graph)
-            for i in range(3):
-                await direct_ttft(engine, _prompt(i), **llama_opts)
-                await market_ttft(client, _prompt(i), **llama_opts)
-            for i in range(n):  # interleaved, so drifts hit both alike
-                direct.append(await direct_ttft(engine, _prompt(i), **llama_opts))
-                market.append(await market_ttft(client, _prompt(i), **llama_opts))
+            direct, market = await interleaved(
+                lambda i: direct_ttft(engine, _prompt(i), **llama_opts),
+                lambda i: market_ttft(client, _prompt(i), **llama_opts), n)
         await engine.close()
         return {"direct": direct, "market": market}
 
