@@ -7,6 +7,7 @@ mocked. Waits poll a condition with a deadline; they never assert on timing.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import re
 import time
@@ -33,12 +34,15 @@ def observer(cluster: Cluster, name: str = "observer", heartbeat: float = 1.0) -
                  style=TEXT_STYLE, heartbeat=heartbeat)
 
 
-async def wait_for(cond: Callable[[], T], timeout: float, what: str,
-                   cluster: Cluster | None = None, every: float = 0.05) -> T:
-    """Poll ``cond`` until it returns something truthy; fail with ``what`` (and the logs)."""
+async def wait_for(cond: Callable[[], Any], timeout: float, what: str,
+                   cluster: Cluster | None = None, every: float = 0.05) -> Any:
+    """Poll ``cond`` (plain or async) until it gives something truthy; fail with ``what``
+    (and the logs)."""
     end = time.monotonic() + timeout
     while True:
         value = cond()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > end:
@@ -49,15 +53,7 @@ async def wait_for(cond: Callable[[], T], timeout: float, what: str,
 
 async def wait_async(cond: Callable[[], Awaitable[T]], timeout: float, what: str,
                      cluster: Cluster | None = None, every: float = 0.1) -> T:
-    end = time.monotonic() + timeout
-    while True:
-        value = await cond()
-        if value:
-            return value
-        if time.monotonic() > end:
-            logs = ("\n" + cluster.logs()) if cluster is not None else ""
-            raise AssertionError(f"not within {timeout:g} s: {what}{logs}")
-        await asyncio.sleep(every)
+    return await wait_for(cond, timeout, what, cluster, every)
 
 
 def archived(cluster: Cluster, task_id: str, room: str = "market") -> dict[str, Any] | None:
