@@ -92,7 +92,7 @@ def render(sections: list[Section], failed: dict[str, str], args: argparse.Names
         "## How to reproduce",
         "",
         "```sh",
-        "make bench                                   # everything (~15 min on 2 cores)",
+        "make bench                                   # everything (~7 min on 2 cores)",
         ".venv/bin/python -m bench --quick            # a smoke run (~4 min)",
         ".venv/bin/python -m bench --only wire --only sync   # some topics only",
         "```",
