@@ -128,14 +128,19 @@ class ChatChoice(_Response):
     logprobs: None = None
 
 
-class ChatCompletion(_Response):
+class _Completion(_Response):
+    """Fields shared by chat and text completions."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
-    choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class ChatCompletion(_Completion):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
 
 
 class TextChoice(_Response):
@@ -145,14 +150,9 @@ class TextChoice(_Response):
     logprobs: None = None
 
 
-class Completion(_Response):
-    id: str
+class Completion(_Completion):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[TextChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
 
 
 class Model(_Response):
