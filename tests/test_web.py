@@ -351,7 +351,8 @@ def test_market_view_shows_the_worker_and_tasks_moving_through_their_states(
     a = first.get_attribute(".msg-assistant", "data-task")
     market.wait_for_selector(f"#board section[data-group=running] li[data-id='{a}']")
     assert "1 / 1" in row.locator("td.slots").inner_text()
-    ask(second, "Tell a story about a dog.", max_tokens=8)  # waits: the only slot is taken
+    # waits: the only slot is taken; long enough to be seen running (snapshots: 4 per second)
+    ask(second, "Tell a long story about a dog.", max_tokens=60)
     second.wait_for_selector(".msg-assistant[data-task]")
     b = second.get_attribute(".msg-assistant", "data-task")
     for page in (first, second):
