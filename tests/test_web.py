@@ -346,7 +346,8 @@ def test_market_view_shows_the_worker_and_tasks_moving_through_their_states(
     market.evaluate(RECORD_STATES)
 
     first, second = open_page(context, up), open_page(context, up)
-    ask(first, "Tell a story about a cat.", max_tokens=40)
+    # long enough for the second task to be seen waiting behind it
+    ask(first, "Tell a long story about a cat.", max_tokens=300)
     first.wait_for_selector(".msg-assistant[data-task]")
     a = first.get_attribute(".msg-assistant", "data-task")
     market.wait_for_selector(f"#board section[data-group=running] li[data-id='{a}']")
