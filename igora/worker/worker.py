@@ -86,8 +86,11 @@ class Worker:
         self.done: Map = agent.maps[MapName.DONE]
         self.todos: Map = agent.maps[MapName.TODOS]
         self.streams: Map = agent.maps[MapName.STREAMS]
-        agent.on_change(self._wake.set)
-        self.doing.observe(self._on_doing)
+        # Only a change of ``prepared`` can bring a task to claim (a freed slot wakes the
+        # loop itself): waking on every update of the room would rescan ``prepared`` at
+        # every token any worker streams.
+        self._subs = [self.prepared.observe(lambda _event: self._wake.set()),
+                      self.doing.observe(self._on_doing)]
 
     # ------------------------------------------------------------------ adverts
     def advert(self) -> dict[str, Any]:
