@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from igora.up import wait_http as answers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -153,14 +155,10 @@ class Cluster:
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args} exited early")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        time.sleep(0.05)
+    if answers(url, timeout, [proc] if proc is not None else []):
+        return
+    if proc is not None and proc.poll() is not None:
+        raise RuntimeError(f"process {proc.args} exited early")
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 

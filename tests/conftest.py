@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from igora.up import wait_http as answers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -133,14 +135,10 @@ class Cluster:
 
 
 def wait_http(url: str, timeout: float, proc: Proc | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and not proc.alive():
-            raise AssertionError(f"process exited early:\n{proc.log()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        time.sleep(0.05)
+    if answers(url, timeout, [proc.p] if proc is not None else []):
+        return
+    if proc is not None and not proc.alive():
+        raise AssertionError(f"process exited early:\n{proc.log()}")
     raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
