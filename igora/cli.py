@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--room-idle", type=float, default=60.0, metavar="S",
                    help="seconds a room without connections stays in memory (it stays in "
                         "the store)")
+    p.add_argument("--compact-every", type=int, default=500, metavar="N",
+                   help="compact a room after N finished tasks (at most every 10 s): drop what "
+                        "Yjs keeps of tasks gone from the document, so that it stays small; "
+                        "0: never (see docs/faults.md)")
     _common(p)
 
     p = sub.add_parser("broker", formatter_class=Formatter,
@@ -227,7 +231,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         data = None if args.memory else (args.data or data_dir())
         run_market(args.host, args.port, data, max_message=args.max_message,
                    max_connections=args.max_connections, max_per_address=args.max_per_address,
-                   room_idle=args.room_idle, log_level=args.log_level)
+                   room_idle=args.room_idle, compact_every=args.compact_every,
+                   log_level=args.log_level)
         return 0
     if args.command == "up":
         from .up import up

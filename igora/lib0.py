@@ -56,3 +56,13 @@ class Reader:
             return self.chunk().decode("utf-8")
         except UnicodeDecodeError:
             raise self.error(f"{what} is not UTF-8") from None
+
+
+def uint_bytes(n: int) -> bytes:
+    """Encode a non-negative integer as a lib0 varint."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(0x80 | (n & 0x7F))
+        n >>= 7
+    out.append(n)
+    return bytes(out)

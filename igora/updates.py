@@ -8,11 +8,14 @@ nest 3 or 4 levels. The market measures the nesting of every incoming update wit
 iterative reader (no recursion of its own) and refuses the frame when it is too deep.
 
 The reader follows the v1 update layout of Yjs/yrs: per client a run of structs (GC, Skip
-or Item with origins, parent and content), then the delete set. It only reads what it
-needs to find the depth; anything it cannot decode raises ``UpdateError``.
+or Item with origins, parent and content), then the delete set; anything it cannot decode
+raises ``UpdateError``. The market's compaction (``igora.market.compaction``) reads a
+room's whole state with the same reader.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from .lib0 import Reader
 
@@ -90,10 +93,39 @@ def _json_depth(text: bytes) -> int:
     return deepest
 
 
-def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
-    """Deepest value nesting in a v1 update; raise UpdateError if malformed or > limit."""
+class Struct(NamedTuple):
+    """One struct of a v1 update, as far as compaction needs it."""
+
+    client: int
+    clock: int
+    length: int
+    ref: int  # content kind: 0 GC, 10 Skip, else an Item's content type
+    origin: tuple[int, int] | None
+    right_origin: tuple[int, int] | None
+    parent: str | tuple[int, int] | None  # root type name, or the id of a nested type's item
+    key: str | None  # the key in a parent map
+    start: int  # byte span of the struct in the update
+    end: int
+
+
+class Parsed(NamedTuple):
+    structs: list[Struct]
+    delete_set: bytes  # the update's trailing delete set, verbatim
+    depth: int
+
+
+def _utf16_length(raw: bytes) -> int:
+    text = raw.decode("utf-8", "surrogatepass")
+    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
+
+
+def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
+    """Read a v1 update: its structs (if ``keep``), delete set and deepest value nesting.
+
+    Raise UpdateError if it is malformed or nests values deeper than ``limit``."""
     r = Reader(update, UpdateError)
     deepest = 0
+    structs: list[Struct] = []
 
     def seen(d: int) -> None:
         nonlocal deepest
@@ -103,46 +135,73 @@ def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
 
     for _ in range(r.uint()):  # clients
         n_structs = r.uint()
-        r.uint()  # client id
-        r.uint()  # first clock
+        client = r.uint()
+        clock = r.uint()
         for _ in range(n_structs):
+            start = r.pos
             info = r.byte()
             ref = info & 0x1F
+            origin = right = parent = key = None
             if ref in (0, 10):  # GC, Skip
-                r.uint()
-                continue
-            if info & 0x80:
-                r.uint(), r.uint()  # origin
-            if info & 0x40:
-                r.uint(), r.uint()  # right origin
-            if info & 0xC0 == 0:
-                if r.uint() == 1:
-                    r.chunk()  # root type name
-                else:
-                    r.uint(), r.uint()  # parent id
-                if info & 0x20:
-                    r.chunk()  # key in the parent map
-            if ref == 1:  # deleted
-                r.uint()
-            elif ref == 2:  # JSON strings
-                for _ in range(r.uint()):
-                    seen(_json_depth(r.chunk()))
-            elif ref in (3, 4):  # binary, string
-                r.chunk()
-            elif ref == 5:  # embed (JSON)
-                seen(_json_depth(r.chunk()))
-            elif ref == 6:  # format: key, JSON value
-                r.chunk()
-                seen(_json_depth(r.chunk()))
-            elif ref == 7:  # nested shared type
-                if r.uint() in (3, 5):  # XmlElement, XmlHook carry a name
-                    r.chunk()
-            elif ref == 8:  # any values
-                for _ in range(r.uint()):
-                    seen(_any_depth(r, limit))
-            elif ref == 9:  # subdocument
-                r.chunk()
-                seen(_any_depth(r, limit))
+                length = r.uint()
             else:
-                raise UpdateError(f"unknown content type {ref}")
-    return deepest
+                if info & 0x80:
+                    origin = (r.uint(), r.uint())
+                if info & 0x40:
+                    right = (r.uint(), r.uint())
+                if info & 0xC0 == 0:
+                    if r.uint() == 1:
+                        parent = r.text("root type name")
+                    else:
+                        parent = (r.uint(), r.uint())
+                    if info & 0x20:
+                        key = r.text("map key")
+                length = 1
+                if ref == 1:  # deleted
+                    length = r.uint()
+                elif ref == 2:  # JSON strings
+                    length = r.uint()
+                    for _ in range(length):
+                        seen(_json_depth(r.chunk()))
+                elif ref == 3:  # binary
+                    r.chunk()
+                elif ref == 4:  # string: its length counts UTF-16 code units
+                    raw = r.chunk()
+                    length = len(raw) if raw.isascii() else _utf16_length(raw)
+                elif ref == 5:  # embed (JSON)
+                    seen(_json_depth(r.chunk()))
+                elif ref == 6:  # format: key, JSON value
+                    r.chunk()
+                    seen(_json_depth(r.chunk()))
+                elif ref == 7:  # nested shared type
+                    if r.uint() in (3, 5):  # XmlElement, XmlHook carry a name
+                        r.chunk()
+                elif ref == 8:  # any values
+                    length = r.uint()
+                    for _ in range(length):
+                        seen(_any_depth(r, limit))
+                elif ref == 9:  # subdocument
+                    r.chunk()
+                    seen(_any_depth(r, limit))
+                else:
+                    raise UpdateError(f"unknown content type {ref}")
+            if keep:
+                structs.append(Struct(client, clock, length, ref, origin, right, parent, key,
+                                      start, r.pos))
+            clock += length
+    return Parsed(structs, update[r.pos:], deepest)
+
+
+def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
+    """Deepest value nesting in a v1 update; raise UpdateError if malformed or > limit."""
+    return parse(update, limit, keep=False).depth
+
+
+def delete_set(raw: bytes) -> dict[int, list[tuple[int, int]]]:
+    """Decode a delete set: per client, its deleted ranges as (clock, length)."""
+    r = Reader(raw, UpdateError)
+    out: dict[int, list[tuple[int, int]]] = {}
+    for _ in range(r.uint()):
+        client = r.uint()
+        out[client] = [(r.uint(), r.uint()) for _ in range(r.uint())]
+    return out

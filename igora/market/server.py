@@ -52,6 +52,8 @@ from .. import __version__
 from ..protocol import KANBAN, MapName, State
 from ..lib0 import Reader
 from ..updates import UpdateError, update_depth
+from .compaction import Key
+from .compaction import compact as compact_state
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
 
@@ -61,6 +63,8 @@ DEFAULT_PORT = 1234
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 2_000
 DEFAULT_MAX_PER_ADDRESS = 500
+DEFAULT_COMPACT_EVERY = 500  # finished tasks between two compactions of a room (0: never)
+COMPACT_PAUSE = 2.0  # seconds at least between two compactions: the grace of a dead key
 DEFAULT_ROOM_IDLE = 60.0  # seconds a room with no connection stays in memory (with a store)
 QUERY_AWARENESS = 3
 AUTH = 2
@@ -262,7 +266,8 @@ class MarketChannel:
 class MarketRoom(YRoom):
     """A room whose document is loaded from, and written to, the store."""
 
-    def __init__(self, name: str, store: Store | None) -> None:
+    def __init__(self, name: str, store: Store | None,
+                 compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
         doc = Doc()
         self.name = name
         self.store = store
@@ -281,15 +286,13 @@ class MarketRoom(YRoom):
                 log.info("room %s: loaded from the store", name)
         super().__init__(ready=True, ydoc=doc, log=logging.getLogger("igora.market.room"))
         self.on_message_error = self._message_error
-        for m in KANBAN:
-            doc.get(m.value, type=Map)
-        doc.get(MapName.STREAMS.value, type=Map)
-        if store is not None:
-            doc.observe(self._on_update)
-            # Keep the Map (and its subscription): pycrdt drops the observer of a
-            # temporary Map wrapper when it is garbage collected.
-            self._done_map = doc.get(MapName.DONE.value, type=Map)
-            self._done_sub = self._done_map.observe(self._on_done)
+        self.compact_every = compact_every
+        self.compactions = 0
+        self._left = 0  # tasks that left the live document since the last compaction
+        self._dead: set[Key] = set()  # keys found dead by the last compaction
+        self._compactor: asyncio.Task[None] | None = None
+        self._store_lock = asyncio.Lock()
+        self._observe(doc)
         self._flusher: asyncio.Task[None] | None = None
         self._last_flush = 0.0
         self.holders = 0  # connections using the room (including ones still joining)
@@ -297,6 +300,16 @@ class MarketRoom(YRoom):
         self.sender: MarketChannel | None = None
         self.controllers: dict[int, MarketChannel] = {}  # awareness client id -> its socket
         self._awareness_relay = AwarenessRelay(lambda: self.clients)
+
+    def _observe(self, doc: Doc) -> None:
+        for m in KANBAN:
+            doc.get(m.value, type=Map)
+        doc.get(MapName.STREAMS.value, type=Map)
+        self._store_sub = doc.observe(self._on_update) if self.store is not None else None
+        # Keep the Map (and its subscription): pycrdt drops the observer of a
+        # temporary Map wrapper when it is garbage collected.
+        self._done_map = doc.get(MapName.DONE.value, type=Map)
+        self._done_sub = self._done_map.observe(self._on_done)
 
     # Fan-out (see fanout.py): replaces pycrdt-websocket's task per message and receiver.
     async def _watch_ready(self) -> None:
@@ -330,10 +343,78 @@ class MarketRoom(YRoom):
 
     def _on_done(self, event: MapEvent) -> None:
         for key, change in event.keys.items():
+            action = change.get("action")
+            if action == "delete":
+                self._left += 1
+                continue
             value = change.get("newValue")
-            if change.get("action") in ("add", "update") and isinstance(value, dict):
+            if self.store is not None and action in ("add", "update") and isinstance(value, dict):
                 if value.get("state") in {s.value for s in State if s.final}:
                     self._archive.append({**value, "id": value.get("id", key)})
+        if self.compact_every and (self._compactor is None or self._compactor.done()):
+            self._compactor = asyncio.get_running_loop().create_task(self._compaction_loop())
+
+    async def _compaction_loop(self) -> None:
+        """Compact every ``COMPACT_PAUSE`` s while tasks finish: as soon as
+        ``compact_every`` tasks have left, or once the flow has paused for a period (two
+        quiet compactions leave no tombstone: the first marks, the second collects)."""
+        seen = -1
+        while self._left or self._dead:
+            await asyncio.sleep(COMPACT_PAUSE)
+            if self._left >= self.compact_every or self._left == seen:
+                await self.compact()
+            seen = self._left
+
+    async def compact(self) -> None:
+        """Replace the room's document by one without the tombstones of finished tasks
+        (igora.market.compaction), and store it as the room's whole history.
+
+        The heavy part reads a snapshot in a thread; what arrived meanwhile is applied
+        to the new document, which replaces the old one with no await in between.
+        Peers keep their own documents: nothing is sent to them."""
+        started = time.monotonic()
+        left, self._left = self._left, 0
+        doc = self.ydoc
+        vector, state = doc.get_state(), doc.get_update()
+        try:
+            result = await asyncio.to_thread(compact_state, state, self._dead)
+            if self.ydoc is not doc:
+                return
+            fresh = Doc(client_id=doc.client_id)
+            fresh.apply_update(result.update)
+            fresh.apply_update(doc.get_update(vector))
+        except Exception:
+            log.exception("room %s: compaction failed; the room goes on uncompacted", self.name)
+            return
+        self._swap(fresh)
+        self._dead = result.dead
+        self.compactions += 1
+        took = time.monotonic() - started
+        log.info("room %s: compacted after %d finished task(s): %d -> %d bytes, %d deleted "
+                 "item(s) collected, in %.0f ms", self.name, left, len(state),
+                 len(result.update), result.collected, took * 1000)
+        if self.store is not None:
+            async with self._store_lock:
+                self._pending = []  # the new state holds them
+                try:
+                    await asyncio.to_thread(self.store.replace, self.name, fresh.get_update())
+                except Exception:
+                    log.exception("room %s: storing the compacted room failed", self.name)
+
+    async def stop(self) -> None:
+        if self._compactor is not None:
+            self._compactor.cancel()
+        await super().stop()
+
+    def _swap(self, doc: Doc) -> None:
+        old = self.ydoc
+        old.unobserve(self._subscription)
+        if self._store_sub is not None:
+            old.unobserve(self._store_sub)
+        self._done_map.unobserve(self._done_sub)
+        self.ydoc = doc
+        self._observe(doc)
+        self._subscription = doc.observe(self._fan_out)
 
     async def _flush_loop(self) -> None:
         """Write pending updates: at once when the store is idle, then at most once per
@@ -353,6 +434,11 @@ class MarketRoom(YRoom):
     async def flush(self) -> None:
         if self.store is None:
             return
+        async with self._store_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        assert self.store is not None
         updates, self._pending = self._pending, []
         archive, self._archive = self._archive, []
         try:
@@ -444,19 +530,21 @@ class MarketRoom(YRoom):
             "agents": agents,
             "tasks": tasks,
             "archived": self.store.archive_count(self.name) if self.store else 0,
+            "compactions": self.compactions,
         }
 
 
 class MarketServer(WebsocketServer):
-    def __init__(self, store: Store | None) -> None:
+    def __init__(self, store: Store | None, compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
         super().__init__(auto_clean_rooms=False, log=logging.getLogger("igora.market.server"))
         self.store = store
+        self.compact_every = compact_every
         self._start_guards: dict[int, asyncio.Lock] = {}
 
     def room(self, name: str) -> MarketRoom:
         """The room of that name, loaded from the store (not started) if not in memory."""
         if name not in self.rooms:
-            self.rooms[name] = MarketRoom(name, self.store)
+            self.rooms[name] = MarketRoom(name, self.store, self.compact_every)
         return self.rooms[name]  # type: ignore[return-value]
 
     async def start_room(self, room: YRoom) -> None:
@@ -490,10 +578,11 @@ class Market:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         room_idle: float = DEFAULT_ROOM_IDLE,
+        compact_every: int = DEFAULT_COMPACT_EVERY,
     ) -> None:
         self.store = Store(data / "market.sqlite3") if data is not None else None
         self.room_idle = room_idle
-        self.server = MarketServer(self.store)
+        self.server = MarketServer(self.store, compact_every)
         self.max_connections = max_connections
         self.max_per_address = max_per_address
         self.connections: Counter[str] = Counter()
@@ -710,6 +799,7 @@ def run_market(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
     room_idle: float = DEFAULT_ROOM_IDLE,
+    compact_every: int = DEFAULT_COMPACT_EVERY,
     log_level: str = "info",
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit)."""
@@ -720,8 +810,11 @@ def run_market(
     for noisy in ("igora.market.room", "igora.market.server"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     sock = _listen(host, port)
+    if compact_every < 0:
+        raise ConfigError(f"--compact-every must be 0 (never) or a number of tasks, "
+                          f"not {compact_every}")
     market = Market(data, max_connections=max_connections, max_per_address=max_per_address,
-                    room_idle=room_idle)
+                    room_idle=room_idle, compact_every=compact_every)
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
     log.info("market listening on ws://%s:%d, %s; limits: message %d bytes, %d connections "
              "(%d per address)", host, port, where, max_message, max_connections,

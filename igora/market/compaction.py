@@ -1,0 +1,184 @@
+"""Compaction of a room: drop what Yjs keeps of tasks that left the live document.
+
+Why: a deleted entry of a top-level ``Y.Map`` stays in the document as a tombstone (its
+id, parent, and key) so that concurrent writes to that key resolve the same way on every
+peer. Every task leaves one per map it went through (about 135 bytes) and nothing ever
+removes them: the update a newcomer downloads, and the market's memory, grow with every
+task ever done.
+
+What is safe to drop: a key of a top-level map whose every item is deleted (the task left
+that map) and was already so at the previous compaction (a grace period for late writes).
+Its items become GC structs, Yjs's own form for collected items: a clock range, no
+content, no parent; consecutive ones merge. Children of a collected nested type (the
+``Y.Text`` of a finished stream) go with it. Live entries, and every item of a key still
+in use (a re-queued task back in ``todos``), are kept byte for byte, so peers that hold
+the full history and newcomers that get the compacted one keep merging each other's
+updates. The one difference: a write whose left neighbour was collected (a stale agent
+writing to a task that ended long ago) is collected too on arrival, as Yjs does for
+writes into deleted types; on peers with the full history it lands, and the broker ends
+it as a stray.
+
+The market compacts on its own (``MarketRoom.compact``); see docs/faults.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import NamedTuple
+
+from ..lib0 import uint_bytes
+from ..updates import Struct, delete_set, parse
+
+GC, SKIP = 0, 10
+
+Key = tuple[str, str]
+"""A top-level map entry: (map name, key)."""
+
+
+class Compacted(NamedTuple):
+    update: bytes  # the whole state, compacted
+    dead: set[Key]  # keys with no live item now, not collected yet: next time if still dead
+    collected: int  # structs turned into GC
+
+
+class _Index:
+    """Structs of one client, found by clock."""
+
+    def __init__(self) -> None:
+        self.clocks: list[int] = []
+        self.positions: list[int] = []
+
+    def find(self, clock: int) -> int | None:
+        i = bisect.bisect_right(self.clocks, clock) - 1
+        return self.positions[i] if i >= 0 else None
+
+
+def _deleted_checker(raw: bytes):  # type: ignore[no-untyped-def]
+    ranges = {c: sorted(rs) for c, rs in delete_set(raw).items()}
+    starts = {c: [s for s, _ in rs] for c, rs in ranges.items()}
+
+    def deleted(s: Struct) -> bool:
+        rs = ranges.get(s.client)
+        if not rs:
+            return False
+        i = bisect.bisect_right(starts[s.client], s.clock) - 1
+        return i >= 0 and s.clock + s.length <= rs[i][0] + rs[i][1]
+
+    return deleted
+
+
+def compact(state: bytes, spared: set[Key] | None = None) -> Compacted:
+    """Compact a room's state (a v1 update from an empty state vector).
+
+    ``spared`` is the previous call's ``dead``: only keys in it are collected. ``None``
+    collects every dead key at once (a room loaded from the store, with nobody connected).
+    """
+    parsed = parse(state)
+    structs = parsed.structs
+    deleted = _deleted_checker(parsed.delete_set)
+    index: dict[int, _Index] = {}
+    for i, s in enumerate(structs):
+        ix = index.setdefault(s.client, _Index())
+        ix.clocks.append(s.clock)
+        ix.positions.append(i)
+
+    def at(id_: tuple[int, int]) -> int | None:
+        ix = index.get(id_[0])
+        if ix is None:
+            return None
+        i = ix.find(id_[1])
+        if i is None:
+            return None
+        s = structs[i]
+        return i if s.clock <= id_[1] < s.clock + s.length else None
+
+    # Parent and key of every item: explicit, or those of its origin (right origin).
+    parent: list[str | tuple[int, int] | None] = [None] * len(structs)
+    key: list[str | None] = [None] * len(structs)
+    resolved = [False] * len(structs)
+    for i, s in enumerate(structs):
+        path = []
+        j: int | None = i
+        while j is not None and not resolved[j]:
+            t = structs[j]
+            resolved[j] = True  # also guards against a cycle of origins
+            if t.ref in (GC, SKIP):
+                j = None
+                break
+            path.append(j)
+            if t.origin is None and t.right_origin is None:
+                parent[j], key[j] = t.parent, t.key
+                j = None
+                break
+            j = at(t.origin if t.origin is not None else t.right_origin)  # type: ignore[arg-type]
+        p, k = (parent[j], key[j]) if j is not None else (None, None)
+        for m in reversed(path):
+            if parent[m] is None:
+                parent[m] = p
+                if key[m] is None and structs[m].origin is not None:
+                    key[m] = k
+            p, k = parent[m], key[m]
+
+    alive: dict[Key, bool] = {}
+    for i, s in enumerate(structs):
+        p = parent[i]
+        if isinstance(p, str) and key[i] is not None:
+            entry = (p, key[i])
+            alive[entry] = alive.get(entry, False) or not deleted(s)  # type: ignore[index]
+    dead = {entry for entry, live in alive.items() if not live}
+    chosen = dead if spared is None else dead & spared
+
+    collect: list[bool | None] = [None] * len(structs)
+    for i in range(len(structs)):
+        chain = []
+        j: int | None = i  # type: ignore[no-redef]
+        verdict = False
+        while j is not None and collect[j] is None:
+            chain.append(j)
+            s, p = structs[j], parent[j]
+            if s.ref in (GC, SKIP) or p is None:
+                break
+            if isinstance(p, str):
+                verdict = key[j] is not None and (p, key[j]) in chosen
+                break
+            j = at(p)  # the nested type holding this item
+            if j is None:
+                break
+        else:
+            if j is not None:
+                verdict = bool(collect[j])
+        for m in chain:
+            collect[m] = verdict
+
+    out = bytearray()
+    clients: list[bytes] = []
+    collected = 0
+    n = len(structs)
+    i = 0
+    while i < n:
+        client, first = structs[i].client, structs[i].clock
+        body = bytearray()
+        count = 0
+        gc_run = 0
+        while i < n and structs[i].client == client:
+            s = structs[i]
+            if s.ref == GC or collect[i]:
+                collected += s.ref != GC
+                gc_run += s.length
+            else:
+                if gc_run:
+                    body += b"\x00" + uint_bytes(gc_run)
+                    count += 1
+                    gc_run = 0
+                body += state[s.start:s.end]
+                count += 1
+            i += 1
+        if gc_run:
+            body += b"\x00" + uint_bytes(gc_run)
+            count += 1
+        clients.append(uint_bytes(count) + uint_bytes(client) + uint_bytes(first) + bytes(body))
+    out += uint_bytes(len(clients))
+    for c in clients:
+        out += c
+    out += parsed.delete_set
+    return Compacted(bytes(out), dead - chosen, collected)
