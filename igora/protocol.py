@@ -172,6 +172,13 @@ def stream_key(task_id: str, attempt: int) -> str:
     return f"{task_id}#{attempt}"
 
 
+def task_of(map_name: str, key: str) -> str:
+    """The task a key of one of the room's maps belongs to."""
+    if map_name == MapName.STREAMS.value:
+        return key.rpartition("#")[0] or key
+    return key
+
+
 def _opt_number(task: dict[str, Any], field: str, lo: float, hi: float) -> None:
     value = task.get(field)
     if value is None:

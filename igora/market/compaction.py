@@ -6,14 +6,16 @@ peer. Every task leaves one per map it went through (about 135 bytes) and nothin
 removes them: the update a newcomer downloads, and the market's memory, grow with every
 task ever done.
 
-What is safe to drop: a key of a top-level map whose every item is deleted (the task left
-that map) and was already so at the previous compaction (a grace period for late writes).
-Its items become GC structs, Yjs's own form for collected items: a clock range, no
-content, no parent; consecutive ones merge. Children of a collected nested type (the
-``Y.Text`` of a finished stream) go with it. Live entries, and every item of a key still
-in use (a re-queued task back in ``todos``), are kept byte for byte, so peers that hold
-the full history and newcomers that get the compacted one keep merging each other's
-updates. The one difference: a write whose left neighbour was collected (a stale agent
+What is safe to drop: the keys of a task (its entries in the four maps, its streams) once
+every item of every one of them is deleted, i.e. the task has left the live document, and
+was already so at the previous compaction (a grace period for late writes). A task still
+live anywhere keeps the history of all its keys: a worker lost after minutes re-queues
+its task into ``todos`` with the old ``todos`` item as left neighbour, which must still
+exist. Collected items become GC structs, Yjs's own form for collected items: a clock
+range, no content, no parent; consecutive ones merge. Children of a collected nested type
+(the ``Y.Text`` of a finished stream) go with it. Everything else is kept byte for byte,
+so peers that hold the full history and newcomers that get the compacted one keep
+merging each other's updates. The one difference: a write whose left neighbour was collected (a stale agent
 writing to a task that ended long ago) is collected too on arrival, as Yjs does for
 writes into deleted types; on peers with the full history it lands, and the broker ends
 it as a stray.
@@ -27,17 +29,14 @@ import bisect
 from typing import NamedTuple
 
 from ..lib0 import uint_bytes
+from ..protocol import task_of
 from ..updates import Struct, delete_set, parse
 
 GC, SKIP = 0, 10
 
-Key = tuple[str, str]
-"""A top-level map entry: (map name, key)."""
-
-
 class Compacted(NamedTuple):
     update: bytes  # the whole state, compacted
-    dead: set[Key]  # keys with no live item now, not collected yet: next time if still dead
+    dead: set[str]  # tasks with no live item now, not collected yet: next time if still dead
     collected: int  # structs turned into GC
 
 
@@ -67,11 +66,11 @@ def _deleted_checker(raw: bytes):  # type: ignore[no-untyped-def]
     return deleted
 
 
-def compact(state: bytes, spared: set[Key] | None = None) -> Compacted:
+def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
     """Compact a room's state (a v1 update from an empty state vector).
 
-    ``spared`` is the previous call's ``dead``: only keys in it are collected. ``None``
-    collects every dead key at once (a room loaded from the store, with nobody connected).
+    ``spared`` is the previous call's ``dead``: only tasks in it are collected. ``None``
+    collects every dead task at once.
     """
     parsed = parse(state)
     structs = parsed.structs
@@ -119,13 +118,13 @@ def compact(state: bytes, spared: set[Key] | None = None) -> Compacted:
                     key[m] = k
             p, k = parent[m], key[m]
 
-    alive: dict[Key, bool] = {}
+    alive: dict[str, bool] = {}  # task id -> has a live item in some map
     for i, s in enumerate(structs):
-        p = parent[i]
-        if isinstance(p, str) and key[i] is not None:
-            entry = (p, key[i])
-            alive[entry] = alive.get(entry, False) or not deleted(s)  # type: ignore[index]
-    dead = {entry for entry, live in alive.items() if not live}
+        p, k = parent[i], key[i]
+        if isinstance(p, str) and k is not None:
+            task = task_of(p, k)
+            alive[task] = alive.get(task, False) or not deleted(s)
+    dead = {task for task, live in alive.items() if not live}
     chosen = dead if spared is None else dead & spared
 
     collect: list[bool | None] = [None] * len(structs)
@@ -139,7 +138,7 @@ def compact(state: bytes, spared: set[Key] | None = None) -> Compacted:
             if s.ref in (GC, SKIP) or p is None:
                 break
             if isinstance(p, str):
-                verdict = key[j] is not None and (p, key[j]) in chosen
+                verdict = key[j] is not None and task_of(p, key[j]) in chosen  # type: ignore[arg-type]
                 break
             j = at(p)  # the nested type holding this item
             if j is None:

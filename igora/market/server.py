@@ -52,7 +52,6 @@ from .. import __version__
 from ..protocol import KANBAN, MapName, State
 from ..lib0 import Reader
 from ..updates import UpdateError, update_depth
-from .compaction import Key
 from .compaction import compact as compact_state
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
@@ -289,7 +288,7 @@ class MarketRoom(YRoom):
         self.compact_every = compact_every
         self.compactions = 0
         self._left = 0  # tasks that left the live document since the last compaction
-        self._dead: set[Key] = set()  # keys found dead by the last compaction
+        self._dead: set[str] = set()  # tasks found gone by the last compaction
         self._compactor: asyncio.Task[None] | None = None
         self._store_lock = asyncio.Lock()
         self._observe(doc)
