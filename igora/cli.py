@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a room without connections stays in memory (it stays in "
                         "the store)")
     p.add_argument("--compact-every", type=int, default=500, metavar="N",
-                   help="compact a room after N finished tasks (at most every 10 s): drop what "
+                   help="compact a room after N finished tasks (at most every 2 s): drop what "
                         "Yjs keeps of tasks gone from the document, so that it stays small; "
                         "0: never (see docs/faults.md)")
     _common(p)

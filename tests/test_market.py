@@ -444,6 +444,7 @@ BAD_CLI = [
     (["status"], {"YJS_ENV": "MOON"}, "YJS_ENV must be LOCAL or REMOTE"),
     (["broker", "--market", "http://127.0.0.1:1"], {}, "not a websocket URL"),
     (["market", "--port", "70000"], {}, "--port 70000 is not a TCP port"),
+    (["market", "--compact-every", "-5"], {}, "--compact-every must be at least 0"),
 ]
 
 
@@ -454,6 +455,7 @@ BAD_CLI = [
         ({"max_connections": 0}, "--max-connections must be at least 1"),
         ({"max_per_address": -1}, "--max-per-address must be at least 1"),
         ({"room_idle": 0}, "--room-idle must be a positive number"),
+        ({"compact_every": -1}, "--compact-every must be at least 0"),
     ],
 )
 def test_market_limits_are_checked_before_anything_starts(

@@ -711,7 +711,7 @@ class Market:
 
 
 def _check_limits(port: int, max_message: int, max_connections: int,
-                  max_per_address: int, room_idle: float) -> None:
+                  max_per_address: int, room_idle: float, compact_every: int = 0) -> None:
     from ..config import ConfigError
 
     if not 0 < port < 65536:
@@ -720,7 +720,8 @@ def _check_limits(port: int, max_message: int, max_connections: int,
         raise ConfigError(f"--room-idle must be a positive number of seconds, not {room_idle}")
     for flag, value, least in (("--max-message", max_message, 1024),
                                ("--max-connections", max_connections, 1),
-                               ("--max-per-address", max_per_address, 1)):
+                               ("--max-per-address", max_per_address, 1),
+                               ("--compact-every", compact_every, 0)):
         if value < least:
             raise ConfigError(f"{flag} must be at least {least}, not {value}")
 
@@ -804,14 +805,12 @@ def run_market(
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit)."""
     import uvicorn
 
-    _check_limits(port, max_message, max_connections, max_per_address, room_idle)
+    _check_limits(port, max_message, max_connections, max_per_address, room_idle,
+                  compact_every)
     # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
     for noisy in ("igora.market.room", "igora.market.server"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     sock = _listen(host, port)
-    if compact_every < 0:
-        raise ConfigError(f"--compact-every must be 0 (never) or a number of tasks, "
-                          f"not {compact_every}")
     market = Market(data, max_connections=max_connections, max_per_address=max_per_address,
                     room_idle=room_idle, compact_every=compact_every)
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
