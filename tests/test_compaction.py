@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 from pycrdt import Doc, Map, Text
 
+from igora import Client
 from igora.market.compaction import compact
-from igora.protocol import MapName
+from igora.protocol import F, MapName, State
 from igora.updates import parse
 
 from .conftest import Cluster
+from .faults import by_name, worker_name
 from .market_peers import NodePeer, agent, ensure_node_modules, until
 
 MAPS = [m.value for m in MapName]
@@ -284,3 +286,35 @@ async def test_market_compacts_with_original_js_peers_connected_and_after_a_rest
             assert set(after.maps[MapName.TODOS]) == {"keep", "after-restart"}
     finally:
         old.kill()
+
+
+@pytest.mark.timeout(180)
+async def test_task_requeued_after_compactions_completes(cluster: Cluster) -> None:
+    """The end-to-end form of the re-queue case: a task runs while the market compacts
+    (other tasks finish meanwhile), then its worker is killed; the broker moves it back
+    into ``todos`` and the other worker completes it."""
+    cluster.market("--compact-every", "1")
+    cluster.broker()
+    workers = [cluster.worker("--delay", "0.05", name=n) for n in ("wa", "wb")]
+    cluster.wait_agents("worker", 2)
+    cluster.wait_agents("broker", 1)
+    compactions = lambda: cluster.status()["rooms"][0]["compactions"]  # noqa: E731
+    async with Client(cluster.url) as client:
+        task = await client.submit("#repeat 400", timeout=120)
+
+        def runner() -> str | None:
+            doing = client.agent.maps[MapName.DOING].get(task.id)
+            return doing.get(F.WORKER) if isinstance(doing, dict) else None
+
+        await until(runner, 20, "the long task to run")
+        before = compactions()
+        for i in range(3):  # quick tasks on the other worker, then two compactions
+            assert await client.chat(f"quick {i}", timeout=30) == f"Echo: quick {i}"
+        await until(lambda: compactions() >= before + 2, 30, "two compactions")
+        assert task.id in client.agent.maps[MapName.DOING]  # still running
+        name = worker_name(client.agent, str(runner()))
+        assert name is not None
+        by_name(workers, name).kill()
+        answer = await task.result()
+    assert answer.task[F.STATE] == State.DONE.value and answer.task[F.ATTEMPTS] == 2
+    assert answer.text == "".join(f"tok{i} " for i in range(400))
