@@ -157,6 +157,19 @@ def test_a_key_in_use_again_keeps_its_whole_history() -> None:
     assert view(fresh) == view(client)
 
 
+def test_maps_of_other_applications_in_the_room_are_left_alone() -> None:
+    client, broker, worker, market = room(), room(), room(), room()
+    lifecycle(client, broker, worker, market, ["t1"])
+    settings = client.get("settings", type=Map)
+    settings["theme"] = "dark"
+    del settings["theme"]  # a key such an application may set again later
+    sync(market, client, broker, worker)
+    result = compact(market.get_update())
+    assert result.collected > 0
+    keys = {(s.parent, s.key) for s in parse(result.update).structs if s.key is not None}
+    assert ("settings", "theme") in keys and not any(k == "t1" for _, k in keys)
+
+
 def test_a_running_task_keeps_its_old_keys_so_that_a_requeue_reaches_everyone() -> None:
     """A worker lost after minutes: the broker moves the task back into ``todos``, a key
     whose entry was deleted long ago; its write has that old item as left neighbour."""

@@ -29,10 +29,13 @@ import bisect
 from typing import NamedTuple
 
 from ..lib0 import uint_bytes
-from ..protocol import task_of
+from ..protocol import MapName, task_of
 from ..updates import Struct, delete_set, parse
 
 GC, SKIP = 0, 10
+TASK_MAPS = frozenset(m.value for m in MapName)
+"""Only these maps are compacted: their keys are task ids, never re-used once a task has
+left. Anything else in a room (another application's maps) is kept as it is."""
 
 class Compacted(NamedTuple):
     update: bytes  # the whole state, compacted
@@ -121,8 +124,8 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
     alive: dict[str, bool] = {}  # task id -> has a live item in some map
     for i, s in enumerate(structs):
         p, k = parent[i], key[i]
-        if isinstance(p, str) and k is not None:
-            task = task_of(p, k)
+        if p in TASK_MAPS and k is not None:
+            task = task_of(p, k)  # type: ignore[arg-type]
             alive[task] = alive.get(task, False) or not deleted(s)
     dead = {task for task, live in alive.items() if not live}
     chosen = dead if spared is None else dead & spared
@@ -138,7 +141,8 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
             if s.ref in (GC, SKIP) or p is None:
                 break
             if isinstance(p, str):
-                verdict = key[j] is not None and task_of(p, key[j]) in chosen  # type: ignore[arg-type]
+                verdict = (p in TASK_MAPS and key[j] is not None
+                           and task_of(p, key[j]) in chosen)  # type: ignore[arg-type]
                 break
             j = at(p)  # the nested type holding this item
             if j is None:

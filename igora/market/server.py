@@ -358,7 +358,7 @@ class MarketRoom(YRoom):
         ``compact_every`` tasks have left, or once the flow has paused for a period (two
         quiet compactions leave no tombstone: the first marks, the second collects)."""
         seen = -1
-        while self._left or self._dead:
+        while self.compact_every and (self._left or self._dead):
             await asyncio.sleep(COMPACT_PAUSE)
             if self._left >= self.compact_every or self._left == seen:
                 await self.compact()
@@ -383,7 +383,10 @@ class MarketRoom(YRoom):
             fresh.apply_update(result.update)
             fresh.apply_update(doc.get_update(vector))
         except Exception:
-            log.exception("room %s: compaction failed; the room goes on uncompacted", self.name)
+            log.exception("room %s: compaction failed; the room goes on, never compacted "
+                          "again until the market restarts (please report this)", self.name)
+            self.compact_every = 0
+            self._dead = set()
             return
         self._swap(fresh)
         self._dead = result.dead
