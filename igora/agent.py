@@ -29,6 +29,7 @@ from pycrdt import (
     create_sync_message,
     create_update_message,
     handle_sync_message,
+    merge_updates,
     read_message,
 )
 from websockets.asyncio.client import ClientConnection, connect
@@ -44,6 +45,29 @@ BACKOFF_START = 0.2
 BACKOFF_MAX = 5.0
 
 log = logging.getLogger("igora.agent")
+_UPDATE_PREFIX = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE])
+
+
+def _merge_update_runs(batch: list[bytes]) -> list[bytes]:
+    """``batch`` in order, each run of consecutive document updates merged into one."""
+    out: list[bytes] = []
+    run: list[bytes] = []
+
+    def close_run() -> None:
+        if len(run) > 1:
+            out.append(create_update_message(merge_updates(*(read_message(m[2:]) for m in run))))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for message in batch:
+        if message[:2] == _UPDATE_PREFIX:
+            run.append(message)
+        else:
+            close_run()
+            out.append(message)
+    close_run()
+    return out
 
 
 class Agent:
@@ -286,8 +310,14 @@ class Agent:
     async def _send_loop(self, ws: ClientConnection) -> None:
         assert self._outbox is not None
         while True:
-            message = await self._outbox.get()
-            await ws.send(message)
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            # Transactions made in one turn of the loop (a broker's assignments, a
+            # worker's several tasks ending, a client's answers read) go out as one
+            # update: one frame to send, one update for the market to apply and relay.
+            for message in _merge_update_runs(batch) if len(batch) > 1 else batch:
+                await ws.send(message)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from functools import partial
 from typing import Any
 
 from pycrdt import MapEvent
@@ -17,14 +18,18 @@ from ..protocol import A, AgentState, F, MapName, ProtocolError, State, now_ms, 
 from . import policies
 from .fairness import Fairness
 from .leader import Leadership
-from .matching import pick_worker
+from .matching import free_slots, pick_worker
 from .presence import DEFAULT_GRACE, Presence
 
 TICK = 0.5
 RETENTION_EVERY = 5.0
 SHUN_FOR = 120.0  # seconds a worker that left a task untaken gets no new one
+FULL_READ_EVERY = 5.0  # seconds between two full reads of the maps (the view is kept from events)
+POLICIES_EVERY = 0.1  # seconds between two runs of the recovery policies when nothing calls for one
+PEERS_EVERY = 0.25  # seconds between two reads of the awareness states when none changed
 
 log = logging.getLogger("igora.broker")
+_WATCHED = (MapName.TODOS, MapName.PREPARED, MapName.DOING)
 
 
 class Broker:
@@ -59,19 +64,50 @@ class Broker:
         m = agent.maps
         self.todos, self.prepared, self.doing = m[MapName.TODOS], m[MapName.PREPARED], m[MapName.DOING]
         self.done, self.streams = m[MapName.DONE], m[MapName.STREAMS]
-        for mp in (self.todos, self.prepared, self.doing):
-            mp.observe(self._on_map)
-        agent.awareness.observe(lambda topic, change: self._wake.set() if topic == "change" else None)
+        # The valid tasks of todos, prepared and doing (and the invalid ones, with why),
+        # kept up to date from the maps' events: a round reads only what changed, not
+        # every task of the room. A full read every FULL_READ_EVERY s is the safety net.
+        self._valid: dict[MapName, dict[str, dict[str, Any]]] = {n: {} for n in _WATCHED}
+        self._invalid: dict[MapName, dict[str, tuple[Any, str]]] = {n: {} for n in _WATCHED}
+        self._full_read_at = float("-inf")
+        self._policies_at = float("-inf")
+        self._policies_due = True
+        self._peers_at = float("-inf")
+        self._peers_due = True
+        for name in _WATCHED:
+            m[name].observe(partial(self._on_map, name))
+        agent.awareness.observe(self._on_awareness)
 
-    def _on_map(self, event: MapEvent) -> None:
-        # Value refreshes of running tasks (compatibility fields) need no new round.
-        if any(c.get("action") != "update" for c in event.keys.values()) or event.target is self.todos:
+    def _on_awareness(self, topic: str, _change: Any) -> None:
+        if topic == "change":
+            self._peers_due = self._policies_due = True
             self._wake.set()
-        else:
-            for c in event.keys.values():
-                v = c.get("newValue")
-                if isinstance(v, dict) and v.get(F.ABORTED):
-                    self._wake.set()
+
+    def _on_map(self, name: MapName, event: MapEvent) -> None:
+        valid, invalid = self._valid[name], self._invalid[name]
+        wake = name is MapName.TODOS
+        for tid, change in event.keys.items():
+            if change.get("action") == "delete":
+                valid.pop(tid, None)
+                invalid.pop(tid, None)
+                wake = True
+                continue
+            value = change.get("newValue")
+            try:
+                valid[tid] = self._check(tid, value)
+                invalid.pop(tid, None)
+            except ProtocolError as exc:
+                valid.pop(tid, None)
+                invalid[tid] = (value, str(exc))
+                wake = self._policies_due = True
+                continue
+            if change.get("action") == "add":
+                wake = True
+            elif isinstance(value, dict) and value.get(F.ABORTED):
+                wake = self._policies_due = True
+            # Value refreshes of running tasks (compatibility fields) need no new round.
+        if wake:
+            self._wake.set()
 
     async def run(self) -> None:
         last = time.monotonic()
@@ -97,21 +133,35 @@ class Broker:
                     self.agent.name, gap)
         self.presence.restart_clock()
         self.leadership.step_down()
+        self._full_read_at = float("-inf")
+        self._peers_due = self._policies_due = True
 
     # ------------------------------------------------------------------ one round
+    @staticmethod
+    def _check(tid: str, value: Any) -> dict[str, Any]:
+        task = validate_task(value)
+        if task[F.ID] != tid:
+            raise ProtocolError(f"id {task[F.ID]!r} does not match its key")
+        return task
+
+    def _full_read(self) -> None:
+        """Read every task of the watched maps again (the events keep the view between)."""
+        for source in _WATCHED:
+            valid: dict[str, dict[str, Any]] = {}
+            invalid: dict[str, tuple[Any, str]] = {}
+            for tid, value in list(self.agent.maps[source].items()):
+                try:
+                    valid[tid] = self._check(tid, value)
+                except ProtocolError as exc:
+                    invalid[tid] = (value, str(exc))
+            self._valid[source], self._invalid[source] = valid, invalid
+        self._full_read_at = time.monotonic()
+
     def _read(self, source: MapName) -> dict[str, dict[str, Any]]:
         """Valid tasks of a map; invalid ones are ended (``failed``) with a log line."""
-        out: dict[str, dict[str, Any]] = {}
-        mp = self.agent.maps[source]
-        for tid, value in list(mp.items()):
-            try:
-                task = validate_task(value)
-                if task[F.ID] != tid:
-                    raise ProtocolError(f"id {task[F.ID]!r} does not match its key")
-                out[tid] = task
-            except ProtocolError as exc:
-                self._reject(source, tid, value, str(exc))
-        return out
+        for tid, (value, why) in list(self._invalid[source].items()):
+            self._reject(source, tid, value, why)
+        return dict(self._valid[source])
 
     def _reject(self, source: MapName, tid: str, value: Any, why: str) -> None:
         if tid not in self._rejected:
@@ -133,18 +183,29 @@ class Broker:
     def round(self) -> None:
         if not self.agent.synced.is_set() or not self.agent.connected:
             return
-        self.presence.refresh()
+        now = time.monotonic()
+        if self._peers_due or now - self._peers_at >= PEERS_EVERY:
+            self._peers_due, self._peers_at = False, now
+            self.presence.refresh()
         if not self.leadership.decide():
             return
+        if now - self._full_read_at >= FULL_READ_EVERY:
+            self._full_read()
+            self._policies_due = True
         snap = policies.Snapshot(
             self._read(MapName.TODOS), self._read(MapName.PREPARED), self._read(MapName.DOING)
         )
-        moves = (
-            policies.expire(snap, self.task_timeout)
-            + policies.recover(snap, self.presence.present, self.max_attempts)
-            + self._unclaimed(snap)
-            + policies.abort_orphans(snap, self.presence.present, self._abort_seen)
-        )
+        moves: list[policies.Move] = []
+        # The policies look at every task; they act on the clock, on agents leaving
+        # (awareness) and on abort marks, so they need not run at every update.
+        if self._policies_due or now - self._policies_at >= POLICIES_EVERY:
+            self._policies_due, self._policies_at = False, now
+            moves = (
+                policies.expire(snap, self.task_timeout)
+                + policies.recover(snap, self.presence.present, self.max_attempts)
+                + self._unclaimed(snap)
+                + policies.abort_orphans(snap, self.presence.present, self._abort_seen)
+            )
         touched = self._apply(moves)
         self._assign(
             [t for tid, t in snap.todos.items() if tid not in touched],
@@ -207,11 +268,16 @@ class Broker:
             load[str(task.get(F.WORKER))] += 1
             in_flight[str(task.get(F.ASKER) or "")] += 1
         writes = []
+        workers = [w for w in workers if free_slots(w, load) > 0]
         for task in self.fairness.order(waiting, in_flight):
+            if not workers:  # every slot taken: the rest waits
+                break
             worker = pick_worker(task, workers, load)
             if worker is None:
                 continue
             load[worker.id or ""] += 1
+            if free_slots(worker, load) <= 0:
+                workers.remove(worker)
             self.fairness.record(task)
             attempts = int(task.get(F.ATTEMPTS) or 0) + 1
             writes.append((task, {
