@@ -122,6 +122,7 @@ class Client:
         self.agent = Agent(self.address, type=AgentType.CLIENT.value, name=name, style=style,
                            connect_timeout=connect_timeout)
         self._watches: dict[str, _Watch] = {}
+        self._read_ids: list[str] = []
         m = self.agent.maps
         m[MapName.STREAMS].observe_deep(self._on_streams)
         m[MapName.DOING].observe(self._on_doing)
@@ -324,9 +325,20 @@ class Client:
 
     def _forget(self, task_id: str) -> None:
         self._watches.pop(task_id, None)
+        # Answers read in one turn of the loop leave ``done`` in one transaction.
+        self._read_ids.append(task_id)
+        if len(self._read_ids) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self._drop_read)
+            except RuntimeError:  # no loop running (finalised elsewhere): at once
+                self._drop_read()
+
+    def _drop_read(self) -> None:
+        ids, self._read_ids = self._read_ids, []
         if self.agent.connected:
             with self.agent.transaction():
-                self.agent.maps[MapName.DONE].pop(task_id, None)
+                for task_id in ids:
+                    self.agent.maps[MapName.DONE].pop(task_id, None)
 
 
 class Task:

@@ -44,6 +44,8 @@ HEALTH_INTERVAL = 5.0
 STRAY_CHECK = 2.0  # seconds between two looks for tasks wrongly attributed to this worker
 STALL_SETTLE = 0.2  # seconds to read the market's news after this process stood still
 _RUN_FIELDS = (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM)
+ANNOUNCE_WITHIN = 0.02  # seconds: a task's start is advertised at its first piece, or after this
+ADVERT_INTERVAL = 0.5  # seconds: a change of the running count alone is advertised within this
 HANDBACK_ATTEMPTS = 3  # a task is handed back to ``todos`` only while it has had fewer assignments
 
 log = logging.getLogger("igora.worker")
@@ -54,6 +56,7 @@ class Running:
     task_id: str
     attempt: int
     job: asyncio.Task[None] | None = None
+    announced: bool = False  # the advert was refreshed for this task
     stop_reason: str | None = None  # "aborted", "lost" (taken away) or a deadline message
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -81,6 +84,8 @@ class Worker:
         self.completed = 0
         self._strays_checked = 0.0
         self._wake = asyncio.Event()
+        self._advertised: dict[str, Any] = {}
+        self._advert_due: asyncio.TimerHandle | None = None
         self.prepared: Map = agent.maps[MapName.PREPARED]
         self.doing: Map = agent.maps[MapName.DOING]
         self.done: Map = agent.maps[MapName.DONE]
@@ -107,7 +112,22 @@ class Worker:
         }
 
     def _publish(self) -> None:
-        self.agent.set_state(**self.advert())
+        if self._advert_due is not None:
+            self._advert_due.cancel()
+            self._advert_due = None
+        self._advertised = self.advert()
+        self.agent.set_state(**self._advertised)
+
+    def _advert_changed(self) -> None:
+        """A task started or ended. A change of state (ready, working, busy) or of slots is
+        said at once; a change of the running count alone within ADVERT_INTERVAL: each
+        awareness update is relayed to every agent of the room and read by each."""
+        advert = self.advert()
+        if any(advert[k] != self._advertised.get(k) for k in (A.STATE, A.SLOTS)):
+            self._publish()
+        elif advert != self._advertised and self._advert_due is None:
+            self._advert_due = asyncio.get_running_loop().call_later(
+                ADVERT_INTERVAL, self._publish)
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
@@ -218,8 +238,16 @@ class Worker:
         self.running[task_id] = run
         log.info("%s: task %s started (model %s, attempt %d)", self.agent.name, task_id,
                  task.get(F.MODEL) or "default", attempt)
+        # The advert follows the first piece of the answer (see _write), or ANNOUNCE_WITHIN
+        # if that takes longer: on the way to the first token, the market and the asker
+        # have one message less to handle.
         run.job = asyncio.create_task(self._execute(run, doing))
-        self._publish()
+        asyncio.get_running_loop().call_later(ANNOUNCE_WITHIN, self._announce, run)
+
+    def _announce(self, run: Running) -> None:
+        if not run.announced and self.running.get(run.task_id) is run:
+            run.announced = True
+            self._advert_changed()
 
     # ------------------------------------------------------------------ watching
     def _on_doing(self, event: MapEvent) -> None:
@@ -388,7 +416,7 @@ class Worker:
             log.info("%s: task %s done (%d tokens, %.2f s)", self.agent.name, task_id,
                      finish.completion_tokens, elapsed)
             self._finish(task_id, task, key, State.DONE, response, finish=finish)
-        self._publish()
+        self._advert_changed()
         self._wake.set()
 
     def _another_can_serve(self, task: dict[str, Any]) -> bool:
@@ -407,6 +435,7 @@ class Worker:
         """Append ``piece`` to the task's stream, and refresh the compatibility fields when
         due; return the new (last refresh time, length refreshed)."""
         now = time.monotonic()
+        refreshed = (last_refresh, refreshed_len)
         with self.agent.transaction():
             # Look the stream up at each write, never keep it across awaits:
             # writing to a Text another peer replaced or deleted crashes
@@ -419,8 +448,11 @@ class Worker:
                     and len(response) >= refreshed_len * COMPAT_GROWTH
                     and self._original_readers(now)):
                 self._refresh(task_id, task, response, piece)
-                return now, len(response)
-        return last_refresh, refreshed_len
+                refreshed = (now, len(response))
+        run = self.running.get(task_id)
+        if run is not None:
+            self._announce(run)
+        return refreshed
 
     def _original_readers(self, now: float) -> bool:
         """Whether an agent of the original protocol (no ``protocol`` field in its
