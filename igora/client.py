@@ -40,6 +40,7 @@ from .protocol import (
 )
 
 DEFAULT_TIMEOUT = 300.0
+DROP_READ_WITHIN = 0.05  # seconds before answers read leave done, unless a new task comes first
 
 log = logging.getLogger("igora.client")
 FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
@@ -123,6 +124,7 @@ class Client:
                            connect_timeout=connect_timeout)
         self._watches: dict[str, _Watch] = {}
         self._read_ids: list[str] = []
+        self._drop_due: asyncio.TimerHandle | None = None
         m = self.agent.maps
         m[MapName.STREAMS].observe_deep(self._on_streams)
         m[MapName.DOING].observe(self._on_doing)
@@ -139,6 +141,7 @@ class Client:
         await self.agent.start()
 
     async def close(self) -> None:
+        self._drop_read()
         await self.agent.stop()
 
     # ------------------------------------------------------------------ market view
@@ -297,6 +300,7 @@ class Client:
         watch = _Watch(task[F.ID])
         self._watches[task[F.ID]] = watch
         with self.agent.transaction():
+            self._drop_read()
             self.agent.maps[MapName.TODOS][task[F.ID]] = task
         return Task(self, task, watch, timeout)
 
@@ -325,17 +329,22 @@ class Client:
 
     def _forget(self, task_id: str) -> None:
         self._watches.pop(task_id, None)
-        # Answers read in one turn of the loop leave ``done`` in one transaction.
+        # Answers read leave ``done`` with this client's next task, or within
+        # DROP_READ_WITHIN: one update (and one relay to every agent) for several.
         self._read_ids.append(task_id)
-        if len(self._read_ids) == 1:
+        if self._drop_due is None:
             try:
-                asyncio.get_running_loop().call_soon(self._drop_read)
+                self._drop_due = asyncio.get_running_loop().call_later(
+                    DROP_READ_WITHIN, self._drop_read)
             except RuntimeError:  # no loop running (finalised elsewhere): at once
                 self._drop_read()
 
     def _drop_read(self) -> None:
+        if self._drop_due is not None:
+            self._drop_due.cancel()
+            self._drop_due = None
         ids, self._read_ids = self._read_ids, []
-        if self.agent.connected:
+        if ids and self.agent.connected:
             with self.agent.transaction():
                 for task_id in ids:
                     self.agent.maps[MapName.DONE].pop(task_id, None)

@@ -329,7 +329,8 @@ async def test_worker_streams_as_many_upstream_answers_at_once_as_it_has_slots(
         streams = [t.stream() for t in tasks]
         firsts = await asyncio.wait_for(asyncio.gather(*(s.__anext__() for s in streams)), 30)
         assert all(f.startswith("tok0 ") for f in firsts)  # both streams run at once
-        assert worker_state(cluster, "multi")[A.RUNNING] == 2
+        until(lambda: worker_state(cluster, "multi").get(A.RUNNING) == 2, 10,  # advert: within 0.5 s
+              "the worker to advertise both tasks running")
         for t in tasks:
             t.abort()
         for s in streams:

@@ -44,7 +44,7 @@ HEALTH_INTERVAL = 5.0
 STRAY_CHECK = 2.0  # seconds between two looks for tasks wrongly attributed to this worker
 STALL_SETTLE = 0.2  # seconds to read the market's news after this process stood still
 _RUN_FIELDS = (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM)
-ANNOUNCE_WITHIN = 0.02  # seconds: a task's start is advertised at its first piece, or after this
+WORKING_WITHIN = 0.1  # seconds: "working" (all slots taken) is advertised within this
 ADVERT_INTERVAL = 0.5  # seconds: a change of the running count alone is advertised within this
 HANDBACK_ATTEMPTS = 3  # a task is handed back to ``todos`` only while it has had fewer assignments
 
@@ -56,7 +56,6 @@ class Running:
     task_id: str
     attempt: int
     job: asyncio.Task[None] | None = None
-    announced: bool = False  # the advert was refreshed for this task
     stop_reason: str | None = None  # "aborted", "lost" (taken away) or a deadline message
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -86,6 +85,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._advertised: dict[str, Any] = {}
         self._advert_due: asyncio.TimerHandle | None = None
+        self._dirty_since: float | None = None  # loop time of the first change not said yet
         self.prepared: Map = agent.maps[MapName.PREPARED]
         self.doing: Map = agent.maps[MapName.DOING]
         self.done: Map = agent.maps[MapName.DONE]
@@ -112,22 +112,42 @@ class Worker:
         }
 
     def _publish(self) -> None:
-        if self._advert_due is not None:
-            self._advert_due.cancel()
-            self._advert_due = None
+        self._cancel_advert()
         self._advertised = self.advert()
         self.agent.set_state(**self._advertised)
 
     def _advert_changed(self) -> None:
-        """A task started or ended. A change of state (ready, working, busy) or of slots is
-        said at once; a change of the running count alone within ADVERT_INTERVAL: each
-        awareness update is relayed to every agent of the room and read by each."""
+        """A task started or ended: say so in the advert, not always at once. Each
+        awareness update is relayed to every agent of the room and read by each, and a
+        short task would cost two (``working``, then ``ready`` again) on top of its own
+        document updates. So ``ready`` again (a slot freed after ``working`` was said) is
+        said at once; ``working`` within WORKING_WITHIN, not at all if a slot frees before;
+        a change of the running count alone within ADVERT_INTERVAL."""
         advert = self.advert()
-        if any(advert[k] != self._advertised.get(k) for k in (A.STATE, A.SLOTS)):
-            self._publish()
-        elif advert != self._advertised and self._advert_due is None:
-            self._advert_due = asyncio.get_running_loop().call_later(
-                ADVERT_INTERVAL, self._publish)
+        said = self._advertised
+        if advert == said:
+            self._cancel_advert()
+            return
+        loop = asyncio.get_running_loop()
+        if self._dirty_since is None:
+            self._dirty_since = loop.time()
+        if advert[A.STATE] != said.get(A.STATE) or advert[A.SLOTS] != said.get(A.SLOTS):
+            if advert[A.STATE] == AgentState.READY.value:
+                self._publish()
+                return
+            when = min(loop.time() + WORKING_WITHIN, self._dirty_since + ADVERT_INTERVAL)
+        else:
+            when = self._dirty_since + ADVERT_INTERVAL
+        if self._advert_due is None or self._advert_due.when() != when:
+            if self._advert_due is not None:
+                self._advert_due.cancel()
+            self._advert_due = loop.call_at(when, self._publish)
+
+    def _cancel_advert(self) -> None:
+        if self._advert_due is not None:
+            self._advert_due.cancel()
+            self._advert_due = None
+        self._dirty_since = None
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
@@ -238,16 +258,8 @@ class Worker:
         self.running[task_id] = run
         log.info("%s: task %s started (model %s, attempt %d)", self.agent.name, task_id,
                  task.get(F.MODEL) or "default", attempt)
-        # The advert follows the first piece of the answer (see _write), or ANNOUNCE_WITHIN
-        # if that takes longer: on the way to the first token, the market and the asker
-        # have one message less to handle.
         run.job = asyncio.create_task(self._execute(run, doing))
-        asyncio.get_running_loop().call_later(ANNOUNCE_WITHIN, self._announce, run)
-
-    def _announce(self, run: Running) -> None:
-        if not run.announced and self.running.get(run.task_id) is run:
-            run.announced = True
-            self._advert_changed()
+        self._advert_changed()
 
     # ------------------------------------------------------------------ watching
     def _on_doing(self, event: MapEvent) -> None:
@@ -449,9 +461,6 @@ class Worker:
                     and self._original_readers(now)):
                 self._refresh(task_id, task, response, piece)
                 refreshed = (now, len(response))
-        run = self.running.get(task_id)
-        if run is not None:
-            self._announce(run)
         return refreshed
 
     def _original_readers(self, now: float) -> bool:
