@@ -125,6 +125,7 @@ class Agent:
         self._applying_remote = False
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._key_subscriptions: list[Any] = []
         self.doc.observe(self._on_doc_update)
         self.awareness.observe(self._on_awareness)
 
@@ -168,6 +169,23 @@ class Agent:
     def transaction(self) -> Iterator[None]:
         with self.doc.transaction(origin=self.id):
             yield
+
+    def observe_keys(self, name: MapName,
+                     callback: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+        """Call ``callback(changes)`` after each transaction that changes the map ``name``;
+        ``changes`` maps each changed key to ``{"action": "add" | "update" | "delete",
+        "oldValue": ..., "newValue": ...}``. Cheaper than ``Map.observe``, which builds an
+        event object and walks every value again (~20 us per task-sized change, paid by
+        every agent for every change of the room). The callback must not read or write
+        the document (it runs inside the transaction)."""
+
+        def call(event: Any) -> None:
+            try:
+                callback(event.keys)
+            except Exception:  # an observer must never break the connection
+                self.log.exception("observer of %s failed", name.value)
+
+        self._key_subscriptions.append(self.maps[name].integrated.observe(call))
 
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (no argument, must not write) after any document or awareness

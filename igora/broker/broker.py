@@ -11,8 +11,6 @@ from collections import Counter
 from functools import partial
 from typing import Any
 
-from pycrdt import MapEvent
-
 from ..agent import Agent
 from ..protocol import A, AgentState, F, MapName, ProtocolError, State, now_ms, validate_task
 from . import policies
@@ -75,7 +73,7 @@ class Broker:
         self._peers_at = float("-inf")
         self._peers_due = True
         for name in _WATCHED:
-            m[name].observe(partial(self._on_map, name))
+            agent.observe_keys(name, partial(self._on_map, name))
         agent.awareness.observe(self._on_awareness)
 
     def _on_awareness(self, topic: str, _change: Any) -> None:
@@ -83,10 +81,10 @@ class Broker:
             self._peers_due = self._policies_due = True
             self._wake.set()
 
-    def _on_map(self, name: MapName, event: MapEvent) -> None:
+    def _on_map(self, name: MapName, changes: dict[str, dict[str, Any]]) -> None:
         valid, invalid = self._valid[name], self._invalid[name]
         wake = name is MapName.TODOS
-        for tid, change in event.keys.items():
+        for tid, change in changes.items():
             if change.get("action") == "delete":
                 valid.pop(tid, None)
                 invalid.pop(tid, None)

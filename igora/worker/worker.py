@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycrdt import Map, MapEvent, Text
+from pycrdt import Map, Text
 
 from ..agent import Agent
 from ..engines.base import Engine, EngineError, EngineUnavailable, Finish, Request
@@ -91,11 +91,14 @@ class Worker:
         self.done: Map = agent.maps[MapName.DONE]
         self.todos: Map = agent.maps[MapName.TODOS]
         self.streams: Map = agent.maps[MapName.STREAMS]
-        # Only a change of ``prepared`` can bring a task to claim (a freed slot wakes the
-        # loop itself): waking on every update of the room would rescan ``prepared`` at
-        # every token any worker streams.
-        self._subs = [self.prepared.observe(lambda _event: self._wake.set()),
-                      self.doing.observe(self._on_doing)]
+        # Only a task written to ``prepared`` for this worker can bring one to claim (a
+        # freed slot wakes the loop itself, to look at all of ``prepared``): waking on every
+        # update of the room would rescan ``prepared`` at every token any worker streams.
+        self._claimable: set[str] = set()
+        self._scan_all = True
+        self._scanned_at = 0.0
+        agent.observe_keys(MapName.PREPARED, self._on_prepared)
+        agent.observe_keys(MapName.DOING, self._on_doing)
 
     # ------------------------------------------------------------------ adverts
     def advert(self) -> dict[str, Any]:
@@ -178,11 +181,30 @@ class Worker:
                 self._publish()
             await asyncio.sleep(HEALTH_INTERVAL)
 
+    def _on_prepared(self, changes: dict[str, dict[str, Any]]) -> None:
+        me = self.agent.id
+        for key, change in changes.items():
+            value = change.get("newValue")
+            if isinstance(value, dict) and value.get(F.WORKER) == me:
+                self._claimable.add(key)
+                self._wake.set()
+
+    def _candidates(self) -> list[tuple[str, Any]]:
+        """Tasks of ``prepared`` that may be this worker's: all of them after a slot freed
+        (and at least every second), else those written for it since the last look."""
+        now = time.monotonic()
+        if self._scan_all or now - self._scanned_at >= 1.0:
+            self._scan_all, self._scanned_at = False, now
+            self._claimable.clear()
+            return list(self.prepared.items())
+        ids, self._claimable = self._claimable, set()
+        return [(tid, self.prepared.get(tid)) for tid in ids]
+
     def _claim(self) -> None:
         if not self.agent.synced.is_set():
             return
         me = self.agent.id
-        for task_id, value in list(self.prepared.items()):
+        for task_id, value in self._candidates():
             if len(self.running) >= self.slots:
                 return
             if not isinstance(value, dict) or value.get(F.WORKER) != me or task_id in self.running:
@@ -262,8 +284,8 @@ class Worker:
         self._advert_changed()
 
     # ------------------------------------------------------------------ watching
-    def _on_doing(self, event: MapEvent) -> None:
-        for key, change in event.keys.items():
+    def _on_doing(self, changes: dict[str, dict[str, Any]]) -> None:
+        for key, change in changes.items():
             run = self.running.get(key)
             if run is None or run.stop_reason:
                 continue
@@ -429,6 +451,7 @@ class Worker:
                      finish.completion_tokens, elapsed)
             self._finish(task_id, task, key, State.DONE, response, finish=finish)
         self._advert_changed()
+        self._scan_all = True  # a slot is free: tasks may wait for it
         self._wake.set()
 
     def _another_can_serve(self, task: dict[str, Any]) -> bool:
