@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pycrdt import MapEvent, Text
@@ -77,6 +78,7 @@ class _Watch:
     attempt: int = 0
     delivered: str = ""
     ended: bool = False
+    pieces: bool = True  # the caller may read the answer piece by piece
 
     def feed(self, attempt: int, text: str) -> None:
         """Deliver new text of an attempt (whole-so-far or appended pieces)."""
@@ -125,10 +127,14 @@ class Client:
         self._watches: dict[str, _Watch] = {}
         self._read_ids: list[str] = []
         self._drop_due: asyncio.TimerHandle | None = None
-        m = self.agent.maps
-        m[MapName.STREAMS].observe_deep(self._on_streams)
-        m[MapName.DOING].observe(self._on_doing)
-        m[MapName.DONE].observe(self._on_done)
+        # The streams are observed only while a task may be read piece by piece: every
+        # token of every task of the room would cost an event otherwise.
+        self._streams_sub: Any = None
+        self._piece_watches = 0
+        # doing and done: only changes of this client's tasks are handled, after the
+        # transaction (the handlers read the document).
+        self.agent.observe_keys(MapName.DOING, partial(self._mine, self._on_doing))
+        self.agent.observe_keys(MapName.DONE, partial(self._mine, self._on_done))
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -166,6 +172,27 @@ class Client:
             await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ observers
+    def _mine(self, handler: Callable[[dict[str, dict[str, Any]]], None],
+              changes: dict[str, dict[str, Any]]) -> None:
+        ours = {k: c for k, c in changes.items() if k in self._watches}
+        if ours:
+            asyncio.get_running_loop().call_soon(handler, ours)
+
+    def _watch(self, watch: _Watch) -> None:
+        self._watches[watch.task_id] = watch
+        if watch.pieces:
+            self._piece_watches += 1
+            if self._streams_sub is None:
+                self._streams_sub = self.agent.maps[MapName.STREAMS].observe_deep(self._on_streams)
+
+    def _unwatch(self, task_id: str) -> None:
+        watch = self._watches.pop(task_id, None)
+        if watch is not None and watch.pieces:
+            self._piece_watches -= 1
+            if self._piece_watches == 0 and self._streams_sub is not None:
+                self.agent.maps[MapName.STREAMS].unobserve(self._streams_sub)
+                self._streams_sub = None
+
     def _on_streams(self, events: list[Any]) -> None:
         for ev in events:
             if isinstance(ev, MapEvent):
@@ -186,8 +213,8 @@ class Client:
                 pieces = "".join(d["insert"] for d in ev.delta if isinstance(d.get("insert"), str))
                 w.feed(attempt, pieces)
 
-    def _on_doing(self, event: MapEvent) -> None:
-        for tid, change in event.keys.items():
+    def _on_doing(self, changes: dict[str, dict[str, Any]]) -> None:
+        for tid, change in changes.items():
             w = self._watches.get(tid)
             value = change.get("newValue")
             if w is not None and change.get("action") == "delete" and not w.ended:
@@ -207,8 +234,8 @@ class Client:
             if isinstance(response, str):  # an original worker: read the whole response
                 w.feed_whole(attempt, response)
 
-    def _on_done(self, event: MapEvent) -> None:
-        for tid, change in event.keys.items():
+    def _on_done(self, changes: dict[str, dict[str, Any]]) -> None:
+        for tid, change in changes.items():
             w = self._watches.get(tid)
             value = change.get("newValue")
             if w is None or w.ended or not isinstance(value, dict):
@@ -289,6 +316,7 @@ class Client:
         stop: str | list[str] | None = None,
         timeout: float | None = None,
         wait_worker: float = 5.0,
+        _pieces: bool = True,
     ) -> Task:
         """Put a task on the market and return its handle (raises NoWorkerError at once if
         no worker serving ``model`` shows up within ``wait_worker`` seconds)."""
@@ -297,8 +325,8 @@ class Client:
         task = self._task(prompt, model=model, system=system, temperature=temperature,
                           top_p=top_p, seed=seed, max_tokens=max_tokens, stop=stop,
                           timeout=timeout)
-        watch = _Watch(task[F.ID])
-        self._watches[task[F.ID]] = watch
+        watch = _Watch(task[F.ID], pieces=_pieces)
+        self._watch(watch)
         with self.agent.transaction():
             self._drop_read()
             self.agent.maps[MapName.TODOS][task[F.ID]] = task
@@ -313,7 +341,7 @@ class Client:
     ) -> Any:
         """Ask and return the answer's text, or with ``stream=True`` an async iterator of
         text pieces (a ``Restart`` piece marks a restart on another worker)."""
-        task = await self.submit(prompt, **options)
+        task = await self.submit(prompt, _pieces=stream, **options)
         if stream:
             return task.stream()
         return (await task.result()).text
@@ -328,7 +356,7 @@ class Client:
                     m[source][task_id] = {**value, F.ABORTED: ABORTED_MARK}
 
     def _forget(self, task_id: str) -> None:
-        self._watches.pop(task_id, None)
+        self._unwatch(task_id)
         # Answers read leave ``done`` with this client's next task, or within
         # DROP_READ_WITHIN: one update (and one relay to every agent) for several.
         self._read_ids.append(task_id)
