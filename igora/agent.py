@@ -48,6 +48,13 @@ log = logging.getLogger("igora.agent")
 _UPDATE_PREFIX = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE])
 
 
+def discard(mp: Map, key: str) -> None:
+    """Delete ``key`` from ``mp`` if there. ``Map.pop`` reads (and converts) the value
+    first, a task-sized dict each time."""
+    if key in mp:
+        del mp[key]
+
+
 def _merge_update_runs(batch: list[bytes]) -> list[bytes]:
     """``batch`` in order, each run of consecutive document updates merged into one."""
     out: list[bytes] = []

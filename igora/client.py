@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 
 from pycrdt import MapEvent, Text
 
-from .agent import Agent
+from .agent import Agent, discard
 from .config import market_address
 from .errors import NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
 from .protocol import (
@@ -97,6 +98,17 @@ class _Watch:
             self.feed(attempt, whole)
         elif attempt == self.attempt and whole.startswith(self.delivered):
             self.feed(attempt, whole[len(self.delivered):])
+
+
+async def _get_within(queue: asyncio.Queue[Any], seconds: float) -> Any:
+    """``queue.get()`` or TimeoutError after ``seconds``; without the task ``wait_for``
+    creates on Python 3.11 when the item is there already or ``asyncio.timeout`` exists."""
+    if not queue.empty():
+        return queue.get_nowait()
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await queue.get()
+    return await asyncio.wait_for(queue.get(), seconds)
 
 
 def _attempt_of(key: str) -> tuple[str, int]:
@@ -375,7 +387,7 @@ class Client:
         if ids and self.agent.connected:
             with self.agent.transaction():
                 for task_id in ids:
-                    self.agent.maps[MapName.DONE].pop(task_id, None)
+                    discard(self.agent.maps[MapName.DONE], task_id)
 
 
 class Task:
@@ -398,7 +410,7 @@ class Task:
             while True:
                 left = end - loop.time()
                 try:
-                    item = await asyncio.wait_for(self._watch.queue.get(), max(left, 0.01))
+                    item = await _get_within(self._watch.queue, max(left, 0.01))
                 except asyncio.TimeoutError:
                     raise TaskTimeout(f"no answer within {self._timeout:g} s", self.task) from None
                 if isinstance(item, dict):

@@ -4,14 +4,13 @@ broker of the room, and applies the recovery policies (see ``policies``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
 from functools import partial
 from typing import Any
 
-from ..agent import Agent
+from ..agent import Agent, discard
 from ..protocol import A, AgentState, F, MapName, ProtocolError, State, now_ms, validate_task
 from . import policies
 from .fairness import Fairness
@@ -119,8 +118,10 @@ class Broker:
                 self.round()
             except Exception:  # one bad round must not stop the broker
                 log.exception("%s: round failed", self.agent.name)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK)
+            # A timer rather than wait_for, which costs a task per round.
+            tick = asyncio.get_running_loop().call_later(TICK, self._wake.set)
+            await self._wake.wait()
+            tick.cancel()
 
     def _resettle(self, gap: float) -> None:
         """This process was paused (SIGSTOP, swap, a debugger) or starved for ``gap``
@@ -241,11 +242,11 @@ class Broker:
                     continue
                 touched.add(mv.task_id)
                 if mv.source is not None:
-                    self.agent.maps[mv.source].pop(mv.task_id, None)
+                    discard(self.agent.maps[mv.source], mv.task_id)
                 if mv.target is not None and mv.task is not None:
                     self.agent.maps[mv.target][mv.task_id] = mv.task
                 if mv.drop_stream:
-                    self.streams.pop(mv.drop_stream, None)
+                    discard(self.streams, mv.drop_stream)
                 log.info("%s: task %s %s", self.agent.name, mv.task_id, mv.why)
         return touched
 
@@ -290,7 +291,7 @@ class Broker:
             return
         with self.agent.transaction():
             for task, prepared, worker in writes:
-                self.todos.pop(task[F.ID], None)
+                discard(self.todos, task[F.ID])
                 self.prepared[task[F.ID]] = prepared
         self.assigned += len(writes)
         for task, _prepared, worker in writes:
@@ -309,9 +310,9 @@ class Broker:
             return
         with self.agent.transaction():
             for tid in old:
-                self.done.pop(tid, None)
+                discard(self.done, tid)
             for key in orphans:
-                self.streams.pop(key, None)
+                discard(self.streams, key)
         if old:
             log.info("%s: %d finished task(s) left the live document (archived by the market)",
                      self.agent.name, len(old))

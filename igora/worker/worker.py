@@ -22,7 +22,7 @@ from typing import Any
 
 from pycrdt import Map, Text
 
-from ..agent import Agent
+from ..agent import Agent, discard
 from ..engines.base import Engine, EngineError, EngineUnavailable, Finish, Request
 from ..protocol import (
     A,
@@ -163,8 +163,10 @@ class Worker:
                 self._claim()
                 if time.monotonic() - self._strays_checked > STRAY_CHECK:
                     self._hand_back_strays()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                # A timer rather than wait_for, which costs a task per wake.
+                tick = asyncio.get_running_loop().call_later(1.0, self._wake.set)
+                await self._wake.wait()
+                tick.cancel()
         finally:
             health.cancel()
             for r in list(self.running.values()):
@@ -273,7 +275,7 @@ class Worker:
             F.START: task.get(F.START) or now,
         }
         with self.agent.transaction():
-            self.prepared.pop(task_id, None)
+            discard(self.prepared, task_id)
             self.doing[task_id] = doing
             self.streams[key] = Text()
         run = Running(task_id, attempt)
@@ -427,7 +429,7 @@ class Worker:
         if reason == "lost":
             log.info("%s: task %s was taken away; stopped", self.agent.name, task_id)
             with self.agent.transaction():
-                self.streams.pop(key, None)
+                discard(self.streams, key)
         elif requeue:
             log.warning("%s: task %s handed back: %s", self.agent.name, task_id, error)
             self._requeue(task_id, task, key)
@@ -525,10 +527,10 @@ class Worker:
     ) -> None:
         with self.agent.transaction():
             current = self._mine(task_id)
-            self.streams.pop(key, None)
+            discard(self.streams, key)
             if current is None:
                 return  # someone else (the broker) already ended or moved it
-            self.doing.pop(task_id, None)
+            discard(self.doing, task_id)
             end = now_ms()
             final: dict[str, Any] = {
                 **current,
@@ -562,10 +564,10 @@ class Worker:
     def _requeue(self, task_id: str, task: dict[str, Any], key: str) -> None:
         with self.agent.transaction():
             current = self._mine(task_id)
-            self.streams.pop(key, None)
+            discard(self.streams, key)
             if current is None:
                 return
-            self.doing.pop(task_id, None)
+            discard(self.doing, task_id)
             back = {k: v for k, v in current.items()
                     if k not in (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM)}
             back[F.STATE] = State.TODO.value
