@@ -205,8 +205,15 @@ class Worker:
     def _claim(self) -> None:
         if not self.agent.synced.is_set():
             return
+        candidates = self._candidates()
+        if candidates:
+            # The tasks taken in one look start in one transaction: one update for all.
+            with self.agent.transaction():
+                self._claim_from(candidates)
+
+    def _claim_from(self, candidates: list[tuple[str, Any]]) -> None:
         me = self.agent.id
-        for task_id, value in self._candidates():
+        for task_id, value in candidates:
             if len(self.running) >= self.slots:
                 return
             if not isinstance(value, dict) or value.get(F.WORKER) != me or task_id in self.running:
