@@ -102,7 +102,11 @@ async def test_soak_keeps_the_live_document_bounded(cluster: Cluster) -> None:
     (first_n, first_size, _, _, first_rss), (last_n, last_size, _, _, last_rss) = \
         figures[1], figures[-1]
     residue = (last_size - first_size) / (last_n - first_n)
-    growth = (last_rss - first_rss) / (last_n - first_n)
+    # Memory from the middle checkpoint: the market's high-water mark settles after a few
+    # compactions (every 2 s), i.e. later in tasks when tasks flow faster (at ~550 tasks/s
+    # it is still rising at N/5, then flat: 62.4 -> 62.9 MB from 3,000 to 30,000 tasks).
+    mid_n, mid_rss = figures[-2][0], figures[-2][4]
+    growth = (last_rss - mid_rss) / (last_n - mid_n)
     print(f"residue {residue:.0f} bytes/task in the update, market RSS {growth:.0f} bytes/task")
     assert residue < RESIDUE_PER_TASK
     assert growth < RSS_PER_TASK
