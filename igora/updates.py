@@ -197,6 +197,19 @@ def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
     return parse(update, limit, keep=False).depth
 
 
+_OPENERS = (bytes([_ARRAY]), bytes([_OBJECT]), b"[", b"{")
+
+
+def check_depth(update: bytes, limit: int = MAX_DEPTH) -> None:
+    """Raise UpdateError if a value of the update nests deeper than ``limit``.
+
+    Each level of nesting takes one byte that opens an array or an object (a lib0 tag
+    or a JSON bracket): an update with at most ``limit`` of those bytes, i.e. nearly
+    every one, needs no parsing (the market checks every incoming update)."""
+    if sum(update.count(c) for c in _OPENERS) > limit:
+        update_depth(update, limit)
+
+
 def delete_set(raw: bytes) -> dict[int, list[tuple[int, int]]]:
     """Decode a delete set: per client, its deleted ranges as (clock, length)."""
     r = Reader(raw, UpdateError)

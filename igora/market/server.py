@@ -51,7 +51,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .. import __version__
 from ..protocol import KANBAN, MapName, State
 from ..lib0 import Reader
-from ..updates import UpdateError, update_depth
+from ..updates import UpdateError, check_depth
 from .compaction import compact as compact_state
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
@@ -127,7 +127,7 @@ def check_frame(message: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
         update = r.chunk()
         if step != YSyncMessageType.SYNC_STEP1:
             try:  # a value nested thousands deep would crash the decoder (igora.updates)
-                update_depth(update)
+                check_depth(update)
             except UpdateError as exc:
                 raise BadFrame(f"refused update: {exc}") from None
         return []
