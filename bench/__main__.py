@@ -1,7 +1,8 @@
 """``python -m bench`` (``make bench``): run the benchmark suite, write docs/benchmarks.md.
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
-(repeatable: overhead, streaming, throughput, wire, sync, scale, gateway), ``--out PATH``.
+(repeatable: overhead, streaming, throughput, wire, sync, scale, gateway), ``--out PATH``
+(a partial run writes bench-report.md unless told otherwise).
 """
 
 from __future__ import annotations
@@ -92,9 +93,9 @@ def render(sections: list[Section], failed: dict[str, str], args: argparse.Names
         "## How to reproduce",
         "",
         "```sh",
-        "make bench                                   # everything (~7 min on 2 cores)",
-        ".venv/bin/python -m bench --quick            # a smoke run (~4 min)",
-        ".venv/bin/python -m bench --only wire --only sync   # some topics only",
+        "make bench                                   # everything (~9 min on 2 cores)",
+        ".venv/bin/python -m bench --quick            # a smoke run, to bench-report.md",
+        ".venv/bin/python -m bench --only wire --only sync   # some topics, to bench-report.md",
         "```",
         "",
         "The modules are in `bench/` (one per topic: " + ", ".join(f"`{m}.py`" for m in MODULES)
@@ -147,9 +148,14 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer samples: a smoke run")
     p.add_argument("--only", action="append", metavar="NAME",
                    help=f"run only this topic (repeatable): {', '.join(MODULES)}")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
-                   help="where to write the report")
+    p.add_argument("--out", default=None,
+                   help="where to write the report (default: docs/benchmarks.md for a whole "
+                        "run; bench-report.md in the current folder with --only or --quick, "
+                        "so that a partial run does not replace the full report)")
     args = p.parse_args()
+    if args.out is None:
+        partial = args.only or args.quick
+        args.out = "bench-report.md" if partial else str(ROOT / "docs" / "benchmarks.md")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the processes are stopped
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(main_async(args))
