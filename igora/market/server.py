@@ -397,10 +397,11 @@ class MarketRoom(YRoom):
                  len(result.update), result.collected, took * 1000)
         if self.store is not None:
             async with self._store_lock:
-                self._pending = []  # the new state holds them
+                pending, self._pending = self._pending, []  # the new state holds them
                 try:
-                    await asyncio.to_thread(self.store.replace, self.name, fresh.get_update())
+                    await asyncio.to_thread(self.store.replace, self.name, self.ydoc.get_update())
                 except Exception:
+                    self._pending[:0] = pending  # the old history stays; these go after it
                     log.exception("room %s: storing the compacted room failed", self.name)
 
     async def stop(self) -> None:
