@@ -41,6 +41,7 @@ class Compacted(NamedTuple):
     update: bytes  # the whole state, compacted
     dead: set[str]  # tasks with no live item now, not collected yet: next time if still dead
     collected: int  # structs turned into GC
+    tasks: int  # tasks whose keys were collected
 
 
 class _Index:
@@ -184,4 +185,4 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
     for c in clients:
         out += c
     out += parsed.delete_set
-    return Compacted(bytes(out), dead - chosen, collected)
+    return Compacted(bytes(out), dead - chosen, collected, len(chosen))

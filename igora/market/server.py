@@ -372,7 +372,7 @@ class MarketRoom(YRoom):
         to the new document, which replaces the old one with no await in between.
         Peers keep their own documents: nothing is sent to them."""
         started = time.monotonic()
-        left, self._left = self._left, 0
+        self._left = 0
         doc = self.ydoc
         vector, state = doc.get_state(), doc.get_update()
         try:
@@ -392,9 +392,12 @@ class MarketRoom(YRoom):
         self._dead = result.dead
         self.compactions += 1
         took = time.monotonic() - started
-        log.info("room %s: compacted after %d finished task(s): %d -> %d bytes, %d deleted "
-                 "item(s) collected, in %.0f ms", self.name, left, len(state),
-                 len(result.update), result.collected, took * 1000)
+        # A pass that collects nothing only marks the tasks gone since the last one.
+        log.log(logging.INFO if result.tasks else logging.DEBUG,
+                "room %s: compacted, %d -> %d bytes: the history of %d finished task(s) "
+                "collected (%d deleted items) in %.0f ms; %d more next time", self.name,
+                len(state), len(result.update), result.tasks, result.collected, took * 1000,
+                len(result.dead))
         if self.store is not None:
             async with self._store_lock:
                 pending, self._pending = self._pending, []  # the new state holds them
