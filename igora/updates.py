@@ -115,7 +115,11 @@ class Parsed(NamedTuple):
 
 
 def _utf16_length(raw: bytes) -> int:
-    text = raw.decode("utf-8", "surrogatepass")
+    """Length of a UTF-8 string in UTF-16 code units, as Yjs counts string content."""
+    try:
+        text = raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise UpdateError("string content is not UTF-8") from None
     return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
 
 

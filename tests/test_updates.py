@@ -43,3 +43,12 @@ def test_parse_gives_each_struct_its_clock_length_parent_and_key() -> None:
     clocks = sorted((s.client, s.clock, s.length) for s in parsed.structs)
     for (c1, k1, n1), (c2, k2, _) in zip(clocks, clocks[1:]):
         assert c1 != c2 or k1 + n1 == k2  # one client's structs tile its clock range
+
+
+def test_a_string_that_is_not_utf8_is_refused_not_crashed_on() -> None:
+    doc = Doc()
+    doc.get("streams", type=Map)["t#1"] = Text("é" + "[" * (MAX_DEPTH + 1))
+    update = doc.get_update()
+    broken = update.replace("é".encode(), b"\xc3\x28")  # same length, invalid UTF-8
+    with pytest.raises(UpdateError, match="not UTF-8"):
+        check_depth(broken)
