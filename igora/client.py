@@ -30,7 +30,7 @@ from .config import market_address
 from .errors import NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
 from .protocol import (
     ABORTED_MARK,
-    FINAL_STATES,
+    FINAL_VALUES,
     AgentType,
     F,
     MapName,
@@ -45,7 +45,6 @@ DEFAULT_TIMEOUT = 300.0
 DROP_READ_WITHIN = 0.05  # seconds before answers read leave done, unless a new task comes first
 
 log = logging.getLogger("igora.client")
-FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 
 
 class Restart(str):

@@ -61,6 +61,7 @@ STATE_MAP: dict[State, MapName] = {
     State.ABORTED: MapName.DONE,
 }
 FINAL_STATES = frozenset({State.DONE, State.FAILED, State.ABORTED})
+FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)  # as written in a task's ``state``
 KANBAN = (MapName.TODOS, MapName.PREPARED, MapName.DOING, MapName.DONE)
 
 

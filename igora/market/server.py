@@ -49,7 +49,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
-from ..protocol import KANBAN, MapName, State
+from ..protocol import FINAL_VALUES, KANBAN, MapName
 from ..lib0 import Reader
 from ..updates import UpdateError, check_depth
 from .compaction import compact as compact_state
@@ -348,7 +348,7 @@ class MarketRoom(YRoom):
                 continue
             value = change.get("newValue")
             if self.store is not None and action in ("add", "update") and isinstance(value, dict):
-                if value.get("state") in {s.value for s in State if s.final}:
+                if value.get("state") in FINAL_VALUES:
                     self._archive.append({**value, "id": value.get("id", key)})
         if self.compact_every and (self._compactor is None or self._compactor.done()):
             self._compactor = asyncio.get_running_loop().create_task(self._compaction_loop())
