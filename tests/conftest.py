@@ -105,6 +105,10 @@ class Cluster:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=5) as r:
             return json.loads(r.read())
 
+    def compactions(self, room: str = "market") -> int:
+        """How many times the market compacted the room (0 if it is not in memory)."""
+        return next((r["compactions"] for r in self.status()["rooms"] if r["name"] == room), 0)
+
     def agents(self, type: str | None = None) -> list[dict[str, Any]]:
         out = []
         for room in self.status()["rooms"]:

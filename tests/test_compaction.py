@@ -243,8 +243,7 @@ async def test_market_compacts_with_original_js_peers_connected_and_after_a_rest
                         20, "python to see the node's deletions")
             full = document_size(py)
             # Two compactions: the first marks the dead keys, the second collects them.
-            await until(lambda: cluster.status()["rooms"][0]["compactions"] >= 2, 30,
-                        "two compactions")
+            await until(lambda: cluster.compactions() >= 2, 30, "two compactions")
             async with agent(cluster.url, room_name, name="py-new") as newcomer:
                 assert document_size(newcomer) < full / 4, (document_size(newcomer), full)
                 assert dict(newcomer.maps[MapName.TODOS]) == {
@@ -311,7 +310,6 @@ async def test_task_requeued_after_compactions_completes(cluster: Cluster) -> No
     workers = [cluster.worker("--delay", "0.05", name=n) for n in ("wa", "wb")]
     cluster.wait_agents("worker", 2)
     cluster.wait_agents("broker", 1)
-    compactions = lambda: cluster.status()["rooms"][0]["compactions"]  # noqa: E731
     async with Client(cluster.url) as client:
         task = await client.submit("#repeat 400", timeout=120)
 
@@ -320,10 +318,10 @@ async def test_task_requeued_after_compactions_completes(cluster: Cluster) -> No
             return doing.get(F.WORKER) if isinstance(doing, dict) else None
 
         await until(runner, 20, "the long task to run")
-        before = compactions()
+        before = cluster.compactions()
         for i in range(3):  # quick tasks on the other worker, then two compactions
             assert await client.chat(f"quick {i}", timeout=30) == f"Echo: quick {i}"
-        await until(lambda: compactions() >= before + 2, 30, "two compactions")
+        await until(lambda: cluster.compactions() >= before + 2, 30, "two compactions")
         assert task.id in client.agent.maps[MapName.DOING]  # still running
         name = worker_name(client.agent, str(runner()))
         assert name is not None

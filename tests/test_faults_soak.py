@@ -110,9 +110,8 @@ async def test_soak_keeps_the_live_document_bounded(cluster: Cluster) -> None:
     biggest = max(size for _, size, _, _, _ in figures[1:])
     window = max(UNCOMPACTED_PER_TASK * N_TASKS // 2, 500_000)
     # Once the flow has stopped and two more compactions ran, nothing of it is left.
-    compactions = lambda: cluster.status()["rooms"][0]["compactions"]  # noqa: E731
-    settled_from = compactions()
-    await wait_for(lambda: compactions() >= settled_from + 2, 30, "two more compactions",
+    settled_from = cluster.compactions()
+    await wait_for(lambda: cluster.compactions() >= settled_from + 2, 30, "two more compactions",
                    cluster)
     settled, took, _ = await newcomer(cluster)
     print(f"largest newcomer update while flowing {biggest / 1e3:.0f} kB; settled "

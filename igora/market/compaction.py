@@ -2,9 +2,9 @@
 
 Why: a deleted entry of a top-level ``Y.Map`` stays in the document as a tombstone (its
 id, parent, and key) so that concurrent writes to that key resolve the same way on every
-peer. Every task leaves one per map it went through (about 135 bytes) and nothing ever
-removes them: the update a newcomer downloads, and the market's memory, grow with every
-task ever done.
+peer. Every task leaves one per map it went through (about 145 bytes in all) and nothing
+ever removes them: the update a newcomer downloads, and the market's memory, grow with
+every task ever done.
 
 What is safe to drop: the keys of a task (its entries in the four maps, its streams) once
 every item of every one of them is deleted, i.e. the task has left the live document, and
@@ -15,10 +15,10 @@ exist. Collected items become GC structs, Yjs's own form for collected items: a 
 range, no content, no parent; consecutive ones merge. Children of a collected nested type
 (the ``Y.Text`` of a finished stream) go with it. Everything else is kept byte for byte,
 so peers that hold the full history and newcomers that get the compacted one keep
-merging each other's updates. The one difference: a write whose left neighbour was collected (a stale agent
-writing to a task that ended long ago) is collected too on arrival, as Yjs does for
-writes into deleted types; on peers with the full history it lands, and the broker ends
-it as a stray.
+merging each other's updates. The one difference: a write whose left neighbour was
+collected (an agent cut off for longer than the grace, writing to a task that has ended
+and left) is collected too on arrival, as Yjs does for writes into deleted types; peers
+with the full history still see it, as any late write of a cut-off agent.
 
 The market compacts on its own (``MarketRoom.compact``); see docs/faults.md.
 """
@@ -36,6 +36,7 @@ GC, SKIP = 0, 10
 TASK_MAPS = frozenset(m.value for m in MapName)
 """Only these maps are compacted: their keys are task ids, never re-used once a task has
 left. Anything else in a room (another application's maps) is kept as it is."""
+
 
 class Compacted(NamedTuple):
     update: bytes  # the whole state, compacted
