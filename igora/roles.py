@@ -15,7 +15,7 @@ from .broker.broker import Broker
 from .client import Client, Restart
 from .config import MarketAddress
 from .engines.base import Engine, EngineError, Request
-from .protocol import A, BROKER_STYLE, AgentType, MapName, TEXT_STYLE, State, F
+from .protocol import BROKER_STYLE, TEXT_STYLE, A, AgentType, F, MapName, State
 from .worker.worker import Worker
 
 
@@ -34,12 +34,13 @@ def make_engine(args: argparse.Namespace) -> Engine:
             raise EngineError("--engine openai needs at least one --model NAME[=ALIAS]")
         return OpenAIEngine(args.base_url, models, api_key=args.api_key,
                             timeout=getattr(args, "upstream_timeout", None) or 300.0)
-    from .engines.llama import LlamaEngine, resolve_model
+    from .engines.llama import LlamaEngine, llama_class, resolve_model
 
     if len(models) > 1:
         raise EngineError("--engine llama serves one GGUF file per worker: give one --model")
+    llama_class()  # installed, and runs on this CPU: say so before looking for a model
     path = resolve_model(models[0] if models else None)
-    print(f"loading {path.name} ...", file=sys.stderr)
+    print(f"loading {path.name} ...", file=sys.stderr, flush=True)
     return LlamaEngine(path, context_length=args.context, slots=args.slots, threads=args.threads)
 
 
@@ -98,9 +99,9 @@ async def run_broker(address: MarketAddress, args: argparse.Namespace) -> int:
 
 async def chat(address: MarketAddress, args: argparse.Namespace) -> int:
     async with Client(address.url, address.room, name="igora-chat", timeout=args.timeout) as c:
-        options: dict[str, Any] = dict(model=args.model, system=args.system,
-                                       temperature=args.temperature, seed=args.seed,
-                                       max_tokens=args.max_tokens, wait_worker=10.0)
+        options: dict[str, Any] = {"model": args.model, "system": args.system,
+                                   "temperature": args.temperature, "seed": args.seed,
+                                   "max_tokens": args.max_tokens, "wait_worker": 10.0}
         if args.no_stream:
             print(await c.chat(args.prompt, **options))
             return 0

