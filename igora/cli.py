@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import faulthandler
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -206,7 +209,22 @@ def _run(coro_factory: Callable[[], Awaitable[Any]]) -> Any:
         return 130
 
 
+_crash_file: Any = None
+
+
+def _report_crashes() -> None:
+    """On a crash in native code (llama.cpp: SIGSEGV, SIGILL, ...) print where Python was,
+    not only the shell's "Segmentation fault". To a copy of stderr: llama-cpp-python points
+    stderr at /dev/null while it loads a model, which is when such crashes happen."""
+    global _crash_file
+    if _crash_file is None:
+        with contextlib.suppress(OSError, ValueError):
+            _crash_file = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+    faulthandler.enable(file=_crash_file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _report_crashes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -6,15 +6,18 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
+
+from igora.up import exit_code, how_it_ended, last_lines
 
 from .conftest import Cluster, free_port
 
 
 def igora(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "igora", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)  # type: ignore[call-overload]
+    return subprocess.run([sys.executable, "-m", "igora", *args], check=False,
+                          capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
 
 
 def test_chat_streams_the_answer_to_the_terminal(echo_market: Cluster) -> None:
@@ -69,10 +72,10 @@ def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path
                 break
         text = "".join(out)
         assert "the market answers" in text, text
-        answer = [ln for ln in out if ln.strip().startswith("A:")][0]
+        answer = next(ln for ln in out if ln.strip().startswith("A:"))
         assert len(answer.strip()) > 4
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                  text=True).stdout.split()
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], check=False,
+                                  capture_output=True, text=True).stdout.split()
         assert len(children) >= 3  # market + broker + worker (+ gateway)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
@@ -96,8 +99,8 @@ def test_up_children_do_not_outlive_a_killed_up(tmp_path: Path) -> None:
         end = time.monotonic() + 60
         children: list[str] = []
         while time.monotonic() < end and len(children) < 3:
-            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                      text=True).stdout.split()
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], check=False,
+                                      capture_output=True, text=True).stdout.split()
             time.sleep(0.2)
         assert len(children) == 3, children
         proc.kill()
@@ -112,3 +115,144 @@ def test_up_children_do_not_outlive_a_killed_up(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class Up:
+    """``igora up`` on free ports, its output read line by line."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "igora", "up", "--port", str(self.port), "--no-gateway",
+             "--data", str(tmp / "data"), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+
+    def read_until(self, text: str, timeout: float) -> str:
+        """Lines up to the first containing ``text`` (or all, if igora up ends first)."""
+        assert self.proc.stdout is not None
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                break
+            self.lines.append(line)
+            if text in line:
+                break
+        return "".join(self.lines)
+
+    def end(self, timeout: float) -> tuple[int, str]:
+        """igora up's exit code and its whole output, once it ends by itself."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"igora up still runs after {timeout} s:\n"
+                                 + "".join(self.lines)) from None
+        return self.proc.returncode, "".join(self.lines) + out
+
+    def child(self, role: str) -> int:
+        found = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", f"igora {role}"],
+                               check=False, capture_output=True, text=True).stdout.split()
+        assert len(found) == 1, (role, found, "".join(self.lines))
+        return int(found[0])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def message(output: str) -> str:
+    """igora up's own closing message: from its error line to the end."""
+    assert "igora up: error:" in output, output
+    return output[output.index("igora up: error:"):]
+
+
+def test_up_ends_at_once_when_the_worker_cannot_load_its_model(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    up = Up(tmp_path, "--model", str(corrupt))
+    try:
+        code, output = up.end(timeout=60)  # before: 180 s of silence, then no reason
+    finally:
+        up.kill()
+    said = message(output)
+    assert code == 2, output
+    assert said.startswith("igora up: error: the worker exited with code 2 during start-up; "
+                           "its last lines:\n"), said
+    assert f"worker | igora worker: error: cannot load model {corrupt}" in said
+    assert "Traceback" not in output
+
+
+def test_up_ends_at_once_when_the_worker_is_killed_by_sigsegv_during_start_up(
+    tmp_path: Path
+) -> None:
+    up = Up(tmp_path, "--log-level", "info")  # the worker on the bundled model
+    try:
+        up.read_until("worker | loading", timeout=60)
+        os.kill(up.child("worker"), signal.SIGSEGV)
+        code, output = up.end(timeout=60)
+    finally:
+        up.kill()
+    said = message(output)
+    assert code == 128 + signal.SIGSEGV, output
+    assert said.startswith("igora up: error: the worker was killed by SIGSEGV "
+                           "(Segmentation fault) during start-up; its last lines:\n"), said
+    assert "worker | loading" in said
+    # Its own log says where Python was when it died (faulthandler), without stdlib noise.
+    assert "worker | Fatal Python error: Segmentation fault" in said
+    assert "/igora/" in said and "/asyncio/" not in said
+    assert "the market answers" not in output
+
+
+def test_up_ends_when_a_child_dies_after_start_up(tmp_path: Path) -> None:
+    up = Up(tmp_path, "--engine", "echo", "--log-level", "warning")
+    try:
+        started = up.read_until("Ctrl-C stops all", timeout=60)
+        assert "Ctrl-C stops all" in started and "A: Echo:" in started, started
+        os.kill(up.child("broker"), signal.SIGKILL)
+        code, output = up.end(timeout=30)
+    finally:
+        up.kill()
+    assert code == 128 + signal.SIGKILL, output
+    assert message(output).startswith(
+        "igora up: error: the broker was killed by SIGKILL (Killed) after start-up"), output
+
+
+def test_how_a_child_ended_reads_as_a_sentence() -> None:
+    assert how_it_ended(2) == "exited with code 2"
+    assert how_it_ended(0) == "exited with code 0"
+    assert how_it_ended(-signal.SIGSEGV) == "was killed by SIGSEGV (Segmentation fault)"
+    assert how_it_ended(-signal.SIGILL) == "was killed by SIGILL (Illegal instruction)"
+    assert (exit_code(2), exit_code(0), exit_code(-signal.SIGSEGV)) == (2, 1, 139)
+
+
+def test_a_crash_dump_is_cut_to_the_lines_that_say_where_it_died() -> None:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    lines = [
+        "12:00:00 INFO    igora.market: ...",
+        "loading model.gguf ...",
+        "Fatal Python error: Illegal instruction",
+        "",
+        "Thread 0x00007f6585cff6c0 (most recent call first):",
+        '  File "/venv/lib/python3.11/site-packages/llama_cpp/llama.py", line 388 in __init__',
+        '  File "/src/igora/engines/llama.py", line 118 in _load',
+        f'  File "{stdlib}/threading.py", line 982 in run',
+        "",
+        "Current thread 0x00007f6587a57b80 (most recent call first):",
+        f'  File "{stdlib}/asyncio/runners.py", line 118 in run',
+        '  File "<frozen runpy>", line 88 in _run_code',
+        "",
+        "Extension modules: websockets.speedups, numpy._core._multiarray_umath (total: 2)",
+    ]
+    assert last_lines(lines) == [
+        "12:00:00 INFO    igora.market: ...",
+        "loading model.gguf ...",
+        "Fatal Python error: Illegal instruction",
+        "Thread 0x00007f6585cff6c0 (most recent call first):",
+        '  File "/venv/lib/python3.11/site-packages/llama_cpp/llama.py", line 388 in __init__',
+        '  File "/src/igora/engines/llama.py", line 118 in _load',
+        "Current thread 0x00007f6587a57b80 (most recent call first):",
+    ]
+    assert last_lines([f"line {i}" for i in range(100)], 3) == ["line 97", "line 98", "line 99"]
