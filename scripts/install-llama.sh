@@ -83,6 +83,7 @@ if [ -z "$WHEEL" ]; then
   echo "llama.cpp: built in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 fi
 
+echo "llama.cpp: installing llama-cpp-python $VERSION ($WHAT) from $WHEEL"
 if [ "$installed" != "-" ]; then
   echo "llama.cpp: replacing llama-cpp-python $installed (another build) with $WHEEL"
   "$PYTHON" -m pip install --quiet --force-reinstall --no-deps "$WHEEL"

@@ -68,39 +68,39 @@ def test_installed_llama_cpp_runs_on_this_cpu() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "info, flags, lacking",
-    [
-        (
-            NATIVE_AMX,
-            HASWELL,
-            "AMX_INT8, AVX512, AVX512_BF16, AVX512_VBMI, AVX512_VNNI, AVX_VNNI",
-        ),
-        (NATIVE_AMX, SAPPHIRE_RAPIDS, None),
-        (PORTABLE_X86, HASWELL, None),
-        (PORTABLE_X86, SAPPHIRE_RAPIDS, None),
-        (PORTABLE_X86, SANDY_BRIDGE, "AVX2, BMI2, F16C, FMA"),
-        (ARM, GRAVITON2, "SVE"),
-        (ARM, GRAVITON2 | {"sve"}, None),
-        (
-            NATIVE_AMX,
-            None,
-            None,
-        ),  # no /proc/cpuinfo (macOS, ...): nothing to compare with
-    ],
+REBUILD = "rebuild llama.cpp on this machine: `scripts/install-llama.sh`"
+FOR_THIS_CPU = (
+    'IGORA_LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" scripts/install'
 )
+AVX512_AMX = "AMX_INT8, AVX512, AVX512_BF16, AVX512_VBMI, AVX512_VNNI, AVX_VNNI"
+CASES = [  # library, machine, CPU flags, what it lacks (None: it runs), how to rebuild
+    (NATIVE_AMX, "x86_64", HASWELL, AVX512_AMX, REBUILD),
+    (NATIVE_AMX, "x86_64", SAPPHIRE_RAPIDS, None, None),
+    (PORTABLE_X86, "x86_64", HASWELL, None, None),
+    (PORTABLE_X86, "x86_64", SAPPHIRE_RAPIDS, None, None),
+    (PORTABLE_X86, "x86_64", SANDY_BRIDGE, "AVX2, BMI2, F16C, FMA", FOR_THIS_CPU),
+    (ARM, "aarch64", GRAVITON2, "SVE", REBUILD),
+    (ARM, "aarch64", GRAVITON2 | {"sve"}, None, None),
+    (NATIVE_AMX, "x86_64", None, None, None),  # no /proc/cpuinfo: nothing to compare
+]
+
+
+@pytest.mark.parametrize("info, machine, flags, lacking, how", CASES)
 def test_a_library_using_instructions_the_cpu_lacks_is_refused(
-    info: str, flags: set[str] | None, lacking: str | None
+    info: str,
+    machine: str,
+    flags: set[str] | None,
+    lacking: str | None,
+    how: str | None,
 ) -> None:
     if lacking is None:
-        cpu.check(info, flags)
+        cpu.check(info, flags, machine)
         return
     with pytest.raises(EngineError) as err:
-        cpu.check(info, flags)
-    assert f"this llama.cpp build uses {lacking}, which this CPU lacks" in str(
-        err.value
-    )
-    assert "scripts/install-llama.sh" in str(err.value)
+        cpu.check(info, flags, machine)
+    said = str(err.value)
+    assert f"this llama.cpp build uses {lacking}, which this CPU lacks" in said
+    assert how in said, said
 
 
 def test_what_a_native_build_uses_beyond_the_portable_one() -> None:

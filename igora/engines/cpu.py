@@ -10,6 +10,7 @@ AMD Excavator and later), never AVX-512 or AMX; on 64-bit ARM, the ARMv8-A base 
 
 from __future__ import annotations
 
+import platform
 import re
 import sys
 from pathlib import Path
@@ -63,6 +64,11 @@ NOT_INSTRUCTIONS = frozenset(
 )
 """Names in the system info that are build options or numbers, not instruction sets."""
 
+REBUILD_OLD_CPU = (
+    "this CPU is older than the portable baseline: build llama.cpp for it with "
+    '`IGORA_LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" scripts/install-llama.sh` '
+    "in igora's source folder"
+)
 REBUILD = (
     "rebuild llama.cpp on this machine: `scripts/install-llama.sh` in igora's "
     "source folder (what `make up` runs)"
@@ -113,16 +119,20 @@ def missing(features: set[str], flags: set[str]) -> list[str]:
     )
 
 
-def check(system_info: str, flags: set[str] | None) -> None:
-    """Raise EngineError if the library would crash on this CPU."""
+def check(system_info: str, flags: set[str] | None, machine: str | None = None) -> None:
+    """Raise EngineError if the library would crash on a CPU with ``flags`` (None: not
+    known, nothing checked)."""
     if flags is None:
         return
     lacking = missing(library_features(system_info), flags)
-    if lacking:
-        raise EngineError(
-            f"this llama.cpp build uses {', '.join(lacking)}, which this CPU lacks: it would "
-            f"crash at the first prompt; {REBUILD}"
-        )
+    if not lacking:
+        return
+    older = set(lacking) <= PORTABLE.get(machine or platform.machine(), frozenset())
+    how = REBUILD_OLD_CPU if older else REBUILD
+    raise EngineError(
+        f"this llama.cpp build uses {', '.join(lacking)}, which this CPU lacks: it would "
+        f"crash at the first prompt; {how}"
+    )
 
 
 def check_installed() -> set[str]:
