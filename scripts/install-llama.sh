@@ -13,13 +13,16 @@
 # IGORA_LLAMA_CMAKE_ARGS replaces the build flags, e.g. "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
 # for a CPU older than the baseline (no AVX2); that wheel then gets its own folder.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 WHEELHOUSE_ONLY=
 if [ "${1:-}" = "--wheelhouse" ]; then
   WHEELHOUSE_ONLY=1
   shift
 fi
 PYTHON=${1:-python3}
+if [[ "$PYTHON" == */* ]]; then  # a relative path stays right after the cd below
+  PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"
+fi
+cd "$(dirname "$0")/.."
 
 # The version pinned by the `llama` extra in pyproject.toml (its one home).
 VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9][0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
