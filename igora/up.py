@@ -174,9 +174,13 @@ class Child:
                 self._out.write(f"{self.name} | {line}\n")
                 self._out.flush()
 
+    def drain(self) -> None:
+        """Wait (briefly) until everything it wrote is relayed."""
+        self._relay.join(2.0)
+
     def last_lines(self) -> list[str]:
         """Its last lines, once everything it wrote before ending has been read."""
-        self._relay.join(2.0)
+        self.drain()
         return last_lines(list(self.tail))
 
 
@@ -240,7 +244,7 @@ class Supervisor:
     def stop(self, timeout: float = 8.0) -> None:
         stop_all([c.proc for c in self.children], timeout)
         for c in self.children:
-            c.last_lines()  # let the relays print what the children said while stopping
+            c.drain()  # what the children said while stopping is printed before we go on
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 8.0) -> None:
