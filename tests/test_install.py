@@ -20,6 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "install-llama.sh"
+OWN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+"""The environment of commands run in a fresh venv: they see its packages only."""
 
 
 def run(
@@ -61,14 +63,12 @@ def test_light_install_builds_no_llama_cpp_and_runs_market_and_gateway(
 ) -> None:
     python = fresh_venv(tmp_path / "venv")
     src = clean_clone(tmp_path / "igora")
-    run(python, "-m", "pip", "install", "--progress-bar", "off", src)
-    installed = run(python, "-m", "pip", "list", "--format=json").stdout
+    env = OWN_ENV
+    run(python, "-m", "pip", "install", "--progress-bar", "off", src, env=env)
+    installed = run(python, "-m", "pip", "list", "--format=json", env=env).stdout
     names = {p["name"].lower() for p in json.loads(installed)}
     assert "igora" in names and "llama-cpp-python" not in names, names
     igora = tmp_path / "venv" / "bin" / "igora"
-    env = {
-        k: v for k, v in os.environ.items() if k != "PYTHONPATH"
-    }  # the venv's igora only
     for command in ("gateway", "market", "broker", "worker", "chat"):
         shown = run(igora, command, "--help", env=env, cwd=tmp_path).stdout
         assert f"usage: igora {command}" in shown
@@ -136,7 +136,7 @@ def test_install_script_replaces_another_build_with_its_own_then_keeps_it(
     script's build at the next `make up`; later runs find it and do nothing."""
     wheel = installed_wheel()
     python = fresh_venv(tmp_path / "venv")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**OWN_ENV, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop("IGORA_LLAMA_CMAKE_ARGS", None)
     house = Path(run("bash", SCRIPT, "--wheelhouse", python, env=env).stdout.strip())
     assert house.is_relative_to(tmp_path / "cache" / "igora" / "wheels")
