@@ -15,10 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pycrdt import Doc, Map
+from pycrdt import Doc, Map, Text
 
 from igora import Client, TaskAborted
 from igora.agent import Agent
+from igora.broker import policies
 from igora.protocol import ABORTED_MARK, LIVE, F, MapName, State
 
 from .conftest import Cluster, free_port, wait_http
@@ -294,3 +295,214 @@ async def test_abort_written_as_the_task_ends_leaves_its_end_alone(
         final = final_of(racer, task[F.ID])
         assert final is not None and final[F.STATE] == State.DONE.value
         assert final[F.RESPONSE] == "".join(f"tok{i} " for i in range(20))
+
+
+# ------------------------------------------------------------- the rules, without processes
+
+WORKER, ASKER = "worker-1", "asker-1"
+
+
+def _task(tid: str, state: State, marked: bool = False) -> dict[str, Any]:
+    task: dict[str, Any] = {
+        F.ID: tid,
+        F.PROMPT: "x",
+        F.ASKER: ASKER,
+        F.STATE: state.value,
+    }
+    if state is not State.TODO:
+        task.update({F.WORKER: WORKER, F.ATTEMPTS: 1, F.START: 1})
+    if state is State.DOING:
+        task[F.STREAM] = f"{tid}#1"
+    if marked:
+        task[F.ABORTED] = ABORTED_MARK
+    return task
+
+
+def _snapshot(now: int, **entries: dict[str, Any]) -> policies.Snapshot:
+    maps: dict[str, dict[str, Any]] = {"todos": {}, "prepared": {}, "doing": {}}
+    for where, task in entries.items():
+        maps[where][task[F.ID]] = task
+    return policies.Snapshot(maps["todos"], maps["prepared"], maps["doing"], now=now)
+
+
+# name: (entries under one id (map -> marked), worker present, ms since the mark was first
+#        seen, expected (source, target, state written, stale maps) or None)
+ABORT_CASES: dict[str, tuple[dict[str, bool], bool, int, Any]] = {
+    "mark on todos, task assigned since": (
+        {"todos": True, "prepared": False},
+        True,
+        0,
+        (MapName.PREPARED, MapName.DONE, State.ABORTED, (MapName.TODOS,)),
+    ),
+    "mark on prepared, task re-queued since": (
+        {"todos": False, "prepared": True},
+        True,
+        0,
+        (MapName.PREPARED, MapName.DONE, State.ABORTED, (MapName.TODOS,)),
+    ),
+    "mark on prepared, task started since: its worker's to end": (
+        {"prepared": True, "doing": False},
+        True,
+        0,
+        None,
+    ),
+    "mark on prepared, task still running 1 s later: told its worker": (
+        {"prepared": True, "doing": False},
+        True,
+        1001,
+        (None, MapName.DOING, None, (MapName.PREPARED,)),
+    ),
+    "mark on todos, task running on a worker that is gone": (
+        {"todos": True, "doing": False},
+        False,
+        0,
+        (MapName.DOING, MapName.DONE, State.ABORTED, (MapName.TODOS,)),
+    ),
+    "mark on doing, a stale entry in todos": (
+        {"todos": False, "doing": True},
+        True,
+        0,
+        (None, None, None, (MapName.TODOS,)),
+    ),
+    "mark on doing, worker did not stop in 10 s": (
+        {"doing": True},
+        True,
+        10_001,
+        (MapName.DOING, MapName.DONE, State.ABORTED, ()),
+    ),
+    "no mark": ({"todos": False, "prepared": False}, True, 0, None),
+}
+
+
+@pytest.mark.parametrize("case", list(ABORT_CASES))
+def test_a_mark_on_any_entry_aborts_the_task(case: str) -> None:
+    copies, worker_present, waited, expected = ABORT_CASES[case]
+    states = {"todos": State.TODO, "prepared": State.PREPARED, "doing": State.DOING}
+    snap = _snapshot(
+        100_000, **{m: _task("t", states[m], marked) for m, marked in copies.items()}
+    )
+    seen = {"t": 100_000 - waited} if waited else {}
+    moves = policies.abort(snap, lambda who: who == ASKER or worker_present, seen)
+    if expected is None:
+        assert moves == []
+        return
+    source, target, state, stale = expected
+    [move] = moves
+    assert (move.source, move.target, move.stale) == (source, target, stale)
+    if target is MapName.DOING:
+        assert move.task is not None and move.task[F.ABORTED] == ABORTED_MARK
+    elif target is MapName.DONE:
+        assert move.task is not None and move.task[F.STATE] == state.value
+        assert move.task[F.ABORTED] == ABORTED_MARK
+
+
+def test_unmarked_entries_left_by_a_race_are_removed_but_the_most_advanced() -> None:
+    snap = _snapshot(1, todos=_task("t", State.TODO), doing=_task("t", State.DOING))
+    [move] = policies.stale_copies(snap)
+    assert (move.source, move.target, move.stale) == (None, None, (MapName.TODOS,))
+    assert policies.stale_copies(_snapshot(1, todos=_task("t", State.TODO))) == []
+
+
+class _Worker:
+    """A Worker on a document fed by hand (no market, no process): what it makes of the
+    updates it receives."""
+
+    def __init__(self) -> None:
+        from igora.config import market_address
+        from igora.engines.echo import EchoEngine
+        from igora.worker.worker import Running, Worker
+
+        self.agent = Agent(
+            market_address("ws://127.0.0.1:9"), type="worker", name="w", style="text"
+        )
+        self.worker = Worker(self.agent, EchoEngine())
+        self.peer = Doc()
+        self.maps = {
+            m: self.peer.get(m.value, type=Map)
+            for m in (*LIVE, MapName.DONE, MapName.STREAMS)
+        }
+        self.run = Running("t", 1)
+        task = {**_task("t", State.DOING), F.WORKER: self.agent.id}
+        with self.peer.transaction():
+            self.maps[MapName.DOING]["t"] = task
+            self.maps[MapName.STREAMS]["t#1"] = Text("tok0 ")
+        self.agent.doc.apply_update(self.peer.get_update())
+        self.worker.running["t"] = self.run
+
+    def receive(self, *writes: Callable[[dict[MapName, Map]], None]) -> str | None:
+        """Apply ``writes`` (each one transaction of another peer), relayed as one update
+        as the market does with a backlog; return why the worker stopped its task."""
+        before = self.peer.get_state()
+        for write in writes:
+            with self.peer.transaction():
+                write(self.maps)
+        self.agent.doc.apply_update(self.peer.get_update(before))
+        return self.run.stop_reason
+
+
+def _delete(where: MapName, key: str = "t") -> Callable[[dict[MapName, Map]], None]:
+    return lambda maps: maps[where].pop(key)
+
+
+def _write(where: MapName, **fields: Any) -> Callable[[dict[MapName, Map]], None]:
+    return lambda maps: maps[where].__setitem__(
+        "t", {**_task("t", State.TODO), **fields}
+    )
+
+
+WORKER_CASES: dict[
+    str, tuple[list[Callable[[dict[MapName, Map]], None]], str | None]
+] = {
+    "doing entry deleted, nothing else": ([_delete(MapName.DOING)], "deleted"),
+    "re-queued by the broker": (
+        [
+            lambda m: (
+                _delete(MapName.DOING)(m),
+                _delete(MapName.STREAMS, "t#1")(m),
+                _write(MapName.TODOS)(m),
+            )
+        ],
+        "lost",
+    ),
+    "re-queued, run elsewhere, ended and read, relayed as one update": (
+        [
+            lambda m: (
+                _delete(MapName.DOING)(m),
+                _delete(MapName.STREAMS, "t#1")(m),
+                _write(MapName.TODOS)(m),
+            ),
+            lambda m: (
+                _delete(MapName.TODOS)(m),
+                _write(MapName.DONE, state="done")(m),
+            ),
+            _delete(MapName.DONE),
+        ],
+        "lost",
+    ),
+    "ended by the broker (deadline)": (
+        [
+            lambda m: (
+                _delete(MapName.DOING)(m),
+                _write(MapName.DONE, state="failed")(m),
+            )
+        ],
+        "lost",
+    ),
+    "mark on a stale entry in todos": (
+        [_write(MapName.TODOS, aborted=ABORTED_MARK)],
+        "aborted",
+    ),
+    "mark in done (ended aborted while starting)": (
+        [_write(MapName.DONE, state="aborted", aborted=ABORTED_MARK)],
+        "aborted",
+    ),
+    "forged end in done, no mark": ([_write(MapName.DONE, state="done")], None),
+}
+
+
+@pytest.mark.parametrize("case", list(WORKER_CASES))
+async def test_worker_tells_a_deleted_entry_from_a_move_and_sees_marks_anywhere(
+    case: str,
+) -> None:
+    writes, reason = WORKER_CASES[case]
+    assert _Worker().receive(*writes) == reason

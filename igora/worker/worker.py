@@ -37,6 +37,7 @@ from ..protocol import (
     abort_asked,
     now_ms,
     stream_key,
+    task_of,
     validate_task,
 )
 
@@ -110,13 +111,15 @@ class Worker:
         # ids is a ghost, to drop (not to hand back, nor to end again).
         self._ended: dict[str, None] = {}
         # Within the transaction being applied: running tasks whose doing entry was
-        # deleted, and the ids written to todos, prepared or done (a move, not a deletion).
+        # deleted, and those moved (written to todos, prepared or done, or their stream
+        # deleted: a broker taking a task away drops its stream in the same transaction).
         self._deleted: dict[str, Running] = {}
         self._moved: set[str] = set()
         agent.observe_keys(MapName.PREPARED, self._on_prepared)
         agent.observe_keys(MapName.DOING, self._on_doing)
         agent.observe_keys(MapName.TODOS, self._on_elsewhere)
         agent.observe_keys(MapName.DONE, self._on_elsewhere)
+        agent.observe_keys(MapName.STREAMS, self._on_streams)
         agent.on_change(self._after_transaction)
 
     # ------------------------------------------------------------------ adverts
@@ -222,10 +225,19 @@ class Worker:
             if not run.stop_reason and abort_asked(change.get("newValue")):
                 self._stop(run, "aborted")
 
+    def _on_streams(self, changes: dict[str, dict[str, Any]]) -> None:
+        for key, change in changes.items():
+            if change.get("action") == "delete":
+                tid = task_of(MapName.STREAMS.value, key)
+                if tid in self.running:
+                    self._moved.add(tid)
+
     def _after_transaction(self) -> None:
-        """A doing entry deleted in a transaction that wrote its id nowhere else was not
-        moved (a worker's end, a broker's re-queue or end write elsewhere in the same
-        transaction): a buggy or hostile agent deleted it. Nobody else would end it."""
+        """A doing entry deleted in a transaction that wrote its id nowhere else and left
+        its stream was not moved (a broker's re-queue or end writes the task elsewhere and
+        drops its stream in the same transaction, also when the market relays a backlog
+        merged into one update): a buggy or hostile agent deleted it. Nobody else knows
+        that the task was running, so this worker ends it."""
         if self._deleted:
             for key, run in self._deleted.items():
                 if key not in self._moved and run.stop_reason == "lost":
