@@ -52,7 +52,7 @@ _RUN_FIELDS = (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM)
 WORKING_WITHIN = 0.1  # seconds: "working" (all slots taken) is advertised within this
 ADVERT_INTERVAL = 0.5  # seconds: a change of the running count alone is advertised within this
 HANDBACK_ATTEMPTS = 3  # a task is handed back to ``todos`` only while it has had fewer assignments
-REMEMBER_ENDED = 1000  # ids of the last tasks this worker ended, to know their ghosts
+REMEMBER_ENDED = 10_000  # ids of the last tasks this worker ended, to know their ghosts
 DELETED = "deleted"  # stop reason: the doing entry vanished, moved nowhere (see _after_transaction)
 
 log = logging.getLogger("igora.worker")
