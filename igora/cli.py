@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import __version__
+from . import arguments as arg
 from .config import ConfigError, data_dir, env, market_address
 from .engines.base import EngineError
 from .errors import IgoraError
@@ -39,11 +40,12 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 def _market_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("market")
-    g.add_argument("--market", metavar="URL",
+    g.add_argument("--market", metavar="URL", type=arg.market_url,
                    help="market websocket URL (default: from YJS_ENV / YJS_LOCAL_URL / "
                         "YJS_REMOTE_URL, else ws://localhost:1234)")
-    g.add_argument("--room", help="market room (default: YJS_MARKET_ROOM or 'market')")
-    g.add_argument("--heartbeat", type=float, default=5.0, metavar="S",
+    g.add_argument("--room", type=arg.room,
+                   help="market room (default: YJS_MARKET_ROOM or 'market')")
+    g.add_argument("--heartbeat", type=arg.positive_seconds, default=5.0, metavar="S",
                    help="seconds between two awareness refreshes; peers count an agent as "
                         "gone after 3 missed ones")
 
@@ -54,7 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = arg.Parser(
         prog="igora",
         description="Igora: an open market where any machine can offer an LLM service "
                     "and anyone can use it.",
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the market's store (default: IGORA_DATA or ~/.local/share/igora)")
     p.add_argument("--model", help="GGUF file for the worker (default: bundled SmolLM2-135M)")
     p.add_argument("--engine", default="llama", choices=["llama", "echo"], help="worker engine")
-    p.add_argument("--slots", type=int, default=1, help="tasks the worker runs at once")
+    p.add_argument("--slots", type=arg.count(1), default=1, help="tasks the worker runs at once")
     p.add_argument("--no-check", action="store_true", help="skip the first prompt")
     _common(p)
 
@@ -109,16 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a broker. Several may run on one room: one is active, "
                                    "the others take over when it goes.")
     p.add_argument("--name", default="broker", help="name shown to others")
-    p.add_argument("--grace", type=float, default=8.0, metavar="S",
+    p.add_argument("--grace", type=arg.seconds, default=8.0, metavar="S",
                    help="seconds an agent may be missing before its tasks are re-queued "
                         "(worker) or aborted (asker)")
-    p.add_argument("--max-attempts", type=int, default=3,
+    p.add_argument("--max-attempts", type=arg.count(1), default=3,
                    help="assignments of a task before it is failed")
-    p.add_argument("--task-timeout", type=float, default=600.0, metavar="S",
+    p.add_argument("--task-timeout", type=arg.positive_seconds, default=600.0, metavar="S",
                    help="deadline of tasks that name none")
-    p.add_argument("--retention", type=float, default=600.0, metavar="S",
+    p.add_argument("--retention", type=arg.seconds, default=600.0, metavar="S",
                    help="seconds finished tasks stay in the live document (then archive only)")
-    p.add_argument("--claim-timeout", type=float, default=30.0, metavar="S",
+    p.add_argument("--claim-timeout", type=arg.positive_seconds, default=30.0, metavar="S",
                    help="seconds a present worker has to take a task assigned to it before "
                         "the task goes to another one")
     _market_options(p)
@@ -138,13 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="openai: the upstream's base URL (e.g. http://127.0.0.1:8000/v1)")
     p.add_argument("--api-key", default=None, help="openai: the upstream's API key "
                                                    "(default: OPENAI_API_KEY)")
-    p.add_argument("--upstream-timeout", type=float, default=300.0, metavar="S",
+    p.add_argument("--upstream-timeout", type=arg.positive_seconds, default=300.0, metavar="S",
                    help="openai: seconds the upstream may stay silent before the task fails")
-    p.add_argument("--context", type=int, default=2048, help="llama: context length in tokens")
-    p.add_argument("--threads", type=int, default=None, help="llama: CPU threads")
-    p.add_argument("--slots", type=int, default=1, help="tasks run at once")
-    p.add_argument("--delay", type=float, default=0.0, help="echo: seconds per token")
-    p.add_argument("--max-tokens", type=int, default=512,
+    p.add_argument("--context", type=arg.count(1), default=2048,
+                   help="llama: context length in tokens")
+    p.add_argument("--threads", type=arg.count(1), default=None, help="llama: CPU threads")
+    p.add_argument("--slots", type=arg.count(1), default=1, help="tasks run at once")
+    p.add_argument("--delay", type=arg.seconds, default=0.0, help="echo: seconds per token")
+    p.add_argument("--max-tokens", type=arg.max_tokens, default=512,
                    help="answer length limit for tasks that set none")
     p.add_argument("--no-warmup", action="store_true", help="skip the speed measurement at start")
     _market_options(p)
@@ -167,10 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="what to ask")
     p.add_argument("--model", default=None, help="model to ask for (default: any worker)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")
+    p.add_argument("--temperature", type=arg.temperature, default=None,
+                   help="sampling temperature, 0 to 2 (default: the worker's)")
+    p.add_argument("--seed", type=arg.seed, default=None)
+    p.add_argument("--max-tokens", type=arg.max_tokens, default=None,
+                   help="longest answer, in tokens (default: the worker's limit)")
+    p.add_argument("--timeout", type=arg.positive_seconds, default=300.0,
+                   help="seconds to wait for the answer")
     p.add_argument("--no-stream", action="store_true", help="print the answer once complete")
     _market_options(p)
     _common(p)
@@ -234,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(_dispatch(args) or 0)
     except (IgoraError, ConfigError, EngineError, OSError) as exc:
-        print(f"igora {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return arg.fail(f"igora {args.command}", str(exc))
     except KeyboardInterrupt:
         return 130
 

@@ -8,6 +8,7 @@ Environment (also read from a ``.env`` file in the working directory):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -47,16 +48,37 @@ def env(name: str, default: str | None = None) -> str | None:
 
 
 def check_ws_url(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
-        raise ConfigError(
-            f"market URL {url!r} is not a websocket URL: expected ws://host:port or wss://host"
-        )
+    """``url`` without its trailing slash, if it is a websocket URL with a host (and a
+    valid port); ConfigError otherwise. The one check of a market URL, for flags, the
+    environment and configuration files alike."""
+    expected = "expected ws://host:port or wss://host"
     try:
-        parsed.port
-    except ValueError as exc:
-        raise ConfigError(f"market URL {url!r} has a bad port") from exc
+        parsed = urlparse(url)
+    except ValueError as exc:  # e.g. "ws://[::1": Invalid IPv6 URL
+        raise ConfigError(f"market URL {url!r} is not a valid URL ({exc}): {expected}") from None
+    if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
+        raise ConfigError(f"market URL {url!r} is not a websocket URL: {expected}")
+    try:
+        parsed.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"market URL {url!r} has a bad port: use 1 to 65535") from None
     return url.rstrip("/")
+
+
+MAX_ROOM = 200  # characters; the market refuses longer room names
+_NOT_IN_ROOM = set("/?#%\\")
+
+
+def check_room(name: str) -> str:
+    """``name`` if it is a room name: 1 to MAX_ROOM printable characters, no space and none
+    of ``/ ? # % \\`` (it becomes the path of the room's URL); ConfigError otherwise."""
+    if (not name or len(name) > MAX_ROOM or not name.isprintable()
+            or any(c.isspace() or c in _NOT_IN_ROOM for c in name)):
+        raise ConfigError(
+            f"room name {name[:80]!r}{'...' if len(name) > 80 else ''} is invalid: use 1 to "
+            f"{MAX_ROOM} printable characters, without spaces or / ? # % \\"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -71,20 +93,32 @@ class MarketAddress:
 
 def market_address(url: str | None = None, room: str | None = None) -> MarketAddress:
     """Resolve the market URL and room from arguments, then environment, then defaults."""
+    source = ""
     if url is None:
         mode = (env("YJS_ENV", "LOCAL") or "LOCAL").upper()
         if mode == "REMOTE":
-            url = env("YJS_REMOTE_URL")
+            url, source = env("YJS_REMOTE_URL"), "YJS_REMOTE_URL"
             if not url:
                 raise ConfigError("YJS_ENV=REMOTE needs YJS_REMOTE_URL (e.g. wss://market.example)")
         elif mode == "LOCAL":
-            url = env("YJS_LOCAL_URL", DEFAULT_LOCAL_URL)
+            url, source = env("YJS_LOCAL_URL", DEFAULT_LOCAL_URL), "YJS_LOCAL_URL"
         else:
             raise ConfigError(f"YJS_ENV must be LOCAL or REMOTE, not {mode!r}")
-    room = room if room is not None else env("YJS_MARKET_ROOM", DEFAULT_ROOM)
-    if not room or "/" in room or len(room) > 200:
-        raise ConfigError(f"room name {room!r} is invalid: use letters, digits, - or _")
-    return MarketAddress(check_ws_url(str(url)), str(room))
+    room_source = ""
+    if room is None:
+        room, room_source = env("YJS_MARKET_ROOM", DEFAULT_ROOM), "YJS_MARKET_ROOM"
+    return MarketAddress(_from(check_ws_url, str(url), source),
+                         _from(check_room, str(room), room_source))
+
+
+def _from(check: Callable[[str], str], value: str, source: str) -> str:
+    """``check(value)``; its error names the environment variable the value came from."""
+    try:
+        return check(value)
+    except ConfigError as exc:
+        if not source or os.environ.get(source) != value:
+            raise
+        raise ConfigError(f"{exc} (from {source})") from None
 
 
 def data_dir() -> Path:

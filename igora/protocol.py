@@ -180,6 +180,20 @@ def task_of(map_name: str, key: str) -> str:
     return key
 
 
+LIVE = (MapName.TODOS, MapName.PREPARED, MapName.DOING)
+"""The maps of a task that has not ended, from the least to the most advanced."""
+
+
+def abort_asked(*entries: Any) -> bool:
+    """Whether any of these entries under one task id carries the abort mark.
+
+    The mark belongs to the task, not to one entry: an abort written while the task moves
+    (the broker assigning it, a worker starting it) lands on the entry the move has just
+    left, and Yjs keeps both writes, so the id then has two entries, the marked one and
+    the moved one (docs/protocol.md, 4.4)."""
+    return any(isinstance(e, dict) and bool(e.get(F.ABORTED)) for e in entries)
+
+
 def _opt_number(task: dict[str, Any], field: str, lo: float, hi: float) -> None:
     value = task.get(field)
     if value is None:

@@ -150,10 +150,12 @@ def entry(a: Agent, map: str, key: str) -> Any:
 
 
 class TcpProxy:
-    """A TCP relay to the market whose connections the test can cut (a network drop)."""
+    """A TCP relay to the market whose connections the test can cut (a network drop), and
+    that can hold every byte for ``delay`` seconds each way (a distant peer)."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, delay: float = 0.0) -> None:
         self.target_port = target_port
+        self.delay = delay
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -183,10 +185,25 @@ class TcpProxy:
         self._writers |= {writer, up_writer}
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
+            loop = asyncio.get_running_loop()
+            held: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+            async def deliver() -> None:
+                while True:
+                    due, data = await held.get()
+                    await asyncio.sleep(due - loop.time())
+                    if not data:
+                        return
                     dst.write(data)
                     await dst.drain()
+
+            sender = asyncio.ensure_future(deliver())
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    held.put_nowait((loop.time() + self.delay, data))
+                held.put_nowait((loop.time() + self.delay, b""))
+                await sender
+            sender.cancel()
             dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

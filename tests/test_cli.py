@@ -10,6 +10,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+import pytest
+
 from igora.up import exit_code, how_it_ended, last_lines
 
 from .conftest import Cluster, free_port
@@ -52,6 +54,48 @@ def test_errors_are_one_clear_line_without_traceback(tmp_path: Path) -> None:
     run = igora("worker", "--market", f"ws://127.0.0.1:{port}", "--model", str(bad), cwd=tmp_path)
     assert run.returncode == 2 and "cannot load model" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# Each bad value is refused before anything starts: one line naming it, exit status 2.
+BAD_VALUES: list[tuple[list[str], dict[str, str], str]] = [
+    (["chat", "hi", "--max-tokens", "-5"], {}, "--max-tokens: -5 is out of range: use 1 to 1"),
+    (["chat", "hi", "--max-tokens", "many"], {}, "--max-tokens: 'many' is not a whole number"),
+    (["chat", "hi", "--temperature", "nan"], {}, "--temperature: nan is not a finite number"),
+    (["chat", "hi", "--temperature", "50"], {}, "--temperature: 50 is out of range: use 0 to 2"),
+    (["chat", "hi", "--timeout", "0"], {}, "--timeout: 0 is too small: use more than 0"),
+    (["chat", "hi", "--heartbeat", "inf"], {}, "--heartbeat: inf is not a finite number"),
+    (["chat", "hi", "--market", "ws://[::1"], {}, "--market: market URL 'ws://[::1' is not"),
+    (["status", "--market", "ws://[::1"], {}, "--market: market URL 'ws://[::1' is not a valid"),
+    (["gateway", "--market", "ws://[::1"], {}, "--market: market URL 'ws://[::1' is not a valid"),
+    (["worker", "--engine", "echo", "--market", "ws://[::1"], {}, "--market: market URL"),
+    (["broker", "--market", "ws://h:99999"], {}, "market URL 'ws://h:99999' has a bad port"),
+    (["chat", "hi"], {"YJS_LOCAL_URL": "ws://[::1"}, "wss://host (from YJS_LOCAL_URL)"),
+    (["status"], {"YJS_ENV": "REMOTE", "YJS_REMOTE_URL": "http://x"}, "(from YJS_REMOTE_URL)"),
+    (["worker", "--engine", "echo", "--slots", "0"], {}, "--slots: 0 is out of range: use 1 or"),
+    (["worker", "--engine", "echo", "--delay", "-1"], {}, "--delay: -1 is out of range"),
+    (["broker", "--grace", "-1"], {}, "--grace: -1 is out of range: use 0 or more"),
+    (["broker", "--max-attempts", "0"], {}, "--max-attempts: 0 is out of range"),
+    (["gateway", "--port", "70000"], {}, "--port: 70000 is not a TCP port"),
+    (["chat", "hi", "--room", "a\nb"], {}, "--room: room name 'a\\nb' is invalid"),
+    (["status", "--room", "a/b"], {}, "--room: room name 'a/b' is invalid"),
+    (["chat", "hi"], {"YJS_MARKET_ROOM": "a b"}, "room name 'a b' is invalid: use 1 to"),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "expected"), BAD_VALUES,
+                         ids=[" ".join(a) + "".join(f" {k}={v}" for k, v in e.items())
+                              for a, e, _ in BAD_VALUES])
+def test_bad_value_is_one_line_naming_it_and_exit_status_2(
+    tmp_path: Path, args: list[str], env: dict[str, str], expected: str,
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("YJS_", "IGORA_"))}
+    run = igora(*args, cwd=tmp_path, env={**clean, **env}, timeout=30)
+    assert run.returncode == 2, run.stderr
+    assert run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"igora {args[0]}: error: "), lines[0]
+    assert expected in lines[0], lines[0]
 
 
 def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pycrdt import Doc, Map, Text, YMessageType, YSyncMessageType
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from igora import Client, Restart
+from igora import Client, Restart, TaskFailed
 from igora.agent import Agent
 from igora.protocol import MAX_ID, MAX_TEXT, F, MapName, State, new_id
 
@@ -181,6 +181,33 @@ async def test_task_in_doing_claiming_a_live_worker_that_never_took_it_is_handed
     final = await wait_for(lambda: done.get(task[F.ID]), 30, "the task ends", market)
     assert final[F.STATE] == State.DONE.value and final[F.RESPONSE] == "Echo: forged doing"
     assert "not running it; handed back" in market.procs[2].log()
+
+
+async def test_running_task_whose_doing_entry_is_deleted_ends_failed_within_seconds(
+    market: Cluster, raw: Agent,
+) -> None:
+    # A hostile (or buggy) agent deletes the entry of a running task, writing it nowhere
+    # else: its worker ends it failed at once, rather than let its client wait 60 s.
+    async with Client(market.url) as client:
+        task = await client.submit("#repeat 2000", timeout=60)  # 40 s of tokens
+        doing = raw.maps[MapName.DOING]
+        running = await wait_for(lambda: doing.get(task.id), 20, "the task runs", market)
+        streams = raw.maps[MapName.STREAMS]
+        await wait_for(lambda: "tok2" in str(streams.get(running[F.STREAM], "")), 20,
+                       "the first tokens", market)
+        with raw.transaction():
+            del doing[task.id]
+        with pytest.raises(TaskFailed) as failed:
+            await asyncio.wait_for(task.result(), 10)
+    final = failed.value.task
+    assert final[F.STATE] == State.FAILED.value
+    assert final[F.ERROR] == "the task's entry in doing was deleted by another agent while it ran"
+    assert final[F.RESPONSE].startswith("tok0 tok1 ")
+    assert task.id not in doing
+    await wait_for(lambda: all(w.get("running") == 0 for w in market.agents("worker")), 10,
+                   "the worker's slot is free", market)
+    assert "its entry in doing was deleted" in market.procs[2].log()
+    await still_serving(market)
 
 
 @pytest.mark.parametrize("where", [MapName.PREPARED, MapName.DOING])

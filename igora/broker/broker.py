@@ -11,7 +11,17 @@ from functools import partial
 from typing import Any
 
 from ..agent import Agent, discard
-from ..protocol import A, AgentState, F, MapName, ProtocolError, State, now_ms, validate_task
+from ..protocol import (
+    A,
+    AgentState,
+    F,
+    MapName,
+    ProtocolError,
+    State,
+    abort_asked,
+    now_ms,
+    validate_task,
+)
 from . import policies
 from .fairness import Fairness
 from .leader import Leadership
@@ -98,10 +108,10 @@ class Broker:
                 invalid[tid] = (value, str(exc))
                 wake = self._policies_due = True
                 continue
-            if change.get("action") == "add":
-                wake = True
-            elif isinstance(value, dict) and value.get(F.ABORTED):
+            if abort_asked(value):  # also a marked entry a race brought back ("add")
                 wake = self._policies_due = True
+            elif change.get("action") == "add":
+                wake = True
             # Value refreshes of running tasks (compatibility fields) need no new round.
         if wake:
             self._wake.set()
@@ -199,15 +209,21 @@ class Broker:
         # (awareness) and on abort marks, so they need not run at every update.
         if self._policies_due or now - self._policies_at >= POLICIES_EVERY:
             self._policies_due, self._policies_at = False, now
+            # An abort comes first: a re-queue or a deadline must not overwrite its mark.
             moves = (
-                policies.expire(snap, self.task_timeout)
+                policies.abort(snap, self.presence.present, self._abort_seen)
+                + policies.stale_copies(snap)
+                + policies.expire(snap, self.task_timeout)
                 + policies.recover(snap, self.presence.present, self.max_attempts)
                 + self._unclaimed(snap)
-                + policies.abort_orphans(snap, self.presence.present, self._abort_seen)
             )
         touched = self._apply(moves)
+        # Never (again) a task marked aborted, or one with an entry further on: both are
+        # the policies' to settle.
         self._assign(
-            [t for tid, t in snap.todos.items() if tid not in touched],
+            [t for tid, t in snap.todos.items()
+             if tid not in touched and not t.get(F.ABORTED)
+             and tid not in snap.prepared and tid not in snap.doing],
             {**snap.prepared, **snap.doing},
             touched,
         )
@@ -243,6 +259,8 @@ class Broker:
                 touched.add(mv.task_id)
                 if mv.source is not None:
                     discard(self.agent.maps[mv.source], mv.task_id)
+                for stale in mv.stale:
+                    discard(self.agent.maps[stale], mv.task_id)
                 if mv.target is not None and mv.task is not None:
                     self.agent.maps[mv.target][mv.task_id] = mv.task
                 if mv.drop_stream:

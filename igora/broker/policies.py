@@ -3,7 +3,9 @@
 - ``recover``: tasks of workers that vanished go back to ``todos`` (up to
   ``max_attempts`` assignments), then ``failed``;
 - ``unclaimed``: tasks a present worker does not take in time go back to ``todos``;
-- ``abort_orphans``: tasks of askers that vanished are ``aborted``;
+- ``abort``: tasks whose abort was asked, on any of their entries, or whose asker
+  vanished are ``aborted``;
+- ``stale_copies``: entries left behind by a write that raced with a move are removed;
 - ``expire``: tasks past their deadline are ``failed`` with the reason;
 - ``retain``: finished tasks leave the live document after ``retention`` seconds (the
   market has archived them already).
@@ -17,13 +19,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..protocol import ABORTED_MARK, F, MapName, State, now_ms, stream_key
+from ..protocol import (
+    ABORTED_MARK,
+    LIVE,
+    F,
+    MapName,
+    State,
+    abort_asked,
+    now_ms,
+    stream_key,
+)
 
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_TIMEOUT = 600.0  # seconds a task may live when it names no deadline
 DEFAULT_RETENTION = 600.0
 DEFAULT_CLAIM_TIMEOUT = 30.0  # seconds a present worker has to take a task assigned to it
 ABORT_GRACE = 10.0  # seconds a worker has to end a task marked aborted
+CARRY_AFTER = 1.0  # seconds before a mark left on a stale entry is copied to doing[id]
 
 
 @dataclass
@@ -36,7 +48,8 @@ class Snapshot:
 
 @dataclass
 class Move:
-    """Delete ``task_id`` from ``source`` (if given) and write ``task`` to ``target``."""
+    """Delete ``task_id`` from ``source`` (if given) and write ``task`` to ``target``;
+    delete the stale entries under the same id in ``stale`` too."""
 
     task_id: str
     source: MapName | None
@@ -44,6 +57,7 @@ class Move:
     task: dict[str, Any] | None
     why: str = ""
     drop_stream: str | None = None
+    stale: tuple[MapName, ...] = ()
 
 
 def _num(task: dict[str, Any], name: str) -> float | None:
@@ -115,38 +129,82 @@ def unclaimed(snap: Snapshot, claim_timeout: float, max_attempts: int) -> list[M
     return moves
 
 
-def abort_orphans(snap: Snapshot, present: Callable[[Any], bool],
-                  abort_seen: dict[str, int]) -> list[Move]:
+def entries(snap: Snapshot, tid: str) -> list[tuple[MapName, dict[str, Any]]]:
+    """The entries under one task id in todos, prepared and doing, the most advanced last.
+    A task has one; two mean that a write raced with a move of the task (Yjs keeps both)."""
+    maps = {MapName.TODOS: snap.todos, MapName.PREPARED: snap.prepared,
+            MapName.DOING: snap.doing}
+    return [(m, maps[m][tid]) for m in LIVE if tid in maps[m]]
+
+
+def _duplicated(snap: Snapshot) -> set[str]:
+    ids: set[str] = set()
+    for a, b in ((snap.todos, snap.prepared), (snap.todos, snap.doing),
+                 (snap.prepared, snap.doing)):
+        small, big = (a, b) if len(a) <= len(b) else (b, a)
+        ids.update(tid for tid in small if tid in big)
+    return ids
+
+
+def abort(snap: Snapshot, present: Callable[[Any], bool],
+          abort_seen: dict[str, int]) -> list[Move]:
+    """Tasks to abort: a mark on any of their entries (the mark belongs to the task), or
+    their asker gone. A task that is not running ends ``aborted`` here, every entry under
+    its id removed in the same transaction (a worker that started it meanwhile sees the
+    mark in ``done`` and stops). A running one is its worker's to end, at its next token;
+    if it is still running CARRY_AFTER s after the mark was first seen (an original worker
+    reads only ``doing[id]``), the mark is copied to its ``doing`` entry and the stale
+    entries removed; ABORT_GRACE s after, or at once if its worker is gone, it ends here."""
     moves = []
-    for source, tasks in ((MapName.TODOS, snap.todos), (MapName.PREPARED, snap.prepared)):
-        for tid, task in tasks.items():
-            asker = task.get(F.ASKER)
-            if task.get(F.ABORTED):
-                why = "aborted by its asker"
-            elif isinstance(asker, str) and not present(asker):
-                why = f"aborted: asker {asker} left"
-            else:
-                continue
-            moves.append(Move(tid, source, MapName.DONE, ended(
-                task, State.ABORTED, snap.now, **{F.ABORTED: ABORTED_MARK}), why))
-    for tid, task in snap.doing.items():
-        asker = task.get(F.ASKER)
-        if task.get(F.ABORTED):
-            # The worker stops at its next token; end it ourselves if it does not. The time
-            # we first saw the mark stays in memory: rewriting a running task would race
-            # with its worker ending it (a concurrent write brings a deleted entry back).
-            first = abort_seen.setdefault(tid, snap.now)
-            if snap.now - first > ABORT_GRACE * 1000:
-                moves.append(Move(tid, MapName.DOING, MapName.DONE, ended(
-                    task, State.ABORTED, snap.now), "aborted: worker did not stop",
-                    _stream_of(task)))
+    for tid in set(snap.todos) | set(snap.prepared) | set(snap.doing):
+        copies = entries(snap, tid)
+        live_map, live = copies[-1]
+        stale = tuple(m for m, _ in copies[:-1])
+        asker = next((t.get(F.ASKER) for _, t in copies if isinstance(t.get(F.ASKER), str)),
+                     None)
+        marked = abort_asked(*(t for _, t in copies))
+        left = asker is not None and not present(asker)
+        if not marked and not left:
             continue
-        if isinstance(asker, str) and not present(asker):
-            abort_seen[tid] = snap.now
-            moves.append(Move(tid, None, MapName.DOING, {**task, F.ABORTED: ABORTED_MARK},
-                              f"abort asked: asker {asker} left"))
+        why = "aborted by its asker" if marked else f"aborted: asker {asker} left"
+        if live_map is not MapName.DOING:
+            moves.append(Move(tid, live_map, MapName.DONE, ended(
+                live, State.ABORTED, snap.now, **{F.ABORTED: ABORTED_MARK}), why, stale=stale))
+            continue
+        # The time the mark was first seen stays in memory: rewriting a running task at
+        # each round would race with its worker ending it (a concurrent write brings a
+        # deleted entry back).
+        first = abort_seen.setdefault(tid, snap.now)
+        waited = snap.now - first
+        if not present(live.get(F.WORKER)) or waited > ABORT_GRACE * 1000:
+            moves.append(Move(tid, MapName.DOING, MapName.DONE, ended(
+                live, State.ABORTED, snap.now, **{F.ABORTED: ABORTED_MARK}),
+                "aborted: worker did not stop", _stream_of(live), stale))
+        elif live.get(F.ABORTED):
+            if stale:
+                moves.append(Move(tid, None, None, None, "stale entries removed",
+                                  stale=stale))
+        elif left or waited > CARRY_AFTER * 1000:
+            # An Igora worker sees a mark on any entry and stops at once; an original
+            # worker reads only doing[id]. The stale entry holding the mark goes once the
+            # mark is on doing[id], not before.
+            moves.append(Move(tid, None, MapName.DOING, {**live, F.ABORTED: ABORTED_MARK},
+                              f"abort asked ({why}); told its worker", stale=stale))
     for tid in [t for t in abort_seen if t not in snap.doing]:
         del abort_seen[tid]
+    return moves
+
+
+def stale_copies(snap: Snapshot) -> list[Move]:
+    """Entries under an id that also has a more advanced entry (a re-queue that raced with
+    the task's start, say) are removed: only the most advanced one runs. Marked ones are
+    ``abort``'s."""
+    moves = []
+    for tid in _duplicated(snap):
+        copies = entries(snap, tid)
+        if not abort_asked(*(t for _, t in copies)):
+            moves.append(Move(tid, None, None, None, "stale entries removed",
+                              stale=tuple(m for m, _ in copies[:-1])))
     return moves
 
 
@@ -182,5 +240,5 @@ def retain(done: dict[str, Any], now: int, retention: float) -> list[str]:
     return out
 
 
-__all__ = ["Snapshot", "Move", "recover", "unclaimed", "abort_orphans", "expire", "retain",
-           "stream_key"]
+__all__ = ["Snapshot", "Move", "recover", "unclaimed", "abort", "stale_copies", "expire",
+           "retain", "stream_key"]

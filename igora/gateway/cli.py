@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from .. import arguments as arg
 from ..client import DEFAULT_TIMEOUT
 from ..config import ConfigError, env, market_address
 from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME
@@ -26,15 +27,15 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter],
                     "request becomes a task on the market. Point any OpenAI client at "
                     "base_url http://HOST:PORT/v1.")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: everyone)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
+    p.add_argument("--port", type=arg.port, default=DEFAULT_PORT, help="port")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help=f"accept only requests with 'Authorization: Bearer KEY' (repeatable; "
                         f"default: the comma-separated {API_KEYS_ENV}, else no key needed)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="browser origin allowed to call the API (repeatable; default: any, '*')")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+    p.add_argument("--timeout", type=arg.positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
                    help="deadline of each task, in seconds")
-    p.add_argument("--wait-worker", type=float, default=0.0, metavar="S",
+    p.add_argument("--wait-worker", type=arg.seconds, default=0.0, metavar="S",
                    help="seconds a request waits for a worker serving its model to appear "
                         "before failing with 503/404")
     p.add_argument("--name", default=GATEWAY_NAME, help="name shown to others on the market")
@@ -56,10 +57,6 @@ def run(args: argparse.Namespace) -> int:
     from ..up import port_free
     from .app import create_app
 
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
-    if args.timeout <= 0:
-        raise ConfigError("--timeout must be positive")
     address = market_address(args.market, args.room)  # fail early on a bad URL
     if not port_free(args.host, args.port):
         raise ConfigError(f"port {args.port} on {args.host} is taken (another gateway running?): "
@@ -67,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     keys = api_keys(args)
     app = create_app(address.url, address.room, api_keys=keys,
                      cors_origins=args.cors_origin or ["*"], timeout=args.timeout,
-                     wait_worker=max(0.0, args.wait_worker), heartbeat=args.heartbeat,
+                     wait_worker=args.wait_worker, heartbeat=args.heartbeat,
                      name=args.name)
     log.info("gateway on http://%s:%d/v1 for market %s%s", args.host, args.port,
              address.room_url, f" ({len(keys)} API key(s))" if keys else " (no API key)")

@@ -25,14 +25,19 @@ from pycrdt import Map, Text
 from ..agent import Agent, discard
 from ..engines.base import Engine, EngineError, EngineUnavailable, Finish, Request
 from ..protocol import (
+    ABORTED_MARK,
+    FINAL_VALUES,
+    LIVE,
     A,
     AgentState,
     F,
     MapName,
     ProtocolError,
     State,
+    abort_asked,
     now_ms,
     stream_key,
+    task_of,
     validate_task,
 )
 
@@ -47,6 +52,8 @@ _RUN_FIELDS = (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM)
 WORKING_WITHIN = 0.1  # seconds: "working" (all slots taken) is advertised within this
 ADVERT_INTERVAL = 0.5  # seconds: a change of the running count alone is advertised within this
 HANDBACK_ATTEMPTS = 3  # a task is handed back to ``todos`` only while it has had fewer assignments
+REMEMBER_ENDED = 10_000  # ids of the last tasks this worker ended, to know their ghosts
+DELETED = "deleted"  # stop reason: the doing entry vanished, moved nowhere (see _after_transaction)
 
 log = logging.getLogger("igora.worker")
 
@@ -56,7 +63,8 @@ class Running:
     task_id: str
     attempt: int
     job: asyncio.Task[None] | None = None
-    stop_reason: str | None = None  # "aborted", "lost" (taken away) or a deadline message
+    # "aborted", "lost" (taken away), DELETED (its entry deleted) or a deadline message
+    stop_reason: str | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -72,7 +80,9 @@ class Worker:
     ) -> None:
         self.agent = agent
         self.engine = engine
-        self.slots = max(1, slots)
+        if slots < 1:
+            raise ValueError(f"a worker runs at least 1 task at once, not {slots}")
+        self.slots = slots
         self.compat_interval = compat_interval
         self.max_tokens = max_tokens
         self._readers_checked = -1.0
@@ -97,8 +107,20 @@ class Worker:
         self._claimable: set[str] = set()
         self._scan_all = True
         self._scanned_at = 0.0
+        # Tasks this worker ended lately: an entry a race brings back under one of those
+        # ids is a ghost, to drop (not to hand back, nor to end again).
+        self._ended: dict[str, None] = {}
+        # Within the transaction being applied: running tasks whose doing entry was
+        # deleted, and those moved (written to todos, prepared or done, or their stream
+        # deleted: a broker taking a task away drops its stream in the same transaction).
+        self._deleted: dict[str, Running] = {}
+        self._moved: set[str] = set()
         agent.observe_keys(MapName.PREPARED, self._on_prepared)
         agent.observe_keys(MapName.DOING, self._on_doing)
+        agent.observe_keys(MapName.TODOS, self._on_elsewhere)
+        agent.observe_keys(MapName.DONE, self._on_elsewhere)
+        agent.observe_keys(MapName.STREAMS, self._on_streams)
+        agent.on_change(self._after_transaction)
 
     # ------------------------------------------------------------------ adverts
     def advert(self) -> dict[str, Any]:
@@ -190,6 +212,38 @@ class Worker:
             if isinstance(value, dict) and value.get(F.WORKER) == me:
                 self._claimable.add(key)
                 self._wake.set()
+        self._on_elsewhere(changes)
+
+    def _on_elsewhere(self, changes: dict[str, dict[str, Any]]) -> None:
+        """A running task written to todos, prepared or done: moved on, or an abort mark
+        that landed on an entry the task had left (the mark belongs to the task)."""
+        for key, change in changes.items():
+            run = self.running.get(key)
+            if run is None or change.get("action") == "delete":
+                continue
+            self._moved.add(key)
+            if not run.stop_reason and abort_asked(change.get("newValue")):
+                self._stop(run, "aborted")
+
+    def _on_streams(self, changes: dict[str, dict[str, Any]]) -> None:
+        for key, change in changes.items():
+            if change.get("action") == "delete":
+                tid = task_of(MapName.STREAMS.value, key)
+                if tid in self.running:
+                    self._moved.add(tid)
+
+    def _after_transaction(self) -> None:
+        """A doing entry deleted in a transaction that wrote its id nowhere else and left
+        its stream was not moved (a broker's re-queue or end writes the task elsewhere and
+        drops its stream in the same transaction, also when the market relays a backlog
+        merged into one update): a buggy or hostile agent deleted it. Nobody else knows
+        that the task was running, so this worker ends it."""
+        if self._deleted:
+            for key, run in self._deleted.items():
+                if key not in self._moved and run.stop_reason == "lost":
+                    run.stop_reason = DELETED
+            self._deleted.clear()
+        self._moved.clear()
 
     def _candidates(self) -> list[tuple[str, Any]]:
         """Tasks of ``prepared`` that may be this worker's: all of them after a slot freed
@@ -225,7 +279,7 @@ class Worker:
                 self._finish_from(MapName.PREPARED, task_id, value, State.FAILED,
                                   error=f"invalid task: {exc}")
                 continue
-            if task.get(F.ABORTED):
+            if abort_asked(task, self.todos.get(task_id), self.done.get(task_id)):
                 self._finish_from(MapName.PREPARED, task_id, task, State.ABORTED,
                                   error="aborted before it started")
                 continue
@@ -258,16 +312,24 @@ class Worker:
             return
         with self.agent.transaction():
             for tid, value in strays:
-                self.doing.pop(tid, None)
-                if value.get(F.ABORTED):
-                    # An abort mark written while this worker was ending the task brought
+                final = self.done.get(tid)
+                if tid in self._ended or (isinstance(final, dict)
+                                          and final.get(F.STATE) in FINAL_VALUES):
+                    # A write that raced with the task's end (an abort mark, say) brought
                     # the entry back: the task is over, drop the ghost.
-                    log.info("%s: dropped aborted task %s left in doing", self.agent.name, tid)
-                    continue
-                log.warning("%s: task %s is in doing under this worker, which is not running "
-                            "it; handed back to todos", self.agent.name, tid)
-                self.todos[tid] = {**{k: v for k, v in value.items() if k not in _RUN_FIELDS},
-                                   F.STATE: State.TODO.value}
+                    self._drop_entries(tid)
+                    log.info("%s: dropped ended task %s left in doing", self.agent.name, tid)
+                elif abort_asked(value, self.todos.get(tid), self.prepared.get(tid)):
+                    log.info("%s: task %s left in doing under this worker was aborted; "
+                             "ended", self.agent.name, tid)
+                    self._finish_from(MapName.DOING, tid, value, State.ABORTED,
+                                      error="aborted before it started")
+                else:
+                    log.warning("%s: task %s is in doing under this worker, which is not "
+                                "running it; handed back to todos", self.agent.name, tid)
+                    self.doing.pop(tid, None)
+                    self.todos[tid] = {**{k: v for k, v in value.items()
+                                          if k not in _RUN_FIELDS}, F.STATE: State.TODO.value}
 
     def _start(self, task_id: str, task: dict[str, Any]) -> None:
         attempt = int(task.get(F.ATTEMPTS) or 1)
@@ -299,7 +361,10 @@ class Worker:
             if run is None or run.stop_reason:
                 continue
             value = change.get("newValue")
-            if change.get("action") == "delete" or not isinstance(value, dict):
+            if change.get("action") == "delete":
+                self._deleted[key] = run  # lost, unless moved (see _after_transaction)
+                self._stop(run, "lost")
+            elif not isinstance(value, dict):
                 self._stop(run, "lost")
             elif value.get(F.WORKER) != self.agent.id:
                 self._stop(run, "lost")
@@ -437,6 +502,12 @@ class Worker:
             log.info("%s: task %s was taken away; stopped", self.agent.name, task_id)
             with self.agent.transaction():
                 discard(self.streams, key)
+        elif reason == DELETED:
+            log.warning("%s: task %s: its entry in doing was deleted by another agent while "
+                        "it ran; ended failed", self.agent.name, task_id)
+            self._finish(task_id, task, key, State.FAILED, response, error=(
+                "the task's entry in doing was deleted by another agent while it ran"),
+                entry=task)
         elif requeue:
             log.warning("%s: task %s handed back: %s", self.agent.name, task_id, error)
             self._requeue(task_id, task, key)
@@ -531,13 +602,16 @@ class Worker:
         *,
         error: str | None = None,
         finish: Finish | None = None,
+        entry: dict[str, Any] | None = None,
     ) -> None:
+        """End a running task in ``done``, if its ``doing`` entry still names this worker
+        (or, given ``entry``, from that entry: its doing entry was deleted)."""
         with self.agent.transaction():
-            current = self._mine(task_id)
+            current = entry if entry is not None else self._mine(task_id)
             discard(self.streams, key)
             if current is None:
                 return  # someone else (the broker) already ended or moved it
-            discard(self.doing, task_id)
+            self._drop_entries(task_id)
             end = now_ms()
             final: dict[str, Any] = {
                 **current,
@@ -548,7 +622,7 @@ class Worker:
             }
             final.pop(F.DELTA, None)
             if state == State.ABORTED:
-                final[F.ABORTED] = final.get(F.ABORTED) or "aborted"
+                final[F.ABORTED] = final.get(F.ABORTED) or ABORTED_MARK
             if error:
                 final[F.ERROR] = error
             if finish:
@@ -561,12 +635,25 @@ class Worker:
 
     def _finish_from(self, source: MapName, task_id: str, task: Any, state: State,
                      *, error: str) -> None:
+        """End a task this worker did not start (found in ``source``)."""
         base = dict(task) if isinstance(task, dict) else {}
         end = now_ms()
         with self.agent.transaction():
             self.agent.maps[source].pop(task_id, None)
-            self.done[task_id] = {**base, F.ID: task_id, F.STATE: state.value, F.ERROR: error,
-                                  F.END: end}
+            self._drop_entries(task_id)
+            final = {**base, F.ID: task_id, F.STATE: state.value, F.ERROR: error, F.END: end}
+            if state == State.ABORTED:
+                final[F.ABORTED] = base.get(F.ABORTED) or ABORTED_MARK
+            self.done[task_id] = final
+
+    def _drop_entries(self, task_id: str) -> None:
+        """Whoever ends a task removes every entry under its id in todos, prepared and
+        doing: a write that raced with a move may have left one behind."""
+        for name in LIVE:
+            discard(self.agent.maps[name], task_id)
+        self._ended[task_id] = None
+        if len(self._ended) > REMEMBER_ENDED:
+            del self._ended[next(iter(self._ended))]
 
     def _requeue(self, task_id: str, task: dict[str, Any], key: str) -> None:
         with self.agent.transaction():

@@ -1,0 +1,114 @@
+"""The command line's argument types: each checks one value and says, in one line, what is
+wrong with it. Every subcommand uses these, so a bad value gets the same answer
+everywhere: ``igora chat: error: argument --temperature: 50 is out of range: use 0 to 2``,
+exit status 2, no traceback, nothing started."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from .config import ConfigError, check_room, check_ws_url
+from .protocol import MAX_TOKENS_LIMIT
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``igora chat: error: ...``), without
+    the usage block: the error names the argument, ``--help`` shows the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def number(
+    *,
+    least: float | None = None,
+    most: float | None = None,
+    above: float | None = None,
+    integer: bool = False,
+) -> Callable[[str], float]:
+    """A finite number (an integer with ``integer``) in ``[least, most]``, or ``> above``."""
+
+    def parse(text: str) -> float:
+        try:
+            value: float = int(text) if integer else float(text)
+        except ValueError:
+            kind = "a whole number" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(
+                f"{text} is too small: use more than {_fmt(above)}"
+            )
+        low = least if least is not None else -math.inf
+        high = most if most is not None else math.inf
+        if not low <= value <= high:
+            if least is not None and most is not None:
+                use = f"use {_fmt(least)} to {_fmt(most)}"
+            elif least is not None:
+                use = f"use {_fmt(least)} or more"
+            else:
+                use = f"use {_fmt(high)} or less"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {use}")
+        return value
+
+    parse.__name__ = "integer" if integer else "number"
+    return parse
+
+
+def count(least: int = 1, most: int | None = None) -> Callable[[str], int]:
+    """A whole number in ``[least, most]``."""
+    parse = number(least=least, most=most, integer=True)
+    return parse  # type: ignore[return-value]
+
+
+positive_seconds = number(above=0)
+"""Seconds, more than 0 (timeouts, heartbeats)."""
+seconds = number(least=0)
+"""Seconds, 0 or more (grace times, delays)."""
+temperature = number(least=0, most=2)
+"""Sampling temperature: OpenAI's range, 0 to 2."""
+max_tokens = count(1, MAX_TOKENS_LIMIT)
+seed = count(-(2**63), 2**63 - 1)
+_port = count(1, 65535)
+
+
+def port(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    try:
+        return _port(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a TCP port (1-65535)"
+        ) from None
+
+
+def _config(check: Callable[[str], str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        try:
+            return check(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = check.__name__
+    return parse
+
+
+market_url = _config(check_ws_url)
+"""A market URL, checked as ``config.market_address`` checks those of the environment."""
+room = _config(check_room)
+"""A room name, checked as ``config.market_address`` checks ``YJS_MARKET_ROOM``."""
+
+
+def fail(prog: str, message: str) -> int:
+    """Say what went wrong, in one line, the way argparse does; the exit status is 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
