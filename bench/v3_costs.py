@@ -50,8 +50,8 @@ V3_ENTRIES: dict[str, object] = {
         "sig": "s" * 86,
     },
     "prompt + one grant (p/<asker>/<task>)": {
-        "ct": "c" * 216,
-        "grants": {B64_KEY: "g" * 107},
+        "ct": "c" * 214,
+        "grants": {B64_KEY: "g" * 172},
     },
     "assignment (in/<worker>)": {
         "task": "x" * 16,
