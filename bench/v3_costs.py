@@ -4,8 +4,8 @@ Not part of ``make bench``: a one-off measurement of the building blocks, in one
 no network. Run: ``python -m bench.v3_costs`` (PyNaCl needed for the crypto part:
 ``pip install pynacl``).
 
-1. The market applying a small update (one stream piece) to a room that holds N live
-   tasks (version 2: one document) against a document that holds one task (version 3).
+1. The market applying a small update (one stream piece) to a room (version 2: one
+   document) as the number of tasks in it and of answers streamed at once grow.
 2. The market keeping a document as its update log only (no ``Doc``): append, merge for
    a newcomer, diff against a state vector.
 3. Memory of many small documents against one big one.
@@ -17,6 +17,7 @@ no network. Run: ``python -m bench.v3_costs`` (PyNaCl needed for the crypto part
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import statistics
 import time
@@ -90,23 +91,24 @@ def per_call(fn: Callable[[], object], n: int) -> float:
     return statistics.median(runs)
 
 
-def room_with(n: int) -> tuple[Doc, list[bytes]]:
-    """A v2 room with ``n`` running tasks, each with its stream; returns it and one
-    piece of stream update per task, made by a writer peer."""
+def room_with(tasks: int, streams: int) -> tuple[Doc, list[bytes]]:
+    """A v2 room with ``tasks`` entries in ``doing`` and ``streams`` answer streams;
+    returns it and ``PIECES`` stream pieces written by a peer, in turn to each stream."""
     doc = Doc()
     doing = doc.get("doing", type=Map)
-    streams = doc.get("streams", type=Map)
+    texts = doc.get("streams", type=Map)
     with doc.transaction():
-        for i in range(n):
+        for i in range(tasks):
             doing[f"{i:016d}"] = dict(TASK, id=f"{i:016d}")
-            streams[f"{i:016d}#1"] = Text()
+        for i in range(streams):
+            texts[f"{i:016d}#1"] = Text()
     writer = Doc()
     writer.apply_update(doc.get_update())
-    wstreams = writer.get("streams", type=Map)
+    wtexts = writer.get("streams", type=Map)
     pieces = []
     for k in range(PIECES):  # each piece new to the room: never the same one twice
         before = writer.get_state()
-        wstreams[f"{k % n:016d}#1"] += " token"
+        wtexts[f"{k % streams:016d}#1"] += " token"
         pieces.append(writer.get_update(before))
     return doc, pieces
 
@@ -114,15 +116,36 @@ def room_with(n: int) -> tuple[Doc, list[bytes]]:
 PIECES = 5_000
 
 
-def apply_cost(n: int) -> float:
+def apply_cost(tasks: int, streams: int) -> float:
     """µs per new piece applied, median of 5 runs of 1,000 pieces."""
-    doc, pieces = room_with(n)
+    doc, pieces = room_with(tasks, streams)
     it = iter(pieces)
 
     def step() -> None:
         doc.apply_update(next(it))
 
     return per_call(step, PIECES // 5)
+
+
+def memory_per_task(layout: str) -> float:
+    """Bytes of resident memory per task for 10,000 tasks: in ``one`` Doc, or in
+    ``many`` Docs of one task each. Run in a fresh process."""
+    gc.collect()
+    base = rss_kib()
+    keep: list[Doc] = []
+    if layout == "one":
+        doc = Doc()
+        m = doc.get("doing", type=Map)
+        with doc.transaction():
+            for i in range(10_000):
+                m[f"{i:016d}"] = dict(TASK, id=f"{i:016d}")
+        keep.append(doc)
+    else:
+        for i in range(10_000):
+            d = Doc()
+            d.get("task", type=Map)["t"] = dict(TASK, id=f"{i:016d}")
+            keep.append(d)
+    return (rss_kib() - base) * 1024 / 10_000
 
 
 def rss_kib() -> int:
@@ -132,9 +155,11 @@ def rss_kib() -> int:
 
 
 def main() -> None:
-    print("1. apply one stream piece (µs), market holding N live tasks in one document")
-    for n in (1, 100, 1_000, 10_000):
-        print(f"   N={n:>6}: {apply_cost(n):7.1f}")
+    print(
+        "1. apply one stream piece (µs) to a room with T tasks and S streams written in turn"
+    )
+    for tasks, streams in ((1, 1), (1_000, 1), (10_000, 1), (100, 100), (1_000, 1_000)):
+        print(f"   T={tasks:>6} S={streams:>5}: {apply_cost(tasks, streams):7.1f}")
 
     print("2. update log without a Doc (one task document, 100 pieces of a stream)")
     src = Doc()
@@ -159,25 +184,19 @@ def main() -> None:
         f"   state vector of the merged log: {per_call(lambda: get_state(merged), 2000):.1f} µs"
     )
 
-    print("3. memory")
-    gc.collect()
-    base = rss_kib()
-    big = Doc()
-    m = big.get("doing", type=Map)
-    with big.transaction():
-        for i in range(10_000):
-            m[f"{i:016d}"] = dict(TASK, id=f"{i:016d}")
-    bigger = rss_kib() - base
-    docs = []
-    for i in range(10_000):
-        d = Doc()
-        d.get("task", type=Map)["t"] = dict(TASK, id=f"{i:016d}")
-        docs.append(d)
-    small = rss_kib() - base - bigger
+    print("3. memory (each measured in a fresh process)")
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        big = pool.apply(memory_per_task, ("one",))
+    with ctx.Pool(1) as pool:
+        small = pool.apply(memory_per_task, ("many",))
     print(
-        f"   one Doc of 10,000 tasks: {bigger / 10_000 * 1024:.0f} B per task; 10,000 Docs "
-        f"of one task: {small / 10_000 * 1024:.0f} B each (RSS growth)"
+        f"   one Doc of 10,000 tasks: {big:.0f} B per task; 10,000 Docs of one task: "
+        f"{small:.0f} B each (RSS growth)"
     )
+    docs = [Doc() for _ in range(10_000)]
+    for i, d in enumerate(docs):
+        d.get("task", type=Map)["t"] = dict(TASK, id=f"{i:016d}")
     logs = [d.get_update() for d in docs]
     print(
         f"   the same 10,000 tasks kept as update logs: "
