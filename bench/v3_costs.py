@@ -12,6 +12,8 @@ no network. Run: ``python -m bench.v3_costs`` (PyNaCl needed for the crypto part
 4. Bytes of a stream piece: ``Y.Text`` append (today) against an encrypted chunk appended
    to a ``Y.Array`` of bytes (version 3).
 5. Crypto per task and per chunk (Ed25519, sealed box, XChaCha20-Poly1305).
+6. Bytes of the version 3 updates of one task.
+7. The market's work per incoming update, v2 against a v3 sketch (no socket).
 """
 
 from __future__ import annotations
@@ -21,9 +23,22 @@ import multiprocessing
 import os
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 
-from pycrdt import Array, Doc, Map, Text, get_state, get_update, merge_updates
+from pycrdt import (
+    Array,
+    Doc,
+    Map,
+    Text,
+    create_update_message,
+    get_state,
+    get_update,
+    merge_updates,
+)
+
+from igora.lib0 import Reader, uint_bytes
+from igora.market.server import check_frame
 
 TASK = {
     "id": "x" * 16,
@@ -127,6 +142,56 @@ def apply_cost(tasks: int, streams: int) -> float:
     return per_call(step, PIECES // 5)
 
 
+def market_paths(streams: int) -> tuple[float, float]:
+    """µs per stream piece for the market's work on an incoming frame: v2 as the market
+    does it (frame check, apply to the room's document, one outbox put per receiver: 2
+    here) and a v3 sketch (frame check, owner lookup from the name, ``get_state``, log
+    append with a merge every 64 entries, one outbox put for the one subscriber)."""
+    doc, pieces = room_with(streams, streams)
+    v2_frames = [create_update_message(u) for u in pieces]
+    outboxes: list[deque[bytes]] = [deque(), deque()]
+    it2 = iter(v2_frames)
+
+    def v2() -> None:
+        frame = next(it2)
+        check_frame(frame)
+        doc.apply_update(Reader(frame[2:]).chunk())
+        for box in outboxes:
+            box.append(frame)
+
+    owner = b"w" * 43
+    names = [f"r/{'w' * 43}/{k % streams:016d}.1".encode() for k in range(PIECES)]
+    v3_frames = [
+        b"\x00" + uint_bytes(len(n)) + n + create_update_message(u)
+        for n, u in zip(names, pieces, strict=True)
+    ]
+    owners = {n.decode(): owner for n in set(names)}
+    logs: dict[str, list[bytes]] = {}
+    box3: deque[bytes] = deque()
+    it3 = iter(v3_frames)
+
+    def v3() -> None:
+        frame = next(it3)
+        r = Reader(frame)
+        r.byte()
+        name = r.text()
+        message = frame[r.pos :]
+        check_frame(message)
+        if owners[name] != owner:
+            raise ValueError("not the owner")
+        update = Reader(message[2:]).chunk()
+        get_state(update)
+        log = logs.setdefault(name, [])
+        log.append(update)
+        if len(log) >= 64:
+            logs[name] = [merge_updates(*log)]
+        box3.append(frame)
+
+    for box in outboxes:
+        box.clear()
+    return per_call(v2, PIECES // 5), per_call(v3, PIECES // 5)
+
+
 def memory_per_task(layout: str) -> float:
     """Bytes of resident memory per task for 10,000 tasks: in ``one`` Doc, or in
     ``many`` Docs of one task each. Run in a fresh process."""
@@ -228,6 +293,16 @@ def main() -> None:
         d = Doc()
         d.get("m", type=Map)["k" * 16] = value
         print(f"   {name}: {len(d.get_update())} B")
+
+    print(
+        "7. the market's work per incoming stream piece, without the socket write (µs)"
+    )
+    for streams in (1, 1_000):
+        v2, v3 = market_paths(streams)
+        print(
+            f"   {streams:>5} answers streaming: v2 (check, apply, outbox) {v2:.1f}; "
+            f"v3 sketch (check, owner, get_state, log, outbox) {v3:.1f}"
+        )
 
     try:
         import nacl.bindings as b
