@@ -11,9 +11,9 @@ no network. Run: ``python -m bench.v3_costs`` (PyNaCl needed for the crypto part
 3. Memory of many small documents against one big one.
 4. Bytes of a stream piece: ``Y.Text`` append (today) against an encrypted chunk appended
    to a ``Y.Array`` of bytes (version 3).
-5. Crypto per task and per chunk (Ed25519, sealed box, XChaCha20-Poly1305).
-6. Bytes of the version 3 updates of one task.
-7. The market's work per incoming update, v2 against a v3 sketch (no socket).
+5. Bytes of the version 3 updates of one task.
+6. The market's work per incoming update, v2 against a v3 sketch (no socket).
+7. Crypto per task and per chunk (Ed25519, sealed box, XChaCha20-Poly1305).
 """
 
 from __future__ import annotations
@@ -288,14 +288,14 @@ def main() -> None:
         f"{len(array_piece)} B"
     )
 
-    print("6. bytes of the version 3 updates of one task (Yjs update, before framing)")
+    print("5. bytes of the version 3 updates of one task (Yjs update, before framing)")
     for name, value in V3_ENTRIES.items():
         d = Doc()
         d.get("m", type=Map)["k" * 16] = value
         print(f"   {name}: {len(d.get_update())} B")
 
     print(
-        "7. the market's work per incoming stream piece, without the socket write (µs)"
+        "6. the market's work per incoming stream piece, without the socket write (µs)"
     )
     for streams in (1, 1_000):
         v2, v3 = market_paths(streams)
@@ -309,9 +309,9 @@ def main() -> None:
         from nacl.public import PrivateKey, SealedBox
         from nacl.signing import SigningKey
     except ImportError:
-        print("5. crypto: PyNaCl is not installed (pip install pynacl)")
+        print("7. crypto: PyNaCl is not installed (pip install pynacl)")
         return
-    print("5. crypto (µs)")
+    print("7. crypto (µs)")
     sk = SigningKey.generate()
     vk = sk.verify_key
     msg = os.urandom(300)
