@@ -7,10 +7,26 @@ levels overflow the native stack and kill the process (the market first). Honest
 nest 3 or 4 levels. The market measures the nesting of every incoming update with this
 iterative reader (no recursion of its own) and refuses the frame when it is too deep.
 
-The reader follows the v1 update layout of Yjs/yrs: per client a run of structs (GC, Skip
-or Item with origins, parent and content), then the delete set; anything it cannot decode
-raises ``UpdateError``. The market's compaction (``igora.market.compaction``) reads a
-room's whole state with the same reader.
+The same reader is strict about what Yjs cannot represent, because yrs trusts the numbers
+it decodes and *panics* on some of them (pycrdt raises ``PanicException``, a
+``BaseException``, and the document is left broken: every later ``get_update`` panics
+too). One 80-byte frame with clocks past 2**32 locked a room until the market restarted
+(issue 20). So an update is refused when
+
+- a clock, a length, or a clock plus its length is past 2**31 - 1 (``MAX_CLOCK``), or a client id is past JavaScript's exact integers (``MAX_CLIENT``);
+- a struct (GC, Skip, deleted run, string, JSON or Any content) is empty, or a GC/Skip
+  info byte carries item flags (Yjs reads the low 5 bits, yrs the whole byte);
+- a client appears twice in the struct section or the delete set, or a struct refers to
+  an item of its own client that is not older than itself;
+- a delete-set range is empty, out of order or overlaps the previous one;
+- a nested type is of an unknown kind, or bytes follow the delete set.
+
+Honest peers (Yjs, yrs/pycrdt) write none of these. The reader follows the v1 layout of
+Yjs/yrs: per client a run of structs (GC, Skip or Item with origins, parent and
+content), then the delete set; anything it cannot decode raises ``UpdateError``. The
+market checks every incoming update with it (``check_update``: ~80 ms per MB, about four
+times what pycrdt takes to apply it), and its
+compaction (``igora.market.compaction``) reads a room's whole state with it.
 """
 
 from __future__ import annotations
@@ -22,6 +38,16 @@ from .lib0 import Reader
 MAX_DEPTH = 64
 """Deepest nesting of arrays/objects accepted in a value of the shared document."""
 
+MAX_CLOCK = 2**31 - 1
+"""The end of every struct and delete-set range must stay within. yrs keeps clocks in 32
+bits and wraps past them; from 2**31 on, some of its arithmetic overflows too (panics
+found by ``tests/fuzz.py``). A client would need two billion insertions to get there."""
+
+MAX_CLIENT = 2**53 - 1
+"""Largest client id a JavaScript peer reads exactly (Yjs picks 32-bit ids, yrs 53-bit)."""
+
+_TYPE_REFS = 7  # Array, Map, Text, XmlElement, XmlFragment, XmlHook, XmlText
+
 # lib0 ``writeAny`` tags
 _UNDEFINED, _NULL, _INT, _F32 = 127, 126, 125, 124
 _F64, _BIGINT, _FALSE, _TRUE = 123, 122, 121, 120
@@ -30,6 +56,13 @@ _STRING, _OBJECT, _ARRAY, _BYTES = 119, 118, 117, 116
 
 class UpdateError(ValueError):
     """The update is malformed, or nests values deeper than allowed."""
+
+
+def is_panic(exc: BaseException) -> bool:
+    """Whether ``exc`` is a panic of pycrdt's native library (pyo3's ``PanicException``,
+    which derives from ``BaseException``: ``except Exception`` lets it through). The
+    document it happened in may be broken for good: its holder must rebuild it."""
+    return type(exc).__name__ == "PanicException"
 
 
 def _any_depth(r: Reader, limit: int) -> int:
@@ -123,10 +156,21 @@ def _utf16_length(raw: bytes) -> int:
     return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
 
 
+def _id(r: Reader, client: int, clock: int) -> tuple[int, int]:
+    """An item id an item refers to; of its own client, it must be an older item."""
+    other, at = r.uint(), r.uint()
+    if other > MAX_CLIENT or at > MAX_CLOCK:
+        raise UpdateError("an item refers to an id Yjs cannot represent")
+    if other == client and at >= clock:
+        raise UpdateError("an item refers to a later item of its own client")
+    return other, at
+
+
 def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
     """Read a v1 update: its structs (if ``keep``), delete set and deepest value nesting.
 
-    Raise UpdateError if it is malformed or nests values deeper than ``limit``."""
+    Raise UpdateError if it is malformed, breaks a rule of the module docstring, or
+    nests values deeper than ``limit``."""
     r = Reader(update, UpdateError)
     deepest = 0
     structs: list[Struct] = []
@@ -137,27 +181,33 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
             raise UpdateError(f"a value nests deeper than {limit} levels")
         deepest = max(deepest, d)
 
-    for _ in range(r.uint()):  # clients
+    clients: set[int] = set()
+    for _ in range(r.uint()):
         n_structs = r.uint()
         client = r.uint()
         clock = r.uint()
+        if client > MAX_CLIENT or client in clients:
+            raise UpdateError(f"bad or repeated client id {client}")
+        clients.add(client)
         for _ in range(n_structs):
             start = r.pos
             info = r.byte()
             ref = info & 0x1F
             origin = right = parent = key = None
             if ref in (0, 10):  # GC, Skip
+                if info != ref:
+                    raise UpdateError("a GC or Skip struct with item flags")
                 length = r.uint()
             else:
                 if info & 0x80:
-                    origin = (r.uint(), r.uint())
+                    origin = _id(r, client, clock)
                 if info & 0x40:
-                    right = (r.uint(), r.uint())
+                    right = _id(r, client, clock)
                 if info & 0xC0 == 0:
                     if r.uint() == 1:
                         parent = r.text("root type name")
                     else:
-                        parent = (r.uint(), r.uint())
+                        parent = _id(r, client, clock)
                     if info & 0x20:
                         key = r.text("map key")
                 length = 1
@@ -178,7 +228,10 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
                     r.chunk()
                     seen(_json_depth(r.chunk()))
                 elif ref == 7:  # nested shared type
-                    if r.uint() in (3, 5):  # XmlElement, XmlHook carry a name
+                    kind = r.uint()
+                    if kind >= _TYPE_REFS:
+                        raise UpdateError(f"unknown shared type {kind}")
+                    if kind in (3, 5):  # XmlElement, XmlHook carry a name
                         r.chunk()
                 elif ref == 8:  # any values
                     length = r.uint()
@@ -189,11 +242,19 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
                     seen(_any_depth(r, limit))
                 else:
                     raise UpdateError(f"unknown content type {ref}")
+            if length == 0:
+                raise UpdateError("an empty struct")
+            if clock + length > MAX_CLOCK:
+                raise UpdateError("a clock past what Yjs can represent")
             if keep:
                 structs.append(Struct(client, clock, length, ref, origin, right, parent, key,
                                       start, r.pos))
             clock += length
-    return Parsed(structs, update[r.pos:], deepest)
+    ds_start = r.pos
+    _read_delete_set(r)
+    if r.pos != len(update):
+        raise UpdateError("trailing bytes after the delete set")
+    return Parsed(structs, update[ds_start:], deepest)
 
 
 def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
@@ -201,24 +262,29 @@ def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
     return parse(update, limit, keep=False).depth
 
 
-_OPENERS = (bytes([_ARRAY]), bytes([_OBJECT]), b"[", b"{")
+def check_update(update: bytes, limit: int = MAX_DEPTH) -> None:
+    """Raise UpdateError unless ``update`` is a well-formed v1 update that Yjs can
+    represent, nesting no value deeper than ``limit``."""
+    parse(update, limit, keep=False)
 
 
-def check_depth(update: bytes, limit: int = MAX_DEPTH) -> None:
-    """Raise UpdateError if a value of the update nests deeper than ``limit``.
-
-    Each level of nesting takes one byte that opens an array or an object (a lib0 tag
-    or a JSON bracket): an update with at most ``limit`` of those bytes, i.e. nearly
-    every one, needs no parsing (the market checks every incoming update)."""
-    if sum(update.count(c) for c in _OPENERS) > limit:
-        update_depth(update, limit)
+def _read_delete_set(r: Reader) -> dict[int, list[tuple[int, int]]]:
+    out: dict[int, list[tuple[int, int]]] = {}
+    for _ in range(r.uint()):
+        client = r.uint()
+        if client > MAX_CLIENT or client in out:
+            raise UpdateError(f"bad or repeated client id {client} in the delete set")
+        ranges = out[client] = []
+        end = 0
+        for _ in range(r.uint()):
+            clock, length = r.uint(), r.uint()
+            if length == 0 or clock < end or clock + length > MAX_CLOCK:
+                raise UpdateError("an empty, unordered or unrepresentable deleted range")
+            end = clock + length
+            ranges.append((clock, length))
+    return out
 
 
 def delete_set(raw: bytes) -> dict[int, list[tuple[int, int]]]:
     """Decode a delete set: per client, its deleted ranges as (clock, length)."""
-    r = Reader(raw, UpdateError)
-    out: dict[int, list[tuple[int, int]]] = {}
-    for _ in range(r.uint()):
-        client = r.uint()
-        out[client] = [(r.uint(), r.uint()) for _ in range(r.uint())]
-    return out
+    return _read_delete_set(Reader(raw, UpdateError))

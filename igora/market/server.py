@@ -49,9 +49,9 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
-from ..protocol import FINAL_VALUES, KANBAN, MapName
 from ..lib0 import Reader
-from ..updates import UpdateError, check_depth
+from ..protocol import FINAL_VALUES, KANBAN, MapName
+from ..updates import UpdateError, check_update, is_panic
 from .compaction import compact as compact_state
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
@@ -126,8 +126,8 @@ def check_frame(message: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
             raise BadFrame(f"unknown sync message type {step}")
         update = r.chunk()
         if step != YSyncMessageType.SYNC_STEP1:
-            try:  # a value nested thousands deep would crash the decoder (igora.updates)
-                check_depth(update)
+            try:  # what yrs cannot represent would crash or break it (igora.updates)
+                check_update(update)
             except UpdateError as exc:
                 raise BadFrame(f"refused update: {exc}") from None
         return []
@@ -205,6 +205,12 @@ class MarketChannel:
                 continue
             elif kind == AUTH:
                 continue
+            elif data[1] != YSyncMessageType.SYNC_STEP1 and self.room is not None:
+                refusal = self.room.receive(self, read_message(data[2:]))
+                if refusal is not None:
+                    await self.reject(refusal)
+                    raise StopAsyncIteration
+                continue
             if self.room is not None:
                 # The room applies it before this channel reads again (no await between),
                 # so the update's fan-out can skip its sender.
@@ -265,24 +271,19 @@ class MarketChannel:
 class MarketRoom(YRoom):
     """A room whose document is loaded from, and written to, the store."""
 
-    def __init__(self, name: str, store: Store | None,
+    def __init__(self, name: str, store: Store,
                  compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
-        doc = Doc()
         self.name = name
         self.store = store
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # applied, not yet handed to the store
+        self._writing: list[bytes] = []  # handed to the store, not yet committed
         self._archive: list[dict[str, Any]] = []
-        if store is not None:
-            updates = store.load(name)
-            for update in updates:
-                try:
-                    doc.apply_update(update)
-                except Exception:
-                    log.exception("room %s: a stored update could not be applied", name)
-            if len(updates) > 1:
-                store.replace(name, doc.get_update())
-            if updates:
-                log.info("room %s: loaded from the store", name)
+        updates = store.load(name)
+        doc = self._replay(updates)
+        if len(updates) > 1:
+            store.replace(name, doc.get_update())
+        if updates:
+            log.info("room %s: loaded from the store", name)
         super().__init__(ready=True, ydoc=doc, log=logging.getLogger("igora.market.room"))
         self.on_message_error = self._message_error
         self.compact_every = compact_every
@@ -300,11 +301,51 @@ class MarketRoom(YRoom):
         self.controllers: dict[int, MarketChannel] = {}  # awareness client id -> its socket
         self._awareness_relay = AwarenessRelay(lambda: self.clients)
 
+    def _replay(self, updates: list[bytes]) -> Doc:
+        """A new document holding a room's history, leaving out any update that fails."""
+        doc = Doc()
+        for i, update in enumerate(updates):
+            try:
+                doc.apply_update(update)
+            except Exception:
+                log.exception("room %s: a stored update could not be applied", self.name)
+            except BaseException as exc:
+                if not is_panic(exc):
+                    raise
+                log.error("room %s: a stored update made pycrdt panic; left out", self.name)
+                return self._replay(updates[:i] + updates[i + 1:])
+        return doc
+
+    def receive(self, channel: MarketChannel, update: bytes) -> str | None:
+        """Apply an update a connection sent (checked by ``check_frame``); return why it
+        is refused, if it is.
+
+        Should pycrdt panic on it all the same, the document it broke is replaced by one
+        rebuilt from the room's history (stored, being stored and pending: every update
+        the room applied), and the update is dropped. Applying a copy first would cost a
+        copy of the room per update; a panic costs one reload."""
+        if update == b"\x00\x00":  # an empty update (y-websocket sends them)
+            return None
+        self.sender = channel  # the fan-out skips it
+        try:
+            self.ydoc.apply_update(update)
+        except Exception as exc:
+            return f"bad update ({type(exc).__name__}: {exc})"
+        except BaseException as exc:
+            if not is_panic(exc):
+                raise
+            history = self.store.load(self.name) + self._writing + self._pending
+            self._swap(self._replay(history))
+            return f"update made pycrdt panic ({exc}); room {self.name} reloaded"
+        finally:
+            self.sender = None
+        return None
+
     def _observe(self, doc: Doc) -> None:
         for m in KANBAN:
             doc.get(m.value, type=Map)
         doc.get(MapName.STREAMS.value, type=Map)
-        self._store_sub = doc.observe(self._on_update) if self.store is not None else None
+        self._store_sub = doc.observe(self._on_update)
         # Keep the Map (and its subscription): pycrdt drops the observer of a
         # temporary Map wrapper when it is garbage collected.
         self._done_map = doc.get(MapName.DONE.value, type=Map)
@@ -347,9 +388,9 @@ class MarketRoom(YRoom):
                 self._left += 1
                 continue
             value = change.get("newValue")
-            if self.store is not None and action in ("add", "update") and isinstance(value, dict):
-                if value.get("state") in FINAL_VALUES:
-                    self._archive.append({**value, "id": value.get("id", key)})
+            if (self.store.durable and action in ("add", "update") and isinstance(value, dict)
+                    and value.get("state") in FINAL_VALUES):
+                self._archive.append({**value, "id": value.get("id", key)})
         if self.compact_every and (self._compactor is None or self._compactor.done()):
             self._compactor = asyncio.get_running_loop().create_task(self._compaction_loop())
 
@@ -382,7 +423,9 @@ class MarketRoom(YRoom):
             fresh = Doc(client_id=doc.client_id)
             fresh.apply_update(result.update)
             fresh.apply_update(doc.get_update(vector))
-        except Exception:
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not is_panic(exc):
+                raise
             log.exception("room %s: compaction failed; the room goes on, never compacted "
                           "again until the market restarts (please report this)", self.name)
             self.compact_every = 0
@@ -398,14 +441,13 @@ class MarketRoom(YRoom):
                 "collected (%d deleted items) in %.0f ms; %d more next time", self.name,
                 len(state), len(result.update), result.tasks, result.collected, took * 1000,
                 len(result.dead))
-        if self.store is not None:
-            async with self._store_lock:
-                pending, self._pending = self._pending, []  # the new state holds them
-                try:
-                    await asyncio.to_thread(self.store.replace, self.name, self.ydoc.get_update())
-                except Exception:
-                    self._pending[:0] = pending  # the old history stays; these go after it
-                    log.exception("room %s: storing the compacted room failed", self.name)
+        async with self._store_lock:
+            pending, self._pending = self._pending, []  # the new state holds them
+            try:
+                await asyncio.to_thread(self.store.replace, self.name, self.ydoc.get_update())
+            except Exception:
+                self._pending[:0] = pending  # the old history stays; these go after it
+                log.exception("room %s: storing the compacted room failed", self.name)
 
     async def stop(self) -> None:
         if self._compactor is not None:
@@ -415,8 +457,7 @@ class MarketRoom(YRoom):
     def _swap(self, doc: Doc) -> None:
         old = self.ydoc
         old.unobserve(self._subscription)
-        if self._store_sub is not None:
-            old.unobserve(self._store_sub)
+        old.unobserve(self._store_sub)
         self._done_map.unobserve(self._done_sub)
         self.ydoc = doc
         self._observe(doc)
@@ -438,13 +479,10 @@ class MarketRoom(YRoom):
                 await asyncio.sleep(1.0)
 
     async def flush(self) -> None:
-        if self.store is None:
-            return
         async with self._store_lock:
             await self._flush()
 
     async def _flush(self) -> None:
-        assert self.store is not None
         updates, self._pending = self._pending, []
         archive, self._archive = self._archive, []
         try:
@@ -456,19 +494,20 @@ class MarketRoom(YRoom):
             raise
         if not updates:
             return
+        self._writing = updates
         try:
             rows = await asyncio.to_thread(self.store.append, self.name, updates)
         except BaseException:
             self._pending[:0] = updates
             raise
+        finally:
+            self._writing = []
         if rows > SQUASH_AFTER:
             state = self.ydoc.get_update()
             self._pending = []  # the state holds them
             await asyncio.to_thread(self.store.replace, self.name, state)
 
     def flush_sync(self) -> None:
-        if self.store is None:
-            return
         if self._archive:
             self.store.archive(self.name, self._archive)
             self._archive = []
@@ -535,13 +574,13 @@ class MarketRoom(YRoom):
             "connections": len(self.clients),
             "agents": agents,
             "tasks": tasks,
-            "archived": self.store.archive_count(self.name) if self.store else 0,
+            "archived": self.store.archive_count(self.name),
             "compactions": self.compactions,
         }
 
 
 class MarketServer(WebsocketServer):
-    def __init__(self, store: Store | None, compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
+    def __init__(self, store: Store, compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
         super().__init__(auto_clean_rooms=False, log=logging.getLogger("igora.market.server"))
         self.store = store
         self.compact_every = compact_every
@@ -586,7 +625,9 @@ class Market:
         room_idle: float = DEFAULT_ROOM_IDLE,
         compact_every: int = DEFAULT_COMPACT_EVERY,
     ) -> None:
-        self.store = Store(data / "market.sqlite3") if data is not None else None
+        # Without a folder the rooms' histories are kept in an SQLite database in memory:
+        # a room rebuilds its document from it (after a panic, or when it is loaded again).
+        self.store = Store(data / "market.sqlite3" if data is not None else ":memory:")
         self.room_idle = room_idle
         self.server = MarketServer(self.store, compact_every)
         self.max_connections = max_connections
@@ -610,8 +651,8 @@ class Market:
             for room in list(self.server.rooms.values()):
                 if isinstance(room, MarketRoom):
                     room.flush_sync()
-        if self.store is not None:
-            self.store.close()
+        self.store.close()
+        if self.store.durable:
             log.info("market stopped, store %s flushed and closed", self.store.path)
         else:
             log.info("market stopped")
@@ -632,7 +673,7 @@ class Market:
 
     async def archived_task(self, request: Request) -> Response:
         room, task_id = request.path_params["room"], request.path_params["task_id"]
-        task = self.store.archived(room, task_id) if self.store else None
+        task = self.store.archived(room, task_id)
         if task is None:
             return JSONResponse({"error": f"no archived task {task_id!r} in {room!r}"}, 404)
         return JSONResponse(task)
@@ -694,10 +735,8 @@ class Market:
             self._refusals.clear()
 
     def _unload_later(self, room: MarketRoom) -> None:
-        """Drop a room nobody uses from memory after ``room_idle`` s; it stays in the store.
-        A market without a store keeps its rooms: they exist nowhere else."""
-        if self.store is None:
-            return
+        """Drop a room nobody uses from memory after ``room_idle`` s; it stays in the store
+        (in memory without --data, where its history takes less than its live document)."""
         room.idle_since = time.monotonic()
         asyncio.get_running_loop().call_later(
             self.room_idle, lambda: background(self._unload_if_idle(room)))

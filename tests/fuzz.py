@@ -1,0 +1,246 @@
+"""Fuzzer of the market's update path: mutations of real Yjs updates and frames.
+
+Each case mutates a seed (a real update as Igora's agents write them, or a y-websocket
+frame carrying one) by bit flips, byte inserts and deletes, varint rewrites (boundary
+values: 0, 2**32 - 1, 2**32, 2**53, ...), truncation and splicing, then runs it through
+what the market does with an incoming frame: ``check_frame`` (which runs
+``igora.updates.check_update``), and for what passes, pycrdt's ``apply_update`` on a
+document already holding a room's state, then ``get_update`` on it (what every joiner
+needs). A *crash* is an input that passes the checks and makes pycrdt panic or leaves a
+document whose ``get_update`` fails. With ``--raw`` the checks are skipped: that finds
+what pycrdt panics on at all, i.e. what the checks must refuse.
+
+Every crash ever found is kept in ``tests/fuzz_corpus/`` (hex, one input per file) and
+replayed by ``tests/test_fuzz.py``. Run longer with::
+
+    python -m tests.fuzz --cases 200000            # the market's path
+    python -m tests.fuzz --cases 200000 --raw      # pycrdt alone
+    python -m tests.fuzz --cases 200000 --save     # also write new crashes to the corpus
+
+(pycrdt prints each panic on stderr; ``2>/dev/null`` hides them.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pycrdt import Array, Doc, Map, Text, create_update_message, merge_updates
+
+from igora.lib0 import Lib0Error, Reader, uint_bytes
+from igora.market.server import BadFrame, check_frame
+from igora.updates import is_panic
+
+CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
+BOUNDARIES = (0, 1, 2, 0x7F, 0x80, 2**31, 2**32 - 2, 2**32 - 1, 2**32, 2**35, 2**53 - 1,
+              2**53, 2**63 - 1)
+
+
+def seeds() -> tuple[bytes, list[bytes]]:
+    """A room's state (the base every mutant is applied to) and real updates on it."""
+    room = Doc(client_id=11)
+    todos, doing, done = (room.get(n, type=Map) for n in ("todos", "doing", "done"))
+    streams = room.get("streams", type=Map)
+    todos["t1"] = {"id": "t1", "prompt": "hello", "messages": [{"role": "user", "content": "hi"}],
+                   "temperature": 0.7, "maxTokens": 64}
+    base = room.get_update()
+    updates: list[bytes] = []
+
+    def record(doc: Doc, change) -> None:  # type: ignore[no-untyped-def]
+        before = doc.get_state()
+        change()
+        updates.append(doc.get_update(before))
+
+    worker = Doc(client_id=22)
+    worker.apply_update(base)
+    w_todos, w_doing, w_done, w_streams = (worker.get(n, type=Map)
+                                           for n in ("todos", "doing", "done", "streams"))
+
+    def take() -> None:
+        with worker.transaction():
+            task = dict(w_todos["t1"])
+            del w_todos["t1"]
+            w_doing["t1"] = {**task, "worker": "w"}
+            w_streams["t1#1"] = Text("")
+
+    record(worker, take)
+    for piece in ("Hel", "lo ", "wörld 🙂"):
+        record(worker, lambda p=piece: w_streams["t1#1"].insert(len(w_streams["t1#1"]), p))
+
+    def finish() -> None:
+        with worker.transaction():
+            del w_doing["t1"]
+            w_done["t1"] = {"id": "t1", "state": "done", "response": "Hello wörld"}
+            del w_streams["t1#1"]
+
+    record(worker, finish)
+    other = Doc(client_id=2**40 + 3)
+    other.apply_update(worker.get_update())
+    record(other, lambda: other.get("done", type=Map).__setitem__(
+        "list", Array([1, [2, {"a": None}], "x"])))
+    record(other, lambda: other.get("done", type=Map).pop("t1"))
+    updates.append(worker.get_update())  # a whole state, as in a sync step 2
+    updates.append(merge_updates(*updates[:4]))
+    del todos, doing, done, streams
+    return base, updates
+
+
+def _varints(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of every position that reads as a varint."""
+    out = []
+    for i in range(len(data)):
+        j = i
+        while j < len(data) and data[j] & 0x80 and j - i < 9:
+            j += 1
+        if j < len(data):
+            out.append((i, j + 1))
+    return out
+
+
+def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
+    b = bytearray(data)
+    for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        op = rng.randrange(7)
+        if not b:
+            b = bytearray(rng.choice(pool))
+        if op == 0:  # bit flip
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+        elif op == 1:  # insert bytes
+            i = rng.randrange(len(b) + 1)
+            b[i:i] = bytes(rng.randrange(256) for _ in range(rng.choice((1, 1, 2, 5))))
+        elif op == 2:  # delete bytes
+            i = rng.randrange(len(b))
+            del b[i:i + rng.choice((1, 1, 2, 4))]
+        elif op in (3, 4):  # rewrite a varint, often with a boundary value
+            spans = _varints(bytes(b))
+            if spans:
+                i, j = rng.choice(spans)
+                value = (rng.choice(BOUNDARIES) if rng.random() < 0.6
+                         else max(0, int.from_bytes(b[i:i + 1], "little") + rng.randint(-3, 3)))
+                b[i:j] = uint_bytes(value)
+        elif op == 5:  # truncate
+            del b[rng.randrange(len(b)):]
+        else:  # splice with another seed
+            other = rng.choice(pool)
+            i, j = rng.randrange(len(b) + 1), rng.randrange(len(other) + 1)
+            b = b[:i] + other[j:] if rng.random() < 0.5 else bytearray(other[:j]) + b[i:]
+    return bytes(b)
+
+
+def carried(frame: bytes) -> bytes | None:
+    """The update a sync frame carries (None for other frames)."""
+    if len(frame) < 2 or frame[0] != 0 or frame[1] not in (1, 2):
+        return None
+    r = Reader(frame[2:])
+    try:
+        return r.chunk()
+    except Lib0Error:
+        return None
+
+
+def survives(base: bytes, update: bytes) -> bool:
+    """Apply ``update`` on a document holding ``base``; False if pycrdt panicked or left
+    the document unable to give its state. Other errors are a clean refusal."""
+    doc = Doc()
+    doc.apply_update(base)
+    try:
+        doc.apply_update(update)
+    except Exception:
+        return True
+    except BaseException as exc:
+        if is_panic(exc):
+            return False
+        raise
+    try:
+        doc.get_update()
+    except BaseException as exc:
+        if is_panic(exc):
+            return False
+        raise
+    return True
+
+
+def accepted(frame: bytes) -> bytes | None:
+    """What the market would apply of ``frame``, or None if it refuses it."""
+    try:
+        check_frame(frame)
+    except BadFrame:
+        return None
+    return carried(frame)
+
+
+@dataclass
+class Run:
+    cases: int = 0
+    refused: int = 0
+    crashes: list[bytes] = field(default_factory=list)
+
+
+def cases(seed: int) -> Iterator[tuple[bytes, bool]]:
+    """Endless mutants: (input, is_frame)."""
+    _, updates = seeds()
+    frames = [create_update_message(u) for u in updates]
+    pool = updates + frames
+    rng = random.Random(seed)
+    while True:
+        frame = rng.random() < 0.3
+        yield mutate(rng, rng.choice(frames if frame else updates), pool), frame
+
+
+def fuzz(n: int, seed: int = 0, seconds: float = 1e9, raw: bool = False) -> Run:
+    """Run ``n`` cases (at most ``seconds``); return the crashes found."""
+    base, _ = seeds()
+    run = Run()
+    end = time.monotonic() + seconds
+    for data, is_frame in cases(seed):
+        if run.cases >= n or time.monotonic() > end:
+            break
+        run.cases += 1
+        frame = data if is_frame else create_update_message(data)
+        update = carried(frame) if raw else accepted(frame)
+        if update is None:
+            run.refused += 1
+            continue
+        if not survives(base, update) and frame not in run.crashes:
+            run.crashes.append(frame)
+    return run
+
+
+def corpus() -> list[tuple[str, bytes]]:
+    """Every crashing input found so far: (file name, y-websocket frame)."""
+    return [(p.name, bytes.fromhex(p.read_text().split("#")[0].strip()))
+            for p in sorted(CORPUS.glob("*.hex"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=20_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seconds", type=float, default=1e9)
+    ap.add_argument("--raw", action="store_true", help="skip the market's checks")
+    ap.add_argument("--save", action="store_true", help="write new crashes to the corpus")
+    args = ap.parse_args(argv)
+    started = time.monotonic()
+    run = fuzz(args.cases, args.seed, args.seconds, args.raw)
+    took = time.monotonic() - started
+    print(f"{run.cases} cases in {took:.1f} s, {run.refused} refused by the checks, "
+          f"{len(run.crashes)} crash(es)", file=sys.stderr)
+    known = {frame for _, frame in corpus()}
+    for frame in run.crashes:
+        print(frame.hex())
+        if args.save and frame not in known:
+            kind = "raw" if args.raw else "market"
+            name = f"{kind}-{hashlib.sha1(frame).hexdigest()[:12]}.hex"
+            (CORPUS / name).write_text(frame.hex() + "\n")
+    return 1 if run.crashes and not args.raw else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
