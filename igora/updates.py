@@ -13,7 +13,8 @@ it decodes and *panics* on some of them (pycrdt raises ``PanicException``, a
 too). One 80-byte frame with clocks past 2**32 locked a room until the market restarted
 (issue 20). So an update is refused when
 
-- a clock, a length, or a clock plus its length is past 2**31 - 1 (``MAX_CLOCK``), or a client id is past JavaScript's exact integers (``MAX_CLIENT``);
+- a clock, a length, or a clock plus its length is past 2**31 - 1 (``MAX_CLOCK``), or a
+  client id is past JavaScript's exact integers (``MAX_CLIENT``);
 - a struct (GC, Skip, deleted run, string, JSON or Any content) is empty, or a GC/Skip
   info byte carries item flags (Yjs reads the low 5 bits, yrs the whole byte);
 - a client appears twice in the struct section or the delete set, or a struct refers to

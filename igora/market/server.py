@@ -49,6 +49,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
+from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
 from ..lib0 import Reader
 from ..protocol import FINAL_VALUES, KANBAN, MapName
 from ..updates import UpdateError, check_update, is_panic
@@ -65,6 +66,8 @@ DEFAULT_MAX_PER_ADDRESS = 500
 DEFAULT_COMPACT_EVERY = 500  # finished tasks between two compactions of a room (0: never)
 COMPACT_PAUSE = 2.0  # seconds at least between two compactions: the grace of a dead key
 DEFAULT_ROOM_IDLE = 60.0  # seconds a room with no connection stays in memory (with a store)
+DEFAULT_MAX_ROOMS = 1_000  # rooms in memory; past it the one idle the longest is unloaded
+DEFAULT_MAX_ROOMS_PER_ADDRESS = 100  # rooms in memory that one IP address loaded
 QUERY_AWARENESS = 3
 AUTH = 2
 
@@ -329,7 +332,7 @@ class MarketRoom(YRoom):
         self.sender = channel  # the fan-out skips it
         try:
             self.ydoc.apply_update(update)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any error of the decoder)
             return f"bad update ({type(exc).__name__}: {exc})"
         except BaseException as exc:
             if not is_panic(exc):
@@ -624,6 +627,8 @@ class Market:
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         room_idle: float = DEFAULT_ROOM_IDLE,
         compact_every: int = DEFAULT_COMPACT_EVERY,
+        max_rooms: int = DEFAULT_MAX_ROOMS,
+        max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
     ) -> None:
         # Without a folder the rooms' histories are kept in an SQLite database in memory:
         # a room rebuilds its document from it (after a panic, or when it is loaded again).
@@ -633,6 +638,10 @@ class Market:
         self.max_connections = max_connections
         self.max_per_address = max_per_address
         self.connections: Counter[str] = Counter()
+        self.max_rooms = max_rooms
+        self.max_rooms_per_address = max_rooms_per_address
+        self.opener: dict[str, str] = {}  # room in memory -> the address that loaded it
+        self.opened: Counter[str] = Counter()  # address -> rooms in memory it loaded
         self._refusals: dict[str, tuple[float, int]] = {}
         self.app = Starlette(
             routes=[
@@ -698,6 +707,15 @@ class Market:
         room: MarketRoom | None = None
         try:
             await websocket.accept()
+            refusal = await self._room_refusal(room_name, address)
+            if refusal is not None:
+                self._log_refusal(address, peer, refusal)
+                channel.closed = True
+                await websocket.close(code=1013, reason=refusal[:120])
+                return
+            if room_name not in self.server.rooms:  # no await since the check
+                self.opener[room_name] = address
+                self.opened[address] += 1
             room = self.server.room(room_name)
             room.holders += 1  # before any await: an idle room is not unloaded under us
             await self.server.start_room(room)
@@ -720,6 +738,28 @@ class Market:
             if not channel.closed:
                 with contextlib.suppress(Exception):
                     await websocket.close()
+
+    async def _room_refusal(self, name: str, address: str) -> str | None:
+        """Why ``address`` may not load room ``name`` into memory now (None: it may, or
+        the room is there already). With ``max_rooms`` in memory, the room idle the
+        longest is unloaded first to make space; refused only if none is idle."""
+        for _ in range(10):
+            if name in self.server.rooms:
+                return None
+            if len(self.server.rooms) < self.max_rooms:
+                break
+            idle = [r for r in self.server.rooms.values()
+                    if isinstance(r, MarketRoom) and r.holders == 0]
+            if not idle:
+                return f"{self.max_rooms} rooms in memory already, none idle"
+            await self._unload(min(idle, key=lambda r: r.idle_since),
+                               f"to make space ({self.max_rooms} rooms in memory)")
+        else:
+            return f"{self.max_rooms} rooms in memory already"
+        if self.opened[address] >= self.max_rooms_per_address:
+            return (f"{self.max_rooms_per_address} rooms opened from {address} are in memory "
+                    "already")
+        return None
 
     def _log_refusal(self, address: str, peer: str, reason: str) -> None:
         """One line per address and second at most: a flood must not flood the log too."""
@@ -746,28 +786,42 @@ class Market:
             return
         if time.monotonic() - room.idle_since < self.room_idle * 0.99:
             return  # someone came and went since: a later call decides
+        await self._unload(room, f"after {self.room_idle:g} s without connections")
+
+    async def _unload(self, room: MarketRoom, why: str) -> None:
+        """Drop an idle room from memory (its history is in the store)."""
         await room.flush()
         if room.holders or room._pending or self.server.rooms.get(room.name) is not room:
             return
         del self.server.rooms[room.name]  # no await between the check and this
+        address = self.opener.pop(room.name, None)
+        if address is not None:
+            self.opened[address] -= 1
+            if self.opened[address] <= 0:
+                del self.opened[address]
         with contextlib.suppress(Exception):
             await room.stop()
-        log.info("room %s: unloaded from memory after %g s without connections",
-                 room.name, self.room_idle)
+        log.log(logging.DEBUG if self.opened else logging.INFO,
+                "room %s: unloaded from memory %s", room.name, why)
 
 
 def _check_limits(port: int, max_message: int, max_connections: int,
-                  max_per_address: int, room_idle: float, compact_every: int = 0) -> None:
+                  max_per_address: int, room_idle: float, compact_every: int = 0,
+                  max_rooms: int = 1, max_rooms_per_address: int = 1,
+                  header_timeout: float = 1.0) -> None:
     from ..config import ConfigError
 
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
-    if not room_idle > 0:
-        raise ConfigError(f"--room-idle must be a positive number of seconds, not {room_idle}")
+    for flag, seconds in (("--room-idle", room_idle), ("--header-timeout", header_timeout)):
+        if not 0 < seconds < float("inf"):
+            raise ConfigError(f"{flag} must be a positive number of seconds, not {seconds}")
     for flag, value, least in (("--max-message", max_message, 1024),
                                ("--max-connections", max_connections, 1),
                                ("--max-per-address", max_per_address, 1),
-                               ("--compact-every", compact_every, 0)):
+                               ("--compact-every", compact_every, 0),
+                               ("--max-rooms", max_rooms, 1),
+                               ("--max-rooms-per-address", max_rooms_per_address, 1)):
         if value < least:
             raise ConfigError(f"{flag} must be at least {least}, not {value}")
 
@@ -806,13 +860,15 @@ class _QuietInvalidRequest(logging.Filter):
         return record.getMessage() != "Invalid HTTP request received."
 
 
-def _protocols() -> dict[str, Any]:
+def _protocols(header_timeout: float, max_per_address: int) -> dict[str, Any]:
     """uvicorn's HTTP and websocket protocols, logging who sent garbage before the
-    websocket handshake (the ASGI app never sees those connections)."""
+    websocket handshake (the ASGI app never sees those connections), and closing
+    requests whose headers are late (igora.header_timeout)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
     from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
 
     out: dict[str, Any] = {}
+    http: type[asyncio.Protocol] = AutoHTTPProtocol
     if hasattr(AutoHTTPProtocol, "send_400_response"):
 
         class HTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -820,8 +876,9 @@ def _protocols() -> dict[str, Any]:
                 log.warning("%s: disconnected, invalid HTTP request", _peer_of(self))
                 super().send_400_response(msg)
 
-        out["http"] = HTTP
+        http = HTTP
         logging.getLogger("uvicorn.error").addFilter(_QuietInvalidRequest())
+    out["http"] = http_protocol(http, header_timeout, log, max_per_address)
     if AutoWebSocketsProtocol is not None and hasattr(AutoWebSocketsProtocol, "handle_connect"):
 
         class WS(AutoWebSocketsProtocol):  # type: ignore[misc, valid-type]
@@ -846,23 +903,28 @@ def run_market(
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
     room_idle: float = DEFAULT_ROOM_IDLE,
     compact_every: int = DEFAULT_COMPACT_EVERY,
+    max_rooms: int = DEFAULT_MAX_ROOMS,
+    max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     log_level: str = "info",
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit)."""
     import uvicorn
 
     _check_limits(port, max_message, max_connections, max_per_address, room_idle,
-                  compact_every)
+                  compact_every, max_rooms, max_rooms_per_address, header_timeout)
     # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
     for noisy in ("igora.market.room", "igora.market.server"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     sock = _listen(host, port)
     market = Market(data, max_connections=max_connections, max_per_address=max_per_address,
-                    room_idle=room_idle, compact_every=compact_every)
+                    room_idle=room_idle, compact_every=compact_every, max_rooms=max_rooms,
+                    max_rooms_per_address=max_rooms_per_address)
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
     log.info("market listening on ws://%s:%d, %s; limits: message %d bytes, %d connections "
-             "(%d per address)", host, port, where, max_message, max_connections,
-             max_per_address)
+             "(%d per address), %d rooms (%d per address), headers within %g s", host, port,
+             where, max_message, max_connections, max_per_address, max_rooms,
+             max_rooms_per_address, header_timeout)
     config = uvicorn.Config(
         market.app,
         ws_max_size=max_message,
@@ -876,6 +938,6 @@ def run_market(
         lifespan="on",
         timeout_graceful_shutdown=2,
         log_config=None,  # uvicorn's lines go through our format (igora.cli.setup_logging)
-        **_protocols(),
+        **_protocols(header_timeout, max_per_address),
     )
     uvicorn.Server(config).run(sockets=[sock])
