@@ -19,7 +19,8 @@ from .conftest import free_port
 def market_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("YJS_")}
     return subprocess.run([sys.executable, "-m", "igora", "market", "--port", str(free_port()),
-                           *args], cwd=cwd, text=True, capture_output=True, env=clean,
+                           *args], check=False, cwd=cwd, text=True, capture_output=True,
+                          env=clean,
                           timeout=60)
 
 
