@@ -20,8 +20,7 @@ def market_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("YJS_")}
     return subprocess.run([sys.executable, "-m", "igora", "market", "--port", str(free_port()),
                            *args], check=False, cwd=cwd, text=True, capture_output=True,
-                          env=clean,
-                          timeout=60)
+                          env=clean, timeout=60)
 
 
 @pytest.mark.parametrize(("make", "why"), [

@@ -6,11 +6,14 @@ first join and their documents persist in ``DATA/market.sqlite3``. ``GET /`` ans
 
 What the market adds to plain pycrdt-websocket:
 - every incoming frame is checked before the room sees it (type, framing, awareness
-  JSON); an offender is disconnected with a log line and nothing of its frame is kept;
+  JSON, every update read whole by ``igora.updates``); an offender is disconnected with a
+  log line and nothing of its frame is kept; an update pycrdt panics on all the same
+  makes the room rebuild its document from its history (``MarketRoom.receive``);
 - the awareness states a connection announced are removed, and the removal broadcast,
   when its socket closes, so the others notice a dead agent at once;
 - a newcomer receives the current awareness states on connect;
-- limits on message size and on connections (in all and per address);
+- limits on message size, on connections (in all and per address), on rooms in memory
+  (in all and per address), and a deadline on HTTP request headers;
 - finished tasks (entries of ``done``) are copied to the archive as they appear.
 """
 
