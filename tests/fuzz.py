@@ -1,14 +1,16 @@
 """Fuzzer of the market's update path: mutations of real Yjs updates and frames.
 
 Each case mutates a seed (a real update as Igora's agents write them, or a y-websocket
-frame carrying one) by bit flips, byte inserts and deletes, varint rewrites (boundary
-values: 0, 2**32 - 1, 2**32, 2**53, ...), truncation and splicing, then runs it through
-what the market does with an incoming frame: ``check_frame`` (which runs
-``igora.updates.check_update``), and for what passes, pycrdt's ``apply_update`` on a
-document already holding a room's state, then ``get_update`` on it (what every joiner
-needs). A *crash* is an input that passes the checks and makes pycrdt panic or leaves a
-document whose ``get_update`` fails. With ``--raw`` the checks are skipped: that finds
-what pycrdt panics on at all, i.e. what the checks must refuse.
+frame: an update, a sync step 1, an awareness update) by bit flips, byte inserts and
+deletes, varint rewrites (boundary values: 0, 2**31, 2**32 - 1, 2**32, 2**53, ...),
+truncation and splicing, then runs it through what the market does with an incoming
+frame: ``check_frame`` (which runs ``igora.updates.check_update``), and for what passes,
+pycrdt's ``apply_update`` on a document already holding a room's state then
+``get_update`` on it (what every joiner needs), ``get_update`` for a state vector, or
+the awareness's ``apply_awareness_update``. A *crash* is an input that passes the checks
+and makes pycrdt panic, leaves a document whose ``get_update`` fails, or makes the
+awareness raise. With ``--raw`` the checks are skipped (updates only): that finds what
+pycrdt panics on at all, i.e. what the checks must refuse.
 
 Every crash ever found is kept in ``tests/fuzz_corpus/`` (hex, one input per file) and
 replayed by ``tests/test_fuzz.py``. Run longer with::
@@ -31,7 +33,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pycrdt import Array, Doc, Map, Text, create_update_message, merge_updates
+from pycrdt import (
+    Array,
+    Awareness,
+    Doc,
+    Map,
+    Text,
+    YMessageType,
+    YSyncMessageType,
+    create_awareness_message,
+    create_sync_message,
+    create_update_message,
+    merge_updates,
+    read_message,
+)
 
 from igora.lib0 import Lib0Error, Reader, uint_bytes
 from igora.market.server import BadFrame, check_frame
@@ -167,13 +182,53 @@ def survives(base: bytes, update: bytes) -> bool:
     return True
 
 
-def accepted(frame: bytes) -> bytes | None:
-    """What the market would apply of ``frame``, or None if it refuses it."""
+def other_frames() -> list[bytes]:
+    """Frames that carry no update: sync step 1 (a state vector), awareness updates."""
+    base, updates = seeds()
+    doc = Doc()
+    doc.apply_update(base)
+    out = [create_sync_message(Doc()), create_sync_message(doc)]
+    for u in updates:
+        doc.apply_update(u)
+    out.append(create_sync_message(doc))
+    awareness = Awareness(doc)
+    awareness.set_local_state({"id": "w1", "name": "worker", "type": "worker", "state": "ready",
+                               "date": 1_700_000_000_000, "slots": 2, "running": ["t1"],
+                               "models": [{"name": "echo", "contextLength": 4096}]})
+    out.append(create_awareness_message(awareness.encode_awareness_update([doc.client_id])))
+    awareness.set_local_state(None)
+    out.append(create_awareness_message(awareness.encode_awareness_update([doc.client_id])))
+    return out
+
+
+def handled(base: bytes, frame: bytes) -> bool | None:
+    """Run ``frame`` through the market's path: None if its checks refuse it, else whether
+    what comes next handles it cleanly (pycrdt applies an update or answers a state
+    vector without panicking, the room's awareness takes an awareness update)."""
     try:
         check_frame(frame)
     except BadFrame:
         return None
-    return carried(frame)
+    if frame[0] == YMessageType.AWARENESS:
+        try:  # as MarketRoom.relay_awareness does: any error would be a traceback
+            Awareness(Doc()).apply_awareness_update(read_message(frame[1:]), "remote")
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+    if frame[0] == YMessageType.SYNC and frame[1] == YSyncMessageType.SYNC_STEP1:
+        doc = Doc()
+        doc.apply_update(base)
+        try:  # an error is a clean refusal (MarketRoom._message_error), a panic is not
+            doc.get_update(read_message(frame[2:]))
+        except Exception:  # noqa: BLE001
+            return True
+        except BaseException as exc:
+            if is_panic(exc):
+                return False
+            raise
+        return True
+    update = carried(frame)
+    return update is None or survives(base, update)
 
 
 @dataclass
@@ -186,7 +241,7 @@ class Run:
 def cases(seed: int) -> Iterator[tuple[bytes, bool]]:
     """Endless mutants: (input, is_frame)."""
     _, updates = seeds()
-    frames = [create_update_message(u) for u in updates]
+    frames = [create_update_message(u) for u in updates] + other_frames()
     pool = updates + frames
     rng = random.Random(seed)
     while True:
@@ -204,11 +259,14 @@ def fuzz(n: int, seed: int = 0, seconds: float = 1e9, raw: bool = False) -> Run:
             break
         run.cases += 1
         frame = data if is_frame else create_update_message(data)
-        update = carried(frame) if raw else accepted(frame)
-        if update is None:
+        if raw:
+            update = carried(frame)
+            ok = None if update is None else survives(base, update)
+        else:
+            ok = handled(base, frame)
+        if ok is None:
             run.refused += 1
-            continue
-        if not survives(base, update) and frame not in run.crashes:
+        elif not ok and frame not in run.crashes:
             run.crashes.append(frame)
     return run
 
