@@ -755,8 +755,8 @@ class Market:
                     if isinstance(r, MarketRoom) and r.holders == 0]
             if not idle:
                 return f"{self.max_rooms} rooms in memory already, none idle"
-            await self._unload(min(idle, key=lambda r: r.idle_since),
-                               f"to make space ({self.max_rooms} rooms in memory)")
+            await self._unload(min(idle, key=lambda r: r.idle_since),  # one line each: debug
+                               f"to make space ({self.max_rooms} rooms in memory)", logging.DEBUG)
         else:
             return f"{self.max_rooms} rooms in memory already"
         if self.opened[address] >= self.max_rooms_per_address:
@@ -791,7 +791,7 @@ class Market:
             return  # someone came and went since: a later call decides
         await self._unload(room, f"after {self.room_idle:g} s without connections")
 
-    async def _unload(self, room: MarketRoom, why: str) -> None:
+    async def _unload(self, room: MarketRoom, why: str, level: int = logging.INFO) -> None:
         """Drop an idle room from memory (its history is in the store)."""
         await room.flush()
         if room.holders or room._pending or self.server.rooms.get(room.name) is not room:
@@ -804,8 +804,7 @@ class Market:
                 del self.opened[address]
         with contextlib.suppress(Exception):
             await room.stop()
-        log.log(logging.DEBUG if self.opened else logging.INFO,
-                "room %s: unloaded from memory %s", room.name, why)
+        log.log(level, "room %s: unloaded from memory %s", room.name, why)
 
 
 def _check_limits(port: int, max_message: int, max_connections: int,
