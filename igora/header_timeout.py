@@ -5,8 +5,9 @@ such a connection nowhere. A client sending half a request and nothing more (slo
 kept 1,500 sockets open on the market for as long as it liked (issue 20, finding 4).
 
 The HTTP protocol class returned by ``http_protocol`` closes a connection whose request
-headers are not complete ``timeout`` seconds after its first byte could arrive (after
-connecting, or after the previous response on a keep-alive connection). It also admits
+headers are not complete ``timeout`` seconds after it connected, or after the first bytes
+of a further request on a keep-alive connection (an idle one is closed by uvicorn's own
+keep-alive timeout, 5 s). It also admits
 at most ``max_per_address`` such connections from one IP address at once: past it, a new
 one is answered 403 and closed at once. A connection stops counting when its headers are complete (the
 market's websocket limits take over after the upgrade). Closings are logged at most one
