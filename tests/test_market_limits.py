@@ -139,6 +139,18 @@ async def test_half_open_requests_are_closed_after_the_header_timeout_on_the_mar
     assert "still sending their headers" in market.log()
 
 
+def test_a_slow_second_request_on_a_keep_alive_connection_is_closed_too(
+    cluster: Cluster,
+) -> None:
+    cluster.market("--header-timeout", "1")
+    with socket.create_connection(("127.0.0.1", cluster.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")  # "Okay", connection kept
+        time.sleep(1.5)  # longer than the header timeout: an idle connection is no request
+        s.sendall(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        assert closed_within([s], 10) == 1
+
+
 @pytest.fixture
 def gateway(cluster: Cluster) -> tuple[int, Proc]:
     """A market and a gateway (header timeout 1 s); the gateway's port and process."""
