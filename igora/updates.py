@@ -17,8 +17,8 @@ too). One 80-byte frame with clocks past 2**32 locked a room until the market re
   client id is past JavaScript's exact integers (``MAX_CLIENT``);
 - a struct (GC, Skip, deleted run, string, JSON or Any content) is empty, or a GC/Skip
   info byte carries item flags (Yjs reads the low 5 bits, yrs the whole byte);
-- a client appears twice in the struct section or the delete set, or a struct refers to
-  an item of its own client that is not older than itself;
+- a client appears twice in the struct section or the delete set, or with no struct, or a
+  struct refers to an item of its own client that is not older than itself;
 - a delete-set range is empty, out of order or overlaps the previous one;
 - a nested type is of an unknown kind, or bytes follow the delete set.
 
@@ -146,24 +146,39 @@ class Parsed(NamedTuple):
     structs: list[Struct]
     delete_set: bytes  # the update's trailing delete set, verbatim
     depth: int
+    clocks: dict[int, tuple[int, int]]  # per client: its structs' first clock and end
+    needs: dict[int, int]  # per client: the clock its items refer to or delete up to
+    skips: bool  # whether it has Skip structs (gaps in a client's clocks)
+    halves: dict[int, set[int]]  # per client: clocks of the second halves of surrogate pairs
 
 
-def _utf16_length(raw: bytes) -> int:
-    """Length of a UTF-8 string in UTF-16 code units, as Yjs counts string content."""
+def _utf16_length(raw: bytes, clock: int = 0, halves: set[int] | None = None) -> int:
+    """Length of a UTF-8 string in UTF-16 code units, as Yjs counts string content; adds
+    to ``halves`` the clocks of the second units of its surrogate pairs (if it starts at
+    ``clock``)."""
     try:
         text = raw.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise UpdateError("string content is not UTF-8") from None
-    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
+    n = 0
+    for c in text:
+        n += 1
+        if ord(c) > 0xFFFF:
+            if halves is not None:
+                halves.add(clock + n)
+            n += 1
+    return n
 
 
-def _id(r: Reader, client: int, clock: int) -> tuple[int, int]:
+def _id(r: Reader, client: int, clock: int, needs: dict[int, int]) -> tuple[int, int]:
     """An item id an item refers to; of its own client, it must be an older item."""
     other, at = r.uint(), r.uint()
     if other > MAX_CLIENT or at > MAX_CLOCK:
         raise UpdateError("an item refers to an id Yjs cannot represent")
     if other == client and at >= clock:
         raise UpdateError("an item refers to a later item of its own client")
+    if at >= needs.get(other, 0):
+        needs[other] = at + 1
     return other, at
 
 
@@ -182,14 +197,19 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
             raise UpdateError(f"a value nests deeper than {limit} levels")
         deepest = max(deepest, d)
 
-    clients: set[int] = set()
+    clients: dict[int, tuple[int, int]] = {}
+    needs: dict[int, int] = {}
+    halves: dict[int, set[int]] = {}
+    skips = False
     for _ in range(r.uint()):
         n_structs = r.uint()
         client = r.uint()
         clock = r.uint()
         if client > MAX_CLIENT or client in clients:
             raise UpdateError(f"bad or repeated client id {client}")
-        clients.add(client)
+        if n_structs == 0:  # yrs panics on it when the document knows that client
+            raise UpdateError(f"client {client} with no struct")
+        first = clock
         for _ in range(n_structs):
             start = r.pos
             info = r.byte()
@@ -199,16 +219,17 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
                 if info != ref:
                     raise UpdateError("a GC or Skip struct with item flags")
                 length = r.uint()
+                skips = skips or ref == 10
             else:
                 if info & 0x80:
-                    origin = _id(r, client, clock)
+                    origin = _id(r, client, clock, needs)
                 if info & 0x40:
-                    right = _id(r, client, clock)
+                    right = _id(r, client, clock, needs)
                 if info & 0xC0 == 0:
                     if r.uint() == 1:
                         parent = r.text("root type name")
                     else:
-                        parent = _id(r, client, clock)
+                        parent = _id(r, client, clock, needs)
                     if info & 0x20:
                         key = r.text("map key")
                 length = 1
@@ -222,7 +243,8 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
                     r.chunk()
                 elif ref == 4:  # string: its length counts UTF-16 code units
                     raw = r.chunk()
-                    length = len(raw) if raw.isascii() else _utf16_length(raw)
+                    length = (len(raw) if raw.isascii()
+                              else _utf16_length(raw, clock, halves.setdefault(client, set())))
                 elif ref == 5:  # embed (JSON)
                     seen(_json_depth(r.chunk()))
                 elif ref == 6:  # format: key, JSON value
@@ -251,11 +273,14 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
                 structs.append(Struct(client, clock, length, ref, origin, right, parent, key,
                                       start, r.pos))
             clock += length
+        clients[client] = (first, clock)
     ds_start = r.pos
-    _read_delete_set(r)
+    for c, ranges in _read_delete_set(r).items():
+        if ranges and ranges[-1][0] + ranges[-1][1] > needs.get(c, 0):
+            needs[c] = ranges[-1][0] + ranges[-1][1]
     if r.pos != len(update):
         raise UpdateError("trailing bytes after the delete set")
-    return Parsed(structs, update[ds_start:], deepest)
+    return Parsed(structs, update[ds_start:], deepest, clients, needs, skips, halves)
 
 
 def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
@@ -263,10 +288,17 @@ def update_depth(update: bytes, limit: int = MAX_DEPTH) -> int:
     return parse(update, limit, keep=False).depth
 
 
-def check_update(update: bytes, limit: int = MAX_DEPTH) -> None:
+def check_update(update: bytes, limit: int = MAX_DEPTH) -> Parsed:
     """Raise UpdateError unless ``update`` is a well-formed v1 update that Yjs can
-    represent, nesting no value deeper than ``limit``."""
-    parse(update, limit, keep=False)
+    represent, nesting no value deeper than ``limit``; return what ``parse`` read (its
+    structs left out)."""
+    return parse(update, limit, keep=False)
+
+
+def state_vector(raw: bytes) -> dict[int, int]:
+    """Decode a state vector: per client, the clock its next struct will have."""
+    r = Reader(raw, UpdateError)
+    return {r.uint(): r.uint() for _ in range(r.uint())}
 
 
 def _read_delete_set(r: Reader) -> dict[int, list[tuple[int, int]]]:

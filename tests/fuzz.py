@@ -40,7 +40,6 @@ from pycrdt import (
     Map,
     Text,
     YMessageType,
-    YSyncMessageType,
     create_awareness_message,
     create_sync_message,
     create_update_message,
@@ -49,8 +48,9 @@ from pycrdt import (
 )
 
 from igora.lib0 import Lib0Error, Reader, uint_bytes
+from igora.market.causal import CausalGate
 from igora.market.server import BadFrame, check_frame
-from igora.updates import is_panic
+from igora.updates import Parsed, UpdateError, check_update, is_panic
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 BOUNDARIES = (0, 1, 2, 0x7F, 0x80, 2**31, 2**32 - 2, 2**32 - 1, 2**32, 2**35, 2**53 - 1,
@@ -160,11 +160,15 @@ def carried(frame: bytes) -> bytes | None:
         return None
 
 
-def survives(base: bytes, update: bytes) -> bool:
-    """Apply ``update`` on a document holding ``base``; False if pycrdt panicked or left
-    the document unable to give its state. Other errors are a clean refusal."""
+def room(base: bytes) -> Doc:
     doc = Doc()
     doc.apply_update(base)
+    return doc
+
+
+def survives(doc: Doc, update: bytes) -> bool:
+    """Apply ``update`` on ``doc``; False if pycrdt panicked or left the document unable
+    to give a state that passes the checks. Other errors are a clean refusal."""
     try:
         doc.apply_update(update)
     except Exception:  # noqa: BLE001 (a clean refusal, whatever its type)
@@ -174,7 +178,9 @@ def survives(base: bytes, update: bytes) -> bool:
             return False
         raise
     try:
-        doc.get_update()
+        check_update(doc.get_update())
+    except UpdateError:
+        return False
     except BaseException as exc:
         if is_panic(exc):
             return False
@@ -201,25 +207,40 @@ def other_frames() -> list[bytes]:
     return out
 
 
-def handled(base: bytes, frame: bytes) -> bool | None:
-    """Run ``frame`` through the market's path: None if its checks refuse it, else whether
-    what comes next handles it cleanly (pycrdt applies an update or answers a state
-    vector without panicking, the room's awareness takes an awareness update)."""
-    try:
-        check_frame(frame)
-    except BadFrame:
-        return None
-    if frame[0] == YMessageType.AWARENESS:
-        try:  # as MarketRoom.relay_awareness does: any error would be a traceback
-            Awareness(Doc()).apply_awareness_update(read_message(frame[1:]), "remote")
-        except Exception:  # noqa: BLE001
-            return False
-        return True
-    if frame[0] == YMessageType.SYNC and frame[1] == YSyncMessageType.SYNC_STEP1:
-        doc = Doc()
-        doc.apply_update(base)
+class Room:
+    """A room's document behind the market's path: ``check_frame``, then the causal gate
+    (``igora.market.causal``), then pycrdt, as ``MarketRoom.receive`` does."""
+
+    def __init__(self, base: bytes) -> None:
+        self.doc = room(base)
+        self.gate: CausalGate[bytes] = CausalGate(self.doc.get_state())
+
+    def take(self, frame: bytes) -> bool | None:
+        """None if the checks refuse ``frame``, else whether what comes next handles it
+        cleanly (pycrdt applies an update or answers a state vector without panicking,
+        the room's awareness takes an awareness update)."""
+        try:
+            checked = check_frame(frame)
+        except BadFrame:
+            return None
+        if frame[0] == YMessageType.AWARENESS:
+            try:  # as MarketRoom.relay_awareness does: any error would be a traceback
+                Awareness(Doc()).apply_awareness_update(read_message(frame[1:]), "remote")
+            except Exception:  # noqa: BLE001
+                return False
+            return True
+        if checked.update is None or checked.parsed is None:
+            return frame[0] != YMessageType.SYNC or self._answer(read_message(frame[2:]))
+        if not self.gate.ready(checked.parsed):
+            return True if self.gate.wait(checked.parsed, checked.update, len(frame)) else None
+        ok = self._apply(checked.update, checked.parsed)
+        for parsed, update in self.gate.released():
+            ok = self._apply(update, parsed) and ok
+        return ok
+
+    def _answer(self, state: bytes) -> bool:
         try:  # an error is a clean refusal (MarketRoom._message_error), a panic is not
-            doc.get_update(read_message(frame[2:]))
+            self.doc.get_update(state)
         except Exception:  # noqa: BLE001
             return True
         except BaseException as exc:
@@ -227,15 +248,69 @@ def handled(base: bytes, frame: bytes) -> bool | None:
                 return False
             raise
         return True
-    update = carried(frame)
-    return update is None or survives(base, update)
+
+    def _apply(self, update: bytes, parsed: Parsed) -> bool:
+        if self.gate.splits_a_character(parsed):
+            return True  # refused
+        try:
+            self.doc.apply_update(update)
+        except Exception:  # noqa: BLE001 (a clean refusal, whatever its type)
+            return True
+        except BaseException as exc:
+            if is_panic(exc):
+                return False
+            raise
+        self.gate.applied(parsed)
+        try:  # what a newcomer receives must pass the checks agents make
+            check_update(self.doc.get_update())
+        except UpdateError:
+            return False
+        except BaseException as exc:
+            if is_panic(exc):
+                return False
+            raise
+        return True
+
+
+def replay(base: bytes, frames: list[bytes], raw: bool) -> bool:
+    """Whether a room holding ``base`` survives ``frames`` in order, through the market's
+    path (or, ``raw``, straight to pycrdt)."""
+    doc, market = room(base), Room(base)
+    for frame in frames:
+        update = carried(frame)
+        if raw:
+            if update is not None and not survives(doc, update):
+                return False
+        elif market.take(frame) is False:
+            return False
+    return True
+
+
+def minimize(base: bytes, frames: list[bytes], raw: bool) -> list[bytes]:
+    """A short subsequence of ``frames`` (ending with the same frame) that still crashes."""
+    while True:
+        for size in (len(frames) // 2, 64, 8, 1):
+            if size < 1:
+                continue
+            i = 0
+            shrunk = False
+            while i < len(frames) - 1:
+                shorter = frames[:i] + frames[i + size:]
+                if shorter[-1:] == frames[-1:] and not replay(base, shorter, raw):
+                    frames, shrunk = shorter, True
+                else:
+                    i += size
+            if shrunk:
+                break
+        else:
+            return frames
 
 
 @dataclass
 class Run:
     cases: int = 0
     refused: int = 0
-    crashes: list[bytes] = field(default_factory=list)
+    crashes: list[list[bytes]] = field(default_factory=list)  # frames replayed in order
 
 
 def cases(seed: int) -> Iterator[tuple[bytes, bool]]:
@@ -249,32 +324,54 @@ def cases(seed: int) -> Iterator[tuple[bytes, bool]]:
         yield mutate(rng, rng.choice(frames if frame else updates), pool), frame
 
 
-def fuzz(n: int, seed: int = 0, seconds: float = 1e9, raw: bool = False) -> Run:
-    """Run ``n`` cases (at most ``seconds``); return the crashes found."""
+def fuzz(n: int, seed: int = 0, seconds: float = 1e9, raw: bool = False,
+         chain: bool = False) -> Run:
+    """Run ``n`` cases (at most ``seconds``); return the crashes found.
+
+    Each case goes to a fresh room holding the seeds' base state, or with ``chain`` to one
+    room that keeps what it took, as a market's room does (a crash then depends on the
+    history: it is kept as the shortest sequence of frames that still crashes)."""
     base, _ = seeds()
     run = Run()
     end = time.monotonic() + seconds
+    doc, market = room(base), Room(base)
+    history: list[bytes] = []
     for data, is_frame in cases(seed):
         if run.cases >= n or time.monotonic() > end:
             break
         run.cases += 1
         frame = data if is_frame else create_update_message(data)
+        if not chain:
+            doc, market = room(base), Room(base)
         if raw:
             update = carried(frame)
-            ok = None if update is None else survives(base, update)
+            ok = None if update is None else survives(doc, update)
         else:
-            ok = handled(base, frame)
+            ok = market.take(frame)
         if ok is None:
             run.refused += 1
-        elif not ok and frame not in run.crashes:
-            run.crashes.append(frame)
+        elif ok:
+            history.append(frame)
+        else:
+            crash = minimize(base, [*history, frame], raw) if chain else [frame]
+            if crash not in run.crashes:
+                run.crashes.append(crash)
+            doc, market, history = room(base), Room(base), []
     return run
 
 
-def corpus() -> list[tuple[str, bytes]]:
-    """Every crashing input found so far: (file name, y-websocket frame)."""
-    return [(p.name, bytes.fromhex(p.read_text().split("#")[0].strip()))
-            for p in sorted(CORPUS.glob("*.hex"))]
+def corpus() -> list[tuple[str, list[bytes]]]:
+    """Every crash found so far: (file name, the frames that crash a room, in order). A
+    file holds one frame a line, in hex; ``#`` starts a comment."""
+    out = []
+    for path in sorted(CORPUS.glob("*.hex")):
+        lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+        out.append((path.name, [bytes.fromhex(line) for line in lines if line]))
+    return out
+
+
+def corpus_entry(name: str) -> list[bytes]:
+    return dict(corpus())[name]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,20 +380,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seconds", type=float, default=1e9)
     ap.add_argument("--raw", action="store_true", help="skip the market's checks")
+    ap.add_argument("--chain", action="store_true",
+                    help="one room takes every case in turn (crashes that need a history)")
     ap.add_argument("--save", action="store_true", help="write new crashes to the corpus")
     args = ap.parse_args(argv)
     started = time.monotonic()
-    run = fuzz(args.cases, args.seed, args.seconds, args.raw)
+    run = fuzz(args.cases, args.seed, args.seconds, args.raw, args.chain)
     took = time.monotonic() - started
     print(f"{run.cases} cases in {took:.1f} s, {run.refused} refused by the checks, "
           f"{len(run.crashes)} crash(es)", file=sys.stderr)
-    known = {frame for _, frame in corpus()}
-    for frame in run.crashes:
-        print(frame.hex())
-        if args.save and frame not in known:
-            kind = "raw" if args.raw else "market"
-            name = f"{kind}-{hashlib.sha1(frame).hexdigest()[:12]}.hex"
-            (CORPUS / name).write_text(frame.hex() + "\n")
+    known = [frames for _, frames in corpus()]
+    for frames in run.crashes:
+        text = "".join(f.hex() + "\n" for f in frames)
+        print(text)
+        if args.save and frames not in known:
+            kind = ("raw" if args.raw else "market") + ("-chain" if args.chain else "")
+            name = f"{kind}-{hashlib.sha1(text.encode()).hexdigest()[:12]}.hex"
+            (CORPUS / name).write_text(text)
     return 1 if run.crashes and not args.raw else 0
 
 

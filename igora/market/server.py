@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pycrdt import (
     Doc,
@@ -55,7 +55,8 @@ from .. import __version__
 from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
 from ..lib0 import Reader
 from ..protocol import FINAL_VALUES, KANBAN, MapName
-from ..updates import UpdateError, check_update, is_panic
+from ..updates import Parsed, UpdateError, check_update, is_panic
+from .causal import MAX_WAITING, CausalGate
 from .compaction import compact as compact_state
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
@@ -121,8 +122,16 @@ def awareness_entries(payload: bytes) -> list[tuple[int, int, dict[str, Any] | N
     return out
 
 
-def check_frame(message: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
-    """Check one incoming frame; return its awareness entries (if it is an awareness one)."""
+class Frame(NamedTuple):
+    """What ``check_frame`` read of a frame."""
+
+    awareness: list[tuple[int, int, dict[str, Any] | None]]  # of an awareness frame
+    update: bytes | None = None  # of a sync step 2 or update frame
+    parsed: Parsed | None = None  # what igora.updates read of it
+
+
+def check_frame(message: bytes) -> Frame:
+    """Check one incoming frame; raise BadFrame if it may not reach the room."""
     r = Reader(message, BadFrame)
     kind = r.uint()
     if kind == YMessageType.SYNC:
@@ -131,16 +140,19 @@ def check_frame(message: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
                         YSyncMessageType.SYNC_UPDATE):
             raise BadFrame(f"unknown sync message type {step}")
         update = r.chunk()
-        if step != YSyncMessageType.SYNC_STEP1:
-            try:  # what yrs cannot represent would crash or break it (igora.updates)
-                check_update(update)
-            except UpdateError as exc:
-                raise BadFrame(f"refused update: {exc}") from None
-        return []
+        if step == YSyncMessageType.SYNC_STEP1:
+            return Frame([])
+        try:  # what yrs cannot represent would crash or break it (igora.updates)
+            parsed = check_update(update)
+        except UpdateError as exc:
+            raise BadFrame(f"refused update: {exc}") from None
+        if parsed.skips:  # see igora.market.causal
+            raise BadFrame("refused update: it has Skip structs (gaps in a client's clocks)")
+        return Frame([], update, parsed)
     if kind == YMessageType.AWARENESS:
-        return awareness_entries(r.chunk())
+        return Frame(awareness_entries(r.chunk()))
     if kind in (AUTH, QUERY_AWARENESS):
-        return []
+        return Frame([])
     raise BadFrame(f"unknown message type {kind}")
 
 
@@ -186,10 +198,11 @@ class MarketChannel:
                 await self.reject("empty frame")
                 raise StopAsyncIteration
             try:
-                entries = check_frame(data)
+                frame = check_frame(data)
             except BadFrame as exc:
                 await self.reject(str(exc))
                 raise StopAsyncIteration from None
+            entries = frame.awareness
             kind = data[0]
             if kind == YMessageType.AWARENESS:
                 # An agent's own state is the one it brings into the room: y-websocket
@@ -211,8 +224,8 @@ class MarketChannel:
                 continue
             elif kind == AUTH:
                 continue
-            elif data[1] != YSyncMessageType.SYNC_STEP1 and self.room is not None:
-                refusal = self.room.receive(self, read_message(data[2:]))
+            elif frame.parsed is not None and frame.update is not None and self.room is not None:
+                refusal = self.room.receive(self, frame.update, frame.parsed)
                 if refusal is not None:
                     await self.reject(refusal)
                     raise StopAsyncIteration
@@ -286,6 +299,7 @@ class MarketRoom(YRoom):
         self._archive: list[dict[str, Any]] = []
         updates = store.load(name)
         doc = self._replay(updates)
+        self.gate: CausalGate[tuple[MarketChannel | None, bytes]] = CausalGate(doc.get_state())
         if len(updates) > 1:
             store.replace(name, doc.get_update())
         if updates:
@@ -322,9 +336,24 @@ class MarketRoom(YRoom):
                 return self._replay(updates[:i] + updates[i + 1:])
         return doc
 
-    def receive(self, channel: MarketChannel, update: bytes) -> str | None:
-        """Apply an update a connection sent (checked by ``check_frame``); return why it
-        is refused, if it is.
+    def receive(self, channel: MarketChannel | None, update: bytes,
+                parsed: Parsed) -> str | None:
+        """Take an update a connection sent (checked by ``check_frame``); return why it
+        is refused, if it is. An update whose causes the document lacks waits for them
+        (``igora.market.causal``)."""
+        if not self.gate.ready(parsed):
+            if not self.gate.wait(parsed, (channel, update), len(update)):
+                return f"{MAX_WAITING} updates wait already for updates that never came"
+            return None
+        refusal = self._apply(channel, update, parsed)
+        for ready, (sender, waited) in self.gate.released():
+            late = self._apply(sender, waited, ready)
+            if late is not None and sender is not None and not sender.closed:
+                background(sender.reject(late))
+        return refusal
+
+    def _apply(self, channel: MarketChannel | None, update: bytes, parsed: Parsed) -> str | None:
+        """Apply an update; return why it is refused, if it is.
 
         Should pycrdt panic on it all the same, the document it broke is replaced by one
         rebuilt from the room's history (stored, being stored and pending: every update
@@ -332,6 +361,8 @@ class MarketRoom(YRoom):
         copy of the room per update; a panic costs one reload."""
         if update == b"\x00\x00":  # an empty update (y-websocket sends them)
             return None
+        if self.gate.splits_a_character(parsed):
+            return "refused update: it overlaps the room's clocks up to half a character"
         self.sender = channel  # the fan-out skips it
         try:
             self.ydoc.apply_update(update)
@@ -345,6 +376,7 @@ class MarketRoom(YRoom):
             return f"update made pycrdt panic ({exc}); room {self.name} reloaded"
         finally:
             self.sender = None
+        self.gate.applied(parsed)
         return None
 
     def _observe(self, doc: Doc) -> None:
@@ -466,6 +498,7 @@ class MarketRoom(YRoom):
         old.unobserve(self._store_sub)
         self._done_map.unobserve(self._done_sub)
         self.ydoc = doc
+        self.gate.reset(doc.get_state())
         self._observe(doc)
         self._subscription = doc.observe(self._fan_out)
 
