@@ -45,10 +45,10 @@ def test_every_crash_ever_found_is_a_crash_for_pycrdt_and_none_for_the_market() 
     base, _ = fuzz.seeds()
     for name, frames in cases:
         if name.startswith("segv-"):  # it would kill this process: in a child
-            child = subprocess.run(
-                [sys.executable, "-c", "import sys; from tests import fuzz; "
-                 "fuzz.replay(fuzz.seeds()[0], fuzz.corpus_entry(sys.argv[1]), raw=True)",
-                 name], cwd=ROOT, capture_output=True, timeout=60, check=False)
+            code = ("import sys; from tests import fuzz; "
+                    "fuzz.replay(fuzz.seeds()[0], fuzz.corpus_entry(sys.argv[1]), raw=True)")
+            child = subprocess.run([sys.executable, "-c", code, name], cwd=ROOT,
+                                   capture_output=True, timeout=60, check=False)
             assert child.returncode == -signal.SIGSEGV, f"{name} is no crash"
         else:
             assert not fuzz.replay(base, frames, raw=True), f"{name} is no crash"
