@@ -26,8 +26,10 @@ from typing import Generic, TypeVar
 
 from ..updates import Parsed, state_vector
 
-MAX_WAITING = 1_000
-MAX_WAITING_BYTES = 16 * 1024 * 1024
+MAX_WAITING = 256
+MAX_WAITING_BYTES = 1024 * 1024
+"""Per room. Honest updates wait rarely and briefly (an agent's live write racing its own
+sync after a reconnection): these bounds are for a hostile sender."""
 
 T = TypeVar("T")
 
