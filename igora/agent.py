@@ -38,6 +38,7 @@ from websockets.exceptions import WebSocketException
 from .config import MarketAddress
 from .errors import MarketUnreachable
 from .protocol import A, KANBAN, PROTOCOL_VERSION, MapName, Peer, new_id, now_ms
+from .updates import check_update, is_panic
 
 DEFAULT_HEARTBEAT = 5.0
 ORIGINAL_TIMEOUT = 30.0  # y-protocols' awareness outdated timeout
@@ -46,6 +47,10 @@ BACKOFF_MAX = 5.0
 
 log = logging.getLogger("igora.agent")
 _UPDATE_PREFIX = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE])
+
+
+class _Resync(Exception):
+    """A sync message from the market was dropped: reconnect and sync afresh."""
 
 
 def discard(mp: Map, key: str) -> None:
@@ -280,6 +285,8 @@ class Agent:
                 self.log.warning("%s: market closed the connection", self.name)
             except asyncio.CancelledError:
                 raise
+            except _Resync:
+                delay = BACKOFF_START  # logged already; the sync of a new session repairs
             except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 level = logging.WARNING if attempt else logging.DEBUG
@@ -322,7 +329,19 @@ class Agent:
         if kind == YMessageType.SYNC:
             self._applying_remote = True
             try:
+                if len(message) > 1 and message[1] != YSyncMessageType.SYNC_STEP1:
+                    check_update(read_message(message[2:]))
                 reply = handle_sync_message(message[1:], self.doc)
+            except Exception as exc:  # noqa: BLE001 (malformed: UpdateError, pycrdt's own)
+                self.log.warning("%s: dropped a sync message from the market (%s); "
+                                 "resyncing", self.name, exc)
+                raise _Resync from None
+            except BaseException as exc:
+                if not is_panic(exc):
+                    raise
+                self.log.error("%s: a sync message from the market made pycrdt panic (%s); "
+                               "dropped, resyncing", self.name, exc)
+                raise _Resync from None
             finally:
                 self._applying_remote = False
             if message[1] == YSyncMessageType.SYNC_STEP2 and not self.synced.is_set():

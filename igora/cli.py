@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compact a room after N finished tasks (at most every 2 s): drop what "
                         "Yjs keeps of tasks gone from the document, so that it stays small; "
                         "0: never (see docs/faults.md)")
+    p.add_argument("--max-rooms", type=int, default=1000, metavar="N",
+                   help="rooms in memory; past it the room idle the longest leaves memory, "
+                        "and a new room is refused if none is idle")
+    p.add_argument("--max-rooms-per-address", type=int, default=100, metavar="N",
+                   help="rooms in memory loaded by one IP address (each counts until it "
+                        "leaves memory, --room-idle after its last connection)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a client has to send its request headers")
     _common(p)
 
     p = sub.add_parser("broker", formatter_class=Formatter,
@@ -255,7 +263,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         run_market(args.host, args.port, data, max_message=args.max_message,
                    max_connections=args.max_connections, max_per_address=args.max_per_address,
                    room_idle=args.room_idle, compact_every=args.compact_every,
-                   log_level=args.log_level)
+                   max_rooms=args.max_rooms, max_rooms_per_address=args.max_rooms_per_address,
+                   header_timeout=args.header_timeout, log_level=args.log_level)
         return 0
     if args.command == "up":
         from .up import up

@@ -27,6 +27,10 @@ class Reader:
         return b
 
     def uint(self) -> int:
+        pos = self.pos
+        if pos < len(self.buf) and self.buf[pos] < 0x80:  # most are one byte: fast path
+            self.pos = pos + 1
+            return self.buf[pos]
         n, shift = 0, 0
         while True:
             b = self.byte()

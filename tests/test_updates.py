@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pycrdt import Array, Doc, Map, Text
 
-from igora.updates import MAX_DEPTH, UpdateError, check_depth, parse
+from igora.updates import MAX_DEPTH, UpdateError, check_update, parse
 
 
 def update_of(value: object) -> bytes:
@@ -22,11 +22,11 @@ def nested(levels: int) -> object:
 
 
 def test_deep_values_are_refused_and_brackets_inside_strings_are_not_nesting() -> None:
-    check_depth(update_of(nested(MAX_DEPTH - 1)))
+    check_update(update_of(nested(MAX_DEPTH - 1)))
     with pytest.raises(UpdateError, match="deeper than"):
-        check_depth(update_of(nested(MAX_DEPTH + 1)))
-    # Many opening bytes, but in a string: the full reader runs and finds depth 1.
-    check_depth(update_of({"prompt": "[{" * 500}))
+        check_update(update_of(nested(MAX_DEPTH + 1)))
+    # Brackets inside a string are no nesting: depth 1.
+    check_update(update_of({"prompt": "[{" * 500}))
 
 
 def test_parse_gives_each_struct_its_clock_length_parent_and_key() -> None:
@@ -51,4 +51,4 @@ def test_a_string_that_is_not_utf8_is_refused_not_crashed_on() -> None:
     update = doc.get_update()
     broken = update.replace("é".encode(), b"\xc3\x28")  # same length, invalid UTF-8
     with pytest.raises(UpdateError, match="not UTF-8"):
-        check_depth(broken)
+        check_update(broken)

@@ -10,6 +10,7 @@ from typing import Any
 from .. import arguments as arg
 from ..client import DEFAULT_TIMEOUT
 from ..config import ConfigError, env, market_address
+from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
 from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME
 
 API_KEYS_ENV = "IGORA_API_KEYS"
@@ -39,6 +40,8 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter],
                    help="seconds a request waits for a worker serving its model to appear "
                         "before failing with 503/404")
     p.add_argument("--name", default=GATEWAY_NAME, help="name shown to others on the market")
+    p.add_argument("--header-timeout", type=arg.positive_seconds, default=DEFAULT_HEADER_TIMEOUT, metavar="S",
+                   help="seconds a client has to send its request headers")
     market_options(p)
     common(p)
     return p
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
              address.room_url, f" ({len(keys)} API key(s))" if keys else " (no API key)")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                             log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5,
+                            http=http_protocol(None, args.header_timeout, log))
     server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1

@@ -6,11 +6,14 @@ first join and their documents persist in ``DATA/market.sqlite3``. ``GET /`` ans
 
 What the market adds to plain pycrdt-websocket:
 - every incoming frame is checked before the room sees it (type, framing, awareness
-  JSON); an offender is disconnected with a log line and nothing of its frame is kept;
+  JSON, every update read whole by ``igora.updates``); an offender is disconnected with a
+  log line and nothing of its frame is kept; an update pycrdt panics on all the same
+  makes the room rebuild its document from its history (``MarketRoom.receive``);
 - the awareness states a connection announced are removed, and the removal broadcast,
   when its socket closes, so the others notice a dead agent at once;
 - a newcomer receives the current awareness states on connect;
-- limits on message size and on connections (in all and per address);
+- limits on message size, on connections (in all and per address), on rooms in memory
+  (in all and per address), and a deadline on HTTP request headers;
 - finished tasks (entries of ``done``) are copied to the archive as they appear.
 """
 
@@ -26,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pycrdt import (
     Doc,
@@ -49,9 +52,11 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
-from ..protocol import FINAL_VALUES, KANBAN, MapName
+from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
 from ..lib0 import Reader
-from ..updates import UpdateError, check_depth
+from ..protocol import FINAL_VALUES, KANBAN, MapName
+from ..updates import Parsed, UpdateError, check_update, is_panic
+from .causal import MAX_WAITING, CausalGate
 from .compaction import compact as compact_state
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
@@ -65,6 +70,8 @@ DEFAULT_MAX_PER_ADDRESS = 500
 DEFAULT_COMPACT_EVERY = 500  # finished tasks between two compactions of a room (0: never)
 COMPACT_PAUSE = 2.0  # seconds at least between two compactions: the grace of a dead key
 DEFAULT_ROOM_IDLE = 60.0  # seconds a room with no connection stays in memory (with a store)
+DEFAULT_MAX_ROOMS = 1_000  # rooms in memory; past it the one idle the longest is unloaded
+DEFAULT_MAX_ROOMS_PER_ADDRESS = 100  # rooms in memory that one IP address loaded
 QUERY_AWARENESS = 3
 AUTH = 2
 
@@ -115,8 +122,16 @@ def awareness_entries(payload: bytes) -> list[tuple[int, int, dict[str, Any] | N
     return out
 
 
-def check_frame(message: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
-    """Check one incoming frame; return its awareness entries (if it is an awareness one)."""
+class Frame(NamedTuple):
+    """What ``check_frame`` read of a frame."""
+
+    awareness: list[tuple[int, int, dict[str, Any] | None]]  # of an awareness frame
+    update: bytes | None = None  # of a sync step 2 or update frame
+    parsed: Parsed | None = None  # what igora.updates read of it
+
+
+def check_frame(message: bytes) -> Frame:
+    """Check one incoming frame; raise BadFrame if it may not reach the room."""
     r = Reader(message, BadFrame)
     kind = r.uint()
     if kind == YMessageType.SYNC:
@@ -125,16 +140,19 @@ def check_frame(message: bytes) -> list[tuple[int, int, dict[str, Any] | None]]:
                         YSyncMessageType.SYNC_UPDATE):
             raise BadFrame(f"unknown sync message type {step}")
         update = r.chunk()
-        if step != YSyncMessageType.SYNC_STEP1:
-            try:  # a value nested thousands deep would crash the decoder (igora.updates)
-                check_depth(update)
-            except UpdateError as exc:
-                raise BadFrame(f"refused update: {exc}") from None
-        return []
+        if step == YSyncMessageType.SYNC_STEP1:
+            return Frame([])
+        try:  # what yrs cannot represent would crash or break it (igora.updates)
+            parsed = check_update(update)
+        except UpdateError as exc:
+            raise BadFrame(f"refused update: {exc}") from None
+        if parsed.skips:  # see igora.market.causal
+            raise BadFrame("refused update: it has Skip structs (gaps in a client's clocks)")
+        return Frame([], update, parsed)
     if kind == YMessageType.AWARENESS:
-        return awareness_entries(r.chunk())
+        return Frame(awareness_entries(r.chunk()))
     if kind in (AUTH, QUERY_AWARENESS):
-        return []
+        return Frame([])
     raise BadFrame(f"unknown message type {kind}")
 
 
@@ -180,10 +198,11 @@ class MarketChannel:
                 await self.reject("empty frame")
                 raise StopAsyncIteration
             try:
-                entries = check_frame(data)
+                frame = check_frame(data)
             except BadFrame as exc:
                 await self.reject(str(exc))
                 raise StopAsyncIteration from None
+            entries = frame.awareness
             kind = data[0]
             if kind == YMessageType.AWARENESS:
                 # An agent's own state is the one it brings into the room: y-websocket
@@ -204,6 +223,12 @@ class MarketChannel:
                     await self.send_awareness_snapshot(self.room)
                 continue
             elif kind == AUTH:
+                continue
+            elif frame.parsed is not None and frame.update is not None and self.room is not None:
+                refusal = self.room.receive(self, frame.update, frame.parsed)
+                if refusal is not None:
+                    await self.reject(refusal)
+                    raise StopAsyncIteration
                 continue
             if self.room is not None:
                 # The room applies it before this channel reads again (no await between),
@@ -265,24 +290,20 @@ class MarketChannel:
 class MarketRoom(YRoom):
     """A room whose document is loaded from, and written to, the store."""
 
-    def __init__(self, name: str, store: Store | None,
+    def __init__(self, name: str, store: Store,
                  compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
-        doc = Doc()
         self.name = name
         self.store = store
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # applied, not yet handed to the store
+        self._writing: list[bytes] = []  # handed to the store, not yet committed
         self._archive: list[dict[str, Any]] = []
-        if store is not None:
-            updates = store.load(name)
-            for update in updates:
-                try:
-                    doc.apply_update(update)
-                except Exception:
-                    log.exception("room %s: a stored update could not be applied", name)
-            if len(updates) > 1:
-                store.replace(name, doc.get_update())
-            if updates:
-                log.info("room %s: loaded from the store", name)
+        updates = store.load(name)
+        doc = self._replay(updates)
+        self.gate: CausalGate[tuple[MarketChannel | None, bytes]] = CausalGate(doc.get_state())
+        if len(updates) > 1:
+            store.replace(name, doc.get_update())
+        if updates:
+            log.info("room %s: loaded from the store", name)
         super().__init__(ready=True, ydoc=doc, log=logging.getLogger("igora.market.room"))
         self.on_message_error = self._message_error
         self.compact_every = compact_every
@@ -300,11 +321,69 @@ class MarketRoom(YRoom):
         self.controllers: dict[int, MarketChannel] = {}  # awareness client id -> its socket
         self._awareness_relay = AwarenessRelay(lambda: self.clients)
 
+    def _replay(self, updates: list[bytes]) -> Doc:
+        """A new document holding a room's history, leaving out any update that fails."""
+        doc = Doc()
+        for i, update in enumerate(updates):
+            try:
+                doc.apply_update(update)
+            except Exception:
+                log.exception("room %s: a stored update could not be applied", self.name)
+            except BaseException as exc:
+                if not is_panic(exc):
+                    raise
+                log.error("room %s: a stored update made pycrdt panic; left out", self.name)
+                return self._replay(updates[:i] + updates[i + 1:])
+        return doc
+
+    def receive(self, channel: MarketChannel | None, update: bytes,
+                parsed: Parsed) -> str | None:
+        """Take an update a connection sent (checked by ``check_frame``); return why it
+        is refused, if it is. An update whose causes the document lacks waits for them
+        (``igora.market.causal``)."""
+        if not self.gate.ready(parsed):
+            if not self.gate.wait(parsed, (channel, update), len(update)):
+                return f"{MAX_WAITING} updates wait already for updates that never came"
+            return None
+        refusal = self._apply(channel, update, parsed)
+        for ready, (sender, waited) in self.gate.released():
+            late = self._apply(sender, waited, ready)
+            if late is not None and sender is not None and not sender.closed:
+                background(sender.reject(late))
+        return refusal
+
+    def _apply(self, channel: MarketChannel | None, update: bytes, parsed: Parsed) -> str | None:
+        """Apply an update; return why it is refused, if it is.
+
+        Should pycrdt panic on it all the same, the document it broke is replaced by one
+        rebuilt from the room's history (stored, being stored and pending: every update
+        the room applied), and the update is dropped. Applying a copy first would cost a
+        copy of the room per update; a panic costs one reload."""
+        if update == b"\x00\x00":  # an empty update (y-websocket sends them)
+            return None
+        if self.gate.splits_a_character(parsed):
+            return "refused update: it overlaps the room's clocks up to half a character"
+        self.sender = channel  # the fan-out skips it
+        try:
+            self.ydoc.apply_update(update)
+        except Exception as exc:  # noqa: BLE001 (any error of the decoder)
+            return f"bad update ({type(exc).__name__}: {exc})"
+        except BaseException as exc:
+            if not is_panic(exc):
+                raise
+            history = self.store.load(self.name) + self._writing + self._pending
+            self._swap(self._replay(history))
+            return f"update made pycrdt panic ({exc}); room {self.name} reloaded"
+        finally:
+            self.sender = None
+        self.gate.applied(parsed)
+        return None
+
     def _observe(self, doc: Doc) -> None:
         for m in KANBAN:
             doc.get(m.value, type=Map)
         doc.get(MapName.STREAMS.value, type=Map)
-        self._store_sub = doc.observe(self._on_update) if self.store is not None else None
+        self._store_sub = doc.observe(self._on_update)
         # Keep the Map (and its subscription): pycrdt drops the observer of a
         # temporary Map wrapper when it is garbage collected.
         self._done_map = doc.get(MapName.DONE.value, type=Map)
@@ -347,9 +426,9 @@ class MarketRoom(YRoom):
                 self._left += 1
                 continue
             value = change.get("newValue")
-            if self.store is not None and action in ("add", "update") and isinstance(value, dict):
-                if value.get("state") in FINAL_VALUES:
-                    self._archive.append({**value, "id": value.get("id", key)})
+            if (self.store.durable and action in ("add", "update") and isinstance(value, dict)
+                    and value.get("state") in FINAL_VALUES):
+                self._archive.append({**value, "id": value.get("id", key)})
         if self.compact_every and (self._compactor is None or self._compactor.done()):
             self._compactor = asyncio.get_running_loop().create_task(self._compaction_loop())
 
@@ -382,7 +461,9 @@ class MarketRoom(YRoom):
             fresh = Doc(client_id=doc.client_id)
             fresh.apply_update(result.update)
             fresh.apply_update(doc.get_update(vector))
-        except Exception:
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not is_panic(exc):
+                raise
             log.exception("room %s: compaction failed; the room goes on, never compacted "
                           "again until the market restarts (please report this)", self.name)
             self.compact_every = 0
@@ -398,14 +479,13 @@ class MarketRoom(YRoom):
                 "collected (%d deleted items) in %.0f ms; %d more next time", self.name,
                 len(state), len(result.update), result.tasks, result.collected, took * 1000,
                 len(result.dead))
-        if self.store is not None:
-            async with self._store_lock:
-                pending, self._pending = self._pending, []  # the new state holds them
-                try:
-                    await asyncio.to_thread(self.store.replace, self.name, self.ydoc.get_update())
-                except Exception:
-                    self._pending[:0] = pending  # the old history stays; these go after it
-                    log.exception("room %s: storing the compacted room failed", self.name)
+        async with self._store_lock:
+            pending, self._pending = self._pending, []  # the new state holds them
+            try:
+                await asyncio.to_thread(self.store.replace, self.name, self.ydoc.get_update())
+            except Exception:
+                self._pending[:0] = pending  # the old history stays; these go after it
+                log.exception("room %s: storing the compacted room failed", self.name)
 
     async def stop(self) -> None:
         if self._compactor is not None:
@@ -415,10 +495,10 @@ class MarketRoom(YRoom):
     def _swap(self, doc: Doc) -> None:
         old = self.ydoc
         old.unobserve(self._subscription)
-        if self._store_sub is not None:
-            old.unobserve(self._store_sub)
+        old.unobserve(self._store_sub)
         self._done_map.unobserve(self._done_sub)
         self.ydoc = doc
+        self.gate.reset(doc.get_state())
         self._observe(doc)
         self._subscription = doc.observe(self._fan_out)
 
@@ -438,13 +518,10 @@ class MarketRoom(YRoom):
                 await asyncio.sleep(1.0)
 
     async def flush(self) -> None:
-        if self.store is None:
-            return
         async with self._store_lock:
             await self._flush()
 
     async def _flush(self) -> None:
-        assert self.store is not None
         updates, self._pending = self._pending, []
         archive, self._archive = self._archive, []
         try:
@@ -456,19 +533,20 @@ class MarketRoom(YRoom):
             raise
         if not updates:
             return
+        self._writing = updates
         try:
             rows = await asyncio.to_thread(self.store.append, self.name, updates)
         except BaseException:
             self._pending[:0] = updates
             raise
+        finally:
+            self._writing = []
         if rows > SQUASH_AFTER:
             state = self.ydoc.get_update()
             self._pending = []  # the state holds them
             await asyncio.to_thread(self.store.replace, self.name, state)
 
     def flush_sync(self) -> None:
-        if self.store is None:
-            return
         if self._archive:
             self.store.archive(self.name, self._archive)
             self._archive = []
@@ -535,13 +613,13 @@ class MarketRoom(YRoom):
             "connections": len(self.clients),
             "agents": agents,
             "tasks": tasks,
-            "archived": self.store.archive_count(self.name) if self.store else 0,
+            "archived": self.store.archive_count(self.name),
             "compactions": self.compactions,
         }
 
 
 class MarketServer(WebsocketServer):
-    def __init__(self, store: Store | None, compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
+    def __init__(self, store: Store, compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
         super().__init__(auto_clean_rooms=False, log=logging.getLogger("igora.market.server"))
         self.store = store
         self.compact_every = compact_every
@@ -585,13 +663,21 @@ class Market:
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         room_idle: float = DEFAULT_ROOM_IDLE,
         compact_every: int = DEFAULT_COMPACT_EVERY,
+        max_rooms: int = DEFAULT_MAX_ROOMS,
+        max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
     ) -> None:
-        self.store = Store(data / "market.sqlite3") if data is not None else None
+        # Without a folder the rooms' histories are kept in an SQLite database in memory:
+        # a room rebuilds its document from it (after a panic, or when it is loaded again).
+        self.store = Store(data / "market.sqlite3" if data is not None else ":memory:")
         self.room_idle = room_idle
         self.server = MarketServer(self.store, compact_every)
         self.max_connections = max_connections
         self.max_per_address = max_per_address
         self.connections: Counter[str] = Counter()
+        self.max_rooms = max_rooms
+        self.max_rooms_per_address = max_rooms_per_address
+        self.opener: dict[str, str] = {}  # room in memory -> the address that loaded it
+        self.opened: Counter[str] = Counter()  # address -> rooms in memory it loaded
         self._refusals: dict[str, tuple[float, int]] = {}
         self.app = Starlette(
             routes=[
@@ -610,8 +696,8 @@ class Market:
             for room in list(self.server.rooms.values()):
                 if isinstance(room, MarketRoom):
                     room.flush_sync()
-        if self.store is not None:
-            self.store.close()
+        self.store.close()
+        if self.store.durable:
             log.info("market stopped, store %s flushed and closed", self.store.path)
         else:
             log.info("market stopped")
@@ -632,7 +718,7 @@ class Market:
 
     async def archived_task(self, request: Request) -> Response:
         room, task_id = request.path_params["room"], request.path_params["task_id"]
-        task = self.store.archived(room, task_id) if self.store else None
+        task = self.store.archived(room, task_id)
         if task is None:
             return JSONResponse({"error": f"no archived task {task_id!r} in {room!r}"}, 404)
         return JSONResponse(task)
@@ -657,6 +743,15 @@ class Market:
         room: MarketRoom | None = None
         try:
             await websocket.accept()
+            refusal = await self._room_refusal(room_name, address)
+            if refusal is not None:
+                self._log_refusal(address, peer, refusal)
+                channel.closed = True
+                await websocket.close(code=1013, reason=refusal[:120])
+                return
+            if room_name not in self.server.rooms:  # no await since the check
+                self.opener[room_name] = address
+                self.opened[address] += 1
             room = self.server.room(room_name)
             room.holders += 1  # before any await: an idle room is not unloaded under us
             await self.server.start_room(room)
@@ -680,6 +775,28 @@ class Market:
                 with contextlib.suppress(Exception):
                     await websocket.close()
 
+    async def _room_refusal(self, name: str, address: str) -> str | None:
+        """Why ``address`` may not load room ``name`` into memory now (None: it may, or
+        the room is there already). With ``max_rooms`` in memory, the room idle the
+        longest is unloaded first to make space; refused only if none is idle."""
+        for _ in range(10):
+            if name in self.server.rooms:
+                return None
+            if len(self.server.rooms) < self.max_rooms:
+                break
+            idle = [r for r in self.server.rooms.values()
+                    if isinstance(r, MarketRoom) and r.holders == 0]
+            if not idle:
+                return f"{self.max_rooms} rooms in memory already, none idle"
+            await self._unload(min(idle, key=lambda r: r.idle_since),  # one line each: debug
+                               f"to make space ({self.max_rooms} rooms in memory)", logging.DEBUG)
+        else:
+            return f"{self.max_rooms} rooms in memory already"
+        if self.opened[address] >= self.max_rooms_per_address:
+            return (f"{self.max_rooms_per_address} rooms opened from {address} are in memory "
+                    "already")
+        return None
+
     def _log_refusal(self, address: str, peer: str, reason: str) -> None:
         """One line per address and second at most: a flood must not flood the log too."""
         now = time.monotonic()
@@ -694,10 +811,8 @@ class Market:
             self._refusals.clear()
 
     def _unload_later(self, room: MarketRoom) -> None:
-        """Drop a room nobody uses from memory after ``room_idle`` s; it stays in the store.
-        A market without a store keeps its rooms: they exist nowhere else."""
-        if self.store is None:
-            return
+        """Drop a room nobody uses from memory after ``room_idle`` s; it stays in the store
+        (in memory without --data, where its history takes less than its live document)."""
         room.idle_since = time.monotonic()
         asyncio.get_running_loop().call_later(
             self.room_idle, lambda: background(self._unload_if_idle(room)))
@@ -707,28 +822,41 @@ class Market:
             return
         if time.monotonic() - room.idle_since < self.room_idle * 0.99:
             return  # someone came and went since: a later call decides
+        await self._unload(room, f"after {self.room_idle:g} s without connections")
+
+    async def _unload(self, room: MarketRoom, why: str, level: int = logging.INFO) -> None:
+        """Drop an idle room from memory (its history is in the store)."""
         await room.flush()
         if room.holders or room._pending or self.server.rooms.get(room.name) is not room:
             return
         del self.server.rooms[room.name]  # no await between the check and this
+        address = self.opener.pop(room.name, None)
+        if address is not None:
+            self.opened[address] -= 1
+            if self.opened[address] <= 0:
+                del self.opened[address]
         with contextlib.suppress(Exception):
             await room.stop()
-        log.info("room %s: unloaded from memory after %g s without connections",
-                 room.name, self.room_idle)
+        log.log(level, "room %s: unloaded from memory %s", room.name, why)
 
 
 def _check_limits(port: int, max_message: int, max_connections: int,
-                  max_per_address: int, room_idle: float, compact_every: int = 0) -> None:
+                  max_per_address: int, room_idle: float, compact_every: int = 0,
+                  max_rooms: int = 1, max_rooms_per_address: int = 1,
+                  header_timeout: float = 1.0) -> None:
     from ..config import ConfigError
 
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
-    if not room_idle > 0:
-        raise ConfigError(f"--room-idle must be a positive number of seconds, not {room_idle}")
+    for flag, seconds in (("--room-idle", room_idle), ("--header-timeout", header_timeout)):
+        if not 0 < seconds < float("inf"):
+            raise ConfigError(f"{flag} must be a positive number of seconds, not {seconds}")
     for flag, value, least in (("--max-message", max_message, 1024),
                                ("--max-connections", max_connections, 1),
                                ("--max-per-address", max_per_address, 1),
-                               ("--compact-every", compact_every, 0)):
+                               ("--compact-every", compact_every, 0),
+                               ("--max-rooms", max_rooms, 1),
+                               ("--max-rooms-per-address", max_rooms_per_address, 1)):
         if value < least:
             raise ConfigError(f"{flag} must be at least {least}, not {value}")
 
@@ -767,13 +895,15 @@ class _QuietInvalidRequest(logging.Filter):
         return record.getMessage() != "Invalid HTTP request received."
 
 
-def _protocols() -> dict[str, Any]:
+def _protocols(header_timeout: float, max_per_address: int) -> dict[str, Any]:
     """uvicorn's HTTP and websocket protocols, logging who sent garbage before the
-    websocket handshake (the ASGI app never sees those connections)."""
+    websocket handshake (the ASGI app never sees those connections), and closing
+    requests whose headers are late (igora.header_timeout)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
     from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
 
     out: dict[str, Any] = {}
+    http: type[asyncio.Protocol] = AutoHTTPProtocol
     if hasattr(AutoHTTPProtocol, "send_400_response"):
 
         class HTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -781,8 +911,9 @@ def _protocols() -> dict[str, Any]:
                 log.warning("%s: disconnected, invalid HTTP request", _peer_of(self))
                 super().send_400_response(msg)
 
-        out["http"] = HTTP
+        http = HTTP
         logging.getLogger("uvicorn.error").addFilter(_QuietInvalidRequest())
+    out["http"] = http_protocol(http, header_timeout, log, max_per_address)
     if AutoWebSocketsProtocol is not None and hasattr(AutoWebSocketsProtocol, "handle_connect"):
 
         class WS(AutoWebSocketsProtocol):  # type: ignore[misc, valid-type]
@@ -807,23 +938,28 @@ def run_market(
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
     room_idle: float = DEFAULT_ROOM_IDLE,
     compact_every: int = DEFAULT_COMPACT_EVERY,
+    max_rooms: int = DEFAULT_MAX_ROOMS,
+    max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     log_level: str = "info",
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit)."""
     import uvicorn
 
     _check_limits(port, max_message, max_connections, max_per_address, room_idle,
-                  compact_every)
+                  compact_every, max_rooms, max_rooms_per_address, header_timeout)
     # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
     for noisy in ("igora.market.room", "igora.market.server"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     sock = _listen(host, port)
     market = Market(data, max_connections=max_connections, max_per_address=max_per_address,
-                    room_idle=room_idle, compact_every=compact_every)
+                    room_idle=room_idle, compact_every=compact_every, max_rooms=max_rooms,
+                    max_rooms_per_address=max_rooms_per_address)
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
     log.info("market listening on ws://%s:%d, %s; limits: message %d bytes, %d connections "
-             "(%d per address)", host, port, where, max_message, max_connections,
-             max_per_address)
+             "(%d per address), %d rooms (%d per address), headers within %g s", host, port,
+             where, max_message, max_connections, max_per_address, max_rooms,
+             max_rooms_per_address, header_timeout)
     config = uvicorn.Config(
         market.app,
         ws_max_size=max_message,
@@ -837,6 +973,6 @@ def run_market(
         lifespan="on",
         timeout_graceful_shutdown=2,
         log_config=None,  # uvicorn's lines go through our format (igora.cli.setup_logging)
-        **_protocols(),
+        **_protocols(header_timeout, max_per_address),
     )
     uvicorn.Server(config).run(sockets=[sock])

@@ -32,18 +32,28 @@ CREATE TABLE IF NOT EXISTS archive (
 """
 
 
+class StoreError(OSError):
+    """The store cannot be opened (a folder in its place, not an SQLite file, ...)."""
+
+
 class Store:
-    """Thread-safe SQLite store; every write goes through one lock and one connection."""
+    """Thread-safe SQLite store; every write goes through one lock and one connection.
+    ``Store(":memory:")`` keeps it in memory (``durable`` is False)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.durable = str(path) != ":memory:"
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            if self.durable:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            why = "it is a folder" if self.path.is_dir() else str(exc)
+            raise StoreError(f"cannot open the store {path}: {why}") from None
         self._rows: dict[str, int] = {}
 
     def close(self) -> None:

@@ -33,6 +33,10 @@ REFRESH = 2.0
 TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml",
          ".png": "image/png", ".ico": "image/x-icon", ".html": "text/html"}
 NO_CACHE = {"Cache-Control": "no-cache"}
+FILES = {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file()}
+"""The assets, by the name ``/static/`` serves them under. A request is looked up here, never
+on the disk: a NUL byte or a 5,000-character name made path resolution raise (HTTP 500),
+and nothing outside this folder can be named."""
 
 
 def _unavailable() -> JSONResponse:
@@ -68,9 +72,10 @@ def router() -> APIRouter:
 
     @r.get("/static/{name:path}", include_in_schema=False)
     async def static(name: str) -> Response:
-        path = (STATIC / name).resolve()
-        if not path.is_relative_to(STATIC) or not path.is_file():
-            return JSONResponse({"error": {"message": f"no file {name!r}", "type":
+        path = FILES.get(name)
+        if path is None:
+            shown = name if len(name) <= 80 else name[:80] + "..."
+            return JSONResponse({"error": {"message": f"no file {shown!r}", "type":
                                            "invalid_request_error", "code": "not_found"}},
                                 status_code=404)
         return FileResponse(path, media_type=TYPES.get(path.suffix, "application/octet-stream"),
