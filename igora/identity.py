@@ -188,15 +188,20 @@ def load_identity(data: Path | None = None) -> tuple[Identity, bool]:
 def _read(path: Path) -> Identity | None:
     """The identity in ``path``, None if there is no file; IdentityError if it is unsafe
     or not a key. Permissions are checked on the open file, not on the name."""
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # a FIFO in its place must not hang us
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | nonblock)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise IdentityError(f"cannot read {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         _check_safe(path, os.fstat(fd))
-        content = f.read(200)
+        content = os.read(fd, 200)
+    except OSError as exc:
+        raise IdentityError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     return Identity(_parse(path, content), path)
 
 

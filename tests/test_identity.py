@@ -133,6 +133,16 @@ def test_a_corrupt_key_file_is_an_error_and_never_replaced(
     assert path.read_bytes() == content
 
 
+def test_a_key_path_that_is_not_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / KEY_FILE).mkdir()
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / KEY_FILE, 0o600)  # read without waiting for a writer
+    for data in (tmp_path, tmp_path / "fifo"):
+        os.chmod(data, 0o700)
+        with pytest.raises(IdentityError, match="is not a regular file"):
+            load_identity(data)
+
+
 def test_concurrent_first_use_ends_with_one_key(tmp_path: Path) -> None:
     data = tmp_path / "shared"
     start = threading.Barrier(8)
