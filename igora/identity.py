@@ -17,8 +17,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import json
 import os
 import stat
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -291,9 +293,6 @@ def _sync_folder(folder: Path) -> None:
 
 def show(data: Path | None, as_json: bool) -> int:
     """``igora id``: print the id (or, with ``as_json``, the keys and the file)."""
-    import json
-    import sys
-
     identity, made = load_identity(data)
     if made:
         print(f"igora id: made a new identity in {identity.path}", file=sys.stderr)
