@@ -196,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     _market_options(p)
     _common(p)
 
+    p = sub.add_parser("id", formatter_class=Formatter, help="print this agent's identity",
+                       description="Print the id of the identity kept in the data folder: the\n"
+                                   "base64url of an Ed25519 public key, made on first use in\n"
+                                   "DATA/identity.key (mode 0600; a key file others may read is\n"
+                                   "refused). Signatures and encryption of the secure market\n"
+                                   "(being built: docs/security.md) name an agent by this id.\n"
+                                   "Two data folders are two identities on one machine.")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="folder of the key (default: IGORA_DATA or ~/.local/share/igora)")
+    p.add_argument("--json", action="store_true",
+                   help="print the id, the Ed25519 public key (hex) and the key file as JSON")
+    _common(p)
+
     try:
         from .gateway import cli as gateway_cli
     except ImportError:  # pragma: no cover - gateway not built yet
@@ -274,6 +287,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from .gateway.cli import run as run_gateway
 
         return run_gateway(args)
+    if args.command == "id":
+        from .identity import show
+
+        return show(args.data, args.json)
     if args.command == "workers":
         from .workers_config import run_workers
 
