@@ -20,13 +20,17 @@ collected (an agent cut off for longer than the grace, writing to a task that ha
 and left) is collected too on arrival, as Yjs does for writes into deleted types; peers
 with the full history still see it, as any late write of a cut-off agent.
 
-The market compacts on its own (``MarketRoom.compact``); see docs/faults.md.
+The market compacts its rooms (``MarketRoom.compact``), and every agent its own document
+(``Agent.compact``); see docs/faults.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from typing import NamedTuple
+
+from pycrdt import Doc
 
 from ..lib0 import uint_bytes
 from ..protocol import MapName, task_of
@@ -187,3 +191,15 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
         out += c
     out += parsed.delete_set
     return Compacted(bytes(out), dead - chosen, collected, len(chosen))
+
+
+async def compact_doc(doc: Doc, spared: set[str] | None) -> tuple[Doc, Compacted, int]:
+    """A new document (same client id) holding ``doc``'s state compacted, then whatever
+    ``doc`` received while the rewrite ran in a thread; and the size of the state before.
+    ``doc`` itself is not changed: the caller swaps the new one in with no await between."""
+    vector, state = doc.get_state(), doc.get_update()
+    result = await asyncio.to_thread(compact, state, spared)
+    fresh = Doc(client_id=doc.client_id)
+    fresh.apply_update(result.update)
+    fresh.apply_update(doc.get_update(vector))
+    return fresh, result, len(state)

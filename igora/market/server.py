@@ -52,7 +52,7 @@ from .. import __version__
 from ..protocol import FINAL_VALUES, KANBAN, MapName
 from ..lib0 import Reader
 from ..updates import UpdateError, check_depth
-from .compaction import compact as compact_state
+from .compaction import compact_doc
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
 
@@ -374,14 +374,10 @@ class MarketRoom(YRoom):
         started = time.monotonic()
         self._left = 0
         doc = self.ydoc
-        vector, state = doc.get_state(), doc.get_update()
         try:
-            result = await asyncio.to_thread(compact_state, state, self._dead)
+            fresh, result, size = await compact_doc(doc, self._dead)
             if self.ydoc is not doc:
                 return
-            fresh = Doc(client_id=doc.client_id)
-            fresh.apply_update(result.update)
-            fresh.apply_update(doc.get_update(vector))
         except Exception:
             log.exception("room %s: compaction failed; the room goes on, never compacted "
                           "again until the market restarts (please report this)", self.name)
@@ -396,7 +392,7 @@ class MarketRoom(YRoom):
         log.log(logging.INFO if result.tasks else logging.DEBUG,
                 "room %s: compacted, %d -> %d bytes: the history of %d finished task(s) "
                 "collected (%d deleted items) in %.0f ms; %d more next time", self.name,
-                len(state), len(result.update), result.tasks, result.collected, took * 1000,
+                size, len(result.update), result.tasks, result.collected, took * 1000,
                 len(result.dead))
         if self.store is not None:
             async with self._store_lock:
