@@ -19,7 +19,7 @@ from igora.agent import Agent
 from igora.broker.broker import Broker
 from igora.config import market_address
 from igora.engines.echo import EchoEngine
-from igora.protocol import BROKER_STYLE, AgentType, F, MapName, State, TEXT_STYLE
+from igora.protocol import BROKER_STYLE, TEXT_STYLE, AgentType, F, State
 from igora.web.market_view import MarketTracker
 from igora.worker.worker import Worker
 
