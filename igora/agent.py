@@ -42,7 +42,7 @@ from websockets.exceptions import WebSocketException
 
 from .config import MarketAddress
 from .errors import MarketUnreachable
-from .market.compaction import compact_doc
+from .market.compaction import compact_doc, release_memory
 from .protocol import A, KANBAN, PROTOCOL_VERSION, MapName, Peer, new_id, now_ms
 
 DEFAULT_HEARTBEAT = 5.0
@@ -299,6 +299,8 @@ class Agent:
         if self.doc is not doc:
             return
         self._swap(fresh)
+        del doc, fresh
+        release_memory()
         self._dead = result.dead
         self.compactions += 1
         self.collected += result.tasks

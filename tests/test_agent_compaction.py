@@ -81,6 +81,10 @@ async def test_agents_rebuild_their_documents_mid_stream(cluster: Cluster) -> No
             expected = "".join(f"tok{i} " for i in range(500))
             assert not any(isinstance(p, Restart) for p in pieces)
             assert "".join(pieces) == expected == final[F.RESPONSE]
+            # Read piece by piece to the end: had the stream's observer or the worker's
+            # stream been left on an old document, the rest would have come at once from
+            # done (thousands of characters in one piece).
+            assert max(len(p) for p in pieces) < 200, sorted(len(p) for p in pieces)[-3:]
             assert answers == [f"Echo: short {i}" for i in range(n)]
             # Every agent compacted its document while the long task was streaming.
             assert all(c > 0 for c in during), during

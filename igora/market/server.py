@@ -52,7 +52,7 @@ from .. import __version__
 from ..protocol import FINAL_VALUES, KANBAN, MapName
 from ..lib0 import Reader
 from ..updates import UpdateError, check_depth
-from .compaction import compact_doc
+from .compaction import compact_doc, release_memory
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
 
@@ -385,6 +385,8 @@ class MarketRoom(YRoom):
             self._dead = set()
             return
         self._swap(fresh)
+        del doc, fresh
+        release_memory()
         self._dead = result.dead
         self.compactions += 1
         took = time.monotonic() - started
