@@ -30,6 +30,7 @@ import asyncio
 import bisect
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -202,7 +203,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
 _REWRITER = ThreadPoolExecutor(1, thread_name_prefix="igora-compaction")
 
 
-def _load_trim():  # type: ignore[no-untyped-def]
+def _load_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name).malloc_trim if name else None
