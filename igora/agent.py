@@ -6,6 +6,10 @@ Liveness: every agent refreshes its awareness state every ``heartbeat`` seconds
 when nothing was heard from it for 3 heartbeats (30 s for an original agent, the
 y-protocols awareness timeout). The market also removes the awareness state of a
 connection as soon as its socket closes, so a killed process is noticed at once.
+
+Memory: every agent compacts its own document as the market compacts its rooms
+(``Agent.compact``, docs/faults.md "Agents that run for months"), so a process connected
+for months holds the live tasks, not every task it ever saw.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pycrdt import (
@@ -37,6 +42,7 @@ from websockets.exceptions import WebSocketException
 
 from .config import MarketAddress
 from .errors import MarketUnreachable
+from .market.compaction import compact_doc, release_memory
 from .protocol import A, KANBAN, PROTOCOL_VERSION, MapName, Peer, new_id, now_ms
 from .updates import check_update, is_panic
 
@@ -44,6 +50,8 @@ DEFAULT_HEARTBEAT = 5.0
 ORIGINAL_TIMEOUT = 30.0  # y-protocols' awareness outdated timeout
 BACKOFF_START = 0.2
 BACKOFF_MAX = 5.0
+COMPACT_EVERY = 500  # tasks gone from ``done`` between two compactions of the document
+COMPACT_PAUSE = 2.0  # seconds at least between two: the grace of a task gone (as the market)
 
 log = logging.getLogger("igora.agent")
 _UPDATE_PREFIX = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE])
@@ -58,6 +66,16 @@ def discard(mp: Map, key: str) -> None:
     first, a task-sized dict each time."""
     if key in mp:
         del mp[key]
+
+
+@dataclass(eq=False)
+class Observer:
+    """An observer of one top-level map, kept by the agent across document rebuilds."""
+
+    name: MapName
+    callback: Callable[[Any], None]
+    deep: bool
+    subscription: Any = None
 
 
 def _merge_update_runs(batch: list[bytes]) -> list[bytes]:
@@ -103,6 +121,7 @@ class Agent:
         heartbeat: float = DEFAULT_HEARTBEAT,
         connect_timeout: float = 10.0,
         backoff_max: float = BACKOFF_MAX,
+        compact_every: int = COMPACT_EVERY,
     ) -> None:
         self.address = address
         self.id = new_id()
@@ -112,8 +131,8 @@ class Agent:
         self.backoff_max = backoff_max
         self.log = logging.getLogger(f"igora.{type}")
         self.doc = Doc()
-        self.maps: dict[MapName, Map] = {m: self.doc.get(m.value, type=Map) for m in KANBAN}
-        self.maps[MapName.STREAMS] = self.doc.get(MapName.STREAMS.value, type=Map)
+        self.maps: dict[MapName, Map] = {}
+        self._bind_maps()
         self.awareness = Awareness(self.doc)
         self.awareness.set_local_state(
             {
@@ -137,8 +156,15 @@ class Agent:
         self._applying_remote = False
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
-        self._key_subscriptions: list[Any] = []
-        self.doc.observe(self._on_doc_update)
+        self._observers: list[Observer] = []
+        self.compact_every = compact_every
+        self.compactions = 0
+        self.collected = 0  # finished tasks whose history the compactions dropped
+        self._left = 0  # tasks gone from done since the last compaction
+        self._dead: set[str] = set()  # tasks found gone by the last compaction
+        self._compactor: asyncio.Task[None] | None = None
+        self._doc_subscription = self.doc.observe(self._on_doc_update)
+        self.observe_keys(MapName.DONE, self._on_done_keys)
         self.awareness.observe(self._on_awareness)
 
     # ---------------------------------------------------------------- lifecycle
@@ -175,6 +201,9 @@ class Agent:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+        if self._compactor is not None:
+            self._compactor.cancel()
+            self._compactor = None
 
     # ---------------------------------------------------------------- document
     @contextlib.contextmanager
@@ -183,21 +212,119 @@ class Agent:
             yield
 
     def observe_keys(self, name: MapName,
-                     callback: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+                     callback: Callable[[dict[str, dict[str, Any]]], None]) -> Observer:
         """Call ``callback(changes)`` after each transaction that changes the map ``name``;
         ``changes`` maps each changed key to ``{"action": "add" | "update" | "delete",
         "oldValue": ..., "newValue": ...}``. Cheaper than ``Map.observe``, which builds an
         event object and walks every value again (~20 us per task-sized change, paid by
         every agent for every change of the room). The callback must not read or write
-        the document (it runs inside the transaction)."""
+        the document (it runs inside the transaction). It follows the agent's document
+        across rebuilds (``compact``); ``unobserve`` ends it."""
+        return self._observe(Observer(name, callback, deep=False))
+
+    def observe_deep(self, name: MapName, callback: Callable[[list[Any]], None]) -> Observer:
+        """``Map.observe_deep`` on the map ``name`` (pycrdt events: the Y.Text pieces of
+        ``streams``), following the agent's document across rebuilds."""
+        return self._observe(Observer(name, callback, deep=True))
+
+    def unobserve(self, observer: Observer) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+            self._unsubscribe(observer)
+
+    def _observe(self, observer: Observer) -> Observer:
+        self._observers.append(observer)
+        self._subscribe(observer)
+        return observer
+
+    def _subscribe(self, observer: Observer) -> None:
+        name, callback = observer.name, observer.callback
 
         def call(event: Any) -> None:
             try:
-                callback(event.keys)
+                callback(event if observer.deep else event.keys)
             except Exception:  # an observer must never break the connection
                 self.log.exception("observer of %s failed", name.value)
 
-        self._key_subscriptions.append(self.maps[name].integrated.observe(call))
+        mp = self.maps[name]
+        observer.subscription = mp.observe_deep(call) if observer.deep else mp.integrated.observe(call)
+
+    def _unsubscribe(self, observer: Observer) -> None:
+        if observer.subscription is not None:
+            if observer.deep:
+                self.maps[observer.name].unobserve(observer.subscription)
+            else:
+                observer.subscription.drop()
+            observer.subscription = None
+
+    def _bind_maps(self) -> None:
+        for m in (*KANBAN, MapName.STREAMS):
+            self.maps[m] = self.doc.get(m.value, type=Map)
+
+    # ---------------------------------------------------------------- compaction
+    def _on_done_keys(self, changes: dict[str, dict[str, Any]]) -> None:
+        self._left += sum(1 for c in changes.values() if c.get("action") == "delete")
+        if (self._left and self.compact_every
+                and (self._compactor is None or self._compactor.done())):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a document used outside a loop: nothing to schedule
+                return
+            self._compactor = loop.create_task(self._compaction_loop())
+
+    async def _compaction_loop(self) -> None:
+        """Compact every ``COMPACT_PAUSE`` s while tasks leave: as soon as
+        ``compact_every`` have left, or once the flow has paused for a period (the first
+        quiet pass marks the tasks gone, the second collects them)."""
+        seen = -1
+        while self.compact_every and (self._left or self._dead):
+            await asyncio.sleep(COMPACT_PAUSE)
+            if self._left >= self.compact_every or self._left == seen:
+                await self.compact()
+            seen = self._left
+
+    async def compact(self) -> None:
+        """Replace the agent's document by one without the history of finished tasks,
+        as the market does with its rooms (igora.market.compaction): the rewrite runs in a
+        thread on a snapshot; what arrived meanwhile is applied to the new document, which
+        is swapped in, with every observer moved to it, with no await in between. The
+        state vector is unchanged (collected items become GC ranges of the same clocks):
+        the session with the market goes on as before, nothing is sent."""
+        self._left = 0
+        doc = self.doc
+        started = time.monotonic()
+        try:
+            fresh, result, size = await compact_doc(doc, self._dead)
+        except Exception:
+            self.log.exception("%s: compacting the document failed; not compacted again "
+                               "(please report this)", self.name)
+            self.compact_every = 0
+            self._dead = set()
+            return
+        if self.doc is not doc:
+            return
+        self._swap(fresh)
+        del doc, fresh
+        release_memory()
+        self._dead = result.dead
+        self.compactions += 1
+        self.collected += result.tasks
+        self.log.log(logging.INFO if result.tasks else logging.DEBUG,
+                     "%s: document compacted, %d -> %d bytes: the history of %d finished "
+                     "task(s) collected in %.0f ms", self.name, size, len(result.update),
+                     result.tasks, (time.monotonic() - started) * 1000)
+
+    def _swap(self, fresh: Doc) -> None:
+        """Move to ``fresh``: nothing of the old document is used after this (pycrdt
+        objects of a dropped document must not be touched, and nothing keeps it alive)."""
+        for observer in self._observers:
+            self._unsubscribe(observer)
+        self.doc.unobserve(self._doc_subscription)
+        self.doc = fresh
+        self._bind_maps()
+        self._doc_subscription = fresh.observe(self._on_doc_update)
+        for observer in self._observers:
+            self._subscribe(observer)
 
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (no argument, must not write) after any document or awareness

@@ -25,7 +25,7 @@ from typing import Any
 
 from pycrdt import MapEvent, Text
 
-from .agent import Agent, discard
+from .agent import Agent, Observer, discard
 from .config import market_address
 from .errors import NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
 from .protocol import (
@@ -140,7 +140,7 @@ class Client:
         self._drop_due: asyncio.TimerHandle | None = None
         # The streams are observed only while a task may be read piece by piece: every
         # token of every task of the room would cost an event otherwise.
-        self._streams_sub: Any = None
+        self._streams_sub: Observer | None = None
         self._piece_watches = 0
         # doing and done: only changes of this client's tasks are handled, after the
         # transaction (the handlers read the document).
@@ -194,14 +194,14 @@ class Client:
         if watch.pieces:
             self._piece_watches += 1
             if self._streams_sub is None:
-                self._streams_sub = self.agent.maps[MapName.STREAMS].observe_deep(self._on_streams)
+                self._streams_sub = self.agent.observe_deep(MapName.STREAMS, self._on_streams)
 
     def _unwatch(self, task_id: str) -> None:
         watch = self._watches.pop(task_id, None)
         if watch is not None and watch.pieces:
             self._piece_watches -= 1
             if self._piece_watches == 0 and self._streams_sub is not None:
-                self.agent.maps[MapName.STREAMS].unobserve(self._streams_sub)
+                self.agent.unobserve(self._streams_sub)
                 self._streams_sub = None
 
     def _on_streams(self, events: list[Any]) -> None:

@@ -15,6 +15,11 @@ uncompacted rate over the second half of the run.
 ``IGORA_SOAK_TASKS`` changes the number of tasks (20,000 by default, at least 10,000: the
 market's RSS moves by a few MB from one moment to the next, and the memory bound needs
 enough tasks to see through that).
+
+The second test is the soak of every process (``bench.soak``, issue #17, 100,000 tasks as a
+benchmark): market, broker, two workers, the gateway and a client process, tasks through
+the gateway and a long-lived ``Client``; the memory of each grows by less than 5 % from
+10 % of the run to its end, no task is lost, answered twice or started twice.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 
 import pytest
 
+from bench.soak import GROWTH, growth, soak
 from igora import Client
 from igora.protocol import MapName
 
@@ -125,3 +131,25 @@ async def test_soak_keeps_the_live_document_bounded(cluster: Cluster) -> None:
     assert settled < SETTLED
     assert biggest < window
     assert last_rss - mid_rss < RSS_PER_TASK * (last_n - mid_n) + RSS_NOISE
+
+
+WARMUP = 10_000  # tasks before the run: high-water marks settle first (docs/faults.md)
+MEASURED = 10_000
+
+
+@pytest.mark.timeout(900)
+async def test_soak_every_process_keeps_its_memory_flat() -> None:
+    result, runs = await soak(MEASURED, warmup=WARMUP)
+    grown = growth(result)
+    for s in result["samples"]:
+        print(f"{s['tasks']:6d} tasks {s['seconds']:6.1f} s: " + ", ".join(
+            f"{k} {v / 2**20:.1f} MiB (peak {s['peak'][k] / 2**20:.1f})"
+            for k, v in s["rss"].items()))
+    print("growth from 10 % to the end: " + ", ".join(
+        f"{k} {v * 100:+.1f} %" for k, v in grown.items()))
+    where = f"(logs in {result['dir']})"
+    assert not result["errors"], (result["errors"], where)
+    assert (result["lost"], result["twice"], result["wrong"]) == (0, 0, 0), where
+    assert result["tasks"] >= WARMUP + MEASURED, where
+    assert len(runs) == result["tasks"] and set(runs.values()) == {1}, where
+    assert max(grown.values()) < GROWTH, (grown, where)

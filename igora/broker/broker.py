@@ -10,6 +10,8 @@ from collections import Counter
 from functools import partial
 from typing import Any
 
+from pycrdt import Map
+
 from ..agent import Agent, discard
 from ..protocol import (
     A,
@@ -68,9 +70,6 @@ class Broker:
         self._last_retention = 0.0
         self._rejected: set[str] = set()
         self._abort_seen: dict[str, int] = {}
-        m = agent.maps
-        self.todos, self.prepared, self.doing = m[MapName.TODOS], m[MapName.PREPARED], m[MapName.DOING]
-        self.done, self.streams = m[MapName.DONE], m[MapName.STREAMS]
         # The valid tasks of todos, prepared and doing (and the invalid ones, with why),
         # kept up to date from the maps' events: a round reads only what changed, not
         # every task of the room. A full read every FULL_READ_EVERY s is the safety net.
@@ -84,6 +83,28 @@ class Broker:
         for name in _WATCHED:
             agent.observe_keys(name, partial(self._on_map, name))
         agent.awareness.observe(self._on_awareness)
+
+    # The maps, looked up at each use: the agent replaces its document when it compacts
+    # it, and a Map of the old one must never be touched again.
+    @property
+    def todos(self) -> Map:
+        return self.agent.maps[MapName.TODOS]
+
+    @property
+    def prepared(self) -> Map:
+        return self.agent.maps[MapName.PREPARED]
+
+    @property
+    def doing(self) -> Map:
+        return self.agent.maps[MapName.DOING]
+
+    @property
+    def done(self) -> Map:
+        return self.agent.maps[MapName.DONE]
+
+    @property
+    def streams(self) -> Map:
+        return self.agent.maps[MapName.STREAMS]
 
     def _on_awareness(self, topic: str, _change: Any) -> None:
         if topic == "change":

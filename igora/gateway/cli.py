@@ -14,6 +14,9 @@ from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
 from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME
 
 API_KEYS_ENV = "IGORA_API_KEYS"
+KEEP_ALIVE = 75  # seconds an idle HTTP connection stays open: longer than clients keep
+# theirs (httpx and the openai SDK: 5 s), so a client never sends a request on a
+# connection the gateway is closing at the same moment (a reset, not an answer)
 
 log = logging.getLogger("igora.gateway")
 
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
              address.room_url, f" ({len(keys)} API key(s))" if keys else " (no API key)")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                             log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=5,
+                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE,
                             http=http_protocol(None, args.header_timeout, log))
     server = uvicorn.Server(config)
     server.run()

@@ -20,13 +20,21 @@ collected (an agent cut off for longer than the grace, writing to a task that ha
 and left) is collected too on arrival, as Yjs does for writes into deleted types; peers
 with the full history still see it, as any late write of a cut-off agent.
 
-The market compacts on its own (``MarketRoom.compact``); see docs/faults.md.
+The market compacts its rooms (``MarketRoom.compact``), and every agent its own document
+(``Agent.compact``); see docs/faults.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import ctypes
+import ctypes.util
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
+
+from pycrdt import Doc
 
 from ..lib0 import uint_bytes
 from ..protocol import MapName, task_of
@@ -187,3 +195,41 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
         out += c
     out += parsed.delete_set
     return Compacted(bytes(out), dead - chosen, collected, len(chosen))
+
+
+# One thread for every rewrite of the process: each thread that allocates gets its own
+# glibc heap (arena), which keeps its high-water mark; rewrites spread over the default
+# executor's threads made several, and the memory of a process crept up with them.
+_REWRITER = ThreadPoolExecutor(1, thread_name_prefix="igora-compaction")
+
+
+def _load_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_malloc_trim = _load_trim()
+
+
+def release_memory() -> None:
+    """Give the pages freed by a compaction (the old document, the rewrite's buffers) back
+    to the system now (glibc keeps freed heap pages otherwise; no-op elsewhere)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+async def compact_doc(doc: Doc, spared: set[str] | None) -> tuple[Doc, Compacted, int]:
+    """A new document (same client id) holding ``doc``'s state compacted, then whatever
+    ``doc`` received while the rewrite ran in a thread; and the size of the state before.
+    ``doc`` itself is not changed: the caller swaps the new one in with no await between,
+    then calls ``release_memory``."""
+    vector, state = doc.get_state(), doc.get_update()
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(_REWRITER, compact, state, spared)
+    fresh = Doc(client_id=doc.client_id)
+    fresh.apply_update(result.update)
+    fresh.apply_update(doc.get_update(vector))
+    return fresh, result, len(state)

@@ -57,7 +57,7 @@ from ..lib0 import Reader
 from ..protocol import FINAL_VALUES, KANBAN, MapName
 from ..updates import Parsed, UpdateError, check_update, is_panic
 from .causal import MAX_WAITING, CausalGate
-from .compaction import compact as compact_state
+from .compaction import compact_doc, release_memory
 from .fanout import AwarenessRelay, Outbox
 from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
 
@@ -453,14 +453,10 @@ class MarketRoom(YRoom):
         started = time.monotonic()
         self._left = 0
         doc = self.ydoc
-        vector, state = doc.get_state(), doc.get_update()
         try:
-            result = await asyncio.to_thread(compact_state, state, self._dead)
+            fresh, result, size = await compact_doc(doc, self._dead)
             if self.ydoc is not doc:
                 return
-            fresh = Doc(client_id=doc.client_id)
-            fresh.apply_update(result.update)
-            fresh.apply_update(doc.get_update(vector))
         except BaseException as exc:
             if not isinstance(exc, Exception) and not is_panic(exc):
                 raise
@@ -470,6 +466,8 @@ class MarketRoom(YRoom):
             self._dead = set()
             return
         self._swap(fresh)
+        del doc, fresh
+        release_memory()
         self._dead = result.dead
         self.compactions += 1
         took = time.monotonic() - started
@@ -477,7 +475,7 @@ class MarketRoom(YRoom):
         log.log(logging.INFO if result.tasks else logging.DEBUG,
                 "room %s: compacted, %d -> %d bytes: the history of %d finished task(s) "
                 "collected (%d deleted items) in %.0f ms; %d more next time", self.name,
-                len(state), len(result.update), result.tasks, result.collected, took * 1000,
+                size, len(result.update), result.tasks, result.collected, took * 1000,
                 len(result.dead))
         async with self._store_lock:
             pending, self._pending = self._pending, []  # the new state holds them

@@ -18,8 +18,6 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from pycrdt import MapEvent
-
 from ..agent import Agent
 from ..protocol import A, KANBAN, AgentType, F, MapName, State, now_ms
 
@@ -94,8 +92,7 @@ class MarketTracker:
         self._names: OrderedDict[str, str] = OrderedDict()
         self._cache: tuple[int, int, dict[str, Any]] | None = None
         agent.on_change(self._changed)
-        # Keep the subscription: finished tasks are seen only through it.
-        self._done_sub = agent.maps[MapName.DONE].observe(self._on_done)
+        agent.observe_keys(MapName.DONE, self._on_done)
         for tid, value in list(agent.maps[MapName.DONE].items()):
             self._record(tid, value)
 
@@ -113,8 +110,8 @@ class MarketTracker:
             await asyncio.wait_for(self._event.wait(), timeout)
 
     # ------------------------------------------------------------------ recording
-    def _on_done(self, event: MapEvent) -> None:
-        for tid, change in event.keys.items():
+    def _on_done(self, changes: dict[str, dict[str, Any]]) -> None:
+        for tid, change in changes.items():
             self._record(tid, change.get("newValue"))
 
     def _record(self, tid: Any, value: Any) -> None:

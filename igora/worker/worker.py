@@ -96,11 +96,6 @@ class Worker:
         self._advertised: dict[str, Any] = {}
         self._advert_due: asyncio.TimerHandle | None = None
         self._dirty_since: float | None = None  # loop time of the first change not said yet
-        self.prepared: Map = agent.maps[MapName.PREPARED]
-        self.doing: Map = agent.maps[MapName.DOING]
-        self.done: Map = agent.maps[MapName.DONE]
-        self.todos: Map = agent.maps[MapName.TODOS]
-        self.streams: Map = agent.maps[MapName.STREAMS]
         # Only a task written to ``prepared`` for this worker can bring one to claim (a
         # freed slot wakes the loop itself, to look at all of ``prepared``): waking on every
         # update of the room would rescan ``prepared`` at every token any worker streams.
@@ -121,6 +116,28 @@ class Worker:
         agent.observe_keys(MapName.DONE, self._on_elsewhere)
         agent.observe_keys(MapName.STREAMS, self._on_streams)
         agent.on_change(self._after_transaction)
+
+    # The maps, looked up at each use: the agent replaces its document when it compacts
+    # it, and a Map of the old one must never be touched again.
+    @property
+    def prepared(self) -> Map:
+        return self.agent.maps[MapName.PREPARED]
+
+    @property
+    def doing(self) -> Map:
+        return self.agent.maps[MapName.DOING]
+
+    @property
+    def done(self) -> Map:
+        return self.agent.maps[MapName.DONE]
+
+    @property
+    def todos(self) -> Map:
+        return self.agent.maps[MapName.TODOS]
+
+    @property
+    def streams(self) -> Map:
+        return self.agent.maps[MapName.STREAMS]
 
     # ------------------------------------------------------------------ adverts
     def advert(self) -> dict[str, Any]:
