@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="openai: seconds the upstream may stay silent before the task fails")
     p.add_argument("--context", type=int, default=2048, help="llama: context length in tokens")
     p.add_argument("--threads", type=int, default=None, help="llama: CPU threads")
+    p.add_argument("--embedding-model", default=None, metavar="PATH",
+                   help="llama: GGUF file for embeddings, served under its file name "
+                        "(default: the chat model also embeds)")
     p.add_argument("--slots", type=int, default=1, help="tasks run at once")
     p.add_argument("--delay", type=float, default=0.0, help="echo: seconds per token")
     p.add_argument("--max-tokens", type=int, default=512,

@@ -311,14 +311,28 @@ BAD_CHAT: list[tuple[str, Any, str | None]] = [
     ("seed huge", {"seed": 2**70}, "invalid_value"),
     ("stop too many", {"stop": [str(i) for i in range(17)]}, "invalid_value"),
     ("stop empty string", {"stop": ""}, "invalid_value"),
-    ("n two", {"n": 2}, "unsupported_value"),
+    # Fields the echo workers cannot honour: 400 naming what no worker offers.
+    ("n two", {"n": 2}, "capability_not_served"),
     ("stream text", {"stream": "yes"}, "invalid_value"),
     ("stream_options without stream", {"stream_options": {"include_usage": True}},
      "invalid_value"),
-    ("logprobs", {"logprobs": True}, "unsupported_parameter"),
+    ("logprobs", {"logprobs": True}, "capability_not_served"),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]},
-     "unsupported_parameter"),
-    ("json mode", {"response_format": {"type": "json_object"}}, "unsupported_parameter"),
+     "capability_not_served"),
+    ("json mode", {"response_format": {"type": "json_object"}}, "capability_not_served"),
+    ("json schema", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}}}}, "capability_not_served"),
+    ("json_schema missing", {"response_format": {"type": "json_schema"}},
+     "missing_required_parameter"),
+    ("unknown response type", {"response_format": {"type": "yaml"}}, "invalid_value"),
+    ("legacy functions", {"functions": [{"name": "f"}]}, "unsupported_parameter"),
+    ("tool_choice without tools", {"tool_choice": "required"}, "invalid_value"),
+    ("tool_choice names another tool", {
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": {"type": "function", "function": {"name": "g"}}}, "invalid_value"),
+    ("tool without name", {"tools": [{"type": "function", "function": {}}]},
+     "missing_required_parameter"),
+    ("top_logprobs alone", {"top_logprobs": 2}, "invalid_value"),
     ("model not a string", {"model": 12}, "invalid_value"),
     ("model too long", {"model": "m" * 500}, "invalid_value"),
 ]
@@ -342,7 +356,7 @@ BAD_TEXT: list[tuple[str, Any, str | None]] = [
     ("suffix", {"prompt": "a", "suffix": "b"}, "unsupported_parameter"),
     ("best_of", {"prompt": "a", "best_of": 3}, "unsupported_parameter"),
     ("logprobs", {"prompt": "a", "logprobs": 2}, "unsupported_parameter"),
-    ("n", {"prompt": "a", "n": 4}, "unsupported_value"),
+    ("n", {"prompt": "a", "n": 4}, "unsupported_parameter"),
 ]
 
 

@@ -11,7 +11,19 @@ from functools import partial
 from typing import Any
 
 from ..agent import Agent, discard
-from ..protocol import A, AgentState, F, MapName, ProtocolError, State, now_ms, validate_task
+from ..capabilities import unservable
+from ..protocol import (
+    A,
+    AgentState,
+    AgentType,
+    F,
+    MapName,
+    ProtocolError,
+    State,
+    is_original,
+    now_ms,
+    validate_task,
+)
 from . import policies
 from .fairness import Fairness
 from .leader import Leadership
@@ -24,6 +36,7 @@ SHUN_FOR = 120.0  # seconds a worker that left a task untaken gets no new one
 FULL_READ_EVERY = 5.0  # seconds between two full reads of the maps (the view is kept from events)
 POLICIES_EVERY = 0.1  # seconds between two runs of the recovery policies when nothing calls for one
 PEERS_EVERY = 0.25  # seconds between two reads of the awareness states when none changed
+UNSERVABLE_AFTER = 1.0  # seconds a v2 task stays unservable (no worker could ever take it) before it fails
 
 log = logging.getLogger("igora.broker")
 _WATCHED = (MapName.TODOS, MapName.PREPARED, MapName.DOING)
@@ -58,6 +71,7 @@ class Broker:
         self._last_retention = 0.0
         self._rejected: set[str] = set()
         self._abort_seen: dict[str, int] = {}
+        self._unservable_since: dict[str, float] = {}
         m = agent.maps
         self.todos, self.prepared, self.doing = m[MapName.TODOS], m[MapName.PREPARED], m[MapName.DOING]
         self.done, self.streams = m[MapName.DONE], m[MapName.STREAMS]
@@ -255,8 +269,9 @@ class Broker:
         if not waiting:
             return
         now = time.monotonic()
-        workers = [p for p in self.presence.peers
-                   if p.type == "worker" and self.shunned.get(p.id or "", 0.0) < now]
+        present = self.presence.of_type(AgentType.WORKER)
+        self._fail_unservable(waiting, present, now)
+        workers = [p for p in present if self.shunned.get(p.id or "", 0.0) < now]
         if not workers:
             return
         load: Counter[str] = Counter()
@@ -271,7 +286,7 @@ class Broker:
         for task in self.fairness.order(waiting, in_flight):
             if not workers:  # every slot taken: the rest waits
                 break
-            worker = pick_worker(task, workers, load)
+            worker = pick_worker(task, workers, load, present)
             if worker is None:
                 continue
             load[worker.id or ""] += 1
@@ -297,6 +312,45 @@ class Broker:
         for task, _prepared, worker in writes:
             log.info("%s: task %s assigned to %s (model %s)", self.agent.name, task[F.ID],
                      worker.name, task.get(F.MODEL) or "any")
+
+    def _fail_unservable(self, waiting: list[dict[str, Any]], present: list[Any],
+                         now: float) -> None:
+        """End ``failed`` (with a typed ``errorCode``) the waiting v2 tasks that no worker
+        present could serve: their model is not on the market, or no worker offers what
+        they ask (tools, a JSON schema, embeddings...). Waiting would only end at their
+        deadline. A task must stay unservable for UNSERVABLE_AFTER first: a worker's
+        awareness may arrive just after its task. An original agent's task naming a model
+        nobody serves is not failed: any text worker answers it (``model_for``)."""
+        seen = self._unservable_since
+        waiting_ids = set()
+        failures = []
+        for task in waiting:
+            tid = task[F.ID]
+            waiting_ids.add(tid)
+            if task.get(F.ABORTED) or is_original(task):
+                continue
+            why = unservable(task, present)
+            if why is None:
+                seen.pop(tid, None)
+                continue
+            first = seen.setdefault(tid, now)
+            if now - first >= UNSERVABLE_AFTER:
+                failures.append((task, why))
+        if len(failures) < len([t for t in seen if t in waiting_ids]):  # wake to judge the rest
+            asyncio.get_running_loop().call_later(UNSERVABLE_AFTER / 2, self._wake.set)
+        for tid in [t for t in seen if t not in waiting_ids]:
+            del seen[tid]
+        if not failures:
+            return
+        end = now_ms()
+        with self.agent.transaction():
+            for task, why in failures:
+                seen.pop(task[F.ID], None)
+                discard(self.todos, task[F.ID])
+                self.done[task[F.ID]] = policies.ended(
+                    task, State.FAILED, end, **{F.ERROR: why.reason, F.ERROR_CODE: why.code.value})
+                log.info("%s: task %s failed: %s", self.agent.name, task[F.ID], why.reason)
+        waiting[:] = [t for t in waiting if t[F.ID] not in {f[0][F.ID] for f in failures}]
 
     def _retain(self) -> None:
         now = now_ms()
