@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import json
 import logging
 import os
 import queue
@@ -216,8 +215,8 @@ class LlamaEngine(Engine):
             kwargs["grammar"] = LlamaGrammar.from_string(structured.JSON_OBJECT_GBNF,
                                                          verbose=False)
         elif plan.grammar_schema is not None:
-            kwargs["grammar"] = LlamaGrammar.from_json_schema(
-                json.dumps(plan.grammar_schema), verbose=False)
+            kwargs["grammar"] = LlamaGrammar.from_string(
+                structured.schema_grammar(plan.grammar_schema), verbose=False)
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
         if request.top_p is not None:

@@ -87,6 +87,19 @@ def _bound(node: Any) -> None:
             _bound(sub)
 
 
+def schema_grammar(schema: dict[str, Any]) -> str:
+    """The GBNF grammar of a JSON schema (llama-cpp-python's converter), with strings that
+    cannot hold raw control characters: its ``char`` rule lets a model write a raw newline
+    inside a string, which no strict JSON parser accepts."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    grammar = json_schema_to_gbnf(json.dumps(schema))
+    loose = 'char ::= [^"\\\\] |'
+    if loose not in grammar:
+        raise EngineError("llama.cpp's JSON-schema grammar changed: cannot bound its strings")
+    return grammar.replace(loose, 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+
+
 def check(answer: str, schema: dict[str, Any] | None) -> Any:
     """Parse ``answer`` and validate it against ``schema``; EngineError saying why not."""
     try:
