@@ -262,3 +262,23 @@ def test_langchain_structured_output_and_bound_tools(direct: Target) -> None:
     (call,) = message.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
     assert not message.invalid_tool_calls
+
+
+def test_logprobs_come_with_each_token(target: Target) -> None:
+    answer = target.sdk.chat.completions.create(
+        model=target.model, messages=[{"role": "user", "content": "Say hi."}], logprobs=True,
+        top_logprobs=3, max_tokens=12, temperature=0.0)
+    choice = answer.choices[0]
+    tokens = choice.logprobs.content if choice.logprobs else None
+    assert tokens and "".join(t.token for t in tokens) == choice.message.content
+    for t in tokens:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob
+    # Greedy sampling picks the most likely token each time.
+    assert all(t.token == t.top_logprobs[0].token for t in tokens)
+    chunks = list(target.sdk.chat.completions.create(
+        model=target.model, messages=[{"role": "user", "content": "Say hi."}], logprobs=True,
+        max_tokens=12, temperature=0.0, stream=True))
+    streamed = [t for c in chunks for ch in c.choices if ch.logprobs and ch.logprobs.content
+                for t in ch.logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in tokens]

@@ -165,8 +165,8 @@ async def test_a_task_no_worker_can_serve_fails_within_seconds(echo_market: Clus
         with pytest.raises(NoWorkerError, match="gpt-4"):
             await client.chat("x", model="gpt-4", wait_worker=1.0)
         with pytest.raises(NoWorkerError) as info:
-            await client.embed("x", wait_worker=1.0)
-        assert info.value.missing == ("embed",)
+            await client.chat("x", logprobs=True, n=2, wait_worker=1.0)
+        assert info.value.missing == ("logprobs", "n")
         assert time.monotonic() - start < 15
 
 

