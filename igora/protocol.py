@@ -146,10 +146,8 @@ class ErrorCode(str, Enum):
     """Typed reasons of a ``failed`` task (field ``errorCode``), for programs to test
     instead of parsing ``error``."""
 
-    INVALID_TASK = "invalid_task"
     MODEL_NOT_SERVED = "model_not_served"  # no worker on the market serves the model
     CAPABILITY_NOT_SERVED = "capability_not_served"  # ... none can do what the task asks
-    ENGINE_ERROR = "engine_error"
 
 
 class A:

@@ -17,8 +17,17 @@ import pytest
 from igora import Client, NoWorkerError
 from igora.broker.matching import pick_worker
 from igora.capabilities import Cap, fits, model_for, offered, required, unservable
-from igora.protocol import ErrorCode, F, MapName, Peer, ProtocolError, State, new_task_id, now_ms
-from igora.protocol import validate_task
+from igora.protocol import (
+    ErrorCode,
+    F,
+    MapName,
+    Peer,
+    ProtocolError,
+    State,
+    new_task_id,
+    now_ms,
+    validate_task,
+)
 
 from .conftest import Cluster
 from .faults import archived_async, observer, wait_for

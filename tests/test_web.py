@@ -290,6 +290,20 @@ def test_enter_sends_and_the_answer_streams_in(context: BrowserContext, up: Up) 
     assert not page.is_enabled("#stop") and page.is_enabled("#send")
 
 
+def test_a_json_answer_is_shown_indented(context: BrowserContext, up: Up) -> None:
+    page = open_page(context, up)
+    page.select_option("#format", "json_object")
+    ask(page, "Describe a cat as JSON.", max_tokens=200)
+    page.wait_for_selector(".msg-assistant[data-finish]", timeout=90_000)
+    assert page.get_attribute(".msg-assistant", "data-finish") == "stop", page.inner_text("#log")
+    shown = page.inner_text(".msg-assistant .body pre.json")
+    value = json.loads(shown)
+    assert isinstance(value, dict)
+    assert not value or shown.startswith('{\n  "')  # indented, one member a line
+    page.reload()
+    assert page.input_value("#format") == "json_object"  # the setting is kept
+
+
 def test_stop_aborts_a_long_answer(context: BrowserContext, up: Up) -> None:
     up.ready_worker()
     page = open_page(context, up)
