@@ -319,15 +319,20 @@ class Broker:
         present could serve: their model is not on the market, or no worker offers what
         they ask (tools, a JSON schema, embeddings...). Waiting would only end at their
         deadline. A task must stay unservable for UNSERVABLE_AFTER first: a worker's
-        awareness may arrive just after its task. An original agent's task naming a model
-        nobody serves is not failed: any text worker answers it (``model_for``)."""
+        awareness may arrive just after its task. Only tasks never assigned are judged, and
+        only while some worker is present and this broker has heard the room for a grace:
+        a re-queued task waits for its worker to come back, and a market restart (everyone
+        reconnecting) fails nothing. An original agent's task naming a model nobody serves
+        is not failed: any text worker answers it (``model_for``)."""
+        if not present or not self.presence.settled():
+            return
         seen = self._unservable_since
         waiting_ids = set()
         failures = []
         for task in waiting:
             tid = task[F.ID]
             waiting_ids.add(tid)
-            if task.get(F.ABORTED) or is_original(task):
+            if task.get(F.ABORTED) or is_original(task) or task.get(F.ATTEMPTS):
                 continue
             why = unservable(task, present)
             if why is None:

@@ -55,6 +55,17 @@ class Presence:
             since = max(since, self.agent.connected_at + RECONNECT_ALLOWANCE)
         return time.monotonic() - since < self.grace
 
+    def settled(self) -> bool:
+        """Whether this agent has been connected long enough to have heard every agent
+        present: one grace after its first connection, and after a reconnection once the
+        others' reconnect backoff has passed too."""
+        if not self.agent.connected:
+            return False
+        since = max(self.agent.connected_at, self.clock_start)
+        if self.agent.connected_at != self.first_connected_at:
+            since = self.agent.connected_at + RECONNECT_ALLOWANCE
+        return time.monotonic() - since >= self.grace
+
     def restart_clock(self) -> None:
         """Give everyone a new grace from now (after this agent was paused)."""
         self.clock_start = time.monotonic()
