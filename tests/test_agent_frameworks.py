@@ -282,3 +282,24 @@ def test_logprobs_come_with_each_token(target: Target) -> None:
     streamed = [t for c in chunks for ch in c.choices if ch.logprobs and ch.logprobs.content
                 for t in ch.logprobs.content]
     assert [t.token for t in streamed] == [t.token for t in tokens]
+
+
+# ---------------------------------------------------------------------- igora.Client
+async def test_igora_client_asks_for_tools_json_choices_and_embeddings(
+    llama_market: Cluster,
+) -> None:
+    from igora import Client
+
+    async with Client(llama_market.url) as client:
+        answer = await client.chat(ASK_WEATHER, tools=[WEATHER], tool_choice="required")
+        (call,) = answer.tool_calls
+        assert call["function"]["name"] == "get_weather" and answer.finish_reason == "tool_calls"
+        assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+        text = await client.chat(ASK_PERSON, response_format={
+            "type": "json_schema", "json_schema": {"name": "person",
+                                                   "schema": Person.model_json_schema()}})
+        assert isinstance(Person.model_validate_json(text), Person)
+        several = await client.chat("Name a fruit.", n=2, max_tokens=8)
+        assert [c["index"] for c in several.choices] == [0, 1]
+        vectors = await client.embed(["a cat", "a cat", "the stock market"])
+        assert vectors[0] == vectors[1] != vectors[2] and len(vectors[0]) == len(vectors[2])

@@ -293,7 +293,7 @@ def test_enter_sends_and_the_answer_streams_in(context: BrowserContext, up: Up) 
 def test_a_json_answer_is_shown_indented(context: BrowserContext, up: Up) -> None:
     page = open_page(context, up)
     page.select_option("#format", "json_object")
-    ask(page, "Describe a cat as JSON.", max_tokens=200)
+    ask(page, "Describe a cat as JSON.", max_tokens=800)
     page.wait_for_selector(".msg-assistant[data-finish]", timeout=90_000)
     assert page.get_attribute(".msg-assistant", "data-finish") == "stop", page.inner_text("#log")
     shown = page.inner_text(".msg-assistant .body pre.json")

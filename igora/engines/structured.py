@@ -35,13 +35,15 @@ MAX_STRING = 200  # characters of a string the schema leaves unbounded
 MAX_ITEMS = 8  # items of an array the schema leaves unbounded
 
 # A JSON object of at most 16 members whose values are scalars, arrays of at most 16
-# scalars, or objects of at most 16 scalar members; strings of at most 200 characters.
+# scalars, or objects of at most 16 scalar members; keys of at most 40 characters, other
+# strings of at most 200.
 JSON_OBJECT_GBNF = r"""
 root ::= "{" ws ( member ( "," ws member ){0,15} )? "}"
-member ::= string ":" ws value ws
+member ::= key ":" ws value ws
 value ::= scalar | array | inner
 inner ::= "{" ws ( pair ( "," ws pair ){0,15} )? "}"
-pair ::= string ":" ws scalar ws
+pair ::= key ":" ws scalar ws
+key ::= "\"" char{1,40} "\""
 array ::= "[" ws ( scalar ws ( "," ws scalar ws ){0,15} )? "]"
 scalar ::= string | number | "true" | "false" | "null"
 string ::= "\"" char{0,200} "\""
