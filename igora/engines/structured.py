@@ -111,8 +111,9 @@ def check(answer: str, schema: dict[str, Any] | None) -> Any:
     if schema:
         try:
             import jsonschema_rs
-        except ImportError:  # pragma: no cover - a dependency of the llama extra
-            return value
+        except ImportError:  # pragma: no cover - a dependency
+            raise EngineError("cannot check the answer against its schema: the package "
+                              "jsonschema-rs is missing (pip install jsonschema-rs)") from None
         try:
             jsonschema_rs.validate(schema, value)
         except jsonschema_rs.ValidationError as exc:
