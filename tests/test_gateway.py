@@ -184,7 +184,7 @@ def test_models_lists_what_workers_serve_now(gw: Setup) -> None:
     assert {m["id"] for m in listed["data"]} == {"echo", "slow"}
     one = httpx.get(f"{gw.main}/v1/models/echo").json()
     assert one == {"id": "echo", "object": "model", "created": one["created"],
-                   "owned_by": "igora-market"}
+                   "owned_by": "igora-market", "capabilities": ["chat", "embed"]}
     assert_openai_error(httpx.get(f"{gw.main}/v1/models/nope"), 404, "model_not_found")
 
 
@@ -377,6 +377,8 @@ def test_embeddings_from_echo_workers_as_floats_or_base64(gw: Setup) -> None:
     assert floats.usage.prompt_tokens == 3
     assert len(client.embeddings.create(model="default", input="a", dimensions=4)
                .data[0].embedding) == 4
+    listed = httpx.get(f"{gw.main}/v1/models", timeout=10).json()["data"]
+    assert listed[0]["id"] == "echo" and listed[0]["capabilities"] == ["chat", "embed"]
 
 
 BAD_EMBED: list[tuple[str, Any, int, str | None]] = [

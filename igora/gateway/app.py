@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..capabilities import offered
 from ..client import DEFAULT_TIMEOUT, Client, Restart, Task
 from ..errors import IgoraError
 from ..protocol import GATEWAY_STYLE, A, F, MapName, ProtocolError, TaskKind
@@ -705,13 +706,18 @@ def _add_routes(app: FastAPI) -> None:
 
 
 def _models(gw: Gateway) -> list[Model]:
+    """The models served now, each with what at least one of its workers offers on it
+    (the extra field ``capabilities``)."""
     first_seen: dict[str, float] = {}
+    caps: dict[str, set[str]] = {}
     for peer in gw.client.workers():
         since = peer.state.get(A.SINCE)
         since = since / 1000 if isinstance(since, (int, float)) else gw.started
         for name in peer.models:
             first_seen[name] = min(first_seen.get(name, since), since)
-    return [Model(id=name, created=int(first_seen[name]), owned_by="igora-market")
+            caps.setdefault(name, set()).update(offered(peer, name))
+    return [Model(id=name, created=int(first_seen[name]), owned_by="igora-market",
+                  capabilities=sorted(caps[name]))
             for name in sorted(first_seen)]
 
 
