@@ -572,7 +572,10 @@ class Chunks:
         index = int(choice.get("index") or 0)
         yield self._make({"role": "assistant", "content": ""}, "", None, index)
         if choice.get("content"):
-            yield self._make({"content": choice["content"]}, choice["content"], None, index)
+            chunk = self._make({"content": choice["content"]}, choice["content"], None, index)
+            if isinstance(choice.get(F.LOGPROBS_RESULT), dict):
+                chunk["choices"][0]["logprobs"] = choice[F.LOGPROBS_RESULT]
+            yield chunk
         if isinstance(choice.get("toolCalls"), list):
             yield from self.tool_calls(choice["toolCalls"], index)
         reason = choice.get("finishReason")
