@@ -54,12 +54,14 @@ async def run(quick: bool) -> Section:
         await c.wait_agents("worker", 1, timeout=180)
         base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(timeout=300) as http:
-            await chat(http, base, -1, {})  # the first answer loads nothing more: warm-up
-            for kind, options in KINDS.items():
-                seconds, tokens = 0.0, 0
-                for i in range(n):
+            await chat(http, base, -1, {})  # warm-up
+            totals = {kind: [0.0, 0] for kind in KINDS}
+            for i in range(n):  # interleaved: a change of the machine's load hits all kinds
+                for kind, options in KINDS.items():
                     s, t = await chat(http, base, i, options)
-                    seconds, tokens = seconds + s, tokens + t
+                    totals[kind][0] += s
+                    totals[kind][1] += t
+            for kind, (seconds, tokens) in totals.items():
                 data[kind] = {"requests": n, "seconds": seconds, "tokens": tokens}
                 rows.append([kind, n, f"{seconds / n * 1000:.0f}", f"{tokens / n:.1f}",
                              f"{tokens / seconds:.1f}"])
@@ -76,7 +78,8 @@ async def run(quick: bool) -> Section:
                 embed_rows.append([size, dims, f"{seconds * 1000:.0f}", f"{size / seconds:.1f}"])
     body = (
         "One llama.cpp worker (1 slot, bundled SmolLM2-135M), requests one at a time through "
-        "`igora gateway` (non-streaming, `max_tokens` 96, temperature 0). Tokens/s counts "
+        "`igora gateway`, the four kinds interleaved "
+        "(non-streaming, `max_tokens` 96, temperature 0). Tokens/s counts "
         "completion tokens over the whole request time (gateway and market included). "
         "JSON answers are sampled under a grammar (docs/gateway.md, \"Structured answers\"); "
         "a forced tool call is a grammar over the tool's parameters.\n\n"
