@@ -94,7 +94,7 @@ def render(sections: list[Section], failed: dict[str, str], args: argparse.Names
         "## How to reproduce",
         "",
         "```sh",
-        "make bench                                   # everything (~9 min on 2 cores)",
+        "make bench                                   # everything (~10 min on 2 cores)",
         ".venv/bin/python -m bench --quick            # a smoke run, to bench-report.md",
         ".venv/bin/python -m bench --only wire --only sync   # some topics, to bench-report.md",
         "```",
