@@ -164,7 +164,7 @@ class LlamaEngine(Engine):
         try:
             plan = structured.plan(request)
             kwargs = self._kwargs(llm, request, plan)
-            choices = []
+            choices: list[dict[str, Any]] = []
             prompt_tokens = completion_tokens = 0
             for i in range(max(1, request.n)):
                 if request.seed is not None:
@@ -311,7 +311,7 @@ def _recording(llm: Any, tokens: list[dict[str, Any]] | None, top: int) -> Itera
         peak = logits.max()
         logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
         item = entry(token, float(logprobs[token]))
-        best = np.argpartition(-logprobs, top)[:top] if top else []
+        best: list[int] = list(np.argpartition(-logprobs, top)[:top]) if top else []
         item["top_logprobs"] = [entry(int(t), float(logprobs[t]))
                                 for t in sorted(best, key=lambda t: -logprobs[t])]
         tokens.append(item)

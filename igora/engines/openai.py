@@ -461,7 +461,8 @@ class _Choices:
         """Take one chunk's choice; return its new content."""
         index = choice.get("index", 0)
         index = index if isinstance(index, int) else 0
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        raw = choice.get("delta")
+        delta: dict[str, Any] = raw if isinstance(raw, dict) else {}
         content = delta.get("content")
         content = content if isinstance(content, str) else ""
         self.content[index] = self.content.get(index, "") + content
@@ -473,7 +474,8 @@ class _Choices:
                 slot, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
             if isinstance(call.get("id"), str):
                 mine["id"] = call["id"]
-            fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+            given = call.get("function")
+            fn: dict[str, Any] = given if isinstance(given, dict) else {}
             if isinstance(fn.get("name"), str):
                 mine["function"]["name"] += fn["name"]
             if isinstance(fn.get("arguments"), str):

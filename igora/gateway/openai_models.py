@@ -248,6 +248,9 @@ class Model(_Response):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    capabilities: list[str] | None = Field(
+        None, description="What the workers serving it offer on it (Igora's field): chat, "
+                          "tools, json_object, json_schema, n, logprobs, embed.")
 
 
 class ModelList(_Response):
