@@ -304,6 +304,28 @@ def test_a_json_answer_is_shown_indented(context: BrowserContext, up: Up) -> Non
     assert page.input_value("#format") == "json_object"  # the setting is kept
 
 
+WEATHER_TOOL = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather now in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+def test_a_tool_call_is_shown_with_its_arguments(context: BrowserContext, up: Up) -> None:
+    page = open_page(context, up)
+    page.click("#tools-more summary")
+    page.fill("#tools", "[not json")
+    ask(page, "What is the weather in Paris?", max_tokens=200)
+    assert page.locator(".msg").count() == 0  # refused on the page, nothing sent
+    assert page.evaluate("document.getElementById('tools').validationMessage")
+    page.fill("#tools", json.dumps(WEATHER_TOOL))
+    ask(page, "What is the weather in Paris?", max_tokens=200)
+    page.wait_for_selector(".msg-assistant[data-finish]", timeout=90_000)
+    finish = page.get_attribute(".msg-assistant", "data-finish")
+    assert finish == "tool_calls", page.inner_text("#log")  # the model chose to call it
+    assert page.inner_text(".tool-call h4 code") == "get_weather"
+    assert isinstance(json.loads(page.inner_text(".tool-call pre.json"))["city"], str)
+
+
 def test_stop_aborts_a_long_answer(context: BrowserContext, up: Up) -> None:
     up.ready_worker()
     page = open_page(context, up)

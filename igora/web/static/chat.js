@@ -22,7 +22,7 @@ function saveSettings() {
   const s = {
     model: $("model").value, preset: $("preset").value, system: $("system").value,
     temperature: $("temperature").value, seed: $("seed").value, maxTokens: $("max-tokens").value,
-    format: $("format").value,
+    format: $("format").value, tools: $("tools").value,
   };
   localStorage.setItem(SETTINGS_KEY, JSON.stringify(s));
   if ($("api-key").value.trim()) sessionStorage.setItem(KEY_KEY, $("api-key").value.trim());
@@ -43,6 +43,7 @@ function loadSettings() {
   $("api-key").value = sessionStorage.getItem(KEY_KEY) || "";
   if (s.temperature) $("temperature").value = s.temperature;
   if (s.format === "json_object") $("format").value = s.format;
+  if (typeof s.tools === "string") $("tools").value = s.tools;
   if (s.seed !== undefined) $("seed").value = s.seed;
   if (s.maxTokens) $("max-tokens").value = s.maxTokens;
   $("temperature-value").textContent = $("temperature").value;
@@ -164,7 +165,18 @@ function requestBody() {
   const max = $("max-tokens").value.trim();
   if (max !== "") body.max_tokens = Number(max);
   if ($("format").value === "json_object") body.response_format = { type: "json_object" };
+  const tools = parseTools();
+  if (tools.length) body.tools = tools;  // the model answers text or calls one (auto)
   return body;
+}
+
+// The tools typed in the settings: a JSON list of OpenAI tools (empty: none).
+function parseTools() {
+  const text = $("tools").value.trim();
+  if (!text) return [];
+  const tools = JSON.parse(text);
+  if (!Array.isArray(tools)) throw new SyntaxError("not a list");
+  return tools;
 }
 
 // ------------------------------------------------------------------ structured answers
@@ -210,6 +222,15 @@ async function send() {
     $("prompt").focus();
     return;
   }
+  try {
+    parseTools();
+  } catch (e) {
+    $("tools-more").open = true;
+    $("tools").setCustomValidity(t("err.tools", { msg: e.message }));
+    $("tools").reportValidity();
+    return;
+  }
+  $("tools").setCustomValidity("");
   $("prompt").value = "";
   saveSettings();
   history.push({ role: "user", content: prompt });
@@ -341,6 +362,7 @@ export function initChat() {
   });
   $("settings").addEventListener("change", saveSettings);
   $("api-key").addEventListener("change", () => refreshModels());
+  $("tools").addEventListener("input", () => $("tools").setCustomValidity(""));
   $("settings").addEventListener("submit", (e) => e.preventDefault());
 
   onLanguage((code) => {
