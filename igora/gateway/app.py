@@ -38,7 +38,6 @@ from ..client import DEFAULT_TIMEOUT, Client, Restart, Task
 from ..errors import IgoraError
 from ..protocol import GATEWAY_STYLE, A, F, MapName, ProtocolError, TaskKind
 from . import errors
-from .defaults import GATEWAY_NAME
 from .errors import OpenAIError, from_igora
 from .openai_models import (
     GENERIC_MODELS,
@@ -53,6 +52,8 @@ from .openai_models import (
     Model,
     ModelList,
 )
+
+from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME
 
 log = logging.getLogger("igora.gateway")
 
