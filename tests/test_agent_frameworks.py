@@ -14,14 +14,18 @@ and validates every time, a forced tool call always carries arguments that parse
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from pydantic import BaseModel
+
+from igora import TaskFailed
 
 from .conftest import Cluster, Proc, free_port
 
@@ -303,3 +307,30 @@ async def test_igora_client_asks_for_tools_json_choices_and_embeddings(
         assert [c["index"] for c in several.choices] == [0, 1]
         vectors = await client.embed(["a cat", "a cat", "the stock market"])
         assert vectors[0] == vectors[1] != vectors[2] and len(vectors[0]) == len(vectors[2])
+
+
+async def test_embedding_model_is_a_second_model_that_only_embeds(
+    cluster: Cluster, tmp_path: Path,
+) -> None:
+    from igora import Client, NoWorkerError
+    from igora.engines.llama import bundled_model
+
+    embedder = tmp_path / "tiny-embedder.gguf"
+    shutil.copyfile(bundled_model(), embedder)
+    cluster.market()
+    cluster.broker()
+    cluster.worker("--embedding-model", str(embedder), "--no-warmup", name="llama-embed",
+                   engine="llama")
+    (worker,) = cluster.wait_agents("worker", 1, timeout=120)
+    caps = {m["name"]: m["capabilities"] for m in worker["models"]}
+    assert caps["tiny-embedder"] == ["embed"] and "embed" not in next(
+        c for name, c in caps.items() if name != "tiny-embedder")
+    async with Client(cluster.url) as client:
+        (vector,) = await client.embed("a cat", model="tiny-embedder")
+        assert len(vector) == 576
+        chat_model = next(name for name in caps if name != "tiny-embedder")
+        with pytest.raises(NoWorkerError) as info:
+            await client.embed("a cat", model=chat_model, wait_worker=1.0)
+        assert info.value.missing == ("embed",)
+        with pytest.raises(TaskFailed, match="dimensions must be at most 576"):
+            await client.embed("a cat", model="tiny-embedder", dimensions=1000)

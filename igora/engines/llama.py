@@ -81,7 +81,12 @@ class LlamaEngine(Engine):
         # Embeddings: a second llama.cpp instance (embedding mode, mean pooling), loaded at
         # the first embed task, on ``embedding_model`` (its own model name) or this model.
         self.embedding_path = Path(embedding_model) if embedding_model else None
+        if self.embedding_path is not None and self.embedding_path.resolve() == \
+                self.model_path.resolve():
+            self.embedding_path = None  # the same file: the chat model embeds
         self.embedding_name = self.embedding_path.stem if self.embedding_path else self.name
+        if self.embedding_path is not None and self.embedding_name == self.name:
+            self.embedding_name += "-embedding"
         self._embedder: Any = None
         self._embed_lock = threading.Lock()
         self.context_length = context_length
