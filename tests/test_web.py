@@ -444,7 +444,9 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
     maps = agent.maps
     with agent.transaction():
         maps[MapName.TODOS]["t1"] = {"id": "t1", "state": "todo", "asker": agent.id,
-                                     "prompt": "a", "date": now}
+                                     "prompt": "a", "date": now, "protocol": 2,
+                                     "tools": [{"type": "function", "function": {"name": "f"}}],
+                                     "responseFormat": {"type": "json_object"}}
         maps[MapName.PREPARED]["t2"] = {"id": "t2", "state": "prepared", "askerName": "bob",
                                         "worker": "w-1", "prompt": "b", "date": now}
         maps[MapName.DOING]["t3"] = {"id": "t3", "state": "doing", "worker": "w-1",
@@ -468,6 +470,7 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
                    "failed": ["f2"], "aborted": ["f3"]}
     t1, t2 = snap["tasks"]["waiting"]
     assert t1["askerName"] == "page" and t2["askerName"] == "bob"  # resolved, or as given
+    assert t1["needs"] == ["json_object", "tools"] and t2["needs"] == []
     assert snap["tasks"]["running"][0]["abortAsked"] is True
     assert snap["tasks"]["failed"][0]["error"] == "boom"
     assert snap["counts"] == {"waiting": 2, "running": 1, "done": 2, "failed": 1, "aborted": 1}
