@@ -72,6 +72,7 @@ class Broker:
         self._rejected: set[str] = set()
         self._abort_seen: dict[str, int] = {}
         self._unservable_since: dict[str, float] = {}
+        self._servable: tuple[int, set[str]] = (-1, set())
         m = agent.maps
         self.todos, self.prepared, self.doing = m[MapName.TODOS], m[MapName.PREPARED], m[MapName.DOING]
         self.done, self.streams = m[MapName.DONE], m[MapName.STREAMS]
@@ -326,17 +327,25 @@ class Broker:
         is not failed: any text worker answers it (``model_for``)."""
         if not present or not self.presence.settled():
             return
+        # A task found servable stays so until the workers' adverts change (a new view
+        # of the peers): it is not judged again at every round.
+        view = self.presence.version
+        if self._servable[0] != view:
+            self._servable = (view, set())
+        servable = self._servable[1]
         seen = self._unservable_since
         waiting_ids = set()
         failures = []
         for task in waiting:
             tid = task[F.ID]
             waiting_ids.add(tid)
-            if task.get(F.ABORTED) or is_original(task) or task.get(F.ATTEMPTS):
+            if (tid in servable or task.get(F.ABORTED) or is_original(task)
+                    or task.get(F.ATTEMPTS)):
                 continue
             why = unservable(task, present)
             if why is None:
                 seen.pop(tid, None)
+                servable.add(tid)
                 continue
             first = seen.setdefault(tid, now)
             if now - first >= UNSERVABLE_AFTER:

@@ -26,6 +26,7 @@ class Presence:
         self.grace = grace
         self.last_seen: dict[str, float] = {}
         self.peers: list[Peer] = []
+        self.version = 0  # counts the refreshes of ``peers``
         self.clock_start = time.monotonic()
         self.first_connected_at: float | None = None
 
@@ -34,6 +35,7 @@ class Presence:
         if self.first_connected_at is None and self.agent.connected:
             self.first_connected_at = self.agent.connected_at
         self.peers = self.agent.peers()
+        self.version += 1
         for peer in self.peers:
             if peer.id:
                 self.last_seen[peer.id] = now
