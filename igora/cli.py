@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=arg.count(1), default=2048,
                    help="llama: context length in tokens")
     p.add_argument("--threads", type=arg.count(1), default=None, help="llama: CPU threads")
+    p.add_argument("--embedding-model", default=None, metavar="PATH",
+                   help="llama: GGUF file for embeddings, served under its file name "
+                        "(default: the chat model also embeds)")
     p.add_argument("--slots", type=arg.count(1), default=1, help="tasks run at once")
     p.add_argument("--delay", type=arg.seconds, default=0.0, help="echo: seconds per token")
     p.add_argument("--max-tokens", type=arg.max_tokens, default=512,

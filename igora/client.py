@@ -26,16 +26,20 @@ from typing import Any
 from pycrdt import MapEvent, Text
 
 from .agent import Agent, Observer, discard
+from .capabilities import unservable
 from .config import market_address
 from .errors import NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
 from .protocol import (
     ABORTED_MARK,
     FINAL_VALUES,
+    PROTOCOL_VERSION,
+    TEXT_STYLE,
     AgentType,
+    ErrorCode,
     F,
     MapName,
     State,
-    TEXT_STYLE,
+    TaskKind,
     new_task_id,
     now_ms,
     validate_task,
@@ -69,6 +73,29 @@ class Answer:
     @property
     def model(self) -> str | None:
         return self.task.get(F.MODEL)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The tool calls of the (first) answer, in OpenAI's shape: ``[{"id", "type":
+        "function", "function": {"name", "arguments"}}]`` (``arguments``: a JSON string)."""
+        calls = self.task.get(F.TOOL_CALLS)
+        return list(calls) if isinstance(calls, list) else []
+
+    @property
+    def choices(self) -> list[dict[str, Any]]:
+        """Every choice (n > 1): ``{"index", "content", "toolCalls", "finishReason",
+        "tokenLogprobs"}``; one choice built from the answer otherwise."""
+        choices = self.task.get(F.CHOICES)
+        if isinstance(choices, list) and choices:
+            return list(choices)
+        return [{"index": 0, "content": self.text, "toolCalls": self.tool_calls or None,
+                 "finishReason": self.finish_reason, F.LOGPROBS_RESULT: self.logprobs}]
+
+    @property
+    def logprobs(self) -> dict[str, Any] | None:
+        """Token log probabilities of the (first) answer, OpenAI's ``{"content": [...]}``."""
+        value = self.task.get(F.LOGPROBS_RESULT)
+        return value if isinstance(value, dict) else None
 
 
 @dataclass
@@ -172,14 +199,21 @@ class Client:
             names.update(w.models)
         return sorted(names)
 
-    async def wait_for_worker(self, model: str | None, timeout: float) -> None:
+    async def wait_for_worker(self, model: str | None, timeout: float,
+                              task: dict[str, Any] | None = None) -> None:
+        """Wait until a worker that could serve ``task`` (or any task for ``model``) is on
+        the market; NoWorkerError naming the missing model or capability after ``timeout``."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
+        probe = task or {F.ID: "probe", F.PROTOCOL: PROTOCOL_VERSION, F.MODEL: model,
+                         F.PROMPT: ""}
         while True:
-            if any(w.serves(model) for w in self.workers()):
+            why = unservable(probe, self.workers())
+            if why is None:
                 return
             if loop.time() >= end:
-                raise NoWorkerError(model, self.models())
+                raise NoWorkerError(model, self.models(), why.missing,
+                                    why.reason if why.missing else None)
             await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ observers
@@ -292,10 +326,12 @@ class Client:
         max_tokens: int | None,
         stop: str | list[str] | None,
         timeout: float,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         tid = new_task_id()
         task: dict[str, Any] = {
             F.ID: tid,
+            F.PROTOCOL: PROTOCOL_VERSION,
             F.ASKER: self.agent.id,
             F.ASKER_NAME: self.agent.name,
             F.CLIENT_ID: self.agent.awareness.client_id,
@@ -307,10 +343,10 @@ class Client:
         }
         if isinstance(prompt, str):
             task[F.PROMPT] = prompt
-        else:
+        elif prompt is not None:
             task[F.MESSAGES] = [dict(m) for m in prompt]
         optional = {F.MODEL: model, F.TEMPERATURE: temperature, F.TOP_P: top_p, F.SEED: seed,
-                    F.MAX_TOKENS: max_tokens, F.STOP: stop}
+                    F.MAX_TOKENS: max_tokens, F.STOP: stop, **(extra or {})}
         task.update({k: v for k, v in optional.items() if v is not None})
         return validate_task(task)
 
@@ -327,15 +363,27 @@ class Client:
         stop: str | list[str] | None = None,
         timeout: float | None = None,
         wait_worker: float = 5.0,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
+        n: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
         _pieces: bool = True,
+        _extra: dict[str, Any] | None = None,
     ) -> Task:
-        """Put a task on the market and return its handle (raises NoWorkerError at once if
-        no worker serving ``model`` shows up within ``wait_worker`` seconds)."""
-        await self.wait_for_worker(model, wait_worker)
+        """Put a task on the market and return its handle (raises NoWorkerError if no
+        worker serving ``model`` with what the task needs (tools, a response format,
+        n > 1, logprobs) shows up within ``wait_worker`` seconds).
+
+        ``tools``, ``tool_choice`` and ``response_format`` take OpenAI's shapes."""
         timeout = timeout or self.timeout
+        extra = {F.TOOLS: tools, F.TOOL_CHOICE: tool_choice, F.RESPONSE_FORMAT: response_format,
+                 F.N: n, F.LOGPROBS: logprobs, F.TOP_LOGPROBS: top_logprobs, **(_extra or {})}
         task = self._task(prompt, model=model, system=system, temperature=temperature,
                           top_p=top_p, seed=seed, max_tokens=max_tokens, stop=stop,
-                          timeout=timeout)
+                          timeout=timeout, extra=extra)
+        await self.wait_for_worker(model, wait_worker, task)
         watch = _Watch(task[F.ID], pieces=_pieces)
         self._watch(watch)
         with self.agent.transaction():
@@ -351,11 +399,34 @@ class Client:
         **options: Any,
     ) -> Any:
         """Ask and return the answer's text, or with ``stream=True`` an async iterator of
-        text pieces (a ``Restart`` piece marks a restart on another worker)."""
+        text pieces (a ``Restart`` piece marks a restart on another worker).
+
+        Options: ``model``, ``system``, ``temperature``, ``top_p``, ``seed``,
+        ``max_tokens``, ``stop``, ``timeout``, and ``tools``, ``tool_choice``,
+        ``response_format``, ``n``, ``logprobs``, ``top_logprobs`` (OpenAI's shapes).
+        With ``tools``, ``n`` > 1 or ``logprobs`` the result is the whole ``Answer``
+        (``.text``, ``.tool_calls``, ``.choices``, ``.logprobs``), not only its text."""
         task = await self.submit(prompt, _pieces=stream, **options)
         if stream:
             return task.stream()
-        return (await task.result()).text
+        answer = await task.result()
+        if options.get("tools") or (options.get("n") or 1) > 1 or options.get("logprobs"):
+            return answer
+        return answer.text
+
+    async def embed(self, inputs: str | list[str], *, model: str | None = None,
+                    dimensions: int | None = None, timeout: float | None = None,
+                    wait_worker: float = 5.0) -> list[list[float]]:
+        """One vector per input text (a worker whose model offers ``embed`` computes them)."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        task = await self.submit(None, model=model, timeout=timeout, wait_worker=wait_worker,  # type: ignore[arg-type]
+                                 _pieces=False, _extra={F.KIND: TaskKind.EMBED.value,
+                                                        F.INPUTS: texts, F.DIMENSIONS: dimensions})
+        answer = await task.result()
+        vectors = answer.task.get(F.EMBEDDINGS)
+        if not isinstance(vectors, list) or len(vectors) != len(texts):
+            raise TaskFailed(f"task {task.id}: the worker sent no embeddings", answer.task)
+        return [[float(x) for x in v] for v in vectors]
 
     def abort(self, task_id: str) -> None:
         """Ask for a task to stop; it ends ``aborted``."""
@@ -429,6 +500,11 @@ class Task:
         if state == State.DONE.value:
             return
         error = str(final.get(F.ERROR) or "")
+        code = final.get(F.ERROR_CODE)
+        if code in (ErrorCode.MODEL_NOT_SERVED.value, ErrorCode.CAPABILITY_NOT_SERVED.value):
+            why = unservable(self.task, self.client.workers())
+            raise NoWorkerError(self.task.get(F.MODEL), self.client.models(),
+                                why.missing if why else (), reason=error)
         if state == State.ABORTED.value:
             raise TaskAborted(f"task {self.id} was aborted", final)
         if "deadline" in error:
@@ -496,6 +572,9 @@ class SyncClient:
 
     def models(self) -> list[str]:
         return self._client.models()
+
+    def embed(self, inputs: str | list[str], **options: Any) -> list[list[float]]:
+        return self._call(self._client.embed(inputs, **options))  # type: ignore[no-any-return]
 
     def chat(self, prompt: str | list[dict[str, str]], *, stream: bool = False,
              **options: Any) -> Any:

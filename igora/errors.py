@@ -14,12 +14,20 @@ class MarketUnreachable(IgoraError, ConnectionError):
 
 
 class NoWorkerError(IgoraError):
-    """No worker on the market serves the requested model."""
+    """No worker on the market serves the requested model, or none offers a capability
+    the request needs (``missing``: e.g. ``("tools",)``, see ``igora.capabilities``)."""
 
-    def __init__(self, model: str | None, available: list[str]) -> None:
+    def __init__(self, model: str | None, available: list[str],
+                 missing: tuple[str, ...] = (), reason: str | None = None) -> None:
         self.model = model
         self.available = available
-        if not available:
+        self.missing = missing
+        if reason:
+            msg = reason
+        elif missing:
+            msg = (f"no worker on the market offers {' + '.join(missing)}"
+                   + (f" on model {model!r}" if model else ""))
+        elif not available:
             msg = "no worker is on the market right now: start one with `igora worker`"
         else:
             msg = (f"no worker serves model {model!r}; models on the market: "

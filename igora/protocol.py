@@ -118,6 +118,36 @@ class F:
     BROKER = "broker"
     STREAM = "stream"
     ASKER_NAME = "askerName"
+    # Version 2 additions for agent frameworks (docs/protocol.md, 4.5)
+    PROTOCOL = "protocol"  # 2 in every task a v2 client writes; absent: an original agent's
+    KIND = "kind"  # "chat" (default) or "embed"
+    TOOLS = "tools"
+    TOOL_CHOICE = "toolChoice"
+    RESPONSE_FORMAT = "responseFormat"
+    N = "n"
+    LOGPROBS = "logprobs"
+    TOP_LOGPROBS = "topLogprobs"
+    INPUTS = "inputs"  # embed: the texts to embed
+    DIMENSIONS = "dimensions"  # embed: length of each vector asked for
+    # results
+    TOOL_CALLS = "toolCalls"
+    LOGPROBS_RESULT = "tokenLogprobs"
+    CHOICES = "choices"
+    EMBEDDINGS = "embeddings"
+    ERROR_CODE = "errorCode"
+
+
+class TaskKind(str, Enum):
+    CHAT = "chat"
+    EMBED = "embed"
+
+
+class ErrorCode(str, Enum):
+    """Typed reasons of a ``failed`` task (field ``errorCode``), for programs to test
+    instead of parsing ``error``."""
+
+    MODEL_NOT_SERVED = "model_not_served"  # no worker on the market serves the model
+    CAPABILITY_NOT_SERVED = "capability_not_served"  # ... none can do what the task asks
 
 
 class A:
@@ -146,6 +176,13 @@ MAX_TEXT = 1_000_000  # characters of prompt / system prompt / one message
 MAX_MESSAGES = 1_000
 MAX_ID = 200
 MAX_TOKENS_LIMIT = 1_000_000
+MAX_TOOLS = 128
+MAX_CHOICES = 16  # n
+MAX_TOP_LOGPROBS = 20
+MAX_INPUTS = 2048  # texts in one embed task
+MAX_DIMENSIONS = 65_536
+TOOL_CHOICES = frozenset({"auto", "none", "required"})
+RESPONSE_TYPES = frozenset({"text", "json_object", "json_schema"})
 
 
 class ProtocolError(ValueError):
@@ -242,8 +279,19 @@ def validate_task(value: Any) -> dict[str, Any]:
             content = m.get("content")
             if not isinstance(content, str) or len(content) > MAX_TEXT:
                 raise ProtocolError("each message content must be a string")
-    if task.get(F.PROMPT) is None and not messages:
+            _check_message_extras(m)
+    kind = task.get(F.KIND, TaskKind.CHAT.value)
+    if kind not in {k.value for k in TaskKind}:
+        raise ProtocolError(f"unknown kind {kind!r}")
+    if kind == TaskKind.EMBED.value:
+        inputs = task.get(F.INPUTS)
+        if (not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_INPUTS
+                or not all(isinstance(t, str) and len(t) <= MAX_TEXT for t in inputs)):
+            raise ProtocolError(f"inputs must be a list of 1 to {MAX_INPUTS} strings")
+        _opt_number(task, F.DIMENSIONS, 1, MAX_DIMENSIONS)
+    elif task.get(F.PROMPT) is None and not messages:
         raise ProtocolError("a task needs a prompt or messages")
+    _check_v2_options(task)
     _opt_number(task, F.TEMPERATURE, 0, 10)
     _opt_number(task, F.TOP_P, 0, 1)
     _opt_number(task, F.SEED, -(2**63), 2**64)
@@ -259,17 +307,90 @@ def validate_task(value: Any) -> dict[str, Any]:
     return task
 
 
-def chat_messages(task: dict[str, Any]) -> list[dict[str, str]]:
+def _check_message_extras(m: dict[str, Any]) -> None:
+    """The OpenAI fields a v2 message may carry besides role and content: an assistant's
+    ``tool_calls`` and a tool answer's ``tool_call_id`` (and ``name``)."""
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or len(calls) > MAX_TOOLS:
+            raise ProtocolError("a message's tool_calls must be a list")
+        for call in calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
+                    or not isinstance(fn.get("arguments"), str)):
+                raise ProtocolError("each tool call needs a function name and arguments")
+    for field in ("tool_call_id", "name"):
+        if m.get(field) is not None and not isinstance(m.get(field), str):
+            raise ProtocolError(f"a message's {field} must be a string")
+
+
+def _check_v2_options(task: dict[str, Any]) -> None:
+    tools = task.get(F.TOOLS)
+    if tools is not None:
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+            raise ProtocolError(f"tools must be a list of at most {MAX_TOOLS}")
+        for tool in tools:
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ProtocolError("each tool needs function.name")
+            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+                raise ProtocolError("a tool's function.parameters must be a JSON schema object")
+    choice = task.get(F.TOOL_CHOICE)
+    if choice is not None:
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if isinstance(
+                choice.get("function"), dict) else None
+            if not isinstance(name, str):
+                raise ProtocolError("toolChoice must name a function: {type, function: {name}}")
+            if name not in tool_names(task):
+                raise ProtocolError(f"toolChoice names {name!r}, which is not in tools")
+        elif choice not in TOOL_CHOICES:
+            raise ProtocolError(f"toolChoice must be one of {sorted(TOOL_CHOICES)} or a function")
+        elif choice == "required" and not tool_names(task):
+            raise ProtocolError("toolChoice 'required' needs tools")
+    fmt = task.get(F.RESPONSE_FORMAT)
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in RESPONSE_TYPES:
+            raise ProtocolError(f"responseFormat.type must be one of {sorted(RESPONSE_TYPES)}")
+        if fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ProtocolError("responseFormat json_schema needs json_schema.schema (an object)")
+    _opt_number(task, F.N, 1, MAX_CHOICES)
+    _opt_number(task, F.TOP_LOGPROBS, 0, MAX_TOP_LOGPROBS)
+    if task.get(F.LOGPROBS) is not None and not isinstance(task.get(F.LOGPROBS), bool):
+        raise ProtocolError("logprobs must be true or false")
+
+
+def tool_names(task: dict[str, Any]) -> list[str]:
+    tools = task.get(F.TOOLS)
+    if not isinstance(tools, list):
+        return []
+    return [t["function"]["name"] for t in tools
+            if isinstance(t, dict) and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str)]
+
+
+def is_original(task: dict[str, Any]) -> bool:
+    """Whether a task was written by an original (version 1) agent: v2 clients write
+    ``protocol: 2`` in every task."""
+    return task.get(F.PROTOCOL) is None
+
+
+def chat_messages(task: dict[str, Any]) -> list[dict[str, Any]]:
     """The conversation a task asks for, system prompt first (as the original builds it)."""
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     system = task.get(F.SYSTEM_PROMPT)
     messages = task.get(F.MESSAGES) or []
     if system and not any(m.get("role") == "system" for m in messages):
         out.append({"role": "system", "content": system})
-    out.extend({"role": m["role"], "content": m["content"]} for m in messages)
+    out.extend({k: m[k] for k in _MESSAGE_FIELDS if m.get(k) is not None} for m in messages)
     if not messages and task.get(F.PROMPT) is not None:
         out.append({"role": "user", "content": task[F.PROMPT]})
     return out
+
+
+_MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 
 def stop_list(task: dict[str, Any]) -> list[str]:

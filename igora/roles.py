@@ -40,8 +40,11 @@ def make_engine(args: argparse.Namespace) -> Engine:
         raise EngineError("--engine llama serves one GGUF file per worker: give one --model")
     llama_class()  # installed, and runs on this CPU: say so before looking for a model
     path = resolve_model(models[0] if models else None)
+    embedding = getattr(args, "embedding_model", None)
+    embedding_path = resolve_model(embedding) if embedding else None
     print(f"loading {path.name} ...", file=sys.stderr, flush=True)
-    return LlamaEngine(path, context_length=args.context, slots=args.slots, threads=args.threads)
+    return LlamaEngine(path, context_length=args.context, slots=args.slots, threads=args.threads,
+                       embedding_model=embedding_path)
 
 
 async def warmup(worker: Worker) -> None:

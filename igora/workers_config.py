@@ -60,6 +60,7 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "upstream_timeout": ((int, float), "openai: seconds the upstream may stay silent"),
     "context": ((int,), "llama: context length in tokens"),
     "threads": ((int,), "llama: CPU threads"),
+    "embedding_model": ((str,), "llama: GGUF path of a model for embeddings"),
     "slots": ((int,), "tasks run at once"),
     "delay": ((int, float), "echo: seconds per token"),
     "warmup": ((bool,), "measure the speed at start (default true)"),
@@ -169,6 +170,7 @@ def _spec(label: str, name: str, s: dict[str, Any], cli: argparse.Namespace | No
         upstream_timeout=float(s.get("upstream_timeout", DEFAULT_TIMEOUT)),
         context=int(s.get("context", 2048)), threads=s.get("threads"),
         slots=int(s.get("slots", 1)), delay=float(s.get("delay", 0.0)),
+        embedding_model=s.get("embedding_model"),
     )
     heartbeat = float(s.get("heartbeat") or cli_get("heartbeat") or 5.0)
     return WorkerSpec(name, address, heartbeat, bool(s.get("warmup", True)), args)

@@ -34,7 +34,10 @@ def test_matching_respects_model_and_free_slots() -> None:
     b = _worker(2, "wb", ["beta"])
     assert pick_worker({"model": "beta"}, [a, b], {}) is b
     assert pick_worker({"model": "beta"}, [a, b], {"wb": 1}) is None
-    assert pick_worker({"model": "gamma"}, [a, b], {}) is None
+    assert pick_worker({"model": "gamma", "protocol": 2}, [a, b], {}) is None
+    # An original agent's task naming a model nobody serves: any text worker answers it.
+    assert pick_worker({"model": "gpt-3.5-turbo"}, [a, b], {}) in (a, b)
+    assert pick_worker({"model": "beta"}, [a, b], {"wb": 1}) is None  # served: it waits
     assert pick_worker({}, [a, b], {"wa": 2}) is b  # no model: any text worker
     busy = _worker(3, "wc", ["beta"], state="busy")
     assert pick_worker({"model": "beta"}, [busy], {}) is None

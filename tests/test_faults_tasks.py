@@ -63,8 +63,14 @@ async def test_task_waiting_past_its_deadline_ends_failed_with_the_reason(
 ) -> None:
     slow_market(cluster)
     async with observer(cluster) as asker:
-        # A model nobody serves: it can only wait (written raw: Client.submit refuses it).
-        task = raw_task(asker, "anyone?", model="nobody-serves-this", deadline=now_ms() + 1500)
+        # The only worker's only slot is taken by a long task: the next one can only wait.
+        # (A model nobody serves would not wait: an original task naming one is answered by
+        # any text worker, a v2 task fails at once.)
+        long = raw_task(asker, f"#repeat {LONG}")
+        put(asker, MapName.TODOS, long[F.ID], long)
+        await wait_for(lambda: long[F.ID] in asker.maps[MapName.DOING], 20, "the long task runs",
+                       cluster)
+        task = raw_task(asker, "anyone?", deadline=now_ms() + 1500)
         put(asker, MapName.TODOS, task[F.ID], task)
         done = asker.maps[MapName.DONE]
         final = await wait_for(lambda: done.get(task[F.ID]), 30, "the task ends", cluster)

@@ -184,7 +184,7 @@ def test_models_lists_what_workers_serve_now(gw: Setup) -> None:
     assert {m["id"] for m in listed["data"]} == {"echo", "slow"}
     one = httpx.get(f"{gw.main}/v1/models/echo").json()
     assert one == {"id": "echo", "object": "model", "created": one["created"],
-                   "owned_by": "igora-market"}
+                   "owned_by": "igora-market", "capabilities": ["chat", "embed"]}
     assert_openai_error(httpx.get(f"{gw.main}/v1/models/nope"), 404, "model_not_found")
 
 
@@ -311,14 +311,28 @@ BAD_CHAT: list[tuple[str, Any, str | None]] = [
     ("seed huge", {"seed": 2**70}, "invalid_value"),
     ("stop too many", {"stop": [str(i) for i in range(17)]}, "invalid_value"),
     ("stop empty string", {"stop": ""}, "invalid_value"),
-    ("n two", {"n": 2}, "unsupported_value"),
+    # Fields the echo workers cannot honour: 400 naming what no worker offers.
+    ("n two", {"n": 2}, "capability_not_served"),
     ("stream text", {"stream": "yes"}, "invalid_value"),
     ("stream_options without stream", {"stream_options": {"include_usage": True}},
      "invalid_value"),
-    ("logprobs", {"logprobs": True}, "unsupported_parameter"),
+    ("logprobs", {"logprobs": True}, "capability_not_served"),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]},
-     "unsupported_parameter"),
-    ("json mode", {"response_format": {"type": "json_object"}}, "unsupported_parameter"),
+     "capability_not_served"),
+    ("json mode", {"response_format": {"type": "json_object"}}, "capability_not_served"),
+    ("json schema", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}}}}, "capability_not_served"),
+    ("json_schema missing", {"response_format": {"type": "json_schema"}},
+     "missing_required_parameter"),
+    ("unknown response type", {"response_format": {"type": "yaml"}}, "invalid_value"),
+    ("legacy functions", {"functions": [{"name": "f"}]}, "unsupported_parameter"),
+    ("tool_choice without tools", {"tool_choice": "required"}, "invalid_value"),
+    ("tool_choice names another tool", {
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": {"type": "function", "function": {"name": "g"}}}, "invalid_value"),
+    ("tool without name", {"tools": [{"type": "function", "function": {}}]},
+     "missing_required_parameter"),
+    ("top_logprobs alone", {"top_logprobs": 2}, "invalid_value"),
     ("model not a string", {"model": 12}, "invalid_value"),
     ("model too long", {"model": "m" * 500}, "invalid_value"),
 ]
@@ -342,7 +356,7 @@ BAD_TEXT: list[tuple[str, Any, str | None]] = [
     ("suffix", {"prompt": "a", "suffix": "b"}, "unsupported_parameter"),
     ("best_of", {"prompt": "a", "best_of": 3}, "unsupported_parameter"),
     ("logprobs", {"prompt": "a", "logprobs": 2}, "unsupported_parameter"),
-    ("n", {"prompt": "a", "n": 4}, "unsupported_value"),
+    ("n", {"prompt": "a", "n": 4}, "unsupported_parameter"),
 ]
 
 
@@ -351,6 +365,37 @@ def test_invalid_completion_request_is_a_400(gw: Setup, what: str, body: Any,
                                              code: str | None) -> None:
     r = httpx.post(f"{gw.main}/v1/completions", json=body, timeout=30)
     assert_openai_error(r, 400, code)
+
+
+def test_embeddings_from_echo_workers_as_floats_or_base64(gw: Setup) -> None:
+    client = openai.OpenAI(base_url=f"{gw.main}/v1", api_key="unused", max_retries=0)
+    floats = client.embeddings.create(model="echo", input=["a b", "c"], encoding_format="float")
+    packed = client.embeddings.create(model="echo", input=["a b", "c"])  # the SDK asks base64
+    for f, p in zip(floats.data, packed.data, strict=True):
+        assert f.embedding == pytest.approx(p.embedding, abs=1e-6)
+    assert len(floats.data[0].embedding) == 16 and floats.model == "echo"
+    assert floats.usage.prompt_tokens == 3
+    assert len(client.embeddings.create(model="default", input="a", dimensions=4)
+               .data[0].embedding) == 4
+    listed = httpx.get(f"{gw.main}/v1/models", timeout=10).json()["data"]
+    assert listed[0]["id"] == "echo" and listed[0]["capabilities"] == ["chat", "embed"]
+
+
+BAD_EMBED: list[tuple[str, Any, int, str | None]] = [
+    ("no input", {"model": "echo"}, 400, "missing_required_parameter"),
+    ("empty list", {"input": []}, 400, "invalid_value"),
+    ("token ids", {"input": [1, 2, 3]}, 400, "invalid_value"),
+    ("dimensions zero", {"input": "a", "dimensions": 0}, 400, "invalid_value"),
+    ("encoding", {"input": "a", "encoding_format": "hex"}, 400, "invalid_value"),
+    ("unknown model", {"input": "a", "model": "text-embedding-3-small"}, 404, "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("what,body,status,code", BAD_EMBED, ids=[b[0] for b in BAD_EMBED])
+def test_invalid_embeddings_request_is_an_openai_error(gw: Setup, what: str, body: Any,
+                                                       status: int, code: str | None) -> None:
+    r = httpx.post(f"{gw.main}/v1/embeddings", json=body, timeout=30)
+    assert_openai_error(r, status, code)
 
 
 def test_form_encoded_json_is_still_read_as_json(gw: Setup) -> None:
@@ -584,4 +629,4 @@ def test_openapi_schema_fuzz_run_finds_no_server_error(gw: Setup, tmp_path: Path
            "--exclude-path", "/api/market/events"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert "No issues found" in run.stdout
+    assert "No issues found" in run.stdout, run.stdout[-4000:]

@@ -172,7 +172,9 @@ async def test_health_check_needs_the_right_api_key() -> None:
         try:
             assert await wrong.available() is False
             assert await right.available() is True
-            assert right.models()[0].advert() == {"name": "smart", "contextLength": 4096}
+            advert = right.models()[0].advert()
+            assert advert["name"] == "smart" and advert["contextLength"] == 4096
+            assert {"chat", "tools", "json_schema", "embed"} <= set(advert["capabilities"])
             assert (await collect(right, "smart"))[-1] == Finish("stop", 7, 4)
         finally:
             await wrong.close()

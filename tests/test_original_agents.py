@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from igora import Client
+from igora import Client, NoWorkerError
 
 from .conftest import Cluster
 
@@ -69,3 +70,27 @@ async def test_original_worker_serves_our_client_through_our_broker(
     finally:
         worker.kill()
         worker.wait(5)
+
+
+async def test_original_client_naming_a_model_nobody_serves_is_answered_by_a_text_worker(
+    node_modules: Path, cluster: Cluster
+) -> None:
+    """The original OpenAI endpoint passes its client's ``model`` through (``gpt-3.5-turbo``):
+    a task without ``protocol`` is served by any text worker, as the original served it,
+    while a v2 client asking for that model gets a clear error within seconds."""
+    cluster.market()
+    cluster.broker()
+    cluster.worker("--model", "echo", name="py-worker")
+    cluster.wait_agents("worker", 1)
+    run = subprocess.run(["node", str(JS / "original.mjs"), "client", cluster.url, "market",
+                          "hello there", "gpt-3.5-turbo"],
+                         capture_output=True, text=True, timeout=90)
+    assert run.returncode == 0, run.stderr + run.stdout
+    final = [e for e in _lines(run.stdout) if e["ev"] == "done"][0]["task"]
+    assert final["state"] == "done" and final["response"] == "Echo: hello there"
+    assert final["model"] == "gpt-3.5-turbo"  # the task is kept as its asker wrote it
+    async with Client(cluster.url) as client:
+        start = time.monotonic()
+        with pytest.raises(NoWorkerError, match="gpt-3.5-turbo"):
+            await client.chat("hello there", model="gpt-3.5-turbo", wait_worker=1.0)
+        assert time.monotonic() - start < 10

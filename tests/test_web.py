@@ -290,6 +290,42 @@ def test_enter_sends_and_the_answer_streams_in(context: BrowserContext, up: Up) 
     assert not page.is_enabled("#stop") and page.is_enabled("#send")
 
 
+def test_a_json_answer_is_shown_indented(context: BrowserContext, up: Up) -> None:
+    page = open_page(context, up)
+    page.select_option("#format", "json_object")
+    ask(page, "Describe a cat as JSON.", max_tokens=800)
+    page.wait_for_selector(".msg-assistant[data-finish]", timeout=90_000)
+    assert page.get_attribute(".msg-assistant", "data-finish") == "stop", page.inner_text("#log")
+    shown = page.inner_text(".msg-assistant .body pre.json")
+    value = json.loads(shown)
+    assert isinstance(value, dict)
+    assert not value or shown.startswith('{\n  "')  # indented, one member a line
+    page.reload()
+    assert page.input_value("#format") == "json_object"  # the setting is kept
+
+
+WEATHER_TOOL = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather now in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+def test_a_tool_call_is_shown_with_its_arguments(context: BrowserContext, up: Up) -> None:
+    page = open_page(context, up)
+    page.click("#tools-more summary")
+    page.fill("#tools", "[not json")
+    ask(page, "What is the weather in Paris?", max_tokens=200)
+    assert page.locator(".msg").count() == 0  # refused on the page, nothing sent
+    assert page.evaluate("document.getElementById('tools').validationMessage")
+    page.fill("#tools", json.dumps(WEATHER_TOOL))
+    ask(page, "What is the weather in Paris?", max_tokens=200)
+    page.wait_for_selector(".msg-assistant[data-finish]", timeout=90_000)
+    finish = page.get_attribute(".msg-assistant", "data-finish")
+    assert finish == "tool_calls", page.inner_text("#log")  # the model chose to call it
+    assert page.inner_text(".tool-call h4 code") == "get_weather"
+    assert isinstance(json.loads(page.inner_text(".tool-call pre.json"))["city"], str)
+
+
 def test_stop_aborts_a_long_answer(context: BrowserContext, up: Up) -> None:
     up.ready_worker()
     page = open_page(context, up)
@@ -408,7 +444,9 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
     maps = agent.maps
     with agent.transaction():
         maps[MapName.TODOS]["t1"] = {"id": "t1", "state": "todo", "asker": agent.id,
-                                     "prompt": "a", "date": now}
+                                     "prompt": "a", "date": now, "protocol": 2,
+                                     "tools": [{"type": "function", "function": {"name": "f"}}],
+                                     "responseFormat": {"type": "json_object"}}
         maps[MapName.PREPARED]["t2"] = {"id": "t2", "state": "prepared", "askerName": "bob",
                                         "worker": "w-1", "prompt": "b", "date": now}
         maps[MapName.DOING]["t3"] = {"id": "t3", "state": "doing", "worker": "w-1",
@@ -432,6 +470,7 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
                    "failed": ["f2"], "aborted": ["f3"]}
     t1, t2 = snap["tasks"]["waiting"]
     assert t1["askerName"] == "page" and t2["askerName"] == "bob"  # resolved, or as given
+    assert t1["needs"] == ["json_object", "tools"] and t2["needs"] == []
     assert snap["tasks"]["running"][0]["abortAsked"] is True
     assert snap["tasks"]["failed"][0]["error"] == "boom"
     assert snap["counts"] == {"waiting": 2, "running": 1, "done": 2, "failed": 1, "aborted": 1}

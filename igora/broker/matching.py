@@ -1,6 +1,7 @@
 """Which worker gets a task: one that serves the task's model and has a free slot.
 
-A task naming no model goes to any text worker, as in the original. Among fitting
+A task naming no model goes to any text worker, as in the original; a task goes only to
+a worker whose model offers every capability it needs (``igora.capabilities``). Among fitting
 workers the one with the most free slots wins; ties are broken at random.
 """
 
@@ -9,7 +10,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from ..protocol import A, AgentState, F, Peer, TEXT_STYLE
+from ..capabilities import fits, model_for, required
+from ..protocol import TEXT_STYLE, A, AgentState, F, Peer
 
 
 def free_slots(worker: Peer, load: dict[str, int]) -> int:
@@ -21,13 +23,17 @@ def free_slots(worker: Peer, load: dict[str, int]) -> int:
     return worker.slots - load.get(worker.id or "", 0)
 
 
-def pick_worker(task: dict[str, Any], workers: list[Peer], load: dict[str, int]) -> Peer | None:
-    model = task.get(F.MODEL) or None
+def pick_worker(task: dict[str, Any], workers: list[Peer], load: dict[str, int],
+                present: list[Peer] | None = None) -> Peer | None:
+    """``present``: every worker on the market (to tell whether an original task's model
+    is served by anyone); default ``workers``."""
+    model = model_for(task, workers if present is None else present)
+    needs = required(task)
     style = task.get(F.STYLE) or TEXT_STYLE
     best: list[Peer] = []
     best_free = 0
     for w in workers:
-        if w.state.get(A.STYLE, TEXT_STYLE) != style or not w.serves(model):
+        if w.state.get(A.STYLE, TEXT_STYLE) != style or not fits(w, model, needs):
             continue
         free = free_slots(w, load)
         if free <= 0:

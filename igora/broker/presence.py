@@ -26,6 +26,7 @@ class Presence:
         self.grace = grace
         self.last_seen: dict[str, float] = {}
         self.peers: list[Peer] = []
+        self.version = 0  # counts the refreshes of ``peers``
         self.clock_start = time.monotonic()
         self.first_connected_at: float | None = None
 
@@ -34,6 +35,7 @@ class Presence:
         if self.first_connected_at is None and self.agent.connected:
             self.first_connected_at = self.agent.connected_at
         self.peers = self.agent.peers()
+        self.version += 1
         for peer in self.peers:
             if peer.id:
                 self.last_seen[peer.id] = now
@@ -54,6 +56,17 @@ class Presence:
         if self.agent.connected_at != self.first_connected_at:
             since = max(since, self.agent.connected_at + RECONNECT_ALLOWANCE)
         return time.monotonic() - since < self.grace
+
+    def settled(self) -> bool:
+        """Whether this agent has been connected long enough to have heard every agent
+        present: one grace after its first connection, and after a reconnection once the
+        others' reconnect backoff has passed too."""
+        if not self.agent.connected:
+            return False
+        since = max(self.agent.connected_at, self.clock_start)
+        if self.agent.connected_at != self.first_connected_at:
+            since = self.agent.connected_at + RECONNECT_ALLOWANCE
+        return time.monotonic() - since >= self.grace
 
     def restart_clock(self) -> None:
         """Give everyone a new grace from now (after this agent was paused)."""

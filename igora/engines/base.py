@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..capabilities import BASIC
 from ..protocol import F, chat_messages, stop_list
 
 
@@ -22,11 +23,13 @@ class EngineUnavailable(EngineError):
 class ModelInfo:
     name: str
     context_length: int | None = None
+    capabilities: frozenset[str] = BASIC  # see igora.capabilities.Cap
 
     def advert(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
         if self.context_length:
             out["contextLength"] = self.context_length
+        out["capabilities"] = sorted(self.capabilities)
         return out
 
 
@@ -39,6 +42,16 @@ class Request:
     seed: int | None = None
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     @classmethod
     def from_task(cls, task: dict[str, Any]) -> Request:
@@ -56,16 +69,36 @@ class Request:
             seed=int(seed) if seed is not None else None,
             max_tokens=int(max_tokens) if max_tokens is not None else None,
             stop=stop_list(task),
+            tools=list(task.get(F.TOOLS) or []),
+            tool_choice=task.get(F.TOOL_CHOICE),
+            response_format=task.get(F.RESPONSE_FORMAT),
+            n=int(num(F.N) or 1),
+            logprobs=task.get(F.LOGPROBS) is True,
+            top_logprobs=int(num(F.TOP_LOGPROBS) or 0) or None,
         )
 
 
 @dataclass(frozen=True)
 class Finish:
-    """Last item of a stream."""
+    """Last item of a stream. Besides the text streamed before it (choice 0's content),
+    an answer may hold choice 0's tool calls and log probabilities, and, for n > 1, every
+    choice (``{"index", "content", "toolCalls", "finishReason", "logprobs"}``, the
+    protocol's shape, docs/protocol.md 4.5)."""
 
-    reason: str  # "stop" or "length"
+    reason: str  # "stop", "length" or "tool_calls"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape: {id, type, function}
+    logprobs: dict[str, Any] | None = None  # OpenAI's shape: {"content": [...]}
+    choices: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The answer to an embed task: one vector per input."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int = 0
 
 
 class Engine(abc.ABC):
@@ -82,8 +115,17 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: Request) -> AsyncIterator[str | Finish]: ...
 
+    async def embed(self, inputs: list[str], *, model: str | None = None,
+                    dimensions: int | None = None) -> Embeddings:
+        """Vectors for ``inputs`` (engines whose models offer ``embed``)."""
+        raise EngineError(f"the {self.kind} engine does not compute embeddings")
+
     def default_model(self) -> str:
         return self.models()[0].name
+
+    def model_for(self, needs: frozenset[str]) -> str | None:
+        """This engine's first model offering every capability in ``needs``."""
+        return next((m.name for m in self.models() if needs <= m.capabilities), None)
 
     async def available(self) -> bool:
         """Whether the engine can take work now (upstream engines check their server)."""

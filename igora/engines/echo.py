@@ -3,17 +3,24 @@ last user message (``Echo: ...``), optionally waiting ``delay`` seconds per toke
 
 Instructions in the prompt drive it: ``#fail`` makes it raise an engine error, and
 ``#repeat N`` makes it answer N tokens (``tok0 tok1 ...``).
+
+It also embeds, deterministically: a text's vector counts its words hashed into
+``EMBED_DIMENSIONS`` buckets, scaled to length 1 (texts sharing words are close).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import zlib
 from collections.abc import AsyncIterator
 
-from .base import Engine, EngineError, Finish, ModelInfo, Request
+from ..capabilities import Cap
+from .base import Embeddings, Engine, EngineError, Finish, ModelInfo, Request
 
 _REPEAT = re.compile(r"#repeat (\d+)")
+EMBED_DIMENSIONS = 16
+CAPABILITIES = frozenset({Cap.CHAT.value, Cap.EMBED.value})
 
 
 class EchoEngine(Engine):
@@ -24,7 +31,19 @@ class EchoEngine(Engine):
         self.delay = delay
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(self.model, 1_000_000)]
+        return [ModelInfo(self.model, 1_000_000, CAPABILITIES)]
+
+    async def embed(self, inputs: list[str], *, model: str | None = None,
+                    dimensions: int | None = None) -> Embeddings:
+        size = dimensions or EMBED_DIMENSIONS
+        vectors = []
+        for text in inputs:
+            v = [0.0] * size
+            for word in text.lower().split():
+                v[zlib.crc32(word.encode()) % size] += 1.0
+            norm = sum(x * x for x in v) ** 0.5
+            vectors.append([x / norm for x in v] if norm else v)
+        return Embeddings(vectors, sum(len(t.split()) for t in inputs))
 
     @staticmethod
     def tokens_for(request: Request) -> list[str]:

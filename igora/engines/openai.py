@@ -32,7 +32,16 @@ from typing import Any
 
 import httpx
 
-from .base import Engine, EngineError, EngineUnavailable, Finish, ModelInfo, Request
+from ..capabilities import Cap
+from .base import (
+    Embeddings,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Finish,
+    ModelInfo,
+    Request,
+)
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds the upstream may stay silent (before its first byte or between two chunks)."""
@@ -40,7 +49,10 @@ CONNECT_TIMEOUT = 10.0
 HEALTH_TIMEOUT = 5.0
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read to find its message
 UNAVAILABLE_STATUS = frozenset({429, 502, 503, 504})  # the upstream, not the request
-FINISH_REASONS = frozenset({"stop", "length", "content_filter"})
+FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls"})
+ALL_CAPS = frozenset(c.value for c in Cap)
+"""An upstream is taken to offer everything the OpenAI API has; what it does not support
+fails the task with the upstream's own message."""
 CONTEXT_FIELDS = ("max_model_len", "context_length", "context_window", "max_context_length")
 
 log = logging.getLogger("igora.engine.openai")
@@ -141,7 +153,7 @@ class OpenAIEngine(Engine):
 
     # ------------------------------------------------------------------ models
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(m.alias, self._context.get(m.upstream)) for m in self.served]
+        return [ModelInfo(m.alias, self._context.get(m.upstream), ALL_CAPS) for m in self.served]
 
     def _resolve(self, alias: str | None) -> UpstreamModel:
         if not alias:
@@ -175,7 +187,12 @@ class OpenAIEngine(Engine):
         if self._usage_ok is not False:
             body["stream_options"] = {"include_usage": True}
         optional = {"max_tokens": request.max_tokens, "temperature": request.temperature,
-                    "top_p": request.top_p, "seed": request.seed, "stop": request.stop or None}
+                    "top_p": request.top_p, "seed": request.seed, "stop": request.stop or None,
+                    "tools": request.tools or None, "tool_choice": request.tool_choice,
+                    "response_format": request.response_format,
+                    "n": request.n if request.n > 1 else None,
+                    "logprobs": True if request.logprobs else None,
+                    "top_logprobs": request.top_logprobs if request.logprobs else None}
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 
@@ -242,6 +259,7 @@ class OpenAIEngine(Engine):
                 reason: str | None = None
                 usage: dict[str, Any] = {}
                 ended = False
+                answers = _Choices()
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue  # blank separators, ": keep-alive" comments, "event:" lines
@@ -254,11 +272,12 @@ class OpenAIEngine(Engine):
                         usage = chunk["usage"]
                         self._usage_ok = True
                     for choice in chunk.get("choices") or []:
-                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                        if not isinstance(choice, dict):
                             continue
-                        delta = choice.get("delta") or {}
-                        content = delta.get("content") if isinstance(delta, dict) else None
-                        if isinstance(content, str) and content:
+                        content = answers.add(choice)
+                        if choice.get("index", 0) != 0:
+                            continue
+                        if content:
                             pieces += 1
                             yield content
                         if choice.get("finish_reason"):
@@ -267,7 +286,7 @@ class OpenAIEngine(Engine):
                     raise EngineError(self._cut(
                         pieces, "[DONE] came without a finish reason: interrupted by another "
                                 "request?" if ended else "the stream ended without finishing"))
-                yield self._finish(reason, usage, pieces)
+                yield answers.finish(self._finish(reason, usage, pieces))
         except EngineError:
             raise
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -315,8 +334,49 @@ class OpenAIEngine(Engine):
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str) and content:
             yield content
+        answers = _Choices()
+        for c in choices:
+            if isinstance(c, dict):
+                answers.add({**c, "delta": c.get("message") or {}}, whole=True)
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        yield self._finish(choice.get("finish_reason"), usage, 1 if content else 0)
+        yield answers.finish(self._finish(choice.get("finish_reason"), usage,
+                                          1 if content else 0))
+
+    # ------------------------------------------------------------------ embeddings
+    async def embed(self, inputs: list[str], *, model: str | None = None,
+                    dimensions: int | None = None) -> Embeddings:
+        upstream = self._resolve(model)
+        body: dict[str, Any] = {"model": upstream.upstream, "input": inputs}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        url = f"{self.base_url}/embeddings"
+        self._in_flight += 1
+        try:
+            response = await self._http().post(url, json=body)
+            if response.status_code >= 400:
+                raise await self._error_of(response)
+            data = response.json()
+            rows = sorted(data["data"], key=lambda r: r.get("index", 0))
+            vectors = [[float(x) for x in r["embedding"]] for r in rows]
+            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        except EngineError:
+            raise
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise EngineUnavailable(
+                f"cannot reach the upstream {self.base_url}: {_why(exc)}") from None
+        except httpx.HTTPError as exc:
+            raise EngineError(
+                f"request to the upstream {self.base_url} failed: {_why(exc)}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EngineError(f"the upstream {self.base_url} sent malformed embeddings "
+                              f"({type(exc).__name__}: {exc})") from None
+        finally:
+            self._in_flight -= 1
+        if len(vectors) != len(inputs):
+            raise EngineError(f"the upstream {self.base_url} sent {len(vectors)} embeddings "
+                              f"for {len(inputs)} inputs")
+        tokens = usage.get("prompt_tokens")
+        return Embeddings(vectors, int(tokens) if isinstance(tokens, (int, float)) else 0)
 
     @staticmethod
     def _finish(reason: str | None, usage: dict[str, Any], pieces: int) -> Finish:
@@ -385,6 +445,63 @@ class OpenAIEngine(Engine):
             self._missing_warned = True
             log.warning("upstream %s does not list model(s) %s (it lists: %s); tasks for them "
                         "may fail", self.base_url, ", ".join(missing), ", ".join(sorted(ids)[:10]))
+
+
+class _Choices:
+    """The choices of an upstream answer, put together from its chunks: content, tool
+    calls (their ``arguments`` arrive in fragments), log probabilities, finish reason."""
+
+    def __init__(self) -> None:
+        self.content: dict[int, str] = {}
+        self.calls: dict[int, dict[int, dict[str, Any]]] = {}
+        self.logprobs: dict[int, list[Any]] = {}
+        self.reasons: dict[int, str] = {}
+
+    def add(self, choice: dict[str, Any], whole: bool = False) -> str:
+        """Take one chunk's choice; return its new content."""
+        index = choice.get("index", 0)
+        index = index if isinstance(index, int) else 0
+        raw = choice.get("delta")
+        delta: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        content = delta.get("content")
+        content = content if isinstance(content, str) else ""
+        self.content[index] = self.content.get(index, "") + content
+        for j, call in enumerate(delta.get("tool_calls") or []):
+            if not isinstance(call, dict):
+                continue
+            slot = call.get("index", j) if not whole else j
+            mine = self.calls.setdefault(index, {}).setdefault(
+                slot, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            if isinstance(call.get("id"), str):
+                mine["id"] = call["id"]
+            given = call.get("function")
+            fn: dict[str, Any] = given if isinstance(given, dict) else {}
+            if isinstance(fn.get("name"), str):
+                mine["function"]["name"] += fn["name"]
+            if isinstance(fn.get("arguments"), str):
+                mine["function"]["arguments"] += fn["arguments"]
+        lp = choice.get("logprobs")
+        if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+            self.logprobs.setdefault(index, []).extend(lp["content"])
+        if choice.get("finish_reason"):
+            self.reasons[index] = str(choice["finish_reason"])
+        return content
+
+    def _calls(self, index: int) -> list[dict[str, Any]] | None:
+        calls = self.calls.get(index)
+        return [calls[k] for k in sorted(calls)] if calls else None
+
+    def _logprobs(self, index: int) -> dict[str, Any] | None:
+        return {"content": self.logprobs[index]} if index in self.logprobs else None
+
+    def finish(self, first: Finish) -> Finish:
+        indexes = sorted(set(self.content) | set(self.calls) | set(self.reasons)) or [0]
+        choices = [{"index": i, "content": self.content.get(i, ""), "toolCalls": self._calls(i),
+                    "finishReason": self.reasons.get(i, "stop"),
+                    "tokenLogprobs": self._logprobs(i)} for i in indexes]
+        return Finish(first.reason, first.prompt_tokens, first.completion_tokens,
+                      tool_calls=self._calls(0), logprobs=self._logprobs(0),
+                      choices=choices if len(choices) > 1 else None)
 
 
 def _why(exc: BaseException) -> str:

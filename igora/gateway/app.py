@@ -6,7 +6,8 @@ for its whole life, in ``app.state.client``. Each API request becomes one task o
 market; the answer is streamed back as it arrives (Server-Sent Events) or returned as
 soon as the task is done. A client that goes away aborts its task.
 
-Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``POST /v1/embeddings``, ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /health``, ``GET /openapi.json`` (and ``/docs``). The web
 page's routes (``igora.web.routes``) are included when present.
 """
@@ -14,12 +15,14 @@ page's routes (``igora.web.routes``) are included when present.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
 import logging
+import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,9 +33,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..capabilities import offered
 from ..client import DEFAULT_TIMEOUT, Client, Restart, Task
 from ..errors import IgoraError
-from ..protocol import GATEWAY_STYLE, A, F, MapName, ProtocolError
+from ..protocol import GATEWAY_STYLE, A, F, MapName, ProtocolError, TaskKind
 from . import errors
 from .errors import OpenAIError, from_igora
 from .openai_models import (
@@ -41,6 +45,8 @@ from .openai_models import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     ErrorBody,
     Health,
     Model,
@@ -58,7 +64,8 @@ arrive before concluding that no worker serves its model."""
 STARTUP_SYNC_WAIT = 3.0
 """Seconds the start-up waits for the market before serving anyway (answering 503)."""
 TASK_HEADER = "x-igora-task"
-FINISH_REASONS = frozenset({"stop", "length"})
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
+ARGUMENT_PIECE = 16  # characters of a tool call's arguments per streamed chunk
 
 T = TypeVar("T")
 ClientFactory = Callable[[], Client]
@@ -256,14 +263,15 @@ def sse(data: dict[str, Any] | str) -> str:
 class Job:
     """One API request, translated for the market."""
 
-    kind: str  # "chat" or "text"
-    prompt: str | list[dict[str, str]]
+    kind: str  # "chat", "text" or "embed"
+    prompt: str | list[dict[str, Any]] | None
     requested: str | None
     options: dict[str, Any]
     stream: bool
     include_usage: bool
     user: str | None
     echo: str = ""
+    encoding: str | None = None  # embeddings: "float" or "base64"
 
     @property
     def model(self) -> str | None:
@@ -276,10 +284,6 @@ class Job:
 
 def _common_options(body: ChatCompletionRequest | CompletionRequest,
                     max_tokens: int | None) -> dict[str, Any]:
-    if body.n is not None and body.n > 1:
-        raise OpenAIError(400, "n must be 1: Igora answers with one choice per request "
-                               "(send several requests for several answers).",
-                          param="n", code="unsupported_value")
     if body.stream_options is not None and not body.stream:
         raise OpenAIError(400, "stream_options is only allowed when stream is true.",
                           param="stream_options", code="invalid_value")
@@ -292,17 +296,51 @@ def _unsupported(param: str, what: str) -> OpenAIError:
                        code="unsupported_parameter")
 
 
-def chat_job(body: ChatCompletionRequest) -> Job:
+def _chat_options(body: ChatCompletionRequest) -> dict[str, Any]:
+    """Tools, response format, choices and log probabilities, in the task's shapes (OpenAI's
+    own objects; docs/protocol.md 4.5)."""
+    if body.functions:
+        raise _unsupported("functions", "the legacy functions API is replaced by tools")
+    if body.top_logprobs and not body.logprobs:
+        raise OpenAIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs",
+                          code="invalid_value")
+    if body.tool_choice is not None and not body.tools and body.tool_choice != "none":
+        raise OpenAIError(400, "tool_choice needs tools.", param="tool_choice",
+                          code="invalid_value")
+    options: dict[str, Any] = {}
+    if body.tools:
+        options["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
+        if body.tool_choice is not None:
+            choice = body.tool_choice
+            options["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+            if not isinstance(choice, str) and choice.function.name not in {
+                    t.function.name for t in body.tools}:
+                raise OpenAIError(400, f"tool_choice names {choice.function.name!r}, which is "
+                                       f"not in tools.", param="tool_choice",
+                                  code="invalid_value")
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        out: dict[str, Any] = {"type": fmt.type}
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise OpenAIError(400, "response_format of type json_schema needs json_schema.",
+                                  param="response_format.json_schema",
+                                  code="missing_required_parameter")
+            spec = fmt.json_schema.model_dump(by_alias=True, exclude_none=True)
+            spec.setdefault("schema", {"type": "object"})
+            out["json_schema"] = spec
+        options["response_format"] = out
+    if body.n is not None and body.n > 1:
+        options["n"] = body.n
     if body.logprobs:
-        raise _unsupported("logprobs", "workers do not report token probabilities")
-    if body.top_logprobs:
-        raise _unsupported("top_logprobs", "workers do not report token probabilities")
-    if body.tools or body.functions:
-        raise _unsupported("tools" if body.tools else "functions",
-                           "workers answer with text only (no function calling)")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise _unsupported("response_format", "only {'type': 'text'} is available")
-    messages: list[dict[str, str]] = []
+        options["logprobs"] = True
+        if body.top_logprobs:
+            options["top_logprobs"] = body.top_logprobs
+    return options
+
+
+def chat_job(body: ChatCompletionRequest) -> Job:
+    messages: list[dict[str, Any]] = []
     for i, m in enumerate(body.messages):
         if isinstance(m.content, list):
             parts = []
@@ -317,14 +355,25 @@ def chat_job(body: ChatCompletionRequest) -> Job:
         else:
             content = m.content or ""
         role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        if m.name and role in ("tool", "function"):
+            message["name"] = m.name
+        messages.append(message)
     max_tokens = body.max_completion_tokens or body.max_tokens
     stream_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return Job("chat", messages, body.model, _common_options(body, max_tokens),
-               bool(body.stream), stream_usage, body.user)
+    options = {**_common_options(body, max_tokens), **_chat_options(body)}
+    return Job("chat", messages, body.model, options, bool(body.stream), stream_usage,
+               body.user)
 
 
 def text_job(body: CompletionRequest) -> Job:
+    if body.n is not None and body.n > 1:
+        raise _unsupported("n", "legacy completions answer with one choice (use "
+                                "/v1/chat/completions for several)")
     if body.best_of is not None and body.best_of > 1:
         raise _unsupported("best_of", "Igora answers with one choice per request")
     if body.logprobs:
@@ -366,7 +415,7 @@ async def run_job(request: Request, job: Job) -> Response:
                                f"{gw.client.address.room_url}; retry in a moment.",
                           type=errors.SERVER, code="market_unreachable")
     try:
-        task = await gw.client.submit(job.prompt, model=job.model, timeout=gw.timeout,
+        task = await gw.client.submit(job.prompt, model=job.model, timeout=gw.timeout,  # type: ignore[arg-type]
                                       wait_worker=gw.worker_wait(), **job.options)
     except (IgoraError, ProtocolError) as exc:
         raise from_igora(exc, job.requested) from None
@@ -389,6 +438,8 @@ async def run_job(request: Request, job: Job) -> Response:
         log.info("task %s: the HTTP client went away; task aborted", task.id)
         task.abort()
         return Response(status_code=499)
+    if job.kind == "embed":
+        return _embedded(gw, task, job, headers)
     if not job.stream:
         return _complete(gw, task, job, created, headers)
     return EventStream(_stream(gw, task, job, outcome, events, created), headers,
@@ -418,14 +469,69 @@ def _complete(gw: Gateway, task: Task, job: Job, created: int,
     if job.kind == "chat":
         body = ChatCompletion.model_validate({
             "id": ident, "created": created, "model": model, "usage": usage,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": reason}]})
+            "choices": [_chat_choice(c) for c in _choices(final)]})
     else:
         body = Completion.model_validate({
             "id": ident, "created": created, "model": model, "usage": usage,
             "choices": [{"index": 0, "text": text, "finish_reason": reason}]})
     log.info("task %s: done (%s, %d tokens)", task.id, reason, usage["completion_tokens"])
+    data = body.model_dump()
+    for choice in data["choices"] if job.kind == "chat" else []:
+        if choice["message"].get("tool_calls") is None:
+            choice["message"].pop("tool_calls", None)
+    return JSONResponse(data, headers=headers)
+
+
+def _choices(final: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every choice of a finished task, in the protocol's shape (docs/protocol.md 4.5)."""
+    choices = final.get(F.CHOICES)
+    if isinstance(choices, list) and choices and all(isinstance(c, dict) for c in choices):
+        return choices
+    return [{"index": 0, "content": str(final.get(F.RESPONSE) or ""),
+             "toolCalls": final.get(F.TOOL_CALLS), "finishReason": final.get(F.FINISH_REASON),
+             F.LOGPROBS_RESULT: final.get(F.LOGPROBS_RESULT)}]
+
+
+def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    calls = choice.get("toolCalls") if isinstance(choice.get("toolCalls"), list) else None
+    reason = choice.get("finishReason")
+    logprobs = choice.get(F.LOGPROBS_RESULT)
+    message: dict[str, Any] = {"role": "assistant", "content": str(choice.get("content") or "")}
+    if calls:  # as OpenAI: content null beside tool calls, no tool_calls key without
+        message = {"role": "assistant", "content": message["content"] or None,
+                   "tool_calls": calls}
+    return {"index": int(choice.get("index") or 0), "message": message,
+            "finish_reason": reason if reason in FINISH_REASONS else "stop",
+            "logprobs": logprobs if isinstance(logprobs, dict) else None}
+
+
+def _embedded(gw: Gateway, task: Task, job: Job, headers: dict[str, str]) -> JSONResponse:
+    final = task.final or {}
+    vectors = final.get(F.EMBEDDINGS) or []
+    usage = _usage(final)
+    as_base64 = job.encoding == "base64"
+    data = [{"object": "embedding", "index": i,
+             "embedding": _base64(v) if as_base64 else [float(x) for x in v]}
+            for i, v in enumerate(vectors)]
+    body = EmbeddingList.model_validate({
+        "data": data, "model": gw.served_model(task, job.model),
+        "usage": {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]}})
+    log.info("task %s: %d embedding(s)", task.id, len(data))
     return JSONResponse(body.model_dump(), headers=headers)
+
+
+def _base64(vector: list[float]) -> str:
+    """OpenAI's ``encoding_format: "base64"``: little-endian float32 values."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def embed_job(body: EmbeddingRequest) -> Job:
+    texts = body.input if isinstance(body.input, list) else [body.input]
+    options = {"_extra": {F.KIND: TaskKind.EMBED.value, F.INPUTS: texts,
+                          F.DIMENSIONS: body.dimensions},
+               "_pieces": False}
+    return Job("embed", None, body.model, options, False, False, body.user,
+               encoding=body.encoding_format)
 
 
 class Chunks:
@@ -445,14 +551,43 @@ class Chunks:
     def text(self, text: str, **extra: Any) -> dict[str, Any]:
         return {**self._make({"content": text}, text, None), **extra}
 
-    def finish(self, reason: str) -> dict[str, Any]:
-        return self._make({}, "", reason)
+    def finish(self, reason: str, index: int = 0) -> dict[str, Any]:
+        return self._make({}, "", reason, index)
+
+    def tool_calls(self, calls: list[dict[str, Any]], index: int = 0) -> Iterator[dict[str, Any]]:
+        """A choice's tool calls as OpenAI streams them: for each call a first chunk with
+        its index, id, type and function name (arguments ``""``), then the arguments in
+        fragments."""
+        for i, call in enumerate(calls):
+            fn = call.get("function") or {}
+            yield self._make({"tool_calls": [{"index": i, "id": call.get("id"), "type": "function",
+                                              "function": {"name": fn.get("name"),
+                                                           "arguments": ""}}]}, "", None, index)
+            args = str(fn.get("arguments") or "")
+            for at in range(0, len(args), ARGUMENT_PIECE):
+                yield self._make({"tool_calls": [{"index": i, "function": {
+                    "arguments": args[at:at + ARGUMENT_PIECE]}}]}, "", None, index)
+
+    def choice(self, choice: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """A whole further choice (n > 1), sent after the first one's stream."""
+        index = int(choice.get("index") or 0)
+        yield self._make({"role": "assistant", "content": ""}, "", None, index)
+        if choice.get("content"):
+            chunk = self._make({"content": choice["content"]}, choice["content"], None, index)
+            if isinstance(choice.get(F.LOGPROBS_RESULT), dict):
+                chunk["choices"][0]["logprobs"] = choice[F.LOGPROBS_RESULT]
+            yield chunk
+        if isinstance(choice.get("toolCalls"), list):
+            yield from self.tool_calls(choice["toolCalls"], index)
+        reason = choice.get("finishReason")
+        yield self.finish(reason if reason in FINISH_REASONS else "stop", index)
 
     def usage(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self.base, "choices": [], "usage": usage}
 
-    def _make(self, delta: dict[str, Any], text: str, reason: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+    def _make(self, delta: dict[str, Any], text: str, reason: str | None,
+              index: int = 0) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": reason}
         if self.chat:
             choice["delta"] = delta
         else:
@@ -487,7 +622,21 @@ async def _stream(gw: Gateway, task: Task, job: Job, first: Any,
                 yield sse(err.body())
                 return
         reason = _finish_reason(item)
+        choices = _choices(item)
+        first = choices[0]
+        if chunks.chat and isinstance(first.get("toolCalls"), list):
+            for chunk in chunks.tool_calls(first["toolCalls"]):
+                yield sse(chunk)
+        if chunks.chat and isinstance(first.get(F.LOGPROBS_RESULT), dict):
+            # Log probabilities come with the whole answer: one chunk, without content.
+            chunk = chunks.text("")
+            chunk["choices"][0]["logprobs"] = first[F.LOGPROBS_RESULT]
+            chunk["choices"][0]["delta"] = {}
+            yield sse(chunk)
         yield sse(chunks.finish(reason))
+        for choice in choices[1:]:
+            for chunk in chunks.choice(choice):
+                yield sse(chunk)
         usage = _usage(item)
         if job.include_usage:
             yield sse(chunks.usage(usage))
@@ -547,6 +696,12 @@ def _add_routes(app: FastAPI) -> None:
         """A chat answer from a worker on the market (``stream: true`` for SSE chunks)."""
         return await run_job(request, chat_job(body))
 
+    @app.post("/v1/embeddings", response_model=EmbeddingList, tags=["openai"],
+              responses=ERRORS)
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        """Vectors for one text or a list of texts, from a worker whose model embeds."""
+        return await run_job(request, embed_job(body))
+
     @app.post("/v1/completions", response_model=Completion, tags=["openai"],
               responses={200: {"content": STREAM_DOC}, **ERRORS})
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -555,13 +710,18 @@ def _add_routes(app: FastAPI) -> None:
 
 
 def _models(gw: Gateway) -> list[Model]:
+    """The models served now, each with what at least one of its workers offers on it
+    (the extra field ``capabilities``)."""
     first_seen: dict[str, float] = {}
+    caps: dict[str, set[str]] = {}
     for peer in gw.client.workers():
         since = peer.state.get(A.SINCE)
         since = since / 1000 if isinstance(since, (int, float)) else gw.started
         for name in peer.models:
             first_seen[name] = min(first_seen.get(name, since), since)
-    return [Model(id=name, created=int(first_seen[name]), owned_by="igora-market")
+            caps.setdefault(name, set()).update(offered(peer, name))
+    return [Model(id=name, created=int(first_seen[name]), owned_by="igora-market",
+                  capabilities=sorted(caps[name]))
             for name in sorted(first_seen)]
 
 

@@ -3,7 +3,10 @@
 Status mapping (see ``docs/gateway.md``):
 
 ====  ============================  ==========================================
-400   invalid_request_error         malformed JSON, invalid or unsupported parameter
+400   invalid_request_error         malformed JSON, invalid or unsupported parameter, or
+                                    no worker offers what the request needs
+                                    (``capability_not_served``: tools, a JSON schema, n,
+                                    logprobs, embeddings)
 401   invalid_request_error         API keys are configured and the key is wrong
 404   invalid_request_error         unknown model (``model_not_found``) or path
 413   invalid_request_error         request body too large
@@ -25,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..capabilities import PARAM, Cap
 from ..errors import NoWorkerError, TaskAborted, TaskError, TaskFailed, TaskTimeout
 from ..protocol import ProtocolError
 
@@ -36,6 +40,7 @@ SHOULD_RETRY = "x-should-retry"
 NO_RETRY = frozenset({502, 504})
 """A worker's failure or a timeout would only repeat: tell clients not to retry."""
 SERVER = "server_error"
+_CAPS = frozenset(c.value for c in Cap)
 
 
 class OpenAIError(Exception):
@@ -64,6 +69,11 @@ class OpenAIError(Exception):
 def from_igora(exc: Exception, model: str | None) -> OpenAIError:
     """The OpenAI error for an Igora error raised while a task is submitted or run."""
     if isinstance(exc, NoWorkerError):
+        if exc.missing:
+            param = PARAM.get(Cap(exc.missing[0]), None) if exc.missing[0] in _CAPS else None
+            return OpenAIError(400, f"No worker on the market can serve this request: {exc}. "
+                                    f"Start a worker that offers it (see docs/gateway.md).",
+                               param=param, code="capability_not_served")
         if exc.available and model:
             return OpenAIError(404, f"The model {model!r} is not served on the market right now "
                                     f"(served: {', '.join(exc.available)}).",

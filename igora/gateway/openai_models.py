@@ -3,8 +3,8 @@
 Requests are strict (no silent type coercion: ``"1"`` is not an integer) so that
 malformed input is a 400, never a surprise further down. Fields OpenAI defines but
 Igora cannot honour either have no effect on the answer (``presence_penalty``,
-``frequency_penalty``, ``logit_bias``) or are refused with a clear 400 when set to
-anything but their neutral value (``n > 1``, ``logprobs``, ``tools``, ...). Unknown
+``frequency_penalty``, ``logit_bias``) or are refused with a clear 400 (legacy
+``functions``, ``suffix``, ``best_of > 1``, ...); docs/gateway.md lists them all. Unknown
 fields are accepted and ignored, as many OpenAI clients send a few of their own.
 """
 
@@ -14,7 +14,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..protocol import MAX_ID, MAX_MESSAGES, MAX_TEXT, MAX_TOKENS_LIMIT
+from ..protocol import (
+    MAX_CHOICES,
+    MAX_DIMENSIONS,
+    MAX_ID,
+    MAX_INPUTS,
+    MAX_MESSAGES,
+    MAX_TEXT,
+    MAX_TOKENS_LIMIT,
+    MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
+)
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -47,14 +57,58 @@ class ContentPart(_Request):
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
+class FunctionCall(_Request):
+    name: str = Field(..., max_length=MAX_ID)
+    arguments: str = Field(..., max_length=MAX_TEXT, description="A JSON object, as text.")
+
+
+class ToolCall(_Request):
+    id: str = Field(..., max_length=MAX_ID)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Role
     content: Text | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
     name: str | None = Field(None, max_length=MAX_ID)
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: str | None = Field(None, max_length=MAX_ID)
+
+
+class FunctionSpec(_Request):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=MAX_TEXT)
+    parameters: dict[str, Any] | None = Field(
+        None, description="A JSON schema of the arguments (an object).")
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Request):
+    name: str = Field(..., max_length=64)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaSpec(_Request):
+    name: str = Field(..., max_length=64)
+    description: str | None = Field(None, max_length=MAX_TEXT)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(_Request):
-    type: str = Field(..., max_length=64, description="Only `text` is supported.")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = Field(
+        None, description="With type `json_schema`: the schema the answer follows.")
 
 
 class _Sampling(_Request):
@@ -72,7 +126,8 @@ class _Sampling(_Request):
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
         None, description=f"Up to {MAX_STOP} non-empty strings that end the answer.")
-    n: int | None = Field(None, ge=1, le=128, description="Only 1 is supported.")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES,
+                          description="Number of choices (n > 1 needs a worker offering `n`).")
     user: str | None = Field(None, max_length=MAX_USER,
                              description="End-user id: logged by the gateway, not put on "
                                          "the market.")
@@ -84,13 +139,15 @@ class _Sampling(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    logprobs: bool | None = Field(None, description="Only false is supported.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Not supported.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Ignored.")
-    functions: list[dict[str, Any]] | None = Field(None, description="Not supported.")
+    logprobs: bool | None = Field(None, description="Token log probabilities (a worker "
+                                                    "offering `logprobs`).")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    functions: list[dict[str, Any]] | None = Field(None, description="Legacy: not supported "
+                                                                     "(use tools).")
     function_call: str | dict[str, Any] | None = Field(None, description="Ignored.")
-    parallel_tool_calls: bool | None = Field(None, description="Ignored.")
+    parallel_tool_calls: bool | None = Field(None, description="Ignored: one call at most.")
     response_format: ResponseFormat | None = None
 
 
@@ -118,14 +175,15 @@ class Usage(_Response):
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(_Response):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class _Completion(_Response):
@@ -155,11 +213,44 @@ class Completion(_Completion):
     choices: list[TextChoice]
 
 
+class EmbeddingRequest(_Request):
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] = Field(
+        ..., description="A text or a list of texts (token arrays are not supported).")
+    model: str | None = Field(
+        None, max_length=MAX_ID,
+        description="A model whose worker offers `embed`; `default` (or a generic name): "
+                    "any such worker.")
+    dimensions: int | None = Field(None, ge=1, le=MAX_DIMENSIONS)
+    encoding_format: Literal["float", "base64"] | None = "float"
+    user: str | None = Field(None, max_length=MAX_USER)
+
+
+class Embedding(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Response):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class Model(_Response):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    capabilities: list[str] | None = Field(
+        None, description="What the workers serving it offer on it (Igora's field): chat, "
+                          "tools, json_object, json_schema, n, logprobs, embed.")
 
 
 class ModelList(_Response):

@@ -6,8 +6,9 @@ client removes them once read, the broker after its retention time), so the trac
 records each one as it appears there; the last ``KEEP_FINISHED`` are listed and those of
 the last ``SERIES_SPAN`` seconds feed the throughput figures.
 
-Prompts and answers are not part of the snapshot: the page shows who asked what model,
-who runs it and how it went, not what was said.
+Prompts and answers are not part of the snapshot: the page shows who asked what model
+(and what beyond a chat answer: tools, a JSON schema, embeddings...), who runs it and how
+it went, not what was said.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..agent import Agent
+from ..capabilities import BASIC, required
 from ..protocol import A, KANBAN, AgentType, F, MapName, State, now_ms
 
 KEEP_FINISHED = 50
@@ -205,6 +207,7 @@ class MarketTracker:
             "maxTokens": _num(task.get(F.MAX_TOKENS)),
             "error": _str(task.get(F.ERROR), 500),
             "abortAsked": bool(task.get(F.ABORTED)),
+            "needs": sorted(required(task) - BASIC),  # tools, json_schema, embed...
         }
 
     def snapshot(self) -> dict[str, Any]:

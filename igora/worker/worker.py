@@ -23,18 +23,29 @@ from typing import Any
 from pycrdt import Map, Text
 
 from ..agent import Agent, discard
-from ..engines.base import Engine, EngineError, EngineUnavailable, Finish, Request
+from ..capabilities import fits, model_for, required
+from ..engines.base import (
+    Embeddings,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Finish,
+    Request,
+)
 from ..protocol import (
     ABORTED_MARK,
     FINAL_VALUES,
     LIVE,
     A,
     AgentState,
+    ErrorCode,
     F,
     MapName,
     ProtocolError,
     State,
+    TaskKind,
     abort_asked,
+    is_original,
     now_ms,
     stream_key,
     task_of,
@@ -56,6 +67,10 @@ REMEMBER_ENDED = 10_000  # ids of the last tasks this worker ended, to know thei
 DELETED = "deleted"  # stop reason: the doing entry vanished, moved nowhere (see _after_transaction)
 
 log = logging.getLogger("igora.worker")
+
+
+class _Done(Exception):
+    """An embed task ended (answered, or stopped): no token stream to read."""
 
 
 @dataclass
@@ -300,11 +315,10 @@ class Worker:
                 self._finish_from(MapName.PREPARED, task_id, task, State.ABORTED,
                                   error="aborted before it started")
                 continue
-            model = task.get(F.MODEL)
-            served = [m.name for m in self.engine.models()]
-            if model and model not in served:
+            why = self._cannot_serve(task)
+            if why is not None:
                 self._finish_from(MapName.PREPARED, task_id, task, State.FAILED,
-                                  error=f"worker {self.agent.name} does not serve model {model!r}")
+                                  error=why[1], code=why[0])
                 continue
             if not self.available:
                 if self._another_can_serve(task):  # assigned just before we went busy
@@ -314,6 +328,36 @@ class Worker:
                                                F.STATE: State.TODO.value}
                 continue
             self._start(task_id, task)
+
+    def _cannot_serve(self, task: dict[str, Any]) -> tuple[ErrorCode, str] | None:
+        """Why this worker cannot run a task assigned to it (a broker that does not check
+        capabilities, or a forged assignment), or None."""
+        model = task.get(F.MODEL)
+        models = {m.name: m for m in self.engine.models()}
+        if model and model not in models:
+            if is_original(task) and task.get(F.KIND) is None:
+                return None  # an original agent's model name: the worker's own model answers
+            return (ErrorCode.MODEL_NOT_SERVED,
+                    f"worker {self.agent.name} does not serve model {model!r}")
+        needs = required(task)
+        have = models[model].capabilities if model else (
+            frozenset() if self.engine.model_for(needs) is None else needs)
+        if not needs <= have:
+            missing = " + ".join(sorted(needs - have))
+            on = model or self.engine.default_model()
+            return (ErrorCode.CAPABILITY_NOT_SERVED,
+                    f"worker {self.agent.name} does not offer {missing} on model {on!r}")
+        return None
+
+    def _request(self, task: dict[str, Any]) -> Request:
+        """The engine request of a task: on the task's model if this worker serves it, else
+        on its first model that offers what the task needs."""
+        request = Request.from_task(task)
+        if request.max_tokens is None:
+            request.max_tokens = self.max_tokens
+        if request.model not in {m.name for m in self.engine.models()}:
+            request.model = self.engine.model_for(required(task))
+        return request
 
     def _hand_back_strays(self) -> None:
         """Tasks ``doing`` says this worker runs while it does not (a forged entry, or a
@@ -444,10 +488,12 @@ class Worker:
         last_item = time.monotonic()
         refreshed_len = 0
         deadline = task.get(F.DEADLINE)
+        embeddings: Embeddings | None = None
         try:
-            request = Request.from_task(task)
-            if request.max_tokens is None:
-                request.max_tokens = self.max_tokens
+            request = self._request(task)
+            if task.get(F.KIND) == TaskKind.EMBED.value:
+                embeddings = await self._embed(run, task, request.model)
+                raise _Done
             tokens = self._tokens(run, request)
             stop_wait = asyncio.create_task(run.stop.wait())
             held = ""  # pieces not written yet: at most one stream write per STREAM_INTERVAL
@@ -501,6 +547,8 @@ class Worker:
             finally:
                 stop_wait.cancel()
                 await tokens.aclose()
+        except _Done:
+            pass
         except EngineUnavailable as exc:
             error = str(exc)
             self.available = False  # busy at once, before the task is handed back
@@ -537,6 +585,11 @@ class Worker:
             self._finish(task_id, task, key, State.ABORTED, response)
         elif reason is not None:
             self._finish(task_id, task, key, State.FAILED, response, error=reason)
+        elif embeddings is not None:
+            self.completed += 1
+            log.info("%s: task %s done (%d embeddings, %.2f s)", self.agent.name, task_id,
+                     len(embeddings.vectors), elapsed)
+            self._finish(task_id, task, key, State.DONE, "", embeddings=embeddings)
         else:
             assert finish is not None or response == ""
             finish = finish or Finish("stop")
@@ -551,16 +604,35 @@ class Worker:
         self._scan_all = True  # a slot is free: tasks may wait for it
         self._wake.set()
 
+    async def _embed(self, run: Running, task: dict[str, Any], model: str | None) -> Embeddings:
+        """Run an embed task; stops early (without an answer) if the task is aborted."""
+        dims = task.get(F.DIMENSIONS)
+        job = asyncio.ensure_future(self.engine.embed(
+            list(task[F.INPUTS]), model=model,
+            dimensions=int(dims) if isinstance(dims, (int, float)) else None))
+        stop_wait = asyncio.ensure_future(run.stop.wait())
+        try:
+            await asyncio.wait({job, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(BaseException):
+                await job
+            raise _Done
+        return job.result()
+
     def _another_can_serve(self, task: dict[str, Any]) -> bool:
         """Whether a task this worker cannot run now should go back to ``todos``: only if
         another worker that is not busy serves its model and attempts are left. Otherwise
         it ends ``failed`` here with the engine's reason rather than wait for its deadline."""
         if int(task.get(F.ATTEMPTS) or 1) >= HANDBACK_ATTEMPTS:
             return False
-        model = task.get(F.MODEL) or None
-        return any(p.id != self.agent.id and p.serves(model)
+        peers = self.agent.peers()
+        model, needs = model_for(task, peers), required(task)
+        return any(p.id != self.agent.id and fits(p, model, needs)
                    and p.state.get(A.STATE) != AgentState.BUSY.value
-                   for p in self.agent.peers())
+                   for p in peers)
 
     def _write(self, task_id: str, task: dict[str, Any], key: str, response: str, piece: str,
                last_refresh: float, refreshed_len: int) -> tuple[float, int]:
@@ -620,6 +692,7 @@ class Worker:
         error: str | None = None,
         finish: Finish | None = None,
         entry: dict[str, Any] | None = None,
+        embeddings: Embeddings | None = None,
     ) -> None:
         """End a running task in ``done``, if its ``doing`` entry still names this worker
         (or, given ``entry``, from that entry: its doing entry was deleted)."""
@@ -648,17 +721,28 @@ class Worker:
                     "promptTokens": finish.prompt_tokens,
                     "completionTokens": finish.completion_tokens,
                 }
+                for name, value in ((F.TOOL_CALLS, finish.tool_calls),
+                                    (F.LOGPROBS_RESULT, finish.logprobs),
+                                    (F.CHOICES, finish.choices)):
+                    if value:
+                        final[name] = value
+            if embeddings is not None:
+                final[F.EMBEDDINGS] = embeddings.vectors
+                final[F.USAGE] = {"promptTokens": embeddings.prompt_tokens,
+                                  "completionTokens": 0}
             self.done[task_id] = final
 
     def _finish_from(self, source: MapName, task_id: str, task: Any, state: State,
-                     *, error: str) -> None:
+                     *, error: str, code: ErrorCode | None = None) -> None:
         """End a task this worker did not start (found in ``source``)."""
         base = dict(task) if isinstance(task, dict) else {}
         end = now_ms()
+        extra = {F.ERROR_CODE: code.value} if code is not None else {}
         with self.agent.transaction():
             self.agent.maps[source].pop(task_id, None)
             self._drop_entries(task_id)
-            final = {**base, F.ID: task_id, F.STATE: state.value, F.ERROR: error, F.END: end}
+            final = {**base, F.ID: task_id, F.STATE: state.value, F.ERROR: error, F.END: end,
+                     **extra}
             if state == State.ABORTED:
                 final[F.ABORTED] = base.get(F.ABORTED) or ABORTED_MARK
             self.done[task_id] = final

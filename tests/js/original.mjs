@@ -1,7 +1,8 @@
 // Agents written the way the original JavaScript Igora writes them (npm `yjs` +
 // `y-websocket`, section 1 of the protocol), used by the compatibility tests.
 //
-//   node original.mjs client <market-url> <room> <prompt>   put one task, print what is read
+//   node original.mjs client <market-url> <room> <prompt> [model]   put one task, print what is read
+//     (model: as the original OpenAI endpoint passes its client's `model` through)
 //   node original.mjs worker <market-url> <room>            serve tasks like the original worker
 //
 // The client prints JSON lines: {"ev":"partial","response":...} for each change of
@@ -11,7 +12,7 @@ import { WebsocketProvider } from 'y-websocket'
 import WebSocket from 'ws'
 import { randomUUID } from 'node:crypto'
 
-const [mode, url, room, prompt] = process.argv.slice(2)
+const [mode, url, room, prompt, model] = process.argv.slice(2)
 const doc = new Y.Doc()
 const todos = doc.getMap('todos')
 const prepared = doc.getMap('prepared')
@@ -52,7 +53,8 @@ function runClient () {
       temperature: 0.5,
       seed: 1,
       date: Date.now(),
-      clientID: doc.clientID
+      clientID: doc.clientID,
+      ...(model ? { model } : {})
     })
   })
   setTimeout(() => { emit({ ev: 'timeout' }); process.exit(1) }, 60000)

@@ -22,6 +22,7 @@ function saveSettings() {
   const s = {
     model: $("model").value, preset: $("preset").value, system: $("system").value,
     temperature: $("temperature").value, seed: $("seed").value, maxTokens: $("max-tokens").value,
+    format: $("format").value, tools: $("tools").value,
   };
   localStorage.setItem(SETTINGS_KEY, JSON.stringify(s));
   if ($("api-key").value.trim()) sessionStorage.setItem(KEY_KEY, $("api-key").value.trim());
@@ -41,6 +42,8 @@ function loadSettings() {
   }
   $("api-key").value = sessionStorage.getItem(KEY_KEY) || "";
   if (s.temperature) $("temperature").value = s.temperature;
+  if (s.format === "json_object") $("format").value = s.format;
+  if (typeof s.tools === "string") $("tools").value = s.tools;
   if (s.seed !== undefined) $("seed").value = s.seed;
   if (s.maxTokens) $("max-tokens").value = s.maxTokens;
   $("temperature-value").textContent = $("temperature").value;
@@ -161,7 +164,55 @@ function requestBody() {
   if (seed !== "") body.seed = Number(seed);
   const max = $("max-tokens").value.trim();
   if (max !== "") body.max_tokens = Number(max);
+  if ($("format").value === "json_object") body.response_format = { type: "json_object" };
+  const tools = parseTools();
+  if (tools.length) body.tools = tools;  // the model answers text or calls one (auto)
   return body;
+}
+
+// The tools typed in the settings: a JSON list of OpenAI tools (empty: none).
+function parseTools() {
+  const text = $("tools").value.trim();
+  if (!text) return [];
+  const tools = JSON.parse(text);
+  if (!Array.isArray(tools)) throw new SyntaxError("not a list");
+  return tools;
+}
+
+// ------------------------------------------------------------------ structured answers
+// A JSON answer is shown indented; a tool call as its function name and its arguments,
+// indented. The text itself stays as it came (copying it gives what the model wrote).
+function pretty(text) {
+  const trimmed = text.trim();
+  if (!/^[[{]/.test(trimmed)) return null;
+  try { return JSON.stringify(JSON.parse(trimmed), null, 2); } catch { return null; }
+}
+
+function showJson(body, text) {
+  const json = pretty(text);
+  if (json === null) return;
+  const pre = document.createElement("pre");
+  pre.className = "json";
+  pre.setAttribute("aria-label", t("json"));
+  pre.textContent = json;
+  body.replaceChildren(pre);
+}
+
+function showToolCalls(box, calls) {
+  for (const call of calls) {
+    const block = document.createElement("section");
+    block.className = "tool-call";
+    const title = document.createElement("h4");
+    title.textContent = `${t("toolCall")}: `;
+    const name = document.createElement("code");
+    name.textContent = call.name;
+    title.append(name);
+    const args = document.createElement("pre");
+    args.className = "json";
+    args.textContent = pretty(call.arguments) ?? call.arguments;
+    block.append(title, args);
+    box.querySelector(".body").after(block);
+  }
 }
 
 async function send() {
@@ -171,6 +222,15 @@ async function send() {
     $("prompt").focus();
     return;
   }
+  try {
+    parseTools();
+  } catch (e) {
+    $("tools-more").open = true;
+    $("tools").setCustomValidity(t("err.tools", { msg: e.message }));
+    $("tools").reportValidity();
+    return;
+  }
+  $("tools").setCustomValidity("");
   $("prompt").value = "";
   saveSettings();
   history.push({ role: "user", content: prompt });
@@ -184,6 +244,7 @@ async function send() {
   let answer = "";
   let finish = null;
   let error = null;
+  const calls = [];  // tool calls of the answer, put together from their streamed pieces
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST",
@@ -223,6 +284,11 @@ async function send() {
             note(box, "info", t("restarted"));
             continue;
           }
+          for (const part of choice?.delta?.tool_calls || []) {
+            const call = calls[part.index] ??= { name: "", arguments: "" };
+            call.name += part.function?.name || "";
+            call.arguments += part.function?.arguments || "";
+          }
           const piece = choice?.delta?.content;
           if (piece) {
             answer += piece;
@@ -243,12 +309,14 @@ async function send() {
     delete body.dataset.placeholder;
   }
   box.dataset.finish = error ? "error" : (finish || "stop");
+  if (answer) showJson(body, answer);
+  if (calls.length) showToolCalls(box, calls);
   if (answer) history.push({ role: "assistant", content: answer });
   else history.pop();  // no answer: the next request must not carry an unanswered turn
   if (error) note(box, "error", error);
   else if (finish === "stopped") note(box, "info", t("stopped"));
   else if (finish === "length") note(box, "info", t("finish.length"));
-  if (!answer && !error && finish !== "stopped") box.remove();
+  if (!answer && !calls.length && !error && finish !== "stopped") box.remove();
   $("prompt").focus();
 }
 
@@ -294,6 +362,7 @@ export function initChat() {
   });
   $("settings").addEventListener("change", saveSettings);
   $("api-key").addEventListener("change", () => refreshModels());
+  $("tools").addEventListener("input", () => $("tools").setCustomValidity(""));
   $("settings").addEventListener("submit", (e) => e.preventDefault());
 
   onLanguage((code) => {

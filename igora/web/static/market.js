@@ -66,7 +66,8 @@ function renderAgents(agents) {
 function taskCard(task) {
   const head = el("div", { class: "task-head" },
     el("code", { title: task.id }, short(task.id)),
-    task.model ? el("span", { class: "chip" }, task.model) : null);
+    task.model ? el("span", { class: "chip" }, task.model) : null,
+    ...(task.needs || []).map((need) => el("span", { class: "chip chip-need" }, need)));
   const lines = el("dl", { class: "task-lines" });
   const line = (k, v) => { if (v) lines.append(el("div", {}, el("dt", {}, t(k)), el("dd", {}, v))); };
   line("task.asker", task.askerName || short(task.asker));
