@@ -12,7 +12,7 @@ class Lib0Error(ValueError):
 
 
 class Reader:
-    __slots__ = ("buf", "pos", "error")
+    __slots__ = ("buf", "error", "pos")
 
     def __init__(self, buf: bytes, error: type[ValueError] = Lib0Error) -> None:
         self.buf = buf
@@ -43,8 +43,9 @@ class Reader:
 
     def skip(self, n: int) -> None:
         if n < 0 or self.pos + n > len(self.buf):
-            raise self.error(f"truncated message ({n} bytes announced, "
-                             f"{len(self.buf) - self.pos} present)")
+            raise self.error(
+                f"truncated message ({n} bytes announced, {len(self.buf) - self.pos} present)"
+            )
         self.pos += n
 
     def chunk(self) -> bytes:
@@ -52,7 +53,7 @@ class Reader:
         n = self.uint()
         start = self.pos
         self.skip(n)
-        return self.buf[start:self.pos]
+        return self.buf[start : self.pos]
 
     def text(self, what: str = "string") -> str:
         """Length-prefixed UTF-8 string (``what`` names it in the error)."""

@@ -18,7 +18,7 @@ from pycrdt import Awareness, Doc, create_awareness_message, read_message
 
 from igora import config
 from igora.config import ConfigError, market_address
-from igora.market.server import awareness_entries
+from igora.market.frames import awareness_entries
 from igora.protocol import MapName
 
 from .conftest import Cluster, Proc
@@ -308,7 +308,7 @@ async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer,
                         lambda: "a newcomer to see both resumed agents' awareness; it sees "
                         f"{[(p.state.get('name'), fresh.is_stale(p.client_id, p.state)) for p in fresh.peers(include_stale=True)]}")
     # Two original (y-websocket) agents see each other again at once, not at their next
-    # renewal 15 s later: they re-announce at an unchanged clock (see renumber()).
+    # renewal 15 s later: they re-announce at an unchanged clock (see MarketChannel.nudge).
     await until(lambda: any(s.get("name") == "node-2" for s in node.others()), 5,
                 "node to see node-2 again")
 
@@ -461,7 +461,7 @@ BAD_CLI = [
 def test_market_limits_are_checked_before_anything_starts(
     tmp_path: Path, limits: dict[str, float], message: str
 ) -> None:
-    from igora.market.server import run_market
+    from igora.market.run import run_market
 
     with pytest.raises(ConfigError, match=message):
         run_market("127.0.0.1", 1234, tmp_path / "data", **limits)  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ import ctypes
 import ctypes.util
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pycrdt import Doc
 
@@ -108,7 +108,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
     parent: list[str | tuple[int, int] | None] = [None] * len(structs)
     key: list[str | None] = [None] * len(structs)
     resolved = [False] * len(structs)
-    for i, s in enumerate(structs):
+    for i in range(len(structs)):
         path = []
         j: int | None = i
         while j is not None and not resolved[j]:
@@ -135,7 +135,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
     for i, s in enumerate(structs):
         p, k = parent[i], key[i]
         if p in TASK_MAPS and k is not None:
-            task = task_of(p, k)  # type: ignore[arg-type]
+            task = task_of(p, k)
             alive[task] = alive.get(task, False) or not deleted(s)
     dead = {task for task, live in alive.items() if not live}
     chosen = dead if spared is None else dead & spared
@@ -151,8 +151,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
             if s.ref in (GC, SKIP) or p is None:
                 break
             if isinstance(p, str):
-                verdict = (p in TASK_MAPS and key[j] is not None
-                           and task_of(p, key[j]) in chosen)  # type: ignore[arg-type]
+                verdict = p in TASK_MAPS and key[j] is not None and task_of(p, key[j]) in chosen  # type: ignore[arg-type]
                 break
             j = at(p)  # the nested type holding this item
             if j is None:
@@ -183,7 +182,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
                     body += b"\x00" + uint_bytes(gc_run)
                     count += 1
                     gc_run = 0
-                body += state[s.start:s.end]
+                body += state[s.start : s.end]
                 count += 1
             i += 1
         if gc_run:
@@ -221,7 +220,7 @@ def release_memory() -> None:
         _malloc_trim(0)
 
 
-async def compact_doc(doc: Doc, spared: set[str] | None) -> tuple[Doc, Compacted, int]:
+async def compact_doc(doc: Doc[Any], spared: set[str] | None) -> tuple[Doc[Any], Compacted, int]:
     """A new document (same client id) holding ``doc``'s state compacted, then whatever
     ``doc`` received while the rewrite ran in a thread; and the size of the state before.
     ``doc`` itself is not changed: the caller swaps the new one in with no await between,
@@ -229,7 +228,7 @@ async def compact_doc(doc: Doc, spared: set[str] | None) -> tuple[Doc, Compacted
     vector, state = doc.get_state(), doc.get_update()
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(_REWRITER, compact, state, spared)
-    fresh = Doc(client_id=doc.client_id)
+    fresh: Doc[Any] = Doc(client_id=doc.client_id)
     fresh.apply_update(result.update)
     fresh.apply_update(doc.get_update(vector))
     return fresh, result, len(state)
