@@ -306,7 +306,8 @@ async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer,
             await until(lambda: {"resumer", "node-peer"} <= {p.state.get("name") for p in
                                                                fresh.peers()}, 10,
                         lambda: "a newcomer to see both resumed agents' awareness; it sees "
-                        f"{[(p.state.get('name'), fresh.is_stale(p.client_id, p.state)) for p in fresh.peers(include_stale=True)]}")
+                        + str([(p.state.get("name"), fresh.is_stale(p.client_id, p.state))
+                               for p in fresh.peers(include_stale=True)]))
     # Two original (y-websocket) agents see each other again at once, not at their next
     # renewal 15 s later: they re-announce at an unchanged clock (see MarketChannel.nudge).
     await until(lambda: any(s.get("name") == "node-2" for s in node.others()), 5,
@@ -476,7 +477,7 @@ def test_cli_bad_values_give_one_line_error_and_exit_code_2(tmp_path: Path) -> N
                               cwd=tmp_path, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env={**clean, **env})
              for args, env, _ in BAD_CLI]  # at once: each start costs an interpreter
-    for p, (args, _, message) in zip(procs, BAD_CLI):
+    for p, (args, _, message) in zip(procs, BAD_CLI, strict=True):
         _, err = p.communicate(timeout=60)
         assert p.returncode == 2, (args, err)
         lines = [ln for ln in err.splitlines() if ln.strip()]

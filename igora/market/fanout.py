@@ -20,7 +20,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from pycrdt import (
-    Encoder,
     YMessageType,
     YSyncMessageType,
     create_awareness_message,
@@ -28,7 +27,7 @@ from pycrdt import (
     merge_updates,
 )
 
-from ..lib0 import Reader
+from ..lib0 import Reader, uint_bytes
 
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 """A connection that lets this much pile up unsent (it does not read) is dropped."""
@@ -64,9 +63,7 @@ def _merge_awareness(messages: list[bytes]) -> bytes:
         r = Reader(_payload(m, 1))
         count += r.uint()
         entries.append(r.buf[r.pos :])
-    enc = Encoder()
-    enc.write_var_uint(count)
-    return create_awareness_message(enc.to_bytes() + b"".join(entries))
+    return create_awareness_message(uint_bytes(count) + b"".join(entries))
 
 
 def coalesce(batch: list[bytes]) -> Iterator[bytes]:
