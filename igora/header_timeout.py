@@ -32,6 +32,12 @@ _REFUSED = (
 )
 
 
+def peer_of(protocol: object) -> str:
+    """``address:port`` of the client of a uvicorn protocol, for log lines."""
+    client = getattr(protocol, "client", None)
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
 def http_protocol(
     base: type[asyncio.Protocol] | None,
     timeout: float,
@@ -97,9 +103,10 @@ def http_protocol(
         def _expired(self) -> None:
             self._wait(False)  # (cancelling the handle that fired does nothing)
             if self._between_requests():
-                peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
                 warn_late(
-                    "%s: disconnected, request headers not complete after %g s", peer, timeout
+                    "%s: disconnected, request headers not complete after %g s",
+                    peer_of(self),
+                    timeout,
                 )
                 self.transport.close()
 

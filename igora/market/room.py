@@ -22,6 +22,7 @@ from pycrdt import (
     Doc,
     Map,
     MapEvent,
+    Subscription,
     TransactionEvent,
     create_update_message,
     is_awareness_disconnect_message,
@@ -73,6 +74,7 @@ class MarketRoom(YRoom):
         self.holders = 0  # connections using the room (including ones still joining)
         self.idle_since = 0.0
         self.sender: MarketChannel | None = None
+        self._fan_out_sub: Subscription | None = None  # set once the room has started
         self.controllers: dict[int, MarketChannel] = {}  # awareness client id -> its socket
         self._awareness_relay = AwarenessRelay(lambda: self.clients)
 
@@ -142,14 +144,14 @@ class MarketRoom(YRoom):
         """Replace the room's document (reloaded after a panic, or compacted), moving
         every subscription to the new one."""
         old = self.ydoc
-        if self._subscription is not None:
-            old.unobserve(self._subscription)
         old.unobserve(self._store_sub)
         self._done_map.unobserve(self._done_sub)
         self.ydoc = doc
         self.gate.reset(doc.get_state())
         self._observe(doc)
-        self._subscription = doc.observe(self._fan_out)
+        if self._fan_out_sub is not None:  # else _watch_ready observes it when it starts
+            old.unobserve(self._fan_out_sub)
+            self._fan_out_sub = doc.observe(self._fan_out)
 
     def _on_done(self, event: MapEvent) -> None:
         for key, change in event.keys.items():  # type: ignore[attr-defined]  # in __slots__
@@ -169,12 +171,15 @@ class MarketRoom(YRoom):
     async def stop(self) -> None:
         self.compactor.cancel()
         await super().stop()
+        if self._fan_out_sub is not None:
+            self.ydoc.unobserve(self._fan_out_sub)
+            self._fan_out_sub = None
 
     # ------------------------------------------------------------------ fan-out
     async def _watch_ready(self) -> None:
         # Private in YRoom, overridden: there is no public hook for how updates go out.
         await self.ready_event.wait()
-        self._subscription = self.ydoc.observe(self._fan_out)
+        self._fan_out_sub = self.ydoc.observe(self._fan_out)
         self.ydoc_observed.set()
 
     async def _broadcast_updates(self) -> None:

@@ -26,7 +26,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
+from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol, peer_of
 from .app import Market
 from .compactor import DEFAULT_COMPACT_EVERY
 from .limits import (
@@ -67,11 +67,6 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _peer_of(protocol: Any) -> str:
-    client = getattr(protocol, "client", None)
-    return f"{client[0]}:{client[1]}" if client else "?"
-
-
 class _QuietInvalidRequest(logging.Filter):
     """uvicorn's own line for a bad request says neither who nor why: ours replaces it."""
 
@@ -92,7 +87,7 @@ def _protocols(header_timeout: float, max_per_address: int) -> dict[str, Any]:
 
         class HTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             def send_400_response(self, msg: str) -> None:
-                log.warning("%s: disconnected, invalid HTTP request", _peer_of(self))
+                log.warning("%s: disconnected, invalid HTTP request", peer_of(self))
                 super().send_400_response(msg)
 
         http = HTTP
@@ -107,7 +102,7 @@ def _protocols(header_timeout: float, max_per_address: int) -> dict[str, Any]:
                 if status != 101:
                     log.warning(
                         "%s: disconnected, bad websocket handshake (HTTP %s)",
-                        _peer_of(self),
+                        peer_of(self),
                         status,
                     )
 
