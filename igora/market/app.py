@@ -20,8 +20,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
 from .channel import MarketChannel
-from .compactor import DEFAULT_COMPACT_EVERY
 from .limits import (
+    DEFAULT_COMPACT_EVERY,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_MAX_ROOMS,

@@ -22,7 +22,6 @@ from .persistence import RoomHistory
 
 log = logging.getLogger("igora.market")
 
-DEFAULT_COMPACT_EVERY = 500  # finished tasks between two compactions of a room (0: never)
 COMPACT_PAUSE = 2.0  # seconds at least between two compactions: the grace of a dead key
 
 

@@ -1,4 +1,5 @@
-"""The market's limits: their defaults, their check at start, and the connection count.
+"""The market's limits and settings: their defaults, their check at start, and the
+connection count.
 
 Limits on rooms in memory are kept by ``server.MarketServer`` (which loads and unloads
 them), on message size by uvicorn (``run``), on request headers by
@@ -17,6 +18,7 @@ DEFAULT_PORT = 1234
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 2_000
 DEFAULT_MAX_PER_ADDRESS = 500
+DEFAULT_COMPACT_EVERY = 500  # finished tasks between two compactions of a room (0: never)
 DEFAULT_ROOM_IDLE = 60.0  # seconds a room with no connection stays in memory (with a store)
 DEFAULT_MAX_ROOMS = 1_000  # rooms in memory; past it the one idle the longest is unloaded
 DEFAULT_MAX_ROOMS_PER_ADDRESS = 100  # rooms in memory that one IP address loaded

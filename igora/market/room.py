@@ -34,9 +34,10 @@ from ..protocol import FINAL_VALUES, KANBAN, MapName
 from ..updates import Parsed, is_panic
 from .causal import MAX_WAITING, CausalGate
 from .channel import MarketChannel
-from .compactor import DEFAULT_COMPACT_EVERY, RoomCompactor
+from .compactor import RoomCompactor
 from .fanout import AwarenessRelay
 from .frames import AwarenessEntry, removal_message
+from .limits import DEFAULT_COMPACT_EVERY
 from .persistence import RoomHistory, replay
 from .store import Store
 from .summary import room_summary

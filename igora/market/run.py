@@ -28,8 +28,8 @@ from typing import Any
 
 from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol, peer_of
 from .app import Market
-from .compactor import DEFAULT_COMPACT_EVERY
 from .limits import (
+    DEFAULT_COMPACT_EVERY,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_PER_ADDRESS,

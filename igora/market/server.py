@@ -17,8 +17,12 @@ from collections import Counter
 
 from pycrdt.websocket import WebsocketServer, YRoom
 
-from .compactor import DEFAULT_COMPACT_EVERY
-from .limits import DEFAULT_MAX_ROOMS, DEFAULT_MAX_ROOMS_PER_ADDRESS, DEFAULT_ROOM_IDLE
+from .limits import (
+    DEFAULT_COMPACT_EVERY,
+    DEFAULT_MAX_ROOMS,
+    DEFAULT_MAX_ROOMS_PER_ADDRESS,
+    DEFAULT_ROOM_IDLE,
+)
 from .room import MarketRoom, background
 from .store import Store
 
