@@ -65,7 +65,7 @@ class _Index:
         return self.positions[i] if i >= 0 else None
 
 
-def _deleted_checker(raw: bytes):  # type: ignore[no-untyped-def]
+def _deleted_checker(raw: bytes) -> Callable[[Struct], bool]:
     ranges = {c: sorted(rs) for c, rs in delete_set(raw).items()}
     starts = {c: [s for s, _ in rs] for c, rs in ranges.items()}
 
@@ -118,11 +118,12 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
                 j = None
                 break
             path.append(j)
-            if t.origin is None and t.right_origin is None:
+            neighbour = t.origin if t.origin is not None else t.right_origin
+            if neighbour is None:
                 parent[j], key[j] = t.parent, t.key
                 j = None
                 break
-            j = at(t.origin if t.origin is not None else t.right_origin)  # type: ignore[arg-type]
+            j = at(neighbour)
         p, k = (parent[j], key[j]) if j is not None else (None, None)
         for m in reversed(path):
             if parent[m] is None:
@@ -143,7 +144,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
     collect: list[bool | None] = [None] * len(structs)
     for i in range(len(structs)):
         chain = []
-        j: int | None = i  # type: ignore[no-redef]
+        j = i
         verdict = False
         while j is not None and collect[j] is None:
             chain.append(j)
@@ -151,7 +152,8 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
             if s.ref in (GC, SKIP) or p is None:
                 break
             if isinstance(p, str):
-                verdict = p in TASK_MAPS and key[j] is not None and task_of(p, key[j]) in chosen  # type: ignore[arg-type]
+                k = key[j]
+                verdict = p in TASK_MAPS and k is not None and task_of(p, k) in chosen
                 break
             j = at(p)  # the nested type holding this item
             if j is None:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Protocol
 
 from pycrdt import (
     YMessageType,
@@ -146,6 +147,13 @@ class Outbox:
             self._wake.set()
 
 
+class Receiver(Protocol):
+    """A connection as the relay sees it (``channel.MarketChannel``)."""
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+
 AWARENESS_INTERVAL = 0.05
 """Seconds between two awareness broadcasts of a busy room (a quiet room relays at once)."""
 
@@ -160,16 +168,16 @@ class AwarenessRelay:
     """
 
     def __init__(
-        self, receivers: Callable[[], Iterable[object]], interval: float = AWARENESS_INTERVAL
+        self, receivers: Callable[[], Iterable[Receiver]], interval: float = AWARENESS_INTERVAL
     ) -> None:
         self._receivers = receivers
         self._interval = interval
-        self._batch: list[tuple[object, bytes, bool]] = []
+        self._batch: list[tuple[Receiver, bytes, bool]] = []
         self._due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last = 0.0
         self.broadcasts = 0
 
-    def add(self, sender: object, message: bytes, leaving: bool) -> None:
+    def add(self, sender: Receiver, message: bytes, leaving: bool) -> None:
         self._batch.append((sender, message, leaving))
         if self._due is None:
             loop = asyncio.get_running_loop()
@@ -192,9 +200,9 @@ class AwarenessRelay:
             if id(client) in senders:
                 mine = [m for s, m, leaving in batch if not (s is client and leaving)]
                 if mine:
-                    client.outbox.put(_merge_awareness(mine))  # type: ignore[attr-defined]
+                    client.outbox.put(_merge_awareness(mine))
             else:
-                client.outbox.put(shared)  # type: ignore[attr-defined]
+                client.outbox.put(shared)
 
     def cancel(self) -> None:
         if self._due is not None:
