@@ -28,7 +28,7 @@ from pycrdt import (
     merge_updates,
 )
 
-from ..lib0 import Reader, uint_bytes
+from ..lib0 import chunk_at, uint_at, uint_bytes
 
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 """A connection that lets this much pile up unsent (it does not read) is dropped."""
@@ -38,9 +38,7 @@ log = logging.getLogger("igora.market")
 
 def _payload(message: bytes, at: int) -> bytes:
     """The length-prefixed bytes at ``at`` of a message the market checked or made."""
-    r = Reader(message)
-    r.pos = at
-    return r.chunk()
+    return chunk_at(message, at)[0]
 
 
 def _is_update(message: bytes) -> bool:
@@ -61,9 +59,10 @@ def _merge_awareness(messages: list[bytes]) -> bytes:
     count = 0
     entries = []
     for m in messages:
-        r = Reader(_payload(m, 1))
-        count += r.uint()
-        entries.append(r.buf[r.pos :])
+        payload = _payload(m, 1)
+        n, at = uint_at(payload, 0)
+        count += n
+        entries.append(payload[at:])
     return create_awareness_message(uint_bytes(count) + b"".join(entries))
 
 
