@@ -20,7 +20,7 @@ collected (an agent cut off for longer than the grace, writing to a task that ha
 and left) is collected too on arrival, as Yjs does for writes into deleted types; peers
 with the full history still see it, as any late write of a cut-off agent.
 
-The market compacts its rooms (``MarketRoom.compact``), and every agent its own document
+The market compacts its rooms (``compactor.RoomCompactor``), and every agent its own document
 (``Agent.compact``); see docs/faults.md.
 """
 
