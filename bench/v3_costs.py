@@ -38,7 +38,7 @@ from pycrdt import (
 )
 
 from igora.lib0 import Reader, uint_bytes
-from igora.market.server import check_frame
+from igora.market.frames import check_frame
 
 TASK = {
     "id": "x" * 16,

@@ -273,7 +273,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     from . import roles
 
     if args.command == "market":
-        from .market.server import run_market
+        from .market.run import run_market
 
         data = None if args.memory else (args.data or data_dir())
         run_market(args.host, args.port, data, max_message=args.max_message,

@@ -7,68 +7,64 @@ kept 1,500 sockets open on the market for as long as it liked (issue 20, finding
 The HTTP protocol class returned by ``http_protocol`` closes a connection whose request
 headers are not complete ``timeout`` seconds after it connected, or after the first bytes
 of a further request on a keep-alive connection (an idle one is closed by uvicorn's own
-keep-alive timeout, 5 s). It also admits
-at most ``max_per_address`` such connections from one IP address at once: past it, a new
-one is answered 403 and closed at once. A connection stops counting when its headers are complete (the
-market's websocket limits take over after the upgrade). Closings are logged at most one
-line per second.
+keep-alive timeout, 5 s). It also admits at most ``max_per_address`` such connections
+from one IP address at once: past it, a new one is answered 403 and closed at once. A
+connection stops counting when its headers are complete (the market's websocket limits
+take over after the upgrade). Closings are logged at most one line per second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
-from typing import Any
+
+from .ratelog import RateLimitedLog
 
 DEFAULT_HEADER_TIMEOUT = 10.0
 """Seconds a client has to send a request's headers (nginx allows 60, Apache 20-40;
 a websocket handshake from an agent takes milliseconds)."""
 
 
-_REFUSED = (b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 42\r\n"
-            b"connection: close\r\n\r\ntoo many connections from your IP address\n")
+_REFUSED = (
+    b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 42\r\n"
+    b"connection: close\r\n\r\ntoo many connections from your IP address\n"
+)
 
 
-class _RateLimitedLog:
-    """One warning per second at most, with the count of the ones not written."""
-
-    def __init__(self, log: logging.Logger) -> None:
-        self.log = log
-        self.last = 0.0
-        self.hidden = 0
-
-    def __call__(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last < 1.0:
-            self.hidden += 1
-            return
-        more = f" ({self.hidden} more in the last second)" if self.hidden else ""
-        self.log.warning(message + more, *args)
-        self.last, self.hidden = now, 0
+def peer_of(protocol: object) -> str:
+    """``address:port`` of the client of a uvicorn protocol, for log lines."""
+    client = getattr(protocol, "client", None)
+    return f"{client[0]}:{client[1]}" if client else "?"
 
 
-def http_protocol(base: type[asyncio.Protocol] | None, timeout: float, log: logging.Logger,
-                  max_per_address: int | None = None) -> type[asyncio.Protocol]:
+def http_protocol(
+    base: type[asyncio.Protocol] | None,
+    timeout: float,
+    log: logging.Logger,
+    max_per_address: int | None = None,
+) -> type[asyncio.Protocol]:
     """``base`` (uvicorn's auto HTTP protocol if None) with the header deadline."""
     if base is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
         base = AutoHTTPProtocol
     waiting: Counter[str] = Counter()  # address -> connections still sending headers
-    warn_refused, warn_late = _RateLimitedLog(log), _RateLimitedLog(log)
+    warn_refused, warn_late = RateLimitedLog(log), RateLimitedLog(log)
 
     class HeaderTimeout(base):  # type: ignore[misc, valid-type]
         _timer: asyncio.TimerHandle | None = None
         _counted: str | None = None
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             address = self.client[0] if getattr(self, "client", None) else "?"
             if max_per_address is not None and waiting[address] >= max_per_address:
-                warn_refused("%s: refused, %d connections from it are still sending their "
-                             "headers", address, max_per_address)
+                warn_refused(
+                    "%s: refused, %d connections from it are still sending their headers",
+                    address,
+                    max_per_address,
+                )
                 transport.write(_REFUSED)  # what a refused websocket handshake gets too
                 transport.close()
                 return
@@ -107,9 +103,11 @@ def http_protocol(base: type[asyncio.Protocol] | None, timeout: float, log: logg
         def _expired(self) -> None:
             self._wait(False)  # (cancelling the handle that fired does nothing)
             if self._between_requests():
-                peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
-                warn_late("%s: disconnected, request headers not complete after %g s",
-                          peer, timeout)
+                warn_late(
+                    "%s: disconnected, request headers not complete after %g s",
+                    peer_of(self),
+                    timeout,
+                )
                 self.transport.close()
 
     HeaderTimeout.__name__ = f"HeaderTimeout{base.__name__}"

@@ -12,7 +12,7 @@ class Lib0Error(ValueError):
 
 
 class Reader:
-    __slots__ = ("buf", "pos", "error")
+    __slots__ = ("buf", "error", "pos")
 
     def __init__(self, buf: bytes, error: type[ValueError] = Lib0Error) -> None:
         self.buf = buf
@@ -28,23 +28,17 @@ class Reader:
 
     def uint(self) -> int:
         pos = self.pos
-        if pos < len(self.buf) and self.buf[pos] < 0x80:  # most are one byte: fast path
+        if pos < len(self.buf) and self.buf[pos] < 0x80:  # inlined fast path of uint_at
             self.pos = pos + 1
             return self.buf[pos]
-        n, shift = 0, 0
-        while True:
-            b = self.byte()
-            n |= (b & 0x7F) << shift
-            if b < 0x80:
-                return n
-            shift += 7
-            if shift > 63:
-                raise self.error("integer too large")
+        n, self.pos = uint_at(self.buf, pos, self.error)
+        return n
 
     def skip(self, n: int) -> None:
         if n < 0 or self.pos + n > len(self.buf):
-            raise self.error(f"truncated message ({n} bytes announced, "
-                             f"{len(self.buf) - self.pos} present)")
+            raise self.error(
+                f"truncated message ({n} bytes announced, {len(self.buf) - self.pos} present)"
+            )
         self.pos += n
 
     def chunk(self) -> bytes:
@@ -52,7 +46,7 @@ class Reader:
         n = self.uint()
         start = self.pos
         self.skip(n)
-        return self.buf[start:self.pos]
+        return self.buf[start : self.pos]
 
     def text(self, what: str = "string") -> str:
         """Length-prefixed UTF-8 string (``what`` names it in the error)."""
@@ -60,6 +54,32 @@ class Reader:
             return self.chunk().decode("utf-8")
         except UnicodeDecodeError:
             raise self.error(f"{what} is not UTF-8") from None
+
+
+def uint_at(buf: bytes, pos: int, error: type[ValueError] = Lib0Error) -> tuple[int, int]:
+    """The varint at ``pos`` of ``buf``, and the position after it (for a hot path that
+    needs no ``Reader``)."""
+    if pos < len(buf) and buf[pos] < 0x80:  # most are one byte: fast path
+        return buf[pos], pos + 1
+    n, shift = 0, 0
+    while True:
+        if pos >= len(buf):
+            raise error("truncated message")
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, pos
+        shift += 7
+        if shift > 63:
+            raise error("integer too large")
+
+
+def chunk_at(buf: bytes, pos: int) -> tuple[bytes, int]:
+    """The length-prefixed bytes at ``pos`` of ``buf`` (whose framing was checked
+    already), and the position after them."""
+    n, pos = uint_at(buf, pos)
+    return buf[pos : pos + n], pos + n
 
 
 def uint_bytes(n: int) -> bytes:

@@ -15,7 +15,8 @@ from .broker.broker import Broker
 from .client import Client, Restart
 from .config import MarketAddress
 from .engines.base import Engine, EngineError, Request
-from .protocol import BROKER_STYLE, TEXT_STYLE, A, AgentType, F, MapName, State
+from .market.summary import tasks_by_state
+from .protocol import BROKER_STYLE, TEXT_STYLE, A, AgentType
 from .worker.worker import Worker
 
 
@@ -128,13 +129,7 @@ def market_view(agent: Agent) -> dict[str, Any]:
             "models": p.models, "slots": s.get(A.SLOTS), "running": s.get(A.RUNNING),
             "speed": s.get(A.SPEED), "engine": s.get(A.ENGINE), "leader": s.get(A.LEADER),
         })
-    tasks: dict[str, int] = {st.value: 0 for st in State}
-    for m in (MapName.TODOS, MapName.PREPARED, MapName.DOING, MapName.DONE):
-        for value in agent.maps[m].values():
-            st = value.get(F.STATE) if isinstance(value, dict) else None
-            if st in tasks:
-                tasks[st] += 1
-    return {"agents": agents, "tasks": tasks}
+    return {"agents": agents, "tasks": tasks_by_state(agent.maps)}
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -84,7 +84,7 @@ def _any_depth(r: Reader, limit: int) -> int:
                     r.chunk()  # first key
                 continue
             deepest = max(deepest, len(stack) + 1)
-        elif tag == _STRING or tag == _BYTES:
+        elif tag in (_STRING, _BYTES):
             r.chunk()
         elif tag == _INT:
             r.uint()  # signed varint: same byte layout
@@ -214,7 +214,10 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
             start = r.pos
             info = r.byte()
             ref = info & 0x1F
-            origin = right = parent = key = None
+            origin: tuple[int, int] | None = None
+            right: tuple[int, int] | None = None
+            parent: str | tuple[int, int] | None = None
+            key: str | None = None
             if ref in (0, 10):  # GC, Skip
                 if info != ref:
                     raise UpdateError("a GC or Skip struct with item flags")
@@ -243,8 +246,11 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
                     r.chunk()
                 elif ref == 4:  # string: its length counts UTF-16 code units
                     raw = r.chunk()
-                    length = (len(raw) if raw.isascii()
-                              else _utf16_length(raw, clock, halves.setdefault(client, set())))
+                    length = (
+                        len(raw)
+                        if raw.isascii()
+                        else _utf16_length(raw, clock, halves.setdefault(client, set()))
+                    )
                 elif ref == 5:  # embed (JSON)
                     seen(_json_depth(r.chunk()))
                 elif ref == 6:  # format: key, JSON value
@@ -270,8 +276,9 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
             if clock + length > MAX_CLOCK:
                 raise UpdateError("a clock past what Yjs can represent")
             if keep:
-                structs.append(Struct(client, clock, length, ref, origin, right, parent, key,
-                                      start, r.pos))
+                structs.append(
+                    Struct(client, clock, length, ref, origin, right, parent, key, start, r.pos)
+                )
             clock += length
         clients[client] = (first, clock)
     ds_start = r.pos

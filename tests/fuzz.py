@@ -49,7 +49,7 @@ from pycrdt import (
 
 from igora.lib0 import Lib0Error, Reader, uint_bytes
 from igora.market.causal import CausalGate
-from igora.market.server import BadFrame, check_frame
+from igora.market.frames import BadFrame, check_frame
 from igora.updates import Parsed, UpdateError, check_update, is_panic
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"

@@ -35,7 +35,7 @@ async def test_tasks_pending_when_the_market_dies_complete_after_its_restart(
         # A newcomer finds the unfinished tasks in the restarted market.
         async with observer(cluster) as seer:
             pending = {k for m in (MapName.TODOS, MapName.PREPARED, MapName.DOING)
-                       for k in seer.maps[m].keys()} | {
+                       for k in seer.maps[m]} | {
                 k for k, v in seer.maps[MapName.DONE].items()
                 if isinstance(v, dict) and v.get("state") == State.DONE.value}
             finished = {t.id for t in tasks if archived(cluster, t.id)}  # already read

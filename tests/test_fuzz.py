@@ -16,7 +16,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from igora import Client
-from igora.market.server import BadFrame, Market, MarketRoom, check_frame
+from igora.market.app import Market
+from igora.market.frames import BadFrame, check_frame
+from igora.market.room import MarketRoom
 from igora.protocol import MapName
 from igora.updates import Parsed, check_update
 
@@ -66,7 +68,7 @@ async def test_an_update_that_makes_pycrdt_panic_leaves_the_room_intact() -> Non
         todos = writer.get("todos", type=Map)
         todos["a"] = {"id": "a"}
         assert receive(room, writer.get_update()) is None
-        await room.flush()  # "a" in the store, "b" pending
+        await room.history.flush()  # "a" in the store, "b" pending
         todos["b"] = {"id": "b"}
         assert receive(room, writer.get_update()) is None
         update = fuzz.carried(ISSUE_FRAME)

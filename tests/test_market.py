@@ -18,7 +18,7 @@ from pycrdt import Awareness, Doc, create_awareness_message, read_message
 
 from igora import config
 from igora.config import ConfigError, market_address
-from igora.market.server import awareness_entries
+from igora.market.frames import awareness_entries
 from igora.protocol import MapName
 
 from .conftest import Cluster, Proc
@@ -306,9 +306,10 @@ async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer,
             await until(lambda: {"resumer", "node-peer"} <= {p.state.get("name") for p in
                                                                fresh.peers()}, 10,
                         lambda: "a newcomer to see both resumed agents' awareness; it sees "
-                        f"{[(p.state.get('name'), fresh.is_stale(p.client_id, p.state)) for p in fresh.peers(include_stale=True)]}")
+                        + str([(p.state.get("name"), fresh.is_stale(p.client_id, p.state))
+                               for p in fresh.peers(include_stale=True)]))
     # Two original (y-websocket) agents see each other again at once, not at their next
-    # renewal 15 s later: they re-announce at an unchanged clock (see renumber()).
+    # renewal 15 s later: they re-announce at an unchanged clock (see MarketChannel.nudge).
     await until(lambda: any(s.get("name") == "node-2" for s in node.others()), 5,
                 "node to see node-2 again")
 
@@ -461,7 +462,7 @@ BAD_CLI = [
 def test_market_limits_are_checked_before_anything_starts(
     tmp_path: Path, limits: dict[str, float], message: str
 ) -> None:
-    from igora.market.server import run_market
+    from igora.market.run import run_market
 
     with pytest.raises(ConfigError, match=message):
         run_market("127.0.0.1", 1234, tmp_path / "data", **limits)  # type: ignore[arg-type]
@@ -476,7 +477,7 @@ def test_cli_bad_values_give_one_line_error_and_exit_code_2(tmp_path: Path) -> N
                               cwd=tmp_path, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env={**clean, **env})
              for args, env, _ in BAD_CLI]  # at once: each start costs an interpreter
-    for p, (args, _, message) in zip(procs, BAD_CLI):
+    for p, (args, _, message) in zip(procs, BAD_CLI, strict=True):
         _, err = p.communicate(timeout=60)
         assert p.returncode == 2, (args, err)
         lines = [ln for ln in err.splitlines() if ln.strip()]

@@ -19,6 +19,7 @@ from websockets.exceptions import InvalidStatus
 from igora.agent import Agent
 from igora.config import market_address
 from igora.errors import MarketUnreachable
+from igora.lib0 import uint_bytes
 from igora.protocol import MapName
 
 from .conftest import Cluster
@@ -96,15 +97,7 @@ def update_message(**entries: Any) -> bytes:
 
 def awareness_frame(raw_state: bytes, client_id: int = 987654) -> bytes:
     """A well-framed awareness message carrying ``raw_state`` as its state string."""
-
-    def uint(n: int) -> bytes:
-        out = bytearray()
-        while n >= 0x80:
-            out.append((n & 0x7F) | 0x80)
-            n >>= 7
-        out.append(n)
-        return bytes(out)
-
+    uint = uint_bytes
     payload = uint(1) + uint(client_id) + uint(1) + uint(len(raw_state)) + raw_state
     return uint(1) + uint(len(payload)) + payload
 
@@ -222,7 +215,7 @@ async def test_flood_from_one_address_is_refused_over_the_limit(
     try:
         # py and node hold two of the address's places
         assert len(accepted) == MAX_PER_ADDRESS - 2 and refused == 2 * MAX_PER_ADDRESS + 2
-        assert f"connections from 127.0.0.1 already" in market.procs[0].log()
+        assert "connections from 127.0.0.1 already" in market.procs[0].log()
         await round_trip(py, node, "during-flood")
     finally:
         await asyncio.gather(*(ws.close() for ws in accepted))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from pycrdt import Array, Doc, Map, Text
 
@@ -41,7 +43,7 @@ def test_parse_gives_each_struct_its_clock_length_parent_and_key() -> None:
     assert len(text) == 1 and text[0].length == len("héllo ") + 2
     assert text[0].parent == (keyed["t#1"].client, keyed["t#1"].clock)
     clocks = sorted((s.client, s.clock, s.length) for s in parsed.structs)
-    for (c1, k1, n1), (c2, k2, _) in zip(clocks, clocks[1:]):
+    for (c1, k1, n1), (c2, k2, _) in itertools.pairwise(clocks):
         assert c1 != c2 or k1 + n1 == k2  # one client's structs tile its clock range
 
 

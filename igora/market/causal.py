@@ -69,8 +69,7 @@ class CausalGate(Generic[T]):
         cut between the two halves, and then encodes that half as an empty string: the
         room's state no longer decodes (found by ``tests/fuzz.py``). Honest re-sends
         overlap at the end of a transaction, never inside a character."""
-        return any(self.state.get(client, 0) in halves
-                   for client, halves in parsed.halves.items())
+        return any(self.state.get(client, 0) in halves for client, halves in parsed.halves.items())
 
     def applied(self, parsed: Parsed) -> None:
         """The update is in the document now."""

@@ -20,7 +20,7 @@ collected (an agent cut off for longer than the grace, writing to a task that ha
 and left) is collected too on arrival, as Yjs does for writes into deleted types; peers
 with the full history still see it, as any late write of a cut-off agent.
 
-The market compacts its rooms (``MarketRoom.compact``), and every agent its own document
+The market compacts its rooms (``compactor.RoomCompactor``), and every agent its own document
 (``Agent.compact``); see docs/faults.md.
 """
 
@@ -32,7 +32,7 @@ import ctypes
 import ctypes.util
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pycrdt import Doc
 
@@ -65,7 +65,7 @@ class _Index:
         return self.positions[i] if i >= 0 else None
 
 
-def _deleted_checker(raw: bytes):  # type: ignore[no-untyped-def]
+def _deleted_checker(raw: bytes) -> Callable[[Struct], bool]:
     ranges = {c: sorted(rs) for c, rs in delete_set(raw).items()}
     starts = {c: [s for s, _ in rs] for c, rs in ranges.items()}
 
@@ -108,7 +108,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
     parent: list[str | tuple[int, int] | None] = [None] * len(structs)
     key: list[str | None] = [None] * len(structs)
     resolved = [False] * len(structs)
-    for i, s in enumerate(structs):
+    for i in range(len(structs)):
         path = []
         j: int | None = i
         while j is not None and not resolved[j]:
@@ -118,11 +118,12 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
                 j = None
                 break
             path.append(j)
-            if t.origin is None and t.right_origin is None:
+            neighbour = t.origin if t.origin is not None else t.right_origin
+            if neighbour is None:
                 parent[j], key[j] = t.parent, t.key
                 j = None
                 break
-            j = at(t.origin if t.origin is not None else t.right_origin)  # type: ignore[arg-type]
+            j = at(neighbour)
         p, k = (parent[j], key[j]) if j is not None else (None, None)
         for m in reversed(path):
             if parent[m] is None:
@@ -135,7 +136,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
     for i, s in enumerate(structs):
         p, k = parent[i], key[i]
         if p in TASK_MAPS and k is not None:
-            task = task_of(p, k)  # type: ignore[arg-type]
+            task = task_of(p, k)
             alive[task] = alive.get(task, False) or not deleted(s)
     dead = {task for task, live in alive.items() if not live}
     chosen = dead if spared is None else dead & spared
@@ -143,7 +144,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
     collect: list[bool | None] = [None] * len(structs)
     for i in range(len(structs)):
         chain = []
-        j: int | None = i  # type: ignore[no-redef]
+        j = i
         verdict = False
         while j is not None and collect[j] is None:
             chain.append(j)
@@ -151,8 +152,8 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
             if s.ref in (GC, SKIP) or p is None:
                 break
             if isinstance(p, str):
-                verdict = (p in TASK_MAPS and key[j] is not None
-                           and task_of(p, key[j]) in chosen)  # type: ignore[arg-type]
+                k = key[j]
+                verdict = p in TASK_MAPS and k is not None and task_of(p, k) in chosen
                 break
             j = at(p)  # the nested type holding this item
             if j is None:
@@ -183,7 +184,7 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
                     body += b"\x00" + uint_bytes(gc_run)
                     count += 1
                     gc_run = 0
-                body += state[s.start:s.end]
+                body += state[s.start : s.end]
                 count += 1
             i += 1
         if gc_run:
@@ -221,7 +222,7 @@ def release_memory() -> None:
         _malloc_trim(0)
 
 
-async def compact_doc(doc: Doc, spared: set[str] | None) -> tuple[Doc, Compacted, int]:
+async def compact_doc(doc: Doc[Any], spared: set[str] | None) -> tuple[Doc[Any], Compacted, int]:
     """A new document (same client id) holding ``doc``'s state compacted, then whatever
     ``doc`` received while the rewrite ran in a thread; and the size of the state before.
     ``doc`` itself is not changed: the caller swaps the new one in with no await between,
@@ -229,7 +230,7 @@ async def compact_doc(doc: Doc, spared: set[str] | None) -> tuple[Doc, Compacted
     vector, state = doc.get_state(), doc.get_update()
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(_REWRITER, compact, state, spared)
-    fresh = Doc(client_id=doc.client_id)
+    fresh: Doc[Any] = Doc(client_id=doc.client_id)
     fresh.apply_update(result.update)
     fresh.apply_update(doc.get_update(vector))
     return fresh, result, len(state)

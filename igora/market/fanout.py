@@ -18,9 +18,9 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Protocol
 
 from pycrdt import (
-    Encoder,
     YMessageType,
     YSyncMessageType,
     create_awareness_message,
@@ -28,30 +28,25 @@ from pycrdt import (
     merge_updates,
 )
 
+from ..lib0 import chunk_at, uint_at, uint_bytes
+
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 """A connection that lets this much pile up unsent (it does not read) is dropped."""
 
 log = logging.getLogger("igora.market")
 
 
-def _uint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
-
-
 def _payload(message: bytes, at: int) -> bytes:
-    n, at = _uint(message, at)
-    return message[at:at + n]
+    """The length-prefixed bytes at ``at`` of a message the market checked or made."""
+    return chunk_at(message, at)[0]
 
 
 def _is_update(message: bytes) -> bool:
-    return len(message) > 1 and message[0] == YMessageType.SYNC and message[1] == YSyncMessageType.SYNC_UPDATE
+    return (
+        len(message) > 1
+        and message[0] == YMessageType.SYNC
+        and message[1] == YSyncMessageType.SYNC_UPDATE
+    )
 
 
 def _is_awareness(message: bytes) -> bool:
@@ -65,12 +60,10 @@ def _merge_awareness(messages: list[bytes]) -> bytes:
     entries = []
     for m in messages:
         payload = _payload(m, 1)
-        n, at = _uint(payload, 0)
+        n, at = uint_at(payload, 0)
         count += n
         entries.append(payload[at:])
-    enc = Encoder()
-    enc.write_var_uint(count)
-    return create_awareness_message(enc.to_bytes() + b"".join(entries))
+    return create_awareness_message(uint_bytes(count) + b"".join(entries))
 
 
 def coalesce(batch: list[bytes]) -> Iterator[bytes]:
@@ -113,8 +106,11 @@ class Outbox:
         self._queue.append(message)
         self._bytes += len(message)
         if self._bytes > MAX_QUEUED_BYTES:
-            log.warning("%s: disconnected, %d MiB waiting unsent (it does not read)",
-                        self._name, self._bytes >> 20)
+            log.warning(
+                "%s: disconnected, %d MiB waiting unsent (it does not read)",
+                self._name,
+                self._bytes >> 20,
+            )
             self.close()
             return
         if self._task is None:
@@ -150,6 +146,13 @@ class Outbox:
             self._wake.set()
 
 
+class Receiver(Protocol):
+    """A connection as the relay sees it (``channel.MarketChannel``)."""
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+
 AWARENESS_INTERVAL = 0.05
 """Seconds between two awareness broadcasts of a busy room (a quiet room relays at once)."""
 
@@ -160,26 +163,27 @@ class AwarenessRelay:
 
     With N agents each renewing its state, relaying one by one costs N x N frames per
     heartbeat; batched, a receiver gets one frame per interval whatever N. A sender gets
-    its own messages as it sent them (its echo, a keep-alive, never its goodbye) and the
-    others' as relayed (see ``MarketChannel.renumber``).
+    its own messages back too (its echo, a keep-alive), never its goodbye.
     """
 
-    def __init__(self, receivers: Callable[[], Iterable[object]],
-                 interval: float = AWARENESS_INTERVAL) -> None:
+    def __init__(
+        self, receivers: Callable[[], Iterable[Receiver]], interval: float = AWARENESS_INTERVAL
+    ) -> None:
         self._receivers = receivers
         self._interval = interval
-        self._batch: list[tuple[object, bytes, bytes, bool]] = []
+        self._batch: list[tuple[Receiver, bytes, bool]] = []
         self._due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last = 0.0
         self.broadcasts = 0
 
-    def add(self, sender: object, own: bytes, relayed: bytes, leaving: bool) -> None:
-        self._batch.append((sender, own, relayed, leaving))
+    def add(self, sender: Receiver, message: bytes, leaving: bool) -> None:
+        self._batch.append((sender, message, leaving))
         if self._due is None:
             loop = asyncio.get_running_loop()
             wait = self._last + self._interval - loop.time()
-            self._due = (loop.call_later(wait, self.flush) if wait > 0
-                         else loop.call_soon(self.flush))
+            self._due = (
+                loop.call_later(wait, self.flush) if wait > 0 else loop.call_soon(self.flush)
+            )
 
     def flush(self) -> None:
         if not self._batch:
@@ -190,15 +194,14 @@ class AwarenessRelay:
         self._last = asyncio.get_running_loop().time()
         self.broadcasts += 1
         senders = {id(s) for s, *_ in batch}
-        shared = _merge_awareness([r for _, _, r, _ in batch])
+        shared = _merge_awareness([m for _, m, _ in batch])
         for client in self._receivers():
             if id(client) in senders:
-                mine = [o if s is client else r for s, o, r, leaving in batch
-                        if not (s is client and leaving)]
+                mine = [m for s, m, leaving in batch if not (s is client and leaving)]
                 if mine:
-                    client.outbox.put(_merge_awareness(mine))  # type: ignore[attr-defined]
+                    client.outbox.put(_merge_awareness(mine))
             else:
-                client.outbox.put(shared)  # type: ignore[attr-defined]
+                client.outbox.put(shared)
 
     def cancel(self) -> None:
         if self._due is not None:

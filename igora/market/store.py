@@ -1,6 +1,6 @@
 """The market's durable store: each room's Yjs updates and the archive of finished tasks.
 
-One SQLite file (WAL mode). The room (``server.MarketRoom``) writes a lone update at once
+One SQLite file (WAL mode). A room (``persistence.RoomHistory``) writes a lone update at once
 and groups a stream of them into one transaction per ``FLUSH_INTERVAL`` seconds, so a token
 stream costs one disk write per interval rather than one per token. On load, and whenever
 a room has accumulated ``SQUASH_AFTER`` rows, its history is replaced by one update holding
@@ -92,7 +92,8 @@ class Store:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT OR REPLACE INTO archive (room, id, state, task, archived) VALUES (?,?,?,?,?)",
+                "INSERT OR REPLACE INTO archive (room, id, state, task, archived) "
+                "VALUES (?,?,?,?,?)",
                 [(room, str(t.get("id")), str(t.get("state")), json.dumps(t), now) for t in tasks],
             )
             self._db.execute("COMMIT")

@@ -1,0 +1,106 @@
+"""The y-websocket frames the market reads and writes.
+
+Every incoming frame is checked whole before a room sees it (``check_frame``): message
+type, framing, awareness JSON, and every document update read by ``igora.updates``. A
+frame that fails is a ``BadFrame``: its sender is disconnected and nothing of it is kept.
+The awareness messages the market writes itself (``removal_message``) are built here too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from pycrdt import Encoder, YMessageType, YSyncMessageType, create_awareness_message
+
+from ..lib0 import Reader
+from ..updates import Parsed, UpdateError, check_update
+
+QUERY_AWARENESS = 3
+AUTH = 2
+MAX_AWARENESS_ENTRIES = 10_000
+
+AwarenessEntry = tuple[int, int, "dict[str, Any] | None"]
+"""One state of an awareness update: client id, clock, state (None: removed)."""
+
+
+class BadFrame(ValueError):
+    """A frame that breaks the y-websocket protocol; its sender is disconnected."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity would break JavaScript peers
+
+
+def awareness_entries(payload: bytes) -> list[AwarenessEntry]:
+    """Decode an awareness update fully; raise BadFrame on anything malformed."""
+    r = Reader(payload, BadFrame)
+    n = r.uint()
+    if n > MAX_AWARENESS_ENTRIES:
+        raise BadFrame("too many awareness entries")
+    out: list[AwarenessEntry] = []
+    for _ in range(n):
+        client_id = r.uint()
+        clock = r.uint()
+        raw = r.text("awareness state")
+        try:
+            state = json.loads(raw, parse_constant=_no_constant) if raw else None
+        except (ValueError, RecursionError) as exc:
+            raise BadFrame(f"awareness state is not JSON ({exc})") from None
+        if state is not None and not isinstance(state, dict):
+            raise BadFrame("awareness state must be an object or null")
+        out.append((client_id, clock, state))
+    if r.pos != len(payload):
+        raise BadFrame("trailing bytes after the awareness update")
+    return out
+
+
+class Frame(NamedTuple):
+    """What ``check_frame`` read of a frame."""
+
+    awareness: list[AwarenessEntry]  # of an awareness frame
+    update: bytes | None = None  # of a sync step 2 or update frame
+    parsed: Parsed | None = None  # what igora.updates read of it
+
+
+def check_frame(message: bytes) -> Frame:
+    """Check one incoming frame; raise BadFrame if it may not reach the room."""
+    r = Reader(message, BadFrame)
+    kind = r.uint()
+    if kind == YMessageType.SYNC:
+        step = r.uint()
+        if step not in (
+            YSyncMessageType.SYNC_STEP1,
+            YSyncMessageType.SYNC_STEP2,
+            YSyncMessageType.SYNC_UPDATE,
+        ):
+            raise BadFrame(f"unknown sync message type {step}")
+        update = r.chunk()
+        if step == YSyncMessageType.SYNC_STEP1:
+            return Frame([])
+        try:  # what yrs cannot represent would crash or break it (igora.updates)
+            parsed = check_update(update)
+        except UpdateError as exc:
+            raise BadFrame(f"refused update: {exc}") from None
+        if parsed.skips:  # see igora.market.causal
+            raise BadFrame("refused update: it has Skip structs (gaps in a client's clocks)")
+        return Frame([], update, parsed)
+    if kind == YMessageType.AWARENESS:
+        return Frame(awareness_entries(r.chunk()))
+    if kind in (AUTH, QUERY_AWARENESS):
+        return Frame([])
+    raise BadFrame(f"unknown message type {kind}")
+
+
+def removal_message(states: Iterable[tuple[int, int]]) -> bytes:
+    """An awareness message saying that each (client id, clock) state is removed: the
+    state ``null`` at that clock, as y-protocols writes a removal."""
+    removed = list(states)
+    enc = Encoder()
+    enc.write_var_uint(len(removed))
+    for client_id, clock in removed:
+        enc.write_var_uint(client_id)
+        enc.write_var_uint(clock)
+        enc.write_var_string("null")
+    return create_awareness_message(enc.to_bytes())
