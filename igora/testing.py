@@ -203,7 +203,6 @@ class Cluster:
         self.grace = grace
         self.env = env or {}
         self._n = 0
-        _LIVE.add(self)
 
     @property
     def tmp(self) -> Path:
@@ -217,6 +216,7 @@ class Cluster:
             list(args), self.dir / f"{self._n:02d}-{name}.log", {**self.env, **(env or {})}, module
         )
         self.procs.append(proc)
+        _LIVE.add(self)
         return proc
 
     def _role(self, heartbeat: bool = True, grace: bool = False) -> list[str]:
