@@ -54,7 +54,8 @@ def archived(cluster: Cluster, task_id: str, room: str = "market") -> dict[str, 
     url = f"http://127.0.0.1:{cluster.port}/rooms/{room}/tasks/{task_id}"
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
-            return json.loads(r.read())
+            task: dict[str, Any] = json.loads(r.read())
+        return task
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None

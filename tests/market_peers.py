@@ -142,7 +142,7 @@ def stored_maps(db: Path, room: str) -> dict[str, dict[str, Any]]:
         return {}
     finally:
         con.close()
-    doc = Doc()
+    doc: Doc[Any] = Doc()
     for u in updates:
         doc.apply_update(u)
     return {m: doc.get(m, type=Map).to_py() or {} for m in ("todos", "prepared", "doing", "done")}
