@@ -1,13 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make up    - install, then start a complete local market and answer a first prompt
-#   make test  - install (with test tools), then run every test
+#   make test  - install (with test tools), then run the checks (make lint) and every test
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.test-tools
 
-.PHONY: up test install bench clean
+.PHONY: up lint test install bench clean
 
 # llama-cpp-python comes first, from scripts/install-llama.sh (a portable build of
 # llama.cpp, kept in ~/.cache/igora/wheels and reinstalled when another build is found);
@@ -31,7 +31,13 @@ $(TESTSTAMP): $(STAMP) tests/js/package.json
 up: $(STAMP)
 	$(BIN)/igora up
 
-test: $(TESTSTAMP)
+# Lint, format and type checks; the first that fails stops `make test` with its message.
+lint: $(TESTSTAMP)
+	$(BIN)/ruff check igora tests bench
+	$(BIN)/ruff format --check igora tests bench
+	$(BIN)/mypy igora
+
+test: lint
 	$(BIN)/python -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)

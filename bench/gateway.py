@@ -10,14 +10,15 @@ import httpx
 
 from igora.engines.base import Engine
 
-from .common import Cluster, Section, Target, free_port, ms, pct, table, wait_http
+from .common import Cluster, Section, free_port, ms, pct, table, wait_http
 from .overhead import _prompt, direct_ttft, interleaved
 
 NAME = "gateway"
 
 
-async def gateway_ttft(http: httpx.AsyncClient, base: str, model: str, prompt: str,
-                       **options: object) -> float:
+async def gateway_ttft(
+    http: httpx.AsyncClient, base: str, model: str, prompt: str, **options: object
+) -> float:
     body = {"model": model, "stream": True, "messages": [{"role": "user", "content": prompt}]}
     body.update(options)
     t0 = time.perf_counter()
@@ -51,15 +52,27 @@ async def measure(engine_name: str, n: int) -> dict[str, list[float]]:
             engine = LlamaEngine(bundled_model())
             model = engine.models()[0].name
             opts = {"max_tokens": 4, "temperature": 0.0, "seed": 1}
-        gw = c.spawn("gateway", "--market", c.url, "--port", str(port), "--log-level", "warning",
-                     "--wait-worker", "30", name="gateway")
+        gw = c.spawn(
+            "gateway",
+            "--market",
+            c.url,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--wait-worker",
+            "30",
+            name="gateway",
+        )
         wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
-        await c.wait_agents("worker", 1, timeout=180)
+        await c.wait_agents_async("worker", 1, timeout=180)
         base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(timeout=120) as http:
             direct, via = await interleaved(
                 lambda i: direct_ttft(engine, _prompt(i), **opts),
-                lambda i: gateway_ttft(http, base, model, _prompt(i), **opts), n)
+                lambda i: gateway_ttft(http, base, model, _prompt(i), **opts),
+                n,
+            )
         await engine.close()
         return {"direct": direct, "gateway": via}
 
@@ -72,16 +85,33 @@ async def run(quick: bool) -> Section:
         r = await measure(engine_name, n)
         d50, d99 = pct(r["direct"], 50), pct(r["direct"], 99)
         g50, g99 = pct(r["gateway"], 50), pct(r["gateway"], 99)
-        data[engine_name] = {"direct_p50": d50, "direct_p99": d99, "gateway_p50": g50,
-                             "gateway_p99": g99}
-        label = "echo (zero latency)" if engine_name == "echo" else "llama.cpp, bundled SmolLM2-135M"
+        data[engine_name] = {
+            "direct_p50": d50,
+            "direct_p99": d99,
+            "gateway_p50": g50,
+            "gateway_p99": g99,
+        }
+        label = (
+            "echo (zero latency)" if engine_name == "echo" else "llama.cpp, bundled SmolLM2-135M"
+        )
         rows.append([label, n, ms(d50), ms(d99), ms(g50), ms(g99), ms(g50 - d50), ms(g99 - d99)])
     body = (
         "Streamed `POST /v1/chat/completions` (httpx, one request at a time) through "
         "`igora gateway` → market → broker → worker, against the engine called directly "
         "in the benchmark process, interleaved. Time to first token = until the first SSE "
         "chunk with content.\n\n"
-        + table(["engine", "requests", "direct p50 ms", "direct p99 ms", "gateway p50 ms",
-                 "gateway p99 ms", "added p50 ms", "added p99 ms"], rows)
+        + table(
+            [
+                "engine",
+                "requests",
+                "direct p50 ms",
+                "direct p99 ms",
+                "gateway p50 ms",
+                "gateway p99 ms",
+                "added p50 ms",
+                "added p99 ms",
+            ],
+            rows,
+        )
     )
     return Section("Gateway latency", body, targets, data)

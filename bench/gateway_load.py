@@ -53,8 +53,11 @@ def expected(n: int) -> str:
 
 
 def _body(n: int) -> dict[str, Any]:
-    return {"model": "echo", "stream": True,
-            "messages": [{"role": "user", "content": f"#repeat {n}"}]}
+    return {
+        "model": "echo",
+        "stream": True,
+        "messages": [{"role": "user", "content": f"#repeat {n}"}],
+    }
 
 
 async def _stream(http: httpx.AsyncClient, base: str, out: Outcome, slow: bool) -> None:
@@ -99,8 +102,9 @@ async def _sized(http: httpx.AsyncClient, base: str, size: int) -> int:
     """A request whose body is exactly ``size`` bytes (valid JSON padded with spaces)."""
     raw = json.dumps({**_body(3), "stream": False}).encode()
     body = raw[:-1] + b" " * (size - len(raw)) + b"}"
-    r = await http.post(f"{base}/v1/chat/completions", content=body,
-                        headers={"content-type": "application/json"})
+    r = await http.post(
+        f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     return r.status_code
 
 
@@ -143,10 +147,14 @@ async def hammer(base: str, market_port: int) -> Outcome:
 
 
 def good(out: Outcome) -> bool:
-    return (len(out.latencies) == STREAMS and not out.incomplete
-            and out.statuses == Counter({200: STREAMS + GONE})
-            and out.gone_states == Counter({"aborted": GONE})
-            and out.limit_status == 200 and out.over_status == 413)
+    return (
+        len(out.latencies) == STREAMS
+        and not out.incomplete
+        and out.statuses == Counter({200: STREAMS + GONE})
+        and out.gone_states == Counter({"aborted": GONE})
+        and out.limit_status == 200
+        and out.over_status == 413
+    )
 
 
 async def measure() -> Outcome:
@@ -156,10 +164,20 @@ async def measure() -> Outcome:
         for name in ("w1", "w2"):
             c.worker("--slots", "16", "--delay", str(DELAY), name=name)
         port = free_port()
-        gw = c.spawn("gateway", "--market", c.url, "--port", str(port), "--log-level",
-                     "warning", "--wait-worker", "30", name="gateway")
+        gw = c.spawn(
+            "gateway",
+            "--market",
+            c.url,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--wait-worker",
+            "30",
+            name="gateway",
+        )
         wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
-        await c.wait_agents("worker", 2)
+        await c.wait_agents_async("worker", 2, timeout=120)
         return await hammer(f"http://127.0.0.1:{port}", c.port)
 
 
@@ -173,11 +191,23 @@ async def run(quick: bool) -> Section:
         f"pause after each chunk; with them {GONE} requests whose client disconnects after "
         f"the first token (answers of {LONG} pieces). Then one request whose body is exactly "
         f"the limit ({MAX_BODY:,} bytes) and one a byte over.\n\n"
-        + table(["", "p50 (ms)", "p99 (ms)", "max (ms)"],
-                [["request to [DONE]", ms(pct(lat, 50)), ms(pct(lat, 99)),
-                  ms(max(lat, default=float("nan")))],
-                 ["request to first token", ms(pct(ttft, 50)), ms(pct(ttft, 99)),
-                  ms(max(ttft, default=float("nan")))]])
+        + table(
+            ["", "p50 (ms)", "p99 (ms)", "max (ms)"],
+            [
+                [
+                    "request to [DONE]",
+                    ms(pct(lat, 50)),
+                    ms(pct(lat, 99)),
+                    ms(max(lat, default=float("nan"))),
+                ],
+                [
+                    "request to first token",
+                    ms(pct(ttft, 50)),
+                    ms(pct(ttft, 99)),
+                    ms(max(ttft, default=float("nan"))),
+                ],
+            ],
+        )
         + f"\n\nAll {STREAMS + GONE} in {out.seconds:.2f} s; HTTP statuses "
         f"{dict(out.statuses)}; completed with the whole answer: {len(lat)}/{STREAMS}; "
         f"disconnected tasks in the archive: {dict(out.gone_states)}; body at the limit: "
@@ -186,12 +216,25 @@ async def run(quick: bool) -> Section:
     return Section(
         "Gateway under load",
         body,
-        [Target(f"Gateway: {STREAMS} streams at once + {GONE} disconnects: no 5xx, all "
+        [
+            Target(
+                f"Gateway: {STREAMS} streams at once + {GONE} disconnects: no 5xx, all "
                 "complete, each disconnect aborts its task",
-                "all", f"{len(lat)}/{STREAMS} complete, "
+                "all",
+                f"{len(lat)}/{STREAMS} complete, "
                 f"{out.gone_states.get('aborted', 0)}/{GONE} aborted, "
-                f"{sum(v for k, v in out.statuses.items() if k >= 500)} 5xx", good(out))],
-        {"p50": pct(lat, 50), "p99": pct(lat, 99), "ttft_p50": pct(ttft, 50),
-         "ttft_p99": pct(ttft, 99), "statuses": dict(out.statuses),
-         "gone": dict(out.gone_states), "limit": out.limit_status, "over": out.over_status},
+                f"{sum(v for k, v in out.statuses.items() if k >= 500)} 5xx",
+                good(out),
+            )
+        ],
+        {
+            "p50": pct(lat, 50),
+            "p99": pct(lat, 99),
+            "ttft_p50": pct(ttft, 50),
+            "ttft_p99": pct(ttft, 99),
+            "statuses": dict(out.statuses),
+            "gone": dict(out.gone_states),
+            "limit": out.limit_status,
+            "over": out.over_status,
+        },
     )

@@ -17,8 +17,9 @@ import time
 from igora import Client
 
 
-async def main(url: str, k: int, start: float, duration: float, out: str,
-               shared: bool = False) -> None:
+async def main(
+    url: str, k: int, start: float, duration: float, out: str, shared: bool = False
+) -> None:
     n_clients = 1 if shared else k
     clients = [Client(url, name=f"load-{i}", connect_timeout=60) for i in range(n_clients)]
     await asyncio.gather(*(c.connect() for c in clients))
@@ -52,5 +53,6 @@ async def main(url: str, k: int, start: float, duration: float, out: str,
 
 if __name__ == "__main__":
     url, k, start, duration, out = sys.argv[1:6]
-    asyncio.run(main(url, int(k), float(start), float(duration), out,
-                     shared="--shared" in sys.argv[6:]))
+    asyncio.run(
+        main(url, int(k), float(start), float(duration), out, shared="--shared" in sys.argv[6:])
+    )

@@ -21,8 +21,10 @@ PROMPT_WORDS = ["bonjour", "le", "marché", "des", "modèles", "ouverts"]
 
 
 async def interleaved(
-    reference: Callable[[int], Awaitable[float]], measured: Callable[[int], Awaitable[float]],
-    n: int, warm: int = 3,
+    reference: Callable[[int], Awaitable[float]],
+    measured: Callable[[int], Awaitable[float]],
+    n: int,
+    warm: int = 3,
 ) -> tuple[list[float], list[float]]:
     """Time both paths ``n`` times, alternating so that drifts hit both alike, after
     ``warm`` untimed rounds (imports, first allocations, llama.cpp graph)."""
@@ -62,7 +64,9 @@ async def market_ttft(client: Client, prompt: str, **options: object) -> float:
     return first if first is not None else time.perf_counter() - start
 
 
-async def measure(engine_name: str, n: int, llama_opts: dict[str, object]) -> dict[str, list[float]]:
+async def measure(
+    engine_name: str, n: int, llama_opts: dict[str, object]
+) -> dict[str, list[float]]:
     with Cluster(f"overhead-{engine_name}") as c:
         c.market()
         c.broker("--heartbeat", "1")
@@ -76,13 +80,15 @@ async def measure(engine_name: str, n: int, llama_opts: dict[str, object]) -> di
 
             c.worker(engine="llama")
             engine = LlamaEngine(bundled_model())
-        await c.wait_agents("worker", 1, timeout=180)
-        await c.wait_agents("broker", 1)
+        await c.wait_agents_async("worker", 1, timeout=180)
+        await c.wait_agents_async("broker", 1, timeout=120)
         async with Client(c.url, name="bench-overhead") as client:
             await client.wait_for_worker(None, 30)
             direct, market = await interleaved(
                 lambda i: direct_ttft(engine, _prompt(i), **llama_opts),
-                lambda i: market_ttft(client, _prompt(i), **llama_opts), n)
+                lambda i: market_ttft(client, _prompt(i), **llama_opts),
+                n,
+            )
         await engine.close()
         return {"direct": direct, "market": market}
 
@@ -99,20 +105,35 @@ async def run(quick: bool) -> Section:
         d50, d99 = pct(r["direct"], 50), pct(r["direct"], 99)
         m50, m99 = pct(r["market"], 50), pct(r["market"], 99)
         o50, o99 = m50 - d50, m99 - d99
-        data[engine_name] = {"direct_p50": d50, "direct_p99": d99, "market_p50": m50,
-                             "market_p99": m99, "n": n}
-        label = "echo (zero latency)" if engine_name == "echo" else "llama.cpp, bundled SmolLM2-135M"
+        data[engine_name] = {
+            "direct_p50": d50,
+            "direct_p99": d99,
+            "market_p50": m50,
+            "market_p99": m99,
+            "n": n,
+        }
+        label = (
+            "echo (zero latency)" if engine_name == "echo" else "llama.cpp, bundled SmolLM2-135M"
+        )
         rows.append([label, n, ms(d50), ms(d99), ms(m50), ms(m99), ms(o50), ms(o99)])
         if engine_name == "echo":
-            targets.append(Target("TTFT overhead p50 (echo)", "≤ 5 ms", f"{o50 * 1000:.2f} ms",
-                                  o50 <= 0.005))
-            targets.append(Target("TTFT overhead p99 (echo)", "≤ 25 ms", f"{o99 * 1000:.2f} ms",
-                                  o99 <= 0.025))
+            targets.append(
+                Target("TTFT overhead p50 (echo)", "≤ 5 ms", f"{o50 * 1000:.2f} ms", o50 <= 0.005)
+            )
+            targets.append(
+                Target("TTFT overhead p99 (echo)", "≤ 25 ms", f"{o99 * 1000:.2f} ms", o99 <= 0.025)
+            )
         else:
-            targets.append(Target("TTFT overhead p50 (llama.cpp)", "≤ 5 ms",
-                                  f"{o50 * 1000:.2f} ms", o50 <= 0.005))
-            targets.append(Target("TTFT overhead p99 (llama.cpp)", "≤ 25 ms",
-                                  f"{o99 * 1000:.2f} ms", o99 <= 0.025))
+            targets.append(
+                Target(
+                    "TTFT overhead p50 (llama.cpp)", "≤ 5 ms", f"{o50 * 1000:.2f} ms", o50 <= 0.005
+                )
+            )
+            targets.append(
+                Target(
+                    "TTFT overhead p99 (llama.cpp)", "≤ 25 ms", f"{o99 * 1000:.2f} ms", o99 <= 0.025
+                )
+            )
     body = (
         "Sequential prompts, one at a time, interleaved: the engine called directly in the "
         "benchmark process, then the same prompt through a `Client` → market → broker → "
@@ -120,7 +141,18 @@ async def run(quick: bool) -> Section:
         "first token = from the call to the first text piece in hand. Overhead = market − "
         "direct at the same percentile. llama.cpp prompts ask for 4 tokens at temperature "
         "0.\n\n"
-        + table(["engine", "prompts", "direct p50 ms", "direct p99 ms", "market p50 ms",
-                 "market p99 ms", "overhead p50 ms", "overhead p99 ms"], rows)
+        + table(
+            [
+                "engine",
+                "prompts",
+                "direct p50 ms",
+                "direct p99 ms",
+                "market p50 ms",
+                "market p99 ms",
+                "overhead p50 ms",
+                "overhead p99 ms",
+            ],
+            rows,
+        )
     )
     return Section("Market overhead on time to first token", body, targets, data)

@@ -36,8 +36,9 @@ class CountingProxy:
         for t in list(self._tasks):
             t.cancel()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    up: bool) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 if up:
@@ -54,7 +55,9 @@ class CountingProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         r2, w2 = await asyncio.open_connection("127.0.0.1", self.target_port)
-        for t in (asyncio.create_task(self._pipe(reader, w2, True)),
-                  asyncio.create_task(self._pipe(r2, writer, False))):
+        for t in (
+            asyncio.create_task(self._pipe(reader, w2, True)),
+            asyncio.create_task(self._pipe(r2, writer, False)),
+        ):
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)

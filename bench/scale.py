@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 from igora.agent import Agent
 from igora.config import MarketAddress
+from igora.testing import wait_for
 
-from .common import Cluster, Section, Target, cpu_seconds, ms, pct, rss_mb, table
+from .common import Cluster, Section, cpu_seconds, ms, pct, rss_mb, table
 from .sync import round_trips
 
 NAME = "scale"
@@ -29,10 +29,20 @@ CHURN = 5.0  # agents replaced per second, in all
 
 async def awareness_latency(url: str, n: int) -> list[float]:
     """A changes a field of its awareness state; time until B sees it."""
-    a = Agent(MarketAddress(url, "market"), type="client", name="probe-a", style="text",
-              connect_timeout=120)
-    b = Agent(MarketAddress(url, "market"), type="client", name="probe-b", style="text",
-              connect_timeout=120)
+    a = Agent(
+        MarketAddress(url, "market"),
+        type="client",
+        name="probe-a",
+        style="text",
+        connect_timeout=120,
+    )
+    b = Agent(
+        MarketAddress(url, "market"),
+        type="client",
+        name="probe-b",
+        style="text",
+        connect_timeout=120,
+    )
     await a.start()
     await b.start()
     seen: asyncio.Queue[int] = asyncio.Queue()
@@ -62,8 +72,12 @@ async def awareness_latency(url: str, n: int) -> list[float]:
 async def probe(url: str, n: int) -> dict[str, float]:
     rtt = await round_trips(url, n, room="market")
     aw = await awareness_latency(url, n)
-    return {"update_p50": pct(rtt, 50), "update_p99": pct(rtt, 99),
-            "aware_p50": pct(aw, 50), "aware_p99": pct(aw, 99)}
+    return {
+        "update_p50": pct(rtt, 50),
+        "update_p99": pct(rtt, 99),
+        "aware_p50": pct(aw, 50),
+        "aware_p99": pct(aw, 99),
+    }
 
 
 async def run(quick: bool) -> Section:
@@ -77,12 +91,22 @@ async def run(quick: bool) -> Section:
         ready = [c.dir / f"ready-{i}" for i in range(procs)]
         t0 = time.monotonic()
         for i in range(procs):
-            c.spawn(c.url, str(agents // procs), str(HEARTBEAT), str(CHURN / procs), "3600",
-                    str(ready[i]), name=f"swarm{i}", module="bench.swarm")
-        while not all(Path(r).exists() for r in ready):
-            if time.monotonic() - t0 > 600:
-                raise RuntimeError(f"the swarm did not connect in 600 s (logs in {c.dir})")
-            await asyncio.sleep(0.5)
+            c.spawn(
+                c.url,
+                str(agents // procs),
+                str(HEARTBEAT),
+                str(CHURN / procs),
+                "3600",
+                str(ready[i]),
+                name=f"swarm{i}",
+                module="bench.swarm",
+            )
+        await wait_for(
+            lambda: all(r.exists() for r in ready),
+            600,
+            f"the swarm connected (logs in {c.dir})",
+            every=0.5,
+        )
         connect_time = time.monotonic() - t0
         await asyncio.sleep(5)  # heartbeats and churn settle into their rhythm
         status = await asyncio.to_thread(c.status)
@@ -95,10 +119,16 @@ async def run(quick: bool) -> Section:
         ["connections", "2 (probes)", f"{connected} (+2 probes)"],
         ["market memory (RSS) MiB", f"{rss0:.0f}", f"{rss1:.0f}"],
         ["market CPU (share of one core)", "-", f"{cpu * 100:.0f} %"],
-        ["small update round trip p50 / p99 ms", f"{ms(base['update_p50'])} / {ms(base['update_p99'])}",
-         f"{ms(loaded['update_p50'])} / {ms(loaded['update_p99'])}"],
-        ["awareness change seen p50 / p99 ms", f"{ms(base['aware_p50'])} / {ms(base['aware_p99'])}",
-         f"{ms(loaded['aware_p50'])} / {ms(loaded['aware_p99'])}"],
+        [
+            "small update round trip p50 / p99 ms",
+            f"{ms(base['update_p50'])} / {ms(base['update_p99'])}",
+            f"{ms(loaded['update_p50'])} / {ms(loaded['update_p99'])}",
+        ],
+        [
+            "awareness change seen p50 / p99 ms",
+            f"{ms(base['aware_p50'])} / {ms(base['aware_p99'])}",
+            f"{ms(loaded['aware_p50'])} / {ms(loaded['aware_p99'])}",
+        ],
     ]
     body = (
         f"{agents} light agents in {procs} processes, awareness heartbeat {HEARTBEAT:g} s "
@@ -107,6 +137,13 @@ async def run(quick: bool) -> Section:
         f"{n_probe} round trips of a small document update and {n_probe} awareness "
         "changes.\n\n" + table(["measure", "empty market", f"{agents} agents + churn"], rows)
     )
-    data = {"base": base, "loaded": loaded, "rss0": rss0, "rss1": rss1, "cpu": cpu,
-            "connect_time": connect_time, "connections": connected}
+    data = {
+        "base": base,
+        "loaded": loaded,
+        "rss0": rss0,
+        "rss1": rss1,
+        "cpu": cpu,
+        "connect_time": connect_time,
+        "connections": connected,
+    }
     return Section(f"Scale: one market, {agents} agents", body, [], data)

@@ -51,8 +51,11 @@ def rss(pid: int) -> int:
 
 
 async def _via_gateway(http: httpx.AsyncClient, base: str, i: int, stream: bool) -> str:
-    body = {"model": "echo", "stream": stream,
-            "messages": [{"role": "user", "content": f"soak {i}"}]}
+    body = {
+        "model": "echo",
+        "stream": stream,
+        "messages": [{"role": "user", "content": f"soak {i}"}],
+    }
     if not stream:
         r = await http.post(f"{base}/v1/chat/completions", json=body)
         r.raise_for_status()
@@ -67,8 +70,9 @@ async def _via_gateway(http: httpx.AsyncClient, base: str, i: int, stream: bool)
     return text
 
 
-async def drive(url: str, gateway: str, n: int, pids: dict[str, int],
-                warmup: int = 0) -> dict[str, Any]:
+async def drive(
+    url: str, gateway: str, n: int, pids: dict[str, int], warmup: int = 0
+) -> dict[str, Any]:
     """Run ``warmup`` tasks, then ``n`` measured ones; return the memory samples (at
     10, 50 and 100 % of the ``n``) and what went wrong.
 
@@ -103,8 +107,10 @@ async def drive(url: str, gateway: str, n: int, pids: dict[str, int],
             finished.set()
 
     limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
-    async with Client(url, name="soak-client", connect_timeout=60) as client, \
-            httpx.AsyncClient(timeout=300, limits=limits) as http:
+    async with (
+        Client(url, name="soak-client", connect_timeout=60) as client,
+        httpx.AsyncClient(timeout=300, limits=limits) as http,
+    ):
         await client.wait_for_worker(None, 60)
 
         async def loop(slot: int) -> None:
@@ -116,15 +122,23 @@ async def drive(url: str, gateway: str, n: int, pids: dict[str, int],
                     if slot % 2:
                         text = await _via_gateway(http, gateway, i, stream)
                     elif stream:
-                        text = "".join([p async for p in await client.chat(
-                            f"soak {i}", stream=True, timeout=300)])
+                        text = "".join(
+                            [
+                                p
+                                async for p in await client.chat(
+                                    f"soak {i}", stream=True, timeout=300
+                                )
+                            ]
+                        )
                     else:
                         text = await client.chat(f"soak {i}", timeout=300)
                 except (httpx.HTTPError, IgoraError, KeyError, ValueError) as exc:  # reported
                     if len(errors) < 20:
-                        errors.append(f"task {i} ({'gateway' if slot % 2 else 'Client'}, "
-                                      f"{time.monotonic() - started:.1f} s): "
-                                      f"{type(exc).__name__}: {exc!r}")
+                        errors.append(
+                            f"task {i} ({'gateway' if slot % 2 else 'Client'}, "
+                            f"{time.monotonic() - started:.1f} s): "
+                            f"{type(exc).__name__}: {exc!r}"
+                        )
                 else:
                     answered[i] += 1
                     wrong += text != f"Echo: soak {i}"
@@ -137,17 +151,32 @@ async def drive(url: str, gateway: str, n: int, pids: dict[str, int],
         await asyncio.gather(*windows)
     samples.sort(key=lambda x: x["tasks"])
     ran = answered[:issued]
-    return {"tasks": issued, "warmup": warmup, "seconds": time.monotonic() - started,
-            "samples": samples, "lost": ran.count(0),
-            "twice": issued - ran.count(0) - ran.count(1), "wrong": wrong, "errors": errors}
+    return {
+        "tasks": issued,
+        "warmup": warmup,
+        "seconds": time.monotonic() - started,
+        "samples": samples,
+        "lost": ran.count(0),
+        "twice": issued - ran.count(0) - ran.count(1),
+        "wrong": wrong,
+        "errors": errors,
+    }
 
 
-def client_process(cluster: Cluster, gateway: str, n: int, warmup: int,
-                   pids: dict[str, int], out: Path) -> Any:
+def client_process(
+    cluster: Cluster, gateway: str, n: int, warmup: int, pids: dict[str, int], out: Path
+) -> Any:
     """Start the client process (``python -m bench.soak``) on ``cluster``."""
-    return cluster.spawn(cluster.url, gateway, str(n), str(warmup), str(out),
-                         *(f"{k}={p}" for k, p in pids.items()),
-                         name="soak-client", module="bench.soak")
+    return cluster.spawn(
+        cluster.url,
+        gateway,
+        str(n),
+        str(warmup),
+        str(out),
+        *(f"{k}={p}" for k, p in pids.items()),
+        name="soak-client",
+        module="bench.soak",
+    )
 
 
 def executions(logs: list[str]) -> Counter[str]:
@@ -168,16 +197,30 @@ async def soak(n: int, warmup: int = 0) -> tuple[dict[str, Any], Counter[str]]:
     """Run the soak on a new cluster: the client process's figures, and how many times
     each task was started by a worker."""
     with Cluster("soak") as c:
-        pids = {"market": c.market().pid, "broker": c.broker("--heartbeat", "1", "--log-level", "info").pid}
+        pids = {
+            "market": c.market().pid,
+            "broker": c.broker("--heartbeat", "1", "--log-level", "info").pid,
+        }
         for name in ("worker 1", "worker 2"):
-            pids[name] = c.worker("--slots", "8", "--log-level", "info",
-                                  name=name.replace(" ", "")).pid
+            pids[name] = c.worker(
+                "--slots", "8", "--log-level", "info", name=name.replace(" ", "")
+            ).pid
         port = free_port()
-        gw = c.spawn("gateway", "--market", c.url, "--port", str(port), "--log-level",
-                     "warning", "--wait-worker", "30", name="gateway")
+        gw = c.spawn(
+            "gateway",
+            "--market",
+            c.url,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--wait-worker",
+            "30",
+            name="gateway",
+        )
         pids["gateway"] = gw.pid
         wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
-        await c.wait_agents("worker", 2)
+        await c.wait_agents_async("worker", 2, timeout=120)
         out = c.dir / "soak.json"
         proc = client_process(c, f"http://127.0.0.1:{port}", n, warmup, pids, out)
         while proc.poll() is None:
@@ -188,8 +231,9 @@ async def soak(n: int, warmup: int = 0) -> tuple[dict[str, Any], Counter[str]]:
         result["dir"] = str(c.dir)
         logs = [p.read_text(errors="replace") for p in sorted(c.dir.glob("*worker*.log"))]
         if len(result["samples"]) != len(MARKS):
-            raise RuntimeError(f"the soak client took {len(result['samples'])} samples "
-                               f"(logs in {c.dir})")
+            raise RuntimeError(
+                f"the soak client took {len(result['samples'])} samples (logs in {c.dir})"
+            )
         return result, executions(logs)
 
 
@@ -199,9 +243,14 @@ async def run(quick: bool) -> Section:
     grown = growth(result)
     samples = result["samples"]
     names = list(samples[0]["rss"])
-    rows = [[name, *(f"{s['rss'][name] / 2**20:.1f} ({s['peak'][name] / 2**20:.1f})"
-                     for s in samples),
-             f"{grown[name] * 100:+.1f} %"] for name in names]
+    rows = [
+        [
+            name,
+            *(f"{s['rss'][name] / 2**20:.1f} ({s['peak'][name] / 2**20:.1f})" for s in samples),
+            f"{grown[name] * 100:+.1f} %",
+        ]
+        for name in names
+    ]
     rate = result["tasks"] / result["seconds"]
     twice = sum(1 for v in runs.values() if v > 1)
     body = (
@@ -213,24 +262,45 @@ async def run(quick: bool) -> Section:
         f"when 10 %, 50 % and 100 % of the tasks were answered: the least of the readings "
         f"taken every 0.1 s for {WINDOW:g} s while tasks flow (in brackets the most: a "
         "compaction under way), and the growth of the least from 10 % to the end:\n\n"
-        + table(["process", *(f"{s['tasks']:,} tasks ({s['seconds']:.0f} s)" for s in samples),
-                 "10 % -> end"], rows)
-        + f"\n\n{result['tasks']:,} tasks (the last ones while the memory was read) in {result['seconds']:.0f} s ({rate:.0f} tasks/s); "
+        + table(
+            [
+                "process",
+                *(f"{s['tasks']:,} tasks ({s['seconds']:.0f} s)" for s in samples),
+                "10 % -> end",
+            ],
+            rows,
+        )
+        + f"\n\n{result['tasks']:,} tasks (the last ones while the memory was read) in "
+        f"{result['seconds']:.0f} s ({rate:.0f} tasks/s); "
         f"lost {result['lost']}, answered twice {result['twice']}, wrong answers "
         f"{result['wrong']}, started twice by a worker {twice} (from the workers' logs: "
         f"{len(runs):,} tasks started).\n"
     )
     worst = max(grown.values())
-    ok = (not result["lost"] and not result["twice"] and not result["wrong"] and not twice
-          and len(runs) == result["tasks"])
+    ok = (
+        not result["lost"]
+        and not result["twice"]
+        and not result["wrong"]
+        and not twice
+        and len(runs) == result["tasks"]
+    )
     return Section(
         "Soak: memory of every process",
         body,
-        [Target(f"Soak ({n:,} tasks): memory growth of every process from 10 % to the end",
-                f"< {GROWTH * 100:.0f} %", f"{worst * 100:+.1f} % (worst)", worst < GROWTH),
-         Target(f"Soak ({n:,} tasks): tasks lost or run twice", "0",
+        [
+            Target(
+                f"Soak ({n:,} tasks): memory growth of every process from 10 % to the end",
+                f"< {GROWTH * 100:.0f} %",
+                f"{worst * 100:+.1f} % (worst)",
+                worst < GROWTH,
+            ),
+            Target(
+                f"Soak ({n:,} tasks): tasks lost or run twice",
+                "0",
                 f"{result['lost'] + result['twice'] + twice} (wrong answers {result['wrong']})",
-                ok)],
+                ok,
+            ),
+        ],
         {"result": result, "growth": grown, "started_twice": twice},
     )
 

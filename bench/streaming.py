@@ -21,8 +21,11 @@ async def direct(engine: LlamaEngine, max_tokens: int) -> tuple[int, float, floa
     t0 = time.perf_counter()
     first = last = t0
     n = 0
-    async for item in engine.generate(Request([{"role": "user", "content": PROMPT}],
-                                              max_tokens=max_tokens, temperature=0.0, seed=1)):
+    async for item in engine.generate(
+        Request(
+            [{"role": "user", "content": PROMPT}], max_tokens=max_tokens, temperature=0.0, seed=1
+        )
+    ):
         if isinstance(item, str):
             last = time.perf_counter()
             if n == 0:
@@ -38,7 +41,7 @@ async def market(client: Client, max_tokens: int) -> tuple[int, float, float]:
     first = last = t0
     task = await client.submit(PROMPT, max_tokens=max_tokens, temperature=0.0, seed=1)
     got = False
-    async for piece in task.stream():
+    async for _piece in task.stream():
         last = time.perf_counter()
         if not got:
             first, got = last, True
@@ -55,8 +58,8 @@ async def run(quick: bool) -> Section:
         c.broker()
         c.worker(engine="llama")
         engine = LlamaEngine(bundled_model())
-        await c.wait_agents("worker", 1, timeout=180)
-        await c.wait_agents("broker", 1)
+        await c.wait_agents_async("worker", 1, timeout=180)
+        await c.wait_agents_async("broker", 1, timeout=120)
         async with Client(c.url, name="bench-streaming") as client:
             await client.wait_for_worker(None, 60)
             await direct(engine, 16)
@@ -83,7 +86,12 @@ async def run(quick: bool) -> Section:
         "decode tokens/s = from the first to the last token.\n\n"
         + table(["path", "tokens", "tokens/s", "decode tokens/s"], rows)
     )
-    target = Target("Streaming throughput, market ÷ direct llama.cpp", "≥ 0.97",
-                    f"{ratio:.3f} ({m_rate:.1f} vs {d_rate:.1f} tokens/s)", ratio >= 0.97)
-    return Section("Streaming throughput", body, [target],
-                   {"direct": d_rate, "market": m_rate, "ratio": ratio})
+    target = Target(
+        "Streaming throughput, market ÷ direct llama.cpp",
+        "≥ 0.97",
+        f"{ratio:.3f} ({m_rate:.1f} vs {d_rate:.1f} tokens/s)",
+        ratio >= 0.97,
+    )
+    return Section(
+        "Streaming throughput", body, [target], {"direct": d_rate, "market": m_rate, "ratio": ratio}
+    )

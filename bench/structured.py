@@ -13,26 +13,53 @@ from .common import Cluster, Section, free_port, table, wait_http
 
 NAME = "structured"
 
-PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                           "city": {"type": "string"}},
-          "required": ["name", "age", "city"]}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "city": {"type": "string"},
+    },
+    "required": ["name", "age", "city"],
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
 PROMPT = "Tom is a 31 year old baker from Lyon. {}"
 KINDS: dict[str, dict[str, Any]] = {
     "plain text": {},
     "json_object": {"response_format": {"type": "json_object"}},
-    "json_schema": {"response_format": {"type": "json_schema",
-                                        "json_schema": {"name": "person", "schema": PERSON}}},
-    "forced tool call": {"tools": [WEATHER], "tool_choice": {
-        "type": "function", "function": {"name": "get_weather"}}},
+    "json_schema": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON},
+        }
+    },
+    "forced tool call": {
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    },
 }
 
 
-async def chat(http: httpx.AsyncClient, base: str, i: int, options: dict[str, Any]
-               ) -> tuple[float, int]:
-    body = {"messages": [{"role": "user", "content": PROMPT.format(f"(request {i})")}],
-            "max_tokens": 96, "temperature": 0.0, "seed": i, **options}
+async def chat(
+    http: httpx.AsyncClient, base: str, i: int, options: dict[str, Any]
+) -> tuple[float, int]:
+    body = {
+        "messages": [{"role": "user", "content": PROMPT.format(f"(request {i})")}],
+        "max_tokens": 96,
+        "temperature": 0.0,
+        "seed": i,
+        **options,
+    }
     t0 = time.perf_counter()
     r = await http.post(f"{base}/v1/chat/completions", json=body)
     r.raise_for_status()
@@ -48,10 +75,20 @@ async def run(quick: bool) -> Section:
         c.broker("--heartbeat", "1")
         c.worker(engine="llama")
         port = free_port()
-        gw = c.spawn("gateway", "--market", c.url, "--port", str(port), "--log-level", "warning",
-                     "--wait-worker", "30", name="gateway")
+        gw = c.spawn(
+            "gateway",
+            "--market",
+            c.url,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--wait-worker",
+            "30",
+            name="gateway",
+        )
         wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
-        await c.wait_agents("worker", 1, timeout=180)
+        await c.wait_agents_async("worker", 1, timeout=180)
         base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(timeout=300) as http:
             await chat(http, base, -1, {})  # warm-up
@@ -63,8 +100,15 @@ async def run(quick: bool) -> Section:
                     totals[kind][1] += t
             for kind, (seconds, tokens) in totals.items():
                 data[kind] = {"requests": n, "seconds": seconds, "tokens": tokens}
-                rows.append([kind, n, f"{seconds / n * 1000:.0f}", f"{tokens / n:.1f}",
-                             f"{tokens / seconds:.1f}"])
+                rows.append(
+                    [
+                        kind,
+                        n,
+                        f"{seconds / n * 1000:.0f}",
+                        f"{tokens / n:.1f}",
+                        f"{tokens / seconds:.1f}",
+                    ]
+                )
             embed_rows = []
             await http.post(f"{base}/v1/embeddings", json={"input": "warm-up"})  # loads it
             for size in batches:
@@ -81,7 +125,7 @@ async def run(quick: bool) -> Section:
         "`igora gateway`, the four kinds interleaved "
         "(non-streaming, `max_tokens` 96, temperature 0). Tokens/s counts "
         "completion tokens over the whole request time (gateway and market included). "
-        "JSON answers are sampled under a grammar (docs/gateway.md, \"Structured answers\"); "
+        'JSON answers are sampled under a grammar (docs/gateway.md, "Structured answers"); '
         "a forced tool call is a grammar over the tool's parameters.\n\n"
         + table(["answer", "requests", "mean ms / request", "tokens / answer", "tokens/s"], rows)
         + "\n\nEmbeddings (`POST /v1/embeddings`, one request per batch; the first request "

@@ -19,7 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-from pycrdt import Doc, Encoder, YMessageType, create_awareness_message, create_sync_message, handle_sync_message
+from pycrdt import (
+    Doc,
+    Encoder,
+    YMessageType,
+    create_awareness_message,
+    create_sync_message,
+    handle_sync_message,
+)
 from websockets.asyncio.client import connect
 
 from igora.protocol import PROTOCOL_VERSION, new_id, now_ms
@@ -42,9 +49,17 @@ class Light:
         self.client_id = random.getrandbits(31)
         self.clock = 0
         self.heartbeat = heartbeat
-        self.state = {"id": new_id(), "name": f"swarm-{n}", "type": "client", "style": "text",
-                      "state": "ready", "protocol": PROTOCOL_VERSION, "heartbeat": heartbeat,
-                      "since": now_ms(), "date": now_ms()}
+        self.state = {
+            "id": new_id(),
+            "name": f"swarm-{n}",
+            "type": "client",
+            "style": "text",
+            "state": "ready",
+            "protocol": PROTOCOL_VERSION,
+            "heartbeat": heartbeat,
+            "since": now_ms(),
+            "date": now_ms(),
+        }
         self.synced = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.ws = None
@@ -61,7 +76,9 @@ class Light:
                         reply = handle_sync_message(message[1:], EMPTY)
                         if reply:
                             await ws.send(reply)
-                    elif isinstance(message, bytes) and message[:2] == bytes([YMessageType.SYNC, 1]):
+                    elif isinstance(message, bytes) and message[:2] == bytes(
+                        [YMessageType.SYNC, 1]
+                    ):
                         self.synced.set()
             finally:
                 beats.cancel()
@@ -94,8 +111,9 @@ class Light:
                 await self.task
 
 
-async def main(url: str, n: int, heartbeat: float, churn: float, seconds: float,
-               ready: str) -> None:
+async def main(
+    url: str, n: int, heartbeat: float, churn: float, seconds: float, ready: str
+) -> None:
     room = f"{url}/market"
     count = 0
 
@@ -106,7 +124,7 @@ async def main(url: str, n: int, heartbeat: float, churn: float, seconds: float,
 
     agents = [make() for _ in range(n)]
     for i in range(0, n, 25):  # a crowd arriving in waves
-        await asyncio.gather(*(a.start() for a in agents[i:i + 25]))
+        await asyncio.gather(*(a.start() for a in agents[i : i + 25]))
     Path(ready).write_text("ready")
     end = time.monotonic() + seconds
     carry = 0.0

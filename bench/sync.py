@@ -22,8 +22,9 @@ NAME = "sync"
 
 
 def _agent(url: str, room: str, name: str) -> Agent:
-    return Agent(MarketAddress(url, room), type="client", name=name, style="text",
-                 connect_timeout=120)
+    return Agent(
+        MarketAddress(url, room), type="client", name=name, style="text", connect_timeout=120
+    )
 
 
 async def round_trips(url: str, n: int, room: str = "bench-rtt") -> list[float]:
@@ -107,9 +108,18 @@ async def newcomer_sync(url: str, room: str, repeat: int = 5) -> tuple[float, in
 
 def _task(i: int) -> dict[str, Any]:
     tid = new_id()
-    return {F.ID: tid, F.ASKER: new_id(), F.STYLE: "text", F.STATE: State.DONE.value,
-            F.PROMPT: f"question number {i}", F.RESPONSE: f"Echo: question number {i}",
-            F.DATE: now_ms(), F.END: now_ms(), F.WORKER: new_id(), F.ATTEMPTS: 1}
+    return {
+        F.ID: tid,
+        F.ASKER: new_id(),
+        F.STYLE: "text",
+        F.STATE: State.DONE.value,
+        F.PROMPT: f"question number {i}",
+        F.RESPONSE: f"Echo: question number {i}",
+        F.DATE: now_ms(),
+        F.END: now_ms(),
+        F.WORKER: new_id(),
+        F.ATTEMPTS: 1,
+    }
 
 
 async def fill(url: str, room: str, n: int) -> None:
@@ -126,10 +136,6 @@ async def fill(url: str, room: str, n: int) -> None:
     await ag.stop()
 
 
-def _compactions(c: Cluster, room: str) -> int:
-    return next((r["compactions"] for r in c.status()["rooms"] if r["name"] == room), 0)
-
-
 async def tasks_done_sync(c: Cluster, checkpoints: list[int]) -> list[dict[str, float]]:
     """Run echo tasks end to end and measure a newcomer's sync at each checkpoint: 1 s
     after the flow stops (what the market's compaction has not collected yet is still
@@ -140,25 +146,35 @@ async def tasks_done_sync(c: Cluster, checkpoints: list[int]) -> list[dict[str, 
         await client.wait_for_worker(None, 60)
         busy = 0.0
         for target in checkpoints:
-            async def worker(k: int) -> None:
+
+            async def worker(k: int, target: int = target) -> None:
                 nonlocal done
                 while done < target:
                     done += 1
                     await client.chat(f"task {k} {done}")
+
             t_start = time.perf_counter()
             await asyncio.gather(*(worker(k) for k in range(32)))
             busy += time.perf_counter() - t_start
             rate = done / busy
             await asyncio.sleep(1.0)
             t, size = await newcomer_sync(c.url, "market")
-            before = _compactions(c, "market")
+            before = c.compactions("market")
             deadline = time.monotonic() + 30
-            while _compactions(c, "market") < before + 2 and time.monotonic() < deadline:
+            while c.compactions("market") < before + 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
             settled_t, settled_size = await newcomer_sync(c.url, "market")
-            out.append({"tasks": done, "sync": t, "size": size, "rate": rate,
-                        "settled_sync": settled_t, "settled_size": settled_size,
-                        "compactions": _compactions(c, "market")})
+            out.append(
+                {
+                    "tasks": done,
+                    "sync": t,
+                    "size": size,
+                    "rate": rate,
+                    "settled_sync": settled_t,
+                    "settled_size": settled_size,
+                    "compactions": c.compactions("market"),
+                }
+            )
     return out
 
 
@@ -184,28 +200,53 @@ async def run(quick: bool) -> Section:
         c.market()
         c.broker()
         c.worker("--slots", "8")
-        await c.wait_agents("worker", 1)
-        await c.wait_agents("broker", 1)
+        await c.wait_agents_async("worker", 1, timeout=120)
+        await c.wait_agents_async("broker", 1, timeout=120)
         t0 = await newcomer_sync(c.url, "market")
-        tasks = [{"tasks": 0, "sync": t0[0], "size": t0[1], "rate": 0.0,
-                  "settled_sync": t0[0], "settled_size": t0[1], "compactions": 0}]
+        tasks = [
+            {
+                "tasks": 0,
+                "sync": t0[0],
+                "size": t0[1],
+                "rate": 0.0,
+                "settled_sync": t0[0],
+                "settled_size": t0[1],
+                "compactions": 0,
+            }
+        ]
         tasks += await tasks_done_sync(c, checkpoints)
     data["tasks"] = tasks
-    rows_tasks = [[f"{r['tasks']:,}", f"{r['size'] / 1024:.1f}", ms(r["sync"]),
-                   f"{r['settled_size'] / 1024:.1f}", ms(r["settled_sync"]),
-                   str(r["compactions"])] for r in tasks]
+    rows_tasks = [
+        [
+            f"{r['tasks']:,}",
+            f"{r['size'] / 1024:.1f}",
+            ms(r["sync"]),
+            f"{r['settled_size'] / 1024:.1f}",
+            ms(r["settled_sync"]),
+            str(r["compactions"]),
+        ]
+        for r in tasks
+    ]
     last = tasks[-1]
-    targets.append(Target(f"Newcomer sync after {last['tasks']:,} finished tasks", "≤ 50 ms",
-                          f"{last['sync'] * 1000:.1f} ms ({last['size'] / 1024:.0f} KiB)",
-                          last["sync"] <= 0.050))
+    targets.append(
+        Target(
+            f"Newcomer sync after {last['tasks']:,} finished tasks",
+            "≤ 50 ms",
+            f"{last['sync'] * 1000:.1f} ms ({last['size'] / 1024:.0f} KiB)",
+            last["sync"] <= 0.050,
+        )
+    )
     body = (
         "Two agents in the benchmark process on one market (with its store). A writes a "
         "small value, B answers, A sees the answer: round trip of a small update.\n\n"
-        + table(["measure", "value"], [
-            ["small update round trip p50", f"{ms(pct(rtt, 50))} ms"],
-            ["small update round trip p99", f"{ms(pct(rtt, 99))} ms"],
-            ["small updates per second through one room (A → B)", f"{rate:,.0f}"],
-        ])
+        + table(
+            ["measure", "value"],
+            [
+                ["small update round trip p50", f"{ms(pct(rtt, 50))} ms"],
+                ["small update round trip p99", f"{ms(pct(rtt, 99))} ms"],
+                ["small updates per second through one room (A → B)", f"{rate:,.0f}"],
+            ],
+        )
         + "\n\nNewcomer sync (connect, handshake, sync step 1 and 2) against the room's size "
         "(entries of ~300 bytes in `done`), median of 5:\n\n"
         + table(["entries", "document KiB", "sync ms"], rows_size)
@@ -214,7 +255,16 @@ async def run(quick: bool) -> Section:
         "history until the market's compaction collects it, every 2 s while tasks finish, "
         "see docs/faults.md). Measured 1 s after the flow stops, then once the room "
         "settled (two more compactions):\n\n"
-        + table(["tasks done", "document KiB", "sync ms", "settled KiB", "settled sync ms",
-                 "compactions so far"], rows_tasks)
+        + table(
+            [
+                "tasks done",
+                "document KiB",
+                "sync ms",
+                "settled KiB",
+                "settled sync ms",
+                "compactions so far",
+            ],
+            rows_tasks,
+        )
     )
     return Section("Shared document: round trip, update rate, newcomer sync", body, targets, data)

@@ -32,9 +32,18 @@ async def one(c: Cluster, clients: int, duration: float, shared: bool = False) -
     for i, k in enumerate(share):
         out = c.dir / f"load-{clients}-{i}{'-shared' if shared else ''}.json"
         outs.append(out)
-        loads.append(c.spawn(c.url, str(k), str(start), str(duration), str(out),
-                             *(["--shared"] if shared else []),
-                             name=f"load{clients}-{i}", module="bench.load"))
+        loads.append(
+            c.spawn(
+                c.url,
+                str(k),
+                str(start),
+                str(duration),
+                str(out),
+                *(["--shared"] if shared else []),
+                name=f"load{clients}-{i}",
+                module="bench.load",
+            )
+        )
     for p in loads:
         while p.poll() is None:
             await asyncio.sleep(0.2)
@@ -44,8 +53,13 @@ async def one(c: Cluster, clients: int, duration: float, shared: bool = False) -
         r = json.loads(out.read_text())
         lat += r["latencies"]
         errors += r["errors"]
-    return {"tasks_s": len(lat) / duration, "p50": pct(lat, 50), "p99": pct(lat, 99),
-            "errors": errors, "n": len(lat)}
+    return {
+        "tasks_s": len(lat) / duration,
+        "p50": pct(lat, 50),
+        "p99": pct(lat, 99),
+        "errors": errors,
+        "n": len(lat),
+    }
 
 
 async def run(quick: bool) -> Section:
@@ -62,17 +76,26 @@ async def run(quick: bool) -> Section:
             c.broker()
             for i in range(w):
                 c.worker("--slots", "4", name=f"w{i}")
-            await c.wait_agents("worker", w)
-            await c.wait_agents("broker", 1)
+            await c.wait_agents_async("worker", w, timeout=120)
+            await c.wait_agents_async("broker", 1, timeout=120)
             for k in client_counts:
                 r = await one(c, k, duration)
                 results[f"{w}x{k}"] = r
-                rows.append([w, k, f"{r['tasks_s']:.0f}", ms(r["p50"]), ms(r["p99"]),
-                             int(r["errors"])])
+                rows.append(
+                    [w, k, f"{r['tasks_s']:.0f}", ms(r["p50"]), ms(r["p99"]), int(r["errors"])]
+                )
             r = await one(c, shared_loops, duration, shared=True)
             results[f"{w}x{shared_loops}-on-1"] = r
-            shared_rows.append([w, shared_loops, f"{r['tasks_s']:.0f}", ms(r["p50"]),
-                                ms(r["p99"]), int(r["errors"])])
+            shared_rows.append(
+                [
+                    w,
+                    shared_loops,
+                    f"{r['tasks_s']:.0f}",
+                    ms(r["p50"]),
+                    ms(r["p99"]),
+                    int(r["errors"]),
+                ]
+            )
     own = [k for k in results if not k.endswith("-on-1")]
     one_conn = [k for k in results if k.endswith("-on-1")]
     best_own = max(own, key=lambda key: results[key]["tasks_s"])
@@ -82,22 +105,44 @@ async def run(quick: bool) -> Section:
         "latency = submit to final answer.\n\n"
         "Each concurrent client with its own connection (each its own `Client`, in two "
         "load processes):\n\n"
-        + table(["workers", "concurrent clients", "tasks/s", "latency p50 ms",
-                 "latency p99 ms", "errors"], rows)
+        + table(
+            [
+                "workers",
+                "concurrent clients",
+                "tasks/s",
+                "latency p50 ms",
+                "latency p99 ms",
+                "errors",
+            ],
+            rows,
+        )
         + f"\n\n{shared_loops} concurrent askers sharing ONE connection (one `Client`, "
         f"{shared_loops} tasks in flight, as a gateway serves its users):\n\n"
-        + table(["workers", "tasks in flight on 1 connection", "tasks/s", "latency p50 ms",
-                 "latency p99 ms", "errors"], shared_rows)
+        + table(
+            [
+                "workers",
+                "tasks in flight on 1 connection",
+                "tasks/s",
+                "latency p50 ms",
+                "latency p99 ms",
+                "errors",
+            ],
+            shared_rows,
+        )
     )
     b_own, b_one = results[best_own]["tasks_s"], results[best_one]["tasks_s"]
     targets = [
-        Target("Task throughput (echo, end to end), one connection per client",
-               "≥ 500 tasks/s",
-               f"{b_own:.0f} tasks/s (best cell: {best_own.replace('x', ' workers × ')} clients)",
-               b_own >= 500),
-        Target(f"Task throughput (echo, end to end), {shared_loops} tasks on one connection",
-               "≥ 500 tasks/s",
-               f"{b_one:.0f} tasks/s (best cell: {best_one.split('x')[0]} workers)",
-               b_one >= 500),
+        Target(
+            "Task throughput (echo, end to end), one connection per client",
+            "≥ 500 tasks/s",
+            f"{b_own:.0f} tasks/s (best cell: {best_own.replace('x', ' workers × ')} clients)",
+            b_own >= 500,
+        ),
+        Target(
+            f"Task throughput (echo, end to end), {shared_loops} tasks on one connection",
+            "≥ 500 tasks/s",
+            f"{b_one:.0f} tasks/s (best cell: {best_one.split('x')[0]} workers)",
+            b_one >= 500,
+        ),
     ]
     return Section("Task throughput", body, targets, results)

@@ -220,9 +220,7 @@ def rss_kib() -> int:
 
 
 def main() -> None:
-    print(
-        "1. apply one stream piece (µs) to a room with T tasks and S streams written in turn"
-    )
+    print("1. apply one stream piece (µs) to a room with T tasks and S streams written in turn")
     for tasks, streams in ((1, 1), (1_000, 1), (10_000, 1), (100, 100), (1_000, 1_000)):
         print(f"   T={tasks:>6} S={streams:>5}: {apply_cost(tasks, streams):7.1f}")
 
@@ -230,7 +228,7 @@ def main() -> None:
     src = Doc()
     runs = src.get("chunks", type=Array)
     log: list[bytes] = []
-    for i in range(100):
+    for _ in range(100):
         before = src.get_state()
         runs.append(os.urandom(40))
         log.append(src.get_update(before))
@@ -245,9 +243,7 @@ def main() -> None:
     print(
         f"   diff against a state vector: {per_call(lambda: get_update(merged, sv), 2000):.1f} µs"
     )
-    print(
-        f"   state vector of the merged log: {per_call(lambda: get_state(merged), 2000):.1f} µs"
-    )
+    print(f"   state vector of the merged log: {per_call(lambda: get_state(merged), 2000):.1f} µs")
 
     print("3. memory (each measured in a fresh process)")
     ctx = multiprocessing.get_context("spawn")
@@ -294,9 +290,7 @@ def main() -> None:
         d.get("m", type=Map)["k" * 16] = value
         print(f"   {name}: {len(d.get_update())} B")
 
-    print(
-        "6. the market's work per incoming stream piece, without the socket write (µs)"
-    )
+    print("6. the market's work per incoming stream piece, without the socket write (µs)")
     for streams in (1, 1_000):
         v2, v3 = market_paths(streams)
         print(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .client import Answer, Client, Restart, SyncClient, Task  # noqa: E402
-from .errors import (  # noqa: E402
+from .client import Answer, Client, Restart, SyncClient, Task
+from .errors import (
     IgoraError,
     MarketUnreachable,
     NoWorkerError,
@@ -16,6 +16,17 @@ from .errors import (  # noqa: E402
 )
 
 __all__ = [
-    "Answer", "Client", "Restart", "SyncClient", "Task", "IgoraError", "MarketUnreachable",
-    "NoWorkerError", "TaskAborted", "TaskError", "TaskFailed", "TaskTimeout", "__version__",
+    "Answer",
+    "Client",
+    "IgoraError",
+    "MarketUnreachable",
+    "NoWorkerError",
+    "Restart",
+    "SyncClient",
+    "Task",
+    "TaskAborted",
+    "TaskError",
+    "TaskFailed",
+    "TaskTimeout",
+    "__version__",
 ]

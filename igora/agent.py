@@ -7,9 +7,9 @@ when nothing was heard from it for 3 heartbeats (30 s for an original agent, the
 y-protocols awareness timeout). The market also removes the awareness state of a
 connection as soon as its socket closes, so a killed process is noticed at once.
 
-Memory: every agent compacts its own document as the market compacts its rooms
-(``Agent.compact``, docs/faults.md "Agents that run for months"), so a process connected
-for months holds the live tasks, not every task it ever saw.
+Memory: the document, its observers and its compaction are the agent's ``Replica``
+(igora.replica): a process connected for months holds the live tasks, not every task it
+ever saw.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from pycrdt import (
     Awareness,
-    Doc,
-    Map,
     TransactionEvent,
     YMessageType,
     YSyncMessageType,
@@ -42,16 +39,26 @@ from websockets.exceptions import WebSocketException
 
 from .config import MarketAddress
 from .errors import MarketUnreachable
-from .market.compaction import compact_doc, release_memory
-from .protocol import A, KANBAN, PROTOCOL_VERSION, MapName, Peer, new_id, now_ms
+from .protocol import PROTOCOL_VERSION, A, Peer, new_id, now_ms
+from .replica import COMPACT_EVERY, KeyChanges, Observer, Replica, discard
 from .updates import check_update, is_panic
+
+__all__ = [
+    "BACKOFF_MAX",
+    "BACKOFF_START",
+    "COMPACT_EVERY",
+    "DEFAULT_HEARTBEAT",
+    "ORIGINAL_TIMEOUT",
+    "Agent",
+    "KeyChanges",
+    "Observer",
+    "discard",
+]
 
 DEFAULT_HEARTBEAT = 5.0
 ORIGINAL_TIMEOUT = 30.0  # y-protocols' awareness outdated timeout
 BACKOFF_START = 0.2
 BACKOFF_MAX = 5.0
-COMPACT_EVERY = 500  # tasks gone from ``done`` between two compactions of the document
-COMPACT_PAUSE = 2.0  # seconds at least between two: the grace of a task gone (as the market)
 
 log = logging.getLogger("igora.agent")
 _UPDATE_PREFIX = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE])
@@ -59,23 +66,6 @@ _UPDATE_PREFIX = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE])
 
 class _Resync(Exception):
     """A sync message from the market was dropped: reconnect and sync afresh."""
-
-
-def discard(mp: Map, key: str) -> None:
-    """Delete ``key`` from ``mp`` if there. ``Map.pop`` reads (and converts) the value
-    first, a task-sized dict each time."""
-    if key in mp:
-        del mp[key]
-
-
-@dataclass(eq=False)
-class Observer:
-    """An observer of one top-level map, kept by the agent across document rebuilds."""
-
-    name: MapName
-    callback: Callable[[Any], None]
-    deep: bool
-    subscription: Any = None
 
 
 def _merge_update_runs(batch: list[bytes]) -> list[bytes]:
@@ -100,11 +90,12 @@ def _merge_update_runs(batch: list[bytes]) -> list[bytes]:
     return out
 
 
-class Agent:
+class Agent(Replica):
     """A connection to one market room.
 
     Use as ``async with Agent(address, type=..., name=...) as agent:``; on enter it
-    waits until the document is synced with the market. When the connection drops it
+    waits until the document is synced with the market. The document, its maps, observers
+    and compaction are the ``Replica`` it builds on. When the connection drops it
     reconnects by itself: first after ``BACKOFF_START`` s, then doubling up to
     ``backoff_max`` s, each delay with +/-20 % jitter.
     """
@@ -125,14 +116,18 @@ class Agent:
     ) -> None:
         self.address = address
         self.id = new_id()
-        self.name = name
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
         self.backoff_max = backoff_max
-        self.log = logging.getLogger(f"igora.{type}")
-        self.doc = Doc()
-        self.maps: dict[MapName, Map] = {}
-        self._bind_maps()
+        self.synced = asyncio.Event()
+        self.connected = False
+        self.connected_at = time.monotonic()
+        self.last_error: str | None = None
+        self._outbox: asyncio.Queue[bytes] | None = None
+        self._applying_remote = False
+        self._task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
+        super().__init__(name, logging.getLogger(f"igora.{type}"), self.id, compact_every)
         self.awareness = Awareness(self.doc)
         self.awareness.set_local_state(
             {
@@ -148,23 +143,6 @@ class Agent:
                 **(fields or {}),
             }
         )
-        self.synced = asyncio.Event()
-        self.connected = False
-        self.connected_at = time.monotonic()
-        self.last_error: str | None = None
-        self._outbox: asyncio.Queue[bytes] | None = None
-        self._applying_remote = False
-        self._task: asyncio.Task[None] | None = None
-        self._listeners: list[Callable[[], None]] = []
-        self._observers: list[Observer] = []
-        self.compact_every = compact_every
-        self.compactions = 0
-        self.collected = 0  # finished tasks whose history the compactions dropped
-        self._left = 0  # tasks gone from done since the last compaction
-        self._dead: set[str] = set()  # tasks found gone by the last compaction
-        self._compactor: asyncio.Task[None] | None = None
-        self._doc_subscription = self.doc.observe(self._on_doc_update)
-        self.observe_keys(MapName.DONE, self._on_done_keys)
         self.awareness.observe(self._on_awareness)
 
     # ---------------------------------------------------------------- lifecycle
@@ -201,131 +179,9 @@ class Agent:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        if self._compactor is not None:
-            self._compactor.cancel()
-            self._compactor = None
+        self._stop_compacting()
 
     # ---------------------------------------------------------------- document
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        with self.doc.transaction(origin=self.id):
-            yield
-
-    def observe_keys(self, name: MapName,
-                     callback: Callable[[dict[str, dict[str, Any]]], None]) -> Observer:
-        """Call ``callback(changes)`` after each transaction that changes the map ``name``;
-        ``changes`` maps each changed key to ``{"action": "add" | "update" | "delete",
-        "oldValue": ..., "newValue": ...}``. Cheaper than ``Map.observe``, which builds an
-        event object and walks every value again (~20 us per task-sized change, paid by
-        every agent for every change of the room). The callback must not read or write
-        the document (it runs inside the transaction). It follows the agent's document
-        across rebuilds (``compact``); ``unobserve`` ends it."""
-        return self._observe(Observer(name, callback, deep=False))
-
-    def observe_deep(self, name: MapName, callback: Callable[[list[Any]], None]) -> Observer:
-        """``Map.observe_deep`` on the map ``name`` (pycrdt events: the Y.Text pieces of
-        ``streams``), following the agent's document across rebuilds."""
-        return self._observe(Observer(name, callback, deep=True))
-
-    def unobserve(self, observer: Observer) -> None:
-        if observer in self._observers:
-            self._observers.remove(observer)
-            self._unsubscribe(observer)
-
-    def _observe(self, observer: Observer) -> Observer:
-        self._observers.append(observer)
-        self._subscribe(observer)
-        return observer
-
-    def _subscribe(self, observer: Observer) -> None:
-        name, callback = observer.name, observer.callback
-
-        def call(event: Any) -> None:
-            try:
-                callback(event if observer.deep else event.keys)
-            except Exception:  # an observer must never break the connection
-                self.log.exception("observer of %s failed", name.value)
-
-        mp = self.maps[name]
-        observer.subscription = mp.observe_deep(call) if observer.deep else mp.integrated.observe(call)
-
-    def _unsubscribe(self, observer: Observer) -> None:
-        if observer.subscription is not None:
-            if observer.deep:
-                self.maps[observer.name].unobserve(observer.subscription)
-            else:
-                observer.subscription.drop()
-            observer.subscription = None
-
-    def _bind_maps(self) -> None:
-        for m in (*KANBAN, MapName.STREAMS):
-            self.maps[m] = self.doc.get(m.value, type=Map)
-
-    # ---------------------------------------------------------------- compaction
-    def _on_done_keys(self, changes: dict[str, dict[str, Any]]) -> None:
-        self._left += sum(1 for c in changes.values() if c.get("action") == "delete")
-        if (self._left and self.compact_every
-                and (self._compactor is None or self._compactor.done())):
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # a document used outside a loop: nothing to schedule
-                return
-            self._compactor = loop.create_task(self._compaction_loop())
-
-    async def _compaction_loop(self) -> None:
-        """Compact every ``COMPACT_PAUSE`` s while tasks leave: as soon as
-        ``compact_every`` have left, or once the flow has paused for a period (the first
-        quiet pass marks the tasks gone, the second collects them)."""
-        seen = -1
-        while self.compact_every and (self._left or self._dead):
-            await asyncio.sleep(COMPACT_PAUSE)
-            if self._left >= self.compact_every or self._left == seen:
-                await self.compact()
-            seen = self._left
-
-    async def compact(self) -> None:
-        """Replace the agent's document by one without the history of finished tasks,
-        as the market does with its rooms (igora.market.compaction): the rewrite runs in a
-        thread on a snapshot; what arrived meanwhile is applied to the new document, which
-        is swapped in, with every observer moved to it, with no await in between. The
-        state vector is unchanged (collected items become GC ranges of the same clocks):
-        the session with the market goes on as before, nothing is sent."""
-        self._left = 0
-        doc = self.doc
-        started = time.monotonic()
-        try:
-            fresh, result, size = await compact_doc(doc, self._dead)
-        except Exception:
-            self.log.exception("%s: compacting the document failed; not compacted again "
-                               "(please report this)", self.name)
-            self.compact_every = 0
-            self._dead = set()
-            return
-        if self.doc is not doc:
-            return
-        self._swap(fresh)
-        del doc, fresh
-        release_memory()
-        self._dead = result.dead
-        self.compactions += 1
-        self.collected += result.tasks
-        self.log.log(logging.INFO if result.tasks else logging.DEBUG,
-                     "%s: document compacted, %d -> %d bytes: the history of %d finished "
-                     "task(s) collected in %.0f ms", self.name, size, len(result.update),
-                     result.tasks, (time.monotonic() - started) * 1000)
-
-    def _swap(self, fresh: Doc) -> None:
-        """Move to ``fresh``: nothing of the old document is used after this (pycrdt
-        objects of a dropped document must not be touched, and nothing keeps it alive)."""
-        for observer in self._observers:
-            self._unsubscribe(observer)
-        self.doc.unobserve(self._doc_subscription)
-        self.doc = fresh
-        self._bind_maps()
-        self._doc_subscription = fresh.observe(self._on_doc_update)
-        for observer in self._observers:
-            self._subscribe(observer)
-
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (no argument, must not write) after any document or awareness
         change, local or remote."""
@@ -357,8 +213,12 @@ class Agent:
 
     def _on_awareness(self, topic: str, change: tuple[dict[str, Any], Any]) -> None:
         changes, origin = change
-        if (topic == "update" and origin != "local" and self.awareness.client_id in
-                changes.get("removed", ()) and self.awareness.get_local_state() is not None):
+        if (
+            topic == "update"
+            and origin != "local"
+            and self.awareness.client_id in changes.get("removed", ())
+            and self.awareness.get_local_state() is not None
+        ):
             # Someone (the market, when an old socket of ours closed) removed our state:
             # say we are here, with a greater clock, as y-protocols peers do.
             self.set_state()
@@ -385,7 +245,7 @@ class Agent:
     def is_stale(self, client_id: int, state: dict[str, Any], now: float | None = None) -> bool:
         now = time.time() * 1000 if now is None else now
         meta = self.awareness.meta.get(client_id) or {}
-        last = meta.get("lastUpdated", 0)
+        last = float(meta.get("lastUpdated", 0))
         hb = state.get(A.HEARTBEAT)
         limit = 3 * float(hb) if isinstance(hb, (int, float)) and 0 < hb < 600 else ORIGINAL_TIMEOUT
         return now - last > limit * 1000
@@ -417,8 +277,14 @@ class Agent:
             except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 level = logging.WARNING if attempt else logging.DEBUG
-                self.log.log(level, "%s: market %s unreachable (%s); retrying in %.1f s",
-                             self.name, self.address.room_url, exc or type(exc).__name__, delay)
+                self.log.log(
+                    level,
+                    "%s: market %s unreachable (%s); retrying in %.1f s",
+                    self.name,
+                    self.address.room_url,
+                    exc or type(exc).__name__,
+                    delay,
+                )
             except Exception:
                 self.log.exception("%s: connection error", self.name)
             finally:
@@ -459,15 +325,19 @@ class Agent:
                 if len(message) > 1 and message[1] != YSyncMessageType.SYNC_STEP1:
                     check_update(read_message(message[2:]))
                 reply = handle_sync_message(message[1:], self.doc)
-            except Exception as exc:  # noqa: BLE001 (malformed: UpdateError, pycrdt's own)
-                self.log.warning("%s: dropped a sync message from the market (%s); "
-                                 "resyncing", self.name, exc)
+            except Exception as exc:  # malformed: UpdateError, pycrdt's own
+                self.log.warning(
+                    "%s: dropped a sync message from the market (%s); resyncing", self.name, exc
+                )
                 raise _Resync from None
             except BaseException as exc:
                 if not is_panic(exc):
                     raise
-                self.log.error("%s: a sync message from the market made pycrdt panic (%s); "
-                               "dropped, resyncing", self.name, exc)
+                self.log.error(
+                    "%s: a sync message from the market made pycrdt panic (%s); dropped, resyncing",
+                    self.name,
+                    exc,
+                )
                 raise _Resync from None
             finally:
                 self._applying_remote = False

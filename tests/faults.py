@@ -1,59 +1,52 @@
 """Helpers of the chaos suite (``tests/test_faults_*.py``): observers, polling, evidence.
 
-Everything here works on real processes started by ``conftest.Cluster``; nothing is
-mocked. Waits poll a condition with a deadline; they never assert on timing.
+Everything here works on real processes started by ``igora.testing.Cluster``; nothing is
+mocked. Waits (``wait_for``, from igora.testing) poll a condition with a deadline; they
+never assert on timing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from igora.agent import Agent
 from igora.config import market_address
-from igora.protocol import AgentType, F, MapName, State, TEXT_STYLE, new_id, now_ms
+from igora.protocol import TEXT_STYLE, AgentType, F, MapName, State, new_id, now_ms
+from igora.testing import Cluster, Proc, wait_for
 
-from .conftest import Cluster, Proc
-
-T = TypeVar("T")
+__all__ = [
+    "agents",
+    "archived",
+    "archived_async",
+    "by_name",
+    "executions",
+    "final_of",
+    "leader",
+    "observer",
+    "put",
+    "raw_task",
+    "wait_for",
+    "worker_name",
+]
 
 STARTED = re.compile(r"task (\S+) started")
 
 
 def observer(cluster: Cluster, name: str = "observer", heartbeat: float = 1.0) -> Agent:
     """A raw agent of type client: reads the live document and can write anything."""
-    return Agent(market_address(cluster.url), type=AgentType.CLIENT.value, name=name,
-                 style=TEXT_STYLE, heartbeat=heartbeat)
-
-
-async def wait_for(cond: Callable[[], Any], timeout: float, what: str,
-                   cluster: Cluster | None = None, every: float = 0.05) -> Any:
-    """Poll ``cond`` (plain or async) until it gives something truthy; fail with ``what``
-    (and the logs)."""
-    end = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > end:
-            logs = ("\n" + cluster.logs()) if cluster is not None else ""
-            raise AssertionError(f"not within {timeout:g} s: {what}{logs}")
-        await asyncio.sleep(every)
-
-
-async def wait_async(cond: Callable[[], Awaitable[T]], timeout: float, what: str,
-                     cluster: Cluster | None = None, every: float = 0.1) -> T:
-    return await wait_for(cond, timeout, what, cluster, every)
+    return Agent(
+        market_address(cluster.url),
+        type=AgentType.CLIENT.value,
+        name=name,
+        style=TEXT_STYLE,
+        heartbeat=heartbeat,
+    )
 
 
 def archived(cluster: Cluster, task_id: str, room: str = "market") -> dict[str, Any] | None:
@@ -61,7 +54,8 @@ def archived(cluster: Cluster, task_id: str, room: str = "market") -> dict[str, 
     url = f"http://127.0.0.1:{cluster.port}/rooms/{room}/tasks/{task_id}"
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
-            return json.loads(r.read())
+            task: dict[str, Any] = json.loads(r.read())
+        return task
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None
@@ -76,7 +70,7 @@ async def archived_async(cluster: Cluster, task_id: str, timeout: float = 20) ->
     async def get() -> dict[str, Any] | None:
         return await asyncio.to_thread(archived, cluster, task_id)
 
-    return await wait_async(get, timeout, f"task {task_id} archived by the market", cluster)
+    return await wait_for(get, timeout, f"task {task_id} archived by the market", cluster)
 
 
 def executions(*workers: Proc) -> Counter[str]:
@@ -119,9 +113,14 @@ def raw_task(asker: Agent, prompt: str = "raw task", **fields: Any) -> dict[str,
     """A well-formed task as an original client writes it (no Igora client needed)."""
     tid = fields.pop("id", None) or new_id()
     return {
-        F.ID: tid, F.ASKER: asker.id, F.CLIENT_ID: asker.awareness.client_id,
-        F.STYLE: TEXT_STYLE, F.STATE: State.TODO.value, F.DATE: now_ms(),
-        F.PROMPT: prompt, **fields,
+        F.ID: tid,
+        F.ASKER: asker.id,
+        F.CLIENT_ID: asker.awareness.client_id,
+        F.STYLE: TEXT_STYLE,
+        F.STATE: State.TODO.value,
+        F.DATE: now_ms(),
+        F.PROMPT: prompt,
+        **fields,
     }
 
 

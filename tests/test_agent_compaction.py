@@ -37,11 +37,24 @@ def size(agent: Agent) -> int:
 async def test_agents_rebuild_their_documents_mid_stream(cluster: Cluster) -> None:
     cluster.market()
     address = market_address(cluster.url)
-    broker_agent = Agent(address, type=AgentType.BROKER.value, name="broker",
-                         style=BROKER_STYLE, heartbeat=1, compact_every=EVERY)
+    broker_agent = Agent(
+        address,
+        type=AgentType.BROKER.value,
+        name="broker",
+        style=BROKER_STYLE,
+        heartbeat=1,
+        compact_every=EVERY,
+    )
     broker = Broker(broker_agent)
-    worker_agent = Agent(address, type=AgentType.WORKER.value, name="worker", style=TEXT_STYLE,
-                         heartbeat=1, state="busy", compact_every=EVERY)
+    worker_agent = Agent(
+        address,
+        type=AgentType.WORKER.value,
+        name="worker",
+        style=TEXT_STYLE,
+        heartbeat=1,
+        state="busy",
+        compact_every=EVERY,
+    )
     worker = Worker(worker_agent, EchoEngine(delay=0.015), slots=4)
     client = Client(cluster.url, name="client")
     client.agent.compact_every = EVERY
@@ -93,8 +106,11 @@ async def test_agents_rebuild_their_documents_mid_stream(cluster: Cluster) -> No
             assert [r() for r in old_docs] == [None, None, None]
             # Once the flow stops, every document settles to the live state.
             full = max(size(a) for a in agents)
-            await wait_for(lambda: all(a.collected >= n for a in agents), 30,
-                           "every agent to collect every finished task")
+            await wait_for(
+                lambda: all(a.collected >= n for a in agents),
+                30,
+                "every agent to collect every finished task",
+            )
             assert all(size(a) < 2_000 for a in agents), [size(a) for a in agents]
             # And they keep working together, with each other and with a newcomer.
             assert await client.chat("after", timeout=30) == "Echo: after"
@@ -103,8 +119,10 @@ async def test_agents_rebuild_their_documents_mid_stream(cluster: Cluster) -> No
             # The web view counted every finished task once, across the rebuilds.
             await wait_for(lambda: len(tracker._counted) == n + 3, 10, "the view to count all")
             assert long.id in tracker._counted
-            print(f"{n} short tasks; documents {full} bytes at most while flowing; "
-                  f"compactions {[a.compactions for a in agents]}")
+            print(
+                f"{n} short tasks; documents {full} bytes at most while flowing; "
+                f"compactions {[a.compactions for a in agents]}"
+            )
     finally:
         for r in roles:
             r.cancel()

@@ -15,7 +15,7 @@ from igora import Client, Restart, TaskFailed
 from igora.protocol import F, MapName, State
 
 from .conftest import Cluster, Proc
-from .faults import archived_async, by_name, executions, wait_async, wait_for, worker_name
+from .faults import archived_async, by_name, executions, wait_for, worker_name
 
 TOKENS = 60
 EXPECTED = "".join(f"tok{i} " for i in range(TOKENS))

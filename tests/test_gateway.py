@@ -30,6 +30,7 @@ import pytest
 from igora.agent import Agent
 from igora.config import market_address
 from igora.protocol import GATEWAY_STYLE, MapName
+from igora.testing import wait_until
 
 from .conftest import Cluster, Proc, free_port
 
@@ -49,16 +50,6 @@ class Setup:
     def archived(self, task_id: str) -> dict[str, Any] | None:
         r = httpx.get(f"http://127.0.0.1:{self.cluster.port}/rooms/market/tasks/{task_id}")
         return r.json() if r.status_code == 200 else None
-
-
-def poll(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def _gateway(c: Cluster, name: str, *extra: str, market: str | None = None) -> tuple[Proc, str]:
@@ -105,10 +96,10 @@ def gw(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest)
         down, down_url = _gateway(c, "gw-down", market=f"ws://127.0.0.1:{free_port()}")
         for proc, url in ((main, main_url), (strict, strict_url), (empty, empty_url),
                           (fuzz, fuzz_url)):
-            poll(_answers(f"{url}/health", proc), 60, f"{url}/health")
-        poll(_answers(f"{down_url}/health", down, 503), 60, f"{down_url}/health")
-        poll(lambda: _models(main_url) >= {"echo", "slow"}, 60, "workers seen by the gateway")
-        poll(lambda: _models(fuzz_url) == {"echo"}, 60, "worker seen by the fuzz gateway")
+            wait_until(_answers(f"{url}/health", proc), 60, f"{url}/health")
+        wait_until(_answers(f"{down_url}/health", down, 503), 60, f"{down_url}/health")
+        wait_until(lambda: _models(main_url) >= {"echo", "slow"}, 60, "workers seen by the gateway")
+        wait_until(lambda: _models(fuzz_url) == {"echo"}, 60, "worker seen by the fuzz gateway")
         yield Setup(c, main_url, strict_url, empty_url, fuzz_url, down_url)
     finally:
         if request.session.testsfailed > failed_before:
@@ -541,13 +532,13 @@ def test_client_disconnecting_mid_stream_aborts_its_task(gw: Setup) -> None:
             if tokens >= 3:
                 break
     # Leaving the block closes the connection with 397 tokens still to come (~20 s).
-    final = poll(lambda: gw.archived(task_id), 15, f"task {task_id} archived")
+    final = wait_until(lambda: gw.archived(task_id), 15, f"task {task_id} archived")
     assert final["state"] == "aborted", final
     # Whoever ended it (worker or broker) kept at most what was streamed before the abort.
     assert len((final.get("response") or "").split()) < 100
-    slow = poll(lambda: [w for w in gw.cluster.agents("worker")
-                         if w.get("models") and w["models"][0]["name"] == "slow"
-                         and w.get("running") == 0], 15, "slow worker free again")
+    slow = wait_until(lambda: [w for w in gw.cluster.agents("worker")
+                               if w.get("models") and w["models"][0]["name"] == "slow"
+                               and w.get("running") == 0], 15, "slow worker free again")
     assert slow[0]["state"] == "ready"
 
 
@@ -585,9 +576,9 @@ def test_worker_lost_mid_stream_restarts_the_answer_with_a_marked_chunk(gw: Setu
     relays = {name: c.worker("--model", "relay", "--delay", "0.05", name=name)
               for name in ("relay-a", "relay-b")}
     try:
-        poll(lambda: "relay" in _models(gw.main) and len(
-            [w for w in c.agents("worker") if w["name"].startswith("relay")]) == 2,
-            60, "two relay workers")
+        wait_until(lambda: "relay" in _models(gw.main) and len(
+                  [w for w in c.agents("worker") if w["name"].startswith("relay")]) == 2,
+                  60, "two relay workers")
         payload = {"model": "relay", "stream": True,
                    "messages": [{"role": "user", "content": "#repeat 60"}]}
         events: list[Any] = []
@@ -597,9 +588,9 @@ def test_worker_lost_mid_stream_restarts_the_answer_with_a_marked_chunk(gw: Setu
             for line in lines:
                 if line.startswith("data: ") and '"content":"tok' in line:
                     break
-            busy = poll(lambda: [w["name"] for w in c.agents("worker")
-                                 if w["name"].startswith("relay") and w.get("running")],
-                        15, "the relay worker running the task")
+            busy = wait_until(lambda: [w["name"] for w in c.agents("worker")
+                                       if w["name"].startswith("relay") and w.get("running")],
+                              15, "the relay worker running the task")
             relays[busy[0]].kill()
             for line in lines:
                 if line.startswith("data: "):

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from igora.engines.base import EngineError, EngineUnavailable, Finish, Request
 from igora.engines.llama import bundled_model
 from igora.engines.openai import OpenAIEngine, UpstreamModel
 from igora.protocol import A, F, State
+from igora.testing import wait_for, wait_until
 
 from .conftest import Cluster, free_port, wait_http
 from .upstream_stub import Stub
@@ -33,26 +33,6 @@ HI = [{"role": "user", "content": "Hi"}]
 
 async def collect(engine: OpenAIEngine, model: str | None = None, **kw: Any) -> list[Any]:
     return [item async for item in engine.generate(Request(HI, model=model, **kw))]
-
-
-def until(check: Any, timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what() if callable(what) else what} within {timeout} s")
-
-
-async def until_async(check: Any, timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 @pytest.fixture
@@ -188,7 +168,7 @@ async def test_closing_the_stream_closes_the_upstream_connection(
     pieces = [await gen.__anext__() for _ in range(3)]
     assert pieces == ["tok0 ", "tok1 ", "tok2 "]
     await gen.aclose()
-    await until_async(lambda: stub.disconnects >= 1, 5, "the upstream did not see the abort")
+    await wait_for(lambda: stub.disconnects >= 1, 5, "the upstream did not see the abort")
 
 
 @pytest.mark.parametrize("spec, what", [
@@ -247,9 +227,9 @@ def stub_workers(market: Cluster) -> Iterator[tuple[Cluster, Stub]]:
     worker("lonely", "--model", "e503=lonely")
     worker("down", "--model", "ok=flaky", "--model", "ok=nowhere",
            base_url=f"http://127.0.0.1:{free_port()}/v1")
-    until(lambda: {"multi", "flaky-bad", "flaky-good", "lonely", "down"}
-          <= {a.get("name") for a in market.agents("worker")}, 60,
-          lambda: "the stub workers did not all join\n" + market.logs())
+    wait_until(lambda: {"multi", "flaky-bad", "flaky-good", "lonely", "down"}
+               <= {a.get("name") for a in market.agents("worker")}, 60,
+               lambda: "the stub workers did not all join\n" + market.logs())
     yield market, s
     s.stop()
 
@@ -261,8 +241,8 @@ def worker_state(cluster: Cluster, name: str) -> dict[str, Any]:
 
 def wait_ready(cluster: Cluster, *names: str, timeout: float = 30) -> None:
     for name in names:
-        until(lambda: worker_state(cluster, name).get(A.STATE) == "ready", timeout,
-              lambda: f"worker {name} did not become ready\n" + cluster.logs())
+        wait_until(lambda: worker_state(cluster, name).get(A.STATE) == "ready", timeout,
+                   lambda: f"worker {name} did not become ready\n" + cluster.logs())
 
 
 async def test_market_task_is_answered_by_the_upstream_under_its_alias(
@@ -317,8 +297,8 @@ async def test_abort_mid_stream_ends_the_task_aborted_and_closes_the_upstream_st
     assert "".join(pieces).startswith("tok0 tok1")
     assert err.value.task[F.STATE] == State.ABORTED.value
     assert len(err.value.task.get(F.RESPONSE) or "") < 200  # stopped early, not run to its end
-    await until_async(lambda: stub.disconnects > before, 10,
-                      "the upstream stream was not closed after the abort")
+    await wait_for(lambda: stub.disconnects > before, 10,
+                   "the upstream stream was not closed after the abort")
 
 
 async def test_worker_streams_as_many_upstream_answers_at_once_as_it_has_slots(
@@ -331,8 +311,9 @@ async def test_worker_streams_as_many_upstream_answers_at_once_as_it_has_slots(
         streams = [t.stream() for t in tasks]
         firsts = await asyncio.wait_for(asyncio.gather(*(s.__anext__() for s in streams)), 30)
         assert all(f.startswith("tok0 ") for f in firsts)  # both streams run at once
-        until(lambda: worker_state(cluster, "multi").get(A.RUNNING) == 2, 10,  # advert: within 0.5 s
-              "the worker to advertise both tasks running")
+        # the advert follows within 0.5 s
+        wait_until(lambda: worker_state(cluster, "multi").get(A.RUNNING) == 2, 10,
+                   "the worker to advertise both tasks running")
         for t in tasks:
             t.abort()
         for s in streams:
@@ -378,7 +359,7 @@ async def test_worker_with_unreachable_upstream_advertises_busy_and_takes_nothin
         with pytest.raises(TaskTimeout, match="deadline passed while waiting"):
             await client.chat("Hi", model="nowhere", timeout=2)
     log = next(p for p in cluster.procs if p.log_path.name.endswith("-down.log"))
-    until(lambda: "connection refused" in log.log(), 10, "the down worker did not log why")
+    wait_until(lambda: "connection refused" in log.log(), 10, "the down worker did not log why")
 
 
 async def test_worker_goes_busy_while_its_upstream_is_down_and_comes_back(
@@ -393,8 +374,8 @@ async def test_worker_goes_busy_while_its_upstream_is_down_and_comes_back(
         async with Client(market.url, timeout=30) as client:
             assert await client.chat("Hi", model="phoenix") == "Hello from the stub"
         s.stop()
-        until(lambda: worker_state(market, "phoenix").get(A.STATE) == "busy", 20,
-              lambda: "the worker did not report its upstream down\n" + market.logs())
+        wait_until(lambda: worker_state(market, "phoenix").get(A.STATE) == "busy", 20,
+                   lambda: "the worker did not report its upstream down\n" + market.logs())
         s = Stub(port=port).start()
         wait_ready(market, "phoenix", timeout=20)
         async with Client(market.url, timeout=30) as client:
@@ -465,6 +446,6 @@ async def test_real_openai_server_stream_is_aborted_by_the_client(real_upstream:
     assert err.value.task[F.STATE] == State.ABORTED.value
     assert len(err.value.task.get(F.RESPONSE) or "") < 1000  # stopped long before its end
     server_log = real_upstream.tmp / "llama-server.log"
-    await until_async(lambda: "Disconnected from client" in server_log.read_text(errors="replace"),
-                      20, "llama_cpp.server did not see the worker close the stream")
+    await wait_for(lambda: "Disconnected from client" in server_log.read_text(errors="replace"),
+                   20, "llama_cpp.server did not see the worker close the stream")
     wait_ready(real_upstream, "real")  # the worker's slot is free again

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from igora.agent import Agent
 from igora.config import market_address
 from igora.protocol import MapName
+from igora.testing import wait_until
 
 from .conftest import free_port
 
@@ -63,16 +63,14 @@ class Up:
             return json.loads(r.read())
 
     def wait(self, what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        def step() -> Any:
             if self.p.poll() is not None:
                 raise AssertionError(f"igora up exited with {self.p.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError, ValueError):
-                value = check()
-                if value:
-                    return value
-            time.sleep(0.1)
-        raise AssertionError(f"{what}: not within {timeout} s\n{self.log()}")
+                return check()
+            return None
+
+        return wait_until(step, timeout, lambda: f"{what}\n{self.log()}", every=0.1)
 
     def ready_worker(self) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:

@@ -1,0 +1,348 @@
+"""Real Igora processes on 127.0.0.1, for tests and benchmarks, and condition polling.
+
+``Cluster`` starts ``python -m igora`` roles (market, brokers, workers, gateways) on free
+ports, each logging to a file of its folder, and stops them all (also at interpreter exit).
+The test suite (tests/conftest.py) and the benchmarks (bench/common.py) share it; it lives
+in the package, not in tests/, so that ``python -m bench`` needs only igora installed (no
+pytest), and so that an application can test itself against a real local market.
+
+Waits poll a condition with a deadline (``wait_until``, ``wait_for``); they never assert on
+timing, and a timeout says what was awaited, with the processes' logs when there are some.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import inspect
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar, overload
+
+from .up import wait_http as _answers
+
+T = TypeVar("T")
+Text = str | Callable[[], str]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _timed_out(timeout: float, what: Text, cluster: Cluster | None) -> AssertionError:
+    text = what() if callable(what) else what
+    logs = ("\n" + cluster.logs()) if cluster is not None else ""
+    return AssertionError(f"not within {timeout:g} s: {text}{logs}")
+
+
+def wait_until(
+    check: Callable[[], T | None],
+    timeout: float,
+    what: Text,
+    cluster: Cluster | None = None,
+    every: float = 0.05,
+) -> T:
+    """Call ``check`` until it gives something truthy and return that; after ``timeout``
+    s, fail with ``what`` (a text, or a function giving one) and the logs of ``cluster``."""
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise _timed_out(timeout, what, cluster)
+        time.sleep(every)
+
+
+@overload
+async def wait_for(
+    cond: Callable[[], Awaitable[T | None]],
+    timeout: float,
+    what: Text,
+    cluster: Cluster | None = None,
+    every: float = 0.05,
+) -> T: ...
+@overload
+async def wait_for(
+    cond: Callable[[], T | None],
+    timeout: float,
+    what: Text,
+    cluster: Cluster | None = None,
+    every: float = 0.05,
+) -> T: ...
+async def wait_for(
+    cond: Callable[[], T | Awaitable[T | None] | None],
+    timeout: float,
+    what: Text,
+    cluster: Cluster | None = None,
+    every: float = 0.05,
+) -> T:
+    """``wait_until`` for a coroutine: ``cond`` may be plain or async, and the loop runs
+    between two calls."""
+    end = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise _timed_out(timeout, what, cluster)
+        await asyncio.sleep(every)
+
+
+class Proc:
+    """One ``python -m <module> ...`` child process, in its own session, logging to a file."""
+
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, module: str = "igora"
+    ) -> None:
+        self.args = args
+        self.log_path = log
+        self._log: IO[bytes] = open(log, "ab")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=str(log.parent),
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def poll(self) -> int | None:
+        return self.p.poll()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.p.returncode
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def send(self, sig: int) -> None:
+        """Send ``sig`` to the process and its children."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.p.pid, sig)
+
+    def kill(self, sig: int = signal.SIGKILL, wait: float = 10) -> None:
+        """Send ``sig``, then wait up to ``wait`` s for the end (SIGKILL after that)."""
+        self.send(sig)
+        self._reap(wait)
+
+    def stop(self, signalled: bool = False) -> None:
+        """SIGTERM (unless ``signalled`` already), wait for the end, close the log."""
+        if not signalled:
+            self.send(signal.SIGTERM)
+        self._reap(10)
+        self._log.close()
+
+    def _reap(self, wait: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.p.wait(wait)
+        if self.alive():
+            self.send(signal.SIGKILL)
+            self.p.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+_LIVE: set[Cluster] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Whatever ends the interpreter, the processes it started end too (they run in their
+    own sessions, so a signal to the parent does not reach them)."""
+    for cluster in list(_LIVE):
+        cluster.stop()
+
+
+class Cluster:
+    """The processes of one test or benchmark, logging under ``folder``; ``stop`` ends them.
+
+    ``log_level`` is given to every role (the market logs at debug level otherwise);
+    ``heartbeat`` and ``grace`` (s) to brokers and workers when not None: short ones let a
+    test see a departure in seconds, a benchmark keeps the roles' defaults. ``env`` is added
+    to every child's environment."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        log_level: str | None = None,
+        heartbeat: float | None = 1.0,
+        grace: float | None = 3.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.dir = folder
+        self.data = folder / "data"
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.procs: list[Proc] = []
+        self.log_level = log_level
+        self.heartbeat = heartbeat
+        self.grace = grace
+        self.env = env or {}
+        self._n = 0
+
+    @property
+    def tmp(self) -> Path:
+        return self.dir
+
+    def spawn(
+        self, *args: str, name: str, env: dict[str, str] | None = None, module: str = "igora"
+    ) -> Proc:
+        self._n += 1
+        proc = Proc(
+            list(args), self.dir / f"{self._n:02d}-{name}.log", {**self.env, **(env or {})}, module
+        )
+        self.procs.append(proc)
+        _LIVE.add(self)
+        return proc
+
+    def _role(self, heartbeat: bool = True, grace: bool = False) -> list[str]:
+        out = [] if self.log_level is None else ["--log-level", self.log_level]
+        if heartbeat and self.heartbeat is not None:
+            out += ["--heartbeat", f"{self.heartbeat:g}"]
+        if grace and self.grace is not None:
+            out += ["--grace", f"{self.grace:g}"]
+        return out
+
+    def market(self, *extra: str, memory: bool = False) -> Proc:
+        """The market, on ``self.port``, once it answers HTTP; ``memory``: no store."""
+        store = ["--memory"] if memory else ["--data", str(self.data)]
+        p = self.spawn(
+            "market",
+            "--port",
+            str(self.port),
+            *store,
+            "--log-level",
+            self.log_level or "debug",
+            *extra,
+            name="market",
+        )
+        wait_http(f"http://127.0.0.1:{self.port}/", 30, p)
+        return p
+
+    def broker(self, *extra: str, name: str = "broker") -> Proc:
+        return self.spawn(
+            "broker",
+            "--market",
+            self.url,
+            "--name",
+            name,
+            *self._role(grace=True),
+            *extra,
+            name=name,
+        )
+
+    def worker(self, *extra: str, name: str = "worker", engine: str = "echo") -> Proc:
+        return self.spawn(
+            "worker",
+            "--market",
+            self.url,
+            "--name",
+            name,
+            "--engine",
+            engine,
+            *self._role(),
+            *extra,
+            name=name,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The market's ``/status``."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=10) as r:
+            status: dict[str, Any] = json.loads(r.read())
+        return status
+
+    def compactions(self, room: str = "market") -> int:
+        """How many times the market compacted the room (0 if it is not in memory)."""
+        rooms = self.status()["rooms"]
+        return next((int(r["compactions"]) for r in rooms if r["name"] == room), 0)
+
+    def agents(self, type: str | None = None) -> list[dict[str, Any]]:
+        """The awareness states of the market's rooms, of one type of agent if given."""
+        out: list[dict[str, Any]] = []
+        for room in self.status()["rooms"]:
+            out += [a for a in room["agents"] if type is None or a.get("type") == type]
+        return out
+
+    def _found(self, type: str, n: int, ready: bool) -> list[dict[str, Any]] | None:
+        found = [a for a in self.agents(type) if not ready or a.get("state") != "busy"]
+        return found if len(found) >= n else None
+
+    def wait_agents(
+        self, type: str, n: int, timeout: float = 60, ready: bool = True
+    ) -> list[dict[str, Any]]:
+        """At least ``n`` agents of ``type`` on the market (not busy, if ``ready``)."""
+        return wait_until(
+            lambda: self._found(type, n, ready),
+            timeout,
+            f"{n} {type}(s) on the market",
+            self,
+            every=0.1,
+        )
+
+    async def wait_agents_async(
+        self, type: str, n: int, timeout: float = 60, ready: bool = True
+    ) -> list[dict[str, Any]]:
+        """``wait_agents`` without blocking the loop."""
+        return await wait_for(
+            lambda: asyncio.to_thread(self._found, type, n, ready),
+            timeout,
+            f"{n} {type}(s) on the market",
+            self,
+            every=0.1,
+        )
+
+    def logs(self, tail: int = 40) -> str:
+        """The last ``tail`` lines of every process's log."""
+        out = []
+        for p in self.procs:
+            lines = p.log().splitlines()[-tail:]
+            out.append(f"--- {p.log_path.name} ---\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        """SIGTERM to every process at once, then wait for each (SIGKILL after 10 s)."""
+        for p in reversed(self.procs):
+            p.send(signal.SIGTERM)
+        for p in reversed(self.procs):
+            p.stop(signalled=True)
+        self.procs.clear()
+        _LIVE.discard(self)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_http(url: str, timeout: float, proc: Proc | None = None) -> None:
+    """Wait until ``url`` answers; fail at once if ``proc`` exits meanwhile."""
+    if _answers(url, timeout, [proc.p] if proc is not None else []):
+        return
+    if proc is not None and not proc.alive():
+        raise AssertionError(f"process exited early ({proc.log_path}):\n{proc.log()[-4000:]}")
+    raise AssertionError(f"{url} did not answer within {timeout:g} s")
