@@ -13,6 +13,7 @@ down and settles again (``Broker._resettle``), so it never competes with its suc
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ..agent import Agent
 from ..protocol import A, AgentType
@@ -29,7 +30,7 @@ class Leadership:
         self.leading = False
         self._settle_from = 0.0
 
-    def _rank(self, state: dict) -> tuple[float, str]:
+    def _rank(self, state: dict[str, Any]) -> tuple[float, str]:
         since = state.get(A.SINCE)
         since = float(since) if isinstance(since, (int, float)) else float("inf")
         return since, str(state.get(A.ID))
@@ -58,6 +59,7 @@ class Leadership:
     def _set(self, leading: bool) -> None:
         if leading != self.leading:
             self.leading = leading
-            self.agent.log.info("%s %s the active broker", self.agent.name,
-                                "is now" if leading else "is no longer")
+            self.agent.log.info(
+                "%s %s the active broker", self.agent.name, "is now" if leading else "is no longer"
+            )
             self.agent.set_state(**{A.LEADER: leading})
