@@ -104,7 +104,8 @@ class Market(RuleBasedStateMachine):
     @rule(ms=st.sampled_from([31_000, 0, 1_500, 11_000]))
     def broker_round(self, ms: int) -> None:
         self.now += ms
-        snap = policies.Snapshot(*(dict(self.maps[m]) for m in LIVE_MAPS), now=self.now)
+        todos, prepared, doing = (dict(self.maps[m]) for m in LIVE_MAPS)
+        snap = policies.Snapshot(todos, prepared, doing, now=self.now)
         present = lambda who: who == ASKER or who in self.present  # noqa: E731
         moves = (
             policies.abort(snap, present, self.abort_seen)

@@ -20,7 +20,7 @@ def task(
     worker: str | None = HERE,
     attempts: int = 1,
     start: int = NOW - 1_000,
-    **extra: Any,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         F.ID: tid,
@@ -29,7 +29,7 @@ def task(
         F.DATE: NOW - 5_000,
         F.ASKER: "asker",
         F.DEADLINE: NOW + 60_000,
-        **extra,
+        **(extra or {}),
     }
     if state is not State.TODO:
         out.update({F.WORKER: worker, F.ATTEMPTS: attempts, F.START: start})
@@ -48,7 +48,7 @@ def snap(*tasks: dict[str, Any], now: int = NOW) -> policies.Snapshot:
 
 
 def present(who: Any) -> bool:
-    return who != GONE
+    return bool(who != GONE)
 
 
 # name: (task, expected source, target, state, errorCode)
@@ -118,7 +118,7 @@ def test_unclaimed(case: str) -> None:
     [(State.TODO, "waiting"), (State.PREPARED, "waiting"), (State.DOING, "running")],
 )
 def test_expire(state: State, where: str) -> None:
-    late = task("t", state, **{F.DEADLINE: NOW - 1})
+    late = task("t", state, extra={F.DEADLINE: NOW - 1})
     on_time = task("u", state)
     [mv] = policies.expire(snap(late, on_time), default_timeout=600.0)
     assert mv.task_id == "t" and mv.target is MapName.DONE and mv.task is not None
@@ -127,7 +127,7 @@ def test_expire(state: State, where: str) -> None:
 
 
 def test_expire_without_deadline_uses_the_default_timeout() -> None:
-    old = task("t", State.TODO, **{F.DATE: NOW - 601_000})
+    old = task("t", State.TODO, extra={F.DATE: NOW - 601_000})
     del old[F.DEADLINE]
     young = task("u", State.TODO)
     del young[F.DEADLINE]
@@ -135,7 +135,7 @@ def test_expire_without_deadline_uses_the_default_timeout() -> None:
 
 
 def test_abort_of_a_task_whose_asker_left() -> None:
-    t = task("t", State.TODO, **{F.ASKER: GONE})
+    t = task("t", State.TODO, extra={F.ASKER: GONE})
     [mv] = policies.abort(snap(t), present, {})
     assert mv.task is not None and mv.task[F.STATE] == State.ABORTED.value
     assert mv.task[F.ERROR_CODE] == ErrorCode.ABORTED.value
