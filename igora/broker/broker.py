@@ -14,14 +14,12 @@ from pycrdt import Map
 
 from .. import lifecycle
 from ..agent import Agent, discard
-from ..capabilities import unservable
 from ..protocol import (
     A,
     AgentState,
     AgentType,
     F,
     MapName,
-    is_original,
     now_ms,
 )
 from . import policies
@@ -29,6 +27,7 @@ from .fairness import Fairness
 from .leader import Leadership
 from .matching import free_slots, pick_worker
 from .presence import DEFAULT_GRACE, Presence
+from .unservable import UNSERVABLE_AFTER, Unservables
 from .view import WATCHED, TaskView
 
 TICK = 0.5
@@ -37,9 +36,6 @@ SHUN_FOR = 120.0  # seconds a worker that left a task untaken gets no new one
 FULL_READ_EVERY = 5.0  # seconds between two full reads of the maps (the view is kept from events)
 POLICIES_EVERY = 0.1  # seconds between two runs of the recovery policies when nothing calls for one
 PEERS_EVERY = 0.25  # seconds between two reads of the awareness states when none changed
-UNSERVABLE_AFTER = (
-    1.0  # seconds a v2 task stays unservable (no worker could ever take it) before it fails
-)
 
 log = logging.getLogger("igora.broker")
 
@@ -73,8 +69,7 @@ class Broker:
         self._last_retention = 0.0
         self._rejected: set[str] = set()
         self._abort_seen: dict[str, int] = {}
-        self._unservable_since: dict[str, float] = {}
-        self._servable: tuple[int, set[str]] = (-1, set())
+        self._unservables = Unservables()
         # The valid tasks of todos, prepared and doing (and the invalid ones, with why),
         # kept up to date from the maps' events: a round reads only what changed, not
         # every task of the room. A full read every FULL_READ_EVERY s is the safety net.
@@ -320,61 +315,33 @@ class Broker:
     def _fail_unservable(
         self, waiting: list[dict[str, Any]], present: list[Any], now: float
     ) -> None:
-        """End ``failed`` (with a typed ``errorCode``) the waiting v2 tasks that no worker
-        present could serve: their model is not on the market, or no worker offers what
-        they ask (tools, a JSON schema, embeddings...). Waiting would only end at their
-        deadline. A task must stay unservable for UNSERVABLE_AFTER first: a worker's
-        awareness may arrive just after its task. Only tasks never assigned are judged, and
-        only while some worker is present and this broker has heard the room for a grace:
-        a re-queued task waits for its worker to come back, and a market restart (everyone
-        reconnecting) fails nothing. An original agent's task naming a model nobody serves
-        is not failed: any text worker answers it (``model_for``)."""
+        """End ``failed`` (with a typed ``errorCode``) the waiting tasks that no worker
+        present could serve (``unservable``). Judged only while some worker is present
+        and this broker has heard the room for a grace: a market restart (everyone
+        reconnecting) fails nothing."""
         if not present or not self.presence.settled():
             return
-        # A task found servable stays so until the workers' adverts change (a new view
-        # of the peers): it is not judged again at every round.
-        view = self.presence.version
-        if self._servable[0] != view:
-            self._servable = (view, set())
-        servable = self._servable[1]
-        seen = self._unservable_since
-        waiting_ids = set()
-        failures = []
-        for task in waiting:
-            tid = task[F.ID]
-            waiting_ids.add(tid)
-            if tid in servable or task.get(F.ABORTED) or is_original(task) or task.get(F.ATTEMPTS):
-                continue
-            why = unservable(task, present)
-            if why is None:
-                seen.pop(tid, None)
-                servable.add(tid)
-                continue
-            first = seen.setdefault(tid, now)
-            if now - first >= UNSERVABLE_AFTER:
-                failures.append((task, why))
-        if len(failures) < len([t for t in seen if t in waiting_ids]):  # wake to judge the rest
+        failures, pending = self._unservables.judge(waiting, present, self.presence.version, now)
+        if pending:  # wake to judge the rest
             asyncio.get_running_loop().call_later(UNSERVABLE_AFTER / 2, self._wake.set)
-        for tid in [t for t in seen if t not in waiting_ids]:
-            del seen[tid]
         if not failures:
             return
         end = now_ms()
         with self.agent.transaction():
             for task, why in failures:
-                seen.pop(task[F.ID], None)
                 discard(self.todos, task[F.ID])
                 step = lifecycle.fail(task, end, why.code, why.reason)
                 self.agent.maps[step.map][task[F.ID]] = step.task
                 log.info("%s: task %s failed: %s", self.agent.name, task[F.ID], why.reason)
-        waiting[:] = [t for t in waiting if t[F.ID] not in {f[0][F.ID] for f in failures}]
+        failed = {task[F.ID] for task, _why in failures}
+        waiting[:] = [t for t in waiting if t[F.ID] not in failed]
 
     def _retain(self) -> None:
         now = now_ms()
         done = {k: v for k, v in self.done.items()}
         old = policies.retain(done, now, self.retention)
         live_streams = {t.get(F.STREAM) for t in self.doing.values() if isinstance(t, dict)}
-        orphans = [k for k in self.streams if k not in live_streams]
+        orphans = [k for k in list(self.streams.keys()) if k not in live_streams]
         if not old and not orphans:
             return
         with self.agent.transaction():

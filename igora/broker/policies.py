@@ -2,7 +2,7 @@
 
 - ``recover``: tasks of workers that vanished go back to ``todos`` (up to
   ``max_attempts`` assignments), then ``failed``;
-- ``unclaimed``: tasks a present worker does not take in time go back to ``todos``;
+- ``unclaimed``: tasks a present worker does not claim (start) in time go back to ``todos``;
 - ``abort``: tasks whose abort was asked, on any of their entries, or whose asker
   vanished are ``aborted``;
 - ``stale_copies``: entries left behind by a write that raced with a move are removed;
@@ -10,7 +10,9 @@
 - ``retain``: finished tasks leave the live document after ``retention`` seconds (the
   market has archived them already).
 
-Each returns the writes to make; the broker applies them in one transaction.
+Each returns the writes to make, each a transition of ``igora.lifecycle`` (the policies
+decide which task changes and when, never how); the broker applies them in one
+transaction.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from igora.broker import policies
-from igora.protocol import ErrorCode, F, MapName, State
+from igora.broker.unservable import UNSERVABLE_AFTER, Unservables
+from igora.protocol import A, AgentType, ErrorCode, F, MapName, Peer, State
 
 NOW = 10_000_000
 GONE, HERE = "gone-worker", "live-worker"
@@ -150,3 +151,17 @@ def test_retain() -> None:
         "junk": 3,
     }
     assert sorted(policies.retain(done, NOW, 600.0)) == ["by-date", "dateless", "junk", "old"]
+
+
+def test_unservable_tasks_fail_after_a_second_only() -> None:
+    worker = Peer(1, {A.ID: "w", A.TYPE: AgentType.WORKER.value, A.MODELS: [{"name": "m"}]})
+    v2 = {F.ID: "a", F.PROMPT: "p", F.PROTOCOL: 2, F.MODEL: "other"}
+    original = {F.ID: "b", F.PROMPT: "p", F.MODEL: "other"}  # any text worker answers it
+    fine = {F.ID: "c", F.PROMPT: "p", F.PROTOCOL: 2, F.MODEL: "m"}
+    judge = Unservables()
+    assert judge.judge([v2, original, fine], [worker], 1, 100.0) == ([], True)
+    failures, pending = judge.judge([v2, original, fine], [worker], 1, 100.0 + UNSERVABLE_AFTER)
+    assert [(t[F.ID], why.code) for t, why in failures] == [("a", ErrorCode.MODEL_NOT_SERVED)]
+    assert not pending and judge.since == {}
+    # a task that went away is forgotten; a re-queued one (attempts) is not judged
+    assert judge.judge([{**v2, F.ATTEMPTS: 1}], [worker], 2, 200.0) == ([], False)
