@@ -33,9 +33,15 @@ BASIC = frozenset({Cap.CHAT.value})
 """What a model advertised without a list offers."""
 
 # What each capability is called in an OpenAI request, to name it in an error.
-PARAM = {Cap.CHAT: "messages", Cap.TOOLS: "tools", Cap.JSON_OBJECT: "response_format",
-         Cap.JSON_SCHEMA: "response_format", Cap.N: "n", Cap.LOGPROBS: "logprobs",
-         Cap.EMBED: "model"}
+PARAM = {
+    Cap.CHAT: "messages",
+    Cap.TOOLS: "tools",
+    Cap.JSON_OBJECT: "response_format",
+    Cap.JSON_SCHEMA: "response_format",
+    Cap.N: "n",
+    Cap.LOGPROBS: "logprobs",
+    Cap.EMBED: "model",
+}
 
 
 def required(task: dict[str, Any]) -> frozenset[str]:
@@ -111,12 +117,16 @@ def unservable(task: dict[str, Any], workers: list[Peer]) -> Unservable | None:
     serving = [w for w in workers if w.serves(model)]
     if not serving:
         names = sorted({n for w in workers for n in w.models})
-        return Unservable(ErrorCode.MODEL_NOT_SERVED,
-                          f"no worker on the market serves model {model!r}"
-                          + (f" (served: {', '.join(names)})" if names else
-                             " (no worker is present)"))
+        return Unservable(
+            ErrorCode.MODEL_NOT_SERVED,
+            f"no worker on the market serves model {model!r}"
+            + (f" (served: {', '.join(names)})" if names else " (no worker is present)"),
+        )
     have = frozenset().union(*(offered(w, model) for w in serving))
     missing = tuple(sorted(needs - have)) or tuple(sorted(needs - BASIC))
     what = f"model {model!r}" if model else "any worker"
-    return Unservable(ErrorCode.CAPABILITY_NOT_SERVED,
-                      f"no worker on the market offers {' + '.join(missing)} on {what}", missing)
+    return Unservable(
+        ErrorCode.CAPABILITY_NOT_SERVED,
+        f"no worker on the market offers {' + '.join(missing)} on {what}",
+        missing,
+    )

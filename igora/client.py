@@ -14,12 +14,8 @@ in its archive).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import sys
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -28,14 +24,13 @@ from pycrdt import MapEvent, Text
 from .agent import Agent, Observer, discard
 from .capabilities import unservable
 from .config import market_address
-from .errors import NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
+from .errors import NoWorkerError, TaskFailed
 from .protocol import (
     ABORTED_MARK,
     FINAL_VALUES,
     PROTOCOL_VERSION,
     TEXT_STYLE,
     AgentType,
-    ErrorCode,
     F,
     MapName,
     State,
@@ -44,105 +39,23 @@ from .protocol import (
     now_ms,
     validate_task,
 )
+from .sync_client import SyncClient
+from .task_handle import RESTART_TEXT, Answer, Restart, Task, Watch, attempt_of
 
 DEFAULT_TIMEOUT = 300.0
 DROP_READ_WITHIN = 0.05  # seconds before answers read leave done, unless a new task comes first
 
 log = logging.getLogger("igora.client")
 
-
-class Restart(str):
-    """Marker yielded in a stream when the task restarts from scratch on another worker
-    (its first worker vanished); what follows replaces what came before."""
-
-    __slots__ = ()
-
-
-RESTART_TEXT = "\n[igora: the worker was lost; the answer restarts on another worker]\n"
-
-
-@dataclass
-class Answer:
-    """A finished task: its text and what the worker said about it."""
-
-    text: str
-    finish_reason: str
-    usage: dict[str, int]
-    task: dict[str, Any]
-
-    @property
-    def model(self) -> str | None:
-        return self.task.get(F.MODEL)
-
-    @property
-    def tool_calls(self) -> list[dict[str, Any]]:
-        """The tool calls of the (first) answer, in OpenAI's shape: ``[{"id", "type":
-        "function", "function": {"name", "arguments"}}]`` (``arguments``: a JSON string)."""
-        calls = self.task.get(F.TOOL_CALLS)
-        return list(calls) if isinstance(calls, list) else []
-
-    @property
-    def choices(self) -> list[dict[str, Any]]:
-        """Every choice (n > 1): ``{"index", "content", "toolCalls", "finishReason",
-        "tokenLogprobs"}``; one choice built from the answer otherwise."""
-        choices = self.task.get(F.CHOICES)
-        if isinstance(choices, list) and choices:
-            return list(choices)
-        return [{"index": 0, "content": self.text, "toolCalls": self.tool_calls or None,
-                 "finishReason": self.finish_reason, F.LOGPROBS_RESULT: self.logprobs}]
-
-    @property
-    def logprobs(self) -> dict[str, Any] | None:
-        """Token log probabilities of the (first) answer, OpenAI's ``{"content": [...]}``."""
-        value = self.task.get(F.LOGPROBS_RESULT)
-        return value if isinstance(value, dict) else None
-
-
-@dataclass
-class _Watch:
-    task_id: str
-    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
-    attempt: int = 0
-    delivered: str = ""
-    ended: bool = False
-    pieces: bool = True  # the caller may read the answer piece by piece
-
-    def feed(self, attempt: int, text: str) -> None:
-        """Deliver new text of an attempt (whole-so-far or appended pieces)."""
-        if attempt < self.attempt or self.ended:
-            return
-        if attempt > self.attempt:
-            if self.delivered:
-                self.queue.put_nowait(Restart(RESTART_TEXT))
-            self.attempt, self.delivered = attempt, ""
-        if text:
-            self.delivered += text
-            self.queue.put_nowait(text)
-
-    def feed_whole(self, attempt: int, whole: str) -> None:
-        if attempt > self.attempt:
-            self.feed(attempt, whole)
-        elif attempt == self.attempt and whole.startswith(self.delivered):
-            self.feed(attempt, whole[len(self.delivered):])
-
-
-async def _get_within(queue: asyncio.Queue[Any], seconds: float) -> Any:
-    """``queue.get()`` or TimeoutError after ``seconds``; without the task ``wait_for``
-    creates on Python 3.11 when the item is there already or ``asyncio.timeout`` exists."""
-    if not queue.empty():
-        return queue.get_nowait()
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await queue.get()
-    return await asyncio.wait_for(queue.get(), seconds)
-
-
-def _attempt_of(key: str) -> tuple[str, int]:
-    tid, _, n = key.rpartition("#")
-    try:
-        return tid, int(n)
-    except ValueError:
-        return key, 0
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "RESTART_TEXT",
+    "Answer",
+    "Client",
+    "Restart",
+    "SyncClient",
+    "Task",
+]
 
 
 class Client:
@@ -162,7 +75,7 @@ class Client:
         self.timeout = timeout
         self.agent = Agent(self.address, type=AgentType.CLIENT.value, name=name, style=style,
                            connect_timeout=connect_timeout)
-        self._watches: dict[str, _Watch] = {}
+        self._watches: dict[str, Watch] = {}
         self._read_ids: list[str] = []
         self._drop_due: asyncio.TimerHandle | None = None
         # The streams are observed only while a task may be read piece by piece: every
@@ -171,8 +84,8 @@ class Client:
         self._piece_watches = 0
         # doing and done: only changes of this client's tasks are handled, after the
         # transaction (the handlers read the document).
-        self.agent.observe_keys(MapName.DOING, partial(self._mine, self._on_doing))
-        self.agent.observe_keys(MapName.DONE, partial(self._mine, self._on_done))
+        self.agent.observe_keys(MapName.DOING, partial(self._watched_only, self._on_doing))
+        self.agent.observe_keys(MapName.DONE, partial(self._watched_only, self._on_done))
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -217,13 +130,13 @@ class Client:
             await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ observers
-    def _mine(self, handler: Callable[[dict[str, dict[str, Any]]], None],
+    def _watched_only(self, handler: Callable[[dict[str, dict[str, Any]]], None],
               changes: dict[str, dict[str, Any]]) -> None:
         ours = {k: c for k, c in changes.items() if k in self._watches}
         if ours:
             asyncio.get_running_loop().call_soon(handler, ours)
 
-    def _watch(self, watch: _Watch) -> None:
+    def _watch(self, watch: Watch) -> None:
         self._watches[watch.task_id] = watch
         if watch.pieces:
             self._piece_watches += 1
@@ -241,9 +154,9 @@ class Client:
     def _on_streams(self, events: list[Any]) -> None:
         for ev in events:
             if isinstance(ev, MapEvent):
-                for key, change in ev.keys.items():
+                for key, change in ev.keys.items():  # type: ignore[attr-defined]
                     value = change.get("newValue")
-                    tid, attempt = _attempt_of(key)
+                    tid, attempt = attempt_of(key)
                     w = self._watches.get(tid)
                     if w is not None and isinstance(value, Text):
                         w.feed_whole(attempt, str(value))
@@ -251,7 +164,7 @@ class Client:
                 path = getattr(ev, "path", None)
                 if not path:
                     continue
-                tid, attempt = _attempt_of(str(path[0]))
+                tid, attempt = attempt_of(str(path[0]))
                 w = self._watches.get(tid)
                 if w is None:
                     continue
@@ -287,7 +200,7 @@ class Client:
                 continue
             self._end(tid, w, value)
 
-    def _end(self, tid: str, w: _Watch, value: dict[str, Any]) -> None:
+    def _end(self, tid: str, w: Watch, value: dict[str, Any]) -> None:
         """Take ``done[tid]`` as the task's end, unless it does not look like one.
 
         Workers and brokers move a task to ``done`` in one transaction, so an entry in
@@ -384,7 +297,7 @@ class Client:
                           top_p=top_p, seed=seed, max_tokens=max_tokens, stop=stop,
                           timeout=timeout, extra=extra)
         await self.wait_for_worker(model, wait_worker, task)
-        watch = _Watch(task[F.ID], pieces=_pieces)
+        watch = Watch(task[F.ID], pieces=_pieces)
         self._watch(watch)
         with self.agent.transaction():
             self._drop_read()
@@ -460,136 +373,3 @@ class Client:
                     discard(self.agent.maps[MapName.DONE], task_id)
 
 
-class Task:
-    """A task put on the market by a Client."""
-
-    def __init__(self, client: Client, task: dict[str, Any], watch: _Watch, timeout: float):
-        self.client = client
-        self.task = task
-        self.id: str = task[F.ID]
-        self._watch = watch
-        self._timeout = timeout
-        self.final: dict[str, Any] | None = None
-
-    async def events(self) -> AsyncIterator[str | dict[str, Any]]:
-        """Text pieces, then the final task (a dict). Raises on failure."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self._timeout + 5
-        finished = False
-        try:
-            while True:
-                left = end - loop.time()
-                try:
-                    item = await _get_within(self._watch.queue, max(left, 0.01))
-                except asyncio.TimeoutError:
-                    raise TaskTimeout(f"no answer within {self._timeout:g} s", self.task) from None
-                if isinstance(item, dict):
-                    finished = True
-                    self.final = item
-                    self._raise_for(item)
-                    yield item
-                    return
-                yield item
-        finally:
-            if not finished:
-                self.abort()
-            self.client._forget(self.id)
-
-    def _raise_for(self, final: dict[str, Any]) -> None:
-        state = final.get(F.STATE)
-        if state == State.DONE.value:
-            return
-        error = str(final.get(F.ERROR) or "")
-        code = final.get(F.ERROR_CODE)
-        if code in (ErrorCode.MODEL_NOT_SERVED.value, ErrorCode.CAPABILITY_NOT_SERVED.value):
-            why = unservable(self.task, self.client.workers())
-            raise NoWorkerError(self.task.get(F.MODEL), self.client.models(),
-                                why.missing if why else (), reason=error)
-        if state == State.ABORTED.value:
-            raise TaskAborted(f"task {self.id} was aborted", final)
-        if "deadline" in error:
-            raise TaskTimeout(error, final)
-        raise TaskFailed(error or f"task {self.id} failed", final)
-
-    async def stream(self) -> AsyncIterator[str]:
-        async for item in self.events():
-            if isinstance(item, str):
-                yield item
-
-    async def result(self) -> Answer:
-        async for _ in self.events():
-            pass
-        final = self.final or {}
-        usage = final.get(F.USAGE) if isinstance(final.get(F.USAGE), dict) else {}
-        return Answer(
-            text=str(final.get(F.RESPONSE) or ""),
-            finish_reason=str(final.get(F.FINISH_REASON) or "stop"),
-            usage={k: int(v) for k, v in usage.items() if isinstance(v, (int, float))},
-            task=final,
-        )
-
-    def abort(self) -> None:
-        if self.final is None:
-            self.client.abort(self.id)
-
-
-class SyncClient:
-    """The Client for code without ``async``: ``SyncClient().chat("Bonjour")``."""
-
-    def __init__(self, market: str | None = None, room: str | None = None, **kw: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="igora-client")
-        self._thread.start()
-        self._client = self._call(self._make(market, room, kw))
-        try:
-            self._call(self._client.connect())
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    async def _make(self, market: str | None, room: str | None, kw: dict[str, Any]) -> Client:
-        return Client(market, room, **kw)
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __enter__(self) -> SyncClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._loop.is_running():
-            with contextlib.suppress(Exception):
-                self._call(self._client.close())
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    def models(self) -> list[str]:
-        return self._client.models()
-
-    def embed(self, inputs: str | list[str], **options: Any) -> list[list[float]]:
-        return self._call(self._client.embed(inputs, **options))  # type: ignore[no-any-return]
-
-    def chat(self, prompt: str | list[dict[str, str]], *, stream: bool = False,
-             **options: Any) -> Any:
-        if not stream:
-            return self._call(self._client.chat(prompt, **options))
-        return self._iterate(prompt, options)
-
-    def _iterate(self, prompt: Any, options: dict[str, Any]) -> Iterator[str]:
-        agen = self._call(self._client.chat(prompt, stream=True, **options))
-        try:
-            while True:
-                try:
-                    yield self._call(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            with contextlib.suppress(Exception):
-                self._call(agen.aclose())

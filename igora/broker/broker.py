@@ -12,26 +12,23 @@ from typing import Any
 
 from pycrdt import Map
 
+from .. import lifecycle
 from ..agent import Agent, discard
-from ..capabilities import unservable
 from ..protocol import (
     A,
     AgentState,
     AgentType,
     F,
     MapName,
-    ProtocolError,
-    State,
-    abort_asked,
-    is_original,
     now_ms,
-    validate_task,
 )
 from . import policies
 from .fairness import Fairness
 from .leader import Leadership
 from .matching import free_slots, pick_worker
 from .presence import DEFAULT_GRACE, Presence
+from .unservable import UNSERVABLE_AFTER, Unservables
+from .view import WATCHED, TaskView
 
 TICK = 0.5
 RETENTION_EVERY = 5.0
@@ -39,10 +36,8 @@ SHUN_FOR = 120.0  # seconds a worker that left a task untaken gets no new one
 FULL_READ_EVERY = 5.0  # seconds between two full reads of the maps (the view is kept from events)
 POLICIES_EVERY = 0.1  # seconds between two runs of the recovery policies when nothing calls for one
 PEERS_EVERY = 0.25  # seconds between two reads of the awareness states when none changed
-UNSERVABLE_AFTER = 1.0  # seconds a v2 task stays unservable (no worker could ever take it) before it fails
 
 log = logging.getLogger("igora.broker")
-_WATCHED = (MapName.TODOS, MapName.PREPARED, MapName.DOING)
 
 
 class Broker:
@@ -74,42 +69,40 @@ class Broker:
         self._last_retention = 0.0
         self._rejected: set[str] = set()
         self._abort_seen: dict[str, int] = {}
-        self._unservable_since: dict[str, float] = {}
-        self._servable: tuple[int, set[str]] = (-1, set())
+        self._unservables = Unservables()
         # The valid tasks of todos, prepared and doing (and the invalid ones, with why),
         # kept up to date from the maps' events: a round reads only what changed, not
         # every task of the room. A full read every FULL_READ_EVERY s is the safety net.
-        self._valid: dict[MapName, dict[str, dict[str, Any]]] = {n: {} for n in _WATCHED}
-        self._invalid: dict[MapName, dict[str, tuple[Any, str]]] = {n: {} for n in _WATCHED}
+        self._view = TaskView()
         self._full_read_at = float("-inf")
         self._policies_at = float("-inf")
         self._policies_due = True
         self._peers_at = float("-inf")
         self._peers_due = True
-        for name in _WATCHED:
+        for name in WATCHED:
             agent.observe_keys(name, partial(self._on_map, name))
         agent.awareness.observe(self._on_awareness)
 
     # The maps, looked up at each use: the agent replaces its document when it compacts
     # it, and a Map of the old one must never be touched again.
     @property
-    def todos(self) -> Map:
+    def todos(self) -> Map[Any]:
         return self.agent.maps[MapName.TODOS]
 
     @property
-    def prepared(self) -> Map:
+    def prepared(self) -> Map[Any]:
         return self.agent.maps[MapName.PREPARED]
 
     @property
-    def doing(self) -> Map:
+    def doing(self) -> Map[Any]:
         return self.agent.maps[MapName.DOING]
 
     @property
-    def done(self) -> Map:
+    def done(self) -> Map[Any]:
         return self.agent.maps[MapName.DONE]
 
     @property
-    def streams(self) -> Map:
+    def streams(self) -> Map[Any]:
         return self.agent.maps[MapName.STREAMS]
 
     def _on_awareness(self, topic: str, _change: Any) -> None:
@@ -118,28 +111,8 @@ class Broker:
             self._wake.set()
 
     def _on_map(self, name: MapName, changes: dict[str, dict[str, Any]]) -> None:
-        valid, invalid = self._valid[name], self._invalid[name]
-        wake = name is MapName.TODOS
-        for tid, change in changes.items():
-            if change.get("action") == "delete":
-                valid.pop(tid, None)
-                invalid.pop(tid, None)
-                wake = True
-                continue
-            value = change.get("newValue")
-            try:
-                valid[tid] = self._check(tid, value)
-                invalid.pop(tid, None)
-            except ProtocolError as exc:
-                valid.pop(tid, None)
-                invalid[tid] = (value, str(exc))
-                wake = self._policies_due = True
-                continue
-            if abort_asked(value):  # also a marked entry a race brought back ("add")
-                wake = self._policies_due = True
-            elif change.get("action") == "add":
-                wake = True
-            # Value refreshes of running tasks (compatibility fields) need no new round.
+        wake, policies_due = self._view.update(name, changes)
+        self._policies_due = self._policies_due or policies_due
         if wake:
             self._wake.set()
 
@@ -165,56 +138,41 @@ class Broker:
         seconds: the others may have counted it gone and another broker may be active.
         Its view of who is present is outdated, so it steps down and judges nobody until
         it has heard the room again (one settle time, one grace)."""
-        log.warning("%s: stalled for %.1f s; stepping down and re-settling before acting",
-                    self.agent.name, gap)
+        log.warning(
+            "%s: stalled for %.1f s; stepping down and re-settling before acting",
+            self.agent.name,
+            gap,
+        )
         self.presence.restart_clock()
         self.leadership.step_down()
         self._full_read_at = float("-inf")
         self._peers_due = self._policies_due = True
 
     # ------------------------------------------------------------------ one round
-    @staticmethod
-    def _check(tid: str, value: Any) -> dict[str, Any]:
-        task = validate_task(value)
-        if task[F.ID] != tid:
-            raise ProtocolError(f"id {task[F.ID]!r} does not match its key")
-        return task
-
     def _full_read(self) -> None:
-        """Read every task of the watched maps again (the events keep the view between)."""
-        for source in _WATCHED:
-            valid: dict[str, dict[str, Any]] = {}
-            invalid: dict[str, tuple[Any, str]] = {}
-            for tid, value in list(self.agent.maps[source].items()):
-                try:
-                    valid[tid] = self._check(tid, value)
-                except ProtocolError as exc:
-                    invalid[tid] = (value, str(exc))
-            self._valid[source], self._invalid[source] = valid, invalid
+        self._view.read_all(self.agent)
         self._full_read_at = time.monotonic()
 
     def _read(self, source: MapName) -> dict[str, dict[str, Any]]:
         """Valid tasks of a map; invalid ones are ended (``failed``) with a log line."""
-        for tid, (value, why) in list(self._invalid[source].items()):
+        for tid, (value, why) in list(self._view.invalid[source].items()):
             self._reject(source, tid, value, why)
-        return dict(self._valid[source])
+        return dict(self._view.valid[source])
 
     def _reject(self, source: MapName, tid: str, value: Any, why: str) -> None:
         if tid not in self._rejected:
             if len(self._rejected) > 10_000:  # only there to log each offender once
                 self._rejected.clear()
-            log.warning("%s: invalid task %r in %s: %s", self.agent.name, tid[:80], source.value, why)
+            log.warning(
+                "%s: invalid task %r in %s: %s", self.agent.name, tid[:80], source.value, why
+            )
             self._rejected.add(tid)
         if not self.leadership.leading:
             return
-        base = value if isinstance(value, dict) else {}
+        step = lifecycle.reject(tid, value, now_ms(), why)
         with self.agent.transaction():
             self.agent.maps[source].pop(tid, None)
-            self.done[tid] = {
-                F.ID: tid, F.STATE: State.FAILED.value, F.END: now_ms(),
-                F.ERROR: f"invalid task: {why}",
-                **{k: base[k] for k in (F.ASKER, F.CLIENT_ID) if isinstance(base.get(k), (str, int, float))},
-            }
+            self.agent.maps[step.map][tid] = step.task
 
     def round(self) -> None:
         if not self.agent.synced.is_set() or not self.agent.connected:
@@ -248,9 +206,14 @@ class Broker:
         # Never (again) a task marked aborted, or one with an entry further on: both are
         # the policies' to settle.
         self._assign(
-            [t for tid, t in snap.todos.items()
-             if tid not in touched and not t.get(F.ABORTED)
-             and tid not in snap.prepared and tid not in snap.doing],
+            [
+                t
+                for tid, t in snap.todos.items()
+                if tid not in touched
+                and not t.get(F.ABORTED)
+                and tid not in snap.prepared
+                and tid not in snap.doing
+            ],
             {**snap.prepared, **snap.doing},
             touched,
         )
@@ -261,17 +224,23 @@ class Broker:
     def _unclaimed(self, snap: policies.Snapshot) -> list[policies.Move]:
         # A worker that says its engine is unavailable keeps its tasks on purpose (it hands
         # them back itself when another worker can serve them).
-        busy = {p.id for p in self.presence.peers
-                if p.state.get(A.STATE) == AgentState.BUSY.value}
-        moves = [mv for mv in policies.unclaimed(snap, self.claim_timeout, self.max_attempts)
-                 if snap.prepared[mv.task_id].get(F.WORKER) not in busy]
+        busy = {p.id for p in self.presence.peers if p.state.get(A.STATE) == AgentState.BUSY.value}
+        moves = [
+            mv
+            for mv in policies.unclaimed(snap, self.claim_timeout, self.max_attempts)
+            if snap.prepared[mv.task_id].get(F.WORKER) not in busy
+        ]
         now = time.monotonic()
         self.shunned = {w: until for w, until in self.shunned.items() if until > now}
         for mv in moves:
             worker = snap.prepared[mv.task_id].get(F.WORKER)
             if isinstance(worker, str) and self.shunned.get(worker, 0.0) < time.monotonic():
-                log.warning("%s: worker %s does not take the tasks assigned to it; none for "
-                            "%g s", self.agent.name, worker[:80], SHUN_FOR)
+                log.warning(
+                    "%s: worker %s does not take the tasks assigned to it; none for %g s",
+                    self.agent.name,
+                    worker[:80],
+                    SHUN_FOR,
+                )
                 self.shunned[worker] = time.monotonic() + SHUN_FOR
         return moves
 
@@ -295,8 +264,9 @@ class Broker:
                 log.info("%s: task %s %s", self.agent.name, mv.task_id, mv.why)
         return touched
 
-    def _assign(self, waiting: list[dict[str, Any]], busy: dict[str, dict[str, Any]],
-                touched: set[str]) -> None:
+    def _assign(
+        self, waiting: list[dict[str, Any]], busy: dict[str, dict[str, Any]], touched: set[str]
+    ) -> None:
         if not waiting:
             return
         now = time.monotonic()
@@ -324,86 +294,54 @@ class Broker:
             if free_slots(worker, load) <= 0:
                 workers.remove(worker)
             self.fairness.record(task)
-            attempts = int(task.get(F.ATTEMPTS) or 0) + 1
-            writes.append((task, {
-                **task,
-                F.WORKER: worker.id,
-                F.STATE: State.PREPARED.value,
-                F.ATTEMPTS: attempts,
-                F.START: now_ms(),
-                F.BROKER: self.agent.id,
-            }, worker))
+            step = lifecycle.assign(task, str(worker.id), self.agent.id, now_ms())
+            writes.append((task, step, worker))
         if not writes:
             return
         with self.agent.transaction():
-            for task, prepared, worker in writes:
+            for task, step, _worker in writes:
                 discard(self.todos, task[F.ID])
-                self.prepared[task[F.ID]] = prepared
+                self.agent.maps[step.map][task[F.ID]] = step.task
         self.assigned += len(writes)
-        for task, _prepared, worker in writes:
-            log.info("%s: task %s assigned to %s (model %s)", self.agent.name, task[F.ID],
-                     worker.name, task.get(F.MODEL) or "any")
+        for task, _step, worker in writes:
+            log.info(
+                "%s: task %s assigned to %s (model %s)",
+                self.agent.name,
+                task[F.ID],
+                worker.name,
+                task.get(F.MODEL) or "any",
+            )
 
-    def _fail_unservable(self, waiting: list[dict[str, Any]], present: list[Any],
-                         now: float) -> None:
-        """End ``failed`` (with a typed ``errorCode``) the waiting v2 tasks that no worker
-        present could serve: their model is not on the market, or no worker offers what
-        they ask (tools, a JSON schema, embeddings...). Waiting would only end at their
-        deadline. A task must stay unservable for UNSERVABLE_AFTER first: a worker's
-        awareness may arrive just after its task. Only tasks never assigned are judged, and
-        only while some worker is present and this broker has heard the room for a grace:
-        a re-queued task waits for its worker to come back, and a market restart (everyone
-        reconnecting) fails nothing. An original agent's task naming a model nobody serves
-        is not failed: any text worker answers it (``model_for``)."""
+    def _fail_unservable(
+        self, waiting: list[dict[str, Any]], present: list[Any], now: float
+    ) -> None:
+        """End ``failed`` (with a typed ``errorCode``) the waiting tasks that no worker
+        present could serve (``unservable``). Judged only while some worker is present
+        and this broker has heard the room for a grace: a market restart (everyone
+        reconnecting) fails nothing."""
         if not present or not self.presence.settled():
             return
-        # A task found servable stays so until the workers' adverts change (a new view
-        # of the peers): it is not judged again at every round.
-        view = self.presence.version
-        if self._servable[0] != view:
-            self._servable = (view, set())
-        servable = self._servable[1]
-        seen = self._unservable_since
-        waiting_ids = set()
-        failures = []
-        for task in waiting:
-            tid = task[F.ID]
-            waiting_ids.add(tid)
-            if (tid in servable or task.get(F.ABORTED) or is_original(task)
-                    or task.get(F.ATTEMPTS)):
-                continue
-            why = unservable(task, present)
-            if why is None:
-                seen.pop(tid, None)
-                servable.add(tid)
-                continue
-            first = seen.setdefault(tid, now)
-            if now - first >= UNSERVABLE_AFTER:
-                failures.append((task, why))
-        if len(failures) < len([t for t in seen if t in waiting_ids]):  # wake to judge the rest
+        failures, pending = self._unservables.judge(waiting, present, self.presence.version, now)
+        if pending:  # wake to judge the rest
             asyncio.get_running_loop().call_later(UNSERVABLE_AFTER / 2, self._wake.set)
-        for tid in [t for t in seen if t not in waiting_ids]:
-            del seen[tid]
         if not failures:
             return
         end = now_ms()
         with self.agent.transaction():
             for task, why in failures:
-                seen.pop(task[F.ID], None)
                 discard(self.todos, task[F.ID])
-                self.done[task[F.ID]] = policies.ended(
-                    task, State.FAILED, end, **{F.ERROR: why.reason, F.ERROR_CODE: why.code.value})
+                step = lifecycle.fail(task, end, why.code, why.reason)
+                self.agent.maps[step.map][task[F.ID]] = step.task
                 log.info("%s: task %s failed: %s", self.agent.name, task[F.ID], why.reason)
-        waiting[:] = [t for t in waiting if t[F.ID] not in {f[0][F.ID] for f in failures}]
+        failed = {task[F.ID] for task, _why in failures}
+        waiting[:] = [t for t in waiting if t[F.ID] not in failed]
 
     def _retain(self) -> None:
         now = now_ms()
         done = {k: v for k, v in self.done.items()}
         old = policies.retain(done, now, self.retention)
-        live_streams = {
-            t.get(F.STREAM) for t in self.doing.values() if isinstance(t, dict)
-        }
-        orphans = [k for k in self.streams.keys() if k not in live_streams]
+        live_streams = {t.get(F.STREAM) for t in self.doing.values() if isinstance(t, dict)}
+        orphans = [k for k in list(self.streams.keys()) if k not in live_streams]
         if not old and not orphans:
             return
         with self.agent.transaction():
@@ -412,5 +350,8 @@ class Broker:
             for key in orphans:
                 discard(self.streams, key)
         if old:
-            log.info("%s: %d finished task(s) left the live document (archived by the market)",
-                     self.agent.name, len(old))
+            log.info(
+                "%s: %d finished task(s) left the live document (archived by the market)",
+                self.agent.name,
+                len(old),
+            )

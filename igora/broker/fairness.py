@@ -57,8 +57,9 @@ class Fairness:
             groups[_asker(task)].append(task)
         for tasks in groups.values():
             tasks.sort(key=_date)
-        askers = sorted(groups, key=lambda a: (in_flight.get(a, 0), self.recent(a),
-                                               _date(groups[a][0])))
+        askers = sorted(
+            groups, key=lambda a: (in_flight.get(a, 0), self.recent(a), _date(groups[a][0]))
+        )
         depth = 0
         while askers:
             still = []

@@ -23,8 +23,12 @@ def free_slots(worker: Peer, load: dict[str, int]) -> int:
     return worker.slots - load.get(worker.id or "", 0)
 
 
-def pick_worker(task: dict[str, Any], workers: list[Peer], load: dict[str, int],
-                present: list[Peer] | None = None) -> Peer | None:
+def pick_worker(
+    task: dict[str, Any],
+    workers: list[Peer],
+    load: dict[str, int],
+    present: list[Peer] | None = None,
+) -> Peer | None:
     """``present``: every worker on the market (to tell whether an original task's model
     is served by anyone); default ``workers``."""
     model = model_for(task, workers if present is None else present)

@@ -2,7 +2,7 @@
 
 - ``recover``: tasks of workers that vanished go back to ``todos`` (up to
   ``max_attempts`` assignments), then ``failed``;
-- ``unclaimed``: tasks a present worker does not take in time go back to ``todos``;
+- ``unclaimed``: tasks a present worker does not claim (start) in time go back to ``todos``;
 - ``abort``: tasks whose abort was asked, on any of their entries, or whose asker
   vanished are ``aborted``;
 - ``stale_copies``: entries left behind by a write that raced with a move are removed;
@@ -10,7 +10,9 @@
 - ``retain``: finished tasks leave the live document after ``retention`` seconds (the
   market has archived them already).
 
-Each returns the writes to make; the broker applies them in one transaction.
+Each returns the writes to make, each a transition of ``igora.lifecycle`` (the policies
+decide which task changes and when, never how); the broker applies them in one
+transaction.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import lifecycle
+from ..lifecycle import attempts, number
 from ..protocol import (
     ABORTED_MARK,
     LIVE,
+    ErrorCode,
     F,
     MapName,
-    State,
     abort_asked,
     now_ms,
     stream_key,
@@ -59,26 +63,18 @@ class Move:
     drop_stream: str | None = None
     stale: tuple[MapName, ...] = ()
 
-
-def _num(task: dict[str, Any], name: str) -> float | None:
-    v = task.get(name)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def ended(task: dict[str, Any], state: State, now: int, **extra: Any) -> dict[str, Any]:
-    out = {k: v for k, v in task.items() if k not in (F.DELTA,)}
-    out.update({F.STATE: state.value, F.END: now, **extra})
-    start = _num(task, F.START) or _num(task, F.DATE)
-    if start is not None:
-        out[F.DURATION] = now - start
-    return out
-
-
-def back_to_todo(task: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in task.items()
-           if k not in (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM, F.START)}
-    out[F.STATE] = State.TODO.value
-    return out
+    @classmethod
+    def of(
+        cls,
+        task_id: str,
+        source: MapName | None,
+        step: lifecycle.Step,
+        why: str,
+        drop_stream: str | None = None,
+        stale: tuple[MapName, ...] = (),
+    ) -> Move:
+        """The move of a lifecycle transition."""
+        return cls(task_id, source, step.map, step.task, why, drop_stream, stale)
 
 
 def _stream_of(task: dict[str, Any]) -> str | None:
@@ -93,15 +89,32 @@ def recover(snap: Snapshot, present: Callable[[Any], bool], max_attempts: int) -
             worker = task.get(F.WORKER)
             if present(worker):
                 continue
-            attempts = int(_num(task, F.ATTEMPTS) or 1)
-            if attempts >= max_attempts:
-                moves.append(Move(tid, source, MapName.DONE, ended(
-                    task, State.FAILED, snap.now,
-                    **{F.ERROR: f"the worker running it vanished ({attempts} attempts)"}),
-                    "failed: worker vanished too often", _stream_of(task)))
+            tries = attempts(task)
+            if tries >= max_attempts:
+                moves.append(
+                    Move.of(
+                        tid,
+                        source,
+                        lifecycle.fail(
+                            task,
+                            snap.now,
+                            ErrorCode.WORKER_LOST,
+                            f"the worker running it vanished ({tries} attempts)",
+                        ),
+                        "failed: worker vanished too often",
+                        _stream_of(task),
+                    )
+                )
             else:
-                moves.append(Move(tid, source, MapName.TODOS, back_to_todo(task),
-                                  f"re-queued: worker {worker} vanished", _stream_of(task)))
+                moves.append(
+                    Move.of(
+                        tid,
+                        source,
+                        lifecycle.requeue(task),
+                        f"re-queued: worker {worker} vanished",
+                        _stream_of(task),
+                    )
+                )
     return moves
 
 
@@ -112,42 +125,57 @@ def unclaimed(snap: Snapshot, claim_timeout: float, max_attempts: int) -> list[M
     milliseconds of its assignment."""
     moves = []
     for tid, task in snap.prepared.items():
-        start = _num(task, F.START)
+        start = number(task, F.START)
         if start is None or snap.now - start <= claim_timeout * 1000:
             continue
-        attempts = int(_num(task, F.ATTEMPTS) or 1)
+        tries = attempts(task)
         worker = task.get(F.WORKER)
-        if attempts >= max_attempts:
-            moves.append(Move(tid, MapName.PREPARED, MapName.DONE, ended(
-                task, State.FAILED, snap.now,
-                **{F.ERROR: f"no worker took it ({attempts} attempts)"}),
-                "failed: never taken"))
+        if tries >= max_attempts:
+            moves.append(
+                Move.of(
+                    tid,
+                    MapName.PREPARED,
+                    lifecycle.fail(
+                        task,
+                        snap.now,
+                        ErrorCode.NOT_STARTED,
+                        f"no worker took it ({tries} attempts)",
+                    ),
+                    "failed: never taken",
+                )
+            )
         else:
-            moves.append(Move(tid, MapName.PREPARED, MapName.TODOS, back_to_todo(task),
-                              f"re-queued: worker {worker} did not take it within "
-                              f"{claim_timeout:g} s"))
+            moves.append(
+                Move.of(
+                    tid,
+                    MapName.PREPARED,
+                    lifecycle.requeue(task),
+                    f"re-queued: worker {worker} did not take it within {claim_timeout:g} s",
+                )
+            )
     return moves
 
 
 def entries(snap: Snapshot, tid: str) -> list[tuple[MapName, dict[str, Any]]]:
     """The entries under one task id in todos, prepared and doing, the most advanced last.
     A task has one; two mean that a write raced with a move of the task (Yjs keeps both)."""
-    maps = {MapName.TODOS: snap.todos, MapName.PREPARED: snap.prepared,
-            MapName.DOING: snap.doing}
+    maps = {MapName.TODOS: snap.todos, MapName.PREPARED: snap.prepared, MapName.DOING: snap.doing}
     return [(m, maps[m][tid]) for m in LIVE if tid in maps[m]]
 
 
 def _duplicated(snap: Snapshot) -> set[str]:
     ids: set[str] = set()
-    for a, b in ((snap.todos, snap.prepared), (snap.todos, snap.doing),
-                 (snap.prepared, snap.doing)):
+    for a, b in (
+        (snap.todos, snap.prepared),
+        (snap.todos, snap.doing),
+        (snap.prepared, snap.doing),
+    ):
         small, big = (a, b) if len(a) <= len(b) else (b, a)
         ids.update(tid for tid in small if tid in big)
     return ids
 
 
-def abort(snap: Snapshot, present: Callable[[Any], bool],
-          abort_seen: dict[str, int]) -> list[Move]:
+def abort(snap: Snapshot, present: Callable[[Any], bool], abort_seen: dict[str, int]) -> list[Move]:
     """Tasks to abort: a mark on any of their entries (the mark belongs to the task), or
     their asker gone. A task that is not running ends ``aborted`` here, every entry under
     its id removed in the same transaction (a worker that started it meanwhile sees the
@@ -160,16 +188,14 @@ def abort(snap: Snapshot, present: Callable[[Any], bool],
         copies = entries(snap, tid)
         live_map, live = copies[-1]
         stale = tuple(m for m, _ in copies[:-1])
-        asker = next((t.get(F.ASKER) for _, t in copies if isinstance(t.get(F.ASKER), str)),
-                     None)
+        asker = next((t.get(F.ASKER) for _, t in copies if isinstance(t.get(F.ASKER), str)), None)
         marked = abort_asked(*(t for _, t in copies))
         left = asker is not None and not present(asker)
         if not marked and not left:
             continue
         why = "aborted by its asker" if marked else f"aborted: asker {asker} left"
         if live_map is not MapName.DOING:
-            moves.append(Move(tid, live_map, MapName.DONE, ended(
-                live, State.ABORTED, snap.now, **{F.ABORTED: ABORTED_MARK}), why, stale=stale))
+            moves.append(Move.of(tid, live_map, lifecycle.abort(live, snap.now), why, stale=stale))
             continue
         # The time the mark was first seen stays in memory: rewriting a running task at
         # each round would race with its worker ending it (a concurrent write brings a
@@ -177,19 +203,33 @@ def abort(snap: Snapshot, present: Callable[[Any], bool],
         first = abort_seen.setdefault(tid, snap.now)
         waited = snap.now - first
         if not present(live.get(F.WORKER)) or waited > ABORT_GRACE * 1000:
-            moves.append(Move(tid, MapName.DOING, MapName.DONE, ended(
-                live, State.ABORTED, snap.now, **{F.ABORTED: ABORTED_MARK}),
-                "aborted: worker did not stop", _stream_of(live), stale))
+            moves.append(
+                Move.of(
+                    tid,
+                    MapName.DOING,
+                    lifecycle.abort(live, snap.now),
+                    "aborted: worker did not stop",
+                    _stream_of(live),
+                    stale,
+                )
+            )
         elif live.get(F.ABORTED):
             if stale:
-                moves.append(Move(tid, None, None, None, "stale entries removed",
-                                  stale=stale))
+                moves.append(Move(tid, None, None, None, "stale entries removed", stale=stale))
         elif left or waited > CARRY_AFTER * 1000:
             # An Igora worker sees a mark on any entry and stops at once; an original
             # worker reads only doing[id]. The stale entry holding the mark goes once the
             # mark is on doing[id], not before.
-            moves.append(Move(tid, None, MapName.DOING, {**live, F.ABORTED: ABORTED_MARK},
-                              f"abort asked ({why}); told its worker", stale=stale))
+            moves.append(
+                Move(
+                    tid,
+                    None,
+                    MapName.DOING,
+                    {**live, F.ABORTED: ABORTED_MARK},
+                    f"abort asked ({why}); told its worker",
+                    stale=stale,
+                )
+            )
     for tid in [t for t in abort_seen if t not in snap.doing]:
         del abort_seen[tid]
     return moves
@@ -203,42 +243,59 @@ def stale_copies(snap: Snapshot) -> list[Move]:
     for tid in _duplicated(snap):
         copies = entries(snap, tid)
         if not abort_asked(*(t for _, t in copies)):
-            moves.append(Move(tid, None, None, None, "stale entries removed",
-                              stale=tuple(m for m, _ in copies[:-1])))
+            moves.append(
+                Move(
+                    tid,
+                    None,
+                    None,
+                    None,
+                    "stale entries removed",
+                    stale=tuple(m for m, _ in copies[:-1]),
+                )
+            )
     return moves
 
 
 def deadline_of(task: dict[str, Any], default_timeout: float) -> float:
-    d = _num(task, F.DEADLINE)
+    d = number(task, F.DEADLINE)
     if d is not None:
         return d
-    return (_num(task, F.DATE) or now_ms()) + default_timeout * 1000
+    return (number(task, F.DATE) or now_ms()) + default_timeout * 1000
 
 
 def expire(snap: Snapshot, default_timeout: float) -> list[Move]:
     moves = []
-    for source, tasks in ((MapName.TODOS, snap.todos), (MapName.PREPARED, snap.prepared),
-                          (MapName.DOING, snap.doing)):
+    for source, tasks in (
+        (MapName.TODOS, snap.todos),
+        (MapName.PREPARED, snap.prepared),
+        (MapName.DOING, snap.doing),
+    ):
         for tid, task in tasks.items():
             if snap.now > deadline_of(task, default_timeout):
-                where = "running" if source == MapName.DOING else "waiting"
-                moves.append(Move(tid, source, MapName.DONE, ended(
-                    task, State.FAILED, snap.now,
-                    **{F.ERROR: f"deadline passed while {where} (no answer in time)"}),
-                    "failed: deadline", _stream_of(task)))
+                step = lifecycle.expire(task, snap.now, running=source is MapName.DOING)
+                moves.append(Move.of(tid, source, step, "failed: deadline", _stream_of(task)))
     return moves
 
 
 def retain(done: dict[str, Any], now: int, retention: float) -> list[str]:
     out = []
     for tid, task in done.items():
-        end = _num(task, F.END) if isinstance(task, dict) else None
+        end = number(task, F.END) if isinstance(task, dict) else None
         if end is None and isinstance(task, dict):
-            end = _num(task, F.DATE)
+            end = number(task, F.DATE)
         if end is None or now - end > retention * 1000:
             out.append(tid)
     return out
 
 
-__all__ = ["Snapshot", "Move", "recover", "unclaimed", "abort", "stale_copies", "expire",
-           "retain", "stream_key"]
+__all__ = [
+    "Move",
+    "Snapshot",
+    "abort",
+    "expire",
+    "recover",
+    "retain",
+    "stale_copies",
+    "stream_key",
+    "unclaimed",
+]

@@ -1,9 +1,10 @@
 """Who is still here: agents seen in awareness recently.
 
 An agent counts as present while it was seen (fresh awareness state), or first
-mentioned by a task, less than ``grace`` seconds ago. The clock starts again whenever this agent (re)connects, so a
-market restart or a network blip on our side does not make everyone look gone; it also
-starts again after this agent was paused (see ``Broker._resettle``).
+mentioned by a task, less than ``grace`` seconds ago. The clock starts again whenever
+this agent (re)connects, so a market restart or a network blip on our side does not make
+everyone look gone; it also starts again after this agent was paused (see
+``Broker._resettle``).
 """
 
 from __future__ import annotations

@@ -394,8 +394,8 @@ def text_job(body: CompletionRequest) -> Job:
 
 def _usage(final: dict[str, Any]) -> dict[str, int]:
     raw = final.get(F.USAGE) if isinstance(final.get(F.USAGE), dict) else {}
-    prompt = raw.get("promptTokens", 0)
-    completion = raw.get("completionTokens", 0)
+    prompt = raw.get(F.PROMPT_TOKENS, 0)
+    completion = raw.get(F.COMPLETION_TOKENS, 0)
     prompt = int(prompt) if isinstance(prompt, (int, float)) else 0
     completion = int(completion) if isinstance(completion, (int, float)) else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion,

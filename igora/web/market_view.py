@@ -75,7 +75,7 @@ def _str(value: Any, limit: int = 200) -> str | None:
 def _tokens(task: dict[str, Any]) -> int:
     usage = task.get(F.USAGE)
     if isinstance(usage, dict):
-        n = _num(usage.get("completionTokens"))
+        n = _num(usage.get(F.COMPLETION_TOKENS))
         if n is not None and n >= 0:
             return int(n)
     return 0
