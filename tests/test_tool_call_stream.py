@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from igora.engines.base import Finish
-from igora.engines.openai import _Choices
+from igora.engines.openai_wire import Choices as _Choices
 from igora.gateway.app import Chunks, Job
 
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_-]{0,20}", fullmatch=True)

@@ -437,9 +437,11 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
     from igora.protocol import now_ms
     from igora.web.market_view import MarketTracker
 
-    agent = Agent(market_address("ws://127.0.0.1:9", "market"), type="client", name="page",
-                  style="text")  # never connected: the document is only local here
-    tracker = MarketTracker(agent)
+    from igora import Client
+
+    client = Client("ws://127.0.0.1:9", "market", name="page")  # never connected
+    agent = client.agent  # the test writes the (local) document through it
+    tracker = MarketTracker(client)
     now = now_ms()
     maps = agent.maps
     with agent.transaction():
