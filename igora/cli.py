@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import IO, Any
 
 from . import arguments as arg
@@ -36,9 +36,9 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _run(coro_factory: Callable[[], Awaitable[Any]]) -> Any:
+def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
-        return asyncio.run(coro_factory())  # type: ignore[arg-type]
+        return asyncio.run(coro_factory())
     except KeyboardInterrupt:
         return 130
 

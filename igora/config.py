@@ -35,10 +35,8 @@ def load_dotenv() -> None:
     path = Path.cwd() / ".env"
     if not path.is_file():
         return
-    try:
-        from dotenv import dotenv_values
-    except ImportError:  # pragma: no cover - python-dotenv is a dependency
-        return
+    from dotenv import dotenv_values  # a dependency; imported only when there is a .env
+
     for key, value in dotenv_values(path).items():
         if value is not None:
             os.environ.setdefault(key, value)

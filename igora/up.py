@@ -100,7 +100,8 @@ def _prctl() -> Callable[..., int] | None:
     try:
         import ctypes
 
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
     except (OSError, AttributeError):
         return None
 
@@ -246,8 +247,10 @@ async def first_answer(url: str, wait: float) -> str:
     from .client import Client
 
     async with Client(url, name="igora-up-check", timeout=120) as client:
-        return await client.chat(
-            CHECK_PROMPT, max_tokens=48, temperature=0.0, seed=1, wait_worker=wait
+        return str(
+            await client.chat(
+                CHECK_PROMPT, max_tokens=48, temperature=0.0, seed=1, wait_worker=wait
+            )
         )
 
 

@@ -102,9 +102,9 @@ def _check(where: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where}: {key} must be {kinds} ({what}), not {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{where}: {key} must be a list of non-empty strings")
-    if key in POSITIVE and value <= 0:
+    if key in POSITIVE and isinstance(value, (int, float)) and value <= 0:
         raise ConfigError(f"{where}: {key} must be positive")
-    if key == "max_tokens" and value > MAX_TOKENS_LIMIT:
+    if key == "max_tokens" and isinstance(value, int) and value > MAX_TOKENS_LIMIT:
         raise ConfigError(f"{where}: max_tokens must be at most {MAX_TOKENS_LIMIT}")
     if key == "engine" and value not in ENGINES:
         raise ConfigError(f"{where}: engine must be one of {', '.join(ENGINES)}, not {value!r}")

@@ -29,7 +29,11 @@ def llama_class() -> Any:
     """
     try:
         import llama_cpp
-    except ImportError:
+    except ImportError as exc:
+        if exc.name != "llama_cpp":  # installed, but something it needs does not import
+            raise EngineError(
+                f"llama-cpp-python does not import ({exc}): reinstall it, or use --engine openai"
+            ) from None
         raise EngineError(
             "the llama engine needs llama-cpp-python, which is not installed: run `make up` "
             f"or `scripts/install-llama.sh {sys.executable}` in igora's source folder "

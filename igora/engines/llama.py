@@ -214,7 +214,7 @@ class LlamaEngine(Engine):
             out(EngineError(_readable(exc, self.context_length)))
 
     def _kwargs(self, llm: Any, request: Request, plan: structured.Plan) -> dict[str, Any]:
-        from llama_cpp import LlamaGrammar
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         messages = structured.as_chat(request.messages)
         if plan.mode in ("tool", "tools", "auto"):

@@ -265,7 +265,8 @@ class OpenAIEngine(Engine):
         for c in choices:
             if isinstance(c, dict):
                 answers.add({**c, "delta": c.get("message") or {}}, whole=True)
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        raw = data.get("usage")
+        usage: dict[str, Any] = raw if isinstance(raw, dict) else {}
         yield answers.finish(finish_of(choice.get("finish_reason"), usage, 1 if content else 0))
 
     # ------------------------------------------------------------------ embeddings

@@ -98,7 +98,7 @@ def schema_grammar(schema: dict[str, Any]) -> str:
     inside a string, which no strict JSON parser accepts."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    grammar = json_schema_to_gbnf(json.dumps(schema))
+    grammar: str = json_schema_to_gbnf(json.dumps(schema))
     loose = 'char ::= [^"\\\\] |'
     if loose not in grammar:
         raise EngineError("llama.cpp's JSON-schema grammar changed: cannot bound its strings")
@@ -112,13 +112,8 @@ def check(answer: str, schema: dict[str, Any] | None) -> Any:
     except ValueError as exc:
         raise EngineError(f"the answer is not valid JSON ({exc})") from None
     if schema:
-        try:
-            import jsonschema_rs
-        except ImportError:  # pragma: no cover - a dependency
-            raise EngineError(
-                "cannot check the answer against its schema: the package "
-                "jsonschema-rs is missing (pip install jsonschema-rs)"
-            ) from None
+        import jsonschema_rs  # a dependency
+
         try:
             jsonschema_rs.validate(schema, value)
         except jsonschema_rs.ValidationError as exc:
@@ -202,10 +197,9 @@ def tool_prompt(request: Request, mode: str) -> str:
             f"- {fn['name']}{desc}. Parameters (JSON schema): "
             + json.dumps(tool_schema(t), separators=(",", ":"))
         )
-    if mode == "tool":
-        lines.append(
-            f"Answer with the JSON arguments of {request.tool_choice['function']['name']}."
-        )  # type: ignore[index]
+    if mode == "tool" and isinstance(request.tool_choice, dict):
+        name = request.tool_choice["function"]["name"]
+        lines.append(f"Answer with the JSON arguments of {name}.")
     elif mode == "tools":
         lines.append('Answer with a JSON object {"name": FUNCTION, "arguments": {...}}.')
     else:

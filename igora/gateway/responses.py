@@ -22,7 +22,8 @@ FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
 
 
 def usage_of(final: dict[str, Any]) -> dict[str, int]:
-    raw = final.get(F.USAGE) if isinstance(final.get(F.USAGE), dict) else {}
+    given = final.get(F.USAGE)
+    raw: dict[str, Any] = given if isinstance(given, dict) else {}
     prompt = raw.get("promptTokens", 0)
     completion = raw.get("completionTokens", 0)
     prompt = int(prompt) if isinstance(prompt, (int, float)) else 0

@@ -55,9 +55,9 @@ async def run_job(request: Request, job: Job) -> Response:
         )
     try:
         task = await gw.client.submit(
-            job.prompt,
+            job.prompt,  # type: ignore[arg-type]  # None for embeddings
             model=job.model,
-            timeout=gw.timeout,  # type: ignore[arg-type]
+            timeout=gw.timeout,
             wait_worker=gw.worker_wait(),
             **job.options,
         )
@@ -74,6 +74,7 @@ async def run_job(request: Request, job: Job) -> Response:
     )
     events = task.events()
     created = int(time.time())
+    outcome: str | dict[str, Any] | Gone | None  # the first event when streaming
     try:
         if not job.stream:
             outcome = await unless_disconnected(request, _drain(events))

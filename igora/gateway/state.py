@@ -42,7 +42,7 @@ class Gateway:
             worker_id = self.client.worker_of(task.id)
         for peer in self.client.workers():
             if peer.id == worker_id and peer.models:
-                return peer.models[0]
+                return str(peer.models[0])
         return FALLBACK_MODEL
 
 
