@@ -90,11 +90,17 @@ def tasks_by_state(maps: Mapping[MapName, Values]) -> dict[str, int]:
     return counts
 
 
+def usage_counts(task: Mapping[str, Any]) -> tuple[int, int]:
+    """The prompt and completion tokens a finished task reports in its usage (0 for a
+    count it does not report or that is not a number of 0 or more)."""
+    usage = task.get(F.USAGE)
+    counts = []
+    for key in ("promptTokens", "completionTokens"):
+        n = number(usage.get(key)) if isinstance(usage, dict) else None
+        counts.append(int(n) if n is not None and 0 <= n < 2**53 else 0)
+    return counts[0], counts[1]
+
+
 def completion_tokens(task: Mapping[str, Any]) -> int:
     """Tokens a finished task generated, from its usage (0 if it reports none)."""
-    usage = task.get(F.USAGE)
-    if isinstance(usage, dict):
-        n = number(usage.get("completionTokens"))
-        if n is not None and n >= 0:
-            return int(n)
-    return 0
+    return usage_counts(task)[1]

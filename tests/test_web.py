@@ -32,8 +32,14 @@ from igora.protocol import MapName
 from .conftest import free_port
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 GROUP_STATES = {"waiting", "running", "done", "failed", "aborted"}
 
 pytestmark = pytest.mark.slow
@@ -50,10 +56,25 @@ class Up:
         self.log_path = tmp / "up.log"
         self._log = open(self.log_path, "ab")
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "igora", "up", "--port", str(self.port), "--gateway-port",
-             str(self.gateway_port), "--data", str(tmp / "data"), "--no-check"],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp))
+            [
+                sys.executable,
+                "-m",
+                "igora",
+                "up",
+                "--port",
+                str(self.port),
+                "--gateway-port",
+                str(self.gateway_port),
+                "--data",
+                str(tmp / "data"),
+                "--no-check",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=str(tmp),
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -80,6 +101,7 @@ class Up:
                 if a["type"] == "worker" and a["state"] == "ready":
                     return a
             return None
+
         return self.wait("a ready worker on the market", check, timeout=120)
 
     def task(self, task_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
@@ -88,6 +110,7 @@ class Up:
                 if t["id"] == task_id:
                     return t
             return None
+
         return self.wait(f"task {task_id} {state}", check, timeout)
 
     def children(self) -> list[int]:
@@ -117,8 +140,11 @@ class Up:
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     u = Up(tmp_path_factory.mktemp("web"))
     try:
-        u.wait("the gateway", lambda: urllib.request.urlopen(f"{u.base}/health", timeout=2)
-               .status == 200, timeout=60)
+        u.wait(
+            "the gateway",
+            lambda: urllib.request.urlopen(f"{u.base}/health", timeout=2).status == 200,
+            timeout=60,
+        )
         u.ready_worker()
         yield u
     finally:
@@ -187,7 +213,8 @@ RECORD_STATES = """() => {
       if (seen[seen.length - 1] !== group) seen.push(group);
     }
   };
-  new MutationObserver(look).observe(document.getElementById('board'), {subtree: true, childList: true});
+  new MutationObserver(look).observe(document.getElementById('board'),
+                                    {subtree: true, childList: true});
   look();
 }"""
 
@@ -231,7 +258,8 @@ def test_page_follows_the_browser_language_and_the_switch(browser: Browser, up: 
         assert page.get_attribute("html", "lang") == "fr"
         assert page.inner_text("#tab-chat") == "Discussion"
         assert page.inner_text("#send") == "Envoyer"
-        unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        unlabelled = page.evaluate("""() =>
+            [...document.querySelectorAll('input, select, textarea')]
             .filter(e => !e.labels.length && !e.getAttribute('aria-label')).map(e => e.id)""")
         assert unlabelled == []
         assert "Prompt système" in page.inner_text("label[for=system]")
@@ -250,11 +278,13 @@ def test_page_follows_the_browser_language_and_the_switch(browser: Browser, up: 
 
 
 def test_model_picker_lists_the_bundled_model_and_presets_fill_the_system_prompt(
-        context: BrowserContext, up: Up) -> None:
+    context: BrowserContext, up: Up
+) -> None:
     model = bundled_model(up)
     page = open_page(context, up)
     page.wait_for_function(
-        "m => [...document.querySelectorAll('#model option')].some(o => o.value === m)", arg=model)
+        "m => [...document.querySelectorAll('#model option')].some(o => o.value === m)", arg=model
+    )
     assert page.input_value("#model") == model
     page.select_option("#preset", "romancier")
     assert "novelist" in page.input_value("#system")
@@ -304,10 +334,20 @@ def test_a_json_answer_is_shown_indented(context: BrowserContext, up: Up) -> Non
     assert page.input_value("#format") == "json_object"  # the setting is kept
 
 
-WEATHER_TOOL = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather now in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}]
+WEATHER_TOOL = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather now in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 
 def test_a_tool_call_is_shown_with_its_arguments(context: BrowserContext, up: Up) -> None:
@@ -329,11 +369,16 @@ def test_a_tool_call_is_shown_with_its_arguments(context: BrowserContext, up: Up
 def test_stop_aborts_a_long_answer(context: BrowserContext, up: Up) -> None:
     up.ready_worker()
     page = open_page(context, up)
-    ask(page, "Raconte une très longue histoire de dragons, de chevaliers et de châteaux.",
-        max_tokens=400, system="romancier")
+    ask(
+        page,
+        "Raconte une très longue histoire de dragons, de chevaliers et de châteaux.",
+        max_tokens=400,
+        system="romancier",
+    )
     page.wait_for_function(
         "() => (document.querySelector('.msg-assistant .body')?.textContent.length || 0) > 0",
-        timeout=90_000)
+        timeout=90_000,
+    )
     page.click("#stop")
     page.wait_for_selector(".msg-assistant[data-finish=stopped]")
     assert page.inner_text(".msg-assistant .note-info") == "Stopped."
@@ -370,7 +415,8 @@ def test_errors_are_readable(context: BrowserContext, up: Up) -> None:
 
 
 def test_market_view_shows_the_worker_and_tasks_moving_through_their_states(
-        context: BrowserContext, up: Up) -> None:
+    context: BrowserContext, up: Up
+) -> None:
     up.ready_worker()
     model = bundled_model(up)
     market = open_page(context, up, "market")
@@ -411,13 +457,23 @@ def test_market_view_survives_malformed_tasks(up: Up) -> None:
 
 
 async def _write_malformed_tasks(up: Up) -> None:
-    agent = Agent(market_address(f"ws://127.0.0.1:{up.port}", "market"), type="client",
-                  name="vandal", style="text")
+    agent = Agent(
+        market_address(f"ws://127.0.0.1:{up.port}", "market"),
+        type="client",
+        name="vandal",
+        style="text",
+    )
     async with agent:
         with agent.transaction():
             agent.maps[MapName.DONE]["bad-done"] = {
-                "id": "bad-done", "state": "done", "usage": {"completionTokens": "lots"},
-                "end": "soon", "attemps": True, "asker": ["x"], "model": 42}
+                "id": "bad-done",
+                "state": "done",
+                "usage": {"completionTokens": "lots"},
+                "end": "soon",
+                "attemps": True,
+                "asker": ["x"],
+                "model": 42,
+            }
             agent.maps[MapName.DONE]["bad-state"] = {"id": "bad-state", "state": "weird"}
             agent.maps[MapName.DONE]["not-a-task"] = "hello"
         try:
@@ -434,10 +490,9 @@ async def _write_malformed_tasks(up: Up) -> None:
 
 
 def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> None:
+    from igora import Client
     from igora.protocol import now_ms
     from igora.web.market_view import MarketTracker
-
-    from igora import Client
 
     client = Client("ws://127.0.0.1:9", "market", name="page")  # never connected
     agent = client.agent  # the test writes the (local) document through it
@@ -445,22 +500,45 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
     now = now_ms()
     maps = agent.maps
     with agent.transaction():
-        maps[MapName.TODOS]["t1"] = {"id": "t1", "state": "todo", "asker": agent.id,
-                                     "prompt": "a", "date": now, "protocol": 2,
-                                     "tools": [{"type": "function", "function": {"name": "f"}}],
-                                     "responseFormat": {"type": "json_object"}}
-        maps[MapName.PREPARED]["t2"] = {"id": "t2", "state": "prepared", "askerName": "bob",
-                                        "worker": "w-1", "prompt": "b", "date": now}
-        maps[MapName.DOING]["t3"] = {"id": "t3", "state": "doing", "worker": "w-1",
-                                     "prompt": "c", "date": now, "aborted": "aborted"}
+        maps[MapName.TODOS]["t1"] = {
+            "id": "t1",
+            "state": "todo",
+            "asker": agent.id,
+            "prompt": "a",
+            "date": now,
+            "protocol": 2,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "responseFormat": {"type": "json_object"},
+        }
+        maps[MapName.PREPARED]["t2"] = {
+            "id": "t2",
+            "state": "prepared",
+            "askerName": "bob",
+            "worker": "w-1",
+            "prompt": "b",
+            "date": now,
+        }
+        maps[MapName.DOING]["t3"] = {
+            "id": "t3",
+            "state": "doing",
+            "worker": "w-1",
+            "prompt": "c",
+            "date": now,
+            "aborted": "aborted",
+        }
     version = tracker.version
     with agent.transaction():
-        for i, (state, tokens) in enumerate((("done", 30), ("done", 10), ("failed", 0),
-                                             ("aborted", 0))):
+        for i, (state, tokens) in enumerate(
+            (("done", 30), ("done", 10), ("failed", 0), ("aborted", 0))
+        ):
             maps[MapName.DONE][f"f{i}"] = {
-                "id": f"f{i}", "state": state, "end": now - 5000 + i, "prompt": "x",
-                "usage": {"completionTokens": tokens}, "error": "boom" if state == "failed"
-                else None}
+                "id": f"f{i}",
+                "state": state,
+                "end": now - 5000 + i,
+                "prompt": "x",
+                "usage": {"completionTokens": tokens},
+                "error": "boom" if state == "failed" else None,
+            }
     assert tracker.version > version
     # A client removes its finished tasks from `done`: the tracker has recorded them.
     with agent.transaction():
@@ -468,8 +546,13 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
             del maps[MapName.DONE][f"f{i}"]
     snap = tracker.snapshot()
     ids = {g: [t["id"] for t in ts] for g, ts in snap["tasks"].items()}
-    assert ids == {"waiting": ["t1", "t2"], "running": ["t3"], "done": ["f1", "f0"],  # newest first
-                   "failed": ["f2"], "aborted": ["f3"]}
+    assert ids == {
+        "waiting": ["t1", "t2"],
+        "running": ["t3"],
+        "done": ["f1", "f0"],  # newest first
+        "failed": ["f2"],
+        "aborted": ["f3"],
+    }
     t1, t2 = snap["tasks"]["waiting"]
     assert t1["askerName"] == "page" and t2["askerName"] == "bob"  # resolved, or as given
     assert t1["needs"] == ["json_object", "tools"] and t2["needs"] == []
@@ -481,6 +564,11 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
     assert sum(p["tasksPerMin"] for p in th["series"]) * th["bucket"] / 60 == 4
     # The same task seen again in `done` is not counted twice.
     with agent.transaction():
-        maps[MapName.DONE]["f0"] = {"id": "f0", "state": "done", "end": now - 5000,
-                                    "usage": {"completionTokens": 30}, "prompt": "x"}
+        maps[MapName.DONE]["f0"] = {
+            "id": "f0",
+            "state": "done",
+            "end": now - 5000,
+            "usage": {"completionTokens": 30},
+            "prompt": "x",
+        }
     assert tracker.throughput()["tasksPerMin"] == 4.0

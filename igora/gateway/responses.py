@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from ..client import Task
 from ..protocol import F
+from ..summary import usage_counts
 from .openai_models import ChatCompletion, Completion, EmbeddingList
 from .state import Gateway
 from .translate import Job
@@ -22,12 +23,8 @@ FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
 
 
 def usage_of(final: dict[str, Any]) -> dict[str, int]:
-    given = final.get(F.USAGE)
-    raw: dict[str, Any] = given if isinstance(given, dict) else {}
-    prompt = raw.get("promptTokens", 0)
-    completion = raw.get("completionTokens", 0)
-    prompt = int(prompt) if isinstance(prompt, (int, float)) else 0
-    completion = int(completion) if isinstance(completion, (int, float)) else 0
+    """OpenAI's ``usage`` object of a finished task."""
+    prompt, completion = usage_counts(final)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
