@@ -15,6 +15,7 @@ from .client import DEFAULT_TIMEOUT
 from .config import DEFAULT_HOST, env
 from .engines.config import (
     DEFAULT_CONTEXT,
+    DEFAULT_DELAY,
     DEFAULT_ENGINE,
     DEFAULT_SLOTS,
     ENGINES,
@@ -289,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the chat model also embeds)",
     )
     p.add_argument("--slots", type=arg.count(1), default=DEFAULT_SLOTS, help="tasks run at once")
-    p.add_argument("--delay", type=arg.seconds, default=0.0, help="echo: seconds per token")
+    p.add_argument(
+        "--delay", type=arg.seconds, default=DEFAULT_DELAY, help="echo: seconds per token"
+    )
     p.add_argument(
         "--max-tokens",
         type=arg.max_tokens,

@@ -36,21 +36,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from .agent import DEFAULT_HEARTBEAT
 from .config import ConfigError, market_address
 from .engines.base import EngineError
 from .engines.config import (
-    DEFAULT_CONTEXT,
     DEFAULT_ENGINE,
-    DEFAULT_SLOTS,
     ENGINES,
-    UPSTREAM_TIMEOUT,
     EngineConfig,
 )
 from .engines.openai import check_base_url, parse_models
 from .protocol import MAX_TOKENS_LIMIT
 from .serving import WorkerSpec, serve
-from .worker.worker import DEFAULT_MAX_TOKENS
 
 __all__ = ["KEYS", "Defaults", "WorkerSpec", "describe", "load", "parse", "run_workers"]
 
@@ -75,6 +70,17 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "room": ((str,), "market room"),
     "heartbeat": ((int, float), "seconds between two awareness refreshes"),
 }
+ENGINE_KEYS = (
+    "base_url",
+    "upstream_timeout",
+    "context",
+    "threads",
+    "slots",
+    "delay",
+    "embedding_model",
+)
+"""Keys passed as they are to ``EngineConfig`` (engine, models and api_key are resolved)."""
+SECONDS = ("upstream_timeout", "delay")  # integers accepted, kept as floats
 POSITIVE = ("slots", "context", "threads", "heartbeat", "upstream_timeout", "max_tokens")
 
 
@@ -179,26 +185,16 @@ def _spec(label: str, name: str, s: dict[str, Any], cli: Defaults | None) -> Wor
         address = market_address(s.get("market") or cli.market, s.get("room") or cli.room)
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from None
-    config = EngineConfig(
-        engine=engine,
-        models=tuple(models),
-        base_url=s.get("base_url"),
-        api_key=api_key,
-        upstream_timeout=float(s.get("upstream_timeout", UPSTREAM_TIMEOUT)),
-        context=int(s.get("context", DEFAULT_CONTEXT)),
-        threads=s.get("threads"),
-        slots=int(s.get("slots", DEFAULT_SLOTS)),
-        delay=float(s.get("delay", 0.0)),
-        embedding_model=s.get("embedding_model"),
-    )
-    return WorkerSpec(
-        name,
-        address,
-        config,
-        max_tokens=int(s.get("max_tokens", DEFAULT_MAX_TOKENS)),
-        heartbeat=float(s.get("heartbeat") or cli.heartbeat or DEFAULT_HEARTBEAT),
-        warmup=bool(s.get("warmup", True)),
-    )
+    # What the file leaves out takes the defaults of EngineConfig and WorkerSpec.
+    given: dict[str, Any] = {
+        k: float(s[k]) if k in SECONDS else s[k] for k in ENGINE_KEYS if k in s
+    }
+    config = EngineConfig(engine=engine, models=tuple(models), api_key=api_key, **given)
+    worker: dict[str, Any] = {k: s[k] for k in ("max_tokens", "warmup") if k in s}
+    heartbeat = s.get("heartbeat") or cli.heartbeat
+    if heartbeat:
+        worker["heartbeat"] = float(heartbeat)
+    return WorkerSpec(name, address, config, **worker)
 
 
 def load(path: Path, cli: Defaults | None = None) -> list[WorkerSpec]:

@@ -16,6 +16,8 @@ DEFAULT_SLOTS = 1
 UPSTREAM_TIMEOUT = 300.0
 """openai: seconds the upstream may stay silent (before its first byte or between two
 chunks)."""
+DEFAULT_DELAY = 0.0
+"""echo: seconds per token."""
 ECHO_MODEL = "echo"
 """echo: the model name served when none is given."""
 
@@ -33,4 +35,4 @@ class EngineConfig:
     threads: int | None = None  # llama
     embedding_model: str | None = None  # llama
     slots: int = DEFAULT_SLOTS  # llama (and the worker)
-    delay: float = 0.0  # echo: seconds per token
+    delay: float = DEFAULT_DELAY  # echo
