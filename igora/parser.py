@@ -24,7 +24,16 @@ from .engines.config import (
 from .gateway import cli as gateway_cli
 from .gateway.defaults import DEFAULT_PORT as GATEWAY_PORT
 from .header_timeout import DEFAULT_HEADER_TIMEOUT
-from .market import server as market
+from .market.server import (  # the market's own defaults
+    DEFAULT_COMPACT_EVERY,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_PER_ADDRESS,
+    DEFAULT_MAX_ROOMS,
+    DEFAULT_MAX_ROOMS_PER_ADDRESS,
+    DEFAULT_PORT,
+    DEFAULT_ROOM_IDLE,
+)
 from .worker.worker import DEFAULT_MAX_TOKENS
 
 EXAMPLES = """\
@@ -77,6 +86,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _data(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DATA",
+        help=f"{what} (default: IGORA_DATA or ~/.local/share/igora)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = arg.Parser(
         prog="igora",
@@ -97,17 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Ctrl-C stops everything.",
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
-    p.add_argument("--port", type=int, default=market.DEFAULT_PORT, help="market port")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="market port")
     p.add_argument(
         "--gateway-port", type=int, default=GATEWAY_PORT, help="OpenAI gateway and web page port"
     )
     p.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="folder of the market's store (default: IGORA_DATA or ~/.local/share/igora)",
-    )
+    _data(p, "folder of the market's store")
     p.add_argument("--model", help="GGUF file for the worker (default: bundled SmolLM2-135M)")
     p.add_argument(
         "--engine", default=DEFAULT_ENGINE, choices=["llama", "echo"], help="worker engine"
@@ -126,44 +140,39 @@ def build_parser() -> argparse.ArgumentParser:
         "(created on first join), persisted in DATA.",
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: everyone)")
-    p.add_argument("--port", type=int, default=market.DEFAULT_PORT, help="port")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="folder of the store (default: IGORA_DATA or ~/.local/share/igora)",
-    )
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
+    _data(p, "folder of the store")
     p.add_argument("--memory", action="store_true", help="keep rooms in memory only")
     p.add_argument(
         "--max-message",
         type=int,
-        default=market.DEFAULT_MAX_MESSAGE,
+        default=DEFAULT_MAX_MESSAGE,
         metavar="BYTES",
         help="largest websocket message accepted; bigger ones disconnect the sender",
     )
     p.add_argument(
         "--max-connections",
         type=int,
-        default=market.DEFAULT_MAX_CONNECTIONS,
+        default=DEFAULT_MAX_CONNECTIONS,
         help="connections in all",
     )
     p.add_argument(
         "--max-per-address",
         type=int,
-        default=market.DEFAULT_MAX_PER_ADDRESS,
+        default=DEFAULT_MAX_PER_ADDRESS,
         help="connections from one IP address",
     )
     p.add_argument(
         "--room-idle",
         type=float,
-        default=market.DEFAULT_ROOM_IDLE,
+        default=DEFAULT_ROOM_IDLE,
         metavar="S",
         help="seconds a room without connections stays in memory (it stays in the store)",
     )
     p.add_argument(
         "--compact-every",
         type=int,
-        default=market.DEFAULT_COMPACT_EVERY,
+        default=DEFAULT_COMPACT_EVERY,
         metavar="N",
         help="compact a room after N finished tasks (at most every 2 s): drop what "
         "Yjs keeps of tasks gone from the document, so that it stays small; "
@@ -172,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-rooms",
         type=int,
-        default=market.DEFAULT_MAX_ROOMS,
+        default=DEFAULT_MAX_ROOMS,
         metavar="N",
         help="rooms in memory; past it the room idle the longest leaves memory, "
         "and a new room is refused if none is idle",
@@ -180,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-rooms-per-address",
         type=int,
-        default=market.DEFAULT_MAX_ROOMS_PER_ADDRESS,
+        default=DEFAULT_MAX_ROOMS_PER_ADDRESS,
         metavar="N",
         help="rooms in memory loaded by one IP address (each counts until it "
         "leaves memory, --room-idle after its last connection)",
@@ -376,13 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(being built: docs/security.md) name an agent by this id.\n"
         "Two data folders are two identities on one machine.",
     )
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="folder of the key (default: IGORA_DATA or ~/.local/share/igora)",
-    )
+    _data(p, "folder of the key")
     p.add_argument(
         "--json",
         action="store_true",
