@@ -572,3 +572,38 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
             "prompt": "x",
         }
     assert tracker.throughput()["tasksPerMin"] == 4.0
+
+
+def test_agent_rows_and_usage_read_what_others_wrote_without_trusting_it() -> None:
+    """``igora status`` and the web page share these readers of awareness states and tasks
+    written by any peer: wrong types become None or 0, long values are cut."""
+    from igora.summary import agent_order, agent_summary, tasks_by_state, usage_counts
+
+    worker = agent_summary(
+        {"id": "w", "name": "x" * 500, "type": "worker", "slots": 2, "running": True,
+         "speed": "fast", "models": [{"name": "m", "contextLength": 2048}, "n", 3],
+         "leader": 1, "protocol": 2}
+    )  # fmt: skip
+    assert worker["name"] == "x" * 200 and worker["slots"] == 2
+    assert worker["running"] is None and worker["speed"] is None  # a bool, a string: not numbers
+    assert worker["models"] == [
+        {"name": "m", "contextLength": 2048},
+        {"name": "n", "contextLength": None},
+    ]
+    assert worker["leader"] is True and worker["igora"] is True
+    bare = agent_summary({}, "42")  # an original agent that says nothing of itself
+    assert bare["name"] == "42" and bare["leader"] is None and bare["igora"] is False
+    rows = [bare, agent_summary({"type": "broker", "name": "b"}), worker]
+    assert [r["type"] for r in sorted(rows, key=agent_order)] == ["worker", "broker", None]
+    maps = {
+        MapName.TODOS: {"a": {"state": "todo"}, "b": "not a task"},
+        MapName.PREPARED: {},
+        MapName.DOING: {"c": {"state": "doing"}, "d": {"state": "weird"}},
+        MapName.DONE: {"e": {"state": "done"}, "f": {"state": "failed"}},
+    }
+    counts = tasks_by_state(maps)
+    assert (counts["todo"], counts["doing"], counts["done"], counts["failed"]) == (1, 1, 1, 1)
+    assert sum(counts.values()) == 4  # the malformed entries are not counted
+    assert usage_counts({"usage": {"promptTokens": 7, "completionTokens": 5}}) == (7, 5)
+    assert usage_counts({"usage": {"promptTokens": -1, "completionTokens": True}}) == (0, 0)
+    assert usage_counts({"usage": "lots"}) == usage_counts({}) == (0, 0)

@@ -28,14 +28,23 @@ from ..client import DEFAULT_TIMEOUT, Client
 from ..protocol import GATEWAY_STYLE
 from ..web import routes as web_routes
 from . import errors
-from .defaults import GATEWAY_NAME, STARTUP_SYNC_WAIT, WAIT_WORKER
+from .defaults import GATEWAY_NAME, MAX_BODY, STARTUP_SYNC_WAIT, WAIT_WORKER
 from .guard import GuardMiddleware
 from .routes import TASK_HEADER, add_routes
 from .state import Gateway
 from .streaming import Chunks
 from .translate import Job, market_model
 
-__all__ = ["Chunks", "ClientFactory", "Job", "create_app", "market_model"]
+__all__ = [  # what other code imports from here (each has its home in the module named)
+    "MAX_BODY",
+    "TASK_HEADER",
+    "Chunks",
+    "ClientFactory",
+    "GuardMiddleware",
+    "Job",
+    "create_app",
+    "market_model",
+]
 
 log = logging.getLogger("igora.gateway")
 
