@@ -45,9 +45,7 @@ def number(
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(
-                f"{text} is too small: use more than {_fmt(above)}"
-            )
+            raise argparse.ArgumentTypeError(f"{text} is too small: use more than {_fmt(above)}")
         low = least if least is not None else -math.inf
         high = most if most is not None else math.inf
         if not low <= value <= high:
@@ -86,9 +84,7 @@ def port(text: str) -> int:
     try:
         return _port(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"{text} is not a TCP port (1-65535)"
-        ) from None
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)") from None
 
 
 def _config(check: Callable[[str], str]) -> Callable[[str], str]:

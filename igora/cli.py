@@ -1,4 +1,5 @@
-"""The ``igora`` command: a thin shell over the library, one subcommand per role."""
+"""The ``igora`` command: a thin shell over the library, one subcommand per role. Its
+flags are declared in ``igora.parser``; here they become each role's settings."""
 
 from __future__ import annotations
 
@@ -8,217 +9,20 @@ import contextlib
 import faulthandler
 import logging
 import os
+import socket
 import sys
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import Callable, Coroutine
 from typing import IO, Any
 
-from . import __version__
 from . import arguments as arg
-from .config import ConfigError, data_dir, env, market_address
+from .config import ConfigError, MarketAddress, data_dir, market_address
 from .engines.base import EngineError
+from .engines.config import EngineConfig
 from .errors import IgoraError
+from .parser import build_parser
+from .serving import WorkerSpec
 
-EXAMPLES = """\
-Start a whole local market (market, broker, worker on the bundled model, gateway, web page):
-  igora up
-Then, in another terminal:
-  igora chat "What is the capital of France?"
-  igora status
-
-Join a remote market as a worker serving your own GGUF model:
-  igora worker --market wss://market.example --model ~/models/my-model.gguf
-
-Environment (also read from ./.env): YJS_ENV=LOCAL|REMOTE, YJS_LOCAL_URL, YJS_REMOTE_URL,
-YJS_MARKET_ROOM, LLM_MODEL_NAME, IGORA_DATA.
-"""
-
-
-class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
-def _market_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("market")
-    g.add_argument("--market", metavar="URL", type=arg.market_url,
-                   help="market websocket URL (default: from YJS_ENV / YJS_LOCAL_URL / "
-                        "YJS_REMOTE_URL, else ws://localhost:1234)")
-    g.add_argument("--room", type=arg.room,
-                   help="market room (default: YJS_MARKET_ROOM or 'market')")
-    g.add_argument("--heartbeat", type=arg.positive_seconds, default=5.0, metavar="S",
-                   help="seconds between two awareness refreshes; peers count an agent as "
-                        "gone after 3 missed ones")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default=env("IGORA_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"], help="how much to log")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = arg.Parser(
-        prog="igora",
-        description="Igora: an open market where any machine can offer an LLM service "
-                    "and anyone can use it.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"igora {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("up", formatter_class=Formatter,
-                       help="start a complete local market in one command",
-                       description="Start market, broker, worker (bundled model) and gateway "
-                                   "with web page; answer a first prompt to show it works; "
-                                   "Ctrl-C stops everything.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=1234, help="market port")
-    p.add_argument("--gateway-port", type=int, default=5678, help="OpenAI gateway and web page port")
-    p.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
-    p.add_argument("--data", type=Path, default=None,
-                   help="folder of the market's store (default: IGORA_DATA or ~/.local/share/igora)")
-    p.add_argument("--model", help="GGUF file for the worker (default: bundled SmolLM2-135M)")
-    p.add_argument("--engine", default="llama", choices=["llama", "echo"], help="worker engine")
-    p.add_argument("--slots", type=arg.count(1), default=1, help="tasks the worker runs at once")
-    p.add_argument("--no-check", action="store_true", help="skip the first prompt")
-    _common(p)
-
-    p = sub.add_parser("market", formatter_class=Formatter,
-                       help="run a market (y-websocket server) that agents join",
-                       description="Run the market: a y-websocket server hosting rooms "
-                                   "(created on first join), persisted in DATA.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: everyone)")
-    p.add_argument("--port", type=int, default=1234, help="port")
-    p.add_argument("--data", type=Path, default=None,
-                   help="folder of the store (default: IGORA_DATA or ~/.local/share/igora)")
-    p.add_argument("--memory", action="store_true", help="keep rooms in memory only")
-    p.add_argument("--max-message", type=int, default=16 * 1024 * 1024, metavar="BYTES",
-                   help="largest websocket message accepted; bigger ones disconnect the sender")
-    p.add_argument("--max-connections", type=int, default=2000, help="connections in all")
-    p.add_argument("--max-per-address", type=int, default=500,
-                   help="connections from one IP address")
-    p.add_argument("--room-idle", type=float, default=60.0, metavar="S",
-                   help="seconds a room without connections stays in memory (it stays in "
-                        "the store)")
-    p.add_argument("--compact-every", type=int, default=500, metavar="N",
-                   help="compact a room after N finished tasks (at most every 2 s): drop what "
-                        "Yjs keeps of tasks gone from the document, so that it stays small; "
-                        "0: never (see docs/faults.md)")
-    p.add_argument("--max-rooms", type=int, default=1000, metavar="N",
-                   help="rooms in memory; past it the room idle the longest leaves memory, "
-                        "and a new room is refused if none is idle")
-    p.add_argument("--max-rooms-per-address", type=int, default=100, metavar="N",
-                   help="rooms in memory loaded by one IP address (each counts until it "
-                        "leaves memory, --room-idle after its last connection)")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
-                   help="seconds a client has to send its request headers")
-    _common(p)
-
-    p = sub.add_parser("broker", formatter_class=Formatter,
-                       help="assign waiting tasks to fitting workers",
-                       description="Run a broker. Several may run on one room: one is active, "
-                                   "the others take over when it goes.")
-    p.add_argument("--name", default="broker", help="name shown to others")
-    p.add_argument("--grace", type=arg.seconds, default=8.0, metavar="S",
-                   help="seconds an agent may be missing before its tasks are re-queued "
-                        "(worker) or aborted (asker)")
-    p.add_argument("--max-attempts", type=arg.count(1), default=3,
-                   help="assignments of a task before it is failed")
-    p.add_argument("--task-timeout", type=arg.positive_seconds, default=600.0, metavar="S",
-                   help="deadline of tasks that name none")
-    p.add_argument("--retention", type=arg.seconds, default=600.0, metavar="S",
-                   help="seconds finished tasks stay in the live document (then archive only)")
-    p.add_argument("--claim-timeout", type=arg.positive_seconds, default=30.0, metavar="S",
-                   help="seconds a present worker has to take a task assigned to it before "
-                        "the task goes to another one")
-    _market_options(p)
-    _common(p)
-
-    p = sub.add_parser("worker", formatter_class=Formatter,
-                       help="offer an LLM on the market",
-                       description="Run a worker: it announces its models and runs the tasks "
-                                   "assigned to it.")
-    p.add_argument("--name", default=None, help="name shown to others (default: worker-HOST)")
-    p.add_argument("--engine", default="llama", choices=["llama", "echo", "openai"],
-                   help="llama: llama.cpp on a GGUF file; echo: deterministic test engine; "
-                        "openai: an OpenAI-compatible server")
-    p.add_argument("--model", action="append", default=None,
-                   help="llama: GGUF path (default: LLM_MODEL_NAME or the bundled SmolLM2-135M); "
-                        "echo: model name; openai: NAME or NAME=ALIAS, repeatable")
-    p.add_argument("--base-url", help="openai: the upstream's base URL (e.g. http://127.0.0.1:8000/v1)")
-    p.add_argument("--api-key", default=None, help="openai: the upstream's API key "
-                                                   "(default: OPENAI_API_KEY)")
-    p.add_argument("--upstream-timeout", type=arg.positive_seconds, default=300.0, metavar="S",
-                   help="openai: seconds the upstream may stay silent before the task fails")
-    p.add_argument("--context", type=arg.count(1), default=2048,
-                   help="llama: context length in tokens")
-    p.add_argument("--threads", type=arg.count(1), default=None, help="llama: CPU threads")
-    p.add_argument("--embedding-model", default=None, metavar="PATH",
-                   help="llama: GGUF file for embeddings, served under its file name "
-                        "(default: the chat model also embeds)")
-    p.add_argument("--slots", type=arg.count(1), default=1, help="tasks run at once")
-    p.add_argument("--delay", type=arg.seconds, default=0.0, help="echo: seconds per token")
-    p.add_argument("--max-tokens", type=arg.max_tokens, default=512,
-                   help="answer length limit for tasks that set none")
-    p.add_argument("--no-warmup", action="store_true", help="skip the speed measurement at start")
-    _market_options(p)
-    _common(p)
-
-    p = sub.add_parser("workers", formatter_class=Formatter,
-                       help="run several workers from one TOML file",
-                       description="Run every [[worker]] of a TOML file in this process, each "
-                                   "its own agent on the market (see docs/workers.md).")
-    p.add_argument("--config", type=Path, required=True, metavar="FILE",
-                   help="TOML file with one [[worker]] table per worker")
-    p.add_argument("--check", action="store_true",
-                   help="only read the file and print the workers it describes")
-    _market_options(p)
-    _common(p)
-
-    p = sub.add_parser("chat", formatter_class=Formatter, help="ask the market, stream the answer",
-                       description="Put one prompt on the market and print the answer as it "
-                                   "streams in.")
-    p.add_argument("prompt", help="what to ask")
-    p.add_argument("--model", default=None, help="model to ask for (default: any worker)")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--temperature", type=arg.temperature, default=None,
-                   help="sampling temperature, 0 to 2 (default: the worker's)")
-    p.add_argument("--seed", type=arg.seed, default=None)
-    p.add_argument("--max-tokens", type=arg.max_tokens, default=None,
-                   help="longest answer, in tokens (default: the worker's limit)")
-    p.add_argument("--timeout", type=arg.positive_seconds, default=300.0,
-                   help="seconds to wait for the answer")
-    p.add_argument("--no-stream", action="store_true", help="print the answer once complete")
-    _market_options(p)
-    _common(p)
-
-    p = sub.add_parser("status", formatter_class=Formatter, help="agents and tasks on the market",
-                       description="Show the agents (type, state, models, slots) and the "
-                                   "tasks by state.")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _market_options(p)
-    _common(p)
-
-    p = sub.add_parser("id", formatter_class=Formatter, help="print this agent's identity",
-                       description="Print the id of the identity kept in the data folder: the\n"
-                                   "base64url of an Ed25519 public key, made on first use in\n"
-                                   "DATA/identity.key (mode 0600; a key file others may read is\n"
-                                   "refused). Signatures and encryption of the secure market\n"
-                                   "(being built: docs/security.md) name an agent by this id.\n"
-                                   "Two data folders are two identities on one machine.")
-    p.add_argument("--data", type=Path, default=None, metavar="DIR",
-                   help="folder of the key (default: IGORA_DATA or ~/.local/share/igora)")
-    p.add_argument("--json", action="store_true",
-                   help="print the id, the Ed25519 public key (hex) and the key file as JSON")
-    _common(p)
-
-    try:
-        from .gateway import cli as gateway_cli
-    except ImportError:  # pragma: no cover - gateway not built yet
-        gateway_cli = None
-    if gateway_cli is not None:
-        gateway_cli.add_parser(sub, Formatter, _market_options, _common)
-    return parser
+__all__ = ["build_parser", "main", "setup_logging", "worker_spec"]
 
 
 def setup_logging(level: str) -> None:
@@ -232,9 +36,9 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _run(coro_factory: Callable[[], Awaitable[Any]]) -> Any:
+def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
-        return asyncio.run(coro_factory())  # type: ignore[arg-type]
+        return asyncio.run(coro_factory())
     except KeyboardInterrupt:
         return 130
 
@@ -269,6 +73,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def worker_spec(args: argparse.Namespace, address: MarketAddress) -> WorkerSpec:
+    """``igora worker``'s flags as the worker's settings."""
+    engine = EngineConfig(
+        engine=args.engine,
+        models=tuple(args.model or ()),
+        base_url=args.base_url,
+        api_key=args.api_key,
+        upstream_timeout=args.upstream_timeout,
+        context=args.context,
+        threads=args.threads,
+        embedding_model=args.embedding_model,
+        slots=args.slots,
+        delay=args.delay,
+    )
+    return WorkerSpec(
+        args.name or f"worker-{socket.gethostname()}",
+        address,
+        engine,
+        max_tokens=args.max_tokens,
+        heartbeat=args.heartbeat,
+        warmup=not args.no_warmup,
+    )
+
+
 def _dispatch(args: argparse.Namespace) -> int | None:
     from . import roles
 
@@ -276,11 +104,20 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from .market.run import run_market
 
         data = None if args.memory else (args.data or data_dir())
-        run_market(args.host, args.port, data, max_message=args.max_message,
-                   max_connections=args.max_connections, max_per_address=args.max_per_address,
-                   room_idle=args.room_idle, compact_every=args.compact_every,
-                   max_rooms=args.max_rooms, max_rooms_per_address=args.max_rooms_per_address,
-                   header_timeout=args.header_timeout, log_level=args.log_level)
+        run_market(
+            args.host,
+            args.port,
+            data,
+            max_message=args.max_message,
+            max_connections=args.max_connections,
+            max_per_address=args.max_per_address,
+            room_idle=args.room_idle,
+            compact_every=args.compact_every,
+            max_rooms=args.max_rooms,
+            max_rooms_per_address=args.max_rooms_per_address,
+            header_timeout=args.header_timeout,
+            log_level=args.log_level,
+        )
         return 0
     if args.command == "up":
         from .up import up
@@ -295,21 +132,44 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         return show(args.data, args.json)
     if args.command == "workers":
-        from .workers_config import run_workers
+        from .workers_config import Defaults, run_workers
 
-        return _run(lambda: run_workers(args))
+        defaults = Defaults(args.market, args.room, args.heartbeat)
+        return _run(lambda: run_workers(args.config, defaults, check=args.check))
     address = market_address(getattr(args, "market", None), getattr(args, "room", None))
     if args.command == "broker":
-        return _run(lambda: roles.run_broker(address, args))
+        return _run(
+            lambda: roles.run_broker(
+                address,
+                name=args.name,
+                heartbeat=args.heartbeat,
+                grace=args.grace,
+                max_attempts=args.max_attempts,
+                task_timeout=args.task_timeout,
+                retention=args.retention,
+                claim_timeout=args.claim_timeout,
+            )
+        )
     if args.command == "worker":
-        return _run(lambda: roles.run_worker(address, args))
+        return _run(lambda: roles.run_worker(worker_spec(args, address)))
     if args.command == "chat":
-        return _run(lambda: roles.chat(address, args))
+        return _run(
+            lambda: roles.chat(
+                address,
+                args.prompt,
+                stream=not args.no_stream,
+                timeout=args.timeout,
+                model=args.model,
+                system=args.system,
+                temperature=args.temperature,
+                seed=args.seed,
+                max_tokens=args.max_tokens,
+            )
+        )
     if args.command == "status":
-        return _run(lambda: roles.status(address, args))
+        return _run(lambda: roles.status(address, as_json=args.json))
     raise SystemExit(f"unknown command {args.command}")
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

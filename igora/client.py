@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -30,9 +31,11 @@ from .protocol import (
     FINAL_VALUES,
     PROTOCOL_VERSION,
     TEXT_STYLE,
+    A,
     AgentType,
     F,
     MapName,
+    Peer,
     State,
     TaskKind,
     new_task_id,
@@ -371,5 +374,74 @@ class Client:
             with self.agent.transaction():
                 for task_id in ids:
                     discard(self.agent.maps[MapName.DONE], task_id)
+
+    # ------------------------------------------------------------------ for the gateway
+    # and the web page: what they read of the market, without reaching into the agent.
+    @property
+    def id(self) -> str:
+        """This client's agent id on the market (tasks name it as their asker)."""
+        return self.agent.id
+
+    @property
+    def name(self) -> str:
+        return self.agent.name
+
+    @property
+    def connected(self) -> bool:
+        """Connected to the market and its document synced."""
+        return self.agent.connected and self.agent.synced.is_set()
+
+    def connected_for(self) -> float:
+        """Seconds since the last (re)connection to the market."""
+        return time.monotonic() - self.agent.connected_at
+
+    async def start(self) -> None:
+        """Start connecting without waiting for the market (``connect`` waits); the
+        connection is retried in the background until ``close``."""
+        await self.agent.start(wait=False)
+
+    async def wait_synced(self, timeout: float) -> bool:
+        """Whether the market's document arrived within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self.agent.synced.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def set_heartbeat(self, seconds: float) -> None:
+        """Refresh this client's awareness every ``seconds`` (peers count it gone after
+        three missed refreshes)."""
+        self.agent.heartbeat = seconds
+        self.agent.set_state(**{A.HEARTBEAT: seconds})
+
+    def peers(self) -> list[Peer]:
+        """Every other agent on the market now (workers, brokers, askers)."""
+        return self.agent.peers()
+
+    def own_state(self) -> tuple[int, dict[str, Any]]:
+        """This client's awareness id and the state it announces."""
+        return self.agent.awareness.client_id, self.agent.local_state
+
+    def worker_of(self, task_id: str) -> str | None:
+        """The id of the worker running (or that ran) a task still in the document."""
+        for m in (MapName.DOING, MapName.DONE):
+            value = self.agent.maps[m].get(task_id)
+            if isinstance(value, dict) and isinstance(value.get(F.WORKER), str):
+                return value[F.WORKER]  # type: ignore[no-any-return]
+        return None
+
+    def entries(self, name: MapName) -> list[tuple[str, Any]]:
+        """The entries of one of the room's task maps, as a list (a copy)."""
+        return list(self.agent.maps[name].items())
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every change of the room (document or awareness)."""
+        self.agent.on_change(callback)
+
+    def on_entries(self, name: MapName,
+                   callback: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+        """Call ``callback`` with the changed keys of a task map (``{key: {"action",
+        "newValue", ...}}``), after each transaction that changes it."""
+        self.agent.observe_keys(name, callback)
 
 

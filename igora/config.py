@@ -15,6 +15,9 @@ from urllib.parse import urlparse
 
 from .protocol import DEFAULT_LOCAL_URL, DEFAULT_ROOM
 
+DEFAULT_HOST = "127.0.0.1"
+"""Address the servers (market, gateway) listen on by default: this machine only."""
+
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message says which and how to fix it."""
@@ -32,10 +35,8 @@ def load_dotenv() -> None:
     path = Path.cwd() / ".env"
     if not path.is_file():
         return
-    try:
-        from dotenv import dotenv_values
-    except ImportError:  # pragma: no cover - python-dotenv is a dependency
-        return
+    from dotenv import dotenv_values  # a dependency; imported only when there is a .env
+
     for key, value in dotenv_values(path).items():
         if value is not None:
             os.environ.setdefault(key, value)
@@ -72,8 +73,12 @@ _NOT_IN_ROOM = set("/?#%\\")
 def check_room(name: str) -> str:
     """``name`` if it is a room name: 1 to MAX_ROOM printable characters, no space and none
     of ``/ ? # % \\`` (it becomes the path of the room's URL); ConfigError otherwise."""
-    if (not name or len(name) > MAX_ROOM or not name.isprintable()
-            or any(c.isspace() or c in _NOT_IN_ROOM for c in name)):
+    if (
+        not name
+        or len(name) > MAX_ROOM
+        or not name.isprintable()
+        or any(c.isspace() or c in _NOT_IN_ROOM for c in name)
+    ):
         raise ConfigError(
             f"room name {name[:80]!r}{'...' if len(name) > 80 else ''} is invalid: use 1 to "
             f"{MAX_ROOM} printable characters, without spaces or / ? # % \\"
@@ -107,8 +112,9 @@ def market_address(url: str | None = None, room: str | None = None) -> MarketAdd
     room_source = ""
     if room is None:
         room, room_source = env("YJS_MARKET_ROOM", DEFAULT_ROOM), "YJS_MARKET_ROOM"
-    return MarketAddress(_from(check_ws_url, str(url), source),
-                         _from(check_room, str(room), room_source))
+    return MarketAddress(
+        _from(check_ws_url, str(url), source), _from(check_room, str(room), room_source)
+    )
 
 
 def _from(check: Callable[[str], str], value: str, source: str) -> str:

@@ -132,9 +132,7 @@ class SessionKey:
         since = int(time.time() * 1000) if since is None else since
         _check_since(since)
         key = PrivateKey.generate()
-        return cls(
-            key, since, identity.sign(_session_message(bytes(key.public_key), since))
-        )
+        return cls(key, since, identity.sign(_session_message(bytes(key.public_key), since)))
 
     @property
     def public_key(self) -> PublicKey:
@@ -151,9 +149,7 @@ class SessionKey:
 
 def _check_since(since: object) -> int:
     if type(since) is not int or not 0 <= since < 2**63:
-        raise IdentityError(
-            f"since {since!r} is not a time in ms (a whole number, 0 or more)"
-        )
+        raise IdentityError(f"since {since!r} is not a time in ms (a whole number, 0 or more)")
     return since
 
 
@@ -258,15 +254,11 @@ def _create(path: Path) -> bool:
             os.chmod(folder, 0o700)  # the store beside the key holds prompts too
         fd, tmp = tempfile.mkstemp(prefix=".identity-", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise IdentityError(
-            f"cannot make the key file in {folder}: {exc.strerror}"
-        ) from None
+        raise IdentityError(f"cannot make the key file in {folder}: {exc.strerror}") from None
     try:
         seed = bytes(SigningKey.generate())
         with os.fdopen(fd, "wb") as f:  # mkstemp made it 0600
-            f.write(
-                f"{_HEADER} {base64.b64encode(seed).decode('ascii')}\n".encode("ascii")
-            )
+            f.write(f"{_HEADER} {base64.b64encode(seed).decode('ascii')}\n".encode("ascii"))
             f.flush()
             os.fsync(f.fileno())
         try:

@@ -14,22 +14,31 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import threading
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, TypeVar
 
 from .config import ConfigError, data_dir
 from .errors import IgoraError
+from .net import POLL, port_free, wait_http, wait_http_async
+
+__all__ = [
+    "ChildEnded",
+    "Supervisor",
+    "exit_code",
+    "how_it_ended",
+    "last_lines",
+    "port_free",
+    "up",
+    "wait_http",
+]  # port_free and wait_http live in igora.net; kept importable
 
 CHECK_PROMPT = "What is the capital of France? Answer in one short sentence."
 CHECK_WAIT = 180.0
@@ -40,39 +49,10 @@ TAIL_LINES = 15
 """Lines of a dead child's output repeated in the message."""
 KEPT_LINES = 200
 """Lines of each child's output kept (a Python crash dump is 30 to 100 lines)."""
-POLL = 0.1
 CRASH_DUMP = "Fatal Python error:"
 _STDLIB = sysconfig.get_paths()["stdlib"]
 
 T = TypeVar("T")
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _http_ok(url: str) -> bool:
-    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
-        return bool(r.status == 200)
-    return False
-
-
-def wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -> bool:
-    """Whether ``url`` answers 200 within ``timeout`` s while every process lives."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if any(p.poll() is not None for p in procs):
-            return False
-        if _http_ok(url):
-            return True
-        time.sleep(POLL)
-    return False
 
 
 def how_it_ended(code: int) -> str:
@@ -120,7 +100,8 @@ def _prctl() -> Callable[..., int] | None:
     try:
         import ctypes
 
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
     except (OSError, AttributeError):
         return None
 
@@ -158,11 +139,9 @@ class Child:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
-            preexec_fn=_die_with_parent if _PRCTL else None,  # noqa: PLW1509 (no import)
+            preexec_fn=_die_with_parent if _PRCTL else None,
         )
-        self._relay = threading.Thread(
-            target=self._relay_output, name=f"relay-{name}", daemon=True
-        )
+        self._relay = threading.Thread(target=self._relay_output, name=f"relay-{name}", daemon=True)
         self._relay.start()
 
     def _relay_output(self) -> None:
@@ -264,21 +243,14 @@ def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 8.0) -> None
                 p.wait()
 
 
-async def wait_http_async(url: str, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if await asyncio.to_thread(_http_ok, url):
-            return True
-        await asyncio.sleep(POLL)
-    return False
-
-
 async def first_answer(url: str, wait: float) -> str:
     from .client import Client
 
     async with Client(url, name="igora-up-check", timeout=120) as client:
-        return await client.chat(
-            CHECK_PROMPT, max_tokens=48, temperature=0.0, seed=1, wait_worker=wait
+        return str(
+            await client.chat(
+                CHECK_PROMPT, max_tokens=48, temperature=0.0, seed=1, wait_worker=wait
+            )
         )
 
 
@@ -295,8 +267,7 @@ async def _start_and_watch(
     market_url = f"http://{host}:{args.port}/"
     if not await sup.unless_a_child_ends(wait_http_async(market_url, START_WAIT)):
         print(
-            f"igora up: error: the market did not answer on {market_url} within "
-            f"{START_WAIT:.0f} s",
+            f"igora up: error: the market did not answer on {market_url} within {START_WAIT:.0f} s",
             file=sys.stderr,
             flush=True,
         )
@@ -312,12 +283,9 @@ async def _start_and_watch(
             "gateway",
             ["gateway", *common, "--host", host, "--port", str(args.gateway_port)],
         )
-        if not await sup.unless_a_child_ends(
-            wait_http_async(f"{web}health", START_WAIT)
-        ):
+        if not await sup.unless_a_child_ends(wait_http_async(f"{web}health", START_WAIT)):
             print(
-                f"igora up: error: the gateway did not answer on {web} within "
-                f"{START_WAIT:.0f} s",
+                f"igora up: error: the gateway did not answer on {web} within {START_WAIT:.0f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -342,9 +310,7 @@ async def _start_and_watch(
     sup.started = True
     print(f"igora up: market {url} (room 'market'), store {data}", flush=True)
     if gateway:
-        print(
-            f"igora up: web page and OpenAI API at {web} (base_url {web}v1)", flush=True
-        )
+        print(f"igora up: web page and OpenAI API at {web} (base_url {web}v1)", flush=True)
     print(
         'igora up: try `igora chat "Bonjour"` in another terminal; Ctrl-C stops all.',
         flush=True,
@@ -355,10 +321,7 @@ async def _start_and_watch(
 def up(args: argparse.Namespace) -> int:
     host = args.host
     ports = [("market", args.port)]
-    gateway = (
-        not args.no_gateway
-        and importlib.util.find_spec("igora.gateway.app") is not None
-    )
+    gateway = not args.no_gateway
     if gateway:
         ports.append(("gateway", args.gateway_port))
     for what, port in ports:

@@ -24,9 +24,6 @@ line (``--market``, ``--room``, ``--heartbeat``), else the environment.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
 import os
 import socket
 import sys
@@ -39,14 +36,18 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from .agent import Agent
-from .config import ConfigError, MarketAddress, market_address
-from .engines.base import Engine, EngineError
-from .engines.openai import DEFAULT_TIMEOUT, check_base_url, parse_models
-from .protocol import TEXT_STYLE, AgentType
-from .worker.worker import Worker
+from .config import ConfigError, market_address
+from .engines.base import EngineError
+from .engines.config import (
+    DEFAULT_ENGINE,
+    ENGINES,
+    EngineConfig,
+)
+from .engines.openai import check_base_url, parse_models
+from .protocol import MAX_TOKENS_LIMIT
+from .serving import WorkerSpec, serve
 
-ENGINES = ("llama", "echo", "openai")
+__all__ = ["KEYS", "Defaults", "WorkerSpec", "describe", "load", "parse", "run_workers"]
 
 # key -> (accepted types, what it is); the same meaning as the ``igora worker`` flag.
 KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -63,25 +64,37 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "embedding_model": ((str,), "llama: GGUF path of a model for embeddings"),
     "slots": ((int,), "tasks run at once"),
     "delay": ((int, float), "echo: seconds per token"),
+    "max_tokens": ((int,), "answer length limit for tasks that set none"),
     "warmup": ((bool,), "measure the speed at start (default true)"),
     "market": ((str,), "market websocket URL"),
     "room": ((str,), "market room"),
     "heartbeat": ((int, float), "seconds between two awareness refreshes"),
 }
+ENGINE_KEYS = (
+    "base_url",
+    "upstream_timeout",
+    "context",
+    "threads",
+    "slots",
+    "delay",
+    "embedding_model",
+)
+"""Keys passed as they are to ``EngineConfig`` (engine, models and api_key are resolved)."""
+SECONDS = ("upstream_timeout", "delay")  # integers accepted, kept as floats
+POSITIVE = ("slots", "context", "threads", "heartbeat", "upstream_timeout", "max_tokens")
 
 
 _KIND = {str: "a string", int: "an integer", bool: "true or false", list: "a list of strings"}
 
 
-@dataclass
-class WorkerSpec:
-    """One worker of the file, resolved: its market and the flags ``make_engine`` reads."""
+@dataclass(frozen=True)
+class Defaults:
+    """What the command line gives the file: ``--market``, ``--room``, ``--heartbeat``
+    (used where neither the worker's table nor the top of the file sets them)."""
 
-    name: str
-    address: MarketAddress
-    heartbeat: float
-    warmup: bool
-    args: argparse.Namespace
+    market: str | None = None
+    room: str | None = None
+    heartbeat: float | None = None
 
 
 def _check(where: str, key: str, value: Any) -> None:
@@ -95,14 +108,20 @@ def _check(where: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where}: {key} must be {kinds} ({what}), not {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{where}: {key} must be a list of non-empty strings")
-    if key in ("slots", "context", "threads", "heartbeat", "upstream_timeout") and value <= 0:
+    if key in POSITIVE and isinstance(value, (int, float)) and value <= 0:
         raise ConfigError(f"{where}: {key} must be positive")
+    if key == "max_tokens" and isinstance(value, int) and value > MAX_TOKENS_LIMIT:
+        raise ConfigError(f"{where}: max_tokens must be at most {MAX_TOKENS_LIMIT}")
     if key == "engine" and value not in ENGINES:
         raise ConfigError(f"{where}: engine must be one of {', '.join(ENGINES)}, not {value!r}")
 
 
-def parse(text: str, *, source: str = "config", cli: argparse.Namespace | None = None,
-          ) -> list[WorkerSpec]:
+def parse(
+    text: str,
+    *,
+    source: str = "config",
+    cli: Defaults | None = None,
+) -> list[WorkerSpec]:
     """The workers a TOML text describes; ConfigError says what is wrong and where."""
     try:
         data = tomllib.loads(text)
@@ -138,45 +157,47 @@ def parse(text: str, *, source: str = "config", cli: argparse.Namespace | None =
     return specs
 
 
-def _spec(label: str, name: str, s: dict[str, Any], cli: argparse.Namespace | None) -> WorkerSpec:
-    engine = s.get("engine", "llama")
+def _spec(label: str, name: str, s: dict[str, Any], cli: Defaults | None) -> WorkerSpec:
+    engine = s.get("engine", DEFAULT_ENGINE)
     models = s.get("models", s.get("model"))
     models = [models] if isinstance(models, str) else list(models or [])
     api_key = s.get("api_key")
     if api_key is None and s.get("api_key_env"):
         api_key = os.environ.get(s["api_key_env"])
         if not api_key:
-            raise ConfigError(f"{label}: the environment variable {s['api_key_env']} "
-                              "(api_key_env) is not set")
+            raise ConfigError(
+                f"{label}: the environment variable {s['api_key_env']} (api_key_env) is not set"
+            )
     if engine == "openai":
         if not s.get("base_url"):
-            raise ConfigError(f"{label}: engine openai needs base_url "
-                              "(e.g. \"http://localhost:11434/v1\")")
+            raise ConfigError(
+                f'{label}: engine openai needs base_url (e.g. "http://localhost:11434/v1")'
+            )
         if not models:
-            raise ConfigError(f"{label}: engine openai needs models = [\"NAME[=ALIAS]\", ...]")
+            raise ConfigError(f'{label}: engine openai needs models = ["NAME[=ALIAS]", ...]')
         try:
             check_base_url(s["base_url"])
             parse_models(models)
         except EngineError as exc:
             raise ConfigError(f"{label}: {exc}") from None
-    cli_get = (lambda k: getattr(cli, k, None)) if cli is not None else (lambda k: None)
+    cli = cli or Defaults()
     try:
-        address = market_address(s.get("market") or cli_get("market"),
-                                 s.get("room") or cli_get("room"))
+        address = market_address(s.get("market") or cli.market, s.get("room") or cli.room)
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from None
-    args = argparse.Namespace(
-        engine=engine, model=models, base_url=s.get("base_url"), api_key=api_key,
-        upstream_timeout=float(s.get("upstream_timeout", DEFAULT_TIMEOUT)),
-        context=int(s.get("context", 2048)), threads=s.get("threads"),
-        slots=int(s.get("slots", 1)), delay=float(s.get("delay", 0.0)),
-        embedding_model=s.get("embedding_model"),
-    )
-    heartbeat = float(s.get("heartbeat") or cli_get("heartbeat") or 5.0)
-    return WorkerSpec(name, address, heartbeat, bool(s.get("warmup", True)), args)
+    # What the file leaves out takes the defaults of EngineConfig and WorkerSpec.
+    given: dict[str, Any] = {
+        k: float(s[k]) if k in SECONDS else s[k] for k in ENGINE_KEYS if k in s
+    }
+    config = EngineConfig(engine=engine, models=tuple(models), api_key=api_key, **given)
+    worker: dict[str, Any] = {k: s[k] for k in ("max_tokens", "warmup") if k in s}
+    heartbeat = s.get("heartbeat") or cli.heartbeat
+    if heartbeat:
+        worker["heartbeat"] = float(heartbeat)
+    return WorkerSpec(name, address, config, **worker)
 
 
-def load(path: Path, cli: argparse.Namespace | None = None) -> list[WorkerSpec]:
+def load(path: Path, cli: Defaults | None = None) -> list[WorkerSpec]:
     try:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as exc:
@@ -187,49 +208,15 @@ def load(path: Path, cli: argparse.Namespace | None = None) -> list[WorkerSpec]:
 
 
 def describe(spec: WorkerSpec) -> str:
-    a = spec.args
-    what = ", ".join(a.model) if a.model else "default model"
-    where = f" via {a.base_url}" if a.engine == "openai" else ""
-    return (f"{spec.name}: {a.engine}{where} serving {what}, {a.slots} slot(s), "
-            f"on {spec.address.room_url}")
+    return spec.describe()
 
 
-async def run_workers(args: argparse.Namespace) -> int:
-    """Build every engine first (a bad file starts nothing), then run all workers."""
-    from .roles import make_engine, warmup
-
-    specs = load(args.config, args)
-    if getattr(args, "check", False):
+async def run_workers(path: Path, cli: Defaults | None = None, *, check: bool = False) -> int:
+    """``igora workers``: every engine is built first (a bad file starts nothing), then
+    all the workers run; with ``check``, only print what the file describes."""
+    specs = load(path, cli)
+    if check:
         for spec in specs:
-            print(describe(spec))
+            print(spec.describe())
         return 0
-    engines: list[Engine] = []
-    try:
-        for spec in specs:
-            try:
-                engines.append(await asyncio.to_thread(make_engine, spec.args))
-            except EngineError as exc:
-                raise EngineError(f"worker {spec.name!r}: {exc}") from None
-        workers = []
-        for spec, engine in zip(specs, engines):
-            agent = Agent(spec.address, type=AgentType.WORKER.value, name=spec.name,
-                          style=TEXT_STYLE, heartbeat=spec.heartbeat, state="busy")
-            worker = Worker(agent, engine, slots=spec.args.slots,
-                            max_tokens=getattr(spec.args, "max_tokens", 512))
-            if spec.warmup and spec.args.engine != "echo":
-                await warmup(worker)
-            workers.append(worker)
-        for spec, worker in zip(specs, workers):
-            await worker.agent.start(wait=False)
-            worker.agent.log.info("%s", describe(spec))
-        try:
-            await asyncio.gather(*(w.run() for w in workers))
-        finally:
-            for w in workers:
-                with contextlib.suppress(Exception):
-                    await w.agent.stop()
-    finally:
-        for engine in engines:
-            with contextlib.suppress(Exception):
-                await engine.close()
-    return 0
+    return await serve(specs)

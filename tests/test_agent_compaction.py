@@ -58,7 +58,7 @@ async def test_agents_rebuild_their_documents_mid_stream(cluster: Cluster) -> No
     worker = Worker(worker_agent, EchoEngine(delay=0.015), slots=4)
     client = Client(cluster.url, name="client")
     client.agent.compact_every = EVERY
-    tracker = MarketTracker(client.agent)
+    tracker = MarketTracker(client)
     agents = [broker_agent, worker_agent, client.agent]
     await broker_agent.start()
     await worker_agent.start()

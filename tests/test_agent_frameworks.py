@@ -35,24 +35,43 @@ class Person(BaseModel):
     age: int
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather now in a city.",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
-        "required": ["city", "unit"]}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "The local time in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather now in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["C", "F"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The local time in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris, in Celsius?"}]
-ASK_PERSON = [{"role": "system", "content": "Extract the person."},
-              {"role": "user", "content": "Tom is a 31 year old baker from Lyon."}]
+ASK_PERSON = [
+    {"role": "system", "content": "Extract the person."},
+    {"role": "user", "content": "Tom is a 31 year old baker from Lyon."},
+]
 
 
 def _gateway(c: Cluster, name: str) -> tuple[Proc, str]:
     port = free_port()
-    proc = c.spawn("gateway", "--market", c.url, "--port", str(port), "--heartbeat", "1",
-                   name=name)
+    proc = c.spawn("gateway", "--market", c.url, "--port", str(port), "--heartbeat", "1", name=name)
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
@@ -91,9 +110,18 @@ def upstream(direct: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         c.market()
         c.broker()
-        c.worker("--engine", "openai", "--base-url", direct.base_url, "--model",
-                 f"{direct.model}=smol-upstream", "--upstream-timeout", "120",
-                 name="upstream-worker", engine="openai")
+        c.worker(
+            "--engine",
+            "openai",
+            "--base-url",
+            direct.base_url,
+            "--model",
+            f"{direct.model}=smol-upstream",
+            "--upstream-timeout",
+            "120",
+            name="upstream-worker",
+            engine="openai",
+        )
         proc, url = _gateway(c, "gateway-upstream")
         assert [m["id"] for m in _models(url, proc)] == ["smol-upstream"]
         yield Target(url, "smol-upstream")
@@ -110,8 +138,13 @@ def target(request: pytest.FixtureRequest) -> Target:
 def test_parse_with_a_pydantic_model_always_validates(target: Target) -> None:
     for seed in (1, 2, 3):
         answer = target.sdk.chat.completions.parse(
-            model=target.model, messages=ASK_PERSON, response_format=Person,
-            temperature=0.9, seed=seed, max_tokens=200)
+            model=target.model,
+            messages=ASK_PERSON,
+            response_format=Person,
+            temperature=0.9,
+            seed=seed,
+            max_tokens=200,
+        )
         choice = answer.choices[0]
         assert choice.finish_reason == "stop"
         assert isinstance(choice.message.parsed, Person)
@@ -122,29 +155,41 @@ def test_parse_with_a_pydantic_model_always_validates(target: Target) -> None:
 
 def test_json_object_answers_a_json_object(target: Target) -> None:
     answer = target.sdk.chat.completions.create(
-        model=target.model, response_format={"type": "json_object"}, max_tokens=300,
-        messages=[{"role": "user", "content": "Describe a cat as JSON."}], seed=4)
+        model=target.model,
+        response_format={"type": "json_object"},
+        max_tokens=300,
+        messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+        seed=4,
+    )
     assert answer.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(answer.choices[0].message.content or ""), dict)
 
 
 def test_json_cut_by_max_tokens_ends_with_length_as_openai_does(direct: Target) -> None:
     answer = direct.sdk.chat.completions.create(
-        model=direct.model, response_format={"type": "json_object"}, max_tokens=3,
-        messages=[{"role": "user", "content": "Describe a cat as JSON."}])
+        model=direct.model,
+        response_format={"type": "json_object"},
+        max_tokens=3,
+        messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+    )
     assert answer.choices[0].finish_reason == "length"
     with pytest.raises(openai.LengthFinishReasonError):
-        direct.sdk.chat.completions.parse(model=direct.model, messages=ASK_PERSON,
-                                          response_format=Person, max_tokens=3)
+        direct.sdk.chat.completions.parse(
+            model=direct.model, messages=ASK_PERSON, response_format=Person, max_tokens=3
+        )
 
 
 # ---------------------------------------------------------------------- tools
 def test_forced_tool_call_carries_arguments_that_parse(target: Target) -> None:
     for seed in (1, 2):
         answer = target.sdk.chat.completions.create(
-            model=target.model, messages=ASK_WEATHER, tools=[WEATHER, TIME], seed=seed,
+            model=target.model,
+            messages=ASK_WEATHER,
+            tools=[WEATHER, TIME],
+            seed=seed,
             tool_choice={"type": "function", "function": {"name": "get_weather"}},
-            temperature=0.9)
+            temperature=0.9,
+        )
         choice = answer.choices[0]
         assert choice.finish_reason == "tool_calls"
         (call,) = choice.message.tool_calls or []
@@ -156,13 +201,15 @@ def test_forced_tool_call_carries_arguments_that_parse(target: Target) -> None:
 
 def test_required_and_auto_tool_choices_answer_a_valid_call_or_text(target: Target) -> None:
     answer = target.sdk.chat.completions.create(
-        model=target.model, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice="required")
+        model=target.model, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice="required"
+    )
     (call,) = answer.choices[0].message.tool_calls or []
     assert call.function.name in ("get_weather", "get_time")
     assert isinstance(json.loads(call.function.arguments)["city"], str)
     for messages in (ASK_WEATHER, [{"role": "user", "content": "Say hello to me."}]):
         answer = target.sdk.chat.completions.create(
-            model=target.model, messages=messages, tools=[WEATHER, TIME], tool_choice="auto")
+            model=target.model, messages=messages, tools=[WEATHER, TIME], tool_choice="auto"
+        )
         message = answer.choices[0].message
         if message.tool_calls:
             assert answer.choices[0].finish_reason == "tool_calls"
@@ -175,9 +222,13 @@ def test_required_and_auto_tool_choices_answer_a_valid_call_or_text(target: Targ
 
 def test_streamed_tool_call_arrives_as_openai_streams_it(target: Target) -> None:
     stream = target.sdk.chat.completions.create(
-        model=target.model, messages=ASK_WEATHER, tools=[WEATHER], stream=True,
+        model=target.model,
+        messages=ASK_WEATHER,
+        tools=[WEATHER],
+        stream=True,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        stream_options={"include_usage": True})
+        stream_options={"include_usage": True},
+    )
     deltas, reasons, usage = [], [], None
     for chunk in stream:
         if chunk.usage is not None:
@@ -194,36 +245,59 @@ def test_streamed_tool_call_arrives_as_openai_streams_it(target: Target) -> None
     assert usage is not None and usage.completion_tokens > 0
     # The SDK's own accumulator agrees.
     with target.sdk.chat.completions.stream(
-            model=target.model, messages=ASK_WEATHER, tools=[WEATHER],
-            tool_choice={"type": "function", "function": {"name": "get_weather"}}) as s:
+        model=target.model,
+        messages=ASK_WEATHER,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    ) as s:
         final = s.get_final_completion()
     assert json.loads(final.choices[0].message.tool_calls[0].function.arguments)  # type: ignore[index]
 
 
 def test_a_tool_answer_can_be_sent_back(target: Target) -> None:
     first = target.sdk.chat.completions.create(
-        model=target.model, messages=ASK_WEATHER, tools=[WEATHER],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        model=target.model,
+        messages=ASK_WEATHER,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     call = (first.choices[0].message.tool_calls or [])[0]
     answer = target.sdk.chat.completions.create(
-        model=target.model, tools=[WEATHER], max_tokens=40, messages=[
-            *ASK_WEATHER, first.choices[0].message.model_dump(exclude_none=True),  # type: ignore[list-item]
-            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}])
+        model=target.model,
+        tools=[WEATHER],
+        max_tokens=40,
+        messages=[
+            *ASK_WEATHER,
+            first.choices[0].message.model_dump(exclude_none=True),  # type: ignore[list-item]
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
+        ],
+    )
     assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
 
 
 # ---------------------------------------------------------------------- n, embeddings
 def test_n_two_gives_two_choices_streamed_or_not(target: Target) -> None:
     answer = target.sdk.chat.completions.create(
-        model=target.model, messages=[{"role": "user", "content": "Name a fruit."}], n=2,
-        max_tokens=12, temperature=1.0, seed=5)
+        model=target.model,
+        messages=[{"role": "user", "content": "Name a fruit."}],
+        n=2,
+        max_tokens=12,
+        temperature=1.0,
+        seed=5,
+    )
     assert [c.index for c in answer.choices] == [0, 1]
     assert all(c.message.content for c in answer.choices)
     assert answer.usage is not None and answer.usage.completion_tokens > 0
     texts: dict[int, str] = {}
     for chunk in target.sdk.chat.completions.create(
-            model=target.model, messages=[{"role": "user", "content": "Name a fruit."}], n=2,
-            max_tokens=12, temperature=1.0, seed=5, stream=True):
+        model=target.model,
+        messages=[{"role": "user", "content": "Name a fruit."}],
+        n=2,
+        max_tokens=12,
+        temperature=1.0,
+        seed=5,
+        stream=True,
+    ):
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
     assert sorted(texts) == [0, 1] and all(texts.values())
@@ -232,8 +306,9 @@ def test_n_two_gives_two_choices_streamed_or_not(target: Target) -> None:
 def test_embeddings_have_a_fixed_dimension_and_are_deterministic(target: Target) -> None:
     texts = ["The cat sleeps.", "Stock markets fell today.", "The cat sleeps."]
     first = target.sdk.embeddings.create(model=target.model, input=texts)  # base64 by default
-    again = target.sdk.embeddings.create(model=target.model, input="The cat sleeps.",
-                                         encoding_format="float")
+    again = target.sdk.embeddings.create(
+        model=target.model, input="The cat sleeps.", encoding_format="float"
+    )
     vectors = [d.embedding for d in first.data]
     assert [d.index for d in first.data] == [0, 1, 2]
     assert len({len(v) for v in vectors}) == 1 and len(vectors[0]) >= 64
@@ -251,8 +326,13 @@ def test_langchain_structured_output_and_bound_tools(direct: Target) -> None:
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(base_url=direct.base_url, api_key="none", model=direct.model,  # type: ignore[arg-type]
-                     max_retries=0, temperature=0.5)
+    llm = ChatOpenAI(
+        base_url=direct.base_url,
+        api_key="none",
+        model=direct.model,  # type: ignore[arg-type]
+        max_retries=0,
+        temperature=0.5,
+    )
     person = llm.with_structured_output(Person).invoke(ASK_PERSON[1]["content"])
     assert isinstance(person, Person)
 
@@ -262,7 +342,8 @@ def test_langchain_structured_output_and_bound_tools(direct: Target) -> None:
         return "sunny"
 
     message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(
-        "What is the weather in Paris?")
+        "What is the weather in Paris?"
+    )
     (call,) = message.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
     assert not message.invalid_tool_calls
@@ -270,8 +351,13 @@ def test_langchain_structured_output_and_bound_tools(direct: Target) -> None:
 
 def test_logprobs_come_with_each_token(target: Target) -> None:
     answer = target.sdk.chat.completions.create(
-        model=target.model, messages=[{"role": "user", "content": "Say hi."}], logprobs=True,
-        top_logprobs=3, max_tokens=12, temperature=0.0)
+        model=target.model,
+        messages=[{"role": "user", "content": "Say hi."}],
+        logprobs=True,
+        top_logprobs=3,
+        max_tokens=12,
+        temperature=0.0,
+    )
     choice = answer.choices[0]
     tokens = choice.logprobs.content if choice.logprobs else None
     assert tokens and "".join(t.token for t in tokens) == choice.message.content
@@ -280,11 +366,23 @@ def test_logprobs_come_with_each_token(target: Target) -> None:
         assert t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob
     # Greedy sampling picks the most likely token each time.
     assert all(t.token == t.top_logprobs[0].token for t in tokens)
-    chunks = list(target.sdk.chat.completions.create(
-        model=target.model, messages=[{"role": "user", "content": "Say hi."}], logprobs=True,
-        max_tokens=12, temperature=0.0, stream=True))
-    streamed = [t for c in chunks for ch in c.choices if ch.logprobs and ch.logprobs.content
-                for t in ch.logprobs.content]
+    chunks = list(
+        target.sdk.chat.completions.create(
+            model=target.model,
+            messages=[{"role": "user", "content": "Say hi."}],
+            logprobs=True,
+            max_tokens=12,
+            temperature=0.0,
+            stream=True,
+        )
+    )
+    streamed = [
+        t
+        for c in chunks
+        for ch in c.choices
+        if ch.logprobs and ch.logprobs.content
+        for t in ch.logprobs.content
+    ]
     assert [t.token for t in streamed] == [t.token for t in tokens]
 
 
@@ -299,9 +397,13 @@ async def test_igora_client_asks_for_tools_json_choices_and_embeddings(
         (call,) = answer.tool_calls
         assert call["function"]["name"] == "get_weather" and answer.finish_reason == "tool_calls"
         assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
-        text = await client.chat(ASK_PERSON, response_format={
-            "type": "json_schema", "json_schema": {"name": "person",
-                                                   "schema": Person.model_json_schema()}})
+        text = await client.chat(
+            ASK_PERSON,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "person", "schema": Person.model_json_schema()},
+            },
+        )
         assert isinstance(Person.model_validate_json(text), Person)
         several = await client.chat("Name a fruit.", n=2, max_tokens=8)
         assert [c["index"] for c in several.choices] == [0, 1]
@@ -310,7 +412,8 @@ async def test_igora_client_asks_for_tools_json_choices_and_embeddings(
 
 
 async def test_embedding_model_is_a_second_model_that_only_embeds(
-    cluster: Cluster, tmp_path: Path,
+    cluster: Cluster,
+    tmp_path: Path,
 ) -> None:
     from igora import Client, NoWorkerError
     from igora.engines.llama import bundled_model
@@ -319,12 +422,14 @@ async def test_embedding_model_is_a_second_model_that_only_embeds(
     shutil.copyfile(bundled_model(), embedder)
     cluster.market()
     cluster.broker()
-    cluster.worker("--embedding-model", str(embedder), "--no-warmup", name="llama-embed",
-                   engine="llama")
+    cluster.worker(
+        "--embedding-model", str(embedder), "--no-warmup", name="llama-embed", engine="llama"
+    )
     (worker,) = cluster.wait_agents("worker", 1, timeout=120)
     caps = {m["name"]: m["capabilities"] for m in worker["models"]}
     assert caps["tiny-embedder"] == ["embed"] and "embed" not in next(
-        c for name, c in caps.items() if name != "tiny-embedder")
+        c for name, c in caps.items() if name != "tiny-embedder"
+    )
     async with Client(cluster.url) as client:
         (vector,) = await client.embed("a cat", model="tiny-embedder")
         assert len(vector) == 576

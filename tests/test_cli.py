@@ -18,8 +18,14 @@ from .conftest import Cluster, free_port
 
 
 def igora(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "igora", *args], check=False,
-                          capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    return subprocess.run(
+        [sys.executable, "-m", "igora", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )  # type: ignore[call-overload]
 
 
 def test_chat_streams_the_answer_to_the_terminal(echo_market: Cluster) -> None:
@@ -41,8 +47,10 @@ def test_errors_are_one_clear_line_without_traceback(tmp_path: Path) -> None:
     cases = [
         (["chat", "hi", "--market", f"ws://127.0.0.1:{port}", "--timeout", "5"], "no market"),
         (["chat", "hi", "--market", "http://nope"], "not a websocket URL"),
-        (["worker", "--market", f"ws://127.0.0.1:{port}", "--model", str(tmp_path / "x.gguf")],
-         "not found"),
+        (
+            ["worker", "--market", f"ws://127.0.0.1:{port}", "--model", str(tmp_path / "x.gguf")],
+            "not found",
+        ),
     ]
     for args, expected in cases:
         run = igora(*args, cwd=tmp_path, env={**os.environ, "IGORA_LOG_LEVEL": "error"})
@@ -82,11 +90,16 @@ BAD_VALUES: list[tuple[list[str], dict[str, str], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("args", "env", "expected"), BAD_VALUES,
-                         ids=[" ".join(a) + "".join(f" {k}={v}" for k, v in e.items())
-                              for a, e, _ in BAD_VALUES])
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    BAD_VALUES,
+    ids=[" ".join(a) + "".join(f" {k}={v}" for k, v in e.items()) for a, e, _ in BAD_VALUES],
+)
 def test_bad_value_is_one_line_naming_it_and_exit_status_2(
-    tmp_path: Path, args: list[str], env: dict[str, str], expected: str,
+    tmp_path: Path,
+    args: list[str],
+    env: dict[str, str],
+    expected: str,
 ) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("YJS_", "IGORA_"))}
     run = igora(*args, cwd=tmp_path, env={**clean, **env}, timeout=30)
@@ -101,9 +114,25 @@ def test_bad_value_is_one_line_naming_it_and_exit_status_2(
 def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     port, gport = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "igora", "up", "--port", str(port), "--gateway-port", str(gport),
-         "--data", str(tmp_path / "data"), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "igora",
+            "up",
+            "--port",
+            str(port),
+            "--gateway-port",
+            str(gport),
+            "--data",
+            str(tmp_path / "data"),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     out = []
     try:
         end = time.monotonic() + 180
@@ -118,14 +147,19 @@ def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path
         assert "the market answers" in text, text
         answer = next(ln for ln in out if ln.strip().startswith("A:"))
         assert len(answer.strip()) > 4
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], check=False,
-                                  capture_output=True, text=True).stdout.split()
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], check=False, capture_output=True, text=True
+        ).stdout.split()
         assert len(children) >= 3  # market + broker + worker (+ gateway)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         time.sleep(0.5)
-        left = [c for c in children if Path(f"/proc/{c}").exists()
-                and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()]
+        left = [
+            c
+            for c in children
+            if Path(f"/proc/{c}").exists()
+            and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()
+        ]
         assert left == [], f"processes left behind: {left}"
     finally:
         if proc.poll() is None:
@@ -136,15 +170,33 @@ def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path
 def test_up_children_do_not_outlive_a_killed_up(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "igora", "up", "--port", str(port), "--no-gateway", "--no-check",
-         "--engine", "echo", "--data", str(tmp_path / "data"), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "igora",
+            "up",
+            "--port",
+            str(port),
+            "--no-gateway",
+            "--no-check",
+            "--engine",
+            "echo",
+            "--data",
+            str(tmp_path / "data"),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         end = time.monotonic() + 60
         children: list[str] = []
         while time.monotonic() < end and len(children) < 3:
-            children = subprocess.run(["pgrep", "-P", str(proc.pid)], check=False,
-                                      capture_output=True, text=True).stdout.split()
+            children = subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], check=False, capture_output=True, text=True
+            ).stdout.split()
             time.sleep(0.2)
         assert len(children) == 3, children
         proc.kill()
@@ -152,8 +204,12 @@ def test_up_children_do_not_outlive_a_killed_up(tmp_path: Path) -> None:
         end = time.monotonic() + 20
         alive = children
         while alive and time.monotonic() < end:
-            alive = [c for c in children if Path(f"/proc/{c}").exists()
-                     and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()]
+            alive = [
+                c
+                for c in children
+                if Path(f"/proc/{c}").exists()
+                and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()
+            ]
             time.sleep(0.2)
         assert alive == [], f"children left behind after kill -9 of igora up: {alive}"
     finally:
@@ -167,10 +223,24 @@ class Up:
     def __init__(self, tmp: Path, *args: str) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "igora", "up", "--port", str(self.port), "--no-gateway",
-             "--data", str(tmp / "data"), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [
+                sys.executable,
+                "-m",
+                "igora",
+                "up",
+                "--port",
+                str(self.port),
+                "--no-gateway",
+                "--data",
+                str(tmp / "data"),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.lines: list[str] = []
 
     def read_until(self, text: str, timeout: float) -> str:
@@ -191,13 +261,18 @@ class Up:
         try:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"igora up still runs after {timeout} s:\n"
-                                 + "".join(self.lines)) from None
+            raise AssertionError(
+                f"igora up still runs after {timeout} s:\n" + "".join(self.lines)
+            ) from None
         return self.proc.returncode, "".join(self.lines) + out
 
     def child(self, role: str) -> int:
-        found = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", f"igora {role}"],
-                               check=False, capture_output=True, text=True).stdout.split()
+        found = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid), "-f", f"igora {role}"],
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         assert len(found) == 1, (role, found, "".join(self.lines))
         return int(found[0])
 
@@ -210,7 +285,7 @@ class Up:
 def message(output: str) -> str:
     """igora up's own closing message: from its error line to the end."""
     assert "igora up: error:" in output, output
-    return output[output.index("igora up: error:"):]
+    return output[output.index("igora up: error:") :]
 
 
 def test_up_ends_at_once_when_the_worker_cannot_load_its_model(tmp_path: Path) -> None:
@@ -223,14 +298,15 @@ def test_up_ends_at_once_when_the_worker_cannot_load_its_model(tmp_path: Path) -
         up.kill()
     said = message(output)
     assert code == 2, output
-    assert said.startswith("igora up: error: the worker exited with code 2 during start-up; "
-                           "its last lines:\n"), said
+    assert said.startswith(
+        "igora up: error: the worker exited with code 2 during start-up; its last lines:\n"
+    ), said
     assert f"worker | igora worker: error: cannot load model {corrupt}" in said
     assert "Traceback" not in output
 
 
 def test_up_ends_at_once_when_the_worker_is_killed_by_sigsegv_during_start_up(
-    tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     up = Up(tmp_path, "--log-level", "info")  # the worker on the bundled model
     try:
@@ -241,8 +317,10 @@ def test_up_ends_at_once_when_the_worker_is_killed_by_sigsegv_during_start_up(
         up.kill()
     said = message(output)
     assert code == 128 + signal.SIGSEGV, output
-    assert said.startswith("igora up: error: the worker was killed by SIGSEGV "
-                           "(Segmentation fault) during start-up; its last lines:\n"), said
+    assert said.startswith(
+        "igora up: error: the worker was killed by SIGSEGV "
+        "(Segmentation fault) during start-up; its last lines:\n"
+    ), said
     assert "worker | loading" in said
     # Its own log says where Python was when it died (faulthandler), without stdlib noise.
     assert "worker | Fatal Python error: Segmentation fault" in said
@@ -261,7 +339,8 @@ def test_up_ends_when_a_child_dies_after_start_up(tmp_path: Path) -> None:
         up.kill()
     assert code == 128 + signal.SIGKILL, output
     assert message(output).startswith(
-        "igora up: error: the broker was killed by SIGKILL (Killed) after start-up"), output
+        "igora up: error: the broker was killed by SIGKILL (Killed) after start-up"
+    ), output
 
 
 def test_how_a_child_ended_reads_as_a_sentence() -> None:

@@ -54,8 +54,19 @@ class Setup:
 
 def _gateway(c: Cluster, name: str, *extra: str, market: str | None = None) -> tuple[Proc, str]:
     port = free_port()
-    proc = c.spawn("gateway", "--market", market or c.url, "--port", str(port),
-                   "--heartbeat", "1", "--log-level", "debug", *extra, name=name)
+    proc = c.spawn(
+        "gateway",
+        "--market",
+        market or c.url,
+        "--port",
+        str(port),
+        "--heartbeat",
+        "1",
+        "--log-level",
+        "debug",
+        *extra,
+        name=name,
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -67,6 +78,7 @@ def _answers(url: str, proc: Proc, status: int = 200) -> Callable[[], bool]:
             return httpx.get(url, timeout=2).status_code == status
         except httpx.HTTPError:
             return False
+
     return check
 
 
@@ -89,13 +101,27 @@ def gw(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest)
         c.worker("--model", "slow", "--delay", "0.05", name="slow")
         c.worker("--room", "fuzz", "--slots", "4", name="echo-fuzz")
         main, main_url = _gateway(c, "gw-main")
-        strict, strict_url = _gateway(c, "gw-strict", "--api-key", KEYS[0], "--api-key", KEYS[1],
-                                      "--timeout", "3", "--cors-origin", ALLOWED_ORIGIN)
+        strict, strict_url = _gateway(
+            c,
+            "gw-strict",
+            "--api-key",
+            KEYS[0],
+            "--api-key",
+            KEYS[1],
+            "--timeout",
+            "3",
+            "--cors-origin",
+            ALLOWED_ORIGIN,
+        )
         empty, empty_url = _gateway(c, "gw-empty", "--room", "empty")
         fuzz, fuzz_url = _gateway(c, "gw-fuzz", "--room", "fuzz")
         down, down_url = _gateway(c, "gw-down", market=f"ws://127.0.0.1:{free_port()}")
-        for proc, url in ((main, main_url), (strict, strict_url), (empty, empty_url),
-                          (fuzz, fuzz_url)):
+        for proc, url in (
+            (main, main_url),
+            (strict, strict_url),
+            (empty, empty_url),
+            (fuzz, fuzz_url),
+        ):
             wait_until(_answers(f"{url}/health", proc), 60, f"{url}/health")
         wait_until(_answers(f"{down_url}/health", down, 503), 60, f"{down_url}/health")
         wait_until(lambda: _models(main_url) >= {"echo", "slow"}, 60, "workers seen by the gateway")
@@ -116,13 +142,14 @@ def sse_events(response: httpx.Response) -> list[Any]:
     out: list[Any] = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
 
 
-def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
-                        param: str | None = None) -> dict[str, Any]:
+def assert_openai_error(
+    r: httpx.Response, status: int, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -148,11 +175,17 @@ def test_api_keys_come_from_flags_else_the_environment(monkeypatch: pytest.Monke
 
 def test_bad_settings_are_clear_errors_not_tracebacks(gw: Setup) -> None:
     taken = gw.main.rsplit(":", 1)[1]
-    for args, expected in ((["--market", "http://nope"], "not a websocket URL"),
-                           (["--port", taken], f"port {taken}"),
-                           (["--port", "70000"], "not a TCP port")):
-        run = subprocess.run([sys.executable, "-m", "igora", "gateway", *args],
-                             capture_output=True, text=True, timeout=60)
+    for args, expected in (
+        (["--market", "http://nope"], "not a websocket URL"),
+        (["--port", taken], f"port {taken}"),
+        (["--port", "70000"], "not a TCP port"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "igora", "gateway", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run.returncode == 2, run.stderr
         assert expected in run.stderr and "Traceback" not in run.stderr
 
@@ -174,14 +207,18 @@ def test_models_lists_what_workers_serve_now(gw: Setup) -> None:
     assert listed["object"] == "list"
     assert {m["id"] for m in listed["data"]} == {"echo", "slow"}
     one = httpx.get(f"{gw.main}/v1/models/echo").json()
-    assert one == {"id": "echo", "object": "model", "created": one["created"],
-                   "owned_by": "igora-market", "capabilities": ["chat", "embed"]}
+    assert one == {
+        "id": "echo",
+        "object": "model",
+        "created": one["created"],
+        "owned_by": "igora-market",
+        "capabilities": ["chat", "embed"],
+    }
     assert_openai_error(httpx.get(f"{gw.main}/v1/models/nope"), 404, "model_not_found")
 
 
 def test_chat_answer_with_usage_and_task_id(gw: Setup) -> None:
-    r = chat(gw.main, "hello there", model="echo", user="alice", temperature=0.5,
-             top_p=0.9, seed=7)
+    r = chat(gw.main, "hello there", model="echo", user="alice", temperature=0.5, top_p=0.9, seed=7)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion"
@@ -217,8 +254,12 @@ def test_generic_model_names_mean_any_worker(gw: Setup, model: str | None) -> No
 
 
 def test_stream_sends_chunks_usage_and_done(gw: Setup) -> None:
-    payload = {"model": "echo", "stream": True, "stream_options": {"include_usage": True},
-               "messages": [{"role": "user", "content": "one two three"}]}
+    payload = {
+        "model": "echo",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "one two three"}],
+    }
     with httpx.stream("POST", f"{gw.main}/v1/chat/completions", json=payload, timeout=30) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -232,14 +273,17 @@ def test_stream_sends_chunks_usage_and_done(gw: Setup) -> None:
     assert text == "Echo: one two three"
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4,
-                                   "total_tokens": 7}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     assert all(c["usage"] is None for c in chunks[:-1])
 
 
 def test_stream_without_usage_option_has_no_usage(gw: Setup) -> None:
-    payload = {"model": "echo", "stream": True, "max_tokens": 2,
-               "messages": [{"role": "user", "content": "#repeat 9"}]}
+    payload = {
+        "model": "echo",
+        "stream": True,
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": "#repeat 9"}],
+    }
     with httpx.stream("POST", f"{gw.main}/v1/chat/completions", json=payload, timeout=30) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -254,11 +298,16 @@ def test_legacy_completions_plain_echo_and_stream(gw: Setup) -> None:
     # OpenAI's legacy default: 16 tokens.
     assert body["choices"][0]["text"] == "".join(f"tok{i} " for i in range(16))
     assert body["choices"][0]["finish_reason"] == "length"
-    r = httpx.post(f"{gw.main}/v1/completions",
-                   json={"prompt": ["say this"], "echo": True, "max_tokens": 100})
+    r = httpx.post(
+        f"{gw.main}/v1/completions", json={"prompt": ["say this"], "echo": True, "max_tokens": 100}
+    )
     assert r.json()["choices"][0]["text"] == "say thisEcho: say this"
-    with httpx.stream("POST", f"{gw.main}/v1/completions", timeout=30,
-                      json={"model": "echo", "prompt": "a b", "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{gw.main}/v1/completions",
+        timeout=30,
+        json={"model": "echo", "prompt": "a b", "stream": True},
+    ) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]"
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "Echo: a b"
@@ -268,15 +317,20 @@ def test_legacy_completions_plain_echo_and_stream(gw: Setup) -> None:
 def test_openai_sdk_against_echo_workers(gw: Setup) -> None:
     client = openai.OpenAI(base_url=f"{gw.main}/v1", api_key="unused", max_retries=0)
     answer = client.chat.completions.create(
-        model="echo", messages=[{"role": "system", "content": "be brief"},
-                                {"role": "user", "content": "sdk works"}])
+        model="echo",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "sdk works"},
+        ],
+    )
     assert answer.choices[0].message.content == "Echo: sdk works"
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert info.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="echo", n=2,
-                                       messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="echo", n=2, messages=[{"role": "user", "content": "x"}]
+        )
     assert [m.id for m in client.models.list()] == ["echo", "slow"]
 
 
@@ -290,8 +344,18 @@ BAD_CHAT: list[tuple[str, Any, str | None]] = [
     ("empty messages", {"messages": []}, "invalid_value"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, "invalid_value"),
     ("content number", {"messages": [{"role": "user", "content": 5}]}, "invalid_value"),
-    ("image part", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "unsupported_value"),
+    (
+        "image part",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
+                }
+            ]
+        },
+        "unsupported_value",
+    ),
     ("max_tokens string", {"max_tokens": "10"}, "invalid_value"),
     ("max_tokens zero", {"max_tokens": 0}, "invalid_value"),
     ("max_tokens float", {"max_tokens": 1.5}, "invalid_value"),
@@ -305,24 +369,45 @@ BAD_CHAT: list[tuple[str, Any, str | None]] = [
     # Fields the echo workers cannot honour: 400 naming what no worker offers.
     ("n two", {"n": 2}, "capability_not_served"),
     ("stream text", {"stream": "yes"}, "invalid_value"),
-    ("stream_options without stream", {"stream_options": {"include_usage": True}},
-     "invalid_value"),
+    ("stream_options without stream", {"stream_options": {"include_usage": True}}, "invalid_value"),
     ("logprobs", {"logprobs": True}, "capability_not_served"),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]},
-     "capability_not_served"),
+    (
+        "tools",
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        "capability_not_served",
+    ),
     ("json mode", {"response_format": {"type": "json_object"}}, "capability_not_served"),
-    ("json schema", {"response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object"}}}}, "capability_not_served"),
-    ("json_schema missing", {"response_format": {"type": "json_schema"}},
-     "missing_required_parameter"),
+    (
+        "json schema",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object"}},
+            }
+        },
+        "capability_not_served",
+    ),
+    (
+        "json_schema missing",
+        {"response_format": {"type": "json_schema"}},
+        "missing_required_parameter",
+    ),
     ("unknown response type", {"response_format": {"type": "yaml"}}, "invalid_value"),
     ("legacy functions", {"functions": [{"name": "f"}]}, "unsupported_parameter"),
     ("tool_choice without tools", {"tool_choice": "required"}, "invalid_value"),
-    ("tool_choice names another tool", {
-        "tools": [{"type": "function", "function": {"name": "f"}}],
-        "tool_choice": {"type": "function", "function": {"name": "g"}}}, "invalid_value"),
-    ("tool without name", {"tools": [{"type": "function", "function": {}}]},
-     "missing_required_parameter"),
+    (
+        "tool_choice names another tool",
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "invalid_value",
+    ),
+    (
+        "tool without name",
+        {"tools": [{"type": "function", "function": {}}]},
+        "missing_required_parameter",
+    ),
     ("top_logprobs alone", {"top_logprobs": 2}, "invalid_value"),
     ("model not a string", {"model": 12}, "invalid_value"),
     ("model too long", {"model": "m" * 500}, "invalid_value"),
@@ -330,13 +415,18 @@ BAD_CHAT: list[tuple[str, Any, str | None]] = [
 
 
 @pytest.mark.parametrize("what,body,code", BAD_CHAT, ids=[b[0] for b in BAD_CHAT])
-def test_invalid_chat_request_is_a_400_in_openai_format(gw: Setup, what: str, body: Any,
-                                                        code: str | None) -> None:
+def test_invalid_chat_request_is_a_400_in_openai_format(
+    gw: Setup, what: str, body: Any, code: str | None
+) -> None:
     if isinstance(body, dict) and "messages" not in body and what != "no messages":
         body = {"messages": [{"role": "user", "content": "x"}], **body}
     content = body if isinstance(body, str) else json.dumps(body)
-    r = httpx.post(f"{gw.main}/v1/chat/completions", content=content,
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{gw.main}/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert_openai_error(r, 400, code)
 
 
@@ -352,8 +442,9 @@ BAD_TEXT: list[tuple[str, Any, str | None]] = [
 
 
 @pytest.mark.parametrize("what,body,code", BAD_TEXT, ids=[b[0] for b in BAD_TEXT])
-def test_invalid_completion_request_is_a_400(gw: Setup, what: str, body: Any,
-                                             code: str | None) -> None:
+def test_invalid_completion_request_is_a_400(
+    gw: Setup, what: str, body: Any, code: str | None
+) -> None:
     r = httpx.post(f"{gw.main}/v1/completions", json=body, timeout=30)
     assert_openai_error(r, 400, code)
 
@@ -366,8 +457,10 @@ def test_embeddings_from_echo_workers_as_floats_or_base64(gw: Setup) -> None:
         assert f.embedding == pytest.approx(p.embedding, abs=1e-6)
     assert len(floats.data[0].embedding) == 16 and floats.model == "echo"
     assert floats.usage.prompt_tokens == 3
-    assert len(client.embeddings.create(model="default", input="a", dimensions=4)
-               .data[0].embedding) == 4
+    assert (
+        len(client.embeddings.create(model="default", input="a", dimensions=4).data[0].embedding)
+        == 4
+    )
     listed = httpx.get(f"{gw.main}/v1/models", timeout=10).json()["data"]
     assert listed[0]["id"] == "echo" and listed[0]["capabilities"] == ["chat", "embed"]
 
@@ -383,24 +476,31 @@ BAD_EMBED: list[tuple[str, Any, int, str | None]] = [
 
 
 @pytest.mark.parametrize("what,body,status,code", BAD_EMBED, ids=[b[0] for b in BAD_EMBED])
-def test_invalid_embeddings_request_is_an_openai_error(gw: Setup, what: str, body: Any,
-                                                       status: int, code: str | None) -> None:
+def test_invalid_embeddings_request_is_an_openai_error(
+    gw: Setup, what: str, body: Any, status: int, code: str | None
+) -> None:
     r = httpx.post(f"{gw.main}/v1/embeddings", json=body, timeout=30)
     assert_openai_error(r, status, code)
 
 
 def test_form_encoded_json_is_still_read_as_json(gw: Setup) -> None:
     # curl -d sends application/x-www-form-urlencoded; OpenAI reads the body as JSON anyway.
-    r = httpx.post(f"{gw.main}/v1/chat/completions", timeout=30,
-                   content='{"model": "echo", "messages": [{"role": "user", "content": "hi"}]}',
-                   headers={"content-type": "application/x-www-form-urlencoded"})
+    r = httpx.post(
+        f"{gw.main}/v1/chat/completions",
+        timeout=30,
+        content='{"model": "echo", "messages": [{"role": "user", "content": "hi"}]}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert r.json()["choices"][0]["message"]["content"] == "Echo: hi"
 
 
 def test_too_large_body_is_a_413(gw: Setup) -> None:
-    r = httpx.post(f"{gw.main}/v1/chat/completions", timeout=30,
-                   content=b'{"messages": "' + b"x" * (9 * 1024 * 1024) + b'"}',
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{gw.main}/v1/chat/completions",
+        timeout=30,
+        content=b'{"messages": "' + b"x" * (9 * 1024 * 1024) + b'"}',
+        headers={"content-type": "application/json"},
+    )
     assert_openai_error(r, 413, "request_too_large")
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: the gateway counts as it reads
@@ -409,8 +509,12 @@ def test_too_large_body_is_a_413(gw: Setup) -> None:
             yield b"x" * (1024 * 1024)
         yield b'"}'
 
-    r = httpx.post(f"{gw.main}/v1/chat/completions", timeout=30, content=chunked(),
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{gw.main}/v1/chat/completions",
+        timeout=30,
+        content=chunked(),
+        headers={"content-type": "application/json"},
+    )
     assert_openai_error(r, 413, "request_too_large")
 
 
@@ -420,12 +524,14 @@ def test_unknown_path_and_method_are_openai_errors(gw: Setup) -> None:
 
 
 def test_unknown_model_is_a_404_naming_the_served_ones(gw: Setup) -> None:
-    err = assert_openai_error(chat(gw.main, "x", model="gpt-4o"), 404, "model_not_found",
-                              "model")
+    err = assert_openai_error(chat(gw.main, "x", model="gpt-4o"), 404, "model_not_found", "model")
     assert "echo" in err["message"] and "slow" in err["message"]
-    with httpx.stream("POST", f"{gw.main}/v1/chat/completions", timeout=30, json={
-            "model": "gpt-4o", "stream": True,
-            "messages": [{"role": "user", "content": "x"}]}) as r:
+    with httpx.stream(
+        "POST",
+        f"{gw.main}/v1/chat/completions",
+        timeout=30,
+        json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    ) as r:
         r.read()
     assert_openai_error(r, 404, "model_not_found")
 
@@ -460,8 +566,12 @@ def test_worker_failure_is_a_502_with_the_reason(gw: Setup) -> None:
 
 def test_task_timeout_is_a_504(gw: Setup) -> None:
     auth = {"authorization": f"Bearer {KEYS[0]}"}
-    r = httpx.post(f"{gw.strict}/v1/chat/completions", headers=auth, timeout=30, json={
-        "model": "slow", "messages": [{"role": "user", "content": "#repeat 400"}]})
+    r = httpx.post(
+        f"{gw.strict}/v1/chat/completions",
+        headers=auth,
+        timeout=30,
+        json={"model": "slow", "messages": [{"role": "user", "content": "#repeat 400"}]},
+    )
     err = assert_openai_error(r, 504, "task_timeout")
     assert err["type"] == "timeout"
     assert r.headers["x-should-retry"] == "false"  # the openai package would retry a 504
@@ -469,23 +579,33 @@ def test_task_timeout_is_a_504(gw: Setup) -> None:
 
 def test_timeout_after_the_stream_started_is_an_error_event(gw: Setup) -> None:
     auth = {"authorization": f"Bearer {KEYS[1]}"}
-    with httpx.stream("POST", f"{gw.strict}/v1/chat/completions", headers=auth, timeout=30,
-                      json={"model": "slow", "stream": True,
-                            "messages": [{"role": "user", "content": "#repeat 400"}]}) as r:
+    with httpx.stream(
+        "POST",
+        f"{gw.strict}/v1/chat/completions",
+        headers=auth,
+        timeout=30,
+        json={
+            "model": "slow",
+            "stream": True,
+            "messages": [{"role": "user", "content": "#repeat 400"}],
+        },
+    ) as r:
         assert r.status_code == 200
         events = sse_events(r)
     assert "[DONE]" not in events
     assert events[-1]["error"]["code"] == "task_timeout"
-    streamed = "".join(e["choices"][0]["delta"].get("content", "")
-                       for e in events[:-1] if "choices" in e)
+    streamed = "".join(
+        e["choices"][0]["delta"].get("content", "") for e in events[:-1] if "choices" in e
+    )
     assert streamed.startswith("tok0 tok1")
 
 
 def test_api_key_is_required_when_configured(gw: Setup) -> None:
     url = f"{gw.strict}/v1/models"
     assert_openai_error(httpx.get(url), 401, "invalid_api_key")
-    assert_openai_error(httpx.get(url, headers={"authorization": "Bearer wrong"}), 401,
-                        "invalid_api_key")
+    assert_openai_error(
+        httpx.get(url, headers={"authorization": "Bearer wrong"}), 401, "invalid_api_key"
+    )
     assert_openai_error(httpx.get(url, headers={"authorization": KEYS[0]}), 401)
     # A wrong key is a 401 even when the body is garbage too.
     assert_openai_error(httpx.post(f"{gw.strict}/v1/chat/completions", content="{"), 401)
@@ -496,19 +616,26 @@ def test_api_key_is_required_when_configured(gw: Setup) -> None:
     with pytest.raises(openai.AuthenticationError):
         sdk.models.list()
     sdk = openai.OpenAI(base_url=f"{gw.strict}/v1", api_key=KEYS[1], max_retries=0)
-    answer = sdk.chat.completions.create(model="echo",
-                                         messages=[{"role": "user", "content": "key ok"}])
+    answer = sdk.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "key ok"}]
+    )
     assert answer.choices[0].message.content == "Echo: key ok"
 
 
 def test_cors_lets_browsers_call_the_api(gw: Setup) -> None:
-    preflight = {"origin": "http://page.example", "access-control-request-method": "POST",
-                 "access-control-request-headers": "authorization, content-type"}
+    preflight = {
+        "origin": "http://page.example",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type",
+    }
     r = httpx.options(f"{gw.main}/v1/chat/completions", headers=preflight)
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] in {"*", "http://page.example"}
-    r = httpx.post(f"{gw.main}/v1/chat/completions", headers={"origin": "http://page.example"},
-                   json={"model": "echo", "messages": [{"role": "user", "content": "c"}]})
+    r = httpx.post(
+        f"{gw.main}/v1/chat/completions",
+        headers={"origin": "http://page.example"},
+        json={"model": "echo", "messages": [{"role": "user", "content": "c"}]},
+    )
     assert r.headers["access-control-allow-origin"] == "*"
     assert "x-igora-task" in r.headers["access-control-expose-headers"]
     # The strict gateway allows one origin only; its preflight needs no key.
@@ -521,8 +648,11 @@ def test_cors_lets_browsers_call_the_api(gw: Setup) -> None:
 
 # ---------------------------------------------------------------------- abort
 def test_client_disconnecting_mid_stream_aborts_its_task(gw: Setup) -> None:
-    payload = {"model": "slow", "stream": True,
-               "messages": [{"role": "user", "content": "#repeat 400"}]}
+    payload = {
+        "model": "slow",
+        "stream": True,
+        "messages": [{"role": "user", "content": "#repeat 400"}],
+    }
     with httpx.stream("POST", f"{gw.main}/v1/chat/completions", json=payload, timeout=30) as r:
         assert r.status_code == 200
         task_id = r.headers["x-igora-task"]
@@ -536,9 +666,15 @@ def test_client_disconnecting_mid_stream_aborts_its_task(gw: Setup) -> None:
     assert final["state"] == "aborted", final
     # Whoever ended it (worker or broker) kept at most what was streamed before the abort.
     assert len((final.get("response") or "").split()) < 100
-    slow = wait_until(lambda: [w for w in gw.cluster.agents("worker")
-                               if w.get("models") and w["models"][0]["name"] == "slow"
-                               and w.get("running") == 0], 15, "slow worker free again")
+    slow = wait_until(
+        lambda: [
+            w
+            for w in gw.cluster.agents("worker")
+            if w.get("models") and w["models"][0]["name"] == "slow" and w.get("running") == 0
+        ],
+        15,
+        "slow worker free again",
+    )
     assert slow[0]["state"] == "ready"
 
 
@@ -549,12 +685,18 @@ async def test_client_giving_up_on_a_plain_request_aborts_its_task(gw: Setup) ->
         # Every entry written to done, seen as it comes: the gateway's client removes the
         # end of its task from done within 50 ms, faster than a poll may look.
         seen: list[Any] = []
-        agent.observe_keys(MapName.DONE, lambda changes: seen.extend(
-            c.get("newValue") for c in changes.values()))
+        agent.observe_keys(
+            MapName.DONE, lambda changes: seen.extend(c.get("newValue") for c in changes.values())
+        )
         async with httpx.AsyncClient(timeout=1.5) as http:
             with pytest.raises(httpx.ReadTimeout):
-                await http.post(f"{gw.main}/v1/chat/completions", json={
-                    "model": "slow", "messages": [{"role": "user", "content": f"#repeat 400 {nonce}"}]})
+                await http.post(
+                    f"{gw.main}/v1/chat/completions",
+                    json={
+                        "model": "slow",
+                        "messages": [{"role": "user", "content": f"#repeat 400 {nonce}"}],
+                    },
+                )
 
         def ended() -> dict[str, Any] | None:
             for value in seen:
@@ -573,34 +715,52 @@ async def test_client_giving_up_on_a_plain_request_aborts_its_task(gw: Setup) ->
 
 def test_worker_lost_mid_stream_restarts_the_answer_with_a_marked_chunk(gw: Setup) -> None:
     c = gw.cluster
-    relays = {name: c.worker("--model", "relay", "--delay", "0.05", name=name)
-              for name in ("relay-a", "relay-b")}
+    relays = {
+        name: c.worker("--model", "relay", "--delay", "0.05", name=name)
+        for name in ("relay-a", "relay-b")
+    }
     try:
-        wait_until(lambda: "relay" in _models(gw.main) and len(
-                  [w for w in c.agents("worker") if w["name"].startswith("relay")]) == 2,
-                  60, "two relay workers")
-        payload = {"model": "relay", "stream": True,
-                   "messages": [{"role": "user", "content": "#repeat 60"}]}
+        wait_until(
+            lambda: (
+                "relay" in _models(gw.main)
+                and len([w for w in c.agents("worker") if w["name"].startswith("relay")]) == 2
+            ),
+            60,
+            "two relay workers",
+        )
+        payload = {
+            "model": "relay",
+            "stream": True,
+            "messages": [{"role": "user", "content": "#repeat 60"}],
+        }
         events: list[Any] = []
-        with httpx.stream("POST", f"{gw.main}/v1/chat/completions", json=payload,
-                          timeout=60) as r:
+        with httpx.stream("POST", f"{gw.main}/v1/chat/completions", json=payload, timeout=60) as r:
             lines = r.iter_lines()
             for line in lines:
                 if line.startswith("data: ") and '"content":"tok' in line:
                     break
-            busy = wait_until(lambda: [w["name"] for w in c.agents("worker")
-                                       if w["name"].startswith("relay") and w.get("running")],
-                              15, "the relay worker running the task")
+            busy = wait_until(
+                lambda: [
+                    w["name"]
+                    for w in c.agents("worker")
+                    if w["name"].startswith("relay") and w.get("running")
+                ],
+                15,
+                "the relay worker running the task",
+            )
             relays[busy[0]].kill()
             for line in lines:
                 if line.startswith("data: "):
-                    data = line[len("data: "):]
+                    data = line[len("data: ") :]
                     events.append(data if data == "[DONE]" else json.loads(data))
         assert events[-1] == "[DONE]"
         marked = [i for i, e in enumerate(events[:-1]) if e.get("igora", {}).get("restart")]
         assert len(marked) == 1, events
-        after = "".join(e["choices"][0]["delta"].get("content", "")
-                        for e in events[marked[0] + 1:-1] if e["choices"])
+        after = "".join(
+            e["choices"][0]["delta"].get("content", "")
+            for e in events[marked[0] + 1 : -1]
+            if e["choices"]
+        )
         assert after == "".join(f"tok{i} " for i in range(60))
     finally:
         for proc in relays.values():
@@ -612,12 +772,29 @@ def test_openapi_schema_fuzz_run_finds_no_server_error(gw: Setup, tmp_path: Path
     schema = httpx.get(f"{gw.fuzz}/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
     st = Path(sys.executable).with_name("st")
-    cmd = [str(st), "run", f"{gw.fuzz}/openapi.json", "--checks", "not_a_server_error",
-           "--phases", "fuzzing,stateful", "--max-examples", "50", "--workers", "2",
-           "--seed", "1", "--generation-database", "none", "--request-timeout", "30",
-           "--no-color",
-           # An endless event stream (the web page's live view) has no response to check.
-           "--exclude-path", "/api/market/events"]
+    cmd = [
+        str(st),
+        "run",
+        f"{gw.fuzz}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--phases",
+        "fuzzing,stateful",
+        "--max-examples",
+        "50",
+        "--workers",
+        "2",
+        "--seed",
+        "1",
+        "--generation-database",
+        "none",
+        "--request-timeout",
+        "30",
+        "--no-color",
+        # An endless event stream (the web page's live view) has no response to check.
+        "--exclude-path",
+        "/api/market/events",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert "No issues found" in run.stdout, run.stdout[-4000:]

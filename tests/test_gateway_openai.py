@@ -17,8 +17,10 @@ import pytest
 
 from .conftest import Proc, free_port
 
-QUESTION = [{"role": "system", "content": "You are a concise assistant."},
-            {"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 
 
 class Up:
@@ -26,9 +28,19 @@ class Up:
         self.market_port = free_port()
         self.gateway_port = free_port()
         self.base_url = f"http://127.0.0.1:{self.gateway_port}/v1"
-        self.proc = Proc(["up", "--port", str(self.market_port), "--gateway-port",
-                          str(self.gateway_port), "--data", str(tmp / "data"), "--no-check"],
-                         tmp / "up.log")
+        self.proc = Proc(
+            [
+                "up",
+                "--port",
+                str(self.market_port),
+                "--gateway-port",
+                str(self.gateway_port),
+                "--data",
+                str(tmp / "data"),
+                "--no-check",
+            ],
+            tmp / "up.log",
+        )
 
     def models(self) -> list[str]:
         try:
@@ -68,8 +80,13 @@ def test_models_and_model_by_id(up: Up, model: str) -> None:
 
 def test_sync_chat(up: Up, model: str) -> None:
     client = openai.OpenAI(base_url=up.base_url, api_key="none")
-    answer = client.chat.completions.create(model=model, messages=QUESTION,  # type: ignore[arg-type]
-                                            max_tokens=16, temperature=0, seed=1)
+    answer = client.chat.completions.create(
+        model=model,
+        messages=QUESTION,  # type: ignore[arg-type]
+        max_tokens=16,
+        temperature=0,
+        seed=1,
+    )
     assert answer.id.startswith("chatcmpl-") and answer.model == model
     choice = answer.choices[0]
     assert choice.message.role == "assistant"
@@ -83,43 +100,57 @@ def test_sync_chat(up: Up, model: str) -> None:
 
 def test_sync_stream_with_usage(up: Up, model: str) -> None:
     client = openai.OpenAI(base_url=up.base_url, api_key="none")
-    stream = client.chat.completions.create(model=model, messages=QUESTION,  # type: ignore[arg-type]
-                                            max_tokens=16, temperature=0, seed=1, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=QUESTION,  # type: ignore[arg-type]
+        max_tokens=16,
+        temperature=0,
+        seed=1,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
-    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and
-               c.choices[0].finish_reason]
+    reasons = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert reasons in (["stop"], ["length"])
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert 1 <= chunks[-1].usage.completion_tokens <= 16
 
 
-def test_temperature_zero_and_a_seed_give_the_same_answer_streamed_or_not(up: Up,
-                                                                          model: str) -> None:
+def test_temperature_zero_and_a_seed_give_the_same_answer_streamed_or_not(
+    up: Up, model: str
+) -> None:
     client = openai.OpenAI(base_url=up.base_url, api_key="none")
     options = dict(model=model, messages=QUESTION, max_tokens=16, temperature=0, seed=3)
     plain = client.chat.completions.create(**options)  # type: ignore[call-overload]
-    streamed = "".join(c.choices[0].delta.content or ""
-                       for c in client.chat.completions.create(**options, stream=True)
-                       if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**options, stream=True)
+        if c.choices
+    )
     assert plain.choices[0].message.content == streamed
 
 
 def test_max_tokens_cuts_with_finish_reason_length(up: Up, model: str) -> None:
     client = openai.OpenAI(base_url=up.base_url, api_key="none")
     answer = client.chat.completions.create(
-        model=model, max_completion_tokens=3, temperature=0,
-        messages=[{"role": "user", "content": "Write a long story about a dragon."}])
+        model=model,
+        max_completion_tokens=3,
+        temperature=0,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+    )
     assert answer.choices[0].finish_reason == "length"
     assert answer.usage is not None and answer.usage.completion_tokens <= 3
 
 
 def test_legacy_completion(up: Up, model: str) -> None:
     client = openai.OpenAI(base_url=up.base_url, api_key="none")
-    answer = client.completions.create(model=model, prompt="Name a colour.", max_tokens=8,
-                                       temperature=0)
+    answer = client.completions.create(
+        model=model, prompt="Name a colour.", max_tokens=8, temperature=0
+    )
     assert answer.object == "text_completion"
     assert answer.choices[0].text.strip()
     assert answer.choices[0].finish_reason in ("stop", "length")
@@ -130,13 +161,18 @@ async def test_async_chat_stream_and_not_at_once(up: Up, model: str) -> None:
 
     async def plain() -> str:
         answer = await client.chat.completions.create(
-            model=model, messages=QUESTION, max_tokens=16, temperature=0)  # type: ignore[arg-type]
+            model=model, messages=QUESTION, max_tokens=16, temperature=0
+        )  # type: ignore[arg-type]
         return answer.choices[0].message.content or ""
 
     async def streamed() -> str:
         stream = await client.chat.completions.create(
-            model="default", messages=QUESTION, max_tokens=16, temperature=0,  # type: ignore[arg-type]
-            stream=True)
+            model="default",
+            messages=QUESTION,
+            max_tokens=16,
+            temperature=0,  # type: ignore[arg-type]
+            stream=True,
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     a, b = await asyncio.wait_for(asyncio.gather(plain(), streamed()), 120)

@@ -26,9 +26,7 @@ from igora.identity import (
 )
 
 
-def igora_id(
-    *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
+def igora_id(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "igora", "id", *args],
         check=False,
@@ -104,9 +102,7 @@ def test_a_key_file_others_may_use_is_refused_and_left_alone(
 def test_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
     load_identity(tmp_path / "d")
     os.chmod(tmp_path / "d", 0o777)
-    with pytest.raises(
-        IdentityError, match=r"writable by others \(mode 0777\).*chmod 700"
-    ):
+    with pytest.raises(IdentityError, match=r"writable by others \(mode 0777\).*chmod 700"):
         load_identity(tmp_path / "d")
 
 
@@ -121,14 +117,12 @@ def test_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
         b"\xff\xfe garbage",
     ],
 )
-def test_a_corrupt_key_file_is_an_error_and_never_replaced(
-    tmp_path: Path, content: bytes
-) -> None:
+def test_a_corrupt_key_file_is_an_error_and_never_replaced(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / KEY_FILE
     path.write_bytes(content)
     os.chmod(path, 0o600)
     os.chmod(tmp_path, 0o700)
-    with pytest.raises(IdentityError, match="is not an Igora key file.*move it away"):
+    with pytest.raises(IdentityError, match=r"is not an Igora key file.*move it away"):
         load_identity(tmp_path)
     assert path.read_bytes() == content
 
@@ -211,10 +205,7 @@ def test_a_session_key_is_signed_and_verified(tmp_path: Path) -> None:
     # The verified key is usable: the asker's box opens with the worker's private half.
     mine = PrivateKey.generate()
     sealed = Box(mine, enc).encrypt(b"for the worker only")
-    assert (
-        Box(session.private_key, mine.public_key).decrypt(sealed)
-        == b"for the worker only"
-    )
+    assert Box(session.private_key, mine.public_key).decrypt(sealed) == b"for the worker only"
     assert asker.session_key().since > 1_700_000_000_000  # default: now
 
 
@@ -264,9 +255,7 @@ def test_igora_id_is_stable_across_runs_and_follows_the_data_folder(
     shown = json.loads(other.stdout)
     assert shown["id"] != first.stdout.strip()
     assert shown["file"] == str(tmp_path / "b" / KEY_FILE) and shown["created"] is True
-    assert bytes.fromhex(shown["ed25519"]) == base64.urlsafe_b64decode(
-        shown["id"] + "="
-    )
+    assert bytes.fromhex(shown["ed25519"]) == base64.urlsafe_b64decode(shown["id"] + "=")
 
 
 def test_igora_id_refuses_an_unsafe_or_corrupt_key_in_one_line(tmp_path: Path) -> None:
@@ -276,8 +265,7 @@ def test_igora_id_refuses_an_unsafe_or_corrupt_key_in_one_line(tmp_path: Path) -
     run = igora_id("--data", str(tmp_path))
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == (
-        f"igora id: error: {path} is readable by others (mode 0644); "
-        f"run chmod 600 {path}\n"
+        f"igora id: error: {path} is readable by others (mode 0644); run chmod 600 {path}\n"
     )
     os.chmod(path, 0o600)
     path.write_text("igora-ed25519 ???\n")

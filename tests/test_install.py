@@ -24,9 +24,7 @@ OWN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 """The environment of commands run in a fresh venv: they see its packages only."""
 
 
-def run(
-    *cmd: str | Path, timeout: float = 600, **kw: object
-) -> subprocess.CompletedProcess[str]:
+def run(*cmd: str | Path, timeout: float = 600, **kw: object) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         [str(c) for c in cmd],
         check=False,
@@ -83,9 +81,7 @@ def test_light_install_builds_no_llama_cpp_and_runs_market_and_gateway(
         timeout=60,
     )
     assert worker.returncode == 2, worker.stderr
-    assert worker.stderr.count("\n") == 1 and "Traceback" not in worker.stderr, (
-        worker.stderr
-    )
+    assert worker.stderr.count("\n") == 1 and "Traceback" not in worker.stderr, worker.stderr
     assert "needs llama-cpp-python, which is not installed" in worker.stderr
     assert f"scripts/install-llama.sh {python}" in worker.stderr
     # The OpenAI-compatible and echo engines come with the light install.
@@ -98,9 +94,7 @@ def test_light_install_builds_no_llama_cpp_and_runs_market_and_gateway(
         text=True,
         timeout=60,
     )
-    assert (
-        openai.returncode == 2 and "must look like http://host:port/v1" in openai.stderr
-    )
+    assert openai.returncode == 2 and "must look like http://host:port/v1" in openai.stderr
 
 
 def test_starting_the_cli_imports_no_llama_cpp() -> None:
@@ -117,9 +111,7 @@ def installed_wheel() -> Path:
     """The wheel file the running environment's llama-cpp-python was installed from."""
     from importlib.metadata import distribution
 
-    origin = json.loads(
-        distribution("llama-cpp-python").read_text("direct_url.json") or "{}"
-    )
+    origin = json.loads(distribution("llama-cpp-python").read_text("direct_url.json") or "{}")
     url = str(origin.get("url", ""))
     assert url.startswith("file://") and url.endswith(".whl"), (
         f"llama-cpp-python was not installed from a wheel file ({url or 'from an index'}): "
@@ -150,9 +142,7 @@ def test_install_script_replaces_another_build_with_its_own_then_keeps_it(
     run(python, "-m", "pip", "install", "--quiet", other, env=env)
 
     first = run("bash", SCRIPT, python, env=env)
-    assert f"replacing llama-cpp-python {version} (another build)" in first.stdout, (
-        first.stdout
-    )
+    assert f"replacing llama-cpp-python {version} (another build)" in first.stdout, first.stdout
     assert "building llama.cpp" not in first.stdout
     assert "AVX512" not in first.stdout and "AMX" not in first.stdout
     origin = json.loads(

@@ -35,22 +35,16 @@ def flags(listed: str) -> set[str]:
 
 
 HASWELL = flags("fpu sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2")
-SAPPHIRE_RAPIDS = HASWELL | flags(
-    "avx512f avx512vbmi avx512_vnni avx512_bf16 amx_int8 avx_vnni"
-)
+SAPPHIRE_RAPIDS = HASWELL | flags("avx512f avx512vbmi avx512_vnni avx512_bf16 amx_int8 avx_vnni")
 SANDY_BRIDGE = flags("fpu sse sse2 pni ssse3 sse4_1 sse4_2 avx")
-GRAVITON2 = flags(
-    "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp"
-)
+GRAVITON2 = flags("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp")
 
 
 def installed_system_info() -> str:
     return str(llama_cpp.llama_print_system_info().decode())
 
 
-def test_installed_llama_cpp_uses_no_instruction_set_beyond_the_portable_baseline() -> (
-    None
-):
+def test_installed_llama_cpp_uses_no_instruction_set_beyond_the_portable_baseline() -> None:
     machine = platform.machine()
     assert machine in cpu.PORTABLE, f"no portable baseline known for {machine}"
     used = cpu.library_features(installed_system_info())
@@ -69,9 +63,7 @@ def test_installed_llama_cpp_runs_on_this_cpu() -> None:
 
 
 REBUILD = "rebuild llama.cpp on this machine: `scripts/install-llama.sh`"
-FOR_THIS_CPU = (
-    'IGORA_LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" scripts/install'
-)
+FOR_THIS_CPU = 'IGORA_LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" scripts/install'
 AVX512_AMX = "AMX_INT8, AVX512, AVX512_BF16, AVX512_VBMI, AVX512_VNNI, AVX_VNNI"
 CASES = [  # library, machine, CPU flags, what it lacks (None: it runs), how to rebuild
     (NATIVE_AMX, "x86_64", HASWELL, AVX512_AMX, REBUILD),
@@ -122,8 +114,7 @@ def test_what_a_native_build_uses_beyond_the_portable_one() -> None:
     }
     # An instruction set of a machine with no known baseline counts as beyond it.
     assert (
-        cpu.beyond_portable(cpu.library_features(PORTABLE_X86), "riscv64")
-        == cpu.PORTABLE["x86_64"]
+        cpu.beyond_portable(cpu.library_features(PORTABLE_X86), "riscv64") == cpu.PORTABLE["x86_64"]
     )
 
 
@@ -135,14 +126,10 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(tmp_path: Path) -> None:
     )
     assert cpu.cpu_flags(x86) == {"fpu", "sse2", "avx", "avx2", "avx512f", "amx_int8"}
     arm = tmp_path / "arm"
-    arm.write_text(
-        "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd asimddp sve\n"
-    )
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd asimddp sve\n")
     assert cpu.cpu_flags(arm) == {"fp", "asimd", "asimddp", "sve"}
     assert cpu.cpu_flags(tmp_path / "missing") is None
-    assert cpu.cpu_flags(Path("/proc/cpuinfo")), (
-        "this Linux machine lists its CPU flags"
-    )
+    assert cpu.cpu_flags(Path("/proc/cpuinfo")), "this Linux machine lists its CPU flags"
 
 
 def test_the_engine_refuses_a_library_this_cpu_cannot_run_before_loading(
@@ -155,9 +142,7 @@ def test_the_engine_refuses_a_library_this_cpu_cannot_run_before_loading(
     monkeypatch.setattr(cpu, "cpu_flags", lambda: real(cpuinfo))
     llama.llama_class.cache_clear()
     try:
-        with pytest.raises(
-            EngineError, match="uses AVX2, BMI2, F16C, FMA, which this CPU lacks"
-        ):
+        with pytest.raises(EngineError, match="uses AVX2, BMI2, F16C, FMA, which this CPU lacks"):
             llama.LlamaEngine(tmp_path / "never-read.gguf")
     finally:
         llama.llama_class.cache_clear()

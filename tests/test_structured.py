@@ -10,12 +10,28 @@ import pytest
 from igora.engines.base import EngineError, Request
 from igora.engines.structured import MAX_ITEMS, MAX_STRING, bounded, check, plan, read_answer
 
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
-    "age": {"type": "integer", "minimum": 0}, "kind": {"type": "string", "enum": ["a", "b"]}},
-    "required": ["name", "age"], "$defs": {"X": {"type": "string", "minLength": 500}}}
-TOOL = {"type": "function", "function": {"name": "f", "parameters": {
-    "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "age": {"type": "integer", "minimum": 0},
+        "kind": {"type": "string", "enum": ["a", "b"]},
+    },
+    "required": ["name", "age"],
+    "$defs": {"X": {"type": "string", "minLength": 500}},
+}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "parameters": {
+            "type": "object",
+            "properties": {"q": {"type": "string"}},
+            "required": ["q"],
+        },
+    },
+}
 
 
 def test_bounded_schema_limits_strings_arrays_and_objects_only_where_unbounded() -> None:
@@ -37,14 +53,18 @@ def test_check_parses_and_validates_against_the_schema_as_given() -> None:
         check('{"name": "Tom", "age": -1}', PERSON)  # minimum: not in the grammar
 
 
-@pytest.mark.parametrize("choice,answer,content,call", [
-    ({"type": "function", "function": {"name": "f"}}, '{"q": "x"}', "", ("f", {"q": "x"})),
-    ("required", '{"name": "f", "arguments": {"q": "y"}}', "", ("f", {"q": "y"})),
-    ("auto", '{"name": "f", "arguments": {"q": "z"}}', "", ("f", {"q": "z"})),
-    ("auto", '{"answer": "Hello"}', "Hello", None),
-])
-def test_tool_answers_are_read_back_as_calls_or_text(choice: object, answer: str, content: str,
-                                                      call: tuple[str, dict] | None) -> None:
+@pytest.mark.parametrize(
+    "choice,answer,content,call",
+    [
+        ({"type": "function", "function": {"name": "f"}}, '{"q": "x"}', "", ("f", {"q": "x"})),
+        ("required", '{"name": "f", "arguments": {"q": "y"}}', "", ("f", {"q": "y"})),
+        ("auto", '{"name": "f", "arguments": {"q": "z"}}', "", ("f", {"q": "z"})),
+        ("auto", '{"answer": "Hello"}', "Hello", None),
+    ],
+)
+def test_tool_answers_are_read_back_as_calls_or_text(
+    choice: object, answer: str, content: str, call: tuple[str, dict] | None
+) -> None:
     p = plan(Request([{"role": "user", "content": "q"}], tools=[TOOL], tool_choice=choice))  # type: ignore[arg-type]
     text, calls = read_answer(p, answer)
     assert text == content

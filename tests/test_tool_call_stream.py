@@ -10,16 +10,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from igora.engines.base import Finish
-from igora.engines.openai import _Choices
+from igora.engines.openai_wire import Choices as _Choices
 from igora.gateway.app import Chunks, Job
 
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_-]{0,20}", fullmatch=True)
-arguments = st.dictionaries(st.text(max_size=8), st.one_of(st.text(max_size=40), st.integers(),
-                                                           st.booleans(), st.none()),
-                            max_size=6).map(lambda d: json.dumps(d, ensure_ascii=False))
-calls = st.lists(st.builds(lambda i, n, a: {"id": f"call_{i}", "type": "function",
-                                            "function": {"name": n, "arguments": a}},
-                           st.integers(0, 10**6), names, arguments), min_size=1, max_size=4)
+arguments = st.dictionaries(
+    st.text(max_size=8),
+    st.one_of(st.text(max_size=40), st.integers(), st.booleans(), st.none()),
+    max_size=6,
+).map(lambda d: json.dumps(d, ensure_ascii=False))
+calls = st.lists(
+    st.builds(
+        lambda i, n, a: {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": n, "arguments": a},
+        },
+        st.integers(0, 10**6),
+        names,
+        arguments,
+    ),
+    min_size=1,
+    max_size=4,
+)
 
 
 def _chunks(calls: list[dict[str, Any]], index: int = 0) -> list[dict[str, Any]]:
@@ -45,8 +58,9 @@ def test_streamed_tool_calls_are_put_back_together(sent: list[dict[str, Any]]) -
 
 
 @given(calls, calls)
-def test_calls_of_several_choices_stay_apart(first: list[dict[str, Any]],
-                                             second: list[dict[str, Any]]) -> None:
+def test_calls_of_several_choices_stay_apart(
+    first: list[dict[str, Any]], second: list[dict[str, Any]]
+) -> None:
     answers = _Choices()
     for chunk in _chunks(first, 0) + _chunks(second, 1):
         answers.add(chunk["choices"][0])

@@ -32,8 +32,14 @@ from igora.testing import wait_until
 from .conftest import free_port
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 GROUP_STATES = {"waiting", "running", "done", "failed", "aborted"}
 
 pytestmark = pytest.mark.slow
@@ -50,10 +56,25 @@ class Up:
         self.log_path = tmp / "up.log"
         self._log = open(self.log_path, "ab")
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "igora", "up", "--port", str(self.port), "--gateway-port",
-             str(self.gateway_port), "--data", str(tmp / "data"), "--no-check"],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp))
+            [
+                sys.executable,
+                "-m",
+                "igora",
+                "up",
+                "--port",
+                str(self.port),
+                "--gateway-port",
+                str(self.gateway_port),
+                "--data",
+                str(tmp / "data"),
+                "--no-check",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=str(tmp),
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -78,6 +99,7 @@ class Up:
                 if a["type"] == "worker" and a["state"] == "ready":
                     return a
             return None
+
         return self.wait("a ready worker on the market", check, timeout=120)
 
     def task(self, task_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
@@ -86,6 +108,7 @@ class Up:
                 if t["id"] == task_id:
                     return t
             return None
+
         return self.wait(f"task {task_id} {state}", check, timeout)
 
     def children(self) -> list[int]:
@@ -115,8 +138,11 @@ class Up:
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     u = Up(tmp_path_factory.mktemp("web"))
     try:
-        u.wait("the gateway", lambda: urllib.request.urlopen(f"{u.base}/health", timeout=2)
-               .status == 200, timeout=60)
+        u.wait(
+            "the gateway",
+            lambda: urllib.request.urlopen(f"{u.base}/health", timeout=2).status == 200,
+            timeout=60,
+        )
         u.ready_worker()
         yield u
     finally:
@@ -185,7 +211,8 @@ RECORD_STATES = """() => {
       if (seen[seen.length - 1] !== group) seen.push(group);
     }
   };
-  new MutationObserver(look).observe(document.getElementById('board'), {subtree: true, childList: true});
+  new MutationObserver(look).observe(document.getElementById('board'),
+                                    {subtree: true, childList: true});
   look();
 }"""
 
@@ -229,7 +256,8 @@ def test_page_follows_the_browser_language_and_the_switch(browser: Browser, up: 
         assert page.get_attribute("html", "lang") == "fr"
         assert page.inner_text("#tab-chat") == "Discussion"
         assert page.inner_text("#send") == "Envoyer"
-        unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        unlabelled = page.evaluate("""() =>
+            [...document.querySelectorAll('input, select, textarea')]
             .filter(e => !e.labels.length && !e.getAttribute('aria-label')).map(e => e.id)""")
         assert unlabelled == []
         assert "Prompt système" in page.inner_text("label[for=system]")
@@ -248,11 +276,13 @@ def test_page_follows_the_browser_language_and_the_switch(browser: Browser, up: 
 
 
 def test_model_picker_lists_the_bundled_model_and_presets_fill_the_system_prompt(
-        context: BrowserContext, up: Up) -> None:
+    context: BrowserContext, up: Up
+) -> None:
     model = bundled_model(up)
     page = open_page(context, up)
     page.wait_for_function(
-        "m => [...document.querySelectorAll('#model option')].some(o => o.value === m)", arg=model)
+        "m => [...document.querySelectorAll('#model option')].some(o => o.value === m)", arg=model
+    )
     assert page.input_value("#model") == model
     page.select_option("#preset", "romancier")
     assert "novelist" in page.input_value("#system")
@@ -302,10 +332,20 @@ def test_a_json_answer_is_shown_indented(context: BrowserContext, up: Up) -> Non
     assert page.input_value("#format") == "json_object"  # the setting is kept
 
 
-WEATHER_TOOL = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather now in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}]
+WEATHER_TOOL = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather now in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 
 def test_a_tool_call_is_shown_with_its_arguments(context: BrowserContext, up: Up) -> None:
@@ -327,11 +367,16 @@ def test_a_tool_call_is_shown_with_its_arguments(context: BrowserContext, up: Up
 def test_stop_aborts_a_long_answer(context: BrowserContext, up: Up) -> None:
     up.ready_worker()
     page = open_page(context, up)
-    ask(page, "Raconte une très longue histoire de dragons, de chevaliers et de châteaux.",
-        max_tokens=400, system="romancier")
+    ask(
+        page,
+        "Raconte une très longue histoire de dragons, de chevaliers et de châteaux.",
+        max_tokens=400,
+        system="romancier",
+    )
     page.wait_for_function(
         "() => (document.querySelector('.msg-assistant .body')?.textContent.length || 0) > 0",
-        timeout=90_000)
+        timeout=90_000,
+    )
     page.click("#stop")
     page.wait_for_selector(".msg-assistant[data-finish=stopped]")
     assert page.inner_text(".msg-assistant .note-info") == "Stopped."
@@ -368,7 +413,8 @@ def test_errors_are_readable(context: BrowserContext, up: Up) -> None:
 
 
 def test_market_view_shows_the_worker_and_tasks_moving_through_their_states(
-        context: BrowserContext, up: Up) -> None:
+    context: BrowserContext, up: Up
+) -> None:
     up.ready_worker()
     model = bundled_model(up)
     market = open_page(context, up, "market")
@@ -409,13 +455,23 @@ def test_market_view_survives_malformed_tasks(up: Up) -> None:
 
 
 async def _write_malformed_tasks(up: Up) -> None:
-    agent = Agent(market_address(f"ws://127.0.0.1:{up.port}", "market"), type="client",
-                  name="vandal", style="text")
+    agent = Agent(
+        market_address(f"ws://127.0.0.1:{up.port}", "market"),
+        type="client",
+        name="vandal",
+        style="text",
+    )
     async with agent:
         with agent.transaction():
             agent.maps[MapName.DONE]["bad-done"] = {
-                "id": "bad-done", "state": "done", "usage": {"completionTokens": "lots"},
-                "end": "soon", "attemps": True, "asker": ["x"], "model": 42}
+                "id": "bad-done",
+                "state": "done",
+                "usage": {"completionTokens": "lots"},
+                "end": "soon",
+                "attemps": True,
+                "asker": ["x"],
+                "model": 42,
+            }
             agent.maps[MapName.DONE]["bad-state"] = {"id": "bad-state", "state": "weird"}
             agent.maps[MapName.DONE]["not-a-task"] = "hello"
         try:
@@ -432,31 +488,55 @@ async def _write_malformed_tasks(up: Up) -> None:
 
 
 def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> None:
+    from igora import Client
     from igora.protocol import now_ms
     from igora.web.market_view import MarketTracker
 
-    agent = Agent(market_address("ws://127.0.0.1:9", "market"), type="client", name="page",
-                  style="text")  # never connected: the document is only local here
-    tracker = MarketTracker(agent)
+    client = Client("ws://127.0.0.1:9", "market", name="page")  # never connected
+    agent = client.agent  # the test writes the (local) document through it
+    tracker = MarketTracker(client)
     now = now_ms()
     maps = agent.maps
     with agent.transaction():
-        maps[MapName.TODOS]["t1"] = {"id": "t1", "state": "todo", "asker": agent.id,
-                                     "prompt": "a", "date": now, "protocol": 2,
-                                     "tools": [{"type": "function", "function": {"name": "f"}}],
-                                     "responseFormat": {"type": "json_object"}}
-        maps[MapName.PREPARED]["t2"] = {"id": "t2", "state": "prepared", "askerName": "bob",
-                                        "worker": "w-1", "prompt": "b", "date": now}
-        maps[MapName.DOING]["t3"] = {"id": "t3", "state": "doing", "worker": "w-1",
-                                     "prompt": "c", "date": now, "aborted": "aborted"}
+        maps[MapName.TODOS]["t1"] = {
+            "id": "t1",
+            "state": "todo",
+            "asker": agent.id,
+            "prompt": "a",
+            "date": now,
+            "protocol": 2,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "responseFormat": {"type": "json_object"},
+        }
+        maps[MapName.PREPARED]["t2"] = {
+            "id": "t2",
+            "state": "prepared",
+            "askerName": "bob",
+            "worker": "w-1",
+            "prompt": "b",
+            "date": now,
+        }
+        maps[MapName.DOING]["t3"] = {
+            "id": "t3",
+            "state": "doing",
+            "worker": "w-1",
+            "prompt": "c",
+            "date": now,
+            "aborted": "aborted",
+        }
     version = tracker.version
     with agent.transaction():
-        for i, (state, tokens) in enumerate((("done", 30), ("done", 10), ("failed", 0),
-                                             ("aborted", 0))):
+        for i, (state, tokens) in enumerate(
+            (("done", 30), ("done", 10), ("failed", 0), ("aborted", 0))
+        ):
             maps[MapName.DONE][f"f{i}"] = {
-                "id": f"f{i}", "state": state, "end": now - 5000 + i, "prompt": "x",
-                "usage": {"completionTokens": tokens}, "error": "boom" if state == "failed"
-                else None}
+                "id": f"f{i}",
+                "state": state,
+                "end": now - 5000 + i,
+                "prompt": "x",
+                "usage": {"completionTokens": tokens},
+                "error": "boom" if state == "failed" else None,
+            }
     assert tracker.version > version
     # A client removes its finished tasks from `done`: the tracker has recorded them.
     with agent.transaction():
@@ -464,8 +544,13 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
             del maps[MapName.DONE][f"f{i}"]
     snap = tracker.snapshot()
     ids = {g: [t["id"] for t in ts] for g, ts in snap["tasks"].items()}
-    assert ids == {"waiting": ["t1", "t2"], "running": ["t3"], "done": ["f1", "f0"],  # newest first
-                   "failed": ["f2"], "aborted": ["f3"]}
+    assert ids == {
+        "waiting": ["t1", "t2"],
+        "running": ["t3"],
+        "done": ["f1", "f0"],  # newest first
+        "failed": ["f2"],
+        "aborted": ["f3"],
+    }
     t1, t2 = snap["tasks"]["waiting"]
     assert t1["askerName"] == "page" and t2["askerName"] == "bob"  # resolved, or as given
     assert t1["needs"] == ["json_object", "tools"] and t2["needs"] == []
@@ -477,6 +562,46 @@ def test_snapshot_groups_tasks_and_counts_throughput_from_finished_tasks() -> No
     assert sum(p["tasksPerMin"] for p in th["series"]) * th["bucket"] / 60 == 4
     # The same task seen again in `done` is not counted twice.
     with agent.transaction():
-        maps[MapName.DONE]["f0"] = {"id": "f0", "state": "done", "end": now - 5000,
-                                    "usage": {"completionTokens": 30}, "prompt": "x"}
+        maps[MapName.DONE]["f0"] = {
+            "id": "f0",
+            "state": "done",
+            "end": now - 5000,
+            "usage": {"completionTokens": 30},
+            "prompt": "x",
+        }
     assert tracker.throughput()["tasksPerMin"] == 4.0
+
+
+def test_agent_rows_and_usage_read_what_others_wrote_without_trusting_it() -> None:
+    """``igora status`` and the web page share these readers of awareness states and tasks
+    written by any peer: wrong types become None or 0, long values are cut."""
+    from igora.summary import agent_order, agent_summary, tasks_by_state, usage_counts
+
+    worker = agent_summary(
+        {"id": "w", "name": "x" * 500, "type": "worker", "slots": 2, "running": True,
+         "speed": "fast", "models": [{"name": "m", "contextLength": 2048}, "n", 3],
+         "leader": 1, "protocol": 2}
+    )  # fmt: skip
+    assert worker["name"] == "x" * 200 and worker["slots"] == 2
+    assert worker["running"] is None and worker["speed"] is None  # a bool, a string: not numbers
+    assert worker["models"] == [
+        {"name": "m", "contextLength": 2048},
+        {"name": "n", "contextLength": None},
+    ]
+    assert worker["leader"] is True and worker["igora"] is True
+    bare = agent_summary({}, "42")  # an original agent that says nothing of itself
+    assert bare["name"] == "42" and bare["leader"] is None and bare["igora"] is False
+    rows = [bare, agent_summary({"type": "broker", "name": "b"}), worker]
+    assert [r["type"] for r in sorted(rows, key=agent_order)] == ["worker", "broker", None]
+    maps = {
+        MapName.TODOS: {"a": {"state": "todo"}, "b": "not a task"},
+        MapName.PREPARED: {},
+        MapName.DOING: {"c": {"state": "doing"}, "d": {"state": "weird"}},
+        MapName.DONE: {"e": {"state": "done"}, "f": {"state": "failed"}},
+    }
+    counts = tasks_by_state(maps)
+    assert (counts["todo"], counts["doing"], counts["done"], counts["failed"]) == (1, 1, 1, 1)
+    assert sum(counts.values()) == 4  # the malformed entries are not counted
+    assert usage_counts({"usage": {"promptTokens": 7, "completionTokens": 5}}) == (7, 5)
+    assert usage_counts({"usage": {"promptTokens": -1, "completionTokens": True}}) == (0, 0)
+    assert usage_counts({"usage": "lots"}) == usage_counts({}) == (0, 0)

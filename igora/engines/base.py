@@ -115,8 +115,9 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: Request) -> AsyncIterator[str | Finish]: ...
 
-    async def embed(self, inputs: list[str], *, model: str | None = None,
-                    dimensions: int | None = None) -> Embeddings:
+    async def embed(
+        self, inputs: list[str], *, model: str | None = None, dimensions: int | None = None
+    ) -> Embeddings:
         """Vectors for ``inputs`` (engines whose models offer ``embed``)."""
         raise EngineError(f"the {self.kind} engine does not compute embeddings")
 

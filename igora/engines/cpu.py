@@ -82,9 +82,7 @@ def library_features(system_info: str) -> set[str]:
 
     The text looks like ``CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | ... | REPACK = 1 |``.
     """
-    return {
-        name for name, value in _ITEM.findall(system_info) if value not in ("0", "")
-    }
+    return {name for name, value in _ITEM.findall(system_info) if value not in ("0", "")}
 
 
 def instruction_sets(features: set[str]) -> set[str]:
@@ -113,9 +111,7 @@ def missing(features: set[str], flags: set[str]) -> list[str]:
     """The instruction sets a library uses that a CPU with ``flags`` lacks (known names
     only: a name this table does not know is not checked)."""
     return sorted(
-        f
-        for f in instruction_sets(features)
-        if f in CPU_FLAG and CPU_FLAG[f] not in flags
+        f for f in instruction_sets(features) if f in CPU_FLAG and CPU_FLAG[f] not in flags
     )
 
 

@@ -33,8 +33,9 @@ class EchoEngine(Engine):
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(self.model, 1_000_000, CAPABILITIES)]
 
-    async def embed(self, inputs: list[str], *, model: str | None = None,
-                    dimensions: int | None = None) -> Embeddings:
+    async def embed(
+        self, inputs: list[str], *, model: str | None = None, dimensions: int | None = None
+    ) -> Embeddings:
         size = dimensions or EMBED_DIMENSIONS
         vectors = []
         for text in inputs:

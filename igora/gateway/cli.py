@@ -11,7 +11,8 @@ from .. import arguments as arg
 from ..client import DEFAULT_TIMEOUT
 from ..config import ConfigError, env, market_address
 from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
-from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME
+from ..net import port_free
+from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME, WAIT_WORKER
 
 API_KEYS_ENV = "IGORA_API_KEYS"
 KEEP_ALIVE = 75  # seconds an idle HTTP connection stays open: longer than clients keep
@@ -21,30 +22,60 @@ KEEP_ALIVE = 75  # seconds an idle HTTP connection stays open: longer than clien
 log = logging.getLogger("igora.gateway")
 
 
-def add_parser(sub: Any, formatter: type[argparse.HelpFormatter],
-               market_options: Callable[[argparse.ArgumentParser], None],
-               common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+def add_parser(
+    sub: Any,
+    formatter: type[argparse.HelpFormatter],
+    market_options: Callable[[argparse.ArgumentParser], None],
+    common: Callable[[argparse.ArgumentParser], None],
+) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        "gateway", formatter_class=formatter,
+        "gateway",
+        formatter_class=formatter,
         help="serve an OpenAI-compatible API (and the web page) for a market",
         description="Serve /v1/chat/completions, /v1/completions and /v1/models: every "
-                    "request becomes a task on the market. Point any OpenAI client at "
-                    "base_url http://HOST:PORT/v1.")
+        "request becomes a task on the market. Point any OpenAI client at "
+        "base_url http://HOST:PORT/v1.",
+    )
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: everyone)")
     p.add_argument("--port", type=arg.port, default=DEFAULT_PORT, help="port")
-    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                   help=f"accept only requests with 'Authorization: Bearer KEY' (repeatable; "
-                        f"default: the comma-separated {API_KEYS_ENV}, else no key needed)")
-    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
-                   help="browser origin allowed to call the API (repeatable; default: any, '*')")
-    p.add_argument("--timeout", type=arg.positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
-                   help="deadline of each task, in seconds")
-    p.add_argument("--wait-worker", type=arg.seconds, default=0.0, metavar="S",
-                   help="seconds a request waits for a worker serving its model to appear "
-                        "before failing with 503/404")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help=f"accept only requests with 'Authorization: Bearer KEY' (repeatable; "
+        f"default: the comma-separated {API_KEYS_ENV}, else no key needed)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="browser origin allowed to call the API (repeatable; default: any, '*')",
+    )
+    p.add_argument(
+        "--timeout",
+        type=arg.positive_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help="deadline of each task, in seconds",
+    )
+    p.add_argument(
+        "--wait-worker",
+        type=arg.seconds,
+        default=WAIT_WORKER,
+        metavar="S",
+        help="seconds a request waits for a worker serving its model to appear "
+        "before failing with 503/404",
+    )
     p.add_argument("--name", default=GATEWAY_NAME, help="name shown to others on the market")
-    p.add_argument("--header-timeout", type=arg.positive_seconds, default=DEFAULT_HEADER_TIMEOUT, metavar="S",
-                   help="seconds a client has to send its request headers")
+    p.add_argument(
+        "--header-timeout",
+        type=arg.positive_seconds,
+        default=DEFAULT_HEADER_TIMEOUT,
+        metavar="S",
+        help="seconds a client has to send its request headers",
+    )
     market_options(p)
     common(p)
     return p
@@ -60,24 +91,43 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..up import port_free
     from .app import create_app
 
     address = market_address(args.market, args.room)  # fail early on a bad URL
     if not port_free(args.host, args.port):
-        raise ConfigError(f"port {args.port} on {args.host} is taken (another gateway running?): "
-                          "stop it or choose another with --port")
+        raise ConfigError(
+            f"port {args.port} on {args.host} is taken (another gateway running?): "
+            "stop it or choose another with --port"
+        )
     keys = api_keys(args)
-    app = create_app(address.url, address.room, api_keys=keys,
-                     cors_origins=args.cors_origin or ["*"], timeout=args.timeout,
-                     wait_worker=args.wait_worker, heartbeat=args.heartbeat,
-                     name=args.name)
-    log.info("gateway on http://%s:%d/v1 for market %s%s", args.host, args.port,
-             address.room_url, f" ({len(keys)} API key(s))" if keys else " (no API key)")
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
-                            log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE,
-                            http=http_protocol(None, args.header_timeout, log))
+    app = create_app(
+        address.url,
+        address.room,
+        api_keys=keys,
+        cors_origins=args.cors_origin or ["*"],
+        timeout=args.timeout,
+        wait_worker=args.wait_worker,
+        heartbeat=args.heartbeat,
+        name=args.name,
+    )
+    log.info(
+        "gateway on http://%s:%d/v1 for market %s%s",
+        args.host,
+        args.port,
+        address.room_url,
+        f" ({len(keys)} API key(s))" if keys else " (no API key)",
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE,
+        http=http_protocol(None, args.header_timeout, log),
+    )
     server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1

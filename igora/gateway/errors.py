@@ -46,8 +46,15 @@ _CAPS = frozenset(c.value for c in Cap)
 class OpenAIError(Exception):
     """An HTTP error with an OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, *, type: str = INVALID,
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = INVALID,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -56,8 +63,14 @@ class OpenAIError(Exception):
         self.code = code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         headers = dict(headers or {})
@@ -71,32 +84,46 @@ def from_igora(exc: Exception, model: str | None) -> OpenAIError:
     if isinstance(exc, NoWorkerError):
         if exc.missing:
             param = PARAM.get(Cap(exc.missing[0]), None) if exc.missing[0] in _CAPS else None
-            return OpenAIError(400, f"No worker on the market can serve this request: {exc}. "
-                                    f"Start a worker that offers it (see docs/gateway.md).",
-                               param=param, code="capability_not_served")
+            return OpenAIError(
+                400,
+                f"No worker on the market can serve this request: {exc}. "
+                f"Start a worker that offers it (see docs/gateway.md).",
+                param=param,
+                code="capability_not_served",
+            )
         if exc.available and model:
-            return OpenAIError(404, f"The model {model!r} is not served on the market right now "
-                                    f"(served: {', '.join(exc.available)}).",
-                               param="model", code="model_not_found")
-        return OpenAIError(503, "No worker is on the market right now: start one with "
-                                "`igora worker` (or `igora up`), then retry.",
-                           type=SERVER, code="no_worker")
+            return OpenAIError(
+                404,
+                f"The model {model!r} is not served on the market right now "
+                f"(served: {', '.join(exc.available)}).",
+                param="model",
+                code="model_not_found",
+            )
+        return OpenAIError(
+            503,
+            "No worker is on the market right now: start one with "
+            "`igora worker` (or `igora up`), then retry.",
+            type=SERVER,
+            code="no_worker",
+        )
     if isinstance(exc, TaskTimeout):
-        return OpenAIError(504, f"The task timed out: {exc}.", type="timeout",
-                           code="task_timeout")
+        return OpenAIError(504, f"The task timed out: {exc}.", type="timeout", code="task_timeout")
     if isinstance(exc, TaskAborted):
-        return OpenAIError(502, f"The task was aborted on the market: {exc}.", type=SERVER,
-                           code="task_aborted")
+        return OpenAIError(
+            502, f"The task was aborted on the market: {exc}.", type=SERVER, code="task_aborted"
+        )
     if isinstance(exc, TaskFailed):
-        return OpenAIError(502, f"The worker could not answer: {exc}", type=SERVER,
-                           code="worker_error")
+        return OpenAIError(
+            502, f"The worker could not answer: {exc}", type=SERVER, code="worker_error"
+        )
     if isinstance(exc, TaskError):
         return OpenAIError(502, str(exc), type=SERVER, code="task_error")
     if isinstance(exc, ProtocolError):
         return OpenAIError(400, f"Invalid request: {exc}.")
     log.error("unexpected error: %r", exc)
-    return OpenAIError(500, "The gateway hit an unexpected error; see its log.", type=SERVER,
-                       code="internal_error")
+    return OpenAIError(
+        500, "The gateway hit an unexpected error; see its log.", type=SERVER, code="internal_error"
+    )
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -113,8 +140,11 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     kind = first.get("type", "")
     param = _param(tuple(first.get("loc", ())))
     if kind == "json_invalid":
-        message = "We could not parse the JSON body of your request: " + str(
-            first.get("ctx", {}).get("error", "invalid JSON")) + "."
+        message = (
+            "We could not parse the JSON body of your request: "
+            + str(first.get("ctx", {}).get("error", "invalid JSON"))
+            + "."
+        )
         return OpenAIError(400, message, code="invalid_json").response()
     if kind == "missing":
         if param is None:
@@ -123,10 +153,14 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
             message = f"Missing required parameter: {param!r}."
         return OpenAIError(400, message, param=param, code="missing_required_parameter").response()
     if param is None and kind in ("model_attributes_type", "dict_type"):
-        return OpenAIError(400, "The request body must be a JSON object.",
-                           code="invalid_value").response()
-    message = f"Invalid value for {param!r}: {first.get('msg', 'invalid')}." if param else (
-        f"Invalid request body: {first.get('msg', 'invalid')}.")
+        return OpenAIError(
+            400, "The request body must be a JSON object.", code="invalid_value"
+        ).response()
+    message = (
+        f"Invalid value for {param!r}: {first.get('msg', 'invalid')}."
+        if param
+        else (f"Invalid request body: {first.get('msg', 'invalid')}.")
+    )
     if len(errors) > 1:
         message += f" ({len(errors) - 1} more problem(s) in the request.)"
     return OpenAIError(400, message, param=param, code="invalid_value").response()
@@ -141,9 +175,12 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = f"Unknown path {request.url.path!r}: see /docs for the API."
     elif exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path!r}."
-    err = OpenAIError(exc.status_code, message,
-                      type=INVALID if exc.status_code < 500 else SERVER,
-                      code=codes.get(exc.status_code))
+    err = OpenAIError(
+        exc.status_code,
+        message,
+        type=INVALID if exc.status_code < 500 else SERVER,
+        code=codes.get(exc.status_code),
+    )
     return err.response(headers=getattr(exc, "headers", None))
 
 
@@ -153,8 +190,9 @@ async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return OpenAIError(500, "The gateway hit an unexpected error; see its log.", type=SERVER,
-                       code="internal_error").response()
+    return OpenAIError(
+        500, "The gateway hit an unexpected error; see its log.", type=SERVER, code="internal_error"
+    ).response()
 
 
 def install(app: FastAPI) -> None:

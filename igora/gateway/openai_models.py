@@ -46,7 +46,8 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool | None = Field(
-        None, description="Send a last chunk with `usage` and no choices before `[DONE]`.")
+        None, description="Send a last chunk with `usage` and no choices before `[DONE]`."
+    )
 
 
 class ContentPart(_Request):
@@ -80,7 +81,8 @@ class FunctionSpec(_Request):
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = Field(None, max_length=MAX_TEXT)
     parameters: dict[str, Any] | None = Field(
-        None, description="A JSON schema of the arguments (an object).")
+        None, description="A JSON schema of the arguments (an object)."
+    )
     strict: bool | None = None
 
 
@@ -108,16 +110,19 @@ class JsonSchemaSpec(_Request):
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = Field(
-        None, description="With type `json_schema`: the schema the answer follows.")
+        None, description="With type `json_schema`: the schema the answer follows."
+    )
 
 
 class _Sampling(_Request):
     """Parameters shared by chat and text completions."""
 
     model: str | None = Field(
-        None, max_length=MAX_ID,
+        None,
+        max_length=MAX_ID,
         description="A model served on the market (see `GET /v1/models`). Missing, empty, "
-                    "`default`, `igora`, `auto` or `any`: any worker answers.")
+        "`default`, `igora`, `auto` or `any`: any worker answers.",
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -125,12 +130,19 @@ class _Sampling(_Request):
     top_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
-        None, description=f"Up to {MAX_STOP} non-empty strings that end the answer.")
-    n: int | None = Field(None, ge=1, le=MAX_CHOICES,
-                          description="Number of choices (n > 1 needs a worker offering `n`).")
-    user: str | None = Field(None, max_length=MAX_USER,
-                             description="End-user id: logged by the gateway, not put on "
-                                         "the market.")
+        None, description=f"Up to {MAX_STOP} non-empty strings that end the answer."
+    )
+    n: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Number of choices (n > 1 needs a worker offering `n`).",
+    )
+    user: str | None = Field(
+        None,
+        max_length=MAX_USER,
+        description="End-user id: logged by the gateway, not put on the market.",
+    )
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="Ignored.")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Ignored.")
     logit_bias: dict[str, float] | None = Field(None, description="Ignored.")
@@ -139,13 +151,15 @@ class _Sampling(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    logprobs: bool | None = Field(None, description="Token log probabilities (a worker "
-                                                    "offering `logprobs`).")
+    logprobs: bool | None = Field(
+        None, description="Token log probabilities (a worker offering `logprobs`)."
+    )
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
-    functions: list[dict[str, Any]] | None = Field(None, description="Legacy: not supported "
-                                                                     "(use tools).")
+    functions: list[dict[str, Any]] | None = Field(
+        None, description="Legacy: not supported (use tools)."
+    )
     function_call: str | dict[str, Any] | None = Field(None, description="Ignored.")
     parallel_tool_calls: bool | None = Field(None, description="Ignored: one call at most.")
     response_format: ResponseFormat | None = None
@@ -153,9 +167,11 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=128)] = Field(
-        ..., description="The text to complete (a list must hold exactly one string).")
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT,
-                                   description="As OpenAI's legacy API: 16 by default.")
+        ..., description="The text to complete (a list must hold exactly one string)."
+    )
+    max_tokens: int | None = Field(
+        16, ge=1, le=MAX_TOKENS_LIMIT, description="As OpenAI's legacy API: 16 by default."
+    )
     echo: bool | None = Field(False, description="Put the prompt before the answer.")
     suffix: str | None = Field(None, description="Not supported.")
     best_of: int | None = Field(None, ge=1, le=20, description="Only 1 is supported.")
@@ -215,11 +231,14 @@ class Completion(_Completion):
 
 class EmbeddingRequest(_Request):
     input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] = Field(
-        ..., description="A text or a list of texts (token arrays are not supported).")
+        ..., description="A text or a list of texts (token arrays are not supported)."
+    )
     model: str | None = Field(
-        None, max_length=MAX_ID,
+        None,
+        max_length=MAX_ID,
         description="A model whose worker offers `embed`; `default` (or a generic name): "
-                    "any such worker.")
+        "any such worker.",
+    )
     dimensions: int | None = Field(None, ge=1, le=MAX_DIMENSIONS)
     encoding_format: Literal["float", "base64"] | None = "float"
     user: str | None = Field(None, max_length=MAX_USER)
@@ -249,8 +268,10 @@ class Model(_Response):
     created: int
     owned_by: str
     capabilities: list[str] | None = Field(
-        None, description="What the workers serving it offer on it (Igora's field): chat, "
-                          "tools, json_object, json_schema, n, logprobs, embed.")
+        None,
+        description="What the workers serving it offer on it (Igora's field): chat, "
+        "tools, json_object, json_schema, n, logprobs, embed.",
+    )
 
 
 class ModelList(_Response):

@@ -1,10 +1,9 @@
-"""What is in a room, as plain data: the one home of its task counts and agent list.
+"""What is in a room, as the market's ``GET /status`` lists it (``room_summary``).
 
-The market's ``GET /status`` (``room_summary``), ``igora status`` (``igora.roles``) and
-the web page read a room through these functions. They take the room's maps, keyed by
-``MapName`` (a connected agent's ``Agent.maps``, or ``kanban_maps`` of a document), and
-awareness states; they import nothing of the market's server.
-"""
+The counts by state are ``igora.summary``'s, shared with ``igora status`` and the web
+page. The functions take the room's maps, keyed by ``MapName`` (a connected agent's
+``Agent.maps``, or ``kanban_maps`` of a document), and awareness states; they import
+nothing of the market's server."""
 
 from __future__ import annotations
 
@@ -13,7 +12,10 @@ from typing import Any, Protocol
 
 from pycrdt import Awareness, Doc, Map
 
-from ..protocol import KANBAN, F, MapName, State
+from ..protocol import KANBAN, MapName
+from ..summary import tasks_by_state
+
+__all__ = ["agent_states", "kanban_maps", "room_summary", "tasks_by_map", "tasks_by_state"]
 
 
 class _Values(Protocol):
@@ -30,18 +32,6 @@ def kanban_maps(doc: Doc[Any]) -> dict[MapName, Map[Any]]:
 def tasks_by_map(maps: Mapping[MapName, _Values]) -> dict[str, int]:
     """How many entries each kanban map holds, by map name (``todos``, ...)."""
     return {m.value: len(maps[m]) for m in KANBAN}
-
-
-def tasks_by_state(maps: Mapping[MapName, _Values]) -> dict[str, int]:
-    """How many tasks of the kanban maps are in each state (every ``State``, 0 if none),
-    by the state written in the task; an entry with no valid state is not counted."""
-    counts = {st.value: 0 for st in State}
-    for m in KANBAN:
-        for value in maps[m].values():
-            st = value.get(F.STATE) if isinstance(value, dict) else None
-            if st in counts:
-                counts[st] += 1
-    return counts
 
 
 def agent_states(awareness: Awareness) -> list[dict[str, Any]]:

@@ -1,10 +1,10 @@
 """What the web page's market view shows: agents, tasks by state, throughput.
 
-A ``MarketTracker`` watches one connected agent (the gateway's client). Live tasks are
-read from the kanban maps at each snapshot. Finished tasks do not stay in ``done`` (their
-client removes them once read, the broker after its retention time), so the tracker
-records each one as it appears there; the last ``KEEP_FINISHED`` are listed and those of
-the last ``SERIES_SPAN`` seconds feed the throughput figures.
+A ``MarketTracker`` watches the market through one connected ``Client`` (the gateway's).
+Live tasks are read from the kanban maps at each snapshot. Finished tasks do not stay in
+``done`` (their client removes them once read, the broker after its retention time), so
+the tracker records each one as it appears there; the last ``KEEP_FINISHED`` are listed
+and those of the last ``SERIES_SPAN`` seconds feed the throughput figures.
 
 Prompts and answers are not part of the snapshot: the page shows who asked what model
 (and what beyond a chat answer: tools, a JSON schema, embeddings...), who runs it and how
@@ -19,9 +19,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from ..agent import Agent
 from ..capabilities import BASIC, required
-from ..protocol import A, KANBAN, AgentType, F, MapName, State, now_ms
+from ..client import Client
+from ..protocol import KANBAN, F, MapName, State, now_ms
+from ..summary import agent_order, agent_summary, completion_tokens, integer, number, text
 
 KEEP_FINISHED = 50
 """Finished tasks listed in a snapshot (most recent first)."""
@@ -57,35 +58,11 @@ class Completion:
     tokens: int
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def _int(value: Any) -> int | None:
-    n = _num(value)
-    return int(n) if n is not None and abs(n) < 2**53 else None
-
-
-def _str(value: Any, limit: int = 200) -> str | None:
-    return value[:limit] if isinstance(value, str) and value else None
-
-
-def _tokens(task: dict[str, Any]) -> int:
-    usage = task.get(F.USAGE)
-    if isinstance(usage, dict):
-        n = _num(usage.get(F.COMPLETION_TOKENS))
-        if n is not None and n >= 0:
-            return int(n)
-    return 0
-
-
 class MarketTracker:
     """Snapshots of one market for the web page, and a signal when it changes."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, client: Client) -> None:
+        self.client = client
         self.version = 0
         self._event = asyncio.Event()
         self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -93,9 +70,9 @@ class MarketTracker:
         self._counted: OrderedDict[str, None] = OrderedDict()
         self._names: OrderedDict[str, str] = OrderedDict()
         self._cache: tuple[int, int, dict[str, Any]] | None = None
-        agent.on_change(self._changed)
-        agent.observe_keys(MapName.DONE, self._on_done)
-        for tid, value in list(agent.maps[MapName.DONE].items()):
+        client.on_change(self._changed)
+        client.on_entries(MapName.DONE, self._on_done)
+        for tid, value in client.entries(MapName.DONE):
             self._record(tid, value)
 
     # ------------------------------------------------------------------ change signal
@@ -132,8 +109,10 @@ class MarketTracker:
         self._finished[tid] = self._summary(value, state)
         while len(self._finished) > KEEP_FINISHED:
             self._finished.popitem(last=False)
-        end = _num(value.get(F.END))
-        self._completions.append(Completion(int(end) if end else now_ms(), state, _tokens(value)))
+        end = number(value.get(F.END))
+        self._completions.append(
+            Completion(int(end) if end else now_ms(), state, completion_tokens(value))
+        )
 
     # ------------------------------------------------------------------ names
     def _remember(self, agent_id: str | None, name: str) -> None:
@@ -150,62 +129,37 @@ class MarketTracker:
 
     # ------------------------------------------------------------------ snapshot
     def agents(self) -> list[dict[str, Any]]:
-        own = self.agent.local_state
-        rows = []
-        states = [(p.client_id, p.state, False) for p in self.agent.peers()]
+        own_id, own = self.client.own_state()
+        states = [(p.client_id, p.state, False) for p in self.client.peers()]
         if own:
-            states.append((self.agent.awareness.client_id, own, True))
-        for client_id, s, is_self in states:
-            aid = _str(s.get(A.ID))
-            name = str(s.get(A.NAME) or aid or client_id)[:200]
-            self._remember(aid, name)
-            raw_models = s.get(A.MODELS)
-            models = []
-            if isinstance(raw_models, list):
-                for m in raw_models[:50]:
-                    if isinstance(m, dict) and isinstance(m.get("name"), str):
-                        models.append({"name": m["name"][:200],
-                                       "contextLength": _int(m.get("contextLength"))})
-                    elif isinstance(m, str):
-                        models.append({"name": m[:200], "contextLength": None})
-            rows.append({
-                "id": aid,
-                "name": name,
-                "type": _str(s.get(A.TYPE), 40),
-                "style": _str(s.get(A.STYLE), 60),
-                "state": _str(s.get(A.STATE), 40),
-                "models": models,
-                "slots": _int(s.get(A.SLOTS)),
-                "running": _int(s.get(A.RUNNING)),
-                "speed": _num(s.get(A.SPEED)),
-                "engine": _str(s.get(A.ENGINE), 60),
-                "leader": bool(s.get(A.LEADER)) if A.LEADER in s else None,
-                "igora": s.get(A.PROTOCOL) is not None,
-                "self": is_self,
-            })
-        order = {AgentType.WORKER.value: 0, AgentType.BROKER.value: 1, AgentType.CLIENT.value: 2}
-        rows.sort(key=lambda a: (order.get(a["type"] or "", 3), a["name"]))
+            states.append((own_id, own, True))
+        rows = []
+        for client_id, state, is_self in states:
+            row = agent_summary(state, str(client_id))
+            self._remember(row["id"], row["name"])
+            rows.append({**row, "self": is_self})
+        rows.sort(key=agent_order)
         return rows
 
     def _summary(self, task: dict[str, Any], state: Any) -> dict[str, Any]:
-        asker = _str(task.get(F.ASKER))
-        worker = _str(task.get(F.WORKER))
+        asker = text(task.get(F.ASKER))
+        worker = text(task.get(F.WORKER))
         return {
-            "id": _str(task.get(F.ID)),
+            "id": text(task.get(F.ID)),
             "state": state if isinstance(state, str) else None,
-            "model": _str(task.get(F.MODEL)),
+            "model": text(task.get(F.MODEL)),
             "asker": asker,
-            "askerName": _str(task.get(F.ASKER_NAME)) or self._name_of(asker),
+            "askerName": text(task.get(F.ASKER_NAME)) or self._name_of(asker),
             "worker": worker,
             "workerName": self._name_of(worker),
-            "date": _num(task.get(F.DATE)),
-            "start": _num(task.get(F.START)),
-            "end": _num(task.get(F.END)),
-            "duration": _num(task.get(F.DURATION)),
-            "attempts": _int(task.get(F.ATTEMPTS)),
-            "tokens": _tokens(task) or None,
-            "maxTokens": _num(task.get(F.MAX_TOKENS)),
-            "error": _str(task.get(F.ERROR), 500),
+            "date": number(task.get(F.DATE)),
+            "start": number(task.get(F.START)),
+            "end": number(task.get(F.END)),
+            "duration": number(task.get(F.DURATION)),
+            "attempts": integer(task.get(F.ATTEMPTS)),
+            "tokens": completion_tokens(task) or None,
+            "maxTokens": number(task.get(F.MAX_TOKENS)),
+            "error": text(task.get(F.ERROR), 500),
             "abortAsked": bool(task.get(F.ABORTED)),
             "needs": sorted(required(task) - BASIC),  # tools, json_schema, embed...
         }
@@ -226,7 +180,7 @@ class MarketTracker:
         agents = self.agents()  # refreshes the id -> name memory first
         live: dict[str, dict[str, Any]] = {}
         for m in KANBAN:
-            for tid, value in list(self.agent.maps[m].items()):
+            for tid, value in self.client.entries(m):
                 if not isinstance(value, dict) or not isinstance(tid, str):
                     continue
                 if m is MapName.DONE:
@@ -234,13 +188,15 @@ class MarketTracker:
                     continue
                 state = value.get(F.STATE)
                 if state not in (State.TODO.value, State.PREPARED.value, State.DOING.value):
-                    state = {MapName.TODOS: State.TODO, MapName.PREPARED: State.PREPARED,
-                             MapName.DOING: State.DOING}[m].value
+                    state = {
+                        MapName.TODOS: State.TODO,
+                        MapName.PREPARED: State.PREPARED,
+                        MapName.DOING: State.DOING,
+                    }[m].value
                 live[tid] = self._summary(value, state)
         # Names may have become known since a task was recorded.
         finished = []
-        newest_first = sorted(reversed(self._finished.values()),
-                              key=lambda t: -(t["end"] or 0))
+        newest_first = sorted(reversed(self._finished.values()), key=lambda t: -(t["end"] or 0))
         for t in newest_first:
             t = dict(t)
             t["askerName"] = t["askerName"] or self._name_of(t["asker"])
@@ -257,9 +213,9 @@ class MarketTracker:
             del tasks[g][LIVE_LIMIT:]
         return {
             "time": now_ms(),
-            "room": self.agent.address.room,
-            "self": {"id": self.agent.id, "name": self.agent.name},
-            "connected": self.agent.connected,
+            "room": self.client.address.room,
+            "self": {"id": self.client.id, "name": self.client.name},
+            "connected": self.client.connected,
             "agents": agents,
             "tasks": tasks,
             "counts": counts,
@@ -272,8 +228,10 @@ class MarketTracker:
         now = now_ms() if now is None else now
         n_buckets = SERIES_SPAN // BUCKET
         first = now - n_buckets * BUCKET * 1000
-        buckets = [{"t": first + (i + 1) * BUCKET * 1000, "tasks": 0, "tokens": 0}
-                   for i in range(n_buckets)]
+        buckets = [
+            {"t": first + (i + 1) * BUCKET * 1000, "tasks": 0, "tokens": 0}
+            for i in range(n_buckets)
+        ]
         window_tasks = window_tokens = 0
         for c in self._completions:
             if c.end > first:
@@ -283,8 +241,14 @@ class MarketTracker:
             if c.end > now - RATE_WINDOW * 1000:
                 window_tasks += 1
                 window_tokens += c.tokens
-        series = [{"t": b["t"], "tasksPerMin": b["tasks"] * 60 / BUCKET,
-                   "tokensPerSec": round(b["tokens"] / BUCKET, 2)} for b in buckets]
+        series = [
+            {
+                "t": b["t"],
+                "tasksPerMin": b["tasks"] * 60 / BUCKET,
+                "tokensPerSec": round(b["tokens"] / BUCKET, 2),
+            }
+            for b in buckets
+        ]
         return {
             "window": RATE_WINDOW,
             "bucket": BUCKET,
@@ -295,14 +259,13 @@ class MarketTracker:
 
 
 def tracker_for(state: Any) -> MarketTracker | None:
-    """The tracker stored on an app's ``state`` (made on first use from ``state.client``)."""
-    tracker = getattr(state, "web_market", None)
+    """The tracker stored on an app's ``state`` (made on first use from ``state.client``,
+    the gateway's ``Client``; None before the gateway has one)."""
     client = getattr(state, "client", None)
-    agent = getattr(client, "agent", None)
-    if not isinstance(agent, Agent):
+    if not isinstance(client, Client):
         return None
-    if tracker is None or tracker.agent is not agent:
-        tracker = MarketTracker(agent)
+    tracker = getattr(state, "web_market", None)
+    if not isinstance(tracker, MarketTracker) or tracker.client is not client:
+        tracker = MarketTracker(client)
         state.web_market = tracker
     return tracker
-

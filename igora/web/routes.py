@@ -30,8 +30,14 @@ KEEPALIVE = 15.0
 REFRESH = 2.0
 """Seconds between two looks at the market when nothing changed (throughput windows slide)."""
 
-TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml",
-         ".png": "image/png", ".ico": "image/x-icon", ".html": "text/html"}
+TYPES = {
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".html": "text/html",
+}
 NO_CACHE = {"Cache-Control": "no-cache"}
 FILES = {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file()}
 """The assets, by the name ``/static/`` serves them under. A request is looked up here, never
@@ -41,8 +47,15 @@ and nothing outside this folder can be named."""
 
 def _unavailable() -> JSONResponse:
     return JSONResponse(
-        {"error": {"message": "the gateway is not connected to a market",
-                   "type": "server_error", "code": "no_market"}}, status_code=503)
+        {
+            "error": {
+                "message": "the gateway is not connected to a market",
+                "type": "server_error",
+                "code": "no_market",
+            }
+        },
+        status_code=503,
+    )
 
 
 async def _events(request: Request, tracker: MarketTracker) -> AsyncIterator[str]:
@@ -75,11 +88,19 @@ def router() -> APIRouter:
         path = FILES.get(name)
         if path is None:
             shown = name if len(name) <= 80 else name[:80] + "..."
-            return JSONResponse({"error": {"message": f"no file {shown!r}", "type":
-                                           "invalid_request_error", "code": "not_found"}},
-                                status_code=404)
-        return FileResponse(path, media_type=TYPES.get(path.suffix, "application/octet-stream"),
-                            headers=NO_CACHE)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"no file {shown!r}",
+                        "type": "invalid_request_error",
+                        "code": "not_found",
+                    }
+                },
+                status_code=404,
+            )
+        return FileResponse(
+            path, media_type=TYPES.get(path.suffix, "application/octet-stream"), headers=NO_CACHE
+        )
 
     @r.get("/api/market", tags=["web"], summary="Agents, tasks by state and throughput")
     async def market(request: Request) -> Response:
@@ -88,13 +109,19 @@ def router() -> APIRouter:
             return _unavailable()
         return JSONResponse(tracker.snapshot())
 
-    @r.get("/api/market/events", tags=["web"],
-           summary="Server-Sent Events: a market snapshot whenever it changes")
+    @r.get(
+        "/api/market/events",
+        tags=["web"],
+        summary="Server-Sent Events: a market snapshot whenever it changes",
+    )
     async def market_events(request: Request) -> Response:
         tracker = tracker_for(request.app.state)
         if tracker is None:
             return _unavailable()
-        return StreamingResponse(_events(request, tracker), media_type="text/event-stream",
-                                 headers={**NO_CACHE, "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _events(request, tracker),
+            media_type="text/event-stream",
+            headers={**NO_CACHE, "X-Accel-Buffering": "no"},
+        )
 
     return r

@@ -1,0 +1,219 @@
+"""The gateway's routes: ``/health`` and the OpenAI API (``/v1/...``). Each API request is
+translated (``translate``), put on the market as one task, and answered as JSON
+(``responses``) or as an event stream (``streaming``). A client that goes away aborts
+its task."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..capabilities import offered
+from ..client import Task
+from ..errors import IgoraError
+from ..protocol import A, ProtocolError
+from . import errors
+from .errors import OpenAIError, from_igora
+from .openai_models import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    ErrorBody,
+    Health,
+    Model,
+    ModelList,
+)
+from .responses import completion_response, embedding_response
+from .state import Gateway, gateway_of
+from .streaming import EventStream, Gone, event_body, unless_disconnected
+from .translate import Job, chat_job, embed_job, text_job
+
+log = logging.getLogger("igora.gateway")
+
+TASK_HEADER = "x-igora-task"
+"""Response header naming the market task that answered."""
+
+
+async def run_job(request: Request, job: Job) -> Response:
+    """Put the job on the market and answer: JSON, or an event stream."""
+    gw = gateway_of(request)
+    if not gw.connected:
+        raise OpenAIError(
+            503,
+            f"The gateway is not connected to the market "
+            f"{gw.client.address.room_url}; retry in a moment.",
+            type=errors.SERVER,
+            code="market_unreachable",
+        )
+    try:
+        task = await gw.client.submit(
+            job.prompt,  # type: ignore[arg-type]  # None for embeddings
+            model=job.model,
+            timeout=gw.timeout,
+            wait_worker=gw.worker_wait(),
+            **job.options,
+        )
+    except (IgoraError, ProtocolError) as exc:
+        raise from_igora(exc, job.requested) from None
+    headers = {TASK_HEADER: task.id}
+    log.info(
+        "task %s: %s request for model %s%s%s",
+        task.id,
+        job.kind,
+        job.model or "any",
+        " (stream)" if job.stream else "",
+        f" from user {job.user!r}" if job.user else "",
+    )
+    events = task.events()
+    created = int(time.time())
+    outcome: str | dict[str, Any] | Gone | None  # the first event when streaming
+    try:
+        if not job.stream:
+            outcome = await unless_disconnected(request, _drain(events))
+        else:
+            outcome = await unless_disconnected(request, anext(events))
+    except (IgoraError, ProtocolError) as exc:
+        err = from_igora(exc, job.requested)
+        log.info("task %s: answered %d (%s)", task.id, err.status, exc)
+        return err.response(headers)
+    if isinstance(outcome, Gone):
+        log.info("task %s: the HTTP client went away; task aborted", task.id)
+        task.abort()
+        return Response(status_code=499)
+    if job.kind == "embed":
+        return embedding_response(gw, task, job, headers)
+    if not job.stream:
+        return completion_response(gw, task, job, created, headers)
+    return EventStream(
+        event_body(gw, task, job, outcome, events, created), headers, on_gone=lambda: _gone(task)
+    )
+
+
+def _gone(task: Task) -> None:
+    if task.final is None:
+        log.info("task %s: the HTTP client disconnected mid-stream; task aborted", task.id)
+        task.abort()
+
+
+async def _drain(events: AsyncIterator[Any]) -> None:
+    async for _ in events:
+        pass
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": what}
+    for code, what in {
+        400: "Malformed or invalid parameters",
+        401: "Wrong or missing API key",
+        404: "Unknown model",
+        413: "Request body too large",
+        502: "The worker failed or the task was aborted",
+        503: "No worker on the market, or market unreachable",
+        504: "The task timed out",
+    }.items()
+}
+STREAM_DOC = {
+    "text/event-stream": {
+        "schema": {"type": "string"},
+        "example": 'data: {"object": "chat.completion.chunk", ...}\n\ndata: [DONE]\n\n',
+    }
+}
+
+
+def add_routes(app: FastAPI) -> None:
+    @app.get(
+        "/health",
+        response_model=Health,
+        tags=["gateway"],
+        responses={503: {"model": Health, "description": "Not connected to the market"}},
+    )
+    async def health(request: Request) -> JSONResponse:
+        """200 when the gateway is connected to the market, else 503."""
+        gw = gateway_of(request)
+        connected = gw.connected
+        body = Health(
+            status="ok" if connected else "connecting",
+            market=gw.client.address.room_url,
+            connected=connected,
+            workers=len(gw.client.workers()) if connected else 0,
+            models=gw.client.models() if connected else [],
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if connected else 503)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"], responses={401: ERRORS[401]})
+    async def list_models(request: Request) -> JSONResponse:
+        """Models that workers on the market serve right now."""
+        return JSONResponse(ModelList(data=_models(gateway_of(request))).model_dump())
+
+    @app.get(
+        "/v1/models/{model_id:path}",
+        response_model=Model,
+        tags=["openai"],
+        responses={401: ERRORS[401], 404: ERRORS[404]},
+    )
+    async def get_model(model_id: str, request: Request) -> JSONResponse:
+        """One model served on the market now."""
+        for m in _models(gateway_of(request)):
+            if m.id == model_id:
+                return JSONResponse(m.model_dump())
+        raise OpenAIError(
+            404,
+            f"The model {model_id!r} is not served on the market right now.",
+            param="model",
+            code="model_not_found",
+        )
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        tags=["openai"],
+        responses={200: {"content": STREAM_DOC}, **ERRORS},
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """A chat answer from a worker on the market (``stream: true`` for SSE chunks)."""
+        return await run_job(request, chat_job(body))
+
+    @app.post("/v1/embeddings", response_model=EmbeddingList, tags=["openai"], responses=ERRORS)
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        """Vectors for one text or a list of texts, from a worker whose model embeds."""
+        return await run_job(request, embed_job(body))
+
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        tags=["openai"],
+        responses={200: {"content": STREAM_DOC}, **ERRORS},
+    )
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Legacy text completion: the prompt is sent to a worker as one user message."""
+        return await run_job(request, text_job(body))
+
+
+def _models(gw: Gateway) -> list[Model]:
+    """The models served now, each with what at least one of its workers offers on it
+    (the extra field ``capabilities``)."""
+    first_seen: dict[str, float] = {}
+    caps: dict[str, set[str]] = {}
+    for peer in gw.client.workers():
+        since = peer.state.get(A.SINCE)
+        since = since / 1000 if isinstance(since, (int, float)) else gw.started
+        for name in peer.models:
+            first_seen[name] = min(first_seen.get(name, since), since)
+            caps.setdefault(name, set()).update(offered(peer, name))
+    return [
+        Model(
+            id=name,
+            created=int(first_seen[name]),
+            owned_by="igora-market",
+            capabilities=sorted(caps[name]),
+        )
+        for name in sorted(first_seen)
+    ]

@@ -1,0 +1,249 @@
+"""Streaming: Server-Sent Events that stop when the HTTP client goes, the chunks of an
+answer as OpenAI streams them, and the body of a streamed answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from ..client import Restart, Task
+from ..errors import IgoraError
+from ..protocol import F, ProtocolError
+from .errors import from_igora
+from .responses import FINISH_REASONS, choices_of, finish_reason, usage_of
+from .state import Gateway
+from .translate import Job
+
+log = logging.getLogger("igora.gateway")
+
+ARGUMENT_PIECE = 16  # characters of a tool call's arguments per streamed chunk
+
+T = TypeVar("T")
+
+
+class Gone:
+    """The HTTP client disconnected."""
+
+
+GONE = Gone()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Gone:
+    """Await ``work`` unless the HTTP client goes away first (then cancel it)."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+    return job.result() if not job.cancelled() else GONE
+
+
+class EventStream(StreamingResponse):
+    """Server-Sent Events that stop, and close their source, as soon as the client goes."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, content: AsyncIterator[str], headers: dict[str, str], on_gone: Callable[[], None]
+    ) -> None:
+        super().__init__(
+            content, headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers}
+        )
+        self._source = content
+        self._on_gone = on_gone
+        self.finished = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                        self.finished = True
+                    except OSError:
+                        pass
+                    group.cancel_scope.cancel()
+
+                async def listen() -> None:
+                    await _disconnected(receive)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                group.start_soon(listen)
+        finally:
+            if not self.finished:
+                self._on_gone()
+            aclose = getattr(self._source, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    text = (
+        data
+        if isinstance(data, str)
+        else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    )
+    return f"data: {text}\n\n"
+
+
+class Chunks:
+    """Builds the stream's chunk objects (chat or legacy text)."""
+
+    def __init__(self, job: Job, ident: str, created: int, model: str) -> None:
+        self.chat = job.kind == "chat"
+        self.base: dict[str, Any] = {
+            "id": ident,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+        }
+        if job.include_usage:
+            self.base["usage"] = None
+
+    def opening(self) -> dict[str, Any]:
+        return self._make({"role": "assistant", "content": ""}, "", None)
+
+    def text(self, text: str, **extra: Any) -> dict[str, Any]:
+        return {**self._make({"content": text}, text, None), **extra}
+
+    def finish(self, reason: str, index: int = 0) -> dict[str, Any]:
+        return self._make({}, "", reason, index)
+
+    def tool_calls(self, calls: list[dict[str, Any]], index: int = 0) -> Iterator[dict[str, Any]]:
+        """A choice's tool calls as OpenAI streams them: for each call a first chunk with
+        its index, id, type and function name (arguments ``""``), then the arguments in
+        fragments."""
+        for i, call in enumerate(calls):
+            fn = call.get("function") or {}
+            yield self._make(
+                {
+                    "tool_calls": [
+                        {
+                            "index": i,
+                            "id": call.get("id"),
+                            "type": "function",
+                            "function": {"name": fn.get("name"), "arguments": ""},
+                        }
+                    ]
+                },
+                "",
+                None,
+                index,
+            )
+            args = str(fn.get("arguments") or "")
+            for at in range(0, len(args), ARGUMENT_PIECE):
+                yield self._make(
+                    {
+                        "tool_calls": [
+                            {"index": i, "function": {"arguments": args[at : at + ARGUMENT_PIECE]}}
+                        ]
+                    },
+                    "",
+                    None,
+                    index,
+                )
+
+    def choice(self, choice: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """A whole further choice (n > 1), sent after the first one's stream."""
+        index = int(choice.get("index") or 0)
+        yield self._make({"role": "assistant", "content": ""}, "", None, index)
+        if choice.get("content"):
+            chunk = self._make({"content": choice["content"]}, choice["content"], None, index)
+            if isinstance(choice.get(F.LOGPROBS_RESULT), dict):
+                chunk["choices"][0]["logprobs"] = choice[F.LOGPROBS_RESULT]
+            yield chunk
+        if isinstance(choice.get("toolCalls"), list):
+            yield from self.tool_calls(choice["toolCalls"], index)
+        reason = choice.get("finishReason")
+        yield self.finish(reason if reason in FINISH_REASONS else "stop", index)
+
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self.base, "choices": [], "usage": usage}
+
+    def _make(
+        self, delta: dict[str, Any], text: str, reason: str | None, index: int = 0
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": reason}
+        if self.chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = text
+        return {**self.base, "choices": [choice]}
+
+
+async def event_body(
+    gw: Gateway, task: Task, job: Job, first: Any, events: AsyncIterator[Any], created: int
+) -> AsyncIterator[str]:
+    """The SSE body. A worker lost mid-answer restarts it elsewhere: its chunk carries
+    the notice text and ``"igora": {"restart": true}``; what follows is the new answer.
+    An error after the stream started is sent as ``data: {"error": {...}}`` (no [DONE])."""
+    chunks = Chunks(job, job.prefix + task.id, created, gw.served_model(task, job.model))
+    try:
+        if chunks.chat:
+            yield sse(chunks.opening())
+        if job.echo:
+            yield sse(chunks.text(job.echo))
+        item = first
+        while not isinstance(item, dict):
+            if isinstance(item, Restart):
+                yield sse(chunks.text(str(item), igora={"restart": True}))
+            elif item:
+                yield sse(chunks.text(item))
+            try:
+                item = await anext(events)
+            except StopAsyncIteration:  # pragma: no cover - events end with the final task
+                item = task.final or {}
+            except (IgoraError, ProtocolError) as exc:
+                err = from_igora(exc, job.requested)
+                log.info("task %s: ended mid-stream with %d (%s)", task.id, err.status, exc)
+                yield sse(err.body())
+                return
+        reason = finish_reason(item)
+        choices = choices_of(item)
+        first = choices[0]
+        if chunks.chat and isinstance(first.get("toolCalls"), list):
+            for chunk in chunks.tool_calls(first["toolCalls"]):
+                yield sse(chunk)
+        if chunks.chat and isinstance(first.get(F.LOGPROBS_RESULT), dict):
+            # Log probabilities come with the whole answer: one chunk, without content.
+            chunk = chunks.text("")
+            chunk["choices"][0]["logprobs"] = first[F.LOGPROBS_RESULT]
+            chunk["choices"][0]["delta"] = {}
+            yield sse(chunk)
+        yield sse(chunks.finish(reason))
+        for choice in choices[1:]:
+            for chunk in chunks.choice(choice):
+                yield sse(chunk)
+        usage = usage_of(item)
+        if job.include_usage:
+            yield sse(chunks.usage(usage))
+        log.info("task %s: streamed (%s, %d tokens)", task.id, reason, usage["completion_tokens"])
+        yield sse("[DONE]")
+    finally:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]

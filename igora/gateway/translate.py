@@ -1,0 +1,203 @@
+"""Request translation: an OpenAI request becomes a ``Job``, the task's options in the
+protocol's shapes (docs/protocol.md 4.5). Bad or unsupported parameters raise
+``OpenAIError`` (400) before anything reaches the market."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..protocol import F, TaskKind
+from .errors import OpenAIError
+from .openai_models import (
+    GENERIC_MODELS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
+
+
+def market_model(name: str | None) -> str | None:
+    """The market model a request's ``model`` names (None: any worker)."""
+    if name is None or name.strip().lower() in GENERIC_MODELS:
+        return None
+    return name
+
+
+@dataclass
+class Job:
+    """One API request, translated for the market."""
+
+    kind: str  # "chat", "text" or "embed"
+    prompt: str | list[dict[str, Any]] | None
+    requested: str | None
+    options: dict[str, Any]
+    stream: bool
+    include_usage: bool
+    user: str | None
+    echo: str = ""
+    encoding: str | None = None  # embeddings: "float" or "base64"
+
+    @property
+    def model(self) -> str | None:
+        return market_model(self.requested)
+
+    @property
+    def prefix(self) -> str:
+        return "chatcmpl-" if self.kind == "chat" else "cmpl-"
+
+
+def _common_options(
+    body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+) -> dict[str, Any]:
+    if body.stream_options is not None and not body.stream:
+        raise OpenAIError(
+            400,
+            "stream_options is only allowed when stream is true.",
+            param="stream_options",
+            code="invalid_value",
+        )
+    return {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "max_tokens": max_tokens,
+        "stop": body.stop,
+    }
+
+
+def _unsupported(param: str, what: str) -> OpenAIError:
+    return OpenAIError(
+        400, f"{param} is not supported: {what}.", param=param, code="unsupported_parameter"
+    )
+
+
+def _chat_options(body: ChatCompletionRequest) -> dict[str, Any]:
+    """Tools, response format, choices and log probabilities, in the task's shapes (OpenAI's
+    own objects; docs/protocol.md 4.5)."""
+    if body.functions:
+        raise _unsupported("functions", "the legacy functions API is replaced by tools")
+    if body.top_logprobs and not body.logprobs:
+        raise OpenAIError(
+            400, "top_logprobs needs logprobs: true.", param="top_logprobs", code="invalid_value"
+        )
+    if body.tool_choice is not None and not body.tools and body.tool_choice != "none":
+        raise OpenAIError(
+            400, "tool_choice needs tools.", param="tool_choice", code="invalid_value"
+        )
+    options: dict[str, Any] = {}
+    if body.tools:
+        options["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
+        if body.tool_choice is not None:
+            choice = body.tool_choice
+            options["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+            if not isinstance(choice, str) and choice.function.name not in {
+                t.function.name for t in body.tools
+            }:
+                raise OpenAIError(
+                    400,
+                    f"tool_choice names {choice.function.name!r}, which is not in tools.",
+                    param="tool_choice",
+                    code="invalid_value",
+                )
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        out: dict[str, Any] = {"type": fmt.type}
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise OpenAIError(
+                    400,
+                    "response_format of type json_schema needs json_schema.",
+                    param="response_format.json_schema",
+                    code="missing_required_parameter",
+                )
+            spec = fmt.json_schema.model_dump(by_alias=True, exclude_none=True)
+            spec.setdefault("schema", {"type": "object"})
+            out["json_schema"] = spec
+        options["response_format"] = out
+    if body.n is not None and body.n > 1:
+        options["n"] = body.n
+    if body.logprobs:
+        options["logprobs"] = True
+        if body.top_logprobs:
+            options["top_logprobs"] = body.top_logprobs
+    return options
+
+
+def chat_job(body: ChatCompletionRequest) -> Job:
+    messages: list[dict[str, Any]] = []
+    for i, m in enumerate(body.messages):
+        if isinstance(m.content, list):
+            parts = []
+            for j, part in enumerate(m.content):
+                if part.type != "text" or part.text is None:
+                    raise OpenAIError(
+                        400,
+                        f"messages[{i}].content[{j}]: only text parts are "
+                        f"supported (got type {part.type!r}).",
+                        param=f"messages[{i}].content[{j}]",
+                        code="unsupported_value",
+                    )
+                parts.append(part.text)
+            content = "\n".join(parts)
+        else:
+            content = m.content or ""
+        role = "system" if m.role == "developer" else m.role
+        message: dict[str, Any] = {"role": role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        if m.name and role in ("tool", "function"):
+            message["name"] = m.name
+        messages.append(message)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    stream_usage = bool(body.stream_options and body.stream_options.include_usage)
+    options = {**_common_options(body, max_tokens), **_chat_options(body)}
+    return Job("chat", messages, body.model, options, bool(body.stream), stream_usage, body.user)
+
+
+def text_job(body: CompletionRequest) -> Job:
+    if body.n is not None and body.n > 1:
+        raise _unsupported(
+            "n", "legacy completions answer with one choice (use /v1/chat/completions for several)"
+        )
+    if body.best_of is not None and body.best_of > 1:
+        raise _unsupported("best_of", "Igora answers with one choice per request")
+    if body.logprobs:
+        raise _unsupported("logprobs", "workers do not report token probabilities")
+    if body.suffix:
+        raise _unsupported("suffix", "workers complete at the end of the prompt only")
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise OpenAIError(
+                400,
+                "prompt must be a string or a list of exactly one string "
+                "(send one request per prompt).",
+                param="prompt",
+                code="unsupported_value",
+            )
+        prompt = prompt[0]
+    stream_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Job(
+        "text",
+        prompt,
+        body.model,
+        _common_options(body, body.max_tokens),
+        bool(body.stream),
+        stream_usage,
+        body.user,
+        echo=prompt if body.echo else "",
+    )
+
+
+def embed_job(body: EmbeddingRequest) -> Job:
+    texts = body.input if isinstance(body.input, list) else [body.input]
+    options = {
+        "_extra": {F.KIND: TaskKind.EMBED.value, F.INPUTS: texts, F.DIMENSIONS: body.dimensions},
+        "_pieces": False,
+    }
+    return Job(
+        "embed", None, body.model, options, False, False, body.user, encoding=body.encoding_format
+    )
