@@ -76,8 +76,13 @@ class Client:
     ) -> None:
         self.address = market_address(market, room)
         self.timeout = timeout
-        self.agent = Agent(self.address, type=AgentType.CLIENT.value, name=name, style=style,
-                           connect_timeout=connect_timeout)
+        self.agent = Agent(
+            self.address,
+            type=AgentType.CLIENT.value,
+            name=name,
+            style=style,
+            connect_timeout=connect_timeout,
+        )
         self._watches: dict[str, Watch] = {}
         self._read_ids: list[str] = []
         self._drop_due: asyncio.TimerHandle | None = None
@@ -115,26 +120,30 @@ class Client:
             names.update(w.models)
         return sorted(names)
 
-    async def wait_for_worker(self, model: str | None, timeout: float,
-                              task: dict[str, Any] | None = None) -> None:
+    async def wait_for_worker(
+        self, model: str | None, timeout: float, task: dict[str, Any] | None = None
+    ) -> None:
         """Wait until a worker that could serve ``task`` (or any task for ``model``) is on
         the market; NoWorkerError naming the missing model or capability after ``timeout``."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        probe = task or {F.ID: "probe", F.PROTOCOL: PROTOCOL_VERSION, F.MODEL: model,
-                         F.PROMPT: ""}
+        probe = task or {F.ID: "probe", F.PROTOCOL: PROTOCOL_VERSION, F.MODEL: model, F.PROMPT: ""}
         while True:
             why = unservable(probe, self.workers())
             if why is None:
                 return
             if loop.time() >= end:
-                raise NoWorkerError(model, self.models(), why.missing,
-                                    why.reason if why.missing else None)
+                raise NoWorkerError(
+                    model, self.models(), why.missing, why.reason if why.missing else None
+                )
             await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ observers
-    def _watched_only(self, handler: Callable[[dict[str, dict[str, Any]]], None],
-              changes: dict[str, dict[str, Any]]) -> None:
+    def _watched_only(
+        self,
+        handler: Callable[[dict[str, dict[str, Any]]], None],
+        changes: dict[str, dict[str, Any]],
+    ) -> None:
         ours = {k: c for k, c in changes.items() if k in self._watches}
         if ours:
             asyncio.get_running_loop().call_soon(handler, ours)
@@ -185,8 +194,11 @@ class Client:
                 continue
             if w is None or not isinstance(value, dict):
                 continue
-            attempt = int(value.get(F.ATTEMPTS) or 1) if isinstance(
-                value.get(F.ATTEMPTS), (int, float)) else 1
+            attempt = (
+                int(value.get(F.ATTEMPTS) or 1)
+                if isinstance(value.get(F.ATTEMPTS), (int, float))
+                else 1
+            )
             if F.STREAM in value:
                 if attempt > w.attempt:
                     w.feed(attempt, "")
@@ -214,10 +226,11 @@ class Client:
         if state not in FINAL_VALUES and not value.get(F.ABORTED):
             log.warning("task %s: ignoring an entry in done with state %r", tid, state)
             return
-        if any(tid in self.agent.maps[m] for m in (MapName.TODOS, MapName.PREPARED,
-                                                     MapName.DOING)):
-            log.info("task %s: an end was written while it still runs; waiting for the "
-                     "move to complete", tid)
+        if any(tid in self.agent.maps[m] for m in (MapName.TODOS, MapName.PREPARED, MapName.DOING)):
+            log.info(
+                "task %s: an end was written while it still runs; waiting for the move to complete",
+                tid,
+            )
             return
         response = value.get(F.RESPONSE)
         if state == State.DONE.value and isinstance(response, str):
@@ -225,7 +238,7 @@ class Client:
             if not response.startswith(w.delivered):
                 w.feed(attempt + 1, response)
             else:
-                w.feed(attempt, response[len(w.delivered):])
+                w.feed(attempt, response[len(w.delivered) :])
         w.ended = True
         w.queue.put_nowait(value)
 
@@ -261,8 +274,15 @@ class Client:
             task[F.PROMPT] = prompt
         elif prompt is not None:
             task[F.MESSAGES] = [dict(m) for m in prompt]
-        optional = {F.MODEL: model, F.TEMPERATURE: temperature, F.TOP_P: top_p, F.SEED: seed,
-                    F.MAX_TOKENS: max_tokens, F.STOP: stop, **(extra or {})}
+        optional = {
+            F.MODEL: model,
+            F.TEMPERATURE: temperature,
+            F.TOP_P: top_p,
+            F.SEED: seed,
+            F.MAX_TOKENS: max_tokens,
+            F.STOP: stop,
+            **(extra or {}),
+        }
         task.update({k: v for k, v in optional.items() if v is not None})
         return validate_task(task)
 
@@ -294,11 +314,27 @@ class Client:
 
         ``tools``, ``tool_choice`` and ``response_format`` take OpenAI's shapes."""
         timeout = timeout or self.timeout
-        extra = {F.TOOLS: tools, F.TOOL_CHOICE: tool_choice, F.RESPONSE_FORMAT: response_format,
-                 F.N: n, F.LOGPROBS: logprobs, F.TOP_LOGPROBS: top_logprobs, **(_extra or {})}
-        task = self._task(prompt, model=model, system=system, temperature=temperature,
-                          top_p=top_p, seed=seed, max_tokens=max_tokens, stop=stop,
-                          timeout=timeout, extra=extra)
+        extra = {
+            F.TOOLS: tools,
+            F.TOOL_CHOICE: tool_choice,
+            F.RESPONSE_FORMAT: response_format,
+            F.N: n,
+            F.LOGPROBS: logprobs,
+            F.TOP_LOGPROBS: top_logprobs,
+            **(_extra or {}),
+        }
+        task = self._task(
+            prompt,
+            model=model,
+            system=system,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=stop,
+            timeout=timeout,
+            extra=extra,
+        )
         await self.wait_for_worker(model, wait_worker, task)
         watch = Watch(task[F.ID], pieces=_pieces)
         self._watch(watch)
@@ -330,14 +366,25 @@ class Client:
             return answer
         return answer.text
 
-    async def embed(self, inputs: str | list[str], *, model: str | None = None,
-                    dimensions: int | None = None, timeout: float | None = None,
-                    wait_worker: float = 5.0) -> list[list[float]]:
+    async def embed(
+        self,
+        inputs: str | list[str],
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        timeout: float | None = None,
+        wait_worker: float = 5.0,
+    ) -> list[list[float]]:
         """One vector per input text (a worker whose model offers ``embed`` computes them)."""
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
-        task = await self.submit(None, model=model, timeout=timeout, wait_worker=wait_worker,  # type: ignore[arg-type]
-                                 _pieces=False, _extra={F.KIND: TaskKind.EMBED.value,
-                                                        F.INPUTS: texts, F.DIMENSIONS: dimensions})
+        task = await self.submit(
+            None,
+            model=model,
+            timeout=timeout,
+            wait_worker=wait_worker,  # type: ignore[arg-type]
+            _pieces=False,
+            _extra={F.KIND: TaskKind.EMBED.value, F.INPUTS: texts, F.DIMENSIONS: dimensions},
+        )
         answer = await task.result()
         vectors = answer.task.get(F.EMBEDDINGS)
         if not isinstance(vectors, list) or len(vectors) != len(texts):
@@ -361,7 +408,8 @@ class Client:
         if self._drop_due is None:
             try:
                 self._drop_due = asyncio.get_running_loop().call_later(
-                    DROP_READ_WITHIN, self._drop_read)
+                    DROP_READ_WITHIN, self._drop_read
+                )
             except RuntimeError:  # no loop running (finalised elsewhere): at once
                 self._drop_read()
 
@@ -438,10 +486,9 @@ class Client:
         """Call ``callback`` after every change of the room (document or awareness)."""
         self.agent.on_change(callback)
 
-    def on_entries(self, name: MapName,
-                   callback: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+    def on_entries(
+        self, name: MapName, callback: Callable[[dict[str, dict[str, Any]]], None]
+    ) -> None:
         """Call ``callback`` with the changed keys of a task map (``{key: {"action",
         "newValue", ...}}``), after each transaction that changes it."""
         self.agent.observe_keys(name, callback)
-
-

@@ -53,8 +53,21 @@ from igora.market.frames import BadFrame, check_frame
 from igora.updates import Parsed, UpdateError, check_update, is_panic
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
-BOUNDARIES = (0, 1, 2, 0x7F, 0x80, 2**31, 2**32 - 2, 2**32 - 1, 2**32, 2**35, 2**53 - 1,
-              2**53, 2**63 - 1)
+BOUNDARIES = (
+    0,
+    1,
+    2,
+    0x7F,
+    0x80,
+    2**31,
+    2**32 - 2,
+    2**32 - 1,
+    2**32,
+    2**35,
+    2**53 - 1,
+    2**53,
+    2**63 - 1,
+)
 
 
 def seeds() -> tuple[bytes, list[bytes]]:
@@ -62,8 +75,13 @@ def seeds() -> tuple[bytes, list[bytes]]:
     room = Doc(client_id=11)
     todos, doing, done = (room.get(n, type=Map) for n in ("todos", "doing", "done"))
     streams = room.get("streams", type=Map)
-    todos["t1"] = {"id": "t1", "prompt": "hello", "messages": [{"role": "user", "content": "hi"}],
-                   "temperature": 0.7, "maxTokens": 64}
+    todos["t1"] = {
+        "id": "t1",
+        "prompt": "hello",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.7,
+        "maxTokens": 64,
+    }
     base = room.get_update()
     updates: list[bytes] = []
 
@@ -74,8 +92,9 @@ def seeds() -> tuple[bytes, list[bytes]]:
 
     worker = Doc(client_id=22)
     worker.apply_update(base)
-    w_todos, w_doing, w_done, w_streams = (worker.get(n, type=Map)
-                                           for n in ("todos", "doing", "done", "streams"))
+    w_todos, w_doing, w_done, w_streams = (
+        worker.get(n, type=Map) for n in ("todos", "doing", "done", "streams")
+    )
 
     def take() -> None:
         with worker.transaction():
@@ -97,8 +116,10 @@ def seeds() -> tuple[bytes, list[bytes]]:
     record(worker, finish)
     other = Doc(client_id=2**40 + 3)
     other.apply_update(worker.get_update())
-    record(other, lambda: other.get("done", type=Map).__setitem__(
-        "list", Array([1, [2, {"a": None}], "x"])))
+    record(
+        other,
+        lambda: other.get("done", type=Map).__setitem__("list", Array([1, [2, {"a": None}], "x"])),
+    )
     record(other, lambda: other.get("done", type=Map).pop("t1"))
     updates.append(worker.get_update())  # a whole state, as in a sync step 2
     updates.append(merge_updates(*updates[:4]))
@@ -132,16 +153,19 @@ def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
             b[i:i] = bytes(rng.randrange(256) for _ in range(rng.choice((1, 1, 2, 5))))
         elif op == 2:  # delete bytes
             i = rng.randrange(len(b))
-            del b[i:i + rng.choice((1, 1, 2, 4))]
+            del b[i : i + rng.choice((1, 1, 2, 4))]
         elif op in (3, 4):  # rewrite a varint, often with a boundary value
             spans = _varints(bytes(b))
             if spans:
                 i, j = rng.choice(spans)
-                value = (rng.choice(BOUNDARIES) if rng.random() < 0.6
-                         else max(0, int.from_bytes(b[i:i + 1], "little") + rng.randint(-3, 3)))
+                value = (
+                    rng.choice(BOUNDARIES)
+                    if rng.random() < 0.6
+                    else max(0, int.from_bytes(b[i : i + 1], "little") + rng.randint(-3, 3))
+                )
                 b[i:j] = uint_bytes(value)
         elif op == 5:  # truncate
-            del b[rng.randrange(len(b)):]
+            del b[rng.randrange(len(b)) :]
         else:  # splice with another seed
             other = rng.choice(pool)
             i, j = rng.randrange(len(b) + 1), rng.randrange(len(other) + 1)
@@ -171,7 +195,7 @@ def survives(doc: Doc, update: bytes) -> bool:
     to give a state that passes the checks. Other errors are a clean refusal."""
     try:
         doc.apply_update(update)
-    except Exception:  # noqa: BLE001 (a clean refusal, whatever its type)
+    except Exception:
         return True
     except BaseException as exc:
         if is_panic(exc):
@@ -198,9 +222,18 @@ def other_frames() -> list[bytes]:
         doc.apply_update(u)
     out.append(create_sync_message(doc))
     awareness = Awareness(doc)
-    awareness.set_local_state({"id": "w1", "name": "worker", "type": "worker", "state": "ready",
-                               "date": 1_700_000_000_000, "slots": 2, "running": ["t1"],
-                               "models": [{"name": "echo", "contextLength": 4096}]})
+    awareness.set_local_state(
+        {
+            "id": "w1",
+            "name": "worker",
+            "type": "worker",
+            "state": "ready",
+            "date": 1_700_000_000_000,
+            "slots": 2,
+            "running": ["t1"],
+            "models": [{"name": "echo", "contextLength": 4096}],
+        }
+    )
     out.append(create_awareness_message(awareness.encode_awareness_update([doc.client_id])))
     awareness.set_local_state(None)
     out.append(create_awareness_message(awareness.encode_awareness_update([doc.client_id])))
@@ -226,7 +259,7 @@ class Room:
         if frame[0] == YMessageType.AWARENESS:
             try:  # as MarketRoom.relay_awareness does: any error would be a traceback
                 Awareness(Doc()).apply_awareness_update(read_message(frame[1:]), "remote")
-            except Exception:  # noqa: BLE001
+            except Exception:
                 return False
             return True
         if checked.update is None or checked.parsed is None:
@@ -241,7 +274,7 @@ class Room:
     def _answer(self, state: bytes) -> bool:
         try:  # an error is a clean refusal (MarketRoom._message_error), a panic is not
             self.doc.get_update(state)
-        except Exception:  # noqa: BLE001
+        except Exception:
             return True
         except BaseException as exc:
             if is_panic(exc):
@@ -254,7 +287,7 @@ class Room:
             return True  # refused
         try:
             self.doc.apply_update(update)
-        except Exception:  # noqa: BLE001 (a clean refusal, whatever its type)
+        except Exception:
             return True
         except BaseException as exc:
             if is_panic(exc):
@@ -295,7 +328,7 @@ def minimize(base: bytes, frames: list[bytes], raw: bool) -> list[bytes]:
             i = 0
             shrunk = False
             while i < len(frames) - 1:
-                shorter = frames[:i] + frames[i + size:]
+                shorter = frames[:i] + frames[i + size :]
                 if shorter[-1:] == frames[-1:] and not replay(base, shorter, raw):
                     frames, shrunk = shorter, True
                 else:
@@ -324,8 +357,9 @@ def cases(seed: int) -> Iterator[tuple[bytes, bool]]:
         yield mutate(rng, rng.choice(frames if frame else updates), pool), frame
 
 
-def fuzz(n: int, seed: int = 0, seconds: float = 1e9, raw: bool = False,
-         chain: bool = False) -> Run:
+def fuzz(
+    n: int, seed: int = 0, seconds: float = 1e9, raw: bool = False, chain: bool = False
+) -> Run:
     """Run ``n`` cases (at most ``seconds``); return the crashes found.
 
     Each case goes to a fresh room holding the seeds' base state, or with ``chain`` to one
@@ -380,15 +414,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seconds", type=float, default=1e9)
     ap.add_argument("--raw", action="store_true", help="skip the market's checks")
-    ap.add_argument("--chain", action="store_true",
-                    help="one room takes every case in turn (crashes that need a history)")
+    ap.add_argument(
+        "--chain",
+        action="store_true",
+        help="one room takes every case in turn (crashes that need a history)",
+    )
     ap.add_argument("--save", action="store_true", help="write new crashes to the corpus")
     args = ap.parse_args(argv)
     started = time.monotonic()
     run = fuzz(args.cases, args.seed, args.seconds, args.raw, args.chain)
     took = time.monotonic() - started
-    print(f"{run.cases} cases in {took:.1f} s, {run.refused} refused by the checks, "
-          f"{len(run.crashes)} crash(es)", file=sys.stderr)
+    print(
+        f"{run.cases} cases in {took:.1f} s, {run.refused} refused by the checks, "
+        f"{len(run.crashes)} crash(es)",
+        file=sys.stderr,
+    )
     known = [frames for _, frames in corpus()]
     for frames in run.crashes:
         text = "".join(f.hex() + "\n" for f in frames)

@@ -98,9 +98,7 @@ async def settled(cluster: Cluster, agent: Agent, outcomes: Outcomes) -> None:
         )
 
     for _ in range(2):
-        await wait_for(
-            quiet, 30, "every task ended, every slot free, no entry left", cluster
-        )
+        await wait_for(quiet, 30, "every task ended, every slot free, no entry left", cluster)
         await asyncio.sleep(1.5)
 
 
@@ -149,9 +147,7 @@ def _stream_request(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-        % len(body)
-        + body
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     )
     return s
 
@@ -240,21 +236,13 @@ async def test_abort_written_on_an_entry_the_task_just_left_ends_it(
         worker_id = next(p.id for p in racer.peers() if p.type == "worker")
         task = raw_task(racer, prompt)
         if where is MapName.PREPARED:  # as the broker writes it
-            task.update(
-                {F.WORKER: worker_id, F.STATE: State.PREPARED.value, F.ATTEMPTS: 1}
-            )
+            task.update({F.WORKER: worker_id, F.STATE: State.PREPARED.value, F.ATTEMPTS: 1})
         put(racer, where, task[F.ID], task)
         doc, maps = fork(racer)
-        await wait_for(
-            lambda: moved(located(racer, task[F.ID])), 20, "the move", cluster
-        )
+        await wait_for(lambda: moved(located(racer, task[F.ID])), 20, "the move", cluster)
         write_from_fork(racer, doc, maps, where, task[F.ID])
         final = await wait_for(
-            lambda: (
-                (f := final_of(racer, task[F.ID]))
-                and located(racer, task[F.ID]) is None
-                and f
-            ),
+            lambda: (f := final_of(racer, task[F.ID])) and located(racer, task[F.ID]) is None and f,
             10,
             "the task ends, no entry left",
             cluster,
@@ -282,16 +270,12 @@ async def test_abort_written_as_the_task_ends_leaves_its_end_alone(
     async with observer(cluster, "racer") as racer:
         task = raw_task(racer, "#repeat 20")
         put(racer, MapName.TODOS, task[F.ID], task)
-        await wait_for(
-            lambda: located(racer, task[F.ID]) is MapName.DOING, 20, "it runs", cluster
-        )
+        await wait_for(lambda: located(racer, task[F.ID]) is MapName.DOING, 20, "it runs", cluster)
         doc, maps = fork(racer)
         await wait_for(lambda: final_of(racer, task[F.ID]), 20, "it ends", cluster)
         write_from_fork(racer, doc, maps, MapName.DOING, task[F.ID])
         assert located(racer, task[F.ID]) is MapName.DOING  # the ghost
-        await wait_for(
-            lambda: located(racer, task[F.ID]) is None, 10, "the ghost goes", cluster
-        )
+        await wait_for(lambda: located(racer, task[F.ID]) is None, 10, "the ghost goes", cluster)
         final = final_of(racer, task[F.ID])
         assert final is not None and final[F.STATE] == State.DONE.value
         assert final[F.RESPONSE] == "".join(f"tok{i} " for i in range(20))
@@ -378,9 +362,7 @@ ABORT_CASES: dict[str, tuple[dict[str, bool], bool, int, Any]] = {
 def test_a_mark_on_any_entry_aborts_the_task(case: str) -> None:
     copies, worker_present, waited, expected = ABORT_CASES[case]
     states = {"todos": State.TODO, "prepared": State.PREPARED, "doing": State.DOING}
-    snap = _snapshot(
-        100_000, **{m: _task("t", states[m], marked) for m, marked in copies.items()}
-    )
+    snap = _snapshot(100_000, **{m: _task("t", states[m], marked) for m, marked in copies.items()})
     seen = {"t": 100_000 - waited} if waited else {}
     moves = policies.abort(snap, lambda who: who == ASKER or worker_present, seen)
     if expected is None:
@@ -418,8 +400,7 @@ class _Worker:
         self.worker = Worker(self.agent, EchoEngine())
         self.peer = Doc()
         self.maps = {
-            m: self.peer.get(m.value, type=Map)
-            for m in (*LIVE, MapName.DONE, MapName.STREAMS)
+            m: self.peer.get(m.value, type=Map) for m in (*LIVE, MapName.DONE, MapName.STREAMS)
         }
         self.run = Running("t", 1)
         task = {**_task("t", State.DOING), F.WORKER: self.agent.id}
@@ -445,14 +426,10 @@ def _delete(where: MapName, key: str = "t") -> Callable[[dict[MapName, Map]], No
 
 
 def _write(where: MapName, **fields: Any) -> Callable[[dict[MapName, Map]], None]:
-    return lambda maps: maps[where].__setitem__(
-        "t", {**_task("t", State.TODO), **fields}
-    )
+    return lambda maps: maps[where].__setitem__("t", {**_task("t", State.TODO), **fields})
 
 
-WORKER_CASES: dict[
-    str, tuple[list[Callable[[dict[MapName, Map]], None]], str | None]
-] = {
+WORKER_CASES: dict[str, tuple[list[Callable[[dict[MapName, Map]], None]], str | None]] = {
     "doing entry deleted, nothing else": ([_delete(MapName.DOING)], "deleted"),
     "re-queued by the broker": (
         [

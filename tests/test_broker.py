@@ -15,8 +15,18 @@ from .conftest import Cluster
 
 
 def _worker(cid: int, wid: str, models: list[str], slots: int = 1, state: str = "ready") -> Peer:
-    return Peer(cid, {"id": wid, "type": "worker", "style": "text", "state": state,
-                      "protocol": 2, "models": [{"name": m} for m in models], "slots": slots})
+    return Peer(
+        cid,
+        {
+            "id": wid,
+            "type": "worker",
+            "style": "text",
+            "state": state,
+            "protocol": 2,
+            "models": [{"name": m} for m in models],
+            "slots": slots,
+        },
+    )
 
 
 def test_fair_order_interleaves_askers_and_favours_the_least_served() -> None:
@@ -61,7 +71,7 @@ async def test_task_naming_a_model_goes_only_to_a_worker_serving_it(cluster: Clu
     async with Client(cluster.url) as client:
         tasks = [await client.submit(f"m{i}", model=m) for i in range(6) for m in ("alpha", "beta")]
         answers = await asyncio.gather(*(t.result() for t in tasks))
-    for task, answer in zip(tasks, answers):
+    for task, answer in zip(tasks, answers, strict=True):
         expected = workers["wa"] if task.task["model"] == "alpha" else workers["wb"]
         assert answer.task["worker"] == expected
         assert answer.task["model"] == task.task["model"]
@@ -72,7 +82,10 @@ async def test_one_asker_with_many_tasks_does_not_starve_another(cluster: Cluste
     cluster.broker()
     cluster.worker("--delay", "0.01", name="slow")
     cluster.wait_agents("worker", 1)
-    async with Client(cluster.url, name="greedy") as greedy, Client(cluster.url, name="modest") as modest:
+    async with (
+        Client(cluster.url, name="greedy") as greedy,
+        Client(cluster.url, name="modest") as modest,
+    ):
         many = [await greedy.submit("#repeat 10") for _ in range(30)]
         await asyncio.sleep(0.3)
         one = await modest.submit("#repeat 10")

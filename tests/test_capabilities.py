@@ -37,8 +37,18 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 
 def _worker(cid: int, wid: str, models: list[dict[str, Any]], state: str = "ready") -> Peer:
-    return Peer(cid, {"id": wid, "type": "worker", "style": "text", "state": state,
-                      "protocol": 2, "models": models, "slots": 2})
+    return Peer(
+        cid,
+        {
+            "id": wid,
+            "type": "worker",
+            "style": "text",
+            "state": state,
+            "protocol": 2,
+            "models": models,
+            "slots": 2,
+        },
+    )
 
 
 def _v2(**fields: Any) -> dict[str, Any]:
@@ -51,18 +61,23 @@ EMBED_ONLY = _worker(3, "emb", [{"name": "e5", "capabilities": ["embed"]}])
 
 
 # ---------------------------------------------------------------------- pure
-@pytest.mark.parametrize("task,needs", [
-    (_v2(), {"chat"}),
-    (_v2(tools=[TOOL]), {"chat", "tools"}),
-    (_v2(tools=[TOOL], toolChoice="none"), {"chat"}),
-    (_v2(responseFormat={"type": "json_object"}), {"chat", "json_object"}),
-    (_v2(responseFormat={"type": "json_schema", "json_schema": {"schema": {}}}),
-     {"chat", "json_schema"}),
-    (_v2(responseFormat={"type": "text"}), {"chat"}),
-    (_v2(n=3, logprobs=True), {"chat", "n", "logprobs"}),
-    (_v2(n=1), {"chat"}),
-    ({"id": "t", "protocol": 2, "kind": "embed", "inputs": ["a"]}, {"embed"}),
-])
+@pytest.mark.parametrize(
+    "task,needs",
+    [
+        (_v2(), {"chat"}),
+        (_v2(tools=[TOOL]), {"chat", "tools"}),
+        (_v2(tools=[TOOL], toolChoice="none"), {"chat"}),
+        (_v2(responseFormat={"type": "json_object"}), {"chat", "json_object"}),
+        (
+            _v2(responseFormat={"type": "json_schema", "json_schema": {"schema": {}}}),
+            {"chat", "json_schema"},
+        ),
+        (_v2(responseFormat={"type": "text"}), {"chat"}),
+        (_v2(n=3, logprobs=True), {"chat", "n", "logprobs"}),
+        (_v2(n=1), {"chat"}),
+        ({"id": "t", "protocol": 2, "kind": "embed", "inputs": ["a"]}, {"embed"}),
+    ],
+)
 def test_a_task_needs_what_its_fields_ask(task: dict[str, Any], needs: set[str]) -> None:
     validate_task(task)
     assert required(task) == needs
@@ -108,21 +123,29 @@ def test_an_original_task_naming_an_unserved_model_is_served_by_any_text_worker(
     assert pick_worker(_v2(model="gpt-3.5-turbo"), [CHAT], {}) is None
 
 
-@pytest.mark.parametrize("task,why", [
-    (_v2(tools="f"), "tools must be a list"),
-    (_v2(tools=[{"function": {}}]), "function.name"),
-    (_v2(tools=[TOOL], toolChoice={"type": "function", "function": {"name": "g"}}), "not in tools"),
-    (_v2(toolChoice="sometimes"), "toolChoice"),
-    (_v2(toolChoice="required"), "needs tools"),
-    (_v2(responseFormat={"type": "yaml"}), "responseFormat.type"),
-    (_v2(n=0), "n must be between"),
-    (_v2(logprobs="yes"), "logprobs"),
-    ({"id": "t", "protocol": 2, "kind": "embed"}, "inputs"),
-    ({"id": "t", "protocol": 2, "kind": "embed", "inputs": [1]}, "inputs"),
-    ({"id": "t", "protocol": 2, "kind": "draw", "prompt": "x"}, "unknown kind"),
-    (_v2(messages=[{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]),
-     "tool call"),
-])
+@pytest.mark.parametrize(
+    "task,why",
+    [
+        (_v2(tools="f"), "tools must be a list"),
+        (_v2(tools=[{"function": {}}]), "function.name"),
+        (
+            _v2(tools=[TOOL], toolChoice={"type": "function", "function": {"name": "g"}}),
+            "not in tools",
+        ),
+        (_v2(toolChoice="sometimes"), "toolChoice"),
+        (_v2(toolChoice="required"), "needs tools"),
+        (_v2(responseFormat={"type": "yaml"}), "responseFormat.type"),
+        (_v2(n=0), "n must be between"),
+        (_v2(logprobs="yes"), "logprobs"),
+        ({"id": "t", "protocol": 2, "kind": "embed"}, "inputs"),
+        ({"id": "t", "protocol": 2, "kind": "embed", "inputs": [1]}, "inputs"),
+        ({"id": "t", "protocol": 2, "kind": "draw", "prompt": "x"}, "unknown kind"),
+        (
+            _v2(messages=[{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]),
+            "tool call",
+        ),
+    ],
+)
 def test_invalid_v2_fields_are_protocol_errors(task: dict[str, Any], why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
         validate_task(task)
@@ -137,8 +160,16 @@ def mixed(cluster: Cluster) -> tuple[Cluster, Stub, dict[str, str]]:
     cluster.broker()
     cluster.worker("--model", "m", "--slots", "4", name="echo-1")
     cluster.worker("--model", "m", "--slots", "4", name="echo-2")
-    cluster.worker("--engine", "openai", "--base-url", stub.url, "--model", "ok=m",
-                   name="upstream", engine="openai")
+    cluster.worker(
+        "--engine",
+        "openai",
+        "--base-url",
+        stub.url,
+        "--model",
+        "ok=m",
+        name="upstream",
+        engine="openai",
+    )
     workers = {a["name"]: a["id"] for a in cluster.wait_agents("worker", 3)}
     yield cluster, stub, workers
     stub.stop()
@@ -149,10 +180,14 @@ async def test_a_worker_without_a_capability_never_receives_a_task_that_needs_it
 ) -> None:
     cluster, stub, workers = mixed
     async with Client(cluster.url) as client:
-        tasks = [await client.submit(f"q{i}", model="m", tools=[TOOL], tool_choice="auto")
-                 for i in range(6)]
-        tasks += [await client.submit(f"j{i}", model="m", response_format={"type": "json_object"})
-                  for i in range(6)]
+        tasks = [
+            await client.submit(f"q{i}", model="m", tools=[TOOL], tool_choice="auto")
+            for i in range(6)
+        ]
+        tasks += [
+            await client.submit(f"j{i}", model="m", response_format={"type": "json_object"})
+            for i in range(6)
+        ]
         plain = [await client.submit(f"p{i}", model="m") for i in range(12)]
         answers = await asyncio.gather(*(t.result() for t in tasks))
         plain_answers = await asyncio.gather(*(t.result() for t in plain))
@@ -160,8 +195,7 @@ async def test_a_worker_without_a_capability_never_receives_a_task_that_needs_it
     assert len({a.task[F.WORKER] for a in plain_answers}) >= 2  # chat goes anywhere
     # The upstream worker forwarded the fields as they were asked.
     sent = [r for r in stub.requests if r.get("tools")]
-    assert len(sent) == 6 and all(r["tools"] == [TOOL] and r["tool_choice"] == "auto"
-                                  for r in sent)
+    assert len(sent) == 6 and all(r["tools"] == [TOOL] and r["tool_choice"] == "auto" for r in sent)
     assert sum(r.get("response_format") == {"type": "json_object"} for r in stub.requests) == 6
 
 
@@ -186,13 +220,22 @@ async def test_broker_fails_at_once_a_v2_task_nobody_serves_with_a_typed_code(
     agent = observer(echo_market)
     await agent.start()
     try:
-        cases = {new_task_id(): ({F.MODEL: "gpt-4"}, ErrorCode.MODEL_NOT_SERVED),
-                 new_task_id(): ({F.N: 2}, ErrorCode.CAPABILITY_NOT_SERVED)}
+        cases = {
+            new_task_id(): ({F.MODEL: "gpt-4"}, ErrorCode.MODEL_NOT_SERVED),
+            new_task_id(): ({F.N: 2}, ErrorCode.CAPABILITY_NOT_SERVED),
+        }
         with agent.transaction():
             for tid, (fields, _code) in cases.items():
                 agent.maps[MapName.TODOS][tid] = {
-                    F.ID: tid, F.PROTOCOL: 2, F.ASKER: agent.id, F.STYLE: "text",
-                    F.STATE: State.TODO.value, F.PROMPT: "x", F.DATE: now_ms(), **fields}
+                    F.ID: tid,
+                    F.PROTOCOL: 2,
+                    F.ASKER: agent.id,
+                    F.STYLE: "text",
+                    F.STATE: State.TODO.value,
+                    F.PROMPT: "x",
+                    F.DATE: now_ms(),
+                    **fields,
+                }
         start = time.monotonic()
         for tid, (_fields, code) in cases.items():
             final = await archived_async(echo_market, tid)

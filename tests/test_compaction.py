@@ -34,8 +34,10 @@ def room() -> Doc:
 
 
 def view(doc: Doc) -> dict[str, dict[str, Any]]:
-    return {m: {k: str(v) if isinstance(v, Text) else v for k, v in doc.get(m, type=Map).items()}
-            for m in MAPS}
+    return {
+        m: {k: str(v) if isinstance(v, Text) else v for k, v in doc.get(m, type=Map).items()}
+        for m in MAPS
+    }
 
 
 def sync(*docs: Doc) -> None:
@@ -45,8 +47,15 @@ def sync(*docs: Doc) -> None:
                 b.apply_update(a.get_update(b.get_state()))
 
 
-def lifecycle(client: Doc, broker: Doc, worker: Doc, market: Doc, ids: list[str],
-              answer: str = "tok ", requeue: bool = False) -> None:
+def lifecycle(
+    client: Doc,
+    broker: Doc,
+    worker: Doc,
+    market: Doc,
+    ids: list[str],
+    answer: str = "tok ",
+    requeue: bool = False,
+) -> None:
     """Tasks through the maps as Igora's agents move them, each change synced."""
     docs = (market, client, broker, worker)
     m = {(d, name): d.get(name, type=Map) for d in docs[1:] for name in MAPS}
@@ -239,23 +248,27 @@ async def test_market_compacts_with_original_js_peers_connected_and_after_a_rest
             for i in range(60):
                 old.send(op="delete", map="done", key=f"t{i}")
             old.set("todos", "keep", {"id": "keep", "prompt": "stay"})
-            await until(lambda: not py.maps[MapName.DONE] and "keep" in py.maps[MapName.TODOS],
-                        20, "python to see the node's deletions")
+            await until(
+                lambda: not py.maps[MapName.DONE] and "keep" in py.maps[MapName.TODOS],
+                20,
+                "python to see the node's deletions",
+            )
             full = document_size(py)
             # Two compactions: the first marks the dead keys, the second collects them.
             await until(lambda: cluster.compactions() >= 2, 30, "two compactions")
             async with agent(cluster.url, room_name, name="py-new") as newcomer:
                 assert document_size(newcomer) < full / 4, (document_size(newcomer), full)
                 assert dict(newcomer.maps[MapName.TODOS]) == {
-                    "keep": {"id": "keep", "prompt": "stay"}}
+                    "keep": {"id": "keep", "prompt": "stay"}
+                }
                 assert str(newcomer.maps[MapName.STREAMS]["keep#1"]) == "still streaming: 🙂"
                 # Old peers and the newcomer keep hearing each other.
-                new_node = NodePeer(cluster.url, room_name, cluster.tmp / "new-node.log",
-                                    name="new-node")
+                new_node = NodePeer(
+                    cluster.url, room_name, cluster.tmp / "new-node.log", name="new-node"
+                )
                 try:
                     await until(lambda: new_node.synced, 20, "a new node peer to sync")
-                    assert new_node.maps.get("todos") == {"keep": {"id": "keep",
-                                                                   "prompt": "stay"}}
+                    assert new_node.maps.get("todos") == {"keep": {"id": "keep", "prompt": "stay"}}
                     old.set("prepared", "p1", {"id": "p1", "from": "old-node"})
                     newcomer.maps[MapName.DOING]["d1"] = {"id": "d1", "from": "py-new"}
                     new_node.set("done", "n1", {"id": "n1", "from": "new-node"})
@@ -275,8 +288,9 @@ async def test_market_compacts_with_original_js_peers_connected_and_after_a_rest
                     def seen() -> str:
                         maps = {"old-node": old.maps, "new-node": new_node.maps}
                         for a in (py, newcomer):
-                            maps[a.name] = {m.value: {k: str(v) for k, v in a.maps[m].items()}
-                                                for m in MapName}
+                            maps[a.name] = {
+                                m.value: {k: str(v) for k, v in a.maps[m].items()} for m in MapName
+                            }
                         return f"every peer to see every other's writes; they saw {maps}"
 
                     await until(everyone, 20, seen)
@@ -292,8 +306,11 @@ async def test_market_compacts_with_original_js_peers_connected_and_after_a_rest
             assert document_size(after) < full / 4
             await until(lambda: old.status == "connected", 30, "the node peer to reconnect")
             old.set("todos", "after-restart", {"id": "after-restart"})
-            await until(lambda: "after-restart" in after.maps[MapName.TODOS], 20,
-                        "the node peer's write after the restart")
+            await until(
+                lambda: "after-restart" in after.maps[MapName.TODOS],
+                20,
+                "the node peer's write after the restart",
+            )
             await asyncio.sleep(0)
             assert set(after.maps[MapName.TODOS]) == {"keep", "after-restart"}
     finally:

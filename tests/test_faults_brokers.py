@@ -33,8 +33,9 @@ def two_brokers(cluster: Cluster) -> tuple[Proc, Proc, list[Proc]]:
     return first, second, workers
 
 
-async def run_100_tasks_and_hit_leader(cluster: Cluster, hit: int) -> tuple[list[dict], float,
-                                                                             Proc, Proc]:
+async def run_100_tasks_and_hit_leader(
+    cluster: Cluster, hit: int
+) -> tuple[list[dict], float, Proc, Proc]:
     """Submit 100 tasks; when 20 are done, send ``hit`` to the active broker; return the
     final tasks, the take-over time, the hit broker and the other one."""
     brokers = [by_name(cluster.procs, "b1"), by_name(cluster.procs, "b2")]
@@ -42,17 +43,23 @@ async def run_100_tasks_and_hit_leader(cluster: Cluster, hit: int) -> tuple[list
     hit_proc = by_name(brokers, active["name"])
     other = next(b for b in brokers if b is not hit_proc)
     async with Client(cluster.url) as client:
-        tasks = [await client.submit(f"task {i} #repeat {TOKENS}", timeout=120)
-                 for i in range(N_TASKS)]
+        tasks = [
+            await client.submit(f"task {i} #repeat {TOKENS}", timeout=120) for i in range(N_TASKS)
+        ]
         results = [asyncio.ensure_future(t.result()) for t in tasks]
-        await wait_for(lambda: sum(r.done() for r in results) >= 20, 60,
-                       "20 tasks done before the hit", cluster)
+        await wait_for(
+            lambda: sum(r.done() for r in results) >= 20,
+            60,
+            "20 tasks done before the hit",
+            cluster,
+        )
         hit_at = time.monotonic()
         os.killpg(hit_proc.pid, hit)
 
         def took_over() -> bool:
-            return any(p.name == other_name and p.state.get("leader") is True
-                       for p in client.agent.peers())
+            return any(
+                p.name == other_name and p.state.get("leader") is True for p in client.agent.peers()
+            )
 
         other_name = "b2" if hit_proc.args[hit_proc.args.index("--name") + 1] == "b1" else "b1"
         await wait_for(took_over, 60, "the other broker takes over", cluster)
@@ -65,7 +72,7 @@ async def test_killing_the_active_broker_loses_no_task_and_assigns_none_twice(
     cluster: Cluster,
 ) -> None:
     _, _, workers = two_brokers(cluster)
-    finals, takeover, killed, other = await run_100_tasks_and_hit_leader(cluster, signal.SIGKILL)
+    finals, takeover, _killed, other = await run_100_tasks_and_hit_leader(cluster, signal.SIGKILL)
     assert len(finals) == N_TASKS
     assert all(t["state"] == "done" and t[F.RESPONSE] == EXPECTED for t in finals)
     counts = executions(*workers)
@@ -83,8 +90,9 @@ async def test_silent_active_broker_is_replaced_and_steps_down_when_it_wakes(
 ) -> None:
     _, _, workers = two_brokers(cluster)
     try:
-        finals, takeover, frozen, other = await run_100_tasks_and_hit_leader(
-            cluster, signal.SIGSTOP)
+        finals, takeover, frozen, _other = await run_100_tasks_and_hit_leader(
+            cluster, signal.SIGSTOP
+        )
     finally:
         for b in cluster.procs:
             if "broker" in b.args:
@@ -96,8 +104,7 @@ async def test_silent_active_broker_is_replaced_and_steps_down_when_it_wakes(
     assert takeover >= 2.0  # it had to wait for missed heartbeats, not a closed socket
     # Woken up, the frozen broker sees it was paused: it steps down and re-settles
     # instead of acting on its outdated view (which had every agent gone).
-    await wait_for(lambda: "stalled" in frozen.log(), 20, "the woken broker steps down",
-                   cluster)
+    await wait_for(lambda: "stalled" in frozen.log(), 20, "the woken broker steps down", cluster)
     assert "vanished" not in frozen.log().split("stalled")[-1]
     async with Client(cluster.url) as client:
         after = [await client.submit(f"after {i}", timeout=60) for i in range(10)]

@@ -94,8 +94,9 @@ BAD_TODOS: dict[str, Callable[[str], Any]] = {
 
 
 @pytest.mark.parametrize("case", list(BAD_TODOS))
-async def test_malformed_todo_is_failed_with_a_log_line(market: Cluster, raw: Agent,
-                                                        case: str) -> None:
+async def test_malformed_todo_is_failed_with_a_log_line(
+    market: Cluster, raw: Agent, case: str
+) -> None:
     key = new_id()
     put(raw, MapName.TODOS, key, BAD_TODOS[case](key))
     done = raw.maps[MapName.DONE]
@@ -110,7 +111,9 @@ async def test_huge_key_is_failed_with_a_short_log_line(market: Cluster, raw: Ag
     key = "k" * (MAX_ID * 50)
     put(raw, MapName.TODOS, key, ok(key))
     done = raw.maps[MapName.DONE]
-    final = await wait_for(lambda: done.get(key), 20, "the entry is ended", market)
+    final = await wait_for(
+        lambda done=done, key=key: done.get(key), 20, "the entry is ended", market
+    )
     assert final[F.STATE] == State.FAILED.value
     line = next(ln for ln in market.procs[1].log().splitlines() if key[:80] in ln)
     assert len(line) < 400
@@ -122,8 +125,12 @@ async def test_value_nested_too_deep_is_refused_by_the_market(market: Cluster) -
     async with observer(market, "nester") as nester:
         task = raw_task(nester, "nested", extra=deep(3000))
         put(nester, MapName.TODOS, task[F.ID], task)
-        await wait_for(lambda: "refused update" in market.procs[0].log(), 20,
-                       "the market refuses the frame", market)
+        await wait_for(
+            lambda: "refused update" in market.procs[0].log(),
+            20,
+            "the market refuses the frame",
+            market,
+        )
     async with observer(market, "newcomer") as newcomer:
         assert task[F.ID] not in newcomer.maps[MapName.TODOS]
         assert task[F.ID] not in newcomer.maps[MapName.DONE]
@@ -140,8 +147,9 @@ async def test_crafted_frame_nesting_a_million_levels_does_not_kill_the_market(
     update = doc.get_update()
     level = bytes([117, 1])  # lib0 Any: an array of one item
     update = update.replace(level * 9, level * 1_000_000, 1)
-    frame = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE]) + _varuint(len(update)) \
-        + update
+    frame = (
+        bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE]) + _varuint(len(update)) + update
+    )
     async with connect(f"{market.url}/market", max_size=None) as ws:
         await ws.send(frame)
         with pytest.raises(ConnectionClosed):
@@ -161,7 +169,8 @@ def _varuint(n: int) -> bytes:
 
 
 async def test_task_prepared_for_a_worker_that_does_not_exist_is_run_by_a_real_one(
-    market: Cluster, raw: Agent,
+    market: Cluster,
+    raw: Agent,
 ) -> None:
     task = raw_task(raw, "orphan", worker=new_id(), state=State.PREPARED.value, attemps=1)
     put(raw, MapName.PREPARED, task[F.ID], task)
@@ -172,7 +181,8 @@ async def test_task_prepared_for_a_worker_that_does_not_exist_is_run_by_a_real_o
 
 
 async def test_task_in_doing_claiming_a_live_worker_that_never_took_it_is_handed_back(
-    market: Cluster, raw: Agent,
+    market: Cluster,
+    raw: Agent,
 ) -> None:
     worker_id = next(p.id for p in raw.peers() if p.type == "worker")
     task = raw_task(raw, "forged doing", worker=worker_id, state=State.DOING.value, attemps=1)
@@ -184,7 +194,8 @@ async def test_task_in_doing_claiming_a_live_worker_that_never_took_it_is_handed
 
 
 async def test_running_task_whose_doing_entry_is_deleted_ends_failed_within_seconds(
-    market: Cluster, raw: Agent,
+    market: Cluster,
+    raw: Agent,
 ) -> None:
     # A hostile (or buggy) agent deletes the entry of a running task, writing it nowhere
     # else: its worker ends it failed at once, rather than let its client wait 60 s.
@@ -193,8 +204,12 @@ async def test_running_task_whose_doing_entry_is_deleted_ends_failed_within_seco
         doing = raw.maps[MapName.DOING]
         running = await wait_for(lambda: doing.get(task.id), 20, "the task runs", market)
         streams = raw.maps[MapName.STREAMS]
-        await wait_for(lambda: "tok2" in str(streams.get(running[F.STREAM], "")), 20,
-                       "the first tokens", market)
+        await wait_for(
+            lambda: "tok2" in str(streams.get(running[F.STREAM], "")),
+            20,
+            "the first tokens",
+            market,
+        )
         with raw.transaction():
             del doing[task.id]
         with pytest.raises(TaskFailed) as failed:
@@ -204,15 +219,20 @@ async def test_running_task_whose_doing_entry_is_deleted_ends_failed_within_seco
     assert final[F.ERROR] == "the task's entry in doing was deleted by another agent while it ran"
     assert final[F.RESPONSE].startswith("tok0 tok1 ")
     assert task.id not in doing
-    await wait_for(lambda: all(w.get("running") == 0 for w in market.agents("worker")), 10,
-                   "the worker's slot is free", market)
+    await wait_for(
+        lambda: all(w.get("running") == 0 for w in market.agents("worker")),
+        10,
+        "the worker's slot is free",
+        market,
+    )
     assert "its entry in doing was deleted" in market.procs[2].log()
     await still_serving(market)
 
 
 @pytest.mark.parametrize("where", [MapName.PREPARED, MapName.DOING])
-async def test_garbage_in_prepared_or_doing_is_failed(market: Cluster, raw: Agent,
-                                                      where: MapName) -> None:
+async def test_garbage_in_prepared_or_doing_is_failed(
+    market: Cluster, raw: Agent, where: MapName
+) -> None:
     worker_id = next(p.id for p in raw.peers() if p.type == "worker")
     for value in ("junk", {F.ID: "x", F.WORKER: worker_id, F.PROMPT: 5}):
         key = new_id()
@@ -220,21 +240,28 @@ async def test_garbage_in_prepared_or_doing_is_failed(market: Cluster, raw: Agen
             value = {**value, F.ID: key}
         put(raw, where, key, value)
         done = raw.maps[MapName.DONE]
-        final = await wait_for(lambda: done.get(key), 20, "the entry is ended", market)
+        final = await wait_for(
+            lambda done=done, key=key: done.get(key), 20, "the entry is ended", market
+        )
         assert final[F.STATE] == State.FAILED.value and "invalid task" in final[F.ERROR]
     await still_serving(market)
 
 
 async def test_forged_end_of_someone_elses_running_task_does_not_fool_its_client(
-    market: Cluster, raw: Agent,
+    market: Cluster,
+    raw: Agent,
 ) -> None:
     expected = "".join(f"tok{i} " for i in range(60))
     async with Client(market.url) as client:
         task = await client.submit("#repeat 60", timeout=30)
         doing = raw.maps[MapName.DOING]
         await wait_for(lambda: task.id in doing, 20, "the task runs", market)
-        put(raw, MapName.DONE, task.id, {F.ID: task.id, F.STATE: State.DONE.value,
-                                          F.RESPONSE: "forged answer"})
+        put(
+            raw,
+            MapName.DONE,
+            task.id,
+            {F.ID: task.id, F.STATE: State.DONE.value, F.RESPONSE: "forged answer"},
+        )
         put(raw, MapName.DONE, task.id, {F.ID: task.id, F.STATE: State.DOING.value})
         pieces = [p async for p in task.stream()]
     assert not any(isinstance(p, Restart) for p in pieces)
@@ -258,41 +285,67 @@ async def test_garbage_in_streams_is_ignored_and_cleaned(market: Cluster, raw: A
     assert not any(isinstance(p, Restart) for p in pieces)
     assert "".join(pieces) == expected  # a clean continuation from the final answer
     streams = raw.maps[MapName.STREAMS]
-    await wait_for(lambda: not any(k in streams for k in junk), 20,
-                   "the active broker removes orphan streams", market)
+    await wait_for(
+        lambda: not any(k in streams for k in junk),
+        20,
+        "the active broker removes orphan streams",
+        market,
+    )
     await still_serving(market)
 
 
-async def test_garbage_in_done_and_in_awareness_hurts_nobody(market: Cluster,
-                                                            raw: Agent) -> None:
+async def test_garbage_in_done_and_in_awareness_hurts_nobody(market: Cluster, raw: Agent) -> None:
     keys = [new_id() for _ in range(3)]
     with raw.transaction():
         raw.maps[MapName.DONE][keys[0]] = "junk"
         raw.maps[MapName.DONE][keys[1]] = {F.ID: keys[1], F.STATE: "nonsense", "x": deep(40)}
         raw.maps[MapName.DONE][keys[2]] = Map({"a": 1})
     # A peer whose awareness fields have every wrong type.
-    raw.awareness.set_local_state({
-        "id": 5, "type": "worker", "name": ["x"], "style": None, "state": 7, "models": 5,
-        "slots": "many", "running": "x", "since": "x", "leader": "yes", "heartbeat": -1,
-        "protocol": "2",
-    })
+    raw.awareness.set_local_state(
+        {
+            "id": 5,
+            "type": "worker",
+            "name": ["x"],
+            "style": None,
+            "state": 7,
+            "models": 5,
+            "slots": "many",
+            "running": "x",
+            "since": "x",
+            "leader": "yes",
+            "heartbeat": -1,
+            "protocol": "2",
+        }
+    )
     await asyncio.sleep(1)
     await still_serving(market)
     done = raw.maps[MapName.DONE]
-    await wait_for(lambda: not any(k in done for k in keys), 20,
-                   "the active broker removes entries of done that are not tasks", market)
+    await wait_for(
+        lambda: not any(k in done for k in keys),
+        20,
+        "the active broker removes entries of done that are not tasks",
+        market,
+    )
 
 
 async def test_fake_worker_that_never_takes_its_tasks_loses_them_to_a_real_one(
     market: Cluster,
 ) -> None:
     async with observer(market, "hostage-taker") as fake:
-        fake.set_state(type="worker", style="text", state="ready", slots=8, running=0,
-                       models=[{"name": "echo"}], engine="echo")
+        fake.set_state(
+            type="worker",
+            style="text",
+            state="ready",
+            slots=8,
+            running=0,
+            models=[{"name": "echo"}],
+            engine="echo",
+        )
         async with Client(market.url) as client:
             await wait_for(lambda: len(client.workers()) == 2, 10, "the fake worker is seen")
-            answers = await asyncio.gather(*(client.chat(f"hostage {i}", timeout=60)
-                                             for i in range(6)))
+            answers = await asyncio.gather(
+                *(client.chat(f"hostage {i}", timeout=60) for i in range(6))
+            )
     assert answers == [f"Echo: hostage {i}" for i in range(6)]
     log = market.procs[1].log()
     assert f"worker {fake.id} does not take the tasks assigned to it" in log

@@ -26,18 +26,25 @@ async def test_tasks_pending_when_the_market_dies_complete_after_its_restart(
         tasks = [await client.submit(f"n{i} #repeat {TOKENS}", timeout=120) for i in range(4)]
         results = [asyncio.ensure_future(t.result()) for t in tasks]
         doing, todos = client.agent.maps[MapName.DOING], client.agent.maps[MapName.TODOS]
-        await wait_for(lambda: len(doing) == 1 and len(todos) == 3, 20,
-                       "one task running, three waiting", cluster)
+        await wait_for(
+            lambda: len(doing) == 1 and len(todos) == 3,
+            20,
+            "one task running, three waiting",
+            cluster,
+        )
         market.kill()
         assert not market.alive()
         await wait_for(lambda: not client.agent.connected, 10, "the client sees the market go")
         cluster.market()  # same port, same data folder
         # A newcomer finds the unfinished tasks in the restarted market.
         async with observer(cluster) as seer:
-            pending = {k for m in (MapName.TODOS, MapName.PREPARED, MapName.DOING)
-                       for k in seer.maps[m]} | {
-                k for k, v in seer.maps[MapName.DONE].items()
-                if isinstance(v, dict) and v.get("state") == State.DONE.value}
+            pending = {
+                k for m in (MapName.TODOS, MapName.PREPARED, MapName.DOING) for k in seer.maps[m]
+            } | {
+                k
+                for k, v in seer.maps[MapName.DONE].items()
+                if isinstance(v, dict) and v.get("state") == State.DONE.value
+            }
             finished = {t.id for t in tasks if archived(cluster, t.id)}  # already read
             assert {t.id for t in tasks} <= pending | finished
         answers = await asyncio.wait_for(asyncio.gather(*results), 90)

@@ -97,9 +97,11 @@ async def test_soak_keeps_the_live_document_bounded(cluster: Cluster) -> None:
                 at, when = finished, time.monotonic() - started
                 size, took, live = await newcomer(cluster)
                 figures.append((at, size, took, live, market_rss(market.pid)))
-                print(f"{at:6d} tasks {when:6.1f} s: newcomer sync "
-                      f"{size / 1e6:5.2f} MB in {took * 1000:4.0f} ms, {live} live entries, "
-                      f"market RSS {figures[-1][4] / 1e6:5.1f} MB")
+                print(
+                    f"{at:6d} tasks {when:6.1f} s: newcomer sync "
+                    f"{size / 1e6:5.2f} MB in {took * 1000:4.0f} ms, {live} live entries, "
+                    f"market RSS {figures[-1][4] / 1e6:5.1f} MB"
+                )
                 assert live <= 3 * IN_FLIGHT  # in flight only: finished tasks have left
         finally:
             for j in jobs:
@@ -109,8 +111,12 @@ async def test_soak_keeps_the_live_document_bounded(cluster: Cluster) -> None:
     print(f"{N_TASKS} tasks in {elapsed:.1f} s ({N_TASKS / elapsed:.0f} tasks/s)")
     # Nothing is left in the live document once the flow stops.
     async with observer(cluster, "last") as last:
-        await wait_for(lambda: sum(len(last.maps[m]) for m in MapName) == 0, 30,
-                       "every finished task and stream left the live document", cluster)
+        await wait_for(
+            lambda: sum(len(last.maps[m]) for m in MapName) == 0,
+            30,
+            "every finished task and stream left the live document",
+            cluster,
+        )
     # While tasks flow, what a newcomer downloads holds the tombstones of the last few
     # seconds only (the market compacts every 2 s): bounded by a window, not by N.
     biggest = max(size for _, size, _, _, _ in figures[1:])
@@ -124,8 +130,10 @@ async def test_soak_keeps_the_live_document_bounded(cluster: Cluster) -> None:
         if settled < SETTLED or time.monotonic() > end:
             break
         await asyncio.sleep(0.5)
-    print(f"largest newcomer update while flowing {biggest / 1e3:.0f} kB; settled "
-          f"{settled / 1e3:.1f} kB, synced in {took * 1000:.0f} ms")
+    print(
+        f"largest newcomer update while flowing {biggest / 1e3:.0f} kB; settled "
+        f"{settled / 1e3:.1f} kB, synced in {took * 1000:.0f} ms"
+    )
     # Memory from the middle checkpoint: the market's high-water mark settles after a few
     # compactions (every 2 s), i.e. later in tasks when tasks flow faster (at ~550 tasks/s
     # it is still rising at N/5, then flat: 62.4 -> 62.9 MB from 3,000 to 30,000 tasks).
@@ -146,11 +154,17 @@ async def test_soak_every_process_keeps_its_memory_flat() -> None:
     result, runs = await soak(MEASURED, warmup=WARMUP)
     grown = growth(result)
     for s in result["samples"]:
-        print(f"{s['tasks']:6d} tasks {s['seconds']:6.1f} s: " + ", ".join(
-            f"{k} {v / 2**20:.1f} MiB (peak {s['peak'][k] / 2**20:.1f})"
-            for k, v in s["rss"].items()))
-    print("growth from 10 % to the end: " + ", ".join(
-        f"{k} {v * 100:+.1f} %" for k, v in grown.items()))
+        print(
+            f"{s['tasks']:6d} tasks {s['seconds']:6.1f} s: "
+            + ", ".join(
+                f"{k} {v / 2**20:.1f} MiB (peak {s['peak'][k] / 2**20:.1f})"
+                for k, v in s["rss"].items()
+            )
+        )
+    print(
+        "growth from 10 % to the end: "
+        + ", ".join(f"{k} {v * 100:+.1f} %" for k, v in grown.items())
+    )
     where = f"(logs in {result['dir']})"
     assert not result["errors"], (result["errors"], where)
     assert (result["lost"], result["twice"], result["wrong"]) == (0, 0, 0), where

@@ -33,8 +33,9 @@ async def test_task_of_a_killed_client_is_aborted_and_frees_the_worker_slot(
     cluster: Cluster,
 ) -> None:
     slow_market(cluster)
-    chat = cluster.spawn("chat", f"#repeat {LONG}", "--market", cluster.url, "--timeout", "120",
-                         name="chat")
+    chat = cluster.spawn(
+        "chat", f"#repeat {LONG}", "--market", cluster.url, "--timeout", "120", name="chat"
+    )
     async with observer(cluster) as seer:
         doing = seer.maps[MapName.DOING]
 
@@ -51,8 +52,12 @@ async def test_task_of_a_killed_client_is_aborted_and_frees_the_worker_slot(
         assert final[F.STATE] == State.ABORTED.value
         # Stopped at once, not at the end: a fraction of the answer was generated.
         assert len(final.get(F.RESPONSE) or "") < len("".join(f"tok{i} " for i in range(LONG)))
-        await wait_for(lambda: [w.get("running") for w in cluster.agents("worker")] == [0], 20,
-                       "the worker's slot is free again", cluster)
+        await wait_for(
+            lambda: [w.get("running") for w in cluster.agents("worker")] == [0],
+            20,
+            "the worker's slot is free again",
+            cluster,
+        )
     assert "aborted after" in cluster.procs[2].log()
     async with Client(cluster.url) as client:
         assert await client.chat("next one", timeout=60) == "Echo: next one"
@@ -68,8 +73,9 @@ async def test_task_waiting_past_its_deadline_ends_failed_with_the_reason(
         # any text worker, a v2 task fails at once.)
         long = raw_task(asker, f"#repeat {LONG}")
         put(asker, MapName.TODOS, long[F.ID], long)
-        await wait_for(lambda: long[F.ID] in asker.maps[MapName.DOING], 20, "the long task runs",
-                       cluster)
+        await wait_for(
+            lambda: long[F.ID] in asker.maps[MapName.DOING], 20, "the long task runs", cluster
+        )
         task = raw_task(asker, "anyone?", deadline=now_ms() + 1500)
         put(asker, MapName.TODOS, task[F.ID], task)
         done = asker.maps[MapName.DONE]
@@ -93,14 +99,19 @@ async def test_task_running_past_its_deadline_ends_failed_and_worker_keeps_servi
 
 
 def run_worker(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "igora", "worker", "--market",
-                           "ws://127.0.0.1:9", *args], capture_output=True, text=True,
-                          timeout=120, cwd=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "igora", "worker", "--market", "ws://127.0.0.1:9", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(ROOT),
+    )
 
 
 @pytest.mark.parametrize("content", [b"\x00garbage" * 500, b"GGUF\x03\x00\x00\x00truncated"])
-def test_worker_on_a_bad_model_file_exits_with_one_clear_line(tmp_path: Path,
-                                                               content: bytes) -> None:
+def test_worker_on_a_bad_model_file_exits_with_one_clear_line(
+    tmp_path: Path, content: bytes
+) -> None:
     bad = tmp_path / "not-a-model.gguf"
     bad.write_bytes(content)
     result = run_worker("--model", str(bad))

@@ -91,8 +91,12 @@ async def test_task_whose_workers_keep_dying_ends_failed_after_max_attempts(
             async for piece in task.stream():
                 if isinstance(piece, Restart) or not killed:
                     # Kill whoever runs it now: the first worker, then the second one.
-                    w = await wait_for(lambda: running_worker(client, task.id, workers), 20,
-                                       "a worker runs the task", cluster)
+                    w = await wait_for(
+                        lambda: running_worker(client, task.id, workers),
+                        20,
+                        "a worker runs the task",
+                        cluster,
+                    )
                     w.kill()
                     killed.append(w)
     assert len(killed) == 2
@@ -125,8 +129,12 @@ async def test_frozen_worker_loses_its_task_and_stops_when_it_wakes_up(cluster: 
         survivor = next(w for w in workers if w is not frozen)
         assert frozen is not None
         # Woken up, the frozen worker sees its task was taken away and stops quietly...
-        await wait_for(lambda: "taken away" in frozen.log(), 20,
-                       "the frozen worker notices it lost its task", cluster)
+        await wait_for(
+            lambda: "taken away" in frozen.log(),
+            20,
+            "the frozen worker notices it lost its task",
+            cluster,
+        )
         archive = await archived_async(cluster, task.id)
         assert archive is not None and archive[F.STATE] == State.DONE.value
         assert archive[F.RESPONSE] == EXPECTED

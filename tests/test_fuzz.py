@@ -47,10 +47,17 @@ def test_every_crash_ever_found_is_a_crash_for_pycrdt_and_none_for_the_market() 
     base, _ = fuzz.seeds()
     for name, frames in cases:
         if name.startswith("segv-"):  # it would kill this process: in a child
-            code = ("import sys; from tests import fuzz; "
-                    "fuzz.replay(fuzz.seeds()[0], fuzz.corpus_entry(sys.argv[1]), raw=True)")
-            child = subprocess.run([sys.executable, "-c", code, name], cwd=ROOT,
-                                   capture_output=True, timeout=60, check=False)
+            code = (
+                "import sys; from tests import fuzz; "
+                "fuzz.replay(fuzz.seeds()[0], fuzz.corpus_entry(sys.argv[1]), raw=True)"
+            )
+            child = subprocess.run(
+                [sys.executable, "-c", code, name],
+                cwd=ROOT,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
             assert child.returncode == -signal.SIGSEGV, f"{name} is no crash"
         else:
             assert not fuzz.replay(base, frames, raw=True), f"{name} is no crash"
@@ -106,8 +113,10 @@ async def test_issue_frame_corpus_and_fuzz_frames_leave_the_room_joinable(
         assert await client.chat("before", timeout=30) == "Echo: before"
     await _send(url, ISSUE_FRAME)
     assert "refused update: a clock past what Yjs can represent" in market.log()
-    mutants = (data if is_frame else fuzz.create_update_message(data)
-               for data, is_frame in fuzz.cases(seed=7))
+    mutants = (
+        data if is_frame else fuzz.create_update_message(data)
+        for data, is_frame in fuzz.cases(seed=7)
+    )
     frames = [f for _, fs in fuzz.corpus() for f in fs] + list(itertools.islice(mutants, 300))
     for frame in frames:
         await _send(url, frame)

@@ -22,13 +22,25 @@ async def test_gateway_serves_200_streams_and_aborts_the_disconnected(cluster: C
     for name in ("w1", "w2"):
         cluster.worker("--slots", "16", "--delay", "0.005", name=name)
     port = free_port()
-    gateway = cluster.spawn("gateway", "--market", cluster.url, "--port", str(port),
-                            "--heartbeat", "1", "--wait-worker", "30", name="gateway")
+    gateway = cluster.spawn(
+        "gateway",
+        "--market",
+        cluster.url,
+        "--port",
+        str(port),
+        "--heartbeat",
+        "1",
+        "--wait-worker",
+        "30",
+        name="gateway",
+    )
     wait_http(f"http://127.0.0.1:{port}/health", 60, gateway)
     cluster.wait_agents("worker", 2)
     out = await hammer(f"http://127.0.0.1:{port}", cluster.port)
-    print(f"{len(out.latencies)} streams in {out.seconds:.2f} s; statuses {dict(out.statuses)}; "
-          f"disconnected: {dict(out.gone_states)}")
+    print(
+        f"{len(out.latencies)} streams in {out.seconds:.2f} s; statuses {dict(out.statuses)}; "
+        f"disconnected: {dict(out.gone_states)}"
+    )
     assert out.statuses == Counter({200: STREAMS + GONE}), out.statuses
     assert not out.incomplete, out.incomplete[:3]
     assert len(out.latencies) == STREAMS

@@ -40,8 +40,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def node(shared: Cluster, node_modules: None, request: pytest.FixtureRequest
-         ) -> Iterator[NodePeer]:
+def node(shared: Cluster, node_modules: None, request: pytest.FixtureRequest) -> Iterator[NodePeer]:
     """A node peer in the room named after the test."""
     peer = NodePeer(shared.url, room_of(request), shared.tmp / f"{room_of(request)}-node.log")
     yield peer
@@ -70,22 +69,29 @@ async def test_node_client_and_python_agent_see_each_others_entries_and_awarenes
         node.set("todos", "from-node", {"id": "from-node", "prompt": "bonjour", "n": 1})
         node.aware({"type": "client", "style": "text", "state": "ready"})
         await until(lambda: entry(py, "todos", "from-node"), 10, "python to see node's entry")
-        assert entry(py, "todos", "from-node") == {"id": "from-node", "prompt": "bonjour",
-                                                     "n": 1}
-        seen = await until(lambda: [p for p in py.peers() if p.state.get("name") == "node-peer"],
-                           10, "python to see node's awareness")
+        assert entry(py, "todos", "from-node") == {"id": "from-node", "prompt": "bonjour", "n": 1}
+        seen = await until(
+            lambda: [p for p in py.peers() if p.state.get("name") == "node-peer"],
+            10,
+            "python to see node's awareness",
+        )
         assert seen[0].state["style"] == "text"
 
         # python -> node
         with py.transaction():
             py.maps[MapName.DONE]["from-py"] = {"id": "from-py", "response": "salut"}
         py.set_state(state="working")
-        await until(lambda: node.maps.get("done", {}).get("from-py"), 10,
-                    "node to see python's entry")
+        await until(
+            lambda: node.maps.get("done", {}).get("from-py"), 10, "node to see python's entry"
+        )
         assert node.maps["done"]["from-py"] == {"id": "from-py", "response": "salut"}
         state = await until(
-            lambda: [s for s in node.others() if s.get("name") == "py" and s.get("state") ==
-                     "working"], 10, "node to see python's awareness")
+            lambda: [
+                s for s in node.others() if s.get("name") == "py" and s.get("state") == "working"
+            ],
+            10,
+            "node to see python's awareness",
+        )
         assert state[0]["type"] == "client" and state[0]["id"] == py.id
 
         # what the market itself reports
@@ -119,8 +125,13 @@ async def test_root_answers_okay_and_status_counts_connections_agents_and_tasks(
     assert room["connections"] == 1
     assert room["agents"][0]["name"] == "counter" and room["agents"][0]["id"] == a.id
     assert room["tasks"] == {"todos": 2, "prepared": 0, "doing": 0, "done": 0}
-    await until(lambda: next(r for r in shared.status()["rooms"] if r["name"] == room_name)[
-        "connections"] == 0, 10, "/status to see the agent leave")
+    await until(
+        lambda: (
+            next(r for r in shared.status()["rooms"] if r["name"] == room_name)["connections"] == 0
+        ),
+        10,
+        "/status to see the agent leave",
+    )
 
 
 async def test_many_agents_joining_a_new_room_at_once_are_all_served(
@@ -131,8 +142,11 @@ async def test_many_agents_joining_a_new_room_at_once_are_all_served(
     try:
         with agents[0].transaction():
             agents[0].maps[MapName.TODOS]["hello"] = {"id": "hello"}
-        await until(lambda: all(entry(a, "todos", "hello") for a in agents), 10,
-                    "every agent to see the entry")
+        await until(
+            lambda: all(entry(a, "todos", "hello") for a in agents),
+            10,
+            "every agent to see the entry",
+        )
         room = next(r for r in shared.status()["rooms"] if r["name"] == room_of(request))
         assert room["connections"] == 12
     finally:
@@ -147,14 +161,21 @@ async def test_killed_node_agent_is_removed_from_awareness_at_once(
 ) -> None:
     node.aware({"type": "worker", "style": "text", "state": "ready"})
     async with agent(shared.url, room_of(request), name="watcher", heartbeat=5) as py:
-        await until(lambda: any(p.state.get("name") == "node-peer"
-                                for p in py.peers(include_stale=True)), 10, "the node peer")
+        await until(
+            lambda: any(p.state.get("name") == "node-peer" for p in py.peers(include_stale=True)),
+            10,
+            "the node peer",
+        )
         node.kill()
         # The node peer advertised no heartbeat: staleness alone would take 30 s. The market
         # removes its state when the socket closes, so it goes within a couple of seconds.
-        await until(lambda: not any(p.state.get("name") == "node-peer"
-                                    for p in py.peers(include_stale=True)), 3,
-                    "the killed peer's awareness state to be removed")
+        await until(
+            lambda: (
+                not any(p.state.get("name") == "node-peer" for p in py.peers(include_stale=True))
+            ),
+            3,
+            "the killed peer's awareness state to be removed",
+        )
     await until(lambda: "node-peer" not in json.dumps(shared.status()), 3, "market status")
     assert f"room {room_of(request)}: 127.0.0.1:" in shared.procs[0].log()
 
@@ -167,21 +188,32 @@ async def test_a_killed_node_agent_takes_only_its_own_awareness_state_with_it(
     room_name = room_of(request)
     node = NodePeer(shared.url, room_name, shared.tmp / f"{room_name}-node.log")
     try:
-        async with agent(shared.url, room_name, name="a", heartbeat=30) as a, \
-                agent(shared.url, room_name, name="watcher", heartbeat=30) as w:
+        async with (
+            agent(shared.url, room_name, name="a", heartbeat=30) as a,
+            agent(shared.url, room_name, name="watcher", heartbeat=30) as w,
+        ):
             node.aware({"type": "worker", "state": "ready"})
             a.set_state(state="working")
-            await until(lambda: any(s.get("name") == "a" and s.get("state") == "working"
-                                    for s in node.others()), 10, "node to apply a's state")
+            await until(
+                lambda: any(
+                    s.get("name") == "a" and s.get("state") == "working" for s in node.others()
+                ),
+                10,
+                "node to apply a's state",
+            )
             node.set("todos", "barrier", {"id": "barrier"})  # same socket, sent after
             await until(lambda: entry(w, "todos", "barrier"), 10, "node's later message")
             a_id = a.awareness.client_id
             gaps: list[bool] = []
             w.on_change(lambda: gaps.append(a_id not in w.awareness.states))
             node.kill()
-            await until(lambda: not any(p.state.get("name") == "node-peer"
-                                        for p in w.peers(include_stale=True)), 5,
-                        "node's state to be removed")
+            await until(
+                lambda: (
+                    not any(p.state.get("name") == "node-peer" for p in w.peers(include_stale=True))
+                ),
+                5,
+                "node's state to be removed",
+            )
             assert not any(gaps), "the market removed a's state when node left"
             assert any(p.state.get("name") == "a" for p in w.peers())
     finally:
@@ -194,22 +226,29 @@ async def test_a_watching_node_client_that_rebroadcasts_a_state_does_not_remove_
     # A y-websocket client without a state of its own re-broadcasts the one state it
     # receives on joining: the market must not take it for that client's own.
     room_name = room_of(request)
-    async with agent(shared.url, room_name, name="a", heartbeat=30) as a, \
-            websockets.connect(f"{shared.url}/{room_name}") as listener:
+    async with (
+        agent(shared.url, room_name, name="a", heartbeat=30) as a,
+        websockets.connect(f"{shared.url}/{room_name}") as listener,
+    ):
         removals: list[int] = []
 
         async def listen() -> None:  # a raw socket with no state: sees every relay
             async for message in listener:
                 if isinstance(message, bytes) and message[:1] == b"\x01":
-                    removals.extend(c for c, _, state in awareness_entries(
-                        read_message(message[1:])) if state is None)
+                    removals.extend(
+                        c
+                        for c, _, state in awareness_entries(read_message(message[1:]))
+                        if state is None
+                    )
 
         listening = asyncio.create_task(listen())
-        node = NodePeer(shared.url, room_name, shared.tmp / f"{room_name}-node.log",
-                        silent=True)
+        node = NodePeer(shared.url, room_name, shared.tmp / f"{room_name}-node.log", silent=True)
         try:
-            await until(lambda: any(s.get("name") == "a" for s in node.others()), 10,
-                        "the node client to receive a's state")
+            await until(
+                lambda: any(s.get("name") == "a" for s in node.others()),
+                10,
+                "the node client to receive a's state",
+            )
             node.set("todos", "barrier", {"id": "barrier"})  # sent after its re-broadcast
             await until(lambda: entry(a, "todos", "barrier"), 10, "node's later message")
             await asyncio.sleep(0.2)  # let the listener read what came before the barrier
@@ -228,14 +267,28 @@ async def test_silent_peer_is_stale_after_three_heartbeats(
         # stays connected and silent: alive for the socket, dead for the protocol.
         doc = Doc()
         aw = Awareness(doc)
-        aw.set_local_state({"id": "silent", "name": "silent", "type": "worker",
-                            "style": "text", "state": "ready", "heartbeat": 0.4})
+        aw.set_local_state(
+            {
+                "id": "silent",
+                "name": "silent",
+                "type": "worker",
+                "style": "text",
+                "state": "ready",
+                "heartbeat": 0.4,
+            }
+        )
         async with websockets.connect(f"{shared.url}/{room_of(request)}") as ws:
             await ws.send(create_awareness_message(aw.encode_awareness_update([aw.client_id])))
-            await until(lambda: any(p.state.get("id") == "silent" for p in py.peers()), 10,
-                        "the silent peer to appear")
-            await until(lambda: not any(p.state.get("id") == "silent" for p in py.peers()), 5,
-                        "the silent peer to become stale")
+            await until(
+                lambda: any(p.state.get("id") == "silent" for p in py.peers()),
+                10,
+                "the silent peer to appear",
+            )
+            await until(
+                lambda: not any(p.state.get("id") == "silent" for p in py.peers()),
+                5,
+                "the silent peer to become stale",
+            )
             stale = [p for p in py.peers(include_stale=True) if p.state.get("id") == "silent"]
             assert stale, "a stale peer is still listed on request"
             client_id, state = stale[0].client_id, stale[0].state
@@ -264,8 +317,7 @@ async def test_market_killed_and_restarted_keeps_document_and_agents_resume(
         node2.kill()
 
 
-async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer,
-                           node2: NodePeer) -> None:
+async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer, node2: NodePeer) -> None:
     db = cluster.data / "market.sqlite3"
     entries = {f"t{i}": {"id": f"t{i}", "prompt": "é" * i, "n": i} for i in range(20)}
 
@@ -274,8 +326,9 @@ async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer,
         with w.transaction():
             for k, v in entries.items():
                 w.maps[MapName.TODOS][k] = v
-    await until(lambda: stored_maps(db, "kept").get("todos") == entries, 5,
-                "the entries to be in the store")
+    await until(
+        lambda: stored_maps(db, "kept").get("todos") == entries, 5, "the entries to be in the store"
+    )
     market.kill()
     market = cluster.market()
     async with agent(cluster.url, "kept", name="reader") as r:
@@ -290,28 +343,46 @@ async def restart_scenario(cluster: Cluster, market: Proc, node: NodePeer,
             py.maps[MapName.TODOS]["before"] = {"id": "before"}
         await until(lambda: "before" in node.maps.get("todos", {}), 10, "node sees 'before'")
         market.kill()
-        await until(lambda: not py.connected and node.status == "disconnected", 10,
-                    "both clients to notice the market is gone")
+        await until(
+            lambda: not py.connected and node.status == "disconnected",
+            10,
+            "both clients to notice the market is gone",
+        )
         market = cluster.market()
-        await until(lambda: py.connected and node.status == "connected", 15,
-                    "both clients to reconnect by themselves")
+        await until(
+            lambda: py.connected and node.status == "connected",
+            15,
+            "both clients to reconnect by themselves",
+        )
         with py.transaction():
             py.maps[MapName.TODOS]["after"] = {"id": "after"}
         node.set("todos", "node-after", {"id": "node-after"})
         await until(lambda: "after" in node.maps.get("todos", {}), 10, "node sees 'after'")
         await until(lambda: entry(py, "todos", "node-after"), 10, "python sees 'node-after'")
         async with agent(cluster.url, "wire", name="newcomer") as fresh:
-            await until(lambda: {"before", "after", "node-after"} <= set(
-                fresh.maps[MapName.TODOS].keys()), 10, "a newcomer to see everything")
-            await until(lambda: {"resumer", "node-peer"} <= {p.state.get("name") for p in
-                                                               fresh.peers()}, 10,
-                        lambda: "a newcomer to see both resumed agents' awareness; it sees "
-                        + str([(p.state.get("name"), fresh.is_stale(p.client_id, p.state))
-                               for p in fresh.peers(include_stale=True)]))
+            await until(
+                lambda: {"before", "after", "node-after"} <= set(fresh.maps[MapName.TODOS].keys()),
+                10,
+                "a newcomer to see everything",
+            )
+            await until(
+                lambda: {"resumer", "node-peer"} <= {p.state.get("name") for p in fresh.peers()},
+                10,
+                lambda: (
+                    "a newcomer to see both resumed agents' awareness; it sees "
+                    + str(
+                        [
+                            (p.state.get("name"), fresh.is_stale(p.client_id, p.state))
+                            for p in fresh.peers(include_stale=True)
+                        ]
+                    )
+                ),
+            )
     # Two original (y-websocket) agents see each other again at once, not at their next
     # renewal 15 s later: they re-announce at an unchanged clock (see MarketChannel.nudge).
-    await until(lambda: any(s.get("name") == "node-2" for s in node.others()), 5,
-                "node to see node-2 again")
+    await until(
+        lambda: any(s.get("name") == "node-2" for s in node.others()), 5, "node to see node-2 again"
+    )
 
 
 async def test_sigterm_flushes_the_store_before_the_market_exits(cluster: Cluster) -> None:
@@ -320,8 +391,11 @@ async def test_sigterm_flushes_the_store_before_the_market_exits(cluster: Cluste
         for i in range(300):  # a burst: grouped writes still pending when SIGTERM comes
             with w.transaction():
                 w.maps[MapName.TODOS][f"k{i}"] = {"i": i}
-        await until(lambda: cluster.status()["rooms"][0]["tasks"]["todos"] == 300, 10,
-                    "the market to have the burst")
+        await until(
+            lambda: cluster.status()["rooms"][0]["tasks"]["todos"] == 300,
+            10,
+            "the market to have the burst",
+        )
         market.kill(signal.SIGTERM)
     assert "store" in market.log() and "flushed and closed" in market.log()
     assert len(stored_maps(cluster.data / "market.sqlite3", "term")["todos"]) == 300
@@ -354,24 +428,43 @@ async def test_agents_reconnect_by_themselves_when_the_network_drops(
     url = f"ws://127.0.0.1:{proxy.port}"
     node = NodePeer(url, room_name, shared.tmp / f"{room_name}-node.log")
     try:
-        async with agent(url, room_name, name="behind-proxy") as py, \
-                agent(shared.url, room_name, name="direct") as direct:
+        async with (
+            agent(url, room_name, name="behind-proxy") as py,
+            agent(shared.url, room_name, name="direct") as direct,
+        ):
             node.aware({"type": "worker", "state": "ready"})
-            await until(lambda: node.status == "connected" and len(direct.peers()) == 2, 20,
-                        "the node peer and the proxied agent to be seen")
+            await until(
+                lambda: node.status == "connected" and len(direct.peers()) == 2,
+                20,
+                "the node peer and the proxied agent to be seen",
+            )
             assert proxy.cut() == 2
-            await until(lambda: not py.connected and node.status == "disconnected", 10,
-                        "both proxied clients to notice the drop")
-            await until(lambda: py.connected and node.status == "connected", 15,
-                        "both proxied clients to reconnect by themselves")
+            await until(
+                lambda: not py.connected and node.status == "disconnected",
+                10,
+                "both proxied clients to notice the drop",
+            )
+            await until(
+                lambda: py.connected and node.status == "connected",
+                15,
+                "both proxied clients to reconnect by themselves",
+            )
             with direct.transaction():
                 direct.maps[MapName.TODOS]["after-drop"] = {"id": "after-drop"}
-            await until(lambda: entry(py, "todos", "after-drop")
-                        and "after-drop" in node.maps.get("todos", {}), 10,
-                        "the reconnected clients to receive a new entry")
-            await until(lambda: {"behind-proxy", "node-peer"} <= {p.state.get("name")
-                                                                  for p in direct.peers()},
-                        10, "their awareness states to be back")
+            await until(
+                lambda: (
+                    entry(py, "todos", "after-drop") and "after-drop" in node.maps.get("todos", {})
+                ),
+                10,
+                "the reconnected clients to receive a new entry",
+            )
+            await until(
+                lambda: (
+                    {"behind-proxy", "node-peer"} <= {p.state.get("name") for p in direct.peers()}
+                ),
+                10,
+                "their awareness states to be back",
+            )
     finally:
         node.kill()
         await proxy.stop()
@@ -432,13 +525,20 @@ def test_bad_settings_raise_config_error(
         market_address()
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     import os
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("YJS_")}
-    return subprocess.run([sys.executable, "-m", "igora", *args], cwd=cwd, text=True,
-                          capture_output=True, env={**clean, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "igora", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env={**clean, **(env or {})},
+        timeout=timeout,
+    )
 
 
 BAD_CLI = [
@@ -473,10 +573,17 @@ def test_cli_bad_values_give_one_line_error_and_exit_code_2(tmp_path: Path) -> N
     import os
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("YJS_")}
-    procs = [subprocess.Popen([sys.executable, "-m", "igora", *args, "--log-level", "error"],
-                              cwd=tmp_path, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env={**clean, **env})
-             for args, env, _ in BAD_CLI]  # at once: each start costs an interpreter
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "igora", *args, "--log-level", "error"],
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**clean, **env},
+        )
+        for args, env, _ in BAD_CLI
+    ]  # at once: each start costs an interpreter
     for p, (args, _, message) in zip(procs, BAD_CLI, strict=True):
         _, err = p.communicate(timeout=60)
         assert p.returncode == 2, (args, err)
@@ -487,8 +594,9 @@ def test_cli_bad_values_give_one_line_error_and_exit_code_2(tmp_path: Path) -> N
 def test_cli_reads_dotenv_to_find_the_market_and_a_busy_port_is_a_clear_error(
     shared: Cluster, tmp_path: Path
 ) -> None:
-    (tmp_path / ".env").write_text(f"YJS_ENV=LOCAL\nYJS_LOCAL_URL={shared.url}\n"
-                                   "YJS_MARKET_ROOM=from-dotenv\n")
+    (tmp_path / ".env").write_text(
+        f"YJS_ENV=LOCAL\nYJS_LOCAL_URL={shared.url}\nYJS_MARKET_ROOM=from-dotenv\n"
+    )
     status = run_cli("status", "--json", cwd=tmp_path)
     busy = run_cli("market", "--port", str(shared.port), "--memory", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
@@ -496,4 +604,5 @@ def test_cli_reads_dotenv_to_find_the_market_and_a_busy_port_is_a_clear_error(
     assert busy.returncode == 2, busy.stderr
     assert busy.stderr.strip().splitlines() == [
         f"igora market: error: port {shared.port} on 127.0.0.1 is in use (another market is "
-        "running? choose another with --port)"]
+        "running? choose another with --port)"
+    ]

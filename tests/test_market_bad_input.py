@@ -67,10 +67,18 @@ async def round_trip(py: Agent, node: NodePeer, tag: str) -> None:
     node.aware({"type": "client", "tag": tag})
     await until(lambda: f"py-{tag}" in node.maps.get("todos", {}), 10, f"node to see py-{tag}")
     await until(lambda: entry(py, "todos", f"node-{tag}"), 10, f"python to see node-{tag}")
-    await until(lambda: any(s.get("name") == "good-py" and s.get("tag") == tag
-                            for s in node.others()), 10, "node to see python's awareness")
-    await until(lambda: any(p.state.get("name") == "node-peer" and p.state.get("tag") == tag
-                            for p in py.peers()), 10, "python to see node's awareness")
+    await until(
+        lambda: any(s.get("name") == "good-py" and s.get("tag") == tag for s in node.others()),
+        10,
+        "node to see python's awareness",
+    )
+    await until(
+        lambda: any(
+            p.state.get("name") == "node-peer" and p.state.get("tag") == tag for p in py.peers()
+        ),
+        10,
+        "python to see node's awareness",
+    )
 
 
 async def offend(market: Cluster, frame: bytes | str, reason: str, code: int = 1003) -> None:
@@ -115,8 +123,14 @@ def awareness_frame(raw_state: bytes, client_id: int = 987654) -> bytes:
         (b"\x00\x00\x03\xff\xff\xff", "bad update"),
         (b"\x01\x03\x01", "truncated message"),
     ],
-    ids=["unknown-type", "unknown-type-2", "unknown-sync", "garbage-update",
-         "garbage-state-vector", "garbage-awareness"],
+    ids=[
+        "unknown-type",
+        "unknown-type-2",
+        "unknown-sync",
+        "garbage-update",
+        "garbage-state-vector",
+        "garbage-awareness",
+    ],
 )
 async def test_garbage_bytes_disconnect_the_sender_only(
     market: Cluster, node: NodePeer, py: Agent, frame: bytes, reason: str
@@ -129,9 +143,11 @@ async def test_garbage_bytes_disconnect_the_sender_only(
     ("payload", "reason"),
     [
         (b"\x00\xff not even HTTP \x01\x02\r\n\r\n", "invalid HTTP request"),
-        (b"GET /market HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         b"Sec-WebSocket-Key: bad\r\nSec-WebSocket-Version: 13\r\n\r\n",
-         r"bad websocket handshake \(HTTP 400\)"),
+        (
+            b"GET /market HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: bad\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            r"bad websocket handshake \(HTTP 400\)",
+        ),
     ],
     ids=["tcp-garbage", "bad-handshake"],
 )
@@ -177,8 +193,13 @@ async def test_message_over_the_size_limit_disconnects_the_sender(
 
 @pytest.mark.parametrize(
     "raw",
-    [b'{"name": "evil-truncated", "type": "worker"', b'{"name": "evil-nan", "x": NaN}',
-     b'["evil-list"]', b'{"name": "evil-\xff\xfe"}', b"12"],
+    [
+        b'{"name": "evil-truncated", "type": "worker"',
+        b'{"name": "evil-nan", "x": NaN}',
+        b'["evil-list"]',
+        b'{"name": "evil-\xff\xfe"}',
+        b"12",
+    ],
     ids=["truncated-json", "nan", "list", "not-utf8", "number"],
 )
 async def test_malformed_awareness_json_is_not_forwarded(
@@ -234,8 +255,13 @@ async def test_flood_over_the_total_limit_is_refused(tmp_path: Path) -> None:
             try:
                 assert len(accepted) == 4 and refused == 16
                 assert "refused, 6 connections already" in c.procs[0].log()
-                late = Agent(market_address(c.url, "room-a"), type="client", name="late",
-                             style="normal", connect_timeout=1)
+                late = Agent(
+                    market_address(c.url, "room-a"),
+                    type="client",
+                    name="late",
+                    style="normal",
+                    connect_timeout=1,
+                )
                 with pytest.raises(MarketUnreachable, match="HTTP 403"):
                     await late.start()  # refused: it says why, it does not hang
                 with a.transaction():

@@ -42,8 +42,7 @@ async def open_rooms(base: str, names: list[str], batch: int = 50) -> Counter[st
     """Join each room and leave it, ``batch`` at a time."""
     out: Counter[str] = Counter()
     for i in range(0, len(names), batch):
-        out.update(await asyncio.gather(*(open_room(f"{base}/{n}")
-                                          for n in names[i:i + batch])))
+        out.update(await asyncio.gather(*(open_room(f"{base}/{n}") for n in names[i : i + batch])))
     return out
 
 
@@ -54,8 +53,10 @@ async def test_3000_rooms_from_one_address_are_refused_past_the_limit_and_memory
     await open_room(f"{cluster.url}/warm-up")  # the first room loads the code paths
     before = rss_kb(market.pid)
     seen = await open_rooms(cluster.url, [f"room-{i}" for i in range(3000)])
-    assert seen == {"ok": 49,  # the warm-up room counts
-                    "refused: 50 rooms opened from 127.0.0.1 are in memory already": 2951}
+    assert seen == {
+        "ok": 49,  # the warm-up room counts
+        "refused: 50 rooms opened from 127.0.0.1 are in memory already": 2951,
+    }
     assert len(cluster.status()["rooms"]) == 50
     grown = rss_kb(market.pid) - before
     # Unbounded, the 3,000 rooms took ~123 MB (~41 KB each); 50 rooms and 3,000
@@ -77,8 +78,10 @@ async def test_past_max_rooms_idle_rooms_make_space_and_new_rooms_wait_for_none(
     try:
         for ws in held:
             await asyncio.wait_for(ws.recv(), 10)
-        assert await open_room(f"{cluster.url}/one-more") == \
-            "refused: 20 rooms in memory already, none idle"
+        assert (
+            await open_room(f"{cluster.url}/one-more")
+            == "refused: 20 rooms in memory already, none idle"
+        )
         assert await open_room(f"{cluster.url}/held-3") == "ok"  # joining a loaded room
     finally:
         for ws in held:
@@ -156,8 +159,16 @@ def gateway(cluster: Cluster) -> tuple[int, Proc]:
     """A market and a gateway (header timeout 1 s); the gateway's port and process."""
     cluster.market()
     port = free_port()
-    proc = cluster.spawn("gateway", "--market", cluster.url, "--port", str(port),
-                         "--header-timeout", "1", name="gateway")
+    proc = cluster.spawn(
+        "gateway",
+        "--market",
+        cluster.url,
+        "--port",
+        str(port),
+        "--header-timeout",
+        "1",
+        name="gateway",
+    )
     wait_http(f"http://127.0.0.1:{port}/health", 20, proc)
     return port, proc
 
@@ -171,11 +182,20 @@ def test_half_open_requests_are_closed_after_the_header_timeout_on_the_gateway(
     assert "request headers not complete after 1 s" in proc.log()
 
 
-@pytest.mark.parametrize("path", ["/static/a%00b", "/static/" + "a" * 5000,
-                                  "/static/" + "a/" * 2500, "/static/nope.js",
-                                  "/static/../routes.py", "/static/%2e%2e/routes.py"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/a%00b",
+        "/static/" + "a" * 5000,
+        "/static/" + "a/" * 2500,
+        "/static/nope.js",
+        "/static/../routes.py",
+        "/static/%2e%2e/routes.py",
+    ],
+)
 def test_gateway_answers_404_for_a_static_path_it_cannot_serve(
-    gateway: tuple[int, Proc], path: str,
+    gateway: tuple[int, Proc],
+    path: str,
 ) -> None:
     port, proc = gateway
     r = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10)

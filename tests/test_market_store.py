@@ -18,17 +18,28 @@ from .conftest import free_port
 
 def market_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("YJS_")}
-    return subprocess.run([sys.executable, "-m", "igora", "market", "--port", str(free_port()),
-                           *args], check=False, cwd=cwd, text=True, capture_output=True,
-                          env=clean, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "igora", "market", "--port", str(free_port()), *args],
+        check=False,
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env=clean,
+        timeout=60,
+    )
 
 
-@pytest.mark.parametrize(("make", "why"), [
-    (lambda p: p.mkdir(), "it is a folder"),
-    (lambda p: p.write_bytes(b"this is no database " * 100), "file is not a database"),
-])
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda p: p.mkdir(), "it is a folder"),
+        (lambda p: p.write_bytes(b"this is no database " * 100), "file is not a database"),
+    ],
+)
 def test_a_store_the_market_cannot_open_is_one_line_and_exit_2(
-    tmp_path: Path, make: Callable[[Path], object], why: str,
+    tmp_path: Path,
+    make: Callable[[Path], object],
+    why: str,
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -36,7 +47,8 @@ def test_a_store_the_market_cannot_open_is_one_line_and_exit_2(
     done = market_cli("--data", str(data), "--log-level", "error", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"igora market: error: cannot open the store {data / 'market.sqlite3'}: {why}"]
+        f"igora market: error: cannot open the store {data / 'market.sqlite3'}: {why}"
+    ]
 
 
 @pytest.mark.parametrize(

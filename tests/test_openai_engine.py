@@ -43,9 +43,27 @@ def stub() -> Iterator[Stub]:
 
 @pytest.fixture
 async def engine(stub: Stub) -> AsyncIterator[OpenAIEngine]:
-    e = OpenAIEngine(stub.url, ["ok", "ok=friendly", "slow", "hang", "cut", "cut-clean",
-                                "interrupted", "midstream-error", "json", "e400", "e401",
-                                "e404", "e429", "e500", "e503"], timeout=1.0)
+    e = OpenAIEngine(
+        stub.url,
+        [
+            "ok",
+            "ok=friendly",
+            "slow",
+            "hang",
+            "cut",
+            "cut-clean",
+            "interrupted",
+            "midstream-error",
+            "json",
+            "e400",
+            "e401",
+            "e404",
+            "e429",
+            "e500",
+            "e503",
+        ],
+        timeout=1.0,
+    )
     yield e
     await e.close()
 
@@ -60,8 +78,10 @@ async def test_alias_is_advertised_and_the_upstream_id_is_sent(
     engine: OpenAIEngine, stub: Stub
 ) -> None:
     assert "friendly" in [m.name for m in engine.models()]
-    assert "".join(i for i in await collect(engine, "friendly") if isinstance(i, str)) == \
-        "Hello from the stub"
+    assert (
+        "".join(i for i in await collect(engine, "friendly") if isinstance(i, str))
+        == "Hello from the stub"
+    )
     assert stub.requests[-1]["model"] == "ok"
     assert stub.requests[-1]["stream"] is True
 
@@ -87,12 +107,15 @@ async def test_non_streaming_answer_is_accepted(engine: OpenAIEngine) -> None:
     assert await collect(engine, "json") == ["a whole answer", Finish("stop", 3, 3)]
 
 
-@pytest.mark.parametrize("model, message", [
-    ("e400", "HTTP 400: stub: the request is invalid"),
-    ("e401", "HTTP 401: Incorrect API key provided"),
-    ("e404", "HTTP 404: stub: no such model (check the model name"),
-    ("e500", "HTTP 500: stub: internal failure while generating"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("e400", "HTTP 400: stub: the request is invalid"),
+        ("e401", "HTTP 401: Incorrect API key provided"),
+        ("e404", "HTTP 404: stub: no such model (check the model name"),
+        ("e500", "HTTP 500: stub: internal failure while generating"),
+    ],
+)
 async def test_request_errors_fail_with_the_upstream_message(
     engine: OpenAIEngine, model: str, message: str
 ) -> None:
@@ -101,10 +124,13 @@ async def test_request_errors_fail_with_the_upstream_message(
     assert not isinstance(err.value, EngineUnavailable)
 
 
-@pytest.mark.parametrize("model, message", [
-    ("e429", "HTTP 429: stub: rate limit reached"),
-    ("e503", "HTTP 503: stub: overloaded"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("e429", "HTTP 429: stub: rate limit reached"),
+        ("e503", "HTTP 503: stub: overloaded"),
+    ],
+)
 async def test_overload_statuses_mean_unavailable(
     engine: OpenAIEngine, model: str, message: str
 ) -> None:
@@ -112,12 +138,18 @@ async def test_overload_statuses_mean_unavailable(
         await collect(engine, model)
 
 
-@pytest.mark.parametrize("model, message", [
-    ("cut", "cut the answer off after 3 piece"),
-    ("cut-clean", r"cut the answer off after 3 piece\(s\) \(the stream ended without finishing"),
-    ("interrupted", r"after 3 piece\(s\) \(\[DONE\] came without a finish reason"),
-    ("midstream-error", "failed mid-answer: stub: the GPU fell off the bus"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("cut", "cut the answer off after 3 piece"),
+        (
+            "cut-clean",
+            r"cut the answer off after 3 piece\(s\) \(the stream ended without finishing",
+        ),
+        ("interrupted", r"after 3 piece\(s\) \(\[DONE\] came without a finish reason"),
+        ("midstream-error", "failed mid-answer: stub: the GPU fell off the bus"),
+    ],
+)
 async def test_stream_broken_mid_answer_fails(
     engine: OpenAIEngine, model: str, message: str
 ) -> None:
@@ -138,8 +170,9 @@ async def test_unreachable_upstream_is_unavailable() -> None:
     e = OpenAIEngine(f"http://127.0.0.1:{free_port()}/v1", ["ok"])
     try:
         assert await e.available() is False
-        with pytest.raises(EngineUnavailable,
-                           match="cannot reach the upstream .*connection refused"):
+        with pytest.raises(
+            EngineUnavailable, match=r"cannot reach the upstream .*connection refused"
+        ):
             await collect(e)
     finally:
         await e.close()
@@ -147,8 +180,10 @@ async def test_unreachable_upstream_is_unavailable() -> None:
 
 async def test_health_check_needs_the_right_api_key() -> None:
     with Stub(api_key="sesame") as s:
-        wrong, right = OpenAIEngine(s.url, ["ok"], api_key="nope"), OpenAIEngine(
-            s.url, ["ok=smart"], api_key="sesame")
+        wrong, right = (
+            OpenAIEngine(s.url, ["ok"], api_key="nope"),
+            OpenAIEngine(s.url, ["ok=smart"], api_key="sesame"),
+        )
         try:
             assert await wrong.available() is False
             assert await right.available() is True
@@ -171,9 +206,14 @@ async def test_closing_the_stream_closes_the_upstream_connection(
     await wait_for(lambda: stub.disconnects >= 1, 5, "the upstream did not see the abort")
 
 
-@pytest.mark.parametrize("spec, what", [
-    ("=alias", "malformed"), ("name=", "malformed"), ("", "malformed"),
-])
+@pytest.mark.parametrize(
+    "spec, what",
+    [
+        ("=alias", "malformed"),
+        ("name=", "malformed"),
+        ("", "malformed"),
+    ],
+)
 def test_bad_model_specs_are_refused_clearly(spec: str, what: str) -> None:
     with pytest.raises(EngineError, match=what):
         OpenAIEngine("http://127.0.0.1:1/v1", [spec])
@@ -190,9 +230,25 @@ def test_model_spec_and_url_checks() -> None:
 
 def test_cli_refuses_a_bad_base_url_without_a_traceback(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "igora", "worker", "--engine", "openai", "--base-url",
-         "ftp://x", "--model", "a", "--market", "ws://127.0.0.1:1"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "igora",
+            "worker",
+            "--engine",
+            "openai",
+            "--base-url",
+            "ftp://x",
+            "--model",
+            "a",
+            "--market",
+            "ws://127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert "must look like http://host:port/v1" in out.stderr
     assert "Traceback" not in out.stderr
@@ -218,18 +274,46 @@ def stub_workers(market: Cluster) -> Iterator[tuple[Cluster, Stub]]:
     def worker(name: str, *extra: str, base_url: str = s.url) -> None:
         market.worker("--no-warmup", "--base-url", base_url, *extra, name=name, engine="openai")
 
-    worker("multi", "--model", "ok=stub-ok", "--model", "hang=stub-hang",
-           "--model", "cut=stub-cut", "--model", "e400=stub-400", "--model", "e401=stub-401",
-           "--model", "e500=stub-500", "--model", "slow=stub-slow",
-           "--upstream-timeout", "2", "--slots", "2")
+    worker(
+        "multi",
+        "--model",
+        "ok=stub-ok",
+        "--model",
+        "hang=stub-hang",
+        "--model",
+        "cut=stub-cut",
+        "--model",
+        "e400=stub-400",
+        "--model",
+        "e401=stub-401",
+        "--model",
+        "e500=stub-500",
+        "--model",
+        "slow=stub-slow",
+        "--upstream-timeout",
+        "2",
+        "--slots",
+        "2",
+    )
     worker("flaky-bad", "--model", "e503=flaky", "--slots", "3")
     worker("flaky-good", "--model", "ok=flaky")
     worker("lonely", "--model", "e503=lonely")
-    worker("down", "--model", "ok=flaky", "--model", "ok=nowhere",
-           base_url=f"http://127.0.0.1:{free_port()}/v1")
-    wait_until(lambda: {"multi", "flaky-bad", "flaky-good", "lonely", "down"}
-               <= {a.get("name") for a in market.agents("worker")}, 60,
-               lambda: "the stub workers did not all join\n" + market.logs())
+    worker(
+        "down",
+        "--model",
+        "ok=flaky",
+        "--model",
+        "ok=nowhere",
+        base_url=f"http://127.0.0.1:{free_port()}/v1",
+    )
+    wait_until(
+        lambda: (
+            {"multi", "flaky-bad", "flaky-good", "lonely", "down"}
+            <= {a.get("name") for a in market.agents("worker")}
+        ),
+        60,
+        lambda: "the stub workers did not all join\n" + market.logs(),
+    )
     yield market, s
     s.stop()
 
@@ -241,8 +325,11 @@ def worker_state(cluster: Cluster, name: str) -> dict[str, Any]:
 
 def wait_ready(cluster: Cluster, *names: str, timeout: float = 30) -> None:
     for name in names:
-        wait_until(lambda: worker_state(cluster, name).get(A.STATE) == "ready", timeout,
-                   lambda: f"worker {name} did not become ready\n" + cluster.logs())
+        wait_until(
+            lambda name=name: worker_state(cluster, name).get(A.STATE) == "ready",
+            timeout,
+            lambda name=name: f"worker {name} did not become ready\n" + cluster.logs(),
+        )
 
 
 async def test_market_task_is_answered_by_the_upstream_under_its_alias(
@@ -261,15 +348,20 @@ async def test_market_task_is_answered_by_the_upstream_under_its_alias(
     assert stub.models_of("ok")
 
 
-@pytest.mark.parametrize("model, message", [
-    ("stub-400", "HTTP 400: stub: the request is invalid"),
-    ("stub-401", "HTTP 401: Incorrect API key provided"),
-    ("stub-500", "HTTP 500: stub: internal failure while generating"),
-    ("stub-hang", r"sent nothing for 2 s \(upstream timeout\)"),
-    ("stub-cut", r"cut the answer off after 3 piece"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("stub-400", "HTTP 400: stub: the request is invalid"),
+        ("stub-401", "HTTP 401: Incorrect API key provided"),
+        ("stub-500", "HTTP 500: stub: internal failure while generating"),
+        ("stub-hang", r"sent nothing for 2 s \(upstream timeout\)"),
+        ("stub-cut", r"cut the answer off after 3 piece"),
+    ],
+)
 async def test_upstream_failure_ends_the_task_failed_with_its_reason(
-    stub_workers: tuple[Cluster, Stub], model: str, message: str,
+    stub_workers: tuple[Cluster, Stub],
+    model: str,
+    message: str,
 ) -> None:
     cluster, _ = stub_workers
     wait_ready(cluster, "multi")
@@ -297,14 +389,15 @@ async def test_abort_mid_stream_ends_the_task_aborted_and_closes_the_upstream_st
     assert "".join(pieces).startswith("tok0 tok1")
     assert err.value.task[F.STATE] == State.ABORTED.value
     assert len(err.value.task.get(F.RESPONSE) or "") < 200  # stopped early, not run to its end
-    await wait_for(lambda: stub.disconnects > before, 10,
-                   "the upstream stream was not closed after the abort")
+    await wait_for(
+        lambda: stub.disconnects > before, 10, "the upstream stream was not closed after the abort"
+    )
 
 
 async def test_worker_streams_as_many_upstream_answers_at_once_as_it_has_slots(
     stub_workers: tuple[Cluster, Stub],
 ) -> None:
-    cluster, stub = stub_workers
+    cluster, _stub = stub_workers
     wait_ready(cluster, "multi")  # 2 slots
     async with Client(cluster.url, timeout=60) as client:
         tasks = [await client.submit(f"long {i}", model="stub-slow") for i in range(2)]
@@ -312,8 +405,11 @@ async def test_worker_streams_as_many_upstream_answers_at_once_as_it_has_slots(
         firsts = await asyncio.wait_for(asyncio.gather(*(s.__anext__() for s in streams)), 30)
         assert all(f.startswith("tok0 ") for f in firsts)  # both streams run at once
         # the advert follows within 0.5 s
-        wait_until(lambda: worker_state(cluster, "multi").get(A.RUNNING) == 2, 10,
-                   "the worker to advertise both tasks running")
+        wait_until(
+            lambda: worker_state(cluster, "multi").get(A.RUNNING) == 2,
+            10,
+            "the worker to advertise both tasks running",
+        )
         for t in tasks:
             t.abort()
         for s in streams:
@@ -367,15 +463,19 @@ async def test_worker_goes_busy_while_its_upstream_is_down_and_comes_back(
 ) -> None:
     s = Stub().start()
     port = s.port
-    market.worker("--no-warmup", "--base-url", s.url, "--model", "ok=phoenix",
-                  name="phoenix", engine="openai")
+    market.worker(
+        "--no-warmup", "--base-url", s.url, "--model", "ok=phoenix", name="phoenix", engine="openai"
+    )
     try:
         wait_ready(market, "phoenix")
         async with Client(market.url, timeout=30) as client:
             assert await client.chat("Hi", model="phoenix") == "Hello from the stub"
         s.stop()
-        wait_until(lambda: worker_state(market, "phoenix").get(A.STATE) == "busy", 20,
-                   lambda: "the worker did not report its upstream down\n" + market.logs())
+        wait_until(
+            lambda: worker_state(market, "phoenix").get(A.STATE) == "busy",
+            20,
+            lambda: "the worker did not report its upstream down\n" + market.logs(),
+        )
         s = Stub(port=port).start()
         wait_ready(market, "phoenix", timeout=20)
         async with Client(market.url, timeout=30) as client:
@@ -394,18 +494,44 @@ def real_upstream(market: Cluster) -> Iterator[Cluster]:
     log_path = market.tmp / "llama-server.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model()),
-             "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-             "--n_ctx", "2048", "--verbose", "False"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(bundled_model()),
+                "--model_alias",
+                "smollm2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "2048",
+                "--verbose",
+                "False",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         try:
             wait_http(f"http://127.0.0.1:{port}/v1/models", 90)
         except AssertionError:
-            raise AssertionError("llama_cpp.server did not start:\n"
-                                 + log_path.read_text(errors="replace")[-3000:]) from None
-        market.worker("--base-url", f"http://127.0.0.1:{port}/v1", "--model", "smollm2=smol",
-                      "--slots", "1", name="real", engine="openai")
+            raise AssertionError(
+                "llama_cpp.server did not start:\n" + log_path.read_text(errors="replace")[-3000:]
+            ) from None
+        market.worker(
+            "--base-url",
+            f"http://127.0.0.1:{port}/v1",
+            "--model",
+            "smollm2=smol",
+            "--slots",
+            "1",
+            name="real",
+            engine="openai",
+        )
         wait_ready(market, "real", timeout=60)
         yield market
     finally:
@@ -424,8 +550,11 @@ async def test_real_openai_server_answers_through_the_market(real_upstream: Clus
     assert advert[A.SPEED] and advert[A.SPEED] > 0  # measured at start
     async with Client(real_upstream.url, timeout=60) as client:
         assert "smol" in client.models()
-        answer = await (await client.submit("What is the capital of France?", model="smol",
-                                            max_tokens=12, temperature=0.0)).result()
+        answer = await (
+            await client.submit(
+                "What is the capital of France?", model="smol", max_tokens=12, temperature=0.0
+            )
+        ).result()
     assert answer.text.strip()
     assert answer.finish_reason in ("stop", "length")
     assert 0 < answer.usage["completionTokens"] <= 12
@@ -434,8 +563,12 @@ async def test_real_openai_server_answers_through_the_market(real_upstream: Clus
 async def test_real_openai_server_stream_is_aborted_by_the_client(real_upstream: Cluster) -> None:
     async with Client(real_upstream.url, timeout=60) as client:
         # at temperature 0 the bundled model writes ~600 tokens here: many seconds of work
-        task = await client.submit("Write a very long story about a dragon.", model="smol",
-                                   max_tokens=1500, temperature=0.0)
+        task = await client.submit(
+            "Write a very long story about a dragon.",
+            model="smol",
+            max_tokens=1500,
+            temperature=0.0,
+        )
         pieces: list[str] = []
         with pytest.raises(TaskAborted) as err:
             async for piece in task.stream():
@@ -446,6 +579,9 @@ async def test_real_openai_server_stream_is_aborted_by_the_client(real_upstream:
     assert err.value.task[F.STATE] == State.ABORTED.value
     assert len(err.value.task.get(F.RESPONSE) or "") < 1000  # stopped long before its end
     server_log = real_upstream.tmp / "llama-server.log"
-    await wait_for(lambda: "Disconnected from client" in server_log.read_text(errors="replace"),
-                   20, "llama_cpp.server did not see the worker close the stream")
+    await wait_for(
+        lambda: "Disconnected from client" in server_log.read_text(errors="replace"),
+        20,
+        "llama_cpp.server did not see the worker close the stream",
+    )
     wait_ready(real_upstream, "real")  # the worker's slot is free again

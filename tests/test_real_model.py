@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
+
 from igora import Client, NoWorkerError
 
 from .conftest import Cluster
 
-import pytest
-
 
 async def test_real_model_answers_a_question(llama_market: Cluster) -> None:
     async with Client(llama_market.url) as client:
-        text = await client.chat("What is the capital of France? Answer in one short sentence.",
-                                 max_tokens=24,
-                                 temperature=0.0, seed=7)
+        text = await client.chat(
+            "What is the capital of France? Answer in one short sentence.",
+            max_tokens=24,
+            temperature=0.0,
+            seed=7,
+        )
     assert "Paris" in text
 
 
@@ -21,10 +24,16 @@ async def test_real_model_is_deterministic_with_a_seed_and_honours_max_tokens(
     llama_market: Cluster,
 ) -> None:
     async with Client(llama_market.url) as client:
-        a = await (await client.submit("Tell me a story about a cat.", max_tokens=12,
-                                       temperature=0.8, seed=42)).result()
-        b = await (await client.submit("Tell me a story about a cat.", max_tokens=12,
-                                       temperature=0.8, seed=42)).result()
+        a = await (
+            await client.submit(
+                "Tell me a story about a cat.", max_tokens=12, temperature=0.8, seed=42
+            )
+        ).result()
+        b = await (
+            await client.submit(
+                "Tell me a story about a cat.", max_tokens=12, temperature=0.8, seed=42
+            )
+        ).result()
     assert a.text == b.text and a.text
     assert a.finish_reason == "length"
     assert a.usage["completionTokens"] == 12
@@ -32,13 +41,22 @@ async def test_real_model_is_deterministic_with_a_seed_and_honours_max_tokens(
 
 
 async def test_real_model_streams_system_prompt_and_messages(llama_market: Cluster) -> None:
-    messages = [{"role": "user", "content": "Say hello."},
-                {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "Now tell me a short story about a cat."}]
+    messages = [
+        {"role": "user", "content": "Say hello."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Now tell me a short story about a cat."},
+    ]
     async with Client(llama_market.url) as client:
-        pieces = [p async for p in await client.chat(
-            messages, system="You are a concise assistant.", max_tokens=40,
-            temperature=0.0, stream=True)]
+        pieces = [
+            p
+            async for p in await client.chat(
+                messages,
+                system="You are a concise assistant.",
+                max_tokens=40,
+                temperature=0.0,
+                stream=True,
+            )
+        ]
     assert len(pieces) >= 2  # streamed, not delivered in one block
     assert "".join(pieces).strip()
 

@@ -23,6 +23,7 @@ Run alone: ``python -m tests.upstream_stub --port 8011``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import threading
@@ -30,8 +31,22 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MODES = ["ok", "slow", "hang", "cut", "cut-clean", "interrupted", "midstream-error", "json",
-         "e400", "e401", "e404", "e429", "e500", "e503"]
+MODES = [
+    "ok",
+    "slow",
+    "hang",
+    "cut",
+    "cut-clean",
+    "interrupted",
+    "midstream-error",
+    "json",
+    "e400",
+    "e401",
+    "e404",
+    "e429",
+    "e500",
+    "e503",
+]
 OK_PIECES = ["Hello", " from", " the", " stub"]
 ERRORS = {
     400: "stub: the request is invalid (e400)",
@@ -46,8 +61,14 @@ ERRORS = {
 class Stub:
     """The upstream, served from threads of the current process on 127.0.0.1."""
 
-    def __init__(self, *, port: int = 0, strict_options: bool = False,
-                 api_key: str | None = None, context: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        strict_options: bool = False,
+        api_key: str | None = None,
+        context: int = 4096,
+    ) -> None:
         self.strict_options = strict_options
         self.api_key = api_key
         self.context = context
@@ -67,8 +88,9 @@ class Stub:
         self._thread: threading.Thread | None = None
 
     def start(self) -> Stub:
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
-                                        name="upstream-stub")
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, daemon=True, name="upstream-stub"
+        )
         self._thread.start()
         return self
 
@@ -105,8 +127,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def _error(self, status: int, message: str | None = None) -> None:
-        self._json(status, {"error": {"message": message or ERRORS[status],
-                                      "type": "stub_error", "code": status}})
+        self._json(
+            status,
+            {"error": {"message": message or ERRORS[status], "type": "stub_error", "code": status}},
+        )
 
     def _authorized(self) -> bool:
         key = self.owner.api_key
@@ -126,8 +150,12 @@ class _Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _piece(model: str, content: str | None, finish: str | None = None) -> dict[str, Any]:
         delta = {"content": content} if content is not None else {}
-        return {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
 
     def _start_stream(self) -> None:
         self.send_response(200)
@@ -189,10 +217,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._event(self._piece(model, p))
         self._event(self._piece(model, None, finish))
         if (body.get("stream_options") or {}).get("include_usage"):
-            self._event({"id": "chatcmpl-stub", "object": "chat.completion.chunk",
-                         "model": model, "choices": [],
-                         "usage": {"prompt_tokens": 7, "completion_tokens": len(pieces),
-                                   "total_tokens": 7 + len(pieces)}})
+            self._event(
+                {
+                    "id": "chatcmpl-stub",
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 7,
+                        "completion_tokens": len(pieces),
+                        "total_tokens": 7 + len(pieces),
+                    },
+                }
+            )
         self._event("[DONE]")
         self._chunk(b"")
 
@@ -218,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _mode_cut(self, model: str, body: dict[str, Any]) -> None:
         self._three(model)
-        self.wfile.write(b"40\r\ndata: {\"trunc")  # half a chunk, then the socket goes
+        self.wfile.write(b'40\r\ndata: {"trunc')  # half a chunk, then the socket goes
         self.wfile.flush()
         self.connection.shutdown(socket.SHUT_RDWR)
         self.close_connection = True
@@ -239,11 +276,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunk(b"")
 
     def _mode_json(self, model: str, body: dict[str, Any]) -> None:
-        self._json(200, {"id": "chatcmpl-stub", "object": "chat.completion", "model": model,
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant",
-                                                  "content": "a whole answer"}}],
-                         "usage": {"prompt_tokens": 3, "completion_tokens": 3}})
+        self._json(
+            200,
+            {
+                "id": "chatcmpl-stub",
+                "object": "chat.completion",
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "a whole answer"},
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 3},
+            },
+        )
 
 
 def main() -> None:
@@ -254,10 +302,8 @@ def main() -> None:
     args = parser.parse_args()
     stub = Stub(port=args.port, strict_options=args.strict_options, api_key=args.api_key)
     print(f"stub upstream on {stub.url}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         stub.server.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":
