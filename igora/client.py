@@ -378,10 +378,10 @@ class Client:
         """One vector per input text (a worker whose model offers ``embed`` computes them)."""
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         task = await self.submit(
-            None,
+            None,  # type: ignore[arg-type]  # an embed task has inputs, not a prompt
             model=model,
             timeout=timeout,
-            wait_worker=wait_worker,  # type: ignore[arg-type]
+            wait_worker=wait_worker,
             _pieces=False,
             _extra={F.KIND: TaskKind.EMBED.value, F.INPUTS: texts, F.DIMENSIONS: dimensions},
         )
