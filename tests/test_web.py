@@ -356,12 +356,19 @@ def test_a_tool_call_is_shown_with_its_arguments(context: BrowserContext, up: Up
     assert page.locator(".msg").count() == 0  # refused on the page, nothing sent
     assert page.evaluate("document.getElementById('tools').validationMessage")
     page.fill("#tools", json.dumps(WEATHER_TOOL))
-    ask(page, "What is the weather in Paris?", max_tokens=200)
+    assert page.input_value("#tool-choice") == "auto"  # the default
+    page.select_option("#tool-choice", "required")  # a call, whatever the model would prefer
+    with page.expect_request("**/v1/chat/completions") as sent:
+        ask(page, "What is the weather in Paris?", max_tokens=200)
+    body = json.loads(sent.value.post_data or "")
+    assert body["tools"] == WEATHER_TOOL and body["tool_choice"] == "required"
     page.wait_for_selector(".msg-assistant[data-finish]", timeout=90_000)
     finish = page.get_attribute(".msg-assistant", "data-finish")
-    assert finish == "tool_calls", page.inner_text("#log")  # the model chose to call it
+    assert finish == "tool_calls", page.inner_text("#log")
     assert page.inner_text(".tool-call h4 code") == "get_weather"
     assert isinstance(json.loads(page.inner_text(".tool-call pre.json"))["city"], str)
+    page.reload()
+    assert page.input_value("#tool-choice") == "required"  # the setting is kept
 
 
 def test_stop_aborts_a_long_answer(context: BrowserContext, up: Up) -> None:

@@ -22,7 +22,7 @@ function saveSettings() {
   const s = {
     model: $("model").value, preset: $("preset").value, system: $("system").value,
     temperature: $("temperature").value, seed: $("seed").value, maxTokens: $("max-tokens").value,
-    format: $("format").value, tools: $("tools").value,
+    format: $("format").value, tools: $("tools").value, toolChoice: $("tool-choice").value,
   };
   localStorage.setItem(SETTINGS_KEY, JSON.stringify(s));
   if ($("api-key").value.trim()) sessionStorage.setItem(KEY_KEY, $("api-key").value.trim());
@@ -44,6 +44,9 @@ function loadSettings() {
   if (s.temperature) $("temperature").value = s.temperature;
   if (s.format === "json_object") $("format").value = s.format;
   if (typeof s.tools === "string") $("tools").value = s.tools;
+  if ([...$("tool-choice").options].some((o) => o.value === s.toolChoice)) {
+    $("tool-choice").value = s.toolChoice;
+  }
   if (s.seed !== undefined) $("seed").value = s.seed;
   if (s.maxTokens) $("max-tokens").value = s.maxTokens;
   $("temperature-value").textContent = $("temperature").value;
@@ -166,7 +169,11 @@ function requestBody() {
   if (max !== "") body.max_tokens = Number(max);
   if ($("format").value === "json_object") body.response_format = { type: "json_object" };
   const tools = parseTools();
-  if (tools.length) body.tools = tools;  // the model answers text or calls one (auto)
+  if (tools.length) {
+    body.tools = tools;
+    // auto: the model answers text or calls one; required: it calls one; none: text only.
+    body.tool_choice = $("tool-choice").value;
+  }
   return body;
 }
 
