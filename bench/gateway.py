@@ -10,7 +10,7 @@ import httpx
 
 from igora.engines.base import Engine
 
-from .common import Cluster, Section, free_port, ms, pct, table, wait_http
+from .common import Cluster, Section, ms, pct, table
 from .overhead import _prompt, direct_ttft, interleaved
 
 NAME = "gateway"
@@ -38,7 +38,6 @@ async def measure(engine_name: str, n: int) -> dict[str, list[float]]:
     with Cluster(f"gateway-{engine_name}") as c:
         c.market()
         c.broker("--heartbeat", "1")
-        port = free_port()
         if engine_name == "echo":
             from igora.engines.echo import EchoEngine
 
@@ -52,21 +51,8 @@ async def measure(engine_name: str, n: int) -> dict[str, list[float]]:
             engine = LlamaEngine(bundled_model())
             model = engine.models()[0].name
             opts = {"max_tokens": 4, "temperature": 0.0, "seed": 1}
-        gw = c.spawn(
-            "gateway",
-            "--market",
-            c.url,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--wait-worker",
-            "30",
-            name="gateway",
-        )
-        wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
+        _, base = c.gateway("--log-level", "warning", "--wait-worker", "30")
         await c.wait_agents_async("worker", 1, timeout=180)
-        base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(timeout=120) as http:
             direct, via = await interleaved(
                 lambda i: direct_ttft(engine, _prompt(i), **opts),

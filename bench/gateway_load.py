@@ -23,7 +23,7 @@ import httpx
 
 from igora.gateway.app import MAX_BODY, TASK_HEADER
 
-from .common import Cluster, Section, Target, free_port, ms, pct, table, wait_http
+from .common import Cluster, Section, Target, ms, pct, table
 
 NAME = "gateway_load"
 STREAMS = 200
@@ -163,22 +163,9 @@ async def measure() -> Outcome:
         c.broker("--heartbeat", "1")
         for name in ("w1", "w2"):
             c.worker("--slots", "16", "--delay", str(DELAY), name=name)
-        port = free_port()
-        gw = c.spawn(
-            "gateway",
-            "--market",
-            c.url,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--wait-worker",
-            "30",
-            name="gateway",
-        )
-        wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
+        _, base = c.gateway("--log-level", "warning", "--wait-worker", "30")
         await c.wait_agents_async("worker", 2, timeout=120)
-        return await hammer(f"http://127.0.0.1:{port}", c.port)
+        return await hammer(base, c.port)
 
 
 async def run(quick: bool) -> Section:

@@ -28,7 +28,7 @@ import httpx
 
 from igora import Client, IgoraError
 
-from .common import Cluster, Section, Target, free_port, table, wait_http
+from .common import Cluster, Section, Target, table
 
 NAME = "soak"
 TASKS = 100_000
@@ -205,24 +205,11 @@ async def soak(n: int, warmup: int = 0) -> tuple[dict[str, Any], Counter[str]]:
             pids[name] = c.worker(
                 "--slots", "8", "--log-level", "info", name=name.replace(" ", "")
             ).pid
-        port = free_port()
-        gw = c.spawn(
-            "gateway",
-            "--market",
-            c.url,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--wait-worker",
-            "30",
-            name="gateway",
-        )
+        gw, base = c.gateway("--log-level", "warning", "--wait-worker", "30")
         pids["gateway"] = gw.pid
-        wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
         await c.wait_agents_async("worker", 2, timeout=120)
         out = c.dir / "soak.json"
-        proc = client_process(c, f"http://127.0.0.1:{port}", n, warmup, pids, out)
+        proc = client_process(c, base, n, warmup, pids, out)
         while proc.poll() is None:
             await asyncio.sleep(0.5)
         if proc.returncode != 0:

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from .common import Cluster, Section, free_port, table, wait_http
+from .common import Cluster, Section, table
 
 NAME = "structured"
 
@@ -74,22 +74,8 @@ async def run(quick: bool) -> Section:
         c.market()
         c.broker("--heartbeat", "1")
         c.worker(engine="llama")
-        port = free_port()
-        gw = c.spawn(
-            "gateway",
-            "--market",
-            c.url,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--wait-worker",
-            "30",
-            name="gateway",
-        )
-        wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
+        _, base = c.gateway("--log-level", "warning", "--wait-worker", "30")
         await c.wait_agents_async("worker", 1, timeout=180)
-        base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(timeout=300) as http:
             await chat(http, base, -1, {})  # warm-up
             totals = {kind: [0.0, 0] for kind in KINDS}

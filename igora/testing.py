@@ -269,6 +269,15 @@ class Cluster:
             name=name,
         )
 
+    def gateway(self, *extra: str, name: str = "gateway", timeout: float = 60) -> tuple[Proc, str]:
+        """A gateway on a free port of 127.0.0.1, once it answers ``/health``; and its
+        base URL (``http://127.0.0.1:PORT``)."""
+        port = free_port()
+        proc = self.spawn("gateway", "--market", self.url, "--port", str(port), *extra, name=name)
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/health", timeout, proc)
+        return proc, base
+
     def status(self) -> dict[str, Any]:
         """The market's ``/status``."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=10) as r:
