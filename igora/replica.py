@@ -208,3 +208,31 @@ class Replica:
         self._doc_subscription = fresh.observe(self._on_doc_update)
         for observer in self._observers:
             self._subscribe(observer)
+
+
+class RoomMaps:
+    """The room's maps as attributes of a role (``self.todos``, ...), looked up at each
+    use: the agent replaces its document when it compacts it, and a Map of the old one
+    must never be touched again."""
+
+    agent: Replica
+
+    @property
+    def todos(self) -> Map[Any]:
+        return self.agent.maps[MapName.TODOS]
+
+    @property
+    def prepared(self) -> Map[Any]:
+        return self.agent.maps[MapName.PREPARED]
+
+    @property
+    def doing(self) -> Map[Any]:
+        return self.agent.maps[MapName.DOING]
+
+    @property
+    def done(self) -> Map[Any]:
+        return self.agent.maps[MapName.DONE]
+
+    @property
+    def streams(self) -> Map[Any]:
+        return self.agent.maps[MapName.STREAMS]

@@ -10,8 +10,6 @@ from collections import Counter
 from functools import partial
 from typing import Any
 
-from pycrdt import Map
-
 from .. import lifecycle
 from ..agent import Agent, discard
 from ..protocol import (
@@ -22,6 +20,7 @@ from ..protocol import (
     MapName,
     now_ms,
 )
+from ..replica import RoomMaps
 from . import policies
 from .fairness import Fairness
 from .leader import Leadership
@@ -40,7 +39,9 @@ PEERS_EVERY = 0.25  # seconds between two reads of the awareness states when non
 log = logging.getLogger("igora.broker")
 
 
-class Broker:
+class Broker(RoomMaps):
+    agent: Agent
+
     def __init__(
         self,
         agent: Agent,
@@ -82,28 +83,6 @@ class Broker:
         for name in WATCHED:
             agent.observe_keys(name, partial(self._on_map, name))
         agent.awareness.observe(self._on_awareness)
-
-    # The maps, looked up at each use: the agent replaces its document when it compacts
-    # it, and a Map of the old one must never be touched again.
-    @property
-    def todos(self) -> Map[Any]:
-        return self.agent.maps[MapName.TODOS]
-
-    @property
-    def prepared(self) -> Map[Any]:
-        return self.agent.maps[MapName.PREPARED]
-
-    @property
-    def doing(self) -> Map[Any]:
-        return self.agent.maps[MapName.DOING]
-
-    @property
-    def done(self) -> Map[Any]:
-        return self.agent.maps[MapName.DONE]
-
-    @property
-    def streams(self) -> Map[Any]:
-        return self.agent.maps[MapName.STREAMS]
 
     def _on_awareness(self, topic: str, _change: Any) -> None:
         if topic == "change":

@@ -17,8 +17,6 @@ import logging
 import time
 from typing import Any
 
-from pycrdt import Map
-
 from .. import lifecycle
 from ..agent import Agent
 from ..engines.base import (
@@ -39,6 +37,7 @@ from ..protocol import (
     task_of,
     validate_task,
 )
+from ..replica import RoomMaps
 from .advert import Advertiser
 from .fit import another_can_serve, cannot_serve
 from .moves import ABORTED_UNSTARTED, Moves
@@ -63,7 +62,9 @@ log = logging.getLogger("igora.worker")
 __all__ = ["DEFAULT_MAX_TOKENS", "Running", "Stop", "Worker"]
 
 
-class Worker:
+class Worker(RoomMaps):
+    agent: Agent
+
     def __init__(
         self,
         agent: Agent,
@@ -107,24 +108,6 @@ class Worker:
         agent.observe_keys(MapName.DONE, self._on_elsewhere)
         agent.observe_keys(MapName.STREAMS, self._on_streams)
         agent.on_change(self._after_transaction)
-
-    # The maps, looked up at each use: the agent replaces its document when it compacts
-    # it, and a Map of the old one must never be touched again.
-    @property
-    def prepared(self) -> Map[Any]:
-        return self.agent.maps[MapName.PREPARED]
-
-    @property
-    def doing(self) -> Map[Any]:
-        return self.agent.maps[MapName.DOING]
-
-    @property
-    def done(self) -> Map[Any]:
-        return self.agent.maps[MapName.DONE]
-
-    @property
-    def todos(self) -> Map[Any]:
-        return self.agent.maps[MapName.TODOS]
 
     def advert(self) -> dict[str, Any]:
         busy = len(self.running)
