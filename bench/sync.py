@@ -14,7 +14,7 @@ from pycrdt import Map
 from igora import Client
 from igora.agent import Agent
 from igora.config import MarketAddress
-from igora.protocol import F, MapName, State, new_id, now_ms
+from igora.protocol import MapName, State, TaskField, new_id, now_ms
 
 from .common import Cluster, Section, Target, ms, pct, table
 
@@ -109,16 +109,16 @@ async def newcomer_sync(url: str, room: str, repeat: int = 5) -> tuple[float, in
 def _task(i: int) -> dict[str, Any]:
     tid = new_id()
     return {
-        F.ID: tid,
-        F.ASKER: new_id(),
-        F.STYLE: "text",
-        F.STATE: State.DONE.value,
-        F.PROMPT: f"question number {i}",
-        F.RESPONSE: f"Echo: question number {i}",
-        F.DATE: now_ms(),
-        F.END: now_ms(),
-        F.WORKER: new_id(),
-        F.ATTEMPTS: 1,
+        TaskField.ID: tid,
+        TaskField.ASKER: new_id(),
+        TaskField.STYLE: "text",
+        TaskField.STATE: State.DONE.value,
+        TaskField.PROMPT: f"question number {i}",
+        TaskField.RESPONSE: f"Echo: question number {i}",
+        TaskField.DATE: now_ms(),
+        TaskField.END: now_ms(),
+        TaskField.WORKER: new_id(),
+        TaskField.ATTEMPTS: 1,
     }
 
 
@@ -130,7 +130,7 @@ async def fill(url: str, room: str, n: int) -> None:
         with ag.transaction():
             for i in range(start, min(n, start + 1000)):
                 t = _task(i)
-                done[t[F.ID]] = t
+                done[t[TaskField.ID]] = t
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.0)
     await ag.stop()

@@ -39,7 +39,7 @@ from websockets.exceptions import WebSocketException
 
 from .config import MarketAddress
 from .errors import MarketUnreachable
-from .protocol import PROTOCOL_VERSION, A, Peer, new_id, now_ms
+from .protocol import PROTOCOL_VERSION, AgentField, Peer, new_id, now_ms
 from .replica import COMPACT_EVERY, KeyChanges, Observer, Replica, discard
 from .updates import check_update, is_panic
 
@@ -131,15 +131,15 @@ class Agent(Replica):
         self.awareness = Awareness(self.doc)
         self.awareness.set_local_state(
             {
-                A.ID: self.id,
-                A.NAME: name,
-                A.TYPE: type,
-                A.STYLE: style,
-                A.STATE: state,
-                A.DATE: now_ms(),
-                A.PROTOCOL: PROTOCOL_VERSION,
-                A.HEARTBEAT: heartbeat,
-                A.SINCE: now_ms(),
+                AgentField.ID: self.id,
+                AgentField.NAME: name,
+                AgentField.TYPE: type,
+                AgentField.STYLE: style,
+                AgentField.STATE: state,
+                AgentField.DATE: now_ms(),
+                AgentField.PROTOCOL: PROTOCOL_VERSION,
+                AgentField.HEARTBEAT: heartbeat,
+                AgentField.SINCE: now_ms(),
                 **(fields or {}),
             }
         )
@@ -208,7 +208,7 @@ class Agent(Replica):
         """Update fields of this agent's awareness state (and its ``date``)."""
         state = self.local_state
         state.update(fields)
-        state[A.DATE] = now_ms()
+        state[AgentField.DATE] = now_ms()
         self.awareness.set_local_state(state)
 
     def _on_awareness(self, topic: str, change: tuple[dict[str, Any], Any]) -> None:
@@ -246,7 +246,7 @@ class Agent(Replica):
         now = time.time() * 1000 if now is None else now
         meta = self.awareness.meta.get(client_id) or {}
         last = float(meta.get("lastUpdated", 0))
-        hb = state.get(A.HEARTBEAT)
+        hb = state.get(AgentField.HEARTBEAT)
         limit = 3 * float(hb) if isinstance(hb, (int, float)) and 0 < hb < 600 else ORIGINAL_TIMEOUT
         return now - last > limit * 1000
 

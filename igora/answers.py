@@ -18,7 +18,7 @@ from typing import Any
 from pycrdt import MapEvent, Text
 
 from .agent import Agent, Observer, discard
-from .protocol import FINAL_VALUES, F, MapName, State
+from .protocol import FINAL_VALUES, MapName, State, TaskField
 from .task_handle import Watch, attempt_of
 
 DROP_READ_WITHIN = 0.05  # seconds before answers read leave done, unless a new task comes first
@@ -125,15 +125,15 @@ class AnswerWatcher:
             if w is None or not isinstance(value, dict):
                 continue
             attempt = (
-                int(value.get(F.ATTEMPTS) or 1)
-                if isinstance(value.get(F.ATTEMPTS), (int, float))
+                int(value.get(TaskField.ATTEMPTS) or 1)
+                if isinstance(value.get(TaskField.ATTEMPTS), (int, float))
                 else 1
             )
-            if F.STREAM in value:
+            if TaskField.STREAM in value:
                 if attempt > w.attempt:
                     w.feed(attempt, "")
                 continue
-            response = value.get(F.RESPONSE)
+            response = value.get(TaskField.RESPONSE)
             if isinstance(response, str):  # an original worker: read the whole response
                 w.feed_whole(attempt, response)
 
@@ -152,8 +152,8 @@ class AnswerWatcher:
         ``done`` while the task is still in ``todos``/``prepared``/``doing`` is either a
         forgery or the first half of an original worker's two-step move: wait (the
         ``doing`` deletion calls this again)."""
-        state = value.get(F.STATE)
-        if state not in FINAL_VALUES and not value.get(F.ABORTED):
+        state = value.get(TaskField.STATE)
+        if state not in FINAL_VALUES and not value.get(TaskField.ABORTED):
             log.warning("task %s: ignoring an entry in done with state %r", tid, state)
             return
         if any(tid in self.agent.maps[m] for m in (MapName.TODOS, MapName.PREPARED, MapName.DOING)):
@@ -162,7 +162,7 @@ class AnswerWatcher:
                 tid,
             )
             return
-        response = value.get(F.RESPONSE)
+        response = value.get(TaskField.RESPONSE)
         if state == State.DONE.value and isinstance(response, str):
             attempt = max(w.attempt, 1)
             if not response.startswith(w.delivered):

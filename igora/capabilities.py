@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .protocol import ErrorCode, F, Peer, TaskKind, is_original
+from .protocol import ErrorCode, Peer, TaskField, TaskKind, is_original
 
 
 class Cap(str, Enum):
@@ -46,18 +46,18 @@ PARAM = {
 
 def required(task: dict[str, Any]) -> frozenset[str]:
     """The capabilities a task needs."""
-    if task.get(F.KIND) == TaskKind.EMBED.value:
+    if task.get(TaskField.KIND) == TaskKind.EMBED.value:
         return frozenset({Cap.EMBED.value})
     needs = {Cap.CHAT.value}
-    if task.get(F.TOOLS) and task.get(F.TOOL_CHOICE) != "none":
+    if task.get(TaskField.TOOLS) and task.get(TaskField.TOOL_CHOICE) != "none":
         needs.add(Cap.TOOLS.value)
-    fmt = task.get(F.RESPONSE_FORMAT)
+    fmt = task.get(TaskField.RESPONSE_FORMAT)
     if isinstance(fmt, dict) and fmt.get("type") in (Cap.JSON_OBJECT.value, Cap.JSON_SCHEMA.value):
         needs.add(fmt["type"])
-    n = task.get(F.N)
+    n = task.get(TaskField.N)
     if isinstance(n, (int, float)) and n > 1:
         needs.add(Cap.N.value)
-    if task.get(F.LOGPROBS) is True:
+    if task.get(TaskField.LOGPROBS) is True:
         needs.add(Cap.LOGPROBS.value)
     return frozenset(needs)
 
@@ -91,7 +91,7 @@ def model_for(task: dict[str, Any], workers: Iterable[Peer]) -> str | None:
     user typed (the original OpenAI endpoint passes ``gpt-3.5-turbo`` through): when no
     worker on the market serves that name, any text worker answers it, as the original
     did. A v2 task's model is taken as it is."""
-    model = task.get(F.MODEL) or None
+    model = task.get(TaskField.MODEL) or None
     if model is None or not is_original(task):
         return model
     return model if any(w.serves(model) for w in workers) else None

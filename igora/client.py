@@ -25,12 +25,12 @@ from .protocol import (
     ABORTED_MARK,
     PROTOCOL_VERSION,
     TEXT_STYLE,
-    A,
+    AgentField,
     AgentType,
-    F,
     MapName,
     Peer,
     State,
+    TaskField,
     TaskKind,
     new_task_id,
     now_ms,
@@ -108,7 +108,12 @@ class Client:
         the market; NoWorkerError naming the missing model or capability after ``timeout``."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        probe = task or {F.ID: "probe", F.PROTOCOL: PROTOCOL_VERSION, F.MODEL: model, F.PROMPT: ""}
+        probe = task or {
+            TaskField.ID: "probe",
+            TaskField.PROTOCOL: PROTOCOL_VERSION,
+            TaskField.MODEL: model,
+            TaskField.PROMPT: "",
+        }
         while True:
             why = unservable(probe, self.workers())
             if why is None:
@@ -136,28 +141,28 @@ class Client:
     ) -> dict[str, Any]:
         tid = new_task_id()
         task: dict[str, Any] = {
-            F.ID: tid,
-            F.PROTOCOL: PROTOCOL_VERSION,
-            F.ASKER: self.agent.id,
-            F.ASKER_NAME: self.agent.name,
-            F.CLIENT_ID: self.agent.awareness.client_id,
-            F.STYLE: TEXT_STYLE,
-            F.STATE: State.TODO.value,
-            F.DATE: now_ms(),
-            F.DEADLINE: now_ms() + int(timeout * 1000),
-            F.SYSTEM_PROMPT: system or "",
+            TaskField.ID: tid,
+            TaskField.PROTOCOL: PROTOCOL_VERSION,
+            TaskField.ASKER: self.agent.id,
+            TaskField.ASKER_NAME: self.agent.name,
+            TaskField.CLIENT_ID: self.agent.awareness.client_id,
+            TaskField.STYLE: TEXT_STYLE,
+            TaskField.STATE: State.TODO.value,
+            TaskField.DATE: now_ms(),
+            TaskField.DEADLINE: now_ms() + int(timeout * 1000),
+            TaskField.SYSTEM_PROMPT: system or "",
         }
         if isinstance(prompt, str):
-            task[F.PROMPT] = prompt
+            task[TaskField.PROMPT] = prompt
         elif prompt is not None:
-            task[F.MESSAGES] = [dict(m) for m in prompt]
+            task[TaskField.MESSAGES] = [dict(m) for m in prompt]
         optional = {
-            F.MODEL: model,
-            F.TEMPERATURE: temperature,
-            F.TOP_P: top_p,
-            F.SEED: seed,
-            F.MAX_TOKENS: max_tokens,
-            F.STOP: stop,
+            TaskField.MODEL: model,
+            TaskField.TEMPERATURE: temperature,
+            TaskField.TOP_P: top_p,
+            TaskField.SEED: seed,
+            TaskField.MAX_TOKENS: max_tokens,
+            TaskField.STOP: stop,
             **(extra or {}),
         }
         task.update({k: v for k, v in optional.items() if v is not None})
@@ -192,12 +197,12 @@ class Client:
         ``tools``, ``tool_choice`` and ``response_format`` take OpenAI's shapes."""
         timeout = timeout or self.timeout
         extra = {
-            F.TOOLS: tools,
-            F.TOOL_CHOICE: tool_choice,
-            F.RESPONSE_FORMAT: response_format,
-            F.N: n,
-            F.LOGPROBS: logprobs,
-            F.TOP_LOGPROBS: top_logprobs,
+            TaskField.TOOLS: tools,
+            TaskField.TOOL_CHOICE: tool_choice,
+            TaskField.RESPONSE_FORMAT: response_format,
+            TaskField.N: n,
+            TaskField.LOGPROBS: logprobs,
+            TaskField.TOP_LOGPROBS: top_logprobs,
             **(_extra or {}),
         }
         task = self._task(
@@ -213,11 +218,11 @@ class Client:
             extra=extra,
         )
         await self.wait_for_worker(model, wait_worker, task)
-        watch = Watch(task[F.ID], pieces=_pieces)
+        watch = Watch(task[TaskField.ID], pieces=_pieces)
         self._answers.watch(watch)
         with self.agent.transaction():
             self._answers.drop_read()
-            self.agent.maps[MapName.TODOS][task[F.ID]] = task
+            self.agent.maps[MapName.TODOS][task[TaskField.ID]] = task
         return Task(self, task, watch, timeout)
 
     async def chat(
@@ -260,10 +265,14 @@ class Client:
             timeout=timeout,
             wait_worker=wait_worker,
             _pieces=False,
-            _extra={F.KIND: TaskKind.EMBED.value, F.INPUTS: texts, F.DIMENSIONS: dimensions},
+            _extra={
+                TaskField.KIND: TaskKind.EMBED.value,
+                TaskField.INPUTS: texts,
+                TaskField.DIMENSIONS: dimensions,
+            },
         )
         answer = await task.result()
-        vectors = answer.task.get(F.EMBEDDINGS)
+        vectors = answer.task.get(TaskField.EMBEDDINGS)
         if not isinstance(vectors, list) or len(vectors) != len(texts):
             raise TaskFailed(f"task {task.id}: the worker sent no embeddings", answer.task)
         return [[float(x) for x in v] for v in vectors]
@@ -274,8 +283,8 @@ class Client:
         with self.agent.transaction():
             for source in (MapName.TODOS, MapName.PREPARED, MapName.DOING):
                 value = m[source].get(task_id)
-                if isinstance(value, dict) and not value.get(F.ABORTED):
-                    m[source][task_id] = {**value, F.ABORTED: ABORTED_MARK}
+                if isinstance(value, dict) and not value.get(TaskField.ABORTED):
+                    m[source][task_id] = {**value, TaskField.ABORTED: ABORTED_MARK}
 
     def _forget(self, task_id: str) -> None:
         """Called by a ``Task`` once its answer is read."""
@@ -318,7 +327,7 @@ class Client:
         """Refresh this client's awareness every ``seconds`` (peers count it gone after
         three missed refreshes)."""
         self.agent.heartbeat = seconds
-        self.agent.set_state(**{A.HEARTBEAT: seconds})
+        self.agent.set_state(**{AgentField.HEARTBEAT: seconds})
 
     def peers(self) -> list[Peer]:
         """Every other agent on the market now (workers, brokers, askers)."""
@@ -332,8 +341,8 @@ class Client:
         """The id of the worker running (or that ran) a task still in the document."""
         for m in (MapName.DOING, MapName.DONE):
             value = self.agent.maps[m].get(task_id)
-            if isinstance(value, dict) and isinstance(value.get(F.WORKER), str):
-                return value[F.WORKER]  # type: ignore[no-any-return]
+            if isinstance(value, dict) and isinstance(value.get(TaskField.WORKER), str):
+                return value[TaskField.WORKER]  # type: ignore[no-any-return]
         return None
 
     def entries(self, name: MapName) -> list[tuple[str, Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .protocol import F
+from .protocol import TaskField
 
 
 class IgoraError(Exception):
@@ -54,7 +54,7 @@ class TaskError(IgoraError):
     @property
     def code(self) -> str | None:
         """The task's ``errorCode`` (``igora.protocol.ErrorCode`` values), if it has one."""
-        code = self.task.get(F.ERROR_CODE)
+        code = self.task.get(TaskField.ERROR_CODE)
         return code if isinstance(code, str) else None
 
 

@@ -17,12 +17,19 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .protocol import ABORTED_MARK, ErrorCode, F, MapName, State
+from .protocol import ABORTED_MARK, ErrorCode, MapName, State, TaskField
 
-RUN_FIELDS = (F.WORKER, F.RESPONSE, F.DELTA, F.CHUNK_DATE, F.STREAM, F.START)
+RUN_FIELDS = (
+    TaskField.WORKER,
+    TaskField.RESPONSE,
+    TaskField.DELTA,
+    TaskField.CHUNK_DATE,
+    TaskField.STREAM,
+    TaskField.START,
+)
 """The fields of one assignment and its run, stripped when a task goes back to ``todos``."""
 
-_KEPT_OF_INVALID = (F.ASKER, F.CLIENT_ID)
+_KEPT_OF_INVALID = (TaskField.ASKER, TaskField.CLIENT_ID)
 
 
 class Step(NamedTuple):
@@ -41,12 +48,12 @@ def number(task: dict[str, Any], name: str) -> float | None:
 def attempts(task: dict[str, Any]) -> int:
     """How many times the task was assigned (``attemps``); 1 for a task that says none
     but is past ``todos``."""
-    return int(number(task, F.ATTEMPTS) or 1)
+    return int(number(task, TaskField.ATTEMPTS) or 1)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     """The ``usage`` field of an answered task."""
-    return {F.PROMPT_TOKENS: prompt_tokens, F.COMPLETION_TOKENS: completion_tokens}
+    return {TaskField.PROMPT_TOKENS: prompt_tokens, TaskField.COMPLETION_TOKENS: completion_tokens}
 
 
 # ---------------------------------------------------------------------- moving on
@@ -56,11 +63,11 @@ def assign(task: dict[str, Any], worker: str, broker: str, now: int) -> Step:
         MapName.PREPARED,
         {
             **task,
-            F.WORKER: worker,
-            F.STATE: State.PREPARED.value,
-            F.ATTEMPTS: int(number(task, F.ATTEMPTS) or 0) + 1,
-            F.START: now,
-            F.BROKER: broker,
+            TaskField.WORKER: worker,
+            TaskField.STATE: State.PREPARED.value,
+            TaskField.ATTEMPTS: int(number(task, TaskField.ATTEMPTS) or 0) + 1,
+            TaskField.START: now,
+            TaskField.BROKER: broker,
         },
     )
 
@@ -71,11 +78,11 @@ def start(task: dict[str, Any], worker: str, stream: str, now: int) -> Step:
         MapName.DOING,
         {
             **task,
-            F.STATE: State.DOING.value,
-            F.WORKER: worker,
-            F.STREAM: stream,
-            F.RESPONSE: "",
-            F.START: task.get(F.START) or now,
+            TaskField.STATE: State.DOING.value,
+            TaskField.WORKER: worker,
+            TaskField.STREAM: stream,
+            TaskField.RESPONSE: "",
+            TaskField.START: task.get(TaskField.START) or now,
         },
     )
 
@@ -83,7 +90,7 @@ def start(task: dict[str, Any], worker: str, stream: str, now: int) -> Step:
 def requeue(task: dict[str, Any]) -> Step:
     """Back to ``todos``, for the broker to assign again; its attempts are kept."""
     back = {k: v for k, v in task.items() if k not in RUN_FIELDS}
-    back[F.STATE] = State.TODO.value
+    back[TaskField.STATE] = State.TODO.value
     return Step(MapName.TODOS, back)
 
 
@@ -91,14 +98,14 @@ def requeue(task: dict[str, Any]) -> Step:
 def _ended(
     task: dict[str, Any], state: State, now: int, response: str | None, fields: dict[str, Any]
 ) -> Step:
-    out = {k: v for k, v in task.items() if k != F.DELTA}
-    out[F.STATE] = state.value
+    out = {k: v for k, v in task.items() if k != TaskField.DELTA}
+    out[TaskField.STATE] = state.value
     if response is not None:
-        out[F.RESPONSE] = response
-    out[F.END] = now
-    begin = number(task, F.START) or number(task, F.DATE)
+        out[TaskField.RESPONSE] = response
+    out[TaskField.END] = now
+    begin = number(task, TaskField.START) or number(task, TaskField.DATE)
     if begin is not None:
-        out[F.DURATION] = now - begin
+        out[TaskField.DURATION] = now - begin
     out.update(fields)
     return Step(MapName.DONE, out)
 
@@ -115,7 +122,13 @@ def fail(
     task: dict[str, Any], now: int, code: ErrorCode, error: str, *, response: str | None = None
 ) -> Step:
     """Ended without an answer: ``failed``, with the code and the sentence."""
-    return _ended(task, State.FAILED, now, response, {F.ERROR: error, F.ERROR_CODE: code.value})
+    return _ended(
+        task,
+        State.FAILED,
+        now,
+        response,
+        {TaskField.ERROR: error, TaskField.ERROR_CODE: code.value},
+    )
 
 
 def abort(
@@ -123,11 +136,11 @@ def abort(
 ) -> Step:
     """Stopped at its asker's request (or because the asker left): ``aborted``."""
     fields: dict[str, Any] = {
-        F.ABORTED: task.get(F.ABORTED) or ABORTED_MARK,
-        F.ERROR_CODE: ErrorCode.ABORTED.value,
+        TaskField.ABORTED: task.get(TaskField.ABORTED) or ABORTED_MARK,
+        TaskField.ERROR_CODE: ErrorCode.ABORTED.value,
     }
     if error:
-        fields[F.ERROR] = error
+        fields[TaskField.ERROR] = error
     return _ended(task, State.ABORTED, now, response, fields)
 
 
@@ -156,11 +169,11 @@ def reject(task_id: str, value: Any, now: int, why: str) -> Step:
     return Step(
         MapName.DONE,
         {
-            F.ID: task_id,
-            F.STATE: State.FAILED.value,
-            F.END: now,
-            F.ERROR: f"invalid task: {why}",
-            F.ERROR_CODE: ErrorCode.INVALID_TASK.value,
+            TaskField.ID: task_id,
+            TaskField.STATE: State.FAILED.value,
+            TaskField.END: now,
+            TaskField.ERROR: f"invalid task: {why}",
+            TaskField.ERROR_CODE: ErrorCode.INVALID_TASK.value,
             **{k: base[k] for k in _KEPT_OF_INVALID if isinstance(base.get(k), (str, int, float))},
         },
     )
@@ -171,7 +184,7 @@ def refresh(task: dict[str, Any], response: str, piece: str, now: int) -> dict[s
     (``response``, ``delta``, ``chunkDate``; docs/protocol.md, 4.3). It stays in doing."""
     return {
         **task,
-        F.RESPONSE: response,
-        F.DELTA: {"role": "assistant", "content": piece},
-        F.CHUNK_DATE: now,
+        TaskField.RESPONSE: response,
+        TaskField.DELTA: {"role": "assistant", "content": piece},
+        TaskField.CHUNK_DATE: now,
     }

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from .protocol import KANBAN, A, AgentType, F, MapName, State
+from .protocol import KANBAN, AgentField, AgentType, MapName, State, TaskField
 
 MAX_TEXT = 200
 """Characters of a name (agent, model) kept in a summary."""
@@ -47,9 +47,9 @@ def text(value: Any, limit: int = MAX_TEXT) -> str | None:
 
 def agent_summary(state: Mapping[str, Any], fallback_name: str = "") -> dict[str, Any]:
     """One agent's awareness state as a row: who it is, what it serves and how busy it is."""
-    aid = text(state.get(A.ID))
+    aid = text(state.get(AgentField.ID))
     models = []
-    raw_models = state.get(A.MODELS)
+    raw_models = state.get(AgentField.MODELS)
     for m in raw_models[:MAX_MODELS] if isinstance(raw_models, list) else []:
         if isinstance(m, dict) and isinstance(m.get("name"), str):
             models.append(
@@ -59,17 +59,17 @@ def agent_summary(state: Mapping[str, Any], fallback_name: str = "") -> dict[str
             models.append({"name": m[:MAX_TEXT], "contextLength": None})
     return {
         "id": aid,
-        "name": str(state.get(A.NAME) or aid or fallback_name)[:MAX_TEXT],
-        "type": text(state.get(A.TYPE), 40),
-        "style": text(state.get(A.STYLE), 60),
-        "state": text(state.get(A.STATE), 40),
+        "name": str(state.get(AgentField.NAME) or aid or fallback_name)[:MAX_TEXT],
+        "type": text(state.get(AgentField.TYPE), 40),
+        "style": text(state.get(AgentField.STYLE), 60),
+        "state": text(state.get(AgentField.STATE), 40),
         "models": models,
-        "slots": integer(state.get(A.SLOTS)),
-        "running": integer(state.get(A.RUNNING)),
-        "speed": number(state.get(A.SPEED)),
-        "engine": text(state.get(A.ENGINE), 60),
-        "leader": bool(state.get(A.LEADER)) if A.LEADER in state else None,
-        "igora": state.get(A.PROTOCOL) is not None,
+        "slots": integer(state.get(AgentField.SLOTS)),
+        "running": integer(state.get(AgentField.RUNNING)),
+        "speed": number(state.get(AgentField.SPEED)),
+        "engine": text(state.get(AgentField.ENGINE), 60),
+        "leader": bool(state.get(AgentField.LEADER)) if AgentField.LEADER in state else None,
+        "igora": state.get(AgentField.PROTOCOL) is not None,
     }
 
 
@@ -84,7 +84,7 @@ def tasks_by_state(maps: Mapping[MapName, Values]) -> dict[str, int]:
     counts = {st.value: 0 for st in State}
     for m in KANBAN:
         for value in maps[m].values():
-            st = value.get(F.STATE) if isinstance(value, dict) else None
+            st = value.get(TaskField.STATE) if isinstance(value, dict) else None
             if st in counts:
                 counts[st] += 1
     return counts
@@ -93,9 +93,9 @@ def tasks_by_state(maps: Mapping[MapName, Values]) -> dict[str, int]:
 def usage_counts(task: Mapping[str, Any]) -> tuple[int, int]:
     """The prompt and completion tokens a finished task reports in its usage (0 for a
     count it does not report or that is not a number of 0 or more)."""
-    usage = task.get(F.USAGE)
+    usage = task.get(TaskField.USAGE)
     counts = []
-    for key in (F.PROMPT_TOKENS, F.COMPLETION_TOKENS):
+    for key in (TaskField.PROMPT_TOKENS, TaskField.COMPLETION_TOKENS):
         n = number(usage.get(key)) if isinstance(usage, dict) else None
         counts.append(int(n) if n is not None and 0 <= n < 2**53 else 0)
     return counts[0], counts[1]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .capabilities import unservable
 from .errors import NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
 from .lifecycle import number
-from .protocol import ErrorCode, F, State
+from .protocol import ErrorCode, State, TaskField
 
 if TYPE_CHECKING:
     from .client import Client
@@ -40,20 +40,20 @@ class Answer:
 
     @property
     def model(self) -> str | None:
-        return self.task.get(F.MODEL)
+        return self.task.get(TaskField.MODEL)
 
     @property
     def tool_calls(self) -> list[dict[str, Any]]:
         """The tool calls of the (first) answer, in OpenAI's shape: ``[{"id", "type":
         "function", "function": {"name", "arguments"}}]`` (``arguments``: a JSON string)."""
-        calls = self.task.get(F.TOOL_CALLS)
+        calls = self.task.get(TaskField.TOOL_CALLS)
         return list(calls) if isinstance(calls, list) else []
 
     @property
     def choices(self) -> list[dict[str, Any]]:
         """Every choice (n > 1): ``{"index", "content", "toolCalls", "finishReason",
         "tokenLogprobs"}``; one choice built from the answer otherwise."""
-        choices = self.task.get(F.CHOICES)
+        choices = self.task.get(TaskField.CHOICES)
         if isinstance(choices, list) and choices:
             return list(choices)
         return [
@@ -62,14 +62,14 @@ class Answer:
                 "content": self.text,
                 "toolCalls": self.tool_calls or None,
                 "finishReason": self.finish_reason,
-                F.LOGPROBS_RESULT: self.logprobs,
+                TaskField.LOGPROBS_RESULT: self.logprobs,
             }
         ]
 
     @property
     def logprobs(self) -> dict[str, Any] | None:
         """Token log probabilities of the (first) answer, OpenAI's ``{"content": [...]}``."""
-        value = self.task.get(F.LOGPROBS_RESULT)
+        value = self.task.get(TaskField.LOGPROBS_RESULT)
         return value if isinstance(value, dict) else None
 
 
@@ -126,7 +126,7 @@ class Task:
     def __init__(self, client: Client, task: dict[str, Any], watch: Watch, timeout: float):
         self.client = client
         self.task = task
-        self.id: str = task[F.ID]
+        self.id: str = task[TaskField.ID]
         self._watch = watch
         self._timeout = timeout
         self.final: dict[str, Any] | None = None
@@ -158,15 +158,15 @@ class Task:
     def _raise_for(self, final: dict[str, Any]) -> None:
         """The exception of a task that ended without an answer, chosen by its
         ``errorCode`` (``error`` is only the message)."""
-        state = final.get(F.STATE)
+        state = final.get(TaskField.STATE)
         if state == State.DONE.value:
             return
-        error = str(final.get(F.ERROR) or "")
+        error = str(final.get(TaskField.ERROR) or "")
         code = error_code(final)
         if code in (ErrorCode.MODEL_NOT_SERVED, ErrorCode.CAPABILITY_NOT_SERVED):
             why = unservable(self.task, self.client.workers())
             raise NoWorkerError(
-                self.task.get(F.MODEL),
+                self.task.get(TaskField.MODEL),
                 self.client.models(),
                 why.missing if why else (),
                 reason=error,
@@ -186,11 +186,11 @@ class Task:
         async for _ in self.events():
             pass
         final = self.final or {}
-        raw = final.get(F.USAGE)
+        raw = final.get(TaskField.USAGE)
         usage: dict[str, Any] = raw if isinstance(raw, dict) else {}
         return Answer(
-            text=str(final.get(F.RESPONSE) or ""),
-            finish_reason=str(final.get(F.FINISH_REASON) or "stop"),
+            text=str(final.get(TaskField.RESPONSE) or ""),
+            finish_reason=str(final.get(TaskField.FINISH_REASON) or "stop"),
             usage={k: int(v) for k, v in usage.items() if isinstance(v, (int, float))},
             task=final,
         )
@@ -204,15 +204,15 @@ def error_code(final: dict[str, Any]) -> ErrorCode | None:
     """The typed reason of a task that ended without an answer. A task from before the
     codes (or from another agent) has none: it is read as ``deadline`` if it ended after
     its own deadline, else as unclassified (None)."""
-    raw = final.get(F.ERROR_CODE)
+    raw = final.get(TaskField.ERROR_CODE)
     if isinstance(raw, str):
         try:
             return ErrorCode(raw)
         except ValueError:
             return None  # a code of a later version: unclassified here
-    deadline, end = number(final, F.DEADLINE), number(final, F.END)
+    deadline, end = number(final, TaskField.DEADLINE), number(final, TaskField.END)
     if (
-        final.get(F.STATE) == State.FAILED.value
+        final.get(TaskField.STATE) == State.FAILED.value
         and deadline is not None
         and (end is not None and end >= deadline)
     ):

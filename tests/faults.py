@@ -17,7 +17,7 @@ from typing import Any
 
 from igora.agent import Agent
 from igora.config import market_address
-from igora.protocol import TEXT_STYLE, AgentType, F, MapName, State, new_id, now_ms
+from igora.protocol import TEXT_STYLE, AgentType, MapName, State, TaskField, new_id, now_ms
 from igora.testing import Cluster, Proc, wait_for
 
 __all__ = [
@@ -113,13 +113,13 @@ def raw_task(asker: Agent, prompt: str = "raw task", **fields: Any) -> dict[str,
     """A well-formed task as an original client writes it (no Igora client needed)."""
     tid = fields.pop("id", None) or new_id()
     return {
-        F.ID: tid,
-        F.ASKER: asker.id,
-        F.CLIENT_ID: asker.awareness.client_id,
-        F.STYLE: TEXT_STYLE,
-        F.STATE: State.TODO.value,
-        F.DATE: now_ms(),
-        F.PROMPT: prompt,
+        TaskField.ID: tid,
+        TaskField.ASKER: asker.id,
+        TaskField.CLIENT_ID: asker.awareness.client_id,
+        TaskField.STYLE: TEXT_STYLE,
+        TaskField.STATE: State.TODO.value,
+        TaskField.DATE: now_ms(),
+        TaskField.PROMPT: prompt,
         **fields,
     }
 

@@ -20,7 +20,7 @@ from pycrdt import Doc, Map, Text
 from igora import Client, TaskAborted
 from igora.agent import Agent
 from igora.broker import policies
-from igora.protocol import ABORTED_MARK, LIVE, F, MapName, State
+from igora.protocol import ABORTED_MARK, LIVE, MapName, State, TaskField
 
 from .conftest import Cluster, free_port, wait_http
 from .faults import final_of, observer, put, raw_task, wait_for
@@ -80,7 +80,7 @@ class Outcomes:
         for key, change in changes.items():
             value = change.get("newValue")
             if isinstance(value, dict):
-                self.final[key] = value.get(F.STATE)
+                self.final[key] = value.get(TaskField.STATE)
 
     def all_ended(self) -> bool:
         return bool(self.seen) and all(t in self.final for t in self.seen)
@@ -200,7 +200,7 @@ def write_from_fork(
 ) -> None:
     """Mark ``maps[where][key]`` aborted in the fork and send that write through ``agent``."""
     before = doc.get_state()
-    maps[where][key] = {**maps[where][key], F.ABORTED: ABORTED_MARK}
+    maps[where][key] = {**maps[where][key], TaskField.ABORTED: ABORTED_MARK}
     agent.doc.apply_update(doc.get_update(before))
 
 
@@ -236,18 +236,28 @@ async def test_abort_written_on_an_entry_the_task_just_left_ends_it(
         worker_id = next(p.id for p in racer.peers() if p.type == "worker")
         task = raw_task(racer, prompt)
         if where is MapName.PREPARED:  # as the broker writes it
-            task.update({F.WORKER: worker_id, F.STATE: State.PREPARED.value, F.ATTEMPTS: 1})
-        put(racer, where, task[F.ID], task)
+            task.update(
+                {
+                    TaskField.WORKER: worker_id,
+                    TaskField.STATE: State.PREPARED.value,
+                    TaskField.ATTEMPTS: 1,
+                }
+            )
+        put(racer, where, task[TaskField.ID], task)
         doc, maps = fork(racer)
-        await wait_for(lambda: moved(located(racer, task[F.ID])), 20, "the move", cluster)
-        write_from_fork(racer, doc, maps, where, task[F.ID])
+        await wait_for(lambda: moved(located(racer, task[TaskField.ID])), 20, "the move", cluster)
+        write_from_fork(racer, doc, maps, where, task[TaskField.ID])
         final = await wait_for(
-            lambda: (f := final_of(racer, task[F.ID])) and located(racer, task[F.ID]) is None and f,
+            lambda: (
+                (f := final_of(racer, task[TaskField.ID]))
+                and located(racer, task[TaskField.ID]) is None
+                and f
+            ),
             10,
             "the task ends, no entry left",
             cluster,
         )
-        assert final[F.STATE] == State.ABORTED.value
+        assert final[TaskField.STATE] == State.ABORTED.value
         await wait_for(
             lambda: [w.get("running") for w in cluster.agents("worker")] == [0],
             10,
@@ -255,10 +265,10 @@ async def test_abort_written_on_an_entry_the_task_just_left_ends_it(
             cluster,
         )
         await asyncio.sleep(1.5)  # nothing brings it back, nothing ends it otherwise
-        assert located(racer, task[F.ID]) is None
-        assert final_of(racer, task[F.ID])[F.STATE] == State.ABORTED.value
+        assert located(racer, task[TaskField.ID]) is None
+        assert final_of(racer, task[TaskField.ID])[TaskField.STATE] == State.ABORTED.value
     worker_log = cluster.procs[2].log()
-    assert f"task {task[F.ID]} done" not in worker_log
+    assert f"task {task[TaskField.ID]} done" not in worker_log
 
 
 async def test_abort_written_as_the_task_ends_leaves_its_end_alone(
@@ -269,16 +279,20 @@ async def test_abort_written_as_the_task_ends_leaves_its_end_alone(
     racing_market(cluster)
     async with observer(cluster, "racer") as racer:
         task = raw_task(racer, "#repeat 20")
-        put(racer, MapName.TODOS, task[F.ID], task)
-        await wait_for(lambda: located(racer, task[F.ID]) is MapName.DOING, 20, "it runs", cluster)
+        put(racer, MapName.TODOS, task[TaskField.ID], task)
+        await wait_for(
+            lambda: located(racer, task[TaskField.ID]) is MapName.DOING, 20, "it runs", cluster
+        )
         doc, maps = fork(racer)
-        await wait_for(lambda: final_of(racer, task[F.ID]), 20, "it ends", cluster)
-        write_from_fork(racer, doc, maps, MapName.DOING, task[F.ID])
-        assert located(racer, task[F.ID]) is MapName.DOING  # the ghost
-        await wait_for(lambda: located(racer, task[F.ID]) is None, 10, "the ghost goes", cluster)
-        final = final_of(racer, task[F.ID])
-        assert final is not None and final[F.STATE] == State.DONE.value
-        assert final[F.RESPONSE] == "".join(f"tok{i} " for i in range(20))
+        await wait_for(lambda: final_of(racer, task[TaskField.ID]), 20, "it ends", cluster)
+        write_from_fork(racer, doc, maps, MapName.DOING, task[TaskField.ID])
+        assert located(racer, task[TaskField.ID]) is MapName.DOING  # the ghost
+        await wait_for(
+            lambda: located(racer, task[TaskField.ID]) is None, 10, "the ghost goes", cluster
+        )
+        final = final_of(racer, task[TaskField.ID])
+        assert final is not None and final[TaskField.STATE] == State.DONE.value
+        assert final[TaskField.RESPONSE] == "".join(f"tok{i} " for i in range(20))
 
 
 # ------------------------------------------------------------- the rules, without processes
@@ -288,24 +302,24 @@ WORKER, ASKER = "worker-1", "asker-1"
 
 def _task(tid: str, state: State, marked: bool = False) -> dict[str, Any]:
     task: dict[str, Any] = {
-        F.ID: tid,
-        F.PROMPT: "x",
-        F.ASKER: ASKER,
-        F.STATE: state.value,
+        TaskField.ID: tid,
+        TaskField.PROMPT: "x",
+        TaskField.ASKER: ASKER,
+        TaskField.STATE: state.value,
     }
     if state is not State.TODO:
-        task.update({F.WORKER: WORKER, F.ATTEMPTS: 1, F.START: 1})
+        task.update({TaskField.WORKER: WORKER, TaskField.ATTEMPTS: 1, TaskField.START: 1})
     if state is State.DOING:
-        task[F.STREAM] = f"{tid}#1"
+        task[TaskField.STREAM] = f"{tid}#1"
     if marked:
-        task[F.ABORTED] = ABORTED_MARK
+        task[TaskField.ABORTED] = ABORTED_MARK
     return task
 
 
 def _snapshot(now: int, **entries: dict[str, Any]) -> policies.Snapshot:
     maps: dict[str, dict[str, Any]] = {"todos": {}, "prepared": {}, "doing": {}}
     for where, task in entries.items():
-        maps[where][task[F.ID]] = task
+        maps[where][task[TaskField.ID]] = task
     return policies.Snapshot(maps["todos"], maps["prepared"], maps["doing"], now=now)
 
 
@@ -372,10 +386,10 @@ def test_a_mark_on_any_entry_aborts_the_task(case: str) -> None:
     [move] = moves
     assert (move.source, move.target, move.stale) == (source, target, stale)
     if target is MapName.DOING:
-        assert move.task is not None and move.task[F.ABORTED] == ABORTED_MARK
+        assert move.task is not None and move.task[TaskField.ABORTED] == ABORTED_MARK
     elif target is MapName.DONE:
-        assert move.task is not None and move.task[F.STATE] == state.value
-        assert move.task[F.ABORTED] == ABORTED_MARK
+        assert move.task is not None and move.task[TaskField.STATE] == state.value
+        assert move.task[TaskField.ABORTED] == ABORTED_MARK
 
 
 def test_unmarked_entries_left_by_a_race_are_removed_but_the_most_advanced() -> None:
@@ -403,7 +417,7 @@ class _Worker:
             m: self.peer.get(m.value, type=Map) for m in (*LIVE, MapName.DONE, MapName.STREAMS)
         }
         self.run = Running("t", 1)
-        task = {**_task("t", State.DOING), F.WORKER: self.agent.id}
+        task = {**_task("t", State.DOING), TaskField.WORKER: self.agent.id}
         with self.peer.transaction():
             self.maps[MapName.DOING]["t"] = task
             self.maps[MapName.STREAMS]["t#1"] = Text("tok0 ")

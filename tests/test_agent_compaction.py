@@ -19,7 +19,7 @@ from igora.agent import Agent
 from igora.broker.broker import Broker
 from igora.config import market_address
 from igora.engines.echo import EchoEngine
-from igora.protocol import BROKER_STYLE, TEXT_STYLE, AgentType, F, State
+from igora.protocol import BROKER_STYLE, TEXT_STYLE, AgentType, State, TaskField
 from igora.web.market_view import MarketTracker
 from igora.worker.worker import Worker
 
@@ -90,10 +90,10 @@ async def test_agents_rebuild_their_documents_mid_stream(cluster: Cluster) -> No
                 await asyncio.sleep(0.05)
             during = [a.collected for a in agents]
             final = await reader
-            assert final[F.STATE] == State.DONE.value
+            assert final[TaskField.STATE] == State.DONE.value
             expected = "".join(f"tok{i} " for i in range(500))
             assert not any(isinstance(p, Restart) for p in pieces)
-            assert "".join(pieces) == expected == final[F.RESPONSE]
+            assert "".join(pieces) == expected == final[TaskField.RESPONSE]
             # Read piece by piece to the end: had the stream's observer or the worker's
             # stream been left on an old document, the rest would have come at once from
             # done (thousands of characters in one piece).

@@ -19,11 +19,11 @@ from igora.broker.matching import pick_worker
 from igora.capabilities import Cap, fits, model_for, offered, required, unservable
 from igora.protocol import (
     ErrorCode,
-    F,
     MapName,
     Peer,
     ProtocolError,
     State,
+    TaskField,
     new_task_id,
     now_ms,
     validate_task,
@@ -191,8 +191,8 @@ async def test_a_worker_without_a_capability_never_receives_a_task_that_needs_it
         plain = [await client.submit(f"p{i}", model="m") for i in range(12)]
         answers = await asyncio.gather(*(t.result() for t in tasks))
         plain_answers = await asyncio.gather(*(t.result() for t in plain))
-    assert {a.task[F.WORKER] for a in answers} == {workers["upstream"]}
-    assert len({a.task[F.WORKER] for a in plain_answers}) >= 2  # chat goes anywhere
+    assert {a.task[TaskField.WORKER] for a in answers} == {workers["upstream"]}
+    assert len({a.task[TaskField.WORKER] for a in plain_answers}) >= 2  # chat goes anywhere
     # The upstream worker forwarded the fields as they were asked.
     sent = [r for r in stub.requests if r.get("tools")]
     assert len(sent) == 6 and all(r["tools"] == [TOOL] and r["tool_choice"] == "auto" for r in sent)
@@ -221,26 +221,26 @@ async def test_broker_fails_at_once_a_v2_task_nobody_serves_with_a_typed_code(
     await agent.start()
     try:
         cases = {
-            new_task_id(): ({F.MODEL: "gpt-4"}, ErrorCode.MODEL_NOT_SERVED),
-            new_task_id(): ({F.N: 2}, ErrorCode.CAPABILITY_NOT_SERVED),
+            new_task_id(): ({TaskField.MODEL: "gpt-4"}, ErrorCode.MODEL_NOT_SERVED),
+            new_task_id(): ({TaskField.N: 2}, ErrorCode.CAPABILITY_NOT_SERVED),
         }
         with agent.transaction():
             for tid, (fields, _code) in cases.items():
                 agent.maps[MapName.TODOS][tid] = {
-                    F.ID: tid,
-                    F.PROTOCOL: 2,
-                    F.ASKER: agent.id,
-                    F.STYLE: "text",
-                    F.STATE: State.TODO.value,
-                    F.PROMPT: "x",
-                    F.DATE: now_ms(),
+                    TaskField.ID: tid,
+                    TaskField.PROTOCOL: 2,
+                    TaskField.ASKER: agent.id,
+                    TaskField.STYLE: "text",
+                    TaskField.STATE: State.TODO.value,
+                    TaskField.PROMPT: "x",
+                    TaskField.DATE: now_ms(),
                     **fields,
                 }
         start = time.monotonic()
         for tid, (_fields, code) in cases.items():
             final = await archived_async(echo_market, tid)
-            assert final[F.STATE] == State.FAILED.value
-            assert final[F.ERROR_CODE] == code.value, final
+            assert final[TaskField.STATE] == State.FAILED.value
+            assert final[TaskField.ERROR_CODE] == code.value, final
         assert time.monotonic() - start < 10
         await wait_for(lambda: len(agent.maps[MapName.TODOS]) == 0, 5, "todos empty")
     finally:

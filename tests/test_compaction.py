@@ -16,7 +16,7 @@ from pycrdt import Doc, Map, Text
 
 from igora import Client
 from igora.market.compaction import compact
-from igora.protocol import F, MapName, State
+from igora.protocol import MapName, State, TaskField
 from igora.updates import parse
 
 from .conftest import Cluster
@@ -332,7 +332,7 @@ async def test_task_requeued_after_compactions_completes(cluster: Cluster) -> No
 
         def runner() -> str | None:
             doing = client.agent.maps[MapName.DOING].get(task.id)
-            return doing.get(F.WORKER) if isinstance(doing, dict) else None
+            return doing.get(TaskField.WORKER) if isinstance(doing, dict) else None
 
         await until(runner, 20, "the long task to run")
         before = cluster.compactions()
@@ -344,5 +344,5 @@ async def test_task_requeued_after_compactions_completes(cluster: Cluster) -> No
         assert name is not None
         by_name(workers, name).kill()
         answer = await task.result()
-    assert answer.task[F.STATE] == State.DONE.value and answer.task[F.ATTEMPTS] == 2
+    assert answer.task[TaskField.STATE] == State.DONE.value and answer.task[TaskField.ATTEMPTS] == 2
     assert answer.text == "".join(f"tok{i} " for i in range(400))

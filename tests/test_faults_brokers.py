@@ -12,7 +12,7 @@ import signal
 import time
 
 from igora import Client
-from igora.protocol import F
+from igora.protocol import TaskField
 
 from .conftest import Cluster, Proc
 from .faults import by_name, executions, leader, wait_for
@@ -74,12 +74,12 @@ async def test_killing_the_active_broker_loses_no_task_and_assigns_none_twice(
     _, _, workers = two_brokers(cluster)
     finals, takeover, _killed, other = await run_100_tasks_and_hit_leader(cluster, signal.SIGKILL)
     assert len(finals) == N_TASKS
-    assert all(t["state"] == "done" and t[F.RESPONSE] == EXPECTED for t in finals)
+    assert all(t["state"] == "done" and t[TaskField.RESPONSE] == EXPECTED for t in finals)
     counts = executions(*workers)
-    assert sorted(counts[t[F.ID]] for t in finals) == [1] * N_TASKS, counts
+    assert sorted(counts[t[TaskField.ID]] for t in finals) == [1] * N_TASKS, counts
     # The survivor did assign part of the flow.
     assert "is now the active broker" in other.log()
-    assert len({t[F.BROKER] for t in finals}) == 2
+    assert len({t[TaskField.BROKER] for t in finals}) == 2
     # Socket closed: the market drops the dead broker's awareness at once.
     print(f"take-over after kill -9: {takeover:.2f} s")
     assert takeover < 10  # generous: the documented bound is one round (~0.5 s)
@@ -97,9 +97,9 @@ async def test_silent_active_broker_is_replaced_and_steps_down_when_it_wakes(
         for b in cluster.procs:
             if "broker" in b.args:
                 os.killpg(b.pid, signal.SIGCONT)
-    assert all(t["state"] == "done" and t[F.RESPONSE] == EXPECTED for t in finals)
+    assert all(t["state"] == "done" and t[TaskField.RESPONSE] == EXPECTED for t in finals)
     counts = executions(*workers)
-    assert sorted(counts[t[F.ID]] for t in finals) == [1] * N_TASKS, counts
+    assert sorted(counts[t[TaskField.ID]] for t in finals) == [1] * N_TASKS, counts
     print(f"take-over after SIGSTOP (heartbeat 1 s): {takeover:.2f} s")
     assert takeover >= 2.0  # it had to wait for missed heartbeats, not a closed socket
     # Woken up, the frozen broker sees it was paused: it steps down and re-settles

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from igora import Client, Restart, TaskFailed
 from igora.agent import Agent
-from igora.protocol import MAX_ID, MAX_TEXT, F, MapName, State, new_id
+from igora.protocol import MAX_ID, MAX_TEXT, MapName, State, TaskField, new_id
 
 from .conftest import Cluster
 from .faults import observer, put, raw_task, wait_for
@@ -65,7 +65,7 @@ def deep(n: int) -> list[Any]:
 
 
 def ok(key: str, **extra: Any) -> dict[str, Any]:
-    return {F.ID: key, F.PROMPT: "x", F.STATE: State.TODO.value, **extra}
+    return {TaskField.ID: key, TaskField.PROMPT: "x", TaskField.STATE: State.TODO.value, **extra}
 
 
 BAD_TODOS: dict[str, Callable[[str], Any]] = {
@@ -73,22 +73,22 @@ BAD_TODOS: dict[str, Callable[[str], Any]] = {
     "a number": lambda k: 42,
     "a list": lambda k: [1, 2, 3],
     "null": lambda k: None,
-    "a shared map": lambda k: Map({F.ID: k, F.PROMPT: "x"}),
+    "a shared map": lambda k: Map({TaskField.ID: k, TaskField.PROMPT: "x"}),
     "a shared text": lambda k: Text("x"),
-    "no id": lambda k: {F.PROMPT: "x"},
-    "no prompt": lambda k: {F.ID: k},
+    "no id": lambda k: {TaskField.PROMPT: "x"},
+    "no prompt": lambda k: {TaskField.ID: k},
     "id of another key": lambda k: ok(new_id()),
-    "prompt not a string": lambda k: {F.ID: k, F.PROMPT: 42},
+    "prompt not a string": lambda k: {TaskField.ID: k, TaskField.PROMPT: 42},
     "temperature a word": lambda k: ok(k, temperature="hot"),
     "temperature NaN": lambda k: ok(k, temperature=float("nan")),
-    "messages not a list": lambda k: {F.ID: k, F.MESSAGES: "hi"},
-    "message without role": lambda k: {F.ID: k, F.MESSAGES: [{"content": "hi"}]},
+    "messages not a list": lambda k: {TaskField.ID: k, TaskField.MESSAGES: "hi"},
+    "message without role": lambda k: {TaskField.ID: k, TaskField.MESSAGES: [{"content": "hi"}]},
     "stop of numbers": lambda k: ok(k, stop=[1, 2]),
     "negative maxTokens": lambda k: ok(k, maxTokens=-5),
     "attempts a word": lambda k: ok(k, attemps="many"),
     "deadline a word": lambda k: ok(k, deadline="soon"),
     "unknown state": lambda k: ok(k, state="exploded"),
-    "huge prompt": lambda k: {F.ID: k, F.PROMPT: "x" * (MAX_TEXT + 1)},
+    "huge prompt": lambda k: {TaskField.ID: k, TaskField.PROMPT: "x" * (MAX_TEXT + 1)},
     "huge model name": lambda k: ok(k, model="m" * 10_000),
 }
 
@@ -101,7 +101,7 @@ async def test_malformed_todo_is_failed_with_a_log_line(
     put(raw, MapName.TODOS, key, BAD_TODOS[case](key))
     done = raw.maps[MapName.DONE]
     final = await wait_for(lambda: done.get(key), 20, f"{case}: the entry is ended", market)
-    assert final[F.STATE] == State.FAILED.value and "invalid task" in final[F.ERROR]
+    assert final[TaskField.STATE] == State.FAILED.value and "invalid task" in final[TaskField.ERROR]
     assert key not in raw.maps[MapName.TODOS]
     await wait_for(lambda: key in market.procs[1].log(), 10, "the broker logged it")
     await still_serving(market)
@@ -114,7 +114,7 @@ async def test_huge_key_is_failed_with_a_short_log_line(market: Cluster, raw: Ag
     final = await wait_for(
         lambda done=done, key=key: done.get(key), 20, "the entry is ended", market
     )
-    assert final[F.STATE] == State.FAILED.value
+    assert final[TaskField.STATE] == State.FAILED.value
     line = next(ln for ln in market.procs[1].log().splitlines() if key[:80] in ln)
     assert len(line) < 400
     await still_serving(market)
@@ -124,7 +124,7 @@ async def test_value_nested_too_deep_is_refused_by_the_market(market: Cluster) -
     # Thousands of levels would make every agent's observers fail at each reconnect.
     async with observer(market, "nester") as nester:
         task = raw_task(nester, "nested", extra=deep(3000))
-        put(nester, MapName.TODOS, task[F.ID], task)
+        put(nester, MapName.TODOS, task[TaskField.ID], task)
         await wait_for(
             lambda: "refused update" in market.procs[0].log(),
             20,
@@ -132,8 +132,8 @@ async def test_value_nested_too_deep_is_refused_by_the_market(market: Cluster) -
             market,
         )
     async with observer(market, "newcomer") as newcomer:
-        assert task[F.ID] not in newcomer.maps[MapName.TODOS]
-        assert task[F.ID] not in newcomer.maps[MapName.DONE]
+        assert task[TaskField.ID] not in newcomer.maps[MapName.TODOS]
+        assert task[TaskField.ID] not in newcomer.maps[MapName.DONE]
     await still_serving(market)
 
 
@@ -173,10 +173,12 @@ async def test_task_prepared_for_a_worker_that_does_not_exist_is_run_by_a_real_o
     raw: Agent,
 ) -> None:
     task = raw_task(raw, "orphan", worker=new_id(), state=State.PREPARED.value, attemps=1)
-    put(raw, MapName.PREPARED, task[F.ID], task)
+    put(raw, MapName.PREPARED, task[TaskField.ID], task)
     done = raw.maps[MapName.DONE]
-    final = await wait_for(lambda: done.get(task[F.ID]), 30, "the task ends", market)
-    assert final[F.STATE] == State.DONE.value and final[F.RESPONSE] == "Echo: orphan"
+    final = await wait_for(lambda: done.get(task[TaskField.ID]), 30, "the task ends", market)
+    assert (
+        final[TaskField.STATE] == State.DONE.value and final[TaskField.RESPONSE] == "Echo: orphan"
+    )
     assert "re-queued" in market.procs[1].log()
 
 
@@ -186,10 +188,13 @@ async def test_task_in_doing_claiming_a_live_worker_that_never_took_it_is_handed
 ) -> None:
     worker_id = next(p.id for p in raw.peers() if p.type == "worker")
     task = raw_task(raw, "forged doing", worker=worker_id, state=State.DOING.value, attemps=1)
-    put(raw, MapName.DOING, task[F.ID], task)
+    put(raw, MapName.DOING, task[TaskField.ID], task)
     done = raw.maps[MapName.DONE]
-    final = await wait_for(lambda: done.get(task[F.ID]), 30, "the task ends", market)
-    assert final[F.STATE] == State.DONE.value and final[F.RESPONSE] == "Echo: forged doing"
+    final = await wait_for(lambda: done.get(task[TaskField.ID]), 30, "the task ends", market)
+    assert (
+        final[TaskField.STATE] == State.DONE.value
+        and final[TaskField.RESPONSE] == "Echo: forged doing"
+    )
     assert "not running it; handed back" in market.procs[2].log()
 
 
@@ -205,7 +210,7 @@ async def test_running_task_whose_doing_entry_is_deleted_ends_failed_within_seco
         running = await wait_for(lambda: doing.get(task.id), 20, "the task runs", market)
         streams = raw.maps[MapName.STREAMS]
         await wait_for(
-            lambda: "tok2" in str(streams.get(running[F.STREAM], "")),
+            lambda: "tok2" in str(streams.get(running[TaskField.STREAM], "")),
             20,
             "the first tokens",
             market,
@@ -215,9 +220,12 @@ async def test_running_task_whose_doing_entry_is_deleted_ends_failed_within_seco
         with pytest.raises(TaskFailed) as failed:
             await asyncio.wait_for(task.result(), 10)
     final = failed.value.task
-    assert final[F.STATE] == State.FAILED.value
-    assert final[F.ERROR] == "the task's entry in doing was deleted by another agent while it ran"
-    assert final[F.RESPONSE].startswith("tok0 tok1 ")
+    assert final[TaskField.STATE] == State.FAILED.value
+    assert (
+        final[TaskField.ERROR]
+        == "the task's entry in doing was deleted by another agent while it ran"
+    )
+    assert final[TaskField.RESPONSE].startswith("tok0 tok1 ")
     assert task.id not in doing
     await wait_for(
         lambda: all(w.get("running") == 0 for w in market.agents("worker")),
@@ -234,16 +242,19 @@ async def test_garbage_in_prepared_or_doing_is_failed(
     market: Cluster, raw: Agent, where: MapName
 ) -> None:
     worker_id = next(p.id for p in raw.peers() if p.type == "worker")
-    for value in ("junk", {F.ID: "x", F.WORKER: worker_id, F.PROMPT: 5}):
+    for value in ("junk", {TaskField.ID: "x", TaskField.WORKER: worker_id, TaskField.PROMPT: 5}):
         key = new_id()
         if isinstance(value, dict):
-            value = {**value, F.ID: key}
+            value = {**value, TaskField.ID: key}
         put(raw, where, key, value)
         done = raw.maps[MapName.DONE]
         final = await wait_for(
             lambda done=done, key=key: done.get(key), 20, "the entry is ended", market
         )
-        assert final[F.STATE] == State.FAILED.value and "invalid task" in final[F.ERROR]
+        assert (
+            final[TaskField.STATE] == State.FAILED.value
+            and "invalid task" in final[TaskField.ERROR]
+        )
     await still_serving(market)
 
 
@@ -260,13 +271,17 @@ async def test_forged_end_of_someone_elses_running_task_does_not_fool_its_client
             raw,
             MapName.DONE,
             task.id,
-            {F.ID: task.id, F.STATE: State.DONE.value, F.RESPONSE: "forged answer"},
+            {
+                TaskField.ID: task.id,
+                TaskField.STATE: State.DONE.value,
+                TaskField.RESPONSE: "forged answer",
+            },
         )
-        put(raw, MapName.DONE, task.id, {F.ID: task.id, F.STATE: State.DOING.value})
+        put(raw, MapName.DONE, task.id, {TaskField.ID: task.id, TaskField.STATE: State.DOING.value})
         pieces = [p async for p in task.stream()]
     assert not any(isinstance(p, Restart) for p in pieces)
     assert "".join(pieces) == expected
-    assert task.final is not None and task.final[F.RESPONSE] == expected
+    assert task.final is not None and task.final[TaskField.RESPONSE] == expected
 
 
 async def test_garbage_in_streams_is_ignored_and_cleaned(market: Cluster, raw: Agent) -> None:
@@ -280,7 +295,7 @@ async def test_garbage_in_streams_is_ignored_and_cleaned(market: Cluster, raw: A
             for i, key in enumerate(junk):
                 raw.maps[MapName.STREAMS][key] = [i, "junk"] if i % 2 else Text("junk")
             # Even the running task's own stream is replaced by garbage.
-            raw.maps[MapName.STREAMS][running[F.STREAM]] = "garbage"
+            raw.maps[MapName.STREAMS][running[TaskField.STREAM]] = "garbage"
         pieces = [p async for p in task.stream()]
     assert not any(isinstance(p, Restart) for p in pieces)
     assert "".join(pieces) == expected  # a clean continuation from the final answer
@@ -298,7 +313,11 @@ async def test_garbage_in_done_and_in_awareness_hurts_nobody(market: Cluster, ra
     keys = [new_id() for _ in range(3)]
     with raw.transaction():
         raw.maps[MapName.DONE][keys[0]] = "junk"
-        raw.maps[MapName.DONE][keys[1]] = {F.ID: keys[1], F.STATE: "nonsense", "x": deep(40)}
+        raw.maps[MapName.DONE][keys[1]] = {
+            TaskField.ID: keys[1],
+            TaskField.STATE: "nonsense",
+            "x": deep(40),
+        }
         raw.maps[MapName.DONE][keys[2]] = Map({"a": 1})
     # A peer whose awareness fields have every wrong type.
     raw.awareness.set_local_state(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from igora import Client, TaskFailed, TaskTimeout
-from igora.protocol import F, MapName, State, now_ms
+from igora.protocol import MapName, State, TaskField, now_ms
 
 from .conftest import ROOT, Cluster
 from .faults import archived_async, observer, put, raw_task, wait_for
@@ -41,7 +41,7 @@ async def test_task_of_a_killed_client_is_aborted_and_frees_the_worker_slot(
 
         def running() -> str | None:
             for tid, t in doing.items():
-                if isinstance(t, dict) and t.get(F.ASKER_NAME) == "igora-chat":
+                if isinstance(t, dict) and t.get(TaskField.ASKER_NAME) == "igora-chat":
                     return tid
             return None
 
@@ -49,9 +49,11 @@ async def test_task_of_a_killed_client_is_aborted_and_frees_the_worker_slot(
         await wait_for(lambda: "tok5" in chat.log(), 20, "the chat prints the stream", cluster)
         chat.kill()
         final = await archived_async(cluster, tid)
-        assert final[F.STATE] == State.ABORTED.value
+        assert final[TaskField.STATE] == State.ABORTED.value
         # Stopped at once, not at the end: a fraction of the answer was generated.
-        assert len(final.get(F.RESPONSE) or "") < len("".join(f"tok{i} " for i in range(LONG)))
+        assert len(final.get(TaskField.RESPONSE) or "") < len(
+            "".join(f"tok{i} " for i in range(LONG))
+        )
         await wait_for(
             lambda: [w.get("running") for w in cluster.agents("worker")] == [0],
             20,
@@ -72,16 +74,19 @@ async def test_task_waiting_past_its_deadline_ends_failed_with_the_reason(
         # (A model nobody serves would not wait: an original task naming one is answered by
         # any text worker, a v2 task fails at once.)
         long = raw_task(asker, f"#repeat {LONG}")
-        put(asker, MapName.TODOS, long[F.ID], long)
+        put(asker, MapName.TODOS, long[TaskField.ID], long)
         await wait_for(
-            lambda: long[F.ID] in asker.maps[MapName.DOING], 20, "the long task runs", cluster
+            lambda: long[TaskField.ID] in asker.maps[MapName.DOING],
+            20,
+            "the long task runs",
+            cluster,
         )
         task = raw_task(asker, "anyone?", deadline=now_ms() + 1500)
-        put(asker, MapName.TODOS, task[F.ID], task)
+        put(asker, MapName.TODOS, task[TaskField.ID], task)
         done = asker.maps[MapName.DONE]
-        final = await wait_for(lambda: done.get(task[F.ID]), 30, "the task ends", cluster)
-    assert final[F.STATE] == State.FAILED.value
-    assert "deadline passed while waiting" in final[F.ERROR]
+        final = await wait_for(lambda: done.get(task[TaskField.ID]), 30, "the task ends", cluster)
+    assert final[TaskField.STATE] == State.FAILED.value
+    assert "deadline passed while waiting" in final[TaskField.ERROR]
 
 
 async def test_task_running_past_its_deadline_ends_failed_and_worker_keeps_serving(
@@ -93,8 +98,8 @@ async def test_task_running_past_its_deadline_ends_failed_and_worker_keeps_servi
         with pytest.raises(TaskTimeout, match="deadline") as err:
             await task.result()
         final = err.value.task
-        assert final[F.STATE] == State.FAILED.value
-        assert 0 < len(final[F.RESPONSE]) < 20 * LONG  # it ran, then was cut
+        assert final[TaskField.STATE] == State.FAILED.value
+        assert 0 < len(final[TaskField.RESPONSE]) < 20 * LONG  # it ran, then was cut
         assert await client.chat("after the deadline", timeout=60) == "Echo: after the deadline"
 
 

@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from igora import Client, Restart, TaskFailed
-from igora.protocol import F, MapName, State
+from igora.protocol import MapName, State, TaskField
 
 from .conftest import Cluster, Proc
 from .faults import archived_async, by_name, executions, wait_for, worker_name
@@ -33,9 +33,9 @@ def two_slow_workers(cluster: Cluster, *broker_args: str) -> list[Proc]:
 
 def running_worker(client: Client, task_id: str, workers: list[Proc]) -> Proc | None:
     current = client.agent.maps[MapName.DOING].get(task_id)
-    if not isinstance(current, dict) or not current.get(F.WORKER):
+    if not isinstance(current, dict) or not current.get(TaskField.WORKER):
         return None
-    name = worker_name(client.agent, current[F.WORKER])
+    name = worker_name(client.agent, current[TaskField.WORKER])
     return by_name(workers, name) if name else None
 
 
@@ -71,13 +71,13 @@ async def test_worker_killed_mid_stream_task_completes_on_another_worker(
     assert len(parts) == 2, pieces
     assert parts[0] and EXPECTED.startswith(parts[0])
     assert parts[1] == EXPECTED
-    assert answer is not None and answer[F.STATE] == State.DONE.value
-    assert answer[F.RESPONSE] == EXPECTED and answer[F.ATTEMPTS] == 2
+    assert answer is not None and answer[TaskField.STATE] == State.DONE.value
+    assert answer[TaskField.RESPONSE] == EXPECTED and answer[TaskField.ATTEMPTS] == 2
     survivor = next(w for w in workers if w is not killed)
     assert executions(killed)[task.id] == 1 and executions(survivor)[task.id] == 1
     assert "re-queued" in cluster.procs[1].log()
     archive = await archived_async(cluster, task.id)
-    assert archive is not None and archive[F.STATE] == State.DONE.value
+    assert archive is not None and archive[TaskField.STATE] == State.DONE.value
 
 
 async def test_task_whose_workers_keep_dying_ends_failed_after_max_attempts(
@@ -101,10 +101,10 @@ async def test_task_whose_workers_keep_dying_ends_failed_after_max_attempts(
                     killed.append(w)
     assert len(killed) == 2
     final = err.value.task
-    assert final[F.STATE] == State.FAILED.value and final[F.ATTEMPTS] == 2
-    assert "2 attempts" in final[F.ERROR]
+    assert final[TaskField.STATE] == State.FAILED.value and final[TaskField.ATTEMPTS] == 2
+    assert "2 attempts" in final[TaskField.ERROR]
     archive = await archived_async(cluster, task.id)
-    assert archive is not None and archive[F.STATE] == State.FAILED.value
+    assert archive is not None and archive[TaskField.STATE] == State.FAILED.value
 
 
 async def test_frozen_worker_loses_its_task_and_stops_when_it_wakes_up(cluster: Cluster) -> None:
@@ -125,7 +125,7 @@ async def test_frozen_worker_loses_its_task_and_stops_when_it_wakes_up(cluster: 
                 os.killpg(frozen.pid, signal.SIGCONT)
         parts = split_on_restart(pieces)
         assert len(parts) == 2 and parts[1] == EXPECTED, pieces
-        assert task.final is not None and task.final[F.RESPONSE] == EXPECTED
+        assert task.final is not None and task.final[TaskField.RESPONSE] == EXPECTED
         survivor = next(w for w in workers if w is not frozen)
         assert frozen is not None
         # Woken up, the frozen worker sees its task was taken away and stops quietly...
@@ -136,8 +136,8 @@ async def test_frozen_worker_loses_its_task_and_stops_when_it_wakes_up(cluster: 
             cluster,
         )
         archive = await archived_async(cluster, task.id)
-        assert archive is not None and archive[F.STATE] == State.DONE.value
-        assert archive[F.RESPONSE] == EXPECTED
+        assert archive is not None and archive[TaskField.STATE] == State.DONE.value
+        assert archive[TaskField.RESPONSE] == EXPECTED
         # ... and serves again: with the other worker gone, it answers the next task.
         survivor.kill()
         assert await client.chat("still here", timeout=30, wait_worker=10) == "Echo: still here"

@@ -22,7 +22,7 @@ from igora import Client, TaskAborted, TaskFailed, TaskTimeout
 from igora.engines.base import EngineError, EngineUnavailable, Finish, Request
 from igora.engines.llama import bundled_model
 from igora.engines.openai import OpenAIEngine, UpstreamModel
-from igora.protocol import A, F, State
+from igora.protocol import AgentField, State, TaskField
 from igora.testing import wait_for, wait_until
 
 from .conftest import Cluster, free_port, wait_http
@@ -326,7 +326,7 @@ def worker_state(cluster: Cluster, name: str) -> dict[str, Any]:
 def wait_ready(cluster: Cluster, *names: str, timeout: float = 30) -> None:
     for name in names:
         wait_until(
-            lambda name=name: worker_state(cluster, name).get(A.STATE) == "ready",
+            lambda name=name: worker_state(cluster, name).get(AgentField.STATE) == "ready",
             timeout,
             lambda name=name: f"worker {name} did not become ready\n" + cluster.logs(),
         )
@@ -338,8 +338,8 @@ async def test_market_task_is_answered_by_the_upstream_under_its_alias(
     cluster, stub = stub_workers
     wait_ready(cluster, "multi")
     advert = worker_state(cluster, "multi")
-    assert advert[A.ENGINE] == "openai" and advert[A.SLOTS] == 2
-    assert {m["name"] for m in advert[A.MODELS]} >= {"stub-ok", "stub-hang", "stub-slow"}
+    assert advert[AgentField.ENGINE] == "openai" and advert[AgentField.SLOTS] == 2
+    assert {m["name"] for m in advert[AgentField.MODELS]} >= {"stub-ok", "stub-hang", "stub-slow"}
     async with Client(cluster.url, timeout=30) as client:
         answer = await (await client.submit("Hi", model="stub-ok")).result()
     assert answer.text == "Hello from the stub"
@@ -368,8 +368,8 @@ async def test_upstream_failure_ends_the_task_failed_with_its_reason(
     async with Client(cluster.url, timeout=30) as client:
         with pytest.raises(TaskFailed, match=message) as err:
             await client.chat("Hi", model=model)
-    assert err.value.task[F.STATE] == State.FAILED.value
-    assert int(err.value.task[F.ATTEMPTS]) == 1
+    assert err.value.task[TaskField.STATE] == State.FAILED.value
+    assert int(err.value.task[TaskField.ATTEMPTS]) == 1
 
 
 async def test_abort_mid_stream_ends_the_task_aborted_and_closes_the_upstream_stream(
@@ -387,8 +387,10 @@ async def test_abort_mid_stream_ends_the_task_aborted_and_closes_the_upstream_st
                 if len("".join(pieces)) >= 10:
                     task.abort()
     assert "".join(pieces).startswith("tok0 tok1")
-    assert err.value.task[F.STATE] == State.ABORTED.value
-    assert len(err.value.task.get(F.RESPONSE) or "") < 200  # stopped early, not run to its end
+    assert err.value.task[TaskField.STATE] == State.ABORTED.value
+    assert (
+        len(err.value.task.get(TaskField.RESPONSE) or "") < 200
+    )  # stopped early, not run to its end
     await wait_for(
         lambda: stub.disconnects > before, 10, "the upstream stream was not closed after the abort"
     )
@@ -406,7 +408,7 @@ async def test_worker_streams_as_many_upstream_answers_at_once_as_it_has_slots(
         assert all(f.startswith("tok0 ") for f in firsts)  # both streams run at once
         # the advert follows within 0.5 s
         wait_until(
-            lambda: worker_state(cluster, "multi").get(A.RUNNING) == 2,
+            lambda: worker_state(cluster, "multi").get(AgentField.RUNNING) == 2,
             10,
             "the worker to advertise both tasks running",
         )
@@ -427,8 +429,8 @@ async def test_unavailable_upstream_hands_the_task_to_another_worker_once(
         ids = {w.name: w.id for w in client.workers()}
         answer = await (await client.submit("Hi", model="flaky")).result()
     assert answer.text == "Hello from the stub"
-    assert answer.task[F.WORKER] == ids["flaky-good"]
-    assert answer.task[F.ATTEMPTS] == 2  # tried on flaky-bad (503), then handed back once
+    assert answer.task[TaskField.WORKER] == ids["flaky-good"]
+    assert answer.task[TaskField.ATTEMPTS] == 2  # tried on flaky-bad (503), then handed back once
     assert len(stub.models_of("e503")) >= 1
 
 
@@ -449,8 +451,8 @@ async def test_worker_with_unreachable_upstream_advertises_busy_and_takes_nothin
 ) -> None:
     cluster, _ = stub_workers
     down = worker_state(cluster, "down")
-    assert down[A.STATE] == "busy" and down[A.SLOTS] == 0
-    assert {m["name"] for m in down[A.MODELS]} == {"flaky", "nowhere"}
+    assert down[AgentField.STATE] == "busy" and down[AgentField.SLOTS] == 0
+    assert {m["name"] for m in down[AgentField.MODELS]} == {"flaky", "nowhere"}
     async with Client(cluster.url) as client:
         with pytest.raises(TaskTimeout, match="deadline passed while waiting"):
             await client.chat("Hi", model="nowhere", timeout=2)
@@ -472,7 +474,7 @@ async def test_worker_goes_busy_while_its_upstream_is_down_and_comes_back(
             assert await client.chat("Hi", model="phoenix") == "Hello from the stub"
         s.stop()
         wait_until(
-            lambda: worker_state(market, "phoenix").get(A.STATE) == "busy",
+            lambda: worker_state(market, "phoenix").get(AgentField.STATE) == "busy",
             20,
             lambda: "the worker did not report its upstream down\n" + market.logs(),
         )
@@ -545,9 +547,9 @@ def real_upstream(market: Cluster) -> Iterator[Cluster]:
 
 async def test_real_openai_server_answers_through_the_market(real_upstream: Cluster) -> None:
     advert = worker_state(real_upstream, "real")
-    assert advert[A.ENGINE] == "openai"
-    assert [m["name"] for m in advert[A.MODELS]] == ["smol"]
-    assert advert[A.SPEED] and advert[A.SPEED] > 0  # measured at start
+    assert advert[AgentField.ENGINE] == "openai"
+    assert [m["name"] for m in advert[AgentField.MODELS]] == ["smol"]
+    assert advert[AgentField.SPEED] and advert[AgentField.SPEED] > 0  # measured at start
     async with Client(real_upstream.url, timeout=60) as client:
         assert "smol" in client.models()
         answer = await (
@@ -576,8 +578,8 @@ async def test_real_openai_server_stream_is_aborted_by_the_client(real_upstream:
                 if len(pieces) == 1:
                     task.abort()
         assert pieces
-    assert err.value.task[F.STATE] == State.ABORTED.value
-    assert len(err.value.task.get(F.RESPONSE) or "") < 1000  # stopped long before its end
+    assert err.value.task[TaskField.STATE] == State.ABORTED.value
+    assert len(err.value.task.get(TaskField.RESPONSE) or "") < 1000  # stopped long before its end
     server_log = real_upstream.tmp / "llama-server.log"
     await wait_for(
         lambda: "Disconnected from client" in server_log.read_text(errors="replace"),

@@ -13,11 +13,11 @@ from typing import Any
 from .. import lifecycle
 from ..agent import Agent, discard
 from ..protocol import (
-    A,
+    AgentField,
     AgentState,
     AgentType,
-    F,
     MapName,
+    TaskField,
     now_ms,
 )
 from ..replica import RoomMaps
@@ -189,7 +189,7 @@ class Broker(RoomMaps):
                 t
                 for tid, t in snap.todos.items()
                 if tid not in touched
-                and not t.get(F.ABORTED)
+                and not t.get(TaskField.ABORTED)
                 and tid not in snap.prepared
                 and tid not in snap.doing
             ],
@@ -203,16 +203,20 @@ class Broker(RoomMaps):
     def _unclaimed(self, snap: policies.Snapshot) -> list[policies.Move]:
         # A worker that says its engine is unavailable keeps its tasks on purpose (it hands
         # them back itself when another worker can serve them).
-        busy = {p.id for p in self.presence.peers if p.state.get(A.STATE) == AgentState.BUSY.value}
+        busy = {
+            p.id
+            for p in self.presence.peers
+            if p.state.get(AgentField.STATE) == AgentState.BUSY.value
+        }
         moves = [
             mv
             for mv in policies.unclaimed(snap, self.claim_timeout, self.max_attempts)
-            if snap.prepared[mv.task_id].get(F.WORKER) not in busy
+            if snap.prepared[mv.task_id].get(TaskField.WORKER) not in busy
         ]
         now = time.monotonic()
         self.shunned = {w: until for w, until in self.shunned.items() if until > now}
         for mv in moves:
-            worker = snap.prepared[mv.task_id].get(F.WORKER)
+            worker = snap.prepared[mv.task_id].get(TaskField.WORKER)
             if isinstance(worker, str) and self.shunned.get(worker, 0.0) < time.monotonic():
                 log.warning(
                     "%s: worker %s does not take the tasks assigned to it; none for %g s",
@@ -259,8 +263,8 @@ class Broker(RoomMaps):
         for tid, task in busy.items():
             if tid in touched:
                 continue
-            load[str(task.get(F.WORKER))] += 1
-            in_flight[str(task.get(F.ASKER) or "")] += 1
+            load[str(task.get(TaskField.WORKER))] += 1
+            in_flight[str(task.get(TaskField.ASKER) or "")] += 1
         writes = []
         workers = [w for w in workers if free_slots(w, load) > 0]
         for task in self.fairness.order(waiting, in_flight):
@@ -279,16 +283,16 @@ class Broker(RoomMaps):
             return
         with self.agent.transaction():
             for task, step, _worker in writes:
-                discard(self.todos, task[F.ID])
-                self.agent.maps[step.map][task[F.ID]] = step.task
+                discard(self.todos, task[TaskField.ID])
+                self.agent.maps[step.map][task[TaskField.ID]] = step.task
         self.assigned += len(writes)
         for task, _step, worker in writes:
             log.info(
                 "%s: task %s assigned to %s (model %s)",
                 self.agent.name,
-                task[F.ID],
+                task[TaskField.ID],
                 worker.name,
-                task.get(F.MODEL) or "any",
+                task.get(TaskField.MODEL) or "any",
             )
 
     def _fail_unservable(
@@ -308,18 +312,18 @@ class Broker(RoomMaps):
         end = now_ms()
         with self.agent.transaction():
             for task, why in failures:
-                discard(self.todos, task[F.ID])
+                discard(self.todos, task[TaskField.ID])
                 step = lifecycle.fail(task, end, why.code, why.reason)
-                self.agent.maps[step.map][task[F.ID]] = step.task
-                log.info("%s: task %s failed: %s", self.agent.name, task[F.ID], why.reason)
-        failed = {task[F.ID] for task, _why in failures}
-        waiting[:] = [t for t in waiting if t[F.ID] not in failed]
+                self.agent.maps[step.map][task[TaskField.ID]] = step.task
+                log.info("%s: task %s failed: %s", self.agent.name, task[TaskField.ID], why.reason)
+        failed = {task[TaskField.ID] for task, _why in failures}
+        waiting[:] = [t for t in waiting if t[TaskField.ID] not in failed]
 
     def _retain(self) -> None:
         now = now_ms()
         done = {k: v for k, v in self.done.items()}
         old = policies.retain(done, now, self.retention)
-        live_streams = {t.get(F.STREAM) for t in self.doing.values() if isinstance(t, dict)}
+        live_streams = {t.get(TaskField.STREAM) for t in self.doing.values() if isinstance(t, dict)}
         orphans = [k for k in list(self.streams.keys()) if k not in live_streams]
         if not old and not orphans:
             return

@@ -12,18 +12,18 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..protocol import F
+from ..protocol import TaskField
 
 DEFAULT_WINDOW = 60.0
 
 
 def _date(task: dict[str, Any]) -> float:
-    d = task.get(F.DATE)
+    d = task.get(TaskField.DATE)
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
 
 
 def _asker(task: dict[str, Any]) -> str:
-    return str(task.get(F.ASKER) or "")
+    return str(task.get(TaskField.ASKER) or "")
 
 
 class Fairness:

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from ..agent import Agent
-from ..protocol import A, AgentType
+from ..protocol import AgentField, AgentType
 from .presence import Presence
 
 DEFAULT_SETTLE = 1.0
@@ -31,9 +31,9 @@ class Leadership:
         self._settle_from = 0.0
 
     def _rank(self, state: dict[str, Any]) -> tuple[float, str]:
-        since = state.get(A.SINCE)
+        since = state.get(AgentField.SINCE)
         since = float(since) if isinstance(since, (int, float)) else float("inf")
-        return since, str(state.get(A.ID))
+        return since, str(state.get(AgentField.ID))
 
     def decide(self) -> bool:
         """Return whether this broker is the active one now (and advertise it)."""
@@ -41,7 +41,7 @@ class Leadership:
         since = max(self.agent.connected_at, self._settle_from)
         settled = (time.monotonic() - since) >= self.settle and self.agent.synced.is_set()
         brokers = self.presence.of_type(AgentType.BROKER)
-        leaders = [self._rank(p.state) for p in brokers if p.state.get(A.LEADER) is True]
+        leaders = [self._rank(p.state) for p in brokers if p.state.get(AgentField.LEADER) is True]
         if not settled:
             leading = False
         elif leaders:  # never take over from an active broker; of two leaders, the first
@@ -62,4 +62,4 @@ class Leadership:
             self.agent.log.info(
                 "%s %s the active broker", self.agent.name, "is now" if leading else "is no longer"
             )
-            self.agent.set_state(**{A.LEADER: leading})
+            self.agent.set_state(**{AgentField.LEADER: leading})

@@ -11,11 +11,11 @@ import random
 from typing import Any
 
 from ..capabilities import fits, model_for, required
-from ..protocol import TEXT_STYLE, A, AgentState, F, Peer
+from ..protocol import TEXT_STYLE, AgentField, AgentState, Peer, TaskField
 
 
 def free_slots(worker: Peer, load: dict[str, int]) -> int:
-    state = worker.state.get(A.STATE)
+    state = worker.state.get(AgentField.STATE)
     if state == AgentState.BUSY.value:
         return 0
     if not worker.igora and state != AgentState.READY.value:
@@ -33,11 +33,11 @@ def pick_worker(
     is served by anyone); default ``workers``."""
     model = model_for(task, workers if present is None else present)
     needs = required(task)
-    style = task.get(F.STYLE) or TEXT_STYLE
+    style = task.get(TaskField.STYLE) or TEXT_STYLE
     best: list[Peer] = []
     best_free = 0
     for w in workers:
-        if w.state.get(A.STYLE, TEXT_STYLE) != style or not fits(w, model, needs):
+        if w.state.get(AgentField.STYLE, TEXT_STYLE) != style or not fits(w, model, needs):
             continue
         free = free_slots(w, load)
         if free <= 0:

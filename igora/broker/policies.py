@@ -27,8 +27,8 @@ from ..protocol import (
     ABORTED_MARK,
     LIVE,
     ErrorCode,
-    F,
     MapName,
+    TaskField,
     abort_asked,
     now_ms,
     stream_key,
@@ -78,7 +78,7 @@ class Move:
 
 
 def _stream_of(task: dict[str, Any]) -> str | None:
-    s = task.get(F.STREAM)
+    s = task.get(TaskField.STREAM)
     return s if isinstance(s, str) else None
 
 
@@ -86,7 +86,7 @@ def recover(snap: Snapshot, present: Callable[[Any], bool], max_attempts: int) -
     moves = []
     for source, tasks in ((MapName.PREPARED, snap.prepared), (MapName.DOING, snap.doing)):
         for tid, task in tasks.items():
-            worker = task.get(F.WORKER)
+            worker = task.get(TaskField.WORKER)
             if present(worker):
                 continue
             tries = attempts(task)
@@ -125,11 +125,11 @@ def unclaimed(snap: Snapshot, claim_timeout: float, max_attempts: int) -> list[M
     milliseconds of its assignment."""
     moves = []
     for tid, task in snap.prepared.items():
-        start = number(task, F.START)
+        start = number(task, TaskField.START)
         if start is None or snap.now - start <= claim_timeout * 1000:
             continue
         tries = attempts(task)
-        worker = task.get(F.WORKER)
+        worker = task.get(TaskField.WORKER)
         if tries >= max_attempts:
             moves.append(
                 Move.of(
@@ -188,7 +188,10 @@ def abort(snap: Snapshot, present: Callable[[Any], bool], abort_seen: dict[str, 
         copies = entries(snap, tid)
         live_map, live = copies[-1]
         stale = tuple(m for m, _ in copies[:-1])
-        asker = next((t.get(F.ASKER) for _, t in copies if isinstance(t.get(F.ASKER), str)), None)
+        asker = next(
+            (t.get(TaskField.ASKER) for _, t in copies if isinstance(t.get(TaskField.ASKER), str)),
+            None,
+        )
         marked = abort_asked(*(t for _, t in copies))
         left = asker is not None and not present(asker)
         if not marked and not left:
@@ -202,7 +205,7 @@ def abort(snap: Snapshot, present: Callable[[Any], bool], abort_seen: dict[str, 
         # deleted entry back).
         first = abort_seen.setdefault(tid, snap.now)
         waited = snap.now - first
-        if not present(live.get(F.WORKER)) or waited > ABORT_GRACE * 1000:
+        if not present(live.get(TaskField.WORKER)) or waited > ABORT_GRACE * 1000:
             moves.append(
                 Move.of(
                     tid,
@@ -213,7 +216,7 @@ def abort(snap: Snapshot, present: Callable[[Any], bool], abort_seen: dict[str, 
                     stale,
                 )
             )
-        elif live.get(F.ABORTED):
+        elif live.get(TaskField.ABORTED):
             if stale:
                 moves.append(Move(tid, None, None, None, "stale entries removed", stale=stale))
         elif left or waited > CARRY_AFTER * 1000:
@@ -225,7 +228,7 @@ def abort(snap: Snapshot, present: Callable[[Any], bool], abort_seen: dict[str, 
                     tid,
                     None,
                     MapName.DOING,
-                    {**live, F.ABORTED: ABORTED_MARK},
+                    {**live, TaskField.ABORTED: ABORTED_MARK},
                     f"abort asked ({why}); told its worker",
                     stale=stale,
                 )
@@ -257,10 +260,10 @@ def stale_copies(snap: Snapshot) -> list[Move]:
 
 
 def deadline_of(task: dict[str, Any], default_timeout: float) -> float:
-    d = number(task, F.DEADLINE)
+    d = number(task, TaskField.DEADLINE)
     if d is not None:
         return d
-    return (number(task, F.DATE) or now_ms()) + default_timeout * 1000
+    return (number(task, TaskField.DATE) or now_ms()) + default_timeout * 1000
 
 
 def expire(snap: Snapshot, default_timeout: float) -> list[Move]:
@@ -280,9 +283,9 @@ def expire(snap: Snapshot, default_timeout: float) -> list[Move]:
 def retain(done: dict[str, Any], now: int, retention: float) -> list[str]:
     out = []
     for tid, task in done.items():
-        end = number(task, F.END) if isinstance(task, dict) else None
+        end = number(task, TaskField.END) if isinstance(task, dict) else None
         if end is None and isinstance(task, dict):
-            end = number(task, F.DATE)
+            end = number(task, TaskField.DATE)
         if end is None or now - end > retention * 1000:
             out.append(tid)
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..capabilities import Unservable, unservable
-from ..protocol import F, Peer, is_original
+from ..protocol import Peer, TaskField, is_original
 
 UNSERVABLE_AFTER = 1.0  # seconds a v2 task stays unservable before it fails
 
@@ -38,9 +38,14 @@ class Unservables:
         waiting_ids = set()
         failures = []
         for task in waiting:
-            tid = task[F.ID]
+            tid = task[TaskField.ID]
             waiting_ids.add(tid)
-            if tid in servable or task.get(F.ABORTED) or is_original(task) or task.get(F.ATTEMPTS):
+            if (
+                tid in servable
+                or task.get(TaskField.ABORTED)
+                or is_original(task)
+                or task.get(TaskField.ATTEMPTS)
+            ):
                 continue
             why = unservable(task, present)
             if why is None:
@@ -54,5 +59,5 @@ class Unservables:
         for tid in [t for t in seen if t not in waiting_ids]:
             del seen[tid]
         for task, _why in failures:
-            seen.pop(task[F.ID], None)
+            seen.pop(task[TaskField.ID], None)
         return failures, pending

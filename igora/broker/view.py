@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..agent import Agent
-from ..protocol import F, MapName, ProtocolError, abort_asked, validate_task
+from ..protocol import MapName, ProtocolError, TaskField, abort_asked, validate_task
 
 WATCHED = (MapName.TODOS, MapName.PREPARED, MapName.DOING)
 
@@ -16,8 +16,8 @@ WATCHED = (MapName.TODOS, MapName.PREPARED, MapName.DOING)
 def check(tid: str, value: Any) -> dict[str, Any]:
     """A valid task stored under ``tid``, or ProtocolError."""
     task = validate_task(value)
-    if task[F.ID] != tid:
-        raise ProtocolError(f"id {task[F.ID]!r} does not match its key")
+    if task[TaskField.ID] != tid:
+        raise ProtocolError(f"id {task[TaskField.ID]!r} does not match its key")
     return task
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..capabilities import BASIC
-from ..protocol import F, chat_messages, stop_list
+from ..protocol import TaskField, chat_messages, stop_list
 
 
 class EngineError(RuntimeError):
@@ -59,22 +59,22 @@ class Request:
             v = task.get(name)
             return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-        seed = num(F.SEED)
-        max_tokens = num(F.MAX_TOKENS)
+        seed = num(TaskField.SEED)
+        max_tokens = num(TaskField.MAX_TOKENS)
         return cls(
             messages=chat_messages(task),
-            model=task.get(F.MODEL) or None,
-            temperature=num(F.TEMPERATURE),
-            top_p=num(F.TOP_P),
+            model=task.get(TaskField.MODEL) or None,
+            temperature=num(TaskField.TEMPERATURE),
+            top_p=num(TaskField.TOP_P),
             seed=int(seed) if seed is not None else None,
             max_tokens=int(max_tokens) if max_tokens is not None else None,
             stop=stop_list(task),
-            tools=list(task.get(F.TOOLS) or []),
-            tool_choice=task.get(F.TOOL_CHOICE),
-            response_format=task.get(F.RESPONSE_FORMAT),
-            n=int(num(F.N) or 1),
-            logprobs=task.get(F.LOGPROBS) is True,
-            top_logprobs=int(num(F.TOP_LOGPROBS) or 0) or None,
+            tools=list(task.get(TaskField.TOOLS) or []),
+            tool_choice=task.get(TaskField.TOOL_CHOICE),
+            response_format=task.get(TaskField.RESPONSE_FORMAT),
+            n=int(num(TaskField.N) or 1),
+            logprobs=task.get(TaskField.LOGPROBS) is True,
+            top_logprobs=int(num(TaskField.TOP_LOGPROBS) or 0) or None,
         )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from ..client import Task
-from ..protocol import F
+from ..protocol import TaskField
 from ..summary import usage_counts
 from .openai_models import ChatCompletion, Completion, EmbeddingList
 from .state import Gateway
@@ -33,7 +33,7 @@ def usage_of(final: dict[str, Any]) -> dict[str, int]:
 
 
 def finish_reason(final: dict[str, Any]) -> str:
-    reason = final.get(F.FINISH_REASON)
+    reason = final.get(TaskField.FINISH_REASON)
     return reason if reason in FINISH_REASONS else "stop"
 
 
@@ -41,7 +41,7 @@ def completion_response(
     gw: Gateway, task: Task, job: Job, created: int, headers: dict[str, str]
 ) -> JSONResponse:
     final = task.final or {}
-    text = job.echo + str(final.get(F.RESPONSE) or "")
+    text = job.echo + str(final.get(TaskField.RESPONSE) or "")
     reason = finish_reason(final)
     usage = usage_of(final)
     model = gw.served_model(task, job.model)
@@ -77,16 +77,16 @@ def completion_response(
 
 def choices_of(final: dict[str, Any]) -> list[dict[str, Any]]:
     """Every choice of a finished task, in the protocol's shape (docs/protocol.md 4.5)."""
-    choices = final.get(F.CHOICES)
+    choices = final.get(TaskField.CHOICES)
     if isinstance(choices, list) and choices and all(isinstance(c, dict) for c in choices):
         return choices
     return [
         {
             "index": 0,
-            "content": str(final.get(F.RESPONSE) or ""),
-            "toolCalls": final.get(F.TOOL_CALLS),
-            "finishReason": final.get(F.FINISH_REASON),
-            F.LOGPROBS_RESULT: final.get(F.LOGPROBS_RESULT),
+            "content": str(final.get(TaskField.RESPONSE) or ""),
+            "toolCalls": final.get(TaskField.TOOL_CALLS),
+            "finishReason": final.get(TaskField.FINISH_REASON),
+            TaskField.LOGPROBS_RESULT: final.get(TaskField.LOGPROBS_RESULT),
         }
     ]
 
@@ -94,7 +94,7 @@ def choices_of(final: dict[str, Any]) -> list[dict[str, Any]]:
 def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
     calls = choice.get("toolCalls") if isinstance(choice.get("toolCalls"), list) else None
     reason = choice.get("finishReason")
-    logprobs = choice.get(F.LOGPROBS_RESULT)
+    logprobs = choice.get(TaskField.LOGPROBS_RESULT)
     message: dict[str, Any] = {"role": "assistant", "content": str(choice.get("content") or "")}
     if calls:  # as OpenAI: content null beside tool calls, no tool_calls key without
         message = {"role": "assistant", "content": message["content"] or None, "tool_calls": calls}
@@ -108,7 +108,7 @@ def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
 
 def embedding_response(gw: Gateway, task: Task, job: Job, headers: dict[str, str]) -> JSONResponse:
     final = task.final or {}
-    vectors = final.get(F.EMBEDDINGS) or []
+    vectors = final.get(TaskField.EMBEDDINGS) or []
     usage = usage_of(final)
     as_base64 = job.encoding == "base64"
     data = [

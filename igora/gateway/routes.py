@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from ..capabilities import offered
 from ..client import Task
 from ..errors import IgoraError
-from ..protocol import A, ProtocolError
+from ..protocol import AgentField, ProtocolError
 from . import errors
 from .errors import OpenAIError, from_igora
 from .openai_models import (
@@ -203,7 +203,7 @@ def _models(gw: Gateway) -> list[Model]:
     first_seen: dict[str, float] = {}
     caps: dict[str, set[str]] = {}
     for peer in gw.client.workers():
-        since = peer.state.get(A.SINCE)
+        since = peer.state.get(AgentField.SINCE)
         since = since / 1000 if isinstance(since, (int, float)) else gw.started
         for name in peer.models:
             first_seen[name] = min(first_seen.get(name, since), since)

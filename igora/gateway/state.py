@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from ..client import DEFAULT_TIMEOUT, Client, Task
-from ..protocol import F
+from ..protocol import TaskField
 from .defaults import STARTUP_GRACE, WAIT_WORKER
 
 FALLBACK_MODEL = "igora"
@@ -37,7 +37,7 @@ class Gateway:
         """The model that answers: the one asked for, else the first of its worker's."""
         if requested:
             return requested
-        worker_id = (task.final or {}).get(F.WORKER)
+        worker_id = (task.final or {}).get(TaskField.WORKER)
         if not isinstance(worker_id, str):
             worker_id = self.client.worker_of(task.id)
         for peer in self.client.workers():

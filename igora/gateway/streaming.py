@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..client import Restart, Task
 from ..errors import IgoraError
-from ..protocol import F, ProtocolError
+from ..protocol import ProtocolError, TaskField
 from .errors import from_igora
 from .responses import FINISH_REASONS, choices_of, finish_reason, usage_of
 from .state import Gateway
@@ -174,8 +174,8 @@ class Chunks:
         yield self._make({"role": "assistant", "content": ""}, "", None, index)
         if choice.get("content"):
             chunk = self._make({"content": choice["content"]}, choice["content"], None, index)
-            if isinstance(choice.get(F.LOGPROBS_RESULT), dict):
-                chunk["choices"][0]["logprobs"] = choice[F.LOGPROBS_RESULT]
+            if isinstance(choice.get(TaskField.LOGPROBS_RESULT), dict):
+                chunk["choices"][0]["logprobs"] = choice[TaskField.LOGPROBS_RESULT]
             yield chunk
         if isinstance(choice.get("toolCalls"), list):
             yield from self.tool_calls(choice["toolCalls"], index)
@@ -229,10 +229,10 @@ async def event_body(
         if chunks.chat and isinstance(first.get("toolCalls"), list):
             for chunk in chunks.tool_calls(first["toolCalls"]):
                 yield sse(chunk)
-        if chunks.chat and isinstance(first.get(F.LOGPROBS_RESULT), dict):
+        if chunks.chat and isinstance(first.get(TaskField.LOGPROBS_RESULT), dict):
             # Log probabilities come with the whole answer: one chunk, without content.
             chunk = chunks.text("")
-            chunk["choices"][0]["logprobs"] = first[F.LOGPROBS_RESULT]
+            chunk["choices"][0]["logprobs"] = first[TaskField.LOGPROBS_RESULT]
             chunk["choices"][0]["delta"] = {}
             yield sse(chunk)
         yield sse(chunks.finish(reason))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..protocol import F, TaskKind
+from ..protocol import TaskField, TaskKind
 from .errors import OpenAIError
 from .openai_models import (
     GENERIC_MODELS,
@@ -195,7 +195,11 @@ def text_job(body: CompletionRequest) -> Job:
 def embed_job(body: EmbeddingRequest) -> Job:
     texts = body.input if isinstance(body.input, list) else [body.input]
     options = {
-        "_extra": {F.KIND: TaskKind.EMBED.value, F.INPUTS: texts, F.DIMENSIONS: body.dimensions},
+        "_extra": {
+            TaskField.KIND: TaskKind.EMBED.value,
+            TaskField.INPUTS: texts,
+            TaskField.DIMENSIONS: body.dimensions,
+        },
         "_pieces": False,
     }
     return Job(

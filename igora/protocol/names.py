@@ -81,7 +81,7 @@ GATEWAY_STYLE = "openai_compatible_endpoint"
 ABORTED_MARK = "aborted"  # value of the original ``aborted`` field
 
 
-class F:
+class TaskField:
     """Task field names (one source of truth; the original's spelling is kept)."""
 
     ID = "id"
@@ -158,7 +158,7 @@ class ErrorCode(str, Enum):
     ABORTED = "aborted"  # state ``aborted``: its asker asked it to stop, or left
 
 
-class A:
+class AgentField:
     """Awareness field names."""
 
     ID = "id"
@@ -236,4 +236,4 @@ def abort_asked(*entries: Any) -> bool:
     (the broker assigning it, a worker starting it) lands on the entry the move has just
     left, and Yjs keeps both writes, so the id then has two entries, the marked one and
     the moved one (docs/protocol.md, 4.4)."""
-    return any(isinstance(e, dict) and bool(e.get(F.ABORTED)) for e in entries)
+    return any(isinstance(e, dict) and bool(e.get(TaskField.ABORTED)) for e in entries)

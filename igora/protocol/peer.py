@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .names import PROTOCOL_VERSION, A, AgentType
+from .names import PROTOCOL_VERSION, AgentField, AgentType
 
 
 @dataclass(frozen=True)
@@ -17,25 +17,25 @@ class Peer:
 
     @property
     def id(self) -> str | None:
-        v = self.state.get(A.ID)
+        v = self.state.get(AgentField.ID)
         return v if isinstance(v, str) else None
 
     @property
     def type(self) -> str | None:
-        return self.state.get(A.TYPE)
+        return self.state.get(AgentField.TYPE)
 
     @property
     def name(self) -> str:
-        return str(self.state.get(A.NAME) or self.id or self.client_id)
+        return str(self.state.get(AgentField.NAME) or self.id or self.client_id)
 
     @property
     def date(self) -> float:
-        d = self.state.get(A.DATE)
+        d = self.state.get(AgentField.DATE)
         return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
 
     @property
     def models(self) -> list[str]:
-        raw = self.state.get(A.MODELS)
+        raw = self.state.get(AgentField.MODELS)
         if not isinstance(raw, list):
             return []
         names = []
@@ -48,14 +48,14 @@ class Peer:
 
     @property
     def slots(self) -> int:
-        s = self.state.get(A.SLOTS)
+        s = self.state.get(AgentField.SLOTS)
         if isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 1024:
             return s
         return 1  # an original worker runs one task at a time
 
     @property
     def igora(self) -> bool:
-        return self.state.get(A.PROTOCOL) == PROTOCOL_VERSION
+        return self.state.get(AgentField.PROTOCOL) == PROTOCOL_VERSION
 
     def serves(self, model: str | None) -> bool:
         """Whether this worker can run a task asking for ``model`` (None: any)."""

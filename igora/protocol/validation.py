@@ -18,9 +18,9 @@ from .names import (
     MAX_TOP_LOGPROBS,
     RESPONSE_TYPES,
     TOOL_CHOICES,
-    F,
     ProtocolError,
     State,
+    TaskField,
     TaskKind,
 )
 
@@ -53,17 +53,24 @@ def validate_task(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ProtocolError("a task must be a JSON object")
     task = value
-    tid = task.get(F.ID)
+    tid = task.get(TaskField.ID)
     if not isinstance(tid, str) or not tid or len(tid) > MAX_ID:
         raise ProtocolError("id must be a non-empty string")
-    for field in (F.ASKER, F.STYLE, F.MODEL, F.WORKER, F.STREAM, F.BROKER):
+    for field in (
+        TaskField.ASKER,
+        TaskField.STYLE,
+        TaskField.MODEL,
+        TaskField.WORKER,
+        TaskField.STREAM,
+        TaskField.BROKER,
+    ):
         _opt_str(task, field, MAX_ID)
-    _opt_str(task, F.SYSTEM_PROMPT)
-    _opt_str(task, F.PROMPT)
-    state = task.get(F.STATE)
+    _opt_str(task, TaskField.SYSTEM_PROMPT)
+    _opt_str(task, TaskField.PROMPT)
+    state = task.get(TaskField.STATE)
     if state is not None and state not in {s.value for s in State}:
         raise ProtocolError(f"unknown state {state!r}")
-    messages = task.get(F.MESSAGES)
+    messages = task.get(TaskField.MESSAGES)
     if messages is not None:
         if not isinstance(messages, list) or len(messages) > MAX_MESSAGES:
             raise ProtocolError(f"messages must be a list of at most {MAX_MESSAGES}")
@@ -74,28 +81,28 @@ def validate_task(value: Any) -> dict[str, Any]:
             if not isinstance(content, str) or len(content) > MAX_TEXT:
                 raise ProtocolError("each message content must be a string")
             _check_message_extras(m)
-    kind = task.get(F.KIND, TaskKind.CHAT.value)
+    kind = task.get(TaskField.KIND, TaskKind.CHAT.value)
     if kind not in {k.value for k in TaskKind}:
         raise ProtocolError(f"unknown kind {kind!r}")
     if kind == TaskKind.EMBED.value:
-        inputs = task.get(F.INPUTS)
+        inputs = task.get(TaskField.INPUTS)
         if (
             not isinstance(inputs, list)
             or not 0 < len(inputs) <= MAX_INPUTS
             or not all(isinstance(t, str) and len(t) <= MAX_TEXT for t in inputs)
         ):
             raise ProtocolError(f"inputs must be a list of 1 to {MAX_INPUTS} strings")
-        _opt_number(task, F.DIMENSIONS, 1, MAX_DIMENSIONS)
-    elif task.get(F.PROMPT) is None and not messages:
+        _opt_number(task, TaskField.DIMENSIONS, 1, MAX_DIMENSIONS)
+    elif task.get(TaskField.PROMPT) is None and not messages:
         raise ProtocolError("a task needs a prompt or messages")
     _check_v2_options(task)
-    _opt_number(task, F.TEMPERATURE, 0, 10)
-    _opt_number(task, F.TOP_P, 0, 1)
-    _opt_number(task, F.SEED, -(2**63), 2**64)
-    _opt_number(task, F.MAX_TOKENS, 1, MAX_TOKENS_LIMIT)
-    _opt_number(task, F.DEADLINE, 0, 2**53)
-    _opt_number(task, F.ATTEMPTS, 0, 1000)
-    stop = task.get(F.STOP)
+    _opt_number(task, TaskField.TEMPERATURE, 0, 10)
+    _opt_number(task, TaskField.TOP_P, 0, 1)
+    _opt_number(task, TaskField.SEED, -(2**63), 2**64)
+    _opt_number(task, TaskField.MAX_TOKENS, 1, MAX_TOKENS_LIMIT)
+    _opt_number(task, TaskField.DEADLINE, 0, 2**53)
+    _opt_number(task, TaskField.ATTEMPTS, 0, 1000)
+    stop = task.get(TaskField.STOP)
     if stop is not None:
         if isinstance(stop, str):
             stop = [stop]
@@ -129,7 +136,7 @@ def _check_message_extras(m: dict[str, Any]) -> None:
 
 
 def _check_v2_options(task: dict[str, Any]) -> None:
-    tools = task.get(F.TOOLS)
+    tools = task.get(TaskField.TOOLS)
     if tools is not None:
         if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
             raise ProtocolError(f"tools must be a list of at most {MAX_TOOLS}")
@@ -139,7 +146,7 @@ def _check_v2_options(task: dict[str, Any]) -> None:
                 raise ProtocolError("each tool needs function.name")
             if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
                 raise ProtocolError("a tool's function.parameters must be a JSON schema object")
-    choice = task.get(F.TOOL_CHOICE)
+    choice = task.get(TaskField.TOOL_CHOICE)
     if choice is not None:
         if isinstance(choice, dict):
             name = (
@@ -155,7 +162,7 @@ def _check_v2_options(task: dict[str, Any]) -> None:
             raise ProtocolError(f"toolChoice must be one of {sorted(TOOL_CHOICES)} or a function")
         elif choice == "required" and not tool_names(task):
             raise ProtocolError("toolChoice 'required' needs tools")
-    fmt = task.get(F.RESPONSE_FORMAT)
+    fmt = task.get(TaskField.RESPONSE_FORMAT)
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in RESPONSE_TYPES:
             raise ProtocolError(f"responseFormat.type must be one of {sorted(RESPONSE_TYPES)}")
@@ -165,14 +172,16 @@ def _check_v2_options(task: dict[str, Any]) -> None:
                 raise ProtocolError(
                     "responseFormat json_schema needs json_schema.schema (an object)"
                 )
-    _opt_number(task, F.N, 1, MAX_CHOICES)
-    _opt_number(task, F.TOP_LOGPROBS, 0, MAX_TOP_LOGPROBS)
-    if task.get(F.LOGPROBS) is not None and not isinstance(task.get(F.LOGPROBS), bool):
+    _opt_number(task, TaskField.N, 1, MAX_CHOICES)
+    _opt_number(task, TaskField.TOP_LOGPROBS, 0, MAX_TOP_LOGPROBS)
+    if task.get(TaskField.LOGPROBS) is not None and not isinstance(
+        task.get(TaskField.LOGPROBS), bool
+    ):
         raise ProtocolError("logprobs must be true or false")
 
 
 def tool_names(task: dict[str, Any]) -> list[str]:
-    tools = task.get(F.TOOLS)
+    tools = task.get(TaskField.TOOLS)
     if not isinstance(tools, list):
         return []
     return [
@@ -187,19 +196,19 @@ def tool_names(task: dict[str, Any]) -> list[str]:
 def is_original(task: dict[str, Any]) -> bool:
     """Whether a task was written by an original (version 1) agent: v2 clients write
     ``protocol: 2`` in every task."""
-    return task.get(F.PROTOCOL) is None
+    return task.get(TaskField.PROTOCOL) is None
 
 
 def chat_messages(task: dict[str, Any]) -> list[dict[str, Any]]:
     """The conversation a task asks for, system prompt first (as the original builds it)."""
     out: list[dict[str, Any]] = []
-    system = task.get(F.SYSTEM_PROMPT)
-    messages = task.get(F.MESSAGES) or []
+    system = task.get(TaskField.SYSTEM_PROMPT)
+    messages = task.get(TaskField.MESSAGES) or []
     if system and not any(m.get("role") == "system" for m in messages):
         out.append({"role": "system", "content": system})
     out.extend({k: m[k] for k in _MESSAGE_FIELDS if m.get(k) is not None} for m in messages)
-    if not messages and task.get(F.PROMPT) is not None:
-        out.append({"role": "user", "content": task[F.PROMPT]})
+    if not messages and task.get(TaskField.PROMPT) is not None:
+        out.append({"role": "user", "content": task[TaskField.PROMPT]})
     return out
 
 
@@ -207,7 +216,7 @@ _MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 
 def stop_list(task: dict[str, Any]) -> list[str]:
-    stop = task.get(F.STOP)
+    stop = task.get(TaskField.STOP)
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..capabilities import BASIC, required
 from ..client import Client
-from ..protocol import KANBAN, F, MapName, State, now_ms
+from ..protocol import KANBAN, MapName, State, TaskField, now_ms
 from ..summary import agent_order, agent_summary, completion_tokens, integer, number, text
 
 KEEP_FINISHED = 50
@@ -96,7 +96,7 @@ class MarketTracker:
     def _record(self, tid: Any, value: Any) -> None:
         if not isinstance(tid, str) or not isinstance(value, dict):
             return
-        state = value.get(F.STATE)
+        state = value.get(TaskField.STATE)
         if state not in (State.DONE.value, State.FAILED.value, State.ABORTED.value):
             return
         if tid in self._counted:  # seen already: refresh its line, keep its place
@@ -109,7 +109,7 @@ class MarketTracker:
         self._finished[tid] = self._summary(value, state)
         while len(self._finished) > KEEP_FINISHED:
             self._finished.popitem(last=False)
-        end = number(value.get(F.END))
+        end = number(value.get(TaskField.END))
         self._completions.append(
             Completion(int(end) if end else now_ms(), state, completion_tokens(value))
         )
@@ -142,25 +142,25 @@ class MarketTracker:
         return rows
 
     def _summary(self, task: dict[str, Any], state: Any) -> dict[str, Any]:
-        asker = text(task.get(F.ASKER))
-        worker = text(task.get(F.WORKER))
+        asker = text(task.get(TaskField.ASKER))
+        worker = text(task.get(TaskField.WORKER))
         return {
-            "id": text(task.get(F.ID)),
+            "id": text(task.get(TaskField.ID)),
             "state": state if isinstance(state, str) else None,
-            "model": text(task.get(F.MODEL)),
+            "model": text(task.get(TaskField.MODEL)),
             "asker": asker,
-            "askerName": text(task.get(F.ASKER_NAME)) or self._name_of(asker),
+            "askerName": text(task.get(TaskField.ASKER_NAME)) or self._name_of(asker),
             "worker": worker,
             "workerName": self._name_of(worker),
-            "date": number(task.get(F.DATE)),
-            "start": number(task.get(F.START)),
-            "end": number(task.get(F.END)),
-            "duration": number(task.get(F.DURATION)),
-            "attempts": integer(task.get(F.ATTEMPTS)),
+            "date": number(task.get(TaskField.DATE)),
+            "start": number(task.get(TaskField.START)),
+            "end": number(task.get(TaskField.END)),
+            "duration": number(task.get(TaskField.DURATION)),
+            "attempts": integer(task.get(TaskField.ATTEMPTS)),
             "tokens": completion_tokens(task) or None,
-            "maxTokens": number(task.get(F.MAX_TOKENS)),
-            "error": text(task.get(F.ERROR), 500),
-            "abortAsked": bool(task.get(F.ABORTED)),
+            "maxTokens": number(task.get(TaskField.MAX_TOKENS)),
+            "error": text(task.get(TaskField.ERROR), 500),
+            "abortAsked": bool(task.get(TaskField.ABORTED)),
             "needs": sorted(required(task) - BASIC),  # tools, json_schema, embed...
         }
 
@@ -186,7 +186,7 @@ class MarketTracker:
                 if m is MapName.DONE:
                     self._record(tid, value)
                     continue
-                state = value.get(F.STATE)
+                state = value.get(TaskField.STATE)
                 if state not in (State.TODO.value, State.PREPARED.value, State.DOING.value):
                     state = {
                         MapName.TODOS: State.TODO,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..agent import Agent
-from ..protocol import A, AgentState
+from ..protocol import AgentField, AgentState
 
 WORKING_WITHIN = 0.1  # seconds: "working" (all slots taken) is advertised within this
 ADVERT_INTERVAL = 0.5  # seconds: a change of the running count alone is advertised within this
@@ -44,8 +44,10 @@ class Advertiser:
         loop = asyncio.get_running_loop()
         if self._dirty_since is None:
             self._dirty_since = loop.time()
-        if advert[A.STATE] != said.get(A.STATE) or advert[A.SLOTS] != said.get(A.SLOTS):
-            if advert[A.STATE] == AgentState.READY.value:
+        if advert[AgentField.STATE] != said.get(AgentField.STATE) or advert[
+            AgentField.SLOTS
+        ] != said.get(AgentField.SLOTS):
+            if advert[AgentField.STATE] == AgentState.READY.value:
                 self.publish()
                 return
             when = min(loop.time() + WORKING_WITHIN, self._dirty_since + ADVERT_INTERVAL)

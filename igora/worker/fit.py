@@ -8,7 +8,7 @@ from ..agent import Agent
 from ..capabilities import fits, model_for, required
 from ..engines.base import Engine
 from ..lifecycle import attempts
-from ..protocol import A, AgentState, ErrorCode, F, is_original
+from ..protocol import AgentField, AgentState, ErrorCode, TaskField, is_original
 
 HANDBACK_ATTEMPTS = 3  # a task is handed back to ``todos`` only while it has had fewer assignments
 
@@ -18,10 +18,10 @@ def cannot_serve(
 ) -> tuple[ErrorCode, str] | None:
     """Why a worker with ``engine`` cannot run a task assigned to it (a broker that does
     not check capabilities, or a forged assignment), or None."""
-    model = task.get(F.MODEL)
+    model = task.get(TaskField.MODEL)
     models = {m.name: m for m in engine.models()}
     if model and model not in models:
-        if is_original(task) and task.get(F.KIND) is None:
+        if is_original(task) and task.get(TaskField.KIND) is None:
             return None  # an original agent's model name: the worker's own model answers
         return (ErrorCode.MODEL_NOT_SERVED, f"worker {worker_name} does not serve model {model!r}")
     needs = required(task)
@@ -49,6 +49,8 @@ def another_can_serve(agent: Agent, task: dict[str, Any]) -> bool:
     peers = agent.peers()
     model, needs = model_for(task, peers), required(task)
     return any(
-        p.id != agent.id and fits(p, model, needs) and p.state.get(A.STATE) != AgentState.BUSY.value
+        p.id != agent.id
+        and fits(p, model, needs)
+        and p.state.get(AgentField.STATE) != AgentState.BUSY.value
         for p in peers
     )

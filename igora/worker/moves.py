@@ -12,7 +12,7 @@ from pycrdt import Text
 
 from .. import lifecycle
 from ..agent import Agent, discard
-from ..protocol import FINAL_VALUES, LIVE, F, MapName, abort_asked, now_ms, stream_key
+from ..protocol import FINAL_VALUES, LIVE, MapName, TaskField, abort_asked, now_ms, stream_key
 
 REMEMBER_ENDED = 10_000  # ids of the last tasks this worker ended, to know their ghosts
 ABORTED_UNSTARTED = "aborted before it started"
@@ -30,7 +30,7 @@ class Moves:
     def own_entry(self, task_id: str) -> dict[str, Any] | None:
         """The task's ``doing`` entry if it names this worker, else None."""
         current = self.agent.maps[MapName.DOING].get(task_id)
-        if isinstance(current, dict) and current.get(F.WORKER) == self.agent.id:
+        if isinstance(current, dict) and current.get(TaskField.WORKER) == self.agent.id:
             return current
         return None
 
@@ -103,7 +103,7 @@ class Moves:
         strays = [
             (tid, v)
             for tid, v in list(maps[MapName.DOING].items())
-            if isinstance(v, dict) and v.get(F.WORKER) == me and tid not in running
+            if isinstance(v, dict) and v.get(TaskField.WORKER) == me and tid not in running
         ]
         if not strays:
             return
@@ -111,7 +111,7 @@ class Moves:
             for tid, value in strays:
                 final = maps[MapName.DONE].get(tid)
                 if tid in self.ended or (
-                    isinstance(final, dict) and final.get(F.STATE) in FINAL_VALUES
+                    isinstance(final, dict) and final.get(TaskField.STATE) in FINAL_VALUES
                 ):
                     # A write that raced with the task's end (an abort mark, say) brought
                     # the entry back: the task is over, drop the ghost.

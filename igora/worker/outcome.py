@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import lifecycle
 from ..engines.base import Embeddings, Finish
-from ..protocol import ErrorCode, F, now_ms
+from ..protocol import ErrorCode, TaskField, now_ms
 from .moves import Moves
 from .running import AnswerStream, Stop
 
@@ -35,11 +35,11 @@ class Outcome:
 
 def _results(finish: Finish) -> dict[str, Any]:
     return {
-        F.FINISH_REASON: finish.reason,
-        F.USAGE: lifecycle.usage(finish.prompt_tokens, finish.completion_tokens),
-        F.TOOL_CALLS: finish.tool_calls or None,
-        F.LOGPROBS_RESULT: finish.logprobs or None,
-        F.CHOICES: finish.choices or None,
+        TaskField.FINISH_REASON: finish.reason,
+        TaskField.USAGE: lifecycle.usage(finish.prompt_tokens, finish.completion_tokens),
+        TaskField.TOOL_CALLS: finish.tool_calls or None,
+        TaskField.LOGPROBS_RESULT: finish.logprobs or None,
+        TaskField.CHOICES: finish.choices or None,
     }
 
 
@@ -99,8 +99,8 @@ def conclude(
                 now,
                 "",
                 **{
-                    F.EMBEDDINGS: vectors.vectors,
-                    F.USAGE: lifecycle.usage(vectors.prompt_tokens, 0),
+                    TaskField.EMBEDDINGS: vectors.vectors,
+                    TaskField.USAGE: lifecycle.usage(vectors.prompt_tokens, 0),
                 },
             ),
         )

@@ -16,7 +16,7 @@ from .. import lifecycle
 from ..agent import Agent
 from ..capabilities import required
 from ..engines.base import Embeddings, Engine, Finish, Request
-from ..protocol import F, MapName, now_ms
+from ..protocol import MapName, TaskField, now_ms
 
 STALL_SETTLE = 0.2  # seconds to read the market's news after this process stood still
 
@@ -106,7 +106,7 @@ class AnswerStream:
     def _refresh(self, piece: str) -> None:
         doing = self.agent.maps[MapName.DOING]
         current = doing.get(self.task_id)
-        if not isinstance(current, dict) or current.get(F.WORKER) != self.agent.id:
+        if not isinstance(current, dict) or current.get(TaskField.WORKER) != self.agent.id:
             return
         doing[self.task_id] = lifecycle.refresh(current, self.response, piece, now_ms())
 
@@ -162,7 +162,7 @@ async def stream_chat(
     """Run a chat task: the engine's pieces go to ``answer`` until the engine ends
     (its Finish), or the task is stopped (None). ``heartbeat``: the worker's, in s."""
     tokens = coalesced(engine, request)
-    deadline = task.get(F.DEADLINE)
+    deadline = task.get(TaskField.DEADLINE)
     stop_wait = asyncio.create_task(run.stop.wait())
     last_item = time.monotonic()
     nxt: asyncio.Future[Any] | None = None
@@ -208,10 +208,10 @@ async def embed_inputs(
     engine: Engine, run: Running, task: dict[str, Any], model: str | None
 ) -> Embeddings | None:
     """Run an embed task; None (no answer) if the task is stopped first."""
-    dims = task.get(F.DIMENSIONS)
+    dims = task.get(TaskField.DIMENSIONS)
     job = asyncio.ensure_future(
         engine.embed(
-            list(task[F.INPUTS]),
+            list(task[TaskField.INPUTS]),
             model=model,
             dimensions=int(dims) if isinstance(dims, (int, float)) else None,
         )

@@ -25,12 +25,12 @@ from ..engines.base import (
     EngineUnavailable,
 )
 from ..protocol import (
-    A,
+    AgentField,
     AgentState,
     ErrorCode,
-    F,
     MapName,
     ProtocolError,
+    TaskField,
     TaskKind,
     abort_asked,
     now_ms,
@@ -113,14 +113,14 @@ class Worker(RoomMaps):
         busy = len(self.running)
         ready = self.available and busy < self.slots
         return {
-            A.STATE: AgentState.READY.value
+            AgentField.STATE: AgentState.READY.value
             if ready
             else (AgentState.WORKING.value if self.available else AgentState.BUSY.value),
-            A.ENGINE: self.engine.kind,
-            A.MODELS: [m.advert() for m in self.engine.models()],
-            A.SLOTS: self.slots if self.available else 0,
-            A.RUNNING: busy,
-            A.SPEED: round(self.speed, 1) if self.speed else None,
+            AgentField.ENGINE: self.engine.kind,
+            AgentField.MODELS: [m.advert() for m in self.engine.models()],
+            AgentField.SLOTS: self.slots if self.available else 0,
+            AgentField.RUNNING: busy,
+            AgentField.SPEED: round(self.speed, 1) if self.speed else None,
         }
 
     # ------------------------------------------------------------------ main loop
@@ -162,7 +162,7 @@ class Worker(RoomMaps):
         me = self.agent.id
         for key, change in changes.items():
             value = change.get("newValue")
-            if isinstance(value, dict) and value.get(F.WORKER) == me:
+            if isinstance(value, dict) and value.get(TaskField.WORKER) == me:
                 self._assigned.add(key)
                 self._wake.set()
         self._on_elsewhere(changes)
@@ -194,9 +194,9 @@ class Worker(RoomMaps):
             if change.get("action") == "delete":
                 self._deleted[key] = run  # lost, unless moved (see _after_transaction)
                 run.halt(Stop.LOST)
-            elif not isinstance(value, dict) or value.get(F.WORKER) != self.agent.id:
+            elif not isinstance(value, dict) or value.get(TaskField.WORKER) != self.agent.id:
                 run.halt(Stop.LOST)
-            elif value.get(F.ABORTED):
+            elif value.get(TaskField.ABORTED):
                 run.halt(Stop.ABORTED)
 
     def _after_transaction(self) -> None:
@@ -237,7 +237,7 @@ class Worker(RoomMaps):
                         return
                     if (
                         isinstance(value, dict)
-                        and value.get(F.WORKER) == self.agent.id
+                        and value.get(TaskField.WORKER) == self.agent.id
                         and task_id not in self.running
                     ):
                         self._claim(task_id, value)
@@ -281,7 +281,7 @@ class Worker(RoomMaps):
             "%s: task %s started (model %s, attempt %d)",
             self.agent.name,
             task_id,
-            task.get(F.MODEL) or "default",
+            task.get(TaskField.MODEL) or "default",
             attempt,
         )
         run.job = asyncio.create_task(self._execute(run, doing))
@@ -295,13 +295,17 @@ class Worker(RoomMaps):
     # ------------------------------------------------------------------ running
     async def _execute(self, run: Running, task: dict[str, Any]) -> None:
         answer = AnswerStream(
-            self.agent, run.task_id, task[F.STREAM], self.compat_interval, self._original_readers
+            self.agent,
+            run.task_id,
+            task[TaskField.STREAM],
+            self.compat_interval,
+            self._original_readers,
         )
         out = Outcome()
         started = time.monotonic()
         try:
             request = request_for(self.engine, task, self.max_tokens)
-            if task.get(F.KIND) == TaskKind.EMBED.value:
+            if task.get(TaskField.KIND) == TaskKind.EMBED.value:
                 out.embeddings = await embed_inputs(self.engine, run, task, request.model)
             else:
                 out.finish = await stream_chat(

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from igora import lifecycle
-from igora.protocol import ABORTED_MARK, ErrorCode, F, MapName, State, validate_task
+from igora.protocol import ABORTED_MARK, ErrorCode, MapName, State, TaskField, validate_task
 from igora.task_handle import error_code
 
 NOW = 1_000_000
@@ -16,12 +16,12 @@ WORKER, BROKER = "worker-1", "broker-1"
 
 def waiting(**extra: Any) -> dict[str, Any]:
     return {
-        F.ID: "t",
-        F.STATE: State.TODO.value,
-        F.PROMPT: "hi",
-        F.DATE: NOW - 5_000,
-        F.ASKER: "asker",
-        F.PROTOCOL: 2,
+        TaskField.ID: "t",
+        TaskField.STATE: State.TODO.value,
+        TaskField.PROMPT: "hi",
+        TaskField.DATE: NOW - 5_000,
+        TaskField.ASKER: "asker",
+        TaskField.PROTOCOL: 2,
         "custom": "kept",
         **extra,
     }
@@ -30,15 +30,15 @@ def waiting(**extra: Any) -> dict[str, Any]:
 def running(**extra: Any) -> dict[str, Any]:
     return {
         **waiting(),
-        F.STATE: State.DOING.value,
-        F.WORKER: WORKER,
-        F.ATTEMPTS: 1,
-        F.START: NOW - 2_000,
-        F.BROKER: BROKER,
-        F.STREAM: "t#1",
-        F.RESPONSE: "so far",
-        F.DELTA: {"role": "assistant", "content": "far"},
-        F.CHUNK_DATE: NOW - 10,
+        TaskField.STATE: State.DOING.value,
+        TaskField.WORKER: WORKER,
+        TaskField.ATTEMPTS: 1,
+        TaskField.START: NOW - 2_000,
+        TaskField.BROKER: BROKER,
+        TaskField.STREAM: "t#1",
+        TaskField.RESPONSE: "so far",
+        TaskField.DELTA: {"role": "assistant", "content": "far"},
+        TaskField.CHUNK_DATE: NOW - 10,
         **extra,
     }
 
@@ -48,105 +48,142 @@ CASES: dict[str, tuple[lifecycle.Step, MapName, dict[str, Any]]] = {
     "assign, first time": (
         lifecycle.assign(waiting(), WORKER, BROKER, NOW),
         MapName.PREPARED,
-        {F.STATE: "prepared", F.WORKER: WORKER, F.ATTEMPTS: 1, F.START: NOW, F.BROKER: BROKER},
+        {
+            TaskField.STATE: "prepared",
+            TaskField.WORKER: WORKER,
+            TaskField.ATTEMPTS: 1,
+            TaskField.START: NOW,
+            TaskField.BROKER: BROKER,
+        },
     ),
     "assign, after a re-queue": (
-        lifecycle.assign(waiting(**{F.ATTEMPTS: 2}), WORKER, BROKER, NOW),
+        lifecycle.assign(waiting(**{TaskField.ATTEMPTS: 2}), WORKER, BROKER, NOW),
         MapName.PREPARED,
-        {F.ATTEMPTS: 3},
+        {TaskField.ATTEMPTS: 3},
     ),
     "start keeps the assignment time": (
-        lifecycle.start({**waiting(), F.START: NOW - 7}, WORKER, "t#1", NOW),
+        lifecycle.start({**waiting(), TaskField.START: NOW - 7}, WORKER, "t#1", NOW),
         MapName.DOING,
-        {F.STATE: "doing", F.STREAM: "t#1", F.RESPONSE: "", F.START: NOW - 7},
+        {
+            TaskField.STATE: "doing",
+            TaskField.STREAM: "t#1",
+            TaskField.RESPONSE: "",
+            TaskField.START: NOW - 7,
+        },
     ),
     "start of a task assigned without start": (
         lifecycle.start(waiting(), WORKER, "t#1", NOW),
         MapName.DOING,
-        {F.START: NOW},
+        {TaskField.START: NOW},
     ),
     "requeue strips the run": (
         lifecycle.requeue(running()),
         MapName.TODOS,
-        {F.STATE: "todo", F.ATTEMPTS: 1, F.BROKER: BROKER, **dict.fromkeys(lifecycle.RUN_FIELDS)},
+        {
+            TaskField.STATE: "todo",
+            TaskField.ATTEMPTS: 1,
+            TaskField.BROKER: BROKER,
+            **dict.fromkeys(lifecycle.RUN_FIELDS),
+        },
     ),
     "finish": (
         lifecycle.finish(
             running(),
             NOW,
             "the answer",
-            **{F.FINISH_REASON: "stop", F.USAGE: lifecycle.usage(3, 4), F.TOOL_CALLS: None},
+            **{
+                TaskField.FINISH_REASON: "stop",
+                TaskField.USAGE: lifecycle.usage(3, 4),
+                TaskField.TOOL_CALLS: None,
+            },
         ),
         MapName.DONE,
         {
-            F.STATE: "done",
-            F.RESPONSE: "the answer",
-            F.END: NOW,
-            F.DURATION: 2_000,
-            F.FINISH_REASON: "stop",
-            F.USAGE: {"promptTokens": 3, "completionTokens": 4},
-            F.TOOL_CALLS: None,
-            F.DELTA: None,
-            F.ERROR_CODE: None,
+            TaskField.STATE: "done",
+            TaskField.RESPONSE: "the answer",
+            TaskField.END: NOW,
+            TaskField.DURATION: 2_000,
+            TaskField.FINISH_REASON: "stop",
+            TaskField.USAGE: {"promptTokens": 3, "completionTokens": 4},
+            TaskField.TOOL_CALLS: None,
+            TaskField.DELTA: None,
+            TaskField.ERROR_CODE: None,
         },
     ),
     "fail keeps the text so far": (
         lifecycle.fail(running(), NOW, ErrorCode.ENGINE_ERROR, "boom", response="so"),
         MapName.DONE,
-        {F.STATE: "failed", F.ERROR: "boom", F.ERROR_CODE: "engine_error", F.RESPONSE: "so"},
+        {
+            TaskField.STATE: "failed",
+            TaskField.ERROR: "boom",
+            TaskField.ERROR_CODE: "engine_error",
+            TaskField.RESPONSE: "so",
+        },
     ),
     "abort of a waiting task": (
         lifecycle.abort(waiting(), NOW),
         MapName.DONE,
         {
-            F.STATE: "aborted",
-            F.ABORTED: ABORTED_MARK,
-            F.ERROR_CODE: "aborted",
-            F.ERROR: None,
-            F.DURATION: 5_000,
+            TaskField.STATE: "aborted",
+            TaskField.ABORTED: ABORTED_MARK,
+            TaskField.ERROR_CODE: "aborted",
+            TaskField.ERROR: None,
+            TaskField.DURATION: 5_000,
         },
     ),
     "abort before it started, with a reason": (
-        lifecycle.abort(waiting(**{F.ABORTED: ABORTED_MARK}), NOW, error="why"),
+        lifecycle.abort(waiting(**{TaskField.ABORTED: ABORTED_MARK}), NOW, error="why"),
         MapName.DONE,
-        {F.STATE: "aborted", F.ERROR: "why", F.ERROR_CODE: "aborted"},
+        {TaskField.STATE: "aborted", TaskField.ERROR: "why", TaskField.ERROR_CODE: "aborted"},
     ),
     "expire while waiting": (
         lifecycle.expire(waiting(), NOW, running=False),
         MapName.DONE,
         {
-            F.STATE: "failed",
-            F.ERROR_CODE: "deadline",
-            F.ERROR: "deadline passed while waiting (no answer in time)",
+            TaskField.STATE: "failed",
+            TaskField.ERROR_CODE: "deadline",
+            TaskField.ERROR: "deadline passed while waiting (no answer in time)",
         },
     ),
     "expire while running": (
         lifecycle.expire(running(), NOW, running=True),
         MapName.DONE,
-        {F.ERROR: "deadline passed while running (no answer in time)", F.RESPONSE: "so far"},
+        {
+            TaskField.ERROR: "deadline passed while running (no answer in time)",
+            TaskField.RESPONSE: "so far",
+        },
     ),
     "doing entry deleted": (
         lifecycle.doing_deleted(running(), NOW, "partial"),
         MapName.DONE,
-        {F.STATE: "failed", F.ERROR_CODE: "doing_deleted", F.RESPONSE: "partial"},
+        {
+            TaskField.STATE: "failed",
+            TaskField.ERROR_CODE: "doing_deleted",
+            TaskField.RESPONSE: "partial",
+        },
     ),
     "invalid value keeps only what names its asker": (
-        lifecycle.reject("t", {F.ASKER: "a", F.CLIENT_ID: 7, F.PROMPT: "x" * 10}, NOW, "bad"),
+        lifecycle.reject(
+            "t",
+            {TaskField.ASKER: "a", TaskField.CLIENT_ID: 7, TaskField.PROMPT: "x" * 10},
+            NOW,
+            "bad",
+        ),
         MapName.DONE,
         {
-            F.ID: "t",
-            F.STATE: "failed",
-            F.ERROR: "invalid task: bad",
-            F.ERROR_CODE: "invalid_task",
-            F.ASKER: "a",
-            F.CLIENT_ID: 7,
-            F.PROMPT: None,
+            TaskField.ID: "t",
+            TaskField.STATE: "failed",
+            TaskField.ERROR: "invalid task: bad",
+            TaskField.ERROR_CODE: "invalid_task",
+            TaskField.ASKER: "a",
+            TaskField.CLIENT_ID: 7,
+            TaskField.PROMPT: None,
         },
     ),
     "invalid value that is no object": (
         lifecycle.reject("t", [1, 2], NOW, "not an object"),
         MapName.DONE,
-        {F.ID: "t", F.ASKER: None, F.END: NOW},
+        {TaskField.ID: "t", TaskField.ASKER: None, TaskField.END: NOW},
     ),
 }
 
@@ -162,7 +199,7 @@ def test_transition(case: str) -> None:
             assert step.task[name] == value, name
     if "invalid" not in case:
         validate_task(step.task)  # every step writes a valid task
-    state = State(step.task[F.STATE])
+    state = State(step.task[TaskField.STATE])
     assert state.map is where
 
 
@@ -187,8 +224,8 @@ def test_a_transition_leaves_its_input_alone() -> None:
 def test_every_ending_but_done_has_a_code() -> None:
     endings = [step for step, where, _ in CASES.values() if where is MapName.DONE]
     for step in endings:
-        code = step.task.get(F.ERROR_CODE)
-        if step.task[F.STATE] == State.DONE.value:
+        code = step.task.get(TaskField.ERROR_CODE)
+        if step.task[TaskField.STATE] == State.DONE.value:
             assert code is None
         else:
             assert ErrorCode(code)
@@ -196,17 +233,40 @@ def test_every_ending_but_done_has_a_code() -> None:
 
 # final task -> the code the client reads (None: unclassified)
 CODES: list[tuple[dict[str, Any], ErrorCode | None]] = [
-    ({F.STATE: "failed", F.ERROR_CODE: "deadline", F.ERROR: "reworded"}, ErrorCode.DEADLINE),
     (
-        {F.STATE: "failed", F.ERROR_CODE: "engine_error", F.ERROR: "deadline in text"},
+        {TaskField.STATE: "failed", TaskField.ERROR_CODE: "deadline", TaskField.ERROR: "reworded"},
+        ErrorCode.DEADLINE,
+    ),
+    (
+        {
+            TaskField.STATE: "failed",
+            TaskField.ERROR_CODE: "engine_error",
+            TaskField.ERROR: "deadline in text",
+        },
         ErrorCode.ENGINE_ERROR,
     ),
-    ({F.STATE: "failed", F.ERROR_CODE: "from_a_later_version"}, None),
+    ({TaskField.STATE: "failed", TaskField.ERROR_CODE: "from_a_later_version"}, None),
     # a task from before the codes: read by its own deadline, never by its sentence
-    ({F.STATE: "failed", F.ERROR: "too late", F.DEADLINE: 10, F.END: 11}, ErrorCode.DEADLINE),
-    ({F.STATE: "failed", F.ERROR: "deadline passed", F.DEADLINE: 10, F.END: 9}, None),
-    ({F.STATE: "failed", F.ERROR: "boom"}, None),
-    ({F.STATE: "aborted", F.DEADLINE: 10, F.END: 11}, None),
+    (
+        {
+            TaskField.STATE: "failed",
+            TaskField.ERROR: "too late",
+            TaskField.DEADLINE: 10,
+            TaskField.END: 11,
+        },
+        ErrorCode.DEADLINE,
+    ),
+    (
+        {
+            TaskField.STATE: "failed",
+            TaskField.ERROR: "deadline passed",
+            TaskField.DEADLINE: 10,
+            TaskField.END: 9,
+        },
+        None,
+    ),
+    ({TaskField.STATE: "failed", TaskField.ERROR: "boom"}, None),
+    ({TaskField.STATE: "aborted", TaskField.DEADLINE: 10, TaskField.END: 11}, None),
 ]
 
 

@@ -26,9 +26,9 @@ from igora.protocol import (
     ABORTED_MARK,
     FINAL_VALUES,
     ErrorCode,
-    F,
     MapName,
     State,
+    TaskField,
     abort_asked,
     stream_key,
 )
@@ -71,12 +71,12 @@ class Market(RuleBasedStateMachine):
         tid = f"t{len(self.ids)}"
         self.ids.append(tid)
         self.maps[MapName.TODOS][tid] = {
-            F.ID: tid,
-            F.STATE: State.TODO.value,
-            F.PROMPT: "p",
-            F.ASKER: ASKER,
-            F.DATE: self.now,
-            F.DEADLINE: self.now + deadline,
+            TaskField.ID: tid,
+            TaskField.STATE: State.TODO.value,
+            TaskField.PROMPT: "p",
+            TaskField.ASKER: ASKER,
+            TaskField.DATE: self.now,
+            TaskField.DEADLINE: self.now + deadline,
         }
 
     @rule(i=st.integers(0, 3))
@@ -86,7 +86,7 @@ class Market(RuleBasedStateMachine):
         tid = self.ids[i % len(self.ids)]
         for m in LIVE_MAPS:
             if tid in self.maps[m]:
-                self.maps[m][tid] = {**self.maps[m][tid], F.ABORTED: ABORTED_MARK}
+                self.maps[m][tid] = {**self.maps[m][tid], TaskField.ABORTED: ABORTED_MARK}
                 if m is not MapName.DOING:
                     self.must_abort.add(tid)
 
@@ -97,7 +97,7 @@ class Market(RuleBasedStateMachine):
         if w not in self.present:
             return
         for tid, task in sorted(self.maps[MapName.TODOS].items()):
-            if not task.get(F.ABORTED):
+            if not task.get(TaskField.ABORTED):
                 self.write(tid, MapName.TODOS, lifecycle.assign(task, w, "broker", self.now))
 
     # steps of the clock around the policies' limits: claim 30 s, abort 1 s and 10 s
@@ -126,26 +126,28 @@ class Market(RuleBasedStateMachine):
                 self.maps[mv.target][mv.task_id] = mv.task
         for tid in self.must_abort:
             assert self.where(tid) == [MapName.DONE], tid
-            assert self.maps[MapName.DONE][tid][F.STATE] == State.ABORTED.value
+            assert self.maps[MapName.DONE][tid][TaskField.STATE] == State.ABORTED.value
         self.must_abort.clear()
 
     # ------------------------------------------------------------------ workers
     @rule(i=st.integers(0, 3))
     def start(self, i: int) -> None:
         picked = self.pick(MapName.PREPARED, i)
-        if picked is None or picked[1][F.WORKER] not in self.present:
+        if picked is None or picked[1][TaskField.WORKER] not in self.present:
             return
         tid, task = picked
         if abort_asked(task):  # a worker does not start a marked task
             self.write(tid, MapName.PREPARED, lifecycle.abort(task, self.now))
             return
         key = stream_key(tid, lifecycle.attempts(task))
-        self.write(tid, MapName.PREPARED, lifecycle.start(task, task[F.WORKER], key, self.now))
+        self.write(
+            tid, MapName.PREPARED, lifecycle.start(task, task[TaskField.WORKER], key, self.now)
+        )
 
     @rule(i=st.integers(0, 3), how=st.sampled_from(["finish", "fail", "requeue", "abort"]))
     def end(self, i: int, how: str) -> None:
         picked = self.pick(MapName.DOING, i)
-        if picked is None or picked[1][F.WORKER] not in self.present:
+        if picked is None or picked[1][TaskField.WORKER] not in self.present:
             return
         tid, task = picked
         if abort_asked(task):
@@ -154,7 +156,7 @@ class Market(RuleBasedStateMachine):
             how = "fail"  # a worker hands back only while attempts are left
         step = {
             "finish": lambda: lifecycle.finish(
-                task, self.now, "answer", **{F.USAGE: lifecycle.usage(1, 1)}
+                task, self.now, "answer", **{TaskField.USAGE: lifecycle.usage(1, 1)}
             ),
             "fail": lambda: lifecycle.fail(task, self.now, ErrorCode.ENGINE_ERROR, "boom"),
             "requeue": lambda: lifecycle.requeue(task),
@@ -176,15 +178,15 @@ class Market(RuleBasedStateMachine):
     def attempts_bounded(self) -> None:
         for tasks in getattr(self, "maps", {}).values():
             for t in tasks.values():
-                assert int(t.get(F.ATTEMPTS) or 0) <= MAX_ATTEMPTS
+                assert int(t.get(TaskField.ATTEMPTS) or 0) <= MAX_ATTEMPTS
 
     @invariant()
     def final_is_final(self) -> None:
         for tid, final in list(getattr(self, "finals", {}).items()):
             assert self.maps[MapName.DONE].get(tid) == final
         for tid, t in getattr(self, "maps", {}).get(MapName.DONE, {}).items():
-            assert t[F.STATE] in FINAL_VALUES
-            assert (t[F.STATE] == State.DONE.value) == (F.ERROR_CODE not in t)
+            assert t[TaskField.STATE] in FINAL_VALUES
+            assert (t[TaskField.STATE] == State.DONE.value) == (TaskField.ERROR_CODE not in t)
             self.finals.setdefault(tid, t)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from igora.broker import policies
 from igora.broker.unservable import UNSERVABLE_AFTER, Unservables
-from igora.protocol import A, AgentType, ErrorCode, F, MapName, Peer, State
+from igora.protocol import AgentField, AgentType, ErrorCode, MapName, Peer, State, TaskField
 
 NOW = 10_000_000
 GONE, HERE = "gone-worker", "live-worker"
@@ -24,18 +24,18 @@ def task(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
-        F.ID: tid,
-        F.STATE: state.value,
-        F.PROMPT: "p",
-        F.DATE: NOW - 5_000,
-        F.ASKER: "asker",
-        F.DEADLINE: NOW + 60_000,
+        TaskField.ID: tid,
+        TaskField.STATE: state.value,
+        TaskField.PROMPT: "p",
+        TaskField.DATE: NOW - 5_000,
+        TaskField.ASKER: "asker",
+        TaskField.DEADLINE: NOW + 60_000,
         **(extra or {}),
     }
     if state is not State.TODO:
-        out.update({F.WORKER: worker, F.ATTEMPTS: attempts, F.START: start})
+        out.update({TaskField.WORKER: worker, TaskField.ATTEMPTS: attempts, TaskField.START: start})
     if state is State.DOING:
-        out[F.STREAM] = f"{tid}#{attempts}"
+        out[TaskField.STREAM] = f"{tid}#{attempts}"
     return out
 
 
@@ -44,7 +44,7 @@ def snap(*tasks: dict[str, Any], now: int = NOW) -> policies.Snapshot:
         s.value: {} for s in (State.TODO, State.PREPARED, State.DOING)
     }
     for t in tasks:
-        maps[t[F.STATE]][t[F.ID]] = t
+        maps[t[TaskField.STATE]][t[TaskField.ID]] = t
     return policies.Snapshot(maps["todo"], maps["prepared"], maps["doing"], now=now)
 
 
@@ -80,12 +80,14 @@ def test_recover(case: str) -> None:
     [mv] = moves
     source, target, state, code = expected
     assert (mv.source, mv.target) == (source, target)
-    assert mv.task is not None and mv.task[F.STATE] == state.value
-    assert mv.task.get(F.ERROR_CODE) == (code.value if code else None)
+    assert mv.task is not None and mv.task[TaskField.STATE] == state.value
+    assert mv.task.get(TaskField.ERROR_CODE) == (code.value if code else None)
     if source is MapName.DOING:
-        assert mv.drop_stream == t[F.STREAM]
+        assert mv.drop_stream == t[TaskField.STREAM]
     if target is MapName.TODOS:
-        assert F.WORKER not in mv.task and mv.task[F.ATTEMPTS] == t[F.ATTEMPTS]
+        assert (
+            TaskField.WORKER not in mv.task and mv.task[TaskField.ATTEMPTS] == t[TaskField.ATTEMPTS]
+        )
 
 
 UNCLAIMED: dict[str, tuple[dict[str, Any], Any]] = {
@@ -111,7 +113,7 @@ def test_unclaimed(case: str) -> None:
     [mv] = moves
     assert mv.source is MapName.PREPARED and mv.target is expected[0]
     assert mv.task is not None
-    assert mv.task.get(F.ERROR_CODE) == (expected[1].value if expected[1] else None)
+    assert mv.task.get(TaskField.ERROR_CODE) == (expected[1].value if expected[1] else None)
 
 
 @pytest.mark.parametrize(
@@ -119,49 +121,62 @@ def test_unclaimed(case: str) -> None:
     [(State.TODO, "waiting"), (State.PREPARED, "waiting"), (State.DOING, "running")],
 )
 def test_expire(state: State, where: str) -> None:
-    late = task("t", state, extra={F.DEADLINE: NOW - 1})
+    late = task("t", state, extra={TaskField.DEADLINE: NOW - 1})
     on_time = task("u", state)
     [mv] = policies.expire(snap(late, on_time), default_timeout=600.0)
     assert mv.task_id == "t" and mv.target is MapName.DONE and mv.task is not None
-    assert mv.task[F.ERROR_CODE] == ErrorCode.DEADLINE.value
-    assert mv.task[F.ERROR] == f"deadline passed while {where} (no answer in time)"
+    assert mv.task[TaskField.ERROR_CODE] == ErrorCode.DEADLINE.value
+    assert mv.task[TaskField.ERROR] == f"deadline passed while {where} (no answer in time)"
 
 
 def test_expire_without_deadline_uses_the_default_timeout() -> None:
-    old = task("t", State.TODO, extra={F.DATE: NOW - 601_000})
-    del old[F.DEADLINE]
+    old = task("t", State.TODO, extra={TaskField.DATE: NOW - 601_000})
+    del old[TaskField.DEADLINE]
     young = task("u", State.TODO)
-    del young[F.DEADLINE]
+    del young[TaskField.DEADLINE]
     assert [mv.task_id for mv in policies.expire(snap(old, young), 600.0)] == ["t"]
 
 
 def test_abort_of_a_task_whose_asker_left() -> None:
-    t = task("t", State.TODO, extra={F.ASKER: GONE})
+    t = task("t", State.TODO, extra={TaskField.ASKER: GONE})
     [mv] = policies.abort(snap(t), present, {})
-    assert mv.task is not None and mv.task[F.STATE] == State.ABORTED.value
-    assert mv.task[F.ERROR_CODE] == ErrorCode.ABORTED.value
+    assert mv.task is not None and mv.task[TaskField.STATE] == State.ABORTED.value
+    assert mv.task[TaskField.ERROR_CODE] == ErrorCode.ABORTED.value
 
 
 def test_retain() -> None:
     done = {
-        "old": {F.END: NOW - 601_000},
-        "new": {F.END: NOW - 1_000},
+        "old": {TaskField.END: NOW - 601_000},
+        "new": {TaskField.END: NOW - 1_000},
         "dateless": {},
-        "by-date": {F.DATE: NOW - 700_000},
+        "by-date": {TaskField.DATE: NOW - 700_000},
         "junk": 3,
     }
     assert sorted(policies.retain(done, NOW, 600.0)) == ["by-date", "dateless", "junk", "old"]
 
 
 def test_unservable_tasks_fail_after_a_second_only() -> None:
-    worker = Peer(1, {A.ID: "w", A.TYPE: AgentType.WORKER.value, A.MODELS: [{"name": "m"}]})
-    v2 = {F.ID: "a", F.PROMPT: "p", F.PROTOCOL: 2, F.MODEL: "other"}
-    original = {F.ID: "b", F.PROMPT: "p", F.MODEL: "other"}  # any text worker answers it
-    fine = {F.ID: "c", F.PROMPT: "p", F.PROTOCOL: 2, F.MODEL: "m"}
+    worker = Peer(
+        1,
+        {
+            AgentField.ID: "w",
+            AgentField.TYPE: AgentType.WORKER.value,
+            AgentField.MODELS: [{"name": "m"}],
+        },
+    )
+    v2 = {TaskField.ID: "a", TaskField.PROMPT: "p", TaskField.PROTOCOL: 2, TaskField.MODEL: "other"}
+    original = {
+        TaskField.ID: "b",
+        TaskField.PROMPT: "p",
+        TaskField.MODEL: "other",
+    }  # any text worker answers it
+    fine = {TaskField.ID: "c", TaskField.PROMPT: "p", TaskField.PROTOCOL: 2, TaskField.MODEL: "m"}
     judge = Unservables()
     assert judge.judge([v2, original, fine], [worker], 1, 100.0) == ([], True)
     failures, pending = judge.judge([v2, original, fine], [worker], 1, 100.0 + UNSERVABLE_AFTER)
-    assert [(t[F.ID], why.code) for t, why in failures] == [("a", ErrorCode.MODEL_NOT_SERVED)]
+    assert [(t[TaskField.ID], why.code) for t, why in failures] == [
+        ("a", ErrorCode.MODEL_NOT_SERVED)
+    ]
     assert not pending and judge.since == {}
     # a task that went away is forgotten; a re-queued one (attempts) is not judged
-    assert judge.judge([{**v2, F.ATTEMPTS: 1}], [worker], 2, 200.0) == ([], False)
+    assert judge.judge([{**v2, TaskField.ATTEMPTS: 1}], [worker], 2, 200.0) == ([], False)
