@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import sys
 import time
@@ -21,26 +20,20 @@ from pathlib import Path
 
 from pycrdt import (
     Doc,
-    Encoder,
     YMessageType,
-    create_awareness_message,
     create_sync_message,
     handle_sync_message,
 )
 from websockets.asyncio.client import connect
 
+from igora.market.frames import awareness_message
 from igora.protocol import PROTOCOL_VERSION, new_id, now_ms
 
 EMPTY = Doc()
 
 
 def awareness(client_id: int, clock: int, state: dict | None) -> bytes:
-    enc = Encoder()
-    enc.write_var_uint(1)
-    enc.write_var_uint(client_id)
-    enc.write_var_uint(clock)
-    enc.write_var_string(json.dumps(state, separators=(",", ":")) if state else "null")
-    return create_awareness_message(enc.to_bytes())
+    return awareness_message([(client_id, clock, state)])
 
 
 class Light:

@@ -93,14 +93,19 @@ def check_frame(message: bytes) -> Frame:
     raise BadFrame(f"unknown message type {kind}")
 
 
-def removal_message(states: Iterable[tuple[int, int]]) -> bytes:
-    """An awareness message saying that each (client id, clock) state is removed: the
-    state ``null`` at that clock, as y-protocols writes a removal."""
-    removed = list(states)
+def awareness_message(states: Iterable[tuple[int, int, dict[str, Any] | None]]) -> bytes:
+    """An awareness message carrying each (client id, clock, state); a state of None is
+    written ``null``: its removal, as y-protocols writes one."""
+    entries = list(states)
     enc = Encoder()
-    enc.write_var_uint(len(removed))
-    for client_id, clock in removed:
+    enc.write_var_uint(len(entries))
+    for client_id, clock, state in entries:
         enc.write_var_uint(client_id)
         enc.write_var_uint(clock)
-        enc.write_var_string("null")
+        enc.write_var_string("null" if state is None else json.dumps(state, separators=(",", ":")))
     return create_awareness_message(enc.to_bytes())
+
+
+def removal_message(states: Iterable[tuple[int, int]]) -> bytes:
+    """An awareness message saying that each (client id, clock) state is removed."""
+    return awareness_message((client_id, clock, None) for client_id, clock in states)
