@@ -26,7 +26,7 @@ from igora.protocol import AgentField, State, TaskField
 from igora.testing import wait_for, wait_until
 
 from .conftest import Cluster, free_port, wait_http
-from .upstream_stub import Stub
+from .upstream_stub import MODES, Stub
 
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -43,27 +43,7 @@ def stub() -> Iterator[Stub]:
 
 @pytest.fixture
 async def engine(stub: Stub) -> AsyncIterator[OpenAIEngine]:
-    e = OpenAIEngine(
-        stub.url,
-        [
-            "ok",
-            "ok=friendly",
-            "slow",
-            "hang",
-            "cut",
-            "cut-clean",
-            "interrupted",
-            "midstream-error",
-            "json",
-            "e400",
-            "e401",
-            "e404",
-            "e429",
-            "e500",
-            "e503",
-        ],
-        timeout=1.0,
-    )
+    e = OpenAIEngine(stub.url, [MODES[0], "ok=friendly", *MODES[1:]], timeout=1.0)
     yield e
     await e.close()
 
