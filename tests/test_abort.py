@@ -13,6 +13,7 @@ import random
 import socket
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from pycrdt import Doc, Map, Text
@@ -22,7 +23,7 @@ from igora.agent import Agent
 from igora.broker import policies
 from igora.protocol import ABORTED_MARK, LIVE, MapName, State, TaskField
 
-from .conftest import Cluster, free_port, wait_http
+from .conftest import Cluster
 from .faults import final_of, observer, put, raw_task, wait_for
 from .market_peers import TcpProxy
 
@@ -158,18 +159,8 @@ async def test_streamed_requests_whose_clients_leave_at_once_all_end_aborted(
     # The recipe: six streamed requests through the gateway, their sockets closed
     # at once, round after round, at varied moments of their assignment.
     racing_market(cluster, slots=1)
-    port = free_port()
-    gateway = cluster.spawn(
-        "gateway",
-        "--market",
-        cluster.url,
-        "--port",
-        str(port),
-        "--heartbeat",
-        "1",
-        name="gateway",
-    )
-    wait_http(f"http://127.0.0.1:{port}/v1/models", 30, gateway)
+    _, base = cluster.gateway("--heartbeat", "1", timeout=30)
+    port = urlsplit(base).port or 0
     async with observer(cluster, "seer") as seer:
         outcomes = Outcomes(seer)
         for round_ in range(10):

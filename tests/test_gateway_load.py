@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from bench.gateway_load import GONE, STREAMS, hammer
-from tests.conftest import Cluster, free_port, wait_http
+from tests.conftest import Cluster
 
 
 @pytest.mark.timeout(240)
@@ -21,22 +21,9 @@ async def test_gateway_serves_200_streams_and_aborts_the_disconnected(cluster: C
     cluster.broker()
     for name in ("w1", "w2"):
         cluster.worker("--slots", "16", "--delay", "0.005", name=name)
-    port = free_port()
-    gateway = cluster.spawn(
-        "gateway",
-        "--market",
-        cluster.url,
-        "--port",
-        str(port),
-        "--heartbeat",
-        "1",
-        "--wait-worker",
-        "30",
-        name="gateway",
-    )
-    wait_http(f"http://127.0.0.1:{port}/health", 60, gateway)
+    gateway, base = cluster.gateway("--heartbeat", "1", "--wait-worker", "30")
     cluster.wait_agents("worker", 2)
-    out = await hammer(f"http://127.0.0.1:{port}", cluster.port)
+    out = await hammer(base, cluster.port)
     print(
         f"{len(out.latencies)} streams in {out.seconds:.2f} s; statuses {dict(out.statuses)}; "
         f"disconnected: {dict(out.gone_states)}"

@@ -9,13 +9,14 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import Cluster, Proc, free_port, wait_http
+from .conftest import Cluster, Proc
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -158,19 +159,8 @@ def test_a_slow_second_request_on_a_keep_alive_connection_is_closed_too(
 def gateway(cluster: Cluster) -> tuple[int, Proc]:
     """A market and a gateway (header timeout 1 s); the gateway's port and process."""
     cluster.market()
-    port = free_port()
-    proc = cluster.spawn(
-        "gateway",
-        "--market",
-        cluster.url,
-        "--port",
-        str(port),
-        "--header-timeout",
-        "1",
-        name="gateway",
-    )
-    wait_http(f"http://127.0.0.1:{port}/health", 20, proc)
-    return port, proc
+    proc, base = cluster.gateway("--header-timeout", "1", timeout=20)
+    return urlsplit(base).port or 0, proc
 
 
 def test_half_open_requests_are_closed_after_the_header_timeout_on_the_gateway(
