@@ -29,7 +29,7 @@ import hashlib
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,17 +190,23 @@ def room(base: bytes) -> Doc:
     return doc
 
 
-def survives(doc: Doc, update: bytes) -> bool:
-    """Apply ``update`` on ``doc``; False if pycrdt panicked or left the document unable
-    to give a state that passes the checks. Other errors are a clean refusal."""
+def _outcome(call: Callable[[], object]) -> bool | None:
+    """None if ``call`` returned, True if it raised an ordinary error (a clean refusal),
+    False if pycrdt panicked."""
     try:
-        doc.apply_update(update)
+        call()
     except Exception:
         return True
     except BaseException as exc:
         if is_panic(exc):
             return False
         raise
+    return None
+
+
+def _state_passes(doc: Doc) -> bool:
+    """Whether the whole state of ``doc`` (what a newcomer receives) passes the checks
+    agents make, without a panic."""
     try:
         check_update(doc.get_update())
     except UpdateError:
@@ -210,6 +216,13 @@ def survives(doc: Doc, update: bytes) -> bool:
             return False
         raise
     return True
+
+
+def survives(doc: Doc, update: bytes) -> bool:
+    """Apply ``update`` on ``doc``; False if pycrdt panicked or left the document unable
+    to give a state that passes the checks. Other errors are a clean refusal."""
+    refused = _outcome(lambda: doc.apply_update(update))
+    return _state_passes(doc) if refused is None else refused
 
 
 def other_frames() -> list[bytes]:
@@ -272,37 +285,17 @@ class Room:
         return ok
 
     def _answer(self, state: bytes) -> bool:
-        try:  # an error is a clean refusal (MarketRoom._message_error), a panic is not
-            self.doc.get_update(state)
-        except Exception:
-            return True
-        except BaseException as exc:
-            if is_panic(exc):
-                return False
-            raise
-        return True
+        # an error is a clean refusal (MarketRoom._message_error), a panic is not
+        return _outcome(lambda: self.doc.get_update(state)) is not False
 
     def _apply(self, update: bytes, parsed: Parsed) -> bool:
         if self.gate.splits_a_character(parsed):
             return True  # refused
-        try:
-            self.doc.apply_update(update)
-        except Exception:
-            return True
-        except BaseException as exc:
-            if is_panic(exc):
-                return False
-            raise
+        refused = _outcome(lambda: self.doc.apply_update(update))
+        if refused is not None:
+            return refused
         self.gate.applied(parsed)
-        try:  # what a newcomer receives must pass the checks agents make
-            check_update(self.doc.get_update())
-        except UpdateError:
-            return False
-        except BaseException as exc:
-            if is_panic(exc):
-                return False
-            raise
-        return True
+        return _state_passes(self.doc)
 
 
 def replay(base: bytes, frames: list[bytes], raw: bool) -> bool:
