@@ -12,6 +12,7 @@ from igora import testing
 from igora.testing import free_port, wait_http
 
 __all__ = [
+    "ENGINE_LABELS",
     "ROOT",
     "Cluster",
     "Section",
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
+ENGINE_LABELS = {"echo": "echo (zero latency)", "llama": "llama.cpp, bundled SmolLM2-135M"}
 
 
 def pct(values: list[float], p: float) -> float:

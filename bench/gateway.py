@@ -10,7 +10,7 @@ import httpx
 
 from igora.engines.base import Engine
 
-from .common import Cluster, Section, ms, pct, table
+from .common import ENGINE_LABELS, Cluster, Section, ms, pct, table
 from .overhead import _prompt, direct_ttft, interleaved
 
 NAME = "gateway"
@@ -77,9 +77,7 @@ async def run(quick: bool) -> Section:
             "gateway_p50": g50,
             "gateway_p99": g99,
         }
-        label = (
-            "echo (zero latency)" if engine_name == "echo" else "llama.cpp, bundled SmolLM2-135M"
-        )
+        label = ENGINE_LABELS[engine_name]
         rows.append([label, n, ms(d50), ms(d99), ms(g50), ms(g99), ms(g50 - d50), ms(g99 - d99)])
     body = (
         "Streamed `POST /v1/chat/completions` (httpx, one request at a time) through "

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from igora import Client
 from igora.engines.base import Engine, Request
 
-from .common import Cluster, Section, Target, ms, pct, table
+from .common import ENGINE_LABELS, Cluster, Section, Target, ms, pct, table
 
 NAME = "overhead"
 PROMPT_WORDS = ["bonjour", "le", "marché", "des", "modèles", "ouverts"]
@@ -112,9 +112,7 @@ async def run(quick: bool) -> Section:
             "market_p99": m99,
             "n": n,
         }
-        label = (
-            "echo (zero latency)" if engine_name == "echo" else "llama.cpp, bundled SmolLM2-135M"
-        )
+        label = ENGINE_LABELS[engine_name]
         rows.append([label, n, ms(d50), ms(d99), ms(m50), ms(m99), ms(o50), ms(o99)])
         if engine_name == "echo":
             targets.append(

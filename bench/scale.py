@@ -29,19 +29,15 @@ CHURN = 5.0  # agents replaced per second, in all
 
 async def awareness_latency(url: str, n: int) -> list[float]:
     """A changes a field of its awareness state; time until B sees it."""
-    a = Agent(
-        MarketAddress(url, "market"),
-        type="client",
-        name="probe-a",
-        style="text",
-        connect_timeout=120,
-    )
-    b = Agent(
-        MarketAddress(url, "market"),
-        type="client",
-        name="probe-b",
-        style="text",
-        connect_timeout=120,
+    a, b = (
+        Agent(
+            MarketAddress(url, "market"),
+            type="client",
+            name=f"probe-{x}",
+            style="text",
+            connect_timeout=120,
+        )
+        for x in "ab"
     )
     await a.start()
     await b.start()
