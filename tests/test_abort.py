@@ -50,11 +50,11 @@ async def test_abort_stops_generation_and_frees_the_slot(cluster: Cluster) -> No
         assert 30 < len(final["response"]) < len("tok1999 ") * 200
         # The slot is free again: the next task runs at once.
         assert (await client.chat("next", timeout=30)) == "Echo: next"
-        for _ in range(50):
-            if all(int(w.state.get("running") or 0) == 0 for w in client.workers()):
-                break
-            await asyncio.sleep(0.1)
-        assert all(int(w.state.get("running") or 0) == 0 for w in client.workers())
+        await wait_for(
+            lambda: all(int(w.state.get("running") or 0) == 0 for w in client.workers()),
+            5,
+            "every worker slot free",
+        )
 
 
 def racing_market(cluster: Cluster, slots: int = 4) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,9 @@ import pytest
 from pydantic import BaseModel
 
 from igora import TaskFailed
+from igora.testing import wait_until
 
-from .conftest import Cluster, Proc, free_port
+from .conftest import Cluster, Proc
 
 
 class Person(BaseModel):
@@ -70,23 +70,20 @@ ASK_PERSON = [
 
 
 def _gateway(c: Cluster, name: str) -> tuple[Proc, str]:
-    port = free_port()
-    proc = c.spawn("gateway", "--market", c.url, "--port", str(port), "--heartbeat", "1", name=name)
-    return proc, f"http://127.0.0.1:{port}/v1"
+    proc, base = c.gateway("--heartbeat", "1", name=name)
+    return proc, f"{base}/v1"
 
 
 def _models(base_url: str, proc: Proc, timeout: float = 60) -> list[dict[str, Any]]:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    def served() -> list[dict[str, Any]] | None:
         assert proc.alive(), proc.log()
         try:
             r = httpx.get(f"{base_url}/models", timeout=2)
-            if r.status_code == 200 and r.json()["data"]:
-                return list(r.json()["data"])
         except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"no model on {base_url} within {timeout} s")
+            return None
+        return list(r.json()["data"]) if r.status_code == 200 and r.json()["data"] else None
+
+    return wait_until(served, timeout, f"no model on {base_url}", every=0.1)
 
 
 class Target:

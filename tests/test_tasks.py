@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from igora import Client, NoWorkerError, SyncClient, TaskFailed
 from igora.protocol import MapName
+from igora.testing import wait_for
 
 from .conftest import Cluster
 
@@ -30,8 +29,9 @@ async def test_finished_task_leaves_done_once_read(echo_market: Cluster) -> None
         answer = await task.result()
         assert answer.text == "Echo: one two"
         assert answer.finish_reason == "stop"
-        await asyncio.sleep(0.2)
-        assert task.id not in client.agent.maps[MapName.DONE]
+        await wait_for(
+            lambda: task.id not in client.agent.maps[MapName.DONE], 10, "the task leaves done"
+        )
 
 
 async def test_max_tokens_cuts_the_answer_with_finish_reason_length(echo_market: Cluster) -> None:
