@@ -75,6 +75,19 @@ def uint_at(buf: bytes, pos: int, error: type[ValueError] = Lib0Error) -> tuple[
             raise error("integer too large")
 
 
+def chunk_end(buf: bytes, pos: int, error: type[ValueError] = Lib0Error) -> int:
+    """The position after the length-prefixed bytes at ``pos`` of ``buf``, checking they
+    are all there (to skip them without a ``Reader`` or a copy)."""
+    if pos < len(buf) and buf[pos] < 0x80:  # inlined fast path of uint_at
+        n = buf[pos]
+        pos += 1
+    else:
+        n, pos = uint_at(buf, pos, error)
+    if pos + n > len(buf):
+        raise error(f"truncated message ({n} bytes announced, {len(buf) - pos} present)")
+    return pos + n
+
+
 def chunk_at(buf: bytes, pos: int) -> tuple[bytes, int]:
     """The length-prefixed bytes at ``pos`` of ``buf`` (whose framing was checked
     already), and the position after them."""

@@ -19,11 +19,10 @@ from typing import Any
 
 from pycrdt import Doc, Map, Subscription, TransactionEvent
 
-from .market.compaction import compact_doc, release_memory
+from .market.compaction import COMPACT_PAUSE, compact_doc, release_memory
 from .protocol import KANBAN, MapName
 
 COMPACT_EVERY = 500  # tasks gone from ``done`` between two compactions of the document
-COMPACT_PAUSE = 2.0  # seconds at least between two: the grace of a task gone (as the market)
 
 KeyChanges = dict[str, dict[str, Any]]
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .lib0 import Reader
+from .lib0 import Reader, chunk_end, uint_at
 
 MAX_DEPTH = 64
 """Deepest nesting of arrays/objects accepted in a value of the shared document."""
@@ -67,42 +67,52 @@ def is_panic(exc: BaseException) -> bool:
 
 
 def _any_depth(r: Reader, limit: int) -> int:
-    """Read one lib0 Any value; return its nesting depth (a scalar is 0)."""
+    """Read one lib0 Any value; return its nesting depth (a scalar is 0).
+
+    On the hot path (every task a peer writes is one): it walks the bytes with a local
+    position, skipping strings and keys without copying them."""
+    buf, pos, end = r.buf, r.pos, len(r.buf)
     # Stack of containers still to read: [items left, is_object]
     stack: list[list[int]] = []
     deepest = 0
     while True:
-        tag = r.byte()
-        if tag in (_OBJECT, _ARRAY):
-            n = r.uint()
+        if pos >= end:
+            raise UpdateError("truncated message")
+        tag = buf[pos]
+        pos += 1
+        if tag in (_STRING, _BYTES):
+            pos = chunk_end(buf, pos, UpdateError)
+        elif tag in (_OBJECT, _ARRAY):
+            n, pos = uint_at(buf, pos, UpdateError)
             if n:
                 stack.append([n, tag == _OBJECT])
-                deepest = max(deepest, len(stack))
-                if deepest > limit:
-                    raise UpdateError(f"a value nests deeper than {limit} levels")
+                if len(stack) > deepest:
+                    deepest = len(stack)
+                    if deepest > limit:
+                        raise UpdateError(f"a value nests deeper than {limit} levels")
                 if tag == _OBJECT:
-                    r.chunk()  # first key
+                    pos = chunk_end(buf, pos, UpdateError)  # first key
                 continue
             deepest = max(deepest, len(stack) + 1)
-        elif tag in (_STRING, _BYTES):
-            r.chunk()
         elif tag == _INT:
-            r.uint()  # signed varint: same byte layout
-        elif tag == _F32:
-            r.skip(4)
-        elif tag in (_F64, _BIGINT):
-            r.skip(8)
+            _, pos = uint_at(buf, pos, UpdateError)  # signed varint: same byte layout
+        elif tag in (_F32, _F64, _BIGINT):
+            pos += 4 if tag == _F32 else 8
+            if pos > end:
+                raise UpdateError("truncated message")
         elif tag not in (_UNDEFINED, _NULL, _FALSE, _TRUE):
             raise UpdateError(f"unknown value tag {tag}")
         # One value done: close the containers it completed.
         while stack:
-            stack[-1][0] -= 1
-            if stack[-1][0] > 0:
-                if stack[-1][1]:
-                    r.chunk()  # next key
+            top = stack[-1]
+            top[0] -= 1
+            if top[0] > 0:
+                if top[1]:
+                    pos = chunk_end(buf, pos, UpdateError)  # next key
                 break
             stack.pop()
         if not stack:
+            r.pos = pos
             return deepest
 
 

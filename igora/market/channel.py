@@ -31,7 +31,9 @@ class Room(Protocol):
 
     def claim(self, channel: MarketChannel, entries: list[AwarenessEntry]) -> None: ...
 
-    def relay_awareness(self, channel: MarketChannel, message: bytes) -> None: ...
+    def relay_awareness(
+        self, channel: MarketChannel, message: bytes, entries: list[AwarenessEntry]
+    ) -> None: ...
 
     def receive(
         self, channel: MarketChannel | None, update: bytes, parsed: Parsed
@@ -118,7 +120,7 @@ class MarketChannel:
         if first:
             self.owner = entries[0][0]
         room.claim(self, entries)
-        room.relay_awareness(self, data)
+        room.relay_awareness(self, data, entries)
         if first:
             self.nudge(entries[0][0], entries[0][1])
 

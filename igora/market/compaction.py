@@ -41,6 +41,9 @@ from ..protocol import MapName, task_of
 from ..updates import Struct, delete_set, parse
 
 GC, SKIP = 0, 10
+COMPACT_PAUSE = 2.0
+"""Seconds at least between two compactions of a document (a room's, an agent's): the
+grace a task gone from it gets before its keys are collected."""
 TASK_MAPS = frozenset(m.value for m in MapName)
 """Only these maps are compacted: their keys are task ids, never re-used once a task has
 left. Anything else in a room (another application's maps) is kept as it is."""

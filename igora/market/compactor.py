@@ -17,12 +17,10 @@ from typing import Any
 from pycrdt import Doc
 
 from ..updates import is_panic
-from .compaction import compact_doc, release_memory
+from .compaction import COMPACT_PAUSE, compact_doc, release_memory
 from .persistence import RoomHistory
 
 log = logging.getLogger("igora.market")
-
-COMPACT_PAUSE = 2.0  # seconds at least between two compactions: the grace of a dead key
 
 
 class RoomCompactor:

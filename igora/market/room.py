@@ -25,7 +25,6 @@ from pycrdt import (
     Subscription,
     TransactionEvent,
     create_update_message,
-    is_awareness_disconnect_message,
     read_message,
 )
 from pycrdt.websocket import YRoom
@@ -197,10 +196,13 @@ class MarketRoom(YRoom):
             if client is not self.sender:
                 client.outbox.put(message)
 
-    def relay_awareness(self, channel: MarketChannel, message: bytes) -> None:
-        """Forward an awareness update to everyone (its sender too, as a keep-alive,
-        unless it says goodbye) and apply it to the room's view."""
-        leaving = is_awareness_disconnect_message(message[1:])
+    def relay_awareness(
+        self, channel: MarketChannel, message: bytes, entries: list[AwarenessEntry]
+    ) -> None:
+        """Forward an awareness update (``entries``: what ``check_frame`` read of it) to
+        everyone (its sender too, as a keep-alive, unless it says goodbye: its one state
+        removed) and apply it to the room's view."""
+        leaving = len(entries) == 1 and entries[0][2] is None
         self._awareness_relay.add(channel, message, leaving)  # batched: fanout.py
         self.awareness.apply_awareness_update(read_message(message[1:]), self)
 
