@@ -185,8 +185,9 @@ class Replica:
         self._dead = result.dead
         self.compactions += 1
         self.collected += result.tasks
-        self.log.log(
-            logging.INFO if result.tasks else logging.DEBUG,
+        # Debug level: every agent of a process tree compacts after each quiet spell, and
+        # the market already logs each compaction of the room at info level.
+        self.log.debug(
             "%s: document compacted, %d -> %d bytes: the history of %d finished task(s) "
             "collected in %.0f ms",
             self.name,
