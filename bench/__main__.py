@@ -121,7 +121,7 @@ def render(
         "## How to reproduce",
         "",
         "```sh",
-        "make bench                                   # everything (~18 min on 2 cores)",
+        "make bench                                   # everything (~12 min on 2 cores)",
         ".venv/bin/python -m bench --quick            # a smoke run, to bench-report.md",
         ".venv/bin/python -m bench --only wire --only sync   # some topics, to bench-report.md",
         "```",
