@@ -13,10 +13,10 @@ from .broker.broker import Broker
 from .client import DEFAULT_TIMEOUT, Client, Restart
 from .config import MarketAddress
 from .protocol import BROKER_STYLE, TEXT_STYLE, AgentType
-from .serving import WorkerSpec, make_engine, serve, warmup
+from .serving import WorkerSpec, serve
 from .summary import agent_order, agent_summary, tasks_by_state
 
-__all__ = ["chat", "make_engine", "market_view", "run_broker", "run_worker", "status", "warmup"]
+__all__ = ["chat", "market_view", "run_broker", "run_worker", "status"]
 
 CHAT_WAIT_WORKER = 10.0
 """Seconds ``igora chat`` waits for a worker serving its model to appear."""

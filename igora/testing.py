@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar, overload
 
-from .up import wait_http as _answers
+from .net import wait_http as _answers
 
 T = TypeVar("T")
 Text = str | Callable[[], str]

@@ -27,7 +27,7 @@ from typing import IO, TypeVar
 
 from .config import ConfigError, data_dir
 from .errors import IgoraError
-from .net import POLL, port_free, wait_http, wait_http_async
+from .net import POLL, port_free, wait_http_async
 
 __all__ = [
     "ChildEnded",
@@ -35,10 +35,8 @@ __all__ = [
     "exit_code",
     "how_it_ended",
     "last_lines",
-    "port_free",
     "up",
-    "wait_http",
-]  # port_free and wait_http live in igora.net; kept importable
+]
 
 CHECK_PROMPT = "What is the capital of France? Answer in one short sentence."
 CHECK_WAIT = 180.0

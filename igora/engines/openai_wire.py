@@ -16,7 +16,7 @@ class Choices:
     calls (their ``arguments`` arrive in fragments), log probabilities, finish reason."""
 
     def __init__(self) -> None:
-        self.content: dict[int, str] = {}
+        self.content: dict[int, list[str]] = {}  # pieces, joined once at the end
         self.calls: dict[int, dict[int, dict[str, Any]]] = {}
         self.logprobs: dict[int, list[Any]] = {}
         self.reasons: dict[int, str] = {}
@@ -29,7 +29,7 @@ class Choices:
         delta: dict[str, Any] = raw if isinstance(raw, dict) else {}
         content = delta.get("content")
         content = content if isinstance(content, str) else ""
-        self.content[index] = self.content.get(index, "") + content
+        self.content.setdefault(index, []).append(content)
         for j, call in enumerate(delta.get("tool_calls") or []):
             if not isinstance(call, dict):
                 continue
@@ -64,7 +64,7 @@ class Choices:
         choices = [
             {
                 "index": i,
-                "content": self.content.get(i, ""),
+                "content": "".join(self.content.get(i, ())),
                 "toolCalls": self._calls(i),
                 "finishReason": self.reasons.get(i, "stop"),
                 "tokenLogprobs": self._logprobs(i),

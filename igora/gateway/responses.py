@@ -33,6 +33,7 @@ def usage_of(final: dict[str, Any]) -> dict[str, int]:
 
 
 def finish_reason(final: dict[str, Any]) -> str:
+    """OpenAI's finish reason of a finished task, or of one of its choices (same key)."""
     reason = final.get(TaskField.FINISH_REASON)
     return reason if reason in FINISH_REASONS else "stop"
 
@@ -93,7 +94,6 @@ def choices_of(final: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
     calls = choice.get("toolCalls") if isinstance(choice.get("toolCalls"), list) else None
-    reason = choice.get("finishReason")
     logprobs = choice.get(TaskField.LOGPROBS_RESULT)
     message: dict[str, Any] = {"role": "assistant", "content": str(choice.get("content") or "")}
     if calls:  # as OpenAI: content null beside tool calls, no tool_calls key without
@@ -101,7 +101,7 @@ def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
     return {
         "index": int(choice.get("index") or 0),
         "message": message,
-        "finish_reason": reason if reason in FINISH_REASONS else "stop",
+        "finish_reason": finish_reason(choice),
         "logprobs": logprobs if isinstance(logprobs, dict) else None,
     }
 

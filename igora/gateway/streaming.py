@@ -19,7 +19,7 @@ from ..client import Restart, Task
 from ..errors import IgoraError
 from ..protocol import ProtocolError, TaskField
 from .errors import from_igora
-from .responses import FINISH_REASONS, choices_of, finish_reason, usage_of
+from .responses import choices_of, finish_reason, usage_of
 from .state import Gateway
 from .translate import Job
 
@@ -179,8 +179,7 @@ class Chunks:
             yield chunk
         if isinstance(choice.get("toolCalls"), list):
             yield from self.tool_calls(choice["toolCalls"], index)
-        reason = choice.get("finishReason")
-        yield self.finish(reason if reason in FINISH_REASONS else "stop", index)
+        yield self.finish(finish_reason(choice), index)
 
     def usage(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self.base, "choices": [], "usage": usage}
