@@ -218,6 +218,16 @@ def stream_key(task_id: str, attempt: int) -> str:
     return f"{task_id}#{attempt}"
 
 
+def attempt_of(key: str) -> tuple[str, int]:
+    """The task and attempt a ``streams`` key names (``stream_key`` read back); attempt 0
+    for a key that names none."""
+    tid, _, n = key.rpartition("#")
+    try:
+        return tid, int(n)
+    except ValueError:
+        return key, 0
+
+
 def task_of(map_name: str, key: str) -> str:
     """The task a key of one of the room's maps belongs to."""
     if map_name == MapName.STREAMS.value:
