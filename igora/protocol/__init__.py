@@ -50,6 +50,7 @@ from .names import (
     new_id,
     new_task_id,
     now_ms,
+    number,
     stream_key,
     task_of,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "new_id",
     "new_task_id",
     "now_ms",
+    "number",
     "stop_list",
     "stream_key",
     "task_of",

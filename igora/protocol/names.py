@@ -213,6 +213,13 @@ def new_task_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+def number(value: Any) -> float | None:
+    """``value`` as a float if it is a number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
 def stream_key(task_id: str, attempt: int) -> str:
     """Key of a task's token stream in the ``streams`` map; one per attempt."""
     return f"{task_id}#{attempt}"
