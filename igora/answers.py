@@ -18,8 +18,9 @@ from typing import Any
 from pycrdt import MapEvent, Text
 
 from .agent import Agent, Observer, discard
-from .protocol import FINAL_VALUES, MapName, State, TaskField
-from .task_handle import Watch, attempt_of
+from .lifecycle import attempts
+from .protocol import FINAL_VALUES, MapName, State, TaskField, attempt_of
+from .task_handle import Watch
 
 DROP_READ_WITHIN = 0.05  # seconds before answers read leave done, unless a new task comes first
 
@@ -124,11 +125,7 @@ class AnswerWatcher:
                 continue
             if w is None or not isinstance(value, dict):
                 continue
-            attempt = (
-                int(value.get(TaskField.ATTEMPTS) or 1)
-                if isinstance(value.get(TaskField.ATTEMPTS), (int, float))
-                else 1
-            )
+            attempt = attempts(value)
             if TaskField.STREAM in value:
                 if attempt > w.attempt:
                     w.feed(attempt, "")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .protocol import ABORTED_MARK, ErrorCode, MapName, State, TaskField
+from .protocol import number as _number
 
 RUN_FIELDS = (
     TaskField.WORKER,
@@ -41,8 +42,7 @@ class Step(NamedTuple):
 
 def number(task: dict[str, Any], name: str) -> float | None:
     """A numeric field of a task, or None (booleans are not numbers here)."""
-    v = task.get(name)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return _number(task.get(name))
 
 
 def attempts(task: dict[str, Any]) -> int:

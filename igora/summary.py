@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from .protocol import KANBAN, AgentField, AgentType, MapName, State, TaskField
+from .protocol import KANBAN, AgentField, AgentType, MapName, State, TaskField, number
 
 MAX_TEXT = 200
 """Characters of a name (agent, model) kept in a summary."""
@@ -25,13 +25,6 @@ class Values(Protocol):
     """What the summaries read of a task map."""
 
     def values(self) -> Iterable[Any]: ...
-
-
-def number(value: Any) -> float | None:
-    """``value`` as a float if it is a number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
 
 
 def integer(value: Any) -> int | None:

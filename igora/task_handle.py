@@ -112,14 +112,6 @@ async def _get_within(queue: asyncio.Queue[Any], seconds: float) -> Any:
     return await asyncio.wait_for(queue.get(), seconds)
 
 
-def attempt_of(key: str) -> tuple[str, int]:
-    tid, _, n = key.rpartition("#")
-    try:
-        return tid, int(n)
-    except ValueError:
-        return key, 0
-
-
 class Task:
     """A task put on the market by a Client."""
 

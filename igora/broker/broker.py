@@ -24,7 +24,7 @@ from ..replica import RoomMaps
 from . import policies
 from .fairness import Fairness
 from .leader import Leadership
-from .matching import free_slots, pick_worker
+from .matching import Kind, free_slots, kind_of, pick_for
 from .presence import DEFAULT_GRACE, Presence
 from .unservable import UNSERVABLE_AFTER, Unservables
 from .view import WATCHED, TaskView
@@ -267,11 +267,16 @@ class Broker(RoomMaps):
             in_flight[str(task.get(TaskField.ASKER) or "")] += 1
         writes = []
         workers = [w for w in workers if free_slots(w, load) > 0]
+        # Within a round workers only fill up: a kind of task no worker had a slot for is
+        # not matched again for each of its waiting tasks.
+        unfit: set[Kind] = set()
         for task in self.fairness.order(waiting, in_flight):
             if not workers:  # every slot taken: the rest waits
                 break
-            worker = pick_worker(task, workers, load, present)
+            kind = kind_of(task, present)
+            worker = None if kind in unfit else pick_for(kind, workers, load)
             if worker is None:
+                unfit.add(kind)
                 continue
             load[worker.id or ""] += 1
             if free_slots(worker, load) <= 0:

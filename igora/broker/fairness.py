@@ -12,14 +12,13 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..protocol import TaskField
+from ..protocol import TaskField, number
 
 DEFAULT_WINDOW = 60.0
 
 
 def _date(task: dict[str, Any]) -> float:
-    d = task.get(TaskField.DATE)
-    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
+    return number(task.get(TaskField.DATE)) or 0.0
 
 
 def _asker(task: dict[str, Any]) -> str:

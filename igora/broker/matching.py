@@ -23,17 +23,29 @@ def free_slots(worker: Peer, load: dict[str, int]) -> int:
     return worker.slots - load.get(worker.id or "", 0)
 
 
+Kind = tuple[str | None, frozenset[str], str]
+"""What a worker must fit to take a task: its model, the capabilities, the style."""
+
+
+def kind_of(task: dict[str, Any], present: list[Peer]) -> Kind:
+    """The kind of ``task``; ``present``: every worker on the market (to tell whether an
+    original task's model is served by anyone)."""
+    return model_for(task, present), required(task), task.get(TaskField.STYLE) or TEXT_STYLE
+
+
 def pick_worker(
     task: dict[str, Any],
     workers: list[Peer],
     load: dict[str, int],
     present: list[Peer] | None = None,
 ) -> Peer | None:
-    """``present``: every worker on the market (to tell whether an original task's model
-    is served by anyone); default ``workers``."""
-    model = model_for(task, workers if present is None else present)
-    needs = required(task)
-    style = task.get(TaskField.STYLE) or TEXT_STYLE
+    """``present``: every worker on the market; default ``workers``."""
+    return pick_for(kind_of(task, workers if present is None else present), workers, load)
+
+
+def pick_for(kind: Kind, workers: list[Peer], load: dict[str, int]) -> Peer | None:
+    """The worker that gets a task of ``kind``, or None if no worker has a slot for it."""
+    model, needs, style = kind
     best: list[Peer] = []
     best_free = 0
     for w in workers:

@@ -213,9 +213,26 @@ def new_task_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+def number(value: Any) -> float | None:
+    """``value`` as a float if it is a number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
 def stream_key(task_id: str, attempt: int) -> str:
     """Key of a task's token stream in the ``streams`` map; one per attempt."""
     return f"{task_id}#{attempt}"
+
+
+def attempt_of(key: str) -> tuple[str, int]:
+    """The task and attempt a ``streams`` key names (``stream_key`` read back); attempt 0
+    for a key that names none."""
+    tid, _, n = key.rpartition("#")
+    try:
+        return tid, int(n)
+    except ValueError:
+        return key, 0
 
 
 def task_of(map_name: str, key: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .names import PROTOCOL_VERSION, AgentField, AgentType
+from .names import PROTOCOL_VERSION, AgentField, AgentType, number
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class Peer:
 
     @property
     def date(self) -> float:
-        d = self.state.get(AgentField.DATE)
-        return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
+        return number(self.state.get(AgentField.DATE)) or 0.0
 
     @property
     def models(self) -> list[str]:

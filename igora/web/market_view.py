@@ -21,8 +21,8 @@ from typing import Any
 
 from ..capabilities import BASIC, required
 from ..client import Client
-from ..protocol import KANBAN, MapName, State, TaskField, now_ms
-from ..summary import agent_order, agent_summary, completion_tokens, integer, number, text
+from ..protocol import KANBAN, MapName, State, TaskField, now_ms, number
+from ..summary import agent_order, agent_summary, completion_tokens, integer, text
 
 KEEP_FINISHED = 50
 """Finished tasks listed in a snapshot (most recent first)."""

@@ -66,15 +66,26 @@ class AnswerStream:
         self.key = key
         self.compat_interval = compat_interval
         self.original_readers = original_readers
-        self.response = ""  # the whole answer so far
+        # The answer as its pieces (joined when read: ``+=`` on an attribute copies the
+        # whole string at each piece), and its length so far.
+        self._pieces: list[str] = []
+        self._length = 0
         self.held = ""  # pieces not written yet
         self.last_write = 0.0
         self.last_refresh = 0.0
         self.refreshed_len = 0
 
+    @property
+    def response(self) -> str:
+        """The whole answer so far."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
     def add(self, piece: str) -> None:
         """A piece of the answer: written now if the last write is old enough."""
-        self.response += piece
+        self._pieces.append(piece)
+        self._length += len(piece)
         self.held += piece
         if time.monotonic() - self.last_write >= STREAM_INTERVAL:
             self.flush()
@@ -97,11 +108,11 @@ class AnswerStream:
                 text += piece
             if (
                 now - self.last_refresh >= self.compat_interval
-                and len(self.response) >= self.refreshed_len * COMPAT_GROWTH
+                and self._length >= self.refreshed_len * COMPAT_GROWTH
                 and self.original_readers(now)
             ):
                 self._refresh(piece)
-                self.last_refresh, self.refreshed_len = now, len(self.response)
+                self.last_refresh, self.refreshed_len = now, self._length
 
     def _refresh(self, piece: str) -> None:
         doing = self.agent.maps[MapName.DOING]
