@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..capabilities import BASIC
-from ..protocol import TaskField, chat_messages, stop_list
+from ..protocol import TaskField, chat_messages, number, stop_list
 
 
 class EngineError(RuntimeError):
@@ -56,8 +56,7 @@ class Request:
     @classmethod
     def from_task(cls, task: dict[str, Any]) -> Request:
         def num(name: str) -> float | None:
-            v = task.get(name)
-            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+            return number(task.get(name))
 
         seed = num(TaskField.SEED)
         max_tokens = num(TaskField.MAX_TOKENS)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..protocol import FINISH_REASONS, number
 from .base import EngineError, Finish, Request
-
-FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls"})
 
 
 class Choices:
@@ -131,8 +130,8 @@ def finish_of(reason: str | None, usage: dict[str, Any], pieces: int) -> Finish:
     counts as one token)."""
 
     def count(key: str) -> int | None:
-        v = usage.get(key)
-        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        v = number(usage.get(key))
+        return int(v) if v is not None else None
 
     completion = count("completion_tokens")
     return Finish(

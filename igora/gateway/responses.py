@@ -11,15 +11,13 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from ..client import Task
-from ..protocol import TaskField
+from ..protocol import FINISH_REASONS, TaskField
 from ..summary import usage_counts
 from .openai_models import ChatCompletion, Completion, EmbeddingList
 from .state import Gateway
 from .translate import Job
 
 log = logging.getLogger("igora.gateway")
-
-FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
 
 
 def usage_of(final: dict[str, Any]) -> dict[str, int]:

@@ -213,6 +213,10 @@ def new_task_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
+"""The values of a task's ``finishReason`` (OpenAI's); any other reads as ``stop``."""
+
+
 def number(value: Any) -> float | None:
     """``value`` as a float if it is a number (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
