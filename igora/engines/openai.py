@@ -229,9 +229,7 @@ class OpenAIEngine(Engine):
         except EngineError:
             raise
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise EngineUnavailable(
-                f"cannot reach the upstream {self.base_url}: {why(exc)}"
-            ) from None
+            raise self._failed(exc) from None
         except httpx.TimeoutException:
             raise EngineError(
                 f"the upstream {self.base_url} sent nothing for {self.timeout:g} s "
@@ -244,11 +242,16 @@ class OpenAIEngine(Engine):
                 ) from None
             raise EngineError(self._cut(pieces, why(exc))) from None
         except httpx.HTTPError as exc:
-            raise EngineError(
-                f"request to the upstream {self.base_url} failed: {why(exc)}"
-            ) from None
+            raise self._failed(exc) from None
         finally:
             self._in_flight -= 1
+
+    def _failed(self, exc: httpx.HTTPError) -> EngineError:
+        """What a request that failed in transport means: the upstream is unreachable
+        (unavailable: hand the task back) or the request failed (the task fails)."""
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return EngineUnavailable(f"cannot reach the upstream {self.base_url}: {why(exc)}")
+        return EngineError(f"request to the upstream {self.base_url} failed: {why(exc)}")
 
     def _cut(self, pieces: int, why: str) -> str:
         return f"the upstream {self.base_url} cut the answer off after {pieces} piece(s) ({why})"
@@ -289,14 +292,8 @@ class OpenAIEngine(Engine):
             usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         except EngineError:
             raise
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise EngineUnavailable(
-                f"cannot reach the upstream {self.base_url}: {why(exc)}"
-            ) from None
         except httpx.HTTPError as exc:
-            raise EngineError(
-                f"request to the upstream {self.base_url} failed: {why(exc)}"
-            ) from None
+            raise self._failed(exc) from None
         except (ValueError, KeyError, TypeError) as exc:
             raise EngineError(
                 f"the upstream {self.base_url} sent malformed embeddings "
