@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from igora.testing import wait_until
 from igora.up import exit_code, how_it_ended, last_lines
 
 from .conftest import Cluster, free_port
@@ -26,6 +27,24 @@ def igora(*args: str, timeout: float = 60, **kw: object) -> subprocess.Completed
         timeout=timeout,
         **kw,
     )  # type: ignore[call-overload]
+
+
+def children_of(pid: int) -> list[str]:
+    return subprocess.run(
+        ["pgrep", "-P", str(pid)], check=False, capture_output=True, text=True
+    ).stdout.split()
+
+
+def alive(pids: list[str]) -> list[str]:
+    """The processes of ``pids`` still running (a zombie counts as gone)."""
+    running = []
+    for p in pids:
+        try:
+            if "zombie" not in Path(f"/proc/{p}/status").read_text().lower():
+                running.append(p)
+        except OSError:  # gone (and reaped) between two reads
+            pass
+    return running
 
 
 def test_chat_streams_the_answer_to_the_terminal(echo_market: Cluster) -> None:
@@ -147,20 +166,11 @@ def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path
         assert "the market answers" in text, text
         answer = next(ln for ln in out if ln.strip().startswith("A:"))
         assert len(answer.strip()) > 4
-        children = subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], check=False, capture_output=True, text=True
-        ).stdout.split()
+        children = children_of(proc.pid)
         assert len(children) >= 3  # market + broker + worker (+ gateway)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
-        time.sleep(0.5)
-        left = [
-            c
-            for c in children
-            if Path(f"/proc/{c}").exists()
-            and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()
-        ]
-        assert left == [], f"processes left behind: {left}"
+        wait_until(lambda: not alive(children), 5, lambda: f"left behind: {alive(children)}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -191,27 +201,18 @@ def test_up_children_do_not_outlive_a_killed_up(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        end = time.monotonic() + 60
-        children: list[str] = []
-        while time.monotonic() < end and len(children) < 3:
-            children = subprocess.run(
-                ["pgrep", "-P", str(proc.pid)], check=False, capture_output=True, text=True
-            ).stdout.split()
-            time.sleep(0.2)
-        assert len(children) == 3, children
+        children = wait_until(
+            lambda: c if len(c := children_of(proc.pid)) == 3 else None,
+            60,
+            lambda: f"igora up's children: {children_of(proc.pid)} (3 expected)",
+        )
         proc.kill()
         proc.wait(10)
-        end = time.monotonic() + 20
-        alive = children
-        while alive and time.monotonic() < end:
-            alive = [
-                c
-                for c in children
-                if Path(f"/proc/{c}").exists()
-                and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()
-            ]
-            time.sleep(0.2)
-        assert alive == [], f"children left behind after kill -9 of igora up: {alive}"
+        wait_until(
+            lambda: not alive(children),
+            20,
+            lambda: f"children left behind after kill -9 of igora up: {alive(children)}",
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
