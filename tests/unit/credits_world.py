@@ -67,3 +67,29 @@ def claim(
     """The claim ``worker`` makes for run ``attempt`` of task ``n`` of ``asker``."""
     head = header(asker, task_id(n))
     return Claim(head, attempt, receipt(asker, worker, head, attempt, tokens))
+
+
+def settle_forever(path: str, per_group: int = 5) -> None:
+    """Settle claims of runs 0, 1, 2, ... in groups of ``per_group`` until killed,
+    printing ``committed A B`` (runs A to B) once each group's transaction has committed.
+    What the crash test runs in a child process."""
+    from igora.credits.ledger import Ledger
+
+    ledger = Ledger(path, MARKET.id)
+    with ledger.group():
+        for a in ASKERS:
+            ledger.grant(a.id, 10**9)
+    n = 0
+    while True:
+        with ledger.group():
+            for i in range(n, n + per_group):
+                worker = WORKERS[i % len(WORKERS)]
+                ledger.settle(claim(ASKERS[i % len(ASKERS)], worker, i), worker.id, PARAMS)
+        print(f"committed {n} {n + per_group - 1}", flush=True)
+        n += per_group
+
+
+if __name__ == "__main__":
+    import sys
+
+    settle_forever(sys.argv[1])
