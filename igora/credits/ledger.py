@@ -33,7 +33,7 @@ from ..errors import IgoraError
 from ..identity import b64url
 from ..protocol import canonical
 from . import pricing
-from .receipts import Claim, ClaimError, Receipt, Settlement
+from .receipts import Claim, ClaimError, Delivery, Receipt, Settlement
 from .transfer import TransferError, TransferOrder
 
 LEDGER_FILE = "ledger.sqlite3"
@@ -128,6 +128,11 @@ def _entry(row: tuple[Any, ...]) -> Entry:
     return Entry(seq, key, Kind(kind), account, amount, task, attempt, proof, bytes(prev), at)
 
 
+def _run_key(s: Settlement, kind: Kind) -> str:
+    """The unique key of one of a run's entries: a run settles once."""
+    return f"run:{s.asker}:{s.task}:{s.attempt}:{kind.value}"
+
+
 def _proof(obj: dict[str, Any]) -> str:
     return canonical(obj).decode("utf-8")
 
@@ -142,7 +147,8 @@ class Ledger:
         if market is None and not self.path.is_file():
             raise LedgerError(f"no ledger at {self.path}")
         self._lock = threading.RLock()
-        self._depth = 0  # open group() levels
+        self._depth = 0  # open transaction levels
+        self.commits = 0  # transactions committed by this object (each one fsync)
         try:
             if market is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,26 +214,33 @@ class Ledger:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
+        """A transaction, or inside one a savepoint: an operation that fails inside a
+        group undoes only itself; the group decides for the rest."""
         with self._lock:
-            if self._depth:
-                yield
-                return
-            head = self._head
-            self._db.execute("BEGIN IMMEDIATE")
+            head, level = self._head, self._depth
+            name = f"s{level}"
+            self._db.execute(f"SAVEPOINT {name}" if level else "BEGIN IMMEDIATE")
             self._depth += 1
             try:
                 yield
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if level:
+                    self._db.execute(f"ROLLBACK TO {name}")
+                    self._db.execute(f"RELEASE {name}")
+                else:
+                    self._db.execute("ROLLBACK")
                 self._head = head
                 raise
             finally:
                 self._depth -= 1
-            self._db.execute("COMMIT")
+            self._db.execute(f"RELEASE {name}" if level else "COMMIT")
+            if not level:
+                self.commits += 1
 
     @contextlib.contextmanager
     def group(self) -> Iterator[Ledger]:
-        """One transaction (one fsync) for every operation inside; all or none."""
+        """One transaction (one fsync) for every operation inside. An exception leaving
+        the group undoes all of it; one caught inside undoes only its operation."""
         with self._transaction():
             yield self
 
@@ -258,19 +271,25 @@ class Ledger:
     def record(self, s: Settlement) -> bool:
         """Record a checked run: ``spend`` (asker, −price), ``earn`` (worker, +price −
         tax), ``tax`` (burned). False if that run was settled already."""
-        k = f"run:{s.asker}:{s.task}:{s.attempt}:"
         entries = [
-            (k + "spend", Kind.SPEND, s.asker, -s.price, s.task, s.attempt),
-            (k + "earn", Kind.EARN, s.worker, s.price - s.tax, s.task, s.attempt),
-            (k + "tax", Kind.TAX, TAX_ACCOUNT, s.tax, s.task, s.attempt),
+            (_run_key(s, Kind.SPEND), Kind.SPEND, s.asker, -s.price, s.task, s.attempt),
+            (_run_key(s, Kind.EARN), Kind.EARN, s.worker, s.price - s.tax, s.task, s.attempt),
+            (_run_key(s, Kind.TAX), Kind.TAX, TAX_ACCOUNT, s.tax, s.task, s.attempt),
         ]
         with self._transaction():
             return self._insert(entries, _proof(s.proof))
 
-    def settle(self, claim: Claim, claimer: str, params: float | int | str) -> bool:
+    def settle(
+        self,
+        claim: Claim,
+        claimer: str,
+        params: float | int | str,
+        delivery: Delivery | None = None,
+    ) -> bool:
         """Check ``claim`` (credits.md §3; ClaimError naming the failed check) and record
-        it. True if it moved balances, False if that run was already settled."""
-        return self.record(claim.check(claimer, self.market, params))
+        it. True if it moved balances, False if that run was already settled. A claim
+        without receipt is charged from the market's ``delivery`` record."""
+        return self.record(claim.check(claimer, self.market, params, delivery))
 
     def grant(self, account: str, amount: int = pricing.DEFAULT_GRANT) -> bool:
         """Give ``account`` its grant, once in its life: False if it had one (or
@@ -373,6 +392,25 @@ class Ledger:
         return len(rows)
 
 
+def _settlement(proof: dict[str, Any], market: str) -> Settlement:
+    """The settlement a run's proof makes, all its checks redone."""
+    if "receipt" in proof:
+        receipt = Receipt.parse(proof["receipt"])
+        claim = Claim(proof["header"], receipt.attempt, receipt)
+        return claim.check(receipt.worker, market, proof["params"])
+    usage = proof["usage"]
+    claim = Claim.parse(
+        {
+            "header": proof["header"],
+            "attempt": proof["attempt"],
+            "usage": usage,
+            "run": proof["run"],
+        }
+    )
+    delivery = Delivery.parse(proof["delivery"])
+    return claim.check(proof["worker"], market, proof["params"], delivery)
+
+
 def _check_proof(entry: Entry, market: str) -> None:
     """An entry's amount is what its signed proof says (LedgerError naming the entry)."""
     try:
@@ -380,6 +418,7 @@ def _check_proof(entry: Entry, market: str) -> None:
         kind = entry.kind
         if kind is Kind.GRANT:
             ok = proof == {"grant": entry.amount, "to": entry.account}
+            ok = ok and entry.key == f"grant:{entry.account}"
         elif kind is Kind.TRANSFER:
             order = TransferOrder.parse(proof)
             order.verify()
@@ -388,17 +427,20 @@ def _check_proof(entry: Entry, market: str) -> None:
                 (order.sender, -order.amount) if side == "out" else (order.to, order.amount)
             )
             ok = order.market == market and (entry.account, entry.amount) == (account, amount)
+            ok = ok and entry.key == f"transfer:{order.sender}:{order.nonce}:{side}"
         else:
-            receipt = Receipt.parse(proof["receipt"])
-            s = Claim(proof["header"], receipt.attempt, receipt).check(
-                receipt.worker, market, proof["params"]
-            )
+            s = _settlement(proof, market)
             due = {
                 Kind.SPEND: (s.asker, -s.price),
                 Kind.EARN: (s.worker, s.price - s.tax),
                 Kind.TAX: (TAX_ACCOUNT, s.tax),
             }[kind]
-            ok = (entry.account, entry.amount, entry.task) == (*due, s.task)
+            ok = (entry.key, entry.account, entry.amount, entry.task, entry.attempt) == (
+                _run_key(s, kind),
+                *due,
+                s.task,
+                s.attempt,
+            )
     except (ValueError, KeyError, TypeError, ClaimError, TransferError) as exc:
         raise LedgerError(f"ledger entry {entry.seq}: its proof does not hold ({exc})") from None
     if not ok:

@@ -43,6 +43,7 @@ class Reason(Enum):
     WRONG_PRICE = "wrong_price"
     OVER_MAX_PRICE = "over_max_price"
     NO_RECEIPT = "no_receipt"
+    NOT_PAYABLE = "not_payable"
 
 
 class ClaimError(ValueError):
@@ -204,6 +205,60 @@ class Receipt:
             ) from None
 
 
+class RunEnd(Enum):
+    """How a run ended, for a claim without receipt (credits.md §3)."""
+
+    DONE = "done"  # the worker finished
+    ASKER_STOPPED = "asker_stopped"  # the asker aborted or left mid-answer
+    WORKER_FAULT = "worker_fault"  # the worker failed, vanished or handed the task back
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the market recorded writing to the asker's socket for one run: the run's
+    end, whether its final chunk went out, and the answer's plaintext bytes that did
+    (ciphertext less each chunk's tag). The market's own statement (recorded by the
+    outbox, protocol-v3 step 2); it bounds what an asker that signs nothing is charged."""
+
+    end: RunEnd
+    final: bool
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"end": self.end.value, "final": self.final, "bytes": self.bytes}
+
+    @classmethod
+    def parse(cls, body: object) -> Delivery:
+        if not isinstance(body, dict) or not isinstance(body.get("final"), bool):
+            raise ClaimError(Reason.MALFORMED, "a delivery record is {end, final, bytes}")
+        try:
+            end = RunEnd(body.get("end"))
+        except ValueError:
+            raise ClaimError(Reason.MALFORMED, "a delivery record's end is unknown") from None
+        return cls(end, body["final"], _count(body, "bytes"))
+
+
+def unsigned_tokens(
+    usage: tuple[int, int], header: dict[str, Any], delivery: Delivery
+) -> tuple[int, int]:
+    """The (prompt, completion) tokens an asker that signed no receipt is charged:
+    nothing for a run that failed by the worker's fault or delivered nothing; else the
+    worker's usage, bounded by the header's ``maxTokens`` and ``promptBytes`` and by
+    the bytes delivered (a token is at least one byte of text). A run the asker stopped
+    is thereby charged for what went out."""
+    if delivery.end is RunEnd.WORKER_FAULT:
+        raise ClaimError(Reason.NOT_PAYABLE, "a run ended by the worker's fault is not charged")
+    if delivery.bytes == 0:
+        raise ClaimError(Reason.NOT_PAYABLE, "nothing was delivered to the asker")
+    prompt, completion = usage
+    max_tokens, prompt_bytes = header.get("maxTokens"), header.get("promptBytes")
+    if type(max_tokens) is int and max_tokens >= 0:
+        completion = min(completion, max_tokens)
+    if type(prompt_bytes) is int and prompt_bytes >= 0:
+        prompt = min(prompt, prompt_bytes)
+    return prompt, min(completion, delivery.bytes)
+
+
 @dataclass(frozen=True)
 class Settlement:
     """A checked claim: what the ledger records for one run. Made by ``Claim.check``."""
@@ -220,8 +275,8 @@ class Settlement:
 @dataclass(frozen=True)
 class Claim:
     """A worker's claim for one run: the asker's signed header and its receipt, or, when
-    the asker signed none, the worker's own usage and run hash (settled from the
-    market's delivery record, step 7)."""
+    the asker signed none, the worker's own usage and run hash (charged from the
+    market's delivery record, ``unsigned_tokens``)."""
 
     header: dict[str, Any]
     attempt: int
@@ -253,9 +308,17 @@ class Claim:
         tokens = (_count(usage, "promptTokens"), _count(usage, "completionTokens"))
         return cls(body["header"], attempt, usage=tokens, run=_hash(body, "run"))
 
-    def check(self, claimer: str, market: str, params: float | int | str) -> Settlement:
+    def check(
+        self,
+        claimer: str,
+        market: str,
+        params: float | int | str,
+        delivery: Delivery | None = None,
+    ) -> Settlement:
         """Every check of credits.md §3 (``claimer``: the identity the claim came from;
-        ``params``: the model's size in the worker's advert, or the market's pin)."""
+        ``params``: the model's size in the worker's advert, or the market's pin). A
+        claim without receipt needs the market's ``delivery`` record of the run (given
+        once ``--receipt-wait`` has passed without a receipt)."""
         header = self.header
         try:
             verify_header(header)
@@ -263,11 +326,12 @@ class Claim:
             raise ClaimError(Reason.HEADER_SIGNATURE, str(exc)) from None
         receipt = self.receipt
         if receipt is None:
-            raise ClaimError(
-                Reason.NO_RECEIPT,
-                f"task {header['id']}: no receipt; a claim without one waits for the "
-                "market's delivery record (not built yet)",
-            )
+            if delivery is None:
+                raise ClaimError(
+                    Reason.NO_RECEIPT,
+                    f"task {header['id']}: no receipt, and no delivery record to charge from",
+                )
+            return self._unsigned(claimer, params, delivery)
         receipt.verify()
         if receipt.asker != header["asker"]:
             raise ClaimError(Reason.WRONG_ASKER, "the receipt's asker is not the header's")
@@ -307,3 +371,30 @@ class Claim:
             pricing.tax(receipt.price),
             proof,
         )
+
+    def _unsigned(self, claimer: str, params: float | int | str, delivery: Delivery) -> Settlement:
+        """The charge of a run its asker signed no receipt for (credits.md §3), capped
+        by the header's ``maxPrice``; the worker is the claimer (the market checks that
+        it owns the run document the delivery record is of)."""
+        if self.usage is None or self.run is None:
+            raise ClaimError(Reason.MALFORMED, "a claim without receipt carries usage and run")
+        header = self.header
+        tokens = unsigned_tokens(self.usage, header, delivery)
+        max_price = header.get("maxPrice")
+        if max_price is None:
+            raise ClaimError(Reason.OVER_MAX_PRICE, "the header sets no maxPrice: no consent")
+        try:
+            price = min(pricing.price(*tokens, params), max_price)
+        except pricing.PriceError as exc:
+            raise ClaimError(Reason.WRONG_PRICE, str(exc)) from None
+        proof = {
+            "header": header,
+            "attempt": self.attempt,
+            "worker": claimer,
+            "usage": {"promptTokens": self.usage[0], "completionTokens": self.usage[1]},
+            "run": self.run,
+            "delivery": delivery.to_json(),
+            "params": pricing.params_text(params),
+        }
+        task, asker = str(header["id"]), str(header["asker"])
+        return Settlement(task, self.attempt, asker, claimer, price, pricing.tax(price), proof)

@@ -11,10 +11,10 @@ import pytest
 
 from igora.credits import pricing
 from igora.credits.ledger import TAX_ACCOUNT, Kind, Ledger, LedgerError
-from igora.credits.receipts import ClaimError
+from igora.credits.receipts import Claim, ClaimError, Delivery, Reason, RunEnd, run_hash
 from igora.credits.transfer import TransferError, TransferOrder
 
-from .credits_world import ASKERS, MARKET, PARAMS, WORKERS, claim, identity
+from .credits_world import ASKERS, MARKET, PARAMS, WORKERS, claim, header, identity, task_id
 
 ASKER, WORKER = ASKERS[0], WORKERS[0]
 
@@ -223,3 +223,65 @@ def test_balances_that_differ_from_the_entries_are_rebuilt_at_open(tmp_path: Pat
 def test_a_new_identity_has_a_zero_balance_and_no_entries(ledger: Ledger) -> None:
     someone = identity("nobody")
     assert ledger.balance(someone.id) == 0 and ledger.entries(someone.id) == []
+
+
+def test_an_operation_failing_inside_a_group_undoes_only_itself(ledger: Ledger) -> None:
+    with ledger.group():
+        ledger.grant(ASKER.id)
+        with pytest.raises(ClaimError):
+            ledger.settle(claim(ASKER, WORKER, 1), "not the worker", PARAMS)
+        assert ledger.settle(claim(ASKER, WORKER, 2), WORKER.id, PARAMS)
+    assert ledger.count() == 4 and ledger.verify_chain() == 4
+
+
+# --- runs whose asker signed no receipt (credits.md §3) ------------------------------
+
+
+def unsigned(n: int, usage: tuple[int, int] = (30, 200), max_price: int = 10**9) -> Claim:
+    return Claim(header(ASKER, task_id(n), max_price), 1, usage=usage, run=run_hash([b"c"]))
+
+
+def test_an_asker_that_read_its_answer_in_full_pays_without_signing(ledger: Ledger) -> None:
+    read = Delivery(RunEnd.DONE, final=True, bytes=900)
+    assert ledger.settle(unsigned(1), WORKER.id, PARAMS, read)
+    assert ledger.balance(ASKER.id) == -1_260 and ledger.balance(WORKER.id) == 1_260 - 26
+    # The receipt that arrives after the wait settles nothing more.
+    assert not ledger.settle(claim(ASKER, WORKER, 1), WORKER.id, PARAMS)
+    assert ledger.verify_chain() == 3
+
+
+def test_an_asker_that_left_mid_answer_pays_for_what_went_out(ledger: Ledger) -> None:
+    left = Delivery(RunEnd.ASKER_STOPPED, final=False, bytes=50)
+    assert ledger.settle(unsigned(1), WORKER.id, PARAMS, left)
+    assert ledger.balance(ASKER.id) == -(30 + 3 * 50) * 2  # 50 bytes: 50 tokens at most
+
+
+def test_a_worker_s_inflated_usage_is_bounded_by_the_header_and_the_bytes(ledger: Ledger) -> None:
+    read = Delivery(RunEnd.DONE, final=True, bytes=10**6)
+    assert ledger.settle(unsigned(1, usage=(10**6, 10**6)), WORKER.id, PARAMS, read)
+    assert ledger.balance(ASKER.id) == -(120 + 3 * 256) * 2  # promptBytes 120, maxTokens 256
+    assert ledger.settle(unsigned(2, max_price=500), WORKER.id, PARAMS, read)
+    assert ledger.balance(ASKER.id) == -(120 + 3 * 256) * 2 - 500  # never above maxPrice
+    assert ledger.verify_chain() == 6
+
+
+@pytest.mark.parametrize(
+    "delivery",
+    [
+        Delivery(RunEnd.WORKER_FAULT, final=False, bytes=500),  # failed, vanished, handed back
+        Delivery(RunEnd.DONE, final=False, bytes=0),  # nothing reached the asker
+        Delivery(RunEnd.ASKER_STOPPED, final=False, bytes=0),
+    ],
+)
+def test_runs_that_delivered_nothing_or_failed_by_the_worker_are_free(
+    ledger: Ledger, delivery: Delivery
+) -> None:
+    with pytest.raises(ClaimError) as info:
+        ledger.settle(unsigned(1), WORKER.id, PARAMS, delivery)
+    assert info.value.reason is Reason.NOT_PAYABLE and ledger.count() == 0
+
+
+def test_a_claim_without_receipt_needs_the_delivery_record(ledger: Ledger) -> None:
+    with pytest.raises(ClaimError) as info:
+        ledger.settle(unsigned(1), WORKER.id, PARAMS)
+    assert info.value.reason is Reason.NO_RECEIPT
