@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IgoraError
-from ..identity import b64url
+from ..identity import IdentityError, b64url, public_key
 from ..protocol import canonical
 from . import pricing
 from .receipts import Claim, ClaimError, Delivery, Receipt, Settlement
@@ -153,6 +153,8 @@ class Ledger:
             if market is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            if market is None:
+                self._check_is_ledger()  # before anything is written to someone else's file
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -165,6 +167,12 @@ class Ledger:
             raise LedgerError(f"cannot open the ledger {self.path}: {why}") from None
 
     # --- opening -----------------------------------------------------------------
+
+    def _check_is_ledger(self) -> None:
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        if not {"meta", "entries", "balances"} <= tables:
+            self._db.close()
+            raise LedgerError(f"{self.path} is not a ledger (no entries, balances, market)")
 
     def _market(self, market: str | None) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE name='market'").fetchone()
@@ -296,6 +304,10 @@ class Ledger:
         ``amount`` is 0: grants are off)."""
         if type(amount) is not int or not 0 <= amount <= pricing.MAX_AMOUNT:
             raise LedgerError(f"grant {amount!r} is not a millicredit count")
+        try:
+            public_key(account)
+        except IdentityError as exc:
+            raise LedgerError(f"grant: {exc}") from None
         if amount == 0:
             return False
         proof = _proof({"grant": amount, "to": account})

@@ -67,6 +67,8 @@ def test_an_identity_is_granted_once_and_a_zero_grant_is_none(ledger: Ledger) ->
     assert ledger.balances() == {ASKER.id: 5_000}
     with pytest.raises(LedgerError):
         ledger.grant(ASKERS[2].id, -1)
+    with pytest.raises(LedgerError, match="agent id"):
+        ledger.grant("tax", 1_000)
 
 
 def test_a_transfer_moves_credits_once_and_only_what_the_sender_has(ledger: Ledger) -> None:
@@ -160,6 +162,20 @@ def test_no_ledger_and_not_a_ledger_are_one_line_errors(tmp_path: Path) -> None:
         Ledger(tmp_path / "junk")
     with pytest.raises(LedgerError, match="folder"):
         Ledger(tmp_path, MARKET.id)
+
+
+def test_another_sqlite_file_is_not_a_ledger_and_stays_untouched(tmp_path: Path) -> None:
+    """`igora credits --ledger DATA/market.sqlite3` (the room store) changes nothing."""
+    store = tmp_path / "market.sqlite3"
+    db = sqlite3.connect(store)
+    db.execute("CREATE TABLE updates (room TEXT, data BLOB)")
+    db.commit()
+    db.close()
+    before = store.read_bytes()
+    with pytest.raises(LedgerError, match="is not a ledger"):
+        Ledger(store)
+    assert store.read_bytes() == before
+    assert not (tmp_path / "market.sqlite3-wal").exists()
 
 
 def _tamper(path: Path, sql: str, *args: object) -> None:
