@@ -43,9 +43,10 @@ SEND_DESCRIPTION = """\
 Give AMOUNT credits (at most three decimals) to the identity ID, as a transfer order
 signed by this data folder's key. The order is applied to the ledger file (the market's
 DATA/ledger.sqlite3 or --ledger FILE), which needs write access to it: today, on the
-market's own machine. With --print the signed order is printed as JSON instead, for the
-market to apply; it names the market (its id from the ledger, or --market-key), so it is
-worth nothing on another market, and its random nonce makes it count once."""
+market's own machine. With --print the signed order is printed as JSON instead; it
+names the market (its id from the ledger, or --market-key), so it is worth nothing on
+another market, and its random nonce makes it count once. Nothing applies a printed
+order yet: from protocol 3's step 7, `send` hands it to the market itself."""
 
 EXAMPLES = """\
 examples:

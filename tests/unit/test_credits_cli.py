@@ -141,3 +141,10 @@ def test_bad_arguments_are_one_line_errors_with_exit_2(
     )
     assert done.returncode == 2 and done.stdout == ""
     assert message in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_the_data_folder_may_come_before_the_action(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, ledger: Path
+) -> None:
+    code, out, _ = run(capfd, "credits", "--data", str(tmp_path), "send", ASKERS[3].id, "1")
+    assert code == 0 and out.splitlines()[-1] == "balance: 97.740"
