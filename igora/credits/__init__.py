@@ -2,5 +2,10 @@
 
 - ``pricing``: the price rule and its constants, one home, published in ``dir``;
 - ``receipts``: receipts signed by askers, claims presented by workers, and their checks;
-- ``ledger``: the market's SQLite ledger, a hash chain of entries, idempotent settlement.
+- ``transfer``: transfer orders signed by their sender;
+- ``ledger``: the market's SQLite ledger, a hash chain of entries, idempotent settlement;
+- ``writer``: the ledger from an event loop, one transaction per 50 ms tick;
+- ``command``: ``igora credits`` and ``igora credits send``.
+
+Not wired to the roles yet (protocol-v3 step 7): docs/credits.md §0 says what waits.
 """
