@@ -17,31 +17,34 @@ The sum of all balances but the ``tax`` account equals the grants minus the tax 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ..errors import IgoraError
-from ..identity import IdentityError, b64url, public_key
-from ..protocol import canonical
+from ..identity import IdentityError, public_key
 from . import pricing
-from .receipts import Claim, ClaimError, Delivery, Receipt, Settlement
+from .entries import (
+    GENESIS,
+    TAX_ACCOUNT,
+    Entry,
+    Kind,
+    LedgerError,
+    audit,
+    grant_key,
+    proof_text,
+    run_key,
+    transfer_key,
+)
+from .receipts import Claim, Delivery, Settlement
 from .transfer import TransferError, TransferOrder
 
-LEDGER_FILE = "ledger.sqlite3"
-TAX_ACCOUNT = "tax"
-"""Where burned tax is recorded; no sum of balances counts it."""
-GENESIS = bytes(32)
-"""The ``prev`` of the first entry."""
+__all__ = ["LEDGER_FILE", "TAX_ACCOUNT", "Entry", "Kind", "Ledger", "LedgerError"]
 
+LEDGER_FILE = "ledger.sqlite3"
 log = logging.getLogger("igora.credits")
 
 _SCHEMA = """
@@ -63,59 +66,6 @@ CREATE TABLE IF NOT EXISTS balances (account TEXT PRIMARY KEY, amount INTEGER NO
 """
 
 
-class LedgerError(IgoraError):
-    """The ledger file cannot be used, or its chain or balances do not add up."""
-
-
-class Kind(str, Enum):
-    GRANT = "grant"
-    EARN = "earn"
-    SPEND = "spend"
-    TRANSFER = "transfer"
-    TAX = "tax"
-
-
-@dataclass(frozen=True)
-class Entry:
-    seq: int
-    key: str
-    kind: Kind
-    account: str
-    amount: int
-    task: str | None
-    attempt: int | None
-    proof: str  # canonical JSON
-    prev: bytes
-    at: int  # ms epoch
-
-    def digest(self) -> bytes:
-        """BLAKE2b-256 of the entry: the next entry's ``prev``."""
-        fields = {
-            "seq": self.seq,
-            "key": self.key,
-            "kind": self.kind.value,
-            "account": self.account,
-            "amount": self.amount,
-            "task": self.task,
-            "attempt": self.attempt,
-            "proof": self.proof,
-            "prev": b64url(self.prev),
-            "at": self.at,
-        }
-        return hashlib.blake2b(canonical(fields), digest_size=32).digest()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "kind": self.kind.value,
-            "account": self.account,
-            "amount": self.amount,
-            "task": self.task,
-            "attempt": self.attempt,
-            "at": self.at,
-        }
-
-
 _COLUMNS = "seq, key, kind, account, amount, task, attempt, proof, prev, at"
 
 
@@ -126,15 +76,6 @@ _Row = tuple[str, Kind, str, int, str | None, int | None]
 def _entry(row: tuple[Any, ...]) -> Entry:
     seq, key, kind, account, amount, task, attempt, proof, prev, at = row
     return Entry(seq, key, Kind(kind), account, amount, task, attempt, proof, bytes(prev), at)
-
-
-def _run_key(s: Settlement, kind: Kind) -> str:
-    """The unique key of one of a run's entries: a run settles once."""
-    return f"run:{s.asker}:{s.task}:{s.attempt}:{kind.value}"
-
-
-def _proof(obj: dict[str, Any]) -> str:
-    return canonical(obj).decode("utf-8")
 
 
 class Ledger:
@@ -280,12 +221,12 @@ class Ledger:
         """Record a checked run: ``spend`` (asker, −price), ``earn`` (worker, +price −
         tax), ``tax`` (burned). False if that run was settled already."""
         entries = [
-            (_run_key(s, Kind.SPEND), Kind.SPEND, s.asker, -s.price, s.task, s.attempt),
-            (_run_key(s, Kind.EARN), Kind.EARN, s.worker, s.price - s.tax, s.task, s.attempt),
-            (_run_key(s, Kind.TAX), Kind.TAX, TAX_ACCOUNT, s.tax, s.task, s.attempt),
+            (run_key(s, Kind.SPEND), Kind.SPEND, s.asker, -s.price, s.task, s.attempt),
+            (run_key(s, Kind.EARN), Kind.EARN, s.worker, s.price - s.tax, s.task, s.attempt),
+            (run_key(s, Kind.TAX), Kind.TAX, TAX_ACCOUNT, s.tax, s.task, s.attempt),
         ]
         with self._transaction():
-            return self._insert(entries, _proof(s.proof))
+            return self._insert(entries, proof_text(s.proof))
 
     def settle(
         self,
@@ -310,10 +251,10 @@ class Ledger:
             raise LedgerError(f"grant: {exc}") from None
         if amount == 0:
             return False
-        proof = _proof({"grant": amount, "to": account})
+        proof = proof_text({"grant": amount, "to": account})
         with self._transaction():
             return self._insert(
-                [(f"grant:{account}", Kind.GRANT, account, amount, None, None)], proof
+                [(grant_key(account), Kind.GRANT, account, amount, None, None)], proof
             )
 
     def transfer(self, order: TransferOrder) -> bool:
@@ -322,9 +263,10 @@ class Ledger:
         order.verify()
         if order.market != self.market:
             raise TransferError("the transfer order is for another market")
-        k = f"transfer:{order.sender}:{order.nonce}:"
         with self._transaction():
-            if self._db.execute("SELECT 1 FROM entries WHERE key=?", (k + "out",)).fetchone():
+            if self._db.execute(
+                "SELECT 1 FROM entries WHERE key=?", (transfer_key(order, "out"),)
+            ).fetchone():
                 return False
             have = self.balance(order.sender)
             if have < order.amount:
@@ -333,10 +275,17 @@ class Ledger:
                     f"{pricing.credits_text(order.amount)}"
                 )
             entries = [
-                (k + "out", Kind.TRANSFER, order.sender, -order.amount, None, None),
-                (k + "in", Kind.TRANSFER, order.to, order.amount, None, None),
+                (
+                    transfer_key(order, "out"),
+                    Kind.TRANSFER,
+                    order.sender,
+                    -order.amount,
+                    None,
+                    None,
+                ),
+                (transfer_key(order, "in"), Kind.TRANSFER, order.to, order.amount, None, None),
             ]
-            return self._insert(entries, _proof(order.to_json()))
+            return self._insert(entries, proof_text(order.to_json()))
 
     # --- reading -----------------------------------------------------------------
 
@@ -386,74 +335,5 @@ class Ledger:
         with self._lock:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq").fetchall()
             cached = self._cached()
-        entries, prev = [_entry(r) for r in rows], GENESIS
-        for i, entry in enumerate(entries, start=1):
-            if entry.seq != i or entry.prev != prev:
-                raise LedgerError(f"ledger chain broken at entry {entry.seq}")
-            prev = entry.digest()
-        sums = dict[str, int]()
-        for entry in entries:
-            _check_proof(entry, self.market)
-            sums[entry.account] = sums.get(entry.account, 0) + entry.amount
-        if sums != cached:
-            raise LedgerError("ledger balances differ from the sums of its entries")
-        grants = sum(e.amount for e in entries if e.kind is Kind.GRANT)
-        held = sum(v for a, v in sums.items() if a != TAX_ACCOUNT)
-        if held != grants - sums.get(TAX_ACCOUNT, 0):
-            raise LedgerError("ledger balances do not add up to grants minus tax")
+        audit([_entry(r) for r in rows], cached, self.market)
         return len(rows)
-
-
-def _settlement(proof: dict[str, Any], market: str) -> Settlement:
-    """The settlement a run's proof makes, all its checks redone."""
-    if "receipt" in proof:
-        receipt = Receipt.parse(proof["receipt"])
-        claim = Claim(proof["header"], receipt.attempt, receipt)
-        return claim.check(receipt.worker, market, proof["params"])
-    usage = proof["usage"]
-    claim = Claim.parse(
-        {
-            "header": proof["header"],
-            "attempt": proof["attempt"],
-            "usage": usage,
-            "run": proof["run"],
-        }
-    )
-    delivery = Delivery.parse(proof["delivery"])
-    return claim.check(proof["worker"], market, proof["params"], delivery)
-
-
-def _check_proof(entry: Entry, market: str) -> None:
-    """An entry's amount is what its signed proof says (LedgerError naming the entry)."""
-    try:
-        proof = json.loads(entry.proof)
-        kind = entry.kind
-        if kind is Kind.GRANT:
-            ok = proof == {"grant": entry.amount, "to": entry.account}
-            ok = ok and entry.key == f"grant:{entry.account}"
-        elif kind is Kind.TRANSFER:
-            order = TransferOrder.parse(proof)
-            order.verify()
-            side = entry.key.rsplit(":", 1)[-1]
-            account, amount = (
-                (order.sender, -order.amount) if side == "out" else (order.to, order.amount)
-            )
-            ok = order.market == market and (entry.account, entry.amount) == (account, amount)
-            ok = ok and entry.key == f"transfer:{order.sender}:{order.nonce}:{side}"
-        else:
-            s = _settlement(proof, market)
-            due = {
-                Kind.SPEND: (s.asker, -s.price),
-                Kind.EARN: (s.worker, s.price - s.tax),
-                Kind.TAX: (TAX_ACCOUNT, s.tax),
-            }[kind]
-            ok = (entry.key, entry.account, entry.amount, entry.task, entry.attempt) == (
-                _run_key(s, kind),
-                *due,
-                s.task,
-                s.attempt,
-            )
-    except (ValueError, KeyError, TypeError, ClaimError, TransferError) as exc:
-        raise LedgerError(f"ledger entry {entry.seq}: its proof does not hold ({exc})") from None
-    if not ok:
-        raise LedgerError(f"ledger entry {entry.seq}: its amount is not its proof's")
