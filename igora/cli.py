@@ -131,6 +131,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from .identity import show
 
         return show(args.data, args.json)
+    if args.command == "credits":
+        from .credits.command import run as credits
+
+        return credits(args)
     if args.command == "workers":
         from .workers_config import Defaults, run_workers
 

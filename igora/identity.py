@@ -47,18 +47,18 @@ class BadSignature(IgoraError):
     """A signature does not verify under the key it claims."""
 
 
-def _b64url(data: bytes) -> str:
+def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _unb64url(text: str, size: int, what: str) -> bytes:
+def unb64url(text: str, size: int, what: str) -> bytes:
     """``size`` bytes from their canonical unpadded base64url form; IdentityError else.
     Canonical: two spellings of one key would be two ids for one identity."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raw = b""
-    if len(raw) != size or _b64url(raw) != text:
+    if len(raw) != size or b64url(raw) != text:
         shown = text if len(text) <= 60 else text[:60] + "..."
         raise IdentityError(f"{what} {shown!r} is not {size} bytes in base64url")
     return raw
@@ -68,14 +68,14 @@ def agent_id(public_key: bytes) -> str:
     """The agent id of an Ed25519 public key: base64url, no padding."""
     if len(public_key) != 32:
         raise IdentityError("an Ed25519 public key is 32 bytes")
-    return _b64url(public_key)
+    return b64url(public_key)
 
 
 def public_key(id_: str) -> VerifyKey:
     """The Ed25519 key an agent id names; IdentityError if it is not one."""
     if not isinstance(id_, str) or len(id_) != ID_LENGTH:
         raise IdentityError(f"agent id {str(id_)[:60]!r} is not {ID_LENGTH} characters")
-    return VerifyKey(_unb64url(id_, 32, "agent id"))
+    return VerifyKey(unb64url(id_, 32, "agent id"))
 
 
 def verify(id_: str, message: bytes, signature: bytes) -> None:
@@ -141,8 +141,8 @@ class SessionKey:
     def fields(self) -> dict[str, str | int]:
         """The advert and header fields that carry it (docs/security.md §2)."""
         return {
-            "encKey": _b64url(bytes(self.public_key)),
-            "encSig": _b64url(self.signature),
+            "encKey": b64url(bytes(self.public_key)),
+            "encSig": b64url(self.signature),
             "since": self.since,
         }
 
@@ -156,8 +156,8 @@ def _check_since(since: object) -> int:
 def verify_session_key(id_: str, enc_key: str, since: int, enc_sig: str) -> PublicKey:
     """The X25519 key ``enc_key`` if ``enc_sig`` is agent ``id_``'s signature over it and
     ``since`` (the fields of ``SessionKey.fields``); BadSignature or IdentityError else."""
-    key = _unb64url(enc_key, 32, "encKey")
-    sig = _unb64url(enc_sig, 64, "encSig")
+    key = unb64url(enc_key, 32, "encKey")
+    sig = unb64url(enc_sig, 64, "encSig")
     verify(id_, _session_message(key, _check_since(since)), sig)
     return PublicKey(key)
 

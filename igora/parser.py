@@ -13,6 +13,7 @@ from .broker import policies
 from .broker.presence import DEFAULT_GRACE
 from .client import DEFAULT_TIMEOUT
 from .config import DEFAULT_HOST, env
+from .credits import command as credits_cmd
 from .engines.config import (
     DEFAULT_CONTEXT,
     DEFAULT_DELAY,
@@ -393,5 +394,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
 
+    credits_cmd.add_parser(sub, argparse.RawDescriptionHelpFormatter, _common)
     gateway_cli.add_parser(sub, Formatter, _market_options, _common)
     return parser

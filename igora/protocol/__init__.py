@@ -7,11 +7,13 @@ field or an extra map, never a rename.
 
 - ``names``: maps, states, field names, error codes, limits, ids;
 - ``validation``: what a valid task is, and the readings of a task every role shares;
-- ``peer``: one agent as seen through awareness.
+- ``peer``: one agent as seen through awareness;
+- ``canonical``: the canonical JSON bytes that v3 signatures and hashes cover.
 
 The task's state changes live in ``igora.lifecycle``.
 """
 
+from .canonical import CanonicalError, canonical
 from .names import (
     ABORTED_MARK,
     BROKER_STYLE,
@@ -92,6 +94,7 @@ __all__ = [
     "AgentField",
     "AgentState",
     "AgentType",
+    "CanonicalError",
     "ErrorCode",
     "MapName",
     "Peer",
@@ -101,6 +104,7 @@ __all__ = [
     "TaskKind",
     "abort_asked",
     "attempt_of",
+    "canonical",
     "chat_messages",
     "is_original",
     "new_id",

@@ -1,0 +1,114 @@
+"""The price rule (docs/credits.md §1): the one place its constants live.
+
+Amounts are integers in millicredits. A run costs ``(promptTokens + 3 × completionTokens)
+× factor``, ``factor = clamp(ceil(params × 10), 1, 2000)`` where ``params`` is the model's
+size in billions of parameters from the worker's signed advert. 2 % of each price,
+rounded up to a millicredit, is burned as tax.
+
+``params`` is read as the decimal its text spells (``0.3`` is three tenths, not the
+binary float just above it), so ``ceil`` gives every party the same factor.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+MILLI = 1_000
+"""Millicredits per credit."""
+COMPLETION_WEIGHT = 3
+"""A completion token costs three prompt tokens (generating is the expensive part)."""
+FACTOR_PER_BILLION = 10
+MIN_FACTOR = 1
+MAX_FACTOR = 2_000
+TAX_PERCENT = 2
+DEFAULT_GRANT = 100 * MILLI
+"""What a new identity gets at its first handshake as a member (``--grant``)."""
+RULE_VERSION = 1
+MAX_AMOUNT = 10**15
+"""The largest amount one entry moves (a trillion credits; SQLite integers hold 9.2e18)."""
+
+
+class PriceError(ValueError):
+    """A size or a token count the rule cannot price."""
+
+
+def _params(params: float | int | str | Decimal) -> Decimal:
+    if isinstance(params, bool):
+        raise PriceError("params is a number of billions of parameters, not a boolean")
+    try:
+        value = Decimal(str(params))
+    except InvalidOperation:
+        raise PriceError(f"params {params!r} is not a number") from None
+    if not value.is_finite() or value <= 0:
+        raise PriceError(f"params {params!r} must be a positive number of billions")
+    return value
+
+
+def params_text(params: float | int | str | Decimal) -> str:
+    """``params`` as the decimal text a ledger proof keeps (canonical JSON has no floats)."""
+    return str(_params(params))
+
+
+def factor(params: float | int | str | Decimal) -> int:
+    """The price factor of a model of ``params`` billion parameters (135M: 2; 7B: 70)."""
+    raw = math.ceil(_params(params) * FACTOR_PER_BILLION)
+    return max(MIN_FACTOR, min(MAX_FACTOR, raw))
+
+
+def _tokens(value: object, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise PriceError(f"{what} {value!r} is not a count of tokens (a whole number, 0 or more)")
+    return value
+
+
+def price(prompt_tokens: int, completion_tokens: int, params: float | int | str | Decimal) -> int:
+    """The price of a run, in millicredits."""
+    weighted = _tokens(prompt_tokens, "promptTokens") + COMPLETION_WEIGHT * _tokens(
+        completion_tokens, "completionTokens"
+    )
+    return weighted * factor(params)
+
+
+def tax(amount: int) -> int:
+    """The part of ``amount`` that is burned: 2 %, rounded up to a millicredit."""
+    return -(-amount * TAX_PERCENT // 100)
+
+
+def credits_text(millicredits: int) -> str:
+    """``1260`` -> ``"1.260"``: credits with three decimals, as the CLI shows them."""
+    sign = "-" if millicredits < 0 else ""
+    whole, milli = divmod(abs(millicredits), MILLI)
+    return f"{sign}{whole}.{milli:03d}"
+
+
+def parse_credits(text: str) -> int:
+    """``"1.5"`` -> ``1500`` millicredits; PriceError for anything else than a positive
+    amount with at most three decimals."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise PriceError(f"{text!r} is not an amount of credits (e.g. 1.5)") from None
+    milli = value * MILLI
+    if not value.is_finite() or milli != milli.to_integral_value():
+        raise PriceError(f"{text!r} is not an amount of credits with at most three decimals")
+    if not 0 < milli <= MAX_AMOUNT:
+        raise PriceError(f"{text} is not a positive amount of credits up to {MAX_AMOUNT // MILLI}")
+    return int(milli)
+
+
+def prices(grant: int = DEFAULT_GRANT) -> dict[str, Any]:
+    """The rule as the market publishes it in ``dir.market.prices``: every party computes
+    the same price from it (integers only, so it fits canonical JSON)."""
+    return {
+        "v": RULE_VERSION,
+        "unit": "millicredit",
+        "perCredit": MILLI,
+        "completionWeight": COMPLETION_WEIGHT,
+        "factorPerBillion": FACTOR_PER_BILLION,
+        "minFactor": MIN_FACTOR,
+        "maxFactor": MAX_FACTOR,
+        "taxPercent": TAX_PERCENT,
+        "grant": grant,
+    }

@@ -1,0 +1,6 @@
+"""Igora protocol 3: owned documents, identities, scoped traffic (docs/protocol-v3.md).
+
+- ``wire``: the frames on a v3 websocket;
+- ``documents``: document names, their owners and read rules;
+- ``handshake``: the challenge a connection answers before it joins a room.
+"""
