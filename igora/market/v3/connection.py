@@ -1,0 +1,286 @@
+"""One websocket of protocol 3: the handshake, then the frames of an agent.
+
+The market speaks first (``AUTH CHALLENGE``); until a ``RESPONSE`` proves the identities
+it names, nothing else is accepted: any other frame, a signature that does not verify
+(a replayed response signs another connection's nonce), or ``AUTH_TIMEOUT`` seconds of
+silence close the socket with 4401 (docs/security.md §3). After ``WELCOME`` every frame
+is read whole (``igora.v3.wire``) and checked on names (``igora.v3.documents``) before the
+room sees it (docs/protocol-v3.md §4):
+
+- ``DOC`` step 2 or update: only to a document one of the proved ids owns (else 4403),
+  and only an update ``igora.updates`` and pycrdt can read (else 4400); the room appends
+  it and relays it to the document's readers;
+- ``DOC`` step 1 (a state vector): from the owner or a reader, answered with the diff
+  (step 2); the owner also gets the market's step 1, so that it sends what the market
+  lacks (its re-sync after a reconnection); from anyone else a ``NOTICE`` 403;
+- ``SUB``: checked against the read rules; a refusal is a ``NOTICE`` 403, not a close;
+- ``UNSUB``, ``PRESENCE``: taken; ``CONTROL``: step 3 (a ``NOTICE`` says so).
+
+What the market sends goes through the connection's outbox (``fanout.Outbox``): frames
+that pile up while one is written leave as one ``BATCH``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pycrdt import get_state, merge_updates
+from starlette.websockets import WebSocket
+
+from ...identity import Identity
+from ...updates import UpdateError, check_update, is_panic
+from ...v3 import wire
+from ...v3.documents import DocumentError, may_read, may_read_prefix, may_write, parse
+from ...v3.handshake import Challenge, HandshakeError, Response, Welcome
+from ..fanout import Outbox
+from .room import V3Room
+
+AUTH_TIMEOUT = 5.0
+"""Seconds a new connection has to send its RESPONSE."""
+MAX_SUBSCRIPTIONS = 10_000
+"""Documents one connection may be subscribed to by name."""
+MAX_REASON = 123  # bytes of a websocket close reason
+
+log = logging.getLogger("igora.market")
+
+Problem = tuple[int, str]
+"""Why a connection is closed: the close code and the reason."""
+
+
+def _short(reason: str) -> str:
+    """``reason`` cut to what a websocket close frame carries."""
+    raw = reason.encode("utf-8")[:MAX_REASON]
+    return raw.decode("utf-8", "ignore")
+
+
+def coalesce(batch: list[bytes]) -> Iterator[bytes]:
+    """The messages to send for frames that piled up: one ``BATCH`` (of at most
+    ``wire.MAX_BATCH``), consecutive updates of one document merged into one."""
+    out: list[bytes] = []
+    run: list[bytes] = []  # updates of one document, in a row
+    name = ""
+
+    def end_run() -> None:
+        if len(run) > 1:
+            merged = merge_updates(*run)
+            out.append(wire.encode(wire.Doc(name, wire.Sync.UPDATE, merged)))
+        run.clear()
+
+    for message in batch:
+        frame = wire.decode(message) if message[0] == wire.Kind.DOC else None
+        if isinstance(frame, wire.Doc) and frame.sync is wire.Sync.UPDATE:
+            if run and frame.name != name:
+                end_run()
+            if not run:
+                out.append(message)  # replaced by the merge if more follow
+                name = frame.name
+            elif len(run) == 1:
+                out.pop()
+            run.append(frame.payload)
+            continue
+        end_run()
+        out.append(message)
+    end_run()
+    for i in range(0, len(out), wire.MAX_BATCH):
+        yield wire.batch(out[i : i + wire.MAX_BATCH])
+
+
+class V3Connection:
+    """One agent's socket to a v3 room: its proved identities, subscriptions, outbox."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        room: str,
+        peer: str,
+        market: Identity,
+        limits: dict[str, Any],
+    ) -> None:
+        self.websocket = websocket
+        self.room_name = room
+        self.peer = peer
+        self.market = market
+        self.limits = limits
+        self.ids: frozenset[str] = frozenset()
+        self.subscribed: set[str] = set()
+        self.prefixes: set[str] = set()
+        self.closed = False
+        self.last_seen = time.monotonic()
+        self.outbox = Outbox(self._write, peer, coalesce)
+
+    @property
+    def who(self) -> str:
+        """The peer and the first proved id, shortened as the logs show ids."""
+        return f"{self.peer} ({min(self.ids)[:8]})" if self.ids else self.peer
+
+    # ------------------------------------------------------------------ handshake
+    async def handshake(self) -> bool:
+        """Challenge the agent; True once it proved its ids and was welcomed."""
+        challenge = Challenge.fresh(self.market.id, self.room_name)
+        await self.websocket.send_bytes(wire.encode(challenge.frame()))
+        try:
+            message = await asyncio.wait_for(self.websocket.receive(), AUTH_TIMEOUT)
+        except TimeoutError:
+            await self.close(wire.Close.NO_PROOF, f"no RESPONSE within {AUTH_TIMEOUT:g} s")
+            return False
+        if message["type"] == "websocket.disconnect":
+            self.closed = True
+            return False
+        try:
+            data = message.get("bytes")
+            if data is None:
+                raise HandshakeError("a text frame (protocol 3 is binary)")
+            frame = wire.decode(data)
+            if not isinstance(frame, wire.Auth) or frame.type is not wire.AuthType.RESPONSE:
+                raise HandshakeError(f"{type(frame).__name__} frame before the handshake")
+            response = Response.read(frame)
+            transcript = response.check(challenge)
+        except (wire.WireError, HandshakeError) as exc:
+            await self.close(wire.Close.NO_PROOF, f"handshake refused: {exc}")
+            return False
+        # Membership, bans and invitations are step 5 (docs/security.md §5): for now
+        # every identity that proves itself is admitted.
+        self.ids = frozenset(response.ids)
+        welcome = Welcome.make(self.market, transcript, response.ids, self.limits)
+        self.outbox.put(wire.encode(welcome.frame()))
+        return True
+
+    # ------------------------------------------------------------------ frames
+    async def serve(self, room: V3Room) -> None:
+        """Read frames until the socket closes or breaks a rule."""
+        while not self.closed:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                if message.get("code") == 1009:
+                    log.warning("%s: disconnected, message over the size limit", self.who)
+                break
+            data = message.get("bytes")
+            if data is None:
+                await self.close(wire.Close.BAD_FRAME, "text frame (protocol 3 is binary)")
+                return
+            try:
+                frames = wire.frames(data)
+            except wire.WireError as exc:
+                await self.close(wire.Close.BAD_FRAME, f"bad frame: {exc}")
+                return
+            self.last_seen = time.monotonic()
+            for frame in frames:  # no await between two frames: the room sees them in order
+                problem = self.handle(room, frame)
+                if problem is not None:
+                    await self.close(*problem)
+                    return
+        self.closed = True
+        self.outbox.close()
+
+    def handle(self, room: V3Room, frame: wire.Frame) -> Problem | None:
+        """Take one frame; what closes the connection, if it breaks a rule."""
+        if isinstance(frame, wire.Doc):
+            return self._doc(room, frame)
+        if isinstance(frame, wire.Subscribe):
+            if frame.unsubscribe:
+                self._unsubscribe(room, frame.names)
+            else:
+                self._subscribe(room, frame.names)
+            return None
+        if isinstance(frame, wire.Presence):
+            return None  # liveness is the connection; last_seen is updated (§6)
+        if isinstance(frame, wire.Control):
+            op = str(frame.body["op"])[:40]
+            self.notice(501, "", f"CONTROL {op!r} is not built yet (protocol-v3.md §12, step 3)")
+            return None
+        if isinstance(frame, wire.Auth):
+            return wire.Close.BAD_FRAME, "AUTH frame after the handshake"
+        return wire.Close.BAD_FRAME, f"{type(frame).__name__} frames go from the market only"
+
+    def _doc(self, room: V3Room, frame: wire.Doc) -> Problem | None:
+        try:
+            doc = parse(frame.name)
+        except DocumentError as exc:
+            return wire.Close.BAD_FRAME, str(exc)
+        owner = may_write(doc, self.ids, lease=False)  # the lease is step 3
+        if frame.sync is wire.Sync.STEP1:
+            if not owner and not room.reads(self, doc.name):
+                self.notice(wire.Code.REFUSED, doc.name, "step 1 for a document you do not read")
+                return None
+            try:
+                diff = room.sync(doc.name, frame.payload)
+            except ValueError:
+                return wire.Close.BAD_FRAME, f"bad state vector for {doc.name}"
+            self.outbox.put(wire.encode(wire.Doc(doc.name, wire.Sync.STEP2, diff)))
+            if owner:  # the owner sends back what the market lacks
+                vector = room.vector(doc.name)
+                self.outbox.put(wire.encode(wire.Doc(doc.name, wire.Sync.STEP1, vector)))
+            return None
+        if not owner:
+            return wire.Close.FORBIDDEN, f"write to a document you do not own: {doc.name}"
+        try:
+            check_update(frame.payload)  # what yrs cannot represent would break readers
+            get_state(frame.payload)
+        except (UpdateError, ValueError) as exc:
+            return wire.Close.BAD_FRAME, f"refused update of {doc.name}: {exc}"
+        except BaseException as exc:
+            if not is_panic(exc):
+                raise
+            return wire.Close.BAD_FRAME, f"refused update of {doc.name}: pycrdt panicked"
+        refusal = room.write(self, doc, frame.payload)
+        if refusal is not None:
+            return wire.Close.BAD_FRAME, f"refused update of {doc.name}: {refusal}"
+        return None
+
+    def _subscribe(self, room: V3Room, names: tuple[tuple[str, bool], ...]) -> None:
+        for name, prefix in names:
+            if prefix:
+                if may_read_prefix(name, broker=False):  # no brokers before step 3
+                    self.prefixes.add(name)
+                    room.subscribe_prefix(self, name)
+                else:
+                    self.notice(wire.Code.REFUSED, name, "prefix subscriptions are for brokers")
+                continue
+            try:
+                doc = parse(name)
+            except DocumentError as exc:
+                self.notice(wire.Code.REFUSED, name[:200], str(exc))
+                continue
+            if not may_read(doc, self.ids, broker=False, attached=False):
+                self.notice(wire.Code.REFUSED, name, f"you may not read {name}")
+            elif name not in self.subscribed and len(self.subscribed) >= MAX_SUBSCRIPTIONS:
+                self.notice(wire.Code.REFUSED, name, f"{MAX_SUBSCRIPTIONS} subscriptions already")
+            else:
+                self.subscribed.add(name)
+                room.subscribe(self, name)
+
+    def _unsubscribe(self, room: V3Room, names: tuple[tuple[str, bool], ...]) -> None:
+        for name, prefix in names:
+            if prefix:
+                if name in self.prefixes:
+                    self.prefixes.discard(name)
+                    room.prefix_subs[name].discard(self)
+            elif name in self.subscribed:
+                self.subscribed.discard(name)
+                room.unsubscribe(self, name)
+
+    def notice(self, code: int, doc: str, text: str) -> None:
+        self.outbox.put(wire.encode(wire.Notice(int(code), doc, text)))
+
+    # ------------------------------------------------------------------ sending, closing
+    async def _write(self, message: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            await self.websocket.send_bytes(message)
+        except Exception:
+            self.closed = True
+            self.outbox.close()
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code``: one log line saying who and why."""
+        log.warning("%s: disconnected (%d), %s", self.who, code, reason)
+        self.closed = True
+        self.outbox.close()
+        with contextlib.suppress(Exception):
+            await self.websocket.close(code=int(code), reason=_short(reason))

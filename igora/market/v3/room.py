@@ -1,0 +1,230 @@
+"""A room of protocol 3: owned documents kept as update logs, and who reads which.
+
+The room holds each document's log (``doclog.DocLog``), the subscriptions of its
+connections (by name, and by prefix for brokers), the identities connected and, per
+identity, how many task documents it owns. It does not check who may write or read:
+the connection does (``connection``, with ``igora.v3.documents``), before it calls
+``write`` or ``subscribe``. What it checks is what needs the room's state: a document's
+size and an identity's count of task documents (protocol-v3.md §4, rule 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ...v3 import wire
+from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, parse
+from ..fanout import Outbox
+from ..room import background
+from ..store import Store
+from .doclog import EMPTY_UPDATE, DocHistory, DocLog
+
+MAX_TASK_DOCUMENTS = 1_000
+"""Live task documents (``p/``, ``r/``) one identity may own at once."""
+
+log = logging.getLogger("igora.market")
+
+
+class Peer(Protocol):
+    """A connection as the room sees it (``connection.V3Connection``)."""
+
+    @property
+    def ids(self) -> frozenset[str]: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+
+@dataclass(frozen=True)
+class DocLimits:
+    """How large documents may grow (the task document's cap is ``--max-message``)."""
+
+    task_document: int
+    task_documents: int = MAX_TASK_DOCUMENTS
+
+
+def _task_owner(name: str) -> str | None:
+    """The owner of a stored task document, None for any other document."""
+    try:
+        doc = parse(name)
+    except DocumentError:
+        return None
+    return doc.agent if doc.kind in TASK_DOCUMENTS else None
+
+
+class V3Room:
+    """One v3 room in memory."""
+
+    def __init__(self, name: str, store: Store, limits: DocLimits) -> None:
+        self.name = name
+        self.limits = limits
+        self.history = DocHistory(name, store)
+        self.docs: dict[str, DocLog] = self.history.load()
+        self.subs: dict[str, set[Peer]] = {}
+        self.prefix_subs: dict[str, set[Peer]] = {p: set() for p in PREFIXES}
+        self.connections: set[Peer] = set()
+        self.identities: Counter[str] = Counter()  # id -> connections that proved it
+        self.task_documents: Counter[str] = Counter()  # id -> task documents it owns
+        for doc in self.docs:
+            owner = _task_owner(doc)
+            if owner is not None:
+                self.task_documents[owner] += 1
+        self.holders = 0  # connections using the room, including ones still joining
+        self.idle_since = time.monotonic()
+        self.updates = 0  # taken since the room was loaded
+
+    # ------------------------------------------------------------------ connections
+    def join(self, peer: Peer) -> None:
+        self.connections.add(peer)
+        self.identities.update(peer.ids)
+
+    def leave(self, peer: Peer, subscribed: set[str], prefixes: set[str]) -> None:
+        self.connections.discard(peer)
+        self.identities.subtract(peer.ids)
+        for i in peer.ids:
+            if self.identities[i] <= 0:
+                del self.identities[i]
+        for name in subscribed:
+            self.unsubscribe(peer, name)
+        for prefix in prefixes:
+            self.prefix_subs[prefix].discard(peer)
+
+    # ------------------------------------------------------------------ reading
+    def subscribe(self, peer: Peer, name: str) -> None:
+        """Subscribe ``peer`` to ``name`` (read rules checked by the caller) and send it
+        the document's state, if there is one yet."""
+        self.subs.setdefault(name, set()).add(peer)
+        doc = self.docs.get(name)
+        if doc is not None and not doc.empty:
+            peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, doc.state())))
+
+    def subscribe_prefix(self, peer: Peer, prefix: str) -> None:
+        self.prefix_subs[prefix].add(peer)
+
+    def unsubscribe(self, peer: Peer, name: str) -> None:
+        readers = self.subs.get(name)
+        if readers is not None:
+            readers.discard(peer)
+            if not readers:
+                del self.subs[name]
+
+    def readers(self, name: str) -> set[Peer]:
+        """The connections subscribed to ``name``, by name or by prefix."""
+        out = set(self.subs.get(name, ()))
+        for prefix, peers in self.prefix_subs.items():
+            if peers and name.startswith(prefix):
+                out |= peers
+        return out
+
+    def reads(self, peer: Peer, name: str) -> bool:
+        return peer in self.readers(name)
+
+    def sync(self, name: str, state_vector: bytes) -> bytes:
+        """What a holder of ``state_vector`` lacks of ``name`` (ValueError: not a state
+        vector)."""
+        doc = self.docs.get(name)
+        return (doc or DocLog()).diff(state_vector)
+
+    def vector(self, name: str) -> bytes:
+        """The state vector of ``name`` as the market holds it."""
+        return (self.docs.get(name) or DocLog()).vector()
+
+    # ------------------------------------------------------------------ writing
+    def write(self, sender: Peer, doc: DocName, update: bytes) -> str | None:
+        """Append a checked update of ``doc`` (its owner's) and relay it to every reader
+        but ``sender``; return why it is refused (a limit), if it is."""
+        if update == EMPTY_UPDATE:
+            return None
+        name = doc.name
+        log = self.docs.get(name)
+        is_task = doc.kind in TASK_DOCUMENTS
+        if log is None:
+            if is_task and doc.agent is not None:
+                owned, most = self.task_documents[doc.agent], self.limits.task_documents
+                if owned >= most:
+                    return f"{owned} live task documents already (at most {most})"
+            log = self.docs[name] = DocLog()
+            log.stored = 0
+            if is_task and doc.agent is not None:
+                self.task_documents[doc.agent] += 1
+        if is_task and log.size + len(update) > self.limits.task_document:
+            return f"document {name} would pass {self.limits.task_document} bytes"
+        log.append(update)
+        self.updates += 1
+        self.history.appended(name, update)
+        message = wire.encode(wire.Doc(name, wire.Sync.UPDATE, update))
+        for reader in self.readers(name):
+            if reader is not sender:
+                reader.outbox.put(message)
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """The room as ``GET /status`` lists it: counts, no content."""
+        return {
+            "name": self.name,
+            "protocol": 3,
+            "connections": len(self.connections),
+            "identities": len(self.identities),
+            "documents": len(self.docs),
+            "updates": self.updates,
+        }
+
+
+class V3Rooms:
+    """The v3 rooms in memory: loaded from the store when a connection has proved
+    itself, dropped from memory ``room_idle`` s after their last connection. With
+    ``max_rooms`` in memory, the room idle the longest leaves first."""
+
+    def __init__(self, store: Store, limits: DocLimits, room_idle: float, max_rooms: int) -> None:
+        self.store = store
+        self.limits = limits
+        self.room_idle = room_idle
+        self.max_rooms = max_rooms
+        self.rooms: dict[str, V3Room] = {}
+
+    async def room(self, name: str) -> V3Room | str:
+        """The room of that name, loaded if need be; or why it cannot be loaded."""
+        room = self.rooms.get(name)
+        if room is not None:
+            return room
+        for _ in range(10):
+            if len(self.rooms) < self.max_rooms:
+                break
+            idle = [r for r in self.rooms.values() if r.holders == 0]
+            if not idle:
+                return f"{self.max_rooms} rooms in memory already, none idle"
+            await self._unload(min(idle, key=lambda r: r.idle_since))
+        else:
+            return f"{self.max_rooms} rooms in memory already"
+        room = self.rooms.get(name)  # loaded by another connection meanwhile
+        if room is None:
+            room = self.rooms[name] = V3Room(name, self.store, self.limits)
+        return room
+
+    def unload_later(self, room: V3Room) -> None:
+        room.idle_since = time.monotonic()
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.room_idle, lambda: background(self._unload_if_idle(room)))
+
+    async def _unload_if_idle(self, room: V3Room) -> None:
+        if room.holders or self.rooms.get(room.name) is not room:
+            return
+        if time.monotonic() - room.idle_since < self.room_idle * 0.99:
+            return  # someone came and went since: a later call decides
+        await self._unload(room)
+
+    async def _unload(self, room: V3Room) -> None:
+        await room.history.flush()
+        if room.holders or room.history.pending or self.rooms.get(room.name) is not room:
+            return
+        del self.rooms[room.name]
+        log.debug("room %s: unloaded from memory", room.name)
+
+    def flush_sync(self) -> None:
+        for room in self.rooms.values():
+            room.history.flush_sync()
