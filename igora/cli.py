@@ -120,6 +120,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             secure=args.secure,
             v3_rooms=frozenset(args.v3_room),
             identity_data=args.data,
+            broker_keys=frozenset(args.broker_key),
         )
         return 0
     if args.command == "up":

@@ -220,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="this room speaks protocol 3 (repeatable); the others stay open version 2 rooms",
     )
+    g.add_argument(
+        "--broker-key",
+        action="append",
+        default=[],
+        type=arg.agent_id,
+        metavar="ID",
+        help="with --secure: this identity may hold a room's broker lease (repeatable; "
+        "the market's own key always may). In the --v3-room rooms of an open market "
+        "any identity may",
+    )
     _common(p)
 
     p = sub.add_parser(

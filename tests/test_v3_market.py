@@ -363,3 +363,121 @@ def test_market_flags_are_checked_and_the_id_is_logged(cluster: Cluster, tmp_pat
         timeout=60,
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--v3-room" in bad.stderr
+
+
+async def test_the_broker_lease_has_one_holder_and_moves_to_the_next_in_line(
+    cluster: Cluster,
+) -> None:
+    b1, b2, asker = new_identity(), new_identity(), new_identity()
+    url = secure(cluster, "--broker-key", b1.id, "--broker-key", b2.id)
+    c = await RawPeer.join(url, ROOM, asker)
+    inbox = f"in/{asker.id}"
+    await c.send(wire.Subscribe(((inbox, False), ("who", False), ("a/", True))))
+    assert (await c.notice("who")).code == wire.Code.REFUSED  # brokers only
+    assert (await c.notice("a/")).code == wire.Code.REFUSED
+    await c.send(wire.Control({"op": "lease"}))
+    refused = await c.notice("")
+    assert refused.code == wire.Code.REFUSED and "may not be a broker" in refused.text
+
+    first = await RawPeer.join(url, ROOM, b1)
+    await first.send(wire.Control({"op": "lease"}))
+    granted = await first.notice("")
+    assert (granted.code, granted.text) == (200, "lease granted, epoch 1")
+    second = await RawPeer.join(url, ROOM, b2)
+    await second.send(wire.Subscribe((("a/", True), ("who", False))), wire.Control({"op": "lease"}))
+    held = await second.notice("")
+    assert (held.code, held.text) == (409, "lease held, epoch 1; you are number 1 in line")
+
+    doc: Doc[object] = Doc()
+    await first.send(wire.Doc(inbox, wire.Sync.UPDATE, update_setting(doc, "tasks", TID, 1)))
+    got = await c.doc(inbox, wire.Sync.UPDATE)
+    assert doc_content(got.payload, map_name="tasks") == {TID: 1}
+    # The asker writes its own a/ (read by the waiting broker, by prefix), not its inbox.
+    await c.send(wire.Doc(f"a/{asker.id}", wire.Sync.UPDATE, update_setting(Doc(), "t", "x", 1)))
+    await second.doc(f"a/{asker.id}", wire.Sync.UPDATE)
+    await c.send(wire.Doc(inbox, wire.Sync.UPDATE, update_setting(Doc(), "tasks", "y", 2)))
+    assert (await c.closed())[0] == 4403
+
+    await first.close()  # the holder leaves: the next in line gets the next epoch
+    moved = await second.notice("")
+    assert (moved.code, moved.text) == (200, "lease granted, epoch 2")
+    await second.send(wire.Doc("board", wire.Sync.UPDATE, update_setting(Doc(), "b", "n", 1)))
+    await second.barrier()
+    status = next(r for r in cluster.status()["rooms"] if r["name"] == ROOM)
+    assert status["lease"] == {"epoch": 2, "held": True}
+    # A broker that does not hold the lease writes in/ and board as anyone else: 4403.
+    third = await RawPeer.join(url, ROOM, b1)
+    await third.send(wire.Doc("board", wire.Sync.UPDATE, update_setting(Doc(), "b", "n", 2)))
+    assert (await third.closed())[0] == 4403
+
+
+async def test_the_lease_holder_attaches_task_documents_and_owners_drop_them(
+    cluster: Cluster,
+) -> None:
+    cluster.market("--v3-room", ROOM)  # an open market: any identity may be a broker
+    url = cluster.url
+    broker, worker, asker = new_identity(), new_identity(), new_identity()
+    prompt = f"p/{asker.id}/{TID}"
+    c = await RawPeer.join(url, ROOM, asker)
+    await c.send(wire.Doc(prompt, wire.Sync.UPDATE, update_setting(Doc(), "m", "pt", "hi")))
+    w = await RawPeer.join(url, ROOM, worker)
+    await w.send(wire.Subscribe(((prompt, False),)))
+    assert (await w.notice(prompt)).code == wire.Code.REFUSED  # not attached yet
+    b = await RawPeer.join(url, ROOM, broker)
+    await b.send(wire.Control({"op": "attach", "to": worker.id, "docs": [prompt]}))
+    refused = await b.notice("")
+    assert refused.code == wire.Code.REFUSED and "lease holder" in refused.text
+    await b.send(wire.Control({"op": "lease"}))
+    assert (await b.notice("")).code == wire.Code.LEASE_GRANTED
+    inbox = f"in/{worker.id}"
+    await w.send(wire.Subscribe(((inbox, False),)))
+    await w.barrier()
+    await b.send(
+        wire.Doc(inbox, wire.Sync.UPDATE, update_setting(Doc(), "tasks", TID, {"n": 1})),
+        wire.Control({"op": "attach", "to": worker.id, "docs": [prompt]}),
+    )
+    # The assignment, then the prompt's state, in that order.
+    first = await w.until(lambda f: isinstance(f, wire.Doc), what="a DOC")
+    assert isinstance(first, wire.Doc) and first.name == inbox
+    state = await w.doc(prompt, wire.Sync.STEP2)
+    assert doc_content(state.payload) == {"pt": "hi"}
+    # The attachment belongs to the identity: a new connection of the worker reads it.
+    w2 = await RawPeer.join(url, ROOM, worker)
+    assert doc_content((await w2.doc(prompt, wire.Sync.STEP2)).payload) == {"pt": "hi"}
+    await c.send(wire.Doc(prompt, wire.Sync.UPDATE, update_setting(Doc(), "m", "abort", True)))
+    for peer in (w, w2):
+        assert doc_content((await peer.doc(prompt, wire.Sync.UPDATE)).payload) == {"abort": True}
+    # Attaching a document that is not a task's is refused: a protocol error.
+    await b.send(wire.Control({"op": "attach", "to": worker.id, "docs": [f"a/{asker.id}"]}))
+    assert (await b.closed())[0] == 4400
+    # Dropping another's document is a write to it; the owner's drop ends it for readers.
+    await w2.send(wire.Control({"op": "drop", "doc": prompt}))
+    assert (await w2.closed()) == (4403, f"drop of a document you do not own: {prompt}")
+    await c.send(wire.Control({"op": "drop", "doc": prompt}))
+    dropped = await w.notice(prompt)
+    assert dropped.code == wire.Code.DROPPED
+    await c.send(wire.Subscribe(((prompt, False),)))
+    await c.barrier()
+    assert not [f for f in c.received if isinstance(f, wire.Doc)]  # nothing left to send
+    room = next(r for r in cluster.status()["rooms"] if r["name"] == ROOM)
+    assert room["documents"] == 1  # in/<worker>
+
+
+async def test_a_connection_silent_for_three_heartbeats_is_closed(cluster: Cluster) -> None:
+    url = secure(cluster)
+    quiet = await RawPeer.join(url, ROOM, new_identity())
+    await quiet.send(wire.Presence({"state": {"type": "worker"}, "heartbeat": 0.5}))
+    alive = await RawPeer.join(url, ROOM, new_identity())
+    await alive.send(wire.Presence({"heartbeat": 0.5}))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    closing = asyncio.create_task(quiet.closed(timeout=10))
+    while not closing.done():
+        await alive.send(wire.Presence({}))
+        await asyncio.sleep(0.3)
+    assert closing.result() == (4408, "nothing received for 1.5 s")
+    assert loop.time() - start >= 1.0
+    await alive.barrier()  # still open
+    bad = await RawPeer.join(url, ROOM, new_identity())
+    await bad.send(wire.Presence({"heartbeat": "often"}))
+    assert await bad.closed() == (4400, "a PRESENCE heartbeat is 0.1 to 300 s")

@@ -72,6 +72,7 @@ class Market:
         identity: Identity | None = None,
         secure: bool = False,
         v3_rooms: frozenset[str] = frozenset(),
+        broker_keys: frozenset[str] = frozenset(),
     ) -> None:
         if (secure or v3_rooms) and identity is None:
             raise ValueError("a market with v3 rooms needs its identity")
@@ -89,6 +90,11 @@ class Market:
         self.identity = identity
         self.secure = secure
         self.v3_rooms = v3_rooms
+        # Who may hold a room's broker lease: in a secure market the market's own key and
+        # --broker-key; in the v3 rooms of an open market, any identity (security.md §5).
+        self.brokers: frozenset[str] | None = None
+        if secure and identity is not None:
+            self.brokers = broker_keys | {identity.id}
         limits = DocLimits(task_document=max_message)
         self.v3 = V3Rooms(self.store, limits, room_idle, max_rooms)
         self.v3_limits = {
@@ -213,7 +219,9 @@ class Market:
             return
         assert self.identity is not None
         await websocket.accept(subprotocol=wire.SUBPROTOCOL)
-        connection = V3Connection(websocket, room_name, peer, self.identity, self.v3_limits)
+        connection = V3Connection(
+            websocket, room_name, peer, self.identity, self.v3_limits, self.brokers
+        )
         if not await connection.handshake():
             return
         room = await self.v3.room(room_name)
@@ -226,7 +234,9 @@ class Market:
         try:
             await connection.serve(room)
         finally:
-            room.leave(connection, connection.subscribed, connection.prefixes)
+            holder = room.leave(connection)
+            if isinstance(holder, V3Connection):  # the next broker in line
+                holder.lease_granted(room.lease.epoch)
             room.holders -= 1
             if room.holders == 0:
                 self.v3.unload_later(room)

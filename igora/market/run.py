@@ -130,6 +130,7 @@ def run_market(
     secure: bool = False,
     v3_rooms: frozenset[str] = frozenset(),
     identity_data: Path | None = None,
+    broker_keys: frozenset[str] = frozenset(),
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit).
 
@@ -171,6 +172,7 @@ def run_market(
         identity=identity,
         secure=secure,
         v3_rooms=v3_rooms,
+        broker_keys=broker_keys,
     )
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
     log.info(

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,10 +34,19 @@ from typing import Any
 from pycrdt import get_state, merge_updates
 from starlette.websockets import WebSocket
 
-from ...identity import Identity
+from ...agent import DEFAULT_HEARTBEAT
+from ...identity import ID_LENGTH, Identity
+from ...protocol import number
 from ...updates import UpdateError, check_update, is_panic
 from ...v3 import wire
-from ...v3.documents import DocumentError, may_read, may_read_prefix, may_write, parse
+from ...v3.documents import (
+    TASK_DOCUMENTS,
+    DocumentError,
+    may_read,
+    may_read_prefix,
+    may_write,
+    parse,
+)
 from ...v3.handshake import Challenge, HandshakeError, Response, Welcome
 from ..fanout import Outbox
 from .room import V3Room
@@ -44,7 +55,16 @@ AUTH_TIMEOUT = 5.0
 """Seconds a new connection has to send its RESPONSE."""
 MAX_SUBSCRIPTIONS = 10_000
 """Documents one connection may be subscribed to by name."""
+MISSED_HEARTBEATS = 3
+"""A connection silent for this many of its heartbeats is closed (protocol-v3.md §6)."""
+HEARTBEATS = (0.1, 300.0)
+"""The heartbeats (s) a PRESENCE may announce."""
+SILENT = 4408  # closed for silence: no frame for MISSED_HEARTBEATS heartbeats
+MAX_STATE = 4096  # bytes of a PRESENCE state
+MAX_ATTACHMENTS = 10_000
+"""Documents one identity may be attached to at once."""
 MAX_REASON = 123  # bytes of a websocket close reason
+ID = re.compile(rf"[A-Za-z0-9_-]{{{ID_LENGTH}}}")
 
 log = logging.getLogger("igora.market")
 
@@ -100,17 +120,22 @@ class V3Connection:
         peer: str,
         market: Identity,
         limits: dict[str, Any],
+        brokers: frozenset[str] | None = None,
     ) -> None:
         self.websocket = websocket
         self.room_name = room
         self.peer = peer
         self.market = market
         self.limits = limits
+        self.brokers = brokers  # ids that may hold the broker lease (None: any)
+        self.broker = False  # whether one of its proved ids may
         self.ids: frozenset[str] = frozenset()
-        self.subscribed: set[str] = set()
+        self.subscribed: set[str] = set()  # kept by the room (subscriptions, attachments)
         self.prefixes: set[str] = set()
         self.closed = False
         self.last_seen = time.monotonic()
+        self.heartbeat = DEFAULT_HEARTBEAT  # until its PRESENCE says otherwise
+        self.state: dict[str, Any] = {}  # its last PRESENCE state
         self.outbox = Outbox(self._write, peer, coalesce)
 
     @property
@@ -122,7 +147,8 @@ class V3Connection:
     async def handshake(self) -> bool:
         """Challenge the agent; True once it proved its ids and was welcomed."""
         challenge = Challenge.fresh(self.market.id, self.room_name)
-        await self.websocket.send_bytes(wire.encode(challenge.frame()))
+        if not await self._send_now(wire.encode(challenge.frame())):
+            return False
         try:
             message = await asyncio.wait_for(self.websocket.receive(), AUTH_TIMEOUT)
         except TimeoutError:
@@ -146,15 +172,30 @@ class V3Connection:
         # Membership, bans and invitations are step 5 (docs/security.md §5): for now
         # every identity that proves itself is admitted.
         self.ids = frozenset(response.ids)
+        self.broker = self.brokers is None or bool(self.ids & self.brokers)
         welcome = Welcome.make(self.market, transcript, response.ids, self.limits)
-        self.outbox.put(wire.encode(welcome.frame()))
+        # Sent alone, before anything of the room: an agent reads it as one frame.
+        return await self._send_now(wire.encode(welcome.frame()))
+
+    async def _send_now(self, message: bytes) -> bool:
+        """Send outside the outbox (the handshake); False if the socket is gone."""
+        try:
+            await self.websocket.send_bytes(message)
+        except Exception:
+            self.closed = True
+            return False
         return True
 
     # ------------------------------------------------------------------ frames
     async def serve(self, room: V3Room) -> None:
         """Read frames until the socket closes or breaks a rule."""
         while not self.closed:
-            message = await self.websocket.receive()
+            silence = MISSED_HEARTBEATS * self.heartbeat
+            try:
+                message = await asyncio.wait_for(self.websocket.receive(), silence)
+            except TimeoutError:
+                await self.close(SILENT, f"nothing received for {silence:g} s")
+                return
             if message["type"] == "websocket.disconnect":
                 if message.get("code") == 1009:
                     log.warning("%s: disconnected, message over the size limit", self.who)
@@ -183,16 +224,18 @@ class V3Connection:
             return self._doc(room, frame)
         if isinstance(frame, wire.Subscribe):
             if frame.unsubscribe:
-                self._unsubscribe(room, frame.names)
+                for name, prefix in frame.names:
+                    if prefix:
+                        room.unsubscribe_prefix(self, name)
+                    else:
+                        room.unsubscribe(self, name)
             else:
                 self._subscribe(room, frame.names)
             return None
         if isinstance(frame, wire.Presence):
-            return None  # liveness is the connection; last_seen is updated (§6)
+            return self._presence(frame.body)
         if isinstance(frame, wire.Control):
-            op = str(frame.body["op"])[:40]
-            self.notice(501, "", f"CONTROL {op!r} is not built yet (protocol-v3.md §12, step 3)")
-            return None
+            return self._control(room, frame.body)
         if isinstance(frame, wire.Auth):
             return wire.Close.BAD_FRAME, "AUTH frame after the handshake"
         return wire.Close.BAD_FRAME, f"{type(frame).__name__} frames go from the market only"
@@ -202,7 +245,7 @@ class V3Connection:
             doc = parse(frame.name)
         except DocumentError as exc:
             return wire.Close.BAD_FRAME, str(exc)
-        owner = may_write(doc, self.ids, lease=False)  # the lease is step 3
+        owner = may_write(doc, self.ids, lease=room.lease.holder is self)
         if frame.sync is wire.Sync.STEP1:
             if not owner and not room.reads(self, doc.name):
                 self.notice(wire.Code.REFUSED, doc.name, "step 1 for a document you do not read")
@@ -235,8 +278,7 @@ class V3Connection:
     def _subscribe(self, room: V3Room, names: tuple[tuple[str, bool], ...]) -> None:
         for name, prefix in names:
             if prefix:
-                if may_read_prefix(name, broker=False):  # no brokers before step 3
-                    self.prefixes.add(name)
+                if may_read_prefix(name, broker=self.broker):
                     room.subscribe_prefix(self, name)
                 else:
                     self.notice(wire.Code.REFUSED, name, "prefix subscriptions are for brokers")
@@ -246,23 +288,90 @@ class V3Connection:
             except DocumentError as exc:
                 self.notice(wire.Code.REFUSED, name[:200], str(exc))
                 continue
-            if not may_read(doc, self.ids, broker=False, attached=False):
+            if not may_read(doc, self.ids, self.broker, room.attached(self, name)):
                 self.notice(wire.Code.REFUSED, name, f"you may not read {name}")
             elif name not in self.subscribed and len(self.subscribed) >= MAX_SUBSCRIPTIONS:
                 self.notice(wire.Code.REFUSED, name, f"{MAX_SUBSCRIPTIONS} subscriptions already")
             else:
-                self.subscribed.add(name)
                 room.subscribe(self, name)
 
-    def _unsubscribe(self, room: V3Room, names: tuple[tuple[str, bool], ...]) -> None:
-        for name, prefix in names:
-            if prefix:
-                if name in self.prefixes:
-                    self.prefixes.discard(name)
-                    room.prefix_subs[name].discard(self)
-            elif name in self.subscribed:
-                self.subscribed.discard(name)
-                room.unsubscribe(self, name)
+    def _presence(self, body: dict[str, Any]) -> Problem | None:
+        """Liveness (§6): nothing is relayed; the heartbeat sets how long a silence
+        closes the connection, the state is what ``who`` shows."""
+        if "heartbeat" in body:
+            beat = number(body["heartbeat"])
+            low, high = HEARTBEATS
+            if beat is None or not low <= beat <= high:
+                return wire.Close.BAD_FRAME, f"a PRESENCE heartbeat is {low:g} to {high:g} s"
+            self.heartbeat = beat
+        state = body.get("state", {})
+        if not isinstance(state, dict):
+            return wire.Close.BAD_FRAME, "a PRESENCE state is an object"
+        if len(json.dumps(state)) > MAX_STATE:
+            return wire.Close.BAD_FRAME, f"a PRESENCE state over {MAX_STATE} bytes"
+        self.state = state
+        return None
+
+    # ------------------------------------------------------------------ CONTROL
+    def _control(self, room: V3Room, body: dict[str, Any]) -> Problem | None:
+        op = body["op"]
+        if op == "lease":
+            self._lease(room)
+            return None
+        if op == "attach":
+            return self._attach(room, body)
+        if op == "drop":
+            name = body.get("doc")
+            if not isinstance(name, str):
+                return wire.Close.BAD_FRAME, 'a drop names its "doc"'
+            try:
+                doc = parse(name)
+            except DocumentError as exc:
+                return wire.Close.BAD_FRAME, str(exc)
+            if not may_write(doc, self.ids, lease=room.lease.holder is self):
+                return wire.Close.FORBIDDEN, f"drop of a document you do not own: {name}"
+            room.drop(self, name)
+            return None
+        self.notice(501, "", f"CONTROL {op[:40]!r} is not built (protocol-v3.md §12)")
+        return None
+
+    def _lease(self, room: V3Room) -> None:
+        if not self.broker:
+            self.notice(wire.Code.REFUSED, "", "your identity may not be a broker here")
+        elif room.lease.request(self):
+            self.lease_granted(room.lease.epoch)
+        else:
+            place = room.lease.waiting.index(self) + 1
+            text = f"lease held, epoch {room.lease.epoch}; you are number {place} in line"
+            self.notice(wire.Code.LEASE_HELD, "", text)
+
+    def _attach(self, room: V3Room, body: dict[str, Any]) -> Problem | None:
+        """The lease holder attaches an identity to task documents (protocol-v3.md §5)."""
+        if room.lease.holder is not self:
+            self.notice(wire.Code.REFUSED, "", "only the broker lease holder attaches")
+            return None
+        to, names = body.get("to"), body.get("docs")
+        if not isinstance(to, str) or not ID.fullmatch(to):
+            return wire.Close.BAD_FRAME, 'an attach names an agent id "to"'
+        if not isinstance(names, list) or not 0 < len(names) <= wire.MAX_NAMES:
+            return wire.Close.BAD_FRAME, f'an attach lists 1 to {wire.MAX_NAMES} "docs"'
+        for name in names:
+            try:
+                doc = parse(name) if isinstance(name, str) else None
+            except DocumentError:
+                doc = None
+            if doc is None or doc.kind not in TASK_DOCUMENTS:
+                return wire.Close.BAD_FRAME, f"only task documents are attached, not {name!r:.80}"
+        attached = room.attachments.get(to, set())
+        if len(attached | set(names)) > MAX_ATTACHMENTS:
+            self.notice(wire.Code.REFUSED, "", f"{to} has {MAX_ATTACHMENTS} attachments already")
+            return None
+        room.attach(to, names)
+        return None
+
+    def lease_granted(self, epoch: int) -> None:
+        log.info("room %s: broker lease to %s, epoch %d", self.room_name, self.who, epoch)
+        self.notice(wire.Code.LEASE_GRANTED, "", f"lease granted, epoch {epoch}")
 
     def notice(self, code: int, doc: str, text: str) -> None:
         self.outbox.put(wire.encode(wire.Notice(int(code), doc, text)))

@@ -23,6 +23,7 @@ from ..fanout import Outbox
 from ..room import background
 from ..store import Store
 from .doclog import EMPTY_UPDATE, DocHistory, DocLog
+from .lease import Lease
 
 MAX_TASK_DOCUMENTS = 1_000
 """Live task documents (``p/``, ``r/``) one identity may own at once."""
@@ -38,6 +39,9 @@ class Peer(Protocol):
 
     @property
     def outbox(self) -> Outbox: ...
+
+    subscribed: set[str]  # documents it reads by name (subscribed or attached)
+    prefixes: set[str]  # prefixes it reads
 
 
 @dataclass(frozen=True)
@@ -74,39 +78,66 @@ class V3Room:
             owner = _task_owner(doc)
             if owner is not None:
                 self.task_documents[owner] += 1
+        self.lease: Lease[Peer] = Lease()
+        self.attachments: dict[str, set[str]] = {}  # id -> documents attached to it (§5)
         self.holders = 0  # connections using the room, including ones still joining
         self.idle_since = time.monotonic()
         self.updates = 0  # taken since the room was loaded
 
     # ------------------------------------------------------------------ connections
     def join(self, peer: Peer) -> None:
+        """A proved connection joins: it reads at once what was attached to its ids."""
         self.connections.add(peer)
         self.identities.update(peer.ids)
+        for i in peer.ids:
+            for name in sorted(self.attachments.get(i, ())):
+                self.subscribe(peer, name)
 
-    def leave(self, peer: Peer, subscribed: set[str], prefixes: set[str]) -> None:
+    def leave(self, peer: Peer) -> Peer | None:
+        """A connection is gone; the new lease holder, if the lease moved."""
         self.connections.discard(peer)
         self.identities.subtract(peer.ids)
         for i in peer.ids:
             if self.identities[i] <= 0:
                 del self.identities[i]
-        for name in subscribed:
-            self.unsubscribe(peer, name)
-        for prefix in prefixes:
+        for name in peer.subscribed:
+            self._unlist(peer, name)
+        peer.subscribed.clear()
+        for prefix in peer.prefixes:
             self.prefix_subs[prefix].discard(peer)
+        return self.lease.release(peer)
 
     # ------------------------------------------------------------------ reading
     def subscribe(self, peer: Peer, name: str) -> None:
         """Subscribe ``peer`` to ``name`` (read rules checked by the caller) and send it
         the document's state, if there is one yet."""
         self.subs.setdefault(name, set()).add(peer)
+        peer.subscribed.add(name)
         doc = self.docs.get(name)
         if doc is not None and not doc.empty:
             peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, doc.state())))
 
     def subscribe_prefix(self, peer: Peer, prefix: str) -> None:
         self.prefix_subs[prefix].add(peer)
+        peer.prefixes.add(prefix)
+
+    def unsubscribe_prefix(self, peer: Peer, prefix: str) -> None:
+        if prefix in peer.prefixes:
+            peer.prefixes.discard(prefix)
+            self.prefix_subs[prefix].discard(peer)
 
     def unsubscribe(self, peer: Peer, name: str) -> None:
+        """``peer`` stops reading ``name``; an attachment of its ids to it ends too."""
+        peer.subscribed.discard(name)
+        self._unlist(peer, name)
+        for i in peer.ids:
+            attached = self.attachments.get(i)
+            if attached is not None and name in attached:
+                attached.discard(name)
+                if not attached:
+                    del self.attachments[i]
+
+    def _unlist(self, peer: Peer, name: str) -> None:
         readers = self.subs.get(name)
         if readers is not None:
             readers.discard(peer)
@@ -123,6 +154,43 @@ class V3Room:
 
     def reads(self, peer: Peer, name: str) -> bool:
         return peer in self.readers(name)
+
+    def attached(self, peer: Peer, name: str) -> bool:
+        """Whether the lease holder attached one of ``peer``'s ids to ``name``."""
+        return any(name in self.attachments.get(i, ()) for i in peer.ids)
+
+    def attach(self, to: str, names: list[str]) -> None:
+        """Attach identity ``to`` to documents (the lease holder's word, §5): every
+        connection of ``to`` reads them from now on, their state sent at once, and so
+        will its later connections."""
+        attached = self.attachments.setdefault(to, set())
+        attached.update(names)
+        for peer in self.connections:
+            if to in peer.ids:
+                for name in names:
+                    if name not in peer.subscribed:
+                        self.subscribe(peer, name)
+
+    def drop(self, sender: Peer, name: str) -> None:
+        """Remove a document (its owner's word): its log, its rows, its subscriptions
+        and attachments; its readers get a ``NOTICE`` 410."""
+        if self.docs.pop(name, None) is not None:
+            self.history.drop(name)
+            owner = _task_owner(name)
+            if owner is not None:
+                self.task_documents[owner] -= 1
+                if self.task_documents[owner] <= 0:
+                    del self.task_documents[owner]
+        notice = wire.encode(wire.Notice(wire.Code.DROPPED, name, "dropped by its owner"))
+        for reader in self.readers(name):
+            if reader is not sender:
+                reader.outbox.put(notice)
+        for peer in self.subs.pop(name, set()):
+            peer.subscribed.discard(name)
+        for i in [i for i, docs in self.attachments.items() if name in docs]:
+            self.attachments[i].discard(name)
+            if not self.attachments[i]:
+                del self.attachments[i]
 
     def sync(self, name: str, state_vector: bytes) -> bytes:
         """What a holder of ``state_vector`` lacks of ``name`` (ValueError: not a state
@@ -172,6 +240,7 @@ class V3Room:
             "identities": len(self.identities),
             "documents": len(self.docs),
             "updates": self.updates,
+            "lease": {"epoch": self.lease.epoch, "held": self.lease.holder is not None},
         }
 
 
