@@ -643,3 +643,36 @@ async def test_a_write_made_while_the_market_s_update_is_applied_is_sent(tmp_pat
             )
         assert tasks(read) == {"t": 1}
         assert kept is not None  # the observer lived until here
+
+
+async def test_a_broker_writes_inboxes_with_the_lease_and_attaches_task_documents(
+    v3_market: Cluster, tmp_path: Path
+) -> None:
+    broker_id, worker_id, asker_id = new_identity(), new_identity(), new_identity()
+    inbox, prompt = f"in/{worker_id.id}", f"p/{asker_id.id}/{'T' * 16}"
+    url = room(v3_market)
+    async with (
+        session(url, broker_id, tmp_path, name="broker") as broker,
+        session(url, worker_id, tmp_path, name="worker") as worker,
+        session(url, asker_id, tmp_path, name="asker") as asker,
+    ):
+        worker_events = worker.events()
+        read_inbox = worker.subscribe(inbox)
+        asker.own(prompt).get("tasks", type=Map)["pt"] = "hello"
+        # Written before the lease: kept, and sent once the lease is granted.
+        assignments = broker.own(inbox)
+        assignments.get("tasks", type=Map)["T"] = {"attempt": 1}
+        await asyncio.sleep(0.3)
+        assert tasks(read_inbox) == {} and broker.connected  # not sent: no 4403
+        broker_events = broker.events()
+        assert broker.control({"op": "lease"})
+        granted = await until(broker_events, lambda e: e.code == wire.Code.LEASE_GRANTED, "lease")
+        assert "epoch" in granted.text and broker.lease
+        await wait_for(lambda: tasks(read_inbox) == {"T": {"attempt": 1}}, 20, "the inbox")
+        broker.control({"op": "attach", "to": worker_id.id, "docs": [prompt]})
+        new = await until(worker_events, lambda e: e.kind is EventKind.NEW, "the attachment")
+        assert new.name == prompt
+        await wait_for(lambda: tasks(worker.docs.get(prompt)) == {"pt": "hello"}, 20, "prompt")
+        asker.drop(prompt)
+        dropped = await until(worker_events, lambda e: e.kind is EventKind.DROPPED, "dropped")
+        assert dropped.name == prompt and prompt not in worker.docs and prompt not in asker.docs
