@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -293,7 +294,8 @@ async def test_a_restarted_market_serves_the_documents_again(cluster: Cluster) -
     assert doc_content(a.payload) == {f"k{i}": i for i in range(150)}
     p = await reader.doc(names[1], wire.Sync.STEP2)
     assert doc_content(p.payload) == {"pt": "hello"}
-    assert "2 document(s) loaded from the store" in cluster.procs[-1].log()
+    room = next(r for r in cluster.status()["rooms"] if r["name"] == ROOM)
+    assert room["documents"] == 2  # the agent's (the market's dir and who are not counted)
 
 
 async def test_an_open_market_serves_v3_only_in_the_rooms_named(cluster: Cluster) -> None:
@@ -481,3 +483,57 @@ async def test_a_connection_silent_for_three_heartbeats_is_closed(cluster: Clust
     bad = await RawPeer.join(url, ROOM, new_identity())
     await bad.send(wire.Presence({"heartbeat": "often"}))
     assert await bad.closed() == (4400, "a PRESENCE heartbeat is 0.1 to 300 s")
+
+
+async def test_the_market_writes_dir_and_who(cluster: Cluster) -> None:
+    """who: every identity connected, with the type and name of its PRESENCE; dir: the
+    market's key and limits, and the lease holder. Both survive a restart as documents,
+    emptied of who was there."""
+    cluster.market("--v3-room", ROOM)
+    market_id = cluster.status()["market"]["id"]
+    broker, worker = new_identity(), new_identity()
+    b = await RawPeer.join(cluster.url, ROOM, broker)
+    await b.send(wire.Subscribe((("who", False), ("dir", False))))
+    who: Doc[object] = Doc()
+    directory: Doc[object] = Doc()
+    feeds = {"who": who, "dir": directory}
+
+    async def until_seen(check: Callable[[], bool], what: str) -> None:
+        for _ in range(100):
+            if check():
+                return
+            frame = await b.until(lambda f: isinstance(f, wire.Doc) and f.name in feeds)
+            assert isinstance(frame, wire.Doc)
+            feeds[frame.name].apply_update(frame.payload)
+        raise AssertionError(what)
+
+    def agents() -> dict[str, object]:
+        return who.get("agents", type=Map).to_py() or {}
+
+    def lease() -> dict[str, object]:
+        return directory.get("broker", type=Map).to_py() or {}
+
+    await until_seen(lambda: broker.id in agents(), "the broker in who")
+    info = directory.get("market", type=Map).to_py() or {}
+    assert info["key"] == market_id and info["version"] == 3
+    w = await RawPeer.join(cluster.url, ROOM, worker)
+    await w.send(wire.Presence({"state": {"type": "worker", "name": "w1"}}))
+    await until_seen(
+        lambda: (agents().get(worker.id) or {}).get("name") == "w1",  # type: ignore[union-attr]
+        "the worker's name in who",
+    )
+    entry = agents()[worker.id]
+    assert isinstance(entry, dict) and entry["type"] == "worker" and entry["since"] > 0
+    await b.send(wire.Control({"op": "lease"}))
+    await until_seen(lambda: lease() == {"id": broker.id, "epoch": 1}, "the lease in dir")
+    await w.close()
+    await until_seen(lambda: worker.id not in agents(), "the worker gone from who")
+    # Nobody writes dir or who but the market, the lease holder included.
+    await b.send(wire.Doc("who", wire.Sync.UPDATE, update_setting(Doc(), "agents", "x", 1)))
+    assert (await b.closed())[0] == 4403
+
+    cluster.procs[0].stop()
+    cluster.market("--v3-room", ROOM)
+    b = await RawPeer.join(cluster.url, ROOM, broker)
+    await b.send(wire.Subscribe((("who", False), ("dir", False))))
+    await until_seen(lambda: lease() == {} and set(agents()) == {broker.id}, "a fresh who")

@@ -24,6 +24,10 @@ from igora.v3 import wire
 from igora.v3.handshake import Challenge, Response, Welcome
 
 
+BARRIER_TASK = "barrier-00000000"
+"""The task id of the (never written) document ``RawPeer.barrier`` asks about."""
+
+
 def new_identity() -> Identity:
     """A fresh identity held in memory (the tests need many, and no key file)."""
     return Identity(SigningKey.generate())
@@ -134,12 +138,14 @@ class RawPeer:
         return frame
 
     async def barrier(self, timeout: float = 10) -> None:
-        """Wait until the market has handled every frame sent before: a step 1 of
-        ``dir`` (which anyone may read) is answered in order."""
-        await self.send(
-            wire.Subscribe((("dir", False),)), wire.Doc("dir", wire.Sync.STEP1, b"\x00")
-        )
-        await self.doc("dir", wire.Sync.STEP2, timeout)
+        """Wait until the market has handled every frame sent before: a step 1 of a
+        document of its own (one that does not exist) is answered in order, by a step 2
+        and the market's step 1, and changes nothing."""
+        assert self.response is not None, "a barrier needs a welcomed peer"
+        name = f"p/{self.response.ids[0]}/{BARRIER_TASK}"
+        await self.send(wire.Doc(name, wire.Sync.STEP1, b"\x00"))
+        await self.doc(name, wire.Sync.STEP2, timeout)
+        await self.doc(name, wire.Sync.STEP1, timeout)
 
     async def notice(self, doc: str, timeout: float = 10) -> wire.Notice:
         frame = await self.until(

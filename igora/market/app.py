@@ -96,12 +96,13 @@ class Market:
         if secure and identity is not None:
             self.brokers = broker_keys | {identity.id}
         limits = DocLimits(task_document=max_message)
-        self.v3 = V3Rooms(self.store, limits, room_idle, max_rooms)
         self.v3_limits = {
             "maxMessage": max_message,
             "taskDocuments": limits.task_documents,
             "taskDocumentBytes": limits.task_document,
         }
+        market_id = identity.id if identity is not None else ""
+        self.v3 = V3Rooms(self.store, limits, room_idle, max_rooms, market_id, self.v3_limits)
         self.app = Starlette(
             routes=[
                 Route("/", self.index),
@@ -235,6 +236,7 @@ class Market:
             await connection.serve(room)
         finally:
             holder = room.leave(connection)
+            log.debug("room %s: %s left", room_name, connection.who)
             if isinstance(holder, V3Connection):  # the next broker in line
                 holder.lease_granted(room.lease.epoch)
             room.holders -= 1

@@ -233,7 +233,10 @@ class V3Connection:
                 self._subscribe(room, frame.names)
             return None
         if isinstance(frame, wire.Presence):
-            return self._presence(frame.body)
+            problem = self._presence(frame.body)
+            if problem is None:
+                room.presence(self)
+            return problem
         if isinstance(frame, wire.Control):
             return self._control(room, frame.body)
         if isinstance(frame, wire.Auth):
@@ -338,7 +341,7 @@ class V3Connection:
     def _lease(self, room: V3Room) -> None:
         if not self.broker:
             self.notice(wire.Code.REFUSED, "", "your identity may not be a broker here")
-        elif room.lease.request(self):
+        elif room.request_lease(self):
             self.lease_granted(room.lease.epoch)
         else:
             place = room.lease.waiting.index(self) + 1

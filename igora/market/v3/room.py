@@ -24,6 +24,7 @@ from ..room import background
 from ..store import Store
 from .doclog import EMPTY_UPDATE, DocHistory, DocLog
 from .lease import Lease
+from .market_docs import DIR, WHO, MarketDocs
 
 MAX_TASK_DOCUMENTS = 1_000
 """Live task documents (``p/``, ``r/``) one identity may own at once."""
@@ -42,6 +43,7 @@ class Peer(Protocol):
 
     subscribed: set[str]  # documents it reads by name (subscribed or attached)
     prefixes: set[str]  # prefixes it reads
+    state: dict[str, Any]  # its last PRESENCE state
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,15 @@ def _task_owner(name: str) -> str | None:
 class V3Room:
     """One v3 room in memory."""
 
-    def __init__(self, name: str, store: Store, limits: DocLimits) -> None:
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        limits: DocLimits,
+        market: str = "",
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        """``market``: the market's id, ``info`` the limits it announces (in ``dir``)."""
         self.name = name
         self.limits = limits
         self.history = DocHistory(name, store)
@@ -83,6 +93,8 @@ class V3Room:
         self.holders = 0  # connections using the room, including ones still joining
         self.idle_since = time.monotonic()
         self.updates = 0  # taken since the room was loaded
+        stored = {n: self.docs[n].state() for n in (DIR, WHO) if n in self.docs}
+        self.market_docs = MarketDocs(stored, self._market_write, market, info or {})
 
     # ------------------------------------------------------------------ connections
     def join(self, peer: Peer) -> None:
@@ -90,6 +102,8 @@ class V3Room:
         self.connections.add(peer)
         self.identities.update(peer.ids)
         for i in peer.ids:
+            if self.identities[i] == 1:
+                self.market_docs.joined(i)
             for name in sorted(self.attachments.get(i, ())):
                 self.subscribe(peer, name)
 
@@ -100,12 +114,36 @@ class V3Room:
         for i in peer.ids:
             if self.identities[i] <= 0:
                 del self.identities[i]
+                self.market_docs.left(i)
         for name in peer.subscribed:
             self._unlist(peer, name)
         peer.subscribed.clear()
         for prefix in peer.prefixes:
             self.prefix_subs[prefix].discard(peer)
-        return self.lease.release(peer)
+        held = self.lease.holder is peer
+        holder = self.lease.release(peer)
+        if held:
+            self._broker_changed()
+        return holder
+
+    def presence(self, peer: Peer) -> None:
+        """``peer`` sent a PRESENCE: its state's type and name go to ``who``."""
+        for i in peer.ids:
+            self.market_docs.presence(i, peer.state)
+
+    # ------------------------------------------------------------------ the lease
+    def request_lease(self, peer: Peer) -> bool:
+        """``peer`` asks for the broker lease (may it? the caller checked): True if it
+        holds it now."""
+        had = self.lease.holder
+        granted = self.lease.request(peer)
+        if granted and had is not peer:
+            self._broker_changed()
+        return granted
+
+    def _broker_changed(self) -> None:
+        holder = self.lease.holder
+        self.market_docs.broker(min(holder.ids) if holder else None, self.lease.epoch)
 
     # ------------------------------------------------------------------ reading
     def subscribe(self, peer: Peer, name: str) -> None:
@@ -222,6 +260,10 @@ class V3Room:
                 self.task_documents[doc.agent] += 1
         if is_task and log.size + len(update) > self.limits.task_document:
             return f"document {name} would pass {self.limits.task_document} bytes"
+        self._append(sender, name, log, update)
+        return None
+
+    def _append(self, sender: Peer | None, name: str, log: DocLog, update: bytes) -> None:
         log.append(update)
         self.updates += 1
         self.history.appended(name, update)
@@ -229,7 +271,13 @@ class V3Room:
         for reader in self.readers(name):
             if reader is not sender:
                 reader.outbox.put(message)
-        return None
+
+    def _market_write(self, name: str, update: bytes) -> None:
+        """An update of ``dir`` or ``who``, the market's own documents."""
+        log = self.docs.get(name)
+        if log is None:
+            log = self.docs[name] = DocLog()
+        self._append(None, name, log, update)
 
     def summary(self) -> dict[str, Any]:
         """The room as ``GET /status`` lists it: counts, no content."""
@@ -238,7 +286,7 @@ class V3Room:
             "protocol": 3,
             "connections": len(self.connections),
             "identities": len(self.identities),
-            "documents": len(self.docs),
+            "documents": len(self.docs) - len(self.docs.keys() & {DIR, WHO}),  # the agents'
             "updates": self.updates,
             "lease": {"epoch": self.lease.epoch, "held": self.lease.holder is not None},
         }
@@ -249,9 +297,19 @@ class V3Rooms:
     itself, dropped from memory ``room_idle`` s after their last connection. With
     ``max_rooms`` in memory, the room idle the longest leaves first."""
 
-    def __init__(self, store: Store, limits: DocLimits, room_idle: float, max_rooms: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limits: DocLimits,
+        room_idle: float,
+        max_rooms: int,
+        market: str = "",
+        info: dict[str, Any] | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits
+        self.market = market
+        self.info = info
         self.room_idle = room_idle
         self.max_rooms = max_rooms
         self.rooms: dict[str, V3Room] = {}
@@ -272,7 +330,8 @@ class V3Rooms:
             return f"{self.max_rooms} rooms in memory already"
         room = self.rooms.get(name)  # loaded by another connection meanwhile
         if room is None:
-            room = self.rooms[name] = V3Room(name, self.store, self.limits)
+            room = V3Room(name, self.store, self.limits, self.market, self.info)
+            self.rooms[name] = room
         return room
 
     def unload_later(self, room: V3Room) -> None:
@@ -292,6 +351,7 @@ class V3Rooms:
         if room.holders or room.history.pending or self.rooms.get(room.name) is not room:
             return
         del self.rooms[room.name]
+        room.market_docs.cancel()
         log.debug("room %s: unloaded from memory", room.name)
 
     def flush_sync(self) -> None:
