@@ -17,7 +17,8 @@ room sees it (docs/protocol-v3.md §4):
 - ``UNSUB``, ``PRESENCE``: taken; ``CONTROL``: step 3 (a ``NOTICE`` says so).
 
 What the market sends goes through the connection's outbox (``fanout.Outbox``): frames
-that pile up while one is written leave as one ``BATCH``.
+that pile up while one is written leave as one ``BATCH`` (``igora.v3.outbox.coalesce``,
+the agents' own).
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
-from pycrdt import get_state, merge_updates
+from pycrdt import get_state
 from starlette.websockets import WebSocket
 
 from ...agent import DEFAULT_HEARTBEAT
@@ -48,6 +48,7 @@ from ...v3.documents import (
     parse,
 )
 from ...v3.handshake import Challenge, HandshakeError, Response, Welcome
+from ...v3.outbox import coalesce
 from ..fanout import Outbox
 from .room import V3Room
 
@@ -76,38 +77,6 @@ def _short(reason: str) -> str:
     """``reason`` cut to what a websocket close frame carries."""
     raw = reason.encode("utf-8")[:MAX_REASON]
     return raw.decode("utf-8", "ignore")
-
-
-def coalesce(batch: list[bytes]) -> Iterator[bytes]:
-    """The messages to send for frames that piled up: one ``BATCH`` (of at most
-    ``wire.MAX_BATCH``), consecutive updates of one document merged into one."""
-    out: list[bytes] = []
-    run: list[bytes] = []  # updates of one document, in a row
-    name = ""
-
-    def end_run() -> None:
-        if len(run) > 1:
-            merged = merge_updates(*run)
-            out.append(wire.encode(wire.Doc(name, wire.Sync.UPDATE, merged)))
-        run.clear()
-
-    for message in batch:
-        frame = wire.decode(message) if message[0] == wire.Kind.DOC else None
-        if isinstance(frame, wire.Doc) and frame.sync is wire.Sync.UPDATE:
-            if run and frame.name != name:
-                end_run()
-            if not run:
-                out.append(message)  # replaced by the merge if more follow
-                name = frame.name
-            elif len(run) == 1:
-                out.pop()
-            run.append(frame.payload)
-            continue
-        end_run()
-        out.append(message)
-    end_run()
-    for i in range(0, len(out), wire.MAX_BATCH):
-        yield wire.batch(out[i : i + wire.MAX_BATCH])
 
 
 class V3Connection:
