@@ -121,6 +121,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             v3_rooms=frozenset(args.v3_room),
             identity_data=args.data,
             broker_keys=frozenset(args.broker_key),
+            behind_tls=args.behind_tls,
         )
         return 0
     if args.command == "up":

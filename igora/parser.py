@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the market's own key always may). In the --v3-room rooms of an open market "
         "any identity may",
     )
+    g.add_argument(
+        "--behind-tls",
+        action="store_true",
+        help="a TLS proxy serves this market as wss://: no warning when a market with "
+        "protocol 3 rooms listens beyond this machine",
+    )
     _common(p)
 
     p = sub.add_parser(

@@ -17,6 +17,7 @@ from pycrdt import Doc, Map
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from igora.market.run import _loopback
 from igora.v3 import wire
 from igora.v3.handshake import Response
 
@@ -358,6 +359,8 @@ def test_market_flags_are_checked_and_the_id_is_logged(cluster: Cluster, tmp_pat
     log = cluster.procs[0].log()
     assert f"market identity {status['market']['id']}; protocol 3 in every room" in log
     assert (cluster.data / "identity.key").is_file()
+    assert "plain ws://" not in log  # 127.0.0.1: no TLS warning
+    assert _loopback("localhost") and _loopback("::1") and not _loopback("0.0.0.0")
     bad = subprocess.run(
         [sys.executable, "-m", "igora", "market", "--v3-room", "x" * 300],
         capture_output=True,
@@ -524,6 +527,8 @@ async def test_the_market_writes_dir_and_who(cluster: Cluster) -> None:
     )
     entry = agents()[worker.id]
     assert isinstance(entry, dict) and entry["type"] == "worker" and entry["since"] > 0
+    listed = next(r for r in cluster.status()["rooms"] if r["name"] == ROOM)["agents"]
+    assert {a["id"]: a["name"] for a in listed} == {broker.id: None, worker.id: "w1"}
     await b.send(wire.Control({"op": "lease"}))
     await until_seen(lambda: lease() == {"id": broker.id, "epoch": 1}, "the lease in dir")
     await w.close()

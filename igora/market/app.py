@@ -221,7 +221,13 @@ class Market:
         assert self.identity is not None
         await websocket.accept(subprotocol=wire.SUBPROTOCOL)
         connection = V3Connection(
-            websocket, room_name, peer, self.identity, self.v3_limits, self.brokers
+            websocket,
+            room_name,
+            peer,
+            self.identity,
+            self.v3_limits,
+            self.brokers,
+            self.connections.log_refusal,
         )
         if not await connection.handshake():
             return

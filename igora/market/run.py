@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 from pathlib import Path
@@ -68,6 +69,15 @@ def _listen(host: str, port: int) -> socket.socket:
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (a name is looked up)."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+        return all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
+    except (socket.gaierror, ValueError):  # unknown, or an address with a scope
+        return False
 
 
 class _QuietInvalidRequest(logging.Filter):
@@ -131,6 +141,7 @@ def run_market(
     v3_rooms: frozenset[str] = frozenset(),
     identity_data: Path | None = None,
     broker_keys: frozenset[str] = frozenset(),
+    behind_tls: bool = False,
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit).
 
@@ -196,6 +207,13 @@ def run_market(
             identity.id,
             rooms,
         )
+        if not behind_tls and not _loopback(host):
+            log.warning(
+                "protocol 3 on %s over plain ws://: anyone on the path can read the "
+                "traffic and act as an agent after its handshake; put a TLS proxy in "
+                "front (wss://) and pass --behind-tls",
+                host,
+            )
     config = uvicorn.Config(
         market.app,
         ws_max_size=max_message,

@@ -37,6 +37,7 @@ from starlette.websockets import WebSocket
 from ...agent import DEFAULT_HEARTBEAT
 from ...identity import ID_LENGTH, Identity
 from ...protocol import number
+from ...ratelog import RateLimitedLog
 from ...updates import UpdateError, check_update, is_panic
 from ...v3 import wire
 from ...v3.documents import (
@@ -90,6 +91,7 @@ class V3Connection:
         market: Identity,
         limits: dict[str, Any],
         brokers: frozenset[str] | None = None,
+        refusals: RateLimitedLog | None = None,
     ) -> None:
         self.websocket = websocket
         self.room_name = room
@@ -97,6 +99,7 @@ class V3Connection:
         self.market = market
         self.limits = limits
         self.brokers = brokers  # ids that may hold the broker lease (None: any)
+        self.refusals = refusals  # the log of refused handshakes
         self.broker = False  # whether one of its proved ids may
         self.ids: frozenset[str] = frozenset()
         self.subscribed: set[str] = set()  # kept by the room (subscriptions, attachments)
@@ -359,8 +362,13 @@ class V3Connection:
             self.outbox.close()
 
     async def close(self, code: int, reason: str) -> None:
-        """Close with ``code``: one log line saying who and why."""
-        log.warning("%s: disconnected (%d), %s", self.who, code, reason)
+        """Close with ``code``: one log line saying who and why (before the handshake,
+        at most one a second per address: anyone can cause those at will)."""
+        if self.ids or self.refusals is None:
+            log.warning("%s: disconnected (%d), %s", self.who, code, reason)
+        else:
+            address = self.peer.rpartition(":")[0]
+            self.refusals("%s: disconnected (%d), %s", self.peer, code, reason, key=address)
         self.closed = True
         self.outbox.close()
         with contextlib.suppress(Exception):

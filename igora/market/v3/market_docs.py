@@ -80,6 +80,10 @@ class MarketDocs:
         shared: Map[Any] = self.docs[doc].get(name, type=Map)
         return shared
 
+    def agents(self) -> list[dict[str, Any]]:
+        """Who is connected, as ``/status`` lists a room's agents."""
+        return [{"id": i, **entry} for i, entry in self._map(WHO, "agents").items()]
+
     # ------------------------------------------------------------------ changes
     def joined(self, id_: str) -> None:
         self._map(WHO, "agents")[id_] = {"type": None, "name": None, "since": now_ms()}

@@ -286,6 +286,7 @@ class V3Room:
             "protocol": 3,
             "connections": len(self.connections),
             "identities": len(self.identities),
+            "agents": self.market_docs.agents(),
             "documents": len(self.docs) - len(self.docs.keys() & {DIR, WHO}),  # the agents'
             "updates": self.updates,
             "lease": {"epoch": self.lease.epoch, "held": self.lease.holder is not None},
