@@ -24,6 +24,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
 from igora.config import ConfigError
+from igora.errors import MarketUnreachable
 from igora.identity import Identity
 from igora.testing import Cluster, free_port, wait_for
 from igora.v3 import known_markets, wire
@@ -676,3 +677,10 @@ async def test_a_broker_writes_inboxes_with_the_lease_and_attaches_task_document
         asker.drop(prompt)
         dropped = await until(worker_events, lambda e: e.kind is EventKind.DROPPED, "dropped")
         assert dropped.name == prompt and prompt not in worker.docs and prompt not in asker.docs
+
+
+async def test_no_market_at_the_url_is_market_unreachable_in_time(tmp_path: Path) -> None:
+    url = f"ws://127.0.0.1:{free_port()}/{ROOM}"
+    with pytest.raises(MarketUnreachable, match=f"no market answered at {url} within 1 s"):
+        async with Session(url, new_identity(), data=tmp_path, connect_timeout=1):
+            pass
