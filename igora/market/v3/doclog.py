@@ -104,7 +104,6 @@ class DocHistory:
 
     def appended(self, name: str, update: bytes) -> None:
         """Document ``name`` took ``update``: write it soon."""
-        self.dropped.discard(name)
         self.pending.append((name, update))
         self._flush_soon()
 
@@ -133,10 +132,10 @@ class DocHistory:
     def _batch(self) -> tuple[list[tuple[str, bytes]], dict[str, bytes | None]]:
         """What to write now (no await between reading the logs and this)."""
         pending, self.pending = self.pending, []
-        replaces: dict[str, bytes | None] = dict.fromkeys(self.dropped)
-        for name in self._redo:
-            doc = self.logs.get(name)
-            replaces[name] = doc.state() if doc is not None else None
+        # Stored whole (or removed): documents dropped (a name written again since
+        # then holds only what came after the drop), whose last write failed, or whose
+        # rows would pass MERGE_EVERY.
+        whole = self.dropped | self._redo
         self.dropped, self._redo = set(), set()
         counts: dict[str, int] = {}
         for name, _ in pending:
@@ -144,12 +143,18 @@ class DocHistory:
         for name, n in counts.items():
             doc = self.logs.get(name)
             if doc is not None and doc.stored + n > MERGE_EVERY:
-                replaces[name] = doc.state()
-        appends = [(n, u) for n, u in pending if n not in replaces]
+                whole.add(name)
+        replaces: dict[str, bytes | None] = {}
+        for name in whole:
+            doc = self.logs.get(name)
+            replaces[name] = doc.state() if doc is not None else None
+            if doc is not None:
+                doc.stored = 1
         for name, n in counts.items():
             doc = self.logs.get(name)
-            if doc is not None:
-                doc.stored = 1 if name in replaces else doc.stored + n
+            if doc is not None and name not in whole:
+                doc.stored += n
+        appends = [(n, u) for n, u in pending if n not in whole]
         return appends, replaces
 
     async def flush(self) -> None:

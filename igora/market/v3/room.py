@@ -348,6 +348,7 @@ class V3Rooms:
         await self._unload(room)
 
     async def _unload(self, room: V3Room) -> None:
+        room.market_docs.flush()  # who, emptied by the last departure
         await room.history.flush()
         if room.holders or room.history.pending or self.rooms.get(room.name) is not room:
             return
@@ -357,4 +358,5 @@ class V3Rooms:
 
     def flush_sync(self) -> None:
         for room in self.rooms.values():
+            room.market_docs.flush()
             room.history.flush_sync()
