@@ -541,4 +541,8 @@ async def test_the_market_writes_dir_and_who(cluster: Cluster) -> None:
     cluster.market("--v3-room", ROOM)
     b = await RawPeer.join(cluster.url, ROOM, broker)
     await b.send(wire.Subscribe((("who", False), ("dir", False))))
-    await until_seen(lambda: lease() == {} and set(agents()) == {broker.id}, "a fresh who")
+    await until_seen(lambda: lease() == {"epoch": 1} and set(agents()) == {broker.id}, "fresh")
+    # The epoch goes on from the stored one: agents never see an older one again.
+    await b.send(wire.Control({"op": "lease"}))
+    assert (await b.notice("")).text == "lease granted, epoch 2"
+    await until_seen(lambda: lease() == {"id": broker.id, "epoch": 2}, "the lease in dir")

@@ -9,12 +9,14 @@ needs nothing special for them.
 - ``who.agents``: id -> ``{"type", "name", "since"}`` of every identity connected
   (``type`` and ``name`` from its last ``PRESENCE`` state, null until it says);
 - ``dir.market``: ``key`` (the market's id), ``version`` (3), ``limits``;
-  ``dir.broker``: ``id`` and ``epoch`` of the lease holder (empty when nobody holds it);
+  ``dir.broker``: ``id`` and ``epoch`` of the lease holder (only ``epoch``, the last
+  one, when nobody holds it: a restarted market grants the next one, so agents that
+  accept only a newer epoch than they saw keep working);
   ``dir.workers``: the adverts, written from step 4's signed ``CONTROL advert``.
 
 A room loaded from the store continues the stored history of both: nobody is connected
-yet, so every ``who`` entry and the broker are removed first (deletions that reach the
-readers' copies too).
+yet, so every ``who`` entry and the broker's id are removed first (deletions that reach
+the readers' copies too).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from pycrdt import Doc, Map, merge_updates
 
-from ...protocol import now_ms
+from ...protocol import now_ms, number
 
 INTERVAL = 1.0
 """Seconds between two updates of one of these documents (protocol-v3.md §6)."""
@@ -67,8 +69,10 @@ class MarketDocs:
         agents, broker = self._map(WHO, "agents"), self._map(DIR, "broker")
         for key in list(agents.keys()):
             del agents[key]
-        for key in list(broker.keys()):
-            del broker[key]
+        epoch = number(broker.get("epoch"))
+        self.epoch = int(epoch) if epoch is not None and epoch > 0 else 0  # the last stored
+        if "id" in broker:
+            del broker["id"]
         info = {"key": market, "version": 3, "limits": limits}
         market_map = self._map(DIR, "market")
         if market_map.to_py() != info:
@@ -110,9 +114,11 @@ class MarketDocs:
         """The lease holder (None: nobody holds the lease)."""
         broker = self._map(DIR, "broker")
         if id_ is None:
-            broker.clear()
+            if "id" in broker:
+                del broker["id"]
         else:
-            broker.update({"id": id_, "epoch": epoch})
+            broker["id"] = id_
+        broker["epoch"] = epoch
         self._changed()
 
     # ------------------------------------------------------------------ sending

@@ -88,13 +88,13 @@ class V3Room:
             owner = _task_owner(doc)
             if owner is not None:
                 self.task_documents[owner] += 1
-        self.lease: Lease[Peer] = Lease()
         self.attachments: dict[str, set[str]] = {}  # id -> documents attached to it (§5)
         self.holders = 0  # connections using the room, including ones still joining
         self.idle_since = time.monotonic()
         self.updates = 0  # taken since the room was loaded
         stored = {n: self.docs[n].state() for n in (DIR, WHO) if n in self.docs}
         self.market_docs = MarketDocs(stored, self._market_write, market, info or {})
+        self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
 
     # ------------------------------------------------------------------ connections
     def join(self, peer: Peer) -> None:
