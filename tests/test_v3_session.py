@@ -684,3 +684,24 @@ async def test_no_market_at_the_url_is_market_unreachable_in_time(tmp_path: Path
     with pytest.raises(MarketUnreachable, match=f"no market answered at {url} within 1 s"):
         async with Session(url, new_identity(), data=tmp_path, connect_timeout=1):
             pass
+
+
+def entry(doc: Doc[Any] | None, map_name: str, key: str) -> Any:
+    assert doc is not None
+    return (doc.get(map_name, type=Map).to_py() or {}).get(key)
+
+
+async def test_the_market_s_documents_show_its_key_and_the_session_s_presence(
+    v3_market: Cluster, tmp_path: Path
+) -> None:
+    me = new_identity()
+    state = {"type": "worker", "name": "w1"}
+    async with session(room(v3_market), me, tmp_path, state=state) as s:
+        directory, present = s.subscribe("dir"), s.subscribe("who")  # who: as a broker may
+        await wait_for(lambda: entry(directory, "market", "key") == s.market, 20, "dir")
+        await wait_for(
+            lambda: (entry(present, "agents", me.id) or {}).get("name") == "w1", 20, "who"
+        )
+        s.set_state(name="w2")
+        await wait_for(lambda: entry(present, "agents", me.id)["name"] == "w2", 20, "renamed")
+        assert entry(present, "agents", me.id)["type"] == "worker"
