@@ -81,6 +81,8 @@ def test_a_room_url_gives_the_market_the_room_and_the_pinned_key() -> None:
 def test_a_url_that_names_no_room_or_no_key_is_refused(url: str, why: str) -> None:
     with pytest.raises(ConfigError, match=why):
         Session(url, new_identity())
+    with pytest.raises(ConfigError, match=r"heartbeat 0\.01 s: a market takes 0\.1 to 300 s"):
+        Session("ws://127.0.0.1:1234/v3", new_identity(), heartbeat=0.01)
 
 
 def test_known_markets_trusts_a_key_on_first_use_and_refuses_another_after(

@@ -52,6 +52,7 @@ from ..config import ConfigError, MarketAddress, check_room, check_ws_url
 from ..errors import IgoraError, MarketUnreachable
 from ..identity import Identity, IdentityError, public_key
 from ..market.fanout import Outbox
+from ..market.v3.connection import HEARTBEATS
 from ..reconnect import BACKOFF_MAX, Backoff, log_unreachable
 from ..updates import UpdateError, check_update, is_panic
 from . import known_markets
@@ -215,6 +216,9 @@ class Session:
         self.data = data
         self.name = name
         self.state: dict[str, Any] = dict(state or {})
+        low, high = HEARTBEATS
+        if not low <= heartbeat <= high:
+            raise ConfigError(f"heartbeat {heartbeat:g} s: a market takes {low:g} to {high:g} s")
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
         self.backoff_max = backoff_max
