@@ -707,3 +707,26 @@ async def test_the_market_s_documents_show_its_key_and_the_session_s_presence(
         s.set_state(name="w2")
         await wait_for(lambda: entry(present, "agents", me.id)["name"] == "w2", 20, "renamed")
         assert entry(present, "agents", me.id)["type"] == "worker"
+
+
+async def test_a_market_restarted_empty_gets_the_owned_documents_back_from_their_owner(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    market = cluster.market("--v3-room", ROOM, memory=True)
+    me = new_identity()
+    name = f"a/{me.id}"
+    async with (
+        session(room(cluster), me, tmp_path, name="writer", backoff_max=0.5) as writer,
+        session(room(cluster), me, tmp_path, name="reader", backoff_max=0.5) as reader,
+    ):
+        writer.own(name).get("tasks", type=Map).update({"a": 1, "b": 2})
+        read = reader.subscribe(name)
+        await wait_for(lambda: tasks(read) == {"a": 1, "b": 2}, 20, "the writes", cluster)
+        events = reader.events()
+        market.kill()  # no store: the restarted market knows nothing
+        await until(events, lambda e: e.kind is EventKind.DISCONNECTED, "disconnected")
+        cluster.market("--v3-room", ROOM, memory=True)
+        await until(events, lambda e: e.kind is EventKind.CONNECTED, "reconnected")
+        async with session(room(cluster), me, tmp_path, name="newcomer") as newcomer:
+            fresh = newcomer.subscribe(name)
+            await wait_for(lambda: tasks(fresh) == {"a": 1, "b": 2}, 20, "re-sent", cluster)
