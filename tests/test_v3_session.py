@@ -359,6 +359,7 @@ class RogueMarket:
         self.received: list[list[wire.Frame]] = []  # per connection
         self.welcome_key: Identity | None = None  # sign the WELCOME with another key
         self.refuse: tuple[str | None, int, str] | None = None  # deny, close code, reason
+        self.grant: int | None = None  # admit only the first ``grant`` ids
 
     async def _handler(self, ws: ServerConnection) -> None:
         n = self.connections
@@ -377,7 +378,8 @@ class RogueMarket:
             await ws.close(code, reason)
             return
         signer = self.welcome_key or self.identity
-        await ws.send(wire.encode(Welcome.make(signer, t, response.ids, {}).frame()))
+        granted = response.ids[: self.grant] if self.grant is not None else response.ids
+        await ws.send(wire.encode(Welcome.make(signer, t, granted, {}).frame()))
         await self.script(ws, n)
 
     async def read(self, ws: ServerConnection, n: int) -> None:
@@ -730,3 +732,28 @@ async def test_a_market_restarted_empty_gets_the_owned_documents_back_from_their
         async with session(room(cluster), me, tmp_path, name="newcomer") as newcomer:
             fresh = newcomer.subscribe(name)
             await wait_for(lambda: tasks(fresh) == {"a": 1, "b": 2}, 20, "re-sent", cluster)
+
+
+async def test_documents_of_an_identity_the_market_did_not_admit_are_not_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def script(ws: ServerConnection, n: int) -> None:
+        await rogue.read(ws, n)
+
+    admitted, refused = new_identity(), new_identity()
+    rogue = RogueMarket(script)
+    rogue.grant = 1
+    caplog.set_level(logging.WARNING, "igora.v3")
+    async with rogue.running():
+        s = Session(rogue.url, [admitted, refused], data=tmp_path, market_key=rogue.identity.id)
+        async with s:
+            assert s.granted == [admitted.id]
+            for who in (refused, admitted):  # the admitted one last: when it is there, ...
+                s.own(f"a/{who.id}").get("tasks", type=Map)["t"] = 1
+
+            def names() -> set[str]:
+                return {f.name for f in rogue.received[0] if isinstance(f, wire.Doc)}
+
+            await wait_for(lambda: f"a/{admitted.id}" in names(), 20, "the admitted's write")
+            assert f"a/{refused.id}" not in names()  # ... the other was not sent before it
+    assert any(f"but not {refused.id[:8]}" in r.getMessage() for r in caplog.records)

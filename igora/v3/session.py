@@ -13,8 +13,8 @@ checks the market's key, then documents:
 - ``observe(callback)`` / ``events()``: what happens, as ``Event``s: a document appeared
   or changed, a subscription was refused (``NOTICE`` 403), a document was dropped (410:
   its ``Doc`` is forgotten), the connection came or went, or the session gave up.
-- ``control(body)`` sends a ``CONTROL``; a ``PRESENCE`` goes out every ``heartbeat``
-  seconds when nothing else did.
+- ``control(body)`` sends a ``CONTROL`` (``drop(name)`` the one that ends an owned
+  document); a ``PRESENCE`` goes out every ``heartbeat`` seconds when nothing else did.
 
 Reconnection follows the v2 agent's rules (igora.reconnect). After each ``WELCOME`` the
 session subscribes again to every name and sends a ``DOC`` step 1 for every document it
@@ -427,10 +427,14 @@ class Session:
             log.warning("%s: %s written locally is not sent: not owned (own() it)", self.name, name)
 
     def _sendable(self, name: str) -> bool:
-        """Whether this connection may send ``name`` now: the broker's documents (``in/``,
-        ``board``) only while it holds the lease; what was written meanwhile goes with the
-        step 1 exchange that follows the lease's grant."""
-        return self.lease or parse(name).owner is not Owner.LEASE
+        """Whether this connection may send ``name`` now (anything else would be closed
+        4403): the broker's documents (``in/``, ``board``) only while it holds the lease,
+        an identity's only if the ``WELCOME`` granted that identity. What was written
+        meanwhile goes with the step 1 exchange that follows the lease's grant."""
+        doc = parse(name)
+        if doc.owner is Owner.LEASE:
+            return self.lease
+        return doc.agent in self.granted
 
     def _resync_owned(self, lease: bool = False) -> None:
         """A step 1 for each owned document this connection may send (with ``lease``:
@@ -616,6 +620,14 @@ class Session:
             )
         self.market = challenge.market
         self.granted = welcome.granted
+        refused = sorted(self.ids - set(welcome.granted))
+        if refused:
+            log.warning(
+                "%s: the market admitted %s but not %s: their documents are not sent",
+                self.name,
+                ", ".join(i[:8] for i in sorted(welcome.granted)) or "no identity",
+                ", ".join(i[:8] for i in refused),
+            )
         self.limits = welcome.limits
 
     def _welcomed(self, ws: ClientConnection) -> None:
