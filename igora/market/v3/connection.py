@@ -247,7 +247,7 @@ class V3Connection:
             return wire.Close.BAD_FRAME, f"refused update of {doc.name}: pycrdt panicked"
         refusal = room.write(self, doc, frame.payload)
         if refusal is not None:
-            return wire.Close.BAD_FRAME, f"refused update of {doc.name}: {refusal}"
+            return wire.Close.BAD_FRAME, f"refused update ({refusal}): {doc.name}"
         return None
 
     def _subscribe(self, room: V3Room, names: tuple[tuple[str, bool], ...]) -> None:
