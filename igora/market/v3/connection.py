@@ -40,6 +40,8 @@ from ...protocol import number
 from ...ratelog import RateLimitedLog
 from ...updates import UpdateError, check_update, is_panic
 from ...v3 import wire
+from ...v3.advert import AdvertError
+from ...v3.advert import check as check_advert
 from ...v3.documents import (
     TASK_DOCUMENTS,
     DocumentError,
@@ -295,6 +297,15 @@ class V3Connection:
             return None
         if op == "attach":
             return self._attach(room, body)
+        if op == "advert":
+            id_ = body.get("id")
+            if id_ not in self.ids:
+                return wire.Close.FORBIDDEN, f"an advert for an id not proved here: {id_!r:.60}"
+            try:
+                room.advert(check_advert(body))
+            except AdvertError as exc:
+                return wire.Close.BAD_FRAME, str(exc)
+            return None
         if op == "drop":
             name = body.get("doc")
             if not isinstance(name, str):

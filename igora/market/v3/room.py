@@ -126,6 +126,10 @@ class V3Room:
             self._broker_changed()
         return holder
 
+    def advert(self, advert: dict[str, Any]) -> None:
+        """A worker's checked advert (its connection proved ``advert["id"]``)."""
+        self.market_docs.advert(advert)
+
     def presence(self, peer: Peer) -> None:
         """``peer`` sent a PRESENCE: its state's type and name go to ``who``."""
         for i in peer.ids:
