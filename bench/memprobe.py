@@ -2,17 +2,17 @@
 
 ``python -m bench.memprobe DIR -- python -m bench --only soak`` runs the command with
 every Python process it starts (market, broker, workers, gateway, client process)
-sampling itself every second into ``DIR/<pid>-<role>.jsonl``: resident memory, the
-glibc heap (``mallinfo2``: bytes from ``brk``/arenas, in use, free; bytes in ``mmap``
-chunks), pymalloc (blocks allocated, arenas), and with ``--trace`` the Python heap as
-``tracemalloc`` sees it, plus a ``tracemalloc`` snapshot every ``--every`` seconds
-(``DIR/<pid>-<role>-<seconds>.snap``). ``python -m bench.memprobe --report DIR`` prints
-each process's figures over time and, with snapshots, the allocation sites that grew
-most between the second snapshot and the last.
+sampling itself every second into ``DIR/<pid>-<role>.jsonl``: resident memory, glibc's
+heap (``mallinfo2``: bytes taken from the system, in use, free; bytes in separate
+mappings), pymalloc's blocks and arenas. With ``--trace N`` (frames) the Python heap as
+``tracemalloc`` sees it from ``--start`` seconds on, and a snapshot every ``--every``
+seconds (``DIR/<pid>-<role>-<seconds>.snap``): the last one holds what was allocated
+since tracing began and is still held. ``python -m bench.memprobe --report DIR`` prints
+each process's figures over time and the biggest sites of its last snapshot.
 
 Each process loads the probe through a ``sitecustomize`` module put first on its
 ``PYTHONPATH``; nothing in igora knows about it. ``tracemalloc`` slows a process down
-by about two, so a run with ``--trace`` goes slower than a plain one.
+and changes what its allocators do: start it late, after the warm-up.
 """
 
 from __future__ import annotations
@@ -185,6 +185,8 @@ def main() -> None:
     if a.report:
         report(a.dir, a.top)
         return
+    if not a.command:
+        p.error("the command to run is missing (after --)")
     a.dir.mkdir(parents=True, exist_ok=True)
     site = Path(tempfile.mkdtemp(prefix="igora-memprobe-"))
     (site / "sitecustomize.py").write_text("import bench.memprobe\nbench.memprobe.start()\n")
