@@ -60,11 +60,12 @@ PRIVATE_FIELDS = frozenset(
         TaskField.TOP_LOGPROBS,
         TaskField.INPUTS,
         TaskField.DIMENSIONS,
+        TaskField.KIND,  # for the worker; the header's ``needs`` says as much to the broker
     )
 )
-"""The task fields that travel only inside ``ct`` (security.md §6): content and sampling.
-What matching needs (model, ``maxTokens``, kind, the capabilities asked for) is in the
-header."""
+"""The request fields that travel inside ``ct`` (security.md §6): content, sampling and
+options. What matching needs (model, ``maxTokens``, deadline, the capabilities needed) is in
+the header, in clear."""
 
 FINAL_FIELDS = frozenset(
     (
@@ -219,6 +220,11 @@ def _aead_open(key: bytes, nonce: bytes, ad: bytes, ciphertext: bytes) -> bytes 
 
 
 # --- the prompt ----------------------------------------------------------------------
+
+
+def private_part(task: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a v2-shaped task that ``seal_prompt`` encrypts."""
+    return {k: v for k, v in task.items() if k in PRIVATE_FIELDS}
 
 
 def _prompt_ad(tid: str, asker: str) -> bytes:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.bindings import crypto_scalarmult
 from nacl.public import PublicKey
 from nacl.signing import SigningKey
 
@@ -156,6 +157,11 @@ def test_sealing_refuses_fields_that_are_not_private_or_not_json() -> None:
         crypto.seal_prompt(k, TID, ASKER.id, {"temperature": float("nan")})
 
 
+def test_the_private_part_of_a_task_leaves_what_the_header_says() -> None:
+    task = {"model": "m", "maxTokens": 9, "prompt": "p", "temperature": 0.5, "kind": "chat"}
+    assert crypto.private_part(task) == {"prompt": "p", "temperature": 0.5, "kind": "chat"}
+
+
 def test_a_prompt_that_opens_but_is_not_an_object_is_refused() -> None:
     k = crypto.new_task_key()
     nonce = bytes(24)
@@ -226,6 +232,19 @@ def test_asker_and_worker_derive_the_same_answer_key_and_nobody_else_does() -> N
     assert crypto.worker_answer_key(k2, WORKER_S, ASKER_S.public_key, 1, salt) != ka_w
 
 
+def test_a_candidate_holding_the_task_key_and_every_public_value_lacks_the_answer_key() -> None:
+    salt = crypto.new_salt()
+    k, ka, _ = _keys(salt)
+    asker_pk, worker_pk = bytes(ASKER_S.public_key), bytes(WORKER_S.public_key)
+    own_dh = [crypto_scalarmult(bytes(OTHER_S.private_key), pk) for pk in (asker_pk, worker_pk)]
+    guesses = [[], [bytes(32)], *([s] for s in own_dh)]  # no secret, zeros, its own DH
+    for guess in guesses:
+        attempt = crypto.derive(
+            k, crypto.ANSWER_KEY, *guess, asker_pk, worker_pk, crypto.u64(1), salt
+        )
+        assert attempt != ka
+
+
 def test_a_candidate_holding_the_task_key_cannot_forge_chunks_of_another_workers_run() -> None:
     salt = crypto.new_salt()
     k, _, ka_c = _keys(salt)
@@ -256,6 +275,11 @@ def test_an_answer_reads_back_piece_by_piece_then_its_final(pieces: list[str]) -
     assert got[:-1] == pieces
     assert reader.end() == got[-1] == Final("".join(pieces), "stop", USAGE, {})
     assert [len(c) for c in chunks[:-1]] == [len(p.encode()) + 16 for p in pieces]
+
+
+def test_each_chunk_has_its_own_nonce_so_equal_pieces_encrypt_differently() -> None:
+    _, chunks = _run(["same piece", "same piece"])
+    assert chunks[0][:-16] != chunks[1][:-16]  # the stream cipher's output, tag aside
 
 
 def test_a_reader_that_reconnects_opens_from_any_index() -> None:
