@@ -318,6 +318,21 @@ def test_reordered_repeated_and_skipped_chunks_name_the_indices() -> None:
     assert reader.feed(chunks[1]) == "b"  # a refused chunk changed nothing
 
 
+@settings(max_examples=40)
+@given(st.permutations(range(6)))
+def test_any_reordering_fails_at_the_first_chunk_out_of_place(order: list[int]) -> None:
+    ka, chunks = _run(["a", "b", "c", "d", "e"])
+    reader = AnswerReader(ka, TID, 1)
+    for place, index in enumerate(order):
+        if index != place:
+            with pytest.raises(ChunkOrderError) as refused:
+                reader.feed(chunks[index])
+            assert (refused.value.expected, refused.value.found) == (place, index)
+            return
+        reader.feed(chunks[index])
+    assert reader.end().text == "abcde"
+
+
 def test_a_dropped_final_chunk_is_a_truncated_answer() -> None:
     ka, chunks = _run(["a", "b"])
     reader = AnswerReader(ka, TID, 1)
