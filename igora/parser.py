@@ -25,6 +25,7 @@ from .engines.config import (
 from .gateway import cli as gateway_cli
 from .gateway.defaults import DEFAULT_PORT as GATEWAY_PORT
 from .header_timeout import DEFAULT_HEADER_TIMEOUT
+from .market import command as market_command
 from .market.limits import (  # the market's own defaults
     DEFAULT_COMPACT_EVERY,
     DEFAULT_MAX_CONNECTIONS,
@@ -35,6 +36,7 @@ from .market.limits import (  # the market's own defaults
     DEFAULT_PORT,
     DEFAULT_ROOM_IDLE,
 )
+from .market.members import MODES
 from .worker.worker import DEFAULT_MAX_TOKENS
 
 EXAMPLES = """\
@@ -203,15 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client has to send its request headers",
     )
     g = p.add_argument_group(
-        "protocol 3 (docs/protocol-v3.md §12: the market's side is built; no role speaks it yet)"
+        "protocol 3 (docs/protocol-v3.md §12: the market's side is built; the roles are "
+        "being ported)"
     )
     g.add_argument(
         "--secure",
         action="store_true",
         help="every room speaks protocol 3: a connection proves its identity (Ed25519 "
         "key) before it joins, and writes only the documents it owns; original "
-        "y-websocket agents are refused with the reason. Membership is not built yet: "
-        "any key that proves itself is admitted. The market's own key is DATA/identity.key",
+        "y-websocket agents are refused with the reason. Who may join: --members. The "
+        "market's own key is DATA/identity.key",
+    )
+    g.add_argument(
+        "--members",
+        choices=MODES,
+        default=None,
+        help="who a --secure market admits: 'open' any id that proves itself; 'list' "
+        "(the default) the ids of `igora market members add`, and the market's own; "
+        "'invite' those, and ids that bring an invitation of `igora market invite`. A "
+        "banned id (`igora market ban`) never. The --v3-room rooms of an open market "
+        "are 'open'",
     )
     g.add_argument(
         "--v3-room",
@@ -238,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol 3 rooms listens beyond this machine",
     )
     _common(p)
+    market_command.add_actions(p, Formatter)
 
     p = sub.add_parser(
         "broker",
