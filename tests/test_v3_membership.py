@@ -1,17 +1,28 @@
 """Membership of a secure market (docs/security.md §5): members, bans, invitations,
 against a real ``igora market --secure`` process, with raw peers (tests/v3_peers.py) and
-the agents' ``Session``; and the invitation codec."""
+the agents' ``Session``; the invitation codec; and the gateway's API keys that speak for
+identities (§7), against a real gateway and echo worker."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
+from igora.gateway.guard import GuardMiddleware
+from igora.gateway.keys import KeyStore, speaker
 from igora.identity import Identity, load_identity
 from igora.market.members import InviteError, make_invite, read_invite
 from igora.testing import wait_for
@@ -231,3 +242,65 @@ def test_membership_commands_fail_in_one_line(tmp_path: Path) -> None:
     help_text = igora("market", "--help").stdout
     assert "'invite'" in help_text and "--members" in help_text
     assert "invite" in igora("market", "invite", "--help").stdout
+
+
+# ------------------------------------------------------------------ gateway API keys
+def test_gateway_keys_speak_for_identities_and_only_their_hash_is_kept(
+    echo_market: Cluster, tmp_path: Path
+) -> None:
+    data = tmp_path / "gw"
+    done = igora("gateway", "keys", "add", "alice", "--data", str(data))
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.strip()
+    assert key.startswith("ig-") and len(key) == 3 + 43 and "only time" in done.stderr
+    identity_file = data / "gateway" / "identities" / "alice" / "identity.key"
+    assert identity_file.stat().st_mode & 0o777 == 0o600
+    alice_id = load_identity(identity_file.parent)[0].id
+    assert igora("gateway", "keys", "list", "--data", str(data)).stdout.split() == [
+        "alice",
+        alice_id,
+    ]
+    again = igora("gateway", "keys", "add", "alice", "--data", str(data))
+    assert again.returncode == 2 and "exists" in again.stderr
+    # The store holds the key's SHA-256, never the key, in the file nor its WAL.
+    stored = b"".join(p.read_bytes() for p in (data / "gateway").glob("keys.sqlite3*"))
+    assert hashlib.sha256(key.encode()).digest() in stored
+    assert key.encode() not in stored and key[3:].encode() not in stored
+
+    _, base = echo_market.gateway("--data", str(data))
+    unknown = openai.OpenAI(base_url=f"{base}/v1", api_key="ig-" + "A" * 43, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        unknown.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    bare = httpx.post(f"{base}/v1/chat/completions", json={"messages": []}, timeout=30)
+    assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    answer = client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert answer.choices[0].message.content == "Echo: hello"
+    # Removed while the gateway runs: refused at the next request.
+    assert igora("gateway", "keys", "remove", "alice", "--data", str(data)).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
+    assert igora("gateway", "keys", "remove", "alice", "--data", str(data)).returncode == 2
+
+
+def test_a_request_knows_the_identity_its_key_speaks_for(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    key, entry = store.add("bob")
+
+    async def whoami(request: Request) -> JSONResponse:
+        who = speaker(request)
+        return JSONResponse({"id": who.id if who else None, "name": who and who.name})
+
+    app = Starlette(routes=[Route("/v1/whoami", whoami)])
+    guarded = GuardMiddleware(app, ["plain-key"], key_store=store)
+    with TestClient(guarded) as http:
+        got = http.get("/v1/whoami", headers={"Authorization": f"Bearer {key}"})
+        assert got.json() == {"id": entry.id, "name": "bob"}
+        assert entry.identity().id == entry.id  # the key the v3 client will sign with
+        plain = http.get("/v1/whoami", headers={"Authorization": "Bearer plain-key"})
+        assert plain.json() == {"id": None, "name": None}
+        assert http.get("/v1/whoami", headers={"Authorization": "Bearer nope"}).status_code == 401
+    store.close()
