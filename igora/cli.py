@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     setup_logging(args.log_level)
+    if getattr(args, "invite", None):
+        logging.getLogger("igora").warning(
+            "--invite: igora %s speaks protocol 2 until its port to protocol 3 "
+            "(docs/protocol-v3.md §12 step 3): the invitation is not used",
+            args.command,
+        )
     try:
         return int(_dispatch(args) or 0)
     except (IgoraError, ConfigError, EngineError, OSError) as exc:

@@ -71,6 +71,14 @@ def _market_options(p: argparse.ArgumentParser) -> None:
         "--room", type=arg.room, help="market room (default: YJS_MARKET_ROOM or 'market')"
     )
     g.add_argument(
+        "--invite",
+        type=arg.invite,
+        metavar="CODE",
+        help="an invitation of the market's operator (`igora market invite`), to join a "
+        "--secure market once; afterwards this identity is a member. Used by the roles "
+        "that speak protocol 3 (being ported: docs/protocol-v3.md §12 step 3)",
+    )
+    g.add_argument(
         "--heartbeat",
         type=arg.positive_seconds,
         default=DEFAULT_HEARTBEAT,
@@ -140,7 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Formatter,
         help="run a market (y-websocket server) that agents join",
         description="Run the market: a y-websocket server hosting rooms "
-        "(created on first join), persisted in DATA.",
+        "(created on first join), persisted in DATA. With an ACTION, manage who may join "
+        "a --secure market instead (in DATA/market.sqlite3, also while it runs).",
+        epilog="a secure market, members only (docs/security.md §5):\n"
+        "  igora market --secure --data /srv/igora\n"
+        "  igora market members add ID --note alice --data /srv/igora   # ID: her `igora id`\n"
+        "  igora market ban ID --reason spam --data /srv/igora          # closed within 1 s\n"
+        "  igora market --secure --members invite --data /srv/igora\n"
+        "  igora market invite --uses 5 --ttl 2d --data /srv/igora      # prints igora-invite:…",
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: everyone)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
