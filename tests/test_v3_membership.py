@@ -134,6 +134,7 @@ def test_an_invitation_reads_back_on_its_market_only() -> None:
 # ------------------------------------------------------------------ members and bans
 async def test_members_only_and_a_ban_closes_within_a_second(cluster: Cluster) -> None:
     cluster.market("--secure")  # --members list is the default
+    assert cluster.status()["market"]["members"] == "list"
     url = cluster.url
     alice, bob = new_identity(), new_identity()
     denied, code, reason = await refused(url, alice)
@@ -214,6 +215,7 @@ async def test_a_list_market_takes_no_invitations(cluster: Cluster) -> None:
 
 async def test_an_open_market_admits_anyone_but_the_banned(cluster: Cluster) -> None:
     cluster.market("--secure", "--members", "open")
+    assert cluster.status()["market"]["members"] == "open"
     alice = new_identity()
     await (await RawPeer.join(cluster.url, ROOM, new_identity())).barrier()
     action(cluster, "ban", alice.id)

@@ -169,6 +169,7 @@ class Market:
                     "id": self.identity.id if self.identity is not None else None,
                     "secure": self.secure,
                     "v3Rooms": sorted(self.v3_rooms),
+                    "members": self.membership.mode if self.membership else None,
                 },
                 "connections": self.connections.total,
                 "rooms": rooms + [r.summary() for r in self.v3.rooms.values()],
