@@ -113,7 +113,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             from .market.command import run as market_action
 
             return market_action(args)
-        members = args.members or ("list" if args.secure else "open")
+        members = getattr(args, "members", None) or ("list" if args.secure else "open")
         if members != "open" and not args.secure:
             raise ConfigError(f"--members {members} needs --secure (--v3-room rooms are open)")
         if members != "open" and args.memory:

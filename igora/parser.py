@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--members",
         choices=MODES,
-        default=None,
+        default=argparse.SUPPRESS,  # 'list' with --secure, 'open' without: said below
         help="who a --secure market admits: 'open' any id that proves itself; 'list' "
         "(the default) the ids of `igora market members add`, and the market's own; "
         "'invite' those, and ids that bring an invitation of `igora market invite`. A "

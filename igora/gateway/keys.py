@@ -86,10 +86,10 @@ class KeyStore:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            if os.name == "posix":
+                os.chmod(self.path, 0o600)  # hashes only, but nobody else's business
         except (sqlite3.Error, OSError) as exc:
             raise OSError(f"cannot open the gateway's keys {self.path}: {exc}") from None
-        if os.name == "posix":
-            os.chmod(self.path, 0o600)
 
     @classmethod
     def existing(cls, data: Path) -> KeyStore | None:
@@ -181,6 +181,14 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``igora gateway keys HOW``."""
+    try:
+        return _run(args)
+    except sqlite3.Error as exc:
+        raise OSError(f"the gateway's keys: {exc}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from .. import arguments as arg
 
     data: Path = getattr(args, "data", None) or data_dir()

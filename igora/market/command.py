@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,13 @@ def _store(args: argparse.Namespace, exists: bool = False) -> Store:
 
 def run(args: argparse.Namespace) -> int:
     """One action; its output on stdout, what it did on stderr."""
+    try:
+        return _run(args)
+    except sqlite3.Error as exc:  # locked past its timeout, damaged, read-only, ...
+        raise OSError(f"the market's store: {exc}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     action: str = args.market_command
     if action == "invite":
         return _invite(args)
