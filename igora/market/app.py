@@ -110,6 +110,7 @@ class Market:
         if identity is not None:
             self.membership = Membership(self.store, members, identity.id)
         self.v3_connections: set[V3Connection] = set()  # welcomed, for the ban checks
+        self._denials: set[asyncio.Task[None]] = set()  # closing banned connections
         self.v3 = V3Rooms(self.store, limits, room_idle, max_rooms, market_id, self.v3_limits)
         self.app = Starlette(
             routes=[
@@ -151,7 +152,10 @@ class Market:
             for connection in list(self.v3_connections):
                 reason = membership.expelled(connection.ids)
                 if reason is not None and not connection.closed:
-                    await connection.deny(reason)
+                    # A task each: a peer that reads nothing must not delay the others.
+                    task = asyncio.create_task(connection.deny(reason))
+                    self._denials.add(task)
+                    task.add_done_callback(self._denials.discard)
 
     async def index(self, request: Request) -> Response:
         return PlainTextResponse("Okay")

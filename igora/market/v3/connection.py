@@ -385,7 +385,11 @@ class V3Connection:
 
     async def deny(self, reason: str) -> None:
         """Refuse the connection's identity (not a member, banned): the reason whole in
-        an ``AUTH DENIED`` (a close reason is cut at 123 bytes), then 4403."""
+        an ``AUTH DENIED`` (a close reason is cut at 123 bytes), then 4403. Nothing of
+        the room is sent after it (``closed``), and a second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         await self._send_now(wire.denied(reason))
         await self.close(wire.Close.FORBIDDEN, reason)
 
