@@ -98,6 +98,17 @@ def agent_id(text: str) -> str:
     return text
 
 
+def invite(text: str) -> str:
+    """An invitation code (``igora market invite``); the market checks the rest."""
+    from .market.members import MAX_CODE, PREFIX
+
+    if not text.startswith(PREFIX) or len(text) > MAX_CODE:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is not an invitation: they start with {PREFIX}"
+        )
+    return text
+
+
 def _config(check: Callable[[str], str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         try:

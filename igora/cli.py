@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     setup_logging(args.log_level)
+    if getattr(args, "invite", None):
+        logging.getLogger("igora").warning(
+            "--invite: igora %s speaks protocol 2 until its port to protocol 3 "
+            "(docs/protocol-v3.md §12 step 3): the invitation is not used",
+            args.command,
+        )
     try:
         return int(_dispatch(args) or 0)
     except (IgoraError, ConfigError, EngineError, OSError) as exc:
@@ -103,6 +109,17 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "market":
         from .market.run import run_market
 
+        if args.market_command:
+            from .market.command import run as market_action
+
+            return market_action(args)
+        members = getattr(args, "members", None) or ("list" if args.secure else "open")
+        if members != "open" and not args.secure:
+            raise ConfigError(f"--members {members} needs --secure (--v3-room rooms are open)")
+        if members != "open" and args.memory:
+            raise ConfigError(
+                f"--members {members} needs a store for its members (--data), not --memory"
+            )
         data = None if args.memory else (args.data or data_dir())
         run_market(
             args.host,
@@ -122,6 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             identity_data=args.data,
             broker_keys=frozenset(args.broker_key),
             behind_tls=args.behind_tls,
+            members=members,
         )
         return 0
     if args.command == "up":

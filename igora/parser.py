@@ -25,6 +25,7 @@ from .engines.config import (
 from .gateway import cli as gateway_cli
 from .gateway.defaults import DEFAULT_PORT as GATEWAY_PORT
 from .header_timeout import DEFAULT_HEADER_TIMEOUT
+from .market import command as market_command
 from .market.limits import (  # the market's own defaults
     DEFAULT_COMPACT_EVERY,
     DEFAULT_MAX_CONNECTIONS,
@@ -35,6 +36,7 @@ from .market.limits import (  # the market's own defaults
     DEFAULT_PORT,
     DEFAULT_ROOM_IDLE,
 )
+from .market.members import MODES
 from .worker.worker import DEFAULT_MAX_TOKENS
 
 EXAMPLES = """\
@@ -67,6 +69,14 @@ def _market_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--room", type=arg.room, help="market room (default: YJS_MARKET_ROOM or 'market')"
+    )
+    g.add_argument(
+        "--invite",
+        type=arg.invite,
+        metavar="CODE",
+        help="an invitation of the market's operator (`igora market invite`), to join a "
+        "--secure market once; afterwards this identity is a member. Used by the roles "
+        "that speak protocol 3 (being ported: docs/protocol-v3.md §12 step 3)",
     )
     g.add_argument(
         "--heartbeat",
@@ -138,7 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Formatter,
         help="run a market (y-websocket server) that agents join",
         description="Run the market: a y-websocket server hosting rooms "
-        "(created on first join), persisted in DATA.",
+        "(created on first join), persisted in DATA. With an ACTION, manage who may join "
+        "a --secure market instead (in DATA/market.sqlite3, also while it runs).",
+        epilog="a secure market, members only (docs/security.md §5):\n"
+        "  igora market --secure --data /srv/igora\n"
+        "  igora market members add ID --note alice --data /srv/igora   # ID: her `igora id`\n"
+        "  igora market ban ID --reason spam --data /srv/igora          # closed within 1 s\n"
+        "  igora market --secure --members invite --data /srv/igora\n"
+        "  igora market invite --uses 5 --ttl 2d --data /srv/igora      # prints igora-invite:…",
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: everyone)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
@@ -203,15 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client has to send its request headers",
     )
     g = p.add_argument_group(
-        "protocol 3 (docs/protocol-v3.md §12: the market's side is built; no role speaks it yet)"
+        "protocol 3 (docs/protocol-v3.md §12: the market's side is built; the roles are "
+        "being ported)"
     )
     g.add_argument(
         "--secure",
         action="store_true",
         help="every room speaks protocol 3: a connection proves its identity (Ed25519 "
         "key) before it joins, and writes only the documents it owns; original "
-        "y-websocket agents are refused with the reason. Membership is not built yet: "
-        "any key that proves itself is admitted. The market's own key is DATA/identity.key",
+        "y-websocket agents are refused with the reason. Who may join: --members. The "
+        "market's own key is DATA/identity.key",
+    )
+    g.add_argument(
+        "--members",
+        choices=MODES,
+        default=argparse.SUPPRESS,  # 'list' with --secure, 'open' without: said below
+        help="who a --secure market admits: 'open' any id that proves itself; 'list' "
+        "(the default) the ids of `igora market members add`, and the market's own; "
+        "'invite' those, and ids that bring an invitation of `igora market invite`. A "
+        "banned id (`igora market ban`) never. The --v3-room rooms of an open market "
+        "are 'open'",
     )
     g.add_argument(
         "--v3-room",
@@ -238,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol 3 rooms listens beyond this machine",
     )
     _common(p)
+    market_command.add_actions(p, Formatter)
 
     p = sub.add_parser(
         "broker",

@@ -277,10 +277,9 @@ async def _start_and_watch(
     sup.spawn("worker", worker)
     web = f"http://{host}:{args.gateway_port}/"
     if gateway:
-        sup.spawn(
-            "gateway",
-            ["gateway", *common, "--host", host, "--port", str(args.gateway_port)],
-        )
+        # --data: the gateway accepts the API keys of that folder, if it has some.
+        gw = ["gateway", *common, "--host", host, "--port", str(args.gateway_port)]
+        sup.spawn("gateway", [*gw, "--data", str(data)])
         if not await sup.unless_a_child_ends(wait_http_async(f"{web}health", START_WAIT)):
             print(
                 f"igora up: error: the gateway did not answer on {web} within {START_WAIT:.0f} s",

@@ -31,8 +31,9 @@ ROOM = "market"
 
 
 def secure(cluster: Cluster, *extra: str) -> str:
-    """A ``--secure`` market (identity and store in the test's folder); its URL."""
-    cluster.market("--secure", *extra)
+    """A ``--secure`` market admitting any identity (membership: test_v3_membership.py),
+    its identity and store in the test's folder; its URL."""
+    cluster.market("--secure", "--members", "open", *extra)
     return cluster.url
 
 
@@ -285,7 +286,7 @@ async def test_a_restarted_market_serves_the_documents_again(cluster: Cluster) -
     await writer.barrier()  # the market took everything before it
     await writer.close()
     cluster.procs[0].stop()
-    cluster.market("--secure")
+    cluster.market("--secure", "--members", "open")
     assert cluster.status()["market"]["id"] == market_id  # same key file
     reader = await RawPeer.join(url, ROOM, alice)
     await reader.send(wire.Subscribe(tuple((n, False) for n in names)))

@@ -62,10 +62,13 @@ class RawPeer:
         return cls(ws, room)
 
     @classmethod
-    async def join(cls, url: str, room: str, *identities: Identity) -> RawPeer:
-        """Connect and prove ``identities``: a welcomed peer."""
+    async def join(
+        cls, url: str, room: str, *identities: Identity, invite: str | None = None
+    ) -> RawPeer:
+        """Connect and prove ``identities`` (with an invitation if given): a welcomed
+        peer."""
         peer = await cls.open(url, room)
-        await peer.handshake(*identities)
+        await peer.handshake(*identities, invite=invite)
         return peer
 
     @property
@@ -78,11 +81,13 @@ class RawPeer:
         self.challenge = Challenge.read(frame)
         return self.challenge
 
-    async def handshake(self, *identities: Identity, timeout: float = 10) -> Welcome:
+    async def handshake(
+        self, *identities: Identity, invite: str | None = None, timeout: float = 10
+    ) -> Welcome:
         """Answer the market's challenge with ``identities``; the WELCOME, its market
         signature checked against the key the challenge named."""
         challenge = await self.read_challenge(timeout)
-        self.response = Response.make(challenge, list(identities))
+        self.response = Response.make(challenge, list(identities), invite)
         await self.send(self.response.frame())
         frame = wire.decode(await self.recv_bytes(timeout))
         assert isinstance(frame, wire.Auth), frame

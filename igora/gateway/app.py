@@ -30,6 +30,7 @@ from ..web import routes as web_routes
 from . import errors
 from .defaults import GATEWAY_NAME, MAX_BODY, STARTUP_SYNC_WAIT, WAIT_WORKER
 from .guard import GuardMiddleware
+from .keys import KeyStore
 from .routes import TASK_HEADER, add_routes
 from .state import Gateway
 from .streaming import Chunks
@@ -62,6 +63,7 @@ def create_app(
     wait_worker: float = WAIT_WORKER,
     heartbeat: float | None = None,
     name: str = GATEWAY_NAME,
+    key_store: KeyStore | None = None,
 ) -> FastAPI:
     """The gateway application.
 
@@ -70,6 +72,8 @@ def create_app(
     start-up and closes it at shutdown. ``api_keys``: if any, ``/v1/*`` needs
     ``Authorization: Bearer KEY``. ``timeout``: deadline of each task in seconds.
     ``wait_worker``: seconds a request waits for a worker serving its model to appear.
+    ``key_store``: the keys of ``igora gateway keys``; with it ``/v1/*`` needs one of its
+    keys (or of ``api_keys``), and ``keys.speaker(request)`` names its identity.
     """
     keys = tuple(k for k in api_keys if k)
 
@@ -109,7 +113,7 @@ def create_app(
     errors.install(app)
     add_routes(app)
     app.include_router(web_routes.router())
-    app.add_middleware(GuardMiddleware, api_keys=keys)
+    app.add_middleware(GuardMiddleware, api_keys=keys, key_store=key_store)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=list(cors_origins),

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .. import arguments as arg
 from ..client import DEFAULT_TIMEOUT
-from ..config import ConfigError, env, market_address
+from ..config import ConfigError, data_dir, env, market_address
 from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
 from ..net import port_free
+from . import keys
 from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME, WAIT_WORKER
 
 API_KEYS_ENV = "IGORA_API_KEYS"
@@ -76,8 +78,18 @@ def add_parser(
         metavar="S",
         help="seconds a client has to send its request headers",
     )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DATA",
+        help="data folder: with DATA/gateway/keys.sqlite3 (`igora gateway keys add`), "
+        "only its keys are accepted (default: IGORA_DATA or ~/.local/share/igora)",
+    )
     market_options(p)
     common(p)
+    actions = p.add_subparsers(dest="gateway_command", metavar="ACTION")
+    keys.add_parser(actions, formatter)
     return p
 
 
@@ -89,33 +101,40 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gateway_command == "keys":
+        return keys.run(args)
     import uvicorn
 
     from .app import create_app
 
+    key_store = keys.KeyStore.existing(args.data or data_dir())
     address = market_address(args.market, args.room)  # fail early on a bad URL
     if not port_free(args.host, args.port):
         raise ConfigError(
             f"port {args.port} on {args.host} is taken (another gateway running?): "
             "stop it or choose another with --port"
         )
-    keys = api_keys(args)
+    plain = api_keys(args)
     app = create_app(
         address.url,
         address.room,
-        api_keys=keys,
+        api_keys=plain,
+        key_store=key_store,
         cors_origins=args.cors_origin or ["*"],
         timeout=args.timeout,
         wait_worker=args.wait_worker,
         heartbeat=args.heartbeat,
         name=args.name,
     )
+    checks = [f"{len(plain)} --api-key key(s)"] if plain else []
+    if key_store is not None:
+        checks.append(f"the keys of {key_store.path} ({len(key_store.entries())} now)")
     log.info(
-        "gateway on http://%s:%d/v1 for market %s%s",
+        "gateway on http://%s:%d/v1 for market %s (%s)",
         args.host,
         args.port,
         address.room_url,
-        f" ({len(keys)} API key(s))" if keys else " (no API key)",
+        " and ".join(checks) if checks else "no API key",
     )
     config = uvicorn.Config(
         app,

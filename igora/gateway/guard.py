@@ -10,16 +10,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .defaults import MAX_BODY
 from .errors import OpenAIError
+from .keys import KeyStore
 
 
 class GuardMiddleware:
     """API-key check on ``/v1/*`` and a limit on the request body, before any parsing,
     so a wrong key is always a 401 and a huge body a 413; POST bodies are read as JSON
-    whatever their declared type."""
+    whatever their declared type. A key of ``key_store`` (``igora gateway keys``) sets
+    the request's ``state.api_key`` (``keys.speaker``): the identity it speaks for."""
 
-    def __init__(self, app: ASGIApp, api_keys: Iterable[str], max_body: int = MAX_BODY) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_keys: Iterable[str],
+        max_body: int = MAX_BODY,
+        key_store: KeyStore | None = None,
+    ) -> None:
         self.app = app
         self.keys = tuple(k for k in api_keys if k)
+        self.store = key_store
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -30,8 +39,9 @@ class GuardMiddleware:
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
         }
         path: str = scope.get("path", "")
-        if self.keys and path.startswith("/v1") and scope.get("method") != "OPTIONS":
-            error = self._auth_error(headers.get("authorization"))
+        checked = self.keys or self.store is not None
+        if checked and path.startswith("/v1") and scope.get("method") != "OPTIONS":
+            error = self._auth_error(headers.get("authorization"), scope)
             if error is not None:
                 await error.response()(scope, receive, send)
                 return
@@ -68,7 +78,7 @@ class GuardMiddleware:
 
         return limited
 
-    def _auth_error(self, header: str | None) -> OpenAIError | None:
+    def _auth_error(self, header: str | None, scope: Scope) -> OpenAIError | None:
         if not header:
             return OpenAIError(
                 401,
@@ -80,5 +90,9 @@ class GuardMiddleware:
         if scheme.lower() == "bearer" and any(
             hmac.compare_digest(token.encode(), k.encode()) for k in self.keys
         ):
+            return None
+        stored = self.store.lookup(token) if scheme.lower() == "bearer" and self.store else None
+        if stored is not None:  # found by the hash of the key: nothing to compare in time
+            scope.setdefault("state", {})["api_key"] = stored
             return None
         return OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -15,6 +15,7 @@ room's protocol.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -40,6 +41,7 @@ from .limits import (
     DEFAULT_ROOM_IDLE,
     Connections,
 )
+from .members import REFRESH, Membership
 from .room import MarketRoom
 from .server import MarketServer
 from .store import Store
@@ -73,6 +75,7 @@ class Market:
         secure: bool = False,
         v3_rooms: frozenset[str] = frozenset(),
         broker_keys: frozenset[str] = frozenset(),
+        members: str = "open",
     ) -> None:
         if (secure or v3_rooms) and identity is None:
             raise ValueError("a market with v3 rooms needs its identity")
@@ -102,6 +105,12 @@ class Market:
             "taskDocumentBytes": limits.task_document,
         }
         market_id = identity.id if identity is not None else ""
+        # Who a v3 room admits (security.md §5); None: the market has no v3 room.
+        self.membership: Membership | None = None
+        if identity is not None:
+            self.membership = Membership(self.store, members, identity.id)
+        self.v3_connections: set[V3Connection] = set()  # welcomed, for the ban checks
+        self._denials: set[asyncio.Task[None]] = set()  # closing banned connections
         self.v3 = V3Rooms(self.store, limits, room_idle, max_rooms, market_id, self.v3_limits)
         self.app = Starlette(
             routes=[
@@ -115,8 +124,13 @@ class Market:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        checks = None
+        if self.membership is not None:
+            checks = asyncio.create_task(self._check_members(self.membership))
         async with self.server:
             yield
+            if checks is not None:
+                checks.cancel()
             self.server.flush_sync()
             self.v3.flush_sync()
         self.store.close()
@@ -124,6 +138,24 @@ class Market:
             log.info("market stopped, store %s flushed and closed", self.store.path)
         else:
             log.info("market stopped")
+
+    async def _check_members(self, membership: Membership) -> None:
+        """Read bans and members again every ``REFRESH`` s; close the connections of
+        the ids no longer admitted."""
+        while True:
+            await asyncio.sleep(REFRESH)
+            try:
+                await asyncio.to_thread(membership.refresh)
+            except Exception as exc:  # a locked or damaged store: keep the last view
+                log.warning("cannot read the members and bans: %s", exc)
+                continue
+            for connection in list(self.v3_connections):
+                reason = membership.expelled(connection.ids)
+                if reason is not None and not connection.closed:
+                    # A task each: a peer that reads nothing must not delay the others.
+                    task = asyncio.create_task(connection.deny(reason))
+                    self._denials.add(task)
+                    task.add_done_callback(self._denials.discard)
 
     async def index(self, request: Request) -> Response:
         return PlainTextResponse("Okay")
@@ -141,6 +173,7 @@ class Market:
                     "id": self.identity.id if self.identity is not None else None,
                     "secure": self.secure,
                     "v3Rooms": sorted(self.v3_rooms),
+                    "members": self.membership.mode if self.membership else None,
                 },
                 "connections": self.connections.total,
                 "rooms": rooms + [r.summary() for r in self.v3.rooms.values()],
@@ -228,9 +261,19 @@ class Market:
             self.v3_limits,
             self.brokers,
             self.connections.log_refusal,
+            self.membership,
         )
         if not await connection.handshake():
             return
+        self.v3_connections.add(connection)
+        try:
+            await self._join_v3(connection, websocket, room_name)
+        finally:
+            self.v3_connections.discard(connection)
+
+    async def _join_v3(
+        self, connection: V3Connection, websocket: WebSocket, room_name: str
+    ) -> None:
         room = await self.v3.room(room_name)
         if isinstance(room, str):
             await connection.close(1013, room)  # try again later, as a v2 room says

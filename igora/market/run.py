@@ -142,13 +142,14 @@ def run_market(
     identity_data: Path | None = None,
     broker_keys: frozenset[str] = frozenset(),
     behind_tls: bool = False,
+    members: str = "open",
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit).
 
     A market with v3 rooms (``secure``: all of them; ``v3_rooms``: those) proves itself
     with the identity of folder ``identity_data`` (default: ``IGORA_DATA`` or the XDG
     data folder), made on first use; a market of v2 rooms only has no use for a key and
-    reads none."""
+    reads none. ``members``: who a v3 room admits (``igora.market.members``)."""
     import uvicorn
 
     check_limits(
@@ -184,6 +185,7 @@ def run_market(
         secure=secure,
         v3_rooms=v3_rooms,
         broker_keys=broker_keys,
+        members=members,
     )
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
     log.info(
@@ -201,11 +203,16 @@ def run_market(
     )
     if identity is not None:
         rooms = "every room" if secure else "rooms " + ", ".join(sorted(v3_rooms))
+        admits = {
+            "open": "any identity that proves itself",
+            "list": "its members (igora market members add ID)",
+            "invite": "its members and invitations (igora market invite)",
+        }[members]
         log.info(
-            "market identity %s; protocol 3 in %s (any key that proves itself is admitted: "
-            "no membership yet)",
+            "market identity %s; protocol 3 in %s, admitting %s, bans enforced",
             identity.id,
             rooms,
+            admits,
         )
         if not behind_tls and not _loopback(host):
             log.warning(

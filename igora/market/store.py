@@ -1,6 +1,8 @@
 """The market's durable store: each room's Yjs updates and the archive of finished tasks;
 for a room of protocol 3, each document's update log (``doc_updates``, written by
-``igora.market.v3.doclog``).
+``igora.market.v3.doclog``); the membership of a secure market (``members``, ``bans``,
+``invites``: ``igora.market.members``), which ``igora market members|ban|invite`` write
+from another process while the market runs (WAL: readers and a writer at once).
 
 One SQLite file (WAL mode). A room (``persistence.RoomHistory``) writes a lone update at once
 and groups a stream of them into one transaction per ``FLUSH_INTERVAL`` seconds, so a token
@@ -31,6 +33,11 @@ CREATE TABLE IF NOT EXISTS doc_updates (
     room TEXT NOT NULL, doc TEXT NOT NULL, data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS doc_updates_doc ON doc_updates (room, doc);
+CREATE TABLE IF NOT EXISTS members (id TEXT PRIMARY KEY, note TEXT NOT NULL, added REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS bans (id TEXT PRIMARY KEY, reason TEXT NOT NULL, banned REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS invites (
+    nonce TEXT PRIMARY KEY, uses INTEGER NOT NULL, exp INTEGER NOT NULL, made REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS archive (
     room TEXT NOT NULL, id TEXT NOT NULL, state TEXT, task TEXT NOT NULL, archived REAL NOT NULL,
     PRIMARY KEY (room, id)
@@ -127,6 +134,77 @@ class Store:
                 [(room, doc, u) for doc, u in appends],
             )
             self._db.execute("COMMIT")
+
+    # ---------------------------------------------------------- membership
+    def members(self) -> dict[str, str]:
+        """Every member's id and note."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, note FROM members ORDER BY added").fetchall()
+        return {str(i): str(n) for i, n in rows}
+
+    def bans(self) -> dict[str, str]:
+        """Every banned id and its reason."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, reason FROM bans ORDER BY banned").fetchall()
+        return {str(i): str(r) for i, r in rows}
+
+    def set_row(self, table: str, id_: str, text: str) -> bool:
+        """Add (or update the note or reason of) ``id_`` in ``members`` or ``bans``;
+        whether it was new."""
+        column = {"members": "note", "bans": "reason"}[table]
+        when = {"members": "added", "bans": "banned"}[table]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            new = self._db.execute(f"SELECT 1 FROM {table} WHERE id=?", (id_,)).fetchone() is None
+            self._db.execute(
+                f"INSERT INTO {table} (id, {column}, {when}) VALUES (?, ?, ?) "
+                f"ON CONFLICT (id) DO UPDATE SET {column}=excluded.{column}",
+                (id_, text, time.time()),
+            )
+            self._db.execute("COMMIT")
+        return new
+
+    def delete_row(self, table: str, id_: str) -> bool:
+        """Remove ``id_`` from ``members`` or ``bans``; whether it was there."""
+        table = {"members": "members", "bans": "bans"}[table]  # no other name in the SQL
+        with self._lock:
+            cursor = self._db.execute(f"DELETE FROM {table} WHERE id=?", (id_,))
+        return cursor.rowcount > 0
+
+    def add_invite(self, nonce: str, uses: int, exp: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO invites (nonce, uses, exp, made) VALUES (?, ?, ?, ?)",
+                (nonce, uses, exp, time.time()),
+            )
+
+    def use_invite(self, nonce: str, uses: int, exp: int, id_: str, note: str) -> bool:
+        """In one transaction: take one use of invitation ``nonce`` (its row made with
+        ``uses`` if the market never saw it) and add ``id_`` to the members; False, and
+        nothing changed, if it has no use left."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT uses FROM invites WHERE nonce=?", (nonce,))
+                found = row.fetchone()
+                left = uses if found is None else int(found[0])
+                if left <= 0:
+                    self._db.execute("ROLLBACK")
+                    return False
+                self._db.execute(
+                    "INSERT INTO invites (nonce, uses, exp, made) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (nonce) DO UPDATE SET uses=excluded.uses",
+                    (nonce, left - 1, exp, time.time()),
+                )
+                self._db.execute(
+                    "INSERT OR IGNORE INTO members (id, note, added) VALUES (?, ?, ?)",
+                    (id_, note, time.time()),
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return True
 
     def archive(self, room: str, tasks: list[dict[str, Any]]) -> None:
         now = time.time()

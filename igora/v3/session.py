@@ -620,6 +620,7 @@ class Session:
             )
         self.market = challenge.market
         self.granted = welcome.granted
+        self.invite = None  # passed once: the ids it admitted are members now
         refused = sorted(self.ids - set(welcome.granted))
         if refused:
             log.warning(

@@ -3,7 +3,11 @@
 The market speaks first (``AUTH CHALLENGE``); until a ``RESPONSE`` proves the identities
 it names, nothing else is accepted: any other frame, a signature that does not verify
 (a replayed response signs another connection's nonce), or ``AUTH_TIMEOUT`` seconds of
-silence close the socket with 4401 (docs/security.md §3). After ``WELCOME`` every frame
+silence close the socket with 4401 (docs/security.md §3). Then each id must be admitted
+(``igora.market.members``: a member, an invitation, not banned): the ids admitted are
+granted; if none is, an ``AUTH DENIED`` says why and the socket is closed with 4403
+(``deny``, also what the market does to a connection whose id is banned or removed
+later). After ``WELCOME`` every frame
 is read whole (``igora.v3.wire``) and checked on names (``igora.v3.documents``) before the
 room sees it (docs/protocol-v3.md §4):
 
@@ -53,6 +57,7 @@ from ...v3.documents import (
 from ...v3.handshake import Challenge, HandshakeError, Response, Welcome
 from ...v3.outbox import coalesce
 from ..fanout import Outbox
+from ..members import Membership
 from .room import V3Room
 
 AUTH_TIMEOUT = 5.0
@@ -94,6 +99,7 @@ class V3Connection:
         limits: dict[str, Any],
         brokers: frozenset[str] | None = None,
         refusals: RateLimitedLog | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.websocket = websocket
         self.room_name = room
@@ -102,6 +108,7 @@ class V3Connection:
         self.limits = limits
         self.brokers = brokers  # ids that may hold the broker lease (None: any)
         self.refusals = refusals  # the log of refused handshakes
+        self.membership = membership  # who is admitted (None: any identity)
         self.broker = False  # whether one of its proved ids may
         self.ids: frozenset[str] = frozenset()
         self.subscribed: set[str] = set()  # kept by the room (subscriptions, attachments)
@@ -143,11 +150,15 @@ class V3Connection:
         except (wire.WireError, HandshakeError) as exc:
             await self.close(wire.Close.NO_PROOF, f"handshake refused: {exc}")
             return False
-        # Membership, bans and invitations are step 5 (docs/security.md §5): for now
-        # every identity that proves itself is admitted.
-        self.ids = frozenset(response.ids)
+        granted = response.ids
+        if self.membership is not None:  # members, bans, invitations (security.md §5)
+            granted, refusal = await self.membership.admit(response.ids, response.invite)
+            if not granted:
+                await self.deny(refusal or "not admitted")
+                return False
+        self.ids = frozenset(granted)
         self.broker = self.brokers is None or bool(self.ids & self.brokers)
-        welcome = Welcome.make(self.market, transcript, response.ids, self.limits)
+        welcome = Welcome.make(self.market, transcript, granted, self.limits)
         # Sent alone, before anything of the room: an agent reads it as one frame.
         return await self._send_now(wire.encode(welcome.frame()))
 
@@ -371,6 +382,16 @@ class V3Connection:
         except Exception:
             self.closed = True
             self.outbox.close()
+
+    async def deny(self, reason: str) -> None:
+        """Refuse the connection's identity (not a member, banned): the reason whole in
+        an ``AUTH DENIED`` (a close reason is cut at 123 bytes), then 4403. Nothing of
+        the room is sent after it (``closed``), and a second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        await self._send_now(wire.denied(reason))
+        await self.close(wire.Close.FORBIDDEN, reason)
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code``: one log line saying who and why (before the handshake,
