@@ -97,7 +97,10 @@ class Agent(Replica):
     waits until the document is synced with the market. The document, its maps, observers
     and compaction are the ``Replica`` it builds on. When the connection drops it
     reconnects by itself: first after ``BACKOFF_START`` s, then doubling up to
-    ``backoff_max`` s, each delay with +/-20 % jitter.
+    ``backoff_max`` s, each delay with +/-20 % jitter. An address listing several
+    replicas of the market: the agent starts on one at random (so agents spread) and
+    moves to the next one whenever a connection fails or drops; the delay doubles once
+    per full round of the list.
     """
 
     def __init__(
@@ -115,6 +118,8 @@ class Agent(Replica):
         compact_every: int = COMPACT_EVERY,
     ) -> None:
         self.address = address
+        self._urls = address.room_urls
+        self._at = random.randrange(len(self._urls))  # the replica in use
         self.id = new_id()
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
@@ -251,25 +256,32 @@ class Agent(Replica):
         return now - last > limit * 1000
 
     # ---------------------------------------------------------------- connection
+    @property
+    def url(self) -> str:
+        """The room URL this agent uses (or tries) now."""
+        return self._urls[self._at]
+
     async def _run(self) -> None:
         delay = BACKOFF_START
         attempt = 0
+        tried = 0  # replicas tried since the delay last doubled
         while True:
+            url = self.url
             try:
                 async with connect(
-                    self.address.room_url,
+                    url,
                     max_size=None,
                     open_timeout=self.connect_timeout,
                     ping_interval=10,
                     ping_timeout=20,
                 ) as ws:
                     if attempt:
-                        self.log.info("%s reconnected to %s", self.name, self.address.room_url)
+                        self.log.info("%s reconnected to %s", self.name, url)
                     else:
-                        self.log.debug("%s connected to %s", self.name, self.address.room_url)
-                    delay = BACKOFF_START
+                        self.log.debug("%s connected to %s", self.name, url)
+                    delay, tried = BACKOFF_START, 0
                     await self._session(ws)
-                self.log.warning("%s: market closed the connection", self.name)
+                self.log.warning("%s: market %s closed the connection", self.name, url)
             except asyncio.CancelledError:
                 raise
             except _Resync:
@@ -281,7 +293,7 @@ class Agent(Replica):
                     level,
                     "%s: market %s unreachable (%s); retrying in %.1f s",
                     self.name,
-                    self.address.room_url,
+                    url,
                     exc or type(exc).__name__,
                     delay,
                 )
@@ -290,8 +302,11 @@ class Agent(Replica):
             finally:
                 self.connected = False
             attempt += 1
+            self._at = (self._at + 1) % len(self._urls)  # the next replica, if several
+            tried += 1
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
-            delay = min(delay * 2, self.backoff_max)
+            if tried >= len(self._urls):
+                delay, tried = min(delay * 2, self.backoff_max), 0
 
     async def _session(self, ws: ClientConnection) -> None:
         assert self._outbox is not None

@@ -117,6 +117,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             max_rooms_per_address=args.max_rooms_per_address,
             header_timeout=args.header_timeout,
             log_level=args.log_level,
+            redis=args.redis,
         )
         return 0
     if args.command == "up":

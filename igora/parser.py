@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     _data(p, "folder of the store")
     p.add_argument("--memory", action="store_true", help="keep rooms in memory only")
     p.add_argument(
+        "--redis",
+        default=env("IGORA_REDIS"),
+        metavar="URL",
+        help="share the rooms with every market started with the same Redis "
+        "(redis://host:6379/0; default: IGORA_REDIS): agents may join any of these "
+        "replicas (see docs/market.md, Replicas)",
+    )
+    p.add_argument(
         "--max-message",
         type=int,
         default=DEFAULT_MAX_MESSAGE,

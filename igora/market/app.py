@@ -29,6 +29,7 @@ from .limits import (
     DEFAULT_ROOM_IDLE,
     Connections,
 )
+from .replicas import Replicas
 from .room import MarketRoom
 from .server import MarketServer
 from .store import Store
@@ -49,16 +50,19 @@ class Market:
         compact_every: int = DEFAULT_COMPACT_EVERY,
         max_rooms: int = DEFAULT_MAX_ROOMS,
         max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
+        redis: str | None = None,
     ) -> None:
         # Without a folder the rooms' histories are kept in an SQLite database in memory:
         # a room rebuilds its document from it (after a panic, or when it is loaded again).
         self.store = Store(data / "market.sqlite3" if data is not None else ":memory:")
+        self.replicas = Replicas(redis) if redis is not None else None
         self.server = MarketServer(
             self.store,
             compact_every,
             room_idle=room_idle,
             max_rooms=max_rooms,
             max_rooms_per_address=max_rooms_per_address,
+            replicas=self.replicas,
         )
         self.connections = Connections(max_connections, max_per_address)
         self.app = Starlette(
@@ -73,9 +77,13 @@ class Market:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        if self.replicas is not None:
+            await self.replicas.start()
         async with self.server:
             yield
             self.server.flush_sync()
+        if self.replicas is not None:
+            await self.replicas.stop()
         self.store.close()
         if self.store.durable:
             log.info("market stopped, store %s flushed and closed", self.store.path)
@@ -90,6 +98,7 @@ class Market:
             {
                 "status": "ok",
                 "version": __version__,
+                "replica": self.replicas.id if self.replicas is not None else None,
                 "connections": self.connections.total,
                 "rooms": [r.summary() for r in self.server.rooms.values()],
             }

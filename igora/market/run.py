@@ -14,7 +14,8 @@ What the market adds to plain pycrdt-websocket:
   (in all and per address: ``server``), and a deadline on HTTP request headers
   (``igora.header_timeout``); see ``limits``;
 - finished tasks (entries of ``done``) are copied to the archive as they appear
-  (``persistence``), and rooms are compacted (``compactor``).
+  (``persistence``), and rooms are compacted (``compactor``);
+- with ``--redis``, rooms shared with every other market on that Redis (``replicas``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .limits import (
     DEFAULT_ROOM_IDLE,
     check_limits,
 )
+from .replicas import check_redis
 
 log = logging.getLogger("igora.market")
 
@@ -124,6 +126,7 @@ def run_market(
     max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     log_level: str = "info",
+    redis: str | None = None,
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit)."""
     import uvicorn
@@ -140,8 +143,10 @@ def run_market(
         header_timeout,
     )
     # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
-    for noisy in ("igora.market.room", "igora.market.server"):
+    for noisy in ("igora.market.room", "igora.market.server", "redis"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    if redis is not None:
+        asyncio.run(check_redis(redis))  # one line and exit 2 if it does not answer
     sock = _listen(host, port)
     market = Market(
         data,
@@ -151,8 +156,11 @@ def run_market(
         compact_every=compact_every,
         max_rooms=max_rooms,
         max_rooms_per_address=max_rooms_per_address,
+        redis=redis,
     )
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
+    if redis is not None:
+        where += f", sharing them through Redis at {redis}"
     log.info(
         "market listening on ws://%s:%d, %s; limits: message %d bytes, %d connections "
         "(%d per address), %d rooms (%d per address), headers within %g s",
