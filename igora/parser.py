@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Formatter,
         help="run a market (y-websocket server) that agents join",
         description="Run the market: a y-websocket server hosting rooms "
-        "(created on first join), persisted in DATA.",
+        "(created on first join), persisted in DATA. With --redis, one of any number "
+        "of replicas serving the same rooms; agents list them all: "
+        "--market ws://a:1234,ws://b:1234.",
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: everyone)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
