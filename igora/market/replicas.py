@@ -185,10 +185,9 @@ class Replicas:
 
     async def stop(self) -> None:
         """Publish what is left (briefly), release the leases, say this replica is gone."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            deadline = time.monotonic() + 2.0
-            while self._out and self.up and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+        deadline = time.monotonic() + 2.0
+        while self._out and self.up and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -223,14 +222,11 @@ class Replicas:
                 self.id,
                 len(self.links),
             )
-            self._overflow = True
+            self._overflow = True  # the publisher sends the rooms' whole states
         self.epoch = epoch
         if self._overflow:
-            self._overflow = False
-            self._out.clear()
-            for name, link in self.links.items():
+            for link in self.links.values():
                 link.start_over()
-                self._out.append(("u", name, link.room.ydoc.get_update()))
             self._wake.set()
         if not self.up:
             self.up, self.up_since = True, time.monotonic()
@@ -274,27 +270,42 @@ class Replicas:
                 await self._release(keys=[link.lease], args=[self.id])
 
     def put(self, item: tuple[str, str, bytes]) -> None:
-        if len(self._out) >= MAX_BUFFERED:
-            if not self._overflow:
-                log.error(
-                    "replica %s: %d messages wait for Redis; the rooms' whole states "
-                    "will be sent instead",
-                    self.id,
-                    MAX_BUFFERED,
-                )
+        """Queue an update or awareness message for Redis, in order. Past
+        ``MAX_BUFFERED`` (Redis away for long), updates are dropped from the queue: the
+        rooms' whole states, sent once Redis is back, hold them."""
+        if not self._overflow and len(self._out) >= MAX_BUFFERED:
+            log.error(
+                "replica %s: %d messages wait for Redis; the rooms' whole states will be "
+                "sent instead",
+                self.id,
+                MAX_BUFFERED,
+            )
             self._overflow = True
-            self._out.clear()
-        if not self._overflow:
-            self._out.append(item)
-            self._wake.set()
+        if self._overflow and item[0] == "u":
+            return
+        self._out.append(item)
+        self._wake.set()
+
+    def _resend_states(self) -> None:
+        """Replace the queued updates by each room's whole state (taken here, outside
+        any transaction of the documents); awareness messages stay, in order."""
+        self._overflow = False
+        kept = [item for item in self._out if item[0] != "u"]
+        self._out.clear()
+        for name, link in self.links.items():
+            self._out.append(("u", name, link.room.ydoc.get_update()))
+        self._out.extend(kept)
 
     # ------------------------------------------------------------------ publishing
     async def _publish_loop(self) -> None:
         delay = 0.1
         while True:
+            if self._overflow and self.up:
+                self._resend_states()
             if not self._out:
                 self._wake.clear()
                 await self._wake.wait()
+                continue
             batch = list(self._out)[:256]
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -311,10 +322,10 @@ class Replicas:
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = 0.1
-            for _ in batch:  # a reconnection may have replaced the queue meanwhile
-                if self._out and self._out[0] is batch[0]:
-                    self._out.popleft()
-                    batch.pop(0)
+            for item in batch:  # the queue may have been replaced meanwhile
+                if not self._out or self._out[0] is not item:
+                    break
+                self._out.popleft()
 
     # ------------------------------------------------------------------ receiving
     async def _listen_loop(self) -> None:
@@ -343,7 +354,10 @@ class Replicas:
                     if message is None:
                         continue
                     if message.get("type") == "message":
-                        self._received(message["channel"], message["data"])
+                        try:
+                            self._received(message["channel"], message["data"])
+                        except ValueError as exc:  # not from a replica of this version
+                            log.warning("replica %s: bad message from Redis (%s)", self.id, exc)
                     elif message.get("type") == "subscribe":
                         self._subscribed(message["channel"])
             except asyncio.CancelledError:
@@ -509,7 +523,7 @@ class Replicas:
             gone = [c for c, r in link.remote.items() if r == replica]
             for c in gone:
                 del link.remote[c]
-            total += link.room.remove_states(gone)
+            total += link.room.remove_states([c for c in gone if c not in link.room.controllers])
         log.warning(
             "replica %s is gone (its liveness key expired): %d awareness state(s) of its "
             "agents removed",
