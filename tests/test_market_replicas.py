@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from igora.agent import Agent
 from igora.client import Client
+from igora.config import ConfigError, market_address
 from igora.protocol import MapName
 from igora.testing import Cluster, Proc, RedisServer, free_port, wait_for, wait_until
 from tests.market_peers import NodePeer, agent, ensure_node_modules, entry, until
@@ -141,9 +143,10 @@ async def test_agents_of_a_dead_replica_disappear_from_the_others(three: Cluster
         await until(lonely_here, 30, "replica 0 to relay the worker of replica 2")
         next(p for p in three.procs if p.log_path.name.endswith("replica2.log")).kill()
         await until(lambda: not lonely_here(), 40, "the worker of dead replica 2 to be removed")
-    assert "is gone (its liveness key expired)" in next(
-        p for p in three.procs if p.log_path.name.endswith("replica0.log")
-    ).log()
+    assert (
+        "is gone (its liveness key expired)"
+        in next(p for p in three.procs if p.log_path.name.endswith("replica0.log")).log()
+    )
 
 
 async def test_redis_restarted_mid_run_loses_no_task(three: Cluster, redis: RedisServer) -> None:
@@ -237,3 +240,18 @@ def test_a_malformed_list_of_market_urls_is_one_line_and_exit_2(urls: str, why: 
     run = run_igora("status", "--market", urls)
     assert run.returncode == 2
     assert why in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_environment_lists_replicas_and_agents_start_on_any_of_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("YJS_ENV", "REMOTE")
+    monkeypatch.setenv("YJS_REMOTE_URL", "wss://a.example/, ws://b.example:1234")
+    monkeypatch.setenv("YJS_MARKET_ROOM", "salle")
+    address = market_address()
+    assert address.room_urls == ("wss://a.example/salle", "ws://b.example:1234/salle")
+    starts = {Agent(address, type="client", name="x", style="text").url for _ in range(60)}
+    assert starts == set(address.room_urls)  # 60 draws: both, but for 2 ** -59
+    monkeypatch.setenv("YJS_REMOTE_URL", "wss://a.example,,ws://b.example")
+    with pytest.raises(ConfigError, match=r"has an empty item.*\(from YJS_REMOTE_URL\)"):
+        market_address()

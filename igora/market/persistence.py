@@ -137,7 +137,10 @@ class RoomHistory:
             await asyncio.to_thread(self.store.replace, self.name, state)
 
     async def replace(self) -> None:
-        """Store the room's current state as its whole history (after a compaction)."""
+        """Store the room's current state as its whole history (after a compaction, or
+        when this replica starts storing the room)."""
+        if not self.writing:
+            return
         async with self._lock:
             pending, self.pending = self.pending, []  # the new state holds them
             try:
