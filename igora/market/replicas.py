@@ -37,10 +37,12 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from pycrdt import create_awareness_message, read_message
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -85,6 +87,42 @@ return 0
 """
 
 _DOWN = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class Liveness(threading.Thread):
+    """Renews this replica's liveness key and the leases it holds every ``TICK`` s, from a
+    thread of its own with its own connection: a replica whose event loop is saturated
+    (thousands of agents on a busy machine) is slow, not dead, and must neither have its
+    agents removed by the others nor lose its leases. A process that dies stops
+    renewing: its keys expire within ``LEASE_TTL`` s."""
+
+    def __init__(self, url: str, replica: str, key: str) -> None:
+        super().__init__(name="igora-replica-liveness", daemon=True)
+        self.replica = replica
+        self.key = key
+        self.value = f"{socket.gethostname()} {os.getpid()}"
+        self.client = SyncRedis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        self._renew = self.client.register_script(_RENEW)
+        self.leases: dict[str, bool] = {}  # lease key -> still held (False: lost)
+        self.stopping = threading.Event()
+
+    def renew(self) -> None:
+        ttl = int(LEASE_TTL * 1000)
+        self.client.set(self.key, self.value, px=ttl)
+        for lease in list(self.leases):
+            if not self._renew(keys=[lease], args=[self.replica, ttl]) and lease in self.leases:
+                self.leases[lease] = False
+
+    def run(self) -> None:
+        while not self.stopping.wait(TICK):
+            with contextlib.suppress(*_DOWN):  # the event loop notices and logs it
+                self.renew()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(*_DOWN):
+            self.client.delete(self.key)
+        self.client.close()
 
 
 class RedisUnreachable(OSError):
@@ -171,8 +209,8 @@ class Replicas:
         self._resubscribe = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._overflow = False
+        self._liveness = Liveness(url, self.id, self._alive_key(self.id))
         self._append = self.redis.register_script(_APPEND)
-        self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
 
     # ------------------------------------------------------------------ lifecycle
@@ -181,6 +219,7 @@ class Replicas:
         loop = asyncio.get_running_loop()
         for coro in (self._publish_loop(), self._listen_loop(), self._tick_loop()):
             self._tasks.append(loop.create_task(coro))
+        self._liveness.start()
         log.info("replica %s: sharing rooms through Redis at %s", self.id, self.url)
 
     async def stop(self) -> None:
@@ -197,7 +236,7 @@ class Replicas:
             for link in self.links.values():
                 if link.persister:
                     await self._release(keys=[link.lease], args=[self.id])
-            await self.redis.delete(self._alive_key(self.id))
+        await asyncio.to_thread(self._liveness.stop)
         with contextlib.suppress(*_DOWN):
             await self.redis.aclose()
 
@@ -208,11 +247,7 @@ class Replicas:
     async def _connected(self) -> None:
         """Redis answers (again): note its epoch; if it lost its data, every room is
         read again from the start and this replica sends its whole state of each."""
-        await self.redis.set(
-            self._alive_key(self.id),
-            f"{socket.gethostname()} {os.getpid()}",
-            px=int(LEASE_TTL * 1000),
-        )
+        await asyncio.to_thread(self._liveness.renew)
         await self.redis.set("igora:epoch", secrets.token_hex(8), nx=True)
         epoch: Any = await self.redis.get("igora:epoch")
         if self.epoch is not None and epoch != self.epoch:
@@ -265,6 +300,7 @@ class Replicas:
         if link is None:
             return
         self._resubscribe.set()
+        self._liveness.leases.pop(link.lease, None)
         if link.persister:
             with contextlib.suppress(*_DOWN):
                 await self._release(keys=[link.lease], args=[self.id])
@@ -538,11 +574,6 @@ class Replicas:
             if not self.up:
                 continue
             try:
-                await self.redis.set(
-                    self._alive_key(self.id),
-                    f"{socket.gethostname()} {os.getpid()}",
-                    px=int(LEASE_TTL * 1000),
-                )
                 for link in list(self.links.values()):
                     await self._take_lease(link)
                     await self._check_gap(link)
@@ -560,18 +591,19 @@ class Replicas:
             self.gap(link)
 
     async def _take_lease(self, link: RoomLink) -> None:
-        """Renew this replica's persister lease of the room, or take it if free."""
-        ttl = int(LEASE_TTL * 1000)
+        """Take the room's persister lease if it is free; note its loss (the liveness
+        thread renews it, ``Liveness``)."""
         history = link.room.history
+        held = self._liveness.leases
         try:
             if link.persister:
-                if await self._renew(keys=[link.lease], args=[self.id, ttl]):
+                if held.get(link.lease, False):
                     return
+                held.pop(link.lease, None)
                 link.persister = history.writing = False
-                log.warning(
-                    "room %s: persister lease lost; another replica stores it", link.room.name
-                )
-            if await self.redis.set(link.lease, self.id, nx=True, px=ttl):
+                log.warning("room %s: persister lease lost to another replica", link.room.name)
+            if await self.redis.set(link.lease, self.id, nx=True, px=int(LEASE_TTL * 1000)):
+                held[link.lease] = True
                 link.persister = history.writing = True
                 log.info("room %s: this replica (%s) stores it", link.room.name, self.id)
                 await history.replace()  # the whole state: what the last holder missed
