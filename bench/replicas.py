@@ -124,7 +124,8 @@ async def run(quick: bool) -> Section:
         try:
             result = await setup(replicas, agents, n_probe)
         except Exception as exc:  # a setup that does not complete is a finding too
-            failed.append(f"{agents} agents on {replicas} market(s) did not complete: {exc}")
+            why = f"{type(exc).__name__} {exc}".strip()
+            failed.append(f"{agents} agents on {replicas} market(s) did not complete: {why}")
             print(f"bench: replicas: {failed[-1][:2000]}", file=sys.stderr, flush=True)
             continue
         print(f"bench: replicas: {asdict(result)}", file=sys.stderr, flush=True)

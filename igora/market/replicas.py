@@ -47,7 +47,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ..updates import UpdateError, check_update
-from .frames import BadFrame, awareness_entries
+from .frames import BadFrame, awareness_presence
 
 if TYPE_CHECKING:
     from .room import MarketRoom
@@ -512,16 +512,16 @@ class Replicas:
         room = link.room
         try:
             payload = read_message(message[1:])
-            entries = awareness_entries(payload)
+            entries = awareness_presence(payload)
         except (BadFrame, ValueError) as exc:
             log.warning(
                 "room %s: awareness from replica %s is invalid (%s)", room.name, origin, exc
             )
             return
-        for client_id, _clock, state in entries:
+        for client_id, present in entries:
             if client_id in room.controllers:
                 continue  # its agent is here now
-            if state is None:
+            if not present:
                 if link.remote.get(client_id) == origin:
                     del link.remote[client_id]
             else:
