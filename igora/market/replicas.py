@@ -180,9 +180,16 @@ class RoomLink:
         self.owner.put(("u", self.room.name, update))
 
     def publish_awareness(self, message: bytes) -> None:
-        """An awareness message from one of this replica's connections (or its removal
-        of their states)."""
+        """An awareness message from this replica's connections (batched by the room's
+        relay, as for its own connections), or its removal of their states."""
         self.owner.put(("a", self.room.name, message))
+
+    put = publish_awareness
+
+    @property
+    def outbox(self) -> RoomLink:
+        """The room's awareness relay sees the other replicas as one more receiver."""
+        return self
 
     def reload(self) -> None:
         """The room rebuilt its document from the store, which may lag behind Redis:

@@ -102,6 +102,8 @@ class MarketRoom(YRoom):
         self._fan_out_sub: Subscription | None = None  # set once the room has started
         self.controllers: dict[int, MarketChannel] = {}  # awareness client id -> its socket
         self._awareness_relay = AwarenessRelay(lambda: self.clients)
+        # What this replica's connections say, batched the same way for the others.
+        self._to_replicas = AwarenessRelay(lambda: [] if self.link is None else [self.link])
 
     # ------------------------------------------------------------------ updates in
     def receive(self, channel: MarketChannel | None, update: bytes, parsed: Parsed) -> str | None:
@@ -197,6 +199,7 @@ class MarketRoom(YRoom):
 
     async def stop(self) -> None:
         self.compactor.cancel()
+        self._to_replicas.cancel()
         await super().stop()
         if self._fan_out_sub is not None:
             self.ydoc.unobserve(self._fan_out_sub)
@@ -219,6 +222,7 @@ class MarketRoom(YRoom):
         # order (a worker says "busy" before it hands a task back).
         self._awareness_relay.flush()
         if self.sender is not None and self.link is not None:
+            self._to_replicas.flush()  # in the same order for the other replicas
             self.link.publish_update(event.update)
         message = create_update_message(event.update)
         for client in self.clients:
@@ -235,7 +239,7 @@ class MarketRoom(YRoom):
         self._awareness_relay.add(channel, message, leaving)  # batched: fanout.py
         self.awareness.apply_awareness_update(read_message(message[1:]), self)
         if self.link is not None:
-            self.link.publish_awareness(message)
+            self._to_replicas.add(channel, message, leaving)
 
     def relay_remote_awareness(self, message: bytes, payload: bytes) -> None:
         """Forward an awareness message of another replica's agents to everyone here."""
@@ -284,6 +288,7 @@ class MarketRoom(YRoom):
         for client in list(self.clients):
             background(client.send(message))
         if publish and self.link is not None:
+            self._to_replicas.flush()
             self.link.publish_awareness(message)
         return len(gone)
 
