@@ -163,7 +163,7 @@ async def run(quick: bool) -> Section:
         "the agents in all; a probe crossing replicas would add the network round trip "
         "to Redis and back (about 0.1-0.5 ms in one data centre, against a few "
         "microseconds on loopback); Redis handles one append and one publish per update "
-        "and one publish per awareness change, far below what one Redis core serves."
+        "and one publish per awareness batch (50 ms), far below what one Redis core serves."
         + "".join(f"\n\n{f.splitlines()[0]}" for f in failed)
     )
     return Section(
