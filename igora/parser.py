@@ -61,8 +61,8 @@ def _market_options(p: argparse.ArgumentParser) -> None:
         "--market",
         metavar="URL",
         type=arg.market_url,
-        help="market websocket URL (default: from YJS_ENV / YJS_LOCAL_URL / "
-        "YJS_REMOTE_URL, else ws://localhost:1234)",
+        help="market websocket URL, or the URLs of its replicas comma-separated "
+        "(default: from YJS_ENV / YJS_LOCAL_URL / YJS_REMOTE_URL, else ws://localhost:1234)",
     )
     g.add_argument(
         "--room", type=arg.room, help="market room (default: YJS_MARKET_ROOM or 'market')"
