@@ -61,6 +61,7 @@ class Run:
     replicas: int
     agents: int
     connect_time: float
+    empty: dict[str, float]  # the probes before any other agent joins
     probe: dict[str, float]
     tasks_per_s: float
     task_errors: int
@@ -75,6 +76,7 @@ async def setup(replicas: int, agents: int, n_probe: int) -> Run:
             [c.market(*limits)] if replicas == 1 else c.replicas(redis.url, replicas, *limits)
         )
         urls = [f"ws://127.0.0.1:{p}" for p in c.ports]
+        empty = await probe(urls[0], n_probe, urls[1 % len(urls)])  # the cost of the hop
         c.broker("--market", urls[0])
         for i in range(2):
             c.worker("--slots", "8", "--market", urls[(i + 1) % len(urls)], name=f"w{i}")
@@ -107,7 +109,7 @@ async def setup(replicas: int, agents: int, n_probe: int) -> Run:
         wall = time.monotonic() - w0
         cpu = [(cpu_seconds(p) - c0) / wall for p, c0 in zip(pids, cpu0, strict=True)]
         rss = [rss_mb(p) for p in pids]
-    return Run(replicas, agents, connect_time, loaded, tps, errors, cpu, rss)
+    return Run(replicas, agents, connect_time, empty, loaded, tps, errors, cpu, rss)
 
 
 def _per(values: list[float], replicas: int, fmt: str) -> str:
@@ -133,6 +135,10 @@ async def run(quick: bool) -> Section:
     header = ["measure"] + [f"{r.agents} agents, {r.replicas} market(s)" for r in results]
     rows: list[list[str]] = [
         ["connecting the swarm s"] + [f"{r.connect_time:.0f}" for r in results],
+        ["no other agent: update round trip p50 / p99 ms"]
+        + [f"{ms(r.empty['update_p50'])} / {ms(r.empty['update_p99'])}" for r in results],
+        ["no other agent: awareness change seen p50 / p99 ms"]
+        + [f"{ms(r.empty['aware_p50'])} / {ms(r.empty['aware_p99'])}" for r in results],
         ["update round trip p50 / p99 ms"]
         + [f"{ms(r.probe['update_p50'])} / {ms(r.probe['update_p99'])}" for r in results],
         ["awareness change seen p50 / p99 ms"]
@@ -148,7 +154,8 @@ async def run(quick: bool) -> Section:
         f"per second) on one market, then on three replicas sharing the room through one "
         f"Redis, all on this machine. Swarm processes of about {PER_SWARM} agents each, "
         "spread evenly over the replicas. Probes: {n} update round trips and {n} "
-        "awareness changes; on three replicas the two probes are on different "
+        "awareness changes, once before the swarm joins (no other agent: the cost of the "
+        "path itself) and once with it; on three replicas the two probes are on different "
         "replicas, so each crosses Redis. Tasks: {k} askers in a closed loop for {s:g} s "
         "(one client per replica), one broker on the first replica, an echo worker on "
         "each of the others.\n\n".format(n=n_probe, k=TASK_LOOPS, s=TASK_SECONDS)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from pycrdt import create_awareness_message, read_message
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..updates import UpdateError, check_update
 from .frames import BadFrame, awareness_presence
@@ -170,6 +170,7 @@ class RoomLink:
         self.catching: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()  # Redis confirmed the subscription to its channel
         self.again = False  # a gap was seen while filling another
+        self.stuck_at: int | None = None  # last_n at the last check that found it behind
 
     def start_over(self) -> None:
         """Redis lost the room (a restart): read its stream from its start."""
@@ -351,14 +352,20 @@ class Replicas:
                 continue
             batch = list(self._out)[:256]
             try:
+                # EVALSHA itself: a Script in a pipeline asks SCRIPT EXISTS first, one
+                # more round trip per batch.
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for kind, name, data in batch:
                         if kind == "u":
-                            keys = [_key(name, "d"), _key(name, "n"), _key(name, "c")]
-                            await self._append(keys=keys, args=[self.id, data], client=pipe)
+                            keys = (_key(name, "d"), _key(name, "n"), _key(name, "c"))
+                            pipe.evalsha(self._append.sha, 3, *keys, self.id, data)
                         else:
                             pipe.publish(_key(name, "c"), b"a " + self.id.encode() + b" " + data)
                     await pipe.execute()
+            except NoScriptError:  # a restarted Redis: its script cache is empty
+                with contextlib.suppress(*_DOWN):
+                    await self.redis.script_load(_APPEND)
+                continue
             except _DOWN as exc:
                 self._lost(exc)
                 await asyncio.sleep(delay)
@@ -592,10 +599,14 @@ class Replicas:
 
     async def _check_gap(self, link: RoomLink) -> None:
         """A message lost between Redis and this replica shows when the next one comes;
-        this finds the last one lost, whose next one may never come."""
+        this finds the last one lost, whose next one may never come: behind the counter
+        at two checks in a row without progress (behind once is only messages on their
+        way)."""
         n = await self.redis.get(link.counter)
-        if n is not None and int(n) > link.last_n:
+        behind = n is not None and int(n) > link.last_n
+        if behind and link.stuck_at == link.last_n:  # behind twice, with no progress
             self.gap(link)
+        link.stuck_at = link.last_n if behind else None
 
     async def _take_lease(self, link: RoomLink) -> None:
         """Take the room's persister lease if it is free; note its loss (the liveness
