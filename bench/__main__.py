@@ -1,8 +1,8 @@
 """``python -m bench`` (``make bench``): run the benchmark suite, write docs/benchmarks.md.
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
-(repeatable: overhead, streaming, throughput, wire, sync, scale, gateway, gateway_load,
-soak, structured), ``--out PATH``
+(repeatable: overhead, streaming, throughput, wire, sync, scale, replicas, gateway,
+gateway_load, soak, structured), ``--out PATH``
 (a partial run writes bench-report.md unless told otherwise).
 """
 
@@ -34,6 +34,7 @@ MODULES = [
     "wire",
     "sync",
     "scale",
+    "replicas",
     "gateway",
     "gateway_load",
     "soak",

@@ -27,17 +27,18 @@ HEARTBEAT = 5.0  # Igora's default awareness heartbeat
 CHURN = 5.0  # agents replaced per second, in all
 
 
-async def awareness_latency(url: str, n: int) -> list[float]:
-    """A changes a field of its awareness state; time until B sees it."""
+async def awareness_latency(url: str, n: int, url_b: str | None = None) -> list[float]:
+    """A changes a field of its awareness state; time until B sees it (B on ``url_b``,
+    another replica of A's market, if given)."""
     a, b = (
         Agent(
-            MarketAddress(url, "market"),
+            MarketAddress(u, "market"),
             type="client",
             name=f"probe-{x}",
             style="text",
             connect_timeout=120,
         )
-        for x in "ab"
+        for x, u in (("a", url), ("b", url_b or url))
     )
     await a.start()
     await b.start()
@@ -65,9 +66,9 @@ async def awareness_latency(url: str, n: int) -> list[float]:
     return out
 
 
-async def probe(url: str, n: int) -> dict[str, float]:
-    rtt = await round_trips(url, n, room="market")
-    aw = await awareness_latency(url, n)
+async def probe(url: str, n: int, url_b: str | None = None) -> dict[str, float]:
+    rtt = await round_trips(url, n, room="market", url_b=url_b)
+    aw = await awareness_latency(url, n, url_b)
     return {
         "update_p50": pct(rtt, 50),
         "update_p99": pct(rtt, 99),

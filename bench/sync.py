@@ -27,9 +27,12 @@ def _agent(url: str, room: str, name: str) -> Agent:
     )
 
 
-async def round_trips(url: str, n: int, room: str = "bench-rtt") -> list[float]:
-    """A writes ping i; B answers pong i; A times the round trip."""
-    a, b = _agent(url, room, "a"), _agent(url, room, "b")
+async def round_trips(
+    url: str, n: int, room: str = "bench-rtt", url_b: str | None = None
+) -> list[float]:
+    """A writes ping i; B answers pong i; A times the round trip. With ``url_b``, B is on
+    that market (another replica of A's)."""
+    a, b = _agent(url, room, "a"), _agent(url_b or url, room, "b")
     await a.start()
     await b.start()
     ma, mb = a.doc.get("bench", type=Map), b.doc.get("bench", type=Map)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -95,7 +96,10 @@ class Agent(Replica):
     waits until the document is synced with the market. The document, its maps, observers
     and compaction are the ``Replica`` it builds on. When the connection drops it
     reconnects by itself: first after ``BACKOFF_START`` s, then doubling up to
-    ``backoff_max`` s, each delay with +/-20 % jitter.
+    ``backoff_max`` s, each delay with +/-20 % jitter. An address listing several
+    replicas of the market: the agent starts on one at random (so agents spread) and
+    moves to the next one whenever a connection fails or drops; the delay doubles once
+    per full round of the list.
     """
 
     def __init__(
@@ -113,6 +117,8 @@ class Agent(Replica):
         compact_every: int = COMPACT_EVERY,
     ) -> None:
         self.address = address
+        self._urls = address.room_urls
+        self._at = random.randrange(len(self._urls))  # the replica in use
         self.id = new_id()
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
@@ -249,40 +255,50 @@ class Agent(Replica):
         return now - last > limit * 1000
 
     # ---------------------------------------------------------------- connection
+    @property
+    def url(self) -> str:
+        """The room URL this agent uses (or tries) now."""
+        return self._urls[self._at]
+
     async def _run(self) -> None:
         backoff = Backoff(self.backoff_max)
         attempt = 0
+        tried = 0  # replicas tried since the delay last doubled
         while True:
+            url = self.url
             try:
                 async with connect(
-                    self.address.room_url,
+                    url,
                     max_size=None,
                     open_timeout=self.connect_timeout,
                     ping_interval=10,
                     ping_timeout=20,
                 ) as ws:
                     if attempt:
-                        self.log.info("%s reconnected to %s", self.name, self.address.room_url)
+                        self.log.info("%s reconnected to %s", self.name, url)
                     else:
-                        self.log.debug("%s connected to %s", self.name, self.address.room_url)
+                        self.log.debug("%s connected to %s", self.name, url)
                     backoff.reset()
+                    tried = 0
                     await self._session(ws)
-                self.log.warning("%s: market closed the connection", self.name)
+                self.log.warning("%s: market %s closed the connection", self.name, url)
             except asyncio.CancelledError:
                 raise
             except _Resync:
                 backoff.reset()  # logged already; the sync of a new session repairs
             except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
-                log_unreachable(
-                    self.log, self.name, self.address.room_url, exc, backoff.delay, attempt
-                )
+                log_unreachable(self.log, self.name, url, exc, backoff.delay, attempt)
             except Exception:
                 self.log.exception("%s: connection error", self.name)
             finally:
                 self.connected = False
             attempt += 1
-            await backoff.wait()
+            self._at = (self._at + 1) % len(self._urls)  # the next replica, if several
+            tried += 1
+            await backoff.wait(grow=tried >= len(self._urls))  # doubles once per round
+            if tried >= len(self._urls):
+                tried = 0
 
     async def _session(self, ws: ClientConnection) -> None:
         assert self._outbox is not None

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from .config import ConfigError, check_room, check_ws_url
+from .config import ConfigError, check_market_urls, check_room
 from .protocol import MAX_TOKENS_LIMIT
 
 
@@ -120,8 +120,9 @@ def _config(check: Callable[[str], str]) -> Callable[[str], str]:
     return parse
 
 
-market_url = _config(check_ws_url)
-"""A market URL, checked as ``config.market_address`` checks those of the environment."""
+market_url = _config(check_market_urls)
+"""A market URL (or several, comma-separated: replicas), checked as
+``config.market_address`` checks those of the environment."""
 room = _config(check_room)
 """A room name, checked as ``config.market_address`` checks ``YJS_MARKET_ROOM``."""
 

@@ -120,6 +120,11 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             raise ConfigError(
                 f"--members {members} needs a store for its members (--data), not --memory"
             )
+        if args.redis and (args.secure or args.v3_room):
+            raise ConfigError(
+                "--redis shares protocol 2 rooms only for now: a market with --secure or "
+                "--v3-room runs as one process (docs/market.md, replicas)"
+            )
         data = None if args.memory else (args.data or data_dir())
         run_market(
             args.host,
@@ -140,6 +145,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             broker_keys=frozenset(args.broker_key),
             behind_tls=args.behind_tls,
             members=members,
+            redis=args.redis,
         )
         return 0
     if args.command == "up":

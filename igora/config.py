@@ -2,7 +2,8 @@
 
 Environment (also read from a ``.env`` file in the working directory):
 ``YJS_ENV`` (``LOCAL`` or ``REMOTE``), ``YJS_LOCAL_URL`` (default ``ws://localhost:1234``),
-``YJS_REMOTE_URL``, ``YJS_MARKET_ROOM`` (default ``market``), ``LLM_MODEL_NAME``.
+``YJS_REMOTE_URL`` (either may list several replicas of one market, comma-separated),
+``YJS_MARKET_ROOM`` (default ``market``), ``LLM_MODEL_NAME``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ def check_ws_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def check_market_urls(text: str) -> str:
+    """``text`` normalised, if it is one market URL or several comma-separated (replicas
+    of one market, docs/market.md "Replicas"); ConfigError naming the bad one otherwise."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > 1 and not all(parts):
+        raise ConfigError(
+            f"market URL list {text!r} has an empty item: expected ws://a:1234,ws://b:1234"
+        )
+    urls = [check_ws_url(p) for p in parts]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"market URL list {text!r} names a URL twice")
+    return ",".join(urls)
+
+
 MAX_ROOM = 200  # characters; the market refuses longer room names
 _NOT_IN_ROOM = set("/?#%\\")
 
@@ -88,12 +103,19 @@ def check_room(name: str) -> str:
 
 @dataclass(frozen=True)
 class MarketAddress:
+    """A market room. ``url`` may list several replicas of the market, comma-separated."""
+
     url: str
     room: str
 
     @property
+    def room_urls(self) -> tuple[str, ...]:
+        """The room's URL at each replica."""
+        return tuple(f"{u}/{self.room}" for u in self.url.split(","))
+
+    @property
     def room_url(self) -> str:
-        return f"{self.url}/{self.room}"
+        return ",".join(self.room_urls)
 
 
 def market_address(url: str | None = None, room: str | None = None) -> MarketAddress:
@@ -113,7 +135,7 @@ def market_address(url: str | None = None, room: str | None = None) -> MarketAdd
     if room is None:
         room, room_source = env("YJS_MARKET_ROOM", DEFAULT_ROOM), "YJS_MARKET_ROOM"
     return MarketAddress(
-        _from(check_ws_url, str(url), source), _from(check_room, str(room), room_source)
+        _from(check_market_urls, str(url), source), _from(check_room, str(room), room_source)
     )
 
 

@@ -64,8 +64,8 @@ def _market_options(p: argparse.ArgumentParser) -> None:
         "--market",
         metavar="URL",
         type=arg.market_url,
-        help="market websocket URL (default: from YJS_ENV / YJS_LOCAL_URL / "
-        "YJS_REMOTE_URL, else ws://localhost:1234)",
+        help="market websocket URL, or the URLs of its replicas comma-separated "
+        "(default: from YJS_ENV / YJS_LOCAL_URL / YJS_REMOTE_URL, else ws://localhost:1234)",
     )
     g.add_argument(
         "--room", type=arg.room, help="market room (default: YJS_MARKET_ROOM or 'market')"
@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Formatter,
         help="run a market (y-websocket server) that agents join",
         description="Run the market: a y-websocket server hosting rooms "
-        "(created on first join), persisted in DATA. With an ACTION, manage who may join "
+        "(created on first join), persisted in DATA. With --redis, one of any number "
+        "of replicas serving the same rooms; agents list them all: "
+        "--market ws://a:1234,ws://b:1234. With an ACTION, manage who may join "
         "a --secure market instead (in DATA/market.sqlite3, also while it runs).",
         epilog="a secure market, members only (docs/security.md §5):\n"
         "  igora market --secure --data /srv/igora\n"
@@ -161,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
     _data(p, "folder of the store")
     p.add_argument("--memory", action="store_true", help="keep rooms in memory only")
+    p.add_argument(
+        "--redis",
+        default=env("IGORA_REDIS"),
+        metavar="URL",
+        help="share the rooms with every market started with the same Redis "
+        "(redis://host:6379/0; default: IGORA_REDIS): agents may join any of these "
+        "replicas (see docs/market.md, Replicas)",
+    )
     p.add_argument(
         "--max-message",
         type=int,

@@ -27,10 +27,12 @@ class Backoff:
     def reset(self) -> None:
         self.delay = BACKOFF_START
 
-    async def wait(self) -> None:
-        """Sleep the current delay (with jitter), then double it up to the limit."""
+    async def wait(self, grow: bool = True) -> None:
+        """Sleep the current delay (with jitter), then double it up to the limit if
+        ``grow`` (an agent with several replicas doubles once per round of them)."""
         await asyncio.sleep(self.delay * (0.8 + 0.4 * random.random()))
-        self.delay = min(self.delay * 2, self.limit)
+        if grow:
+            self.delay = min(self.delay * 2, self.limit)
 
 
 def log_unreachable(

@@ -1,7 +1,8 @@
 """Real Igora processes on 127.0.0.1, for tests and benchmarks, and condition polling.
 
-``Cluster`` starts ``python -m igora`` roles (market, brokers, workers, gateways) on free
-ports, each logging to a file of its folder, and stops them all (also at interpreter exit).
+``Cluster`` starts ``python -m igora`` roles (market or replicas of one, brokers, workers,
+gateways) on free ports, each logging to a file of its folder, and stops them all (also at
+interpreter exit); ``RedisServer`` runs the Redis that replicas share.
 The test suite (tests/conftest.py) and the benchmarks (bench/common.py) share it; it lives
 in the package, not in tests/, so that ``python -m bench`` needs only igora installed (no
 pytest), and so that an application can test itself against a real local market.
@@ -196,6 +197,7 @@ class Cluster:
         self.dir = folder
         self.data = folder / "data"
         self.port = free_port()
+        self.ports = [self.port]
         self.url = f"ws://127.0.0.1:{self.port}"
         self.procs: list[Proc] = []
         self.log_level = log_level
@@ -226,6 +228,35 @@ class Cluster:
         if grace and self.grace is not None:
             out += ["--grace", f"{self.grace:g}"]
         return out
+
+    def replicas(self, redis: str, n: int, *extra: str) -> list[Proc]:
+        """``n`` markets sharing their rooms through ``redis``, on free ports, once each
+        answers HTTP; ``self.url`` lists them all (so roles started next spread over
+        them) and ``self.ports`` holds their ports. They share the store folder."""
+        ports = [free_port() for _ in range(n)]
+        procs = []
+        for i, port in enumerate(ports):
+            procs.append(
+                self.spawn(
+                    "market",
+                    "--port",
+                    str(port),
+                    "--data",
+                    str(self.data),
+                    "--redis",
+                    redis,
+                    "--log-level",
+                    self.log_level or "debug",
+                    *extra,
+                    name=f"replica{i}",
+                )
+            )
+        for port, p in zip(ports, procs, strict=True):
+            wait_http(f"http://127.0.0.1:{port}/", 30, p)
+        self.ports = ports
+        self.port = ports[0]
+        self.url = ",".join(f"ws://127.0.0.1:{port}" for port in ports)
+        return procs
 
     def market(self, *extra: str, memory: bool = False) -> Proc:
         """The market, on ``self.port``, once it answers HTTP; ``memory``: no store."""
@@ -278,9 +309,10 @@ class Cluster:
         wait_http(f"{base}/health", timeout, proc)
         return proc, base
 
-    def status(self) -> dict[str, Any]:
-        """The market's ``/status``."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=10) as r:
+    def status(self, port: int | None = None) -> dict[str, Any]:
+        """The market's ``/status`` (of the replica on ``port``, if given)."""
+        url = f"http://127.0.0.1:{port or self.port}/status"
+        with urllib.request.urlopen(url, timeout=10) as r:
             status: dict[str, Any] = json.loads(r.read())
         return status
 
@@ -343,6 +375,81 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisServer:
+    """A ``redis-server`` of its own on a free port of 127.0.0.1, without persistence and
+    writing nothing outside ``folder``; ``restart`` brings it back empty (what a crash of
+    a Redis without persistence does), on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.dir = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.p: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self, timeout: float = 10) -> RedisServer:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.dir / "redis.log", "ab")
+        self.p = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=str(self.dir),
+            start_new_session=True,
+        )
+        wait_until(self._pong, timeout, f"redis-server answering on port {self.port}")
+        return self
+
+    def _pong(self) -> bool:
+        if self.p is not None and self.p.poll() is not None:
+            raise AssertionError(f"redis-server exited: {(self.dir / 'redis.log').read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.p is not None and self.p.poll() is None:
+            self.p.send_signal(sig)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self.p = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self, down: float = 0.0) -> None:
+        """Kill it (SIGKILL: its data is gone), wait ``down`` s, start it again."""
+        self.stop(signal.SIGKILL)
+        time.sleep(down)
+        self.start()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives besides Python: node's yjs + y-websocket (wire
-# compatibility with the original JavaScript agents) and Debian's Chromium (web page).
+# compatibility with the original JavaScript agents), Debian's Chromium (web page) and
+# Debian's redis-server (replicas of a market, tests/test_market_replicas.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
@@ -12,4 +13,8 @@ if ! command -v chromium >/dev/null; then
   echo "test tools: installing Chromium (Debian package)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
-echo "test tools: node $(node --version), $(chromium --version 2>/dev/null || echo 'no chromium')"
+if ! command -v redis-server >/dev/null; then
+  echo "test tools: installing redis-server (Debian package)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+echo "test tools: node $(node --version), $(chromium --version 2>/dev/null || echo 'no chromium'), $(redis-server --version | cut -d' ' -f1-3)"

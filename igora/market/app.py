@@ -42,6 +42,7 @@ from .limits import (
     Connections,
 )
 from .members import REFRESH, Membership
+from .replicas import Replicas
 from .room import MarketRoom
 from .server import MarketServer
 from .store import Store
@@ -76,18 +77,21 @@ class Market:
         v3_rooms: frozenset[str] = frozenset(),
         broker_keys: frozenset[str] = frozenset(),
         members: str = "open",
+        redis: str | None = None,
     ) -> None:
         if (secure or v3_rooms) and identity is None:
             raise ValueError("a market with v3 rooms needs its identity")
         # Without a folder the rooms' histories are kept in an SQLite database in memory:
         # a room rebuilds its document from it (after a panic, or when it is loaded again).
         self.store = Store(data / "market.sqlite3" if data is not None else ":memory:")
+        self.replicas = Replicas(redis) if redis is not None else None
         self.server = MarketServer(
             self.store,
             compact_every,
             room_idle=room_idle,
             max_rooms=max_rooms,
             max_rooms_per_address=max_rooms_per_address,
+            replicas=self.replicas,
         )
         self.connections = Connections(max_connections, max_per_address)
         self.identity = identity
@@ -127,12 +131,16 @@ class Market:
         checks = None
         if self.membership is not None:
             checks = asyncio.create_task(self._check_members(self.membership))
+        if self.replicas is not None:
+            await self.replicas.start()
         async with self.server:
             yield
             if checks is not None:
                 checks.cancel()
             self.server.flush_sync()
             self.v3.flush_sync()
+        if self.replicas is not None:
+            await self.replicas.stop()
         self.store.close()
         if self.store.durable:
             log.info("market stopped, store %s flushed and closed", self.store.path)
@@ -175,6 +183,7 @@ class Market:
                     "v3Rooms": sorted(self.v3_rooms),
                     "members": self.membership.mode if self.membership else None,
                 },
+                "replica": self.replicas.id if self.replicas is not None else None,
                 "connections": self.connections.total,
                 "rooms": rooms + [r.summary() for r in self.v3.rooms.values()],
             }

@@ -156,11 +156,19 @@ class Outbox:
             self._wake.set()
 
 
+class Sink(Protocol):
+    """Where a receiver's messages go: an ``Outbox``, or the other replicas
+    (``replicas.RoomLink``)."""
+
+    def put(self, message: bytes) -> None: ...
+
+
 class Receiver(Protocol):
-    """A connection as the relay sees it (``channel.MarketChannel``)."""
+    """A connection as the relay sees it (``channel.MarketChannel``), or the other
+    replicas of the market (``replicas.RoomLink``)."""
 
     @property
-    def outbox(self) -> Outbox: ...
+    def outbox(self) -> Sink: ...
 
 
 AWARENESS_INTERVAL = 0.05

@@ -56,6 +56,19 @@ def awareness_entries(payload: bytes) -> list[AwarenessEntry]:
     return out
 
 
+def awareness_presence(payload: bytes) -> list[tuple[int, bool]]:
+    """The client ids of an awareness update, each with whether it carries a state (not
+    ``null``), without decoding the states: for updates checked already (by the replica
+    that received them, ``replicas``)."""
+    r = Reader(payload, BadFrame)
+    out = []
+    for _ in range(r.uint()):
+        client_id = r.uint()
+        r.uint()  # clock
+        out.append((client_id, r.chunk() != b"null"))
+    return out
+
+
 class Frame(NamedTuple):
     """What ``check_frame`` read of a frame."""
 

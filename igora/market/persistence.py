@@ -43,12 +43,17 @@ class RoomHistory:
     """The updates and finished tasks of one room on their way to the store.
 
     ``state`` gives the room's current document state (one update), which replaces the
-    stored rows once they are more than ``SQUASH_AFTER``."""
+    stored rows once they are more than ``SQUASH_AFTER``. ``writing`` False: another
+    process stores the room (a replica holding its lease, ``replicas``); this one only
+    reads the store."""
 
-    def __init__(self, name: str, store: Store, state: Callable[[], bytes]) -> None:
+    def __init__(
+        self, name: str, store: Store, state: Callable[[], bytes], writing: bool = True
+    ) -> None:
         self.name = name
         self.store = store
         self._state = state
+        self.writing = writing
         self.pending: list[bytes] = []  # applied, not yet handed to the store
         self._writing: list[bytes] = []  # handed to the store, not yet committed
         self._archive: list[dict[str, Any]] = []
@@ -61,7 +66,7 @@ class RoomHistory:
         squashed into one."""
         updates = self.store.load(self.name)
         doc = replay(self.name, updates)
-        if len(updates) > 1:
+        if len(updates) > 1 and self.writing:
             self.store.replace(self.name, doc.get_update())
         if updates:
             log.info("room %s: loaded from the store", self.name)
@@ -73,12 +78,14 @@ class RoomHistory:
 
     def updated(self, update: bytes) -> None:
         """The room applied ``update``: write it soon."""
+        if not self.writing:
+            return
         self.pending.append(update)
         self._flush_soon()
 
     def finished(self, task: dict[str, Any]) -> None:
         """A task reached a final state: archive it (only in a durable store)."""
-        if self.store.durable:
+        if self.store.durable and self.writing:
             self._archive.append(task)
 
     def _flush_soon(self) -> None:
@@ -130,7 +137,10 @@ class RoomHistory:
             await asyncio.to_thread(self.store.replace, self.name, state)
 
     async def replace(self) -> None:
-        """Store the room's current state as its whole history (after a compaction)."""
+        """Store the room's current state as its whole history (after a compaction, or
+        when this replica starts storing the room)."""
+        if not self.writing:
+            return
         async with self._lock:
             pending, self.pending = self.pending, []  # the new state holds them
             try:

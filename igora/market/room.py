@@ -8,7 +8,9 @@ written to, the store (``persistence.RoomHistory``) and compacted now and then
 - its fan-out (``fanout``): one outbox per connection, the sender of an update skipped,
   awareness relayed in batches;
 - awareness ownership: the states a connection brought into the room are removed, and
-  the removal broadcast, when its socket closes, so the others notice a dead agent at once.
+  the removal broadcast, when its socket closes, so the others notice a dead agent at once;
+- with replicas (``replicas``), its ``link``: what its connections bring goes to the other
+  replicas, what theirs bring comes in as if from a connection of no one here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pycrdt import (
     Doc,
@@ -34,16 +36,31 @@ from ..updates import Parsed, is_panic
 from .causal import MAX_WAITING, CausalGate
 from .channel import MarketChannel
 from .compactor import RoomCompactor
-from .fanout import AwarenessRelay
+from .fanout import AwarenessRelay, Outbox
 from .frames import AwarenessEntry, removal_message
 from .limits import DEFAULT_COMPACT_EVERY
 from .persistence import RoomHistory, replay
 from .store import Store
 from .summary import room_summary
 
+if TYPE_CHECKING:
+    from .replicas import RoomLink
+
 log = logging.getLogger("igora.market")
 
 _background: set[asyncio.Task[Any]] = set()
+
+
+class _Elsewhere:
+    """The sender of awareness that came from another replica: none of the connections
+    here, so all of them receive it."""
+
+    @property
+    def outbox(self) -> Outbox:
+        raise RuntimeError("awareness from another replica has no outbox here")
+
+
+REMOTE = _Elsewhere()
 
 
 def background(coro: Coroutine[Any, Any, Any]) -> None:
@@ -59,10 +76,18 @@ class MarketRoom(YRoom):
 
     clients: set[MarketChannel]  # type: ignore[assignment]  # only ours join
 
-    def __init__(self, name: str, store: Store, compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        compact_every: int = DEFAULT_COMPACT_EVERY,
+        *,
+        writing: bool = True,
+    ) -> None:
         self.name = name
         self.store = store
-        self.history = RoomHistory(name, store, lambda: self.ydoc.get_update())
+        self.link: RoomLink | None = None  # set while the room is shared with replicas
+        self.history = RoomHistory(name, store, lambda: self.ydoc.get_update(), writing)
         doc = self.history.load()
         self.gate: CausalGate[tuple[MarketChannel | None, bytes]] = CausalGate(doc.get_state())
         super().__init__(ready=True, ydoc=doc, log=logging.getLogger("igora.market.room"))
@@ -77,6 +102,8 @@ class MarketRoom(YRoom):
         self._fan_out_sub: Subscription | None = None  # set once the room has started
         self.controllers: dict[int, MarketChannel] = {}  # awareness client id -> its socket
         self._awareness_relay = AwarenessRelay(lambda: self.clients)
+        # What this replica's connections say, batched the same way for the others.
+        self._to_replicas = AwarenessRelay(lambda: [] if self.link is None else [self.link])
 
     # ------------------------------------------------------------------ updates in
     def receive(self, channel: MarketChannel | None, update: bytes, parsed: Parsed) -> str | None:
@@ -114,6 +141,8 @@ class MarketRoom(YRoom):
             if not is_panic(exc):
                 raise
             self.swap(replay(self.name, self.history.history()))
+            if self.link is not None:  # the store may lag behind Redis: read it all again
+                self.link.reload()
             return f"update made pycrdt panic ({exc}); room {self.name} reloaded"
         finally:
             self.sender = None
@@ -170,6 +199,7 @@ class MarketRoom(YRoom):
 
     async def stop(self) -> None:
         self.compactor.cancel()
+        self._to_replicas.cancel()
         await super().stop()
         if self._fan_out_sub is not None:
             self.ydoc.unobserve(self._fan_out_sub)
@@ -191,6 +221,9 @@ class MarketRoom(YRoom):
         # Awareness received before this update goes out before it: agents rely on the
         # order (a worker says "busy" before it hands a task back).
         self._awareness_relay.flush()
+        if self.sender is not None and self.link is not None:
+            self._to_replicas.flush()  # in the same order for the other replicas
+            self.link.publish_update(event.update)
         message = create_update_message(event.update)
         for client in self.clients:
             if client is not self.sender:
@@ -205,6 +238,13 @@ class MarketRoom(YRoom):
         leaving = len(entries) == 1 and entries[0][2] is None
         self._awareness_relay.add(channel, message, leaving)  # batched: fanout.py
         self.awareness.apply_awareness_update(read_message(message[1:]), self)
+        if self.link is not None:
+            self._to_replicas.add(channel, message, leaving)
+
+    def relay_remote_awareness(self, message: bytes, payload: bytes) -> None:
+        """Forward an awareness message of another replica's agents to everyone here."""
+        self._awareness_relay.add(REMOTE, message, False)
+        self.awareness.apply_awareness_update(payload, self)
 
     # ------------------------------------------------------------------ awareness ownership
     def claim(self, channel: MarketChannel, entries: list[AwarenessEntry]) -> None:
@@ -225,24 +265,35 @@ class MarketRoom(YRoom):
 
     def forget(self, channel: MarketChannel, peer: str) -> None:
         """Remove the awareness states a closed connection spoke for and tell everyone."""
-        aw = self.awareness
         for c in channel.controlled:
             if self.controllers.get(c) is channel:
                 del self.controllers[c]
-        gone = [c for c in channel.controlled if c in aw.states]
+        gone = list(channel.controlled)
         channel.controlled = set()
+        removed = self.remove_states(gone, publish=True)
+        if removed:
+            log.info("room %s: %s left (%d awareness state(s) removed)", self.name, peer, removed)
+
+    def remove_states(self, ids: list[int], publish: bool = False) -> int:
+        """Remove these awareness states (those present), tell everyone here (and the
+        other replicas, if ``publish``); return how many were removed."""
+        aw = self.awareness
+        gone = [c for c in ids if c in aw.states]
         if not gone:
-            return
+            return 0
         message = removal_message((c, int(aw.meta.get(c, {}).get("clock", 0))) for c in gone)
         aw.remove_awareness_states(gone, "disconnect")
         for c in gone:
             aw.meta.pop(c, None)  # a returning client may reuse its clock
         for client in list(self.clients):
             background(client.send(message))
-        log.info("room %s: %s left (%d awareness state(s) removed)", self.name, peer, len(gone))
+        if publish and self.link is not None:
+            self._to_replicas.flush()
+            self.link.publish_awareness(message)
+        return len(gone)
 
     def summary(self) -> dict[str, Any]:
-        return room_summary(
+        out = room_summary(
             self.name,
             self.ydoc,
             self.awareness,
@@ -250,3 +301,6 @@ class MarketRoom(YRoom):
             archived=self.store.archive_count(self.name),
             compactions=self.compactor.compactions,
         )
+        if self.link is not None:  # whether this replica holds the room's persister lease
+            out["stored_here"] = self.link.persister
+        return out

@@ -17,6 +17,7 @@ What the market adds to plain pycrdt-websocket:
   (``persistence``), and rooms are compacted (``compactor``);
 - rooms of protocol 3 (``--secure``: all; ``--v3-room NAME``: those), served by
   ``igora.market.v3`` under the market's identity (``igora.identity``).
+- with ``--redis``, rooms shared with every other market on that Redis (``replicas``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .limits import (
     DEFAULT_ROOM_IDLE,
     check_limits,
 )
+from .replicas import check_redis
 
 log = logging.getLogger("igora.market")
 
@@ -143,6 +145,7 @@ def run_market(
     broker_keys: frozenset[str] = frozenset(),
     behind_tls: bool = False,
     members: str = "open",
+    redis: str | None = None,
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit).
 
@@ -164,13 +167,15 @@ def run_market(
         header_timeout,
     )
     # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
-    for noisy in ("igora.market.room", "igora.market.server"):
+    for noisy in ("igora.market.room", "igora.market.server", "redis"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     identity: Identity | None = None
     if secure or v3_rooms:
         identity, made = load_identity(identity_data)
         if made:
             log.info("market: made a new identity in %s", key_path(identity_data))
+    if redis is not None:
+        asyncio.run(check_redis(redis))  # one line and exit 2 if it does not answer
     sock = _listen(host, port)
     market = Market(
         data,
@@ -186,8 +191,11 @@ def run_market(
         v3_rooms=v3_rooms,
         broker_keys=broker_keys,
         members=members,
+        redis=redis,
     )
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
+    if redis is not None:
+        where += f", sharing them through Redis at {redis}"
     log.info(
         "market listening on ws://%s:%d, %s; limits: message %d bytes, %d connections "
         "(%d per address), %d rooms (%d per address), headers within %g s",

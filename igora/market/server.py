@@ -4,7 +4,8 @@
 nobody uses stays in memory ``room_idle`` seconds, then is unloaded (its history stays in
 the store). At most ``max_rooms`` are in memory: to load one more, the room idle the
 longest is unloaded first; and one IP address may have loaded at most
-``max_rooms_per_address`` of those in memory.
+``max_rooms_per_address`` of those in memory. With ``replicas`` (``igora market --redis``)
+a room joins the other replicas once started and leaves them when unloaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .limits import (
     DEFAULT_MAX_ROOMS_PER_ADDRESS,
     DEFAULT_ROOM_IDLE,
 )
+from .replicas import Replicas
 from .room import MarketRoom, background
 from .store import Store
 
@@ -42,6 +44,7 @@ class MarketServer(WebsocketServer):
         room_idle: float = DEFAULT_ROOM_IDLE,
         max_rooms: int = DEFAULT_MAX_ROOMS,
         max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
+        replicas: Replicas | None = None,
     ) -> None:
         super().__init__(auto_clean_rooms=False, log=logging.getLogger("igora.market.server"))
         self.store = store
@@ -49,6 +52,7 @@ class MarketServer(WebsocketServer):
         self.room_idle = room_idle
         self.max_rooms = max_rooms
         self.max_rooms_per_address = max_rooms_per_address
+        self.replicas = replicas
         self.opener: dict[str, str] = {}  # room in memory -> the address that loaded it
         self.opened: Counter[str] = Counter()  # address -> rooms in memory it loaded
         self._start_guards: dict[int, asyncio.Lock] = {}
@@ -57,7 +61,9 @@ class MarketServer(WebsocketServer):
         """The room of that name, loaded from the store (not started) if not in memory,
         counted then as loaded by ``address``."""
         if name not in self.rooms:
-            self.rooms[name] = MarketRoom(name, self.store, self.compact_every)
+            self.rooms[name] = MarketRoom(
+                name, self.store, self.compact_every, writing=self.replicas is None
+            )
             if address is not None:
                 self.opener[name] = address
                 self.opened[address] += 1
@@ -74,6 +80,8 @@ class MarketServer(WebsocketServer):
             async with guard:
                 if not room.started.is_set():
                     await super().start_room(room)
+                    if self.replicas is not None and isinstance(room, MarketRoom):
+                        await self.replicas.join(room)
         finally:
             if room.started.is_set():
                 self._start_guards.pop(id(room), None)
@@ -132,6 +140,8 @@ class MarketServer(WebsocketServer):
         if room.holders or room.history.pending or self.rooms.get(room.name) is not room:
             return
         del self.rooms[room.name]  # no await between the check and this
+        if self.replicas is not None:
+            await self.replicas.leave(room)
         address = self.opener.pop(room.name, None)
         if address is not None:
             self.opened[address] -= 1
