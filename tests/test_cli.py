@@ -106,6 +106,11 @@ BAD_VALUES: list[tuple[list[str], dict[str, str], str]] = [
     (["chat", "hi", "--room", "a\nb"], {}, "--room: room name 'a\\nb' is invalid"),
     (["status", "--room", "a/b"], {}, "--room: room name 'a/b' is invalid"),
     (["chat", "hi"], {"YJS_MARKET_ROOM": "a b"}, "room name 'a b' is invalid: use 1 to"),
+    (
+        ["market", "--secure", "--redis", "redis://127.0.0.1:1/0", "--memory"],
+        {},
+        "--redis shares protocol 2 rooms only for now",
+    ),
 ]
 
 
