@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +39,7 @@ from websockets.exceptions import WebSocketException
 from .config import MarketAddress
 from .errors import MarketUnreachable
 from .protocol import PROTOCOL_VERSION, AgentField, Peer, new_id, now_ms
+from .reconnect import BACKOFF_MAX, BACKOFF_START, Backoff, log_unreachable
 from .replica import COMPACT_EVERY, KeyChanges, Observer, Replica, discard
 from .updates import check_update, is_panic
 
@@ -57,8 +57,6 @@ __all__ = [
 
 DEFAULT_HEARTBEAT = 5.0
 ORIGINAL_TIMEOUT = 30.0  # y-protocols' awareness outdated timeout
-BACKOFF_START = 0.2
-BACKOFF_MAX = 5.0
 
 log = logging.getLogger("igora.agent")
 _UPDATE_PREFIX = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE])
@@ -252,7 +250,7 @@ class Agent(Replica):
 
     # ---------------------------------------------------------------- connection
     async def _run(self) -> None:
-        delay = BACKOFF_START
+        backoff = Backoff(self.backoff_max)
         attempt = 0
         while True:
             try:
@@ -267,31 +265,24 @@ class Agent(Replica):
                         self.log.info("%s reconnected to %s", self.name, self.address.room_url)
                     else:
                         self.log.debug("%s connected to %s", self.name, self.address.room_url)
-                    delay = BACKOFF_START
+                    backoff.reset()
                     await self._session(ws)
                 self.log.warning("%s: market closed the connection", self.name)
             except asyncio.CancelledError:
                 raise
             except _Resync:
-                delay = BACKOFF_START  # logged already; the sync of a new session repairs
+                backoff.reset()  # logged already; the sync of a new session repairs
             except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
-                level = logging.WARNING if attempt else logging.DEBUG
-                self.log.log(
-                    level,
-                    "%s: market %s unreachable (%s); retrying in %.1f s",
-                    self.name,
-                    self.address.room_url,
-                    exc or type(exc).__name__,
-                    delay,
+                log_unreachable(
+                    self.log, self.name, self.address.room_url, exc, backoff.delay, attempt
                 )
             except Exception:
                 self.log.exception("%s: connection error", self.name)
             finally:
                 self.connected = False
             attempt += 1
-            await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
-            delay = min(delay * 2, self.backoff_max)
+            await backoff.wait()
 
     async def _session(self, ws: ClientConnection) -> None:
         assert self._outbox is not None

@@ -87,6 +87,17 @@ def port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)") from None
 
 
+def agent_id(text: str) -> str:
+    """An agent id: the canonical base64url of an Ed25519 public key (``igora id``)."""
+    from .identity import IdentityError, public_key
+
+    try:
+        public_key(text)
+    except IdentityError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _config(check: Callable[[str], str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         try:

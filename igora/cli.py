@@ -117,6 +117,11 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             max_rooms_per_address=args.max_rooms_per_address,
             header_timeout=args.header_timeout,
             log_level=args.log_level,
+            secure=args.secure,
+            v3_rooms=frozenset(args.v3_room),
+            identity_data=args.data,
+            broker_keys=frozenset(args.broker_key),
+            behind_tls=args.behind_tls,
         )
         return 0
     if args.command == "up":

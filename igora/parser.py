@@ -202,6 +202,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds a client has to send its request headers",
     )
+    g = p.add_argument_group(
+        "protocol 3 (docs/protocol-v3.md; the market side of step 2: transport and handshake)"
+    )
+    g.add_argument(
+        "--secure",
+        action="store_true",
+        help="every room speaks protocol 3: a connection proves its identity (Ed25519 "
+        "key) before it joins, and writes only the documents it owns; original "
+        "y-websocket agents are refused with the reason. Membership is not built yet: "
+        "any key that proves itself is admitted. The market's own key is DATA/identity.key",
+    )
+    g.add_argument(
+        "--v3-room",
+        action="append",
+        default=[],
+        type=arg.room,
+        metavar="NAME",
+        help="this room speaks protocol 3 (repeatable); the others stay open version 2 rooms",
+    )
+    g.add_argument(
+        "--broker-key",
+        action="append",
+        default=[],
+        type=arg.agent_id,
+        metavar="ID",
+        help="with --secure: this identity may hold a room's broker lease (repeatable; "
+        "the market's own key always may). In the --v3-room rooms of an open market "
+        "any identity may",
+    )
+    g.add_argument(
+        "--behind-tls",
+        action="store_true",
+        help="a TLS proxy serves this market as wss://: no warning when a market with "
+        "protocol 3 rooms listens beyond this machine",
+    )
     _common(p)
 
     p = sub.add_parser(

@@ -3,6 +3,14 @@
 ``GET /`` answers ``Okay`` (as the original public market did), ``GET /status`` lists
 the rooms in memory (``summary``), ``GET /rooms/ROOM/tasks/ID`` gives an archived task,
 and any other path is a room: ``ws://HOST:PORT/ROOM``.
+
+A room speaks one protocol, set by the market (docs/protocol-v3.md §10): version 2 (the
+y-websocket rooms of ``MarketServer``) unless the market is ``secure`` or the room is one
+of ``v3_rooms``; then version 3 (``igora.market.v3``), for connections that ask for the
+``igora.3`` subprotocol. Any other connection to a v3 room gets a y-protocols
+permission-denied message saying why, then the close code 4426. A v3 agent in a v2 room
+is accepted without the subprotocol and served version 2: that is how it learns the
+room's protocol.
 """
 
 from __future__ import annotations
@@ -19,10 +27,13 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
+from ..identity import Identity
+from ..v3 import wire
 from .channel import MarketChannel
 from .limits import (
     DEFAULT_COMPACT_EVERY,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_MAX_ROOMS,
     DEFAULT_MAX_ROOMS_PER_ADDRESS,
@@ -32,8 +43,16 @@ from .limits import (
 from .room import MarketRoom
 from .server import MarketServer
 from .store import Store
+from .v3.connection import V3Connection
+from .v3.room import DocLimits, V3Rooms
 
 log = logging.getLogger("igora.market")
+
+NEEDS_V3 = (
+    "this room speaks Igora protocol 3 (identities, owned documents); original "
+    "y-websocket agents can join a room of an open market; see docs/security.md"
+)
+"""What a client without the ``igora.3`` subprotocol is told in a v3 room (§10)."""
 
 
 class Market:
@@ -49,7 +68,14 @@ class Market:
         compact_every: int = DEFAULT_COMPACT_EVERY,
         max_rooms: int = DEFAULT_MAX_ROOMS,
         max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        identity: Identity | None = None,
+        secure: bool = False,
+        v3_rooms: frozenset[str] = frozenset(),
+        broker_keys: frozenset[str] = frozenset(),
     ) -> None:
+        if (secure or v3_rooms) and identity is None:
+            raise ValueError("a market with v3 rooms needs its identity")
         # Without a folder the rooms' histories are kept in an SQLite database in memory:
         # a room rebuilds its document from it (after a panic, or when it is loaded again).
         self.store = Store(data / "market.sqlite3" if data is not None else ":memory:")
@@ -61,6 +87,22 @@ class Market:
             max_rooms_per_address=max_rooms_per_address,
         )
         self.connections = Connections(max_connections, max_per_address)
+        self.identity = identity
+        self.secure = secure
+        self.v3_rooms = v3_rooms
+        # Who may hold a room's broker lease: in a secure market the market's own key and
+        # --broker-key; in the v3 rooms of an open market, any identity (security.md §5).
+        self.brokers: frozenset[str] | None = None
+        if secure and identity is not None:
+            self.brokers = broker_keys | {identity.id}
+        limits = DocLimits(task_document=max_message)
+        self.v3_limits = {
+            "maxMessage": max_message,
+            "taskDocuments": limits.task_documents,
+            "taskDocumentBytes": limits.task_document,
+        }
+        market_id = identity.id if identity is not None else ""
+        self.v3 = V3Rooms(self.store, limits, room_idle, max_rooms, market_id, self.v3_limits)
         self.app = Starlette(
             routes=[
                 Route("/", self.index),
@@ -76,6 +118,7 @@ class Market:
         async with self.server:
             yield
             self.server.flush_sync()
+            self.v3.flush_sync()
         self.store.close()
         if self.store.durable:
             log.info("market stopped, store %s flushed and closed", self.store.path)
@@ -85,13 +128,22 @@ class Market:
     async def index(self, request: Request) -> Response:
         return PlainTextResponse("Okay")
 
+    def speaks_v3(self, room: str) -> bool:
+        return self.secure or room in self.v3_rooms
+
     async def status(self, request: Request) -> Response:
+        rooms = [{**r.summary(), "protocol": 2} for r in self.server.rooms.values()]
         return JSONResponse(
             {
                 "status": "ok",
                 "version": __version__,
+                "market": {
+                    "id": self.identity.id if self.identity is not None else None,
+                    "secure": self.secure,
+                    "v3Rooms": sorted(self.v3_rooms),
+                },
                 "connections": self.connections.total,
-                "rooms": [r.summary() for r in self.server.rooms.values()],
+                "rooms": rooms + [r.summary() for r in self.v3.rooms.values()],
             }
         )
 
@@ -112,6 +164,16 @@ class Market:
             await websocket.close(code=1013)
             return
         self.connections.opened(address)
+        if self.speaks_v3(room_name):
+            try:
+                await self._serve_v3(websocket, room_name, address, peer)
+            except WebSocketDisconnect:
+                pass
+            except Exception:
+                log.exception("%s: connection failed", peer)
+            finally:
+                self.connections.closed(address)
+            return
         channel = MarketChannel(websocket, room_name, peer)
         room: MarketRoom | None = None
         try:
@@ -140,5 +202,53 @@ class Market:
                 if room.holders == 0:
                     self.server.unload_later(room)
             if not channel.closed:
+                with contextlib.suppress(Exception):
+                    await websocket.close()
+
+    async def _serve_v3(
+        self, websocket: WebSocket, room_name: str, address: str, peer: str
+    ) -> None:
+        """A connection to a v3 room: refused (4426) unless it asked for ``igora.3``;
+        then the handshake, then its frames (``v3.connection``)."""
+        if wire.SUBPROTOCOL not in websocket.scope.get("subprotocols", []):
+            await websocket.accept()
+            self.connections.refused(address, peer, f"room {room_name} speaks protocol 3")
+            await websocket.send_bytes(wire.denied(NEEDS_V3))
+            await websocket.close(
+                code=wire.Close.NEEDS_V3, reason="this room speaks Igora protocol 3"
+            )
+            return
+        assert self.identity is not None
+        await websocket.accept(subprotocol=wire.SUBPROTOCOL)
+        connection = V3Connection(
+            websocket,
+            room_name,
+            peer,
+            self.identity,
+            self.v3_limits,
+            self.brokers,
+            self.connections.log_refusal,
+        )
+        if not await connection.handshake():
+            return
+        room = await self.v3.room(room_name)
+        if isinstance(room, str):
+            await connection.close(1013, room)  # try again later, as a v2 room says
+            return
+        room.holders += 1
+        room.join(connection)
+        log.debug("room %s: %s joined", room_name, connection.who)
+        try:
+            await connection.serve(room)
+        finally:
+            holder = room.leave(connection)
+            log.debug("room %s: %s left", room_name, connection.who)
+            if isinstance(holder, V3Connection):  # the next broker in line
+                holder.lease_granted(room.lease.epoch)
+            room.holders -= 1
+            if room.holders == 0:
+                self.v3.unload_later(room)
+            connection.outbox.close()
+            if not connection.closed:
                 with contextlib.suppress(Exception):
                     await websocket.close()

@@ -8,7 +8,8 @@ each receiver's outbox (no task), the sender of a document update is skipped (it
 update already), and a writer drains its outbox: what piled up while it was sending
 goes out coalesced, consecutive document updates merged into one update and
 consecutive awareness updates into one awareness message. A quiet room sends each
-message at once; a busy one sends fewer, larger frames.
+message at once; a busy one sends fewer, larger frames. A room of protocol 3 gives its
+outbox its own ``coalesce`` (``igora.market.v3.connection``: one ``BATCH`` frame).
 """
 
 from __future__ import annotations
@@ -88,11 +89,20 @@ def coalesce(batch: list[bytes]) -> Iterator[bytes]:
 
 
 class Outbox:
-    """The messages waiting for one connection, and the task that writes them."""
+    """The messages waiting for one connection, and the task that writes them.
 
-    def __init__(self, send: Callable[[bytes], Awaitable[None]], name: str) -> None:
+    ``coalesce`` turns what piled up into the frames to write: y-websocket's by default;
+    a v3 connection packs them into one ``BATCH`` (igora.v3.outbox)."""
+
+    def __init__(
+        self,
+        send: Callable[[bytes], Awaitable[None]],
+        name: str,
+        coalesce: Callable[[list[bytes]], Iterable[bytes]] = coalesce,
+    ) -> None:
         self._send = send
         self._name = name
+        self._coalesce = coalesce
         self._queue: deque[bytes] = deque()
         self._bytes = 0
         self._wake = asyncio.Event()
@@ -127,7 +137,7 @@ class Outbox:
             self._queue.clear()
             self._bytes = 0
             try:
-                frames = list(coalesce(batch))
+                frames = list(self._coalesce(batch))
             except Exception:  # a frame we cannot parse: send the batch as it came
                 log.exception("%s: could not coalesce %d messages", self._name, len(batch))
                 frames = batch

@@ -14,19 +14,23 @@ What the market adds to plain pycrdt-websocket:
   (in all and per address: ``server``), and a deadline on HTTP request headers
   (``igora.header_timeout``); see ``limits``;
 - finished tasks (entries of ``done``) are copied to the archive as they appear
-  (``persistence``), and rooms are compacted (``compactor``).
+  (``persistence``), and rooms are compacted (``compactor``);
+- rooms of protocol 3 (``--secure``: all; ``--v3-room NAME``: those), served by
+  ``igora.market.v3`` under the market's identity (``igora.identity``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 from pathlib import Path
 from typing import Any
 
 from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol, peer_of
+from ..identity import Identity, key_path, load_identity
 from .app import Market
 from .limits import (
     DEFAULT_COMPACT_EVERY,
@@ -65,6 +69,15 @@ def _listen(host: str, port: int) -> socket.socket:
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (a name is looked up)."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+        return all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
+    except (socket.gaierror, ValueError):  # unknown, or an address with a scope
+        return False
 
 
 class _QuietInvalidRequest(logging.Filter):
@@ -124,8 +137,18 @@ def run_market(
     max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     log_level: str = "info",
+    secure: bool = False,
+    v3_rooms: frozenset[str] = frozenset(),
+    identity_data: Path | None = None,
+    broker_keys: frozenset[str] = frozenset(),
+    behind_tls: bool = False,
 ) -> None:
-    """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit)."""
+    """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit).
+
+    A market with v3 rooms (``secure``: all of them; ``v3_rooms``: those) proves itself
+    with the identity of folder ``identity_data`` (default: ``IGORA_DATA`` or the XDG
+    data folder), made on first use; a market of v2 rooms only has no use for a key and
+    reads none."""
     import uvicorn
 
     check_limits(
@@ -142,6 +165,11 @@ def run_market(
     # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
     for noisy in ("igora.market.room", "igora.market.server"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    identity: Identity | None = None
+    if secure or v3_rooms:
+        identity, made = load_identity(identity_data)
+        if made:
+            log.info("market: made a new identity in %s", key_path(identity_data))
     sock = _listen(host, port)
     market = Market(
         data,
@@ -151,6 +179,11 @@ def run_market(
         compact_every=compact_every,
         max_rooms=max_rooms,
         max_rooms_per_address=max_rooms_per_address,
+        max_message=max_message,
+        identity=identity,
+        secure=secure,
+        v3_rooms=v3_rooms,
+        broker_keys=broker_keys,
     )
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
     log.info(
@@ -166,6 +199,21 @@ def run_market(
         max_rooms_per_address,
         header_timeout,
     )
+    if identity is not None:
+        rooms = "every room" if secure else "rooms " + ", ".join(sorted(v3_rooms))
+        log.info(
+            "market identity %s; protocol 3 in %s (any key that proves itself is admitted: "
+            "no membership yet)",
+            identity.id,
+            rooms,
+        )
+        if not behind_tls and not _loopback(host):
+            log.warning(
+                "protocol 3 on %s over plain ws://: anyone on the path can read the "
+                "traffic and act as an agent after its handshake; put a TLS proxy in "
+                "front (wss://) and pass --behind-tls",
+                host,
+            )
     config = uvicorn.Config(
         market.app,
         ws_max_size=max_message,

@@ -1,4 +1,6 @@
-"""The market's durable store: each room's Yjs updates and the archive of finished tasks.
+"""The market's durable store: each room's Yjs updates and the archive of finished tasks;
+for a room of protocol 3, each document's update log (``doc_updates``, written by
+``igora.market.v3.doclog``).
 
 One SQLite file (WAL mode). A room (``persistence.RoomHistory``) writes a lone update at once
 and groups a stream of them into one transaction per ``FLUSH_INTERVAL`` seconds, so a token
@@ -25,6 +27,10 @@ log = logging.getLogger("igora.market.store")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS updates (room TEXT NOT NULL, data BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_room ON updates (room);
+CREATE TABLE IF NOT EXISTS doc_updates (
+    room TEXT NOT NULL, doc TEXT NOT NULL, data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS doc_updates_doc ON doc_updates (room, doc);
 CREATE TABLE IF NOT EXISTS archive (
     room TEXT NOT NULL, id TEXT NOT NULL, state TEXT, task TEXT NOT NULL, archived REAL NOT NULL,
     PRIMARY KEY (room, id)
@@ -86,6 +92,41 @@ class Store:
             self._db.execute("INSERT INTO updates (room, data) VALUES (?, ?)", (room, state))
             self._db.execute("COMMIT")
         self._rows[room] = 1
+
+    # ---------------------------------------------------------- protocol 3 documents
+    def load_documents(self, room: str) -> dict[str, list[bytes]]:
+        """The stored log of every document of a v3 room, by document name."""
+        out: dict[str, list[bytes]] = {}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT doc, data FROM doc_updates WHERE room=? ORDER BY rowid", (room,)
+            )
+            for doc, data in rows:
+                out.setdefault(doc, []).append(bytes(data))
+        return out
+
+    def write_documents(
+        self,
+        room: str,
+        appends: list[tuple[str, bytes]],
+        replaces: dict[str, bytes | None],
+    ) -> None:
+        """In one transaction: append updates to documents' logs, and replace the whole
+        log of others by one update (their merged state; None: the document is dropped)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            for doc, state in replaces.items():
+                self._db.execute("DELETE FROM doc_updates WHERE room=? AND doc=?", (room, doc))
+                if state is not None:
+                    self._db.execute(
+                        "INSERT INTO doc_updates (room, doc, data) VALUES (?, ?, ?)",
+                        (room, doc, state),
+                    )
+            self._db.executemany(
+                "INSERT INTO doc_updates (room, doc, data) VALUES (?, ?, ?)",
+                [(room, doc, u) for doc, u in appends],
+            )
+            self._db.execute("COMMIT")
 
     def archive(self, room: str, tasks: list[dict[str, Any]]) -> None:
         now = time.time()

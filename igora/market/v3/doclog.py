@@ -1,0 +1,177 @@
+"""A v3 document as the market keeps it: its Yjs update log (bytes), never a ``Doc``.
+
+The market does not apply updates (docs/protocol-v3.md §2): it appends each checked
+update to the document's log, merges the log into one update every ``MERGE_EVERY``
+entries (``pycrdt.merge_updates``), answers a subscriber with the merged state and a
+state vector with the diff of that state (``pycrdt.get_update``). A log costs a few
+hundred bytes where a ``Doc`` costs kilobytes.
+
+``DocHistory`` takes a room's logs to the store (``store.Store``, table ``doc_updates``):
+at most one transaction per ``FLUSH_INTERVAL`` while updates keep coming; a document
+whose stored rows would pass ``MERGE_EVERY`` has its rows replaced by its merged state in
+that same transaction, so a document is never more than ``MERGE_EVERY`` rows on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pycrdt import get_state, get_update, merge_updates
+
+from ..store import FLUSH_INTERVAL, Store
+
+MERGE_EVERY = 64
+"""Entries of a log merged into one (protocol-v3.md §11: a starting value)."""
+
+EMPTY_UPDATE = b"\x00\x00"
+EMPTY_STATE_VECTOR = b"\x00"
+
+log = logging.getLogger("igora.market")
+
+
+class DocLog:
+    """One document's updates, merged every ``MERGE_EVERY``."""
+
+    __slots__ = ("entries", "size", "stored")
+
+    def __init__(self, entries: list[bytes] | None = None) -> None:
+        self.entries: list[bytes] = list(entries or [])
+        self.size = sum(len(e) for e in self.entries)  # bytes held
+        self.stored = len(self.entries)  # rows of it in the store
+
+    def append(self, update: bytes) -> None:
+        self.entries.append(update)
+        self.size += len(update)
+        if len(self.entries) >= MERGE_EVERY:
+            self._merge()
+
+    def _merge(self) -> None:
+        if len(self.entries) > 1:
+            merged = merge_updates(*self.entries)
+            self.entries = [merged]
+            self.size = len(merged)
+
+    @property
+    def empty(self) -> bool:
+        return not self.entries
+
+    def state(self) -> bytes:
+        """The whole document as one update."""
+        self._merge()
+        return self.entries[0] if self.entries else EMPTY_UPDATE
+
+    def vector(self) -> bytes:
+        """The document's state vector."""
+        return get_state(self.state()) if self.entries else EMPTY_STATE_VECTOR
+
+    def diff(self, state_vector: bytes) -> bytes:
+        """What a holder of ``state_vector`` lacks (ValueError: not a state vector)."""
+        return get_update(self.state(), state_vector)
+
+
+class DocHistory:
+    """The updates of one v3 room on their way to the store."""
+
+    def __init__(self, room: str, store: Store) -> None:
+        self.room = room
+        self.store = store
+        self.pending: list[tuple[str, bytes]] = []  # appended, not yet handed to the store
+        self.dropped: set[str] = set()  # documents to remove from the store
+        self._redo: set[str] = set()  # documents whose last write failed: store them whole
+        self.logs: dict[str, DocLog] = {}  # the room's documents (the room adds to it)
+        self._lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        self._last_flush = 0.0
+
+    def load(self) -> dict[str, DocLog]:
+        """The room's documents from the store, each log merged (and stored merged)."""
+        logs = {}
+        squash: dict[str, bytes | None] = {}
+        for name, entries in self.store.load_documents(self.room).items():
+            doc = DocLog(entries)
+            if len(entries) > 1:
+                squash[name] = doc.state()
+                doc.stored = 1
+            logs[name] = doc
+        if squash:
+            self.store.write_documents(self.room, [], squash)
+        if logs:
+            log.info("room %s: %d document(s) loaded from the store", self.room, len(logs))
+        self.logs = logs
+        return logs
+
+    def appended(self, name: str, update: bytes) -> None:
+        """Document ``name`` took ``update``: write it soon."""
+        self.pending.append((name, update))
+        self._flush_soon()
+
+    def drop(self, name: str) -> None:
+        """Document ``name`` is gone: remove its rows soon."""
+        self.pending = [(n, u) for n, u in self.pending if n != name]
+        self.dropped.add(name)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while self.pending or self.dropped or self._redo:
+            wait = self._last_flush + FLUSH_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last_flush = time.monotonic()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("room %s: writing documents to the store failed; retrying", self.room)
+                await asyncio.sleep(1.0)
+
+    def _batch(self) -> tuple[list[tuple[str, bytes]], dict[str, bytes | None]]:
+        """What to write now (no await between reading the logs and this)."""
+        pending, self.pending = self.pending, []
+        # Stored whole (or removed): documents dropped (a name written again since
+        # then holds only what came after the drop), whose last write failed, or whose
+        # rows would pass MERGE_EVERY.
+        whole = self.dropped | self._redo
+        self.dropped, self._redo = set(), set()
+        counts: dict[str, int] = {}
+        for name, _ in pending:
+            counts[name] = counts.get(name, 0) + 1
+        for name, n in counts.items():
+            doc = self.logs.get(name)
+            if doc is not None and doc.stored + n > MERGE_EVERY:
+                whole.add(name)
+        replaces: dict[str, bytes | None] = {}
+        for name in whole:
+            doc = self.logs.get(name)
+            replaces[name] = doc.state() if doc is not None else None
+            if doc is not None:
+                doc.stored = 1
+        for name, n in counts.items():
+            doc = self.logs.get(name)
+            if doc is not None and name not in whole:
+                doc.stored += n
+        appends = [(n, u) for n, u in pending if n not in whole]
+        return appends, replaces
+
+    async def flush(self) -> None:
+        async with self._lock:
+            appends, replaces = self._batch()
+            if not appends and not replaces:
+                return
+            try:
+                await asyncio.to_thread(self.store.write_documents, self.room, appends, replaces)
+            except BaseException:
+                # The transaction did not happen: store those documents whole next time.
+                self._redo |= {n for n, _ in appends} | set(replaces)
+                self._flush_soon()
+                raise
+
+    def flush_sync(self) -> None:
+        """Write everything now, blocking (at shutdown)."""
+        appends, replaces = self._batch()
+        if appends or replaces:
+            self.store.write_documents(self.room, appends, replaces)

@@ -1,0 +1,362 @@
+"""A room of protocol 3: owned documents kept as update logs, and who reads which.
+
+The room holds each document's log (``doclog.DocLog``), the subscriptions of its
+connections (by name, and by prefix for brokers), the identities connected and, per
+identity, how many task documents it owns. It does not check who may write or read:
+the connection does (``connection``, with ``igora.v3.documents``), before it calls
+``write`` or ``subscribe``. What it checks is what needs the room's state: a document's
+size and an identity's count of task documents (protocol-v3.md §4, rule 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ...v3 import wire
+from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, parse
+from ..fanout import Outbox
+from ..room import background
+from ..store import Store
+from .doclog import EMPTY_UPDATE, DocHistory, DocLog
+from .lease import Lease
+from .market_docs import DIR, WHO, MarketDocs
+
+MAX_TASK_DOCUMENTS = 1_000
+"""Live task documents (``p/``, ``r/``) one identity may own at once."""
+
+log = logging.getLogger("igora.market")
+
+
+class Peer(Protocol):
+    """A connection as the room sees it (``connection.V3Connection``)."""
+
+    @property
+    def ids(self) -> frozenset[str]: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+    subscribed: set[str]  # documents it reads by name (subscribed or attached)
+    prefixes: set[str]  # prefixes it reads
+    state: dict[str, Any]  # its last PRESENCE state
+
+
+@dataclass(frozen=True)
+class DocLimits:
+    """How large documents may grow (the task document's cap is ``--max-message``)."""
+
+    task_document: int
+    task_documents: int = MAX_TASK_DOCUMENTS
+
+
+def _task_owner(name: str) -> str | None:
+    """The owner of a stored task document, None for any other document."""
+    try:
+        doc = parse(name)
+    except DocumentError:
+        return None
+    return doc.agent if doc.kind in TASK_DOCUMENTS else None
+
+
+class V3Room:
+    """One v3 room in memory."""
+
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        limits: DocLimits,
+        market: str = "",
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        """``market``: the market's id, ``info`` the limits it announces (in ``dir``)."""
+        self.name = name
+        self.limits = limits
+        self.history = DocHistory(name, store)
+        self.docs: dict[str, DocLog] = self.history.load()
+        self.subs: dict[str, set[Peer]] = {}
+        self.prefix_subs: dict[str, set[Peer]] = {p: set() for p in PREFIXES}
+        self.connections: set[Peer] = set()
+        self.identities: Counter[str] = Counter()  # id -> connections that proved it
+        self.task_documents: Counter[str] = Counter()  # id -> task documents it owns
+        for doc in self.docs:
+            owner = _task_owner(doc)
+            if owner is not None:
+                self.task_documents[owner] += 1
+        self.attachments: dict[str, set[str]] = {}  # id -> documents attached to it (§5)
+        self.holders = 0  # connections using the room, including ones still joining
+        self.idle_since = time.monotonic()
+        self.updates = 0  # taken since the room was loaded
+        stored = {n: self.docs[n].state() for n in (DIR, WHO) if n in self.docs}
+        self.market_docs = MarketDocs(stored, self._market_write, market, info or {})
+        self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
+
+    # ------------------------------------------------------------------ connections
+    def join(self, peer: Peer) -> None:
+        """A proved connection joins: it reads at once what was attached to its ids."""
+        self.connections.add(peer)
+        self.identities.update(peer.ids)
+        for i in peer.ids:
+            if self.identities[i] == 1:
+                self.market_docs.joined(i)
+            for name in sorted(self.attachments.get(i, ())):
+                self.subscribe(peer, name)
+
+    def leave(self, peer: Peer) -> Peer | None:
+        """A connection is gone; the new lease holder, if the lease moved."""
+        self.connections.discard(peer)
+        self.identities.subtract(peer.ids)
+        for i in peer.ids:
+            if self.identities[i] <= 0:
+                del self.identities[i]
+                self.market_docs.left(i)
+        for name in peer.subscribed:
+            self._unlist(peer, name)
+        peer.subscribed.clear()
+        for prefix in peer.prefixes:
+            self.prefix_subs[prefix].discard(peer)
+        held = self.lease.holder is peer
+        holder = self.lease.release(peer)
+        if held:
+            self._broker_changed()
+        return holder
+
+    def presence(self, peer: Peer) -> None:
+        """``peer`` sent a PRESENCE: its state's type and name go to ``who``."""
+        for i in peer.ids:
+            self.market_docs.presence(i, peer.state)
+
+    # ------------------------------------------------------------------ the lease
+    def request_lease(self, peer: Peer) -> bool:
+        """``peer`` asks for the broker lease (may it? the caller checked): True if it
+        holds it now."""
+        had = self.lease.holder
+        granted = self.lease.request(peer)
+        if granted and had is not peer:
+            self._broker_changed()
+        return granted
+
+    def _broker_changed(self) -> None:
+        holder = self.lease.holder
+        self.market_docs.broker(min(holder.ids) if holder else None, self.lease.epoch)
+
+    # ------------------------------------------------------------------ reading
+    def subscribe(self, peer: Peer, name: str) -> None:
+        """Subscribe ``peer`` to ``name`` (read rules checked by the caller) and send it
+        the document's state, if there is one yet."""
+        self.subs.setdefault(name, set()).add(peer)
+        peer.subscribed.add(name)
+        doc = self.docs.get(name)
+        if doc is not None and not doc.empty:
+            peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, doc.state())))
+
+    def subscribe_prefix(self, peer: Peer, prefix: str) -> None:
+        self.prefix_subs[prefix].add(peer)
+        peer.prefixes.add(prefix)
+
+    def unsubscribe_prefix(self, peer: Peer, prefix: str) -> None:
+        if prefix in peer.prefixes:
+            peer.prefixes.discard(prefix)
+            self.prefix_subs[prefix].discard(peer)
+
+    def unsubscribe(self, peer: Peer, name: str) -> None:
+        """``peer`` stops reading ``name``; an attachment of its ids to it ends too."""
+        peer.subscribed.discard(name)
+        self._unlist(peer, name)
+        for i in peer.ids:
+            attached = self.attachments.get(i)
+            if attached is not None and name in attached:
+                attached.discard(name)
+                if not attached:
+                    del self.attachments[i]
+
+    def _unlist(self, peer: Peer, name: str) -> None:
+        readers = self.subs.get(name)
+        if readers is not None:
+            readers.discard(peer)
+            if not readers:
+                del self.subs[name]
+
+    def readers(self, name: str) -> set[Peer]:
+        """The connections subscribed to ``name``, by name or by prefix."""
+        out = set(self.subs.get(name, ()))
+        for prefix, peers in self.prefix_subs.items():
+            if peers and name.startswith(prefix):
+                out |= peers
+        return out
+
+    def reads(self, peer: Peer, name: str) -> bool:
+        return peer in self.readers(name)
+
+    def attached(self, peer: Peer, name: str) -> bool:
+        """Whether the lease holder attached one of ``peer``'s ids to ``name``."""
+        return any(name in self.attachments.get(i, ()) for i in peer.ids)
+
+    def attach(self, to: str, names: list[str]) -> None:
+        """Attach identity ``to`` to documents (the lease holder's word, §5): every
+        connection of ``to`` reads them from now on, their state sent at once, and so
+        will its later connections."""
+        attached = self.attachments.setdefault(to, set())
+        attached.update(names)
+        for peer in self.connections:
+            if to in peer.ids:
+                for name in names:
+                    if name not in peer.subscribed:
+                        self.subscribe(peer, name)
+
+    def drop(self, sender: Peer, name: str) -> None:
+        """Remove a document (its owner's word): its log, its rows, its subscriptions
+        and attachments; its readers get a ``NOTICE`` 410."""
+        if self.docs.pop(name, None) is not None:
+            self.history.drop(name)
+            owner = _task_owner(name)
+            if owner is not None:
+                self.task_documents[owner] -= 1
+                if self.task_documents[owner] <= 0:
+                    del self.task_documents[owner]
+        notice = wire.encode(wire.Notice(wire.Code.DROPPED, name, "dropped by its owner"))
+        for reader in self.readers(name):
+            if reader is not sender:
+                reader.outbox.put(notice)
+        for peer in self.subs.pop(name, set()):
+            peer.subscribed.discard(name)
+        for i in [i for i, docs in self.attachments.items() if name in docs]:
+            self.attachments[i].discard(name)
+            if not self.attachments[i]:
+                del self.attachments[i]
+
+    def sync(self, name: str, state_vector: bytes) -> bytes:
+        """What a holder of ``state_vector`` lacks of ``name`` (ValueError: not a state
+        vector)."""
+        doc = self.docs.get(name)
+        return (doc or DocLog()).diff(state_vector)
+
+    def vector(self, name: str) -> bytes:
+        """The state vector of ``name`` as the market holds it."""
+        return (self.docs.get(name) or DocLog()).vector()
+
+    # ------------------------------------------------------------------ writing
+    def write(self, sender: Peer, doc: DocName, update: bytes) -> str | None:
+        """Append a checked update of ``doc`` (its owner's) and relay it to every reader
+        but ``sender``; return why it is refused (a limit), if it is."""
+        if update == EMPTY_UPDATE:
+            return None
+        name = doc.name
+        log = self.docs.get(name)
+        is_task = doc.kind in TASK_DOCUMENTS
+        if log is None:
+            if is_task and doc.agent is not None:
+                owned, most = self.task_documents[doc.agent], self.limits.task_documents
+                if owned >= most:
+                    return f"{owned} live task documents already (at most {most})"
+            log = self.docs[name] = DocLog()
+            log.stored = 0
+            if is_task and doc.agent is not None:
+                self.task_documents[doc.agent] += 1
+        if is_task and log.size + len(update) > self.limits.task_document:
+            return f"document {name} would pass {self.limits.task_document} bytes"
+        self._append(sender, name, log, update)
+        return None
+
+    def _append(self, sender: Peer | None, name: str, log: DocLog, update: bytes) -> None:
+        log.append(update)
+        self.updates += 1
+        self.history.appended(name, update)
+        message = wire.encode(wire.Doc(name, wire.Sync.UPDATE, update))
+        for reader in self.readers(name):
+            if reader is not sender:
+                reader.outbox.put(message)
+
+    def _market_write(self, name: str, update: bytes) -> None:
+        """An update of ``dir`` or ``who``, the market's own documents."""
+        log = self.docs.get(name)
+        if log is None:
+            log = self.docs[name] = DocLog()
+        self._append(None, name, log, update)
+
+    def summary(self) -> dict[str, Any]:
+        """The room as ``GET /status`` lists it: counts, no content."""
+        return {
+            "name": self.name,
+            "protocol": 3,
+            "connections": len(self.connections),
+            "identities": len(self.identities),
+            "agents": self.market_docs.agents(),
+            "documents": len(self.docs) - len(self.docs.keys() & {DIR, WHO}),  # the agents'
+            "updates": self.updates,
+            "lease": {"epoch": self.lease.epoch, "held": self.lease.holder is not None},
+        }
+
+
+class V3Rooms:
+    """The v3 rooms in memory: loaded from the store when a connection has proved
+    itself, dropped from memory ``room_idle`` s after their last connection. With
+    ``max_rooms`` in memory, the room idle the longest leaves first."""
+
+    def __init__(
+        self,
+        store: Store,
+        limits: DocLimits,
+        room_idle: float,
+        max_rooms: int,
+        market: str = "",
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.limits = limits
+        self.market = market
+        self.info = info
+        self.room_idle = room_idle
+        self.max_rooms = max_rooms
+        self.rooms: dict[str, V3Room] = {}
+
+    async def room(self, name: str) -> V3Room | str:
+        """The room of that name, loaded if need be; or why it cannot be loaded."""
+        room = self.rooms.get(name)
+        if room is not None:
+            return room
+        for _ in range(10):
+            if len(self.rooms) < self.max_rooms:
+                break
+            idle = [r for r in self.rooms.values() if r.holders == 0]
+            if not idle:
+                return f"{self.max_rooms} rooms in memory already, none idle"
+            await self._unload(min(idle, key=lambda r: r.idle_since))
+        else:
+            return f"{self.max_rooms} rooms in memory already"
+        room = self.rooms.get(name)  # loaded by another connection meanwhile
+        if room is None:
+            room = V3Room(name, self.store, self.limits, self.market, self.info)
+            self.rooms[name] = room
+        return room
+
+    def unload_later(self, room: V3Room) -> None:
+        room.idle_since = time.monotonic()
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.room_idle, lambda: background(self._unload_if_idle(room)))
+
+    async def _unload_if_idle(self, room: V3Room) -> None:
+        if room.holders or self.rooms.get(room.name) is not room:
+            return
+        if time.monotonic() - room.idle_since < self.room_idle * 0.99:
+            return  # someone came and went since: a later call decides
+        await self._unload(room)
+
+    async def _unload(self, room: V3Room) -> None:
+        room.market_docs.flush()  # who, emptied by the last departure
+        await room.history.flush()
+        if room.holders or room.history.pending or self.rooms.get(room.name) is not room:
+            return
+        del self.rooms[room.name]
+        room.market_docs.cancel()
+        log.debug("room %s: unloaded from memory", room.name)
+
+    def flush_sync(self) -> None:
+        for room in self.rooms.values():
+            room.market_docs.flush()
+            room.history.flush_sync()

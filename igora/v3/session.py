@@ -1,0 +1,760 @@
+"""A v3 agent's connection to one market room (docs/protocol-v3.md §3-§6, security.md §3).
+
+A ``Session`` is what the v3 roles build on: one websocket asking for the subprotocol
+``igora.3``, the handshake that proves its identities (one, or several for a gateway) and
+checks the market's key, then documents:
+
+- ``own(name)``: a ``pycrdt.Doc`` this session writes; each local transaction goes out as
+  a ``DOC`` update. Only names one of its identities owns (``documents.may_write``).
+- ``subscribe(name)`` / ``subscribe(prefix, prefix=True)`` / ``unsubscribe``: documents
+  it reads, each kept as a ``Doc`` the market's updates are applied to. Documents the
+  market sends without a subscription by name (a prefix's, or attached by the broker,
+  §5) get a ``Doc`` when their first update arrives.
+- ``observe(callback)`` / ``events()``: what happens, as ``Event``s: a document appeared
+  or changed, a subscription was refused (``NOTICE`` 403), a document was dropped (410:
+  its ``Doc`` is forgotten), the connection came or went, or the session gave up.
+- ``control(body)`` sends a ``CONTROL`` (``drop(name)`` the one that ends an owned
+  document); a ``PRESENCE`` goes out every ``heartbeat`` seconds when nothing else did.
+
+Reconnection follows the v2 agent's rules (igora.reconnect). After each ``WELCOME`` the
+session subscribes again to every name and sends a ``DOC`` step 1 for every document it
+owns: the market answers with what the session lacks (after a restart with an empty
+``Doc``, its earlier content) and its own step 1, which the session answers with what the
+market lacks. Writes made while disconnected are therefore delivered after reconnection;
+nothing is queued meanwhile.
+
+Bad input from the market (a frame ``wire.decode`` refuses, an update
+``updates.check_update`` or pycrdt refuses, a document name that is none) is one log line
+and a new connection, never a crash. A refusal that retrying cannot cure (the room speaks
+v2, the market's key is not the one expected, a close 4401/4403/4426) ends the session
+with a typed error: raised by ``start`` on the first connection, else kept in ``error``
+and reported as a ``FAILED`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urldefrag
+
+from pycrdt import Doc, Subscription, TransactionEvent
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.typing import Subprotocol
+
+from ..config import ConfigError, MarketAddress, check_room, check_ws_url
+from ..errors import IgoraError, MarketUnreachable
+from ..identity import Identity, IdentityError, public_key
+from ..market.fanout import Outbox
+from ..market.v3.connection import HEARTBEATS
+from ..reconnect import BACKOFF_MAX, Backoff, log_unreachable
+from ..updates import UpdateError, check_update, is_panic
+from . import known_markets
+from .documents import PREFIXES, DocumentError, Owner, may_write, parse
+from .handshake import Challenge, HandshakeError, Response, Welcome, transcript
+from .known_markets import KnownMarketsError, MarketKeyError
+from .outbox import coalesce
+from .wire import (
+    MAX_NAMES,
+    SUBPROTOCOL,
+    Auth,
+    AuthType,
+    Close,
+    Code,
+    Control,
+    Frame,
+    Notice,
+    Presence,
+    Subscribe,
+    Sync,
+    WireError,
+    encode,
+    frames,
+)
+from .wire import Doc as DocFrame
+
+DEFAULT_HEARTBEAT = 5.0
+
+log = logging.getLogger("igora.v3")
+
+
+class V2Room(IgoraError):
+    """The market accepted the connection without the ``igora.3`` subprotocol: the room
+    speaks protocol 2. Use the v2 ``Agent`` for it."""
+
+
+class Refused(IgoraError):
+    """The market refused this session: ``code`` is the close code (4401 no or bad
+    proof, 4403 forbidden, 4426 the room needs protocol 3), ``reason`` what it said."""
+
+    def __init__(self, url: str, code: int, reason: str) -> None:
+        whats: dict[int, str] = {
+            Close.NO_PROOF: "refused our proof of identity",
+            Close.FORBIDDEN: "refused us",
+            Close.NEEDS_V3: "refused the connection as not speaking protocol 3",
+        }
+        what = whats.get(code, "closed the connection")
+        super().__init__(f"the market at {url} {what} (close {code}): {reason or 'no reason'}")
+        self.code = code
+        self.reason = reason
+
+
+class BadMarket(IgoraError):
+    """The market's handshake does not hold (its signature, its room): refused, since
+    whoever answers is not the market it claims to be."""
+
+
+FATAL_CLOSES = frozenset({Close.NO_PROOF, Close.FORBIDDEN, Close.NEEDS_V3})
+"""Close codes that retrying cannot cure: the session ends with ``Refused``."""
+
+
+class _BadInput(Exception):
+    """The market sent something this session cannot use: reconnect and sync afresh."""
+
+
+class EventKind(Enum):
+    CONNECTED = "connected"  # a WELCOME: roles re-send their controls here
+    DISCONNECTED = "disconnected"
+    NEW = "new"  # a Doc was made for a document the market sent (prefix, attachment)
+    CHANGED = "changed"  # the market's update was applied to a document's Doc
+    REFUSED = "refused"  # NOTICE 403: the subscription is removed
+    DROPPED = "dropped"  # NOTICE 410: the Doc is forgotten
+    NOTICE = "notice"  # any other NOTICE (lease granted or held, replaced)
+    FAILED = "failed"  # the session gave up: ``Session.error``
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: EventKind
+    name: str = ""  # the document, when the event is about one
+    code: int = 0  # the NOTICE code
+    text: str = ""  # the NOTICE text, or the error
+
+
+class Events:
+    """The session's events, as an async iterator; registered when made, so nothing
+    between ``session.events()`` and the first ``await`` is missed. ``close`` ends it."""
+
+    def __init__(self, session: Session) -> None:
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._remove = session.observe(self._queue.put_nowait)
+
+    def __aiter__(self) -> Events:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._queue.get()
+
+    def close(self) -> None:
+        self._remove()
+
+
+def room_url(url: str) -> tuple[MarketAddress, str | None]:
+    """The market address of ``ws(s)://host[:port][/path]/<room>[#key=ID]`` and the market
+    key its fragment pins; ``ConfigError`` if it is not one."""
+    base, fragment = urldefrag(url)
+    market, _, room = base.rstrip("/").rpartition("/")
+    if "//" not in market or market.endswith("/"):
+        raise ConfigError(f"{url!r} names no room: expected ws://host:port/ROOM")
+    key = None
+    if fragment:
+        name, _, key = fragment.partition("=")
+        if name != "key":
+            raise ConfigError(f"{url!r}: the only fragment understood is #key=MARKET-ID")
+    return MarketAddress(check_ws_url(market), check_room(room)), key
+
+
+def _check_key(key: str) -> str:
+    try:
+        public_key(key)
+    except IdentityError as exc:
+        raise ConfigError(f"market key: {exc}") from None
+    return key
+
+
+class Session:
+    """One v3 connection to a market room, for one or several identities.
+
+    Use as ``async with Session(url, identity) as s:``; on enter it waits for the first
+    ``WELCOME`` (``MarketUnreachable`` after ``connect_timeout`` s, or the typed error of
+    a refusal). ``url`` is ``ws(s)://host:port/<room>``, optionally ``#key=MARKET-ID``;
+    ``market_key`` pins the key likewise, else ``DATA/known_markets`` does (``data``:
+    default ``IGORA_DATA``)."""
+
+    def __init__(
+        self,
+        url: str | MarketAddress,
+        identities: Identity | Sequence[Identity],
+        *,
+        market_key: str | None = None,
+        data: Path | None = None,
+        name: str = "session",
+        state: dict[str, Any] | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        connect_timeout: float = 10.0,
+        backoff_max: float = BACKOFF_MAX,
+        invite: str | None = None,
+    ) -> None:
+        if isinstance(url, MarketAddress):
+            self.address, key = url, None
+        else:
+            self.address, key = room_url(url)
+        if market_key is not None and key is not None and market_key != key:
+            raise ConfigError(f"two market keys given: {market_key} and #key={key}")
+        key = market_key if market_key is not None else key
+        self.market_key = None if key is None else _check_key(key)
+        self.identities = [identities] if isinstance(identities, Identity) else list(identities)
+        if not self.identities:
+            raise ValueError("a session needs at least one identity")
+        self.ids = frozenset(i.id for i in self.identities)
+        self.data = data
+        self.name = name
+        self.state: dict[str, Any] = dict(state or {})
+        low, high = HEARTBEATS
+        if not low <= heartbeat <= high:
+            raise ConfigError(f"heartbeat {heartbeat:g} s: a market takes {low:g} to {high:g} s")
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.backoff_max = backoff_max
+        self.invite = invite
+
+        self.docs: dict[str, Doc[Any]] = {}
+        """Every document held: owned, subscribed, or sent by the market."""
+        self.market: str | None = None  # the market's id, once a WELCOME proved it
+        self.granted: list[str] = []
+        self.limits: dict[str, Any] = {}
+        self.lease = False  # a NOTICE said this connection holds the broker lease
+        self.connected = False
+        self.ready = asyncio.Event()  # set at the first WELCOME
+        self.error: IgoraError | None = None
+        self.last_error: str | None = None
+
+        self._owned: set[str] = set()
+        self._subs: dict[str, bool] = {}  # name or prefix -> is a prefix
+        self._gone: set[str] = set()  # unsubscribed on this connection: late updates ignored
+        self._doc_subs: dict[str, Subscription] = {}
+        self._drops: set[str] = set()  # dropped while disconnected: sent after WELCOME
+        self._unsent: set[str] = set()  # docs written locally that this session cannot send
+        self._observers: list[Callable[[Event], None]] = []
+        self._outbox: Outbox | None = None
+        self._ws: ClientConnection | None = None
+        self._applying: str | None = None  # the document a market's update is applied to
+        self._last_put = 0.0
+        self._denied = ""  # the reason of an AUTH DENIED, for the close that follows
+        self._pending: list[Frame] = []  # read with the WELCOME, handled after it
+        self._task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Session:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self, wait: bool = True) -> None:
+        """Connect in the background; with ``wait``, until the first ``WELCOME``."""
+        self._task = asyncio.create_task(self._run(), name=f"session-{self.name}")
+        if not wait:
+            return
+        ready = asyncio.create_task(self.ready.wait())
+        try:
+            await asyncio.wait(
+                {ready, self._task},
+                timeout=self.connect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            ready.cancel()
+        if self.ready.is_set():
+            return
+        if self.error is not None:
+            await self.stop()
+            raise self.error
+        if not self.ready.is_set():
+            await self.stop()
+            why = f" (last error: {self.last_error})" if self.last_error else ""
+            raise MarketUnreachable(
+                f"no market answered at {self.address.room_url} within "
+                f"{self.connect_timeout:g} s{why}: is `igora market` running?"
+            )
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    # ---------------------------------------------------------------- documents
+    def own(self, name: str) -> Doc[Any]:
+        """The ``Doc`` of ``name``, written by this session: every local transaction on it
+        goes to the market. ``DocumentError`` if no identity of this session owns it. The
+        broker's documents (``in/``, ``board``) go only while this connection holds the
+        lease (a ``NOTICE`` 200 grants it; each reconnection loses it)."""
+        doc = parse(name)
+        if not may_write(doc, self.ids, lease=True):  # the broker's: sent while it holds it
+            raise DocumentError(f"{name} is not a document this session owns (ids: {self._who})")
+        if name not in self._owned:
+            self._owned.add(name)
+            self._unsent.discard(name)
+            if self._sendable(name):
+                self._put(self._step1(name))  # the market sends back what it holds of it
+        return self._doc(name)
+
+    def subscribe(self, name: str, prefix: bool = False) -> Doc[Any] | None:
+        """Read ``name`` (a document), or with ``prefix`` every document whose name starts
+        with it (``a/``, ``w/``, ``in/``: brokers only). The document's ``Doc`` (None for a
+        prefix); the market's refusal comes as a ``REFUSED`` event."""
+        self._check_subscription(name, prefix)
+        if self._subs.get(name) is not prefix:
+            self._subs[name] = prefix
+            self._gone.discard(name)
+            self._put(encode(Subscribe(((name, prefix),))))
+        return None if prefix else self._doc(name)
+
+    def unsubscribe(self, name: str, prefix: bool = False) -> None:
+        """Stop reading ``name`` (or the prefix): its ``Doc``s not owned are forgotten."""
+        self._check_subscription(name, prefix)
+        if self._subs.get(name) is prefix:
+            del self._subs[name]
+        # Also for a document never subscribed by name: that ends an attachment (§5).
+        self._put(encode(Subscribe(((name, prefix),), unsubscribe=True)))
+        self._gone.add(name)
+        held = [n for n in self.docs if n.startswith(name)] if prefix else [name]
+        for n in held:
+            if n not in self._owned and self._subs.get(n) is not False:
+                self._forget(n)
+
+    def forget(self, name: str) -> None:
+        """Stop holding ``name``: its ``Doc`` is released, nothing is sent."""
+        self._owned.discard(name)
+        self._subs.pop(name, None)
+        self._forget(name)
+
+    def drop(self, name: str) -> None:
+        """End a document this session owns (a task's, protocol-v3.md §7: ``CONTROL
+        drop``): the market removes it and tells its readers (``NOTICE`` 410). Forgotten
+        here at once; sent after the next ``WELCOME`` if not connected now."""
+        if name not in self._owned:
+            raise DocumentError(f"{name} is not a document this session owns")
+        self.forget(name)
+        self._drops.add(name)
+        self._send_drops()
+
+    def control(self, body: dict[str, Any]) -> bool:
+        """Send a ``CONTROL`` (``body["op"]`` names it); False if not connected: roles send
+        their controls again on ``CONNECTED``."""
+        if not isinstance(body.get("op"), str):
+            raise ValueError('a CONTROL needs a string "op"')
+        return self._put(encode(Control(body)))
+
+    def set_state(self, **fields: Any) -> None:
+        """Change fields of this agent's presence state (what ``who`` shows of it: its
+        ``type``, ``name``, ``state``...), sent at once."""
+        self.state.update(fields)
+        self._put(self._presence())
+
+    # ---------------------------------------------------------------- events
+    def observe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event; the function returned removes it.
+        A callback runs inside the session's reading loop: it may write documents and
+        subscribe, not block."""
+        self._observers.append(callback)
+        return lambda: self._observers.remove(callback) if callback in self._observers else None
+
+    def events(self) -> Events:
+        """The events from now on, as an async iterator."""
+        return Events(self)
+
+    def _emit(self, kind: EventKind, name: str = "", code: int = 0, text: str = "") -> None:
+        event = Event(kind, name, code, text)
+        for callback in list(self._observers):
+            try:
+                callback(event)
+            except Exception:  # an observer must never break the connection
+                log.exception("%s: event observer failed", self.name)
+
+    # ---------------------------------------------------------------- internals
+    @property
+    def _who(self) -> str:
+        return ", ".join(sorted(i[:8] for i in self.ids))
+
+    def _check_subscription(self, name: str, prefix: bool) -> None:
+        if prefix:
+            if name not in PREFIXES:
+                raise DocumentError(f"{name!r} is not a prefix: one of {', '.join(PREFIXES)}")
+        else:
+            parse(name)
+
+    def _doc(self, name: str) -> Doc[Any]:
+        doc = self.docs.get(name)
+        if doc is None:
+            doc = self.docs[name] = Doc()
+            self._doc_subs[name] = doc.observe(lambda event: self._local(name, event))
+        return doc
+
+    def _wanted(self, name: str) -> bool:
+        """Whether an update of ``name`` is still for this session: not one of a document
+        or prefix unsubscribed from on this connection (an update may cross the UNSUB)."""
+        if name in self._owned or name in self._subs:
+            return True
+        return name not in self._gone and not any(
+            name.startswith(g) for g in self._gone if g in PREFIXES
+        )
+
+    def _forget(self, name: str) -> None:
+        doc = self.docs.pop(name, None)
+        sub = self._doc_subs.pop(name, None)
+        if doc is not None and sub is not None:
+            doc.unobserve(sub)
+
+    def _local(self, name: str, event: TransactionEvent) -> None:
+        if name == self._applying:
+            return  # the market's: not sent back
+        if name in self._owned:
+            if self._sendable(name):
+                self._put(encode(DocFrame(name, Sync.UPDATE, event.update)))
+        elif name not in self._unsent:
+            self._unsent.add(name)
+            log.warning("%s: %s written locally is not sent: not owned (own() it)", self.name, name)
+
+    def _sendable(self, name: str) -> bool:
+        """Whether this connection may send ``name`` now (anything else would be closed
+        4403): the broker's documents (``in/``, ``board``) only while it holds the lease,
+        an identity's only if the ``WELCOME`` granted that identity. What was written
+        meanwhile goes with the step 1 exchange that follows the lease's grant."""
+        doc = parse(name)
+        if doc.owner is Owner.LEASE:
+            return self.lease
+        return doc.agent in self.granted
+
+    def _resync_owned(self, lease: bool = False) -> None:
+        """A step 1 for each owned document this connection may send (with ``lease``:
+        only the broker's): the market answers what it has, then asks for what it lacks."""
+        for name in sorted(self._owned):
+            if self._sendable(name) and (not lease or parse(name).owner is Owner.LEASE):
+                self._put(self._step1(name))
+
+    def _send_drops(self) -> None:
+        for name in sorted(self._drops):
+            if self._sendable(name) and self._put(encode(Control({"op": "drop", "doc": name}))):
+                self._drops.discard(name)
+
+    def _step1(self, name: str) -> bytes:
+        return encode(DocFrame(name, Sync.STEP1, self._doc(name).get_state()))
+
+    def _presence(self) -> bytes:
+        return encode(Presence({"state": self.state, "heartbeat": self.heartbeat}))
+
+    def _put(self, frame: bytes) -> bool:
+        """Queue ``frame`` on the live connection; False when there is none (what matters
+        is sent again after the next WELCOME)."""
+        outbox, ws = self._outbox, self._ws
+        if outbox is None or ws is None or outbox.closed:
+            return False
+        self._last_put = asyncio.get_running_loop().time()
+        outbox.put(frame)
+        if outbox.closed:  # the market did not read 64 MiB: start afresh
+            asyncio.get_running_loop().create_task(ws.close())
+            return False
+        return True
+
+    # ---------------------------------------------------------------- connection
+    async def _run(self) -> None:
+        backoff = Backoff(self.backoff_max)
+        attempt = 0
+        url = self.address.room_url
+        while True:
+            try:
+                async with connect(
+                    url,
+                    subprotocols=[Subprotocol(SUBPROTOCOL)],
+                    max_size=None,
+                    open_timeout=self.connect_timeout,
+                    ping_interval=10,
+                    ping_timeout=20,
+                ) as ws:
+                    await self._connection(ws, backoff, attempt)
+            except asyncio.CancelledError:
+                raise
+            except _BadInput as exc:
+                log.warning("%s: %s; reconnecting", self.name, exc)
+            except HandshakeError as exc:
+                self._fail(BadMarket(f"the market at {url} failed the handshake: {exc}"))
+                return
+            except (V2Room, Refused, MarketKeyError, KnownMarketsError) as exc:
+                self._fail(exc)
+                return
+            except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log_unreachable(log, self.name, url, exc, backoff.delay, attempt)
+            except Exception:
+                log.exception("%s: connection error", self.name)
+            finally:
+                self._disconnected()
+            attempt += 1
+            await backoff.wait()
+
+    def _fail(self, error: IgoraError) -> None:
+        self.error = error
+        log.error("%s: %s", self.name, error)
+        self._emit(EventKind.FAILED, text=str(error))
+
+    def _disconnected(self) -> None:
+        if self._outbox is not None:
+            self._outbox.close()
+        self._outbox = self._ws = None
+        self.lease = False
+        if self.connected:
+            self.connected = False
+            self._emit(EventKind.DISCONNECTED)
+
+    async def _connection(self, ws: ClientConnection, backoff: Backoff, attempt: int) -> None:
+        url = self.address.room_url
+        if ws.subprotocol != SUBPROTOCOL:
+            raise V2Room(
+                f"the room at {url} speaks Igora protocol 2 (the market did not accept "
+                f"the {SUBPROTOCOL} subprotocol): use a v2 agent for it"
+            )
+        self._denied = ""
+        self._pending = []
+        try:
+            await self._handshake(ws)
+            log.log(
+                logging.INFO if attempt else logging.DEBUG,
+                "%s: %s to %s as %s",
+                self.name,
+                "reconnected" if attempt else "connected",
+                url,
+                self._who,
+            )
+            backoff.reset()
+            self._welcomed(ws)
+            beat = asyncio.create_task(self._heartbeat_loop())
+            try:
+                pending, self._pending = self._pending, []
+                for frame in pending:
+                    self._frame(frame)
+                async for message in ws:
+                    for frame in self._read(message):
+                        self._frame(frame)
+            finally:
+                beat.cancel()
+        except ConnectionClosed as exc:
+            closed = exc.rcvd
+            code, reason = (closed.code, closed.reason) if closed else (1006, "")
+            self._closed(code, reason)
+            return
+        self._closed(ws.close_code or 1006, ws.close_reason or "")
+
+    def _closed(self, code: int, reason: str) -> None:
+        reason = self._denied or reason
+        if code in FATAL_CLOSES:
+            raise Refused(self.address.room_url, code, reason)
+        log.warning(
+            "%s: market closed the connection (%d%s)",
+            self.name,
+            code,
+            f": {reason}" if reason else "",
+        )
+
+    async def _recv(self, ws: ClientConnection, expected: str) -> Auth:
+        """The next handshake message; an AUTH DENIED keeps its reason for the close that
+        follows. Frames batched behind it wait in ``_pending`` for the WELCOME's end."""
+        while True:
+            if not self._pending:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), self.connect_timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(
+                        f"no {expected} from the market within {self.connect_timeout:g} s"
+                    ) from None
+                self._pending = self._read(message)
+            frame = self._pending.pop(0)
+            if isinstance(frame, Auth) and frame.type is AuthType.DENIED:
+                assert isinstance(frame.body, str)
+                self._denied = frame.body
+                continue
+            if not isinstance(frame, Auth):
+                raise _BadInput(f"the market sent a {type(frame).__name__}, not a {expected}")
+            return frame
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        challenge = Challenge.read(await self._recv(ws, "CHALLENGE"))
+        url = self.address.url
+        if challenge.room != self.address.room:
+            raise HandshakeError(
+                f"the market answered for room {challenge.room!r}, not {self.address.room!r}"
+            )
+        known = False
+        if self.market_key is not None:
+            if challenge.market != self.market_key:
+                raise MarketKeyError(
+                    f"the market at {url} has the key {challenge.market}, not "
+                    f"{self.market_key} as given: refusing to connect"
+                )
+        else:
+            known = known_markets.check(url, challenge.market, self.data)
+        response = Response.make(challenge, self.identities, self.invite)
+        await ws.send(encode(response.frame()))
+        t = transcript(
+            challenge.market, challenge.room, challenge.nonce, response.nonce, response.ids
+        )
+        welcome = Welcome.read(await self._recv(ws, "WELCOME"), challenge, t)
+        if self.market_key is None and not known:
+            file = known_markets.remember(url, challenge.market, self.data)
+            log.info(
+                "%s: trusting the market at %s on first use: key %s, kept in %s",
+                self.name,
+                url,
+                challenge.market,
+                file,
+            )
+        self.market = challenge.market
+        self.granted = welcome.granted
+        refused = sorted(self.ids - set(welcome.granted))
+        if refused:
+            log.warning(
+                "%s: the market admitted %s but not %s: their documents are not sent",
+                self.name,
+                ", ".join(i[:8] for i in sorted(welcome.granted)) or "no identity",
+                ", ".join(i[:8] for i in refused),
+            )
+        self.limits = welcome.limits
+
+    def _welcomed(self, ws: ClientConnection) -> None:
+        """Open the outbox and send, as one batch: presence, every subscription, a step 1
+        per owned document."""
+        self._ws = ws
+        self._outbox = Outbox(self._writer(ws), f"{self.name} -> market", coalesce)
+        self._gone.clear()
+        self._put(self._presence())
+        subs = list(self._subs.items())
+        for i in range(0, len(subs), MAX_NAMES):
+            self._put(encode(Subscribe(tuple(subs[i : i + MAX_NAMES]))))
+        self._resync_owned()
+        self._send_drops()
+        self.connected = True
+        self.ready.set()
+        self._emit(EventKind.CONNECTED)
+
+    def _writer(self, ws: ClientConnection) -> Callable[[bytes], Any]:
+        async def write(message: bytes) -> None:
+            try:
+                await ws.send(message)
+            except ConnectionClosed:
+                pass  # the reading loop sees the close
+            except Exception as exc:
+                log.warning("%s: could not send to the market (%s)", self.name, exc)
+                await ws.close()
+
+        return write
+
+    async def _heartbeat_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self._last_put + self.heartbeat - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            self._put(self._presence())
+
+    # ---------------------------------------------------------------- reading
+    def _read(self, message: str | bytes) -> list[Frame]:
+        if isinstance(message, str):
+            raise _BadInput("the market sent a text frame")
+        try:
+            return frames(message)
+        except WireError as exc:
+            raise _BadInput(f"the market sent a frame that is not v3 ({exc})") from None
+
+    def _frame(self, frame: Frame) -> None:
+        if isinstance(frame, DocFrame):
+            self._document(frame)
+        elif isinstance(frame, Notice):
+            self._notice(frame)
+        elif isinstance(frame, Auth) and frame.type is AuthType.DENIED:
+            assert isinstance(frame.body, str)
+            self._denied = frame.body  # a close follows (a ban: 4403)
+        else:
+            log.warning(
+                "%s: ignored a %s frame (not one a market sends)", self.name, type(frame).__name__
+            )
+
+    def _document(self, frame: DocFrame) -> None:
+        name = frame.name
+        try:
+            parse(name)
+        except DocumentError as exc:
+            raise _BadInput(f"the market sent {exc}") from None
+        if frame.sync is Sync.STEP1:
+            if name in self._owned and self._sendable(name):
+                self._answer_step1(name, frame.payload)
+            else:
+                log.debug("%s: ignored a step 1 for %s, not ours", self.name, name)
+            return
+        if not self._wanted(name):
+            return  # late, after an unsubscription
+        try:
+            check_update(frame.payload)
+        except UpdateError as exc:
+            raise _BadInput(f"the market sent a bad update of {name} ({exc})") from None
+        new = name not in self.docs
+        doc = self._doc(name)
+        self._apply(doc, name, frame.payload)
+        if new:
+            self._emit(EventKind.NEW, name)
+        self._emit(EventKind.CHANGED, name)
+
+    def _apply(self, doc: Doc[Any], name: str, update: bytes) -> None:
+        self._applying = name
+        try:
+            doc.apply_update(update)
+        except Exception as exc:
+            raise _BadInput(f"pycrdt refused an update of {name} from the market ({exc})") from None
+        except BaseException as exc:
+            if not is_panic(exc):
+                raise
+            raise _BadInput(f"an update of {name} made pycrdt panic ({exc})") from None
+        finally:
+            self._applying = None
+
+    def _answer_step1(self, name: str, state: bytes) -> None:
+        try:
+            diff = self.docs[name].get_update(state)
+        except Exception as exc:
+            raise _BadInput(f"the market sent a bad state vector for {name} ({exc})") from None
+        except BaseException as exc:
+            if not is_panic(exc):
+                raise
+            raise _BadInput(f"a state vector for {name} made pycrdt panic ({exc})") from None
+        self._put(encode(DocFrame(name, Sync.STEP2, diff)))
+
+    def _notice(self, notice: Notice) -> None:
+        name = notice.doc
+        if notice.code == Code.REFUSED:
+            log.warning("%s: subscription to %s refused: %s", self.name, name, notice.text)
+            prefix = self._subs.pop(name, None)
+            if prefix is not None and not prefix and name not in self._owned:
+                self._forget(name)
+            self._emit(EventKind.REFUSED, name, notice.code, notice.text)
+        elif notice.code == Code.DROPPED:
+            log.info("%s: %s dropped: %s", self.name, name, notice.text)
+            self.forget(name)
+            self._emit(EventKind.DROPPED, name, notice.code, notice.text)
+        else:
+            if notice.code == Code.LEASE_GRANTED:
+                self.lease = True
+                self._resync_owned(lease=True)
+                self._send_drops()
+            elif notice.code == Code.LEASE_HELD:
+                self.lease = False
+            self._emit(EventKind.NOTICE, name, notice.code, notice.text)
