@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client has to send its request headers",
     )
     g = p.add_argument_group(
-        "protocol 3 (docs/protocol-v3.md; the market side of step 2: transport and handshake)"
+        "protocol 3 (docs/protocol-v3.md §12: the market's side is built; no role speaks it yet)"
     )
     g.add_argument(
         "--secure",

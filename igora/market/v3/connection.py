@@ -40,6 +40,8 @@ from ...protocol import number
 from ...ratelog import RateLimitedLog
 from ...updates import UpdateError, check_update, is_panic
 from ...v3 import wire
+from ...v3.advert import AdvertError
+from ...v3.advert import check as check_advert
 from ...v3.documents import (
     TASK_DOCUMENTS,
     DocumentError,
@@ -247,7 +249,7 @@ class V3Connection:
             return wire.Close.BAD_FRAME, f"refused update of {doc.name}: pycrdt panicked"
         refusal = room.write(self, doc, frame.payload)
         if refusal is not None:
-            return wire.Close.BAD_FRAME, f"refused update of {doc.name}: {refusal}"
+            return wire.Close.BAD_FRAME, f"refused update ({refusal}): {doc.name}"
         return None
 
     def _subscribe(self, room: V3Room, names: tuple[tuple[str, bool], ...]) -> None:
@@ -295,6 +297,15 @@ class V3Connection:
             return None
         if op == "attach":
             return self._attach(room, body)
+        if op == "advert":
+            id_ = body.get("id")
+            if id_ not in self.ids:
+                return wire.Close.FORBIDDEN, f"an advert for an id not proved here: {id_!r:.60}"
+            try:
+                room.advert(check_advert(body))
+            except AdvertError as exc:
+                return wire.Close.BAD_FRAME, str(exc)
+            return None
         if op == "drop":
             name = body.get("doc")
             if not isinstance(name, str):

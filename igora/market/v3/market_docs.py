@@ -12,11 +12,12 @@ needs nothing special for them.
   ``dir.broker``: ``id`` and ``epoch`` of the lease holder (only ``epoch``, the last
   one, when nobody holds it: a restarted market grants the next one, so agents that
   accept only a newer epoch than they saw keep working);
-  ``dir.workers``: the adverts, written from step 4's signed ``CONTROL advert``.
+  ``dir.workers``: id -> a worker's signed advert as it sent it (``igora.v3.advert``),
+  removed when the worker leaves.
 
 A room loaded from the store continues the stored history of both: nobody is connected
-yet, so every ``who`` entry and the broker's id are removed first (deletions that reach
-the readers' copies too).
+yet, so every ``who`` entry and advert and the broker's id are removed first
+(deletions that reach the readers' copies too).
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class MarketDocs:
         self._due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last = 0.0
         agents, broker = self._map(WHO, "agents"), self._map(DIR, "broker")
-        for key in list(agents.keys()):
-            del agents[key]
+        for gone in (agents, self._map(DIR, "workers")):
+            for key in list(gone.keys()):
+                del gone[key]
         epoch = number(broker.get("epoch"))
         self.epoch = int(epoch) if epoch is not None and epoch > 0 else 0  # the last stored
         if "id" in broker:
@@ -94,10 +96,15 @@ class MarketDocs:
         self._changed()
 
     def left(self, id_: str) -> None:
-        agents = self._map(WHO, "agents")
-        if id_ in agents:
-            del agents[id_]
-            self._changed()
+        for entries in (self._map(WHO, "agents"), self._map(DIR, "workers")):
+            if id_ in entries:
+                del entries[id_]
+                self._changed()
+
+    def advert(self, advert: dict[str, Any]) -> None:
+        """A worker's checked advert, as it sent it."""
+        self._map(DIR, "workers")[advert["id"]] = advert
+        self._changed()
 
     def presence(self, id_: str, state: dict[str, Any]) -> None:
         """An agent's PRESENCE state: its ``type`` and ``name`` go to ``who``."""

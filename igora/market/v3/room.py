@@ -126,6 +126,10 @@ class V3Room:
             self._broker_changed()
         return holder
 
+    def advert(self, advert: dict[str, Any]) -> None:
+        """A worker's checked advert (its connection proved ``advert["id"]``)."""
+        self.market_docs.advert(advert)
+
     def presence(self, peer: Peer) -> None:
         """``peer`` sent a PRESENCE: its state's type and name go to ``who``."""
         for i in peer.ids:
@@ -243,7 +247,7 @@ class V3Room:
     # ------------------------------------------------------------------ writing
     def write(self, sender: Peer, doc: DocName, update: bytes) -> str | None:
         """Append a checked update of ``doc`` (its owner's) and relay it to every reader
-        but ``sender``; return why it is refused (a limit), if it is."""
+        but ``sender``; return why it is refused (a limit, in a few words), if it is."""
         if update == EMPTY_UPDATE:
             return None
         name = doc.name
@@ -253,13 +257,13 @@ class V3Room:
             if is_task and doc.agent is not None:
                 owned, most = self.task_documents[doc.agent], self.limits.task_documents
                 if owned >= most:
-                    return f"{owned} live task documents already (at most {most})"
+                    return f"over {most} live task documents"
             log = self.docs[name] = DocLog()
             log.stored = 0
             if is_task and doc.agent is not None:
                 self.task_documents[doc.agent] += 1
         if is_task and log.size + len(update) > self.limits.task_document:
-            return f"document {name} would pass {self.limits.task_document} bytes"
+            return f"over {self.limits.task_document} bytes"
         self._append(sender, name, log, update)
         return None
 
