@@ -15,6 +15,8 @@ from .config import MarketAddress
 from .protocol import BROKER_STYLE, TEXT_STYLE, AgentType
 from .serving import WorkerSpec, serve
 from .summary import agent_order, agent_summary, tasks_by_state
+from .v3 import roles as v3_roles
+from .v3.session import room_speaks_v3
 
 __all__ = ["chat", "market_view", "run_broker", "run_worker", "status"]
 
@@ -32,7 +34,10 @@ async def run_worker(spec: WorkerSpec) -> int:
 async def run_broker(
     address: MarketAddress, *, name: str, heartbeat: float = DEFAULT_HEARTBEAT, **settings: Any
 ) -> int:
-    """``igora broker``: ``settings`` are ``Broker``'s (grace, max_attempts, ...)."""
+    """``igora broker``: ``settings`` are ``Broker``'s (grace, max_attempts, ...). In a
+    room that speaks version 3, the v3 broker (``igora.v3.roles``)."""
+    if await room_speaks_v3(address, v3_roles.PATIENCE):
+        return await v3_roles.run_broker(address, name=name, heartbeat=heartbeat, **settings)
     agent = Agent(
         address, type=AgentType.BROKER.value, name=name, style=BROKER_STYLE, heartbeat=heartbeat
     )

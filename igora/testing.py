@@ -243,7 +243,13 @@ class Cluster:
         wait_http(f"http://127.0.0.1:{self.port}/", 30, p)
         return p
 
-    def broker(self, *extra: str, name: str = "broker") -> Proc:
+    def agent_data(self, name: str) -> dict[str, str]:
+        """The environment that gives an agent its own data folder, hence its own
+        identity (``IGORA_DATA``): ``DIR/data-NAME``. What a v3 room needs of each agent."""
+        return {"IGORA_DATA": str(self.dir / f"data-{name}")}
+
+    def broker(self, *extra: str, name: str = "broker", data: bool = False) -> Proc:
+        """``data``: its own data folder (``agent_data``), else the default one."""
         return self.spawn(
             "broker",
             "--market",
@@ -253,9 +259,13 @@ class Cluster:
             *self._role(grace=True),
             *extra,
             name=name,
+            env=self.agent_data(name) if data else None,
         )
 
-    def worker(self, *extra: str, name: str = "worker", engine: str = "echo") -> Proc:
+    def worker(
+        self, *extra: str, name: str = "worker", engine: str = "echo", data: bool = False
+    ) -> Proc:
+        """``data``: its own data folder (``agent_data``), else the default one."""
         return self.spawn(
             "worker",
             "--market",
@@ -267,6 +277,7 @@ class Cluster:
             *self._role(),
             *extra,
             name=name,
+            env=self.agent_data(name) if data else None,
         )
 
     def gateway(self, *extra: str, name: str = "gateway", timeout: float = 60) -> tuple[Proc, str]:
