@@ -1,32 +1,56 @@
 """The roles on protocol 3 (docs/protocol-v3.md §7, §12 step 3): a v3 room of a real
-market with a broker, two echo workers and two askers (each its own identity), tasks
-end to end through ``igora.Client``, abort, a worker killed mid-task, a broker killed."""
+market with a broker and two echo workers, askers through ``igora.Client`` (each agent
+its own identity, its own IGORA_DATA): tasks end to end, streamed and not, abort, a
+worker killed mid-task (retried on the other), a broker killed (the next takes the
+lease), and the room's documents left once the answers are read."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from igora import Client
 from igora.errors import TaskAborted
 from igora.task_handle import Restart
-from igora.testing import Cluster, wait_until
+from igora.testing import Cluster, Proc, wait_until
 
 ROOM = "v3"
+SLOW = ("--delay", "0.05")  # echo: seconds per word
 
 
-def v3_room(cluster: Cluster, workers: int = 2, *worker_args: str) -> None:
-    """A market with the v3 room ROOM, a broker and ``workers`` echo workers in it."""
+def v3_room(cluster: Cluster, *worker_args: str, brokers: int = 1) -> tuple[list[Proc], list[Proc]]:
+    """A market with the v3 room ROOM, ``brokers`` brokers and two echo workers in it
+    (each with its own identity): the broker and worker processes."""
     cluster.market("--v3-room", ROOM)
-    cluster.broker("--room", ROOM, data=True)
-    for i in range(workers):
-        cluster.worker("--room", ROOM, *worker_args, name=f"w{i + 1}", data=True)
-    cluster.wait_agents("worker", workers)
-    cluster.wait_agents("broker", 1)
+    procs = [cluster.broker("--room", ROOM, name=f"b{i + 1}", data=True) for i in range(brokers)]
+    workers = [
+        cluster.worker("--room", ROOM, *worker_args, name=name, data=True) for name in ("w1", "w2")
+    ]
+    cluster.wait_agents("worker", 2)
+    cluster.wait_agents("broker", brokers)
+    return procs, workers
+
+
+def asker(cluster: Cluster, name: str, monkeypatch: pytest.MonkeyPatch) -> Client:
+    """A client with its own identity (its own IGORA_DATA, read when it connects)."""
+    monkeypatch.setenv("IGORA_DATA", cluster.agent_data(name)["IGORA_DATA"])
+    return Client(cluster.url, ROOM, name=name, timeout=30)
+
+
+async def connected(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> tuple[Client, Client]:
+    a = asker(cluster, "alice", monkeypatch)
+    await a.connect()
+    b = asker(cluster, "bob", monkeypatch)
+    await b.connect()
+    assert a.v3 is not None and b.v3 is not None and a.id != b.id
+    return a, b
+
+
+def words(n: int, tag: str) -> str:
+    return " ".join(f"{tag}{i}" for i in range(n))
 
 
 @pytest.fixture
@@ -35,25 +59,10 @@ def room(cluster: Cluster) -> Iterator[Cluster]:
     yield cluster
 
 
-def asker(cluster: Cluster, name: str, monkeypatch: pytest.MonkeyPatch) -> Client:
-    """A client with its own identity (its own IGORA_DATA)."""
-    monkeypatch.setenv("IGORA_DATA", cluster.agent_data(name)["IGORA_DATA"])
-    return Client(cluster.url, ROOM, name=name, timeout=30)
-
-
-async def _two(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> tuple[Client, Client]:
-    a = asker(cluster, "alice", monkeypatch)
-    await a.connect()
-    b = asker(cluster, "bob", monkeypatch)
-    await b.connect()
-    return a, b
-
-
 def test_tasks_complete_streamed_and_not(room: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
-        a, b = await _two(room, monkeypatch)
+        a, b = await connected(room, monkeypatch)
         try:
-            assert a.v3 is not None and b.v3 is not None and a.id != b.id
             texts = [f"question {i} from {c.name}" for c in (a, b) for i in range(4)]
             clients = [a] * 4 + [b] * 4
             answers = await asyncio.gather(
@@ -61,12 +70,106 @@ def test_tasks_complete_streamed_and_not(room: Cluster, monkeypatch: pytest.Monk
             )
             assert answers == [f"Echo: {t}" for t in texts]
             pieces = [p async for p in await a.chat("streamed here", stream=True)]
-            assert "".join(pieces) == "Echo: streamed here" and len(pieces) >= 1
-            workers = {a.worker_of(t) for t in a.v3.tracking}
-            assert not a.v3.tracking  # every answer read: the documents went
-            del workers
+            assert "".join(pieces) == "Echo: streamed here"
+            answer = await (await b.submit([{"role": "user", "content": "as messages"}])).result()
+            assert answer.text == "Echo: as messages" and answer.finish_reason == "stop"
+            assert answer.usage["completionTokens"] > 0
+            # Every answer read: the asker keeps nothing, its header and prompt went.
+            assert a.v3 is not None and not a.v3.tracking
+        finally:
+            await a.close()
+            await b.close()
+        # The askers dropped their prompts, the broker cleaned the inboxes, the workers
+        # dropped their runs: left are a/ of each asker, in/ of each agent and w/ of
+        # each worker (2 + 4 + 2), no task document.
+        wait_until(lambda: _documents(room) == 8, 10, "task documents dropped", room)
+
+    asyncio.run(main())
+
+
+def _documents(cluster: Cluster) -> int:
+    rooms = [r for r in cluster.status()["rooms"] if r["name"] == ROOM]
+    return int(rooms[0]["documents"]) if rooms else -1
+
+
+def test_abort_stops_a_running_task(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    v3_room(cluster, *SLOW)
+
+    async def main() -> None:
+        a, b = await connected(cluster, monkeypatch)
+        try:
+            task = await a.submit(words(200, "x"))
+            other = b.chat("meanwhile", max_tokens=20)
+            got = []
+            with pytest.raises(TaskAborted):
+                async for piece in task.stream():
+                    got.append(piece)
+                    if len(got) == 2:
+                        task.abort()
+            assert 0 < len("".join(got)) < len(words(200, "x"))
+            assert await other == "Echo: meanwhile"
+            # The worker is free again: the next task runs.
+            assert await a.chat("after", max_tokens=10) == "Echo: after"
         finally:
             await a.close()
             await b.close()
 
     asyncio.run(main())
+
+
+def test_worker_killed_mid_task_is_retried(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, workers = v3_room(cluster, *SLOW)
+
+    async def main() -> None:
+        a, b = await connected(cluster, monkeypatch)
+        try:
+            prompt = words(40, "y")
+            task = await a.submit(prompt)
+            pieces: list[str] = []
+            killed = None
+            async for piece in task.stream():
+                pieces.append(piece)
+                if killed is None:
+                    killed = next(w for w in workers if f"task {task.id} started" in w.log())
+                    killed.kill(signal.SIGKILL)
+            restarts = [i for i, p in enumerate(pieces) if isinstance(p, Restart)]
+            assert restarts, "the answer restarted on the other worker"
+            assert "".join(pieces[restarts[-1] + 1 :]) == f"Echo: {prompt}"
+            alive = next(w for w in workers if w is not killed)
+            assert f"task {task.id} started (attempt 2)" in alive.log()
+            assert await b.chat("from bob", max_tokens=10) == "Echo: from bob"
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_broker_killed_the_next_takes_the_lease(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    brokers, _ = v3_room(cluster, brokers=2)
+
+    async def main() -> None:
+        a, b = await connected(cluster, monkeypatch)
+        try:
+            assert await a.chat("before", max_tokens=10) == "Echo: before"
+            holder = wait_until(
+                lambda: next((b for b in brokers if "lease granted" in b.log()), None),
+                10,
+                "a broker holds the lease",
+                cluster,
+            )
+            holder.kill(signal.SIGKILL)
+            answers = await asyncio.gather(
+                *(c.chat(f"after {i}", max_tokens=10) for i, c in enumerate((a, b, a, b)))
+            )
+            assert answers == [f"Echo: after {i}" for i in range(4)]
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+    assert all("lease granted, epoch" in b.log() for b in brokers)
