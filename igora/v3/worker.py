@@ -150,7 +150,6 @@ class V3Worker:
                 self.publish()
 
     def _on_event(self, event: Any) -> None:
-        log.debug("%s: event %s %s %s", self.name, event.kind, event.name[:20], event.text)
         if event.kind is EventKind.CONNECTED:
             self.publish()  # a CONTROL is not kept across connections
         self._wake.set()
@@ -163,7 +162,6 @@ class V3Worker:
 
     def _scan(self) -> None:
         assigned = self._assignments()
-        log.debug("%s: inbox %s, jobs %s", self.name, list(assigned), list(self.jobs))
         for tid, job in list(self.jobs.items()):
             entry = assigned.get(tid)
             same = (
