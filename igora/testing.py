@@ -280,11 +280,16 @@ class Cluster:
             env=self.agent_data(name) if data else None,
         )
 
-    def gateway(self, *extra: str, name: str = "gateway", timeout: float = 60) -> tuple[Proc, str]:
+    def gateway(
+        self, *extra: str, name: str = "gateway", timeout: float = 60, data: bool = False
+    ) -> tuple[Proc, str]:
         """A gateway on a free port of 127.0.0.1, once it answers ``/health``; and its
-        base URL (``http://127.0.0.1:PORT``)."""
+        base URL (``http://127.0.0.1:PORT``). ``data``: its own data folder."""
         port = free_port()
-        proc = self.spawn("gateway", "--market", self.url, "--port", str(port), *extra, name=name)
+        env = self.agent_data(name) if data else None
+        proc = self.spawn(
+            "gateway", "--market", self.url, "--port", str(port), *extra, name=name, env=env
+        )
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health", timeout, proc)
         return proc, base

@@ -2,7 +2,7 @@
 market with a broker and two echo workers, askers through ``igora.Client`` (each agent
 its own identity, its own IGORA_DATA): tasks end to end, streamed and not, abort, a
 worker killed mid-task (retried on the other), a broker killed (the next takes the
-lease), and the room's documents left once the answers are read."""
+lease), the room's documents left once the answers are read, and the gateway unchanged."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 from collections.abc import Iterator
 
 import pytest
+from openai import OpenAI
 
 from igora import Client
 from igora.errors import TaskAborted
@@ -173,3 +174,18 @@ def test_broker_killed_the_next_takes_the_lease(
 
     asyncio.run(main())
     assert all("lease granted, epoch" in b.log() for b in brokers)
+
+
+def test_the_gateway_serves_a_v3_room_unchanged(room: Cluster) -> None:
+    """The gateway's Client picks protocol 3 by itself: the OpenAI SDK gets its answers."""
+    _, base = room.gateway("--room", ROOM, data=True)
+    sdk = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=30)
+    reply = sdk.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "through the gateway"}]
+    )
+    assert reply.choices[0].message.content == "Echo: through the gateway"
+    stream = sdk.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "streamed too"}], stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "Echo: streamed too"

@@ -53,6 +53,7 @@ from .signed import SignatureError, plain
 from .tasks import (
     ABORTS,
     ANY_MODEL,
+    FINAL_RUNS,
     RUNS,
     TASKS,
     Header,
@@ -225,7 +226,10 @@ class V3Broker:
             worker = (status or {}).get(Status.WORKER)
             n = int(number((status or {}).get(Status.ATTEMPT)) or 0)
             run = None
-            if isinstance(worker, str) and (status or {}).get(Status.STATE) == "assigned":
+            if (
+                isinstance(worker, str)
+                and (status or {}).get(Status.STATE) == StatusState.ASSIGNED.value
+            ):
                 raw = self._map(f"w/{worker}", RUNS).get(run_key(tid, n))
                 run = raw if isinstance(raw, dict) else None
                 runs[tid] = run or {}
@@ -249,8 +253,8 @@ class V3Broker:
                 self._end(tid, asker, worker, n, StatusState.ABORTED, ErrorCode.ABORTED, "aborted")
             elif (
                 isinstance(worker, str)
-                and (status or {}).get(Status.STATE) == "assigned"
-                and (run or {}).get(RunField.STATE) not in ("done", "failed", "aborted")
+                and (status or {}).get(Status.STATE) == StatusState.ASSIGNED.value
+                and (run or {}).get(RunField.STATE) not in FINAL_RUNS
             ):
                 load[worker] = load.get(worker, 0) + 1
                 in_flight[asker] = in_flight.get(asker, 0) + 1
@@ -329,7 +333,10 @@ class V3Broker:
         """On gaining the lease: attach again the documents of every task assigned."""
         for name in [n for n in self.session.docs if n.startswith("in/")]:
             for tid, status in self._map(name, TASKS).items():
-                if isinstance(status, dict) and status.get(Status.STATE) == "assigned":
+                if (
+                    isinstance(status, dict)
+                    and status.get(Status.STATE) == StatusState.ASSIGNED.value
+                ):
                     worker = status.get(Status.WORKER)
                     n = int(number(status.get(Status.ATTEMPT)) or 0)
                     if isinstance(worker, str) and n > 0:

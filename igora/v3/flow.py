@@ -146,7 +146,7 @@ def assigned(worker: str, attempt: int, epoch: int, now: int) -> dict[str, Any]:
 
 def waiting(attempt: int, epoch: int) -> dict[str, Any]:
     """``in/<asker>.tasks[tid]`` of a task taken from its worker, waiting for another."""
-    return {Status.STATE: "waiting", Status.ATTEMPT: attempt, Status.EPOCH: epoch}
+    return {Status.STATE: StatusState.WAITING.value, Status.ATTEMPT: attempt, Status.EPOCH: epoch}
 
 
 def ended(

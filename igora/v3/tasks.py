@@ -75,6 +75,7 @@ class Status:
 
 
 class StatusState(str, Enum):
+    WAITING = "waiting"  # taken from its worker after attempt ATTEMPT: waits for another
     ASSIGNED = "assigned"  # given to WORKER, attempt ATTEMPT: its run is r/WORKER/tid.ATTEMPT
     FAILED = "failed"  # ended by the broker (deadline, no worker, attempts used)
     ABORTED = "aborted"  # ended by the broker before any worker ran it
