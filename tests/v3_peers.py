@@ -23,7 +23,6 @@ from igora.identity import Identity
 from igora.v3 import wire
 from igora.v3.handshake import Challenge, Response, Welcome
 
-
 BARRIER_TASK = "barrier-00000000"
 """The task id of the (never written) document ``RawPeer.barrier`` asks about."""
 
