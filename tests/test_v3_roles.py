@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
 from igora import Client
 from igora.errors import TaskAborted
+from igora.identity import load_identity
 from igora.task_handle import Restart
-from igora.testing import Cluster, Proc, wait_until
+from igora.testing import Cluster, Proc, wait_for, wait_until
 
 ROOM = "v3"
 SLOW = ("--delay", "0.05")  # echo: seconds per word
@@ -189,3 +191,52 @@ def test_the_gateway_serves_a_v3_room_unchanged(room: Cluster) -> None:
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "Echo: streamed too"
+
+
+def test_a_secure_market_with_its_broker_key(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``igora market --secure``: every room speaks protocol 3 and only the identity
+    given with ``--broker-key`` may broker; the default room serves tasks."""
+    broker_id = load_identity(Path(cluster.agent_data("b1")["IGORA_DATA"]))[0].id
+    cluster.market("--secure", "--broker-key", broker_id)
+    cluster.broker(name="b1", data=True)
+    intruder = cluster.broker(name="b2", data=True)  # not named: may not hold the lease
+    cluster.worker(name="w1", data=True)
+    cluster.wait_agents("worker", 1)
+
+    async def main() -> None:
+        monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
+        async with Client(cluster.url, name="alice", timeout=30) as a:
+            assert a.v3 is not None
+            assert await a.chat("secure room", max_tokens=10) == "Echo: secure room"
+
+    asyncio.run(main())
+    assert "lease granted" not in intruder.log()
+
+
+def test_an_asker_gone_gets_its_task_stopped(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An asker that leaves without reading its answer: the broker marks its task in the
+    worker's inbox, the worker ends the run aborted and takes the next task."""
+    _, workers = v3_room(cluster, *SLOW)
+
+    async def main() -> None:
+        a, b = await connected(cluster, monkeypatch)
+        try:
+            task = await a.submit(words(300, "z"))
+            await wait_for(lambda: a.worker_of(task.id), 10, "the task assigned", cluster)
+            assert a.v3 is not None
+            await a.v3.session.stop()  # gone, as a killed process would be
+            await wait_for(
+                lambda: any(f"task {task.id} aborted" in w.log() for w in workers),
+                20,
+                "the worker ended the run aborted",
+                cluster,
+            )
+            assert await b.chat("still served", max_tokens=10) == "Echo: still served"
+        finally:
+            await b.close()
+
+    asyncio.run(main())
