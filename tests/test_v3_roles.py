@@ -15,10 +15,11 @@ import pytest
 from openai import OpenAI
 
 from igora import Client
-from igora.errors import TaskAborted
+from igora.errors import TaskAborted, TaskFailed
 from igora.identity import load_identity
 from igora.task_handle import Restart
 from igora.testing import Cluster, Proc, wait_for, wait_until
+from tests.upstream_stub import Stub
 
 ROOM = "v3"
 SLOW = ("--delay", "0.05")  # echo: seconds per word
@@ -240,3 +241,39 @@ def test_an_asker_gone_gets_its_task_stopped(
             await b.close()
 
     asyncio.run(main())
+
+
+def test_an_engine_down_hands_the_task_to_another_worker_or_fails_with_its_reason(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v2's hand-back rule in a v3 room: a worker whose upstream answers 503 hands the
+    task back (its run ``handback``, its advert ``busy``); the broker gives it to another
+    worker serving the model, or, with none, ends it failed with the engine's reason."""
+    stub = Stub().start()
+    try:
+        cluster.market("--v3-room", ROOM)
+        cluster.broker("--room", ROOM, name="b1", data=True)
+        for name, model, slots in (
+            ("bad", "e503=flaky", "3"),  # most free slots: picked first
+            ("good", "ok=flaky", "1"),
+            ("lonely", "e503=lonely", "1"),
+        ):
+            cluster.worker(
+                "--room", ROOM, "--no-warmup", "--base-url", stub.url, "--model", model,
+                "--slots", slots, name=name, engine="openai", data=True,
+            )  # fmt: skip
+        cluster.wait_agents("worker", 3)
+
+        async def main() -> None:
+            monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
+            async with Client(cluster.url, ROOM, name="alice", timeout=30) as a:
+                answer = await (await a.submit("Hi", model="flaky")).result()
+                assert answer.text == "Hello from the stub"
+                with pytest.raises(TaskFailed, match="HTTP 503: stub: overloaded"):
+                    await a.chat("Hi", model="lonely")
+
+        asyncio.run(main())
+        bad = next(p for p in cluster.procs if p.log_path.name.endswith("-bad.log"))
+        assert "handed back" in bad.log()
+    finally:
+        stub.stop()

@@ -23,7 +23,8 @@ from typing import Any
 from pycrdt import Map
 
 from ..broker.fairness import Fairness
-from ..broker.matching import pick_for
+from ..broker.matching import Kind, free_slots, pick_for
+from ..capabilities import fits
 from ..protocol import (
     PROTOCOL_VERSION,
     TEXT_STYLE,
@@ -40,6 +41,7 @@ from .flow import (
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
     Act,
+    Decision,
     View,
     assignment,
     decide,
@@ -111,6 +113,7 @@ class V3Broker:
         self._leased_at: float | None = None
         self._verified: dict[str, str] = {}  # tid -> sig of a header that verified
         self._refused: set[str] = set()  # tids whose header did not verify (logged once)
+        self._handed_back: dict[str, set[str]] = {}  # tid -> workers whose engine failed it
         self._wake = asyncio.Event()
         for prefix in ("a/", "w/", "in/"):
             session.subscribe(prefix, prefix=True)
@@ -242,7 +245,17 @@ class V3Broker:
             if d.act is Act.MATCH:
                 matching.append(header)
                 attempts[tid] = d.attempt
+            elif d.act is Act.REQUEUE and not self._another(header, str(worker), d, workers):
+                # v2's rule: a task handed back goes to another worker only if one that
+                # is not busy serves it; else it fails now with the engine's reason.
+                error = str((run or {}).get(RunField.ERROR) or d.error)
+                log.info("broker: task %s failed: %s", tid, error)
+                self._end(
+                    tid, asker, worker, n, StatusState.FAILED, ErrorCode.ENGINE_UNAVAILABLE, error
+                )
             elif d.act is Act.REQUEUE:
+                if d.code is ErrorCode.ENGINE_UNAVAILABLE:  # not to it again (its advert lags)
+                    self._handed_back.setdefault(tid, set()).add(str(worker))
                 log.info("broker: task %s re-queued: %s", tid, d.error)
                 self._take_back(tid, asker, str(worker), n)
             elif d.act is Act.FAIL:
@@ -272,9 +285,9 @@ class V3Broker:
     ) -> None:
         pool = list(workers.values())
         for header in self.fairness.order(tasks, in_flight):
-            model = header.get(Header.MODEL)
-            kind = (None if model == ANY_MODEL else model, _needs(header), TEXT_STYLE)
-            worker = pick_for(kind, pool, load)
+            tried = self._handed_back.get(str(header[Header.ID]))
+            fit = [w for w in pool if w.id not in tried] if tried else pool
+            worker = pick_for(_kind(header), fit, load)
             if worker is None or worker.id is None:
                 continue
             tid, asker, n = (
@@ -286,6 +299,21 @@ class V3Broker:
             load[worker.id] = load.get(worker.id, 0) + 1
             in_flight[asker] = in_flight.get(asker, 0) + 1
             self.fairness.record(header)
+
+    def _another(
+        self, header: dict[str, Any], worker: str, d: Decision, workers: dict[str, Peer]
+    ) -> bool:
+        """Whether a task taken back from ``worker`` may wait for another: always, unless
+        it was handed back (its engine is down) and no other worker that is not busy
+        serves it."""
+        if d.code is not ErrorCode.ENGINE_UNAVAILABLE:
+            return True
+        model, needs = _kind(header)[:2]
+        tried = self._handed_back.get(str(header[Header.ID]), set()) | {worker}
+        return any(
+            id_ not in tried and fits(w, model, needs) and free_slots(w, {}) > 0
+            for id_, w in workers.items()
+        )
 
     # ------------------------------------------------------------------ writing
     def _inbox(self, agent: str) -> Map[Any]:
@@ -357,6 +385,7 @@ class V3Broker:
                 if tid in tasks:
                     del tasks[tid]
             self._verified.pop(tid, None)
+            self._handed_back.pop(tid, None)
         for name in [n for n in self.session.docs if n.startswith("in/")]:
             agent = name[3:]
             for tid, entry in self._map(name, TASKS).items():
@@ -365,6 +394,12 @@ class V3Broker:
                 owner = statuses.get(tid)
                 if owner is None or owner[1].get(Status.WORKER) != agent:
                     del self._inbox(agent)[tid]
+
+
+def _kind(header: dict[str, Any]) -> Kind:
+    """What a worker must fit to take the task (``igora.broker.matching``)."""
+    model = header.get(Header.MODEL)
+    return (None if model == ANY_MODEL else model, _needs(header), TEXT_STYLE)
 
 
 def _needs(header: dict[str, Any]) -> frozenset[str]:

@@ -168,8 +168,8 @@ class V3Worker:
                 isinstance(entry, dict) and number(entry.get(Assignment.ATTEMPT)) == job.run.attempt
             )
             if not same:
-                if job.ended:
-                    self._cleanup(tid, job)
+                if job.ended:  # read, or given again (a new attempt): the prompt stays then
+                    self._cleanup(tid, job, keep_prompt=isinstance(entry, dict))
                 elif not job.run.stop_reason:
                     job.run.halt(Stop.LOST)
             elif not job.ended and not job.run.stop_reason and self._abort_asked(tid, job, entry):
@@ -330,22 +330,26 @@ class V3Worker:
             doc.get(RUN, type=Map).update({k: v for k, v in end.items() if v is not None})
         with self._runs.transaction():
             runs = self._runs.get(RUNS, type=Map)
-            summary = {k: end[k] for k in (RunField.STATE, RunField.END) if k in end}
+            summary = {
+                k: end[k] for k in (RunField.STATE, RunField.END, RunField.ERROR) if k in end
+            }
             previous = runs.get(run_key(tid, n))
             start = previous.get(RunField.START) if isinstance(previous, dict) else None
             runs[run_key(tid, n)] = {**summary, RunField.START: start or now}
         if state is RunState.HANDBACK:
             log.warning("%s: task %s handed back: %s", self.name, tid, error)
 
-    def _cleanup(self, tid: str, job: Job) -> None:
-        """The assignment of an ended run is gone: the run document and the prompt go."""
+    def _cleanup(self, tid: str, job: Job, keep_prompt: bool = False) -> None:
+        """The assignment of an ended run is gone: the run document and the prompt go
+        (the prompt stays with ``keep_prompt``: the task came back for a new attempt, and
+        unsubscribing would end its attachment)."""
         del self.jobs[tid]
         if job.run.attempt < 1:
             return
         name = run_doc(self.id, tid, job.run.attempt)
         if name in self.session.docs:
             self.session.drop(name)
-        if job.asker:
+        if job.asker and not keep_prompt:
             prompt = prompt_doc(job.asker, tid)
             if prompt in self.session.docs:
                 self.session.unsubscribe(prompt)
