@@ -7,6 +7,11 @@
 
 ``SyncClient`` offers the same without ``async``. How answers are read off the document
 (and removed from ``done`` once read) is ``igora.answers``.
+
+The same API serves both protocols: ``connect`` asks the market whether the room speaks
+version 3 (``igora.v3.session.speaks_v3``) and then runs the v3 asker
+(``igora.v3.asker``, with the identity of the data folder, ``IGORA_DATA``) or the v2
+agent.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from .agent import Agent
 from .answers import AnswerWatcher
 from .capabilities import unservable
 from .config import market_address
-from .errors import NoWorkerError, TaskFailed
+from .errors import MarketUnreachable, NoWorkerError, TaskFailed
+from .identity import load_identity
 from .protocol import (
     ABORTED_MARK,
     PROTOCOL_VERSION,
@@ -38,6 +44,8 @@ from .protocol import (
 )
 from .sync_client import SyncClient
 from .task_handle import RESTART_TEXT, Answer, Restart, Task, Watch
+from .v3.asker import V3Asker
+from .v3.session import Session, room_speaks_v3
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -67,6 +75,9 @@ class Client:
     ) -> None:
         self.address = market_address(market, room)
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.v3: V3Asker | None = None  # set by connect when the room speaks version 3
+        self._connected_at = time.monotonic()
         self.agent = Agent(
             self.address,
             type=AgentType.CLIENT.value,
@@ -84,14 +95,48 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        await self.agent.start()
+        if not await self._v3_room(wait=True):
+            await self.agent.start()
 
     async def close(self) -> None:
+        if self.v3 is not None:
+            for tid in list(self.v3.tracking):
+                self.v3.forget(tid)
+            await asyncio.sleep(0.05)  # the last writes leave before the socket closes
+            await self.v3.session.stop()
+            return
         self._answers.drop_read()
         await self.agent.stop()
 
+    async def _v3_room(self, wait: bool) -> bool:
+        """Whether the room speaks version 3; if so, the v3 asker is started. With
+        ``wait``, retried until ``connect_timeout`` (MarketUnreachable after it); without,
+        a market that does not answer at once is taken as v2 (whose agent retries)."""
+        v3 = await room_speaks_v3(self.address, self.connect_timeout if wait else 0)
+        if v3 is None and wait:
+            raise MarketUnreachable(
+                f"no market answered at {self.address.room_url} within "
+                f"{self.connect_timeout:g} s: is `igora market` (or `igora up`) running?"
+            )
+        if not v3:
+            return False
+        identity, _ = load_identity()
+        session = Session(
+            self.address,
+            identity,
+            name=self.agent.name,
+            state={"type": AgentType.CLIENT.value, "name": self.agent.name},
+            connect_timeout=self.connect_timeout,
+        )
+        self.v3 = V3Asker(session, identity)
+        await session.start(wait=wait)
+        self._connected_at = time.monotonic()
+        return True
+
     # ------------------------------------------------------------------ market view
     def workers(self) -> list[Any]:
+        if self.v3 is not None:
+            return self.v3.workers()
         return [p for p in self.agent.peers() if p.type == AgentType.WORKER.value]
 
     def models(self) -> list[str]:
@@ -219,6 +264,9 @@ class Client:
         )
         await self.wait_for_worker(model, wait_worker, task)
         watch = Watch(task[TaskField.ID], pieces=_pieces)
+        if self.v3 is not None:
+            self.v3.submit(task, watch)
+            return Task(self, task, watch, timeout)
         self._answers.watch(watch)
         with self.agent.transaction():
             self._answers.drop_read()
@@ -279,6 +327,9 @@ class Client:
 
     def abort(self, task_id: str) -> None:
         """Ask for a task to stop; it ends ``aborted``."""
+        if self.v3 is not None:
+            self.v3.abort(task_id)
+            return
         m = self.agent.maps
         with self.agent.transaction():
             for source in (MapName.TODOS, MapName.PREPARED, MapName.DOING):
@@ -288,6 +339,9 @@ class Client:
 
     def _forget(self, task_id: str) -> None:
         """Called by a ``Task`` once its answer is read."""
+        if self.v3 is not None:
+            self.v3.forget(task_id)
+            return
         self._answers.forget(task_id)
 
     # ------------------------------------------------------------------ for the gateway
@@ -295,7 +349,7 @@ class Client:
     @property
     def id(self) -> str:
         """This client's agent id on the market (tasks name it as their asker)."""
-        return self.agent.id
+        return self.v3.id if self.v3 is not None else self.agent.id
 
     @property
     def name(self) -> str:
@@ -304,21 +358,27 @@ class Client:
     @property
     def connected(self) -> bool:
         """Connected to the market and its document synced."""
+        if self.v3 is not None:
+            return self.v3.session.connected
         return self.agent.connected and self.agent.synced.is_set()
 
     def connected_for(self) -> float:
         """Seconds since the last (re)connection to the market."""
+        if self.v3 is not None:
+            return time.monotonic() - self._connected_at
         return time.monotonic() - self.agent.connected_at
 
     async def start(self) -> None:
         """Start connecting without waiting for the market (``connect`` waits); the
         connection is retried in the background until ``close``."""
-        await self.agent.start(wait=False)
+        if not await self._v3_room(wait=False):
+            await self.agent.start(wait=False)
 
     async def wait_synced(self, timeout: float) -> bool:
         """Whether the market's document arrived within ``timeout`` seconds."""
+        ready = self.v3.session.ready if self.v3 is not None else self.agent.synced
         try:
-            await asyncio.wait_for(self.agent.synced.wait(), timeout)
+            await asyncio.wait_for(ready.wait(), timeout)
         except asyncio.TimeoutError:
             return False
         return True
@@ -330,7 +390,10 @@ class Client:
         self.agent.set_state(**{AgentField.HEARTBEAT: seconds})
 
     def peers(self) -> list[Peer]:
-        """Every other agent on the market now (workers, brokers, askers)."""
+        """Every other agent on the market now (workers, brokers, askers; in a v3 room
+        the workers of ``dir``: only brokers read who is present)."""
+        if self.v3 is not None:
+            return self.v3.workers()
         return self.agent.peers()
 
     def own_state(self) -> tuple[int, dict[str, Any]]:
@@ -339,6 +402,8 @@ class Client:
 
     def worker_of(self, task_id: str) -> str | None:
         """The id of the worker running (or that ran) a task still in the document."""
+        if self.v3 is not None:
+            return self.v3.worker_of(task_id)
         for m in (MapName.DOING, MapName.DONE):
             value = self.agent.maps[m].get(task_id)
             if isinstance(value, dict) and isinstance(value.get(TaskField.WORKER), str):
@@ -346,7 +411,10 @@ class Client:
         return None
 
     def entries(self, name: MapName) -> list[tuple[str, Any]]:
-        """The entries of one of the room's task maps, as a list (a copy)."""
+        """The entries of one of the room's task maps, as a list (a copy); none in a v3
+        room, which has no shared task maps."""
+        if self.v3 is not None:
+            return []
         return list(self.agent.maps[name].items())
 
     def on_change(self, callback: Callable[[], None]) -> None:

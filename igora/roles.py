@@ -12,9 +12,12 @@ from .agent import DEFAULT_HEARTBEAT, Agent
 from .broker.broker import Broker
 from .client import DEFAULT_TIMEOUT, Client, Restart
 from .config import MarketAddress
+from .errors import IgoraError
 from .protocol import BROKER_STYLE, TEXT_STYLE, AgentType
 from .serving import WorkerSpec, serve
 from .summary import agent_order, agent_summary, tasks_by_state
+from .v3 import roles as v3_roles
+from .v3.session import room_speaks_v3
 
 __all__ = ["chat", "market_view", "run_broker", "run_worker", "status"]
 
@@ -32,7 +35,10 @@ async def run_worker(spec: WorkerSpec) -> int:
 async def run_broker(
     address: MarketAddress, *, name: str, heartbeat: float = DEFAULT_HEARTBEAT, **settings: Any
 ) -> int:
-    """``igora broker``: ``settings`` are ``Broker``'s (grace, max_attempts, ...)."""
+    """``igora broker``: ``settings`` are ``Broker``'s (grace, max_attempts, ...). In a
+    room that speaks version 3, the v3 broker (``igora.v3.roles``)."""
+    if await room_speaks_v3(address, v3_roles.PATIENCE):
+        return await v3_roles.run_broker(address, name=name, heartbeat=heartbeat, **settings)
     agent = Agent(
         address, type=AgentType.BROKER.value, name=name, style=BROKER_STYLE, heartbeat=heartbeat
     )
@@ -88,6 +94,11 @@ def _table(rows: list[list[str]]) -> str:
 
 async def status(address: MarketAddress, *, as_json: bool = False) -> int:
     """``igora status``: the agents and the tasks by state, as a table or JSON."""
+    if await room_speaks_v3(address, 0):
+        raise IgoraError(
+            f"{address.room_url} speaks protocol 3, which `igora status` does not read yet "
+            f"(its agents are listed at {address.url.replace('ws', 'http', 1)}/status)"
+        )
     agent = Agent(address, type=AgentType.CLIENT.value, name="igora-status", style=TEXT_STYLE)
     async with agent:
         await asyncio.sleep(STATUS_SETTLE)  # let awareness states arrive

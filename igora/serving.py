@@ -16,6 +16,8 @@ from .config import MarketAddress
 from .engines.base import Engine, EngineError, Request
 from .engines.config import ECHO_MODEL, EngineConfig
 from .protocol import TEXT_STYLE, AgentType
+from .v3 import roles as v3_roles
+from .v3.session import room_speaks_v3
 from .worker.worker import DEFAULT_MAX_TOKENS, Worker
 
 WARMUP_TOKENS = 8
@@ -115,6 +117,15 @@ async def build_worker(spec: WorkerSpec, engine: Engine) -> Worker:
     return worker
 
 
+async def _serve_v2(spec: WorkerSpec, worker: Worker) -> None:
+    await worker.agent.start(wait=False)
+    try:
+        await worker.run()
+    finally:
+        with contextlib.suppress(Exception):
+            await worker.agent.stop()
+
+
 async def serve(specs: Sequence[WorkerSpec]) -> int:
     """Build every engine first (a bad one starts nothing), then run all the workers in
     this process until cancelled; each is its own agent on its market."""
@@ -130,6 +141,26 @@ async def serve(specs: Sequence[WorkerSpec]) -> int:
         workers = [
             await build_worker(spec, engine) for spec, engine in zip(specs, engines, strict=True)
         ]
+        v3 = [await room_speaks_v3(spec.address, v3_roles.PATIENCE) for spec in specs]
+        if any(v3):
+            await asyncio.gather(
+                *(
+                    v3_roles.serve_worker(
+                        spec.address,
+                        engine,
+                        name=spec.name,
+                        slots=spec.engine.slots,
+                        max_tokens=spec.max_tokens,
+                        heartbeat=spec.heartbeat,
+                    )
+                    if room_v3
+                    else _serve_v2(spec, worker)
+                    for spec, engine, worker, room_v3 in zip(
+                        specs, engines, workers, v3, strict=True
+                    )
+                )
+            )
+            return 0
         for spec, worker in zip(specs, workers, strict=True):
             await worker.agent.start(wait=False)
             worker.agent.log.info(

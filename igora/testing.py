@@ -274,7 +274,13 @@ class Cluster:
         wait_http(f"http://127.0.0.1:{self.port}/", 30, p)
         return p
 
-    def broker(self, *extra: str, name: str = "broker") -> Proc:
+    def agent_data(self, name: str) -> dict[str, str]:
+        """The environment that gives an agent its own data folder, hence its own
+        identity (``IGORA_DATA``): ``DIR/data-NAME``. What a v3 room needs of each agent."""
+        return {"IGORA_DATA": str(self.dir / f"data-{name}")}
+
+    def broker(self, *extra: str, name: str = "broker", data: bool = False) -> Proc:
+        """``data``: its own data folder (``agent_data``), else the default one."""
         return self.spawn(
             "broker",
             "--market",
@@ -284,9 +290,13 @@ class Cluster:
             *self._role(grace=True),
             *extra,
             name=name,
+            env=self.agent_data(name) if data else None,
         )
 
-    def worker(self, *extra: str, name: str = "worker", engine: str = "echo") -> Proc:
+    def worker(
+        self, *extra: str, name: str = "worker", engine: str = "echo", data: bool = False
+    ) -> Proc:
+        """``data``: its own data folder (``agent_data``), else the default one."""
         return self.spawn(
             "worker",
             "--market",
@@ -298,13 +308,19 @@ class Cluster:
             *self._role(),
             *extra,
             name=name,
+            env=self.agent_data(name) if data else None,
         )
 
-    def gateway(self, *extra: str, name: str = "gateway", timeout: float = 60) -> tuple[Proc, str]:
+    def gateway(
+        self, *extra: str, name: str = "gateway", timeout: float = 60, data: bool = False
+    ) -> tuple[Proc, str]:
         """A gateway on a free port of 127.0.0.1, once it answers ``/health``; and its
-        base URL (``http://127.0.0.1:PORT``)."""
+        base URL (``http://127.0.0.1:PORT``). ``data``: its own data folder."""
         port = free_port()
-        proc = self.spawn("gateway", "--market", self.url, "--port", str(port), *extra, name=name)
+        env = self.agent_data(name) if data else None
+        proc = self.spawn(
+            "gateway", "--market", self.url, "--port", str(port), *extra, name=name, env=env
+        )
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health", timeout, proc)
         return proc, base

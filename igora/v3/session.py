@@ -170,6 +170,38 @@ def room_url(url: str) -> tuple[MarketAddress, str | None]:
     return MarketAddress(check_ws_url(market), check_room(room)), key
 
 
+async def speaks_v3(address: MarketAddress, timeout: float) -> bool:
+    """Whether the room at ``address`` speaks protocol 3: the market accepts the
+    ``igora.3`` subprotocol (§10). ``MarketUnreachable`` if nothing answers within
+    ``timeout``. How a role that serves both versions chooses, before it needs an
+    identity."""
+    url = address.room_url
+    try:
+        async with connect(
+            url, subprotocols=[Subprotocol(SUBPROTOCOL)], open_timeout=timeout, max_size=None
+        ) as ws:
+            return ws.subprotocol == SUBPROTOCOL
+    except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
+        raise MarketUnreachable(
+            f"no market answered at {url} within {timeout:g} s ({exc or type(exc).__name__}): "
+            "is `igora market` running?"
+        ) from None
+
+
+async def room_speaks_v3(address: MarketAddress, patience: float) -> bool | None:
+    """``speaks_v3``, asked again every 0.2 s for ``patience`` seconds while no market
+    answers; None if none did."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + patience
+    while True:
+        try:
+            return await speaks_v3(address, max(end - loop.time(), 1.0))
+        except MarketUnreachable:
+            if loop.time() >= end:
+                return None
+            await asyncio.sleep(0.2)
+
+
 def _check_key(key: str) -> str:
     try:
         public_key(key)

@@ -47,33 +47,18 @@ class Running:
         self.stop.set()
 
 
-class AnswerStream:
-    """The answer of one running task, as written to the market: pieces are appended to
-    its ``Y.Text`` at most every STREAM_INTERVAL (the first at once), and, while original
-    readers are in the room, its doing entry is refreshed at most every ``compat_interval``
-    and only when the answer grew by COMPAT_GROWTH (docs/protocol.md, 4.3)."""
+class Pieces:
+    """An answer written as it comes: pieces are held and written (``_write``) at most
+    every STREAM_INTERVAL, the first at once. ``AnswerStream`` writes them to a v2 room,
+    the v3 worker to its run document."""
 
-    def __init__(
-        self,
-        agent: Agent,
-        task_id: str,
-        key: str,
-        compat_interval: float,
-        original_readers: Callable[[float], bool],
-    ) -> None:
-        self.agent = agent
-        self.task_id = task_id
-        self.key = key
-        self.compat_interval = compat_interval
-        self.original_readers = original_readers
+    def __init__(self) -> None:
         # The answer as its pieces (joined when read: ``+=`` on an attribute copies the
         # whole string at each piece), and its length so far.
         self._pieces: list[str] = []
         self._length = 0
         self.held = ""  # pieces not written yet
         self.last_write = 0.0
-        self.last_refresh = 0.0
-        self.refreshed_len = 0
 
     @property
     def response(self) -> str:
@@ -95,10 +80,41 @@ class AnswerStream:
         return self.last_write + STREAM_INTERVAL - time.monotonic() if self.held else None
 
     def flush(self) -> None:
-        """Append the held pieces to the stream; refresh the doing entry when due."""
+        """Write the held pieces."""
         now = time.monotonic()
         self.last_write = now
         piece, self.held = self.held, ""
+        self._write(piece, now)
+
+    def _write(self, piece: str, now: float) -> None:
+        raise NotImplementedError
+
+
+class AnswerStream(Pieces):
+    """The answer of one running task, as written to a v2 room: pieces are appended to
+    its ``Y.Text`` at most every STREAM_INTERVAL (the first at once), and, while original
+    readers are in the room, its doing entry is refreshed at most every ``compat_interval``
+    and only when the answer grew by COMPAT_GROWTH (docs/protocol.md, 4.3)."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        task_id: str,
+        key: str,
+        compat_interval: float,
+        original_readers: Callable[[float], bool],
+    ) -> None:
+        super().__init__()
+        self.agent = agent
+        self.task_id = task_id
+        self.key = key
+        self.compat_interval = compat_interval
+        self.original_readers = original_readers
+        self.last_refresh = 0.0
+        self.refreshed_len = 0
+
+    def _write(self, piece: str, now: float) -> None:
+        """Append the held pieces to the stream; refresh the doing entry when due."""
         with self.agent.transaction():
             # Look the stream up at each write, never keep it across awaits: writing to a
             # Text another peer replaced or deleted crashes pycrdt (use after free). Gone
@@ -167,7 +183,7 @@ async def stream_chat(
     run: Running,
     task: dict[str, Any],
     request: Request,
-    answer: AnswerStream,
+    answer: Pieces,
     heartbeat: float,
 ) -> Finish | None:
     """Run a chat task: the engine's pieces go to ``answer`` until the engine ends

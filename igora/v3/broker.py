@@ -1,0 +1,410 @@
+"""The broker's role in a v3 room (docs/protocol-v3.md §5, §7.2 step 2, §7.3).
+
+It asks for the lease (``CONTROL lease``) and, while it holds it, reads every asker's
+headers (``a/`` by prefix), every worker's runs (``w/``), the inboxes it or a previous
+holder wrote (``in/``), the adverts (``dir.workers``) and who is present (``who``). Each
+turn it decides per task (``igora.v3.flow.decide``) and matches the waiting tasks with
+version 2's policies (``igora.broker.fairness`` for the order, ``igora.broker.matching``
+for the worker: model, capabilities, free slots). An assignment goes out as one turn:
+the worker's inbox entry, the asker's status, and the two attaches (the prompt to the
+worker, the run to the asker). On gaining the lease it attaches again every live
+task's documents (the market keeps attachments in memory only). When an asker deletes
+a header (it read the answer) the broker removes both inbox entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+
+from pycrdt import Map
+
+from ..broker.fairness import Fairness
+from ..broker.matching import Kind, free_slots, pick_for
+from ..capabilities import fits
+from ..protocol import (
+    PROTOCOL_VERSION,
+    TEXT_STYLE,
+    AgentField,
+    AgentType,
+    ErrorCode,
+    Peer,
+    now_ms,
+    number,
+)
+from . import advert as adverts
+from .documents import TASK_ID
+from .flow import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    Act,
+    Decision,
+    View,
+    assignment,
+    decide,
+    ended,
+    waiting,
+)
+from .flow import assigned as assigned_status
+from .header import HeaderError, verify_header
+from .session import EventKind, Session
+from .signed import SignatureError, plain
+from .tasks import (
+    ABORTS,
+    ANY_MODEL,
+    FINAL_RUNS,
+    RUNS,
+    TASKS,
+    Header,
+    RunField,
+    Status,
+    StatusState,
+    inbox,
+    prompt_doc,
+    run_doc,
+    run_key,
+)
+from .wire import Code
+
+log = logging.getLogger("igora.broker")
+
+TICK = 0.1  # seconds between two looks when nothing wakes the broker
+SETTLE = 1.0  # seconds after the lease before entries are cleaned up (the prefixes' state arrives)
+NEW_ASKER = 5.0  # seconds a header's asker counts as present before who lists it
+_EPOCH = re.compile(r"epoch (\d+)")
+
+
+def worker_peer(advert: dict[str, Any]) -> Peer:
+    """A worker's advert seen as the v2 policies see a worker (``igora.broker.matching``)."""
+    return Peer(
+        0,
+        {
+            AgentField.ID: advert["id"],
+            AgentField.TYPE: AgentType.WORKER.value,
+            AgentField.NAME: advert.get("name"),
+            AgentField.MODELS: advert.get("models"),
+            AgentField.SLOTS: advert.get("slots"),
+            AgentField.STATE: "busy" if advert.get("state") == "busy" else "ready",
+            AgentField.PROTOCOL: PROTOCOL_VERSION,
+            AgentField.STYLE: TEXT_STYLE,
+        },
+    )
+
+
+class V3Broker:
+    """Routes the tasks of the room of ``session`` while it holds the broker lease."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        self.session = session
+        self.claim_timeout = claim_timeout
+        self.max_attempts = max_attempts
+        self.epoch = 0
+        self.fairness = Fairness()
+        self.assigned = 0
+        self._leased_at: float | None = None
+        self._verified: dict[str, str] = {}  # tid -> sig of a header that verified
+        self._refused: set[str] = set()  # tids whose header did not verify (logged once)
+        self._handed_back: dict[str, set[str]] = {}  # tid -> workers whose engine failed it
+        self._wake = asyncio.Event()
+        for prefix in ("a/", "w/", "in/"):
+            session.subscribe(prefix, prefix=True)
+        session.subscribe("dir")
+        session.subscribe("who")
+        session.observe(self._on_event)
+
+    @property
+    def leader(self) -> bool:
+        return self.session.lease
+
+    def _on_event(self, event: Any) -> None:
+        if event.kind is EventKind.CONNECTED:
+            self._leased_at = None
+            self.session.control({"op": "lease"})
+        elif event.kind is EventKind.NOTICE and event.code == Code.LEASE_GRANTED:
+            m = _EPOCH.search(event.text)
+            self.epoch = int(m.group(1)) if m else self.epoch + 1
+            self._leased_at = time.monotonic()
+            log.info("broker: lease granted, epoch %d", self.epoch)
+            self._reattach()
+        self._wake.set()
+
+    async def run(self) -> None:
+        self.session.control({"op": "lease"})
+        while True:
+            self._wake.clear()
+            if self.session.lease:
+                try:
+                    self.step()
+                except Exception:  # a bug on one entry must not stop the broker
+                    log.exception("broker: a turn failed")
+            tick = asyncio.get_running_loop().call_later(TICK, self._wake.set)
+            await self._wake.wait()
+            tick.cancel()
+
+    # ------------------------------------------------------------------ reading
+    def _map(self, name: str, key: str) -> dict[str, Any]:
+        doc = self.session.docs.get(name)
+        return {} if doc is None else dict(doc.get(key, type=Map).items())
+
+    def _present(self) -> set[str]:
+        return set(self._map("who", "agents"))
+
+    def _workers(self, present: set[str]) -> dict[str, Peer]:
+        workers = {}
+        for id_, raw in self._map("dir", "workers").items():
+            if id_ not in present or not isinstance(raw, dict):
+                continue
+            try:
+                checked = adverts.check(raw)
+            except adverts.AdvertError as exc:
+                log.warning("broker: advert of %s ignored: %s", id_[:8], exc)
+                continue
+            if checked.get("id") == id_:
+                workers[id_] = worker_peer(checked)
+        return workers
+
+    def _headers(self) -> dict[str, dict[str, Any]]:
+        """Every verified header, by task id."""
+        headers = {}
+        for name in [n for n in self.session.docs if n.startswith("a/")]:
+            asker = name[2:]
+            for tid, raw in self._map(name, TASKS).items():
+                try:  # numbers come back from Yjs as floats: as signed, first
+                    header = plain(raw) if isinstance(raw, dict) else None
+                except SignatureError:
+                    header = None
+                if header is None:
+                    continue
+                if self._verified.get(tid) != header.get(Header.SIG):
+                    try:
+                        verify_header(header)
+                        if header.get(Header.ID) != tid or header.get(Header.ASKER) != asker:
+                            raise HeaderError("its id or asker is not where it was written")
+                    except HeaderError as exc:
+                        if tid not in self._refused:
+                            self._refused.add(tid)
+                            log.warning("broker: task %s of %s refused: %s", tid, asker[:8], exc)
+                            if TASK_ID.fullmatch(tid) and tid not in self._map(inbox(asker), TASKS):
+                                self._inbox(asker)[tid] = ended(
+                                    StatusState.FAILED,
+                                    self.epoch,
+                                    now_ms(),
+                                    ErrorCode.INVALID_TASK,
+                                    f"task {tid} refused: {exc}",
+                                    0,
+                                )
+                        continue
+                    self._verified[tid] = str(header.get(Header.SIG))
+                headers[tid] = header
+        return headers
+
+    # ------------------------------------------------------------------ a turn
+    def step(self) -> None:
+        """Decide for every task, write what changes: one turn."""
+        now = now_ms()
+        present = self._present()
+        workers = self._workers(present)
+        headers = self._headers()
+        statuses: dict[str, tuple[str, dict[str, Any]]] = {}  # tid -> (asker, status)
+        for name in [n for n in self.session.docs if n.startswith("in/")]:
+            for tid, value in self._map(name, TASKS).items():
+                if isinstance(value, dict) and Status.STATE in value:
+                    statuses[tid] = (name[3:], value)
+        if self._leased_at is not None and time.monotonic() - self._leased_at > SETTLE:
+            self._cleanup(headers, statuses)  # before this turn's writes: statuses are as read
+        load: dict[str, int] = {}
+        in_flight: dict[str, int] = {}
+        runs: dict[str, dict[str, Any]] = {}
+        matching: list[dict[str, Any]] = []
+        attempts: dict[str, int] = {}
+        for tid, header in headers.items():
+            asker = str(header[Header.ASKER])
+            status = statuses.get(tid, ("", None))[1]
+            worker = (status or {}).get(Status.WORKER)
+            n = int(number((status or {}).get(Status.ATTEMPT)) or 0)
+            run = None
+            if (
+                isinstance(worker, str)
+                and (status or {}).get(Status.STATE) == StatusState.ASSIGNED.value
+            ):
+                raw = self._map(f"w/{worker}", RUNS).get(run_key(tid, n))
+                run = raw if isinstance(raw, dict) else None
+                runs[tid] = run or {}
+            aborted = bool(self._map(f"a/{asker}", ABORTS).get(tid))
+            # who is sent once a second: a header newer than that may come before its asker
+            date = number(header.get(Header.DATE)) or 0
+            here = asker in present or now - date < NEW_ASKER * 1000
+            view = View(header, status, aborted, run, worker in present, here, now)
+            d = decide(view, claim_timeout=self.claim_timeout, max_attempts=self.max_attempts)
+            if d.act is Act.MATCH:
+                matching.append(header)
+                attempts[tid] = d.attempt
+            elif d.act is Act.REQUEUE and not self._another(header, str(worker), d, workers):
+                # v2's rule: a task handed back goes to another worker only if one that
+                # is not busy serves it; else it fails now with the engine's reason.
+                error = str((run or {}).get(RunField.ERROR) or d.error)
+                log.info("broker: task %s failed: %s", tid, error)
+                self._end(
+                    tid, asker, worker, n, StatusState.FAILED, ErrorCode.ENGINE_UNAVAILABLE, error
+                )
+            elif d.act is Act.REQUEUE:
+                if d.code is ErrorCode.ENGINE_UNAVAILABLE:  # not to it again (its advert lags)
+                    self._handed_back.setdefault(tid, set()).add(str(worker))
+                log.info("broker: task %s re-queued: %s", tid, d.error)
+                self._take_back(tid, asker, str(worker), n)
+            elif d.act is Act.FAIL:
+                assert d.code is not None
+                log.info("broker: task %s failed: %s", tid, d.error)
+                self._end(tid, asker, worker, n, StatusState.FAILED, d.code, d.error)
+            elif d.act is Act.ABORT:
+                self._end(tid, asker, worker, n, StatusState.ABORTED, ErrorCode.ABORTED, "aborted")
+            elif (
+                isinstance(worker, str)
+                and (status or {}).get(Status.STATE) == StatusState.ASSIGNED.value
+                and (run or {}).get(RunField.STATE) not in FINAL_RUNS
+            ):
+                load[worker] = load.get(worker, 0) + 1
+                in_flight[asker] = in_flight.get(asker, 0) + 1
+        if matching:
+            self._match(matching, attempts, workers, load, in_flight, now)
+
+    def _match(
+        self,
+        tasks: list[dict[str, Any]],
+        attempts: dict[str, int],
+        workers: dict[str, Peer],
+        load: dict[str, int],
+        in_flight: dict[str, int],
+        now: int,
+    ) -> None:
+        pool = list(workers.values())
+        for header in self.fairness.order(tasks, in_flight):
+            tried = self._handed_back.get(str(header[Header.ID]))
+            fit = [w for w in pool if w.id not in tried] if tried else pool
+            worker = pick_for(_kind(header), fit, load)
+            if worker is None or worker.id is None:
+                continue
+            tid, asker, n = (
+                str(header[Header.ID]),
+                str(header[Header.ASKER]),
+                attempts[str(header[Header.ID])],
+            )
+            self._assign(tid, asker, worker.id, header, n, now)
+            load[worker.id] = load.get(worker.id, 0) + 1
+            in_flight[asker] = in_flight.get(asker, 0) + 1
+            self.fairness.record(header)
+
+    def _another(
+        self, header: dict[str, Any], worker: str, d: Decision, workers: dict[str, Peer]
+    ) -> bool:
+        """Whether a task taken back from ``worker`` may wait for another: always, unless
+        it was handed back (its engine is down) and no other worker that is not busy
+        serves it."""
+        if d.code is not ErrorCode.ENGINE_UNAVAILABLE:
+            return True
+        model, needs = _kind(header)[:2]
+        tried = self._handed_back.get(str(header[Header.ID]), set()) | {worker}
+        return any(
+            id_ not in tried and fits(w, model, needs) and free_slots(w, {}) > 0
+            for id_, w in workers.items()
+        )
+
+    # ------------------------------------------------------------------ writing
+    def _inbox(self, agent: str) -> Map[Any]:
+        tasks: Map[Any] = self.session.own(inbox(agent)).get(TASKS, type=Map)
+        return tasks
+
+    def _assign(
+        self, tid: str, asker: str, worker: str, header: dict[str, Any], n: int, now: int
+    ) -> None:
+        """§7.2 step 2: the worker's entry, the asker's status, the two attaches."""
+        self._inbox(worker)[tid] = assignment(header, n, self.epoch, now)
+        self._inbox(asker)[tid] = assigned_status(worker, n, self.epoch, now)
+        self._attach(tid, asker, worker, n)
+        self.assigned += 1
+        log.info("broker: task %s -> %s (attempt %d)", tid, worker[:8], n)
+
+    def _attach(self, tid: str, asker: str, worker: str, n: int) -> None:
+        self.session.control({"op": "attach", "to": worker, "docs": [prompt_doc(asker, tid)]})
+        self.session.control({"op": "attach", "to": asker, "docs": [run_doc(worker, tid, n)]})
+
+    def _take_back(self, tid: str, asker: str, worker: str, n: int) -> None:
+        tasks = self._inbox(worker)
+        if tid in tasks:
+            del tasks[tid]
+        self._inbox(asker)[tid] = waiting(n, self.epoch)
+
+    def _end(
+        self,
+        tid: str,
+        asker: str,
+        worker: Any,
+        n: int,
+        state: StatusState,
+        code: ErrorCode,
+        error: str,
+    ) -> None:
+        if isinstance(worker, str):
+            tasks = self._inbox(worker)
+            entry = tasks.get(tid)
+            if isinstance(entry, dict):
+                tasks[tid] = {**entry, "abort": True}
+        self._inbox(asker)[tid] = ended(state, self.epoch, now_ms(), code, error, n)
+
+    def _reattach(self) -> None:
+        """On gaining the lease: attach again the documents of every task assigned."""
+        for name in [n for n in self.session.docs if n.startswith("in/")]:
+            for tid, status in self._map(name, TASKS).items():
+                if (
+                    isinstance(status, dict)
+                    and status.get(Status.STATE) == StatusState.ASSIGNED.value
+                ):
+                    worker = status.get(Status.WORKER)
+                    n = int(number(status.get(Status.ATTEMPT)) or 0)
+                    if isinstance(worker, str) and n > 0:
+                        self._attach(tid, name[3:], worker, n)
+
+    def _cleanup(
+        self, headers: dict[str, dict[str, Any]], statuses: dict[str, tuple[str, Any]]
+    ) -> None:
+        """Entries of tasks whose header left (the asker read the end, §7.2 step 10), and
+        workers' entries of tasks now elsewhere."""
+        for tid, (asker, status) in statuses.items():
+            if tid in headers or f"a/{asker}" not in self.session.docs:
+                continue
+            del self._inbox(asker)[tid]
+            worker = status.get(Status.WORKER)
+            if isinstance(worker, str):
+                tasks = self._inbox(worker)
+                if tid in tasks:
+                    del tasks[tid]
+            self._verified.pop(tid, None)
+            self._handed_back.pop(tid, None)
+        for name in [n for n in self.session.docs if n.startswith("in/")]:
+            agent = name[3:]
+            for tid, entry in self._map(name, TASKS).items():
+                if not isinstance(entry, dict) or Status.STATE in entry:
+                    continue  # a status, not an assignment
+                owner = statuses.get(tid)
+                if owner is None or owner[1].get(Status.WORKER) != agent:
+                    del self._inbox(agent)[tid]
+
+
+def _kind(header: dict[str, Any]) -> Kind:
+    """What a worker must fit to take the task (``igora.broker.matching``)."""
+    model = header.get(Header.MODEL)
+    return (None if model == ANY_MODEL else model, _needs(header), TEXT_STYLE)
+
+
+def _needs(header: dict[str, Any]) -> frozenset[str]:
+    raw = header.get(Header.NEEDS)
+    return frozenset(x for x in raw if isinstance(x, str)) if isinstance(raw, list) else frozenset()

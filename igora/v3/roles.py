@@ -1,0 +1,83 @@
+"""``igora broker`` and ``igora worker`` in a v3 room: each agent with the identity of its
+data folder (``IGORA_DATA``), on one ``Session`` (``igora.roles`` chooses these when the
+market accepts the ``igora.3`` subprotocol, the v2 roles otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from ..config import MarketAddress
+from ..engines.base import Engine
+from ..identity import load_identity
+from ..protocol import AgentType
+from .broker import V3Broker
+from .session import Session
+from .worker import V3Worker
+
+log = logging.getLogger("igora.roles")
+
+PATIENCE = 10.0
+"""Seconds a broker or worker asks the market for its room's protocol before it takes
+the room as version 2 (whose agent keeps retrying)."""
+
+BROKER_SETTINGS = ("claim_timeout", "max_attempts")
+"""The v2 broker's settings the v3 broker takes; the others (grace, retention...) have no
+v3 meaning yet and are ignored."""
+
+
+async def run_broker(
+    address: MarketAddress, *, name: str, heartbeat: float, **settings: Any
+) -> int:
+    identity, _ = load_identity()
+    session = Session(
+        address,
+        identity,
+        name=name,
+        state={"type": AgentType.BROKER.value, "name": name},
+        heartbeat=heartbeat,
+    )
+    await session.start()
+    broker = V3Broker(session, **{k: v for k, v in settings.items() if k in BROKER_SETTINGS})
+    log.info("%s (%s) brokering the v3 room %s", name, identity.id[:8], address.room_url)
+    try:
+        await broker.run()
+    finally:
+        await session.stop()
+    return 0
+
+
+async def serve_worker(
+    address: MarketAddress,
+    engine: Engine,
+    *,
+    name: str,
+    slots: int,
+    max_tokens: int,
+    heartbeat: float,
+) -> None:
+    identity, _ = load_identity()
+    session = Session(
+        address,
+        identity,
+        name=name,
+        state={"type": AgentType.WORKER.value, "name": name},
+        heartbeat=heartbeat,
+    )
+    await session.start()
+    worker = V3Worker(session, identity, engine, name=name, slots=slots, max_tokens=max_tokens)
+    log.info(
+        "%s (%s) serving %s with %s, %d slot(s), in the v3 room %s",
+        name,
+        identity.id[:8],
+        ", ".join(m.name for m in engine.models()),
+        engine.kind,
+        slots,
+        address.room_url,
+    )
+    try:
+        await worker.run()
+    finally:
+        with contextlib.suppress(Exception):
+            await session.stop()

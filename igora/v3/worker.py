@@ -1,0 +1,381 @@
+"""The worker's role in a v3 room (docs/protocol-v3.md §6, §7.2 steps 4-8, §7.3).
+
+It sends its signed advert (``CONTROL advert``: the market writes ``dir.workers``), reads
+its inbox ``in/<own id>`` and runs what the lease holder assigned there: it checks the
+header's signature, reads the prompt document ``p/<asker>/<tid>`` the broker attached to
+it, runs the engine (``igora.worker.running``, as a v2 worker does) and writes the run
+document ``r/<own id>/<tid>.<n>`` (its ``run`` state and the answer's ``chunks``) and
+``w/<own id>.runs``. It stops a run when the asker's ``p/…abort`` or the assignment's
+``abort`` is set, or when the assignment leaves its inbox (taken away); it hands a task
+back (run state ``handback``, advert ``busy``) when its engine is down. Once the
+assignment is removed after the run's end (the asker read it), it drops the run
+document and forgets the prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pycrdt import Array, Doc, Map
+
+from ..engines.base import Engine, EngineError, EngineUnavailable, Finish
+from ..identity import Identity
+from ..lifecycle import usage
+from ..protocol import ErrorCode, ProtocolError, TaskField, TaskKind, now_ms, number, validate_task
+from ..worker.fit import cannot_serve
+from ..worker.running import Pieces, Running, Stop, embed_inputs, request_for, stream_chat
+from ..worker.worker import DEFAULT_MAX_TOKENS, HEALTH_INTERVAL
+from . import advert as adverts
+from .documents import TASK_ID
+from .header import HeaderError, verify_header
+from .session import EventKind, Session
+from .signed import SignatureError, plain
+from .tasks import (
+    ABORT,
+    ANY_MODEL,
+    CHUNKS,
+    PLAINTEXT,
+    PROMPT,
+    RUN,
+    RUNS,
+    TASKS,
+    Assignment,
+    Header,
+    RunField,
+    RunState,
+    inbox,
+    prompt_doc,
+    run_doc,
+    run_key,
+    worker_doc,
+)
+
+log = logging.getLogger("igora.worker")
+
+
+class RunPieces(Pieces):
+    """The answer's pieces, appended to the run document's ``chunks``."""
+
+    def __init__(self, doc: Doc[Any]) -> None:
+        super().__init__()
+        self.doc = doc
+
+    def _write(self, piece: str, now: float) -> None:
+        self.doc.get(CHUNKS, type=Array).append(piece)
+
+
+@dataclass
+class Job:
+    run: Running
+    asker: str
+    task: dict[str, Any] | None = None
+    ended: bool = False
+
+
+class V3Worker:
+    """Runs the tasks assigned to ``identity`` in the room of ``session``."""
+
+    def __init__(
+        self,
+        session: Session,
+        identity: Identity,
+        engine: Engine,
+        *,
+        name: str = "worker",
+        slots: int = 1,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"a worker runs at least 1 task at once, not {slots}")
+        self.session = session
+        self.identity = identity
+        self.engine = engine
+        self.name = name
+        self.slots = slots
+        self.max_tokens = max_tokens
+        self.id = identity.id
+        self.available = True
+        self.completed = 0
+        self.jobs: dict[str, Job] = {}  # tid -> the attempt this worker runs or ran
+        self._session_key = identity.session_key()
+        self._wake = asyncio.Event()
+        self._malformed: set[str] = set()  # inbox entries that are no assignment
+        self._runs = session.own(worker_doc(self.id))
+        self._inbox = session.subscribe(inbox(self.id))
+        session.observe(self._on_event)
+
+    # ------------------------------------------------------------------ advert
+    def advert(self) -> dict[str, Any]:
+        return adverts.make(
+            self.identity,
+            self._session_key,
+            name=self.name[: adverts.MAX_LABEL],
+            engine=self.engine.kind,
+            models=[m.advert() for m in self.engine.models()],
+            slots=self.slots,
+            state="ready" if self.available else "busy",
+        )
+
+    def publish(self) -> None:
+        self.session.control({"op": "advert", **self.advert()})
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self) -> None:
+        self.available = await self.engine.available()
+        self.publish()
+        health = asyncio.create_task(self._health_loop())
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    self._scan()
+                except Exception:  # a bug on one entry must not stop the worker
+                    log.exception("%s: reading the inbox failed", self.name)
+                tick = asyncio.get_running_loop().call_later(1.0, self._wake.set)
+                await self._wake.wait()
+                tick.cancel()
+        finally:
+            health.cancel()
+            for job in self.jobs.values():
+                if job.run.job:
+                    job.run.job.cancel()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            ok = await self.engine.available()
+            if ok != self.available:
+                self.available = ok
+                log.warning("%s: engine %s", self.name, "is back" if ok else "is unavailable; busy")
+                self.publish()
+
+    def _on_event(self, event: Any) -> None:
+        if event.kind is EventKind.CONNECTED:
+            self.publish()  # a CONTROL is not kept across connections
+        self._wake.set()
+
+    # ------------------------------------------------------------------ inbox
+    def _assignments(self) -> dict[str, Any]:
+        if self._inbox is None:
+            return {}
+        return dict(self._inbox.get(TASKS, type=Map).items())
+
+    def _scan(self) -> None:
+        assigned = self._assignments()
+        for tid, job in list(self.jobs.items()):
+            entry = assigned.get(tid)
+            same = (
+                isinstance(entry, dict) and number(entry.get(Assignment.ATTEMPT)) == job.run.attempt
+            )
+            if not same:
+                if job.ended:  # read, or given again (a new attempt): the prompt stays then
+                    self._cleanup(tid, job, keep_prompt=isinstance(entry, dict))
+                elif not job.run.stop_reason:
+                    job.run.halt(Stop.LOST)
+            elif not job.ended and not job.run.stop_reason and self._abort_asked(tid, job, entry):
+                job.run.halt(Stop.ABORTED)
+        self._malformed &= assigned.keys()  # logged once while it stays
+        for tid, entry in assigned.items():
+            if (
+                tid not in self.jobs
+                and tid not in self._malformed
+                and sum(not j.ended for j in self.jobs.values()) < self.slots
+            ):
+                self._take(tid, entry)
+
+    def _abort_asked(self, tid: str, job: Job, entry: Any) -> bool:
+        if isinstance(entry, dict) and entry.get(Assignment.ABORT):
+            return True
+        prompt = self.session.docs.get(prompt_doc(job.asker, tid))
+        return prompt is not None and bool(prompt.get(PROMPT, type=Map).get(ABORT))
+
+    def _take(self, tid: str, entry: Any) -> None:
+        """Start an assignment, once its prompt is here; refuse a bad one."""
+        if not isinstance(entry, dict) or not TASK_ID.fullmatch(tid):
+            log.warning("%s: ignored a malformed assignment %r", self.name, tid[:16])
+            self._malformed.add(tid)
+            return
+        header = entry.get(Assignment.HEADER)
+        with contextlib.suppress(SignatureError):  # Yjs gives floats: as signed, first
+            header = plain(header)
+        attempt = number(entry.get(Assignment.ATTEMPT))
+        if not isinstance(header, dict) or attempt is None or attempt < 1:
+            log.warning("%s: ignored a malformed assignment %r", self.name, tid[:16])
+            self._malformed.add(tid)
+            return
+        n = int(attempt)
+        try:
+            verify_header(header)
+            if header.get(Header.ID) != tid:
+                raise HeaderError(f"the header is of task {header.get(Header.ID)!r}, not {tid}")
+        except HeaderError as exc:
+            log.warning("%s: assignment %s refused: %s", self.name, tid, exc)
+            job = self.jobs[tid] = Job(Running(tid, n), "")
+            self._end(tid, job, RunState.FAILED, error=str(exc), code=ErrorCode.INVALID_TASK)
+            return
+        asker = str(header[Header.ASKER])
+        prompt = self.session.docs.get(prompt_doc(asker, tid))
+        pt = None if prompt is None else prompt.get(PROMPT, type=Map).get(PLAINTEXT)
+        if pt is None:
+            log.debug("%s: task %s waits for its prompt", self.name, tid)
+            return  # the prompt document comes right behind the assignment (attached)
+        job = self.jobs[tid] = Job(Running(tid, n), asker)
+        try:
+            task = self._task(tid, header, pt)
+        except ProtocolError as exc:
+            self._end(tid, job, RunState.FAILED, error=str(exc), code=ErrorCode.INVALID_TASK)
+            return
+        job.task = task
+        why = cannot_serve(self.engine, task, self.name)
+        if why is not None:
+            self._end(tid, job, RunState.FAILED, error=why[1], code=why[0])
+            return
+        if not self.available:
+            self._end(tid, job, RunState.HANDBACK, error="engine unavailable")
+            return
+        if self._abort_asked(tid, job, entry):
+            self._end(tid, job, RunState.ABORTED, error="aborted before it started")
+            return
+        self._start(tid, job)
+
+    def _task(self, tid: str, header: dict[str, Any], pt: Any) -> dict[str, Any]:
+        """The v2 task the engine runs: the prompt's fields, with the header's limits."""
+        if not isinstance(pt, dict):
+            raise ProtocolError("the prompt document holds no request")
+        task = dict(pt)
+        task[TaskField.ID] = tid
+        task[TaskField.ASKER] = header[Header.ASKER]
+        for field in (Header.MODEL, Header.MAX_TOKENS, Header.DEADLINE):
+            if header.get(field) not in (None, ANY_MODEL):
+                task[field] = header[field]
+        return validate_task(task)
+
+    # ------------------------------------------------------------------ running
+    def _start(self, tid: str, job: Job) -> None:
+        n, now = job.run.attempt, now_ms()
+        doc = self.session.own(run_doc(self.id, tid, n))
+        with doc.transaction():
+            doc.get(CHUNKS, type=Array)
+            doc.get(RUN, type=Map).update(
+                {RunField.STATE: RunState.DOING.value, RunField.START: now}
+            )
+        with self._runs.transaction():
+            self._runs.get(RUNS, type=Map)[run_key(tid, n)] = {
+                RunField.STATE: RunState.DOING.value,
+                RunField.START: now,
+            }
+        log.info("%s: task %s started (attempt %d)", self.name, tid, n)
+        job.run.job = asyncio.create_task(self._execute(tid, job, doc))
+
+    async def _execute(self, tid: str, job: Job, doc: Doc[Any]) -> None:
+        assert job.task is not None
+        task, run = job.task, job.run
+        answer = RunPieces(doc)
+        started = time.monotonic()
+        results: dict[str, Any] = {}
+        state, code, error = RunState.DONE, None, ""
+        try:
+            request = request_for(self.engine, task, self.max_tokens)
+            if task.get(TaskField.KIND) == TaskKind.EMBED.value:
+                vectors = await embed_inputs(self.engine, run, task, request.model)
+                if vectors is not None:
+                    results[RunField.EMBEDDINGS] = vectors.vectors
+                    results[RunField.USAGE] = usage(vectors.prompt_tokens, 0)
+            else:
+                finish = await stream_chat(
+                    self.engine, run, task, request, answer, self.session.heartbeat
+                )
+                if answer.held:
+                    answer.flush()
+                if finish is not None:
+                    results.update(_results(finish))
+        except EngineUnavailable as exc:
+            state, error = RunState.HANDBACK, str(exc)
+            self.available = False
+            self.publish()
+        except EngineError as exc:
+            state, code, error = RunState.FAILED, ErrorCode.ENGINE_ERROR, str(exc)
+        except Exception as exc:  # an engine bug must not kill the worker
+            log.exception("%s: task %s: engine error", self.name, tid)
+            state, code = RunState.FAILED, ErrorCode.ENGINE_ERROR
+            error = f"engine error: {type(exc).__name__}: {exc}"
+        if state is RunState.DONE and run.stop_reason is not None:
+            if run.stop_reason is Stop.DEADLINE:
+                state, code = RunState.FAILED, ErrorCode.DEADLINE
+                error = "the task passed its deadline while running"
+            else:
+                state, code, error = RunState.ABORTED, ErrorCode.ABORTED, "aborted"
+        if run.stop_reason is Stop.LOST:
+            log.info("%s: task %s was taken away; stopped", self.name, tid)
+        elapsed = time.monotonic() - started
+        self._end(tid, job, state, error=error, code=code, results=results)
+        if state is RunState.DONE:
+            self.completed += 1
+        log.info("%s: task %s %s (%.2f s)", self.name, tid, state.value, elapsed)
+        self._wake.set()
+
+    def _end(
+        self,
+        tid: str,
+        job: Job,
+        state: RunState,
+        *,
+        error: str = "",
+        code: ErrorCode | None = None,
+        results: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the run's end in its document and in ``w/<own id>.runs``, one turn."""
+        job.ended = True
+        n, now = job.run.attempt, now_ms()
+        end: dict[str, Any] = {RunField.STATE: state.value, RunField.END: now, **(results or {})}
+        if error:
+            end[RunField.ERROR] = error
+        if code is not None:
+            end[RunField.ERROR_CODE] = code.value
+        doc = self.session.own(run_doc(self.id, tid, n))
+        with doc.transaction():
+            doc.get(RUN, type=Map).update({k: v for k, v in end.items() if v is not None})
+        with self._runs.transaction():
+            runs = self._runs.get(RUNS, type=Map)
+            summary = {
+                k: end[k] for k in (RunField.STATE, RunField.END, RunField.ERROR) if k in end
+            }
+            previous = runs.get(run_key(tid, n))
+            start = previous.get(RunField.START) if isinstance(previous, dict) else None
+            runs[run_key(tid, n)] = {**summary, RunField.START: start or now}
+        if state is RunState.HANDBACK:
+            log.warning("%s: task %s handed back: %s", self.name, tid, error)
+
+    def _cleanup(self, tid: str, job: Job, keep_prompt: bool = False) -> None:
+        """The assignment of an ended run is gone: the run document and the prompt go
+        (the prompt stays with ``keep_prompt``: the task came back for a new attempt, and
+        unsubscribing would end its attachment)."""
+        del self.jobs[tid]
+        if job.run.attempt < 1:
+            return
+        name = run_doc(self.id, tid, job.run.attempt)
+        if name in self.session.docs:
+            self.session.drop(name)
+        if job.asker and not keep_prompt:
+            prompt = prompt_doc(job.asker, tid)
+            if prompt in self.session.docs:
+                self.session.unsubscribe(prompt)
+        runs = self._runs.get(RUNS, type=Map)
+        key = run_key(tid, job.run.attempt)
+        if key in runs:
+            del runs[key]
+
+
+def _results(finish: Finish) -> dict[str, Any]:
+    return {
+        RunField.FINISH_REASON: finish.reason,
+        RunField.USAGE: usage(finish.prompt_tokens, finish.completion_tokens),
+        RunField.TOOL_CALLS: finish.tool_calls or None,
+        RunField.LOGPROBS: finish.logprobs or None,
+        RunField.CHOICES: finish.choices or None,
+    }

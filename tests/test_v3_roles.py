@@ -1,0 +1,281 @@
+"""The roles on protocol 3 (docs/protocol-v3.md §7, §12 step 3): a v3 room of a real
+market with a broker and two echo workers, askers through ``igora.Client`` (each agent
+its own identity, its own IGORA_DATA): tasks end to end, streamed and not, abort, a
+worker killed mid-task (retried on the other), a broker killed (the next takes the
+lease), the room's documents left once the answers are read, and the gateway unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from igora import Client
+from igora.errors import TaskAborted, TaskFailed
+from igora.identity import load_identity
+from igora.task_handle import Restart
+from igora.testing import Cluster, Proc, wait_for, wait_until
+from tests.upstream_stub import Stub
+
+ROOM = "v3"
+SLOW = ("--delay", "0.05")  # echo: seconds per word
+
+
+def v3_room(cluster: Cluster, *worker_args: str, brokers: int = 1) -> tuple[list[Proc], list[Proc]]:
+    """A market with the v3 room ROOM, ``brokers`` brokers and two echo workers in it
+    (each with its own identity): the broker and worker processes."""
+    cluster.market("--v3-room", ROOM)
+    procs = [cluster.broker("--room", ROOM, name=f"b{i + 1}", data=True) for i in range(brokers)]
+    workers = [
+        cluster.worker("--room", ROOM, *worker_args, name=name, data=True) for name in ("w1", "w2")
+    ]
+    cluster.wait_agents("worker", 2)
+    cluster.wait_agents("broker", brokers)
+    return procs, workers
+
+
+def asker(cluster: Cluster, name: str, monkeypatch: pytest.MonkeyPatch) -> Client:
+    """A client with its own identity (its own IGORA_DATA, read when it connects)."""
+    monkeypatch.setenv("IGORA_DATA", cluster.agent_data(name)["IGORA_DATA"])
+    return Client(cluster.url, ROOM, name=name, timeout=30)
+
+
+async def connected(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> tuple[Client, Client]:
+    a = asker(cluster, "alice", monkeypatch)
+    await a.connect()
+    b = asker(cluster, "bob", monkeypatch)
+    await b.connect()
+    assert a.v3 is not None and b.v3 is not None and a.id != b.id
+    return a, b
+
+
+def words(n: int, tag: str) -> str:
+    return " ".join(f"{tag}{i}" for i in range(n))
+
+
+@pytest.fixture
+def room(cluster: Cluster) -> Iterator[Cluster]:
+    v3_room(cluster)
+    yield cluster
+
+
+def test_tasks_complete_streamed_and_not(room: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        a, b = await connected(room, monkeypatch)
+        try:
+            texts = [f"question {i} from {c.name}" for c in (a, b) for i in range(4)]
+            clients = [a] * 4 + [b] * 4
+            answers = await asyncio.gather(
+                *(c.chat(t, max_tokens=50) for c, t in zip(clients, texts, strict=True))
+            )
+            assert answers == [f"Echo: {t}" for t in texts]
+            pieces = [p async for p in await a.chat("streamed here", stream=True)]
+            assert "".join(pieces) == "Echo: streamed here"
+            answer = await (await b.submit([{"role": "user", "content": "as messages"}])).result()
+            assert answer.text == "Echo: as messages" and answer.finish_reason == "stop"
+            assert answer.usage["completionTokens"] > 0
+            # Every answer read: the asker keeps nothing, its header and prompt went.
+            assert a.v3 is not None and not a.v3.tracking
+        finally:
+            await a.close()
+            await b.close()
+        # The askers dropped their prompts, the broker cleaned the inboxes, the workers
+        # dropped their runs: left are a/ of each asker, in/ of each agent and w/ of
+        # each worker (2 + 4 + 2), no task document.
+        wait_until(lambda: _documents(room) == 8, 10, "task documents dropped", room)
+
+    asyncio.run(main())
+
+
+def _documents(cluster: Cluster) -> int:
+    rooms = [r for r in cluster.status()["rooms"] if r["name"] == ROOM]
+    return int(rooms[0]["documents"]) if rooms else -1
+
+
+def test_abort_stops_a_running_task(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    v3_room(cluster, *SLOW)
+
+    async def main() -> None:
+        a, b = await connected(cluster, monkeypatch)
+        try:
+            task = await a.submit(words(200, "x"))
+            other = b.chat("meanwhile", max_tokens=20)
+            got = []
+            with pytest.raises(TaskAborted):
+                async for piece in task.stream():
+                    got.append(piece)
+                    if len(got) == 2:
+                        task.abort()
+            assert 0 < len("".join(got)) < len(words(200, "x"))
+            assert await other == "Echo: meanwhile"
+            # The worker is free again: the next task runs.
+            assert await a.chat("after", max_tokens=10) == "Echo: after"
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_worker_killed_mid_task_is_retried(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, workers = v3_room(cluster, *SLOW)
+
+    async def main() -> None:
+        a, b = await connected(cluster, monkeypatch)
+        try:
+            prompt = words(40, "y")
+            task = await a.submit(prompt)
+            pieces: list[str] = []
+            killed = None
+            async for piece in task.stream():
+                pieces.append(piece)
+                if killed is None:
+                    killed = next(w for w in workers if f"task {task.id} started" in w.log())
+                    killed.kill(signal.SIGKILL)
+            restarts = [i for i, p in enumerate(pieces) if isinstance(p, Restart)]
+            assert restarts, "the answer restarted on the other worker"
+            assert "".join(pieces[restarts[-1] + 1 :]) == f"Echo: {prompt}"
+            alive = next(w for w in workers if w is not killed)
+            assert f"task {task.id} started (attempt 2)" in alive.log()
+            assert await b.chat("from bob", max_tokens=10) == "Echo: from bob"
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_broker_killed_the_next_takes_the_lease(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    brokers, _ = v3_room(cluster, brokers=2)
+
+    async def main() -> None:
+        a, b = await connected(cluster, monkeypatch)
+        try:
+            assert await a.chat("before", max_tokens=10) == "Echo: before"
+            holder = wait_until(
+                lambda: next((b for b in brokers if "lease granted" in b.log()), None),
+                10,
+                "a broker holds the lease",
+                cluster,
+            )
+            holder.kill(signal.SIGKILL)
+            answers = await asyncio.gather(
+                *(c.chat(f"after {i}", max_tokens=10) for i, c in enumerate((a, b, a, b)))
+            )
+            assert answers == [f"Echo: after {i}" for i in range(4)]
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+    assert all("lease granted, epoch" in b.log() for b in brokers)
+
+
+def test_the_gateway_serves_a_v3_room_unchanged(room: Cluster) -> None:
+    """The gateway's Client picks protocol 3 by itself: the OpenAI SDK gets its answers."""
+    _, base = room.gateway("--room", ROOM, data=True)
+    sdk = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=30)
+    reply = sdk.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "through the gateway"}]
+    )
+    assert reply.choices[0].message.content == "Echo: through the gateway"
+    stream = sdk.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "streamed too"}], stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "Echo: streamed too"
+
+
+def test_a_secure_market_with_its_broker_key(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``igora market --secure``: every room speaks protocol 3 and only the identity
+    given with ``--broker-key`` may broker; the default room serves tasks."""
+    broker_id = load_identity(Path(cluster.agent_data("b1")["IGORA_DATA"]))[0].id
+    cluster.market("--secure", "--broker-key", broker_id)
+    cluster.broker(name="b1", data=True)
+    intruder = cluster.broker(name="b2", data=True)  # not named: may not hold the lease
+    cluster.worker(name="w1", data=True)
+    cluster.wait_agents("worker", 1)
+
+    async def main() -> None:
+        monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
+        async with Client(cluster.url, name="alice", timeout=30) as a:
+            assert a.v3 is not None
+            assert await a.chat("secure room", max_tokens=10) == "Echo: secure room"
+
+    asyncio.run(main())
+    assert "lease granted" not in intruder.log()
+
+
+def test_an_asker_gone_gets_its_task_stopped(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An asker that leaves without reading its answer: the broker marks its task in the
+    worker's inbox, the worker ends the run aborted and takes the next task."""
+    _, workers = v3_room(cluster, *SLOW)
+
+    async def main() -> None:
+        a, b = await connected(cluster, monkeypatch)
+        try:
+            task = await a.submit(words(300, "z"))
+            await wait_for(lambda: a.worker_of(task.id), 10, "the task assigned", cluster)
+            assert a.v3 is not None
+            await a.v3.session.stop()  # gone, as a killed process would be
+            await wait_for(
+                lambda: any(f"task {task.id} aborted" in w.log() for w in workers),
+                20,
+                "the worker ended the run aborted",
+                cluster,
+            )
+            assert await b.chat("still served", max_tokens=10) == "Echo: still served"
+        finally:
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_an_engine_down_hands_the_task_to_another_worker_or_fails_with_its_reason(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v2's hand-back rule in a v3 room: a worker whose upstream answers 503 hands the
+    task back (its run ``handback``, its advert ``busy``); the broker gives it to another
+    worker serving the model, or, with none, ends it failed with the engine's reason."""
+    stub = Stub().start()
+    try:
+        cluster.market("--v3-room", ROOM)
+        cluster.broker("--room", ROOM, name="b1", data=True)
+        for name, model, slots in (
+            ("bad", "e503=flaky", "3"),  # most free slots: picked first
+            ("good", "ok=flaky", "1"),
+            ("lonely", "e503=lonely", "1"),
+        ):
+            cluster.worker(
+                "--room", ROOM, "--no-warmup", "--base-url", stub.url, "--model", model,
+                "--slots", slots, name=name, engine="openai", data=True,
+            )  # fmt: skip
+        cluster.wait_agents("worker", 3)
+
+        async def main() -> None:
+            monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
+            async with Client(cluster.url, ROOM, name="alice", timeout=30) as a:
+                # the three adverts in dir (who, which wait_agents reads, may come first)
+                await wait_for(lambda: len(a.workers()) == 3, 10, "three adverts", cluster)
+                answer = await (await a.submit("Hi", model="flaky")).result()
+                assert answer.text == "Hello from the stub"
+                with pytest.raises(TaskFailed, match="HTTP 503: stub: overloaded"):
+                    await a.chat("Hi", model="lonely")
+
+        asyncio.run(main())
+        bad = next(p for p in cluster.procs if p.log_path.name.endswith("-bad.log"))
+        assert "handed back" in bad.log()
+    finally:
+        stub.stop()
