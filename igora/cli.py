@@ -65,12 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     setup_logging(args.log_level)
-    if getattr(args, "invite", None):
-        logging.getLogger("igora").warning(
-            "--invite: igora %s speaks protocol 2 until its port to protocol 3 "
-            "(docs/protocol-v3.md §12 step 3): the invitation is not used",
-            args.command,
-        )
     try:
         return int(_dispatch(args) or 0)
     except (IgoraError, ConfigError, EngineError, OSError) as exc:
@@ -167,9 +161,11 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "workers":
         from .workers_config import Defaults, run_workers
 
-        defaults = Defaults(args.market, args.room, args.heartbeat)
+        defaults = Defaults(args.market, args.room, args.heartbeat, args.invite)
         return _run(lambda: run_workers(args.config, defaults, check=args.check))
-    address = market_address(getattr(args, "market", None), getattr(args, "room", None))
+    address = market_address(
+        getattr(args, "market", None), getattr(args, "room", None), getattr(args, "invite", None)
+    )
     if args.command == "broker":
         return _run(
             lambda: roles.run_broker(

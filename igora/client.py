@@ -72,8 +72,9 @@ class Client:
         style: str = TEXT_STYLE,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = 10.0,
+        invite: str | None = None,
     ) -> None:
-        self.address = market_address(market, room)
+        self.address = market_address(market, room, invite)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.v3: V3Asker | None = None  # set by connect when the room speaks version 3
@@ -127,6 +128,7 @@ class Client:
             name=self.agent.name,
             state={"type": AgentType.CLIENT.value, "name": self.agent.name},
             connect_timeout=self.connect_timeout,
+            invite=self.address.invite,
         )
         self.v3 = V3Asker(session, identity)
         await session.start(wait=wait)

@@ -107,6 +107,7 @@ class MarketAddress:
 
     url: str
     room: str
+    invite: str | None = None  # an invitation to a secure market, for a v3 session
 
     @property
     def room_urls(self) -> tuple[str, ...]:
@@ -118,8 +119,11 @@ class MarketAddress:
         return ",".join(self.room_urls)
 
 
-def market_address(url: str | None = None, room: str | None = None) -> MarketAddress:
-    """Resolve the market URL and room from arguments, then environment, then defaults."""
+def market_address(
+    url: str | None = None, room: str | None = None, invite: str | None = None
+) -> MarketAddress:
+    """Resolve the market URL and room from arguments, then environment, then defaults;
+    ``invite``: an invitation of the market's operator (``igora market invite``)."""
     source = ""
     if url is None:
         mode = (env("YJS_ENV", "LOCAL") or "LOCAL").upper()
@@ -135,7 +139,9 @@ def market_address(url: str | None = None, room: str | None = None) -> MarketAdd
     if room is None:
         room, room_source = env("YJS_MARKET_ROOM", DEFAULT_ROOM), "YJS_MARKET_ROOM"
     return MarketAddress(
-        _from(check_market_urls, str(url), source), _from(check_room, str(room), room_source)
+        _from(check_market_urls, str(url), source),
+        _from(check_room, str(room), room_source),
+        invite,
     )
 
 

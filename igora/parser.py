@@ -75,8 +75,8 @@ def _market_options(p: argparse.ArgumentParser) -> None:
         type=arg.invite,
         metavar="CODE",
         help="an invitation of the market's operator (`igora market invite`), to join a "
-        "--secure market once; afterwards this identity is a member. Used by the roles "
-        "that speak protocol 3 (being ported: docs/protocol-v3.md §12 step 3)",
+        "--secure market once; afterwards this identity (its data folder's key) is a "
+        "member. Ignored in rooms of protocol 2",
     )
     g.add_argument(
         "--heartbeat",

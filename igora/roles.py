@@ -62,7 +62,9 @@ async def chat(
 ) -> int:
     """``igora chat``: print the answer as it streams in. ``options``: ``Client.chat``'s
     (model, system, temperature, seed, max_tokens)."""
-    async with Client(address.url, address.room, name="igora-chat", timeout=timeout) as c:
+    async with Client(
+        address.url, address.room, name="igora-chat", timeout=timeout, invite=address.invite
+    ) as c:
         options = {"wait_worker": CHAT_WAIT_WORKER, **options}
         if not stream:
             print(await c.chat(prompt, **options))

@@ -95,6 +95,7 @@ class Defaults:
     market: str | None = None
     room: str | None = None
     heartbeat: float | None = None
+    invite: str | None = None
 
 
 def _check(where: str, key: str, value: Any) -> None:
@@ -182,7 +183,9 @@ def _spec(label: str, name: str, s: dict[str, Any], cli: Defaults | None) -> Wor
             raise ConfigError(f"{label}: {exc}") from None
     cli = cli or Defaults()
     try:
-        address = market_address(s.get("market") or cli.market, s.get("room") or cli.room)
+        address = market_address(
+            s.get("market") or cli.market, s.get("room") or cli.room, cli.invite
+        )
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from None
     # What the file leaves out takes the defaults of EngineConfig and WorkerSpec.

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,25 +196,38 @@ def test_the_gateway_serves_a_v3_room_unchanged(room: Cluster) -> None:
     assert text == "Echo: streamed too"
 
 
-def test_a_secure_market_with_its_broker_key(
+def test_a_secure_market_with_its_broker_key_and_invitations(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``igora market --secure``: every room speaks protocol 3 and only the identity
-    given with ``--broker-key`` may broker; the default room serves tasks."""
+    """``igora market --secure --members invite``: every room speaks protocol 3, only the
+    identity given with ``--broker-key`` may broker, and the broker, the worker and the
+    asker join with one invitation of the operator (``--invite``, ``Client(invite=)``);
+    an agent without one is refused."""
+    data = str(cluster.data)
+    made = subprocess.run(
+        [sys.executable, "-m", "igora", "market", "invite", "--uses", "3", "--data", data],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    code = made.stdout.strip().splitlines()[-1]
+    assert code.startswith("igora-invite:"), made.stdout
     broker_id = load_identity(Path(cluster.agent_data("b1")["IGORA_DATA"]))[0].id
-    cluster.market("--secure", "--broker-key", broker_id)
-    cluster.broker(name="b1", data=True)
-    intruder = cluster.broker(name="b2", data=True)  # not named: may not hold the lease
-    cluster.worker(name="w1", data=True)
+    cluster.market("--secure", "--members", "invite", "--broker-key", broker_id)
+    cluster.broker("--invite", code, name="b1", data=True)
+    intruder = cluster.broker(name="b2", data=True)  # no invitation: not admitted
+    cluster.worker("--invite", code, name="w1", data=True)
     cluster.wait_agents("worker", 1)
 
     async def main() -> None:
         monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
-        async with Client(cluster.url, name="alice", timeout=30) as a:
+        async with Client(cluster.url, name="alice", timeout=30, invite=code) as a:
             assert a.v3 is not None
             assert await a.chat("secure room", max_tokens=10) == "Echo: secure room"
 
     asyncio.run(main())
+    wait_until(lambda: "not a member" in intruder.log(), 20, intruder.log)
     assert "lease granted" not in intruder.log()
 
 

@@ -64,6 +64,7 @@ def create_app(
     heartbeat: float | None = None,
     name: str = GATEWAY_NAME,
     key_store: KeyStore | None = None,
+    invite: str | None = None,
 ) -> FastAPI:
     """The gateway application.
 
@@ -74,11 +75,12 @@ def create_app(
     ``wait_worker``: seconds a request waits for a worker serving its model to appear.
     ``key_store``: the keys of ``igora gateway keys``; with it ``/v1/*`` needs one of its
     keys (or of ``api_keys``), and ``keys.speaker(request)`` names its identity.
+    ``invite``: an invitation to a secure market (``igora market invite``), used once.
     """
     keys = tuple(k for k in api_keys if k)
 
     def default_client() -> Client:
-        return Client(market, room, name=name, style=GATEWAY_STYLE, timeout=timeout)
+        return Client(market, room, name=name, style=GATEWAY_STYLE, timeout=timeout, invite=invite)
 
     factory = client_factory or default_client
 

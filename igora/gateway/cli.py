@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
 
     key_store = keys.KeyStore.existing(args.data or data_dir())
-    address = market_address(args.market, args.room)  # fail early on a bad URL
+    address = market_address(args.market, args.room, args.invite)  # fail early on a bad URL
     if not port_free(args.host, args.port):
         raise ConfigError(
             f"port {args.port} on {args.host} is taken (another gateway running?): "
@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         address.room,
         api_keys=plain,
         key_store=key_store,
+        invite=address.invite,
         cors_origins=args.cors_origin or ["*"],
         timeout=args.timeout,
         wait_worker=args.wait_worker,

@@ -37,6 +37,7 @@ async def run_broker(
         name=name,
         state={"type": AgentType.BROKER.value, "name": name},
         heartbeat=heartbeat,
+        invite=address.invite,
     )
     await session.start()
     broker = V3Broker(session, **{k: v for k, v in settings.items() if k in BROKER_SETTINGS})
@@ -64,6 +65,7 @@ async def serve_worker(
         name=name,
         state={"type": AgentType.WORKER.value, "name": name},
         heartbeat=heartbeat,
+        invite=address.invite,
     )
     await session.start()
     worker = V3Worker(session, identity, engine, name=name, slots=slots, max_tokens=max_tokens)
