@@ -255,8 +255,8 @@ async def run(quick: bool) -> Section:
         + table(["entries", "document KiB", "sync ms"], rows_size)
         + "\n\nNewcomer sync against tasks done end to end (echo worker, 32 tasks in flight, "
         "tasks read by their client, so they leave `done` at once: what remains is Yjs "
-        "history until the market's compaction collects it, every 2 s while tasks finish, "
-        "see docs/faults.md). Measured 1 s after the flow stops, then once the room "
+        "history until the market's compaction collects it, every 500 tasks and after a 2 s "
+        "pause, see docs/faults.md). Measured 1 s after the flow stops, then once the room "
         "settled (two more compactions):\n\n"
         + table(
             [

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_COMPACT_EVERY,
         metavar="N",
-        help="compact a room after N finished tasks (at most every 2 s): drop what "
+        help="compact a room after N finished tasks (and when they pause): drop what "
         "Yjs keeps of tasks gone from the document, so that it stays small; "
         "0: never (see docs/faults.md)",
     )

@@ -9,7 +9,6 @@ connection to the market is ``igora.agent.Agent``, built on this.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 from pycrdt import Doc, Map, Subscription, TransactionEvent
 
-from .market.compaction import COMPACT_PAUSE, compact_doc, release_memory
+from .market.compaction import CompactionSchedule, compact_doc, release_memory
 from .protocol import KANBAN, MapName
 
 COMPACT_EVERY = 500  # tasks gone from ``done`` between two compactions of the document
@@ -60,12 +59,10 @@ class Replica:
         self.maps: dict[MapName, Map[Any]] = {}
         self._bind_maps()
         self._observers: list[Observer] = []
-        self.compact_every = compact_every
         self.compactions = 0
         self.collected = 0  # finished tasks whose history the compactions dropped
-        self._left = 0  # tasks gone from done since the last compaction
         self._dead: set[str] = set()  # tasks found gone by the last compaction
-        self._compactor: asyncio.Task[None] | None = None
+        self._schedule = CompactionSchedule(compact_every, self._pass)
         self._doc_subscription = self.doc.observe(self._on_doc_update)
         self.observe_keys(MapName.DONE, self._on_done_keys)
 
@@ -131,31 +128,27 @@ class Replica:
             self.maps[m] = self.doc.get(m.value, type=Map)
 
     # ---------------------------------------------------------------- compaction
-    def _on_done_keys(self, changes: KeyChanges) -> None:
-        self._left += sum(1 for c in changes.values() if c.get("action") == "delete")
-        idle = self._compactor is None or self._compactor.done()
-        if self._left and self.compact_every and idle:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # a document used outside a loop: nothing to schedule
-                return
-            self._compactor = loop.create_task(self._compaction_loop())
+    @property
+    def compact_every(self) -> int:
+        """Tasks gone from ``done`` between two compactions (0: never)."""
+        return self._schedule.every
 
-    async def _compaction_loop(self) -> None:
-        """Compact every ``COMPACT_PAUSE`` s while tasks leave: as soon as
-        ``compact_every`` have left, or once the flow has paused for a period (the first
-        quiet pass marks the tasks gone, the second collects them)."""
-        seen = -1
-        while self.compact_every and (self._left or self._dead):
-            await asyncio.sleep(COMPACT_PAUSE)
-            if self._left >= self.compact_every or self._left == seen:
-                await self.compact()
-            seen = self._left
+    @compact_every.setter
+    def compact_every(self, every: int) -> None:
+        self._schedule.every = every
+
+    def _on_done_keys(self, changes: KeyChanges) -> None:
+        left = sum(1 for c in changes.values() if c.get("action") == "delete")
+        # A document used outside a loop has nothing to schedule.
+        with contextlib.suppress(RuntimeError):
+            self._schedule.task_left(left)
+
+    async def _pass(self) -> bool:
+        await self.compact()
+        return bool(self._dead)
 
     def _stop_compacting(self) -> None:
-        if self._compactor is not None:
-            self._compactor.cancel()
-            self._compactor = None
+        self._schedule.cancel()
 
     async def compact(self) -> None:
         """Replace the document by one without the history of finished tasks, as the
@@ -164,7 +157,6 @@ class Replica:
         swapped in, with every observer moved to it, with no await in between. The state
         vector is unchanged (collected items become GC ranges of the same clocks): the
         session with the market goes on as before, nothing is sent."""
-        self._left = 0
         doc = self.doc
         started = time.monotonic()
         try:
@@ -174,7 +166,7 @@ class Replica:
                 "%s: compacting the document failed; not compacted again (please report this)",
                 self.name,
             )
-            self.compact_every = 0
+            self._schedule.stop()
             self._dead = set()
             return
         if self.doc is not doc:

@@ -180,8 +180,11 @@ def _utf16_length(raw: bytes, clock: int = 0, halves: set[int] | None = None) ->
     return n
 
 
-def _id(r: Reader, client: int, clock: int, needs: dict[int, int]) -> tuple[int, int]:
-    """An item id an item refers to; of its own client, it must be an older item."""
+def _id(
+    r: Reader, client: int, clock: int, needs: dict[int, int], ints: dict[int, int]
+) -> tuple[int, int]:
+    """An item id an item refers to; of its own client, it must be an older item. Its
+    client is the one int object of ``ints`` for that client (not one per id)."""
     other, at = r.uint(), r.uint()
     if other > MAX_CLIENT or at > MAX_CLOCK:
         raise UpdateError("an item refers to an id Yjs cannot represent")
@@ -189,7 +192,7 @@ def _id(r: Reader, client: int, clock: int, needs: dict[int, int]) -> tuple[int,
         raise UpdateError("an item refers to a later item of its own client")
     if at >= needs.get(other, 0):
         needs[other] = at + 1
-    return other, at
+    return ints.setdefault(other, other), at
 
 
 def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
@@ -210,6 +213,8 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
     clients: dict[int, tuple[int, int]] = {}
     needs: dict[int, int] = {}
     halves: dict[int, set[int]] = {}
+    names: dict[str, str] = {}  # one object per distinct root name or key, not per item
+    ints: dict[int, int] = {}  # the same for client ids (ints over 256 are objects)
     skips = False
     for _ in range(r.uint()):
         n_structs = r.uint()
@@ -235,16 +240,18 @@ def parse(update: bytes, limit: int = MAX_DEPTH, keep: bool = True) -> Parsed:
                 skips = skips or ref == 10
             else:
                 if info & 0x80:
-                    origin = _id(r, client, clock, needs)
+                    origin = _id(r, client, clock, needs, ints)
                 if info & 0x40:
-                    right = _id(r, client, clock, needs)
+                    right = _id(r, client, clock, needs, ints)
                 if info & 0xC0 == 0:
                     if r.uint() == 1:
                         parent = r.text("root type name")
+                        parent = names.setdefault(parent, parent)
                     else:
-                        parent = _id(r, client, clock, needs)
+                        parent = _id(r, client, clock, needs, ints)
                     if info & 0x20:
                         key = r.text("map key")
+                        key = names.setdefault(key, key)
                 length = 1
                 if ref == 1:  # deleted
                     length = r.uint()

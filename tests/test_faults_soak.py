@@ -117,11 +117,11 @@ async def test_soak_keeps_the_live_document_bounded(cluster: Cluster) -> None:
             "every finished task and stream left the live document",
             cluster,
         )
-    # While tasks flow, what a newcomer downloads holds the tombstones of the last few
-    # seconds only (the market compacts every 2 s): bounded by a window, not by N.
+    # While tasks flow, what a newcomer downloads holds the tombstones of the last tasks
+    # only (the market compacts every 500 tasks): bounded by a window, not by N.
     biggest = max(size for _, size, _, _, _ in figures[1:])
     window = max(UNCOMPACTED_PER_TASK * N_TASKS // 2, 500_000)
-    # Once the flow has stopped, the market's next compactions (every 2 s while tasks
+    # Once the flow has stopped, the market's next compactions (every 500 tasks while they
     # leave, then two more once the flow paused) leave nothing of it. They may all have run
     # already, so the test waits for the outcome, not for a count of compactions.
     end = time.monotonic() + 30
@@ -135,8 +135,8 @@ async def test_soak_keeps_the_live_document_bounded(cluster: Cluster) -> None:
         f"{settled / 1e3:.1f} kB, synced in {took * 1000:.0f} ms"
     )
     # Memory from the middle checkpoint: the market's high-water mark settles after a few
-    # compactions (every 2 s), i.e. later in tasks when tasks flow faster (at ~550 tasks/s
-    # it is still rising at N/5, then flat: 62.4 -> 62.9 MB from 3,000 to 30,000 tasks).
+    # compactions (once 2 s apart, at ~550 tasks/s it was still rising at N/5, then flat:
+    # 62.4 -> 62.9 MB from 3,000 to 30,000 tasks).
     (mid_n, _, _, _, mid_rss), (last_n, _, _, _, last_rss) = figures[-2], figures[-1]
     growth = (last_rss - mid_rss) / (last_n - mid_n)
     print(f"market RSS {growth:.0f} bytes/task from {mid_n} to {last_n} tasks")

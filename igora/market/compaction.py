@@ -21,17 +21,18 @@ and left) is collected too on arrival, as Yjs does for writes into deleted types
 with the full history still see it, as any late write of a cut-off agent.
 
 The market compacts its rooms (``compactor.RoomCompactor``), and every agent its own document
-(``Agent.compact``); see docs/faults.md.
+(``Replica.compact``), both on the same schedule (``CompactionSchedule``); see docs/faults.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -43,8 +44,8 @@ from ..updates import Struct, delete_set, parse
 
 GC, SKIP = 0, 10
 COMPACT_PAUSE = 2.0
-"""Seconds at least between two compactions of a document (a room's, an agent's): the
-grace a task gone from it gets before its keys are collected."""
+"""Seconds without a task leaving after which a document (a room's, an agent's) is
+compacted anyway (``CompactionSchedule``)."""
 TASK_MAPS = frozenset(m.value for m in MapName)
 """Only these maps are compacted: their keys are task ids, never re-used once a task has
 left. Anything else in a room (another application's maps) is kept as it is."""
@@ -200,6 +201,68 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
         out += c
     out += parsed.delete_set
     return Compacted(bytes(out), dead - chosen, collected, len(chosen))
+
+
+class CompactionSchedule:
+    """When a document is compacted: at once when ``every`` tasks have left it since the
+    last pass, and when no task has left for ``quiet`` s while some left since the last
+    pass or were marked by it (two quiet passes leave no tombstone: the first marks the
+    tasks gone, the second collects them). One pass at a time.
+
+    Why at a count and not on a clock: a pass holds the whole state of the document, so
+    its memory peak follows the tasks it covers, and the process keeps the high-water
+    mark of its biggest pass (glibc's heap, pymalloc's arenas). Compacting every ``every``
+    tasks keeps the passes the same size whatever the rate (docs/faults.md).
+
+    ``compact`` runs one pass and returns whether it marked tasks for the next one; it
+    stops the schedule (``stop``) if it cannot go on. ``every`` = 0: never."""
+
+    def __init__(
+        self, every: int, compact: Callable[[], Awaitable[bool]], quiet: float = COMPACT_PAUSE
+    ) -> None:
+        self.every = every
+        self.quiet = quiet
+        self.left = 0  # tasks gone from the document since the last pass began
+        self._compact = compact
+        self._marked = False  # the last pass marked tasks that the next one collects
+        self._due = asyncio.Event()  # set when ``every`` tasks have left
+        self._task: asyncio.Task[None] | None = None
+
+    def task_left(self, count: int = 1) -> None:
+        """``count`` tasks left the document: start the schedule, or wake it at once if
+        a pass is due. Needs a running event loop, except with nothing to schedule."""
+        self.left += count
+        if not self.every or not self.left:
+            return
+        if self.left >= self.every:
+            self._due.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        """Never compact again (the pass under way, if any, ends normally)."""
+        self.every = 0
+        self._due.set()
+
+    def cancel(self) -> None:
+        """End the schedule now, a pass under way included."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while self.every and (self.left or self._marked):
+            if self.left < self.every:
+                seen = self.left
+                self._due.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.quiet):
+                        await self._due.wait()
+                if not self.every or (self.left < self.every and self.left != seen):
+                    continue  # stopped, or tasks still leaving but fewer than ``every``
+            self.left = 0
+            self._due.clear()
+            self._marked = await self._compact()
 
 
 # One thread for every rewrite of the process: each thread that allocates gets its own

@@ -1,14 +1,13 @@
 """When a room compacts, and what it does with the result.
 
-The rewrite itself is ``compaction.compact_doc``; here is its schedule (every
-``COMPACT_PAUSE`` s at most, while tasks leave the room) and its end: the room's document
-is swapped for the compacted one (``MarketRoom.swap``) and stored as the room's whole
-history (``RoomHistory.replace``).
+The rewrite itself is ``compaction.compact_doc``, its schedule
+``compaction.CompactionSchedule`` (every ``every`` tasks gone from the room, or once they
+stop leaving); here is its end: the room's document is swapped for the compacted one
+(``MarketRoom.swap``) and stored as the room's whole history (``RoomHistory.replace``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any
 from pycrdt import Doc
 
 from ..updates import is_panic
-from .compaction import COMPACT_PAUSE, compact_doc, release_memory
+from .compaction import CompactionSchedule, compact_doc, release_memory
 from .persistence import RoomHistory
 
 log = logging.getLogger("igora.market")
@@ -36,38 +35,23 @@ class RoomCompactor:
         history: RoomHistory,
     ) -> None:
         self.name = name
-        self.every = every
         self._doc = doc
         self._swap = swap
         self._history = history
         self.compactions = 0
-        self._left = 0  # tasks that left the live document since the last compaction
         self._dead: set[str] = set()  # tasks found gone by the last compaction
-        self._task: asyncio.Task[None] | None = None
+        self.schedule = CompactionSchedule(every, self._pass)
 
-    def task_left(self) -> None:
-        """A task left ``done`` (so the live document)."""
-        self._left += 1
-
-    def wake(self) -> None:
-        """Tasks moved: compact soon if it is due."""
-        if self.every and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+    def task_left(self, count: int = 1) -> None:
+        """``count`` tasks left ``done`` (so the live document)."""
+        self.schedule.task_left(count)
 
     def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self.schedule.cancel()
 
-    async def _loop(self) -> None:
-        """Compact every ``COMPACT_PAUSE`` s while tasks finish: as soon as ``every``
-        tasks have left, or once the flow has paused for a period (two quiet compactions
-        leave no tombstone: the first marks, the second collects)."""
-        seen = -1
-        while self.every and (self._left or self._dead):
-            await asyncio.sleep(COMPACT_PAUSE)
-            if self._left >= self.every or self._left == seen:
-                await self.compact()
-            seen = self._left
+    async def _pass(self) -> bool:
+        await self.compact()
+        return bool(self._dead)
 
     async def compact(self) -> None:
         """Replace the room's document by one without the tombstones of finished tasks
@@ -77,7 +61,6 @@ class RoomCompactor:
         to the new document, which replaces the old one with no await in between.
         Peers keep their own documents: nothing is sent to them."""
         started = time.monotonic()
-        self._left = 0
         doc = self._doc()
         try:
             fresh, result, size = await compact_doc(doc, self._dead)
@@ -91,7 +74,7 @@ class RoomCompactor:
                 "again until the market restarts (please report this)",
                 self.name,
             )
-            self.every = 0
+            self.schedule.stop()
             self._dead = set()
             return
         self._swap(fresh)

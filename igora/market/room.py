@@ -183,10 +183,11 @@ class MarketRoom(YRoom):
             self._fan_out_sub = doc.observe(self._fan_out)
 
     def _on_done(self, event: MapEvent) -> None:
+        left = 0
         for key, change in event.keys.items():  # type: ignore[attr-defined]  # in __slots__
             action = change.get("action")
             if action == "delete":
-                self.compactor.task_left()
+                left += 1
                 continue
             value = change.get("newValue")
             if (
@@ -195,7 +196,8 @@ class MarketRoom(YRoom):
                 and value.get("state") in FINAL_VALUES
             ):
                 self.history.finished({**value, "id": value.get("id", key)})
-        self.compactor.wake()
+        if left:
+            self.compactor.task_left(left)
 
     async def stop(self) -> None:
         self.compactor.cancel()
