@@ -14,6 +14,8 @@ no network. Run: ``python -m bench.v3_costs`` (PyNaCl needed for the crypto part
 5. Bytes of the version 3 updates of one task.
 6. The market's work per incoming update, v2 against a v3 sketch (no socket).
 7. Crypto per task and per chunk (Ed25519, sealed box, XChaCha20-Poly1305).
+8. The same through ``igora.v3.crypto`` as the roles call it: grant, prompt, answer key,
+   chunks. ``python -m bench.v3_costs crypto`` runs 7 and 8 only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import gc
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -298,6 +301,10 @@ def main() -> None:
             f"v3 sketch (check, owner, get_state, log, outbox) {v3:.1f}"
         )
 
+    crypto_costs()
+
+
+def crypto_costs() -> None:
     try:
         import nacl.bindings as b
         from nacl.public import PrivateKey, SealedBox
@@ -337,6 +344,58 @@ def main() -> None:
         f"{per_call(lambda: vk.to_curve25519_public_key(), 2000):.1f}"
     )
 
+    print("8. igora.v3.crypto per task and per chunk (µs)")
+    from igora.identity import Identity
+    from igora.v3 import crypto
+    from igora.v3.header import sign_header, verify_header
+
+    asker, worker = Identity(SigningKey.generate()), Identity(SigningKey.generate())
+    asker_s, worker_s = asker.session_key(), worker.session_key()
+    tid = "t" * 16
+    header = sign_header(
+        asker,
+        {
+            "id": tid,
+            "model": "smollm2-135m",
+            "maxTokens": 256,
+            "promptBytes": 4000,
+            "date": 1764460000000,
+            "key": asker_s.fields()["encKey"],
+        },
+    )
+    k = crypto.new_task_key()
+    grant = crypto.seal_grant(k, header, worker_s.public_key)
+    print(
+        f"   grant ({len(grant)} B): seal "
+        f"{per_call(lambda: crypto.seal_grant(k, header, worker_s.public_key), 1000):.1f}, "
+        f"open (with the header's signature check) "
+        f"{per_call(lambda: crypto.open_grant(worker_s, grant, header), 1000):.1f}"
+    )
+    print(f"   of which the header's check: {per_call(lambda: verify_header(header), 1000):.1f}")
+    fields = {"prompt": "x" * 4000, "temperature": 0.7}
+    ct = crypto.seal_prompt(k, tid, asker.id, fields)
+    print(
+        f"   prompt of 4 KB ({len(ct)} B): encrypt "
+        f"{per_call(lambda: crypto.seal_prompt(k, tid, asker.id, fields), 2000):.1f}, "
+        f"decrypt {per_call(lambda: crypto.open_prompt(k, tid, asker.id, ct), 2000):.1f}"
+    )
+    salt = crypto.new_salt()
+
+    def answer_key() -> bytes:
+        return crypto.worker_answer_key(k, worker_s, asker_s.public_key, 1, salt)
+
+    print(f"   answer key K_a (X25519 + BLAKE2b): {per_call(answer_key, 2000):.1f}")
+    ka = answer_key()
+    for size in (8, 200):
+        piece = b"x" * size
+        chunk = crypto.seal_chunk(ka, tid, 1, 7, piece, False)
+        seal = per_call(lambda p=piece: crypto.seal_chunk(ka, tid, 1, 7, p, False), 5000)
+        opened = per_call(lambda c=chunk: crypto.open_chunk(ka, tid, 1, 7, c, False), 5000)
+        print(f"   chunk of {size} B ({len(chunk)} B): encrypt {seal:.1f}, decrypt {opened:.1f}")
+
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["crypto"]:
+        crypto_costs()
+    else:
+        main()

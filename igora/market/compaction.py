@@ -30,6 +30,7 @@ import asyncio
 import bisect
 import ctypes
 import ctypes.util
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -207,22 +208,47 @@ def compact(state: bytes, spared: set[str] | None = None) -> Compacted:
 _REWRITER = ThreadPoolExecutor(1, thread_name_prefix="igora-compaction")
 
 
-def _load_trim() -> Callable[[int], int] | None:
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
+MMAP_THRESHOLD = 128 * 1024  # glibc's default, fixed
+
+
+def _glibc() -> Any:
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc: nothing to trim
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and libc.malloc_trim and libc.mallopt else None
+    except (OSError, AttributeError):  # not glibc: nothing to tune or trim
         return None
 
 
-_malloc_trim = _load_trim()
+_libc = _glibc()
+_tuned = False
+
+
+def _tune_allocator() -> None:
+    """Keep every block of 128 KiB or more out of glibc's heap, in a mapping of its own
+    that goes back to the system when freed. glibc raises that threshold to the size of
+    the largest such block freed (up to 32 MiB): after the first compaction, the state
+    and the rewrite's buffers (hundreds of kB, one set per compaction) went into the heap
+    between the document's small blocks, and the heap of every agent grew with the
+    largest compaction seen (docs/faults.md). Once per process, before its first
+    compaction; not if the user set the threshold (``MALLOC_MMAP_THRESHOLD_``,
+    ``GLIBC_TUNABLES``)."""
+    global _tuned
+    if _tuned:
+        return
+    _tuned = True
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if _libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in tunables:
+        return
+    _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def release_memory() -> None:
     """Give the pages freed by a compaction (the old document, the rewrite's buffers) back
     to the system now (glibc keeps freed heap pages otherwise; no-op elsewhere)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    if _libc is not None:
+        _libc.malloc_trim(0)
 
 
 async def compact_doc(doc: Doc[Any], spared: set[str] | None) -> tuple[Doc[Any], Compacted, int]:
@@ -230,6 +256,7 @@ async def compact_doc(doc: Doc[Any], spared: set[str] | None) -> tuple[Doc[Any],
     ``doc`` received while the rewrite ran in a thread; and the size of the state before.
     ``doc`` itself is not changed: the caller swaps the new one in with no await between,
     then calls ``release_memory``."""
+    _tune_allocator()
     vector, state = doc.get_state(), doc.get_update()
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(_REWRITER, compact, state, spared)

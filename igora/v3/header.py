@@ -15,6 +15,7 @@ from typing import Any
 from ..identity import BadSignature, Identity, IdentityError, b64url, unb64url, verify
 from ..protocol import CanonicalError, canonical
 from .documents import TASK_ID
+from .signed import SignatureError, plain
 
 LABEL = b"igora3-header"
 VERSION = 3
@@ -30,8 +31,8 @@ def _unsigned(header: dict[str, Any]) -> dict[str, Any]:
 
 def _message(fields: dict[str, Any]) -> bytes:
     try:
-        return LABEL + canonical(fields)
-    except CanonicalError as exc:
+        return LABEL + canonical(plain(fields))
+    except (CanonicalError, SignatureError) as exc:
         raise HeaderError(f"header: {exc}") from None
 
 
@@ -62,7 +63,12 @@ def check_fields(header: dict[str, Any]) -> None:
 
 
 def verify_header(header: dict[str, Any]) -> None:
-    """Return if ``header`` is well formed and signed by its ``asker``; HeaderError else."""
+    """Return if ``header`` is well formed and signed by its ``asker``; HeaderError else.
+    (Numbers may have come back as floats from a Yjs map: read as the integers signed.)"""
+    try:
+        header = plain(header)
+    except SignatureError as exc:
+        raise HeaderError(f"header: {exc}") from None
     check_fields(header)
     sig = header.get("sig")
     try:
@@ -75,7 +81,7 @@ def verify_header(header: dict[str, Any]) -> None:
 def header_hash(header: dict[str, Any]) -> str:
     """BLAKE2b-256 of the signed header's canonical JSON, in base64url."""
     try:
-        data = canonical(header)
-    except CanonicalError as exc:
+        data = canonical(plain(header))
+    except (CanonicalError, SignatureError) as exc:
         raise HeaderError(f"header: {exc}") from None
     return b64url(hashlib.blake2b(data, digest_size=32).digest())

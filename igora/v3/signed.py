@@ -1,19 +1,20 @@
 """Signed JSON objects of protocol 3: a worker's advert now, a task's header and receipts
 later (docs/protocol-v3.md §6, §7.1).
 
-An object is signed over its **canonical JSON** (``canonical``: keys sorted, no
-whitespace, UTF-8, an integral number written without a fraction) without its ``sig``
+An object is signed over its **canonical JSON** (``canonical``: igora.protocol.canonical's,
+which has integers only: a fraction travels as a decimal string) without its ``sig``
 field, prefixed with a label saying what it is, so that no signature serves two purposes
 (``igora.identity``). ``sig`` is the unpadded base64url of the 64-byte signature.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 from ..identity import BadSignature, Identity, IdentityError, b64url, unb64url, verify
+from ..protocol.canonical import CanonicalError
+from ..protocol.canonical import canonical as protocol_canonical
 
 ADVERT = b"igora3-advert"
 """The label of a worker's advert."""
@@ -38,10 +39,13 @@ def plain(value: Any) -> Any:
 
 
 def canonical(body: dict[str, Any]) -> bytes:
-    """The canonical JSON of an object, without its ``sig``."""
+    """The canonical JSON of an object (``igora.protocol.canonical``), without its
+    ``sig``, its integral floats read back as integers."""
     unsigned = {k: v for k, v in body.items() if k != "sig"}
-    text = json.dumps(plain(unsigned), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return text.encode("utf-8")
+    try:
+        return protocol_canonical(plain(unsigned))
+    except CanonicalError as exc:
+        raise SignatureError(str(exc)) from None
 
 
 def sign(identity: Identity, label: bytes, body: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pycrdt import Doc, Map
 
 from igora.credits.receipts import Claim, ClaimError, Reason, Receipt, run_hash
 from igora.identity import b64url
@@ -192,3 +193,13 @@ def test_no_change_to_a_signed_receipt_goes_unseen(field: str, n: int) -> None:
     forged = dataclasses.replace(c.receipt, **{field: changed})
     with pytest.raises(ClaimError):
         dataclasses.replace(c, receipt=forged).check(WORKER.id, MARKET.id, PARAMS)
+
+
+def test_a_header_survives_a_trip_through_a_yjs_map() -> None:
+    h = header(ASKER, task_id(0))
+    tasks: Map[Any] = Doc().get("tasks", type=Map)
+    tasks[h["id"]] = h
+    back = tasks[h["id"]]
+    assert back["maxTokens"] == 256.0 and isinstance(back["maxTokens"], float)  # Yjs' numbers
+    verify_header(back)
+    assert header_hash(back) == header_hash(h)

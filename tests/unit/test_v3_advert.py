@@ -22,9 +22,11 @@ def _advert(identity: Identity = W, **changes: Any) -> dict[str, Any]:
 
 
 def test_canonical_json_sorts_keys_drops_sig_and_writes_integral_numbers_as_integers() -> None:
-    assert signed.canonical({"b": 1.0, "a": [2.5, {"d": 3, "c": "é"}], "sig": "x"}) == (
-        '{"a":[2.5,{"c":"é","d":3}],"b":1}'.encode()
+    assert signed.canonical({"b": 1.0, "a": [2, {"d": 3, "c": "é"}], "sig": "x"}) == (
+        '{"a":[2,{"c":"é","d":3}],"b":1}'.encode()
     )
+    with pytest.raises(signed.SignatureError, match="integers only"):
+        signed.canonical({"params": 0.135})  # a fraction travels as a decimal string
 
 
 def test_an_advert_checks_and_survives_a_trip_through_a_yjs_map() -> None:
