@@ -1,8 +1,8 @@
 """``python -m bench`` (``make bench``): run the benchmark suite, write docs/benchmarks.md.
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
-(repeatable: overhead, streaming, throughput, wire, sync, scale, gateway, gateway_load,
-soak, structured), ``--out PATH``
+(repeatable: overhead, streaming, throughput, wire, traffic, sync, scale, gateway,
+gateway_load, soak, structured), ``--out PATH``
 (a partial run writes bench-report.md unless told otherwise).
 """
 
@@ -32,6 +32,7 @@ MODULES = [
     "streaming",
     "throughput",
     "wire",
+    "traffic",
     "sync",
     "scale",
     "gateway",
@@ -102,11 +103,14 @@ def render(
         "",
         f"Whole run: {elapsed / 60:.1f} min.",
         "",
-        "## Targets (issue #8)",
+        "## Targets (issues #8 and #19)",
         "",
         table(
-            ["target", "goal", "measured", "met"],
-            [[t.name, t.goal, t.measured, "yes" if t.met else "**no**"] for t in targets],
+            ["issue", "target", "goal", "measured", "met"],
+            [
+                [f"#{t.issue}", t.name, t.goal, t.measured, "yes" if t.met else "**no**"]
+                for t in targets
+            ],
         ),
         "",
     ]

@@ -1,0 +1,139 @@
+"""Traffic by role (issue #19): bytes each agent receives from the market per task, as
+askers are added, protocol 2 against protocol 3.
+
+One market, one broker and one echo worker (16 slots), each connected through a
+counting TCP proxy (``bench.proxy``: websocket framing included), one measured asker in
+this process through a proxy too, and K - 1 more askers in a load process
+(``bench.load``), every asker in a closed loop. Over a window the proxies count the
+bytes the market sent each measured agent; the asker's are divided by its own answers,
+the broker's and the worker's by all the answers of the window (the one worker serves
+them all). With traffic scoped to those who act on it, each figure stays constant as
+askers are added; when every agent reads the whole room, the asker's grows with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+from igora import Client
+
+from .common import PROTOCOLS, Cluster, Section, Target, table
+from .proxy import CountingProxy
+
+NAME = "traffic"
+ROLES = ("asker", "worker", "broker")
+
+
+async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
+    with Cluster(f"traffic-{askers}", protocol) as c:
+        c.room_market()
+        async with (
+            CountingProxy(c.port) as bp,
+            CountingProxy(c.port) as wp,
+            CountingProxy(c.port) as ap,
+        ):
+            c.room_broker("--market", bp.url)
+            c.room_worker("--slots", "16", "--market", wp.url)
+            await c.wait_agents_async("worker", 1, timeout=180)
+            await c.wait_agents_async("broker", 1, timeout=180)
+            start = time.time() + 3.0 + 0.15 * askers
+            end = start + duration
+            out = c.dir / "load.json"
+            load = None
+            if askers > 1:
+                load = c.spawn(
+                    c.url,
+                    str(askers - 1),
+                    str(start),
+                    str(duration),
+                    str(out),
+                    *c.load_args("load"),
+                    name="load",
+                    module="bench.load",
+                )
+            saved = os.environ.get("IGORA_DATA")
+            os.environ.update(c.agent_data("asker"))  # its own identity (protocol 3)
+            try:
+                client = Client(ap.url, c.room, name="measured", connect_timeout=60)
+                await client.connect()
+            finally:
+                if saved is None:
+                    os.environ.pop("IGORA_DATA", None)
+                else:
+                    os.environ["IGORA_DATA"] = saved
+            try:
+                await client.wait_for_worker(None, 60)
+                mine: list[float] = []
+                n = 0
+                while time.time() < start:
+                    await client.chat(f"warm {n}")
+                    n += 1
+                counts = {"asker": ap.down, "worker": wp.down, "broker": bp.down}
+                while time.time() < end:
+                    text = await client.chat(f"measured {n}")
+                    assert text == f"Echo: measured {n}", text
+                    n += 1
+                    mine.append(time.time())
+                got = {"asker": ap.down, "worker": wp.down, "broker": bp.down}
+            finally:
+                await client.close()
+            ends = list(mine)
+            if load is not None:
+                while load.poll() is None:
+                    await asyncio.sleep(0.2)
+                ends += json.loads(out.read_text())["ends"]
+    mine_n = sum(1 for t in mine if start <= t <= end)
+    total = sum(1 for t in ends if start <= t <= end)
+    per = {
+        "asker": (got["asker"] - counts["asker"]) / max(1, mine_n),
+        "worker": (got["worker"] - counts["worker"]) / max(1, total),
+        "broker": (got["broker"] - counts["broker"]) / max(1, total),
+    }
+    return {**per, "tasks": total, "mine": mine_n}
+
+
+async def run(quick: bool) -> Section:
+    duration = 3.0 if quick else 6.0
+    sizes = (1, 10) if quick else (1, 10, 100)
+    results: dict[str, dict[str, float]] = {}
+    for k in sizes:
+        for protocol in PROTOCOLS:  # back to back
+            results[f"v{protocol}-{k}"] = await cell(protocol, k, duration)
+    rows = []
+    for k in sizes:
+        r2, r3 = results[f"v2-{k}"], results[f"v3-{k}"]
+        rows.append(
+            [k]
+            + [f"{r2[role]:,.0f} / {r3[role]:,.0f}" for role in ROLES]
+            + [f"{int(r2['tasks'])} / {int(r3['tasks'])}"]
+        )
+    body = (
+        f"Bytes the market sent each agent per task (v2 / v3), over a window of "
+        f"{duration:g} s with K askers in closed loops, one broker and one echo worker; "
+        "the asker's bytes are per answer it asked for, the broker's and the worker's per "
+        "answer of the whole market.\n\n"
+        + table(
+            ["askers", "asker B/task v2 / v3", "worker B/task", "broker B/task", "tasks"],
+            rows,
+        )
+    )
+    targets = []
+    for protocol in PROTOCOLS:
+        growth = {
+            role: results[f"v{protocol}-{sizes[-1]}"][role] / results[f"v{protocol}-1"][role]
+            for role in ROLES
+        }
+        worst = max(growth, key=lambda role: growth[role])
+        targets.append(
+            Target(
+                f"v{protocol}: bytes received per agent per task, 1 → {sizes[-1]} askers",
+                "constant (growth ≤ 1.5 ×)",
+                ", ".join(f"{role} × {growth[role]:.2f}" for role in ROLES) + f" (worst: {worst})",
+                growth[worst] <= 1.5,
+                19,
+            )
+        )
+    return Section("Traffic by role: bytes received per task", body, targets, results)
