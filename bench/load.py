@@ -46,6 +46,7 @@ async def main(
     clients = [Client(url, room, name=f"load-{i}", connect_timeout=60) for i in range(n_clients)]
     await connect_all(clients, data)
     await clients[0].wait_for_worker(None, 60)
+    late = max(0.0, time.time() - start)  # connected after the window opened: counts less
     latencies: list[float] = []
     ends: list[float] = []  # when each answer came in (wall clock), window or not
     errors = 0
@@ -72,7 +73,7 @@ async def main(
     await asyncio.gather(*(loop(clients[i % n_clients], i) for i in range(k)))
     await asyncio.gather(*(c.close() for c in clients))
     with open(out, "w") as f:
-        json.dump({"latencies": latencies, "ends": ends, "errors": errors}, f)
+        json.dump({"latencies": latencies, "ends": ends, "errors": errors, "late": late}, f)
 
 
 def option(args: list[str], name: str) -> str | None:

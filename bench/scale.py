@@ -312,7 +312,7 @@ async def run(quick: bool) -> Section:
             ),
         ]
     crowd_n = 500 if quick else 5000
-    crowds = {f"v{p}": await crowd(p, crowd_n, 300 if p == 2 else 900) for p in PROTOCOLS}
+    crowds = {f"v{p}": await crowd(p, crowd_n, 180 if p == 2 else 600) for p in PROTOCOLS}
     data["crowd"] = crowds
 
     def served(d: dict[str, Any]) -> str:
@@ -326,8 +326,8 @@ async def run(quick: bool) -> Section:
 
     body += (
         f"\n\n{crowd_n:,} agents (same swarm) connect, then a broker, one echo worker (4 "
-        "slots) and 10 clients in closed loops for 5 s (patience: 300 s for protocol 2, "
-        "900 s for protocol 3):\n\n"
+        "slots) and 10 clients in closed loops for 5 s (patience: 180 s for protocol 2, "
+        "600 s for protocol 3):\n\n"
         + table(["protocol", "what happened"], [[p, served(d)] for p, d in crowds.items()])
     )
     c3 = crowds["v3"]
