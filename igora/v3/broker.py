@@ -263,7 +263,7 @@ class V3Broker:
                 run = raw if isinstance(raw, dict) else None
                 runs[tid] = run or {}
             aborted = bool(self._map(f"a/{asker}", ABORTS).get(tid))
-            # who is sent once a second: a header newer than that may come before its asker
+            # who is coalesced (50 ms): a header may come before its asker is in it
             date = number(header.get(Header.DATE)) or 0
             here = asker in present or now - date < NEW_ASKER * 1000
             view = View(header, status, aborted, run, worker in present, here, now)
