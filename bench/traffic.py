@@ -84,7 +84,7 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
             if load is not None:
                 while load.poll() is None:
                     await asyncio.sleep(0.2)
-                ends += json.loads(out.read_text())["ends"]
+                ends += [t1 for _, t1 in json.loads(out.read_text())["done"]]
     mine_n = sum(1 for t in mine if start <= t <= end)
     total = sum(1 for t in ends if start <= t <= end)
     per = {
