@@ -39,7 +39,8 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
             c.room_worker("--slots", "16", "--market", wp.url)
             await c.wait_agents_async("worker", 1, timeout=180)
             await c.wait_agents_async("broker", 1, timeout=180)
-            start = time.time() + 3.0 + 0.15 * askers
+            # time for the askers to connect (protocol 3's one after the other) under load
+            start = time.time() + 5.0 + 0.4 * askers
             end = start + duration
             out = c.dir / "load.json"
             load = None
@@ -66,6 +67,10 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
                     os.environ["IGORA_DATA"] = saved
             try:
                 await client.wait_for_worker(None, 60)
+                if time.time() > start:
+                    raise RuntimeError(
+                        f"the measured asker connected {time.time() - start:.1f} s late"
+                    )
                 mine: list[float] = []
                 n = 0
                 while time.time() < start:
@@ -87,6 +92,8 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
                 ends += [t1 for _, t1 in json.loads(out.read_text())["done"]]
     mine_n = sum(1 for t in mine if start <= t <= end)
     total = sum(1 for t in ends if start <= t <= end)
+    if load is not None and total == mine_n:
+        raise RuntimeError(f"the other {askers - 1} askers answered nothing in the window")
     per = {
         "asker": (got["asker"] - counts["asker"]) / max(1, mine_n),
         "worker": (got["worker"] - counts["worker"]) / max(1, total),
