@@ -4,7 +4,7 @@ askers are added, protocol 2 against protocol 3.
 One market, one broker and one echo worker (16 slots), each connected through a
 counting TCP proxy (``bench.proxy``: websocket framing included), one measured asker in
 this process through a proxy too, and K - 1 more askers in a load process
-(``bench.load``), every asker in a closed loop. Over a window the proxies count the
+(two ``bench.load`` processes), every asker in a closed loop. Over a window the proxies count the
 bytes the market sent each measured agent; the asker's are divided by its own answers,
 the broker's and the worker's by all the answers of the window (the one worker serves
 them all). With traffic scoped to those who act on it, each figure stays constant as
@@ -42,19 +42,22 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
             # time for the askers to connect (protocol 3's one after the other) under load
             start = time.time() + 5.0 + 0.4 * askers
             end = start + duration
-            out = c.dir / "load.json"
-            load = None
-            if askers > 1:
-                load = c.spawn(
+            others = askers - 1  # in two load processes, as in the throughput topic
+            shares = [n for n in (others - others // 2, others // 2) if n > 0]
+            outs = [c.dir / f"load-{i}.json" for i in range(len(shares))]
+            loads = [
+                c.spawn(
                     c.url,
-                    str(askers - 1),
+                    str(n),
                     str(start),
                     str(duration),
                     str(out),
-                    *c.load_args("load"),
-                    name="load",
+                    *c.load_args(f"load-{i}"),
+                    name=f"load-{i}",
                     module="bench.load",
                 )
+                for i, (n, out) in enumerate(zip(shares, outs, strict=True))
+            ]
             saved = os.environ.get("IGORA_DATA")
             os.environ.update(c.agent_data("asker"))  # its own identity (protocol 3)
             try:
@@ -86,13 +89,13 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
             finally:
                 await client.close()
             ends = list(mine)
-            if load is not None:
+            for load, out in zip(loads, outs, strict=True):
                 while load.poll() is None:
                     await asyncio.sleep(0.2)
                 ends += [t1 for _, t1 in json.loads(out.read_text())["done"]]
     mine_n = sum(1 for t in mine if start <= t <= end)
     total = sum(1 for t in ends if start <= t <= end)
-    if load is not None and total == mine_n:
+    if loads and total == mine_n:
         raise RuntimeError(f"the other {askers - 1} askers answered nothing in the window")
     per = {
         "asker": (got["asker"] - counts["asker"]) / max(1, mine_n),
