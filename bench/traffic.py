@@ -74,18 +74,23 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
                     raise RuntimeError(
                         f"the measured asker connected {time.time() - start:.1f} s late"
                     )
-                mine: list[float] = []
-                n = 0
-                while time.time() < start:
-                    await client.chat(f"warm {n}")
-                    n += 1
+                mine: list[float] = []  # when each of its answers came in
+
+                async def ask() -> None:
+                    n = 0
+                    while time.time() < end:
+                        text = await client.chat(f"measured {n}")
+                        assert text == f"Echo: measured {n}", text
+                        n += 1
+                        mine.append(time.time())
+
+                asking = asyncio.create_task(ask())
+                # the window is read at fixed times, whatever the answers' latency
+                await asyncio.sleep(max(0.0, start - time.time()))
                 counts = {"asker": ap.down, "worker": wp.down, "broker": bp.down}
-                while time.time() < end:
-                    text = await client.chat(f"measured {n}")
-                    assert text == f"Echo: measured {n}", text
-                    n += 1
-                    mine.append(time.time())
+                await asyncio.sleep(max(0.0, end - time.time()))
                 got = {"asker": ap.down, "worker": wp.down, "broker": bp.down}
+                await asking
             finally:
                 await client.close()
             ends = list(mine)
@@ -106,7 +111,7 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
 
 
 async def run(quick: bool) -> Section:
-    duration = 3.0 if quick else 6.0
+    duration = 3.0 if quick else 10.0
     sizes = (1, 10) if quick else (1, 10, 100)
     results: dict[str, dict[str, float]] = {}
     for k in sizes:
