@@ -328,7 +328,7 @@ async def run(quick: bool) -> Section:
 
     def served(d: dict[str, Any]) -> str:
         if not d["connected"]:
-            return f"not all connected within the patience ({d['connections']} connections)"
+            return f"not all connected within the patience (connections: {d['connections']})"
         return (
             f"{d['connections']} connections in {d['connect_time']:.0f} s, market RSS "
             f"{d['rss']:.0f} MiB; then {d['tasks_s']:.0f} tasks/s, p50 {ms(d['p50'])} ms, "
