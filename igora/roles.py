@@ -12,6 +12,7 @@ from .agent import DEFAULT_HEARTBEAT, Agent
 from .broker.broker import Broker
 from .client import DEFAULT_TIMEOUT, Client, Restart
 from .config import MarketAddress
+from .errors import IgoraError
 from .protocol import BROKER_STYLE, TEXT_STYLE, AgentType
 from .serving import WorkerSpec, serve
 from .summary import agent_order, agent_summary, tasks_by_state
@@ -93,6 +94,11 @@ def _table(rows: list[list[str]]) -> str:
 
 async def status(address: MarketAddress, *, as_json: bool = False) -> int:
     """``igora status``: the agents and the tasks by state, as a table or JSON."""
+    if await room_speaks_v3(address, 0):
+        raise IgoraError(
+            f"{address.room_url} speaks protocol 3, which `igora status` does not read yet "
+            f"(its agents are listed at {address.url.replace('ws', 'http', 1)}/status)"
+        )
     agent = Agent(address, type=AgentType.CLIENT.value, name="igora-status", style=TEXT_STYLE)
     async with agent:
         await asyncio.sleep(STATUS_SETTLE)  # let awareness states arrive

@@ -267,6 +267,8 @@ def test_an_engine_down_hands_the_task_to_another_worker_or_fails_with_its_reaso
         async def main() -> None:
             monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
             async with Client(cluster.url, ROOM, name="alice", timeout=30) as a:
+                # the three adverts in dir (who, which wait_agents reads, may come first)
+                await wait_for(lambda: len(a.workers()) == 3, 10, "three adverts", cluster)
                 answer = await (await a.submit("Hi", model="flaky")).result()
                 assert answer.text == "Hello from the stub"
                 with pytest.raises(TaskFailed, match="HTTP 503: stub: overloaded"):

@@ -15,6 +15,7 @@ The receipt (``p/….receipts``) is step 7's.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +104,7 @@ class V3Asker:
             Header.ID: tid,
             Header.MODEL: task.get(TaskField.MODEL) or ANY_MODEL,
             Header.MAX_TOKENS: task.get(TaskField.MAX_TOKENS),
-            Header.PROMPT_BYTES: len(repr(task).encode()),
+            Header.PROMPT_BYTES: len(json.dumps(task, ensure_ascii=False).encode()),
             Header.DATE: task[TaskField.DATE],
             Header.DEADLINE: task[TaskField.DEADLINE],
             Header.NEEDS: sorted(required(task)),

@@ -144,7 +144,10 @@ class V3Broker:
         while True:
             self._wake.clear()
             if self.session.lease:
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # a bug on one entry must not stop the broker
+                    log.exception("broker: a turn failed")
             tick = asyncio.get_running_loop().call_later(TICK, self._wake.set)
             await self._wake.wait()
             tick.cancel()

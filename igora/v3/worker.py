@@ -31,6 +31,7 @@ from ..worker.fit import cannot_serve
 from ..worker.running import Pieces, Running, Stop, embed_inputs, request_for, stream_chat
 from ..worker.worker import DEFAULT_MAX_TOKENS, HEALTH_INTERVAL
 from . import advert as adverts
+from .documents import TASK_ID
 from .header import HeaderError, verify_header
 from .session import EventKind, Session
 from .signed import SignatureError, plain
@@ -103,6 +104,7 @@ class V3Worker:
         self.jobs: dict[str, Job] = {}  # tid -> the attempt this worker runs or ran
         self._session_key = identity.session_key()
         self._wake = asyncio.Event()
+        self._malformed: set[str] = set()  # inbox entries that are no assignment
         self._runs = session.own(worker_doc(self.id))
         self._inbox = session.subscribe(inbox(self.id))
         session.observe(self._on_event)
@@ -130,7 +132,10 @@ class V3Worker:
         try:
             while True:
                 self._wake.clear()
-                self._scan()
+                try:
+                    self._scan()
+                except Exception:  # a bug on one entry must not stop the worker
+                    log.exception("%s: reading the inbox failed", self.name)
                 tick = asyncio.get_running_loop().call_later(1.0, self._wake.set)
                 await self._wake.wait()
                 tick.cancel()
@@ -174,8 +179,13 @@ class V3Worker:
                     job.run.halt(Stop.LOST)
             elif not job.ended and not job.run.stop_reason and self._abort_asked(tid, job, entry):
                 job.run.halt(Stop.ABORTED)
+        self._malformed &= assigned.keys()  # logged once while it stays
         for tid, entry in assigned.items():
-            if tid not in self.jobs and sum(not j.ended for j in self.jobs.values()) < self.slots:
+            if (
+                tid not in self.jobs
+                and tid not in self._malformed
+                and sum(not j.ended for j in self.jobs.values()) < self.slots
+            ):
                 self._take(tid, entry)
 
     def _abort_asked(self, tid: str, job: Job, entry: Any) -> bool:
@@ -186,15 +196,17 @@ class V3Worker:
 
     def _take(self, tid: str, entry: Any) -> None:
         """Start an assignment, once its prompt is here; refuse a bad one."""
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or not TASK_ID.fullmatch(tid):
+            log.warning("%s: ignored a malformed assignment %r", self.name, tid[:16])
+            self._malformed.add(tid)
             return
         header = entry.get(Assignment.HEADER)
         with contextlib.suppress(SignatureError):  # Yjs gives floats: as signed, first
             header = plain(header)
         attempt = number(entry.get(Assignment.ATTEMPT))
         if not isinstance(header, dict) or attempt is None or attempt < 1:
-            log.warning("%s: ignored a malformed assignment %s", self.name, tid[:16])
-            self.jobs[tid] = Job(Running(tid, 0), "", ended=True)
+            log.warning("%s: ignored a malformed assignment %r", self.name, tid[:16])
+            self._malformed.add(tid)
             return
         n = int(attempt)
         try:
