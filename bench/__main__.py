@@ -1,7 +1,7 @@
 """``python -m bench`` (``make bench``): run the benchmark suite, write docs/benchmarks.md.
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
-(repeatable: overhead, streaming, throughput, wire, sync, scale, replicas, gateway,
+(repeatable: overhead, streaming, throughput, wire, traffic, sync, scale, replicas, gateway,
 gateway_load, soak, structured), ``--out PATH``
 (a partial run writes bench-report.md unless told otherwise).
 """
@@ -32,6 +32,7 @@ MODULES = [
     "streaming",
     "throughput",
     "wire",
+    "traffic",
     "sync",
     "scale",
     "replicas",
@@ -103,11 +104,14 @@ def render(
         "",
         f"Whole run: {elapsed / 60:.1f} min.",
         "",
-        "## Targets (issue #8)",
+        "## Targets (issues #8 and #19)",
         "",
         table(
-            ["target", "goal", "measured", "met"],
-            [[t.name, t.goal, t.measured, "yes" if t.met else "**no**"] for t in targets],
+            ["issue", "target", "goal", "measured", "met"],
+            [
+                [f"#{t.issue}", t.name, t.goal, t.measured, "yes" if t.met else "**no**"]
+                for t in targets
+            ],
         ),
         "",
     ]

@@ -13,6 +13,7 @@ from igora.testing import free_port, wait_http
 
 __all__ = [
     "ENGINE_LABELS",
+    "PROTOCOLS",
     "ROOT",
     "Cluster",
     "Section",
@@ -45,12 +46,13 @@ def ms(seconds: float) -> str:
 
 @dataclass
 class Target:
-    """One goal of issue #8 and where this run stands."""
+    """One goal of an issue (#8 unless told) and where this run stands."""
 
     name: str
     goal: str
     measured: str
     met: bool
+    issue: int = 8
 
 
 @dataclass
@@ -67,20 +69,62 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+PROTOCOLS = (2, 3)
+"""The protocols a topic compares (issue #19): 2, the original room, and 3 (room ``v3``)."""
+
+
 class Cluster(testing.Cluster):
     """``igora.testing.Cluster`` as a benchmark runs it: in a temporary folder (kept, for
     the logs), every role at log level warning and with its own default heartbeat and
-    grace, and the repository on the children's path (``python -m bench.swarm``...)."""
+    grace, and the repository on the children's path (``python -m bench.swarm``...).
 
-    def __init__(self, name: str) -> None:
+    ``protocol`` 3: the market makes the room ``v3`` speak protocol 3, and ``room_market``,
+    ``room_broker``, ``room_worker``, ``room_gateway`` start the roles in it, each agent with
+    its own data folder (its own identity); with 2 they are the roles in the market's
+    default room, as before."""
+
+    V3_ROOM = "v3"
+
+    def __init__(self, name: str, protocol: int = 2) -> None:
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         super().__init__(
-            Path(tempfile.mkdtemp(prefix=f"igora-bench-{name}-")),
+            Path(tempfile.mkdtemp(prefix=f"igora-bench-{name}-v{protocol}-")),
             log_level="warning",
             heartbeat=None,
             grace=None,
             env={"PYTHONPATH": path},
         )
+        self.protocol = protocol
+
+    @property
+    def room(self) -> str | None:
+        """The room measured: None for the market's default one (protocol 2)."""
+        return self.V3_ROOM if self.protocol == 3 else None
+
+    def room_args(self) -> list[str]:
+        return [] if self.room is None else ["--room", self.room]
+
+    def room_market(self, *extra: str) -> testing.Proc:
+        v3 = ["--v3-room", self.V3_ROOM] if self.protocol == 3 else []
+        return self.market(*extra, *v3)
+
+    def room_broker(self, *extra: str, name: str = "broker") -> testing.Proc:
+        return self.broker(*self.room_args(), *extra, name=name, data=self.protocol == 3)
+
+    def room_worker(self, *extra: str, name: str = "worker", engine: str = "echo") -> testing.Proc:
+        return self.worker(
+            *self.room_args(), *extra, name=name, engine=engine, data=self.protocol == 3
+        )
+
+    def room_gateway(self, *extra: str, name: str = "gateway") -> tuple[testing.Proc, str]:
+        return self.gateway(*self.room_args(), *extra, name=name, data=self.protocol == 3)
+
+    def load_args(self, name: str) -> list[str]:
+        """The options of load process ``name`` (``bench.load``) for this room (protocol 3:
+        a data folder per client, under ``DIR/data-NAME``)."""
+        if self.protocol == 2:
+            return []
+        return [*self.room_args(), "--data", str(self.dir / f"data-{name}")]
 
 
 def rss_mb(pid: int) -> float:

@@ -1,30 +1,53 @@
 """A load process: K askers in a closed loop (each asks again as soon as its answer is in).
 
-``python -m bench.load URL K START DURATION OUT [--shared]`` connects K ``Client``s (each
-its own market connection), or with ``--shared`` one ``Client`` whose K loops share its
-connection (as a gateway serves many users), waits until the wall-clock time START, then
-has each loop ask short echo prompts one after the other for DURATION seconds; it writes
-the count of answers and their latencies to OUT (JSON).
+``python -m bench.load URL K START DURATION OUT [--shared] [--room ROOM] [--data DIR]``
+connects K ``Client``s (each its own market connection), or with ``--shared`` one
+``Client`` whose K loops share its connection (as a gateway serves many users), waits
+until the wall-clock time START, then has each loop ask short echo prompts one after the
+other for DURATION seconds; it writes to OUT (JSON) when each answer was asked for and
+when it came in (``done``), the count of errors, and how late it was ready (``late``).
+``--room`` names the room (default: the market's default room); ``--data DIR`` gives
+client i its own data folder ``DIR/load-i``, hence its own identity (what a protocol 3
+room needs of each agent; the clients then connect one after the other, since a client
+reads ``IGORA_DATA`` when it connects).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
 from igora import Client
 
 
+async def connect_all(clients: list[Client], data: str | None) -> None:
+    if data is None:
+        await asyncio.gather(*(c.connect() for c in clients))
+        return
+    for i, c in enumerate(clients):
+        os.environ["IGORA_DATA"] = os.path.join(data, f"load-{i}")
+        await c.connect()
+
+
 async def main(
-    url: str, k: int, start: float, duration: float, out: str, shared: bool = False
+    url: str,
+    k: int,
+    start: float,
+    duration: float,
+    out: str,
+    shared: bool = False,
+    room: str | None = None,
+    data: str | None = None,
 ) -> None:
     n_clients = 1 if shared else k
-    clients = [Client(url, name=f"load-{i}", connect_timeout=60) for i in range(n_clients)]
-    await asyncio.gather(*(c.connect() for c in clients))
+    clients = [Client(url, room, name=f"load-{i}", connect_timeout=60) for i in range(n_clients)]
+    await connect_all(clients, data)
     await clients[0].wait_for_worker(None, 60)
-    latencies: list[float] = []
+    late = max(0.0, time.time() - start)  # connected after the window opened: counts less
+    done: list[tuple[float, float]] = []  # (asked, answered) of every answer, wall clock
     errors = 0
     end = start + duration
 
@@ -38,21 +61,33 @@ async def main(
                 assert text == f"Echo: load {i} {n}", text
             except Exception:
                 errors += 1
-            t1 = time.time()
+            done.append((t0, time.time()))
             n += 1
-            if start <= t0 and t1 <= end:
-                latencies.append(t1 - t0)
 
     await asyncio.sleep(max(0.0, start - 1.0 - time.time()))
     # one second of warm-up before the window opens
     await asyncio.gather(*(loop(clients[i % n_clients], i) for i in range(k)))
     await asyncio.gather(*(c.close() for c in clients))
     with open(out, "w") as f:
-        json.dump({"latencies": latencies, "errors": errors}, f)
+        json.dump({"done": done, "errors": errors, "late": late}, f)
+
+
+def option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
 
 
 if __name__ == "__main__":
     url, k, start, duration, out = sys.argv[1:6]
+    rest = sys.argv[6:]
     asyncio.run(
-        main(url, int(k), float(start), float(duration), out, shared="--shared" in sys.argv[6:])
+        main(
+            url,
+            int(k),
+            float(start),
+            float(duration),
+            out,
+            shared="--shared" in rest,
+            room=option(rest, "--room"),
+            data=option(rest, "--data"),
+        )
     )

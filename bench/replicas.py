@@ -20,7 +20,7 @@ from igora import Client
 from igora.testing import Proc, RedisServer, wait_for
 
 from .common import Cluster, Section, cpu_seconds, ms, rss_mb, table
-from .scale import CHURN, HEARTBEAT, probe
+from .scale import CHURN, HEARTBEAT, probe_v2
 
 NAME = "replicas"
 PER_SWARM = 350  # light agents per swarm process, about (each replica gets whole ones)
@@ -76,7 +76,7 @@ async def setup(replicas: int, agents: int, n_probe: int) -> Run:
             [c.market(*limits)] if replicas == 1 else c.replicas(redis.url, replicas, *limits)
         )
         urls = [f"ws://127.0.0.1:{p}" for p in c.ports]
-        empty = await probe(urls[0], n_probe, urls[1 % len(urls)])  # the cost of the hop
+        empty = await probe_v2(urls[0], n_probe, urls[1 % len(urls)])  # the cost of the hop
         c.broker("--market", urls[0])
         for i in range(2):
             c.worker("--slots", "8", "--market", urls[(i + 1) % len(urls)], name=f"w{i}")
@@ -104,7 +104,7 @@ async def setup(replicas: int, agents: int, n_probe: int) -> Run:
         await asyncio.sleep(5)  # heartbeats and churn settle into their rhythm
         pids = [m.pid for m in markets] + ([redis.p.pid] if replicas > 1 and redis.p else [])
         cpu0, w0 = [cpu_seconds(p) for p in pids], time.monotonic()
-        loaded = await probe(urls[0], n_probe, urls[1 % len(urls)])
+        loaded = await probe_v2(urls[0], n_probe, urls[1 % len(urls)])
         tps, errors = await tasks_per_second(urls, TASK_SECONDS)
         wall = time.monotonic() - w0
         cpu = [(cpu_seconds(p) - c0) / wall for p, c0 in zip(pids, cpu0, strict=True)]

@@ -1,12 +1,16 @@
 """A swarm process: N light y-websocket agents in one room, with churn.
 
-``python -m bench.swarm URL N HEARTBEAT CHURN SECONDS READY_FILE``. Each agent speaks
-the protocol as any agent does on the wire (sync step 1 and 2, an awareness state in
-Igora's layout refreshed every HEARTBEAT s, a goodbye when it leaves) but keeps no
+``python -m bench.swarm URL N HEARTBEAT CHURN SECONDS READY_FILE [--v3 ROOM]``. Each
+agent speaks the protocol as any agent does on the wire (sync step 1 and 2, an awareness
+state in Igora's layout refreshed every HEARTBEAT s, a goodbye when it leaves) but keeps no
 document: it reads and drops what the market sends, so that four such processes can
 hold 1,000 connections on two cores and the market is what gets measured. Once all
 are connected it writes READY_FILE, then every second CHURN of them leave and as many
 new ones join, for SECONDS seconds.
+
+With ``--v3 ROOM`` the agents are protocol 3 ``Session``s in ROOM, each with its own
+identity (made in memory): the handshake, a ``PRESENCE`` every HEARTBEAT s, no
+subscription (a client that asks nothing reads nothing).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from nacl.signing import SigningKey
 from pycrdt import (
     Doc,
     YMessageType,
@@ -26,8 +31,11 @@ from pycrdt import (
 )
 from websockets.asyncio.client import connect
 
+from igora.config import MarketAddress
+from igora.identity import Identity
 from igora.market.frames import awareness_message
 from igora.protocol import PROTOCOL_VERSION, new_id, now_ms
+from igora.v3.session import Session
 
 EMPTY = Doc()
 
@@ -104,16 +112,44 @@ class Light:
                 await self.task
 
 
+class Light3:
+    """A protocol 3 agent present in a room and reading nothing."""
+
+    def __init__(self, url: str, room: str, n: int, heartbeat: float) -> None:
+        name = f"swarm-{n}"
+        self.session = Session(
+            MarketAddress(url, room),
+            Identity(SigningKey.generate()),
+            name=name,
+            state={"type": "client", "name": name},
+            heartbeat=heartbeat,
+            connect_timeout=300,
+        )
+
+    async def start(self) -> None:
+        await self.session.start()
+
+    async def stop(self) -> None:
+        await self.session.stop()
+
+
 async def main(
-    url: str, n: int, heartbeat: float, churn: float, seconds: float, ready: str
+    url: str,
+    n: int,
+    heartbeat: float,
+    churn: float,
+    seconds: float,
+    ready: str,
+    v3_room: str | None = None,
 ) -> None:
-    room = f"{url}/market"
     count = 0
 
-    def make() -> Light:
+    def make() -> Light | Light3:
         nonlocal count
         count += 1
-        return Light(room, count, heartbeat)
+        if v3_room is not None:
+            return Light3(url, v3_room, count, heartbeat)
+        return Light(f"{url}/market", count, heartbeat)
 
     agents = [make() for _ in range(n)]
     for i in range(0, n, 25):  # a crowd arriving in waves
@@ -136,4 +172,5 @@ async def main(
 
 if __name__ == "__main__":
     url, n, hb, churn, seconds, ready = sys.argv[1:7]
-    asyncio.run(main(url, int(n), float(hb), float(churn), float(seconds), ready))
+    room = sys.argv[8] if sys.argv[7:8] == ["--v3"] else None
+    asyncio.run(main(url, int(n), float(hb), float(churn), float(seconds), ready, room))

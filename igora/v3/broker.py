@@ -114,6 +114,8 @@ class V3Broker:
         self._verified: dict[str, str] = {}  # tid -> sig of a header that verified
         self._refused: set[str] = set()  # tids whose header did not verify (logged once)
         self._handed_back: dict[str, set[str]] = {}  # tid -> workers whose engine failed it
+        self._adverts: dict[str, tuple[dict[str, Any], Peer]] = {}  # id -> advert checked
+        self._read: dict[tuple[str, str], dict[str, Any]] | None = None  # a turn's reads
         self._wake = asyncio.Event()
         for prefix in ("a/", "w/", "in/"):
             session.subscribe(prefix, prefix=True)
@@ -152,16 +154,32 @@ class V3Broker:
 
     # ------------------------------------------------------------------ reading
     def _map(self, name: str, key: str) -> dict[str, Any]:
+        """A map of a document as a dict; read once per turn for the documents others
+        write (they change only between turns, as the market's updates are applied),
+        each time for the inboxes this broker writes during the turn."""
+        cache = None if name.startswith("in/") else self._read
+        if cache is not None and (name, key) in cache:
+            return cache[name, key]
         doc = self.session.docs.get(name)
-        return {} if doc is None else dict(doc.get(key, type=Map).items())
+        out = {} if doc is None else dict(doc.get(key, type=Map).items())
+        if cache is not None:
+            cache[name, key] = out
+        return out
 
     def _present(self) -> set[str]:
         return set(self._map("who", "agents"))
 
     def _workers(self, present: set[str]) -> dict[str, Peer]:
         workers = {}
-        for id_, raw in self._map("dir", "workers").items():
+        listed = self._map("dir", "workers")
+        for id_ in [i for i in self._adverts if i not in listed]:
+            del self._adverts[id_]
+        for id_, raw in listed.items():
             if id_ not in present or not isinstance(raw, dict):
+                continue
+            known = self._adverts.get(id_)
+            if known is not None and known[0] == raw:  # checked already: two signatures
+                workers[id_] = known[1]
                 continue
             try:
                 checked = adverts.check(raw)
@@ -170,6 +188,7 @@ class V3Broker:
                 continue
             if checked.get("id") == id_:
                 workers[id_] = worker_peer(checked)
+                self._adverts[id_] = (raw, workers[id_])
         return workers
 
     def _headers(self) -> dict[str, dict[str, Any]]:
@@ -210,6 +229,13 @@ class V3Broker:
     # ------------------------------------------------------------------ a turn
     def step(self) -> None:
         """Decide for every task, write what changes: one turn."""
+        self._read = {}
+        try:
+            self._step()
+        finally:
+            self._read = None
+
+    def _step(self) -> None:
         now = now_ms()
         present = self._present()
         workers = self._workers(present)
@@ -240,7 +266,7 @@ class V3Broker:
                 run = raw if isinstance(raw, dict) else None
                 runs[tid] = run or {}
             aborted = bool(self._map(f"a/{asker}", ABORTS).get(tid))
-            # who is sent once a second: a header newer than that may come before its asker
+            # who is coalesced (50 ms): a header may come before its asker is in it
             date = number(header.get(Header.DATE)) or 0
             here = asker in present or now - date < NEW_ASKER * 1000
             view = View(header, status, aborted, run, worker in present, here, now)
