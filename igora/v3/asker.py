@@ -125,7 +125,10 @@ class V3Asker:
     def worker_key(self, worker: str) -> PublicKey | None:
         """The session key of ``worker``'s advert in ``dir``, if the advert checks
         (signature and ``encSig``: ``advert.check``); None otherwise."""
-        raw = dict(self._dir.get("workers", type=Map).items()).get(worker) if self._dir else None
+        raw = self._dir.get("workers", type=Map).get(worker) if self._dir else None
+        return self._key_of(worker, raw)
+
+    def _key_of(self, worker: str, raw: Any) -> PublicKey | None:
         if not isinstance(raw, dict):
             return None
         known = self._adverts.get(worker)
@@ -156,7 +159,7 @@ class V3Asker:
                 break
             if not isinstance(raw, dict) or raw.get("state") == "busy":
                 continue
-            key = self.worker_key(id_)
+            key = self._key_of(id_, raw)
             if key is not None and fits(worker_peer(raw), model, needs):
                 found[id_] = key
         return found

@@ -1,17 +1,17 @@
 """The worker's role in a v3 room (docs/protocol-v3.md §6, §7.2 steps 4-8, §7.3).
 
 It sends its signed advert (``CONTROL advert``: the market writes ``dir.workers``), reads
-its inbox ``in/<own id>`` and runs what the lease holder assigned there: it checks the
-header's signature and opens its grant in the prompt document ``p/<asker>/<tid>`` the
-broker attached to it (``crypto.open_grant``: the task key), then the prompt
-(``crypto.open_prompt``); it runs the engine (``igora.worker.running``, as a v2 worker
-does) and writes the run document ``r/<own id>/<tid>.<n>`` (its ``run`` state and salt
-in clear, the answer as encrypted ``chunks``, the text and the results in the final
+its inbox ``in/<own id>`` and runs what the lease holder assigned there: in the prompt
+document ``p/<asker>/<tid>`` the broker attached to it, it opens its grant
+(``crypto.open_grant``: the task key, once the header's signature checks), then the
+prompt (``crypto.open_prompt``); it runs the engine (``igora.worker.running``, as a v2
+worker does) and writes the run document ``r/<own id>/<tid>.<n>`` (its ``run`` state and
+salt in clear, the answer as encrypted ``chunks``, the text and the results in the final
 chunk: ``crypto.AnswerWriter``) and ``w/<own id>.runs``. A grant or prompt that does not
-open fails the run with the reason. It stops a run when the asker's ``p/…abort`` or the assignment's
-``abort`` is set, or when the assignment leaves its inbox (taken away); it hands a task
-back (run state ``handback``, advert ``busy``) when its engine is down. Once the
-assignment is removed after the run's end (the asker read it), it drops the run
+open fails the run with the reason. It stops a run when the asker's ``p/…abort`` or the
+assignment's ``abort`` is set, or when the assignment leaves its inbox (taken away); it
+hands a task back (run state ``handback``, advert ``busy``) when its engine is down. Once
+the assignment is removed after the run's end (the asker read it), it drops the run
 document and forgets the prompt.
 """
 
@@ -44,7 +44,7 @@ from .crypto import (
     worker_answer_key,
 )
 from .documents import TASK_ID
-from .header import HeaderError, verify_header
+from .header import HeaderError, check_fields
 from .session import EventKind, Session
 from .signed import SignatureError, plain
 from .tasks import (
@@ -227,8 +227,8 @@ class V3Worker:
             self._malformed.add(tid)
             return
         n = int(attempt)
-        try:
-            verify_header(header)
+        try:  # the signature is checked with the grant (``open_grant``)
+            check_fields(header)
             if header.get(Header.ID) != tid:
                 raise HeaderError(f"the header is of task {header.get(Header.ID)!r}, not {tid}")
         except HeaderError as exc:
