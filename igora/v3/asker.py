@@ -80,7 +80,7 @@ class Track:
     task: dict[str, Any]
     header: dict[str, Any]
     key: bytes  # the task key
-    granted: set[str]
+    granted: dict[str, bytes]  # worker id -> the session key its grant was sealed to
     worker: str | None = None
     attempt: int = 0
     read: int = 0  # chunks of the current attempt's run fed to the watch
@@ -184,7 +184,8 @@ class V3Asker:
         header = sign_header(self.identity, {k: v for k, v in fields.items() if v is not None})
         key = new_task_key()
         grants = {w: seal_grant(key, header, pk) for w, pk in candidates.items()}
-        self._tracks[tid] = Track(watch, task, header, key, set(grants))
+        granted = {w: bytes(pk) for w, pk in candidates.items()}
+        self._tracks[tid] = Track(watch, task, header, key, granted)
         prompt = self.session.own(prompt_doc(self.id, tid))
         with prompt.transaction():
             fields_map = prompt.get(PROMPT, type=Map)
@@ -194,20 +195,21 @@ class V3Asker:
 
     def _grant(self, tid: str, track: Track, worker: str) -> None:
         """The late grant (protocol-v3.md §7.2): the broker chose a worker the task key
-        was not sealed to; seal it now, once its advert is in ``dir`` and checks."""
-        if worker in track.granted:
-            return
+        was not sealed to, or sealed to a session key it no longer has (it restarted);
+        seal it now, once its advert is in ``dir`` and checks."""
         key = self.worker_key(worker)
         if key is None:
             log.debug("task %s: waiting for the advert of %s to grant it", tid, worker[:8])
             return  # tried again when dir changes
+        if track.granted.get(worker) == bytes(key):
+            return
         doc = self.session.docs.get(prompt_doc(self.id, tid))
         if doc is None:
             return
         grants = doc.get(PROMPT, type=Map).get(GRANTS)
         if isinstance(grants, Map):
             grants[worker] = seal_grant(track.key, track.header, key)
-            track.granted.add(worker)
+            track.granted[worker] = bytes(key)
 
     def abort(self, tid: str) -> None:
         """Ask the worker (``p/…abort``) and the broker (``a/….aborts``) to stop it."""
@@ -243,7 +245,7 @@ class V3Asker:
                 self._status(tid)
         elif name == "dir":  # an advert came: a grant or a reader may wait for it
             for tid, track in list(self._tracks.items()):
-                if track.worker and (track.worker not in track.granted or track.reader is None):
+                if track.worker:  # a grant (or a new one) or the reader may wait for it
                     self._status(tid)
                     if tid in self._tracks:
                         self._run(tid)

@@ -38,6 +38,7 @@ from . import advert as adverts
 from .crypto import (
     AnswerWriter,
     CryptoError,
+    GrantError,
     new_salt,
     open_grant,
     open_prompt,
@@ -69,6 +70,8 @@ from .tasks import (
 )
 
 log = logging.getLogger("igora.worker")
+
+GRANT_WAIT = 5.0  # s after its assignment a grant that does not open may still be replaced
 
 
 class RunPieces(Pieces):
@@ -247,9 +250,24 @@ class V3Worker:
             # made late (protocol-v3.md §7.2) comes after it
             log.debug("%s: task %s waits for its prompt and grant", self.name, tid)
             return
+        try:
+            key = open_grant(self._session_key, _bytes(grant), header)
+        except GrantError as exc:
+            # A grant sealed to this worker's previous session key (it restarted): the
+            # asker seals a new one when it sees the new advert. Wait for it a while.
+            start = number(entry.get(Assignment.START)) or 0
+            if now_ms() - start < GRANT_WAIT * 1000:
+                log.debug("%s: task %s: %s; waiting for a new grant", self.name, tid, exc)
+                return
+            key = b""
+            error: CryptoError | None = exc
+        else:
+            error = None
         job = self.jobs[tid] = Job(Running(tid, n), asker)
         try:
-            job.key = open_grant(self._session_key, _bytes(grant), header)
+            if error is not None:
+                raise error
+            job.key = key
             job.asker_key = PublicKey(unb64url(str(header.get(Header.KEY)), 32, "header key"))
             pt = open_prompt(job.key, tid, asker, _bytes(ct))
         except (CryptoError, IdentityError) as exc:
