@@ -2,7 +2,7 @@
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
 (repeatable: overhead, streaming, throughput, wire, traffic, sync, scale, replicas, gateway,
-gateway_load, soak, structured), ``--out PATH``
+gateway_load, soak, structured, secure), ``--out PATH``
 (a partial run writes bench-report.md unless told otherwise).
 """
 
@@ -40,6 +40,7 @@ MODULES = [
     "gateway_load",
     "soak",
     "structured",
+    "secure",
 ]
 PACKAGES = [
     "igora",

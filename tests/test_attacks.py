@@ -7,7 +7,11 @@ answer."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from pycrdt import Array, Doc, Map
@@ -15,12 +19,24 @@ from pycrdt import Array, Doc, Map
 from igora import Client
 from igora.testing import Cluster, wait_for
 from igora.v3 import wire
+from igora.v3.crypto import (
+    AnswerError,
+    AnswerReader,
+    GrantError,
+    PromptError,
+    asker_answer_key,
+    new_task_key,
+    open_grant,
+    open_prompt,
+)
 from igora.v3.tasks import (
     CHUNKS,
-    PLAINTEXT,
+    CIPHERTEXT,
+    GRANTS,
     PROMPT,
     RUN,
     TASKS,
+    RunField,
     asker_doc,
     inbox,
     prompt_doc,
@@ -72,7 +88,7 @@ def test_overwrite_delete_or_abort_another_asker_task(
             # overwrite the header with one asking for something else
             (asker_doc(a.id), update_setting(mine, TASKS, tid, {"id": tid, "model": "x"})),
             # replace the prompt
-            (prompt_doc(a.id, tid), update_setting(Doc(), PROMPT, PLAINTEXT, {"prompt": "evil"})),
+            (prompt_doc(a.id, tid), update_setting(Doc(), PROMPT, CIPHERTEXT, b"evil")),
             # abort it as the asker would
             (prompt_doc(a.id, tid), update_setting(Doc(), PROMPT, "abort", True)),
         ]
@@ -151,3 +167,122 @@ def test_announce_another_agent_id(cluster: Cluster, monkeypatch: pytest.MonkeyP
         assert code == 4403 and worker[:20] in reason
 
     under_attack(cluster, monkeypatch, attack)
+
+
+def stored(cluster: Cluster, name: str) -> Doc[Any] | None:
+    """Document ``name`` of ROOM as the market's store holds it (what an operator, or
+    anyone with the file, reads), or None if no row holds it yet."""
+    db = sqlite3.connect(f"file:{cluster.data / 'market.sqlite3'}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT data FROM doc_updates WHERE room = ? AND doc = ?", (ROOM, name)
+        ).fetchall()
+    finally:
+        db.close()
+    if not rows:
+        return None
+    doc: Doc[Any] = Doc()
+    for (data,) in rows:
+        doc.apply_update(bytes(data))
+    return doc
+
+
+def test_read_another_prompt_or_answer(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subscribing to another's prompt or run is refused; the ciphertext itself (as the
+    store holds it, which is also what an attached worker receives) opens for no one
+    without a grant: not the grants made to others, not a guessed task key, not the
+    answer under a key of the rogue's own."""
+
+    async def attack(cluster: Cluster, a: Client, b: Client, tid: str) -> None:
+        worker = await wait_for(lambda: a.worker_of(tid), 10, "alice's task assigned", cluster)
+        peer = await rogue(cluster)
+        for name in (prompt_doc(a.id, tid), run_doc(worker, tid, 1)):
+            await peer.send(wire.Subscribe(((name, False),)))
+            assert (await peer.notice(name)).code == wire.Code.REFUSED
+        # by prefix: refused too, and nothing of alice's comes
+        await peer.send(wire.Subscribe(((f"p/{a.id}/", True),)))
+        assert (await peer.notice(f"p/{a.id}/")).code == wire.Code.REFUSED
+
+        def with_chunks() -> tuple[Doc[Any], Doc[Any]] | None:
+            prompt, run = (
+                stored(cluster, prompt_doc(a.id, tid)),
+                stored(cluster, run_doc(worker, tid, 1)),
+            )
+            if prompt is None or run is None or len(run.get(CHUNKS, type=Array)) < 2:
+                return None
+            return prompt, run
+
+        prompt, run = await wait_for(with_chunks, 10, "alice's task stored with chunks", cluster)
+        fields = prompt.get(PROMPT, type=Map)
+        ct, grants = bytes(fields[CIPHERTEXT]), fields[GRANTS]
+        header = dict(a.v3._tracks[tid].header)  # type: ignore[union-attr]
+        assert worker in grants  # the worker running it was granted the key
+        mine = new_identity()
+        session = mine.session_key()
+        assert mine.id not in grants
+        for grant in grants.values():
+            with pytest.raises(GrantError, match="does not open with our session key"):
+                open_grant(session, bytes(grant), header)
+        with pytest.raises(PromptError, match="does not open"):
+            open_prompt(new_task_key(), tid, a.id, ct)
+        salt = bytes(run.get(RUN, type=Map)[RunField.SALT])
+        key = asker_answer_key(new_task_key(), session, session.public_key, 1, salt)
+        reader = AnswerReader(key, tid, 1)
+        with pytest.raises(AnswerError, match="does not open"):
+            reader.feed(bytes(run.get(CHUNKS, type=Array)[0]))
+
+    under_attack(cluster, monkeypatch, attack)
+
+
+MARKER = "zq-marker-5e1f"
+
+
+def test_marker_string_absent_from_store_and_status(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks whose prompt and answer (echo) carry a marker string: while they run and
+    after, the market's store file and its WAL, its archive endpoint and /status hold no
+    plaintext marker, and the askers get their answers with it."""
+    v3_room(cluster, *SLOW)
+    files = [cluster.data / "market.sqlite3", cluster.data / "market.sqlite3-wal"]
+
+    def operator_view(tid: str) -> bytes:
+        seen = b"".join(f.read_bytes() for f in files if f.exists())
+        seen += urllib.request.urlopen(f"http://127.0.0.1:{cluster.port}/status", timeout=10).read()
+        try:
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{cluster.port}/rooms/{ROOM}/tasks/{tid}", timeout=10
+            )
+        except urllib.error.HTTPError as exc:
+            seen += exc.read()
+        return seen
+
+    async def main() -> None:
+        a, b = await connected(cluster, monkeypatch)
+        try:
+            text = f"{words(40, 'w')} {MARKER}"
+            task = await a.submit(text)
+            worker = await wait_for(lambda: a.worker_of(task.id), 10, "task assigned", cluster)
+            await wait_for(
+                lambda: (
+                    (run := stored(cluster, run_doc(worker, task.id, 1))) is not None
+                    and len(run.get(CHUNKS, type=Array)) > 1
+                    and stored(cluster, prompt_doc(a.id, task.id)) is not None
+                ),
+                10,
+                "the task's prompt and answer in the store",
+                cluster,
+            )
+            assert MARKER.encode() not in operator_view(task.id)  # while it runs
+            answer = await task.result()
+            assert answer.text == f"Echo: {text}" and MARKER in answer.text
+            prompts = [(c, f"{MARKER} {c.name}{i}") for i in range(3) for c in (a, b)]
+            answers = await asyncio.gather(*(c.chat(p, max_tokens=20) for c, p in prompts))
+            assert answers == [f"Echo: {p}" for _, p in prompts]
+            await asyncio.sleep(0.2)  # the store's last writes (every 50 ms)
+            assert MARKER.encode() not in operator_view(task.id)  # and after
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())

@@ -294,3 +294,67 @@ def test_an_engine_down_hands_the_task_to_another_worker_or_fails_with_its_reaso
         assert "handed back" in bad.log()
     finally:
         stub.stop()
+
+
+def test_a_worker_that_came_after_the_task_gets_a_late_grant(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task whose only candidate is busy goes to a worker that came after it was put:
+    the asker grants that worker the task key then (protocol-v3.md §7.2)."""
+    cluster.market("--v3-room", ROOM)
+    cluster.broker("--room", ROOM, name="b1", data=True)
+    cluster.worker("--room", ROOM, *SLOW, name="w1", data=True)
+    cluster.wait_agents("worker", 1)
+    cluster.wait_agents("broker", 1)
+
+    async def main() -> None:
+        a = asker(cluster, "alice", monkeypatch)
+        await a.connect()
+        try:
+            assert a.v3 is not None
+            first = await a.submit(words(100, "z"))  # keeps w1's one slot for 5 s
+            w1 = await wait_for(lambda: a.worker_of(first.id), 10, "first task assigned", cluster)
+            task = await a.submit("granted late")
+            assert a.v3._tracks[task.id].header["candidates"] == [w1]
+            assert set(a.v3._tracks[task.id].granted) == {w1}
+            w2 = cluster.worker("--room", ROOM, name="w2", data=True)
+            answer = await task.result()
+            assert answer.text == "Echo: granted late"
+            assert f"task {task.id} started" in w2.log()
+            assert (await first.result()).text == f"Echo: {words(100, 'z')}"
+        finally:
+            await a.close()
+
+    asyncio.run(main())
+
+
+def test_a_worker_restarted_with_its_identity_gets_a_new_grant(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The only worker is killed mid-task and, once the broker took the task back,
+    started again from its data folder: same id, new session key. The task's attempt 2
+    goes to it, and the asker seals the task key again to its new key (the grant it had
+    opens no more; the worker waits for the new one)."""
+    cluster.market("--v3-room", ROOM)
+    broker = cluster.broker("--room", ROOM, name="b1", data=True)
+    first = cluster.worker("--room", ROOM, *SLOW, name="w1", data=True)
+    cluster.wait_agents("worker", 1)
+    cluster.wait_agents("broker", 1)
+
+    async def main() -> None:
+        a = asker(cluster, "alice", monkeypatch)
+        await a.connect()
+        try:
+            prompt = words(30, "r")
+            task = await a.submit(prompt)
+            await wait_for(lambda: f"task {task.id} started" in first.log(), 10, "started", cluster)
+            first.kill(signal.SIGKILL)
+            await wait_for(lambda: "re-queued" in broker.log(), 10, "task re-queued", cluster)
+            again = cluster.worker("--room", ROOM, *SLOW, name="w1", data=True)
+            answer = await task.result()
+            assert answer.text == f"Echo: {prompt}"
+            assert f"task {task.id} started (attempt 2)" in again.log()
+        finally:
+            await a.close()
+
+    asyncio.run(main())

@@ -156,6 +156,7 @@ class ErrorCode(str, Enum):
     INVALID_TASK = "invalid_task"  # the task breaks the protocol (docs/protocol.md, 4.1)
     DOING_DELETED = "doing_deleted"  # its entry in doing was deleted while it ran
     ABORTED = "aborted"  # state ``aborted``: its asker asked it to stop, or left
+    UNREADABLE = "unreadable"  # v3: its encrypted answer did not open or check (security.md §6)
 
 
 class AgentField:

@@ -1,12 +1,17 @@
 """The asker's role in a v3 room (docs/protocol-v3.md §7.2 steps 1, 3, 7, 9; §7.3):
 what ``igora.Client`` runs when the room speaks version 3.
 
-A task is the signed header in ``a/<own id>.tasks[tid]`` and the prompt document
-``p/<own id>/<tid>`` (the request in clear in ``pt`` until step 4 encrypts it). The
-asker reads its inbox ``in/<own id>``: the broker's status names the worker and the
-attempt, and the broker attaches the run document ``r/<worker>/<tid>.<n>``, whose
-``chunks`` feed the task's ``Watch`` as v2's streams do and whose ``run`` state ends it;
-a status ``failed`` or ``aborted`` ends it too. A new attempt restarts the answer (the
+A task is the signed header in ``a/<own id>.tasks[tid]`` (with this process's session
+key, ``key``, and the ``candidates``) and the prompt document ``p/<own id>/<tid>``: the
+private request fields sealed under a fresh task key (``ct``) and that key granted to
+each candidate worker whose signed advert in ``dir`` checks (``grants``; docs/security.md
+§6). The asker reads its inbox ``in/<own id>``: the broker's status names the worker and
+the attempt (a worker without a grant gets one then: the late grant of protocol-v3.md
+§7.2), and the broker attaches the run document ``r/<worker>/<tid>.<n>``, whose
+``chunks`` are opened by an ``AnswerReader`` and feed the task's ``Watch`` as v2's
+streams do, and whose ``run`` state ends it (its clear ``usage`` must equal the final
+chunk's); any chunk that does not open fails the task with the reason. A status
+``failed`` or ``aborted`` ends it too. A new attempt restarts the answer (the
 ``Restart`` marker). Abort marks ``p/…abort`` (the worker) and ``a/….aborts`` (the
 broker). Once the answer is read the header is deleted, the prompt document dropped and
 the run unsubscribed; the broker then cleans the inboxes and the worker drops its run.
@@ -20,12 +25,24 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from nacl.public import PublicKey
 from pycrdt import Array, Map
 
-from ..capabilities import required
-from ..identity import Identity
-from ..protocol import Peer, TaskField, now_ms, number
+from ..capabilities import fits, required
+from ..identity import Identity, IdentityError, unb64url
+from ..protocol import ErrorCode, Peer, TaskField, now_ms, number
 from ..task_handle import Watch
+from . import advert as adverts
+from .crypto import (
+    AnswerReader,
+    CryptoError,
+    Final,
+    asker_answer_key,
+    new_task_key,
+    private_part,
+    seal_grant,
+    seal_prompt,
+)
 from .header import sign_header
 from .session import Event, EventKind, Session
 from .tasks import (
@@ -33,14 +50,15 @@ from .tasks import (
     ABORTS,
     ANY_MODEL,
     CHUNKS,
+    CIPHERTEXT,
     FINAL_RUNS,
-    PLAINTEXT,
+    GRANTS,
     PROMPT,
-    RESULTS,
     RUN,
     TASKS,
     Header,
     RunField,
+    RunState,
     Status,
     StatusState,
     asker_doc,
@@ -51,6 +69,8 @@ from .tasks import (
 
 log = logging.getLogger("igora.client")
 
+MAX_CANDIDATES = 16  # grants made with a task (128 bytes each); others get one late
+
 
 @dataclass
 class Track:
@@ -58,9 +78,13 @@ class Track:
 
     watch: Watch
     task: dict[str, Any]
+    header: dict[str, Any]
+    key: bytes  # the task key
+    granted: dict[str, bytes]  # worker id -> the session key its grant was sealed to
     worker: str | None = None
     attempt: int = 0
     read: int = 0  # chunks of the current attempt's run fed to the watch
+    reader: AnswerReader | None = None  # of the current attempt's run, once its salt is read
 
 
 class V3Asker:
@@ -70,6 +94,8 @@ class V3Asker:
         self.session = session
         self.identity = identity
         self.id = identity.id
+        self._session_key = identity.session_key()  # answers are sealed to it: memory only
+        self._adverts: dict[str, tuple[str, PublicKey]] = {}  # id -> (advert sig, its key)
         self._asker = session.own(asker_doc(self.id))
         self._inbox = session.subscribe(inbox(self.id))
         self._dir = session.subscribe("dir")
@@ -96,10 +122,54 @@ class V3Asker:
         track = self._tracks.get(tid)
         return track.worker if track else None
 
+    def worker_key(self, worker: str) -> PublicKey | None:
+        """The session key of ``worker``'s advert in ``dir``, if the advert checks
+        (signature and ``encSig``: ``advert.check``); None otherwise."""
+        raw = self._dir.get("workers", type=Map).get(worker) if self._dir else None
+        return self._key_of(worker, raw)
+
+    def _key_of(self, worker: str, raw: Any) -> PublicKey | None:
+        if not isinstance(raw, dict):
+            return None
+        known = self._adverts.get(worker)
+        if known is not None and known[0] == raw.get("sig"):
+            return known[1]
+        try:
+            advert = adverts.check(raw)
+            if advert["id"] != worker:
+                raise adverts.AdvertError("its id is not where it was written")
+            key = PublicKey(unb64url(advert["encKey"], 32, "encKey"))
+        except (adverts.AdvertError, IdentityError) as exc:
+            log.warning("advert of %s not used: %s", worker[:8], exc)
+            return None
+        self._adverts[worker] = (str(advert["sig"]), key)
+        return key
+
+    def _candidates(self, task: dict[str, Any]) -> dict[str, PublicKey]:
+        """Up to MAX_CANDIDATES workers of ``dir`` that serve ``task``, not busy, whose
+        adverts check: id -> session key."""
+        from .broker import worker_peer
+
+        if self._dir is None:
+            return {}
+        model, needs = task.get(TaskField.MODEL) or None, required(task)
+        found: dict[str, PublicKey] = {}
+        for id_, raw in dict(self._dir.get("workers", type=Map).items()).items():
+            if len(found) >= MAX_CANDIDATES:
+                break
+            if not isinstance(raw, dict) or raw.get("state") == "busy":
+                continue
+            key = self._key_of(id_, raw)
+            if key is not None and fits(worker_peer(raw), model, needs):
+                found[id_] = key
+        return found
+
     # ------------------------------------------------------------------ tasks
     def submit(self, task: dict[str, Any], watch: Watch) -> None:
-        """Put ``task`` (a v2 task, validated) on the market; its answer feeds ``watch``."""
+        """Put ``task`` (a v2 task, validated) on the market; its answer feeds ``watch``.
+        The private fields are sealed under a fresh task key, granted to the candidates."""
         tid = task[TaskField.ID]
+        candidates = self._candidates(task)
         fields = {
             Header.ID: tid,
             Header.MODEL: task.get(TaskField.MODEL) or ANY_MODEL,
@@ -108,12 +178,38 @@ class V3Asker:
             Header.DATE: task[TaskField.DATE],
             Header.DEADLINE: task[TaskField.DEADLINE],
             Header.NEEDS: sorted(required(task)),
+            Header.KEY: self._session_key.fields()["encKey"],
+            Header.CANDIDATES: sorted(candidates) or None,
         }
         header = sign_header(self.identity, {k: v for k, v in fields.items() if v is not None})
-        self._tracks[tid] = Track(watch, task)
+        key = new_task_key()
+        grants = {w: seal_grant(key, header, pk) for w, pk in candidates.items()}
+        granted = {w: bytes(pk) for w, pk in candidates.items()}
+        self._tracks[tid] = Track(watch, task, header, key, granted)
         prompt = self.session.own(prompt_doc(self.id, tid))
-        prompt.get(PROMPT, type=Map)[PLAINTEXT] = task
+        with prompt.transaction():
+            fields_map = prompt.get(PROMPT, type=Map)
+            fields_map[CIPHERTEXT] = seal_prompt(key, tid, self.id, private_part(task))
+            fields_map[GRANTS] = Map(grants)
         self._asker.get(TASKS, type=Map)[tid] = header
+
+    def _grant(self, tid: str, track: Track, worker: str) -> None:
+        """The late grant (protocol-v3.md §7.2): the broker chose a worker the task key
+        was not sealed to, or sealed to a session key it no longer has (it restarted);
+        seal it now, once its advert is in ``dir`` and checks."""
+        key = self.worker_key(worker)
+        if key is None:
+            log.debug("task %s: waiting for the advert of %s to grant it", tid, worker[:8])
+            return  # tried again when dir changes
+        if track.granted.get(worker) == bytes(key):
+            return
+        doc = self.session.docs.get(prompt_doc(self.id, tid))
+        if doc is None:
+            return
+        grants = doc.get(PROMPT, type=Map).get(GRANTS)
+        if isinstance(grants, Map):
+            grants[worker] = seal_grant(track.key, track.header, key)
+            track.granted[worker] = bytes(key)
 
     def abort(self, tid: str) -> None:
         """Ask the worker (``p/…abort``) and the broker (``a/….aborts``) to stop it."""
@@ -147,6 +243,12 @@ class V3Asker:
         if name == inbox(self.id):
             for tid in list(self._tracks):
                 self._status(tid)
+        elif name == "dir":  # an advert came: a grant or a reader may wait for it
+            for tid, track in list(self._tracks.items()):
+                if track.worker:  # a grant (or a new one) or the reader may wait for it
+                    self._status(tid)
+                    if tid in self._tracks:
+                        self._run(tid)
         elif name.startswith("r/"):
             tid = name.split("/")[2].partition(".")[0]
             if tid in self._tracks:
@@ -169,9 +271,12 @@ class V3Asker:
                 old = run_doc(track.worker, tid, track.attempt)
                 if old in self.session.docs:
                     self.session.unsubscribe(old)
-            track.worker, track.attempt, track.read = worker, attempt, 0
+            track.worker, track.attempt, track.read, track.reader = worker, attempt, 0, None
             track.watch.feed(attempt, "")
+            self._grant(tid, track, worker)
             self._run(tid)
+        elif state == StatusState.ASSIGNED.value and track.worker:
+            self._grant(tid, track, track.worker)  # if its advert was missing before
         elif state in (StatusState.FAILED.value, StatusState.ABORTED.value):
             final = {
                 **track.task,
@@ -190,23 +295,74 @@ class V3Asker:
         doc = self.session.docs.get(run_doc(track.worker, tid, track.attempt))
         if doc is None:
             return
-        chunks = doc.get(CHUNKS, type=Array)
-        size = len(chunks)
-        if size > track.read:
-            pieces = [chunks[i] for i in range(track.read, size)]
-            track.read = size
-            track.watch.feed(track.attempt, "".join(p for p in pieces if isinstance(p, str)))
         run = doc.get(RUN, type=Map)
         state = run.get(RunField.STATE)
-        if state not in FINAL_RUNS:
-            return
-        final = {**track.task, TaskField.STATE: state, TaskField.WORKER: track.worker}
-        for field in (*RESULTS, RunField.ERROR, RunField.ERROR_CODE, RunField.END):
-            value = run.get(field)
-            if value is not None:
-                final[field] = value
+        try:
+            last = self._read(tid, track, doc.get(CHUNKS, type=Array), run.get(RunField.SALT))
+            if state not in FINAL_RUNS:
+                return
+            final = {**track.task, TaskField.STATE: state, TaskField.WORKER: track.worker}
+            for field in (RunField.ERROR, RunField.ERROR_CODE, RunField.END):
+                value = run.get(field)
+                if value is not None:
+                    final[field] = value
+            if state == RunState.DONE.value:
+                final.update(self._answer(tid, track, last, run.get(RunField.USAGE)))
+        except CryptoError as exc:
+            log.warning("task %s: %s", tid, exc)
+            final = {
+                **track.task,
+                TaskField.STATE: StatusState.FAILED.value,
+                TaskField.WORKER: track.worker,
+                TaskField.ERROR: str(exc),
+                TaskField.ERROR_CODE: ErrorCode.UNREADABLE.value,
+                TaskField.END: now_ms(),
+            }
         final[TaskField.RESPONSE] = track.watch.delivered
         self._end(tid, track, final)
+
+    def _read(self, tid: str, track: Track, chunks: Array[Any], salt: Any) -> Final | None:
+        """Open the chunks not read yet, feeding their text to the watch; the final
+        chunk's content once it came. Nothing is read before the run's salt and the
+        worker's advert are here."""
+        assert track.worker is not None
+        if track.reader is None:
+            worker_key = self.worker_key(track.worker)
+            if not isinstance(salt, (bytes, bytearray)) or worker_key is None:
+                return None
+            answer_key = asker_answer_key(
+                track.key, self._session_key, worker_key, track.attempt, bytes(salt)
+            )
+            track.reader = AnswerReader(answer_key, tid, track.attempt)
+        size = len(chunks)
+        text: list[str] = []
+        while track.read < size:
+            chunk = chunks[track.read]
+            track.read += 1
+            if not isinstance(chunk, (bytes, bytearray)):
+                raise CryptoError(f"run {tid}.{track.attempt}: chunk {track.read - 1} is not bytes")
+            opened = track.reader.feed(bytes(chunk))
+            text.append(opened.text if isinstance(opened, Final) else opened)
+        track.watch.feed(track.attempt, "".join(text))
+        return track.reader.final
+
+    def _answer(self, tid: str, track: Track, final: Final | None, usage: Any) -> dict[str, Any]:
+        """The results of a run done: from its final chunk, whose usage must be the run's
+        usage in clear (what the broker and credits read)."""
+        if track.reader is None:
+            raise CryptoError(f"run {tid}.{track.attempt} is done but has no salt or no advert")
+        final = track.reader.end()
+        clear = {k: number(v) for k, v in usage.items()} if isinstance(usage, dict) else None
+        if clear != final.usage:
+            raise CryptoError(
+                f"run {tid}.{track.attempt}: its usage in clear {clear} is not its final "
+                f"chunk's {final.usage}"
+            )
+        return {
+            TaskField.FINISH_REASON: final.finish_reason,
+            TaskField.USAGE: final.usage,
+            **final.results,
+        }
 
     def _end(self, tid: str, track: Track, final: dict[str, Any]) -> None:
         self._ended.add(tid)

@@ -316,7 +316,13 @@ class V3Broker:
         for header in self.fairness.order(tasks, in_flight):
             tried = self._handed_back.get(str(header[Header.ID]))
             fit = [w for w in pool if w.id not in tried] if tried else pool
-            worker = pick_for(_kind(header), fit, load)
+            # the candidates first (they have grants); another only if none is free:
+            # the asker then grants it late (protocol-v3.md §7.2)
+            named = header.get(Header.CANDIDATES)
+            granted = set(named) if isinstance(named, list) else set()
+            worker = pick_for(_kind(header), [w for w in fit if w.id in granted], load)
+            if worker is None:
+                worker = pick_for(_kind(header), fit, load)
             if worker is None or worker.id is None:
                 continue
             tid, asker, n = (

@@ -17,6 +17,7 @@ different lists give the same bytes.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 from dataclasses import dataclass, field
@@ -312,8 +313,16 @@ def open_grant(session: SessionKey, grant: bytes, header: dict[str, Any]) -> byt
 
 
 def _shared(mine: SessionKey, theirs: PublicKey) -> bytes:
+    return _scalarmult(bytes(mine.private_key), bytes(theirs))
+
+
+@functools.lru_cache(maxsize=1024)
+def _scalarmult(secret: bytes, public: bytes) -> bytes:
+    """X25519, remembered per pair: every task between one asker's and one worker's
+    session keys would repeat it (~0.1 ms each side). Session keys live in memory only,
+    as this cache does."""
     try:
-        return sodium.crypto_scalarmult(bytes(mine.private_key), bytes(theirs))
+        return sodium.crypto_scalarmult(secret, public)
     except (nacl.exceptions.CryptoError, RuntimeError, TypeError, ValueError):
         raise KeyAgreementError(
             "the peer's session key gives no shared secret (a low-order point)"

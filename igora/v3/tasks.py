@@ -6,15 +6,22 @@ for version 2).
 |---|---|---|---|
 | ``a/<asker>`` | ``tasks`` | tid | the signed header (``Header``, ``igora.v3.header``) |
 | ``a/<asker>`` | ``aborts`` | tid | ``True``: the asker asked the task to stop |
-| ``p/<asker>/<tid>`` | ``prompt`` | ``pt`` | the prompt in clear: the v2 task's request fields |
+| ``p/<asker>/<tid>`` | ``prompt`` | ``ct`` | private request fields, sealed (``seal_prompt``) |
+| ``p/<asker>/<tid>`` | ``prompt`` | ``grants`` | worker id -> its grant (``seal_grant``) |
 | ``p/<asker>/<tid>`` | ``prompt`` | ``abort`` | ``True`` (read by the attached worker) |
 | ``in/<worker>`` | ``tasks`` | tid | an ``Assignment`` |
 | ``in/<asker>`` | ``tasks`` | tid | a ``Status`` |
-| ``r/<worker>/<tid>.<n>`` | ``run`` | ``RunField`` | the run's state, its end and results |
-| ``r/<worker>/<tid>.<n>`` | ``chunks`` (array) | | the answer in pieces (clear until step 4) |
+| ``r/<worker>/<tid>.<n>`` | ``run`` | ``RunField`` | salt, state, end, finishReason, usage |
+| ``r/<worker>/<tid>.<n>`` | ``chunks`` (array) | | the answer's chunks (``crypto.AnswerWriter``) |
 | ``w/<worker>`` | ``runs`` | ``<tid>.<n>`` | ``{state, start, end, usage}`` |
 
-The prompt travels in clear in ``pt`` until step 4 puts ciphertext in ``ct`` instead.
+Encoding: ``ct``, each grant, ``salt`` and each chunk are byte values (a Yjs
+``Uint8Array``; pycrdt gives ``bytearray``), not base64 text: a third smaller, and no
+decoding step. The header carries the asker's session key (``key``, base64url: it is
+signed as canonical JSON) and the ``candidates`` it made grants for. The results
+(``toolCalls``, log probabilities, ``choices``, ``embeddings``) and the answer's text are
+only in the chunks; in clear the run holds its state, ``finishReason``, ``usage``, ``end``
+(and ``error``, ``errorCode`` of a failure).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ RUN = "run"  # r/ (a Map)
 CHUNKS = "chunks"  # r/ (an Array)
 
 ANY_MODEL = "*"  # a header's model when the task names none: any text worker answers
-PLAINTEXT = "pt"  # in PROMPT: the request in clear
+CIPHERTEXT = "ct"  # in PROMPT: the private request fields, sealed (bytes)
+GRANTS = "grants"  # in PROMPT: a Map, worker id -> grant (bytes)
 ABORT = "abort"  # in PROMPT, and in an assignment
 
 
@@ -47,6 +55,8 @@ class Header:
     DATE = "date"
     DEADLINE = "deadline"
     NEEDS = "needs"  # the capabilities the task needs (chat, tools, ...): for matching
+    KEY = "key"  # the asker's session key (X25519, base64url): the worker's answer key
+    CANDIDATES = "candidates"  # the workers the asker made grants for: the broker picks among them
     VERSION = "v"
     SIG = "sig"
 
@@ -85,6 +95,7 @@ class RunField:
     """Fields of ``r/<worker>/<tid>.<n>.run`` (and of ``w/<worker>.runs``)."""
 
     STATE = "state"  # a RunState
+    SALT = "salt"  # 16 random bytes of this run: its answer key
     START = TaskField.START
     END = TaskField.END
     FINISH_REASON = TaskField.FINISH_REASON

@@ -1,14 +1,17 @@
 """The worker's role in a v3 room (docs/protocol-v3.md §6, §7.2 steps 4-8, §7.3).
 
 It sends its signed advert (``CONTROL advert``: the market writes ``dir.workers``), reads
-its inbox ``in/<own id>`` and runs what the lease holder assigned there: it checks the
-header's signature, reads the prompt document ``p/<asker>/<tid>`` the broker attached to
-it, runs the engine (``igora.worker.running``, as a v2 worker does) and writes the run
-document ``r/<own id>/<tid>.<n>`` (its ``run`` state and the answer's ``chunks``) and
-``w/<own id>.runs``. It stops a run when the asker's ``p/…abort`` or the assignment's
-``abort`` is set, or when the assignment leaves its inbox (taken away); it hands a task
-back (run state ``handback``, advert ``busy``) when its engine is down. Once the
-assignment is removed after the run's end (the asker read it), it drops the run
+its inbox ``in/<own id>`` and runs what the lease holder assigned there: in the prompt
+document ``p/<asker>/<tid>`` the broker attached to it, it opens its grant
+(``crypto.open_grant``: the task key, once the header's signature checks), then the
+prompt (``crypto.open_prompt``); it runs the engine (``igora.worker.running``, as a v2
+worker does) and writes the run document ``r/<own id>/<tid>.<n>`` (its ``run`` state and
+salt in clear, the answer as encrypted ``chunks``, the text and the results in the final
+chunk: ``crypto.AnswerWriter``) and ``w/<own id>.runs``. A grant or prompt that does not
+open fails the run with the reason. It stops a run when the asker's ``p/…abort`` or the
+assignment's ``abort`` is set, or when the assignment leaves its inbox (taken away); it
+hands a task back (run state ``handback``, advert ``busy``) when its engine is down. Once
+the assignment is removed after the run's end (the asker read it), it drops the run
 document and forgets the prompt.
 """
 
@@ -21,25 +24,36 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from nacl.public import PublicKey
 from pycrdt import Array, Doc, Map
 
 from ..engines.base import Engine, EngineError, EngineUnavailable, Finish
-from ..identity import Identity
+from ..identity import Identity, IdentityError, unb64url
 from ..lifecycle import usage
 from ..protocol import ErrorCode, ProtocolError, TaskField, TaskKind, now_ms, number, validate_task
 from ..worker.fit import cannot_serve
 from ..worker.running import Pieces, Running, Stop, embed_inputs, request_for, stream_chat
 from ..worker.worker import DEFAULT_MAX_TOKENS, HEALTH_INTERVAL
 from . import advert as adverts
+from .crypto import (
+    AnswerWriter,
+    CryptoError,
+    GrantError,
+    new_salt,
+    open_grant,
+    open_prompt,
+    worker_answer_key,
+)
 from .documents import TASK_ID
-from .header import HeaderError, verify_header
+from .header import HeaderError, check_fields
 from .session import EventKind, Session
 from .signed import SignatureError, plain
 from .tasks import (
     ABORT,
     ANY_MODEL,
     CHUNKS,
-    PLAINTEXT,
+    CIPHERTEXT,
+    GRANTS,
     PROMPT,
     RUN,
     RUNS,
@@ -57,16 +71,20 @@ from .tasks import (
 
 log = logging.getLogger("igora.worker")
 
+GRANT_WAIT = 5.0  # s after its assignment a grant that does not open may still be replaced
+
 
 class RunPieces(Pieces):
-    """The answer's pieces, appended to the run document's ``chunks``."""
+    """The answer's pieces, each appended to the run document's ``chunks`` as a chunk
+    sealed by ``writer``."""
 
-    def __init__(self, doc: Doc[Any]) -> None:
+    def __init__(self, doc: Doc[Any], writer: AnswerWriter) -> None:
         super().__init__()
         self.doc = doc
+        self.writer = writer
 
     def _write(self, piece: str, now: float) -> None:
-        self.doc.get(CHUNKS, type=Array).append(piece)
+        self.doc.get(CHUNKS, type=Array).append(self.writer.piece(piece))
 
 
 @dataclass
@@ -75,6 +93,9 @@ class Job:
     asker: str
     task: dict[str, Any] | None = None
     ended: bool = False
+    key: bytes = b""  # the task key, from the grant
+    asker_key: PublicKey | None = None  # the header's ``key``
+    writer: AnswerWriter | None = None
 
 
 class V3Worker:
@@ -209,8 +230,8 @@ class V3Worker:
             self._malformed.add(tid)
             return
         n = int(attempt)
-        try:
-            verify_header(header)
+        try:  # the signature is checked with the grant (``open_grant``)
+            check_fields(header)
             if header.get(Header.ID) != tid:
                 raise HeaderError(f"the header is of task {header.get(Header.ID)!r}, not {tid}")
         except HeaderError as exc:
@@ -220,11 +241,39 @@ class V3Worker:
             return
         asker = str(header[Header.ASKER])
         prompt = self.session.docs.get(prompt_doc(asker, tid))
-        pt = None if prompt is None else prompt.get(PROMPT, type=Map).get(PLAINTEXT)
-        if pt is None:
-            log.debug("%s: task %s waits for its prompt", self.name, tid)
-            return  # the prompt document comes right behind the assignment (attached)
+        fields = None if prompt is None else prompt.get(PROMPT, type=Map)
+        ct = None if fields is None else fields.get(CIPHERTEXT)
+        grants = None if fields is None else fields.get(GRANTS)
+        grant = grants.get(self.id) if isinstance(grants, (Map, dict)) else None
+        if ct is None or grant is None:
+            # the prompt document comes right behind the assignment (attached); a grant
+            # made late (protocol-v3.md §7.2) comes after it
+            log.debug("%s: task %s waits for its prompt and grant", self.name, tid)
+            return
+        try:
+            key = open_grant(self._session_key, _bytes(grant), header)
+        except GrantError as exc:
+            # A grant sealed to this worker's previous session key (it restarted): the
+            # asker seals a new one when it sees the new advert. Wait for it a while.
+            start = number(entry.get(Assignment.START)) or 0
+            if now_ms() - start < GRANT_WAIT * 1000:
+                log.debug("%s: task %s: %s; waiting for a new grant", self.name, tid, exc)
+                return
+            key = b""
+            error: CryptoError | None = exc
+        else:
+            error = None
         job = self.jobs[tid] = Job(Running(tid, n), asker)
+        try:
+            if error is not None:
+                raise error
+            job.key = key
+            job.asker_key = PublicKey(unb64url(str(header.get(Header.KEY)), 32, "header key"))
+            pt = open_prompt(job.key, tid, asker, _bytes(ct))
+        except (CryptoError, IdentityError) as exc:
+            log.warning("%s: task %s: %s", self.name, tid, exc)
+            self._end(tid, job, RunState.FAILED, error=str(exc), code=ErrorCode.INVALID_TASK)
+            return
         try:
             task = self._task(tid, header, pt)
         except ProtocolError as exc:
@@ -244,13 +293,14 @@ class V3Worker:
         self._start(tid, job)
 
     def _task(self, tid: str, header: dict[str, Any], pt: Any) -> dict[str, Any]:
-        """The v2 task the engine runs: the prompt's fields, with the header's limits."""
+        """The v2 task the engine runs: the prompt's private fields, with the header's
+        id, asker, model, limits and dates."""
         if not isinstance(pt, dict):
             raise ProtocolError("the prompt document holds no request")
         task = dict(pt)
         task[TaskField.ID] = tid
         task[TaskField.ASKER] = header[Header.ASKER]
-        for field in (Header.MODEL, Header.MAX_TOKENS, Header.DEADLINE):
+        for field in (Header.MODEL, Header.MAX_TOKENS, Header.DATE, Header.DEADLINE):
             if header.get(field) not in (None, ANY_MODEL):
                 task[field] = header[field]
         return validate_task(task)
@@ -258,11 +308,15 @@ class V3Worker:
     # ------------------------------------------------------------------ running
     def _start(self, tid: str, job: Job) -> None:
         n, now = job.run.attempt, now_ms()
+        salt = new_salt()
+        assert job.asker_key is not None
+        answer_key = worker_answer_key(job.key, self._session_key, job.asker_key, n, salt)
+        job.writer = AnswerWriter(answer_key, tid, n)
         doc = self.session.own(run_doc(self.id, tid, n))
         with doc.transaction():
             doc.get(CHUNKS, type=Array)
             doc.get(RUN, type=Map).update(
-                {RunField.STATE: RunState.DOING.value, RunField.START: now}
+                {RunField.STATE: RunState.DOING.value, RunField.START: now, RunField.SALT: salt}
             )
         with self._runs.transaction():
             self._runs.get(RUNS, type=Map)[run_key(tid, n)] = {
@@ -273,9 +327,9 @@ class V3Worker:
         job.run.job = asyncio.create_task(self._execute(tid, job, doc))
 
     async def _execute(self, tid: str, job: Job, doc: Doc[Any]) -> None:
-        assert job.task is not None
+        assert job.task is not None and job.writer is not None
         task, run = job.task, job.run
-        answer = RunPieces(doc)
+        answer = RunPieces(doc, job.writer)
         started = time.monotonic()
         results: dict[str, Any] = {}
         state, code, error = RunState.DONE, None, ""
@@ -290,8 +344,6 @@ class V3Worker:
                 finish = await stream_chat(
                     self.engine, run, task, request, answer, self.session.heartbeat
                 )
-                if answer.held:
-                    answer.flush()
                 if finish is not None:
                     results.update(_results(finish))
         except EngineUnavailable as exc:
@@ -313,7 +365,10 @@ class V3Worker:
         if run.stop_reason is Stop.LOST:
             log.info("%s: task %s was taken away; stopped", self.name, tid)
         elapsed = time.monotonic() - started
-        self._end(tid, job, state, error=error, code=code, results=results)
+        if state is not RunState.DONE and answer.held:
+            answer.flush()
+        held, answer.held = answer.held, ""  # the rest of the text goes in the final chunk
+        self._end(tid, job, state, error=error, code=code, results=results, held=held)
         if state is RunState.DONE:
             self.completed += 1
         log.info("%s: task %s %s (%.2f s)", self.name, tid, state.value, elapsed)
@@ -328,18 +383,33 @@ class V3Worker:
         error: str = "",
         code: ErrorCode | None = None,
         results: dict[str, Any] | None = None,
+        held: str = "",
     ) -> None:
-        """Write the run's end in its document and in ``w/<own id>.runs``, one turn."""
+        """Write the run's end in its document and in ``w/<own id>.runs``, one turn: a
+        run done gets its final chunk (``held``, the text not written yet, and the
+        ``results``); only its state, finish reason, usage and end are in clear."""
         job.ended = True
         n, now = job.run.attempt, now_ms()
-        end: dict[str, Any] = {RunField.STATE: state.value, RunField.END: now, **(results or {})}
+        results = {k: v for k, v in (results or {}).items() if v is not None}
+        end: dict[str, Any] = {RunField.STATE: state.value, RunField.END: now}
+        for clear in (RunField.FINISH_REASON, RunField.USAGE):
+            if clear in results:
+                end[clear] = results.pop(clear)
         if error:
             end[RunField.ERROR] = error
         if code is not None:
             end[RunField.ERROR_CODE] = code.value
         doc = self.session.own(run_doc(self.id, tid, n))
         with doc.transaction():
-            doc.get(RUN, type=Map).update({k: v for k, v in end.items() if v is not None})
+            if state is RunState.DONE and job.writer is not None:
+                final = job.writer.final(
+                    held,
+                    str(end.get(RunField.FINISH_REASON) or "stop"),
+                    dict(end.get(RunField.USAGE) or {}),
+                    **results,
+                )
+                doc.get(CHUNKS, type=Array).append(final)
+            doc.get(RUN, type=Map).update(end)
         with self._runs.transaction():
             runs = self._runs.get(RUNS, type=Map)
             summary = {
@@ -369,6 +439,12 @@ class V3Worker:
         key = run_key(tid, job.run.attempt)
         if key in runs:
             del runs[key]
+
+
+def _bytes(value: Any) -> bytes:
+    """A byte value as read from Yjs (``bytearray``); anything else gives b"", which no
+    cryptographic check passes."""
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else b""
 
 
 def _results(finish: Finish) -> dict[str, Any]:
