@@ -286,8 +286,9 @@ class MarketRoom(YRoom):
         aw.remove_awareness_states(gone, "disconnect")
         for c in gone:
             aw.meta.pop(c, None)  # a returning client may reuse its clock
-        for client in list(self.clients):
-            background(client.send(message))
+        self._awareness_relay.flush()  # what came before the removal goes before it
+        for client in self.clients:  # into each outbox: no task per connection
+            client.outbox.put(message)
         if publish and self.link is not None:
             self._to_replicas.flush()
             self.link.publish_awareness(message)
