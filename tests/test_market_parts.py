@@ -6,11 +6,17 @@ from __future__ import annotations
 import logging
 
 import pytest
-from pycrdt import Doc, Map
+from pycrdt import Awareness, Doc, Map, create_awareness_message, read_message
 
 from igora import ratelog
 from igora.market.fanout import coalesce
-from igora.market.frames import awareness_entries, check_frame, removal_message
+from igora.market.frames import (
+    EncodedStates,
+    awareness_entries,
+    awareness_message,
+    check_frame,
+    removal_message,
+)
 from igora.market.limits import Connections
 from igora.market.summary import kanban_maps, tasks_by_map, tasks_by_state
 from igora.protocol import MapName
@@ -28,6 +34,25 @@ def test_awareness_messages_in_a_row_are_merged_into_one() -> None:
     first, second = removal_message([(1, 1)]), removal_message([(2, 5), (3, 9)])
     (merged,) = coalesce([first, second])
     assert check_frame(merged).awareness == [(1, 1, None), (2, 5, None), (3, 9, None)]
+
+
+def test_encoded_states_match_pycrdt_and_follow_each_change() -> None:
+    def apply(states: list[tuple[int, int, dict[str, object] | None]]) -> None:
+        aw.apply_awareness_update(read_message(awareness_message(states)[1:]), None)
+
+    aw = Awareness(Doc())
+    b = (2**40, 3, {"name": "b", "n": [1]})
+    apply([(5, 1, {"name": "a"}), b])
+    cache, ids = EncodedStates(), [5, 2**40]
+    first = cache.message(aw, ids)
+    assert first == create_awareness_message(aw.encode_awareness_update(ids))
+    assert check_frame(first).awareness == [(5, 1, {"name": "a"}), b]
+    apply([(5, 2, {"name": "a2"})])
+    again = cache.message(aw, ids)  # the new state of 5, the same entry for the other
+    assert again == create_awareness_message(aw.encode_awareness_update(ids))
+    assert check_frame(again).awareness == [(5, 2, {"name": "a2"}), b]
+    aw.remove_awareness_states([5], "test")
+    assert check_frame(cache.message(aw, [2**40])).awareness == [b]
 
 
 def test_tasks_are_counted_by_map_and_by_the_state_they_say() -> None:

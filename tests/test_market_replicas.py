@@ -14,12 +14,18 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pycrdt import Doc, Map
 
 from igora.agent import Agent
 from igora.client import Client
 from igora.config import ConfigError, market_address
+from igora.market.frames import awareness_message
+from igora.market.replicas import Replicas, RoomLink
+from igora.market.room import MarketRoom
+from igora.market.store import Store
 from igora.protocol import MapName
 from igora.testing import Cluster, Proc, RedisServer, free_port, wait_for, wait_until
 from tests.market_peers import NodePeer, agent, ensure_node_modules, entry, until
@@ -257,3 +263,48 @@ def test_environment_lists_replicas_and_agents_start_on_any_of_them(
     monkeypatch.setenv("YJS_REMOTE_URL", "wss://a.example,,ws://b.example")
     with pytest.raises(ConfigError, match=r"has an empty item.*\(from YJS_REMOTE_URL\)"):
         market_address()
+
+
+async def test_a_run_of_updates_from_redis_is_applied_as_one(tmp_path: Path) -> None:
+    """What a replica reads from Redis in one batch: consecutive updates are merged into one
+    (one transaction, one frame to each connection); an awareness message ends the run;
+    an invalid update is skipped with a warning, the others still applied."""
+    store = Store(tmp_path / "s.db")
+    room = MarketRoom("r", store)
+    replicas = Replicas("redis://127.0.0.1:1/0")  # never connected here
+    link = RoomLink(replicas, room)
+    replicas.links["r"], room.link = link, link
+    source = Doc()
+    bench = source.get("bench", type=Map)
+    updates: list[bytes] = []
+    source.observe(lambda event: updates.append(event.update))
+    for i in range(3):
+        bench[f"k{i}"] = i
+    channel = link.channel.encode()
+
+    def update(n: int, data: bytes) -> dict[str, Any]:
+        return {"type": "message", "channel": channel, "data": b"u %d %d-0 other " % (n, n) + data}
+
+    received: list[bytes] = []
+    receive = room.receive
+
+    def spy(sender: Any, data: bytes, parsed: Any) -> str | None:
+        received.append(data)
+        return receive(sender, data, parsed)
+
+    room.receive = spy  # type: ignore[method-assign]
+    presence = awareness_message([(77, 1, {"name": "x"})])
+    replicas._received_batch(
+        [
+            update(1, updates[0]),
+            update(2, updates[1]),
+            {"type": "message", "channel": channel, "data": b"a other " + presence},
+            update(3, updates[2]),
+            update(4, b"\x01\x02not an update"),
+        ]
+    )
+    assert len(received) == 2  # 1 and 2 merged, then 3 alone
+    assert link.last_n == 4
+    assert 77 in room.awareness.states
+    assert dict(room.ydoc.get("bench", type=Map)) == {"k0": 0.0, "k1": 1.0, "k2": 2.0}
+    store.close()

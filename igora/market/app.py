@@ -230,7 +230,7 @@ class Market:
             room.holders += 1  # before any await: an idle room is not unloaded under us
             await self.server.start_room(room)
             channel.room = room
-            await channel.send_awareness_snapshot(room.awareness)
+            await channel.send_awareness_snapshot(room)
             await room.serve(channel)  # a pycrdt Channel: path, send, recv, async iteration
         except WebSocketDisconnect:
             pass

@@ -13,12 +13,20 @@ import contextlib
 import logging
 from typing import Protocol
 
-from pycrdt import Awareness, YMessageType, create_awareness_message
+from pycrdt import Awareness, YMessageType
 from starlette.websockets import WebSocket
 
 from ..updates import Parsed
 from .fanout import Outbox
-from .frames import AUTH, QUERY_AWARENESS, AwarenessEntry, BadFrame, check_frame, removal_message
+from .frames import (
+    AUTH,
+    QUERY_AWARENESS,
+    AwarenessEntry,
+    BadFrame,
+    EncodedStates,
+    check_frame,
+    removal_message,
+)
 
 log = logging.getLogger("igora.market")
 
@@ -28,6 +36,7 @@ class Room(Protocol):
 
     sender: MarketChannel | None
     awareness: Awareness
+    encoded_states: EncodedStates
 
     def claim(self, channel: MarketChannel, entries: list[AwarenessEntry]) -> None: ...
 
@@ -92,7 +101,7 @@ class MarketChannel:
                     continue
             elif kind == QUERY_AWARENESS:
                 if self.room is not None:
-                    await self.send_awareness_snapshot(self.room.awareness)
+                    await self.send_awareness_snapshot(self.room)
                 continue
             elif kind == AUTH:
                 continue
@@ -156,16 +165,17 @@ class MarketChannel:
             self.closed = True
             self.outbox.close()
 
-    async def send_awareness_snapshot(self, awareness: Awareness) -> None:
+    async def send_awareness_snapshot(self, room: Room) -> None:
         """Send the states of the others in the room (not the room's own, nor this
         connection's)."""
+        awareness = room.awareness
         ids = [
             c
             for c, s in awareness.states.items()
             if s and c != awareness.client_id and c not in self.controlled
         ]
         if ids:
-            await self.send(create_awareness_message(awareness.encode_awareness_update(ids)))
+            await self.send(room.encoded_states.message(awareness, ids))
 
     async def reject(self, reason: str) -> None:
         log.warning("%s: disconnected, %s", self.peer, reason)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -67,6 +68,15 @@ def _merge_awareness(messages: list[bytes]) -> bytes:
     return create_awareness_message(uint_bytes(count) + b"".join(entries))
 
 
+@functools.lru_cache(maxsize=16)
+def _merge_queued(messages: tuple[bytes, ...]) -> bytes:
+    """``_merge_awareness`` for what waits in an outbox. The connections of a room that
+    fall behind hold the same run of broadcast messages (the same objects): merged once,
+    not once per connection. (A tuple of bytes hashes fast: each bytes object keeps its
+    hash, and equal keys are the same objects.)"""
+    return _merge_awareness(list(messages))
+
+
 def coalesce(batch: list[bytes]) -> Iterator[bytes]:
     """The frames to send for ``batch``, in order, runs of updates merged."""
     i = 0
@@ -82,7 +92,7 @@ def coalesce(batch: list[bytes]) -> Iterator[bytes]:
         elif _is_awareness(batch[i]):
             while j < len(batch) and _is_awareness(batch[j]):
                 j += 1
-            yield _merge_awareness(batch[i:j]) if j - i > 1 else batch[i]
+            yield _merge_queued(tuple(batch[i:j])) if j - i > 1 else batch[i]
         else:
             yield batch[i]
         i = j
@@ -211,10 +221,11 @@ class AwarenessRelay:
         batch, self._batch, self._due = self._batch, [], None
         self._last = asyncio.get_running_loop().time()
         self.broadcasts += 1
-        senders = {id(s) for s, *_ in batch}
         shared = _merge_awareness([m for _, m, _ in batch])
+        # Only a sender saying goodbye gets a message of its own (without its goodbye).
+        leavers = {id(s) for s, _, leaving in batch if leaving}
         for client in self._receivers():
-            if id(client) in senders:
+            if id(client) in leavers:
                 mine = [m for s, m, leaving in batch if not (s is client and leaving)]
                 if mine:
                     client.outbox.put(_merge_awareness(mine))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pycrdt import Encoder, YMessageType, YSyncMessageType, create_awareness_message
 
-from ..lib0 import Reader
+from ..lib0 import Reader, uint_bytes
 from ..updates import Parsed, UpdateError, check_update
+
+if TYPE_CHECKING:
+    from pycrdt import Awareness
 
 QUERY_AWARENESS = 3
 AUTH = 2
@@ -117,6 +120,31 @@ def awareness_message(states: Iterable[tuple[int, int, dict[str, Any] | None]]) 
         enc.write_var_uint(clock)
         enc.write_var_string("null" if state is None else json.dumps(state, separators=(",", ":")))
     return create_awareness_message(enc.to_bytes())
+
+
+class EncodedStates:
+    """Each awareness state of a room as its wire entry, encoded once per (client id,
+    clock): every connection that joins is sent the states of all the others, and
+    encoding them all again (JSON) for each one cost agents x agents at every join."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[int, object, bytes]] = {}  # id -> clock, state, entry
+
+    def message(self, awareness: Awareness, ids: list[int]) -> bytes:
+        """The awareness message of these clients' states (each present in ``awareness``)."""
+        states, meta, cache = awareness.states, awareness.meta, self._entries
+        parts = [uint_bytes(len(ids))]
+        for client_id in ids:
+            clock, state = int(meta[client_id]["clock"]), states[client_id]
+            hit = cache.get(client_id)
+            if hit is None or hit[0] != clock or hit[1] is not state:
+                text = json.dumps(state, separators=(",", ":")).encode()
+                entry = uint_bytes(client_id) + uint_bytes(clock) + uint_bytes(len(text)) + text
+                hit = cache[client_id] = (clock, state, entry)
+            parts.append(hit[2])
+        if len(cache) > 2 * len(states) + 64:  # states removed since: forget their entries
+            self._entries = {c: e for c, e in cache.items() if c in states}
+        return create_awareness_message(b"".join(parts))
 
 
 def removal_message(states: Iterable[tuple[int, int]]) -> bytes:

@@ -41,12 +41,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from pycrdt import create_awareness_message, read_message
+from pycrdt import merge_updates, read_message
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
-from ..updates import UpdateError, check_update
+from ..updates import Parsed, UpdateError, check_update, is_panic
 from .frames import BadFrame, awareness_presence
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ MAX_BUFFERED = 100_000
 """Items kept for Redis while it is unreachable; past it, the rooms' whole states are
 sent on recovery instead (they hold every update of the buffer)."""
 RECONNECT_MAX = 5.0
+BATCH_MAX = 1_000
+"""Messages from Redis handled as one batch, at most (those already arrived)."""
 
 # KEYS: stream, counter, channel; ARGV: replica id, update. Returns the number.
 _APPEND = """
@@ -403,13 +405,14 @@ class Replicas:
                     message = await pubsub.get_message(timeout=0.2)
                     if message is None:
                         continue
-                    if message.get("type") == "message":
-                        try:
-                            self._received(message["channel"], message["data"])
-                        except ValueError as exc:  # not from a replica of this version
-                            log.warning("replica %s: bad message from Redis (%s)", self.id, exc)
-                    elif message.get("type") == "subscribe":
-                        self._subscribed(message["channel"])
+                    # What else has arrived already, handled as one batch.
+                    batch = [message]
+                    while len(batch) < BATCH_MAX:
+                        more = await pubsub.get_message(timeout=0.0)
+                        if more is None:
+                            break
+                        batch.append(more)
+                    self._received_batch(batch)
             except asyncio.CancelledError:
                 raise
             except _DOWN as exc:
@@ -430,41 +433,110 @@ class Replicas:
             if link.channel.encode() == channel:
                 link.subscribed.set()
 
-    def _received(self, channel: bytes, data: bytes) -> None:
+    def _received_batch(self, batch: list[dict[str, Any]]) -> None:
+        """Handle what Redis sent, in order; each run of consecutive stream entries of a
+        room is applied as one update (``_entries``)."""
+        run: list[tuple[int, bytes, str, bytes]] = []
+        run_link: RoomLink | None = None
+        for message in batch:
+            kind = message.get("type")
+            if kind == "subscribe":
+                self._subscribed(message["channel"])
+            if kind != "message":
+                continue
+            try:
+                link, entry = self._received(message["channel"], message["data"])
+            except ValueError as exc:  # not from a replica of this version
+                log.warning("replica %s: bad message from Redis (%s)", self.id, exc)
+                continue
+            if run and (entry is None or link is not run_link):
+                assert run_link is not None
+                self._entries(run_link, run)
+                run = []
+            if entry is not None:
+                run_link = link
+                run.append(entry)
+        if run:
+            assert run_link is not None
+            self._entries(run_link, run)
+
+    def _received(
+        self, channel: bytes, data: bytes
+    ) -> tuple[RoomLink | None, tuple[int, bytes, str, bytes] | None]:
+        """Handle one message from a room's channel; a stream entry to apply next is
+        returned instead, with its room (applied by the caller with the entries after it)."""
         name = channel.decode()[len("igora:{") : -len("}:c")]
         link = self.links.get(name)
         if link is None or not data:
-            return
+            return link, None
         kind = data[:2]
         if kind == b"u ":
             n_raw, sid, origin, update = data[2:].split(b" ", 3)
             n = int(n_raw)
             if n <= link.last_n:
-                return
+                return link, None
             if n != link.last_n + 1 or link.catching is not None:
                 self.gap(link)
-                return
-            self._entry(link, n, sid, origin.decode(), update)
-        elif kind == b"a ":
+                return link, None
+            link.last_n, link.last_id = n, sid  # applied with the rest of its run
+            link.since_snapshot += 1
+            return link, (n, sid, origin.decode(), update)
+        if kind == b"a ":
             origin, message = data[2:].split(b" ", 1)
             if origin.decode() != self.id:
                 self._awareness(link, origin.decode(), message)
         elif kind == b"q " and data[2:].decode() != self.id:
             self._answer_query(link)
+        return link, None
+
+    def _entries(self, link: RoomLink, entries: list[tuple[int, bytes, str, bytes]]) -> None:
+        """Apply consecutive stream entries (except this replica's own: applied already)
+        as one update: one transaction, one frame to each connection here, instead of
+        one per entry. Should the merged update be refused, each is applied alone (and
+        refused alone, if it is)."""
+        valid: list[tuple[int, bytes, Parsed]] = []
+        for n, _sid, origin, update in entries:
+            if origin != self.id and (parsed := self._checked(link, n, update)) is not None:
+                valid.append((n, update, parsed))
+        if len(valid) > 1:
+            try:
+                merged = merge_updates(*(update for _, update, _ in valid))
+                refusal = link.room.receive(None, merged, check_update(merged))
+            except Exception as exc:
+                refusal = f"{type(exc).__name__}: {exc}"
+            except BaseException as exc:
+                if not is_panic(exc):
+                    raise
+                refusal = f"pycrdt panic: {exc}"
+            if refusal is None:
+                return
+            log.info(
+                "room %s: updates %d to %d from Redis refused merged (%s); one by one",
+                link.room.name,
+                valid[0][0],
+                valid[-1][0],
+                refusal,
+            )
+        for n, update, parsed in valid:
+            self._apply(link, n, update, parsed)
 
     def _entry(self, link: RoomLink, n: int, sid: bytes, origin: str, update: bytes) -> None:
         """Apply stream entry ``n`` (unless this replica sent it: applied already)."""
         link.last_n, link.last_id = n, sid
         link.since_snapshot += 1
-        if origin == self.id:
-            return
+        if origin != self.id and (parsed := self._checked(link, n, update)) is not None:
+            self._apply(link, n, update, parsed)
+
+    def _checked(self, link: RoomLink, n: int, update: bytes) -> Parsed | None:
         try:
-            parsed = check_update(update)
+            return check_update(update)
         except UpdateError as exc:
             log.warning(
                 "room %s: update %d from Redis is invalid (%s); skipped", link.room.name, n, exc
             )
-            return
+            return None
+
+    def _apply(self, link: RoomLink, n: int, update: bytes, parsed: Parsed) -> None:
         refusal = link.room.receive(None, update, parsed)
         if refusal is not None:
             log.warning("room %s: update %d from Redis refused: %s", link.room.name, n, refusal)
@@ -547,8 +619,7 @@ class Replicas:
         aw = link.room.awareness
         ids = [c for c in link.room.controllers if c in aw.states]
         if ids:
-            message = create_awareness_message(aw.encode_awareness_update(ids))
-            link.publish_awareness(message)
+            link.publish_awareness(link.room.encoded_states.message(aw, ids))
 
     async def _check_replicas(self) -> None:
         """Remove the awareness states of agents whose replica's liveness key expired.

@@ -37,7 +37,7 @@ from .causal import MAX_WAITING, CausalGate
 from .channel import MarketChannel
 from .compactor import RoomCompactor
 from .fanout import AwarenessRelay, Outbox
-from .frames import AwarenessEntry, removal_message
+from .frames import AwarenessEntry, EncodedStates, removal_message
 from .limits import DEFAULT_COMPACT_EVERY
 from .persistence import RoomHistory, replay
 from .store import Store
@@ -101,6 +101,7 @@ class MarketRoom(YRoom):
         self.sender: MarketChannel | None = None
         self._fan_out_sub: Subscription | None = None  # set once the room has started
         self.controllers: dict[int, MarketChannel] = {}  # awareness client id -> its socket
+        self.encoded_states = EncodedStates()  # for the snapshots sent to who joins
         self._awareness_relay = AwarenessRelay(lambda: self.clients)
         # What this replica's connections say, batched the same way for the others.
         self._to_replicas = AwarenessRelay(lambda: [] if self.link is None else [self.link])
@@ -287,8 +288,9 @@ class MarketRoom(YRoom):
         aw.remove_awareness_states(gone, "disconnect")
         for c in gone:
             aw.meta.pop(c, None)  # a returning client may reuse its clock
-        for client in list(self.clients):
-            background(client.send(message))
+        self._awareness_relay.flush()  # what came before the removal goes before it
+        for client in self.clients:  # into each outbox: no task per connection
+            client.outbox.put(message)
         if publish and self.link is not None:
             self._to_replicas.flush()
             self.link.publish_awareness(message)
