@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import MarketAddress
 from ..engines.base import Engine
-from ..identity import load_identity
+from ..identity import Identity, load_identity
 from ..protocol import AgentType
 from .broker import V3Broker
 from .session import Session
@@ -27,19 +27,27 @@ BROKER_SETTINGS = ("claim_timeout", "max_attempts")
 v3 meaning yet and are ignored."""
 
 
-async def run_broker(
-    address: MarketAddress, *, name: str, heartbeat: float, **settings: Any
-) -> int:
+async def _session(
+    address: MarketAddress, type: AgentType, name: str, heartbeat: float
+) -> tuple[Identity, Session]:
+    """The started session of a role, as the identity of its data folder."""
     identity, _ = load_identity()
     session = Session(
         address,
         identity,
         name=name,
-        state={"type": AgentType.BROKER.value, "name": name},
+        state={"type": type.value, "name": name},
         heartbeat=heartbeat,
         invite=address.invite,
     )
     await session.start()
+    return identity, session
+
+
+async def run_broker(
+    address: MarketAddress, *, name: str, heartbeat: float, **settings: Any
+) -> int:
+    identity, session = await _session(address, AgentType.BROKER, name, heartbeat)
     broker = V3Broker(session, **{k: v for k, v in settings.items() if k in BROKER_SETTINGS})
     log.info("%s (%s) brokering the v3 room %s", name, identity.id[:8], address.room_url)
     try:
@@ -58,16 +66,7 @@ async def serve_worker(
     max_tokens: int,
     heartbeat: float,
 ) -> None:
-    identity, _ = load_identity()
-    session = Session(
-        address,
-        identity,
-        name=name,
-        state={"type": AgentType.WORKER.value, "name": name},
-        heartbeat=heartbeat,
-        invite=address.invite,
-    )
-    await session.start()
+    identity, session = await _session(address, AgentType.WORKER, name, heartbeat)
     worker = V3Worker(session, identity, engine, name=name, slots=slots, max_tokens=max_tokens)
     log.info(
         "%s (%s) serving %s with %s, %d slot(s), in the v3 room %s",
