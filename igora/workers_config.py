@@ -69,6 +69,7 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "market": ((str,), "market websocket URL"),
     "room": ((str,), "market room"),
     "heartbeat": ((int, float), "seconds between two awareness refreshes"),
+    "invite": ((str,), "an invitation to a secure market (`igora market invite`)"),
 }
 ENGINE_KEYS = (
     "base_url",
@@ -184,7 +185,7 @@ def _spec(label: str, name: str, s: dict[str, Any], cli: Defaults | None) -> Wor
     cli = cli or Defaults()
     try:
         address = market_address(
-            s.get("market") or cli.market, s.get("room") or cli.room, cli.invite
+            s.get("market") or cli.market, s.get("room") or cli.room, s.get("invite") or cli.invite
         )
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from None

@@ -100,9 +100,11 @@ def test_a_file_sets_every_option_the_command_line_has() -> None:
         "r",
         "--heartbeat",
         "3",
+        "--invite",
+        "igora-invite:abc",
     ]
     args = build_parser().parse_args(flags)
-    from_flags = worker_spec(args, market_address(args.market, args.room))
+    from_flags = worker_spec(args, market_address(args.market, args.room, args.invite))
     (from_file,) = parse("""
 [[worker]]
 name = "w"
@@ -121,6 +123,7 @@ warmup = false
 market = "ws://127.0.0.1:7"
 room = "r"
 heartbeat = 3
+invite = "igora-invite:abc"
 """)
     assert from_file == from_flags
     assert from_file.max_tokens == 77 and from_file.engine == EngineConfig(
@@ -157,6 +160,7 @@ heartbeat = 3
             "market",
             "room",
             "heartbeat",
+            "invite",
         )
     }
     assert worker_flags - {"help", "log_level"} == keys
