@@ -438,7 +438,13 @@ def test_market_view_shows_the_worker_and_tasks_moving_through_their_states(
     first.wait_for_selector(".msg-assistant[data-task]")
     a = first.get_attribute(".msg-assistant", "data-task")
     market.wait_for_selector(f"#board section[data-group=running] li[data-id='{a}']")
-    assert "1 / 1" in row.locator("td.slots").inner_text()
+    # The worker's slot count comes with its awareness, which the market batches (50 ms):
+    # it may follow the board's move by a batch.
+    market.wait_for_function(
+        "document.querySelector('#agents tr[data-type=worker] td.slots')"
+        ".textContent.includes('1 / 1')",
+        timeout=10_000,
+    )
     # waits: the only slot is taken; long enough to be seen running (snapshots: 4 per second)
     ask(second, "Tell a long story about a dog.", max_tokens=60)
     second.wait_for_selector(".msg-assistant[data-task]")
