@@ -338,11 +338,20 @@ class Cluster:
         return next((int(r["compactions"]) for r in rooms if r["name"] == room), 0)
 
     def agents(self, type: str | None = None) -> list[dict[str, Any]]:
-        """The awareness states of the market's rooms, of one type of agent if given."""
-        out: list[dict[str, Any]] = []
-        for room in self.status()["rooms"]:
-            out += [a for a in room["agents"] if type is None or a.get("type") == type]
-        return out
+        """The awareness states of the market's rooms, of one type of agent if given; with
+        replicas, of every replica that answers (a replica shows a room only once one of
+        its own agents joined it), each agent once."""
+        seen: dict[tuple[str, Any], dict[str, Any]] = {}
+        for port in self.ports:
+            try:
+                rooms = self.status(port)["rooms"]
+            except OSError:  # a replica a test killed
+                continue
+            for room in rooms:
+                for a in room["agents"]:
+                    if type is None or a.get("type") == type:
+                        seen.setdefault((room["name"], a.get("id")), a)
+        return list(seen.values())
 
     def _found(self, type: str, n: int, ready: bool) -> list[dict[str, Any]] | None:
         found = [a for a in self.agents(type) if not ready or a.get("state") != "busy"]

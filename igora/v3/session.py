@@ -175,17 +175,23 @@ async def speaks_v3(address: MarketAddress, timeout: float) -> bool:
     ``igora.3`` subprotocol (§10). ``MarketUnreachable`` if nothing answers within
     ``timeout``. How a role that serves both versions chooses, before it needs an
     identity."""
-    url = address.room_url
-    try:
-        async with connect(
-            url, subprotocols=[Subprotocol(SUBPROTOCOL)], open_timeout=timeout, max_size=None
-        ) as ws:
-            return ws.subprotocol == SUBPROTOCOL
-    except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
-        raise MarketUnreachable(
-            f"no market answered at {url} within {timeout:g} s ({exc or type(exc).__name__}): "
-            "is `igora market` running?"
-        ) from None
+    urls = address.room_urls  # several replicas: the first that answers
+    last: BaseException | None = None
+    for url in urls:
+        try:
+            async with connect(
+                url,
+                subprotocols=[Subprotocol(SUBPROTOCOL)],
+                open_timeout=timeout / len(urls),
+                max_size=None,
+            ) as ws:
+                return ws.subprotocol == SUBPROTOCOL
+        except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
+            last = exc
+    raise MarketUnreachable(
+        f"no market answered at {address.room_url} within {timeout:g} s "
+        f"({last or type(last).__name__}): is `igora market` running?"
+    )
 
 
 async def room_speaks_v3(address: MarketAddress, patience: float) -> bool | None:
@@ -506,8 +512,9 @@ class Session:
     async def _run(self) -> None:
         backoff = Backoff(self.backoff_max)
         attempt = 0
-        url = self.address.room_url
+        urls = self.address.room_urls  # several markets listed: the next after a failure
         while True:
+            url = urls[attempt % len(urls)]
             try:
                 async with connect(
                     url,
