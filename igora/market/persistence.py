@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from pycrdt import Doc
 
 from ..updates import is_panic
-from .store import FLUSH_INTERVAL, SQUASH_AFTER, Store
+from .store import SQUASH_AFTER, Store, WriteBehind
 
 log = logging.getLogger("igora.market")
 
@@ -58,8 +57,9 @@ class RoomHistory:
         self._writing: list[bytes] = []  # handed to the store, not yet committed
         self._archive: list[dict[str, Any]] = []
         self._lock = asyncio.Lock()
-        self._flusher: asyncio.Task[None] | None = None
-        self._last_flush = 0.0
+        self._writer = WriteBehind(
+            self.flush, lambda: bool(self.pending or self._archive), f"room {name}"
+        )
 
     def load(self) -> Doc[Any]:
         """The room's document rebuilt from the store; a history of several rows is
@@ -81,31 +81,12 @@ class RoomHistory:
         if not self.writing:
             return
         self.pending.append(update)
-        self._flush_soon()
+        self._writer.soon()
 
     def finished(self, task: dict[str, Any]) -> None:
         """A task reached a final state: archive it (only in a durable store)."""
         if self.store.durable and self.writing:
             self._archive.append(task)
-
-    def _flush_soon(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-
-    async def _flush_loop(self) -> None:
-        """Write pending updates: at once when the store is idle, then at most once per
-        ``FLUSH_INTERVAL`` while updates keep coming (a token stream is one write per
-        interval, a lone change is on disk a few milliseconds after it arrived)."""
-        while self.pending or self._archive:
-            wait = self._last_flush + FLUSH_INTERVAL - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._last_flush = time.monotonic()
-            try:
-                await self.flush()
-            except Exception:
-                log.exception("room %s: writing to the store failed; retrying", self.name)
-                await asyncio.sleep(1.0)
 
     async def flush(self) -> None:
         async with self._lock:

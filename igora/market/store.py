@@ -13,15 +13,53 @@ the current state. See docs/market.md for what survives a crash.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 FLUSH_INTERVAL = 0.05
+
+
+class WriteBehind:
+    """When a history's pending writes go to the store: at once when it is idle, then at
+    most once per ``FLUSH_INTERVAL`` while ``busy()`` (a token stream is one transaction
+    per interval, a lone change is on disk a few milliseconds after it came); a failed
+    ``flush`` is logged and tried again a second later. One for a v2 room's history and
+    one for a v3 room's documents."""
+
+    def __init__(
+        self, flush: Callable[[], Awaitable[None]], busy: Callable[[], bool], what: str
+    ) -> None:
+        self._flush = flush
+        self._busy = busy
+        self._what = what
+        self._task: asyncio.Task[None] | None = None
+        self._last = 0.0
+
+    def soon(self) -> None:
+        """There is something to write."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while self._busy():
+            wait = self._last + FLUSH_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last = time.monotonic()
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("%s: writing to the store failed; retrying", self._what)
+                await asyncio.sleep(1.0)
+
+
 SQUASH_AFTER = 2_000
 
 log = logging.getLogger("igora.market.store")

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from pycrdt import get_state, get_update, merge_updates
 
-from ..store import FLUSH_INTERVAL, Store
+from ..store import Store, WriteBehind
 
 MERGE_EVERY = 64
 """Entries of a log merged into one (protocol-v3.md §11: a starting value)."""
@@ -82,8 +81,11 @@ class DocHistory:
         self._redo: set[str] = set()  # documents whose last write failed: store them whole
         self.logs: dict[str, DocLog] = {}  # the room's documents (the room adds to it)
         self._lock = asyncio.Lock()
-        self._flusher: asyncio.Task[None] | None = None
-        self._last_flush = 0.0
+        self._writer = WriteBehind(
+            self.flush,
+            lambda: bool(self.pending or self.dropped or self._redo),
+            f"room {room} (documents)",
+        )
 
     def load(self) -> dict[str, DocLog]:
         """The room's documents from the store, each log merged (and stored merged)."""
@@ -105,29 +107,13 @@ class DocHistory:
     def appended(self, name: str, update: bytes) -> None:
         """Document ``name`` took ``update``: write it soon."""
         self.pending.append((name, update))
-        self._flush_soon()
+        self._writer.soon()
 
     def drop(self, name: str) -> None:
         """Document ``name`` is gone: remove its rows soon."""
         self.pending = [(n, u) for n, u in self.pending if n != name]
         self.dropped.add(name)
-        self._flush_soon()
-
-    def _flush_soon(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-
-    async def _flush_loop(self) -> None:
-        while self.pending or self.dropped or self._redo:
-            wait = self._last_flush + FLUSH_INTERVAL - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._last_flush = time.monotonic()
-            try:
-                await self.flush()
-            except Exception:
-                log.exception("room %s: writing documents to the store failed; retrying", self.room)
-                await asyncio.sleep(1.0)
+        self._writer.soon()
 
     def _batch(self) -> tuple[list[tuple[str, bytes]], dict[str, bytes | None]]:
         """What to write now (no await between reading the logs and this)."""
@@ -167,7 +153,7 @@ class DocHistory:
             except BaseException:
                 # The transaction did not happen: store those documents whole next time.
                 self._redo |= {n for n, _ in appends} | set(replaces)
-                self._flush_soon()
+                self._writer.soon()
                 raise
 
     def flush_sync(self) -> None:
