@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,9 +36,41 @@ T = TypeVar("T")
 Text = str | Callable[[], str]
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; macOS uses 49152-65535
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 now, below the kernel's ephemeral range.
+
+    A port from the ephemeral range (what binding port 0 gives) can be taken by any
+    outgoing connection's local end before the server we start binds it; with dozens of
+    agents connecting during a test run, that happened. Ports below the range are only
+    taken by servers, and the ports handed out by this process are never handed out again.
+    """
+    low, _ = _ephemeral_ports()
+    top = low - 1 if low > 11024 else 65535
+    bottom = max(1024, top - 10000) if low > 11024 else 50000
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randint(bottom, top)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # every try was taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
