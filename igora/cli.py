@@ -107,11 +107,6 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             from .market.command import run as market_action
 
             return market_action(args)
-        if args.redis and (args.secure or args.v3_room):
-            raise ConfigError(
-                "--redis shares protocol 2 rooms only for now: a market with --secure or "
-                "--v3-room runs as one process (docs/market.md, replicas)"
-            )
         members = getattr(args, "members", None) or ("list" if args.secure else "open")
         if members != "open" and not args.secure:
             raise ConfigError(f"--members {members} needs --secure (--v3-room rooms are open)")

@@ -7,6 +7,7 @@ answer."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import urllib.error
 import urllib.request
@@ -50,11 +51,15 @@ SLOW = ("--delay", "0.02")  # echo: seconds per word, so that tasks are live dur
 Attack = Callable[[Cluster, Client, Client, str], Awaitable[None]]
 
 
-def under_attack(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, attack: Attack) -> None:
+def under_attack(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, attack: Attack, started: bool = False
+) -> None:
     """Serve honest tasks from two askers; run ``attack(cluster, alice, bob, tid)`` with
     ``tid`` a task of alice's running meanwhile; every honest task must end done with the
-    right answer."""
-    v3_room(cluster, *SLOW)
+    right answer. ``started``: the room and its roles run already (tests/test_v3_replicas.py
+    starts them on three replicas), else one market is started with them."""
+    if not started:
+        v3_room(cluster, *SLOW)
 
     async def main() -> None:
         a, b = await connected(cluster, monkeypatch)
@@ -75,34 +80,40 @@ def under_attack(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, attack: Atta
     asyncio.run(main())
 
 
+_rogues = itertools.count()
+
+
 async def rogue(cluster: Cluster) -> RawPeer:
-    return await RawPeer.join(cluster.url, ROOM, new_identity())
+    """A rogue with a new identity; with replicas, on each of them in turn."""
+    urls = cluster.url.split(",")
+    return await RawPeer.join(urls[next(_rogues) % len(urls)], ROOM, new_identity())
+
+
+async def overwrite_delete_or_abort(cluster: Cluster, a: Client, b: Client, tid: str) -> None:
+    mine = Doc()
+    attempts = [
+        # overwrite the header with one asking for something else
+        (asker_doc(a.id), update_setting(mine, TASKS, tid, {"id": tid, "model": "x"})),
+        # replace the prompt
+        (prompt_doc(a.id, tid), update_setting(Doc(), PROMPT, CIPHERTEXT, b"evil")),
+        # abort it as the asker would
+        (prompt_doc(a.id, tid), update_setting(Doc(), PROMPT, "abort", True)),
+    ]
+    for name, update in attempts:
+        peer = await rogue(cluster)
+        await peer.send(wire.Doc(name, wire.Sync.UPDATE, update))
+        assert await peer.closed() == (4403, f"write to a document you do not own: {name}")
+    # delete it: drop the prompt document
+    peer = await rogue(cluster)
+    name = prompt_doc(a.id, tid)
+    await peer.send(wire.Control({"op": "drop", "doc": name}))
+    assert await peer.closed() == (4403, f"drop of a document you do not own: {name}")
 
 
 def test_overwrite_delete_or_abort_another_asker_task(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def attack(cluster: Cluster, a: Client, b: Client, tid: str) -> None:
-        mine = Doc()
-        attempts = [
-            # overwrite the header with one asking for something else
-            (asker_doc(a.id), update_setting(mine, TASKS, tid, {"id": tid, "model": "x"})),
-            # replace the prompt
-            (prompt_doc(a.id, tid), update_setting(Doc(), PROMPT, CIPHERTEXT, b"evil")),
-            # abort it as the asker would
-            (prompt_doc(a.id, tid), update_setting(Doc(), PROMPT, "abort", True)),
-        ]
-        for name, update in attempts:
-            peer = await rogue(cluster)
-            await peer.send(wire.Doc(name, wire.Sync.UPDATE, update))
-            assert await peer.closed() == (4403, f"write to a document you do not own: {name}")
-        # delete it: drop the prompt document
-        peer = await rogue(cluster)
-        name = prompt_doc(a.id, tid)
-        await peer.send(wire.Control({"op": "drop", "doc": name}))
-        assert await peer.closed() == (4403, f"drop of a document you do not own: {name}")
-
-    under_attack(cluster, monkeypatch, attack)
+    under_attack(cluster, monkeypatch, overwrite_delete_or_abort)
 
 
 def test_write_a_run_for_a_task_not_given(
@@ -127,20 +138,21 @@ def test_write_a_run_for_a_task_not_given(
     under_attack(cluster, monkeypatch, attack)
 
 
-def test_take_over_the_broker_role(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def attack(cluster: Cluster, a: Client, b: Client, tid: str) -> None:
-        # The lease while the honest broker holds it: refused, in line.
-        peer = await rogue(cluster)
-        await peer.send(wire.Control({"op": "lease"}))
-        notice = await peer.notice("")
-        assert notice.code == wire.Code.LEASE_HELD and "lease held" in notice.text
-        # An inbox entry without the lease (a status ending alice's task): closed.
-        name = inbox(a.id)
-        update = update_setting(Doc(), TASKS, tid, {"state": "failed", "error": "forged"})
-        await peer.send(wire.Doc(name, wire.Sync.UPDATE, update))
-        assert await peer.closed() == (4403, f"write to a document you do not own: {name}")
+async def take_over_the_broker_role(cluster: Cluster, a: Client, b: Client, tid: str) -> None:
+    # The lease while the honest broker holds it: refused, in line.
+    peer = await rogue(cluster)
+    await peer.send(wire.Control({"op": "lease"}))
+    notice = await peer.notice("")
+    assert notice.code == wire.Code.LEASE_HELD and "lease held" in notice.text
+    # An inbox entry without the lease (a status ending alice's task): closed.
+    name = inbox(a.id)
+    update = update_setting(Doc(), TASKS, tid, {"state": "failed", "error": "forged"})
+    await peer.send(wire.Doc(name, wire.Sync.UPDATE, update))
+    assert await peer.closed() == (4403, f"write to a document you do not own: {name}")
 
-    under_attack(cluster, monkeypatch, attack)
+
+def test_take_over_the_broker_role(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    under_attack(cluster, monkeypatch, take_over_the_broker_role)
 
 
 def test_announce_another_agent_id(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,51 +199,51 @@ def stored(cluster: Cluster, name: str) -> Doc[Any] | None:
     return doc
 
 
+async def read_another_prompt_or_answer(cluster: Cluster, a: Client, b: Client, tid: str) -> None:
+    worker = await wait_for(lambda: a.worker_of(tid), 10, "alice's task assigned", cluster)
+    peer = await rogue(cluster)
+    for name in (prompt_doc(a.id, tid), run_doc(worker, tid, 1), inbox(a.id)):
+        await peer.send(wire.Subscribe(((name, False),)))
+        assert (await peer.notice(name)).code == wire.Code.REFUSED
+    # by prefix: refused too, and nothing of alice's comes
+    await peer.send(wire.Subscribe(((f"p/{a.id}/", True),)))
+    assert (await peer.notice(f"p/{a.id}/")).code == wire.Code.REFUSED
+
+    def with_chunks() -> tuple[Doc[Any], Doc[Any]] | None:
+        prompt, run = (
+            stored(cluster, prompt_doc(a.id, tid)),
+            stored(cluster, run_doc(worker, tid, 1)),
+        )
+        if prompt is None or run is None or len(run.get(CHUNKS, type=Array)) < 2:
+            return None
+        return prompt, run
+
+    prompt, run = await wait_for(with_chunks, 10, "alice's task stored with chunks", cluster)
+    fields = prompt.get(PROMPT, type=Map)
+    ct, grants = bytes(fields[CIPHERTEXT]), fields[GRANTS]
+    header = dict(a.v3._tracks[tid].header)  # type: ignore[union-attr]
+    assert worker in grants  # the worker running it was granted the key
+    mine = new_identity()
+    session = mine.session_key()
+    assert mine.id not in grants
+    for grant in grants.values():
+        with pytest.raises(GrantError, match="does not open with our session key"):
+            open_grant(session, bytes(grant), header)
+    with pytest.raises(PromptError, match="does not open"):
+        open_prompt(new_task_key(), tid, a.id, ct)
+    salt = bytes(run.get(RUN, type=Map)[RunField.SALT])
+    key = asker_answer_key(new_task_key(), session, session.public_key, 1, salt)
+    reader = AnswerReader(key, tid, 1)
+    with pytest.raises(AnswerError, match="does not open"):
+        reader.feed(bytes(run.get(CHUNKS, type=Array)[0]))
+
+
 def test_read_another_prompt_or_answer(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Subscribing to another's prompt or run is refused; the ciphertext itself (as the
-    store holds it, which is also what an attached worker receives) opens for no one
+    """Subscribing to another's prompt, run or inbox is refused; the ciphertext itself (as
+    the store holds it, which is also what an attached worker receives) opens for no one
     without a grant: not the grants made to others, not a guessed task key, not the
     answer under a key of the rogue's own."""
-
-    async def attack(cluster: Cluster, a: Client, b: Client, tid: str) -> None:
-        worker = await wait_for(lambda: a.worker_of(tid), 10, "alice's task assigned", cluster)
-        peer = await rogue(cluster)
-        for name in (prompt_doc(a.id, tid), run_doc(worker, tid, 1)):
-            await peer.send(wire.Subscribe(((name, False),)))
-            assert (await peer.notice(name)).code == wire.Code.REFUSED
-        # by prefix: refused too, and nothing of alice's comes
-        await peer.send(wire.Subscribe(((f"p/{a.id}/", True),)))
-        assert (await peer.notice(f"p/{a.id}/")).code == wire.Code.REFUSED
-
-        def with_chunks() -> tuple[Doc[Any], Doc[Any]] | None:
-            prompt, run = (
-                stored(cluster, prompt_doc(a.id, tid)),
-                stored(cluster, run_doc(worker, tid, 1)),
-            )
-            if prompt is None or run is None or len(run.get(CHUNKS, type=Array)) < 2:
-                return None
-            return prompt, run
-
-        prompt, run = await wait_for(with_chunks, 10, "alice's task stored with chunks", cluster)
-        fields = prompt.get(PROMPT, type=Map)
-        ct, grants = bytes(fields[CIPHERTEXT]), fields[GRANTS]
-        header = dict(a.v3._tracks[tid].header)  # type: ignore[union-attr]
-        assert worker in grants  # the worker running it was granted the key
-        mine = new_identity()
-        session = mine.session_key()
-        assert mine.id not in grants
-        for grant in grants.values():
-            with pytest.raises(GrantError, match="does not open with our session key"):
-                open_grant(session, bytes(grant), header)
-        with pytest.raises(PromptError, match="does not open"):
-            open_prompt(new_task_key(), tid, a.id, ct)
-        salt = bytes(run.get(RUN, type=Map)[RunField.SALT])
-        key = asker_answer_key(new_task_key(), session, session.public_key, 1, salt)
-        reader = AnswerReader(key, tid, 1)
-        with pytest.raises(AnswerError, match="does not open"):
-            reader.feed(bytes(run.get(CHUNKS, type=Array)[0]))
-
-    under_attack(cluster, monkeypatch, attack)
+    under_attack(cluster, monkeypatch, read_another_prompt_or_answer)
 
 
 MARKER = "zq-marker-5e1f"

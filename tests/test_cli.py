@@ -107,9 +107,9 @@ BAD_VALUES: list[tuple[list[str], dict[str, str], str]] = [
     (["status", "--room", "a/b"], {}, "--room: room name 'a/b' is invalid"),
     (["chat", "hi"], {"YJS_MARKET_ROOM": "a b"}, "room name 'a b' is invalid: use 1 to"),
     (
-        ["market", "--secure", "--redis", "redis://127.0.0.1:1/0", "--memory"],
+        ["market", "--v3-room", "x", "--redis", "redis://127.0.0.1:1/0", "--memory"],
         {},
-        "--redis shares protocol 2 rooms only for now",
+        "Redis at redis://127.0.0.1:1/0 does not answer",
     ),
 ]
 

@@ -115,7 +115,9 @@ class Market:
             self.membership = Membership(self.store, members, identity.id)
         self.v3_connections: set[V3Connection] = set()  # welcomed, for the ban checks
         self._denials: set[asyncio.Task[None]] = set()  # closing banned connections
-        self.v3 = V3Rooms(self.store, limits, room_idle, max_rooms, market_id, self.v3_limits)
+        self.v3 = V3Rooms(
+            self.store, limits, room_idle, max_rooms, market_id, self.v3_limits, self.replicas
+        )
         self.app = Starlette(
             routes=[
                 Route("/", self.index),

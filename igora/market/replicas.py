@@ -153,20 +153,20 @@ async def check_redis(url: str, timeout: float = 5.0) -> None:
         await client.aclose()
 
 
-class RoomLink:
-    """One room as seen from Redis: where this replica is in its stream, who speaks for
-    the remote awareness states, whether this replica persists it."""
+class Link:
+    """One room as seen from Redis: where this replica is in its stream, whether this
+    replica persists it. What an entry means, and what the room's state is, depends on
+    the room's protocol: ``RoomLink`` (v2, one document) and ``v3.replicas.V3Link`` (v3,
+    the room's documents and their events) say it; the rest is this module's."""
 
-    def __init__(self, owner: Replicas, room: MarketRoom) -> None:
+    def __init__(self, owner: Replicas, name: str) -> None:
         self.owner = owner
-        self.room = room
-        name = room.name
+        self.name = name
         self.stream, self.counter = _key(name, "d"), _key(name, "n")
         self.channel, self.snapshot = _key(name, "c"), _key(name, "s")
         self.lease = _key(name, "lease:store")
         self.last_n = 0  # number of the last stream entry applied (or skipped: our own)
         self.last_id = b""  # its stream id
-        self.remote: dict[int, str] = {}  # awareness client id -> replica holding it
         self.persister = False
         self.since_snapshot = 0
         self.catching: asyncio.Task[None] | None = None
@@ -177,6 +177,73 @@ class RoomLink:
     def start_over(self) -> None:
         """Redis lost the room (a restart): read its stream from its start."""
         self.last_n, self.last_id, self.since_snapshot = 0, b"", 0
+
+    # What each kind of room says.
+    def attached(self) -> None:
+        """The room is linked (before its catch-up)."""
+
+    async def joined(self) -> None:
+        """The room caught up with Redis."""
+
+    def detached(self) -> None:
+        """The room left this replica's links."""
+
+    def state(self) -> bytes:
+        """The room's whole state, as one entry (a snapshot, or sent again to a Redis
+        that lost its data)."""
+        raise NotImplementedError
+
+    def snapshot_ready(self) -> bool:
+        """Whether ``state`` holds every entry applied so far."""
+        return True
+
+    def apply(self, entries: list[tuple[int, str, bytes]]) -> None:
+        """Apply consecutive stream entries ``(n, replica, payload)`` (a snapshot's state
+        with replica ``""``); this replica's own are among them (applied already)."""
+        raise NotImplementedError
+
+    def signal(self, kind: bytes, origin: str, body: bytes) -> None:
+        """A message of the room's channel that is not an entry, from another replica."""
+
+    def replicas_seen(self) -> set[str]:
+        """The other replicas this room holds something of (agents), to check alive."""
+        return set()
+
+    def gone(self, replica: str) -> int:
+        """``replica`` is dead: remove what this room holds of it; how many agents."""
+        return 0
+
+    def storing(self, writing: bool) -> None:
+        """This replica starts (True) or stops writing the room to its store."""
+
+    async def store_whole(self) -> None:
+        """Write the room whole to the store (on taking its persister lease)."""
+
+    async def tick(self) -> None:
+        """Every ``TICK`` s while Redis answers (the room's own leases)."""
+
+    def held_leases(self) -> list[str]:
+        """Lease keys this room holds for this replica besides the persister's."""
+        return []
+
+
+class RoomLink(Link):
+    """A v2 room (one document) linked to the others: its updates, its awareness, and
+    who speaks for the remote awareness states."""
+
+    def __init__(self, owner: Replicas, room: MarketRoom) -> None:
+        super().__init__(owner, room.name)
+        self.room = room
+        self.remote: dict[int, str] = {}  # awareness client id -> replica holding it
+
+    def attached(self) -> None:
+        self.room.link = self
+
+    async def joined(self) -> None:
+        await self.owner.redis.publish(self.channel, b"q " + self.owner.id.encode())
+
+    def detached(self) -> None:
+        self.room.link = None
 
     def publish_update(self, update: bytes) -> None:
         """An update this replica applied from one of its connections."""
@@ -200,6 +267,101 @@ class RoomLink:
         self.start_over()
         self.owner.gap(self)
 
+    def state(self) -> bytes:
+        return self.room.ydoc.get_update()
+
+    def snapshot_ready(self) -> bool:
+        return not self.room.gate.waiting
+
+    def storing(self, writing: bool) -> None:
+        self.room.history.writing = writing
+
+    async def store_whole(self) -> None:
+        await self.room.history.replace()  # the whole state: what the last holder missed
+
+    def apply(self, entries: list[tuple[int, str, bytes]]) -> None:
+        """Apply consecutive stream entries (except this replica's own: applied already)
+        as one update: one transaction, one frame to each connection here, instead of
+        one per entry. Should the merged update be refused, each is applied alone (and
+        refused alone, if it is)."""
+        valid: list[tuple[int, bytes, Parsed]] = []
+        for n, origin, update in entries:
+            if origin != self.owner.id and (parsed := self._checked(n, update)) is not None:
+                valid.append((n, update, parsed))
+        if len(valid) > 1:
+            try:
+                merged = merge_updates(*(update for _, update, _ in valid))
+                refusal = self.room.receive(None, merged, check_update(merged))
+            except Exception as exc:
+                refusal = f"{type(exc).__name__}: {exc}"
+            except BaseException as exc:
+                if not is_panic(exc):
+                    raise
+                refusal = f"pycrdt panic: {exc}"
+            if refusal is None:
+                return
+            log.info(
+                "room %s: updates %d to %d from Redis refused merged (%s); one by one",
+                self.name,
+                valid[0][0],
+                valid[-1][0],
+                refusal,
+            )
+        for n, update, parsed in valid:
+            refusal = self.room.receive(None, update, parsed)
+            if refusal is not None:
+                log.warning("room %s: update %d from Redis refused: %s", self.name, n, refusal)
+
+    def _checked(self, n: int, update: bytes) -> Parsed | None:
+        try:
+            return check_update(update)
+        except UpdateError as exc:
+            log.warning("room %s: update %d from Redis is invalid (%s); skipped", self.name, n, exc)
+            return None
+
+    # ------------------------------------------------------------------ awareness
+    def signal(self, kind: bytes, origin: str, body: bytes) -> None:
+        if kind == b"a":
+            self._awareness(origin, body)
+        elif kind == b"q":
+            self._answer_query()
+
+    def _awareness(self, origin: str, message: bytes) -> None:
+        room = self.room
+        try:
+            payload = read_message(message[1:])
+            entries = awareness_presence(payload)
+        except (BadFrame, ValueError) as exc:
+            log.warning(
+                "room %s: awareness from replica %s is invalid (%s)", room.name, origin, exc
+            )
+            return
+        for client_id, present in entries:
+            if client_id in room.controllers:
+                continue  # its agent is here now
+            if not present:
+                if self.remote.get(client_id) == origin:
+                    del self.remote[client_id]
+            else:
+                self.remote[client_id] = origin
+        room.relay_remote_awareness(message, payload)
+
+    def _answer_query(self) -> None:
+        """A replica joined the room: tell it the states of the agents connected here."""
+        aw = self.room.awareness
+        ids = [c for c in self.room.controllers if c in aw.states]
+        if ids:
+            self.publish_awareness(self.room.encoded_states.message(aw, ids))
+
+    def replicas_seen(self) -> set[str]:
+        return set(self.remote.values())
+
+    def gone(self, replica: str) -> int:
+        gone = [c for c, r in self.remote.items() if r == replica]
+        for c in gone:
+            del self.remote[c]
+        return self.room.remove_states([c for c in gone if c not in self.room.controllers])
+
 
 class Replicas:
     """This process's link to the others through Redis (``igora market --redis URL``)."""
@@ -210,7 +372,7 @@ class Replicas:
         self.redis: Redis = Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
         )
-        self.links: dict[str, RoomLink] = {}
+        self.links: dict[str, Link] = {}
         self.up = False
         self.up_since = 0.0
         self.epoch: bytes | None = None
@@ -219,7 +381,7 @@ class Replicas:
         self._resubscribe = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._overflow = False
-        self._liveness = Liveness(url, self.id, self._alive_key(self.id))
+        self._liveness = Liveness(url, self.id, self.alive_key(self.id))
         self._append = self.redis.register_script(_APPEND)
         self._release = self.redis.register_script(_RELEASE)
 
@@ -244,14 +406,16 @@ class Replicas:
                 await task
         with contextlib.suppress(*_DOWN):
             for link in self.links.values():
-                if link.persister:
-                    await self._release(keys=[link.lease], args=[self.id])
+                for lease in [link.lease] if link.persister else []:
+                    await self._release(keys=[lease], args=[self.id])
+                for lease in link.held_leases():
+                    await self.release(lease)
         await asyncio.to_thread(self._liveness.stop)
         with contextlib.suppress(*_DOWN):
             await self.redis.aclose()
 
     @staticmethod
-    def _alive_key(replica: str) -> str:
+    def alive_key(replica: str) -> str:
         return f"igora:replica:{replica}"
 
     async def _connected(self) -> None:
@@ -287,33 +451,42 @@ class Replicas:
         self.up = False
 
     # ------------------------------------------------------------------ rooms
-    async def join(self, room: MarketRoom) -> None:
+    async def join(self, link: Link) -> None:
         """A room is loaded here: follow its channel and catch up with its stream."""
-        link = RoomLink(self, room)
-        self.links[room.name] = link
-        room.link = link
+        self.links[link.name] = link
+        link.attached()
         self._resubscribe.set()
         try:
             # Subscribed first, then read: no update falls between the two.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(link.subscribed.wait(), 5.0)
             await self._catch_up(link)
-            await self.redis.publish(link.channel, b"q " + self.id.encode())
+            await link.joined()
         except _DOWN as exc:
             self._lost(exc)
         await self._take_lease(link)
 
-    async def leave(self, room: MarketRoom) -> None:
-        """The room leaves memory here: stop following it, let another persist it."""
-        link = self.links.pop(room.name, None)
-        room.link = None
+    async def leave(self, name: str) -> None:
+        """Room ``name`` leaves memory here: stop following it, let another persist it."""
+        link = self.links.pop(name, None)
         if link is None:
             return
+        link.detached()
         self._resubscribe.set()
-        self._liveness.leases.pop(link.lease, None)
-        if link.persister:
+        for lease in [link.lease, *link.held_leases()]:
+            await self.release(lease)
+
+    async def release(self, lease: str) -> None:
+        """Give up a lease this replica holds (if it still does)."""
+        if self._liveness.leases.pop(lease, None) is not None:
             with contextlib.suppress(*_DOWN):
-                await self._release(keys=[link.lease], args=[self.id])
+                await self._release(keys=[lease], args=[self.id])
+
+    @property
+    def leases(self) -> dict[str, bool]:
+        """The leases this replica holds, renewed by its liveness thread: key -> still
+        held (False once a renewal found it gone)."""
+        return self._liveness.leases
 
     def put(self, item: tuple[str, str, bytes]) -> None:
         """Queue an update or awareness message for Redis, in order. Past
@@ -339,7 +512,7 @@ class Replicas:
         kept = [item for item in self._out if item[0] != "u"]
         self._out.clear()
         for name, link in self.links.items():
-            self._out.append(("u", name, link.room.ydoc.get_update()))
+            self._out.append(("u", name, link.state()))
         self._out.extend(kept)
 
     # ------------------------------------------------------------------ publishing
@@ -362,7 +535,8 @@ class Replicas:
                             keys = (_key(name, "d"), _key(name, "n"), _key(name, "c"))
                             pipe.evalsha(self._append.sha, 3, *keys, self.id, data)
                         else:
-                            pipe.publish(_key(name, "c"), b"a " + self.id.encode() + b" " + data)
+                            message = f"{kind} {self.id} ".encode() + data
+                            pipe.publish(_key(name, "c"), message)
                     await pipe.execute()
             except NoScriptError:  # a restarted Redis: its script cache is empty
                 with contextlib.suppress(*_DOWN):
@@ -435,9 +609,9 @@ class Replicas:
 
     def _received_batch(self, batch: list[dict[str, Any]]) -> None:
         """Handle what Redis sent, in order; each run of consecutive stream entries of a
-        room is applied as one update (``_entries``)."""
-        run: list[tuple[int, bytes, str, bytes]] = []
-        run_link: RoomLink | None = None
+        room is applied as one (``Link.apply``)."""
+        run: list[tuple[int, str, bytes]] = []
+        run_link: Link | None = None
         for message in batch:
             kind = message.get("type")
             if kind == "subscribe":
@@ -451,26 +625,26 @@ class Replicas:
                 continue
             if run and (entry is None or link is not run_link):
                 assert run_link is not None
-                self._entries(run_link, run)
+                run_link.apply(run)
                 run = []
             if entry is not None:
                 run_link = link
                 run.append(entry)
         if run:
             assert run_link is not None
-            self._entries(run_link, run)
+            run_link.apply(run)
 
     def _received(
         self, channel: bytes, data: bytes
-    ) -> tuple[RoomLink | None, tuple[int, bytes, str, bytes] | None]:
+    ) -> tuple[Link | None, tuple[int, str, bytes] | None]:
         """Handle one message from a room's channel; a stream entry to apply next is
-        returned instead, with its room (applied by the caller with the entries after it)."""
+        returned instead, with its room (applied by the caller with the entries after it).
+        Other messages are ``KIND ORIGIN[ BODY]``, for the room's link."""
         name = channel.decode()[len("igora:{") : -len("}:c")]
         link = self.links.get(name)
         if link is None or not data:
             return link, None
-        kind = data[:2]
-        if kind == b"u ":
+        if data[:2] == b"u ":
             n_raw, sid, origin, update = data[2:].split(b" ", 3)
             n = int(n_raw)
             if n <= link.last_n:
@@ -480,74 +654,26 @@ class Replicas:
                 return link, None
             link.last_n, link.last_id = n, sid  # applied with the rest of its run
             link.since_snapshot += 1
-            return link, (n, sid, origin.decode(), update)
-        if kind == b"a ":
-            origin, message = data[2:].split(b" ", 1)
-            if origin.decode() != self.id:
-                self._awareness(link, origin.decode(), message)
-        elif kind == b"q " and data[2:].decode() != self.id:
-            self._answer_query(link)
+            return link, (n, origin.decode(), update)
+        kind, _, rest = data.partition(b" ")
+        origin, _, body = rest.partition(b" ")
+        if origin.decode() != self.id:
+            link.signal(kind, origin.decode(), body)
         return link, None
 
-    def _entries(self, link: RoomLink, entries: list[tuple[int, bytes, str, bytes]]) -> None:
-        """Apply consecutive stream entries (except this replica's own: applied already)
-        as one update: one transaction, one frame to each connection here, instead of
-        one per entry. Should the merged update be refused, each is applied alone (and
-        refused alone, if it is)."""
-        valid: list[tuple[int, bytes, Parsed]] = []
-        for n, _sid, origin, update in entries:
-            if origin != self.id and (parsed := self._checked(link, n, update)) is not None:
-                valid.append((n, update, parsed))
-        if len(valid) > 1:
-            try:
-                merged = merge_updates(*(update for _, update, _ in valid))
-                refusal = link.room.receive(None, merged, check_update(merged))
-            except Exception as exc:
-                refusal = f"{type(exc).__name__}: {exc}"
-            except BaseException as exc:
-                if not is_panic(exc):
-                    raise
-                refusal = f"pycrdt panic: {exc}"
-            if refusal is None:
-                return
-            log.info(
-                "room %s: updates %d to %d from Redis refused merged (%s); one by one",
-                link.room.name,
-                valid[0][0],
-                valid[-1][0],
-                refusal,
-            )
-        for n, update, parsed in valid:
-            self._apply(link, n, update, parsed)
-
-    def _entry(self, link: RoomLink, n: int, sid: bytes, origin: str, update: bytes) -> None:
+    def _entry(self, link: Link, n: int, sid: bytes, origin: str, update: bytes) -> None:
         """Apply stream entry ``n`` (unless this replica sent it: applied already)."""
         link.last_n, link.last_id = n, sid
         link.since_snapshot += 1
-        if origin != self.id and (parsed := self._checked(link, n, update)) is not None:
-            self._apply(link, n, update, parsed)
+        link.apply([(n, origin, update)])
 
-    def _checked(self, link: RoomLink, n: int, update: bytes) -> Parsed | None:
-        try:
-            return check_update(update)
-        except UpdateError as exc:
-            log.warning(
-                "room %s: update %d from Redis is invalid (%s); skipped", link.room.name, n, exc
-            )
-            return None
-
-    def _apply(self, link: RoomLink, n: int, update: bytes, parsed: Parsed) -> None:
-        refusal = link.room.receive(None, update, parsed)
-        if refusal is not None:
-            log.warning("room %s: update %d from Redis refused: %s", link.room.name, n, refusal)
-
-    def gap(self, link: RoomLink) -> None:
+    def gap(self, link: Link) -> None:
         if link.catching is not None:
             link.again = True
             return
         link.catching = asyncio.get_running_loop().create_task(self._fill(link))
 
-    async def _fill(self, link: RoomLink) -> None:
+    async def _fill(self, link: Link) -> None:
         try:
             while True:
                 link.again = False
@@ -559,7 +685,7 @@ class Replicas:
         finally:
             link.catching = None
 
-    async def _catch_up(self, link: RoomLink) -> None:
+    async def _catch_up(self, link: Link) -> None:
         """Apply every stream entry after the last one seen; from the snapshot first if
         the stream was trimmed past it."""
         first = True
@@ -572,7 +698,7 @@ class Replicas:
                     continue
                 log.warning(
                     "room %s: stream entries %d to %d are gone from Redis; skipped",
-                    link.room.name,
+                    link.name,
                     link.last_n + 1,
                     int(entries[0][1][b"n"]) - 1,
                 )
@@ -584,7 +710,7 @@ class Replicas:
             if len(entries) < GAP_PAGE:
                 return
 
-    async def _from_snapshot(self, link: RoomLink) -> bool:
+    async def _from_snapshot(self, link: Link) -> bool:
         raw: Any = await self.redis.hgetall(link.snapshot)
         snap: dict[bytes, bytes] = raw
         if not snap or int(snap[b"n"]) <= link.last_n:
@@ -593,61 +719,28 @@ class Replicas:
         link.since_snapshot = 0
         return True
 
-    # ------------------------------------------------------------------ awareness
-    def _awareness(self, link: RoomLink, origin: str, message: bytes) -> None:
-        room = link.room
-        try:
-            payload = read_message(message[1:])
-            entries = awareness_presence(payload)
-        except (BadFrame, ValueError) as exc:
-            log.warning(
-                "room %s: awareness from replica %s is invalid (%s)", room.name, origin, exc
-            )
-            return
-        for client_id, present in entries:
-            if client_id in room.controllers:
-                continue  # its agent is here now
-            if not present:
-                if link.remote.get(client_id) == origin:
-                    del link.remote[client_id]
-            else:
-                link.remote[client_id] = origin
-        room.relay_remote_awareness(message, payload)
-
-    def _answer_query(self, link: RoomLink) -> None:
-        """A replica joined the room: tell it the states of the agents connected here."""
-        aw = link.room.awareness
-        ids = [c for c in link.room.controllers if c in aw.states]
-        if ids:
-            link.publish_awareness(link.room.encoded_states.message(aw, ids))
-
+    # ------------------------------------------------------------------ liveness
     async def _check_replicas(self) -> None:
         """Remove the awareness states of agents whose replica's liveness key expired.
         Right after a reconnection (a Redis restart loses the keys) the others get a full
         lease period to write theirs again."""
         if time.monotonic() - self.up_since < LEASE_TTL:
             return
-        others = {r for link in self.links.values() for r in link.remote.values()}
+        others = {r for link in self.links.values() for r in link.replicas_seen()}
         if not others:
             return
         order = sorted(others)
-        alive = await self.redis.exists(*(self._alive_key(r) for r in order))
+        alive = await self.redis.exists(*(self.alive_key(r) for r in order))
         if alive == len(order):
             return
         for replica in order:
-            if not await self.redis.exists(self._alive_key(replica)):
+            if not await self.redis.exists(self.alive_key(replica)):
                 self._gone(replica)
 
     def _gone(self, replica: str) -> None:
-        total = 0
-        for link in self.links.values():
-            gone = [c for c, r in link.remote.items() if r == replica]
-            for c in gone:
-                del link.remote[c]
-            total += link.room.remove_states([c for c in gone if c not in link.room.controllers])
+        total = sum(link.gone(replica) for link in list(self.links.values()))
         log.warning(
-            "replica %s is gone (its liveness key expired): %d awareness state(s) of its "
-            "agents removed",
+            "replica %s is gone (its liveness key expired): %d agent(s) of it removed",
             replica,
             total,
         )
@@ -662,13 +755,14 @@ class Replicas:
                 for link in list(self.links.values()):
                     await self._take_lease(link)
                     await self._check_gap(link)
+                    await link.tick()
                     if link.persister and link.since_snapshot >= SNAPSHOT_AFTER:
                         await self._snapshot(link)
                 await self._check_replicas()
             except _DOWN as exc:
                 self._lost(exc)
 
-    async def _check_gap(self, link: RoomLink) -> None:
+    async def _check_gap(self, link: Link) -> None:
         """A message lost between Redis and this replica shows when the next one comes;
         this finds the last one lost, whose next one may never come: behind the counter
         at two checks in a row without progress (behind once is only messages on their
@@ -679,37 +773,37 @@ class Replicas:
             self.gap(link)
         link.stuck_at = link.last_n if behind else None
 
-    async def _take_lease(self, link: RoomLink) -> None:
+    async def _take_lease(self, link: Link) -> None:
         """Take the room's persister lease if it is free; note its loss (the liveness
         thread renews it, ``Liveness``)."""
-        history = link.room.history
         held = self._liveness.leases
         try:
             if link.persister:
                 if held.get(link.lease, False):
                     return
                 held.pop(link.lease, None)
-                link.persister = history.writing = False
-                log.warning("room %s: persister lease lost to another replica", link.room.name)
+                link.persister = False
+                link.storing(False)
+                log.warning("room %s: persister lease lost to another replica", link.name)
             if await self.redis.set(link.lease, self.id, nx=True, px=int(LEASE_TTL * 1000)):
                 held[link.lease] = True
-                link.persister = history.writing = True
-                log.info("room %s: this replica (%s) stores it", link.room.name, self.id)
-                await history.replace()  # the whole state: what the last holder missed
+                link.persister = True
+                link.storing(True)
+                log.info("room %s: this replica (%s) stores it", link.name, self.id)
+                await link.store_whole()
         except _DOWN as exc:
             self._lost(exc)
 
-    async def _snapshot(self, link: RoomLink) -> None:
+    async def _snapshot(self, link: Link) -> None:
         """Write the room's state as the snapshot of its stream up to the last entry
-        applied, and trim the stream before it. Not while updates wait in the causal
-        gate: the snapshot must hold every entry up to its id."""
-        room = link.room
-        if room.gate.waiting or not link.last_id:
+        applied, and trim the stream before it. Not while the state lacks an entry
+        applied (v2: updates waiting in the causal gate)."""
+        if not link.snapshot_ready() or not link.last_id:
             return
-        doc = room.ydoc.get_update()
+        doc = link.state()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(link.snapshot, mapping={"doc": doc, "n": link.last_n, "id": link.last_id})
             pipe.xtrim(link.stream, minid=link.last_id)
             await pipe.execute()
         link.since_snapshot = 0
-        log.debug("room %s: snapshot at entry %d (%d bytes)", room.name, link.last_n, len(doc))
+        log.debug("room %s: snapshot at entry %d (%d bytes)", link.name, link.last_n, len(doc))

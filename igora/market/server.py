@@ -24,7 +24,7 @@ from .limits import (
     DEFAULT_MAX_ROOMS_PER_ADDRESS,
     DEFAULT_ROOM_IDLE,
 )
-from .replicas import Replicas
+from .replicas import Replicas, RoomLink
 from .room import MarketRoom, background
 from .store import Store
 
@@ -81,7 +81,7 @@ class MarketServer(WebsocketServer):
                 if not room.started.is_set():
                     await super().start_room(room)
                     if self.replicas is not None and isinstance(room, MarketRoom):
-                        await self.replicas.join(room)
+                        await self.replicas.join(RoomLink(self.replicas, room))
         finally:
             if room.started.is_set():
                 self._start_guards.pop(id(room), None)
@@ -141,7 +141,7 @@ class MarketServer(WebsocketServer):
             return
         del self.rooms[room.name]  # no await between the check and this
         if self.replicas is not None:
-            await self.replicas.leave(room)
+            await self.replicas.leave(room.name)
         address = self.opener.pop(room.name, None)
         if address is not None:
             self.opened[address] -= 1

@@ -150,6 +150,12 @@ class Store:
                 out.setdefault(doc, []).append(bytes(data))
         return out
 
+    def document_names(self, room: str) -> set[str]:
+        """The names of the documents a v3 room has in the store."""
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT doc FROM doc_updates WHERE room=?", (room,))
+            return {doc for (doc,) in rows}
+
     def write_documents(
         self,
         room: str,

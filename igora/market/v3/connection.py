@@ -335,12 +335,16 @@ class V3Connection:
     def _lease(self, room: V3Room) -> None:
         if not self.broker:
             self.notice(wire.Code.REFUSED, "", "your identity may not be a broker here")
-        elif room.request_lease(self):
+            return
+        granted = room.request_lease(self)
+        if granted:
             self.lease_granted(room.lease.epoch)
-        else:
-            place = room.lease.waiting.index(self) + 1
-            text = f"lease held, epoch {room.lease.epoch}; you are number {place} in line"
-            self.notice(wire.Code.LEASE_HELD, "", text)
+        elif granted is not None:  # None: the answer comes once Redis gave it
+            self.lease_held(room.lease.epoch, room.lease.waiting.index(self) + 1)
+
+    def lease_held(self, epoch: int, place: int) -> None:
+        text = f"lease held, epoch {epoch}; you are number {place} in line"
+        self.notice(wire.Code.LEASE_HELD, "", text)
 
     def _attach(self, room: V3Room, body: dict[str, Any]) -> Problem | None:
         """The lease holder attaches an identity to task documents (protocol-v3.md §5)."""

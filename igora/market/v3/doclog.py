@@ -71,11 +71,13 @@ class DocLog:
 
 
 class DocHistory:
-    """The updates of one v3 room on their way to the store."""
+    """The updates of one v3 room on their way to the store. ``writing`` False: another
+    replica stores the room (it holds its persister lease); this one only reads it."""
 
-    def __init__(self, room: str, store: Store) -> None:
+    def __init__(self, room: str, store: Store, writing: bool = True) -> None:
         self.room = room
         self.store = store
+        self.writing = writing
         self.pending: list[tuple[str, bytes]] = []  # appended, not yet handed to the store
         self.dropped: set[str] = set()  # documents to remove from the store
         self._redo: set[str] = set()  # documents whose last write failed: store them whole
@@ -97,7 +99,7 @@ class DocHistory:
                 squash[name] = doc.state()
                 doc.stored = 1
             logs[name] = doc
-        if squash:
+        if squash and self.writing:
             self.store.write_documents(self.room, [], squash)
         if logs:
             log.info("room %s: %d document(s) loaded from the store", self.room, len(logs))
@@ -106,11 +108,15 @@ class DocHistory:
 
     def appended(self, name: str, update: bytes) -> None:
         """Document ``name`` took ``update``: write it soon."""
+        if not self.writing:
+            return
         self.pending.append((name, update))
         self._writer.soon()
 
     def drop(self, name: str) -> None:
         """Document ``name`` is gone: remove its rows soon."""
+        if not self.writing:
+            return
         self.pending = [(n, u) for n, u in self.pending if n != name]
         self.dropped.add(name)
         self._writer.soon()
@@ -155,6 +161,27 @@ class DocHistory:
                 self._redo |= {n for n, _ in appends} | set(replaces)
                 self._writer.soon()
                 raise
+
+    async def replace(self) -> None:
+        """Store the room whole: each document as its merged state, the documents no
+        longer in the room removed (when this replica starts storing the room: its
+        documents hold whatever the last holder had not written)."""
+        if not self.writing:
+            return
+        async with self._lock:
+            self.pending, self.dropped, self._redo = [], set(), set()
+            replaces: dict[str, bytes | None] = {}
+            try:
+                stored = await asyncio.to_thread(self.store.document_names, self.room)
+                replaces = {name: None for name in stored - self.logs.keys()}
+                for name, doc in self.logs.items():
+                    replaces[name] = doc.state()
+                    doc.stored = 1
+                await asyncio.to_thread(self.store.write_documents, self.room, [], replaces)
+            except Exception:
+                self._redo |= set(self.logs) | set(replaces)  # whole, at the next flush
+                self._writer.soon()
+                log.exception("room %s: storing the room whole failed", self.room)
 
     def flush_sync(self) -> None:
         """Write everything now, blocking (at shutdown)."""

@@ -39,14 +39,22 @@ class Lease(Generic[T]):
         self.holder = peer
         self.epoch += 1
 
-    def release(self, peer: T) -> T | None:
+    def release(self, peer: T, hand_over: bool = True) -> T | None:
         """``peer`` is gone: it leaves the line, and if it held the lease, the next in
-        line gets it. The new holder, if the lease moved."""
+        line gets it (unless not ``hand_over``: a room shared by replicas takes the next
+        epoch in Redis first, then calls ``give``). The new holder, if the lease moved."""
         if peer in self.waiting:
             self.waiting.remove(peer)
         if self.holder is not peer:
             return None
         self.holder = None
-        if self.waiting:
+        if self.waiting and hand_over:
             self._grant(self.waiting.pop(0))
+        return self.holder
+
+    def give(self, epoch: int) -> T | None:
+        """The lease, taken at ``epoch`` elsewhere (Redis), goes to the first in line."""
+        self.epoch = max(self.epoch, epoch)
+        if self.holder is None and self.waiting:
+            self.holder = self.waiting.pop(0)
         return self.holder

@@ -18,13 +18,18 @@ needs nothing special for them.
 A room loaded from the store continues the stored history of both: nobody is connected
 yet, so every ``who`` entry and advert and the broker's id are removed first
 (deletions that reach the readers' copies too).
+
+Shared by replicas (``replica``, docs/market.md "v3 rooms across replicas"), each replica
+writes its own part: the ``who`` entries of its connections carry ``replica``, its id; it
+applies the others' updates (``apply``); the entries of replicas that are gone are
+removed by ``prune``, which replaces the clean-up at load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pycrdt import Doc, Map, merge_updates
@@ -56,8 +61,11 @@ class MarketDocs:
         emit: Callable[[str, bytes], None],
         market: str,
         limits: dict[str, Any],
+        replica: str | None = None,
     ) -> None:
         self._emit = emit
+        self.replica = replica
+        self._applying = False  # applying another replica's update: not ours to send
         self.docs: dict[str, Doc[Any]] = {DIR: Doc(), WHO: Doc()}
         for name, doc in self.docs.items():
             if name in stored:
@@ -66,25 +74,69 @@ class MarketDocs:
         # show), merged at the next flush.
         self._pending: dict[str, list[bytes]] = {DIR: [], WHO: []}
         self._subs = [
-            doc.observe(lambda event, name=name: self._pending[name].append(event.update))
+            doc.observe(lambda event, name=name: self._observed(name, event.update))
             for name, doc in self.docs.items()
         ]
         self._due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last = 0.0
         agents, broker = self._map(WHO, "agents"), self._map(DIR, "broker")
-        for gone in (agents, self._map(DIR, "workers")):
-            for key in list(gone.keys()):
-                del gone[key]
-        epoch = number(broker.get("epoch"))
-        self.epoch = int(epoch) if epoch is not None and epoch > 0 else 0  # the last stored
-        if "id" in broker:
-            del broker["id"]
+        if replica is None:  # shared, the link prunes once it caught up
+            for gone in (agents, self._map(DIR, "workers")):
+                for key in list(gone.keys()):
+                    del gone[key]
+            if "id" in broker:
+                del broker["id"]
+        self.epoch = self.epoch_seen()  # the last stored
         info = {"key": market, "version": 3, "limits": limits}
         market_map = self._map(DIR, "market")
         if market_map.to_py() != info:
             market_map.clear()
             market_map.update(info)
         self.flush()  # at once: nobody reads yet, but the log starts right
+
+    def _observed(self, name: str, update: bytes) -> None:
+        if not self._applying:
+            self._pending[name].append(update)
+
+    def apply(self, name: str, update: bytes) -> None:
+        """An update of ``dir`` or ``who`` another replica wrote."""
+        self._applying = True
+        try:
+            self.docs[name].apply_update(update)
+        finally:
+            self._applying = False
+
+    def epoch_seen(self) -> int:
+        """The broker lease's last epoch ``dir`` shows (0: none)."""
+        epoch = number(self._map(DIR, "broker").get("epoch"))
+        return int(epoch) if epoch is not None and epoch > 0 else 0
+
+    def _entries(self) -> Iterable[tuple[str, str | None]]:
+        for id_, entry in self._map(WHO, "agents").items():
+            yield id_, entry.get("replica") if isinstance(entry, dict) else None
+
+    def replicas(self) -> set[str]:
+        """The replicas whose agents ``who`` lists."""
+        return {r for _, r in self._entries() if r is not None}
+
+    def prune(self, keep: Callable[[str | None], bool]) -> int:
+        """Remove the ``who`` entries of the replicas ``keep`` rejects (None: an entry
+        of a market that was not shared), the adverts of ids no longer in ``who``, and
+        the broker's id if it is gone; how many ``who`` entries were removed."""
+        agents, workers = self._map(WHO, "agents"), self._map(DIR, "workers")
+        gone = [id_ for id_, replica in self._entries() if not keep(replica)]
+        for id_ in gone:
+            del agents[id_]
+        stale = sorted(set(workers.keys()) - set(agents.keys()))
+        for id_ in stale:
+            del workers[id_]
+        broker = self._map(DIR, "broker")
+        if "id" in broker and broker["id"] not in agents:
+            del broker["id"]
+            stale.append("")
+        if gone or stale:
+            self._changed()
+        return len(gone)
 
     def _map(self, doc: str, name: str) -> Map[Any]:
         shared: Map[Any] = self.docs[doc].get(name, type=Map)
@@ -95,11 +147,18 @@ class MarketDocs:
         return [{"id": i, **entry} for i, entry in self._map(WHO, "agents").items()]
 
     # ------------------------------------------------------------------ changes
+    def _mine(self) -> dict[str, str]:
+        return {} if self.replica is None else {"replica": self.replica}
+
     def joined(self, id_: str) -> None:
-        self._map(WHO, "agents")[id_] = {"type": None, "name": None, "since": now_ms()}
+        entry = {"type": None, "name": None, "since": now_ms(), **self._mine()}
+        self._map(WHO, "agents")[id_] = entry
         self._changed()
 
     def left(self, id_: str) -> None:
+        entry = self._map(WHO, "agents").get(id_)
+        if isinstance(entry, dict) and entry.get("replica", self.replica) != self.replica:
+            return  # connected to another replica since: that one's entry now
         for entries in (self._map(WHO, "agents"), self._map(DIR, "workers")):
             if id_ in entries:
                 del entries[id_]
@@ -117,6 +176,7 @@ class MarketDocs:
         if not isinstance(entry, dict):
             return
         shown = {"type": _label(state.get("type")), "name": _label(state.get("name"))}
+        shown.update(self._mine())
         if {k: entry.get(k) for k in shown} != shown:
             agents[id_] = {**entry, **shown}
             self._changed()

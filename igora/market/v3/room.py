@@ -15,7 +15,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ...v3 import wire
 from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, parse
@@ -25,6 +25,10 @@ from ..store import Store
 from .doclog import EMPTY_UPDATE, DocHistory, DocLog
 from .lease import Lease
 from .market_docs import DIR, WHO, MarketDocs
+from .replicas import V3Link, attach_event, drop_event, update_event
+
+if TYPE_CHECKING:
+    from ..replicas import Replicas
 
 MAX_TASK_DOCUMENTS = 1_000
 """Live task documents (``p/``, ``r/``) one identity may own at once."""
@@ -44,6 +48,12 @@ class Peer(Protocol):
     subscribed: set[str]  # documents it reads by name (subscribed or attached)
     prefixes: set[str]  # prefixes it reads
     state: dict[str, Any]  # its last PRESENCE state
+
+    def lease_granted(self, epoch: int) -> None: ...
+
+    def lease_held(self, epoch: int, place: int) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -73,11 +83,14 @@ class V3Room:
         limits: DocLimits,
         market: str = "",
         info: dict[str, Any] | None = None,
+        replica: str | None = None,
     ) -> None:
-        """``market``: the market's id, ``info`` the limits it announces (in ``dir``)."""
+        """``market``: the market's id, ``info`` the limits it announces (in ``dir``);
+        ``replica``: this replica's id when the room is shared (``link``), else None."""
         self.name = name
         self.limits = limits
-        self.history = DocHistory(name, store)
+        self.link: V3Link | None = None  # set while the room is shared with replicas
+        self.history = DocHistory(name, store, writing=replica is None)
         self.docs: dict[str, DocLog] = self.history.load()
         self.subs: dict[str, set[Peer]] = {}
         self.prefix_subs: dict[str, set[Peer]] = {p: set() for p in PREFIXES}
@@ -93,8 +106,9 @@ class V3Room:
         self.idle_since = time.monotonic()
         self.updates = 0  # taken since the room was loaded
         stored = {n: self.docs[n].state() for n in (DIR, WHO) if n in self.docs}
-        self.market_docs = MarketDocs(stored, self._market_write, market, info or {})
+        self.market_docs = MarketDocs(stored, self._market_write, market, info or {}, replica)
         self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
+        self.lease_asked: set[Peer] = set()  # asked, answer due (the lease is in Redis)
 
     # ------------------------------------------------------------------ connections
     def join(self, peer: Peer) -> None:
@@ -121,9 +135,13 @@ class V3Room:
         for prefix in peer.prefixes:
             self.prefix_subs[prefix].discard(peer)
         held = self.lease.holder is peer
-        holder = self.lease.release(peer)
+        self.lease_asked.discard(peer)
+        # Shared, the lease goes on through Redis (the link), with the next epoch there.
+        holder = self.lease.release(peer, hand_over=self.link is None)
         if held:
             self._broker_changed()
+            if self.link is not None:
+                self.link.lease_left()
         return holder
 
     def advert(self, advert: dict[str, Any]) -> None:
@@ -136,14 +154,43 @@ class V3Room:
             self.market_docs.presence(i, peer.state)
 
     # ------------------------------------------------------------------ the lease
-    def request_lease(self, peer: Peer) -> bool:
+    def request_lease(self, peer: Peer) -> bool | None:
         """``peer`` asks for the broker lease (may it? the caller checked): True if it
-        holds it now."""
+        holds it now, False if it waits in line; None: the answer comes later (the
+        lease of a shared room is taken in Redis, ``lease_taken``, ``lease_refused``)."""
+        if self.link is not None:
+            if self.lease.holder is peer:
+                return True
+            if peer not in self.lease.waiting:
+                self.lease.waiting.append(peer)
+            if self.lease.holder is not None:
+                return False
+            self.lease_asked.add(peer)
+            self.link.want_lease()
+            return None
         had = self.lease.holder
         granted = self.lease.request(peer)
         if granted and had is not peer:
             self._broker_changed()
         return granted
+
+    def lease_taken(self, epoch: int) -> Peer | None:
+        """This replica took the room's lease at ``epoch``: the first connection in line
+        holds it (the new holder, None if nobody waits); the others asking are told."""
+        holder = self.lease.give(epoch)
+        if holder is not None:
+            self.lease_asked.discard(holder)
+            self._broker_changed()
+            holder.lease_granted(epoch)
+        self.lease_refused(epoch)
+        return holder
+
+    def lease_refused(self, epoch: int) -> None:
+        """The connections waiting for an answer are told the lease is held."""
+        for peer in self.lease_asked:
+            if peer in self.lease.waiting:
+                peer.lease_held(epoch, self.lease.waiting.index(peer) + 1)
+        self.lease_asked.clear()
 
     def _broker_changed(self) -> None:
         holder = self.lease.holder
@@ -201,10 +248,12 @@ class V3Room:
         """Whether the lease holder attached one of ``peer``'s ids to ``name``."""
         return any(name in self.attachments.get(i, ()) for i in peer.ids)
 
-    def attach(self, to: str, names: list[str]) -> None:
+    def attach(self, to: str, names: list[str], remote: bool = False) -> None:
         """Attach identity ``to`` to documents (the lease holder's word, §5): every
         connection of ``to`` reads them from now on, their state sent at once, and so
-        will its later connections."""
+        will its later connections. ``remote``: another replica's holder attached them."""
+        if self.link is not None and not remote:
+            self.link.publish(attach_event(to, names))
         attached = self.attachments.setdefault(to, set())
         attached.update(names)
         for peer in self.connections:
@@ -213,9 +262,12 @@ class V3Room:
                     if name not in peer.subscribed:
                         self.subscribe(peer, name)
 
-    def drop(self, sender: Peer, name: str) -> None:
+    def drop(self, sender: Peer | None, name: str, remote: bool = False) -> None:
         """Remove a document (its owner's word): its log, its rows, its subscriptions
-        and attachments; its readers get a ``NOTICE`` 410."""
+        and attachments; its readers get a ``NOTICE`` 410. ``remote``: the owner is
+        connected to another replica."""
+        if self.link is not None and not remote:
+            self.link.publish(drop_event(name))
         if self.docs.pop(name, None) is not None:
             self.history.drop(name)
             owner = _task_owner(name)
@@ -267,10 +319,28 @@ class V3Room:
         self._append(sender, name, log, update)
         return None
 
-    def _append(self, sender: Peer | None, name: str, log: DocLog, update: bytes) -> None:
+    def apply_remote(self, name: str, update: bytes) -> None:
+        """An update of ``name`` another replica took (checked there), relayed to the
+        readers here."""
+        log = self.docs.get(name)
+        if log is None:
+            log = self.docs[name] = DocLog()
+            log.stored = 0
+            owner = _task_owner(name)
+            if owner is not None:
+                self.task_documents[owner] += 1
+        self._append(None, name, log, update, remote=True)
+        if name in (DIR, WHO):
+            self.market_docs.apply(name, update)
+
+    def _append(
+        self, sender: Peer | None, name: str, log: DocLog, update: bytes, remote: bool = False
+    ) -> None:
         log.append(update)
         self.updates += 1
         self.history.appended(name, update)
+        if self.link is not None and not remote:
+            self.link.publish(update_event(name, update))
         message = wire.encode(wire.Doc(name, wire.Sync.UPDATE, update))
         for reader in self.readers(name):
             if reader is not sender:
@@ -293,7 +363,12 @@ class V3Room:
             "agents": self.market_docs.agents(),
             "documents": len(self.docs) - len(self.docs.keys() & {DIR, WHO}),  # the agents'
             "updates": self.updates,
-            "lease": {"epoch": self.lease.epoch, "held": self.lease.holder is not None},
+            # Shared, another replica may have granted it since: dir says its epoch.
+            "lease": {
+                "epoch": max(self.lease.epoch, self.market_docs.epoch_seen()),
+                "held": self.lease.holder is not None,
+            },
+            **({"stored_here": self.link.persister} if self.link is not None else {}),
         }
 
 
@@ -310,8 +385,10 @@ class V3Rooms:
         max_rooms: int,
         market: str = "",
         info: dict[str, Any] | None = None,
+        replicas: Replicas | None = None,
     ) -> None:
         self.store = store
+        self.replicas = replicas
         self.limits = limits
         self.market = market
         self.info = info
@@ -335,8 +412,11 @@ class V3Rooms:
             return f"{self.max_rooms} rooms in memory already"
         room = self.rooms.get(name)  # loaded by another connection meanwhile
         if room is None:
-            room = V3Room(name, self.store, self.limits, self.market, self.info)
+            replica = self.replicas.id if self.replicas is not None else None
+            room = V3Room(name, self.store, self.limits, self.market, self.info, replica)
             self.rooms[name] = room
+            if self.replicas is not None:
+                await self.replicas.join(V3Link(self.replicas, room))
         return room
 
     def unload_later(self, room: V3Room) -> None:
@@ -358,6 +438,8 @@ class V3Rooms:
             return
         del self.rooms[room.name]
         room.market_docs.cancel()
+        if self.replicas is not None:
+            await self.replicas.leave(room.name)
         log.debug("room %s: unloaded from memory", room.name)
 
     def flush_sync(self) -> None:

@@ -1,0 +1,167 @@
+"""A secure market on three replicas sharing its v3 rooms through Redis (``igora market
+--secure --redis``; docs/market.md "v3 rooms across replicas").
+
+Every test starts its own ``redis-server`` and three ``igora market --secure`` processes
+on free ports of 127.0.0.1 sharing one ``--data`` folder (one market key, one store), and
+puts the broker, the workers and the askers on different replicas: each role is given
+the list of replicas starting with its own, so it moves to the next when its own dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from igora.client import Client
+from igora.identity import load_identity
+from igora.testing import Cluster, Proc, RedisServer, wait_for
+from tests.test_attacks import (
+    SLOW,
+    overwrite_delete_or_abort,
+    read_another_prompt_or_answer,
+    take_over_the_broker_role,
+    under_attack,
+)
+from tests.test_v3_roles import ROOM, words
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+def urls(cluster: Cluster, first: int) -> str:
+    """The replicas' URLs, replica ``first`` first (a v3 agent starts on the first)."""
+    ports = cluster.ports[first:] + cluster.ports[:first]
+    return ",".join(f"ws://127.0.0.1:{port}" for port in ports)
+
+
+def secure_replicas(cluster: Cluster, redis: RedisServer, *worker_args: str) -> list[Proc]:
+    """Three secure replicas; the broker b1 on replica 0, the echo workers w1 and w2 on
+    replicas 1 and 2 (each with its own identity); the replicas' processes."""
+    broker_id = load_identity(Path(cluster.agent_data("b1")["IGORA_DATA"]))[0].id
+    procs = cluster.replicas(
+        redis.url, 3, "--secure", "--members", "open", "--broker-key", broker_id
+    )
+    cluster.broker("--market", urls(cluster, 0), "--room", ROOM, name="b1", data=True)
+    for i, name in ((1, "w1"), (2, "w2")):
+        cluster.worker(
+            "--market", urls(cluster, i), "--room", ROOM, *worker_args, name=name, data=True
+        )
+    cluster.wait_agents("worker", 2)
+    cluster.wait_agents("broker", 1)
+    return procs
+
+
+def asker(cluster: Cluster, name: str, replica: int, monkeypatch: pytest.MonkeyPatch) -> Client:
+    monkeypatch.setenv("IGORA_DATA", cluster.agent_data(name)["IGORA_DATA"])
+    return Client(urls(cluster, replica), ROOM, name=name, timeout=90)
+
+
+def agents_on(cluster: Cluster, port: int) -> dict[str, dict[str, object]]:
+    """``who`` of ROOM as the replica on ``port`` shows it (its ``/status``)."""
+    rooms = [r for r in cluster.status(port)["rooms"] if r["name"] == ROOM]
+    return {a["id"]: a for r in rooms for a in r["agents"]}
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+def test_three_secure_replicas_complete_encrypted_tasks(
+    cluster: Cluster, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Askers on each replica get their answers (end-to-end encrypted, protocol 3) from
+    workers on other replicas through a broker on a third; every replica's ``who``
+    lists every agent, each with the replica it is connected to; one replica stores
+    the room."""
+    secure_replicas(cluster, redis)
+
+    async def main() -> None:
+        clients = []
+        for i in range(3):  # each connects with its own identity (read at connect)
+            clients.append(asker(cluster, f"asker{i}", i, monkeypatch))
+            await clients[-1].connect()
+        try:
+            assert all(c.v3 is not None for c in clients)
+            prompts = [(c, words(8, f"{c.name}-{k}-")) for c in clients for k in range(4)]
+            answers = await asyncio.gather(*(c.chat(p, max_tokens=20) for c, p in prompts))
+            assert answers == [f"Echo: {p}" for _, p in prompts]
+            ids = {c.id for c in clients}
+
+            def everyone_everywhere() -> bool:
+                views = [agents_on(cluster, port) for port in cluster.ports]
+                return all(ids <= set(v) and len(v) >= 6 for v in views)
+
+            await wait_for(everyone_everywhere, 20, "every agent in who on every replica")
+            view = agents_on(cluster, cluster.ports[0])
+            assert {view[c.id]["replica"] for c in clients} == {
+                cluster.status(port)["replica"] for port in cluster.ports
+            }
+        finally:
+            for c in clients:
+                await c.close()
+
+    asyncio.run(main())
+    stored = [
+        r["name"]
+        for port in cluster.ports
+        for r in cluster.status(port)["rooms"]
+        if r.get("stored_here")
+    ]
+    assert stored == [ROOM]
+
+
+def test_kill_9_of_the_broker_replica_with_tasks_in_flight_loses_none(
+    cluster: Cluster, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of replica 0, which holds the broker (and the broker lease), while 30
+    tasks run: the lease moves to another replica with a newer epoch once the dead
+    one's expires, the broker moves there, and every task ends done."""
+    procs = secure_replicas(cluster, redis, "--slots", "10", "--delay", "0.05")
+
+    async def main() -> None:
+        async with asker(cluster, "alice", 2, monkeypatch) as client:
+            assert await client.chat("warm up", max_tokens=5) == "Echo: warm up"
+            assert "broker lease to" in procs[0].log()  # the broker holds it on replica 0
+            epoch = agents_epoch(cluster, cluster.ports[2])
+            texts = [words(40, f"k{k}-") for k in range(30)]
+            tasks = [asyncio.create_task(client.chat(t, max_tokens=60)) for t in texts]
+            await asyncio.sleep(1.0)
+            assert not all(t.done() for t in tasks), "tasks must be in flight at the kill"
+            procs[0].kill(signal.SIGKILL)
+            answers = await asyncio.gather(*tasks)
+            assert answers == [f"Echo: {t}" for t in texts]
+            assert agents_epoch(cluster, cluster.ports[2]) > epoch
+            assert await client.chat("after", max_tokens=5) == "Echo: after"
+        moved = [p for p in procs[1:] if "broker lease to" in p.log()]
+        assert moved, "the broker lease on a surviving replica"
+
+    asyncio.run(main())
+
+
+def agents_epoch(cluster: Cluster, port: int) -> int:
+    """The broker lease's epoch of ROOM on the replica on ``port``."""
+    room = next(r for r in cluster.status(port)["rooms"] if r["name"] == ROOM)
+    return int(room["lease"]["epoch"])
+
+
+# ------------------------------------------------------------------------------ attacks
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [overwrite_delete_or_abort, take_over_the_broker_role, read_another_prompt_or_answer],
+    ids=["write-another-document", "take-the-broker-role", "read-another-prompt-or-inbox"],
+)
+def test_attacks_hold_on_every_replica(
+    cluster: Cluster, redis: RedisServer, monkeypatch: pytest.MonkeyPatch, attack: object
+) -> None:
+    """tests/test_attacks.py's attacks against the three replicas: the rogue connects to
+    each in turn, the askers and the roles are spread over them."""
+    secure_replicas(cluster, redis, *SLOW)
+    under_attack(cluster, monkeypatch, attack, started=True)  # type: ignore[arg-type]
