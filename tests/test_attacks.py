@@ -202,7 +202,7 @@ def stored(cluster: Cluster, name: str) -> Doc[Any] | None:
 async def read_another_prompt_or_answer(cluster: Cluster, a: Client, b: Client, tid: str) -> None:
     worker = await wait_for(lambda: a.worker_of(tid), 10, "alice's task assigned", cluster)
     peer = await rogue(cluster)
-    for name in (prompt_doc(a.id, tid), run_doc(worker, tid, 1), inbox(a.id)):
+    for name in (prompt_doc(a.id, tid), run_doc(worker, tid, 1)):
         await peer.send(wire.Subscribe(((name, False),)))
         assert (await peer.notice(name)).code == wire.Code.REFUSED
     # by prefix: refused too, and nothing of alice's comes
@@ -239,8 +239,8 @@ async def read_another_prompt_or_answer(cluster: Cluster, a: Client, b: Client, 
 
 
 def test_read_another_prompt_or_answer(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Subscribing to another's prompt, run or inbox is refused; the ciphertext itself (as
-    the store holds it, which is also what an attached worker receives) opens for no one
+    """Subscribing to another's prompt or run is refused; the ciphertext itself (as the
+    store holds it, which is also what an attached worker receives) opens for no one
     without a grant: not the grants made to others, not a guessed task key, not the
     answer under a key of the rogue's own."""
     under_attack(cluster, monkeypatch, read_another_prompt_or_answer)

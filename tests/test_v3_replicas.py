@@ -15,10 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pycrdt import Doc
 
 from igora.client import Client
 from igora.identity import load_identity
 from igora.testing import Cluster, Proc, RedisServer, wait_for
+from igora.v3 import wire
+from igora.v3.tasks import TASKS, inbox
 from tests.test_attacks import (
     SLOW,
     overwrite_delete_or_abort,
@@ -27,6 +30,7 @@ from tests.test_attacks import (
     under_attack,
 )
 from tests.test_v3_roles import ROOM, words
+from tests.v3_peers import RawPeer, new_identity, update_setting
 
 
 @pytest.fixture
@@ -41,13 +45,17 @@ def urls(cluster: Cluster, first: int) -> str:
     return ",".join(f"ws://127.0.0.1:{port}" for port in ports)
 
 
-def secure_replicas(cluster: Cluster, redis: RedisServer, *worker_args: str) -> list[Proc]:
-    """Three secure replicas; the broker b1 on replica 0, the echo workers w1 and w2 on
-    replicas 1 and 2 (each with its own identity); the replicas' processes."""
+def v3_replicas(
+    cluster: Cluster, redis: RedisServer, *worker_args: str, secure: bool = True
+) -> list[Proc]:
+    """Three replicas, secure (only b1 may broker) or with the open v3 room ROOM (any
+    identity may ask for the lease, as in tests/test_attacks.py); the broker b1 on replica
+    0, the echo workers w1 and w2 on replicas 1 and 2 (each with its own identity); the
+    replicas' processes."""
     broker_id = load_identity(Path(cluster.agent_data("b1")["IGORA_DATA"]))[0].id
-    procs = cluster.replicas(
-        redis.url, 3, "--secure", "--members", "open", "--broker-key", broker_id
-    )
+    # --broker-key=ID: an id may start with "-"
+    flags = ["--secure", "--members", "open", f"--broker-key={broker_id}"]
+    procs = cluster.replicas(redis.url, 3, *(flags if secure else ["--v3-room", ROOM]))
     cluster.broker("--market", urls(cluster, 0), "--room", ROOM, name="b1", data=True)
     for i, name in ((1, "w1"), (2, "w2")):
         cluster.worker(
@@ -77,9 +85,10 @@ def test_three_secure_replicas_complete_encrypted_tasks(
 ) -> None:
     """Askers on each replica get their answers (end-to-end encrypted, protocol 3) from
     workers on other replicas through a broker on a third; every replica's ``who``
-    lists every agent, each with the replica it is connected to; one replica stores
-    the room."""
-    secure_replicas(cluster, redis)
+    lists every agent, each with the replica it is connected to; a rogue on each
+    replica is refused another's inbox and the broker role; one replica stores the
+    room."""
+    v3_replicas(cluster, redis)
 
     async def main() -> None:
         clients = []
@@ -102,6 +111,19 @@ def test_three_secure_replicas_complete_encrypted_tasks(
             assert {view[c.id]["replica"] for c in clients} == {
                 cluster.status(port)["replica"] for port in cluster.ports
             }
+            # On every replica, a rogue member may neither read another's inbox nor ask
+            # for the lease (not a broker key), nor write an inbox: the secure rules.
+            for i in range(3):
+                url = f"ws://127.0.0.1:{cluster.ports[i]}"
+                peer = await RawPeer.join(url, ROOM, new_identity())
+                name = inbox(clients[(i + 1) % 3].id)
+                await peer.send(wire.Subscribe(((name, False),)))
+                assert (await peer.notice(name)).code == wire.Code.REFUSED
+                await peer.send(wire.Control({"op": "lease"}))
+                assert (await peer.notice("")).code == wire.Code.REFUSED
+                update = update_setting(Doc(), TASKS, "t" * 16, {"state": "failed"})
+                await peer.send(wire.Doc(name, wire.Sync.UPDATE, update))
+                assert await peer.closed() == (4403, f"write to a document you do not own: {name}")
         finally:
             for c in clients:
                 await c.close()
@@ -122,7 +144,7 @@ def test_kill_9_of_the_broker_replica_with_tasks_in_flight_loses_none(
     """kill -9 of replica 0, which holds the broker (and the broker lease), while 30
     tasks run: the lease moves to another replica with a newer epoch once the dead
     one's expires, the broker moves there, and every task ends done."""
-    procs = secure_replicas(cluster, redis, "--slots", "10", "--delay", "0.05")
+    procs = v3_replicas(cluster, redis, "--slots", "10", "--delay", "0.05")
 
     async def main() -> None:
         async with asker(cluster, "alice", 2, monkeypatch) as client:
@@ -156,12 +178,14 @@ def agents_epoch(cluster: Cluster, port: int) -> int:
 @pytest.mark.parametrize(
     "attack",
     [overwrite_delete_or_abort, take_over_the_broker_role, read_another_prompt_or_answer],
-    ids=["write-another-document", "take-the-broker-role", "read-another-prompt-or-inbox"],
+    ids=["write-another-document", "take-the-broker-role", "read-another-prompt-or-answer"],
 )
 def test_attacks_hold_on_every_replica(
     cluster: Cluster, redis: RedisServer, monkeypatch: pytest.MonkeyPatch, attack: object
 ) -> None:
-    """tests/test_attacks.py's attacks against the three replicas: the rogue connects to
-    each in turn, the askers and the roles are spread over them."""
-    secure_replicas(cluster, redis, *SLOW)
+    """tests/test_attacks.py's attacks against three replicas serving the room as it
+    does (an open v3 room: the rogue may ask for the lease, which another replica's
+    broker holds): the rogue connects to each replica in turn, the roles are spread over
+    them."""
+    v3_replicas(cluster, redis, *SLOW, secure=False)
     under_attack(cluster, monkeypatch, attack, started=True)  # type: ignore[arg-type]
