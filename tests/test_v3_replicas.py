@@ -15,13 +15,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pycrdt import Doc
+from pycrdt import Doc, Map
 
 from igora.client import Client
 from igora.identity import load_identity
+from igora.market.replicas import Replicas
+from igora.market.store import Store
+from igora.market.v3.replicas import (
+    EventError,
+    V3Link,
+    apply_event,
+    attach_event,
+    drop_event,
+    state_event,
+    update_event,
+)
+from igora.market.v3.room import DocLimits, V3Room
 from igora.testing import Cluster, Proc, RedisServer, wait_for
 from igora.v3 import wire
-from igora.v3.tasks import TASKS, inbox
+from igora.v3.tasks import TASKS, inbox, prompt_doc
 from tests.test_attacks import (
     SLOW,
     overwrite_delete_or_abort,
@@ -189,3 +201,44 @@ def test_attacks_hold_on_every_replica(
     them."""
     v3_replicas(cluster, redis, *SLOW, secure=False)
     under_attack(cluster, monkeypatch, attack, started=True)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ events
+
+
+async def test_events_from_redis_apply_in_order_and_bad_ones_are_skipped(tmp_path: Path) -> None:
+    """What a replica reads from Redis for a v3 room: an update creates the document (and
+    counts it for its owner), an attach and a drop take effect, a room's state merges
+    into the logs without counting twice; an entry that is no event is logged and
+    skipped, the next still applied; this replica's own entries are not applied again."""
+    store = Store(tmp_path / "s.db")
+    replicas = Replicas("redis://127.0.0.1:1/0")  # never connected here
+    room = V3Room(ROOM, store, DocLimits(task_document=1 << 20), replica=replicas.id)
+    link = V3Link(replicas, room)
+    owner, worker = new_identity().id, new_identity().id
+    prompt = prompt_doc(owner, "t" * 16)
+    source: Doc = Doc()
+    first = update_setting(source, "prompt", "ct", "x")
+    second = update_setting(source, "prompt", "abort", False)
+    link.apply(
+        [
+            (1, "other", update_event(prompt, first)),
+            (2, "other", b"\x00garbage"),
+            (3, "other", attach_event(worker, [prompt])),
+            (4, replicas.id, update_event(prompt, b"\x00\x00")),  # ours: applied already
+            (5, "other", update_event(prompt, second)),
+        ]
+    )
+    assert room.task_documents[owner] == 1
+    assert room.attachments == {worker: {prompt}}
+    merged: Doc = Doc()
+    merged.apply_update(room.docs[prompt].state())
+    assert dict(merged.get("prompt", type=Map)) == {"ct": "x", "abort": False}
+    size = room.docs[prompt].size
+    link.apply([(6, "other", state_event({prompt: source.get_update()}, {}))])
+    assert room.docs[prompt].size == size  # merged at once, not counted twice
+    link.apply([(7, "other", drop_event(prompt))])
+    assert prompt not in room.docs and not room.attachments and not room.task_documents
+    with pytest.raises(EventError):
+        apply_event(room, update_event(prompt, first)[:-3] + b"\xff\xff\xff\xff")
+    store.close()

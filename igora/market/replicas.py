@@ -3,7 +3,8 @@
 ``igora market --redis URL`` makes this process one replica among any number. What one
 replica accepts from its own connections (after every check: ``frames``, the causal gate,
 the limits) goes to Redis; what the others accepted comes back from it. Per room (a v2
-room is one document, docs/market.md "Replicas through Redis"):
+room is one document, docs/market.md "Replicas through Redis"; a v3 room's entries are
+its events, ``v3.replicas``: the ``Link`` of a room says what its entries are):
 
 - ``igora:{ROOM}:d``, a stream: every update, with its sequence number ``n`` (from the
   counter ``igora:{ROOM}:n``), the replica that sent it ``r`` and the update ``u``; one

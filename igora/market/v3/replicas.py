@@ -112,7 +112,7 @@ def apply_event(room: V3Room, data: bytes) -> None:
             room.drop(None, parts[0].decode(), remote=True)
         elif kind == b"S" and len(parts) % 2 == 1:
             for i in range(1, len(parts), 2):
-                room.apply_remote(parts[i].decode(), parts[i + 1])
+                room.apply_remote(parts[i].decode(), parts[i + 1], whole=True)
             table: Any = json.loads(parts[0])
             for to, names in table.items():
                 room.attach(to, list(names), remote=True)

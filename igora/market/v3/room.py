@@ -319,9 +319,11 @@ class V3Room:
         self._append(sender, name, log, update)
         return None
 
-    def apply_remote(self, name: str, update: bytes) -> None:
+    def apply_remote(self, name: str, update: bytes, whole: bool = False) -> None:
         """An update of ``name`` another replica took (checked there), relayed to the
-        readers here."""
+        readers here. ``whole``: the document's state (a room's state, which mostly
+        repeats what the log holds): the log is merged at once, so that its size, which
+        the limits read, does not count it twice."""
         log = self.docs.get(name)
         if log is None:
             log = self.docs[name] = DocLog()
@@ -330,6 +332,8 @@ class V3Room:
             if owner is not None:
                 self.task_documents[owner] += 1
         self._append(None, name, log, update, remote=True)
+        if whole:
+            log.state()  # merges
         if name in (DIR, WHO):
             self.market_docs.apply(name, update)
 
