@@ -13,6 +13,7 @@ import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pycrdt import Doc, Map
@@ -31,7 +32,7 @@ from igora.market.v3.replicas import (
     update_event,
 )
 from igora.market.v3.room import DocLimits, V3Room
-from igora.testing import Cluster, Proc, RedisServer, wait_for
+from igora.testing import Cluster, Proc, RedisServer, wait_for, wait_until
 from igora.v3 import wire
 from igora.v3.tasks import TASKS, inbox, prompt_doc
 from tests.test_attacks import (
@@ -41,6 +42,7 @@ from tests.test_attacks import (
     take_over_the_broker_role,
     under_attack,
 )
+from tests.test_v3_membership import action, joins, refused
 from tests.test_v3_roles import ROOM, words
 from tests.v3_peers import RawPeer, new_identity, update_setting
 
@@ -58,24 +60,28 @@ def urls(cluster: Cluster, first: int) -> str:
 
 
 def v3_replicas(
-    cluster: Cluster, redis: RedisServer, *worker_args: str, secure: bool = True
-) -> list[Proc]:
-    """Three replicas, secure (only b1 may broker) or with the open v3 room ROOM (any
-    identity may ask for the lease, as in tests/test_attacks.py); the broker b1 on replica
-    0, the echo workers w1 and w2 on replicas 1 and 2 (each with its own identity); the
-    replicas' processes."""
-    broker_id = load_identity(Path(cluster.agent_data("b1")["IGORA_DATA"]))[0].id
+    cluster: Cluster, redis: RedisServer, *worker_args: str, secure: bool = True, brokers: int = 1
+) -> tuple[list[Proc], list[Proc]]:
+    """Three replicas, secure (only the brokers' keys may broker) or with the open v3 room
+    ROOM (any identity may ask for the lease, as in tests/test_attacks.py); broker b1 on
+    replica 0 (b2 on replica 1...), the echo workers w1 and w2 on replicas 1 and 2 (each
+    with its own identity); the replicas' and the brokers' processes."""
+    names = [f"b{i + 1}" for i in range(brokers)]
+    ids = [load_identity(Path(cluster.agent_data(n)["IGORA_DATA"]))[0].id for n in names]
     # --broker-key=ID: an id may start with "-"
-    flags = ["--secure", "--members", "open", f"--broker-key={broker_id}"]
+    flags = ["--secure", "--members", "open", *(f"--broker-key={i}" for i in ids)]
     procs = cluster.replicas(redis.url, 3, *(flags if secure else ["--v3-room", ROOM]))
-    cluster.broker("--market", urls(cluster, 0), "--room", ROOM, name="b1", data=True)
+    roles = [
+        cluster.broker("--market", urls(cluster, i), "--room", ROOM, name=name, data=True)
+        for i, name in enumerate(names)
+    ]
     for i, name in ((1, "w1"), (2, "w2")):
         cluster.worker(
             "--market", urls(cluster, i), "--room", ROOM, *worker_args, name=name, data=True
         )
     cluster.wait_agents("worker", 2)
-    cluster.wait_agents("broker", 1)
-    return procs
+    cluster.wait_agents("broker", brokers)
+    return procs, roles
 
 
 def asker(cluster: Cluster, name: str, replica: int, monkeypatch: pytest.MonkeyPatch) -> Client:
@@ -156,7 +162,7 @@ def test_kill_9_of_the_broker_replica_with_tasks_in_flight_loses_none(
     """kill -9 of replica 0, which holds the broker (and the broker lease), while 30
     tasks run: the lease moves to another replica with a newer epoch once the dead
     one's expires, the broker moves there, and every task ends done."""
-    procs = v3_replicas(cluster, redis, "--slots", "10", "--delay", "0.05")
+    procs, _ = v3_replicas(cluster, redis, "--slots", "10", "--delay", "0.05")
 
     async def main() -> None:
         async with asker(cluster, "alice", 2, monkeypatch) as client:
@@ -178,10 +184,102 @@ def test_kill_9_of_the_broker_replica_with_tasks_in_flight_loses_none(
     asyncio.run(main())
 
 
+def test_redis_restarted_mid_run_loses_no_task(
+    cluster: Cluster, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis restarted empty while 20 tasks run: the replicas publish their rooms again,
+    the broker's replica finds its lease gone and closes it, the broker asks again and
+    gets the next epoch; every task ends done."""
+    procs, _ = v3_replicas(cluster, redis, "--slots", "10", "--delay", "0.05")
+
+    async def main() -> None:
+        async with asker(cluster, "alice", 2, monkeypatch) as client:
+            assert await client.chat("warm up", max_tokens=5) == "Echo: warm up"
+            texts = [words(40, f"r{k}-") for k in range(20)]
+            tasks = [asyncio.create_task(client.chat(t, max_tokens=60)) for t in texts]
+            await asyncio.sleep(0.8)
+            await asyncio.to_thread(redis.restart, 1.0)  # its data is gone
+            answers = await asyncio.gather(*tasks)
+            assert answers == [f"Echo: {t}" for t in texts]
+            await wait_for(lambda: "broker lease lost" in procs[0].log(), 20, "the loss", cluster)
+            await wait_for(
+                lambda: agents_epoch(cluster, cluster.ports[0]) > epoch,
+                30,
+                "the broker's lease again, with a newer epoch",
+                cluster,
+            )
+            assert await client.chat("after", max_tokens=5) == "Echo: after"
+
+    epoch = agents_epoch(cluster, cluster.ports[0])
+    asyncio.run(main())
+    logs = [p.log() for p in procs]
+    assert all("Redis lost" in log and "Redis is back" in log for log in logs)
+
+
 def agents_epoch(cluster: Cluster, port: int) -> int:
     """The broker lease's epoch of ROOM on the replica on ``port``."""
+    return int(lease_on(cluster, port)["epoch"])
+
+
+def lease_on(cluster: Cluster, port: int) -> dict[str, Any]:
+    """The broker lease of ROOM as the replica on ``port`` shows it."""
     room = next(r for r in cluster.status(port)["rooms"] if r["name"] == ROOM)
-    return int(room["lease"]["epoch"])
+    lease: dict[str, Any] = room["lease"]
+    return lease
+
+
+def test_the_lease_moves_to_another_replica_when_its_holder_disconnects(
+    cluster: Cluster, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two brokers on two replicas: the holder's process killed, its replica frees the
+    lease at once (it has no other broker in line) and says so; the other replica takes
+    it for its broker with the next epoch; tasks complete."""
+    procs, brokers = v3_replicas(cluster, redis, brokers=2)
+
+    def holders() -> list[int]:
+        return [i for i, port in enumerate(cluster.ports) if lease_on(cluster, port)["held"]]
+
+    [first] = wait_until(
+        lambda: h if len(h := holders()) == 1 else None, 20, "one replica with the lease", cluster
+    )
+    assert first in (0, 1)
+    epoch = agents_epoch(cluster, cluster.ports[first])
+    brokers[first].kill(signal.SIGKILL)
+    other = 1 - first
+    wait_until(lambda: holders() == [other], 20, "the lease on the other broker's replica", cluster)
+    wait_until(
+        lambda: agents_epoch(cluster, cluster.ports[2]) == epoch + 1,
+        10,
+        "the next epoch in dir on the third replica",
+        cluster,
+    )
+    assert "broker lease released" in procs[first].log()  # not left to expire
+
+    async def main() -> None:
+        async with asker(cluster, "alice", 2, monkeypatch) as client:
+            assert await client.chat("moved", max_tokens=5) == "Echo: moved"
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------ members
+
+
+async def test_members_and_bans_hold_on_every_replica(cluster: Cluster, redis: RedisServer) -> None:
+    """Replicas sharing one --data folder read one members table: a non-member is
+    refused by each, a member admitted by each, and a ban closes the member's
+    connections on all three."""
+    cluster.replicas(redis.url, 3, "--secure")  # --members list
+    alice = new_identity()
+    replica_urls = [f"ws://127.0.0.1:{port}" for port in cluster.ports]
+    for url in replica_urls:
+        denied, code, _ = await refused(url, alice)
+        assert code == 4403 and "not a member" in denied
+    action(cluster, "members", "add", alice.id)
+    peers = [await joins(url, alice) for url in replica_urls]
+    action(cluster, "ban", alice.id, "--reason", "spam")
+    for peer in peers:
+        assert await peer.closed(timeout=10) == (4403, "banned: spam")
 
 
 # ------------------------------------------------------------------------------ attacks

@@ -382,6 +382,7 @@ class Replicas:
         self._resubscribe = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._overflow = False
+        self._coming_back = asyncio.Lock()
         self._liveness = Liveness(url, self.id, self.alive_key(self.id))
         self._append = self.redis.register_script(_APPEND)
         self._release = self.redis.register_script(_RELEASE)
@@ -440,6 +441,17 @@ class Replicas:
             self._wake.set()
         if not self.up:
             self.up, self.up_since = True, time.monotonic()
+
+    async def _back(self) -> None:
+        """Redis answers again (to the publisher or the listener, whichever first): check
+        its epoch, and catch up with every room."""
+        async with self._coming_back:
+            if self.up:
+                return
+            await self._connected()
+            log.info("replica %s: Redis is back; catching up", self.id)
+            for link in list(self.links.values()):
+                self.gap(link)
 
     def _lost(self, exc: BaseException) -> None:
         if self.up:
@@ -549,6 +561,8 @@ class Replicas:
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = 0.1
+            with contextlib.suppress(*_DOWN):  # the listener, or the next batch, retries
+                await self._back()  # this connection alone failed: up again all the same
             for item in batch:  # the queue may have been replaced meanwhile
                 if not self._out or self._out[0] is not item:
                     break
@@ -562,11 +576,7 @@ class Replicas:
             try:
                 channels = self._channels()
                 await pubsub.subscribe(*channels)
-                if not self.up:
-                    await self._connected()
-                    log.info("replica %s: Redis is back; catching up", self.id)
-                    for link in list(self.links.values()):
-                        self.gap(link)
+                await self._back()
                 delay = 0.1
                 while True:
                     if self._resubscribe.is_set():

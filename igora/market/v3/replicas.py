@@ -230,6 +230,7 @@ class V3Link(Link):
             return
         await self.owner.release(self.broker_lease)
         self.owner.put(("l", self.name, b""))  # the others' waiting connections may ask
+        log.info("room %s: broker lease released (no broker waits here)", self.name)
 
     async def tick(self) -> None:
         """A lease lost (this replica was cut off longer than its term): its holder here
@@ -239,7 +240,9 @@ class V3Link(Link):
         if holder is not None and not self.owner.leases.get(self.broker_lease, False):
             self.owner.leases.pop(self.broker_lease, None)
             self.room.lease.holder = None
-            log.warning("room %s: broker lease lost (Redis unreachable too long)", self.name)
+            log.warning(
+                "room %s: broker lease lost (Redis away too long, or it lost its data)", self.name
+            )
             with contextlib.suppress(Exception):
                 await holder.close(LEASE_LOST, "broker lease lost by this replica")
         self.want_lease()
