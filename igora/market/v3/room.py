@@ -6,6 +6,11 @@ identity, how many task documents it owns. It does not check who may write or re
 the connection does (``connection``, with ``igora.v3.documents``), before it calls
 ``write`` or ``subscribe``. What it checks is what needs the room's state: a document's
 size and an identity's count of task documents (protocol-v3.md §4, rule 3).
+
+Shared with other replicas (``link``, ``replicas.V3Link``), what its connections write,
+attach and drop is published too, and what the others' connections did comes back
+(``apply_remote``, and ``attach`` and ``drop`` with ``remote``); the broker lease is
+taken in Redis before the room gives it (``request_lease``, ``lease_taken``).
 """
 
 from __future__ import annotations
