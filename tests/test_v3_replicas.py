@@ -103,7 +103,8 @@ def test_three_secure_replicas_complete_encrypted_tasks(
 ) -> None:
     """Askers on each replica get their answers (end-to-end encrypted, protocol 3) from
     workers on other replicas through a broker on a third; every replica's ``who``
-    lists every agent, each with the replica it is connected to; a rogue on each
+    lists every agent, each with the replica it is connected to; a drop reaches the
+    readers on another replica; a rogue on each
     replica is refused another's inbox and the broker role; one replica stores the
     room."""
     v3_replicas(cluster, redis)
@@ -129,6 +130,18 @@ def test_three_secure_replicas_complete_encrypted_tasks(
             assert {view[c.id]["replica"] for c in clients} == {
                 cluster.status(port)["replica"] for port in cluster.ports
             }
+            # A drop crosses replicas: asker0 (replica 0) drops each prompt once answered,
+            # and the worker that ran it (replica 1 or 2) gets the NOTICE 410.
+            workers = [p for p in cluster.procs if p.log_path.name.endswith(("w1.log", "w2.log"))]
+
+            def dropped() -> bool:
+                return any(
+                    f"p/{clients[0].id}/" in line and "dropped by its owner" in line
+                    for w in workers
+                    for line in w.log().splitlines()
+                )
+
+            await wait_for(dropped, 10, "a worker told of asker0's dropped prompt", cluster)
             # On every replica, a rogue member may neither read another's inbox nor ask
             # for the lease (not a broker key), nor write an inbox: the secure rules.
             for i in range(3):
