@@ -92,7 +92,7 @@ async def _status_v3(address: MarketAddress, as_json: bool) -> int:
     snap = room_view.snapshot(await room_view.fetch(address))
     recent = [t for g in room_view.GROUPS for t in snap["tasks"][g]]
     if as_json:
-        out = {k: snap[k] for k in ("agents", "broker", "counts", "perMinute")}
+        out = {k: snap[k] for k in ("agents", "broker", "counts", "models", "perMinute")}
         print(json.dumps({**out, "protocol": 3, "tasks": recent}, indent=2))
         return 0
     rows = [["TYPE", "NAME", "KEY", "STATE", "MODELS", "SLOTS"]]

@@ -158,6 +158,7 @@ def test_igora_status_shows_a_v3_room(cluster: Cluster, monkeypatch: pytest.Monk
     assert out.stdout.splitlines()[counts + 1].split()[:3] == ["0", "0", "1"]
     as_json = json.loads(status(cluster, "--json").stdout)
     assert as_json["protocol"] == 3 and as_json["counts"]["done"] == 1
+    assert as_json["models"] == {"*": {"waiting": 0, "running": 0, "done": 1}}
     assert as_json["tasks"][0]["worker"] in workers and as_json["tasks"][0]["state"] == "done"
     assert "for the status" not in json.dumps(as_json)
 

@@ -10,7 +10,7 @@ text the worker wrote (only its code).
 Shape: the top-level map ``board`` holds one key, ``summary``, rewritten whole at most
 once per ``EVERY`` seconds, and only when it changed. One key rewritten is one Yjs item
 replacing the last: a garbage-collected document stays the size of one summary
-(~``RECENT`` × 300 B) however long the room runs, in the broker, in the market (which
+(~``RECENT`` × 270 B) however long the room runs, in the broker, in the market (which
 keeps this document through a ``Doc``, ``doclog.DocLog(rewritten=True)``) and in every
 reader. Several keys rewritten in turns would leave one deleted item per write.
 

@@ -253,8 +253,8 @@ class V3Broker:
         for tid in self.board.live.keys() - headers.keys():
             # its asker read the end (and deleted the header), perhaps in the batch the
             # run ended in: its last row, with the run as it ended
-            status = statuses.get(tid, ("", {}))[1]
-            self.board.gone(tid, self.board.live[tid], self._run_of(tid, status))
+            last = statuses.get(tid, ("", {}))[1]
+            self.board.gone(tid, self.board.live[tid], self._run_of(tid, last))
         if self._leased_at is not None and time.monotonic() - self._leased_at > SETTLE:
             self._cleanup(headers, statuses)  # before this turn's writes: statuses are as read
         load: dict[str, int] = {}

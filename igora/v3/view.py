@@ -45,6 +45,10 @@ async def fetch(address: MarketAddress, timeout: float = 5.0) -> dict[str, Any]:
     return body
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _models(raw: Any) -> list[dict[str, Any]]:
     out = []
     for m in raw if isinstance(raw, list) else []:
@@ -148,9 +152,9 @@ def snapshot(view: dict[str, Any]) -> dict[str, Any]:
     grouped: dict[str, list[dict[str, Any]]] = {g: [] for g in GROUPS}
     for t in rows:
         grouped[t["state"]].append(t)
-    raw_counts = board.get("counts") if isinstance(board.get("counts"), dict) else {}
+    raw_counts = _dict(board.get("counts"))
     counts = {g: integer(raw_counts.get(g)) or 0 for g in GROUPS}
-    per_minute = board.get("perMinute") if isinstance(board.get("perMinute"), dict) else {}
+    per_minute = _dict(board.get("perMinute"))
     return {
         "agents": agents(view, rows),
         "tasks": grouped,
@@ -159,6 +163,11 @@ def snapshot(view: dict[str, Any]) -> dict[str, Any]:
         "board": {"at": integer(board.get("at")), "since": integer(board.get("since"))}
         if board
         else None,
+        "models": {
+            str(m)[:MAX_TEXT]: {g: integer(n.get(g)) or 0 for g in ("waiting", "running", "done")}
+            for m, n in _dict(board.get("models")).items()
+            if isinstance(n, dict)
+        },
         "perMinute": {
             "done": integer(per_minute.get("done")) or 0,
             "tokens": integer(per_minute.get("tokens")) or 0,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from pycrdt import Doc, get_state, get_update, merge_updates
 
@@ -55,7 +56,7 @@ class DocLog:
 
     def _merge(self) -> None:
         if len(self.entries) > 1 and self.rewritten:
-            doc: Doc[object] = Doc()
+            doc: Doc[Any] = Doc()
             for entry in self.entries:
                 doc.apply_update(entry)
             merged = doc.get_update()
