@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -133,6 +134,33 @@ def test_the_board_stays_bounded_after_many_tasks(
     # the market's copy is one summary, as long after 210 tasks as after 70
     assert board_bytes(cluster) <= max(first, summary_bytes) * 1.2, (first, board_bytes(cluster))
     assert MARKER not in json.dumps(board)
+
+
+def test_the_next_lease_holder_rewrites_the_board(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The board is the lease holder's: after a failover the new holder's summary (its
+    epoch, its counts) replaces the last one of the broker that died."""
+    brokers, _ = v3_room(cluster, brokers=2)
+
+    async def chat(text: str) -> None:
+        async with asker(cluster, "alice", monkeypatch) as a:
+            assert await a.chat(text, max_tokens=10) == f"Echo: {text}"
+
+    asyncio.run(chat("before"))
+    wait_until(lambda: done(cluster, 1), 20, "a task done on the board", cluster)
+    first = view(cluster)["board"]
+    holder = next(b for b in brokers if "lease granted" in b.log())
+    holder.kill(signal.SIGKILL)
+    asyncio.run(chat("after"))
+
+    def rewritten() -> dict[str, Any] | None:
+        board = view(cluster)["board"]
+        return board if board["epoch"] > first["epoch"] and board["counts"]["done"] else None
+
+    board = wait_until(rewritten, 30, lambda: json.dumps(view(cluster)), cluster)
+    assert board["counts"]["done"] == 1 and board["since"] > first["since"]
+    assert board["tasks"][0]["worker"] in worker_ids(cluster)
 
 
 def test_igora_status_shows_a_v3_room(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:

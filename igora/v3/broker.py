@@ -314,6 +314,15 @@ class V3Broker:
         if matching:
             self._match(matching, attempts, workers, load, in_flight, now)
         self.board.turn(rows)
+        self._write_board()
+
+    def _write_board(self) -> None:
+        """The board's summary, when due (``BoardKeeper.due``), once ``SETTLE`` s passed
+        since the lease: by then the market's copy (a previous holder's) has reached this
+        session's ``Doc``, so this write replaces it rather than racing it (a concurrent
+        write of one map key may lose to the other writer's for good)."""
+        if self._leased_at is None or time.monotonic() - self._leased_at <= SETTLE:
+            return
         summary = self.board.due(now_ms(), time.monotonic())
         if summary is not None:
             self.session.own(BOARD).get(BOARD, type=Map)[SUMMARY] = summary
