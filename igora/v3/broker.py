@@ -319,8 +319,8 @@ class V3Broker:
     def _write_board(self) -> None:
         """The board's summary, when due (``BoardKeeper.due``), once ``SETTLE`` s passed
         since the lease: by then the market's copy (a previous holder's) has reached this
-        session's ``Doc``, so this write replaces it rather than racing it (a concurrent
-        write of one map key may lose to the other writer's for good)."""
+        session's ``Doc``, so this write replaces it rather than racing it (of two
+        concurrent writes of one map key, the higher client id's stays)."""
         if self._leased_at is None or time.monotonic() - self._leased_at <= SETTLE:
             return
         summary = self.board.due(now_ms(), time.monotonic())
