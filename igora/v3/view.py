@@ -49,6 +49,14 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _has_id(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("id"), str)
+
+
 def _models(raw: Any) -> list[dict[str, Any]]:
     out = []
     for m in raw if isinstance(raw, list) else []:
@@ -63,17 +71,15 @@ def agents(view: dict[str, Any], tasks: list[dict[str, Any]]) -> list[dict[str, 
     """Agent rows (``igora.summary.agent_summary``'s fields, and ``key``) of the agents
     present (``who``) and the workers advertised (``dir``); a worker's ``running`` is
     the board's count of its running tasks."""
-    workers = {w.get("id"): w for w in view.get("workers") or [] if isinstance(w, dict)}
-    broker = (view.get("broker") or {}).get("id")
+    workers = {w["id"][:100]: w for w in _list(view.get("workers")) if _has_id(w)}
+    broker = _dict(view.get("broker")).get("id")
     running: dict[str, int] = {}
     for t in tasks:
         if t.get("state") == "running" and isinstance(t.get("worker"), str):
             running[t["worker"]] = running.get(t["worker"], 0) + 1
-    present = {a.get("id"): a for a in view.get("agents") or [] if isinstance(a, dict)}
+    present = {a["id"][:100]: a for a in _list(view.get("agents")) if _has_id(a)}
     rows = []
     for id_ in list(present) + [i for i in workers if i not in present]:
-        if not isinstance(id_, str):
-            continue
         who, advert = present.get(id_) or {}, workers.get(id_)
         kind = text(who.get("type"), 40) or ("worker" if advert else None)
         row: dict[str, Any] = {
@@ -107,14 +113,14 @@ def agents(view: dict[str, Any], tasks: list[dict[str, Any]]) -> list[dict[str, 
 def tasks(view: dict[str, Any]) -> list[dict[str, Any]]:
     """The board's task rows in the web page's task shape (``market_view``), with the
     names of the agents present; [] without a board."""
-    board = view.get("board") or {}
+    board = _dict(view.get("board"))
     names = {
-        a.get("id"): text(a.get("name"))
-        for a in (view.get("agents") or []) + (view.get("workers") or [])
-        if isinstance(a, dict)
+        a["id"]: text(a.get("name"))
+        for a in _list(view.get("agents")) + _list(view.get("workers"))
+        if _has_id(a)
     }
     out = []
-    for t in board.get("tasks") or []:
+    for t in _list(board.get("tasks")):
         if not isinstance(t, dict) or t.get("state") not in GROUPS:
             continue
         start, end = integer(t.get("start")), integer(t.get("end"))
@@ -147,7 +153,7 @@ def tasks(view: dict[str, Any]) -> list[dict[str, Any]]:
 def snapshot(view: dict[str, Any]) -> dict[str, Any]:
     """``agents``, ``tasks`` (by group), ``counts`` and ``throughput`` (per minute, from
     the board) of a room's view: the fields of the web page's snapshot."""
-    board = view.get("board") or {}
+    board = _dict(view.get("board"))
     rows = tasks(view)
     grouped: dict[str, list[dict[str, Any]]] = {g: [] for g in GROUPS}
     for t in rows:
@@ -159,7 +165,9 @@ def snapshot(view: dict[str, Any]) -> dict[str, Any]:
         "agents": agents(view, rows),
         "tasks": grouped,
         "counts": counts,
-        "broker": view.get("broker"),
+        "broker": {"id": text(broker.get("id")), "epoch": integer(broker.get("epoch"))}
+        if (broker := _dict(view.get("broker")))
+        else None,
         "board": {"at": integer(board.get("at")), "since": integer(board.get("since"))}
         if board
         else None,

@@ -9,6 +9,7 @@ from typing import Any
 from pycrdt import Doc, Map
 
 from igora.market.v3.doclog import DocLog
+from igora.v3 import view as room_view
 from igora.v3.board import BOARD, RECENT, SUMMARY, BoardKeeper, row
 
 ASKER, WORKER = "a" * 43, "w" * 43
@@ -105,3 +106,42 @@ def test_a_rewritten_log_stays_one_summary_large_where_a_merged_one_grows() -> N
     reader: Doc[Any] = Doc()
     reader.apply_update(rewritten.state())
     assert reader.get(BOARD, type=Map)[SUMMARY]["counts"]["done"] == RECENT * 4
+
+
+def test_the_views_rows_name_each_worker_key_and_survive_a_broken_view() -> None:
+    view: dict[str, Any] = {
+        "broker": {"id": "b" * 43, "epoch": 2},
+        "workers": [
+            {
+                "id": WORKER,
+                "name": "w1",
+                "engine": "echo",
+                "state": "ready",
+                "slots": 2,
+                "models": [{"name": "echo", "contextLength": 1000}],
+            },
+        ],
+        "agents": [
+            {"id": "b" * 43, "type": "broker", "name": "b1"},
+            {"id": WORKER, "type": "worker", "name": "w1"},
+            {"id": ASKER, "type": "client", "name": "alice"},
+        ],
+    }
+    keeper = BoardKeeper(since=0)
+    keeper.turn({tid(1): row(header(tid(1)), assigned(), run("doing"))})
+    view["board"] = keeper.summary(now=2_000)
+    snap = room_view.snapshot(view)
+    worker = next(a for a in snap["agents"] if a["type"] == "worker")
+    assert (worker["key"], worker["slots"], worker["running"]) == (WORKER, 2, 1)
+    assert next(a for a in snap["agents"] if a["type"] == "broker")["leader"] is True
+    (task,) = snap["tasks"]["running"]
+    assert (task["workerKey"], task["workerName"], task["askerName"]) == (WORKER, "w1", "alice")
+    assert snap["counts"]["running"] == 1
+    for junk in (
+        {},
+        {"workers": {"x": 1}, "agents": [{"id": ["x"]}, 3], "board": []},
+        {"broker": [], "board": {"counts": "x", "tasks": [{"state": "done", "id": 5}, None]}},
+        {"board": {"models": {"m": "x"}, "perMinute": None, "tasks": "x"}},
+    ):
+        empty = room_view.snapshot(junk)
+        assert empty["counts"] == dict.fromkeys(room_view.GROUPS, 0)
