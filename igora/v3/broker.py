@@ -125,6 +125,9 @@ class V3Broker:
             session.subscribe(prefix, prefix=True)
         session.subscribe("dir")
         session.subscribe("who")
+        # owned from the start: the step 1 exchange that follows each lease grant brings
+        # the market's copy (a previous holder's summary) before this broker writes
+        session.own(BOARD)
         session.observe(self._on_event)
 
     @property
@@ -318,9 +321,10 @@ class V3Broker:
 
     def _write_board(self) -> None:
         """The board's summary, when due (``BoardKeeper.due``), once ``SETTLE`` s passed
-        since the lease: by then the market's copy (a previous holder's) has reached this
-        session's ``Doc``, so this write replaces it rather than racing it (of two
-        concurrent writes of one map key, the higher client id's stays)."""
+        since the lease: by then the market's copy (a previous holder's, sent back for the
+        step 1 that follows the grant) has reached this session's ``Doc``, so this write
+        replaces it rather than racing it (of two concurrent writes of one map key, the
+        higher client id's stays until the next write)."""
         if self._leased_at is None or time.monotonic() - self._leased_at <= SETTLE:
             return
         summary = self.board.due(now_ms(), time.monotonic())
