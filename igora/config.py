@@ -118,6 +118,13 @@ class MarketAddress:
     def room_url(self) -> str:
         return ",".join(self.room_urls)
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP address of the (first) market: ``ws://`` -> ``http://``, ``wss://`` ->
+        ``https://`` (``/status``, ``/rooms/ROOM/view``)."""
+        first = self.url.split(",")[0].rstrip("/")
+        return "http" + first[2:] if first.startswith("ws") else first
+
 
 def market_address(
     url: str | None = None, room: str | None = None, invite: str | None = None

@@ -12,11 +12,11 @@ from .agent import DEFAULT_HEARTBEAT, Agent
 from .broker.broker import Broker
 from .client import DEFAULT_TIMEOUT, Client, Restart
 from .config import MarketAddress
-from .errors import IgoraError
 from .protocol import BROKER_STYLE, TEXT_STYLE, AgentType
 from .serving import WorkerSpec, serve
 from .summary import agent_order, agent_summary, tasks_by_state
 from .v3 import roles as v3_roles
+from .v3 import view as room_view
 from .v3.session import room_speaks_v3
 
 __all__ = ["chat", "market_view", "run_broker", "run_worker", "status"]
@@ -87,6 +87,43 @@ def market_view(agent: Agent) -> dict[str, Any]:
     return {"agents": agents, "tasks": tasks_by_state(agent.maps)}
 
 
+async def _status_v3(address: MarketAddress, as_json: bool) -> int:
+    """``igora status`` of a v3 room: the market's view of it (``igora.v3.view``)."""
+    snap = room_view.snapshot(await room_view.fetch(address))
+    recent = [t for g in room_view.GROUPS for t in snap["tasks"][g]]
+    if as_json:
+        out = {k: snap[k] for k in ("agents", "broker", "counts", "models", "perMinute")}
+        print(json.dumps({**out, "protocol": 3, "tasks": recent}, indent=2))
+        return 0
+    rows = [["TYPE", "NAME", "KEY", "STATE", "MODELS", "SLOTS"]]
+    for a in snap["agents"]:
+        slots = f"{a['running'] or 0}/{a['slots']}" if a["slots"] is not None else ""
+        state = (str(a["state"] or "") + (" (active)" if a.get("leader") else "")).strip()
+        models = ", ".join(m["name"] for m in a["models"])
+        rows.append([str(a["type"]), str(a["name"]), a["key"], state, models, slots])
+    print(f"market {address.room_url} (protocol 3)")
+    print(_table(rows) if len(rows) > 1 else "no agents")
+    print()
+    if snap["board"] is None:
+        print("no board yet: no broker holds the lease, or it has not written one")
+        return 0
+    counts = snap["counts"]
+    print(_table([list(counts), [str(v) for v in counts.values()]]))
+    per_minute = snap["perMinute"]
+    print(f"last minute: {per_minute['done']} done, {per_minute['tokens']} tokens")
+    if recent:
+        print()
+        rows = [["TASK", "MODEL", "STATE", "WORKER", "TOKENS", "SECONDS"]]
+        for t in sorted(recent, key=lambda t: -(t["end"] or t["date"] or 0)):
+            seconds = f"{t['duration'] / 1000:.2f}" if t["duration"] is not None else ""
+            tokens = str(t["tokens"]) if t["tokens"] is not None else ""
+            rows.append(
+                [str(t["id"]), str(t["model"]), t["state"], t["worker"] or "", tokens, seconds]
+            )
+        print(_table(rows))
+    return 0
+
+
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -97,10 +134,7 @@ def _table(rows: list[list[str]]) -> str:
 async def status(address: MarketAddress, *, as_json: bool = False) -> int:
     """``igora status``: the agents and the tasks by state, as a table or JSON."""
     if await room_speaks_v3(address, 0):
-        raise IgoraError(
-            f"{address.room_url} speaks protocol 3, which `igora status` does not read yet "
-            f"(its agents are listed at {address.url.replace('ws', 'http', 1)}/status)"
-        )
+        return await _status_v3(address, as_json)
     agent = Agent(address, type=AgentType.CLIENT.value, name="igora-status", style=TEXT_STYLE)
     async with agent:
         await asyncio.sleep(STATUS_SETTLE)  # let awareness states arrive

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +16,8 @@ from .agent import DEFAULT_HEARTBEAT, Agent
 from .config import MarketAddress
 from .engines.base import Engine, EngineError, Request
 from .engines.config import ECHO_MODEL, EngineConfig
-from .protocol import TEXT_STYLE, AgentType
+from .identity import IdentityError, load_identity
+from .protocol import TEXT_STYLE, AgentField, AgentType
 from .v3 import roles as v3_roles
 from .v3.session import room_speaks_v3
 from .worker.worker import DEFAULT_MAX_TOKENS, Worker
@@ -101,6 +103,18 @@ async def warmup(worker: Worker) -> None:
         worker.speed = n / elapsed
 
 
+def identity_key(name: str) -> dict[str, str]:
+    """``{"key": id}``: the identity id of this process's data folder (``IGORA_DATA``,
+    made on first use), an extra field of a v2 worker's awareness (protocol.md §3) that
+    the web page shows; none, with a warning, if the key file is unusable (a v2 room
+    needs no identity: the worker serves without one)."""
+    try:
+        return {AgentField.KEY: load_identity()[0].id}
+    except IdentityError as exc:
+        logging.getLogger("igora.worker").warning("%s: no key shown in the room: %s", name, exc)
+        return {}
+
+
 async def build_worker(spec: WorkerSpec, engine: Engine) -> Worker:
     """The worker of ``spec`` on ``engine``, its speed measured, not yet on the market."""
     agent = Agent(
@@ -110,6 +124,7 @@ async def build_worker(spec: WorkerSpec, engine: Engine) -> Worker:
         style=TEXT_STYLE,
         heartbeat=spec.heartbeat,
         state="busy",
+        fields=identity_key(spec.name),
     )
     worker = Worker(agent, engine, slots=spec.engine.slots, max_tokens=spec.max_tokens)
     if spec.warmup and spec.engine.engine != "echo":

@@ -63,6 +63,7 @@ def agent_summary(state: Mapping[str, Any], fallback_name: str = "") -> dict[str
         "engine": text(state.get(AgentField.ENGINE), 60),
         "leader": bool(state.get(AgentField.LEADER)) if AgentField.LEADER in state else None,
         "igora": state.get(AgentField.PROTOCOL) is not None,
+        "key": text(state.get(AgentField.KEY), 100),
     }
 
 

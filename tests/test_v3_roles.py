@@ -86,9 +86,9 @@ def test_tasks_complete_streamed_and_not(room: Cluster, monkeypatch: pytest.Monk
             await a.close()
             await b.close()
         # The askers dropped their prompts, the broker cleaned the inboxes, the workers
-        # dropped their runs: left are a/ of each asker, in/ of each agent and w/ of
-        # each worker (2 + 4 + 2), no task document.
-        wait_until(lambda: _documents(room) == 8, 10, "task documents dropped", room)
+        # dropped their runs: left are a/ of each asker, in/ of each agent, w/ of each
+        # worker and the broker's board (2 + 4 + 2 + 1), no task document.
+        wait_until(lambda: _documents(room) == 9, 10, "task documents dropped", room)
 
     asyncio.run(main())
 

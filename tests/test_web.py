@@ -26,6 +26,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from igora.agent import Agent
 from igora.config import market_address
+from igora.identity import load_identity
 from igora.protocol import MapName
 from igora.testing import wait_until
 
@@ -54,6 +55,7 @@ class Up:
         self.gateway_port = free_port()
         self.base = f"http://127.0.0.1:{self.gateway_port}"
         self.log_path = tmp / "up.log"
+        self.identities = tmp / "identity"  # IGORA_DATA of its agents: the workers' key
         self._log = open(self.log_path, "ab")
         self.p = subprocess.Popen(
             [
@@ -72,7 +74,7 @@ class Up:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "IGORA_DATA": str(self.identities)},
             cwd=str(tmp),
         )
 
@@ -226,6 +228,8 @@ def test_market_api_gives_agents_tasks_and_throughput(up: Up) -> None:
     assert {"worker", "broker", "client"} <= types
     worker = next(a for a in snap["agents"] if a["type"] == "worker")
     assert worker["slots"] == 1 and worker["engine"] == "llama.cpp"
+    # its key: the identity id of its data folder (an extra awareness field in a v2 room)
+    assert worker["key"] == load_identity(up.identities)[0].id
     assert any("SmolLM2" in m["name"] and m["contextLength"] for m in worker["models"])
     me = next(a for a in snap["agents"] if a["self"])
     assert me["id"] == snap["self"]["id"] and me["style"] == "openai_compatible_endpoint"
@@ -457,6 +461,8 @@ def test_market_view_shows_the_worker_and_tasks_moving_through_their_states(
     assert seen[b] == ["waiting", "running", "done"], seen
     card = market.locator(f"#board li[data-id='{b}']")
     assert "openai-gateway" in card.inner_text() and "worker" in card.inner_text()
+    key = load_identity(up.identities)[0].id
+    assert card.get_attribute("data-worker-key") == key and key[:8] in card.inner_text()
     market.wait_for_function("Number(document.getElementById('tasks-per-min').textContent) > 0")
     assert not market.errors  # type: ignore[attr-defined]
 

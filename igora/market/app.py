@@ -2,7 +2,9 @@
 
 ``GET /`` answers ``Okay`` (as the original public market did), ``GET /status`` lists
 the rooms in memory (``summary``), ``GET /rooms/ROOM/tasks/ID`` gives an archived task,
-and any other path is a room: ``ws://HOST:PORT/ROOM``.
+``GET /rooms/ROOM/view`` what the web view and ``igora status`` show of a v3 room (its
+workers, broker, agents and ``board``), and any other path is a room:
+``ws://HOST:PORT/ROOM``.
 
 A room speaks one protocol, set by the market (docs/protocol-v3.md §10): version 2 (the
 y-websocket rooms of ``MarketServer``) unless the market is ``secure`` or the room is one
@@ -123,6 +125,7 @@ class Market:
                 Route("/", self.index),
                 Route("/status", self.status),
                 Route("/rooms/{room}/tasks/{task_id}", self.archived_task),
+                Route("/rooms/{room:path}/view", self.room_view),
                 WebSocketRoute("/{room:path}", self.websocket),
             ],
             lifespan=self.lifespan,
@@ -197,6 +200,21 @@ class Market:
         if task is None:
             return JSONResponse({"error": f"no archived task {task_id!r} in {room!r}"}, 404)
         return JSONResponse(task)
+
+    async def room_view(self, request: Request) -> Response:
+        """A v3 room in memory as ``V3Room.view`` shows it; 404 with the reason else."""
+        name = request.path_params["room"].strip("/") or "market"
+        room = self.v3.rooms.get(name) if self.speaks_v3(name) else None
+        if room is not None:
+            return JSONResponse(room.view())
+        if not self.speaks_v3(name):
+            why = f"room {name!r} speaks protocol 2: its agents are listed in /status"
+        else:
+            why = f"room {name!r} is not in memory: no agent has joined it lately"
+        return JSONResponse(
+            {"error": {"message": why, "type": "invalid_request_error", "code": "no_room"}},
+            status_code=404,
+        )
 
     async def websocket(self, websocket: WebSocket) -> None:
         room_name = websocket.path_params["room"].strip("/") or "market"

@@ -178,6 +178,7 @@ class AgentField:
     SINCE = "since"  # ms epoch when the agent started (broker leader election)
     LEADER = "leader"  # broker: true while it is the active one
     HEARTBEAT = "heartbeat"  # seconds between two refreshes of ``date``
+    KEY = "key"  # workers: the identity id of its data folder (claimed: v2 proves nothing)
 
 
 # Limits applied to anything read from the shared document.

@@ -9,7 +9,8 @@ for the worker: model, capabilities, free slots). An assignment goes out as one 
 the worker's inbox entry, the asker's status, and the two attaches (the prompt to the
 worker, the run to the asker). On gaining the lease it attaches again every live
 task's documents (the market keeps attachments in memory only). When an asker deletes
-a header (it read the answer) the broker removes both inbox entries.
+a header (it read the answer) the broker removes both inbox entries. It also writes the
+room's ``board`` (``igora.v3.board``): counts and the last tasks, nothing of their text.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from ..protocol import (
     number,
 )
 from . import advert as adverts
+from .board import BOARD, SUMMARY, BoardKeeper
+from .board import row as board_row
 from .documents import TASK_ID
 from .flow import (
     DEFAULT_CLAIM_TIMEOUT,
@@ -116,11 +119,15 @@ class V3Broker:
         self._handed_back: dict[str, set[str]] = {}  # tid -> workers whose engine failed it
         self._adverts: dict[str, tuple[dict[str, Any], Peer]] = {}  # id -> advert checked
         self._read: dict[tuple[str, str], dict[str, Any]] | None = None  # a turn's reads
+        self.board = BoardKeeper(now_ms())
         self._wake = asyncio.Event()
         for prefix in ("a/", "w/", "in/"):
             session.subscribe(prefix, prefix=True)
         session.subscribe("dir")
         session.subscribe("who")
+        # owned from the start: the step 1 exchange that follows each lease grant brings
+        # the market's copy (a previous holder's summary) before this broker writes
+        session.own(BOARD)
         session.observe(self._on_event)
 
     @property
@@ -135,6 +142,7 @@ class V3Broker:
             m = _EPOCH.search(event.text)
             self.epoch = int(m.group(1)) if m else self.epoch + 1
             self._leased_at = time.monotonic()
+            self.board = BoardKeeper(now_ms(), self.epoch)  # counts since this lease
             log.info("broker: lease granted, epoch %d", self.epoch)
             self._reattach()
         self._wake.set()
@@ -245,6 +253,11 @@ class V3Broker:
             for tid, value in self._map(name, TASKS).items():
                 if isinstance(value, dict) and Status.STATE in value:
                     statuses[tid] = (name[3:], value)
+        for tid in self.board.live.keys() - headers.keys():
+            # its asker read the end (and deleted the header), perhaps in the batch the
+            # run ended in: its last row, with the run as it ended
+            last = statuses.get(tid, ("", {}))[1]
+            self.board.gone(tid, self.board.live[tid], self._run_of(tid, last))
         if self._leased_at is not None and time.monotonic() - self._leased_at > SETTLE:
             self._cleanup(headers, statuses)  # before this turn's writes: statuses are as read
         load: dict[str, int] = {}
@@ -252,6 +265,7 @@ class V3Broker:
         runs: dict[str, dict[str, Any]] = {}
         matching: list[dict[str, Any]] = []
         attempts: dict[str, int] = {}
+        rows: dict[str, dict[str, Any]] = {}
         for tid, header in headers.items():
             asker = str(header[Header.ASKER])
             status = statuses.get(tid, ("", None))[1]
@@ -262,9 +276,9 @@ class V3Broker:
                 isinstance(worker, str)
                 and (status or {}).get(Status.STATE) == StatusState.ASSIGNED.value
             ):
-                raw = self._map(f"w/{worker}", RUNS).get(run_key(tid, n))
-                run = raw if isinstance(raw, dict) else None
+                run = self._run_of(tid, status or {})
                 runs[tid] = run or {}
+            rows[tid] = board_row(header, status, run)
             aborted = bool(self._map(f"a/{asker}", ABORTS).get(tid))
             # who is coalesced (50 ms): a header may come before its asker is in it
             date = number(header.get(Header.DATE)) or 0
@@ -302,6 +316,20 @@ class V3Broker:
                 in_flight[asker] = in_flight.get(asker, 0) + 1
         if matching:
             self._match(matching, attempts, workers, load, in_flight, now)
+        self.board.turn(rows)
+        self._write_board()
+
+    def _write_board(self) -> None:
+        """The board's summary, when due (``BoardKeeper.due``), once ``SETTLE`` s passed
+        since the lease: by then the market's copy (a previous holder's, sent back for the
+        step 1 that follows the grant) has reached this session's ``Doc``, so this write
+        replaces it rather than racing it (of two concurrent writes of one map key, the
+        higher client id's stays until the next write)."""
+        if self._leased_at is None or time.monotonic() - self._leased_at <= SETTLE:
+            return
+        summary = self.board.due(now_ms(), time.monotonic())
+        if summary is not None:
+            self.session.own(BOARD).get(BOARD, type=Map)[SUMMARY] = summary
 
     def _match(
         self,
@@ -334,6 +362,15 @@ class V3Broker:
             load[worker.id] = load.get(worker.id, 0) + 1
             in_flight[asker] = in_flight.get(asker, 0) + 1
             self.fairness.record(header)
+
+    def _run_of(self, tid: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        """The entry in ``w/<worker>.runs`` of the attempt a status names, if any."""
+        worker = status.get(Status.WORKER)
+        if not isinstance(worker, str):
+            return None
+        n = int(number(status.get(Status.ATTEMPT)) or 0)
+        raw = self._map(f"w/{worker}", RUNS).get(run_key(tid, n))
+        return raw if isinstance(raw, dict) else None
 
     def _another(
         self, header: dict[str, Any], worker: str, d: Decision, workers: dict[str, Peer]

@@ -13,7 +13,7 @@ for version 2).
 | ``in/<asker>`` | ``tasks`` | tid | a ``Status`` |
 | ``r/<worker>/<tid>.<n>`` | ``run`` | ``RunField`` | salt, state, end, finishReason, usage |
 | ``r/<worker>/<tid>.<n>`` | ``chunks`` (array) | | the answer's chunks (``crypto.AnswerWriter``) |
-| ``w/<worker>`` | ``runs`` | ``<tid>.<n>`` | ``{state, start, end, usage}`` |
+| ``w/<worker>`` | ``runs`` | ``<tid>.<n>`` | ``{state, start, end, usage, error, errorCode}`` |
 
 Encoding: ``ct``, each grant, ``salt`` and each chunk are byte values (a Yjs
 ``Uint8Array``; pycrdt gives ``bytearray``), not base64 text: a third smaller, and no

@@ -413,7 +413,15 @@ class V3Worker:
         with self._runs.transaction():
             runs = self._runs.get(RUNS, type=Map)
             summary = {
-                k: end[k] for k in (RunField.STATE, RunField.END, RunField.ERROR) if k in end
+                k: end[k]
+                for k in (
+                    RunField.STATE,
+                    RunField.END,
+                    RunField.ERROR,
+                    RunField.ERROR_CODE,
+                    RunField.USAGE,
+                )
+                if k in end
             }
             previous = runs.get(run_key(tid, n))
             start = previous.get(RunField.START) if isinstance(previous, dict) else None

@@ -9,20 +9,28 @@ and those of the last ``SERIES_SPAN`` seconds feed the throughput figures.
 Prompts and answers are not part of the snapshot: the page shows who asked what model
 (and what beyond a chat answer: tools, a JSON schema, embeddings...), who runs it and how
 it went, not what was said.
+
+A v3 room has no shared task maps and its asker reads only its own tasks:
+``V3MarketTracker`` reads the market's view of the room instead (``igora.v3.view``: the
+workers of ``dir``, the agents of ``who``, the broker's ``board``), at most once per
+``V3_POLL`` seconds, and gives the same snapshot, each agent and task naming its key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
 from ..capabilities import BASIC, required
 from ..client import Client
+from ..errors import IgoraError
 from ..protocol import KANBAN, MapName, State, TaskField, now_ms, number
 from ..summary import agent_order, agent_summary, completion_tokens, integer, text
+from ..v3 import view as room_view
 
 KEEP_FINISHED = 50
 """Finished tasks listed in a snapshot (most recent first)."""
@@ -39,6 +47,8 @@ LIVE_LIMIT = 200
 """Waiting or running tasks listed per group (the counts are always complete)."""
 CACHE_MS = 500
 """A snapshot is reused by every page for this long while the market does not change."""
+V3_POLL = 1.0
+"""Seconds between two reads of a v3 room's view (its board changes at most once a second)."""
 
 # Task states as the page groups them.
 WAITING = (State.TODO, State.PREPARED)
@@ -68,7 +78,7 @@ class MarketTracker:
         self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._completions: deque[Completion] = deque(maxlen=MAX_COMPLETIONS)
         self._counted: OrderedDict[str, None] = OrderedDict()
-        self._names: OrderedDict[str, str] = OrderedDict()
+        self._names: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # name, key
         self._cache: tuple[int, int, dict[str, Any]] | None = None
         client.on_change(self._changed)
         client.on_entries(MapName.DONE, self._on_done)
@@ -99,33 +109,40 @@ class MarketTracker:
         state = value.get(TaskField.STATE)
         if state not in (State.DONE.value, State.FAILED.value, State.ABORTED.value):
             return
+        end = number(value.get(TaskField.END))
+        self._count(tid, self._summary(value, state), int(end) if end else now_ms())
+
+    def _count(self, tid: str, row: dict[str, Any], end: int) -> None:
+        """A finished task's row: listed (the last ``KEEP_FINISHED``) and, the first time
+        it is seen, counted in the throughput."""
         if tid in self._counted:  # seen already: refresh its line, keep its place
             if tid in self._finished:
-                self._finished[tid] = self._summary(value, state)
+                self._finished[tid] = row
             return
         self._counted[tid] = None
         while len(self._counted) > MAX_COMPLETIONS:
             self._counted.popitem(last=False)
-        self._finished[tid] = self._summary(value, state)
+        self._finished[tid] = row
         while len(self._finished) > KEEP_FINISHED:
             self._finished.popitem(last=False)
-        end = number(value.get(TaskField.END))
-        self._completions.append(
-            Completion(int(end) if end else now_ms(), state, completion_tokens(value))
-        )
+        self._completions.append(Completion(end, str(row["state"]), row["tokens"] or 0))
 
     # ------------------------------------------------------------------ names
-    def _remember(self, agent_id: str | None, name: str) -> None:
+    def _remember(self, agent_id: str | None, name: str, key: str | None = None) -> None:
         if agent_id:
-            self._names[agent_id] = name
+            self._names[agent_id] = (name, key)
             self._names.move_to_end(agent_id)
             while len(self._names) > MAX_NAMES:
                 self._names.popitem(last=False)
 
     def _name_of(self, agent_id: Any) -> str | None:
-        if not isinstance(agent_id, str):
-            return None
-        return self._names.get(agent_id)
+        known = self._names.get(agent_id) if isinstance(agent_id, str) else None
+        return known[0] if known else None
+
+    def _key_of(self, agent_id: Any) -> str | None:
+        """The key (identity id) an agent's awareness announced, if it did."""
+        known = self._names.get(agent_id) if isinstance(agent_id, str) else None
+        return known[1] if known else None
 
     # ------------------------------------------------------------------ snapshot
     def agents(self) -> list[dict[str, Any]]:
@@ -136,7 +153,7 @@ class MarketTracker:
         rows = []
         for client_id, state, is_self in states:
             row = agent_summary(state, str(client_id))
-            self._remember(row["id"], row["name"])
+            self._remember(row["id"], row["name"], row["key"])
             rows.append({**row, "self": is_self})
         rows.sort(key=agent_order)
         return rows
@@ -152,6 +169,7 @@ class MarketTracker:
             "askerName": text(task.get(TaskField.ASKER_NAME)) or self._name_of(asker),
             "worker": worker,
             "workerName": self._name_of(worker),
+            "workerKey": self._key_of(worker),
             "date": number(task.get(TaskField.DATE)),
             "start": number(task.get(TaskField.START)),
             "end": number(task.get(TaskField.END)),
@@ -163,6 +181,10 @@ class MarketTracker:
             "abortAsked": bool(task.get(TaskField.ABORTED)),
             "needs": sorted(required(task) - BASIC),  # tools, json_schema, embed...
         }
+
+    async def current(self) -> dict[str, Any]:
+        """The snapshot to show now (what the page's routes call)."""
+        return self.snapshot()
 
     def snapshot(self) -> dict[str, Any]:
         """The whole view as plain JSON-able data (shared by all pages for ``CACHE_MS``
@@ -201,6 +223,7 @@ class MarketTracker:
             t = dict(t)
             t["askerName"] = t["askerName"] or self._name_of(t["asker"])
             t["workerName"] = t["workerName"] or self._name_of(t["worker"])
+            t["workerKey"] = t["workerKey"] or self._key_of(t["worker"])
             finished.append(t)
         tasks: dict[str, list[dict[str, Any]]] = {g: [] for g in GROUPS}
         group_of = {s.value: g for g, states in GROUPS.items() for s in states}
@@ -258,14 +281,81 @@ class MarketTracker:
         }
 
 
+class V3MarketTracker(MarketTracker):
+    """Snapshots of a v3 room: the market's view of it (``igora.v3.view``), read at most
+    every ``V3_POLL`` s while a page asks. Live tasks and the counts are the board's
+    (``done``, ``failed``, ``aborted`` since the broker's lease); finished tasks are the
+    last ``KEEP_FINISHED`` seen, as in a v2 room; the throughput's averages are the
+    board's last minute, its chart the completions seen."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        self._view: dict[str, Any] | None = None
+        self._error: str | None = None
+        self._read_at = -V3_POLL
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> dict[str, Any]:
+        async with self._lock:
+            if time.monotonic() - self._read_at >= V3_POLL:
+                try:
+                    view: dict[str, Any] | None = await room_view.fetch(self.client.address)
+                    error = None
+                except IgoraError as exc:
+                    view, error = None, str(exc)
+                self._read_at = time.monotonic()
+                if (view, error) != (self._view, self._error):
+                    self._view, self._error = view, error
+                    self._changed()
+        return self.snapshot()
+
+    async def wait_change(self, version: int, timeout: float) -> None:
+        if self.version == version:
+            await asyncio.sleep(min(timeout, V3_POLL))
+
+    def _snapshot(self) -> dict[str, Any]:
+        parts = room_view.snapshot(self._view or {})
+        now = now_ms()
+        for group in ("done", "failed", "aborted"):
+            for t in reversed(parts["tasks"][group]):  # oldest first: the newest stay
+                self._count(str(t["id"]), t, t["end"] or now)
+        for a in parts["agents"]:
+            self._remember(a["id"], a["name"], a["key"])
+        finished = sorted(self._finished.values(), key=lambda t: -(t["end"] or 0))
+        tasks = {
+            "waiting": parts["tasks"]["waiting"],
+            "running": parts["tasks"]["running"],
+            **{g: [t for t in finished if t["state"] == g] for g in ("done", "failed", "aborted")},
+        }
+        throughput = self.throughput(now)
+        per_minute = parts["perMinute"]
+        throughput["tasksPerMin"] = per_minute["done"] * 60 / RATE_WINDOW
+        throughput["tokensPerSec"] = round(per_minute["tokens"] / RATE_WINDOW, 2)
+        return {
+            "time": now,
+            "room": self.client.address.room,
+            "protocol": 3,
+            "self": {"id": self.client.id, "name": self.client.name},
+            "connected": self.client.connected and self._view is not None,
+            "error": self._error,
+            "agents": [{**a, "self": a["id"] == self.client.id} for a in parts["agents"]],
+            "broker": parts["broker"],
+            "tasks": tasks,
+            "counts": parts["counts"],
+            "throughput": throughput,
+        }
+
+
 def tracker_for(state: Any) -> MarketTracker | None:
     """The tracker stored on an app's ``state`` (made on first use from ``state.client``,
-    the gateway's ``Client``; None before the gateway has one)."""
+    the gateway's ``Client``; None before the gateway has one): a ``V3MarketTracker``
+    once the client speaks protocol 3."""
     client = getattr(state, "client", None)
     if not isinstance(client, Client):
         return None
+    kind = V3MarketTracker if client.v3 is not None else MarketTracker
     tracker = getattr(state, "web_market", None)
-    if not isinstance(tracker, MarketTracker) or tracker.client is not client:
-        tracker = MarketTracker(client)
+    if type(tracker) is not kind or tracker.client is not client:
+        tracker = kind(client)
         state.web_market = tracker
     return tracker

@@ -65,7 +65,7 @@ async def _events(request: Request, tracker: MarketTracker) -> AsyncIterator[str
     yield "retry: 2000\n\n"
     while not await request.is_disconnected():
         version = tracker.version
-        snap = tracker.snapshot()
+        snap = await tracker.current()
         body = json.dumps({k: v for k, v in snap.items() if k != "time"}, sort_keys=True)
         now = loop.time()
         if body != last or now - last_sent >= KEEPALIVE:
@@ -107,7 +107,7 @@ def router() -> APIRouter:
         tracker = tracker_for(request.app.state)
         if tracker is None:
             return _unavailable()
-        return JSONResponse(tracker.snapshot())
+        return JSONResponse(await tracker.current())
 
     @r.get(
         "/api/market/events",

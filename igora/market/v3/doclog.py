@@ -10,14 +10,21 @@ hundred bytes where a ``Doc`` costs kilobytes.
 at most one transaction per ``FLUSH_INTERVAL`` while updates keep coming; a document
 whose stored rows would pass ``MERGE_EVERY`` has its rows replaced by its merged state in
 that same transaction, so a document is never more than ``MERGE_EVERY`` rows on disk.
+
+A merge keeps the content of every item ever written, deleted or not (Yjs merges do not
+collect garbage). That is right for the documents that gain and lose keys (§9's
+``replace`` bounds them), not for ``board``, which its owner rewrites whole every second:
+its log is ``rewritten``, merged at each update through a ``Doc``, whose encoding has the
+deleted items' content collected, so it stays the size of one summary.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-from pycrdt import get_state, get_update, merge_updates
+from pycrdt import Doc, get_state, get_update, merge_updates
 
 from ..store import Store, WriteBehind
 
@@ -33,21 +40,29 @@ log = logging.getLogger("igora.market")
 class DocLog:
     """One document's updates, merged every ``MERGE_EVERY``."""
 
-    __slots__ = ("entries", "size", "stored")
+    __slots__ = ("entries", "rewritten", "size", "stored")
 
-    def __init__(self, entries: list[bytes] | None = None) -> None:
+    def __init__(self, entries: list[bytes] | None = None, rewritten: bool = False) -> None:
         self.entries: list[bytes] = list(entries or [])
+        self.rewritten = rewritten  # merged through a Doc at each update (``board``)
         self.size = sum(len(e) for e in self.entries)  # bytes held
         self.stored = len(self.entries)  # rows of it in the store
 
     def append(self, update: bytes) -> None:
         self.entries.append(update)
         self.size += len(update)
-        if len(self.entries) >= MERGE_EVERY:
+        if self.rewritten or len(self.entries) >= MERGE_EVERY:
             self._merge()
 
     def _merge(self) -> None:
-        if len(self.entries) > 1:
+        if len(self.entries) > 1 and self.rewritten:
+            doc: Doc[Any] = Doc()
+            for entry in self.entries:
+                doc.apply_update(entry)
+            merged = doc.get_update()
+            self.entries = [merged]
+            self.size = len(merged)
+        elif len(self.entries) > 1:
             merged = merge_updates(*self.entries)
             self.entries = [merged]
             self.size = len(merged)
@@ -68,6 +83,11 @@ class DocLog:
     def diff(self, state_vector: bytes) -> bytes:
         """What a holder of ``state_vector`` lacks (ValueError: not a state vector)."""
         return get_update(self.state(), state_vector)
+
+
+def rewritten(name: str) -> bool:
+    """Whether the document ``name`` is rewritten whole by its owner (``board``)."""
+    return name.partition("@")[0] == "board"
 
 
 class DocHistory:
@@ -94,7 +114,7 @@ class DocHistory:
         logs = {}
         squash: dict[str, bytes | None] = {}
         for name, entries in self.store.load_documents(self.room).items():
-            doc = DocLog(entries)
+            doc = DocLog(entries, rewritten=rewritten(name))
             if len(entries) > 1:
                 squash[name] = doc.state()
                 doc.stored = 1

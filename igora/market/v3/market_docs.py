@@ -35,6 +35,7 @@ from typing import Any
 from pycrdt import Doc, Map, merge_updates
 
 from ...protocol import now_ms, number
+from ...summary import integer
 from ..fanout import AWARENESS_INTERVAL
 
 INTERVAL = AWARENESS_INTERVAL
@@ -66,6 +67,7 @@ class MarketDocs:
         self._emit = emit
         self.replica = replica
         self._applying = False  # applying another replica's update: not ours to send
+        self.market_id = market
         self.docs: dict[str, Doc[Any]] = {DIR: Doc(), WHO: Doc()}
         for name, doc in self.docs.items():
             if name in stored:
@@ -145,6 +147,40 @@ class MarketDocs:
     def agents(self) -> list[dict[str, Any]]:
         """Who is connected, as ``/status`` lists a room's agents."""
         return [{"id": i, **entry} for i, entry in self._map(WHO, "agents").items()]
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The workers' adverts in ``dir`` as the web view shows them: what they serve,
+        without their keys for encryption and signatures."""
+        rows = []
+        for id_, advert in self._map(DIR, "workers").items():
+            if not isinstance(advert, dict):
+                continue
+            models = advert.get("models")
+            rows.append(
+                {
+                    "id": id_,
+                    "name": _label(advert.get("name")),
+                    "engine": _label(advert.get("engine")),
+                    "state": _label(advert.get("state")),
+                    "slots": integer(advert.get("slots")),
+                    "since": integer(advert.get("since")),
+                    "models": [
+                        {
+                            "name": _label(m.get("name")),
+                            "contextLength": integer(m.get("contextLength")),
+                        }
+                        for m in (models if isinstance(models, list) else [])
+                        if isinstance(m, dict)
+                    ],
+                }
+            )
+        return rows
+
+    def broker_view(self) -> dict[str, Any]:
+        """``dir.broker``: ``id`` (None: nobody holds the lease) and ``epoch``."""
+        broker = self._map(DIR, "broker")
+        id_ = broker.get("id")
+        return {"id": id_ if isinstance(id_, str) else None, "epoch": integer(broker.get("epoch"))}
 
     # ------------------------------------------------------------------ changes
     def _mine(self) -> dict[str, str]:

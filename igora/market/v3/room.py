@@ -22,12 +22,16 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ...v3 import wire
+from pycrdt import Doc, Map
+
+from ...v3 import board, wire
+from ...v3.board import BOARD, SUMMARY
 from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, parse
+from ...v3.signed import SignatureError, plain
 from ..fanout import Outbox
 from ..room import background
 from ..store import Store
-from .doclog import EMPTY_UPDATE, DocHistory, DocLog
+from .doclog import EMPTY_UPDATE, DocHistory, DocLog, rewritten
 from .lease import Lease
 from .market_docs import DIR, WHO, MarketDocs
 from .replicas import V3Link, attach_event, drop_event, update_event
@@ -114,6 +118,7 @@ class V3Room:
         self.market_docs = MarketDocs(stored, self._market_write, market, info or {}, replica)
         self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
         self.lease_asked: set[Peer] = set()  # asked, answer due (the lease is in Redis)
+        self._board: tuple[bytes, dict[str, Any] | None] | None = None  # last read
 
     # ------------------------------------------------------------------ connections
     def join(self, peer: Peer) -> None:
@@ -315,7 +320,7 @@ class V3Room:
                 owned, most = self.task_documents[doc.agent], self.limits.task_documents
                 if owned >= most:
                     return f"over {most} live task documents"
-            log = self.docs[name] = DocLog()
+            log = self.docs[name] = DocLog(rewritten=rewritten(name))
             log.stored = 0
             if is_task and doc.agent is not None:
                 self.task_documents[doc.agent] += 1
@@ -362,6 +367,38 @@ class V3Room:
             log = self.docs[name] = DocLog()
         self._append(None, name, log, update)
 
+    def board(self) -> dict[str, Any] | None:
+        """The ``board`` summary its broker wrote last (``igora.v3.board``), or None. The
+        market keeps the document as a log: it is read through a ``Doc`` once per change."""
+        log = self.docs.get(BOARD)
+        if log is None or log.empty:
+            return None
+        state = log.state()
+        if self._board is not None and self._board[0] is state:
+            return self._board[1]
+        doc: Doc[Any] = Doc()
+        doc.apply_update(state)
+        try:
+            summary = board.read(plain(doc.get(BOARD, type=Map).get(SUMMARY)))
+        except SignatureError:  # a NaN or Infinity: not a summary
+            summary = None
+        self._board = (state, summary)
+        return summary
+
+    def view(self) -> dict[str, Any]:
+        """The room as the web view and ``igora status`` show it (``GET
+        /rooms/ROOM/view``): the market's own documents (``dir``: the broker and the
+        workers' adverts; ``who``: every agent present) and the broker's ``board``."""
+        return {
+            "name": self.name,
+            "protocol": 3,
+            "market": self.market_docs.market_id,
+            "broker": self.market_docs.broker_view(),
+            "workers": self.market_docs.workers(),
+            "agents": self.market_docs.agents(),
+            "board": self.board(),
+        }
+
     def summary(self) -> dict[str, Any]:
         """The room as ``GET /status`` lists it: counts, no content."""
         return {
@@ -372,6 +409,7 @@ class V3Room:
             "agents": self.market_docs.agents(),
             "documents": len(self.docs) - len(self.docs.keys() & {DIR, WHO}),  # the agents'
             "updates": self.updates,
+            "boardBytes": board_log.size if (board_log := self.docs.get(BOARD)) else 0,
             # Shared, another replica may have granted it since: dir says its epoch.
             "lease": {
                 "epoch": max(self.lease.epoch, self.market_docs.epoch_seen()),

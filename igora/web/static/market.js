@@ -47,11 +47,12 @@ function renderAgents(agents) {
     if (a.type === "broker" && a.leader !== null) state += ` (${t(a.leader ? "leader" : "standby")})`;
     const name = el("td", { class: "name" }, a.name);
     if (a.self) name.append(el("span", { class: "muted" }, ` — ${t("you.agent")}`));
+    if (a.key) name.append(" ", keyChip(a.key));
     const models = el("td", { class: "models" });
     for (const m of a.models) models.append(el("span", { class: "chip", title: m.contextLength ? `ctx ${m.contextLength}` : null }, m.name));
     const slots = a.type === "worker" && a.slots !== null ? `${fmt(a.running ?? 0, 0)} / ${fmt(a.slots, 0)}` : "";
     const speed = a.speed ? `${fmt(a.speed)} tok/s` : "";
-    body.append(el("tr", { dataset: { type: a.type || "", name: a.name } },
+    body.append(el("tr", { dataset: { type: a.type || "", name: a.name, key: a.key || "" } },
       el("td", {}, el("span", { class: `badge type-${a.type}` }, label("type", a.type))),
       name,
       el("td", {}, el("span", { class: `state state-${a.state}` }, state)),
@@ -60,6 +61,11 @@ function renderAgents(agents) {
       el("td", { class: "num" }, speed),
       el("td", {}, a.engine || "")));
   }
+}
+
+// An agent's key (its identity id): the first characters, the whole on hover.
+function keyChip(key) {
+  return el("code", { class: "key", title: `${t("key")}: ${key}` }, short(key));
 }
 
 // ------------------------------------------------------------------ tasks
@@ -71,14 +77,18 @@ function taskCard(task) {
   const lines = el("dl", { class: "task-lines" });
   const line = (k, v) => { if (v) lines.append(el("div", {}, el("dt", {}, t(k)), el("dd", {}, v))); };
   line("task.asker", task.askerName || short(task.asker));
-  line("task.worker", task.worker ? (task.workerName || short(task.worker)) : "");
+  if (task.worker) {
+    const who = el("span", {}, task.workerName || short(task.worker));
+    if (task.workerKey) who.append(" ", keyChip(task.workerKey));
+    line("task.worker", who);
+  }
   const extra = [];
   if (task.state === "todo" || task.state === "prepared") extra.push(t(`task.state.${task.state}`));
   if (task.attempts > 1) extra.push(t("task.attempt", { n: task.attempts }));
   if (task.tokens) extra.push(t("task.tokens", { n: task.tokens }));
   if (task.duration) extra.push(`${fmt(task.duration / 1000)} s`);
   if (task.abortAsked && !["aborted", "done", "failed"].includes(task.state)) extra.push(t("task.abortAsked"));
-  const card = el("li", { class: `task task-${task.state}`, dataset: { id: task.id, state: task.state } },
+  const card = el("li", { class: `task task-${task.state}`, dataset: { id: task.id, state: task.state, ...(task.workerKey ? { workerKey: task.workerKey } : {}) } },
     head, lines, extra.length ? el("p", { class: "task-extra" }, extra.join(" · ")) : null);
   if (task.error) card.append(el("p", { class: "task-error" }, task.error));
   return card;
