@@ -1,7 +1,7 @@
 """The ledger seen from the market's event loop: operations grouped per tick.
 
 A market receives claims, grants and transfer orders as ``CONTROL`` frames (protocol-v3
-step 7, not wired yet). ``LedgerWriter`` collects the operations that arrive within
+step 7: ``igora.market.v3.bank``). ``LedgerWriter`` collects the operations that arrive within
 ``FLUSH_INTERVAL`` (50 ms, as the room store) and applies them in a thread as one group:
 one transaction, one fsync for all of them, each operation in its own savepoint so a
 refused claim fails alone. Each caller gets its own answer once the group has committed,
@@ -17,7 +17,7 @@ from typing import Any
 
 from ..market.store import FLUSH_INTERVAL
 from .ledger import Ledger
-from .receipts import Claim, Delivery
+from .receipts import Claim, Delivery, Settlement
 from .transfer import TransferOrder
 
 _Op = tuple[Callable[[], Any], "asyncio.Future[Any]"]
@@ -43,6 +43,10 @@ class LedgerWriter:
         return bool(
             await self._submit(lambda: self.ledger.settle(claim, claimer, params, delivery))
         )
+
+    async def record(self, settlement: Settlement) -> bool:
+        """Record a settlement checked already (``Claim.check``)."""
+        return bool(await self._submit(lambda: self.ledger.record(settlement)))
 
     async def grant(self, account: str, amount: int) -> bool:
         return bool(await self._submit(lambda: self.ledger.grant(account, amount)))

@@ -22,9 +22,10 @@ from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, pa
 from ..fanout import Outbox
 from ..room import background
 from ..store import Store
+from .bank import Bank
 from .doclog import EMPTY_UPDATE, DocHistory, DocLog
 from .lease import Lease
-from .market_docs import DIR, WHO, MarketDocs
+from .market_docs import MARKET_DOCS, MarketDocs
 
 MAX_TASK_DOCUMENTS = 1_000
 """Live task documents (``p/``, ``r/``) one identity may own at once."""
@@ -73,9 +74,13 @@ class V3Room:
         limits: DocLimits,
         market: str = "",
         info: dict[str, Any] | None = None,
+        bank: Bank | None = None,
     ) -> None:
-        """``market``: the market's id, ``info`` the limits it announces (in ``dir``)."""
+        """``market``: the market's id, ``info`` the limits it announces (in ``dir``),
+        ``bank`` its credits (prices in ``dir``, ``standing``, delivery records)."""
         self.name = name
+        self.bank = bank
+        prices = bank.prices if bank is not None else None
         self.limits = limits
         self.history = DocHistory(name, store)
         self.docs: dict[str, DocLog] = self.history.load()
@@ -92,8 +97,8 @@ class V3Room:
         self.holders = 0  # connections using the room, including ones still joining
         self.idle_since = time.monotonic()
         self.updates = 0  # taken since the room was loaded
-        stored = {n: self.docs[n].state() for n in (DIR, WHO) if n in self.docs}
-        self.market_docs = MarketDocs(stored, self._market_write, market, info or {})
+        stored = {n: self.docs[n].state() for n in MARKET_DOCS if n in self.docs}
+        self.market_docs = MarketDocs(stored, self._market_write, market, info or {}, prices)
         self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
 
     # ------------------------------------------------------------------ connections
@@ -104,6 +109,8 @@ class V3Room:
         for i in peer.ids:
             if self.identities[i] == 1:
                 self.market_docs.joined(i)
+                if self.bank is not None:
+                    self.market_docs.standing(i, self.bank.bucket(i))
             for name in sorted(self.attachments.get(i, ())):
                 self.subscribe(peer, name)
 
@@ -157,7 +164,9 @@ class V3Room:
         peer.subscribed.add(name)
         doc = self.docs.get(name)
         if doc is not None and not doc.empty:
-            peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, doc.state())))
+            state = doc.state()
+            peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, state)))
+            self._delivered(name, state, [peer])
 
     def subscribe_prefix(self, peer: Peer, prefix: str) -> None:
         self.prefix_subs[prefix].add(peer)
@@ -218,6 +227,8 @@ class V3Room:
         and attachments; its readers get a ``NOTICE`` 410."""
         if self.docs.pop(name, None) is not None:
             self.history.drop(name)
+            if self.bank is not None and name.startswith("r/"):
+                self.bank.dropped(self.name, name)
             owner = _task_owner(name)
             if owner is not None:
                 self.task_documents[owner] -= 1
@@ -272,9 +283,20 @@ class V3Room:
         self.updates += 1
         self.history.appended(name, update)
         message = wire.encode(wire.Doc(name, wire.Sync.UPDATE, update))
-        for reader in self.readers(name):
-            if reader is not sender:
-                reader.outbox.put(message)
+        readers = [r for r in self.readers(name) if r is not sender]
+        for reader in readers:
+            reader.outbox.put(message)
+        self._delivered(name, update, readers)
+
+    def _delivered(self, name: str, update: bytes, readers: list[Peer]) -> None:
+        """A run document's update queued for others than its owner: the delivery record
+        a claim without receipt is settled from (``bank``, credits.md §3)."""
+        if self.bank is None or not readers or not name.startswith("r/"):
+            return
+        owner = name.split("/", 2)[1]
+        ids = {i for r in readers for i in r.ids if i != owner}
+        if ids:
+            self.bank.delivered(self.name, name, update, ids)
 
     def _market_write(self, name: str, update: bytes) -> None:
         """An update of ``dir`` or ``who``, the market's own documents."""
@@ -291,7 +313,7 @@ class V3Room:
             "connections": len(self.connections),
             "identities": len(self.identities),
             "agents": self.market_docs.agents(),
-            "documents": len(self.docs) - len(self.docs.keys() & {DIR, WHO}),  # the agents'
+            "documents": len(self.docs) - len(self.docs.keys() & set(MARKET_DOCS)),  # the agents'
             "updates": self.updates,
             "lease": {"epoch": self.lease.epoch, "held": self.lease.holder is not None},
         }
@@ -310,8 +332,10 @@ class V3Rooms:
         max_rooms: int,
         market: str = "",
         info: dict[str, Any] | None = None,
+        bank: Bank | None = None,
     ) -> None:
         self.store = store
+        self.bank = bank
         self.limits = limits
         self.market = market
         self.info = info
@@ -335,7 +359,7 @@ class V3Rooms:
             return f"{self.max_rooms} rooms in memory already"
         room = self.rooms.get(name)  # loaded by another connection meanwhile
         if room is None:
-            room = V3Room(name, self.store, self.limits, self.market, self.info)
+            room = V3Room(name, self.store, self.limits, self.market, self.info, self.bank)
             self.rooms[name] = room
         return room
 
@@ -359,6 +383,14 @@ class V3Rooms:
         del self.rooms[room.name]
         room.market_docs.cancel()
         log.debug("room %s: unloaded from memory", room.name)
+
+    def standing_changed(self, accounts: set[str]) -> None:
+        """Balances moved: the ``standing`` of the rooms where those identities are."""
+        if self.bank is None:
+            return
+        for room in self.rooms.values():
+            for account in accounts & room.identities.keys():
+                room.market_docs.standing(account, self.bank.bucket(account))
 
     def flush_sync(self) -> None:
         for room in self.rooms.values():
