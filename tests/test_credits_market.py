@@ -350,3 +350,45 @@ def test_the_gateway_answers_402_when_its_identity_cannot_pay(cluster: Cluster) 
     assert reply.status_code == 200
     assert reply.json()["choices"][0]["message"]["content"] == "Echo: pay first"
     assert len(settled(cluster, 1)) == 1
+
+
+def test_1000_tasks_of_10_askers_on_4_workers_keep_the_sum_of_balances(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load, every run answered is paid once and the sum of all balances equals
+    the grants minus the tax burned (the ledger's audit also rechecks every receipt)."""
+    start(cluster, 4, slots=4)
+    per_asker, in_flight = 100, 10
+
+    async def one(client: Client, i: int) -> Answer:
+        task = await client.submit(f"task {i} of {client.name}", max_tokens=20)
+        return await task.result()
+
+    async def load(client: Client) -> list[Answer]:
+        gate = asyncio.Semaphore(in_flight)
+
+        async def gated(i: int) -> Answer:
+            async with gate:
+                return await one(client, i)
+
+        return list(await asyncio.gather(*(gated(i) for i in range(per_asker))))
+
+    async def main() -> list[Answer]:
+        clients = [await asker(cluster, f"asker{i}", monkeypatch) for i in range(10)]
+        try:
+            answers = await asyncio.gather(*(load(c) for c in clients))
+        finally:
+            for c in clients:
+                await c.close()
+        return [a for some in answers for a in some]
+
+    answers = asyncio.run(main())
+    assert len(answers) == 1_000
+    entries = settled(cluster, 1_000, timeout=60)
+    assert sorted(str(e.task) for e in entries) == sorted(a.task["id"] for a in answers)
+    with ledger(cluster) as book:
+        book.verify_chain()
+        grants, tax = book.totals()
+        book_balances = book.balances()
+    assert sum(v for k, v in book_balances.items() if k != TAX_ACCOUNT) == grants - tax
+    assert tax == sum(pricing.tax(price(a)) for a in answers)
