@@ -62,12 +62,18 @@ class LedgerWriter:
         return await future
 
     async def _flush_later(self) -> None:
-        self._sleeping = True
-        try:
-            await asyncio.sleep(self.interval)
-        finally:
-            self._sleeping = False
-        await self.flush()
+        """Flush every ``interval`` while operations come: those submitted while a group
+        was being written go in the next one (they would otherwise wait for another
+        operation to start a flusher)."""
+        while True:
+            self._sleeping = True
+            try:
+                await asyncio.sleep(self.interval)
+            finally:
+                self._sleeping = False
+            await self.flush()
+            if not self._pending:
+                return
 
     async def flush(self) -> None:
         """Apply what is pending now, as one group."""

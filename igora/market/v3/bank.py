@@ -17,8 +17,10 @@ connections bring it (``CONTROL`` ops, protocol-v3.md §12 step 7):
 
 **Delivery records.** For each run document ``r/<worker>/<tid>.<n>``, the updates the
 room puts in the outbox of a reader other than its owner (the asker the broker attached)
-are applied to a copy of the document as delivered; its run state and the bytes of its
-chunks give the ``Delivery`` of credits.md §3. Simplification: an update counts as
+are kept; applied to an empty document, they give the run as delivered, whose state and
+chunk sizes are the ``Delivery`` of credits.md §3. They are applied only for a claim
+without receipt that a receipt did not settle first, and forgotten with the run
+document otherwise. Simplification: an update counts as
 delivered once queued for the asker's socket, not once written (a frame queued when the
 socket broke is counted; it holds at most what the worker wrote). Records are in memory:
 a claim without receipt pending at a market's restart is lost (the worker's is not
@@ -45,7 +47,7 @@ from ...credits.transfer import TransferError, TransferOrder
 from ...credits.writer import LedgerWriter
 from ...v3.crypto import TAG_BYTES
 from ...v3.header import HeaderError, verify_header
-from ...v3.tasks import CHUNKS, RUN, RunField, RunState
+from ...v3.tasks import CHUNKS, RUN, RunField, RunState, run_doc
 
 log = logging.getLogger("igora.credits")
 
@@ -67,15 +69,22 @@ Reply = Callable[[int, dict[str, Any]], None]
 
 
 class _Delivered:
-    """A run document as its asker received it."""
+    """A run document as its asker received it: the updates queued for it, applied only
+    when a claim without receipt needs the record (most runs are paid by receipt)."""
 
     def __init__(self) -> None:
-        self.doc: Doc[Any] = Doc()
+        self.updates: list[bytes] = []
         self.readers: set[str] = set()
 
     def record(self) -> tuple[Delivery, frozenset[str]]:
-        run = self.doc.get(RUN, type=Map)
-        chunks = self.doc.get(CHUNKS, type=Array)
+        doc: Doc[Any] = Doc()
+        for update in self.updates:
+            try:
+                doc.apply_update(update)
+            except Exception:  # checked by the connection already: not expected
+                log.warning("credits: an update does not apply to a delivery record")
+        run = doc.get(RUN, type=Map)
+        chunks = doc.get(CHUNKS, type=Array)
         state = run.get(RunField.STATE)
         sizes = [len(c) for c in chunks if isinstance(c, (bytes, bytearray))]
         end = _ENDS.get(str(state), RunEnd.ASKER_STOPPED)
@@ -113,7 +122,7 @@ class Bank:
         self._records: collections.OrderedDict[tuple[str, str], tuple[Delivery, frozenset[str]]] = (
             collections.OrderedDict()
         )
-        self._waiting: set[asyncio.TimerHandle] = set()
+        self._held: dict[tuple[str, str], asyncio.TimerHandle] = {}  # claims without receipt
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def balance(self, account: str) -> int:
@@ -161,17 +170,14 @@ class Bank:
         view = self._views.get((room, name))
         if view is None:
             view = self._views[room, name] = _Delivered()
-        try:
-            view.doc.apply_update(update)
-        except Exception:  # checked by the connection already; a record is no reason to fail
-            log.warning("credits: an update of %s does not apply to its delivery record", name)
+        view.updates.append(update)
         view.readers |= readers
 
     def dropped(self, room: str, name: str) -> None:
         """Run document ``name`` is gone: what was delivered of it is kept a while."""
         view = self._views.pop((room, name), None)
-        if view is None:
-            return
+        if view is None or (room, name) not in self._held:
+            return  # no claim without receipt waits for it
         self._records[room, name] = view.record()
         while len(self._records) > KEEP_RECORDS:
             self._records.popitem(last=False)
@@ -205,21 +211,29 @@ class Bank:
             reply(422, _refused(task, exc.reason.value, str(exc)))
             return
         if claim.receipt is not None:
-            self._spawn(self._settle(claim, claimer, params, None, task, reply))
+            self._spawn(self._settle(claim, claimer, params, None, task, reply, room))
             return
-        name = f"r/{claimer}/{claim.header['id']}.{claim.attempt}"
-        handle = asyncio.get_running_loop().call_later(
+        key = (room, _run_doc(claimer, claim.header, claim.attempt))
+        if key in self._held:
+            self._held[key].cancel()
+        self._held[key] = asyncio.get_running_loop().call_later(
             self.receipt_wait,
-            lambda: self._spawn(self._unsigned(room, name, claim, claimer, params, task)),
+            lambda: self._spawn(self._unsigned(key, claim, claimer, params, task)),
         )
-        self._waiting.add(handle)
         wait = f"{self.receipt_wait:g}"
         reply(202, {**task, "result": "pending", "error": f"settled in {wait} s without receipt"})
 
     async def _unsigned(
-        self, room: str, name: str, claim: Claim, claimer: str, params: str, task: dict[str, Any]
+        self,
+        key: tuple[str, str],
+        claim: Claim,
+        claimer: str,
+        params: str,
+        task: dict[str, Any],
     ) -> None:
-        record = self._delivery(room, name)
+        self._held.pop(key, None)
+        record = self._delivery(*key)
+        self._records.pop(key, None)
         asker = str(claim.header.get("asker"))
         if record is None or asker not in record[1]:
             log.info("credits: task %s: no delivery to its asker recorded", task["task"])
@@ -234,6 +248,7 @@ class Bank:
         delivery: Delivery | None,
         task: dict[str, Any],
         reply: Reply | None,
+        room: str = "",
     ) -> None:
         try:
             settlement = claim.check(claimer, self.market, params, delivery)
@@ -248,6 +263,10 @@ class Bank:
             if reply is not None:
                 reply(422, _refused(task, "ledger", str(exc)))
             return
+        if delivery is None:  # paid by receipt: a claim without it has nothing left to wait for
+            held = self._held.pop((room, _run_doc(claimer, claim.header, claim.attempt)), None)
+            if held is not None:
+                held.cancel()
         if moved:
             s = settlement
             self._moved({s.asker: -s.price, s.worker: s.price - s.tax})
@@ -302,10 +321,14 @@ class Bank:
 
     # ------------------------------------------------------------------ lifespan
     async def close(self) -> None:
-        for handle in self._waiting:
+        for handle in self._held.values():
             handle.cancel()
         await self.writer.close()
         self.ledger.close()
+
+
+def _run_doc(worker: str, header: dict[str, Any], attempt: int) -> str:
+    return run_doc(worker, str(header.get("id")), attempt)
 
 
 def _short(header: Any) -> str:
