@@ -20,10 +20,11 @@ import pytest
 from igora import Client
 from igora.credits import pricing
 from igora.credits.ledger import LEDGER_FILE, TAX_ACCOUNT, Kind, Ledger
+from igora.credits.transfer import TransferOrder
 from igora.engines.echo import PARAMS as ECHO_PARAMS
 from igora.identity import Identity, load_identity
 from igora.task_handle import Answer
-from igora.testing import Cluster, Proc, wait_until
+from igora.testing import Cluster, Proc, wait_for, wait_until
 from igora.v3.header import sign_header
 from igora.v3.session import Event, EventKind, Session
 from igora.v3.wire import Code
@@ -419,3 +420,46 @@ def test_1000_tasks_of_10_askers_on_4_workers_keep_the_sum_of_balances(
         book_balances = book.balances()
     assert sum(v for k, v in book_balances.items() if k != TAX_ACCOUNT) == grants - tax
     assert tax == sum(pricing.tax(price(a)) for a in answers)
+
+
+def test_the_richer_askers_waiting_tasks_start_first(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One worker with one slot: the poorer asker (it gave 50 credits to the other:
+    buckets 7 and 9 in ``standing``) submits first, the richer one right after; past
+    the task already running, the richer one's run first, then the poorer one's (well
+    within the ageing bound). The figures: ``python -m bench --only priority``."""
+    cluster.market("--v3-room", ROOM)
+    cluster.broker("--room", ROOM, name="b1", data=True)
+    cluster.worker("--room", ROOM, "--delay", "0.05", name="w1", data=True)
+    cluster.wait_agents("worker", 1)
+    cluster.wait_agents("broker", 1)
+
+    async def main() -> list[str]:
+        rich = await asker(cluster, "rich", monkeypatch)
+        poor = await asker(cluster, "poor", monkeypatch)
+        ended: list[str] = []
+        try:
+            assert poor.v3 is not None
+            market = str(poor.v3.session.market)
+            order = TransferOrder.make(identity(cluster, "poor"), market, rich.id, 50_000)
+            assert poor.v3.session.control({"op": "transfer", **order.to_json()})
+            await wait_for(lambda: balances(cluster).get(rich.id) == 150_000, 20, "the transfer")
+            await asyncio.sleep(0.5)  # standing reaches the broker (sent every 50 ms)
+
+            async def one(client: Client, who: str, i: int) -> None:
+                task = await client.submit(f"one two three four {who} {i}", max_tokens=20)
+                await task.result()
+                ended.append(who)
+
+            first = [asyncio.create_task(one(poor, "poor", i)) for i in range(4)]
+            await asyncio.sleep(0.05)
+            second = [asyncio.create_task(one(rich, "rich", i)) for i in range(4)]
+            await asyncio.gather(*first, *second)
+        finally:
+            await rich.close()
+            await poor.close()
+        return ended
+
+    ended = asyncio.run(main())
+    assert ended[1:] == ["rich"] * 4 + ["poor"] * 3, ended
