@@ -31,7 +31,7 @@ ANSWER_WAIT = 10.0  # seconds the market has to answer a transfer
 DESCRIPTION = f"""\
 Show the balance of this data folder's identity (the key of `igora id`) and its last
 {RECENT} entries, read from a market's ledger: DATA/ledger.sqlite3 in the market's data
-folder (with `igora up`, the same folder as yours), or --ledger FILE.
+folder (the default finds it when the market shares yours), or --ledger FILE.
 
 Amounts are credits with three decimals (the ledger counts millicredits). A run costs
 (prompt tokens + 3 x completion tokens) x a factor of the model's size (ceil of 10 x its
