@@ -2,7 +2,7 @@
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
 (repeatable: overhead, streaming, throughput, wire, traffic, sync, scale, replicas, gateway,
-gateway_load, soak, structured, secure), ``--out PATH``
+gateway_load, soak, structured, secure, priority), ``--out PATH``
 (a partial run writes bench-report.md unless told otherwise).
 """
 
@@ -41,6 +41,7 @@ MODULES = [
     "soak",
     "structured",
     "secure",
+    "priority",
 ]
 PACKAGES = [
     "igora",

@@ -79,6 +79,18 @@ seed = count(-(2**63), 2**63 - 1)
 _port = count(1, 65535)
 
 
+def credits(text: str) -> int:
+    """An amount of credits, 0 or more with at most three decimals, in millicredits."""
+    from .credits.pricing import PriceError, parse_credits
+
+    if text.strip() in ("0", "0.0", "0.000"):
+        return 0
+    try:
+        return parse_credits(text)
+    except PriceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def port(text: str) -> int:
     """A TCP port, 1 to 65535."""
     try:

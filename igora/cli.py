@@ -135,6 +135,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             behind_tls=args.behind_tls,
             members=members,
             redis=args.redis,
+            grant=args.grant,
+            receipt_wait=args.receipt_wait,
         )
         return 0
     if args.command == "up":

@@ -17,6 +17,7 @@ agent.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -326,6 +327,28 @@ class Client:
         if not isinstance(vectors, list) or len(vectors) != len(texts):
             raise TaskFailed(f"task {task.id}: the worker sent no embeddings", answer.task)
         return [[float(x) for x in v] for v in vectors]
+
+    async def balance(self) -> int | None:
+        """This identity's balance in the market's ledger, in millicredits (credits.md);
+        None in a version 2 room, or when the market does not answer."""
+        return await self.v3.balance() if self.v3 is not None else None
+
+    async def can_pay(
+        self,
+        prompt: str | list[dict[str, Any]] | None,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+    ) -> bool:
+        """Whether this identity's balance covers the most such a request may cost (every
+        prompt byte a token, ``max_tokens`` completion tokens, the largest model size
+        advertised): the gateway's 402. True when the market does not count credits."""
+        balance = await self.balance()
+        if balance is None or self.v3 is None:
+            return True
+        size = len(json.dumps(prompt, ensure_ascii=False).encode())
+        task = {TaskField.MODEL: model, TaskField.MAX_TOKENS: max_tokens}
+        return balance >= self.v3.max_price(task, size)
 
     def abort(self, task_id: str) -> None:
         """Ask for a task to stop; it ends ``aborted``."""

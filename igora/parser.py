@@ -14,6 +14,7 @@ from .broker.presence import DEFAULT_GRACE
 from .client import DEFAULT_TIMEOUT
 from .config import DEFAULT_HOST, env
 from .credits import command as credits_cmd
+from .credits.pricing import DEFAULT_GRANT
 from .engines.config import (
     DEFAULT_CONTEXT,
     DEFAULT_DELAY,
@@ -37,6 +38,7 @@ from .market.limits import (  # the market's own defaults
     DEFAULT_ROOM_IDLE,
 )
 from .market.members import MODES
+from .market.v3.bank import DEFAULT_RECEIPT_WAIT
 from .worker.worker import DEFAULT_MAX_TOKENS
 
 EXAMPLES = """\
@@ -268,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --secure: this identity may hold a room's broker lease (repeatable; "
         "the market's own key always may). In the --v3-room rooms of an open market "
         "any identity may",
+    )
+    g.add_argument(
+        "--grant",
+        type=arg.credits,
+        default=DEFAULT_GRANT,
+        metavar="N",
+        help=f"credits an identity gets at its first handshake, once in its life (default "
+        f"{DEFAULT_GRANT // 1000}; 0: none). An open market should give 0: free keys "
+        "would mint credits (docs/credits.md). The ledger is DATA/ledger.sqlite3",
+    )
+    g.add_argument(
+        "--receipt-wait",
+        type=arg.number(above=0),
+        default=DEFAULT_RECEIPT_WAIT,
+        metavar="S",
+        help=f"seconds a worker's claim without receipt waits for the asker's receipt "
+        f"before it is settled from what the market delivered (default "
+        f"{DEFAULT_RECEIPT_WAIT:g})",
     )
     g.add_argument(
         "--behind-tls",

@@ -1,7 +1,7 @@
 """Priority by standing (docs/credits.md §4): richer askers first, poorer ones still served.
 
-A pure policy, not wired yet: the broker will read each asker's balance ``bucket`` from
-the market's ``standing`` document (protocol 3, step 7). Here it takes them as a mapping.
+A pure policy: the v3 broker (``igora.v3.broker``) reads each asker's balance ``bucket``
+from the market's ``standing`` document and calls ``order`` and ``may_queue``.
 
 Each waiting task gets a **class**: its asker's bucket (a power-of-two class of its
 balance, so the document does not publish balances exactly) plus one per ``AGEING``

@@ -8,5 +8,7 @@
 - ``writer``: the ledger from an event loop, one transaction per 50 ms tick;
 - ``command``: ``igora credits`` and ``igora credits send``.
 
-Not wired to the roles yet (protocol-v3 step 7): docs/credits.md §0 says what waits.
+The market's side is ``igora.market.v3.bank``; askers sign receipts (``igora.v3.asker``),
+workers claim (``igora.v3.worker``), the broker orders by standing (``igora.v3.broker``).
+docs/credits.md §0 says what is built and what is not.
 """

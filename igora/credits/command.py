@@ -1,14 +1,16 @@
 """``igora credits``: an identity's balance and recent entries, and ``igora credits send``.
 
-Both read the ledger a market keeps in its data folder (``DATA/ledger.sqlite3``), or the
-file given with ``--ledger``. Until markets count credits (protocol-v3 step 7), ``send``
-applies its signed order to that file directly, which only the market's own machine can
-do, or prints the order (``--print``); step 7 sends it as ``CONTROL {"op": "transfer"}``.
+``igora credits`` reads the ledger a market keeps in its data folder
+(``DATA/ledger.sqlite3``), or the file given with ``--ledger``. ``send`` hands its signed
+order to the market (``CONTROL {"op": "transfer"}``, answered once on disk); with
+``--ledger FILE`` it applies it to a ledger file no market is running on (offline), and
+with ``--print`` it prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -24,35 +26,36 @@ from .ledger import LEDGER_FILE, Entry, Ledger, LedgerError
 from .transfer import TransferError, TransferOrder
 
 RECENT = 20
+ANSWER_WAIT = 10.0  # seconds the market has to answer a transfer
 
 DESCRIPTION = f"""\
 Show the balance of this data folder's identity (the key of `igora id`) and its last
 {RECENT} entries, read from a market's ledger: DATA/ledger.sqlite3 in the market's data
-folder (with `igora up`, the same folder as yours), or --ledger FILE.
+folder (the default finds it when the market shares yours), or --ledger FILE.
 
 Amounts are credits with three decimals (the ledger counts millicredits). A run costs
 (prompt tokens + 3 x completion tokens) x a factor of the model's size (ceil of 10 x its
 billions of parameters, 1 to 2000) thousandths of a credit; 2 % of it is burned as tax,
 the worker earns the rest (docs/credits.md).
 
-Markets do not count credits yet: the ledger, receipts and prices are built, their use by
-the market, brokers and workers is protocol 3's step 7. Until then a ledger holds only
-what was written to it locally."""
+A market counts credits in its protocol 3 rooms (--secure, --v3-room): a grant at an
+identity's first handshake (--grant), the price of each run its asker received (the
+asker signs a receipt, the worker presents it), transfers."""
 
 SEND_DESCRIPTION = """\
 Give AMOUNT credits (at most three decimals) to the identity ID, as a transfer order
-signed by this data folder's key. The order is applied to the ledger file (the market's
-DATA/ledger.sqlite3 or --ledger FILE), which needs write access to it: today, on the
-market's own machine. With --print the signed order is printed as JSON instead; it
-names the market (its id from the ledger, or --market-key), so it is worth nothing on
-another market, and its random nonce makes it count once. Nothing applies a printed
-order yet: from protocol 3's step 7, `send` hands it to the market itself."""
+signed by this data folder's key and sent to the market (--market, --room: a protocol 3
+room), which applies it to its ledger and answers once it is on disk. The order names
+the market, so it is worth nothing on another one, and its random nonce makes it count
+once. With --ledger FILE it is applied to that ledger file instead (a ledger no market
+is running on: a running market is its ledger's only writer). With --print the signed
+order is printed as JSON (its market: the ledger's, or --market-key)."""
 
 EXAMPLES = """\
 examples:
   igora credits                              # balance and last entries, default data folder
   igora credits --data ./alice --ledger /srv/igora/ledger.sqlite3
-  igora credits send 3OdLLbH7n1DyLJGaGT2kkQnZ6eB4zTAAZK4fZr_i8LU 1.5
+  igora credits send 3OdLLbH7n1DyLJGaGT2kkQnZ6eB4zTAAZK4fZr_i8LU 1.5 --market ws://127.0.0.1:1234
 """
 
 
@@ -118,13 +121,34 @@ def add_parser(
         help="print the signed order as JSON instead of applying it to the ledger",
     )
     s.add_argument(
+        "--market",
+        type=arg.market_url,
+        default=None,
+        metavar="URL",
+        help="the market to send the order to (default: YJS_LOCAL_URL, else ws://localhost:1234)",
+    )
+    s.add_argument("--room", type=arg.room, default=None, help="a protocol 3 room of it")
+    s.add_argument(
         "--market-key",
         type=_agent,
         default=None,
         metavar="ID",
         help="the market's id, for --print without the ledger file",
     )
-    _where(s, argparse.SUPPRESS)
+    s.add_argument(
+        "--data",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="DATA",
+        help="folder of the identity's key (default: IGORA_DATA or ~/.local/share/igora)",
+    )
+    s.add_argument(
+        "--ledger",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="apply the order to this ledger file (no market running on it)",
+    )
     return p
 
 
@@ -189,6 +213,8 @@ def send(args: argparse.Namespace) -> int:
         order = TransferOrder.make(identity, args.market_key, args.id, args.amount)
         print(json.dumps(order.to_json()))
         return 0
+    if args.ledger is None and not args.print:
+        return _send_to_market(args, identity)
     with _open(_ledger_path(args)) as ledger:
         order = TransferOrder.make(identity, ledger.market, args.id, args.amount)
         if args.print:
@@ -201,6 +227,52 @@ def send(args: argparse.Namespace) -> int:
         balance = ledger.balance(identity.id)
     print(f"sent {pricing.credits_text(args.amount)} credits to {args.id} (order {order.nonce})")
     print(f"balance: {pricing.credits_text(balance)}")
+    return 0
+
+
+def _send_to_market(args: argparse.Namespace, identity: Identity) -> int:
+    from ..config import market_address
+    from ..v3.session import Session
+
+    address = market_address(args.market, args.room)
+
+    async def main() -> dict[str, Any]:
+        session = Session(address, identity, name="credits", state={"type": "credits"})
+        await session.start()  # a refusal raises its typed error: one line, exit 2
+        try:
+            assert session.market is not None
+            order = TransferOrder.make(identity, session.market, args.id, args.amount)
+            answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+            def on_notice(event: Any) -> None:
+                try:
+                    body = json.loads(event.text)
+                except ValueError:
+                    return
+                if (
+                    isinstance(body, dict)
+                    and body.get("op") == "transfer"
+                    and body.get("nonce") == order.nonce
+                    and not answer.done()
+                ):
+                    answer.set_result(body)
+
+            session.observe(on_notice)
+            session.control({"op": "transfer", **order.to_json()})
+            try:
+                return await asyncio.wait_for(answer, ANSWER_WAIT)
+            except TimeoutError:
+                return {"result": "refused", "error": f"no answer within {ANSWER_WAIT:g} s"}
+        finally:
+            await session.stop()
+
+    body = asyncio.run(main())
+    if body.get("result") not in ("settled", "duplicate"):
+        return arg.fail("igora credits send", str(body.get("error") or "refused"))
+    print(f"sent {pricing.credits_text(args.amount)} credits to {args.id}")
+    balance = body.get("balance")
+    if isinstance(balance, int):
+        print(f"balance: {pricing.credits_text(balance)}")
     return 0
 
 

@@ -28,6 +28,8 @@ DEFAULT_GRANT = 100 * MILLI
 RULE_VERSION = 1
 MAX_AMOUNT = 10**15
 """The largest amount one entry moves (a trillion credits; SQLite integers hold 9.2e18)."""
+DEFAULT_PARAMS = "0.1"
+"""The size of a model whose advert names none: priced at the smallest factor (1)."""
 
 
 class PriceError(ValueError):
@@ -69,6 +71,27 @@ def price(prompt_tokens: int, completion_tokens: int, params: float | int | str 
         completion_tokens, "completionTokens"
     )
     return weighted * factor(params)
+
+
+def model_params(models: object, model: str) -> str:
+    """The ``params`` a worker's advert gives ``model`` (its first model for a task that
+    names none, ``"*"``, as the worker serves such a task with it), as the decimal text
+    the rule reads; ``DEFAULT_PARAMS`` when the advert gives none or one the rule cannot
+    read. The asker signing a receipt and the market settling it both call this on the
+    same signed advert, so they price alike."""
+    listed = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+    named = [m for m in listed if m.get("name") == model] or (listed[:1] if model == "*" else [])
+    raw = named[0].get("params") if named else None
+    try:
+        return params_text(raw) if isinstance(raw, str) else DEFAULT_PARAMS
+    except PriceError:
+        return DEFAULT_PARAMS
+
+
+def max_price(prompt_bytes: int, max_tokens: int, params: float | int | str | Decimal) -> int:
+    """The most a task may cost, the header's ``maxPrice`` (the asker's consent) and the
+    gateway's estimate: every prompt byte a token, and ``max_tokens`` completion tokens."""
+    return price(max(0, prompt_bytes), max(0, max_tokens), params)
 
 
 def tax(amount: int) -> int:

@@ -1,7 +1,7 @@
 """The ledger seen from the market's event loop: operations grouped per tick.
 
 A market receives claims, grants and transfer orders as ``CONTROL`` frames (protocol-v3
-step 7, not wired yet). ``LedgerWriter`` collects the operations that arrive within
+step 7: ``igora.market.v3.bank``). ``LedgerWriter`` collects the operations that arrive within
 ``FLUSH_INTERVAL`` (50 ms, as the room store) and applies them in a thread as one group:
 one transaction, one fsync for all of them, each operation in its own savepoint so a
 refused claim fails alone. Each caller gets its own answer once the group has committed,
@@ -17,7 +17,7 @@ from typing import Any
 
 from ..market.store import FLUSH_INTERVAL
 from .ledger import Ledger
-from .receipts import Claim, Delivery
+from .receipts import Claim, Delivery, Settlement
 from .transfer import TransferOrder
 
 _Op = tuple[Callable[[], Any], "asyncio.Future[Any]"]
@@ -44,6 +44,10 @@ class LedgerWriter:
             await self._submit(lambda: self.ledger.settle(claim, claimer, params, delivery))
         )
 
+    async def record(self, settlement: Settlement) -> bool:
+        """Record a settlement checked already (``Claim.check``)."""
+        return bool(await self._submit(lambda: self.ledger.record(settlement)))
+
     async def grant(self, account: str, amount: int) -> bool:
         return bool(await self._submit(lambda: self.ledger.grant(account, amount)))
 
@@ -58,12 +62,18 @@ class LedgerWriter:
         return await future
 
     async def _flush_later(self) -> None:
-        self._sleeping = True
-        try:
-            await asyncio.sleep(self.interval)
-        finally:
-            self._sleeping = False
-        await self.flush()
+        """Flush every ``interval`` while operations come: those submitted while a group
+        was being written go in the next one (they would otherwise wait for another
+        operation to start a flusher)."""
+        while True:
+            self._sleeping = True
+            try:
+                await asyncio.sleep(self.interval)
+            finally:
+                self._sleeping = False
+            await self.flush()
+            if not self._pending:
+                return
 
     async def flush(self) -> None:
         """Apply what is pending now, as one group."""

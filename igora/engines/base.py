@@ -24,11 +24,14 @@ class ModelInfo:
     name: str
     context_length: int | None = None
     capabilities: frozenset[str] = BASIC  # see igora.capabilities.Cap
+    params: str | None = None  # billions of parameters, as decimal text: the price factor
 
     def advert(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
         if self.context_length:
             out["contextLength"] = self.context_length
+        if self.params is not None:
+            out["params"] = self.params  # text: canonical JSON has no floats (credits.md §1)
         out["capabilities"] = sorted(self.capabilities)
         return out
 

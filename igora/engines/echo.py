@@ -21,6 +21,8 @@ from .base import Embeddings, Engine, EngineError, Finish, ModelInfo, Request
 _REPEAT = re.compile(r"#repeat (\d+)")
 EMBED_DIMENSIONS = 16
 CAPABILITIES = frozenset({Cap.CHAT.value, Cap.EMBED.value})
+PARAMS = "0.2"
+"""The size echo advertises (billions of parameters): price factor 2, as a 135M model's."""
 
 
 class EchoEngine(Engine):
@@ -31,7 +33,7 @@ class EchoEngine(Engine):
         self.delay = delay
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(self.model, 1_000_000, CAPABILITIES)]
+        return [ModelInfo(self.model, 1_000_000, CAPABILITIES, params=PARAMS)]
 
     async def embed(
         self, inputs: list[str], *, model: str | None = None, dimensions: int | None = None

@@ -53,6 +53,15 @@ async def run_job(request: Request, job: Job) -> Response:
             type=errors.SERVER,
             code="market_unreachable",
         )
+    max_tokens = job.options.get("max_tokens")
+    if not await gw.client.can_pay(job.prompt, model=job.model, max_tokens=max_tokens):
+        raise OpenAIError(  # credits.md §5: the identity the gateway speaks as cannot pay
+            402,
+            "The market's ledger says this identity's credits cannot pay this request "
+            "(igora credits shows the balance); earn some by serving, or ask for a transfer.",
+            type="insufficient_quota",
+            code="insufficient_credits",
+        )
     try:
         task = await gw.client.submit(
             job.prompt,  # type: ignore[arg-type]  # None for embeddings

@@ -30,6 +30,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
+from ..credits.pricing import DEFAULT_GRANT
 from ..identity import Identity
 from ..v3 import wire
 from .channel import MarketChannel
@@ -48,6 +49,7 @@ from .replicas import Replicas
 from .room import MarketRoom
 from .server import MarketServer
 from .store import Store
+from .v3.bank import DEFAULT_RECEIPT_WAIT, Bank, ledger_path
 from .v3.connection import V3Connection
 from .v3.room import DocLimits, V3Rooms
 
@@ -80,6 +82,8 @@ class Market:
         broker_keys: frozenset[str] = frozenset(),
         members: str = "open",
         redis: str | None = None,
+        grant: int = DEFAULT_GRANT,
+        receipt_wait: float = DEFAULT_RECEIPT_WAIT,
     ) -> None:
         if (secure or v3_rooms) and identity is None:
             raise ValueError("a market with v3 rooms needs its identity")
@@ -117,9 +121,22 @@ class Market:
             self.membership = Membership(self.store, members, identity.id)
         self.v3_connections: set[V3Connection] = set()  # welcomed, for the ban checks
         self._denials: set[asyncio.Task[None]] = set()  # closing banned connections
+        # Credits (credits.md): the ledger beside the store, for the market's v3 rooms.
+        self.bank: Bank | None = None
+        if identity is not None:
+            self.bank = Bank(ledger_path(data), identity.id, grant=grant, receipt_wait=receipt_wait)
         self.v3 = V3Rooms(
-            self.store, limits, room_idle, max_rooms, market_id, self.v3_limits, self.replicas
+            self.store,
+            limits,
+            room_idle,
+            max_rooms,
+            market_id,
+            self.v3_limits,
+            self.replicas,
+            self.bank,
         )
+        if self.bank is not None:
+            self.bank.on_change = self.v3.standing_changed
         self.app = Starlette(
             routes=[
                 Route("/", self.index),
@@ -144,6 +161,8 @@ class Market:
                 checks.cancel()
             self.server.flush_sync()
             self.v3.flush_sync()
+            if self.bank is not None:
+                await self.bank.close()
         if self.replicas is not None:
             await self.replicas.stop()
         self.store.close()
@@ -294,6 +313,8 @@ class Market:
         )
         if not await connection.handshake():
             return
+        if self.bank is not None:
+            self.bank.welcome(connection.ids)  # a first handshake's grant
         self.v3_connections.add(connection)
         try:
             await self._join_v3(connection, websocket, room_name)

@@ -30,6 +30,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..credits.pricing import DEFAULT_GRANT
 from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol, peer_of
 from ..identity import Identity, key_path, load_identity
 from .app import Market
@@ -44,6 +45,7 @@ from .limits import (
     check_limits,
 )
 from .replicas import check_redis
+from .v3.bank import DEFAULT_RECEIPT_WAIT
 
 log = logging.getLogger("igora.market")
 
@@ -146,6 +148,8 @@ def run_market(
     behind_tls: bool = False,
     members: str = "open",
     redis: str | None = None,
+    grant: int = DEFAULT_GRANT,
+    receipt_wait: float = DEFAULT_RECEIPT_WAIT,
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit).
 
@@ -192,6 +196,8 @@ def run_market(
         broker_keys=broker_keys,
         members=members,
         redis=redis,
+        grant=grant,
+        receipt_wait=receipt_wait,
     )
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
     if redis is not None:

@@ -15,11 +15,17 @@ chunk's); any chunk that does not open fails the task with the reason. A status
 ``Restart`` marker). Abort marks ``p/…abort`` (the worker) and ``a/….aborts`` (the
 broker). Once the answer is read the header is deleted, the prompt document dropped and
 the run unsubscribed; the broker then cleans the inboxes and the worker drops its run.
-The receipt (``p/….receipts``) is step 7's.
+
+Credits (credits.md §3): the header carries ``maxPrice`` (the consent: every prompt byte
+a token and ``maxTokens`` completion tokens at the largest size advertised in ``dir``);
+once a run is done and its final chunk checked, the asker signs a receipt (the run's
+usage, the hash of its chunks, priced by the worker's advertised ``params``) and writes
+it in ``p/….receipts[n]``, where the attached worker reads it and claims its payment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -29,6 +35,8 @@ from nacl.public import PublicKey
 from pycrdt import Array, Map
 
 from ..capabilities import fits, required
+from ..credits import pricing
+from ..credits.receipts import ClaimError, Receipt, run_hash
 from ..identity import Identity, IdentityError, unb64url
 from ..protocol import ErrorCode, Peer, TaskField, now_ms, number
 from ..task_handle import Watch
@@ -54,6 +62,7 @@ from .tasks import (
     FINAL_RUNS,
     GRANTS,
     PROMPT,
+    RECEIPTS,
     RUN,
     TASKS,
     Header,
@@ -66,10 +75,14 @@ from .tasks import (
     prompt_doc,
     run_doc,
 )
+from .wire import Code
 
 log = logging.getLogger("igora.client")
 
 MAX_CANDIDATES = 16  # grants made with a task (128 bytes each); others get one late
+CONSENT_TOKENS = 4096
+"""Completion tokens the consent (``maxPrice``) covers for a task that sets no maxTokens."""
+BALANCE_WAIT = 2.0  # seconds the market has to answer a balance question
 
 
 @dataclass
@@ -101,6 +114,8 @@ class V3Asker:
         self._dir = session.subscribe("dir")
         self._tracks: dict[str, Track] = {}
         self._ended: set[str] = set()
+        self._balances: list[asyncio.Future[int]] = []
+        self.receipts = True  # sign a receipt for each run read (False: a test's rogue)
         session.observe(self._on_event)
 
     # ------------------------------------------------------------------ the market
@@ -170,11 +185,13 @@ class V3Asker:
         The private fields are sealed under a fresh task key, granted to the candidates."""
         tid = task[TaskField.ID]
         candidates = self._candidates(task)
+        prompt_bytes = len(json.dumps(task, ensure_ascii=False).encode())
         fields = {
             Header.ID: tid,
             Header.MODEL: task.get(TaskField.MODEL) or ANY_MODEL,
             Header.MAX_TOKENS: task.get(TaskField.MAX_TOKENS),
-            Header.PROMPT_BYTES: len(json.dumps(task, ensure_ascii=False).encode()),
+            Header.PROMPT_BYTES: prompt_bytes,
+            Header.MAX_PRICE: self.max_price(task, prompt_bytes),
             Header.DATE: task[TaskField.DATE],
             Header.DEADLINE: task[TaskField.DEADLINE],
             Header.NEEDS: sorted(required(task)),
@@ -192,6 +209,73 @@ class V3Asker:
             fields_map[CIPHERTEXT] = seal_prompt(key, tid, self.id, private_part(task))
             fields_map[GRANTS] = Map(grants)
         self._asker.get(TASKS, type=Map)[tid] = header
+
+    # ------------------------------------------------------------------ credits
+    def _params(self, worker: str, model: str) -> str:
+        raw = self._dir.get("workers", type=Map).get(worker) if self._dir else None
+        return pricing.model_params(raw.get("models") if isinstance(raw, dict) else None, model)
+
+    def max_price(self, task: dict[str, Any], prompt_bytes: int | None = None) -> int:
+        """The most ``task`` may cost (its header's ``maxPrice``, the gateway's estimate):
+        at the largest size a worker of ``dir`` advertises for its model."""
+        if prompt_bytes is None:
+            prompt_bytes = len(json.dumps(task, ensure_ascii=False).encode())
+        model = task.get(TaskField.MODEL) or ANY_MODEL
+        workers = dict(self._dir.get("workers", type=Map).items()) if self._dir else {}
+        sizes = [self._params(w, model) for w in workers] or [pricing.DEFAULT_PARAMS]
+        top = max(sizes, key=pricing.factor)
+        tokens = number(task.get(TaskField.MAX_TOKENS))
+        return pricing.max_price(prompt_bytes, int(tokens or CONSENT_TOKENS), top)
+
+    async def balance(self) -> int | None:
+        """This identity's balance in the market's ledger (millicredits), None if the
+        market does not answer within BALANCE_WAIT (or counts no credits)."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._balances.append(future)
+        if not self.session.control({"op": "balance", "id": self.id}):
+            self._balances.remove(future)
+            return None
+        try:
+            return await asyncio.wait_for(future, BALANCE_WAIT)
+        except TimeoutError:
+            return None
+        finally:
+            if future in self._balances:
+                self._balances.remove(future)
+
+    def _credits_notice(self, event: Event) -> None:
+        try:
+            body = json.loads(event.text)
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("op") == "balance" and self._balances:
+            value = body.get("balance")
+            future = self._balances.pop(0)
+            if not future.done() and isinstance(value, int):
+                future.set_result(value)
+
+    def _sign(self, tid: str, track: Track, chunks: Array[Any], usage: dict[str, int]) -> None:
+        """The receipt of a run read whole (its final chunk checked): written in the
+        prompt document, where the worker reads it (credits.md §3)."""
+        doc = self.session.docs.get(prompt_doc(self.id, tid))
+        if not self.receipts or doc is None or track.worker is None or not self.session.market:
+            return
+        try:
+            receipt = Receipt.make(
+                self.identity,
+                self.session.market,
+                track.header,
+                track.attempt,
+                track.worker,
+                int(usage.get(TaskField.PROMPT_TOKENS, 0)),
+                int(usage.get(TaskField.COMPLETION_TOKENS, 0)),
+                run_hash(bytes(c) for c in chunks),
+                self._params(track.worker, str(track.header.get(Header.MODEL))),
+            )
+        except (ClaimError, pricing.PriceError) as exc:
+            log.warning("task %s: no receipt signed: %s", tid, exc)
+            return
+        doc.get(RECEIPTS, type=Map)[str(track.attempt)] = receipt.to_json()
 
     def _grant(self, tid: str, track: Track, worker: str) -> None:
         """The late grant (protocol-v3.md §7.2): the broker chose a worker the task key
@@ -237,6 +321,9 @@ class V3Asker:
 
     # ------------------------------------------------------------------ reading
     def _on_event(self, event: Event) -> None:
+        if event.kind is EventKind.NOTICE and event.code == Code.CREDITS:
+            self._credits_notice(event)
+            return
         if event.kind is not EventKind.CHANGED and event.kind is not EventKind.NEW:
             return
         name = event.name
@@ -308,6 +395,7 @@ class V3Asker:
                     final[field] = value
             if state == RunState.DONE.value:
                 final.update(self._answer(tid, track, last, run.get(RunField.USAGE)))
+                self._sign(tid, track, doc.get(CHUNKS, type=Array), final[TaskField.USAGE] or {})
         except CryptoError as exc:
             log.warning("task %s: %s", tid, exc)
             final = {

@@ -5,12 +5,15 @@ headers (``a/`` by prefix), every worker's runs (``w/``), the inboxes it or a pr
 holder wrote (``in/``), the adverts (``dir.workers``) and who is present (``who``). Each
 turn it decides per task (``igora.v3.flow.decide``) and matches the waiting tasks with
 version 2's policies (``igora.broker.fairness`` for the order, ``igora.broker.matching``
-for the worker: model, capabilities, free slots). An assignment goes out as one turn:
-the worker's inbox entry, the asker's status, and the two attaches (the prompt to the
-worker, the run to the asker). On gaining the lease it attaches again every live
-task's documents (the market keeps attachments in memory only). When an asker deletes
-a header (it read the answer) the broker removes both inbox entries. It also writes the
-room's ``board`` (``igora.v3.board``): counts and the last tasks, nothing of their text.
+for the worker: model, capabilities, free slots), the order put under the askers'
+standing (``igora.broker.standing``: richer askers first, with ageing, from the market's
+``standing`` document; an asker at zero has at most ``poor_concurrency`` tasks running).
+An assignment goes out as one turn: the worker's inbox entry, the asker's status, and the
+two attaches (the prompt to the worker, the run to the asker). On gaining the lease it
+attaches again every live task's documents (the market keeps attachments in memory
+only). When an asker deletes a header (it read the answer) the broker removes both inbox
+entries. It also writes the room's ``board`` (``igora.v3.board``): counts and the last
+tasks, nothing of their text.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 from pycrdt import Map
 
+from ..broker import standing
 from ..broker.fairness import Fairness
 from ..broker.matching import Kind, free_slots, pick_for
 from ..capabilities import fits
@@ -106,8 +110,10 @@ class V3Broker:
         *,
         claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        poor_concurrency: int = standing.DEFAULT_POOR_CONCURRENCY,
     ) -> None:
         self.session = session
+        self.poor_concurrency = poor_concurrency
         self.claim_timeout = claim_timeout
         self.max_attempts = max_attempts
         self.epoch = 0
@@ -125,6 +131,7 @@ class V3Broker:
             session.subscribe(prefix, prefix=True)
         session.subscribe("dir")
         session.subscribe("who")
+        session.subscribe("standing")
         # owned from the start: the step 1 exchange that follows each lease grant brings
         # the market's copy (a previous holder's summary) before this broker writes
         session.own(BOARD)
@@ -341,7 +348,15 @@ class V3Broker:
         now: int,
     ) -> None:
         pool = list(workers.values())
-        for header in self.fairness.order(tasks, in_flight):
+        buckets = {
+            k: int(v) for k, v in self._map("standing", "askers").items() if number(v) is not None
+        }
+        for header in standing.order(tasks, buckets, now, self.fairness, in_flight):
+            asker = str(header[Header.ASKER])
+            if asker in buckets and not standing.may_queue(
+                buckets[asker], in_flight.get(asker, 0), self.poor_concurrency
+            ):
+                continue  # an asker at zero: one task at a time (credits.md §1)
             tried = self._handed_back.get(str(header[Header.ID]))
             fit = [w for w in pool if w.id not in tried] if tried else pool
             # the candidates first (they have grants); another only if none is free:
@@ -353,11 +368,7 @@ class V3Broker:
                 worker = pick_for(_kind(header), fit, load)
             if worker is None or worker.id is None:
                 continue
-            tid, asker, n = (
-                str(header[Header.ID]),
-                str(header[Header.ASKER]),
-                attempts[str(header[Header.ID])],
-            )
+            tid, n = str(header[Header.ID]), attempts[str(header[Header.ID])]
             self._assign(tid, asker, worker.id, header, n, now)
             load[worker.id] = load.get(worker.id, 0) + 1
             in_flight[asker] = in_flight.get(asker, 0) + 1

@@ -5,7 +5,7 @@ never from its content, so the market's permission check is a parse and a compar
 
 | name | owner | readers |
 |---|---|---|
-| ``dir``, ``who`` | the market | ``dir``: anyone; ``who``: brokers |
+| ``dir``, ``who``, ``standing`` | the market | ``dir``: anyone; ``who``, ``standing``: brokers |
 | ``board`` | the broker lease holder | anyone |
 | ``in/<id>`` | the broker lease holder | ``<id>``, brokers |
 | ``a/<id>``, ``w/<id>`` | ``<id>`` | ``<id>``, brokers |
@@ -26,7 +26,7 @@ TASK_ID = re.compile(r"[A-Za-z0-9_-]{16}")
 _AGENT = rf"[A-Za-z0-9_-]{{{ID_LENGTH}}}"
 _NUMBER = r"(?:0|[1-9][0-9]{0,8})"
 _NAME = re.compile(
-    rf"(?P<kind>dir|who|board)"
+    rf"(?P<kind>dir|who|board|standing)"
     rf"|(?P<kind2>in|a|w)/(?P<id>{_AGENT})"
     rf"|p/(?P<pid>{_AGENT})/(?P<ptid>[A-Za-z0-9_-]{{16}})"
     rf"|r/(?P<rid>{_AGENT})/(?P<rtid>[A-Za-z0-9_-]{{16}})\.(?P<n>[1-9][0-9]{{0,3}})"
@@ -43,6 +43,7 @@ class DocumentError(ValueError):
 class DocKind(Enum):
     DIR = "dir"
     WHO = "who"
+    STANDING = "standing"  # asker id -> balance bucket (credits.md §4)
     BOARD = "board"
     INBOX = "in"
     ASKER = "a"
@@ -62,6 +63,7 @@ class Owner(Enum):
 OWNERS = {
     DocKind.DIR: Owner.MARKET,
     DocKind.WHO: Owner.MARKET,
+    DocKind.STANDING: Owner.MARKET,
     DocKind.BOARD: Owner.LEASE,
     DocKind.INBOX: Owner.LEASE,
     DocKind.ASKER: Owner.AGENT,
@@ -133,7 +135,7 @@ def may_read(doc: DocName, ids: frozenset[str], broker: bool, attached: bool) ->
     kind = doc.kind
     if kind in (DocKind.DIR, DocKind.BOARD):
         return True
-    if kind is DocKind.WHO:
+    if kind in (DocKind.WHO, DocKind.STANDING):
         return broker
     if kind in TASK_DOCUMENTS:
         return doc.agent in ids or attached

@@ -9,6 +9,7 @@ for version 2).
 | ``p/<asker>/<tid>`` | ``prompt`` | ``ct`` | private request fields, sealed (``seal_prompt``) |
 | ``p/<asker>/<tid>`` | ``prompt`` | ``grants`` | worker id -> its grant (``seal_grant``) |
 | ``p/<asker>/<tid>`` | ``prompt`` | ``abort`` | ``True`` (read by the attached worker) |
+| ``p/<asker>/<tid>`` | ``receipts`` | ``<n>`` | the receipt of run n, signed (credits.md §3) |
 | ``in/<worker>`` | ``tasks`` | tid | an ``Assignment`` |
 | ``in/<asker>`` | ``tasks`` | tid | a ``Status`` |
 | ``r/<worker>/<tid>.<n>`` | ``run`` | ``RunField`` | salt, state, end, finishReason, usage |
@@ -34,6 +35,7 @@ from ..protocol import TaskField
 TASKS = "tasks"  # a/ (headers), in/ (assignments, statuses)
 ABORTS = "aborts"  # a/
 PROMPT = "prompt"  # p/ (a Map)
+RECEIPTS = "receipts"  # p/ (a Map): attempt (as text) -> the asker's signed receipt
 RUNS = "runs"  # w/
 RUN = "run"  # r/ (a Map)
 CHUNKS = "chunks"  # r/ (an Array)
@@ -57,6 +59,7 @@ class Header:
     NEEDS = "needs"  # the capabilities the task needs (chat, tools, ...): for matching
     KEY = "key"  # the asker's session key (X25519, base64url): the worker's answer key
     CANDIDATES = "candidates"  # the workers the asker made grants for: the broker picks among them
+    MAX_PRICE = "maxPrice"  # millicredits: the asker's consent (credits.md §1)
     VERSION = "v"
     SIG = "sig"
 

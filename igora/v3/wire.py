@@ -66,10 +66,13 @@ class Code(IntEnum):
     """``NOTICE`` codes (market -> agent)."""
 
     LEASE_GRANTED = 200
+    CREDITS = 201  # a claim, transfer or balance answered: JSON (igora.market.v3.bank)
+    CREDITS_PENDING = 202  # a claim without receipt, settled after --receipt-wait
     REPLACED = 205
     REFUSED = 403  # a subscription the read rules refuse
     LEASE_HELD = 409
     DROPPED = 410  # the document was dropped by its owner or expired
+    CREDITS_REFUSED = 422  # a claim or transfer refused: JSON with the reason
 
 
 class WireError(ValueError):

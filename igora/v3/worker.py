@@ -13,12 +13,19 @@ assignment's ``abort`` is set, or when the assignment leaves its inbox (taken aw
 hands a task back (run state ``handback``, advert ``busy``) when its engine is down. Once
 the assignment is removed after the run's end (the asker read it), it drops the run
 document and forgets the prompt.
+
+Credits (credits.md §3): when a run is done the worker claims its payment, ``CONTROL
+{"op": "claim"}`` with its usage and the hash of its chunks (settled by the market after
+``--receipt-wait`` from what it delivered, if no receipt comes), then again with the
+asker's receipt once it appears in ``p/….receipts[n]``. A claim the market has not
+answered is sent again after a reconnection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +34,7 @@ from typing import Any
 from nacl.public import PublicKey
 from pycrdt import Array, Doc, Map
 
+from ..credits.receipts import run_hash
 from ..engines.base import Engine, EngineError, EngineUnavailable, Finish
 from ..identity import Identity, IdentityError, unb64url
 from ..lifecycle import usage
@@ -46,7 +54,7 @@ from .crypto import (
 )
 from .documents import TASK_ID
 from .header import HeaderError, check_fields
-from .session import EventKind, Session
+from .session import Event, EventKind, Session
 from .signed import SignatureError, plain
 from .tasks import (
     ABORT,
@@ -55,6 +63,7 @@ from .tasks import (
     CIPHERTEXT,
     GRANTS,
     PROMPT,
+    RECEIPTS,
     RUN,
     RUNS,
     TASKS,
@@ -68,9 +77,11 @@ from .tasks import (
     run_key,
     worker_doc,
 )
+from .wire import Code
 
 log = logging.getLogger("igora.worker")
 
+CREDIT_CODES = (Code.CREDITS, Code.CREDITS_PENDING, Code.CREDITS_REFUSED)
 GRANT_WAIT = 5.0  # s after its assignment a grant that does not open may still be replaced
 
 
@@ -82,9 +93,12 @@ class RunPieces(Pieces):
         super().__init__()
         self.doc = doc
         self.writer = writer
+        self.chunks: list[bytes] = []  # as written: their hash is the receipt's ``run``
 
     def _write(self, piece: str, now: float) -> None:
-        self.doc.get(CHUNKS, type=Array).append(self.writer.piece(piece))
+        chunk = self.writer.piece(piece)
+        self.chunks.append(chunk)
+        self.doc.get(CHUNKS, type=Array).append(chunk)
 
 
 @dataclass
@@ -96,6 +110,10 @@ class Job:
     key: bytes = b""  # the task key, from the grant
     asker_key: PublicKey | None = None  # the header's ``key``
     writer: AnswerWriter | None = None
+    header: dict[str, Any] | None = None
+    chunks: list[bytes] | None = None  # a run done: its chunks, for its claim
+    receipted: bool = False  # its receipt was claimed
+    usage: dict[str, Any] | None = None
 
 
 class V3Worker:
@@ -126,6 +144,8 @@ class V3Worker:
         self._session_key = identity.session_key()
         self._wake = asyncio.Event()
         self._malformed: set[str] = set()  # inbox entries that are no assignment
+        self.claims: dict[tuple[str, int, bool], dict[str, Any]] = {}  # not answered yet
+        self.settled = 0  # claims the market settled (with a receipt or from its record)
         self._runs = session.own(worker_doc(self.id))
         self._inbox = session.subscribe(inbox(self.id))
         session.observe(self._on_event)
@@ -178,7 +198,62 @@ class V3Worker:
     def _on_event(self, event: Any) -> None:
         if event.kind is EventKind.CONNECTED:
             self.publish()  # a CONTROL is not kept across connections
+            for body in self.claims.values():
+                self.session.control(body)
+        elif event.kind is EventKind.NOTICE and event.code in CREDIT_CODES:
+            self._claimed(event)
+        elif event.kind is EventKind.CHANGED and event.name.startswith("p/"):
+            self._receipt(event.name)
         self._wake.set()
+
+    # ------------------------------------------------------------------ credits
+    def _claim(self, tid: str, job: Job, receipt: dict[str, Any] | None) -> None:
+        """Claim the payment of a run done: with the asker's receipt, or with the usage
+        and run hash (the market then settles from its delivery record)."""
+        assert job.header is not None and job.chunks is not None
+        body: dict[str, Any] = {"op": "claim", "header": job.header, "attempt": job.run.attempt}
+        if receipt is not None:
+            body["receipt"] = receipt
+        else:
+            body["usage"] = job.usage
+            body["run"] = run_hash(job.chunks)
+        self.claims[tid, job.run.attempt, receipt is not None] = body
+        self.session.control(body)
+
+    def _receipt(self, name: str) -> None:
+        """A prompt document changed: claim with its receipt if the run's is there."""
+        tid = name.rpartition("/")[2]
+        job = self.jobs.get(tid)
+        if job is None or job.chunks is None or job.receipted:
+            return
+        doc = self.session.docs.get(name)
+        receipt = doc.get(RECEIPTS, type=Map).get(str(job.run.attempt)) if doc else None
+        if isinstance(receipt, dict):
+            job.receipted = True
+            with contextlib.suppress(SignatureError):  # Yjs gives floats: as signed
+                receipt = plain(receipt)
+            self._claim(tid, job, receipt)
+
+    def _claimed(self, event: Event) -> None:
+        """The market's answer to a claim (a NOTICE whose text is JSON)."""
+        try:
+            body = json.loads(event.text)
+        except ValueError:
+            return
+        if not isinstance(body, dict) or body.get("op") != "claim":
+            return
+        tid, attempt, result = body.get("task"), body.get("attempt"), body.get("result")
+        if result == "pending":  # the market holds it: settled from its record, or a receipt
+            self.claims.pop((str(tid), int(number(attempt) or 0), False), None)
+            return
+        ours = [k for k in self.claims if k[0] == tid and k[1] == attempt]
+        for key in sorted(ours, key=lambda k: not k[2])[:1]:  # the receipt's first
+            del self.claims[key]
+        if result == "settled":
+            self.settled += 1
+            log.info("%s: task %s paid %s millicredits", self.name, tid, body.get("price"))
+        elif result == "refused":
+            log.warning("%s: claim of task %s refused: %s", self.name, tid, body.get("error"))
 
     # ------------------------------------------------------------------ inbox
     def _assignments(self) -> dict[str, Any]:
@@ -263,7 +338,7 @@ class V3Worker:
             error: CryptoError | None = exc
         else:
             error = None
-        job = self.jobs[tid] = Job(Running(tid, n), asker)
+        job = self.jobs[tid] = Job(Running(tid, n), asker, header=header)
         try:
             if error is not None:
                 raise error
@@ -368,7 +443,9 @@ class V3Worker:
         if state is not RunState.DONE and answer.held:
             answer.flush()
         held, answer.held = answer.held, ""  # the rest of the text goes in the final chunk
-        self._end(tid, job, state, error=error, code=code, results=results, held=held)
+        self._end(
+            tid, job, state, error=error, code=code, results=results, held=held, pieces=answer
+        )
         if state is RunState.DONE:
             self.completed += 1
         log.info("%s: task %s %s (%.2f s)", self.name, tid, state.value, elapsed)
@@ -384,6 +461,7 @@ class V3Worker:
         code: ErrorCode | None = None,
         results: dict[str, Any] | None = None,
         held: str = "",
+        pieces: RunPieces | None = None,
     ) -> None:
         """Write the run's end in its document and in ``w/<own id>.runs``, one turn: a
         run done gets its final chunk (``held``, the text not written yet, and the
@@ -400,6 +478,7 @@ class V3Worker:
         if code is not None:
             end[RunField.ERROR_CODE] = code.value
         doc = self.session.own(run_doc(self.id, tid, n))
+        final = None
         with doc.transaction():
             if state is RunState.DONE and job.writer is not None:
                 final = job.writer.final(
@@ -428,6 +507,11 @@ class V3Worker:
             runs[run_key(tid, n)] = {**summary, RunField.START: start or now}
         if state is RunState.HANDBACK:
             log.warning("%s: task %s handed back: %s", self.name, tid, error)
+        if final is not None and job.header is not None:
+            job.chunks = [*(pieces.chunks if pieces is not None else []), final]
+            job.usage = dict(end.get(RunField.USAGE) or {})
+            self._claim(tid, job, None)
+            self._receipt(prompt_doc(job.asker, tid))  # already there, if the asker was quick
 
     def _cleanup(self, tid: str, job: Job, keep_prompt: bool = False) -> None:
         """The assignment of an ended run is gone: the run document and the prompt go

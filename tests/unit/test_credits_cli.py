@@ -90,7 +90,8 @@ def test_send_moves_credits_with_a_signed_order(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, ledger: Path
 ) -> None:
     bob = ASKERS[3].id
-    code, out, _ = run(capfd, "credits", "send", bob, "1.5", "--data", str(tmp_path))
+    args = ["send", bob, "1.5", "--data", str(tmp_path), "--ledger", str(ledger)]
+    code, out, _ = run(capfd, "credits", *args)
     assert code == 0 and out.splitlines()[-1] == "balance: 97.240"
     with Ledger(ledger) as book:
         assert book.balance(bob) == 1_500
@@ -100,7 +101,8 @@ def test_send_moves_credits_with_a_signed_order(
 def test_send_more_than_the_balance_is_refused_and_changes_nothing(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, ledger: Path
 ) -> None:
-    code, out, err = run(capfd, "credits", "send", ASKERS[3].id, "99", "--data", str(tmp_path))
+    args = ["send", ASKERS[3].id, "99", "--data", str(tmp_path), "--ledger", str(ledger)]
+    code, out, err = run(capfd, "credits", *args)
     assert code == 2 and out == ""
     assert err == "igora credits send: error: balance 98.740 cannot pay 99.000\n"
     with Ledger(ledger) as book:
@@ -146,5 +148,6 @@ def test_bad_arguments_are_one_line_errors_with_exit_2(
 def test_the_data_folder_may_come_before_the_action(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, ledger: Path
 ) -> None:
-    code, out, _ = run(capfd, "credits", "--data", str(tmp_path), "send", ASKERS[3].id, "1")
+    args = ["--data", str(tmp_path), "send", ASKERS[3].id, "1", "--ledger", str(ledger)]
+    code, out, _ = run(capfd, "credits", *args)
     assert code == 0 and out.splitlines()[-1] == "balance: 97.740"

@@ -4,7 +4,9 @@ per caller once on disk, a refused claim failing alone."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 from igora.credits.ledger import Ledger
 from igora.credits.receipts import ClaimError, Reason
@@ -54,4 +56,29 @@ async def test_close_applies_what_is_pending_without_waiting_for_the_tick(
     await asyncio.sleep(0)  # the grant is queued, its tick an hour away
     await asyncio.wait_for(writer.close(), 30)
     assert await pending is True and ledger.balance(ASKERS[0].id) == 1_000
+    ledger.close()
+
+
+async def test_an_operation_submitted_while_a_group_is_written_goes_in_the_next(
+    tmp_path: Path,
+) -> None:
+    """A grant that arrives while the previous group is being committed is answered by
+    the next group, with nothing else arriving to start it."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3", MARKET.id)
+    writer = LedgerWriter(ledger, interval=0.01)
+    written = asyncio.Event()
+    apply = writer._apply
+
+    def slow(ops: list[Any]) -> list[tuple[bool, Any]]:
+        written.set()
+        time.sleep(0.2)  # the group's commit, while the next grant arrives
+        return apply(ops)
+
+    writer._apply = slow  # type: ignore[method-assign]
+    first = asyncio.ensure_future(writer.grant(ASKERS[0].id, 1_000))
+    await written.wait()
+    second = await asyncio.wait_for(writer.grant(ASKERS[1].id, 2_000), 10)
+    assert await first is True and second is True
+    assert ledger.balance(ASKERS[1].id) == 2_000 and ledger.commits == 2
+    await writer.close()
     ledger.close()

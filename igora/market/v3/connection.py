@@ -18,7 +18,9 @@ room sees it (docs/protocol-v3.md §4):
   (step 2); the owner also gets the market's step 1, so that it sends what the market
   lacks (its re-sync after a reconnection); from anyone else a ``NOTICE`` 403;
 - ``SUB``: checked against the read rules; a refusal is a ``NOTICE`` 403, not a close;
-- ``UNSUB``, ``PRESENCE``: taken; ``CONTROL``: step 3 (a ``NOTICE`` says so).
+- ``UNSUB``, ``PRESENCE``: taken; ``CONTROL``: one handler per op (``lease``,
+  ``attach``, ``advert``, ``drop``; the credits' ``claim``, ``transfer``, ``balance``,
+  answered by the market's ``bank.Bank``).
 
 What the market sends goes through the connection's outbox (``fanout.Outbox``): frames
 that pile up while one is written leave as one ``BATCH`` (``igora.v3.outbox.coalesce``,
@@ -39,6 +41,7 @@ from pycrdt import get_state
 from starlette.websockets import WebSocket
 
 from ...agent import DEFAULT_HEARTBEAT
+from ...credits import pricing
 from ...identity import ID_LENGTH, Identity
 from ...protocol import number
 from ...ratelog import RateLimitedLog
@@ -58,6 +61,7 @@ from ...v3.handshake import Challenge, HandshakeError, Response, Welcome
 from ...v3.outbox import coalesce
 from ..fanout import Outbox
 from ..members import Membership
+from .bank import Bank, notice_text
 from .room import V3Room
 
 AUTH_TIMEOUT = 5.0
@@ -73,6 +77,7 @@ MAX_STATE = 4096  # bytes of a PRESENCE state
 MAX_ATTACHMENTS = 10_000
 """Documents one identity may be attached to at once."""
 MAX_REASON = 123  # bytes of a websocket close reason
+CREDIT_OPS = ("claim", "transfer", "balance")
 ID = re.compile(rf"[A-Za-z0-9_-]{{{ID_LENGTH}}}")
 
 log = logging.getLogger("igora.market")
@@ -329,8 +334,30 @@ class V3Connection:
                 return wire.Close.FORBIDDEN, f"drop of a document you do not own: {name}"
             room.drop(self, name)
             return None
+        if op in CREDIT_OPS and room.bank is not None:
+            self._credits(room, room.bank, op, body)
+            return None
         self.notice(501, "", f"CONTROL {op[:40]!r} is not built (protocol-v3.md §12)")
         return None
+
+    def _credits(self, room: V3Room, bank: Bank, op: str, body: dict[str, Any]) -> None:
+        """A credits op (credits.md §3, §5): answered by a ``NOTICE`` (201 done, 202 a
+        claim waiting for its receipt, 422 refused) whose text is JSON."""
+
+        def reply(code: int, answer: dict[str, Any]) -> None:
+            if not self.closed:
+                self.notice(code, "", notice_text(answer))
+
+        def params_of(worker: str, model: str) -> str:
+            advert = room.market_docs.advert_of(worker) or {}
+            return pricing.model_params(advert.get("models"), model)
+
+        if op == "claim":
+            bank.claim(room.name, self.ids, body, params_of, reply)
+        elif op == "transfer":
+            bank.transfer(self.ids, body, reply)
+        else:
+            bank.balance_of(self.ids, body, reply)
 
     def _lease(self, room: V3Room) -> None:
         if not self.broker:

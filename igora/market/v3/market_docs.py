@@ -1,4 +1,5 @@
-"""``dir`` and ``who``: the two documents the market writes itself (protocol-v3.md §4, §6).
+"""``dir``, ``who`` and ``standing``: the documents the market writes itself
+(protocol-v3.md §4, §6; credits.md §4).
 
 They are the only documents the market holds as pycrdt ``Doc``s. What changes in them
 is applied at once and sent at most once per ``INTERVAL`` (a quiet room sends a change at
@@ -8,12 +9,15 @@ needs nothing special for them.
 
 - ``who.agents``: id -> ``{"type", "name", "since"}`` of every identity connected
   (``type`` and ``name`` from its last ``PRESENCE`` state, null until it says);
-- ``dir.market``: ``key`` (the market's id), ``version`` (3), ``limits``;
+- ``dir.market``: ``key`` (the market's id), ``version`` (3), ``limits``, ``prices``
+  (the price rule and the grant, ``igora.credits.pricing.prices``);
   ``dir.broker``: ``id`` and ``epoch`` of the lease holder (only ``epoch``, the last
   one, when nobody holds it: a restarted market grants the next one, so agents that
   accept only a newer epoch than they saw keep working);
   ``dir.workers``: id -> a worker's signed advert as it sent it (``igora.v3.advert``),
-  removed when the worker leaves.
+  removed when the worker leaves;
+- ``standing.askers``: id -> the balance bucket (``igora.broker.standing.bucket``) of
+  every identity connected, for the broker's priority; removed when it leaves.
 
 A room loaded from the store continues the stored history of both: nobody is connected
 yet, so every ``who`` entry and advert and the broker's id are removed first
@@ -45,7 +49,8 @@ an awareness change (issue 19: ≤ 100 ms with 1,000 agents and churn), at most 
 a second to its few readers (1 s made that wait 0.5 s on average)."""
 MAX_LABEL = 64  # characters of a type or name shown in who
 
-DIR, WHO = "dir", "who"
+DIR, WHO, STANDING = "dir", "who", "standing"
+MARKET_DOCS = (DIR, WHO, STANDING)
 
 
 def _label(value: Any) -> str | None:
@@ -63,18 +68,19 @@ class MarketDocs:
         market: str,
         limits: dict[str, Any],
         replica: str | None = None,
+        prices: dict[str, Any] | None = None,
     ) -> None:
         self._emit = emit
         self.replica = replica
         self._applying = False  # applying another replica's update: not ours to send
         self.market_id = market
-        self.docs: dict[str, Doc[Any]] = {DIR: Doc(), WHO: Doc()}
+        self.docs: dict[str, Doc[Any]] = {name: Doc() for name in MARKET_DOCS}
         for name, doc in self.docs.items():
             if name in stored:
                 doc.apply_update(stored[name])
         # Each transaction's own update (a deletion too, which a state vector does not
         # show), merged at the next flush.
-        self._pending: dict[str, list[bytes]] = {DIR: [], WHO: []}
+        self._pending: dict[str, list[bytes]] = {name: [] for name in MARKET_DOCS}
         self._subs = [
             doc.observe(lambda event, name=name: self._observed(name, event.update))
             for name, doc in self.docs.items()
@@ -83,13 +89,15 @@ class MarketDocs:
         self._last = 0.0
         agents, broker = self._map(WHO, "agents"), self._map(DIR, "broker")
         if replica is None:  # shared, the link prunes once it caught up
-            for gone in (agents, self._map(DIR, "workers")):
+            for gone in (agents, self._map(DIR, "workers"), self._map(STANDING, "askers")):
                 for key in list(gone.keys()):
                     del gone[key]
             if "id" in broker:
                 del broker["id"]
         self.epoch = self.epoch_seen()  # the last stored
         info = {"key": market, "version": 3, "limits": limits}
+        if prices is not None:
+            info["prices"] = prices
         market_map = self._map(DIR, "market")
         if market_map.to_py() != info:
             market_map.clear()
@@ -195,15 +203,28 @@ class MarketDocs:
         entry = self._map(WHO, "agents").get(id_)
         if isinstance(entry, dict) and entry.get("replica", self.replica) != self.replica:
             return  # connected to another replica since: that one's entry now
-        for entries in (self._map(WHO, "agents"), self._map(DIR, "workers")):
+        gone = (self._map(WHO, "agents"), self._map(DIR, "workers"), self._map(STANDING, "askers"))
+        for entries in gone:
             if id_ in entries:
                 del entries[id_]
                 self._changed()
+
+    def standing(self, id_: str, bucket: int) -> None:
+        """The balance bucket of a connected identity (credits.md §4)."""
+        askers = self._map(STANDING, "askers")
+        if askers.get(id_) != bucket:
+            askers[id_] = bucket
+            self._changed()
 
     def advert(self, advert: dict[str, Any]) -> None:
         """A worker's checked advert, as it sent it."""
         self._map(DIR, "workers")[advert["id"]] = advert
         self._changed()
+
+    def advert_of(self, id_: str) -> dict[str, Any] | None:
+        """The advert of a worker connected now, as it sent it."""
+        advert = self._map(DIR, "workers").get(id_)
+        return advert if isinstance(advert, dict) else None
 
     def presence(self, id_: str, state: dict[str, Any]) -> None:
         """An agent's PRESENCE state: its ``type`` and ``name`` go to ``who``."""

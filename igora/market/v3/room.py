@@ -31,9 +31,10 @@ from ...v3.signed import SignatureError, plain
 from ..fanout import Outbox
 from ..room import background
 from ..store import Store
+from .bank import Bank
 from .doclog import EMPTY_UPDATE, DocHistory, DocLog, rewritten
 from .lease import Lease
-from .market_docs import DIR, WHO, MarketDocs
+from .market_docs import MARKET_DOCS, MarketDocs
 from .replicas import V3Link, attach_event, drop_event, update_event
 
 if TYPE_CHECKING:
@@ -93,10 +94,14 @@ class V3Room:
         market: str = "",
         info: dict[str, Any] | None = None,
         replica: str | None = None,
+        bank: Bank | None = None,
     ) -> None:
         """``market``: the market's id, ``info`` the limits it announces (in ``dir``);
-        ``replica``: this replica's id when the room is shared (``link``), else None."""
+        ``replica``: this replica's id when the room is shared (``link``), else None;
+        ``bank`` its credits (prices in ``dir``, ``standing``, delivery records)."""
         self.name = name
+        self.bank = bank
+        prices = bank.prices if bank is not None else None
         self.limits = limits
         self.link: V3Link | None = None  # set while the room is shared with replicas
         self.history = DocHistory(name, store, writing=replica is None)
@@ -114,8 +119,10 @@ class V3Room:
         self.holders = 0  # connections using the room, including ones still joining
         self.idle_since = time.monotonic()
         self.updates = 0  # taken since the room was loaded
-        stored = {n: self.docs[n].state() for n in (DIR, WHO) if n in self.docs}
-        self.market_docs = MarketDocs(stored, self._market_write, market, info or {}, replica)
+        stored = {n: self.docs[n].state() for n in MARKET_DOCS if n in self.docs}
+        self.market_docs = MarketDocs(
+            stored, self._market_write, market, info or {}, replica, prices
+        )
         self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
         self.lease_asked: set[Peer] = set()  # asked, answer due (the lease is in Redis)
         self._board: tuple[bytes, dict[str, Any] | None] | None = None  # last read
@@ -128,6 +135,8 @@ class V3Room:
         for i in peer.ids:
             if self.identities[i] == 1:
                 self.market_docs.joined(i)
+                if self.bank is not None:
+                    self.market_docs.standing(i, self.bank.bucket(i))
             for name in sorted(self.attachments.get(i, ())):
                 self.subscribe(peer, name)
 
@@ -214,7 +223,9 @@ class V3Room:
         peer.subscribed.add(name)
         doc = self.docs.get(name)
         if doc is not None and not doc.empty:
-            peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, doc.state())))
+            state = doc.state()
+            peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, state)))
+            self._delivered(name, state, [peer])
 
     def subscribe_prefix(self, peer: Peer, prefix: str) -> None:
         self.prefix_subs[prefix].add(peer)
@@ -280,6 +291,8 @@ class V3Room:
             self.link.publish(drop_event(name))
         if self.docs.pop(name, None) is not None:
             self.history.drop(name)
+            if self.bank is not None and name.startswith("r/"):
+                self.bank.dropped(self.name, name)
             owner = _task_owner(name)
             if owner is not None:
                 self.task_documents[owner] -= 1
@@ -344,7 +357,7 @@ class V3Room:
         self._append(None, name, log, update, remote=True)
         if whole:
             log.state()  # merges
-        if name in (DIR, WHO):
+        if name in MARKET_DOCS:
             self.market_docs.apply(name, update)
 
     def _append(
@@ -356,9 +369,20 @@ class V3Room:
         if self.link is not None and not remote:
             self.link.publish(update_event(name, update))
         message = wire.encode(wire.Doc(name, wire.Sync.UPDATE, update))
-        for reader in self.readers(name):
-            if reader is not sender:
-                reader.outbox.put(message)
+        readers = [r for r in self.readers(name) if r is not sender]
+        for reader in readers:
+            reader.outbox.put(message)
+        self._delivered(name, update, readers)
+
+    def _delivered(self, name: str, update: bytes, readers: list[Peer]) -> None:
+        """A run document's update queued for others than its owner: the delivery record
+        a claim without receipt is settled from (``bank``, credits.md §3)."""
+        if self.bank is None or not readers or not name.startswith("r/"):
+            return
+        owner = name.split("/", 2)[1]
+        ids = {i for r in readers for i in r.ids if i != owner}
+        if ids:
+            self.bank.delivered(self.name, name, update, ids)
 
     def _market_write(self, name: str, update: bytes) -> None:
         """An update of ``dir`` or ``who``, the market's own documents."""
@@ -407,7 +431,7 @@ class V3Room:
             "connections": len(self.connections),
             "identities": len(self.identities),
             "agents": self.market_docs.agents(),
-            "documents": len(self.docs) - len(self.docs.keys() & {DIR, WHO}),  # the agents'
+            "documents": len(self.docs) - len(self.docs.keys() & set(MARKET_DOCS)),  # the agents'
             "updates": self.updates,
             "boardBytes": board_log.size if (board_log := self.docs.get(BOARD)) else 0,
             # Shared, another replica may have granted it since: dir says its epoch.
@@ -433,9 +457,11 @@ class V3Rooms:
         market: str = "",
         info: dict[str, Any] | None = None,
         replicas: Replicas | None = None,
+        bank: Bank | None = None,
     ) -> None:
         self.store = store
         self.replicas = replicas
+        self.bank = bank
         self.limits = limits
         self.market = market
         self.info = info
@@ -460,7 +486,7 @@ class V3Rooms:
         room = self.rooms.get(name)  # loaded by another connection meanwhile
         if room is None:
             replica = self.replicas.id if self.replicas is not None else None
-            room = V3Room(name, self.store, self.limits, self.market, self.info, replica)
+            room = V3Room(name, self.store, self.limits, self.market, self.info, replica, self.bank)
             self.rooms[name] = room
             if self.replicas is not None:
                 await self.replicas.join(V3Link(self.replicas, room))
@@ -488,6 +514,14 @@ class V3Rooms:
         if self.replicas is not None:
             await self.replicas.leave(room.name)
         log.debug("room %s: unloaded from memory", room.name)
+
+    def standing_changed(self, accounts: set[str]) -> None:
+        """Balances moved: the ``standing`` of the rooms where those identities are."""
+        if self.bank is None:
+            return
+        for room in self.rooms.values():
+            for account in accounts & room.identities.keys():
+                room.market_docs.standing(account, self.bank.bucket(account))
 
     def flush_sync(self) -> None:
         for room in self.rooms.values():
