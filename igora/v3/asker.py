@@ -186,7 +186,7 @@ class V3Asker:
         grants = {w: seal_grant(key, header, pk) for w, pk in candidates.items()}
         granted = {w: bytes(pk) for w, pk in candidates.items()}
         self._tracks[tid] = Track(watch, task, header, key, granted)
-        prompt = self.session.own(prompt_doc(self.id, tid))
+        prompt = self.session.own(prompt_doc(self.id, tid), new=True)  # tid: made now
         with prompt.transaction():
             fields_map = prompt.get(PROMPT, type=Map)
             fields_map[CIPHERTEXT] = seal_prompt(key, tid, self.id, private_part(task))

@@ -312,7 +312,9 @@ class V3Worker:
         assert job.asker_key is not None
         answer_key = worker_answer_key(job.key, self._session_key, job.asker_key, n, salt)
         job.writer = AnswerWriter(answer_key, tid, n)
-        doc = self.session.own(run_doc(self.id, tid, n))
+        # a run document is new: one per attempt (after a restart of this worker, what
+        # the market holds of it is as unreadable with the new salt either way)
+        doc = self.session.own(run_doc(self.id, tid, n), new=True)
         with doc.transaction():
             doc.get(CHUNKS, type=Array)
             doc.get(RUN, type=Map).update(
