@@ -73,6 +73,8 @@ from .wire import MAX_NAMES, Code
 log = logging.getLogger("igora.broker")
 
 TICK = 0.1  # seconds between two looks when nothing wakes the broker
+TURN_GAP = 1.0  # the pause after a turn, as a multiple of the time that turn took
+MAX_TURN_GAP = 0.02  # seconds: the longest such pause
 SETTLE = 1.0  # seconds after the lease before entries are cleaned up (the prefixes' state arrives)
 NEW_ASKER = 5.0  # seconds a header's asker counts as present before who lists it
 _EPOCH = re.compile(r"epoch (\d+)")
@@ -150,16 +152,25 @@ class V3Broker:
 
     async def run(self) -> None:
         self.session.control({"op": "lease"})
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            spent = 0.0
             if self.session.lease:
+                start = loop.time()
                 try:
                     self.step()
                 except Exception:  # a bug on one entry must not stop the broker
                     log.exception("broker: a turn failed")
-            tick = asyncio.get_running_loop().call_later(TICK, self._wake.set)
+                spent = loop.time() - start
+            tick = loop.call_later(TICK, self._wake.set)
             await self._wake.wait()
             tick.cancel()
+            # A turn looks at every task in flight and a busy room wakes the broker at
+            # each message: as long again as the last turn took lets the messages of
+            # that time gather into the next turn (at most half the broker's time in
+            # turns, however many tasks are in flight; a turn of a quiet room is short)
+            await asyncio.sleep(min(spent * TURN_GAP, MAX_TURN_GAP))
 
     # ------------------------------------------------------------------ reading
     def _map(self, name: str, key: str) -> dict[str, Any]:
@@ -357,17 +368,29 @@ class V3Broker:
         now: int,
     ) -> None:
         pool = list(workers.values())
+        # Within a turn slots only fill up: once no worker has one, or none of a kind's
+        # workers had one, the other waiting tasks (of that kind) need not be tried
+        # (with 100 tasks waiting that was most of a turn).
+        full: set[Kind] = set()
         for header in self.fairness.order(tasks, in_flight):
+            pool = [w for w in pool if free_slots(w, load) > 0]
+            if not pool:
+                break
+            kind = _kind(header)
             tried = self._handed_back.get(str(header[Header.ID]))
+            if not tried and kind in full:
+                continue
             fit = [w for w in pool if w.id not in tried] if tried else pool
             # the candidates first (they have grants); another only if none is free:
             # the asker then grants it late (protocol-v3.md §7.2)
             named = header.get(Header.CANDIDATES)
             granted = set(named) if isinstance(named, list) else set()
-            worker = pick_for(_kind(header), [w for w in fit if w.id in granted], load)
+            worker = pick_for(kind, [w for w in fit if w.id in granted], load)
             if worker is None:
-                worker = pick_for(_kind(header), fit, load)
+                worker = pick_for(kind, fit, load)
             if worker is None or worker.id is None:
+                if not tried:
+                    full.add(kind)
                 continue
             tid, asker, n = (
                 str(header[Header.ID]),
