@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,9 @@ from .tasks import (
 
 log = logging.getLogger("igora.client")
 
-MAX_CANDIDATES = 16  # grants made with a task (128 bytes each); others get one late
+MAX_CANDIDATES = 4
+"""Grants made with a task (a sealed box each: ~0.1 ms and 128 bytes), to workers drawn
+at random among those that fit; another worker the broker chooses gets one late."""
 
 
 @dataclass
@@ -99,6 +102,7 @@ class V3Asker:
         self._asker = session.own(asker_doc(self.id))
         self._inbox = session.subscribe(inbox(self.id))
         self._dir = session.subscribe("dir")
+        self._dir_read: dict[str, Any] | None = None  # dir.workers as read (``_listed``)
         self._tracks: dict[str, Track] = {}
         self._ended: set[str] = set()
         session.observe(self._on_event)
@@ -108,10 +112,18 @@ class V3Asker:
         """The workers advertised in ``dir`` (as the v2 policies see them)."""
         from .broker import worker_peer  # the one place that maps an advert to a Peer
 
+        return [
+            worker_peer(a) for a in self._listed().values() if isinstance(a, dict) and "id" in a
+        ]
+
+    def _listed(self) -> dict[str, Any]:
+        """``dir.workers`` as a dict (never to be changed: it is shared), read again only
+        once ``dir`` changed: not at every task."""
         if self._dir is None:
-            return []
-        raw = dict(self._dir.get("workers", type=Map).items())
-        return [worker_peer(a) for a in raw.values() if isinstance(a, dict) and "id" in a]
+            return {}
+        if self._dir_read is None:
+            self._dir_read = dict(self._dir.get("workers", type=Map).items())
+        return self._dir_read
 
     @property
     def tracking(self) -> list[str]:
@@ -125,8 +137,7 @@ class V3Asker:
     def worker_key(self, worker: str) -> PublicKey | None:
         """The session key of ``worker``'s advert in ``dir``, if the advert checks
         (signature and ``encSig``: ``advert.check``); None otherwise."""
-        raw = self._dir.get("workers", type=Map).get(worker) if self._dir else None
-        return self._key_of(worker, raw)
+        return self._key_of(worker, self._listed().get(worker))
 
     def _key_of(self, worker: str, raw: Any) -> PublicKey | None:
         if not isinstance(raw, dict):
@@ -147,14 +158,15 @@ class V3Asker:
 
     def _candidates(self, task: dict[str, Any]) -> dict[str, PublicKey]:
         """Up to MAX_CANDIDATES workers of ``dir`` that serve ``task``, not busy, whose
-        adverts check: id -> session key."""
+        adverts check, drawn at random (the broker picks among them first: the same
+        first few for every task would pile the tasks on them): id -> session key."""
         from .broker import worker_peer
 
-        if self._dir is None:
-            return {}
         model, needs = task.get(TaskField.MODEL) or None, required(task)
+        listed = list(self._listed().items())
+        random.shuffle(listed)
         found: dict[str, PublicKey] = {}
-        for id_, raw in dict(self._dir.get("workers", type=Map).items()).items():
+        for id_, raw in listed:
             if len(found) >= MAX_CANDIDATES:
                 break
             if not isinstance(raw, dict) or raw.get("state") == "busy":
@@ -244,6 +256,7 @@ class V3Asker:
             for tid in list(self._tracks):
                 self._status(tid)
         elif name == "dir":  # an advert came: a grant or a reader may wait for it
+            self._dir_read = None
             for tid, track in list(self._tracks.items()):
                 if track.worker:  # a grant (or a new one) or the reader may wait for it
                     self._status(tid)
