@@ -42,6 +42,7 @@ from .crypto import (
     new_task_key,
     private_part,
     seal_grant,
+    seal_grants,
     seal_prompt,
 )
 from .header import sign_header
@@ -70,9 +71,11 @@ from .tasks import (
 
 log = logging.getLogger("igora.client")
 
-MAX_CANDIDATES = 4
+MAX_CANDIDATES = 2
 """Grants made with a task (a sealed box each: ~0.1 ms and 128 bytes), to workers drawn
-at random among those that fit; another worker the broker chooses gets one late."""
+at random among those that fit; another worker the broker chooses gets one late (when
+every slot is taken, most tasks go to whichever worker frees one first: grants made
+in advance to many workers were mostly wasted)."""
 
 
 @dataclass
@@ -101,6 +104,15 @@ class V3Asker:
         self._adverts: dict[str, tuple[str, PublicKey]] = {}  # id -> (advert sig, its key)
         self._asker = session.own(asker_doc(self.id))
         self._inbox = session.subscribe(inbox(self.id))
+        # the tasks whose status changed since the inbox was last looked at: with many
+        # tasks in flight on one connection (a gateway), every status update looked at
+        # every task
+        self._statuses_changed: set[str] = set()
+        if self._inbox is not None:  # both kept: the observer lives as long as they do
+            self._statuses = self._inbox.get(TASKS, type=Map)
+            self._statuses_sub = self._statuses.observe(
+                lambda event: self._statuses_changed.update(event.keys)
+            )
         self._dir = session.subscribe("dir")
         self._dir_read: dict[str, Any] | None = None  # dir.workers as read (``_listed``)
         self._tracks: dict[str, Track] = {}
@@ -195,7 +207,7 @@ class V3Asker:
         }
         header = sign_header(self.identity, {k: v for k, v in fields.items() if v is not None})
         key = new_task_key()
-        grants = {w: seal_grant(key, header, pk) for w, pk in candidates.items()}
+        grants = seal_grants(key, header, candidates)
         granted = {w: bytes(pk) for w, pk in candidates.items()}
         self._tracks[tid] = Track(watch, task, header, key, granted)
         prompt = self.session.own(prompt_doc(self.id, tid), new=True)  # tid: made now
@@ -253,8 +265,10 @@ class V3Asker:
             return
         name = event.name
         if name == inbox(self.id):
-            for tid in list(self._tracks):
-                self._status(tid)
+            changed, self._statuses_changed = self._statuses_changed, set()
+            for tid in changed:
+                if tid in self._tracks:
+                    self._status(tid)
         elif name == "dir":  # an advert came: a grant or a reader may wait for it
             self._dir_read = None
             for tid, track in list(self._tracks.items()):
