@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ from .crypto import (
     new_task_key,
     private_part,
     seal_grant,
+    seal_grants,
     seal_prompt,
 )
 from .header import sign_header
@@ -79,7 +81,11 @@ from .wire import Code
 
 log = logging.getLogger("igora.client")
 
-MAX_CANDIDATES = 16  # grants made with a task (128 bytes each); others get one late
+MAX_CANDIDATES = 2
+"""Grants made with a task (a sealed box each: ~0.1 ms and 128 bytes), to workers drawn
+at random among those that fit; another worker the broker chooses gets one late (when
+every slot is taken, most tasks go to whichever worker frees one first: grants made
+in advance to many workers were mostly wasted)."""
 CONSENT_TOKENS = 4096
 """Completion tokens the consent (``maxPrice``) covers for a task that sets no maxTokens."""
 BALANCE_WAIT = 2.0  # seconds the market has to answer a balance question
@@ -111,7 +117,17 @@ class V3Asker:
         self._adverts: dict[str, tuple[str, PublicKey]] = {}  # id -> (advert sig, its key)
         self._asker = session.own(asker_doc(self.id))
         self._inbox = session.subscribe(inbox(self.id))
+        # the tasks whose status changed since the inbox was last looked at: with many
+        # tasks in flight on one connection (a gateway), every status update looked at
+        # every task
+        self._statuses_changed: set[str] = set()
+        if self._inbox is not None:  # both kept: the observer lives as long as they do
+            self._statuses = self._inbox.get(TASKS, type=Map)
+            self._statuses_sub = self._statuses.observe(
+                lambda event: self._statuses_changed.update(event.keys)
+            )
         self._dir = session.subscribe("dir")
+        self._dir_read: dict[str, Any] | None = None  # dir.workers as read (``_listed``)
         self._tracks: dict[str, Track] = {}
         self._ended: set[str] = set()
         self._balances: list[asyncio.Future[int]] = []
@@ -123,10 +139,18 @@ class V3Asker:
         """The workers advertised in ``dir`` (as the v2 policies see them)."""
         from .broker import worker_peer  # the one place that maps an advert to a Peer
 
+        return [
+            worker_peer(a) for a in self._listed().values() if isinstance(a, dict) and "id" in a
+        ]
+
+    def _listed(self) -> dict[str, Any]:
+        """``dir.workers`` as a dict (never to be changed: it is shared), read again only
+        once ``dir`` changed: not at every task."""
         if self._dir is None:
-            return []
-        raw = dict(self._dir.get("workers", type=Map).items())
-        return [worker_peer(a) for a in raw.values() if isinstance(a, dict) and "id" in a]
+            return {}
+        if self._dir_read is None:
+            self._dir_read = dict(self._dir.get("workers", type=Map).items())
+        return self._dir_read
 
     @property
     def tracking(self) -> list[str]:
@@ -140,8 +164,7 @@ class V3Asker:
     def worker_key(self, worker: str) -> PublicKey | None:
         """The session key of ``worker``'s advert in ``dir``, if the advert checks
         (signature and ``encSig``: ``advert.check``); None otherwise."""
-        raw = self._dir.get("workers", type=Map).get(worker) if self._dir else None
-        return self._key_of(worker, raw)
+        return self._key_of(worker, self._listed().get(worker))
 
     def _key_of(self, worker: str, raw: Any) -> PublicKey | None:
         if not isinstance(raw, dict):
@@ -162,14 +185,15 @@ class V3Asker:
 
     def _candidates(self, task: dict[str, Any]) -> dict[str, PublicKey]:
         """Up to MAX_CANDIDATES workers of ``dir`` that serve ``task``, not busy, whose
-        adverts check: id -> session key."""
+        adverts check, drawn at random (the broker picks among them first: the same
+        first few for every task would pile the tasks on them): id -> session key."""
         from .broker import worker_peer
 
-        if self._dir is None:
-            return {}
         model, needs = task.get(TaskField.MODEL) or None, required(task)
+        listed = list(self._listed().items())
+        random.shuffle(listed)
         found: dict[str, PublicKey] = {}
-        for id_, raw in dict(self._dir.get("workers", type=Map).items()).items():
+        for id_, raw in listed:
             if len(found) >= MAX_CANDIDATES:
                 break
             if not isinstance(raw, dict) or raw.get("state") == "busy":
@@ -200,10 +224,10 @@ class V3Asker:
         }
         header = sign_header(self.identity, {k: v for k, v in fields.items() if v is not None})
         key = new_task_key()
-        grants = {w: seal_grant(key, header, pk) for w, pk in candidates.items()}
+        grants = seal_grants(key, header, candidates)
         granted = {w: bytes(pk) for w, pk in candidates.items()}
         self._tracks[tid] = Track(watch, task, header, key, granted)
-        prompt = self.session.own(prompt_doc(self.id, tid))
+        prompt = self.session.own(prompt_doc(self.id, tid), new=True)  # tid: made now
         with prompt.transaction():
             fields_map = prompt.get(PROMPT, type=Map)
             fields_map[CIPHERTEXT] = seal_prompt(key, tid, self.id, private_part(task))
@@ -328,9 +352,12 @@ class V3Asker:
             return
         name = event.name
         if name == inbox(self.id):
-            for tid in list(self._tracks):
-                self._status(tid)
+            changed, self._statuses_changed = self._statuses_changed, set()
+            for tid in changed:
+                if tid in self._tracks:
+                    self._status(tid)
         elif name == "dir":  # an advert came: a grant or a reader may wait for it
+            self._dir_read = None
             for tid, track in list(self._tracks.items()):
                 if track.worker:  # a grant (or a new one) or the reader may wait for it
                     self._status(tid)

@@ -19,12 +19,13 @@ tasks, nothing of their text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 from typing import Any
 
-from pycrdt import Map
+from pycrdt import Doc, Map
 
 from ..broker import standing
 from ..broker.fairness import Fairness
@@ -74,11 +75,13 @@ from .tasks import (
     run_doc,
     run_key,
 )
-from .wire import Code
+from .wire import MAX_NAMES, Code
 
 log = logging.getLogger("igora.broker")
 
 TICK = 0.1  # seconds between two looks when nothing wakes the broker
+TURN_GAP = 1.0  # the pause after a turn, as a multiple of the time that turn took
+MAX_TURN_GAP = 0.02  # seconds: the longest such pause
 SETTLE = 1.0  # seconds after the lease before entries are cleaned up (the prefixes' state arrives)
 NEW_ASKER = 5.0  # seconds a header's asker counts as present before who lists it
 _EPOCH = re.compile(r"epoch (\d+)")
@@ -124,7 +127,13 @@ class V3Broker:
         self._refused: set[str] = set()  # tids whose header did not verify (logged once)
         self._handed_back: dict[str, set[str]] = {}  # tid -> workers whose engine failed it
         self._adverts: dict[str, tuple[dict[str, Any], Peer]] = {}  # id -> advert checked
-        self._read: dict[tuple[str, str], dict[str, Any]] | None = None  # a turn's reads
+        # a map of a document as read, with the Doc it was read from: read again only
+        # once the document changed (``_stale``) or its Doc is another
+        self._read: dict[tuple[str, str], tuple[Doc[Any], dict[str, Any]]] = {}
+        self._asker_headers: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._turn: contextlib.ExitStack | None = None  # a turn's open transactions
+        self._writing: set[str] = set()  # inboxes with a transaction open this turn
+        self._attaches: dict[str, list[str]] = {}  # to -> documents, sent at the turn's end
         self.board = BoardKeeper(now_ms())
         self._wake = asyncio.Event()
         for prefix in ("a/", "w/", "in/"):
@@ -142,6 +151,8 @@ class V3Broker:
         return self.session.lease
 
     def _on_event(self, event: Any) -> None:
+        if event.name:
+            self._stale(event.name)
         if event.kind is EventKind.CONNECTED:
             self._leased_at = None
             self.session.control({"op": "lease"})
@@ -156,30 +167,47 @@ class V3Broker:
 
     async def run(self) -> None:
         self.session.control({"op": "lease"})
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            spent = 0.0
             if self.session.lease:
+                start = loop.time()
                 try:
                     self.step()
                 except Exception:  # a bug on one entry must not stop the broker
                     log.exception("broker: a turn failed")
-            tick = asyncio.get_running_loop().call_later(TICK, self._wake.set)
+                spent = loop.time() - start
+            tick = loop.call_later(TICK, self._wake.set)
             await self._wake.wait()
             tick.cancel()
+            # A turn looks at every task in flight and a busy room wakes the broker at
+            # each message: as long again as the last turn took lets the messages of
+            # that time gather into the next turn (at most half the broker's time in
+            # turns, however many tasks are in flight; a turn of a quiet room is short)
+            await asyncio.sleep(min(spent * TURN_GAP, MAX_TURN_GAP))
 
     # ------------------------------------------------------------------ reading
     def _map(self, name: str, key: str) -> dict[str, Any]:
-        """A map of a document as a dict; read once per turn for the documents others
-        write (they change only between turns, as the market's updates are applied),
-        each time for the inboxes this broker writes during the turn."""
-        cache = None if name.startswith("in/") else self._read
-        if cache is not None and (name, key) in cache:
-            return cache[name, key]
+        """A map of a document as a dict (never to be changed: it is shared). Read again
+        only when the document changed since: the market's updates (an event names the
+        document) and this broker's writes to an inbox (``_inbox``) mark it stale, so a
+        turn no longer converts every asker's and worker's document (O(agents) per
+        turn, and a turn per message received)."""
         doc = self.session.docs.get(name)
-        out = {} if doc is None else dict(doc.get(key, type=Map).items())
-        if cache is not None:
-            cache[name, key] = out
+        if doc is None:
+            return {}
+        known = self._read.get((name, key))
+        if known is not None and known[0] is doc:
+            return known[1]
+        out = dict(doc.get(key, type=Map).items())
+        self._read[name, key] = (doc, out)
         return out
+
+    def _stale(self, name: str) -> None:
+        """``name`` changed: its maps are read again when next needed."""
+        for key in (TASKS, RUNS, ABORTS, "agents", "workers", "askers"):
+            self._read.pop((name, key), None)
 
     def _present(self) -> set[str]:
         return set(self._map("who", "agents"))
@@ -207,48 +235,75 @@ class V3Broker:
         return workers
 
     def _headers(self) -> dict[str, dict[str, Any]]:
-        """Every verified header, by task id."""
-        headers = {}
+        """Every verified header, by task id; an asker's document is looked at again
+        only when it changed."""
+        headers: dict[str, dict[str, Any]] = {}
         for name in [n for n in self.session.docs if n.startswith("a/")]:
-            asker = name[2:]
-            for tid, raw in self._map(name, TASKS).items():
-                try:  # numbers come back from Yjs as floats: as signed, first
-                    header = plain(raw) if isinstance(raw, dict) else None
-                except SignatureError:
-                    header = None
-                if header is None:
+            raw_tasks = self._map(name, TASKS)
+            known = self._asker_headers.get(name)
+            if known is not None and known[0] is raw_tasks:  # as read at a previous turn
+                headers.update(known[1])
+                continue
+            mine = self._asker_headers_of(name, raw_tasks)
+            self._asker_headers[name] = (raw_tasks, mine)
+            headers.update(mine)
+        for name in [n for n in self._asker_headers if n not in self.session.docs]:
+            del self._asker_headers[name]
+        return headers
+
+    def _asker_headers_of(self, name: str, raw_tasks: dict[str, Any]) -> dict[str, Any]:
+        """The verified headers of one asker's document."""
+        headers: dict[str, dict[str, Any]] = {}
+        asker = name[2:]
+        for tid, raw in raw_tasks.items():
+            try:  # numbers come back from Yjs as floats: as signed, first
+                header = plain(raw) if isinstance(raw, dict) else None
+            except SignatureError:
+                header = None
+            if header is None:
+                continue
+            if self._verified.get(tid) != header.get(Header.SIG):
+                try:
+                    verify_header(header)
+                    if header.get(Header.ID) != tid or header.get(Header.ASKER) != asker:
+                        raise HeaderError("its id or asker is not where it was written")
+                except HeaderError as exc:
+                    if tid not in self._refused:
+                        self._refused.add(tid)
+                        log.warning("broker: task %s of %s refused: %s", tid, asker[:8], exc)
+                        if TASK_ID.fullmatch(tid) and tid not in self._map(inbox(asker), TASKS):
+                            self._inbox(asker)[tid] = ended(
+                                StatusState.FAILED,
+                                self.epoch,
+                                now_ms(),
+                                ErrorCode.INVALID_TASK,
+                                f"task {tid} refused: {exc}",
+                                0,
+                            )
                     continue
-                if self._verified.get(tid) != header.get(Header.SIG):
-                    try:
-                        verify_header(header)
-                        if header.get(Header.ID) != tid or header.get(Header.ASKER) != asker:
-                            raise HeaderError("its id or asker is not where it was written")
-                    except HeaderError as exc:
-                        if tid not in self._refused:
-                            self._refused.add(tid)
-                            log.warning("broker: task %s of %s refused: %s", tid, asker[:8], exc)
-                            if TASK_ID.fullmatch(tid) and tid not in self._map(inbox(asker), TASKS):
-                                self._inbox(asker)[tid] = ended(
-                                    StatusState.FAILED,
-                                    self.epoch,
-                                    now_ms(),
-                                    ErrorCode.INVALID_TASK,
-                                    f"task {tid} refused: {exc}",
-                                    0,
-                                )
-                        continue
-                    self._verified[tid] = str(header.get(Header.SIG))
-                headers[tid] = header
+                self._verified[tid] = str(header.get(Header.SIG))
+            headers[tid] = header
         return headers
 
     # ------------------------------------------------------------------ a turn
     def step(self) -> None:
-        """Decide for every task, write what changes: one turn."""
-        self._read = {}
-        try:
-            self._step()
-        finally:
-            self._read = None
+        """Decide for every task, write what changes: one turn. What it writes to an
+        inbox goes out as one update per inbox (one transaction each, committed at the
+        turn's end), and its attaches as one ``CONTROL attach`` per agent, after them."""
+        with contextlib.ExitStack() as turn:
+            self._turn = turn
+            try:
+                self._step()
+            finally:
+                self._turn = None
+                self._writing.clear()
+        self._send_attaches()
+
+    def _send_attaches(self) -> None:
+        attaches, self._attaches = self._attaches, {}
+        for to, docs in attaches.items():
+            for i in range(0, len(docs), MAX_NAMES):
+                self.session.control({"op": "attach", "to": to, "docs": docs[i : i + MAX_NAMES]})
 
     def _step(self) -> None:
         now = now_ms()
@@ -351,22 +406,34 @@ class V3Broker:
         buckets = {
             k: int(v) for k, v in self._map("standing", "askers").items() if number(v) is not None
         }
+        # Within a turn slots only fill up: once no worker has one, or none of a kind's
+        # workers had one, the other waiting tasks (of that kind) need not be tried
+        # (with 100 tasks waiting that was most of a turn).
+        full: set[Kind] = set()
         for header in standing.order(tasks, buckets, now, self.fairness, in_flight):
+            pool = [w for w in pool if free_slots(w, load) > 0]
+            if not pool:
+                break
             asker = str(header[Header.ASKER])
             if asker in buckets and not standing.may_queue(
                 buckets[asker], in_flight.get(asker, 0), self.poor_concurrency
             ):
                 continue  # an asker at zero: one task at a time (credits.md §1)
+            kind = _kind(header)
             tried = self._handed_back.get(str(header[Header.ID]))
+            if not tried and kind in full:
+                continue
             fit = [w for w in pool if w.id not in tried] if tried else pool
             # the candidates first (they have grants); another only if none is free:
             # the asker then grants it late (protocol-v3.md §7.2)
             named = header.get(Header.CANDIDATES)
             granted = set(named) if isinstance(named, list) else set()
-            worker = pick_for(_kind(header), [w for w in fit if w.id in granted], load)
+            worker = pick_for(kind, [w for w in fit if w.id in granted], load)
             if worker is None:
-                worker = pick_for(_kind(header), fit, load)
+                worker = pick_for(kind, fit, load)
             if worker is None or worker.id is None:
+                if not tried:
+                    full.add(kind)
                 continue
             tid, n = str(header[Header.ID]), attempts[str(header[Header.ID])]
             self._assign(tid, asker, worker.id, header, n, now)
@@ -400,7 +467,15 @@ class V3Broker:
 
     # ------------------------------------------------------------------ writing
     def _inbox(self, agent: str) -> Map[Any]:
-        tasks: Map[Any] = self.session.own(inbox(agent)).get(TASKS, type=Map)
+        """The tasks of ``agent``'s inbox, to write: its read is stale from now on, and
+        during a turn its transaction stays open until the turn's end."""
+        name = inbox(agent)
+        doc = self.session.own(name)
+        self._stale(name)
+        if self._turn is not None and name not in self._writing:
+            self._writing.add(name)
+            self._turn.enter_context(doc.transaction())
+        tasks: Map[Any] = doc.get(TASKS, type=Map)
         return tasks
 
     def _assign(
@@ -414,8 +489,11 @@ class V3Broker:
         log.info("broker: task %s -> %s (attempt %d)", tid, worker[:8], n)
 
     def _attach(self, tid: str, asker: str, worker: str, n: int) -> None:
-        self.session.control({"op": "attach", "to": worker, "docs": [prompt_doc(asker, tid)]})
-        self.session.control({"op": "attach", "to": asker, "docs": [run_doc(worker, tid, n)]})
+        """Attach the worker to the prompt and the asker to the run: sent by
+        ``_send_attaches`` (at the end of the turn, after the inboxes' updates), one
+        ``CONTROL`` per agent."""
+        self._attaches.setdefault(worker, []).append(prompt_doc(asker, tid))
+        self._attaches.setdefault(asker, []).append(run_doc(worker, tid, n))
 
     def _take_back(self, tid: str, asker: str, worker: str, n: int) -> None:
         tasks = self._inbox(worker)
@@ -452,6 +530,7 @@ class V3Broker:
                     n = int(number(status.get(Status.ATTEMPT)) or 0)
                     if isinstance(worker, str) and n > 0:
                         self._attach(tid, name[3:], worker, n)
+        self._send_attaches()
 
     def _cleanup(
         self, headers: dict[str, dict[str, Any]], statuses: dict[str, tuple[str, Any]]

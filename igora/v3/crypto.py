@@ -273,11 +273,23 @@ def seal_grant(key: bytes, header: dict[str, Any], worker_key: PublicKey) -> byt
     """A grant of task key ``key`` to the worker whose session key is ``worker_key``
     (checked by the caller with ``verify_session_key``): a sealed box of ``K (32) ‖
     H(header) (32) ‖ tid``, 128 bytes for a 16-character task id."""
+    return SealedBox(worker_key).encrypt(_grant_plaintext(key, header))
+
+
+def seal_grants(
+    key: bytes, header: dict[str, Any], worker_keys: dict[str, PublicKey]
+) -> dict[str, bytes]:
+    """``seal_grant`` to each worker of ``worker_keys`` (id -> session key), the
+    header's hash computed once."""
+    plaintext = _grant_plaintext(key, header) if worker_keys else b""
+    return {w: SealedBox(pk).encrypt(plaintext) for w, pk in worker_keys.items()}
+
+
+def _grant_plaintext(key: bytes, header: dict[str, Any]) -> bytes:
     tid = header.get("id") if isinstance(header, dict) else None
     if not isinstance(tid, str):
         raise CryptoError("a grant needs a header with its task id")
-    plaintext = _key(key) + _header_digest(header) + _text(tid, "task id")
-    return SealedBox(worker_key).encrypt(plaintext)
+    return _key(key) + _header_digest(header) + _text(tid, "task id")
 
 
 def open_grant(session: SessionKey, grant: bytes, header: dict[str, Any]) -> bytes:

@@ -29,26 +29,27 @@ def _update(frame: bytes) -> Doc | None:
 
 
 def merge_runs(frames: list[bytes]) -> list[bytes]:
-    """``frames`` in order, each run of consecutive updates of one document merged."""
+    """``frames`` in order, each run of consecutive updates of one document merged (a
+    frame not merged is kept as it came, not encoded again)."""
     out: list[bytes] = []
-    run: list[Doc] = []
+    run: list[tuple[bytes, Doc]] = []
 
     def close_run() -> None:
         if len(run) > 1:
-            merged = merge_updates(*(d.payload for d in run))
-            out.append(encode(Doc(run[0].name, Sync.UPDATE, merged)))
+            merged = merge_updates(*(d.payload for _, d in run))
+            out.append(encode(Doc(run[0][1].name, Sync.UPDATE, merged)))
         elif run:
-            out.append(encode(run[0]))
+            out.append(run[0][0])
         run.clear()
 
     for frame in frames:
         doc = _update(frame)
-        if doc is not None and run and doc.name == run[0].name:
-            run.append(doc)
+        if doc is not None and run and doc.name == run[0][1].name:
+            run.append((frame, doc))
             continue
         close_run()
         if doc is not None:
-            run.append(doc)
+            run.append((frame, doc))
         else:
             out.append(frame)
     close_run()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -80,6 +81,10 @@ from .wire import (
 from .wire import Doc as DocFrame
 
 DEFAULT_HEARTBEAT = 5.0
+GONE_KEEP = 60.0
+"""Seconds an unsubscribed name is remembered (its late updates ignored)."""
+GONE_MAX = 4096
+"""Unsubscribed names remembered at most."""
 
 log = logging.getLogger("igora.v3")
 
@@ -275,7 +280,9 @@ class Session:
 
         self._owned: set[str] = set()
         self._subs: dict[str, bool] = {}  # name or prefix -> is a prefix
-        self._gone: set[str] = set()  # unsubscribed on this connection: late updates ignored
+        # unsubscribed on this connection (late updates ignored) -> when (monotonic);
+        # bounded: see _gone_add
+        self._gone: dict[str, float] = {}
         self._doc_subs: dict[str, Subscription] = {}
         self._drops: set[str] = set()  # dropped while disconnected: sent after WELCOME
         self._unsent: set[str] = set()  # docs written locally that this session cannot send
@@ -332,18 +339,23 @@ class Session:
             await task
 
     # ---------------------------------------------------------------- documents
-    def own(self, name: str) -> Doc[Any]:
+    def own(self, name: str, new: bool = False) -> Doc[Any]:
         """The ``Doc`` of ``name``, written by this session: every local transaction on it
         goes to the market. ``DocumentError`` if no identity of this session owns it. The
         broker's documents (``in/``, ``board``) go only while this connection holds the
-        lease (a ``NOTICE`` 200 grants it; each reconnection loses it)."""
+        lease (a ``NOTICE`` 200 grants it; each reconnection loses it).
+
+        The first ``own`` sends a step 1, so that the market sends back what it holds of
+        the document; with ``new`` (a task's document made now, under a name never used:
+        the market holds nothing of it) that exchange is skipped: its four frames were a
+        third of a task's. A reconnection re-syncs it as any other."""
         doc = parse(name)
         if not may_write(doc, self.ids, lease=True):  # the broker's: sent while it holds it
             raise DocumentError(f"{name} is not a document this session owns (ids: {self._who})")
         if name not in self._owned:
             self._owned.add(name)
             self._unsent.discard(name)
-            if self._sendable(name):
+            if not new and self._sendable(name):
                 self._put(self._step1(name))  # the market sends back what it holds of it
         return self._doc(name)
 
@@ -354,7 +366,7 @@ class Session:
         self._check_subscription(name, prefix)
         if self._subs.get(name) is not prefix:
             self._subs[name] = prefix
-            self._gone.discard(name)
+            self._gone.pop(name, None)
             self._put(encode(Subscribe(((name, prefix),))))
         return None if prefix else self._doc(name)
 
@@ -365,7 +377,7 @@ class Session:
             del self._subs[name]
         # Also for a document never subscribed by name: that ends an attachment (§5).
         self._put(encode(Subscribe(((name, prefix),), unsubscribe=True)))
-        self._gone.add(name)
+        self._gone_add(name)
         held = [n for n in self.docs if n.startswith(name)] if prefix else [name]
         for n in held:
             if n not in self._owned and self._subs.get(n) is not False:
@@ -444,12 +456,26 @@ class Session:
         or prefix unsubscribed from on this connection (an update may cross the UNSUB)."""
         if name in self._owned or name in self._subs:
             return True
-        # the prefixes looked up in _gone, not _gone scanned: it holds every document
-        # unsubscribed on this connection (one per task an asker ran), so scanning it made
-        # each frame received cost O(tasks so far)
+        # the prefixes looked up in _gone, not _gone scanned: it holds the documents
+        # unsubscribed lately (one per task an asker ran), so scanning it made each
+        # frame received cost O(tasks)
         return name not in self._gone and not any(
             name.startswith(p) for p in PREFIXES if p in self._gone
         )
+
+    def _gone_add(self, name: str) -> None:
+        """Remember that ``name`` was unsubscribed. An update that crossed the ``UNSUB``
+        comes within a round trip: a name is kept ``GONE_KEEP`` s, and no more than
+        ``GONE_MAX`` names (the oldest go first), so that an asker running tasks for
+        days does not hold one name per task it ever ran."""
+        now = time.monotonic()
+        self._gone.pop(name, None)  # to the end: the dict is in the order of unsubscription
+        self._gone[name] = now
+        if len(self._gone) > GONE_MAX // 2:
+            for old, when in list(self._gone.items()):
+                if now - when < GONE_KEEP and len(self._gone) <= GONE_MAX:
+                    break
+                del self._gone[old]
 
     def _forget(self, name: str) -> None:
         doc = self.docs.pop(name, None)

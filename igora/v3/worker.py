@@ -83,22 +83,26 @@ log = logging.getLogger("igora.worker")
 
 CREDIT_CODES = (Code.CREDITS, Code.CREDITS_PENDING, Code.CREDITS_REFUSED)
 GRANT_WAIT = 5.0  # s after its assignment a grant that does not open may still be replaced
+RUN_ANNOUNCE = 0.5  # s after its start a run still going gets its w/ entry (``_announce``)
 
 
 class RunPieces(Pieces):
     """The answer's pieces, each appended to the run document's ``chunks`` as a chunk
-    sealed by ``writer``."""
+    sealed by ``job.writer``; the first with the run's start (``Job.start``)."""
 
-    def __init__(self, doc: Doc[Any], writer: AnswerWriter) -> None:
+    def __init__(self, doc: Doc[Any], job: Job) -> None:
         super().__init__()
         self.doc = doc
-        self.writer = writer
+        self.job = job
         self.chunks: list[bytes] = []  # as written: their hash is the receipt's ``run``
 
     def _write(self, piece: str, now: float) -> None:
-        chunk = self.writer.piece(piece)
+        assert self.job.writer is not None
+        chunk = self.job.writer.piece(piece)
         self.chunks.append(chunk)
-        self.doc.get(CHUNKS, type=Array).append(chunk)
+        with self.doc.transaction():
+            self.job.write_start(self.doc)
+            self.doc.get(CHUNKS, type=Array).append(chunk)
 
 
 @dataclass
@@ -114,6 +118,17 @@ class Job:
     chunks: list[bytes] | None = None  # a run done: its chunks, for its claim
     receipted: bool = False  # its receipt was claimed
     usage: dict[str, Any] | None = None
+    start: dict[str, Any] | None = None  # the run's start, until written (with a chunk)
+    begun: int = 0  # ms: when the run started
+
+    def write_start(self, doc: Doc[Any]) -> None:
+        """Write the run's start (state, start, salt) in ``doc``, if not yet: as
+        protocol-v3.md §7.2 step 4 has it, in one update with the first chunk (or the
+        end), not one update of its own."""
+        if self.start is not None:
+            doc.get(CHUNKS, type=Array)
+            doc.get(RUN, type=Map).update(self.start)
+            self.start = None
 
 
 class V3Worker:
@@ -387,24 +402,29 @@ class V3Worker:
         assert job.asker_key is not None
         answer_key = worker_answer_key(job.key, self._session_key, job.asker_key, n, salt)
         job.writer = AnswerWriter(answer_key, tid, n)
-        doc = self.session.own(run_doc(self.id, tid, n))
-        with doc.transaction():
-            doc.get(CHUNKS, type=Array)
-            doc.get(RUN, type=Map).update(
-                {RunField.STATE: RunState.DOING.value, RunField.START: now, RunField.SALT: salt}
-            )
-        with self._runs.transaction():
-            self._runs.get(RUNS, type=Map)[run_key(tid, n)] = {
-                RunField.STATE: RunState.DOING.value,
-                RunField.START: now,
-            }
+        # a run document is new: one per attempt (after a restart of this worker, what
+        # the market holds of it is as unreadable with the new salt either way)
+        doc = self.session.own(run_doc(self.id, tid, n), new=True)
+        job.start = {RunField.STATE: RunState.DOING.value, RunField.START: now, RunField.SALT: salt}
+        job.begun = now
+        asyncio.get_running_loop().call_later(RUN_ANNOUNCE, self._announce, tid, job)
         log.info("%s: task %s started (attempt %d)", self.name, tid, n)
         job.run.job = asyncio.create_task(self._execute(tid, job, doc))
+
+    def _announce(self, tid: str, job: Job) -> None:
+        """``w/<own id>.runs`` gets the entry of a run still going ``RUN_ANNOUNCE`` s
+        after its start (what the broker's claim timeout looks for); a run ended sooner
+        has one entry, written at its end with its start: one update fewer per task."""
+        if not job.ended and self.jobs.get(tid) is job:
+            self._runs.get(RUNS, type=Map)[run_key(tid, job.run.attempt)] = {
+                RunField.STATE: RunState.DOING.value,
+                RunField.START: job.begun,
+            }
 
     async def _execute(self, tid: str, job: Job, doc: Doc[Any]) -> None:
         assert job.task is not None and job.writer is not None
         task, run = job.task, job.run
-        answer = RunPieces(doc, job.writer)
+        answer = RunPieces(doc, job)
         started = time.monotonic()
         results: dict[str, Any] = {}
         state, code, error = RunState.DONE, None, ""
@@ -480,6 +500,7 @@ class V3Worker:
         doc = self.session.own(run_doc(self.id, tid, n))
         final = None
         with doc.transaction():
+            job.write_start(doc)
             if state is RunState.DONE and job.writer is not None:
                 final = job.writer.final(
                     held,
@@ -502,9 +523,7 @@ class V3Worker:
                 )
                 if k in end
             }
-            previous = runs.get(run_key(tid, n))
-            start = previous.get(RunField.START) if isinstance(previous, dict) else None
-            runs[run_key(tid, n)] = {**summary, RunField.START: start or now}
+            runs[run_key(tid, n)] = {**summary, RunField.START: job.begun or now}
         if state is RunState.HANDBACK:
             log.warning("%s: task %s handed back: %s", self.name, tid, error)
         if final is not None and job.header is not None:

@@ -182,6 +182,17 @@ def test_a_grant_opens_for_its_worker_and_is_128_bytes() -> None:
     assert crypto.open_grant(WORKER_S, grant, header) == k
 
 
+def test_grants_to_several_workers_each_open_for_its_own_only() -> None:
+    k = crypto.new_task_key()
+    header = _header()
+    grants = crypto.seal_grants(k, header, {"w": WORKER_S.public_key, "o": OTHER_S.public_key})
+    assert crypto.open_grant(WORKER_S, grants["w"], header) == k
+    assert crypto.open_grant(OTHER_S, grants["o"], header) == k
+    with pytest.raises(GrantError, match="sealed to another worker"):
+        crypto.open_grant(OTHER_S, grants["w"], header)
+    assert crypto.seal_grants(k, header, {}) == {}
+
+
 def test_a_grant_sealed_to_one_worker_does_not_open_for_another() -> None:
     header = _header()
     grant = crypto.seal_grant(crypto.new_task_key(), header, WORKER_S.public_key)
