@@ -113,6 +113,10 @@ class V3Asker:
         raw = dict(self._dir.get("workers", type=Map).items())
         return [worker_peer(a) for a in raw.values() if isinstance(a, dict) and "id" in a]
 
+    def holds(self, tid: str) -> bool:
+        """Whether ``tid`` is one of this asker's tasks whose answer is not read yet."""
+        return tid in self._tracks
+
     @property
     def tracking(self) -> list[str]:
         """The tasks whose answer is not read yet."""
@@ -237,6 +241,10 @@ class V3Asker:
 
     # ------------------------------------------------------------------ reading
     def _on_event(self, event: Event) -> None:
+        if event.kind is EventKind.CONNECTED:
+            if self.id in self.session.granted:  # refused while not admitted: read it now
+                self._inbox = self.session.subscribe(inbox(self.id))
+            return
         if event.kind is not EventKind.CHANGED and event.kind is not EventKind.NEW:
             return
         name = event.name
