@@ -5,6 +5,7 @@ whole market adds), in a protocol 2 room and in a protocol 3 room."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -19,6 +20,11 @@ from .common import ENGINE_LABELS, Cluster, Section, Target, free_port, ms, pct,
 from .overhead import _prompt, direct_ttft, market_ttft
 
 NAME = "gateway"
+SETTLE = 0.05
+"""Seconds of pause before each timed request: the previous path's last messages (the
+benchmark's own ``Client`` reads its task's end, drops and notices after its stream)
+are handled first, so that no path is timed while this process still works for the one
+before it."""
 
 FLOOR_CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
 
@@ -99,14 +105,22 @@ async def measure(engine_name: str, n: int, warm: int = 3) -> dict[str, list[flo
         out: dict[str, list[float]] = {k: [] for k in ("direct", "floor", "c2", "v2", "c3", "v3")}
         async with httpx.AsyncClient(timeout=120) as http, client2, client3:
             for i in range(warm + n):
-                times = {
-                    "direct": await direct_ttft(engine, _prompt(i), **opts),
-                    "floor": await gateway_ttft(http, base_floor, model, _prompt(i)),
-                    "c2": await market_ttft(client2, _prompt(i), **opts),
-                    "v2": await gateway_ttft(http, base2, model, _prompt(i), **opts),
-                    "c3": await market_ttft(client3, _prompt(i), **opts),
-                    "v3": await gateway_ttft(http, base3, model, _prompt(i), **opts),
+                # The client's prompt and the gateway's differ from their first word: a
+                # worker's engine caches a prompt's prefix (llama.cpp), and the path asked
+                # second would otherwise find the first one's prompt computed.
+                ask, via = f"client {_prompt(i)}", f"gateway {_prompt(i)}"
+                paths = {  # coroutines: each starts its clock when awaited
+                    "direct": direct_ttft(engine, via, **opts),
+                    "floor": gateway_ttft(http, base_floor, model, via),
+                    "c2": market_ttft(client2, ask, **opts),
+                    "v2": gateway_ttft(http, base2, model, via, **opts),
+                    "c3": market_ttft(client3, ask, **opts),
+                    "v3": gateway_ttft(http, base3, model, via, **opts),
                 }
+                times = {}
+                for key, path in paths.items():
+                    await asyncio.sleep(SETTLE)
+                    times[key] = await path
                 if i >= warm:
                     for k, t in times.items():
                         out[k].append(t)
@@ -172,7 +186,9 @@ async def run(quick: bool) -> Section:
         "market with a protocol 2 room and a protocol 3 room (`--v3-room`), each with its "
         "own gateway, broker and worker; the five paths interleaved request by request. "
         "Time to first token = until the first SSE chunk with content (the first piece "
-        "for the client). *Gateway added* = gateway p50 − client p50 (issue 19's target: "
+        "for the client); each path timed after a 50 ms pause, so that none is timed while "
+        "the benchmark process still reads the end of the path before it. "
+        "*Gateway added* = gateway p50 − client p50 (issue 19's target: "
         "the proxy hop); *per request* = p50 of each request's gateway time minus the "
         "client time of the same round; *over the engine* = gateway p50 − direct p50 "
         "(the whole market's path). *HTTP hop floor*: the same httpx request to a bare "
