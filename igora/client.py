@@ -26,8 +26,8 @@ from .agent import Agent
 from .answers import AnswerWatcher
 from .capabilities import unservable
 from .config import market_address
-from .errors import MarketUnreachable, NoWorkerError, TaskFailed
-from .identity import load_identity
+from .errors import MarketUnreachable, NotAdmitted, NoWorkerError, TaskFailed
+from .identity import Identity, load_identity
 from .protocol import (
     ABORTED_MARK,
     PROTOCOL_VERSION,
@@ -79,6 +79,9 @@ class Client:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.v3: V3Asker | None = None  # set by connect when the room speaks version 3
+        self.askers: dict[str, V3Asker] = {}  # v3: one per identity spoken for, v3's too
+        self._speakers: dict[str, Identity] = {}  # identities besides the data folder's
+        self._proving: asyncio.Lock | None = None
         self._connected_at = time.monotonic()
         self.agent = Agent(
             self.address,
@@ -102,8 +105,9 @@ class Client:
 
     async def close(self) -> None:
         if self.v3 is not None:
-            for tid in list(self.v3.tracking):
-                self.v3.forget(tid)
+            for asker in self.askers.values():
+                for tid in asker.tracking:
+                    asker.forget(tid)
             await asyncio.sleep(0.05)  # the last writes leave before the socket closes
             await self.v3.session.stop()
             return
@@ -125,16 +129,71 @@ class Client:
         identity, _ = load_identity()
         session = Session(
             self.address,
-            identity,
+            [identity, *(i for i in self._speakers.values() if i.id != identity.id)],
             name=self.agent.name,
             state={"type": AgentType.CLIENT.value, "name": self.agent.name},
             connect_timeout=self.connect_timeout,
             invite=self.address.invite,
         )
         self.v3 = V3Asker(session, identity)
+        self.askers = {identity.id: self.v3}
+        for other in self._speakers.values():
+            self.askers.setdefault(other.id, V3Asker(session, other))
         await session.start(wait=wait)
         self._connected_at = time.monotonic()
         return True
+
+    async def speak_for(self, identity: Identity) -> None:
+        """Put tasks as ``identity`` too (``submit(speaker=ID)``): a gateway's API key's
+        (docs/security.md §7). In a v3 room one connection proves every identity spoken
+        for: given before ``start``/``connect``, in the first handshake; later, the
+        connection is made again to prove it (``Session.prove``). ``admitted`` says
+        whether the market took it. A v2 room's tasks are signed by nobody: nothing
+        changes there."""
+        if identity.id in self._speakers or (self.v3 is not None and identity.id == self.id):
+            return
+        if self._proving is None:
+            self._proving = asyncio.Lock()
+        async with self._proving:  # two requests of a new key: one new handshake
+            if identity.id in self._speakers:
+                return
+            if self.v3 is not None:
+                await self.v3.session.prove(identity)
+                self.askers[identity.id] = V3Asker(self.v3.session, identity)
+            self._speakers[identity.id] = identity
+
+    def speaks_for(self, id: str) -> bool:
+        """Whether tasks may be put as ``id`` (this client's or a ``speak_for`` one)."""
+        return id == self.id or id in self._speakers
+
+    def admitted(self, id: str) -> bool:
+        """Whether the market admitted ``id`` on the current connection (a v2 room
+        admits everyone: its tasks name their asker, unsigned)."""
+        return self.v3 is None or id in self.v3.session.granted
+
+    @property
+    def error(self) -> Exception | None:
+        """Why the market ended this client's connection for good (a v3 refusal), if it
+        did: the client does not retry."""
+        return self.v3.session.error if self.v3 is not None else None
+
+    def _asker(self, speaker: str | None) -> V3Asker:
+        assert self.v3 is not None
+        asker = self.v3 if speaker is None else self.askers.get(speaker)
+        if asker is None:
+            raise ValueError(f"{speaker}: not an identity this client speaks for (speak_for)")
+        if asker.session.ready.is_set() and asker.id not in asker.session.granted:
+            raise NotAdmitted(
+                f"the market at {self.address.room_url} did not admit the identity "
+                f"{asker.id} (not a member, or banned): ask its operator for "
+                f"`igora market members add {asker.id}`; it is proved again at the next "
+                "connection",
+                asker.id,
+            )
+        return asker
+
+    def _asker_of(self, task_id: str) -> V3Asker | None:
+        return next((a for a in self.askers.values() if a.holds(task_id)), None)
 
     # ------------------------------------------------------------------ market view
     def workers(self) -> list[Any]:
@@ -235,6 +294,7 @@ class Client:
         n: int | None = None,
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
+        speaker: str | None = None,
         _pieces: bool = True,
         _extra: dict[str, Any] | None = None,
     ) -> Task:
@@ -242,8 +302,12 @@ class Client:
         worker serving ``model`` with what the task needs (tools, a response format,
         n > 1, logprobs) shows up within ``wait_worker`` seconds).
 
-        ``tools``, ``tool_choice`` and ``response_format`` take OpenAI's shapes."""
+        ``tools``, ``tool_choice`` and ``response_format`` take OpenAI's shapes.
+        ``speaker``: the id of an identity given to ``speak_for``, that the task is put
+        as in a v3 room (default: the data folder's); ``NotAdmitted`` if the market did
+        not admit it."""
         timeout = timeout or self.timeout
+        asker = self._asker(speaker) if self.v3 is not None else None
         extra = {
             TaskField.TOOLS: tools,
             TaskField.TOOL_CHOICE: tool_choice,
@@ -267,8 +331,8 @@ class Client:
         )
         await self.wait_for_worker(model, wait_worker, task)
         watch = Watch(task[TaskField.ID], pieces=_pieces)
-        if self.v3 is not None:
-            self.v3.submit(task, watch)
+        if asker is not None:
+            asker.submit(task, watch)
             return Task(self, task, watch, timeout)
         self._answers.watch(watch)
         with self.agent.transaction():
@@ -353,7 +417,9 @@ class Client:
     def abort(self, task_id: str) -> None:
         """Ask for a task to stop; it ends ``aborted``."""
         if self.v3 is not None:
-            self.v3.abort(task_id)
+            asker = self._asker_of(task_id)
+            if asker is not None:
+                asker.abort(task_id)
             return
         m = self.agent.maps
         with self.agent.transaction():
@@ -365,7 +431,9 @@ class Client:
     def _forget(self, task_id: str) -> None:
         """Called by a ``Task`` once its answer is read."""
         if self.v3 is not None:
-            self.v3.forget(task_id)
+            asker = self._asker_of(task_id)
+            if asker is not None:
+                asker.forget(task_id)
             return
         self._answers.forget(task_id)
 
@@ -428,7 +496,8 @@ class Client:
     def worker_of(self, task_id: str) -> str | None:
         """The id of the worker running (or that ran) a task still in the document."""
         if self.v3 is not None:
-            return self.v3.worker_of(task_id)
+            asker = self._asker_of(task_id)
+            return asker.worker_of(task_id) if asker is not None else None
         for m in (MapName.DOING, MapName.DONE):
             value = self.agent.maps[m].get(task_id)
             if isinstance(value, dict) and isinstance(value.get(TaskField.WORKER), str):

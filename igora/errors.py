@@ -15,6 +15,15 @@ class MarketUnreachable(IgoraError, ConnectionError):
     """No market answered at the given URL."""
 
 
+class NotAdmitted(IgoraError):
+    """The market did not admit the identity a task would be put as (not a member, or
+    banned: docs/security.md §5); ``id``: that identity."""
+
+    def __init__(self, message: str, id: str) -> None:
+        super().__init__(message)
+        self.id = id
+
+
 class NoWorkerError(IgoraError):
     """No worker on the market serves the requested model, or none offers a capability
     the request needs (``missing``: e.g. ``("tools",)``, see ``igora.capabilities``)."""

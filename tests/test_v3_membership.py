@@ -5,16 +5,19 @@ identities (§7), against a real gateway and echo worker."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from pycrdt import Map
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -28,7 +31,8 @@ from igora.market.members import InviteError, make_invite, read_invite
 from igora.testing import wait_for
 from igora.v3 import wire
 from igora.v3.handshake import Response, Welcome
-from igora.v3.session import Refused, Session
+from igora.v3.header import verify_header
+from igora.v3.session import Event, EventKind, Refused, Session
 
 from .conftest import Cluster
 from .v3_peers import RawPeer, new_identity
@@ -48,6 +52,12 @@ def action(cluster: Cluster, *args: str) -> str:
     done = igora("market", *args, "--data", str(cluster.data))
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def add_member(cluster: Cluster, id: str) -> None:
+    """``igora market members add --data DATA -- ID`` (an id may begin with '-')."""
+    done = igora("market", "members", "add", "--data", str(cluster.data), "--", id)
+    assert done.returncode == 0, done.stderr
 
 
 Refusal = tuple[str, int, str]
@@ -306,3 +316,131 @@ def test_a_request_knows_the_identity_its_key_speaks_for(tmp_path: Path) -> None
         assert plain.json() == {"id": None, "name": None}
         assert http.get("/v1/whoami", headers={"Authorization": "Bearer nope"}).status_code == 401
     store.close()
+
+
+def test_gateway_keys_prove_and_sign_as_their_identities(cluster: Cluster, tmp_path: Path) -> None:
+    """In a secure market whose members are the key identities (not the gateway's own),
+    a task of key A is put as A (its header in ``a/<A>``, signed by A, its answer sealed
+    to a session key of A's), B's as B; A's identity reads nothing of B's task; a key
+    added while the gateway runs is proved then; a key whose identity is no member gets
+    a 403 at once; a removed key a 401."""
+    gw_data = tmp_path / "gw"
+    keys: dict[str, str] = {}
+    for who in ("alice", "bob", "carol"):
+        done = igora("gateway", "keys", "add", who, "--data", str(gw_data))
+        assert done.returncode == 0, done.stderr
+        keys[who] = done.stdout.strip()
+    ids = {who: KeyStore(gw_data).find_name(who).id for who in keys}  # type: ignore[union-attr]
+    folder = gw_data / "gateway" / "identities"
+    broker = load_identity(Path(cluster.agent_data("b1")["IGORA_DATA"]))[0]
+    worker = load_identity(Path(cluster.agent_data("w1")["IGORA_DATA"]))[0]
+    cluster.market("--secure", "--broker-key", broker.id)  # --members list
+    for member in (broker.id, worker.id, ids["alice"], ids["bob"]):  # carol: not a member
+        add_member(cluster, member)
+    cluster.broker(name="b1", data=True)
+    cluster.worker("--delay", "0.02", name="w1", data=True)
+    cluster.wait_agents("worker", 1)
+    proc, base = cluster.gateway("--data", str(gw_data), data=True)
+
+    def sdk(who: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{base}/v1", api_key=keys[who], max_retries=0, timeout=60)
+
+    def ask(who: str, text: str) -> str:
+        raw = sdk(who).chat.completions.with_raw_response.create(
+            model="echo", messages=[{"role": "user", "content": text}]
+        )
+        assert raw.parse().choices[0].message.content == f"Echo: {text}"
+        return raw.headers["x-igora-task"]
+
+    async def main() -> None:
+        # What the broker's identity reads: every asker's headers and every inbox.
+        seen: dict[str, tuple[str, dict[str, Any]]] = {}  # task id -> (document, header)
+        status: dict[str, dict[str, Any]] = {}  # task id -> its assignment
+
+        async with Session(f"{cluster.url}/{ROOM}", broker, data=cluster.dir) as view:
+
+            def record(event: Event) -> None:
+                doc = view.docs.get(event.name)
+                if event.kind is not EventKind.CHANGED or doc is None:
+                    return
+                for tid, value in doc.get("tasks", type=Map).items():
+                    if event.name.startswith("a/"):
+                        seen.setdefault(tid, (event.name, dict(value)))
+                    elif event.name.startswith("in/") and "worker" in dict(value):
+                        status[tid] = dict(value)  # an assignment
+
+            view.observe(record)
+            view.subscribe("a/", prefix=True)
+            view.subscribe("in/", prefix=True)
+            words = " ".join(f"w{i}" for i in range(20))  # long enough to be seen running
+            tid_a, tid_b = await asyncio.gather(
+                asyncio.to_thread(ask, "alice", f"from alice {words}"),
+                asyncio.to_thread(ask, "bob", f"from bob {words}"),
+            )
+            await wait_for(lambda: tid_a in seen and tid_b in seen, 10, "both headers seen")
+            headers = {}
+            for who, tid in (("alice", tid_a), ("bob", tid_b)):
+                doc, header = seen[tid]
+                assert doc == f"a/{ids[who]}" and header["asker"] == ids[who]
+                verify_header(header)  # signed by the key's identity
+                headers[who] = header
+            assert headers["alice"]["key"] != headers["bob"]["key"]  # sealed to each its own
+            gateway_own = load_identity(Path(cluster.agent_data("gateway")["IGORA_DATA"]))[0]
+            assert all(doc != f"a/{gateway_own.id}" for doc, _ in seen.values())
+
+            # Alice's identity reads nothing of bob's task: prompt, inbox, run.
+            assert status[tid_b]["worker"] == worker.id
+            run = f"r/{worker.id}/{tid_b}.{int(status[tid_b]['attempt'])}"
+            alice = load_identity(folder / "alice")[0]
+            async with Session(f"{cluster.url}/{ROOM}", alice, data=cluster.dir) as spy:
+                events = spy.events()
+                names = [f"p/{ids['bob']}/{tid_b}", f"in/{ids['bob']}", run]
+                for name in names:
+                    spy.subscribe(name)
+                refused = set()
+                while refused != set(names):
+                    event = await asyncio.wait_for(anext(events), 10)
+                    assert event.kind is not EventKind.CHANGED or event.name not in names
+                    if event.kind is EventKind.REFUSED:
+                        refused.add(event.name)
+
+            # Not a member: a 403 that says so, at once.
+            with pytest.raises(openai.PermissionDeniedError) as err:
+                await asyncio.to_thread(ask, "carol", "let me in")
+            assert err.value.code == "identity_not_admitted" and ids["carol"] in str(err.value)
+
+            # A key added (and made a member) while the gateway runs: proved then.
+            done = igora("gateway", "keys", "add", "dave", "--data", str(gw_data))
+            keys["dave"] = done.stdout.strip()
+            dave = load_identity(folder / "dave")[0]
+            add_member(cluster, dave.id)
+            await asyncio.sleep(1.5)  # the market reads its members every second
+            tid_d = await asyncio.to_thread(ask, "dave", f"from dave {words}")
+            await wait_for(lambda: tid_d in seen, 10, "dave's header seen")
+            assert seen[tid_d][0] == f"a/{dave.id}"
+            await asyncio.to_thread(ask, "alice", "still served after the new handshake")
+
+            # Bob banned: the market closes the gateway's connection (it proved bob), the
+            # gateway proves the others again; bob gets the 403, alice is served.
+            banned = igora("market", "ban", "--data", str(cluster.data), "--", ids["bob"])
+            assert banned.returncode == 0, banned.stderr
+
+            def bob_refused() -> bool:
+                try:
+                    ask("bob", "am I banned")
+                except openai.PermissionDeniedError as exc:
+                    return exc.code == "identity_not_admitted"
+                except openai.APIStatusError as exc:  # 503 while it connects again
+                    assert exc.status_code == 503, exc
+                return False
+
+            await wait_for(lambda: asyncio.to_thread(bob_refused), 20, "bob refused")
+            await asyncio.to_thread(ask, "alice", "served after bob's ban")
+
+        # Removed: 401 at the next request.
+        assert igora("gateway", "keys", "remove", "alice", "--data", str(gw_data)).returncode == 0
+        with pytest.raises(openai.AuthenticationError):
+            await asyncio.to_thread(ask, "alice", "x")
+        assert "Traceback" not in proc.log()
+
+    asyncio.run(main())

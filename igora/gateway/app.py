@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from ..client import DEFAULT_TIMEOUT, Client
+from ..identity import IdentityError
 from ..protocol import GATEWAY_STYLE
 from ..web import routes as web_routes
 from . import errors
@@ -91,6 +92,11 @@ def create_app(
             client.set_heartbeat(heartbeat)
         app.state.client = client
         app.state.gateway = Gateway(client, keys, wait_worker, timeout)
+        for entry in key_store.entries() if key_store is not None else ():
+            try:  # proved in the first handshake with the gateway's own (security.md §7)
+                await client.speak_for(entry.identity())
+            except IdentityError as exc:
+                log.error("API key %s: its identity is not used: %s", entry.name, exc)
         await client.start()
         if await client.wait_synced(STARTUP_SYNC_WAIT):
             log.info("%s connected to %s", client.name, client.address.room_url)

@@ -8,6 +8,9 @@ Status mapping (see ``docs/gateway.md``):
                                     (``capability_not_served``: tools, a JSON schema, n,
                                     logprobs, embeddings)
 401   invalid_request_error         API keys are configured and the key is wrong
+403   permission_error              the market did not admit the identity the key
+                                    speaks for (``identity_not_admitted``: not a
+                                    member of a secure market, or banned)
 404   invalid_request_error         unknown model (``model_not_found``) or path
 413   invalid_request_error         request body too large
 502   server_error                  the worker failed (``worker_error``) or the task
@@ -29,7 +32,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..capabilities import PARAM, Cap
-from ..errors import NoWorkerError, TaskAborted, TaskError, TaskFailed, TaskTimeout
+from ..errors import (
+    NotAdmitted,
+    NoWorkerError,
+    TaskAborted,
+    TaskError,
+    TaskFailed,
+    TaskTimeout,
+)
 from ..protocol import ProtocolError
 
 log = logging.getLogger("igora.gateway")
@@ -105,6 +115,13 @@ def from_igora(exc: Exception, model: str | None) -> OpenAIError:
             "`igora worker` (or `igora up`), then retry.",
             type=SERVER,
             code="no_worker",
+        )
+    if isinstance(exc, NotAdmitted):
+        return OpenAIError(
+            403,
+            f"The market does not admit the identity this API key speaks for: {exc}.",
+            type="permission_error",
+            code="identity_not_admitted",
         )
     if isinstance(exc, TaskTimeout):
         return OpenAIError(504, f"The task timed out: {exc}.", type="timeout", code="task_timeout")

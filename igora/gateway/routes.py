@@ -16,9 +16,11 @@ from fastapi.responses import JSONResponse, Response
 from ..capabilities import offered
 from ..client import Task
 from ..errors import IgoraError
+from ..identity import IdentityError
 from ..protocol import AgentField, ProtocolError
 from . import errors
 from .errors import OpenAIError, from_igora
+from .keys import speaker
 from .openai_models import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -42,16 +44,39 @@ TASK_HEADER = "x-igora-task"
 """Response header naming the market task that answered."""
 
 
+async def speaker_id(gw: Gateway, request: Request) -> str | None:
+    """The identity the request's task is put as: its API key's (made known to the
+    client at its first request if the key was added while the gateway runs), or None
+    for the gateway's own (no stored keys, or an ``--api-key`` key)."""
+    key = speaker(request)
+    if key is None:
+        return None
+    if not gw.client.speaks_for(key.id):
+        try:
+            identity = key.identity()
+        except IdentityError as exc:
+            log.error("API key %s: %s", key.name, exc)
+            raise OpenAIError(
+                500,
+                f"The gateway cannot read the identity of this API key ({key.name}); see its log.",
+                type=errors.SERVER,
+                code="identity_unreadable",
+            ) from None
+        await gw.client.speak_for(identity)
+    return key.id
+
+
 async def run_job(request: Request, job: Job) -> Response:
     """Put the job on the market and answer: JSON, or an event stream."""
     gw = gateway_of(request)
     if not gw.connected:
+        refused = gw.client.error
         raise OpenAIError(
             503,
-            f"The gateway is not connected to the market "
-            f"{gw.client.address.room_url}; retry in a moment.",
+            f"The gateway is not connected to the market {gw.client.address.room_url}"
+            + (f": {refused}" if refused else "; retry in a moment."),
             type=errors.SERVER,
-            code="market_unreachable",
+            code="market_refused" if refused else "market_unreachable",
         )
     max_tokens = job.options.get("max_tokens")
     if not await gw.client.can_pay(job.prompt, model=job.model, max_tokens=max_tokens):
@@ -68,6 +93,7 @@ async def run_job(request: Request, job: Job) -> Response:
             model=job.model,
             timeout=gw.timeout,
             wait_worker=gw.worker_wait(),
+            speaker=await speaker_id(gw, request),
             **job.options,
         )
     except (IgoraError, ProtocolError) as exc:
@@ -122,6 +148,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, what in {
         400: "Malformed or invalid parameters",
         401: "Wrong or missing API key",
+        403: "The market did not admit the identity of the API key",
         404: "Unknown model",
         413: "Request body too large",
         502: "The worker failed or the task was aborted",

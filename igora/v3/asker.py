@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nacl.public import PublicKey
-from pycrdt import Array, Map
+from pycrdt import Array, Doc, Map
 
 from ..capabilities import fits, required
 from ..credits import pricing
@@ -116,16 +116,12 @@ class V3Asker:
         self._session_key = identity.session_key()  # answers are sealed to it: memory only
         self._adverts: dict[str, tuple[str, PublicKey]] = {}  # id -> (advert sig, its key)
         self._asker = session.own(asker_doc(self.id))
-        self._inbox = session.subscribe(inbox(self.id))
         # the tasks whose status changed since the inbox was last looked at: with many
         # tasks in flight on one connection (a gateway), every status update looked at
         # every task
         self._statuses_changed: set[str] = set()
-        if self._inbox is not None:  # both kept: the observer lives as long as they do
-            self._statuses = self._inbox.get(TASKS, type=Map)
-            self._statuses_sub = self._statuses.observe(
-                lambda event: self._statuses_changed.update(event.keys)
-            )
+        self._inbox: Doc[Any] | None = None
+        self._watch_inbox()
         self._dir = session.subscribe("dir")
         self._dir_read: dict[str, Any] | None = None  # dir.workers as read (``_listed``)
         self._tracks: dict[str, Track] = {}
@@ -133,6 +129,17 @@ class V3Asker:
         self._balances: list[asyncio.Future[int]] = []
         self.receipts = True  # sign a receipt for each run read (False: a test's rogue)
         session.observe(self._on_event)
+
+    def _watch_inbox(self) -> None:
+        """Subscribe to this asker's inbox and note which statuses change (the map and
+        its observer are both kept: pycrdt drops an observer nobody references)."""
+        doc = self.session.subscribe(inbox(self.id))
+        if doc is not None and doc is not self._inbox:
+            self._inbox = doc
+            self._statuses = self._inbox.get(TASKS, type=Map)
+            self._statuses_sub = self._statuses.observe(
+                lambda event: self._statuses_changed.update(event.keys)
+            )
 
     # ------------------------------------------------------------------ the market
     def workers(self) -> list[Peer]:
@@ -151,6 +158,10 @@ class V3Asker:
         if self._dir_read is None:
             self._dir_read = dict(self._dir.get("workers", type=Map).items())
         return self._dir_read
+
+    def holds(self, tid: str) -> bool:
+        """Whether ``tid`` is one of this asker's tasks whose answer is not read yet."""
+        return tid in self._tracks
 
     @property
     def tracking(self) -> list[str]:
@@ -347,6 +358,10 @@ class V3Asker:
     def _on_event(self, event: Event) -> None:
         if event.kind is EventKind.NOTICE and event.code == Code.CREDITS:
             self._credits_notice(event)
+            return
+        if event.kind is EventKind.CONNECTED:
+            if self.id in self.session.granted:
+                self._watch_inbox()  # refused while not admitted: read it now
             return
         if event.kind is not EventKind.CHANGED and event.kind is not EventKind.NEW:
             return

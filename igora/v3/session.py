@@ -13,6 +13,8 @@ checks the market's key, then documents:
 - ``observe(callback)`` / ``events()``: what happens, as ``Event``s: a document appeared
   or changed, a subscription was refused (``NOTICE`` 403), a document was dropped (410:
   its ``Doc`` is forgotten), the connection came or went, or the session gave up.
+- ``prove(identity)`` adds an identity to a running session: the connection is made
+  again at once, its handshake proving one more id (a gateway's key added while it runs).
 - ``control(body)`` sends a ``CONTROL`` (``drop(name)`` the one that ends an owned
   document); a ``PRESENCE`` goes out every ``heartbeat`` seconds when nothing else did.
 
@@ -294,6 +296,7 @@ class Session:
         self._denied = ""  # the reason of an AUTH DENIED, for the close that follows
         self._pending: list[Frame] = []  # read with the WELCOME, handled after it
         self._task: asyncio.Task[None] | None = None
+        self._rejoin = False  # closed by ``prove``: connect again at once, no warning
 
     # ---------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Session:
@@ -398,6 +401,35 @@ class Session:
         self.forget(name)
         self._drops.add(name)
         self._send_drops()
+
+    async def prove(self, identity: Identity) -> bool:
+        """Prove ``identity`` too (a gateway's API key's, security.md §7): a handshake
+        proves the ids of its connection, so a live connection is made again at once (no
+        backoff), and what was written meanwhile goes with the resync that follows every
+        ``WELCOME``. Whether a ``WELCOME`` came within ``connect_timeout``; whether the
+        market admitted the identity is then in ``granted``."""
+        if identity.id in self.ids:
+            return self.connected
+        self.identities.append(identity)
+        self.ids = frozenset(i.id for i in self.identities)
+        ws = self._ws
+        if ws is None:
+            return False  # the next connection proves it
+        welcomed = asyncio.Event()
+
+        def seen(event: Event) -> None:
+            if event.kind is EventKind.CONNECTED or event.kind is EventKind.FAILED:
+                welcomed.set()
+
+        remove = self.observe(seen)
+        self._rejoin = True
+        try:
+            await ws.close(1000, "proving one more identity")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(welcomed.wait(), self.connect_timeout)
+        finally:
+            remove()
+        return self.connected
 
     def control(self, body: dict[str, Any]) -> bool:
         """Send a ``CONTROL`` (``body["op"]`` names it); False if not connected: roles send
@@ -569,6 +601,9 @@ class Session:
             finally:
                 self._disconnected()
             attempt += 1
+            if self._rejoin:
+                self._rejoin = False
+                continue
             await backoff.wait()
 
     def _fail(self, error: IgoraError) -> None:
@@ -625,8 +660,19 @@ class Session:
 
     def _closed(self, code: int, reason: str) -> None:
         reason = self._denied or reason
+        if code == Close.FORBIDDEN and self.connected and len(self.ids) > 1:
+            # One of several identities banned or removed (the market closes the whole
+            # connection): the next handshake admits the others, or is refused.
+            log.warning(
+                "%s: market closed the connection (4403: %s); proving the others again",
+                self.name,
+                reason,
+            )
+            return
         if code in FATAL_CLOSES:
             raise Refused(self.address.room_url, code, reason)
+        if self._rejoin:
+            return
         log.warning(
             "%s: market closed the connection (%d%s)",
             self.name,
