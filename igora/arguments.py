@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .config import ConfigError, check_market_urls, check_room
 from .protocol import MAX_TOKENS_LIMIT
@@ -21,6 +22,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        # An agent id is base64url and starts with "-" once in 64: a value, not an option
+        # (``igora market ban -Xy…``, ``--broker-key -Xy…``), where argparse would say
+        # "the following arguments are required".
+        if _LEADING_DASH_ID.fullmatch(arg_string) and arg_string not in self._option_string_actions:
+            return None
+        return super()._parse_optional(arg_string)
+
+
+_LEADING_DASH_ID = re.compile(r"-[A-Za-z0-9_-]{42}")
+"""What an agent id (43 base64url characters) starting with a dash looks like."""
 
 
 def _fmt(x: float) -> str:
