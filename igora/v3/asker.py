@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nacl.public import PublicKey
-from pycrdt import Array, Map
+from pycrdt import Array, Doc, Map
 
 from ..capabilities import fits, required
 from ..identity import Identity, IdentityError, unb64url
@@ -96,12 +96,26 @@ class V3Asker:
         self.id = identity.id
         self._session_key = identity.session_key()  # answers are sealed to it: memory only
         self._adverts: dict[str, tuple[str, PublicKey]] = {}  # id -> (advert sig, its key)
-        self._asker = session.own(asker_doc(self.id))
-        self._inbox = session.subscribe(inbox(self.id))
-        self._dir = session.subscribe("dir")
+        session.own(asker_doc(self.id))
+        session.subscribe(inbox(self.id))
+        session.subscribe("dir")
         self._tracks: dict[str, Track] = {}
         self._ended: set[str] = set()
         session.observe(self._on_event)
+
+    # Read from the session each time: a new epoch of any of them (protocol-v3.md §9)
+    # is a new Doc.
+    @property
+    def _asker(self) -> Doc[Any]:
+        return self.session.docs[asker_doc(self.id)]
+
+    @property
+    def _inbox(self) -> Doc[Any] | None:
+        return self.session.docs.get(inbox(self.id))
+
+    @property
+    def _dir(self) -> Doc[Any] | None:
+        return self.session.docs.get("dir")
 
     # ------------------------------------------------------------------ the market
     def workers(self) -> list[Peer]:

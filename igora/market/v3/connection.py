@@ -317,17 +317,22 @@ class V3Connection:
             except AdvertError as exc:
                 return wire.Close.BAD_FRAME, str(exc)
             return None
-        if op == "drop":
+        if op in ("drop", "replace"):
             name = body.get("doc")
             if not isinstance(name, str):
-                return wire.Close.BAD_FRAME, 'a drop names its "doc"'
+                return wire.Close.BAD_FRAME, f'a {op} names its "doc"'
             try:
                 doc = parse(name)
             except DocumentError as exc:
                 return wire.Close.BAD_FRAME, str(exc)
             if not may_write(doc, self.ids, lease=room.lease.holder is self):
-                return wire.Close.FORBIDDEN, f"drop of a document you do not own: {name}"
-            room.drop(self, name)
+                return wire.Close.FORBIDDEN, f"{op} of a document you do not own: {name}"
+            if op == "drop":
+                room.drop(self, name)
+            elif doc.kind in TASK_DOCUMENTS:
+                return wire.Close.BAD_FRAME, f"a task document is dropped, not replaced: {name}"
+            else:  # its new state follows as a step 2 (protocol-v3.md §9)
+                room.replace(self, name)
             return None
         self.notice(501, "", f"CONTROL {op[:40]!r} is not built (protocol-v3.md §12)")
         return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from pycrdt import get_state, get_update, merge_updates
 
@@ -33,16 +34,19 @@ log = logging.getLogger("igora.market")
 class DocLog:
     """One document's updates, merged every ``MERGE_EVERY``."""
 
-    __slots__ = ("entries", "size", "stored")
+    __slots__ = ("entries", "epoch", "idle", "size", "stored")
 
-    def __init__(self, entries: list[bytes] | None = None) -> None:
+    def __init__(self, entries: list[bytes] | None = None, epoch: int = 0) -> None:
         self.entries: list[bytes] = list(entries or [])
         self.size = sum(len(e) for e in self.entries)  # bytes held
         self.stored = len(self.entries)  # rows of it in the store
+        self.epoch = epoch  # of its last replace (protocol-v3.md §9); 0: none since loaded
+        self.idle = time.monotonic()  # since when nobody wrote or read it (task documents)
 
     def append(self, update: bytes) -> None:
         self.entries.append(update)
         self.size += len(update)
+        self.idle = time.monotonic()
         if len(self.entries) >= MERGE_EVERY:
             self._merge()
 

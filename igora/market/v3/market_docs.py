@@ -15,6 +15,11 @@ needs nothing special for them.
   ``dir.workers``: id -> a worker's signed advert as it sent it (``igora.v3.advert``),
   removed when the worker leaves.
 
+Each deletion (an agent left, an advert removed) leaves a tombstone; past
+``REPLACE_AFTER`` of them in one document, the market replaces it as any owner replaces
+its long-lived documents (protocol-v3.md §9, ``igora.v3.epochs``): ``replace(name,
+state)`` takes the new epoch's whole state to the room.
+
 A room loaded from the store continues the stored history of both: nobody is connected
 yet, so every ``who`` entry and advert and the broker's id are removed first
 (deletions that reach the readers' copies too).
@@ -30,6 +35,7 @@ from typing import Any
 from pycrdt import Doc, Map, merge_updates
 
 from ...protocol import now_ms, number
+from ...v3.epochs import REPLACE_AFTER, deletions, fresh
 from ..fanout import AWARENESS_INTERVAL
 
 INTERVAL = AWARENESS_INTERVAL
@@ -56,19 +62,21 @@ class MarketDocs:
         emit: Callable[[str, bytes], None],
         market: str,
         limits: dict[str, Any],
+        replace: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self._emit = emit
+        self._replace = replace
         self.docs: dict[str, Doc[Any]] = {DIR: Doc(), WHO: Doc()}
         for name, doc in self.docs.items():
             if name in stored:
                 doc.apply_update(stored[name])
         # Each transaction's own update (a deletion too, which a state vector does not
-        # show), merged at the next flush.
+        # show), merged at the next flush; the items deleted since the epoch began.
         self._pending: dict[str, list[bytes]] = {DIR: [], WHO: []}
-        self._subs = [
-            doc.observe(lambda event, name=name: self._pending[name].append(event.update))
-            for name, doc in self.docs.items()
-        ]
+        self.deleted: dict[str, int] = {DIR: 0, WHO: 0}
+        self.replaced = 0  # epochs started since loaded
+        for name in self.docs:
+            self._observe(name)
         self._due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last = 0.0
         agents, broker = self._map(WHO, "agents"), self._map(DIR, "broker")
@@ -85,6 +93,13 @@ class MarketDocs:
             market_map.clear()
             market_map.update(info)
         self.flush()  # at once: nobody reads yet, but the log starts right
+
+    def _observe(self, name: str) -> None:
+        def changed(event: Any) -> None:
+            self._pending[name].append(event.update)
+            self.deleted[name] += deletions(event.delete_set)
+
+        self.docs[name].observe(changed)
 
     def _map(self, doc: str, name: str) -> Map[Any]:
         shared: Map[Any] = self.docs[doc].get(name, type=Map)
@@ -151,6 +166,17 @@ class MarketDocs:
             if updates:
                 self._pending[name] = []
                 self._emit(name, merge_updates(*updates) if len(updates) > 1 else updates[0])
+            if self.deleted[name] >= REPLACE_AFTER and self._replace is not None:
+                self._new_epoch(name)
+
+    def _new_epoch(self, name: str) -> None:
+        """Replace ``name`` by its live entries (its tombstones go)."""
+        self.docs[name] = fresh(self.docs[name])
+        self.deleted[name] = 0
+        self._observe(name)
+        self.replaced += 1
+        assert self._replace is not None
+        self._replace(name, self.docs[name].get_update())
 
     def cancel(self) -> None:
         if self._due is not None:

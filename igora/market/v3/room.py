@@ -11,6 +11,7 @@ size and an identity's count of task documents (protocol-v3.md §4, rule 3).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 from ...v3 import wire
 from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, parse
 from ..fanout import Outbox
+from ..limits import DEFAULT_TASK_RETENTION
 from ..room import background
 from ..store import Store
 from .doclog import EMPTY_UPDATE, DocHistory, DocLog
@@ -28,6 +30,11 @@ from .market_docs import DIR, WHO, MarketDocs
 
 MAX_TASK_DOCUMENTS = 1_000
 """Live task documents (``p/``, ``r/``) one identity may own at once."""
+TASK_RETENTION = DEFAULT_TASK_RETENTION
+"""Seconds a task document nobody reads and nobody writes stays before the market drops
+it (protocol-v3.md §9): what an owner that never dropped it (it crashed, it restarted)
+leaves is not kept, and does not count towards its ``MAX_TASK_DOCUMENTS`` for ever."""
+SWEEP_EVERY = 60.0  # seconds between two looks for expired task documents, at most
 
 log = logging.getLogger("igora.market")
 
@@ -52,6 +59,7 @@ class DocLimits:
 
     task_document: int
     task_documents: int = MAX_TASK_DOCUMENTS
+    retention: float = TASK_RETENTION
 
 
 def _task_owner(name: str) -> str | None:
@@ -93,8 +101,14 @@ class V3Room:
         self.idle_since = time.monotonic()
         self.updates = 0  # taken since the room was loaded
         stored = {n: self.docs[n].state() for n in (DIR, WHO) if n in self.docs}
-        self.market_docs = MarketDocs(stored, self._market_write, market, info or {})
+        self.market_docs = MarketDocs(
+            stored, self._market_write, market, info or {}, self._market_replace
+        )
         self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
+        self.expired = 0  # task documents dropped for retention since loaded
+        self._sweep: asyncio.TimerHandle | None = None
+        with contextlib.suppress(RuntimeError):  # no loop: a room made outside a market
+            self._sweep_later()
 
     # ------------------------------------------------------------------ connections
     def join(self, peer: Peer) -> None:
@@ -156,6 +170,8 @@ class V3Room:
         self.subs.setdefault(name, set()).add(peer)
         peer.subscribed.add(name)
         doc = self.docs.get(name)
+        if doc is not None and doc.epoch:  # which epoch its state is: a reader that
+            peer.outbox.put(_replaced(name, doc.epoch))  # holds another starts afresh
         if doc is not None and not doc.empty:
             peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, doc.state())))
 
@@ -185,6 +201,9 @@ class V3Room:
             readers.discard(peer)
             if not readers:
                 del self.subs[name]
+                doc = self.docs.get(name)
+                if doc is not None:
+                    doc.idle = time.monotonic()  # its retention starts (task documents)
 
     def readers(self, name: str) -> set[Peer]:
         """The connections subscribed to ``name``, by name or by prefix."""
@@ -213,9 +232,10 @@ class V3Room:
                     if name not in peer.subscribed:
                         self.subscribe(peer, name)
 
-    def drop(self, sender: Peer, name: str) -> None:
-        """Remove a document (its owner's word): its log, its rows, its subscriptions
-        and attachments; its readers get a ``NOTICE`` 410."""
+    def drop(self, sender: Peer | None, name: str, why: str = "dropped by its owner") -> None:
+        """Remove a document (its owner's word, or its retention ended: ``sender`` None):
+        its log, its rows, its subscriptions and attachments; its readers get a
+        ``NOTICE`` 410."""
         if self.docs.pop(name, None) is not None:
             self.history.drop(name)
             owner = _task_owner(name)
@@ -223,8 +243,12 @@ class V3Room:
                 self.task_documents[owner] -= 1
                 if self.task_documents[owner] <= 0:
                     del self.task_documents[owner]
-        notice = wire.encode(wire.Notice(wire.Code.DROPPED, name, "dropped by its owner"))
-        for reader in self.readers(name):
+        notice = wire.encode(wire.Notice(wire.Code.DROPPED, name, why))
+        told = self.readers(name)
+        if sender is None:  # the owner too: it stops holding it
+            owner = _task_owner(name)
+            told |= {p for p in self.connections if owner in p.ids}
+        for reader in told:
             if reader is not sender:
                 reader.outbox.put(notice)
         for peer in self.subs.pop(name, set()):
@@ -233,6 +257,59 @@ class V3Room:
             self.attachments[i].discard(name)
             if not self.attachments[i]:
                 del self.attachments[i]
+
+    def replace(self, sender: Peer | None, name: str) -> int:
+        """A new epoch of long-lived document ``name`` (its owner's word, protocol-v3.md
+        §9; ``sender`` None: the market's own ``dir`` or ``who``): its log starts empty
+        (the owner's whole new state follows as its first update) and its rows are
+        replaced; readers and the owner get a ``NOTICE`` 205 naming the epoch, so that
+        they take what follows into a new ``Doc``. Epochs are the market's clock in ms,
+        always higher than the last: a market restarted never gives one again."""
+        old = self.docs.get(name)
+        epoch = max(int(time.time() * 1000), (old.epoch if old is not None else 0) + 1)
+        doc = self.docs[name] = DocLog(epoch=epoch)
+        doc.stored = 0
+        self.history.drop(name)
+        notice = _replaced(name, epoch)
+        told = self.readers(name) | ({sender} if sender is not None else set())
+        for peer in told:
+            peer.outbox.put(notice)
+        return epoch
+
+    def _market_replace(self, name: str, state: bytes) -> None:
+        """The market replaced its ``dir`` or ``who`` with ``state``."""
+        self.replace(None, name)
+        self._market_write(name, state)
+
+    # ------------------------------------------------------------------ retention
+    def _sweep_later(self) -> None:
+        wait = min(SWEEP_EVERY, max(self.limits.retention / 4, 0.05))
+        self._sweep = asyncio.get_running_loop().call_later(wait, self.expire)
+
+    def expire(self) -> int:
+        """Drop the task documents nobody reads and nobody wrote for the retention time;
+        how many went."""
+        self._sweep_later()
+        limit = time.monotonic() - self.limits.retention
+        gone = [
+            name
+            for name, doc in self.docs.items()
+            if doc.idle < limit and name[:2] in ("p/", "r/") and not self.subs.get(name)
+        ]
+        why = f"expired: nobody read or wrote it for {self.limits.retention:g} s"
+        for name in gone:
+            self.drop(None, name, why)
+        if gone:
+            self.expired += len(gone)
+            log.info("room %s: %d task document(s) expired", self.name, len(gone))
+        return len(gone)
+
+    def cancel(self) -> None:
+        """Stop the room's timers (it leaves memory)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self.market_docs.cancel()
 
     def sync(self, name: str, state_vector: bytes) -> bytes:
         """What a holder of ``state_vector`` lacks of ``name`` (ValueError: not a state
@@ -292,9 +369,22 @@ class V3Room:
             "identities": len(self.identities),
             "agents": self.market_docs.agents(),
             "documents": len(self.docs) - len(self.docs.keys() & {DIR, WHO}),  # the agents'
+            "bytes": self._bytes(),
+            "expired": self.expired,
             "updates": self.updates,
             "lease": {"epoch": self.lease.epoch, "held": self.lease.holder is not None},
         }
+
+    def _bytes(self) -> dict[str, int]:
+        """Bytes of the logs held, by kind of document (``in``, ``a``, ``p``, ``dir``...)."""
+        out: Counter[str] = Counter()
+        for name, doc in self.docs.items():
+            out[name.partition("/")[0]] += doc.size
+        return dict(out)
+
+
+def _replaced(name: str, epoch: int) -> bytes:
+    return wire.encode(wire.Notice(wire.Code.REPLACED, name, f"replaced: epoch {epoch}"))
 
 
 class V3Rooms:
@@ -357,7 +447,7 @@ class V3Rooms:
         if room.holders or room.history.pending or self.rooms.get(room.name) is not room:
             return
         del self.rooms[room.name]
-        room.market_docs.cancel()
+        room.cancel()
         log.debug("room %s: unloaded from memory", room.name)
 
     def flush_sync(self) -> None:
