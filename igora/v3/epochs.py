@@ -63,6 +63,8 @@ def _copy(value: Any) -> Any:
         return Array([_copy(v) for v in value])
     if isinstance(value, Text):
         return Text(str(value))
+    if isinstance(value, bytearray):  # bytes as read back from Yjs
+        return bytes(value)
     return value
 
 

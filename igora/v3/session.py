@@ -827,7 +827,7 @@ class Session:
             check_update(frame.payload)
         except UpdateError as exc:
             raise _BadInput(f"the market sent a bad update of {name} ({exc})") from None
-        if name in self._fresh and name not in self._owned:
+        if name in self._fresh:  # (read when the NOTICE came; perhaps owned since)
             self._fresh.discard(name)
             self._release(name)  # the new epoch's state: into a new Doc
         new = name not in self.docs
