@@ -61,6 +61,7 @@ class Unservables:
         pending = len(failures) < len([t for t in seen if t in waiting_ids])
         for tid in [t for t in seen if t not in waiting_ids]:
             del seen[tid]
+        servable &= waiting_ids  # the tasks gone (assigned, ended): forgotten
         for task, _why in failures:
             seen.pop(task[TaskField.ID], None)
         return failures, pending

@@ -380,10 +380,7 @@ class Session:
             del self._subs[name]
         # Also for a document never subscribed by name: that ends an attachment (§5).
         self._put(encode(Subscribe(((name, prefix),), unsubscribe=True)))
-        self._gone.pop(name, None)
-        self._gone[name] = None
-        if len(self._gone) > GONE_KEPT:
-            del self._gone[next(iter(self._gone))]
+        self._mark_gone(name)
         held = [n for n in self.docs if n.startswith(name)] if prefix else [name]
         for n in held:
             if n not in self._owned and self._subs.get(n) is not False:
@@ -402,8 +399,16 @@ class Session:
         if name not in self._owned:
             raise DocumentError(f"{name} is not a document this session owns")
         self.forget(name)
+        self._mark_gone(name)  # what the market sent of it before the drop: ignored
         self._drops.add(name)
         self._send_drops()
+
+    def _mark_gone(self, name: str) -> None:
+        """Late updates of ``name`` are ignored (the last GONE_KEPT names)."""
+        self._gone.pop(name, None)
+        self._gone[name] = None
+        if len(self._gone) > GONE_KEPT:
+            del self._gone[next(iter(self._gone))]
 
     def replace(self, name: str) -> Doc[Any]:
         """Start a new epoch of ``name``, a long-lived document this session owns
