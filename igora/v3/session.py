@@ -51,6 +51,7 @@ from websockets.typing import Subprotocol
 from ..config import ConfigError, MarketAddress, check_room, check_ws_url
 from ..errors import IgoraError, MarketUnreachable
 from ..identity import Identity, IdentityError, public_key
+from ..market.compaction import release_memory, tune_allocator
 from ..market.fanout import Outbox
 from ..market.v3.connection import HEARTBEATS
 from ..reconnect import BACKOFF_MAX, Backoff, log_unreachable
@@ -419,6 +420,7 @@ class Session:
         (roles read ``docs[name]`` again rather than keep the old one)."""
         if name not in self._owned or name[:2] in ("p/", "r/"):
             raise DocumentError(f"{name} is not a long-lived document this session owns")
+        tune_allocator()
         new = fresh(self.docs[name])
         self._release(name)
         self.docs[name] = new
@@ -428,6 +430,7 @@ class Session:
         self.replaced += 1
         if self._sendable(name):
             self._send_replace(name)
+        release_memory()  # the old Doc's pages, as after a v2 compaction
         log.debug("%s: %s replaced by a new epoch", self.name, name)
         return new
 

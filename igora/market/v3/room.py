@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from ...v3 import wire
 from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, parse
+from ..compaction import release_memory, tune_allocator
 from ..fanout import Outbox
 from ..limits import DEFAULT_TASK_RETENTION
 from ..room import background
@@ -105,6 +106,7 @@ class V3Room:
             stored, self._market_write, market, info or {}, self._market_replace
         )
         self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
+        tune_allocator()  # merged logs of 128 KiB or more: out of the heap (compaction.py)
         self.expired = 0  # task documents dropped for retention since loaded
         self._sweep: asyncio.TimerHandle | None = None
         with contextlib.suppress(RuntimeError):  # no loop: a room made outside a market
@@ -274,6 +276,7 @@ class V3Room:
         told = self.readers(name) | ({sender} if sender is not None else set())
         for peer in told:
             peer.outbox.put(notice)
+        release_memory()  # the old log's pages
         return epoch
 
     def _market_replace(self, name: str, state: bytes) -> None:
