@@ -18,7 +18,8 @@ room sees it (docs/protocol-v3.md §4):
   (step 2); the owner also gets the market's step 1, so that it sends what the market
   lacks (its re-sync after a reconnection); from anyone else a ``NOTICE`` 403;
 - ``SUB``: checked against the read rules; a refusal is a ``NOTICE`` 403, not a close;
-- ``UNSUB``, ``PRESENCE``: taken; ``CONTROL``: step 3 (a ``NOTICE`` says so).
+- ``UNSUB``, ``PRESENCE``: taken; ``CONTROL``: ``lease``, ``attach``, ``advert``, ``drop``
+  and ``replace`` (a new epoch of a long-lived document, §9); any other, a ``NOTICE`` 501.
 
 What the market sends goes through the connection's outbox (``fanout.Outbox``): frames
 that pile up while one is written leave as one ``BATCH`` (``igora.v3.outbox.coalesce``,
