@@ -132,6 +132,7 @@ def render(
         "make bench                                   # everything (~12 min on 2 cores)",
         ".venv/bin/python -m bench --quick            # a smoke run, to bench-report.md",
         ".venv/bin/python -m bench --only wire --only sync   # some topics, to bench-report.md",
+        ".venv/bin/python -m bench --only soak --protocol 3 --tasks 20000   # soak, v3 room",
         "```",
         "",
         "The modules are in `bench/` (one per topic: "
