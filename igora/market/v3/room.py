@@ -269,7 +269,7 @@ class V3Room:
         always higher than the last: a market restarted never gives one again."""
         old = self.docs.get(name)
         epoch = max(int(time.time() * 1000), (old.epoch if old is not None else 0) + 1)
-        doc = self.docs[name] = DocLog(epoch=epoch)
+        doc = self.docs[name] = DocLog(epoch=epoch, collect=True)
         doc.stored = 0
         self.history.drop(name)
         notice = _replaced(name, epoch)
@@ -338,7 +338,7 @@ class V3Room:
                 owned, most = self.task_documents[doc.agent], self.limits.task_documents
                 if owned >= most:
                     return f"over {most} live task documents"
-            log = self.docs[name] = DocLog()
+            log = self.docs[name] = DocLog(collect=not is_task)
             log.stored = 0
             if is_task and doc.agent is not None:
                 self.task_documents[doc.agent] += 1
@@ -360,7 +360,7 @@ class V3Room:
         """An update of ``dir`` or ``who``, the market's own documents."""
         log = self.docs.get(name)
         if log is None:
-            log = self.docs[name] = DocLog()
+            log = self.docs[name] = DocLog(collect=True)
         self._append(None, name, log, update)
 
     def summary(self) -> dict[str, Any]:
