@@ -150,9 +150,9 @@ def test_documents_stay_bounded_over_thousands_of_tasks(
                 assert len(s._gone) <= GONE_KEPT
             assert not client.v3.tracking and not broker._verified
             # The market: the four long-lived documents of the agents, and their logs
-            # bounded by their epochs (each at most REPLACE_AFTER deleted entries with
-            # their content: ~0.4 KB in a/, ~0.6 KB in an inbox; measured ~0.5 MB in all,
-            # 1.76 MB without epochs).
+            # bounded by their epochs (each at most REPLACE_AFTER deleted entries; their
+            # merges drop the content: measured ~0.1 MB in all; 0.5 MB with merges that
+            # kept it, 1.76 MB without epochs).
             assert room["documents"] == 4, room
             logs = room["bytes"]
             assert logs["a"] + logs["in"] + logs["w"] < 2 * REPLACE_AFTER * 1_000, logs
