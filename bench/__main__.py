@@ -2,7 +2,8 @@
 
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
 (repeatable: overhead, streaming, throughput, wire, traffic, sync, scale, replicas, gateway,
-gateway_load, soak, structured, secure, priority), ``--out PATH``
+gateway_load, soak, structured, secure, priority), ``--out PATH``, ``--protocol 3`` and
+``--tasks N`` (the soak: in a v3 room, with N tasks)
 (a partial run writes bench-report.md unless told otherwise).
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import importlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
@@ -131,6 +133,7 @@ def render(
         "make bench                                   # everything (~12 min on 2 cores)",
         ".venv/bin/python -m bench --quick            # a smoke run, to bench-report.md",
         ".venv/bin/python -m bench --only wire --only sync   # some topics, to bench-report.md",
+        ".venv/bin/python -m bench --only soak --protocol 3 --tasks 20000   # soak, v3 room",
         "```",
         "",
         "The modules are in `bench/` (one per topic: "
@@ -161,7 +164,9 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:
-            section = await mod.run(args.quick)
+            options = inspect.signature(mod.run).parameters
+            extra = {k: getattr(args, k) for k in ("protocol", "tasks") if k in options}
+            section = await mod.run(args.quick, **extra)
         except Exception:
             failed[name] = traceback.format_exc()
             print(f"bench: {name} failed:\n{failed[name]}", file=sys.stderr, flush=True)
@@ -192,6 +197,20 @@ def main() -> int:
         action="append",
         metavar="NAME",
         help=f"run only this topic (repeatable): {', '.join(MODULES)}",
+    )
+    p.add_argument(
+        "--protocol",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="the room's protocol, for topics that measure one (soak): 3 is a v3 room",
+    )
+    p.add_argument(
+        "--tasks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tasks of the soak (default 100,000; 10,000 with --quick)",
     )
     p.add_argument(
         "--out",

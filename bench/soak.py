@@ -2,7 +2,8 @@
 and a client process; the memory of every process must stay flat, no task may be lost or
 run twice.
 
-The client process (``python -m bench.soak URL GATEWAY N WARMUP OUT NAME=PID ...``) keeps one
+The client process (``python -m bench.soak URL GATEWAY N WARMUP OUT ROOM NAME=PID ...``, ROOM
+``-`` for the market's default room) keeps one
 ``Client`` connected for the whole run and one HTTP connection pool to the gateway; half
 the tasks go through each, half of each streamed. It samples the resident memory of the
 processes named on its command line, and its own, when 10 %, 50 % and 100 % of the tasks
@@ -10,6 +11,11 @@ are answered, and writes the figures to OUT (JSON). The memory of a process grow
 than 5 % from 10 % to the end when it keeps no per-task state: the agents compact their
 documents (docs/faults.md "Agents that run for months"). ``tests/test_faults_soak.py``
 runs the same with fewer tasks.
+
+``protocol`` 3 (``python -m bench --only soak --protocol 3``) runs the same processes in a
+v3 room (``--v3-room v3``, each agent its own identity): there no agent keeps the room's
+history; the owners replace their long-lived documents by new epochs and task documents
+are dropped (docs/protocol-v3.md §9).
 """
 
 from __future__ import annotations
@@ -71,7 +77,12 @@ async def _via_gateway(http: httpx.AsyncClient, base: str, i: int, stream: bool)
 
 
 async def drive(
-    url: str, gateway: str, n: int, pids: dict[str, int], warmup: int = 0
+    url: str,
+    gateway: str,
+    n: int,
+    pids: dict[str, int],
+    warmup: int = 0,
+    room: str | None = None,
 ) -> dict[str, Any]:
     """Run ``warmup`` tasks, then ``n`` measured ones; return the memory samples (at
     10, 50 and 100 % of the ``n``) and what went wrong.
@@ -108,7 +119,7 @@ async def drive(
 
     limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
     async with (
-        Client(url, name="soak-client", connect_timeout=60) as client,
+        Client(url, room, name="soak-client", connect_timeout=60) as client,
         httpx.AsyncClient(timeout=300, limits=limits) as http,
     ):
         await client.wait_for_worker(None, 60)
@@ -166,16 +177,20 @@ async def drive(
 def client_process(
     cluster: Cluster, gateway: str, n: int, warmup: int, pids: dict[str, int], out: Path
 ) -> Any:
-    """Start the client process (``python -m bench.soak``) on ``cluster``."""
+    """Start the client process (``python -m bench.soak``) on ``cluster`` (in its room,
+    with its own identity if it is a v3 one)."""
+    room = getattr(cluster, "room", None)
     return cluster.spawn(
         cluster.url,
         gateway,
         str(n),
         str(warmup),
         str(out),
+        room or "-",
         *(f"{k}={p}" for k, p in pids.items()),
         name="soak-client",
         module="bench.soak",
+        env=cluster.agent_data("soak-client") if room else None,
     )
 
 
@@ -193,19 +208,19 @@ def growth(result: dict[str, Any]) -> dict[str, float]:
     return {k: (last[k] - first[k]) / first[k] for k in first}
 
 
-async def soak(n: int, warmup: int = 0) -> tuple[dict[str, Any], Counter[str]]:
+async def soak(n: int, warmup: int = 0, protocol: int = 2) -> tuple[dict[str, Any], Counter[str]]:
     """Run the soak on a new cluster: the client process's figures, and how many times
     each task was started by a worker."""
-    with Cluster("soak") as c:
+    with Cluster("soak", protocol) as c:
         pids = {
-            "market": c.market().pid,
-            "broker": c.broker("--heartbeat", "1", "--log-level", "info").pid,
+            "market": c.room_market().pid,
+            "broker": c.room_broker("--heartbeat", "1", "--log-level", "info").pid,
         }
         for name in ("worker 1", "worker 2"):
-            pids[name] = c.worker(
+            pids[name] = c.room_worker(
                 "--slots", "8", "--log-level", "info", name=name.replace(" ", "")
             ).pid
-        gw, base = c.gateway("--log-level", "warning", "--wait-worker", "30")
+        gw, base = c.room_gateway("--log-level", "warning", "--wait-worker", "30")
         pids["gateway"] = gw.pid
         await c.wait_agents_async("worker", 2, timeout=120)
         out = c.dir / "soak.json"
@@ -224,9 +239,9 @@ async def soak(n: int, warmup: int = 0) -> tuple[dict[str, Any], Counter[str]]:
         return result, executions(logs)
 
 
-async def run(quick: bool) -> Section:
-    n = QUICK_TASKS if quick else TASKS
-    result, runs = await soak(n)
+async def run(quick: bool, protocol: int = 2, tasks: int | None = None) -> Section:
+    n = tasks or (QUICK_TASKS if quick else TASKS)
+    result, runs = await soak(n, protocol=protocol)
     grown = growth(result)
     samples = result["samples"]
     names = list(samples[0]["rss"])
@@ -240,15 +255,24 @@ async def run(quick: bool) -> Section:
     ]
     rate = result["tasks"] / result["seconds"]
     twice = sum(1 for v in runs.values() if v > 1)
+    room = "a v3 room (`--v3-room`, protocol 3)" if protocol == 3 else "the default (v2) room"
     body = (
-        f"{n:,} echo tasks, {IN_FLIGHT} at once, from one client process: half through its "
+        f"{n:,} echo tasks in {room}, {IN_FLIGHT} at once, from one client process: half "
+        "through its "
         "`Client` (one market connection for the whole run), half through the gateway "
         "(`POST /v1/chat/completions`, httpx); half of each streamed. Market, broker, two "
         "echo workers (8 slots each), gateway and client process run for the whole soak; "
-        "every agent compacts its own document (docs/faults.md). Resident memory (MiB) "
+        + (
+            "the owners replace their long-lived documents by new epochs, the task "
+            "documents are dropped (docs/protocol-v3.md §9). "
+            if protocol == 3
+            else "every agent compacts its own document (docs/faults.md). "
+        )
+        + "Resident memory (MiB) "
         f"when 10 %, 50 % and 100 % of the tasks were answered: the least of the readings "
         f"taken every 0.1 s for {WINDOW:g} s while tasks flow (in brackets the most: a "
-        "compaction under way), and the growth of the least from 10 % to the end:\n\n"
+        f"{'replace' if protocol == 3 else 'compaction'} under way), and the growth of the "
+        "least from 10 % to the end:\n\n"
         + table(
             [
                 "process",
@@ -272,7 +296,7 @@ async def run(quick: bool) -> Section:
         and len(runs) == result["tasks"]
     )
     return Section(
-        "Soak: memory of every process",
+        "Soak: memory of every process" + (" (protocol 3)" if protocol == 3 else ""),
         body,
         [
             Target(
@@ -293,9 +317,11 @@ async def run(quick: bool) -> Section:
 
 
 def main() -> None:
-    url, gateway, n, warmup, out = sys.argv[1:6]
-    pids = {k: int(v) for k, v in (a.split("=", 1) for a in sys.argv[6:])}
-    result = asyncio.run(drive(url, gateway, int(n), pids, int(warmup)))
+    url, gateway, n, warmup, out, room = sys.argv[1:7]
+    pids = {k: int(v) for k, v in (a.split("=", 1) for a in sys.argv[7:])}
+    result = asyncio.run(
+        drive(url, gateway, int(n), pids, int(warmup), None if room == "-" else room)
+    )
     Path(out).write_text(json.dumps(result))
 
 

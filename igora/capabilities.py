@@ -110,8 +110,14 @@ class Unservable:
 def unservable(task: dict[str, Any], workers: list[Peer]) -> Unservable | None:
     """Why no worker present on the market could serve ``task`` (whatever their load),
     or None if one could. Workers: every worker present, busy or not."""
-    model = model_for(task, workers)
-    needs = required(task)
+    return unservable_kind(model_for(task, workers), required(task), workers)
+
+
+def unservable_kind(
+    model: str | None, needs: frozenset[str], workers: list[Peer]
+) -> Unservable | None:
+    """Why no worker present could serve a task of ``model`` (None: any) that needs
+    ``needs``, or None if one could (a v3 task's header says both)."""
     if any(fits(w, model, needs) for w in workers):
         return None
     serving = [w for w in workers if w.serves(model)]

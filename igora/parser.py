@@ -36,6 +36,7 @@ from .market.limits import (  # the market's own defaults
     DEFAULT_MAX_ROOMS_PER_ADDRESS,
     DEFAULT_PORT,
     DEFAULT_ROOM_IDLE,
+    DEFAULT_TASK_RETENTION,
 )
 from .market.members import MODES
 from .market.v3.bank import DEFAULT_RECEIPT_WAIT
@@ -191,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_PER_ADDRESS,
         help="connections from one IP address",
+    )
+    p.add_argument(
+        "--task-retention",
+        type=float,
+        default=DEFAULT_TASK_RETENTION,
+        metavar="S",
+        help="v3 rooms: seconds a task document nobody reads or writes is kept before "
+        "the market drops it (docs/protocol-v3.md §9)",
     )
     p.add_argument(
         "--room-idle",

@@ -10,6 +10,7 @@ answers it (``capabilities.model_for``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..capabilities import Unservable, unservable
@@ -26,11 +27,18 @@ class Unservables:
         self._servable: tuple[int, set[str]] = (-1, set())
 
     def judge(
-        self, waiting: list[dict[str, Any]], present: list[Peer], view: int, now: float
+        self,
+        waiting: list[dict[str, Any]],
+        present: list[Peer],
+        view: int,
+        now: float,
+        check: Callable[[dict[str, Any], list[Peer]], Unservable | None] | None = None,
     ) -> tuple[list[tuple[dict[str, Any], Unservable]], bool]:
         """The waiting tasks to fail now, with why, and whether others are still being
         judged (the caller looks again within UNSERVABLE_AFTER). ``view``: the version of
-        the peers' adverts; ``now``: monotonic seconds."""
+        the peers' adverts; ``now``: monotonic seconds; ``check``: why a task is
+        unservable (None: it is not, or is not judged), v2's tasks by default."""
+        check = check or _v2_check
         if self._servable[0] != view:
             self._servable = (view, set())
         servable = self._servable[1]
@@ -40,14 +48,9 @@ class Unservables:
         for task in waiting:
             tid = task[TaskField.ID]
             waiting_ids.add(tid)
-            if (
-                tid in servable
-                or task.get(TaskField.ABORTED)
-                or is_original(task)
-                or task.get(TaskField.ATTEMPTS)
-            ):
+            if tid in servable:
                 continue
-            why = unservable(task, present)
+            why = check(task, present)
             if why is None:
                 seen.pop(tid, None)
                 servable.add(tid)
@@ -58,6 +61,14 @@ class Unservables:
         pending = len(failures) < len([t for t in seen if t in waiting_ids])
         for tid in [t for t in seen if t not in waiting_ids]:
             del seen[tid]
+        servable &= waiting_ids  # the tasks gone (assigned, ended): forgotten
         for task, _why in failures:
             seen.pop(task[TaskField.ID], None)
         return failures, pending
+
+
+def _v2_check(task: dict[str, Any], present: list[Peer]) -> Unservable | None:
+    """A v2 task never assigned, not aborted, not an original agent's: judged."""
+    if task.get(TaskField.ABORTED) or is_original(task) or task.get(TaskField.ATTEMPTS):
+        return None
+    return unservable(task, present)

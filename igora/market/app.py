@@ -42,6 +42,7 @@ from .limits import (
     DEFAULT_MAX_ROOMS,
     DEFAULT_MAX_ROOMS_PER_ADDRESS,
     DEFAULT_ROOM_IDLE,
+    DEFAULT_TASK_RETENTION,
     Connections,
 )
 from .members import REFRESH, Membership
@@ -72,6 +73,7 @@ class Market:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         room_idle: float = DEFAULT_ROOM_IDLE,
+        task_retention: float = DEFAULT_TASK_RETENTION,
         compact_every: int = DEFAULT_COMPACT_EVERY,
         max_rooms: int = DEFAULT_MAX_ROOMS,
         max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
@@ -108,7 +110,7 @@ class Market:
         self.brokers: frozenset[str] | None = None
         if secure and identity is not None:
             self.brokers = broker_keys | {identity.id}
-        limits = DocLimits(task_document=max_message)
+        limits = DocLimits(task_document=max_message, retention=task_retention)
         self.v3_limits = {
             "maxMessage": max_message,
             "taskDocuments": limits.task_documents,

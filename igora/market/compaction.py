@@ -288,14 +288,15 @@ _libc = _glibc()
 _tuned = False
 
 
-def _tune_allocator() -> None:
+def tune_allocator() -> None:
     """Keep every block of 128 KiB or more out of glibc's heap, in a mapping of its own
     that goes back to the system when freed. glibc raises that threshold to the size of
     the largest such block freed (up to 32 MiB): after the first compaction, the state
     and the rewrite's buffers (hundreds of kB, one set per compaction) went into the heap
     between the document's small blocks, and the heap of every agent grew with the
     largest compaction seen (docs/faults.md). Once per process, before its first
-    compaction; not if the user set the threshold (``MALLOC_MMAP_THRESHOLD_``,
+    compaction (or a v3 room's first replace, ``igora.v3.epochs``); not if the user set
+    the threshold (``MALLOC_MMAP_THRESHOLD_``,
     ``GLIBC_TUNABLES``)."""
     global _tuned
     if _tuned:
@@ -319,7 +320,7 @@ async def compact_doc(doc: Doc[Any], spared: set[str] | None) -> tuple[Doc[Any],
     ``doc`` received while the rewrite ran in a thread; and the size of the state before.
     ``doc`` itself is not changed: the caller swaps the new one in with no await between,
     then calls ``release_memory``."""
-    _tune_allocator()
+    tune_allocator()
     vector, state = doc.get_state(), doc.get_update()
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(_REWRITER, compact, state, spared)

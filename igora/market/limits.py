@@ -20,6 +20,7 @@ DEFAULT_MAX_CONNECTIONS = 2_000
 DEFAULT_MAX_PER_ADDRESS = 500
 DEFAULT_COMPACT_EVERY = 500  # finished tasks between two compactions of a room (0: never)
 DEFAULT_ROOM_IDLE = 60.0  # seconds a room with no connection stays in memory (with a store)
+DEFAULT_TASK_RETENTION = 600.0  # seconds an unread, unwritten v3 task document is kept
 DEFAULT_MAX_ROOMS = 1_000  # rooms in memory; past it the one idle the longest is unloaded
 DEFAULT_MAX_ROOMS_PER_ADDRESS = 100  # rooms in memory that one IP address loaded
 MAX_ROOM_NAME = MAX_ROOM
@@ -37,11 +38,16 @@ def check_limits(
     max_rooms: int = 1,
     max_rooms_per_address: int = 1,
     header_timeout: float = 1.0,
+    task_retention: float = DEFAULT_TASK_RETENTION,
 ) -> None:
     """Raise ConfigError, naming the command-line flag, for a limit out of its range."""
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
-    for flag, seconds in (("--room-idle", room_idle), ("--header-timeout", header_timeout)):
+    for flag, seconds in (
+        ("--room-idle", room_idle),
+        ("--header-timeout", header_timeout),
+        ("--task-retention", task_retention),
+    ):
         if not 0 < seconds < float("inf"):
             raise ConfigError(f"{flag} must be a positive number of seconds, not {seconds}")
     for flag, value, least in (

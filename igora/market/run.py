@@ -42,6 +42,7 @@ from .limits import (
     DEFAULT_MAX_ROOMS,
     DEFAULT_MAX_ROOMS_PER_ADDRESS,
     DEFAULT_ROOM_IDLE,
+    DEFAULT_TASK_RETENTION,
     check_limits,
 )
 from .replicas import check_redis
@@ -136,6 +137,7 @@ def run_market(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
     room_idle: float = DEFAULT_ROOM_IDLE,
+    task_retention: float = DEFAULT_TASK_RETENTION,
     compact_every: int = DEFAULT_COMPACT_EVERY,
     max_rooms: int = DEFAULT_MAX_ROOMS,
     max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
@@ -169,6 +171,7 @@ def run_market(
         max_rooms,
         max_rooms_per_address,
         header_timeout,
+        task_retention,
     )
     # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
     for noisy in ("igora.market.room", "igora.market.server", "redis"):
@@ -186,6 +189,7 @@ def run_market(
         max_connections=max_connections,
         max_per_address=max_per_address,
         room_idle=room_idle,
+        task_retention=task_retention,
         compact_every=compact_every,
         max_rooms=max_rooms,
         max_rooms_per_address=max_rooms_per_address,

@@ -115,14 +115,15 @@ class V3Asker:
         self.id = identity.id
         self._session_key = identity.session_key()  # answers are sealed to it: memory only
         self._adverts: dict[str, tuple[str, PublicKey]] = {}  # id -> (advert sig, its key)
-        self._asker = session.own(asker_doc(self.id))
+        session.own(asker_doc(self.id))
         # the tasks whose status changed since the inbox was last looked at: with many
         # tasks in flight on one connection (a gateway), every status update looked at
         # every task
         self._statuses_changed: set[str] = set()
-        self._inbox: Doc[Any] | None = None
+        self._watched: Doc[Any] | None = None  # the inbox Doc whose statuses are observed
+        session.subscribe(inbox(self.id))
         self._watch_inbox()
-        self._dir = session.subscribe("dir")
+        session.subscribe("dir")
         self._dir_read: dict[str, Any] | None = None  # dir.workers as read (``_listed``)
         self._tracks: dict[str, Track] = {}
         self._ended: set[str] = set()
@@ -130,16 +131,33 @@ class V3Asker:
         self.receipts = True  # sign a receipt for each run read (False: a test's rogue)
         session.observe(self._on_event)
 
+    # Read from the session each time: a new epoch of any of them (protocol-v3.md §9)
+    # is a new Doc.
+    @property
+    def _asker(self) -> Doc[Any]:
+        return self.session.docs[asker_doc(self.id)]
+
+    @property
+    def _inbox(self) -> Doc[Any] | None:
+        return self.session.docs.get(inbox(self.id))
+
+    @property
+    def _dir(self) -> Doc[Any] | None:
+        return self.session.docs.get("dir")
+
     def _watch_inbox(self) -> None:
-        """Subscribe to this asker's inbox and note which statuses change (the map and
-        its observer are both kept: pycrdt drops an observer nobody references)."""
-        doc = self.session.subscribe(inbox(self.id))
-        if doc is not None and doc is not self._inbox:
-            self._inbox = doc
-            self._statuses = self._inbox.get(TASKS, type=Map)
-            self._statuses_sub = self._statuses.observe(
-                lambda event: self._statuses_changed.update(event.keys)
-            )
+        """Note which statuses of the inbox change, from its current ``Doc`` (a new one
+        after a refusal or a new epoch: then every status is looked at once). The map and
+        its observer are both kept: pycrdt drops an observer nobody references."""
+        doc = self._inbox
+        if doc is None or doc is self._watched:
+            return
+        self._watched = doc
+        self._statuses = doc.get(TASKS, type=Map)
+        self._statuses_sub = self._statuses.observe(
+            lambda event: self._statuses_changed.update(event.keys)
+        )
+        self._statuses_changed.update(self._statuses.keys())
 
     # ------------------------------------------------------------------ the market
     def workers(self) -> list[Peer]:
@@ -360,13 +378,15 @@ class V3Asker:
             self._credits_notice(event)
             return
         if event.kind is EventKind.CONNECTED:
-            if self.id in self.session.granted:
-                self._watch_inbox()  # refused while not admitted: read it now
+            if self.id in self.session.granted:  # refused while not admitted: read it now
+                self.session.subscribe(inbox(self.id))
+                self._watch_inbox()
             return
         if event.kind is not EventKind.CHANGED and event.kind is not EventKind.NEW:
             return
         name = event.name
         if name == inbox(self.id):
+            self._watch_inbox()  # a new epoch is a new Doc
             changed, self._statuses_changed = self._statuses_changed, set()
             for tid in changed:
                 if tid in self._tracks:

@@ -30,7 +30,8 @@ from pycrdt import Doc, Map
 from ..broker import standing
 from ..broker.fairness import Fairness
 from ..broker.matching import Kind, free_slots, pick_for
-from ..capabilities import fits
+from ..broker.unservable import Unservables
+from ..capabilities import Unservable, fits, unservable_kind
 from ..protocol import (
     PROTOCOL_VERSION,
     TEXT_STYLE,
@@ -66,6 +67,7 @@ from .tasks import (
     FINAL_RUNS,
     RUNS,
     TASKS,
+    Assignment,
     Header,
     RunField,
     Status,
@@ -135,6 +137,9 @@ class V3Broker:
         self._writing: set[str] = set()  # inboxes with a transaction open this turn
         self._attaches: dict[str, list[str]] = {}  # to -> documents, sent at the turn's end
         self.board = BoardKeeper(now_ms())
+        self._unservables = Unservables()  # tasks no worker present serves, judged
+        self._view = 0  # changes when the workers present or their adverts do
+        self._seen: tuple[tuple[str, str], ...] = ()
         self._wake = asyncio.Event()
         for prefix in ("a/", "w/", "in/"):
             session.subscribe(prefix, prefix=True)
@@ -326,6 +331,7 @@ class V3Broker:
         in_flight: dict[str, int] = {}
         runs: dict[str, dict[str, Any]] = {}
         matching: list[dict[str, Any]] = []
+        keys = {i: str(self._adverts[i][0].get("encKey")) for i in workers}
         attempts: dict[str, int] = {}
         rows: dict[str, dict[str, Any]] = {}
         for tid, header in headers.items():
@@ -345,7 +351,12 @@ class V3Broker:
             # who is coalesced (50 ms): a header may come before its asker is in it
             date = number(header.get(Header.DATE)) or 0
             here = asker in present or now - date < NEW_ASKER * 1000
-            view = View(header, status, aborted, run, worker in present, here, now)
+            restarted = False
+            if isinstance(worker, str) and worker in keys:
+                entry = self._assigned(worker, tid)
+                key = entry.get(Assignment.KEY) if entry else None
+                restarted = isinstance(key, str) and key != keys[worker]
+            view = View(header, status, aborted, run, worker in present, here, now, restarted)
             d = decide(view, claim_timeout=self.claim_timeout, max_attempts=self.max_attempts)
             if d.act is Act.MATCH:
                 matching.append(header)
@@ -376,6 +387,7 @@ class V3Broker:
             ):
                 load[worker] = load.get(worker, 0) + 1
                 in_flight[asker] = in_flight.get(asker, 0) + 1
+        matching = self._unservable(matching, attempts, workers)
         if matching:
             self._match(matching, attempts, workers, load, in_flight, now)
         self.board.turn(rows)
@@ -392,6 +404,39 @@ class V3Broker:
         summary = self.board.due(now_ms(), time.monotonic())
         if summary is not None:
             self.session.own(BOARD).get(BOARD, type=Map)[SUMMARY] = summary
+
+    def _assigned(self, worker: str, tid: str) -> dict[str, Any] | None:
+        """The assignment of ``tid`` in ``worker``'s inbox (not a copy of the whole map:
+        this is asked once per task and turn)."""
+        doc = self.session.docs.get(inbox(worker))
+        entry = None if doc is None else doc.get(TASKS, type=Map).get(tid)
+        return entry if isinstance(entry, dict) else None
+
+    def _unservable(
+        self, waiting: list[dict[str, Any]], attempts: dict[str, int], workers: dict[str, Peer]
+    ) -> list[dict[str, Any]]:
+        """End ``failed`` the tasks never assigned that no worker present could serve
+        (its model, what it needs), as v2's broker does (``igora.broker.unservable``, the
+        same codes); the rest. Judged while some worker is present, once the lease is
+        held for a while (the adverts arrive after a restart)."""
+        settled = self._leased_at is not None and time.monotonic() - self._leased_at > SETTLE
+        if not workers or not settled:
+            return waiting
+        seen = tuple(sorted((i, str(self._adverts[i][0].get("sig"))) for i in workers))
+        if seen != self._seen:
+            self._seen, self._view = seen, self._view + 1
+        never = [h for h in waiting if attempts[str(h[Header.ID])] == 1]
+        failures, _ = self._unservables.judge(
+            never, list(workers.values()), self._view, time.monotonic(), _unservable
+        )
+        failed = set()
+        for header, why in failures:
+            tid = str(header[Header.ID])
+            log.info("broker: task %s failed: %s", tid, why.reason)
+            asker = str(header[Header.ASKER])
+            self._end(tid, asker, None, 0, StatusState.FAILED, why.code, why.reason)
+            failed.add(tid)
+        return [h for h in waiting if str(h[Header.ID]) not in failed]
 
     def _match(
         self,
@@ -482,7 +527,8 @@ class V3Broker:
         self, tid: str, asker: str, worker: str, header: dict[str, Any], n: int, now: int
     ) -> None:
         """§7.2 step 2: the worker's entry, the asker's status, the two attaches."""
-        self._inbox(worker)[tid] = assignment(header, n, self.epoch, now)
+        key = self._adverts[worker][0].get("encKey") if worker in self._adverts else None
+        self._inbox(worker)[tid] = assignment(header, n, self.epoch, now, key)
         self._inbox(asker)[tid] = assigned_status(worker, n, self.epoch, now)
         self._attach(tid, asker, worker, n)
         self.assigned += 1
@@ -556,6 +602,11 @@ class V3Broker:
                 owner = statuses.get(tid)
                 if owner is None or owner[1].get(Status.WORKER) != agent:
                     del self._inbox(agent)[tid]
+
+
+def _unservable(header: dict[str, Any], workers: list[Peer]) -> Unservable | None:
+    model, needs = _kind(header)[:2]
+    return unservable_kind(model, needs, workers)
 
 
 def _kind(header: dict[str, Any]) -> Kind:

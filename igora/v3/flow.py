@@ -53,6 +53,7 @@ class View:
     worker_present: bool
     asker_present: bool
     now: int  # ms
+    worker_restarted: bool = False  # its session key is not the one it was assigned with
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ def decide(
         return _again(attempt, max_attempts, ErrorCode.ENGINE_UNAVAILABLE, "its worker's engine")
     if not v.worker_present:
         return _again(attempt, max_attempts, ErrorCode.WORKER_LOST, "its worker left")
+    if v.worker_restarted:  # its new process does not run this attempt (its run's name
+        # would take the previous process's run, whose chunks open with another key)
+        return _again(attempt, max_attempts, ErrorCode.WORKER_LOST, "its worker restarted")
     start = number((v.status or {}).get(Status.START)) or v.now
     if v.run is None and v.now - start > claim_timeout * 1000:
         return _again(attempt, max_attempts, ErrorCode.NOT_STARTED, "its worker did not start it")
@@ -123,14 +127,19 @@ def _again(attempt: int, max_attempts: int, code: ErrorCode, why: str) -> Decisi
 
 
 # ---------------------------------------------------------------------- entries
-def assignment(header: dict[str, Any], attempt: int, epoch: int, now: int) -> dict[str, Any]:
-    """``in/<worker>.tasks[tid]``."""
-    return {
+def assignment(
+    header: dict[str, Any], attempt: int, epoch: int, now: int, key: str | None = None
+) -> dict[str, Any]:
+    """``in/<worker>.tasks[tid]`` (``key``: the worker's session key as advertised)."""
+    out = {
         Assignment.HEADER: header,
         Assignment.ATTEMPT: attempt,
         Assignment.START: now,
         Assignment.EPOCH: epoch,
     }
+    if key is not None:
+        out[Assignment.KEY] = key
+    return out
 
 
 def assigned(worker: str, attempt: int, epoch: int, now: int) -> dict[str, Any]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -54,12 +53,14 @@ from websockets.typing import Subprotocol
 from ..config import ConfigError, MarketAddress, check_room, check_ws_url
 from ..errors import IgoraError, MarketUnreachable
 from ..identity import Identity, IdentityError, public_key
+from ..market.compaction import release_memory, tune_allocator
 from ..market.fanout import Outbox
 from ..market.v3.connection import HEARTBEATS
 from ..reconnect import BACKOFF_MAX, Backoff, log_unreachable
 from ..updates import UpdateError, check_update, is_panic
 from . import known_markets
 from .documents import PREFIXES, DocumentError, Owner, may_write, parse
+from .epochs import REPLACE_AFTER, deleted_by, epoch_of, fresh
 from .handshake import Challenge, HandshakeError, Response, Welcome, transcript
 from .known_markets import KnownMarketsError, MarketKeyError
 from .outbox import coalesce
@@ -83,10 +84,10 @@ from .wire import (
 from .wire import Doc as DocFrame
 
 DEFAULT_HEARTBEAT = 5.0
-GONE_KEEP = 60.0
-"""Seconds an unsubscribed name is remembered (its late updates ignored)."""
-GONE_MAX = 4096
-"""Unsubscribed names remembered at most."""
+GONE_KEPT = 1024
+"""Documents unsubscribed on a connection whose late updates are still ignored: the
+last ones only (an update crosses an UNSUB by at most a round trip), so that the set stays
+bounded when an asker runs a task after another on one connection."""
 
 log = logging.getLogger("igora.v3")
 
@@ -282,9 +283,17 @@ class Session:
 
         self._owned: set[str] = set()
         self._subs: dict[str, bool] = {}  # name or prefix -> is a prefix
-        # unsubscribed on this connection (late updates ignored) -> when (monotonic);
-        # bounded: see _gone_add
-        self._gone: dict[str, float] = {}
+        # unsubscribed on this connection, the last GONE_KEPT: late updates ignored
+        self._gone: dict[str, None] = {}
+        # Epochs (protocol-v3.md §9): items deleted in each owned long-lived document
+        # since its epoch began; owned documents replaced whose NOTICE 205 has not come
+        # back yet (sent again after a reconnection); the epoch of each document read;
+        # documents read whose next state from the market starts a new epoch.
+        self.replaced = 0  # epochs this session started (replaces of owned documents)
+        self._deleted: dict[str, int] = {}
+        self._replacing: set[str] = set()
+        self._epochs: dict[str, int] = {}
+        self._fresh: set[str] = set()
         self._doc_subs: dict[str, Subscription] = {}
         self._drops: set[str] = set()  # dropped while disconnected: sent after WELCOME
         self._unsent: set[str] = set()  # docs written locally that this session cannot send
@@ -380,7 +389,7 @@ class Session:
             del self._subs[name]
         # Also for a document never subscribed by name: that ends an attachment (§5).
         self._put(encode(Subscribe(((name, prefix),), unsubscribe=True)))
-        self._gone_add(name)
+        self._mark_gone(name)
         held = [n for n in self.docs if n.startswith(name)] if prefix else [name]
         for n in held:
             if n not in self._owned and self._subs.get(n) is not False:
@@ -399,6 +408,7 @@ class Session:
         if name not in self._owned:
             raise DocumentError(f"{name} is not a document this session owns")
         self.forget(name)
+        self._mark_gone(name)  # what the market sent of it before the drop: ignored
         self._drops.add(name)
         self._send_drops()
 
@@ -430,6 +440,59 @@ class Session:
         finally:
             remove()
         return self.connected
+
+    def _mark_gone(self, name: str) -> None:
+        """Late updates of ``name`` are ignored (the last GONE_KEPT names)."""
+        self._gone.pop(name, None)
+        self._gone[name] = None
+        if len(self._gone) > GONE_KEPT:
+            del self._gone[next(iter(self._gone))]
+
+    def replace(self, name: str) -> Doc[Any]:
+        """Start a new epoch of ``name``, a long-lived document this session owns
+        (protocol-v3.md §9): its ``Doc`` is rebuilt from its live entries alone and sent
+        as ``CONTROL replace`` and the new state; the market swaps its log and its
+        readers swap their ``Doc``. Done by the session itself after ``REPLACE_AFTER``
+        deletions, between two of the owner's transactions; the new ``Doc`` is returned
+        (roles read ``docs[name]`` again rather than keep the old one)."""
+        if name not in self._owned or name[:2] in ("p/", "r/"):
+            raise DocumentError(f"{name} is not a long-lived document this session owns")
+        tune_allocator()
+        new = fresh(self.docs[name])
+        self._release(name)
+        self.docs[name] = new
+        self._doc_subs[name] = new.observe(lambda event: self._local(name, event))
+        self._deleted[name] = 0
+        self._replacing.add(name)
+        self.replaced += 1
+        if self._sendable(name):
+            self._send_replace(name)
+        release_memory()  # the old Doc's pages, as after a v2 compaction
+        log.debug("%s: %s replaced by a new epoch", self.name, name)
+        return new
+
+    def _send_replace(self, name: str) -> None:
+        """The replace and the whole new state, one after the other on the socket (the
+        market takes them in that order)."""
+        self._put(encode(Control({"op": "replace", "doc": name})))
+        self._put(encode(DocFrame(name, Sync.STEP2, self.docs[name].get_update())))
+
+    def _count_deletions(self, name: str, event: TransactionEvent) -> None:
+        """Count what a local transaction deleted in owned ``name``; past
+        ``REPLACE_AFTER``, replace it right after this transaction."""
+        count = self._deleted.get(name, 0)
+        if count < 0:
+            return  # a replace is already due
+        count += deleted_by(event)
+        if count < REPLACE_AFTER:
+            self._deleted[name] = count
+            return
+        self._deleted[name] = -1
+        asyncio.get_running_loop().call_soon(self._replace_due, name)
+
+    def _replace_due(self, name: str) -> None:
+        if name in self._owned and self._deleted.get(name) == -1:
+            self.replace(name)
 
     def control(self, body: dict[str, Any]) -> bool:
         """Send a ``CONTROL`` (``body["op"]`` names it); False if not connected: roles send
@@ -495,21 +558,15 @@ class Session:
             name.startswith(p) for p in PREFIXES if p in self._gone
         )
 
-    def _gone_add(self, name: str) -> None:
-        """Remember that ``name`` was unsubscribed. An update that crossed the ``UNSUB``
-        comes within a round trip: a name is kept ``GONE_KEEP`` s, and no more than
-        ``GONE_MAX`` names (the oldest go first), so that an asker running tasks for
-        days does not hold one name per task it ever ran."""
-        now = time.monotonic()
-        self._gone.pop(name, None)  # to the end: the dict is in the order of unsubscription
-        self._gone[name] = now
-        if len(self._gone) > GONE_MAX // 2:
-            for old, when in list(self._gone.items()):
-                if now - when < GONE_KEEP and len(self._gone) <= GONE_MAX:
-                    break
-                del self._gone[old]
-
     def _forget(self, name: str) -> None:
+        self._release(name)
+        self._epochs.pop(name, None)
+        self._fresh.discard(name)
+        self._deleted.pop(name, None)
+        self._replacing.discard(name)
+
+    def _release(self, name: str) -> None:
+        """Let go of the ``Doc`` of ``name``."""
         doc = self.docs.pop(name, None)
         sub = self._doc_subs.pop(name, None)
         if doc is not None and sub is not None:
@@ -521,6 +578,8 @@ class Session:
         if name in self._owned:
             if self._sendable(name):
                 self._put(encode(DocFrame(name, Sync.UPDATE, event.update)))
+            if name[:2] not in ("p/", "r/"):  # long-lived: replaced after many deletions
+                self._count_deletions(name, event)
         elif name not in self._unsent:
             self._unsent.add(name)
             log.warning("%s: %s written locally is not sent: not owned (own() it)", self.name, name)
@@ -540,7 +599,10 @@ class Session:
         only the broker's): the market answers what it has, then asks for what it lacks."""
         for name in sorted(self._owned):
             if self._sendable(name) and (not lease or parse(name).owner is Owner.LEASE):
-                self._put(self._step1(name))
+                if name in self._replacing:  # the market may not have it: again, whole
+                    self._send_replace(name)
+                else:
+                    self._put(self._step1(name))
 
     def _send_drops(self) -> None:
         for name in sorted(self._drops):
@@ -810,6 +872,8 @@ class Session:
             parse(name)
         except DocumentError as exc:
             raise _BadInput(f"the market sent {exc}") from None
+        if name in self._replacing:
+            return  # of the epoch before the replace the market has not confirmed yet
         if frame.sync is Sync.STEP1:
             if name in self._owned and self._sendable(name):
                 self._answer_step1(name, frame.payload)
@@ -822,6 +886,9 @@ class Session:
             check_update(frame.payload)
         except UpdateError as exc:
             raise _BadInput(f"the market sent a bad update of {name} ({exc})") from None
+        if name in self._fresh:  # (read when the NOTICE came; perhaps owned since)
+            self._fresh.discard(name)
+            self._release(name)  # the new epoch's state: into a new Doc
         new = name not in self.docs
         doc = self._doc(name)
         self._apply(doc, name, frame.payload)
@@ -866,10 +933,25 @@ class Session:
             self.forget(name)
             self._emit(EventKind.DROPPED, name, notice.code, notice.text)
         else:
-            if notice.code == Code.LEASE_GRANTED:
+            if notice.code == Code.REPLACED:
+                self._replaced(name, notice.text)
+            elif notice.code == Code.LEASE_GRANTED:
                 self.lease = True
                 self._resync_owned(lease=True)
                 self._send_drops()
             elif notice.code == Code.LEASE_HELD:
                 self.lease = False
             self._emit(EventKind.NOTICE, name, notice.code, notice.text)
+
+    def _replaced(self, name: str, text: str) -> None:
+        """A ``NOTICE`` 205: our replace reached the market (an owned document), or the
+        document read is at the epoch named: if it is not the one held, the ``Doc`` is
+        swapped for a new one when the epoch's state comes (the old one stays readable
+        until then)."""
+        epoch = epoch_of(text)
+        if name in self._owned:
+            self._replacing.discard(name)
+        elif epoch is not None and self._epochs.get(name, 0) != epoch:
+            self._epochs[name] = epoch
+            if name in self.docs:
+                self._fresh.add(name)

@@ -72,6 +72,9 @@ class Assignment:
     START = "start"
     EPOCH = "epoch"
     ABORT = ABORT  # the asker left or asked to stop: the worker ends the run
+    # the worker's session key (its advert's encKey) when assigned: a worker restarted
+    # since (a new key) does not run it, the broker gives it a new attempt
+    KEY = "key"
 
 
 class Status:

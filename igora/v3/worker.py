@@ -161,9 +161,23 @@ class V3Worker:
         self._malformed: set[str] = set()  # inbox entries that are no assignment
         self.claims: dict[tuple[str, int, bool], dict[str, Any]] = {}  # not answered yet
         self.settled = 0  # claims the market settled (with a receipt or from its record)
-        self._runs = session.own(worker_doc(self.id))
-        self._inbox = session.subscribe(inbox(self.id))
+        # tid -> attempt given to this identity's previous process (another session
+        # key): not run here, the broker gives the task a new attempt
+        self._inherited: dict[str, int] = {}
+        self._key = str(self._session_key.fields()["encKey"])
+        session.own(worker_doc(self.id))
+        session.subscribe(inbox(self.id))
         session.observe(self._on_event)
+
+    # Read from the session each time: a new epoch of either (protocol-v3.md §9) is a
+    # new Doc.
+    @property
+    def _runs(self) -> Doc[Any]:
+        return self.session.docs[worker_doc(self.id)]
+
+    @property
+    def _inbox(self) -> Doc[Any] | None:
+        return self.session.docs.get(inbox(self.id))
 
     # ------------------------------------------------------------------ advert
     def advert(self) -> dict[str, Any]:
@@ -291,6 +305,7 @@ class V3Worker:
             elif not job.ended and not job.run.stop_reason and self._abort_asked(tid, job, entry):
                 job.run.halt(Stop.ABORTED)
         self._malformed &= assigned.keys()  # logged once while it stays
+        self._inherited = {t: n for t, n in self._inherited.items() if t in assigned}
         for tid, entry in assigned.items():
             if (
                 tid not in self.jobs
@@ -320,6 +335,16 @@ class V3Worker:
             self._malformed.add(tid)
             return
         n = int(attempt)
+        key = entry.get(Assignment.KEY)
+        if self._inherited.get(tid) == n:
+            return
+        if isinstance(key, str) and key != self._key:
+            # Assigned to this identity's previous process: its run document (same
+            # name) holds that process's salt and chunks, which no reader could mix
+            # with ours. Not run: the broker sees the new key and gives a new attempt.
+            log.info("%s: task %s (attempt %d) was our previous process's", self.name, tid, n)
+            self._inherited[tid] = n
+            return
         try:  # the signature is checked with the grant (``open_grant``)
             check_fields(header)
             if header.get(Header.ID) != tid:

@@ -19,8 +19,9 @@ room sees it (docs/protocol-v3.md §4):
   lacks (its re-sync after a reconnection); from anyone else a ``NOTICE`` 403;
 - ``SUB``: checked against the read rules; a refusal is a ``NOTICE`` 403, not a close;
 - ``UNSUB``, ``PRESENCE``: taken; ``CONTROL``: one handler per op (``lease``,
-  ``attach``, ``advert``, ``drop``; the credits' ``claim``, ``transfer``, ``balance``,
-  answered by the market's ``bank.Bank``).
+  ``attach``, ``advert``, ``drop``, ``replace``: a new epoch of a long-lived document,
+  §9; the credits' ``claim``, ``transfer``, ``balance``, answered by the market's
+  ``bank.Bank``); any other, a ``NOTICE`` 501.
 
 What the market sends goes through the connection's outbox (``fanout.Outbox``): frames
 that pile up while one is written leave as one ``BATCH`` (``igora.v3.outbox.coalesce``,
@@ -322,17 +323,22 @@ class V3Connection:
             except AdvertError as exc:
                 return wire.Close.BAD_FRAME, str(exc)
             return None
-        if op == "drop":
+        if op in ("drop", "replace"):
             name = body.get("doc")
             if not isinstance(name, str):
-                return wire.Close.BAD_FRAME, 'a drop names its "doc"'
+                return wire.Close.BAD_FRAME, f'a {op} names its "doc"'
             try:
                 doc = parse(name)
             except DocumentError as exc:
                 return wire.Close.BAD_FRAME, str(exc)
             if not may_write(doc, self.ids, lease=room.lease.holder is self):
-                return wire.Close.FORBIDDEN, f"drop of a document you do not own: {name}"
-            room.drop(self, name)
+                return wire.Close.FORBIDDEN, f"{op} of a document you do not own: {name}"
+            if op == "drop":
+                room.drop(self, name)
+            elif doc.kind in TASK_DOCUMENTS:
+                return wire.Close.BAD_FRAME, f"a task document is dropped, not replaced: {name}"
+            else:  # its new state follows as a step 2 (protocol-v3.md §9)
+                room.replace(self, name)
             return None
         if op in CREDIT_OPS and room.bank is not None:
             self._credits(room, room.bank, op, body)

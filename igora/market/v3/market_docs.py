@@ -19,6 +19,11 @@ needs nothing special for them.
 - ``standing.askers``: id -> the balance bucket (``igora.broker.standing.bucket``) of
   every identity connected, for the broker's priority; removed when it leaves.
 
+Each deletion (an agent left, an advert removed) leaves a tombstone; past
+``REPLACE_AFTER`` of them in one document, the market replaces it as any owner replaces
+its long-lived documents (protocol-v3.md §9, ``igora.v3.epochs``): ``replace(name,
+state)`` takes the new epoch's whole state to the room.
+
 A room loaded from the store continues the stored history of both: nobody is connected
 yet, so every ``who`` entry and advert and the broker's id are removed first
 (deletions that reach the readers' copies too).
@@ -40,6 +45,7 @@ from pycrdt import Doc, Map, merge_updates
 
 from ...protocol import now_ms, number
 from ...summary import integer
+from ...v3.epochs import REPLACE_AFTER, deleted_by, fresh
 from ..fanout import AWARENESS_INTERVAL
 
 INTERVAL = AWARENESS_INTERVAL
@@ -69,8 +75,12 @@ class MarketDocs:
         limits: dict[str, Any],
         replica: str | None = None,
         prices: dict[str, Any] | None = None,
+        replace: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self._emit = emit
+        # A shared room's dir and who are merged from every replica's writes: a new
+        # epoch made by one replica would part them (protocol-v3.md §9, step 8 note).
+        self._replace = replace if replica is None else None
         self.replica = replica
         self._applying = False  # applying another replica's update: not ours to send
         self.market_id = market
@@ -79,12 +89,13 @@ class MarketDocs:
             if name in stored:
                 doc.apply_update(stored[name])
         # Each transaction's own update (a deletion too, which a state vector does not
-        # show), merged at the next flush.
+        # show), merged at the next flush; the items deleted since the epoch began.
         self._pending: dict[str, list[bytes]] = {name: [] for name in MARKET_DOCS}
-        self._subs = [
-            doc.observe(lambda event, name=name: self._observed(name, event.update))
-            for name, doc in self.docs.items()
-        ]
+        self.deleted: dict[str, int] = {name: 0 for name in MARKET_DOCS}
+        self.replaced = 0  # epochs started since loaded
+        self._subs: dict[str, Any] = {}
+        for name in self.docs:
+            self._observe(name)
         self._due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last = 0.0
         agents, broker = self._map(WHO, "agents"), self._map(DIR, "broker")
@@ -104,9 +115,13 @@ class MarketDocs:
             market_map.update(info)
         self.flush()  # at once: nobody reads yet, but the log starts right
 
-    def _observed(self, name: str, update: bytes) -> None:
-        if not self._applying:
-            self._pending[name].append(update)
+    def _observe(self, name: str) -> None:
+        def changed(event: Any) -> None:
+            if not self._applying:
+                self._pending[name].append(event.update)
+            self.deleted[name] += deleted_by(event)
+
+        self._subs[name] = self.docs[name].observe(changed)
 
     def apply(self, name: str, update: bytes) -> None:
         """An update of ``dir`` or ``who`` another replica wrote."""
@@ -268,6 +283,17 @@ class MarketDocs:
             if updates:
                 self._pending[name] = []
                 self._emit(name, merge_updates(*updates) if len(updates) > 1 else updates[0])
+            if self.deleted[name] >= REPLACE_AFTER and self._replace is not None:
+                self._new_epoch(name)
+
+    def _new_epoch(self, name: str) -> None:
+        """Replace ``name`` by its live entries (its tombstones go)."""
+        self.docs[name] = fresh(self.docs[name])
+        self.deleted[name] = 0
+        self._observe(name)
+        self.replaced += 1
+        assert self._replace is not None
+        self._replace(name, self.docs[name].get_update())
 
     def cancel(self) -> None:
         if self._due is not None:

@@ -92,6 +92,10 @@ def drop_event(name: str) -> bytes:
     return _pack(b"D", [name.encode()])
 
 
+def replace_event(name: str, epoch: int) -> bytes:
+    return _pack(b"R", [name.encode(), str(epoch).encode()])
+
+
 def state_event(docs: dict[str, bytes], attachments: dict[str, set[str]]) -> bytes:
     table = json.dumps({i: sorted(names) for i, names in attachments.items()}).encode()
     parts = [table]
@@ -110,6 +114,8 @@ def apply_event(room: V3Room, data: bytes) -> None:
             room.attach(parts[0].decode(), [p.decode() for p in parts[1:]], remote=True)
         elif kind == b"D" and len(parts) == 1:
             room.drop(None, parts[0].decode(), remote=True)
+        elif kind == b"R" and len(parts) == 2:
+            room.replace(None, parts[0].decode(), int(parts[1]), remote=True)
         elif kind == b"S" and len(parts) % 2 == 1:
             for i in range(1, len(parts), 2):
                 room.apply_remote(parts[i].decode(), parts[i + 1], whole=True)
@@ -118,7 +124,7 @@ def apply_event(room: V3Room, data: bytes) -> None:
                 room.attach(to, list(names), remote=True)
         else:
             raise EventError(f"kind {kind!r} with {len(parts)} part(s)")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
         raise EventError(str(exc)) from None
 
 

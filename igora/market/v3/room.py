@@ -16,6 +16,7 @@ taken in Redis before the room gives it (``request_lease``, ``lease_taken``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -28,20 +29,27 @@ from ...v3 import board, wire
 from ...v3.board import BOARD, SUMMARY
 from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, parse
 from ...v3.signed import SignatureError, plain
+from ..compaction import release_memory, tune_allocator
 from ..fanout import Outbox
+from ..limits import DEFAULT_TASK_RETENTION
 from ..room import background
 from ..store import Store
 from .bank import Bank
 from .doclog import EMPTY_UPDATE, DocHistory, DocLog, rewritten
 from .lease import Lease
 from .market_docs import MARKET_DOCS, MarketDocs
-from .replicas import V3Link, attach_event, drop_event, update_event
+from .replicas import V3Link, attach_event, drop_event, replace_event, update_event
 
 if TYPE_CHECKING:
     from ..replicas import Replicas
 
 MAX_TASK_DOCUMENTS = 1_000
 """Live task documents (``p/``, ``r/``) one identity may own at once."""
+TASK_RETENTION = DEFAULT_TASK_RETENTION
+"""Seconds a task document nobody reads and nobody writes stays before the market drops
+it (protocol-v3.md §9): what an owner that never dropped it (it crashed, it restarted)
+leaves is not kept, and does not count towards its ``MAX_TASK_DOCUMENTS`` for ever."""
+SWEEP_EVERY = 60.0  # seconds between two looks for expired task documents, at most
 
 log = logging.getLogger("igora.market")
 
@@ -72,6 +80,7 @@ class DocLimits:
 
     task_document: int
     task_documents: int = MAX_TASK_DOCUMENTS
+    retention: float = TASK_RETENTION
 
 
 def _task_owner(name: str) -> str | None:
@@ -121,11 +130,16 @@ class V3Room:
         self.updates = 0  # taken since the room was loaded
         stored = {n: self.docs[n].state() for n in MARKET_DOCS if n in self.docs}
         self.market_docs = MarketDocs(
-            stored, self._market_write, market, info or {}, replica, prices
+            stored, self._market_write, market, info or {}, replica, prices, self._market_replace
         )
         self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
         self.lease_asked: set[Peer] = set()  # asked, answer due (the lease is in Redis)
         self._board: tuple[bytes, dict[str, Any] | None] | None = None  # last read
+        tune_allocator()  # merged logs of 128 KiB or more: out of the heap (compaction.py)
+        self.expired = 0  # task documents dropped for retention since loaded
+        self._sweep: asyncio.TimerHandle | None = None
+        with contextlib.suppress(RuntimeError):  # no loop: a room made outside a market
+            self._sweep_later()
 
     # ------------------------------------------------------------------ connections
     def join(self, peer: Peer) -> None:
@@ -222,6 +236,8 @@ class V3Room:
         self.subs.setdefault(name, set()).add(peer)
         peer.subscribed.add(name)
         doc = self.docs.get(name)
+        if doc is not None and doc.epoch:  # which epoch its state is: a reader that
+            peer.outbox.put(_replaced(name, doc.epoch))  # holds another starts afresh
         if doc is not None and not doc.empty:
             state = doc.state()
             peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, state)))
@@ -253,6 +269,9 @@ class V3Room:
             readers.discard(peer)
             if not readers:
                 del self.subs[name]
+                doc = self.docs.get(name)
+                if doc is not None:
+                    doc.idle = time.monotonic()  # its retention starts (task documents)
 
     def readers(self, name: str) -> set[Peer]:
         """The connections subscribed to ``name``, by name or by prefix."""
@@ -283,10 +302,16 @@ class V3Room:
                     if name not in peer.subscribed:
                         self.subscribe(peer, name)
 
-    def drop(self, sender: Peer | None, name: str, remote: bool = False) -> None:
-        """Remove a document (its owner's word): its log, its rows, its subscriptions
-        and attachments; its readers get a ``NOTICE`` 410. ``remote``: the owner is
-        connected to another replica."""
+    def drop(
+        self,
+        sender: Peer | None,
+        name: str,
+        why: str = "dropped by its owner",
+        remote: bool = False,
+    ) -> None:
+        """Remove a document (its owner's word, or its retention ended: ``sender`` None):
+        its log, its rows, its subscriptions and attachments; its readers get a
+        ``NOTICE`` 410. ``remote``: the owner is connected to another replica."""
         if self.link is not None and not remote:
             self.link.publish(drop_event(name))
         if self.docs.pop(name, None) is not None:
@@ -298,8 +323,12 @@ class V3Room:
                 self.task_documents[owner] -= 1
                 if self.task_documents[owner] <= 0:
                     del self.task_documents[owner]
-        notice = wire.encode(wire.Notice(wire.Code.DROPPED, name, "dropped by its owner"))
-        for reader in self.readers(name):
+        notice = wire.encode(wire.Notice(wire.Code.DROPPED, name, why))
+        told = self.readers(name)
+        if sender is None:  # the owner too: it stops holding it
+            owner = _task_owner(name)
+            told |= {p for p in self.connections if owner in p.ids}
+        for reader in told:
             if reader is not sender:
                 reader.outbox.put(notice)
         for peer in self.subs.pop(name, set()):
@@ -308,6 +337,67 @@ class V3Room:
             self.attachments[i].discard(name)
             if not self.attachments[i]:
                 del self.attachments[i]
+
+    def replace(
+        self, sender: Peer | None, name: str, epoch: int | None = None, remote: bool = False
+    ) -> int:
+        """A new epoch of long-lived document ``name`` (its owner's word, protocol-v3.md
+        §9; ``sender`` None: the market's own ``dir`` or ``who``): its log starts empty
+        (the owner's whole new state follows as its first update) and its rows are
+        replaced; readers and the owner get a ``NOTICE`` 205 naming the epoch, so that
+        they take what follows into a new ``Doc``. Epochs are the market's clock in ms,
+        always higher than the last: a market restarted never gives one again.
+        ``remote``: another replica replaced it, with ``epoch`` (its owner's new state
+        follows on the room's stream)."""
+        old = self.docs.get(name)
+        if epoch is None:
+            epoch = max(int(time.time() * 1000), (old.epoch if old is not None else 0) + 1)
+        if self.link is not None and not remote:
+            self.link.publish(replace_event(name, epoch))
+        doc = self.docs[name] = DocLog(epoch=epoch, collect=True)
+        doc.stored = 0
+        self.history.drop(name)
+        notice = _replaced(name, epoch)
+        told = self.readers(name) | ({sender} if sender is not None else set())
+        for peer in told:
+            peer.outbox.put(notice)
+        release_memory()  # the old log's pages
+        return epoch
+
+    def _market_replace(self, name: str, state: bytes) -> None:
+        """The market replaced its ``dir`` or ``who`` with ``state``."""
+        self.replace(None, name)
+        self._market_write(name, state)
+
+    # ------------------------------------------------------------------ retention
+    def _sweep_later(self) -> None:
+        wait = min(SWEEP_EVERY, max(self.limits.retention / 4, 0.05))
+        self._sweep = asyncio.get_running_loop().call_later(wait, self.expire)
+
+    def expire(self) -> int:
+        """Drop the task documents nobody reads and nobody wrote for the retention time;
+        how many went."""
+        self._sweep_later()
+        limit = time.monotonic() - self.limits.retention
+        gone = [
+            name
+            for name, doc in self.docs.items()
+            if doc.idle < limit and name[:2] in ("p/", "r/") and not self.subs.get(name)
+        ]
+        why = f"expired: nobody read or wrote it for {self.limits.retention:g} s"
+        for name in gone:
+            self.drop(None, name, why)
+        if gone:
+            self.expired += len(gone)
+            log.info("room %s: %d task document(s) expired", self.name, len(gone))
+        return len(gone)
+
+    def cancel(self) -> None:
+        """Stop the room's timers (it leaves memory)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self.market_docs.cancel()
 
     def sync(self, name: str, state_vector: bytes) -> bytes:
         """What a holder of ``state_vector`` lacks of ``name`` (ValueError: not a state
@@ -333,7 +423,7 @@ class V3Room:
                 owned, most = self.task_documents[doc.agent], self.limits.task_documents
                 if owned >= most:
                     return f"over {most} live task documents"
-            log = self.docs[name] = DocLog(rewritten=rewritten(name))
+            log = self.docs[name] = DocLog(collect=not is_task, rewritten=rewritten(name))
             log.stored = 0
             if is_task and doc.agent is not None:
                 self.task_documents[doc.agent] += 1
@@ -388,7 +478,7 @@ class V3Room:
         """An update of ``dir`` or ``who``, the market's own documents."""
         log = self.docs.get(name)
         if log is None:
-            log = self.docs[name] = DocLog()
+            log = self.docs[name] = DocLog(collect=True)
         self._append(None, name, log, update)
 
     def board(self) -> dict[str, Any] | None:
@@ -432,6 +522,8 @@ class V3Room:
             "identities": len(self.identities),
             "agents": self.market_docs.agents(),
             "documents": len(self.docs) - len(self.docs.keys() & set(MARKET_DOCS)),  # the agents'
+            "bytes": self._bytes(),
+            "expired": self.expired,
             "updates": self.updates,
             "boardBytes": board_log.size if (board_log := self.docs.get(BOARD)) else 0,
             # Shared, another replica may have granted it since: dir says its epoch.
@@ -441,6 +533,17 @@ class V3Room:
             },
             **({"stored_here": self.link.persister} if self.link is not None else {}),
         }
+
+    def _bytes(self) -> dict[str, int]:
+        """Bytes of the logs held, by kind of document (``in``, ``a``, ``p``, ``dir``...)."""
+        out: Counter[str] = Counter()
+        for name, doc in self.docs.items():
+            out[name.partition("/")[0]] += doc.size
+        return dict(out)
+
+
+def _replaced(name: str, epoch: int) -> bytes:
+    return wire.encode(wire.Notice(wire.Code.REPLACED, name, f"replaced: epoch {epoch}"))
 
 
 class V3Rooms:
@@ -510,7 +613,7 @@ class V3Rooms:
         if room.holders or room.history.pending or self.rooms.get(room.name) is not room:
             return
         del self.rooms[room.name]
-        room.market_docs.cancel()
+        room.cancel()
         if self.replicas is not None:
             await self.replicas.leave(room.name)
         log.debug("room %s: unloaded from memory", room.name)
