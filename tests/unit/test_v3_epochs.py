@@ -66,7 +66,10 @@ def test_the_market_replaces_who_after_many_departures() -> None:
             lambda name, update: emitted.append((name, update)),
             "market-id",
             {},
-            lambda name, state: (replaced.append((name, state)), emitted.append(("new", b""))),
+            replace=lambda name, state: (
+                replaced.append((name, state)),
+                emitted.append(("new", b"")),
+            ),
         )
         for i in range(REPLACE_AFTER + 50):
             docs.joined(f"agent{i}")
