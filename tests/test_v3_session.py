@@ -618,6 +618,54 @@ async def test_documents_the_market_sends_appear_change_and_are_dropped(tmp_path
     assert rogue.connections == 1
 
 
+async def test_a_document_attached_again_after_its_unsubscription_is_read(
+    tmp_path: Path,
+) -> None:
+    """A worker unsubscribes the prompt of a task taken from it; the broker gives the task
+    back to it and attaches the prompt again: the market sends its whole state (a STEP2),
+    which is read, and so are its later updates. An update that only crossed the UNSUB
+    is not (the test above)."""
+    me, asker = new_identity(), new_identity()
+    prompt, marker = f"p/{asker.id}/{'t' * 16}", f"a/{asker.id}"
+    source = Doc()
+    first = _update(source, "ct", "one")
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        reader = asyncio.create_task(rogue.read(ws, n))
+        await ws.send(wire.encode(wire.Doc(prompt, wire.Sync.STEP2, first)))  # attached
+        await wait_for(lambda: unsubscribed(n, prompt), 20, "the unsubscription")
+        await ws.send(doc_frame(prompt, _update(source, "late", 1)))  # crossed the UNSUB
+        await ws.send(doc_frame(marker, _update(Doc(), "m", 1)))  # read after it
+        await wait_for(lambda: "again" in steps, 20, "the test's go")
+        await ws.send(wire.encode(wire.Doc(prompt, wire.Sync.STEP2, source.get_update())))
+        await ws.send(doc_frame(prompt, _update(source, "grant", "w")))
+        await reader
+
+    def unsubscribed(n: int, name: str) -> bool:
+        return any(
+            isinstance(f, wire.Subscribe) and f.unsubscribe and (name, False) in f.names
+            for f in rogue.received[n]
+        )
+
+    steps: list[str] = []
+    rogue = RogueMarket(script)
+    async with rogue.running():
+        s = Session(rogue.url, me, data=tmp_path, market_key=rogue.identity.id)
+        events = s.events()
+        async with s:
+            await until(events, lambda e: e.kind is EventKind.NEW and e.name == prompt, "new")
+            assert tasks(s.docs[prompt]) == {"ct": "one"}
+            s.unsubscribe(prompt)
+            assert prompt not in s.docs
+            await until(events, lambda e: e.kind is EventKind.NEW and e.name == marker, "mark")
+            assert prompt not in s.docs  # the late update made no Doc
+            steps.append("again")
+            await until(events, lambda e: e.kind is EventKind.NEW and e.name == prompt, "again")
+            await wait_for(lambda: "grant" in tasks(s.docs.get(prompt)), 20, "the next update")
+            assert tasks(s.docs[prompt]) == {"ct": "one", "late": 1, "grant": "w"}
+    assert rogue.connections == 1
+
+
 async def test_a_write_made_while_the_market_s_update_is_applied_is_sent(tmp_path: Path) -> None:
     me, other = new_identity(), new_identity()
     theirs, mine = f"a/{other.id}", f"a/{me.id}"

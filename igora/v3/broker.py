@@ -29,6 +29,7 @@ from pycrdt import Map
 from ..broker import standing
 from ..broker.fairness import Fairness
 from ..broker.matching import Kind, free_slots, pick_for
+from ..broker.presence import RECONNECT_ALLOWANCE
 from ..capabilities import fits
 from ..protocol import (
     PROTOCOL_VERSION,
@@ -265,8 +266,13 @@ class V3Broker:
             # run ended in: its last row, with the run as it ended
             last = statuses.get(tid, ("", {}))[1]
             self.board.gone(tid, self.board.live[tid], self._run_of(tid, last))
-        if self._leased_at is not None and time.monotonic() - self._leased_at > SETTLE:
+        leased_for = time.monotonic() - (self._leased_at or time.monotonic())
+        if self._leased_at is not None and leased_for > SETTLE:
             self._cleanup(headers, statuses)  # before this turn's writes: statuses are as read
+        # After a lease grant (a market restart: everyone reconnects), an agent missing
+        # from who may still be in its reconnect back-off: nobody is judged gone until it
+        # had the time to come back, as the v2 broker does (docs/faults.md).
+        rejoining = leased_for < RECONNECT_ALLOWANCE
         load: dict[str, int] = {}
         in_flight: dict[str, int] = {}
         runs: dict[str, dict[str, Any]] = {}
@@ -289,8 +295,8 @@ class V3Broker:
             aborted = bool(self._map(f"a/{asker}", ABORTS).get(tid))
             # who is coalesced (50 ms): a header may come before its asker is in it
             date = number(header.get(Header.DATE)) or 0
-            here = asker in present or now - date < NEW_ASKER * 1000
-            view = View(header, status, aborted, run, worker in present, here, now)
+            here = asker in present or rejoining or now - date < NEW_ASKER * 1000
+            view = View(header, status, aborted, run, worker in present or rejoining, here, now)
             d = decide(view, claim_timeout=self.claim_timeout, max_attempts=self.max_attempts)
             if d.act is Act.MATCH:
                 matching.append(header)

@@ -745,7 +745,14 @@ class Session:
                 log.debug("%s: ignored a step 1 for %s, not ours", self.name, name)
             return
         if not self._wanted(name):
-            return  # late, after an unsubscription
+            if frame.sync is not Sync.STEP2 or name not in self._gone:
+                return  # late, after an unsubscription
+            # A document's whole state after our UNSUB: the market subscribed us again, as
+            # when the broker attaches a task's prompt to the worker it was taken from
+            # (re-queued, then given back to it). Ignored, that worker waited for the
+            # claim timeout (30 s) per attempt. A STEP2 that crossed our UNSUB is kept
+            # too (a Doc no longer updated, until forgotten): rarer, and harmless.
+            self._gone.discard(name)
         try:
             check_update(frame.payload)
         except UpdateError as exc:
