@@ -71,7 +71,7 @@ async def test_a_v3_room_serves_every_task_after_each_of_three_market_kills(
     below the claim timeout (raised to 60 s here), so a task stuck with a worker that
     ignores its prompt, or aborted because its asker was still in its back-off when the
     broker got the lease again, fails the round. Which agent reconnects first is chance,
-    hence three rounds (before the fix, 3 of 8 restarts lost a task or more)."""
+    hence three rounds (before the fix, 4 of 8 restarts lost a task or more)."""
     market = cluster.market("--v3-room", V3_ROOM)
     cluster.broker("--room", V3_ROOM, "--claim-timeout", "60", name="b1", data=True)
     workers = [
