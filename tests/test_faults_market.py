@@ -71,7 +71,9 @@ async def test_a_v3_room_serves_every_task_after_each_of_three_market_kills(
     below the claim timeout (raised to 60 s here), so a task stuck with a worker that
     ignores its prompt, or aborted because its asker was still in its back-off when the
     broker got the lease again, fails the round. Which agent reconnects first is chance,
-    hence three rounds (before the fix, 4 of 8 restarts lost a task or more)."""
+    hence three rounds (before the fix, 4 of 8 restarts lost a task or more). No worker
+    has a claim refused (a receipt priced without the worker's advert, not yet back in
+    the asker's dir after the restart, was refused as a wrong price)."""
     market = cluster.market("--v3-room", V3_ROOM)
     cluster.broker("--room", V3_ROOM, "--claim-timeout", "60", name="b1", data=True)
     workers = [
@@ -102,3 +104,5 @@ async def test_a_v3_room_serves_every_task_after_each_of_three_market_kills(
             await asker.close()
     for w in workers:
         assert "reconnected" in w.log()
+        # a receipt priced while the worker's advert was not back in dir was refused
+        assert "refused" not in w.log()

@@ -260,6 +260,12 @@ class V3Asker:
         doc = self.session.docs.get(prompt_doc(self.id, tid))
         if not self.receipts or doc is None or track.worker is None or not self.session.market:
             return
+        if self.worker_key(track.worker) is None:
+            # Its advert is not in dir (a market that restarted lists the workers again
+            # as they come back): priced without it (DEFAULT_PARAMS), the receipt would be
+            # refused (wrong_price). None then: the worker's claim without receipt stands.
+            log.info("task %s: no receipt: the advert of %s is not in dir", tid, track.worker[:8])
+            return
         try:
             receipt = Receipt.make(
                 self.identity,
