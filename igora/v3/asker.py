@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nacl.public import PublicKey
-from pycrdt import Array, Map
+from pycrdt import Array, Doc, Map
 
 from ..capabilities import fits, required
 from ..credits import pricing
@@ -111,7 +111,7 @@ class V3Asker:
         self._adverts: dict[str, tuple[str, PublicKey]] = {}  # id -> (advert sig, its key)
         self._asker = session.own(asker_doc(self.id))
         self._inbox = session.subscribe(inbox(self.id))
-        self._dir = session.subscribe("dir")
+        session.subscribe("dir")
         self._tracks: dict[str, Track] = {}
         self._ended: set[str] = set()
         self._balances: list[asyncio.Future[int]] = []
@@ -119,6 +119,11 @@ class V3Asker:
         session.observe(self._on_event)
 
     # ------------------------------------------------------------------ the market
+    @property
+    def _dir(self) -> Doc[Any] | None:
+        """``dir`` as the session holds it now (read afresh after a market restart)."""
+        return self.session.docs.get("dir")
+
     def workers(self) -> list[Peer]:
         """The workers advertised in ``dir`` (as the v2 policies see them)."""
         from .broker import worker_peer  # the one place that maps an advert to a Peer
