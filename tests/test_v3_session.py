@@ -618,6 +618,104 @@ async def test_documents_the_market_sends_appear_change_and_are_dropped(tmp_path
     assert rogue.connections == 1
 
 
+async def test_a_document_attached_again_after_its_unsubscription_is_read(
+    tmp_path: Path,
+) -> None:
+    """A worker unsubscribes the prompt of a task taken from it; the broker gives the task
+    back to it and attaches the prompt again: the market sends its whole state (a STEP2),
+    which is read, and so are its later updates. An update that only crossed the UNSUB
+    is not (the test above)."""
+    me, asker = new_identity(), new_identity()
+    prompt, marker = f"p/{asker.id}/{'t' * 16}", f"a/{asker.id}"
+    source = Doc()
+    first = _update(source, "ct", "one")
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        reader = asyncio.create_task(rogue.read(ws, n))
+        await ws.send(wire.encode(wire.Doc(prompt, wire.Sync.STEP2, first)))  # attached
+        await wait_for(lambda: unsubscribed(n, prompt), 20, "the unsubscription")
+        await ws.send(doc_frame(prompt, _update(source, "late", 1)))  # crossed the UNSUB
+        await ws.send(doc_frame(marker, _update(Doc(), "m", 1)))  # read after it
+        await wait_for(lambda: "again" in steps, 20, "the test's go")
+        await ws.send(wire.encode(wire.Doc(prompt, wire.Sync.STEP2, source.get_update())))
+        await ws.send(doc_frame(prompt, _update(source, "grant", "w")))
+        await reader
+
+    def unsubscribed(n: int, name: str) -> bool:
+        return any(
+            isinstance(f, wire.Subscribe) and f.unsubscribe and (name, False) in f.names
+            for f in rogue.received[n]
+        )
+
+    steps: list[str] = []
+    rogue = RogueMarket(script)
+    async with rogue.running():
+        s = Session(rogue.url, me, data=tmp_path, market_key=rogue.identity.id)
+        events = s.events()
+        async with s:
+            await until(events, lambda e: e.kind is EventKind.NEW and e.name == prompt, "new")
+            assert tasks(s.docs[prompt]) == {"ct": "one"}
+            s.unsubscribe(prompt)
+            assert prompt not in s.docs
+            await until(events, lambda e: e.kind is EventKind.NEW and e.name == marker, "mark")
+            assert prompt not in s.docs  # the late update made no Doc
+            steps.append("again")
+            await until(events, lambda e: e.kind is EventKind.NEW and e.name == prompt, "again")
+            await wait_for(lambda: "grant" in tasks(s.docs.get(prompt)), 20, "the next update")
+            assert tasks(s.docs[prompt]) == {"ct": "one", "late": 1, "grant": "w"}
+    assert rogue.connections == 1
+
+
+async def test_a_market_document_is_read_afresh_when_the_market_lost_part_of_it(
+    tmp_path: Path,
+) -> None:
+    """The market wrote ``who`` and was killed before it stored its last entry; restarted,
+    it loads the rest, removes every entry (nobody is connected) and writes the agents
+    that come back. The session held the lost entry: it drops its copy and reads the new
+    market's, so the entry the new market writes for the same key is the one it sees
+    (kept otherwise: the old market's client id is the higher, the stale entry won)."""
+    me = new_identity()
+    old, new = Doc(client_id=2**40), Doc(client_id=7)
+    agents = old.get("agents", type=Map)
+    agents["w1"] = "old"
+    stored = old.get_update()
+    agents["w2"] = "lost"  # relayed, never stored
+    new.apply_update(stored)
+    again = new.get("agents", type=Map)
+    del again["w1"]  # the restarted market's clean-up at load
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        reader = asyncio.create_task(rogue.read(ws, n))
+        if n == 0:
+            await ws.send(wire.encode(wire.Doc("who", wire.Sync.STEP2, old.get_update())))
+            await wait_for(lambda: "restart" in steps, 20, "the test's go")
+            await ws.close()
+            return
+        await ws.send(wire.encode(wire.Doc("who", wire.Sync.STEP2, new.get_update())))
+        before = new.get_state()
+        again["w2"] = "back"  # the worker reconnected
+        await ws.send(doc_frame("who", new.get_update(before)))
+        await reader
+
+    steps: list[str] = []
+    rogue = RogueMarket(script)
+    async with rogue.running():
+        s = Session(rogue.url, me, data=tmp_path, market_key=rogue.identity.id, heartbeat=1.0)
+        events = s.events()
+        async with s:
+            s.subscribe("who")
+            await wait_for(lambda: agents_of(s) == {"w1": "old", "w2": "lost"}, 20, "who")
+            steps.append("restart")
+            await until(events, lambda e: e.kind is EventKind.DISCONNECTED, "the restart")
+            await wait_for(lambda: agents_of(s) == {"w2": "back"}, 20, "the new market's who")
+    assert rogue.connections == 2
+
+
+def agents_of(s: Session) -> dict[str, Any]:
+    doc = s.docs.get("who")
+    return {} if doc is None else dict(doc.get("agents", type=Map).items())
+
+
 async def test_a_write_made_while_the_market_s_update_is_applied_is_sent(tmp_path: Path) -> None:
     me, other = new_identity(), new_identity()
     theirs, mine = f"a/{other.id}", f"a/{me.id}"

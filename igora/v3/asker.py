@@ -131,8 +131,8 @@ class V3Asker:
         self.receipts = True  # sign a receipt for each run read (False: a test's rogue)
         session.observe(self._on_event)
 
-    # Read from the session each time: a new epoch of any of them (protocol-v3.md §9)
-    # is a new Doc.
+    # Read from the session each time: a new epoch of any of them (protocol-v3.md §9),
+    # or a copy read afresh after a market restart, is a new Doc.
     @property
     def _asker(self) -> Doc[Any]:
         return self.session.docs[asker_doc(self.id)]
@@ -312,6 +312,12 @@ class V3Asker:
         prompt document, where the worker reads it (credits.md §3)."""
         doc = self.session.docs.get(prompt_doc(self.id, tid))
         if not self.receipts or doc is None or track.worker is None or not self.session.market:
+            return
+        if self.worker_key(track.worker) is None:
+            # Its advert is not in dir (a market that restarted lists the workers again
+            # as they come back): priced without it (DEFAULT_PARAMS), the receipt would be
+            # refused (wrong_price). None then: the worker's claim without receipt stands.
+            log.info("task %s: no receipt: the advert of %s is not in dir", tid, track.worker[:8])
             return
         try:
             receipt = Receipt.make(

@@ -30,6 +30,7 @@ from pycrdt import Doc, Map
 from ..broker import standing
 from ..broker.fairness import Fairness
 from ..broker.matching import Kind, free_slots, pick_for
+from ..broker.presence import RECONNECT_ALLOWANCE
 from ..broker.unservable import Unservables
 from ..capabilities import Unservable, fits, unservable_kind
 from ..protocol import (
@@ -325,8 +326,13 @@ class V3Broker:
             # run ended in: its last row, with the run as it ended
             last = statuses.get(tid, ("", {}))[1]
             self.board.gone(tid, self.board.live[tid], self._run_of(tid, last))
-        if self._leased_at is not None and time.monotonic() - self._leased_at > SETTLE:
+        leased_for = time.monotonic() - (self._leased_at or time.monotonic())
+        if self._leased_at is not None and leased_for > SETTLE:
             self._cleanup(headers, statuses)  # before this turn's writes: statuses are as read
+        # After a lease grant (a market restart: everyone reconnects), an agent missing
+        # from who may still be in its reconnect back-off: nobody is judged gone until it
+        # had the time to come back, as the v2 broker does (docs/faults.md).
+        rejoining = leased_for < RECONNECT_ALLOWANCE
         load: dict[str, int] = {}
         in_flight: dict[str, int] = {}
         runs: dict[str, dict[str, Any]] = {}
@@ -350,13 +356,15 @@ class V3Broker:
             aborted = bool(self._map(f"a/{asker}", ABORTS).get(tid))
             # who is coalesced (50 ms): a header may come before its asker is in it
             date = number(header.get(Header.DATE)) or 0
-            here = asker in present or now - date < NEW_ASKER * 1000
+            here = asker in present or rejoining or now - date < NEW_ASKER * 1000
             restarted = False
             if isinstance(worker, str) and worker in keys:
                 entry = self._assigned(worker, tid)
                 key = entry.get(Assignment.KEY) if entry else None
                 restarted = isinstance(key, str) and key != keys[worker]
-            view = View(header, status, aborted, run, worker in present, here, now, restarted)
+            view = View(
+                header, status, aborted, run, worker in present or rejoining, here, now, restarted
+            )
             d = decide(view, claim_timeout=self.claim_timeout, max_attempts=self.max_attempts)
             if d.act is Act.MATCH:
                 matching.append(header)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urldefrag
 
-from pycrdt import Doc, Subscription, TransactionEvent
+from pycrdt import Doc, Subscription, TransactionEvent, get_state
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.typing import Subprotocol
@@ -57,7 +57,7 @@ from ..market.compaction import release_memory, tune_allocator
 from ..market.fanout import Outbox
 from ..market.v3.connection import HEARTBEATS
 from ..reconnect import BACKOFF_MAX, Backoff, log_unreachable
-from ..updates import UpdateError, check_update, is_panic
+from ..updates import UpdateError, check_update, is_panic, state_vector
 from . import known_markets
 from .documents import PREFIXES, DocumentError, Owner, may_write, parse
 from .epochs import REPLACE_AFTER, deleted_by, epoch_of, fresh
@@ -881,7 +881,14 @@ class Session:
                 log.debug("%s: ignored a step 1 for %s, not ours", self.name, name)
             return
         if not self._wanted(name):
-            return  # late, after an unsubscription
+            if frame.sync is not Sync.STEP2 or name not in self._gone:
+                return  # late, after an unsubscription
+            # A document's whole state after our UNSUB: the market subscribed us again, as
+            # when the broker attaches a task's prompt to the worker it was taken from
+            # (re-queued, then given back to it). Ignored, that worker waited for the
+            # claim timeout (30 s) per attempt. A STEP2 that crossed our UNSUB is kept
+            # too (a Doc no longer updated, until forgotten): rarer, and harmless.
+            self._gone.pop(name, None)
         try:
             check_update(frame.payload)
         except UpdateError as exc:
@@ -889,12 +896,33 @@ class Session:
         if name in self._fresh:  # (read when the NOTICE came; perhaps owned since)
             self._fresh.discard(name)
             self._release(name)  # the new epoch's state: into a new Doc
+        elif frame.sync is Sync.STEP2 and self._market_forgot(name, frame.payload):
+            log.info("%s: %s holds what the market no longer has: read afresh", self.name, name)
+            self._forget(name)
         new = name not in self.docs
         doc = self._doc(name)
         self._apply(doc, name, frame.payload)
         if new:
             self._emit(EventKind.NEW, name)
         self._emit(EventKind.CHANGED, name)
+
+    def _market_forgot(self, name: str, state: bytes) -> bool:
+        """Whether the ``Doc`` held of a document the market writes (``dir``, ``who``,
+        ``standing``) has items the market's whole ``state``, sent for a subscription,
+        lacks: the market restarted without what it wrote in its last 50 ms (not stored),
+        or this session moved to a replica that has not received it yet. Such items stay
+        in the copy forever, whatever the market writes next (its later entry for the same
+        key loses to the stale one when the old market's client id is the higher), so the
+        copy is dropped and read again from ``state``."""
+        doc = self.docs.get(name)
+        if doc is None or parse(name).owner is not Owner.MARKET:
+            return False
+        try:
+            theirs = state_vector(get_state(state))
+        except (UpdateError, ValueError) as exc:
+            raise _BadInput(f"the market sent a bad state of {name} ({exc})") from None
+        mine = state_vector(doc.get_state())
+        return any(clock > theirs.get(client, 0) for client, clock in mine.items())
 
     def _apply(self, doc: Doc[Any], name: str, update: bytes) -> None:
         self._applying = name
