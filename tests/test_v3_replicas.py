@@ -146,12 +146,17 @@ def test_three_secure_replicas_complete_encrypted_tasks(
             # for the lease (not a broker key), nor write an inbox: the secure rules.
             for i in range(3):
                 url = f"ws://127.0.0.1:{cluster.ports[i]}"
-                peer = await RawPeer.join(url, ROOM, new_identity())
+                rogue = new_identity()
+                peer = await RawPeer.join(url, ROOM, rogue)
                 name = inbox(clients[(i + 1) % 3].id)
                 await peer.send(wire.Subscribe(((name, False),)))
                 assert (await peer.notice(name)).code == wire.Code.REFUSED
                 await peer.send(wire.Control({"op": "lease"}))
                 assert (await peer.notice("")).code == wire.Code.REFUSED
+                # Replicas keep no credits yet (market.md): a balance gets a 501 saying so.
+                await peer.send(wire.Control({"op": "balance", "id": rogue.id}))
+                notice = await peer.notice("")
+                assert (notice.code, "keeps no credits" in notice.text) == (501, True), notice
                 update = update_setting(Doc(), TASKS, "t" * 16, {"state": "failed"})
                 await peer.send(wire.Doc(name, wire.Sync.UPDATE, update))
                 assert await peer.closed() == (4403, f"write to a document you do not own: {name}")

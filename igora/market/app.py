@@ -124,9 +124,16 @@ class Market:
         self.v3_connections: set[V3Connection] = set()  # welcomed, for the ban checks
         self._denials: set[asyncio.Task[None]] = set()  # closing banned connections
         # Credits (credits.md): the ledger beside the store, for the market's v3 rooms.
+        # Not on replicas: each process would keep its own chain of entries and grant
+        # anew (the ledger lease of credits.md §7 is not built), so none is kept there.
         self.bank: Bank | None = None
-        if identity is not None:
+        if identity is not None and redis is None:
             self.bank = Bank(ledger_path(data), identity.id, grant=grant, receipt_wait=receipt_wait)
+        elif identity is not None:
+            log.warning(
+                "market: replicas keep no credits yet (credits.md §7): no grants, and "
+                "claims, transfers and balances are answered 501"
+            )
         self.v3 = V3Rooms(
             self.store,
             limits,

@@ -64,6 +64,9 @@ SQUASH_AFTER = 2_000
 
 log = logging.getLogger("igora.market.store")
 
+OPEN_WAIT = 10.0
+"""Seconds a store locked by another process opening it (a replica) is waited for."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS updates (room TEXT NOT NULL, data BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_room ON updates (room);
@@ -98,14 +101,30 @@ class Store:
         try:
             if self.durable:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db = self._open(str(path))
         except (sqlite3.Error, OSError) as exc:
             why = "it is a folder" if self.path.is_dir() else str(exc)
             raise StoreError(f"cannot open the store {path}: {why}") from None
         self._rows: dict[str, int] = {}
+
+    @staticmethod
+    def _open(path: str) -> sqlite3.Connection:
+        """Connect and set the store up. Replicas sharing a data folder open it at once:
+        the switch to WAL takes the file alone and SQLite answers "locked" at once rather
+        than wait, so that is tried again for up to ``OPEN_WAIT`` s."""
+        end = time.monotonic() + OPEN_WAIT
+        while True:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+                return db
+            except sqlite3.OperationalError as exc:
+                db.close()
+                if "locked" not in str(exc) or time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         with self._lock:

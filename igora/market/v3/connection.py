@@ -343,6 +343,9 @@ class V3Connection:
         if op in CREDIT_OPS and room.bank is not None:
             self._credits(room, room.bank, op, body)
             return None
+        if op in CREDIT_OPS:
+            self.notice(501, "", f"CONTROL {op!r}: this market keeps no credits (replicas)")
+            return None
         self.notice(501, "", f"CONTROL {op[:40]!r} is not built (protocol-v3.md §12)")
         return None
 
