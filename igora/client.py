@@ -392,10 +392,11 @@ class Client:
             raise TaskFailed(f"task {task.id}: the worker sent no embeddings", answer.task)
         return [[float(x) for x in v] for v in vectors]
 
-    async def balance(self) -> int | None:
-        """This identity's balance in the market's ledger, in millicredits (credits.md);
-        None in a version 2 room, or when the market does not answer."""
-        return await self.v3.balance() if self.v3 is not None else None
+    async def balance(self, speaker: str | None = None) -> int | None:
+        """This identity's balance in the market's ledger, in millicredits (credits.md),
+        or that of ``speaker`` (an identity given to ``speak_for``); None in a version 2
+        room, or when the market does not answer."""
+        return await self._asker(speaker).balance() if self.v3 is not None else None
 
     async def can_pay(
         self,
@@ -403,11 +404,13 @@ class Client:
         *,
         model: str | None = None,
         max_tokens: int | None = None,
+        speaker: str | None = None,
     ) -> bool:
-        """Whether this identity's balance covers the most such a request may cost (every
-        prompt byte a token, ``max_tokens`` completion tokens, the largest model size
-        advertised): the gateway's 402. True when the market does not count credits."""
-        balance = await self.balance()
+        """Whether the balance of this identity (or ``speaker``'s) covers the most such a
+        request may cost (every prompt byte a token, ``max_tokens`` completion tokens, the
+        largest model size advertised): the gateway's 402. True when the market does not
+        count credits."""
+        balance = await self.balance(speaker)
         if balance is None or self.v3 is None:
             return True
         size = len(json.dumps(prompt, ensure_ascii=False).encode())

@@ -794,6 +794,10 @@ def test_openapi_schema_fuzz_run_finds_no_server_error(gw: Setup, tmp_path: Path
         # An endless event stream (the web page's live view) has no response to check.
         "--exclude-path",
         "/api/market/events",
+        # No input to fuzz (a GET without parameters), and in this v2 room always the
+        # 404 `no_credits` (schemathesis warns of that); tests/test_web_credits.py tests it.
+        "--exclude-path",
+        "/v1/igora/balance",
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]

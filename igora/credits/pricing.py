@@ -88,6 +88,16 @@ def model_params(models: object, model: str) -> str:
         return DEFAULT_PARAMS
 
 
+def published_price(
+    rule: object, prompt_tokens: int, completion_tokens: int, params: float | int | str | Decimal
+) -> int | None:
+    """The price of a run by a rule a market published (``dir.market.prices``): None when
+    ``rule`` is not one this version computes (no rule: a market without credits)."""
+    if not isinstance(rule, dict) or rule.get("v") != RULE_VERSION:
+        return None
+    return price(prompt_tokens, completion_tokens, params)
+
+
 def max_price(prompt_bytes: int, max_tokens: int, params: float | int | str | Decimal) -> int:
     """The most a task may cost, the header's ``maxPrice`` (the asker's consent) and the
     gateway's estimate: every prompt byte a token, and ``max_tokens`` completion tokens."""

@@ -296,3 +296,13 @@ class Health(_Response):
     connected: bool
     workers: int
     models: list[str]
+
+
+class Balance(_Response):
+    """``GET /v1/igora/balance`` (an Igora extension, not OpenAI's)."""
+
+    object: Literal["igora.balance"] = "igora.balance"
+    id: str = Field(..., description="The identity whose balance this is.")
+    balance: int = Field(..., description="In millicredits (1,000 to a credit).")
+    unit: Literal["millicredit"] = "millicredit"
+    credits: str = Field(..., description="The same in credits, three decimals (`98.740`).")

@@ -30,6 +30,13 @@ def usage_of(final: dict[str, Any]) -> dict[str, int]:
     }
 
 
+def extension(final: dict[str, Any]) -> dict[str, Any]:
+    """The ``igora`` field of an answer: ``price``, the millicredits the asker's receipt
+    signed for the run (what the market settles), in a room that counts credits."""
+    price = final.get(TaskField.PRICE)
+    return {"igora": {"price": price}} if isinstance(price, int) else {}
+
+
 def finish_reason(final: dict[str, Any]) -> str:
     """OpenAI's finish reason of a finished task, or of one of its choices (same key)."""
     reason = final.get(TaskField.FINISH_REASON)
@@ -67,7 +74,7 @@ def completion_response(
             }
         )
     log.info("task %s: done (%s, %d tokens)", task.id, reason, usage["completion_tokens"])
-    data = body.model_dump()
+    data = {**body.model_dump(), **extension(final)}
     for choice in data["choices"] if job.kind == "chat" else []:
         if choice["message"].get("tool_calls") is None:
             choice["message"].pop("tool_calls", None)

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..capabilities import offered
 from ..client import Task
+from ..credits import pricing
 from ..errors import IgoraError
 from ..identity import IdentityError
 from ..protocol import AgentField, ProtocolError
@@ -22,6 +23,7 @@ from . import errors
 from .errors import OpenAIError, from_igora
 from .keys import speaker
 from .openai_models import (
+    Balance,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -79,7 +81,14 @@ async def run_job(request: Request, job: Job) -> Response:
             code="market_refused" if refused else "market_unreachable",
         )
     max_tokens = job.options.get("max_tokens")
-    if not await gw.client.can_pay(job.prompt, model=job.model, max_tokens=max_tokens):
+    speaks = await speaker_id(gw, request)
+    try:
+        can_pay = await gw.client.can_pay(
+            job.prompt, model=job.model, max_tokens=max_tokens, speaker=speaks
+        )
+    except IgoraError as exc:  # the key's identity is not admitted: 403
+        raise from_igora(exc, job.requested) from None
+    if not can_pay:
         raise OpenAIError(  # credits.md §5: the identity the gateway speaks as cannot pay
             402,
             "The market's ledger says this identity's credits cannot pay this request "
@@ -93,7 +102,7 @@ async def run_job(request: Request, job: Job) -> Response:
             model=job.model,
             timeout=gw.timeout,
             wait_worker=gw.worker_wait(),
-            speaker=await speaker_id(gw, request),
+            speaker=speaks,
             **job.options,
         )
     except (IgoraError, ProtocolError) as exc:
@@ -130,6 +139,46 @@ async def run_job(request: Request, job: Job) -> Response:
     return EventStream(
         event_body(gw, task, job, outcome, events, created), headers, on_gone=lambda: _gone(task)
     )
+
+
+async def balance_body(request: Request) -> dict[str, Any]:
+    """``GET /v1/igora/balance``: the balance of the identity the request speaks as (its
+    API key's, else the gateway's own) in the market's ledger (docs/credits.md §8)."""
+    gw = gateway_of(request)
+    if not gw.connected:
+        raise OpenAIError(
+            503,
+            f"The gateway is not connected to the market {gw.client.address.room_url}; "
+            "retry in a moment.",
+            type=errors.SERVER,
+            code="market_unreachable",
+        )
+    if gw.client.v3 is None:
+        raise OpenAIError(
+            404,
+            f"The room {gw.client.address.room_url} speaks protocol 2, which counts no "
+            "credits: there is no balance to show.",
+            code="no_credits",
+        )
+    speaks = await speaker_id(gw, request)
+    try:
+        balance = await gw.client.balance(speaks)
+    except IgoraError as exc:
+        raise from_igora(exc, None) from None
+    if balance is None:
+        raise OpenAIError(
+            503,
+            "The market did not say this identity's balance in time; retry in a moment.",
+            type=errors.SERVER,
+            code="balance_unavailable",
+        )
+    return {
+        "object": "igora.balance",
+        "id": speaks or gw.client.id,
+        "balance": balance,
+        "unit": "millicredit",
+        "credits": pricing.credits_text(balance),
+    }
 
 
 def _gone(task: Task) -> None:
@@ -206,6 +255,22 @@ def add_routes(app: FastAPI) -> None:
             param="model",
             code="model_not_found",
         )
+
+    @app.get(
+        "/v1/igora/balance",
+        response_model=Balance,
+        tags=["igora"],
+        responses={
+            401: ERRORS[401],
+            403: ERRORS[403],
+            404: {"model": ErrorBody, "description": "A protocol 2 room: no credits"},
+            503: {"model": ErrorBody, "description": "Market unreachable or silent"},
+        },
+    )
+    async def balance(request: Request) -> JSONResponse:
+        """The credits of the identity the request speaks as (its API key's, else the
+        gateway's), in millicredits, from the market's ledger (a protocol 3 room)."""
+        return JSONResponse(Balance.model_validate(await balance_body(request)).model_dump())
 
     @app.post(
         "/v1/chat/completions",

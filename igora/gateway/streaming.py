@@ -19,7 +19,7 @@ from ..client import Restart, Task
 from ..errors import IgoraError
 from ..protocol import ProtocolError, TaskField
 from .errors import from_igora
-from .responses import choices_of, finish_reason, usage_of
+from .responses import choices_of, extension, finish_reason, usage_of
 from .state import Gateway
 from .translate import Job
 
@@ -264,7 +264,7 @@ async def event_body(
             tail += [sse(chunk) for chunk in chunks.choice(choice)]
         usage = usage_of(item)
         if job.include_usage:
-            tail.append(sse(chunks.usage(usage)))
+            tail.append(sse({**chunks.usage(usage), **extension(item)}))
         log.info("task %s: streamed (%s, %d tokens)", task.id, reason, usage["completion_tokens"])
         tail.append(DONE)
         yield "".join(tail)

@@ -135,6 +135,7 @@ class TaskField:
     CHOICES = "choices"
     EMBEDDINGS = "embeddings"
     ERROR_CODE = "errorCode"
+    PRICE = "price"  # v3, kept by the asker: millicredits its receipt of the run signed
 
 
 class TaskKind(str, Enum):

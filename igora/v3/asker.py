@@ -268,6 +268,24 @@ class V3Asker:
         raw = self._dir.get("workers", type=Map).get(worker) if self._dir else None
         return pricing.model_params(raw.get("models") if isinstance(raw, dict) else None, model)
 
+    def prices(self) -> dict[str, Any] | None:
+        """The price rule the market publishes (``dir.market.prices``); None in a market
+        that counts no credits."""
+        market = self._dir.get("market", type=Map).get("prices") if self._dir else None
+        if isinstance(market, Map):
+            market = market.to_py()
+        return market if isinstance(market, dict) else None
+
+    def price_of(self, worker: str, model: str, prompt_tokens: int, tokens: int) -> int | None:
+        """A run's price by the published rule, at the size ``worker`` advertises for
+        ``model`` (the figure its receipt would sign); None without a rule."""
+        try:
+            return pricing.published_price(
+                self.prices(), prompt_tokens, tokens, self._params(worker, model)
+            )
+        except pricing.PriceError:
+            return None
+
     def max_price(self, task: dict[str, Any], prompt_bytes: int | None = None) -> int:
         """The most ``task`` may cost (its header's ``maxPrice``, the gateway's estimate):
         at the largest size a worker of ``dir`` advertises for its model."""
@@ -301,24 +319,32 @@ class V3Asker:
             body = json.loads(event.text)
         except ValueError:
             return
-        if isinstance(body, dict) and body.get("op") == "balance" and self._balances:
+        if (
+            isinstance(body, dict)
+            and body.get("op") == "balance"
+            and body.get("id") == self.id  # the session's other askers ask too
+            and self._balances
+        ):
             value = body.get("balance")
             future = self._balances.pop(0)
             if not future.done() and isinstance(value, int):
                 future.set_result(value)
 
-    def _sign(self, tid: str, track: Track, chunks: Array[Any], usage: dict[str, int]) -> None:
+    def _sign(
+        self, tid: str, track: Track, chunks: Array[Any], usage: dict[str, int]
+    ) -> int | None:
         """The receipt of a run read whole (its final chunk checked): written in the
-        prompt document, where the worker reads it (credits.md §3)."""
+        prompt document, where the worker reads it (credits.md §3). Returns its price
+        (what the market settles from it), None when none was signed."""
         doc = self.session.docs.get(prompt_doc(self.id, tid))
         if not self.receipts or doc is None or track.worker is None or not self.session.market:
-            return
+            return None
         if self.worker_key(track.worker) is None:
             # Its advert is not in dir (a market that restarted lists the workers again
             # as they come back): priced without it (DEFAULT_PARAMS), the receipt would be
             # refused (wrong_price). None then: the worker's claim without receipt stands.
             log.info("task %s: no receipt: the advert of %s is not in dir", tid, track.worker[:8])
-            return
+            return None
         try:
             receipt = Receipt.make(
                 self.identity,
@@ -333,8 +359,9 @@ class V3Asker:
             )
         except (ClaimError, pricing.PriceError) as exc:
             log.warning("task %s: no receipt signed: %s", tid, exc)
-            return
+            return None
         doc.get(RECEIPTS, type=Map)[str(track.attempt)] = receipt.to_json()
+        return receipt.price
 
     def _grant(self, tid: str, track: Track, worker: str) -> None:
         """The late grant (protocol-v3.md §7.2): the broker chose a worker the task key
@@ -463,7 +490,11 @@ class V3Asker:
                     final[field] = value
             if state == RunState.DONE.value:
                 final.update(self._answer(tid, track, last, run.get(RunField.USAGE)))
-                self._sign(tid, track, doc.get(CHUNKS, type=Array), final[TaskField.USAGE] or {})
+                price = self._sign(
+                    tid, track, doc.get(CHUNKS, type=Array), final[TaskField.USAGE] or {}
+                )
+                if price is not None and self.prices() is not None:  # a market with credits
+                    final[TaskField.PRICE] = price
         except CryptoError as exc:
             log.warning("task %s: %s", tid, exc)
             final = {

@@ -141,6 +141,7 @@ def tasks(view: dict[str, Any]) -> list[dict[str, Any]]:
                 "duration": end - start if start and end and end >= start else None,
                 "attempts": integer(t.get("attempt")),
                 "tokens": integer(t.get("tokens")),
+                "promptTokens": integer(t.get("promptTokens")),
                 "maxTokens": None,
                 "error": text(t.get("errorCode")),
                 "abortAsked": False,

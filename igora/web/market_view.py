@@ -313,6 +313,17 @@ class V3MarketTracker(MarketTracker):
         if self.version == version:
             await asyncio.sleep(min(timeout, V3_POLL))
 
+    def _priced(self, task: dict[str, Any]) -> dict[str, Any]:
+        """A finished task's row with ``cost``: the price rule's figure (millicredits) for
+        a task done, from the board's tokens, the model's size in its worker's advert and
+        the market's published rule (``dir.market.prices``); None when one is missing."""
+        asker = self.client.v3
+        worker, prompt, tokens = task.get("workerKey"), task.get("promptTokens"), task["tokens"]
+        cost = None
+        if task["state"] == "done" and asker and worker and prompt is not None:
+            cost = asker.price_of(worker, task["model"] or "*", prompt, tokens or 0)
+        return {**task, "cost": cost}
+
     def _snapshot(self) -> dict[str, Any]:
         parts = room_view.snapshot(self._view or {})
         now = now_ms()
@@ -321,7 +332,9 @@ class V3MarketTracker(MarketTracker):
                 self._count(str(t["id"]), t, t["end"] or now)
         for a in parts["agents"]:
             self._remember(a["id"], a["name"], a["key"])
-        finished = sorted(self._finished.values(), key=lambda t: -(t["end"] or 0))
+        finished = [
+            self._priced(t) for t in sorted(self._finished.values(), key=lambda t: -(t["end"] or 0))
+        ]
         tasks = {
             "waiting": parts["tasks"]["waiting"],
             "running": parts["tasks"]["running"],

@@ -86,3 +86,15 @@ def test_balances_show_as_credits_with_three_decimals() -> None:
     assert pricing.credits_text(98_740) == "98.740"
     assert pricing.credits_text(-1_260) == "-1.260"
     assert pricing.credits_text(0) == "0.000"
+
+
+def test_a_published_rule_prices_runs_and_no_rule_prices_nothing() -> None:
+    """``dir.market.prices`` as the market publishes it prices like the rule; a market
+    without one (or a rule of another version) gives no figure rather than a wrong one."""
+    rule = pricing.prices(0)
+    assert pricing.published_price(rule, 30, 200, "0.135") == 1260
+    assert pricing.published_price(rule, 0, 0, "7") == 0
+    for other in (None, {}, {**rule, "v": pricing.RULE_VERSION + 1}, [rule], "v1"):
+        assert pricing.published_price(other, 30, 200, "0.135") is None
+    with pytest.raises(pricing.PriceError):
+        pricing.published_price(rule, -1, 0, "1")

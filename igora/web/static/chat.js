@@ -2,6 +2,7 @@
 
 import { t, lang, onLanguage } from "./i18n.js";
 import { PRESETS, presetText, presetOf } from "./presets.js";
+import { balanceAfterAnswer, creditsText, initBalance, refreshBalance } from "./credits.js";
 
 const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "igora.chat";
@@ -161,7 +162,10 @@ function requestBody() {
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
   messages.push(...history);
-  const body = { messages, stream: true, temperature: Number($("temperature").value) };
+  const body = {
+    messages, stream: true, temperature: Number($("temperature").value),
+    stream_options: { include_usage: true },  // the last chunk: usage and the price
+  };
   if ($("model").value) body.model = $("model").value;
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = Number(seed);
@@ -251,6 +255,8 @@ async function send() {
   let answer = "";
   let finish = null;
   let error = null;
+  let usage = null;  // the last chunk's usage, and the price its receipt signed
+  let price = null;
   const calls = [];  // tool calls of the answer, put together from their streamed pieces
   try {
     const r = await fetch("/v1/chat/completions", {
@@ -284,6 +290,8 @@ async function send() {
           let chunk;
           try { chunk = JSON.parse(data); } catch { continue; }
           if (chunk.error) { error = describeError(0, chunk.error); break reading; }
+          if (chunk.usage) usage = chunk.usage;
+          if (Number.isInteger(chunk.igora?.price)) price = chunk.igora.price;
           const choice = chunk.choices?.[0];
           if (chunk.igora?.restart) {  // the worker was lost: the answer starts again elsewhere
             answer = "";
@@ -323,8 +331,23 @@ async function send() {
   if (error) note(box, "error", error);
   else if (finish === "stopped") note(box, "info", t("stopped"));
   else if (finish === "length") note(box, "info", t("finish.length"));
+  if (price !== null && !error) showCost(box, price, usage);
+  balanceAfterAnswer();
   if (!answer && !calls.length && !error && finish !== "stopped") box.remove();
   $("prompt").focus();
+}
+
+// What the answer cost: the price the client's receipt signed (what the market settles).
+function showCost(box, price, usage) {
+  const vars = {
+    credits: creditsText(price),
+    prompt: usage?.prompt_tokens ?? "?",
+    completion: usage?.completion_tokens ?? "?",
+  };
+  note(box, "cost", t("cost", vars));
+  const p = box.querySelector(".note-cost");
+  p.dataset.millicredits = String(price);
+  p.dataset.vars = JSON.stringify(vars);
 }
 
 function stop() {
@@ -342,6 +365,7 @@ function newChat() {
 // ------------------------------------------------------------------ wiring
 export function initChat() {
   const saved = loadSettings();
+  initBalance(() => apiHeaders());
   renderModels(saved.model);
   refreshModels(saved.model);
   setInterval(() => { if (!controller) refreshModels(); }, 10000);
@@ -368,7 +392,7 @@ export function initChat() {
     $("preset").value = presetOf($("system").value)?.id || "custom";
   });
   $("settings").addEventListener("change", saveSettings);
-  $("api-key").addEventListener("change", () => refreshModels());
+  $("api-key").addEventListener("change", () => { refreshModels(); refreshBalance(); });
   $("tools").addEventListener("input", () => $("tools").setCustomValidity(""));
   $("settings").addEventListener("submit", (e) => e.preventDefault());
 
@@ -380,6 +404,10 @@ export function initChat() {
     renderModels();
     for (const who of document.querySelectorAll(".msg .who")) {
       who.textContent = t(who.dataset.role === "user" ? "you" : "assistant");
+    }
+    for (const p of document.querySelectorAll(".msg .note-cost")) {
+      const vars = JSON.parse(p.dataset.vars);
+      p.textContent = t("cost", { ...vars, credits: creditsText(Number(p.dataset.millicredits)) });
     }
   });
 }

@@ -103,6 +103,10 @@ export const STRINGS = {
     "market.live": "Live · room “{room}” · updated {time}",
     "market.offline": "Connection to the gateway lost; retrying…",
     "market.connecting": "Connecting…",
+    "balance": "Balance: {credits} credits",
+    "balance.title": "The credits of the identity this page's requests speak as (its API key's, else the gateway's), from the market's ledger",
+    "cost": "Cost: {credits} credits ({prompt} tokens in, {completion} out)",
+    "task.cost": "{credits} credits (price rule)",
   },
   fr: {
     "skip": "Aller au contenu",
@@ -206,6 +210,10 @@ export const STRINGS = {
     "market.live": "En direct · salle « {room} » · mis à jour à {time}",
     "market.offline": "Connexion à la passerelle perdue ; nouvelle tentative…",
     "market.connecting": "Connexion…",
+    "balance": "Solde : {credits} crédits",
+    "balance.title": "Les crédits de l’identité au nom de laquelle cette page demande (celle de sa clé d’API, sinon celle de la passerelle), d’après le registre du marché",
+    "cost": "Coût : {credits} crédits ({prompt} tokens en entrée, {completion} en sortie)",
+    "task.cost": "{credits} crédits (règle de prix)",
   },
 };
 

@@ -2,6 +2,7 @@
 // gateway (Server-Sent Events on /api/market/events).
 
 import { t, lang, onLanguage } from "./i18n.js";
+import { creditsText } from "./credits.js";
 
 const $ = (id) => document.getElementById(id);
 const GROUPS = ["waiting", "running", "done", "failed", "aborted"];
@@ -86,9 +87,10 @@ function taskCard(task) {
   if (task.state === "todo" || task.state === "prepared") extra.push(t(`task.state.${task.state}`));
   if (task.attempts > 1) extra.push(t("task.attempt", { n: task.attempts }));
   if (task.tokens) extra.push(t("task.tokens", { n: task.tokens }));
+  if (Number.isInteger(task.cost)) extra.push(t("task.cost", { credits: creditsText(task.cost) }));
   if (task.duration) extra.push(`${fmt(task.duration / 1000)} s`);
   if (task.abortAsked && !["aborted", "done", "failed"].includes(task.state)) extra.push(t("task.abortAsked"));
-  const card = el("li", { class: `task task-${task.state}`, dataset: { id: task.id, state: task.state, ...(task.workerKey ? { workerKey: task.workerKey } : {}) } },
+  const card = el("li", { class: `task task-${task.state}`, dataset: { id: task.id, state: task.state, ...(task.workerKey ? { workerKey: task.workerKey } : {}), ...(Number.isInteger(task.cost) ? { cost: String(task.cost) } : {}) } },
     head, lines, extra.length ? el("p", { class: "task-extra" }, extra.join(" · ")) : null);
   if (task.error) card.append(el("p", { class: "task-error" }, task.error));
   return card;
