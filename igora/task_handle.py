@@ -11,9 +11,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .capabilities import unservable
-from .errors import NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
+from .errors import NotAdmitted, NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
 from .lifecycle import number
 from .protocol import ErrorCode, State, TaskField
+
+NOT_ADMITTED = "notAdmitted"
+"""Field of a task's final state, kept in this process (never written to the market):
+the identity the market stopped admitting while the task ran (a v3 asker sets it; the
+task's waiter gets ``NotAdmitted``)."""
 
 if TYPE_CHECKING:
     from .client import Client
@@ -163,6 +168,8 @@ class Task:
                 why.missing if why else (),
                 reason=error,
             )
+        if isinstance(final.get(NOT_ADMITTED), str):
+            raise NotAdmitted(error, final[NOT_ADMITTED])
         if state == State.ABORTED.value:
             raise TaskAborted(f"task {self.id} was aborted", final)
         if code is ErrorCode.DEADLINE:

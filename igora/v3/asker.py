@@ -40,7 +40,7 @@ from ..credits import pricing
 from ..credits.receipts import ClaimError, Receipt, run_hash
 from ..identity import Identity, IdentityError, unb64url
 from ..protocol import ErrorCode, Peer, TaskField, now_ms, number
-from ..task_handle import Watch
+from ..task_handle import NOT_ADMITTED, Watch
 from . import advert as adverts
 from .crypto import (
     AnswerReader,
@@ -414,6 +414,8 @@ class V3Asker:
             if self.id in self.session.granted:  # refused while not admitted: read it now
                 self.session.subscribe(inbox(self.id))
                 self._watch_inbox()
+            else:
+                self._not_admitted()
             return
         if event.kind is not EventKind.CHANGED and event.kind is not EventKind.NEW:
             return
@@ -550,6 +552,23 @@ class V3Asker:
             TaskField.USAGE: final.usage,
             **final.results,
         }
+
+    def _not_admitted(self) -> None:
+        """The market no longer admits this identity (banned or removed while its tasks
+        ran, on a connection proving several: a gateway's): its tasks in flight end now,
+        their waiters told why (``NOT_ADMITTED``), rather than wait for their timeout."""
+        why = f"the market no longer admits the identity {self.id} (banned or removed)"
+        for tid, track in list(self._tracks.items()):
+            if tid not in self._ended:
+                log.warning("task %s: %s", tid, why)
+                final = {
+                    **track.task,
+                    TaskField.STATE: StatusState.FAILED.value,
+                    TaskField.ERROR: why,
+                    TaskField.END: now_ms(),
+                    NOT_ADMITTED: self.id,
+                }
+                self._end(tid, track, final)
 
     def _end(self, tid: str, track: Track, final: dict[str, Any]) -> None:
         self._ended.add(tid)
