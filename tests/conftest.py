@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pluggy
 import pytest
 
 from igora.testing import Cluster, Proc, free_port, wait_http, wait_until
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 __all__ = ["ROOT", "Cluster", "Proc", "free_port", "wait_http"]
 
@@ -66,3 +70,16 @@ def pytest_runtest_makereport(
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """One headless Chromium for a module of the web page's tests."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_web import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from igora.credits import pricing
 from igora.engines.echo import PARAMS as ECHO_PARAMS
@@ -24,7 +23,6 @@ from igora.gateway.keys import KeyStore
 from igora.testing import Cluster, wait_until
 from tests.test_credits_market import ROOM, balances, identity, runs, start
 from tests.test_v3_membership import igora
-from tests.test_web import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.slow
 
@@ -146,14 +144,6 @@ def test_a_protocol_2_room_has_no_balance(echo_market: Cluster) -> None:
         timeout=30,
     )
     assert answer.status_code == 200 and "igora" not in answer.json()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_the_page_shows_the_balance_and_what_each_answer_cost(

@@ -9,26 +9,16 @@ import asyncio
 import concurrent.futures
 import json
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from igora.testing import Cluster
 from tests.test_v3_roles import ROOM, asker, v3_room
 from tests.test_v3_view import MARKER, worker_ids
-from tests.test_web import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_the_market_view_of_a_v3_room_shows_the_key_of_the_worker_that_answered(
