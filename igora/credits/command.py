@@ -233,6 +233,7 @@ def send(args: argparse.Namespace) -> int:
 def _send_to_market(args: argparse.Namespace, identity: Identity) -> int:
     from ..config import market_address
     from ..v3.session import Session
+    from ..v3.wire import notice_answer
 
     address = market_address(args.market, args.room)
 
@@ -245,16 +246,8 @@ def _send_to_market(args: argparse.Namespace, identity: Identity) -> int:
             answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
             def on_notice(event: Any) -> None:
-                try:
-                    body = json.loads(event.text)
-                except ValueError:
-                    return
-                if (
-                    isinstance(body, dict)
-                    and body.get("op") == "transfer"
-                    and body.get("nonce") == order.nonce
-                    and not answer.done()
-                ):
+                body = notice_answer(event.text, "transfer")
+                if body is not None and body.get("nonce") == order.nonce and not answer.done():
                     answer.set_result(body)
 
             session.observe(on_notice)

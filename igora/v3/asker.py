@@ -77,7 +77,7 @@ from .tasks import (
     prompt_doc,
     run_doc,
 )
-from .wire import Code
+from .wire import Code, notice_answer
 
 log = logging.getLogger("igora.client")
 
@@ -315,13 +315,9 @@ class V3Asker:
                 self._balances.remove(future)
 
     def _credits_notice(self, event: Event) -> None:
-        try:
-            body = json.loads(event.text)
-        except ValueError:
-            return
+        body = notice_answer(event.text, "balance")
         if (
-            isinstance(body, dict)
-            and body.get("op") == "balance"
+            body is not None
             and body.get("id") == self.id  # the session's other askers ask too
             and self._balances
         ):

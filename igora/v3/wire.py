@@ -110,6 +110,17 @@ class Notice:
     text: str
 
 
+def notice_answer(text: str, op: str) -> dict[str, Any] | None:
+    """The JSON object a ``NOTICE`` text carries as the market's answer to ``CONTROL op``
+    (the credits' ``claim``, ``transfer``, ``balance``: protocol-v3.md §12.9), or None
+    for any other notice."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) and body.get("op") == op else None
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     frames: tuple[bytes, ...]  # each an encoded frame, never itself a BATCH

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -77,7 +76,7 @@ from .tasks import (
     run_key,
     worker_doc,
 )
-from .wire import Code
+from .wire import Code, notice_answer
 
 log = logging.getLogger("igora.worker")
 
@@ -265,11 +264,8 @@ class V3Worker:
 
     def _claimed(self, event: Event) -> None:
         """The market's answer to a claim (a NOTICE whose text is JSON)."""
-        try:
-            body = json.loads(event.text)
-        except ValueError:
-            return
-        if not isinstance(body, dict) or body.get("op") != "claim":
+        body = notice_answer(event.text, "claim")
+        if body is None:
             return
         tid, attempt, result = body.get("task"), body.get("attempt"), body.get("result")
         if result == "pending":  # the market holds it: settled from its record, or a receipt
