@@ -46,7 +46,10 @@ def test_the_market_view_of_a_v3_room_shows_the_key_of_the_worker_that_answered(
             answered = pool.submit(asyncio.run, _ask(cluster, monkeypatch, 3)).result(90)
         assert len(answered) == 3 and set(answered.values()) <= set(workers)
         for tid, worker in answered.items():
-            card = page.wait_for_selector(f"#board section[data-group=done] li[data-id='{tid}']")
+            # The card may show as done one view before the board names its worker.
+            card = page.wait_for_selector(
+                f"#board section[data-group=done] li[data-id='{tid}'][data-worker-key]"
+            )
             assert card.get_attribute("data-worker-key") == worker
             text = card.inner_text()
             assert worker[:8] in text and workers[worker] in text and MARKER not in text
