@@ -101,6 +101,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     from . import roles
 
     if args.command == "market":
+        from .market.limits import MarketSettings
         from .market.run import run_market
 
         if args.market_command:
@@ -115,10 +116,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
                 f"--members {members} needs a store for its members (--data), not --memory"
             )
         data = None if args.memory else (args.data or data_dir())
-        run_market(
-            args.host,
-            args.port,
-            data,
+        settings = MarketSettings(
             max_message=args.max_message,
             max_connections=args.max_connections,
             max_per_address=args.max_per_address,
@@ -128,16 +126,21 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             max_rooms=args.max_rooms,
             max_rooms_per_address=args.max_rooms_per_address,
             header_timeout=args.header_timeout,
-            log_level=args.log_level,
             secure=args.secure,
             v3_rooms=frozenset(args.v3_room),
-            identity_data=args.data,
             broker_keys=frozenset(args.broker_key),
-            behind_tls=args.behind_tls,
             members=members,
             redis=args.redis,
             grant=args.grant,
             receipt_wait=args.receipt_wait,
+        )
+        run_market(
+            args.host,
+            args.port,
+            data,
+            settings,
+            identity_data=args.data,
+            behind_tls=args.behind_tls,
         )
         return 0
     if args.command == "up":

@@ -562,10 +562,11 @@ BAD_CLI = [
 def test_market_limits_are_checked_before_anything_starts(
     tmp_path: Path, limits: dict[str, float], message: str
 ) -> None:
+    from igora.market.limits import MarketSettings
     from igora.market.run import run_market
 
     with pytest.raises(ConfigError, match=message):
-        run_market("127.0.0.1", 1234, tmp_path / "data", **limits)  # type: ignore[arg-type]
+        run_market("127.0.0.1", 1234, tmp_path / "data", MarketSettings(**limits))  # type: ignore[arg-type]
     assert not (tmp_path / "data").exists()
 
 

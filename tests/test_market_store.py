@@ -63,8 +63,9 @@ def test_a_store_the_market_cannot_open_is_one_line_and_exit_2(
 def test_room_and_header_limits_are_checked_before_anything_starts(
     tmp_path: Path, limits: dict[str, float], message: str
 ) -> None:
+    from igora.market.limits import MarketSettings
     from igora.market.run import run_market
 
     with pytest.raises(ConfigError, match=message):
-        run_market("127.0.0.1", 1234, tmp_path / "data", **limits)  # type: ignore[arg-type]
+        run_market("127.0.0.1", 1234, tmp_path / "data", MarketSettings(**limits))  # type: ignore[arg-type]
     assert not (tmp_path / "data").exists()

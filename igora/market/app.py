@@ -30,27 +30,16 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
-from ..credits.pricing import DEFAULT_GRANT
 from ..identity import Identity
 from ..v3 import wire
 from .channel import MarketChannel
-from .limits import (
-    DEFAULT_COMPACT_EVERY,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_MESSAGE,
-    DEFAULT_MAX_PER_ADDRESS,
-    DEFAULT_MAX_ROOMS,
-    DEFAULT_MAX_ROOMS_PER_ADDRESS,
-    DEFAULT_ROOM_IDLE,
-    DEFAULT_TASK_RETENTION,
-    Connections,
-)
+from .limits import Connections, MarketSettings
 from .members import REFRESH, Membership
 from .replicas import Replicas
 from .room import MarketRoom
 from .server import MarketServer
 from .store import Store
-from .v3.bank import DEFAULT_RECEIPT_WAIT, Bank, ledger_path
+from .v3.bank import Bank, ledger_path
 from .v3.connection import V3Connection
 from .v3.room import DocLimits, V3Rooms
 
@@ -69,50 +58,38 @@ class Market:
     def __init__(
         self,
         data: Path | None,
-        *,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
-        room_idle: float = DEFAULT_ROOM_IDLE,
-        task_retention: float = DEFAULT_TASK_RETENTION,
-        compact_every: int = DEFAULT_COMPACT_EVERY,
-        max_rooms: int = DEFAULT_MAX_ROOMS,
-        max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
-        max_message: int = DEFAULT_MAX_MESSAGE,
+        settings: MarketSettings | None = None,
         identity: Identity | None = None,
-        secure: bool = False,
-        v3_rooms: frozenset[str] = frozenset(),
-        broker_keys: frozenset[str] = frozenset(),
-        members: str = "open",
-        redis: str | None = None,
-        grant: int = DEFAULT_GRANT,
-        receipt_wait: float = DEFAULT_RECEIPT_WAIT,
     ) -> None:
-        if (secure or v3_rooms) and identity is None:
+        settings = settings or MarketSettings()
+        if settings.speaks_v3 and identity is None:
             raise ValueError("a market with v3 rooms needs its identity")
+        self.settings = settings
         # Without a folder the rooms' histories are kept in an SQLite database in memory:
         # a room rebuilds its document from it (after a panic, or when it is loaded again).
         self.store = Store(data / "market.sqlite3" if data is not None else ":memory:")
+        redis = settings.redis
         self.replicas = Replicas(redis) if redis is not None else None
         self.server = MarketServer(
             self.store,
-            compact_every,
-            room_idle=room_idle,
-            max_rooms=max_rooms,
-            max_rooms_per_address=max_rooms_per_address,
+            settings.compact_every,
+            room_idle=settings.room_idle,
+            max_rooms=settings.max_rooms,
+            max_rooms_per_address=settings.max_rooms_per_address,
             replicas=self.replicas,
         )
-        self.connections = Connections(max_connections, max_per_address)
+        self.connections = Connections(settings.max_connections, settings.max_per_address)
         self.identity = identity
-        self.secure = secure
-        self.v3_rooms = v3_rooms
+        self.secure = settings.secure
+        self.v3_rooms = settings.v3_rooms
         # Who may hold a room's broker lease: in a secure market the market's own key and
         # --broker-key; in the v3 rooms of an open market, any identity (security.md §5).
         self.brokers: frozenset[str] | None = None
-        if secure and identity is not None:
-            self.brokers = broker_keys | {identity.id}
-        limits = DocLimits(task_document=max_message, retention=task_retention)
+        if settings.secure and identity is not None:
+            self.brokers = settings.broker_keys | {identity.id}
+        limits = DocLimits(task_document=settings.max_message, retention=settings.task_retention)
         self.v3_limits = {
-            "maxMessage": max_message,
+            "maxMessage": settings.max_message,
             "taskDocuments": limits.task_documents,
             "taskDocumentBytes": limits.task_document,
         }
@@ -120,7 +97,7 @@ class Market:
         # Who a v3 room admits (security.md §5); None: the market has no v3 room.
         self.membership: Membership | None = None
         if identity is not None:
-            self.membership = Membership(self.store, members, identity.id)
+            self.membership = Membership(self.store, settings.members, identity.id)
         self.v3_connections: set[V3Connection] = set()  # welcomed, for the ban checks
         self._denials: set[asyncio.Task[None]] = set()  # closing banned connections
         # Credits (credits.md): the ledger beside the store, for the market's v3 rooms.
@@ -128,7 +105,12 @@ class Market:
         # anew (the ledger lease of credits.md §7 is not built), so none is kept there.
         self.bank: Bank | None = None
         if identity is not None and redis is None:
-            self.bank = Bank(ledger_path(data), identity.id, grant=grant, receipt_wait=receipt_wait)
+            self.bank = Bank(
+                ledger_path(data),
+                identity.id,
+                grant=settings.grant,
+                receipt_wait=settings.receipt_wait,
+            )
         elif identity is not None:
             log.warning(
                 "market: replicas keep no credits yet (credits.md §7): no grants, and "
@@ -137,8 +119,8 @@ class Market:
         self.v3 = V3Rooms(
             self.store,
             limits,
-            room_idle,
-            max_rooms,
+            settings.room_idle,
+            settings.max_rooms,
             market_id,
             self.v3_limits,
             self.replicas,

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 from ..config import MAX_ROOM, ConfigError
+from ..credits.pricing import DEFAULT_GRANT
+from ..header_timeout import DEFAULT_HEADER_TIMEOUT
 from ..ratelog import RateLimitedLog
+from .v3.bank import DEFAULT_RECEIPT_WAIT
 
 DEFAULT_PORT = 1234
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
@@ -28,38 +32,56 @@ MAX_ROOM_NAME = MAX_ROOM
 log = logging.getLogger("igora.market")
 
 
-def check_limits(
-    port: int,
-    max_message: int,
-    max_connections: int,
-    max_per_address: int,
-    room_idle: float,
-    compact_every: int = 0,
-    max_rooms: int = 1,
-    max_rooms_per_address: int = 1,
-    header_timeout: float = 1.0,
-    task_retention: float = DEFAULT_TASK_RETENTION,
-) -> None:
-    """Raise ConfigError, naming the command-line flag, for a limit out of its range."""
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
-    for flag, seconds in (
-        ("--room-idle", room_idle),
-        ("--header-timeout", header_timeout),
-        ("--task-retention", task_retention),
-    ):
-        if not 0 < seconds < float("inf"):
-            raise ConfigError(f"{flag} must be a positive number of seconds, not {seconds}")
-    for flag, value, least in (
-        ("--max-message", max_message, 1024),
-        ("--max-connections", max_connections, 1),
-        ("--max-per-address", max_per_address, 1),
-        ("--compact-every", compact_every, 0),
-        ("--max-rooms", max_rooms, 1),
-        ("--max-rooms-per-address", max_rooms_per_address, 1),
-    ):
-        if value < least:
-            raise ConfigError(f"{flag} must be at least {least}, not {value}")
+@dataclass(frozen=True)
+class MarketSettings:
+    """What ``igora market`` is told, beside where it listens and stores: its limits,
+    which rooms speak protocol 3 and whom they admit, Redis, and credits. One value from
+    the command line to ``run_market`` to ``app.Market``; ``check`` names the flag of a
+    limit out of range."""
+
+    max_message: int = DEFAULT_MAX_MESSAGE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_per_address: int = DEFAULT_MAX_PER_ADDRESS
+    room_idle: float = DEFAULT_ROOM_IDLE
+    task_retention: float = DEFAULT_TASK_RETENTION
+    compact_every: int = DEFAULT_COMPACT_EVERY
+    max_rooms: int = DEFAULT_MAX_ROOMS
+    max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    secure: bool = False  # every room speaks protocol 3
+    v3_rooms: frozenset[str] = frozenset()  # these rooms speak protocol 3
+    broker_keys: frozenset[str] = frozenset()  # may hold a secure room's broker lease
+    members: str = "open"  # whom a v3 room admits (``members.Membership``)
+    redis: str | None = None  # rooms shared with the other markets on this Redis
+    grant: int = DEFAULT_GRANT  # credits given to a new identity
+    receipt_wait: float = DEFAULT_RECEIPT_WAIT  # seconds before a run is charged unsigned
+
+    @property
+    def speaks_v3(self) -> bool:
+        """Some room speaks protocol 3: the market needs its identity."""
+        return self.secure or bool(self.v3_rooms)
+
+    def check(self, port: int = DEFAULT_PORT) -> None:
+        """Raise ConfigError, naming the command-line flag, for a limit out of its range."""
+        if not 0 < port < 65536:
+            raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
+        for flag, seconds in (
+            ("--room-idle", self.room_idle),
+            ("--header-timeout", self.header_timeout),
+            ("--task-retention", self.task_retention),
+        ):
+            if not 0 < seconds < float("inf"):
+                raise ConfigError(f"{flag} must be a positive number of seconds, not {seconds}")
+        for flag, value, least in (
+            ("--max-message", self.max_message, 1024),
+            ("--max-connections", self.max_connections, 1),
+            ("--max-per-address", self.max_per_address, 1),
+            ("--compact-every", self.compact_every, 0),
+            ("--max-rooms", self.max_rooms, 1),
+            ("--max-rooms-per-address", self.max_rooms_per_address, 1),
+        ):
+            if value < least:
+                raise ConfigError(f"{flag} must be at least {least}, not {value}")
 
 
 class Connections:

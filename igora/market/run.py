@@ -30,23 +30,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..credits.pricing import DEFAULT_GRANT
-from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol, peer_of
+from ..header_timeout import http_protocol, peer_of
 from ..identity import Identity, key_path, load_identity
 from .app import Market
-from .limits import (
-    DEFAULT_COMPACT_EVERY,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_MESSAGE,
-    DEFAULT_MAX_PER_ADDRESS,
-    DEFAULT_MAX_ROOMS,
-    DEFAULT_MAX_ROOMS_PER_ADDRESS,
-    DEFAULT_ROOM_IDLE,
-    DEFAULT_TASK_RETENTION,
-    check_limits,
-)
+from .limits import MarketSettings
 from .replicas import check_redis
-from .v3.bank import DEFAULT_RECEIPT_WAIT
 
 log = logging.getLogger("igora.market")
 
@@ -132,77 +120,34 @@ def run_market(
     host: str,
     port: int,
     data: Path | None,
+    settings: MarketSettings | None = None,
     *,
-    max_message: int = DEFAULT_MAX_MESSAGE,
-    max_connections: int = DEFAULT_MAX_CONNECTIONS,
-    max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
-    room_idle: float = DEFAULT_ROOM_IDLE,
-    task_retention: float = DEFAULT_TASK_RETENTION,
-    compact_every: int = DEFAULT_COMPACT_EVERY,
-    max_rooms: int = DEFAULT_MAX_ROOMS,
-    max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS,
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-    log_level: str = "info",
-    secure: bool = False,
-    v3_rooms: frozenset[str] = frozenset(),
     identity_data: Path | None = None,
-    broker_keys: frozenset[str] = frozenset(),
     behind_tls: bool = False,
-    members: str = "open",
-    redis: str | None = None,
-    grant: int = DEFAULT_GRANT,
-    receipt_wait: float = DEFAULT_RECEIPT_WAIT,
 ) -> None:
     """Serve the market until interrupted (SIGINT/SIGTERM flush the store and exit).
 
-    A market with v3 rooms (``secure``: all of them; ``v3_rooms``: those) proves itself
-    with the identity of folder ``identity_data`` (default: ``IGORA_DATA`` or the XDG
-    data folder), made on first use; a market of v2 rooms only has no use for a key and
-    reads none. ``members``: who a v3 room admits (``igora.market.members``)."""
+    A market with v3 rooms (``settings.secure``: all of them; ``settings.v3_rooms``:
+    those) proves itself with the identity of folder ``identity_data`` (default:
+    ``IGORA_DATA`` or the XDG data folder), made on first use; a market of v2 rooms only
+    has no use for a key and reads none."""
     import uvicorn
 
-    check_limits(
-        port,
-        max_message,
-        max_connections,
-        max_per_address,
-        room_idle,
-        compact_every,
-        max_rooms,
-        max_rooms_per_address,
-        header_timeout,
-        task_retention,
-    )
+    settings = settings or MarketSettings()
+    settings.check(port)
     # pycrdt-websocket logs every message at DEBUG: keep our own debug lines readable.
     for noisy in ("igora.market.room", "igora.market.server", "redis"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     identity: Identity | None = None
-    if secure or v3_rooms:
+    if settings.speaks_v3:
         identity, made = load_identity(identity_data)
         if made:
             log.info("market: made a new identity in %s", key_path(identity_data))
+    redis = settings.redis
     if redis is not None:
         asyncio.run(check_redis(redis))  # one line and exit 2 if it does not answer
     sock = _listen(host, port)
-    market = Market(
-        data,
-        max_connections=max_connections,
-        max_per_address=max_per_address,
-        room_idle=room_idle,
-        task_retention=task_retention,
-        compact_every=compact_every,
-        max_rooms=max_rooms,
-        max_rooms_per_address=max_rooms_per_address,
-        max_message=max_message,
-        identity=identity,
-        secure=secure,
-        v3_rooms=v3_rooms,
-        broker_keys=broker_keys,
-        members=members,
-        redis=redis,
-        grant=grant,
-        receipt_wait=receipt_wait,
-    )
+    market = Market(data, settings, identity)
     where = f"storing rooms in {data}" if data else "in memory only (no --data)"
     if redis is not None:
         where += f", sharing them through Redis at {redis}"
@@ -212,20 +157,20 @@ def run_market(
         host,
         port,
         where,
-        max_message,
-        max_connections,
-        max_per_address,
-        max_rooms,
-        max_rooms_per_address,
-        header_timeout,
+        settings.max_message,
+        settings.max_connections,
+        settings.max_per_address,
+        settings.max_rooms,
+        settings.max_rooms_per_address,
+        settings.header_timeout,
     )
     if identity is not None:
-        rooms = "every room" if secure else "rooms " + ", ".join(sorted(v3_rooms))
+        rooms = "every room" if settings.secure else "rooms " + ", ".join(sorted(settings.v3_rooms))
         admits = {
             "open": "any identity that proves itself",
             "list": "its members (igora market members add ID)",
             "invite": "its members and invitations (igora market invite)",
-        }[members]
+        }[settings.members]
         log.info(
             "market identity %s; protocol 3 in %s, admitting %s, bans enforced",
             identity.id,
@@ -241,7 +186,7 @@ def run_market(
             )
     config = uvicorn.Config(
         market.app,
-        ws_max_size=max_message,
+        ws_max_size=settings.max_message,
         ws_ping_interval=10,
         ws_ping_timeout=20,
         # No permessage-deflate: every frame goes to every agent and each connection
@@ -252,6 +197,6 @@ def run_market(
         lifespan="on",
         timeout_graceful_shutdown=2,
         log_config=None,  # uvicorn's lines go through our format (igora.cli.setup_logging)
-        **_protocols(header_timeout, max_per_address),
+        **_protocols(settings.header_timeout, settings.max_per_address),
     )
     uvicorn.Server(config).run(sockets=[sock])
