@@ -10,6 +10,7 @@ import math
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import ConfigError, check_market_urls, check_room
@@ -34,6 +35,19 @@ class Parser(argparse.ArgumentParser):
 
 _LEADING_DASH_ID = re.compile(r"-[A-Za-z0-9_-]{42}")
 """What an agent id (43 base64url characters) starting with a dash looks like."""
+
+
+def data_folder(p: argparse.ArgumentParser, what: str, *, inner: bool = False) -> None:
+    """Add ``--data DATA``, the folder of ``what``. ``inner``: an action's own copy of its
+    command's option, which leaves the command's value alone when not given (``igora
+    market --data D members list`` and ``igora market members list --data D`` agree)."""
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=argparse.SUPPRESS if inner else None,
+        metavar="DATA",
+        help=f"{what} (default: IGORA_DATA or ~/.local/share/igora)",
+    )
 
 
 def _fmt(x: float) -> str:

@@ -58,7 +58,14 @@ YJS_MARKET_ROOM, LLM_MODEL_NAME, IGORA_DATA.
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Help with each option's default, unless its text already says it or there is
+    none to say (``(default: None)`` teaches nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _market_options(p: argparse.ArgumentParser) -> None:
@@ -100,16 +107,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _data(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        metavar="DATA",
-        help=f"{what} (default: IGORA_DATA or ~/.local/share/igora)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = arg.Parser(
         prog="igora",
@@ -135,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gateway-port", type=int, default=GATEWAY_PORT, help="OpenAI gateway and web page port"
     )
     p.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
-    _data(p, "folder of the market's store")
+    arg.data_folder(p, "folder of the market's store")
     p.add_argument("--model", help="GGUF file for the worker (default: bundled SmolLM2-135M)")
     p.add_argument(
         "--engine", default=DEFAULT_ENGINE, choices=["llama", "echo"], help="worker engine"
@@ -164,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: everyone)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
-    _data(p, "folder of the store")
+    arg.data_folder(p, "folder of the store")
     p.add_argument("--memory", action="store_true", help="keep rooms in memory only")
     p.add_argument(
         "--redis",
@@ -489,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(being built: docs/security.md) name an agent by this id.\n"
         "Two data folders are two identities on one machine.",
     )
-    _data(p, "folder of the key")
+    arg.data_folder(p, "folder of the key")
     p.add_argument(
         "--json",
         action="store_true",

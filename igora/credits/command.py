@@ -74,18 +74,12 @@ def _amount(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _where(p: argparse.ArgumentParser, default: Any) -> None:
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=default,
-        metavar="DATA",
-        help="folder of the identity's key (default: IGORA_DATA or ~/.local/share/igora)",
-    )
+def _where(p: argparse.ArgumentParser) -> None:
+    arg.data_folder(p, "folder of the identity's key")
     p.add_argument(
         "--ledger",
         type=Path,
-        default=default,
+        default=None,
         metavar="FILE",
         help=f"the market's ledger (default: DATA/{LEDGER_FILE})",
     )
@@ -103,7 +97,7 @@ def add_parser(
         description=DESCRIPTION,
         epilog=EXAMPLES,
     )
-    _where(p, None)
+    _where(p)
     p.add_argument("--json", action="store_true", help="print the balance and entries as JSON")
     common(p)
     actions = p.add_subparsers(dest="credits_command", metavar="ACTION")
@@ -135,13 +129,7 @@ def add_parser(
         metavar="ID",
         help="the market's id, for --print without the ledger file",
     )
-    s.add_argument(
-        "--data",
-        type=Path,
-        default=argparse.SUPPRESS,
-        metavar="DATA",
-        help="folder of the identity's key (default: IGORA_DATA or ~/.local/share/igora)",
-    )
+    arg.data_folder(s, "folder of the identity's key", inner=True)
     s.add_argument(
         "--ledger",
         type=Path,

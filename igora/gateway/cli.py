@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .. import arguments as arg
@@ -78,13 +77,10 @@ def add_parser(
         metavar="S",
         help="seconds a client has to send its request headers",
     )
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        metavar="DATA",
-        help="data folder: with DATA/gateway/keys.sqlite3 (`igora gateway keys add`), "
-        "only its keys are accepted (default: IGORA_DATA or ~/.local/share/igora)",
+    arg.data_folder(
+        p,
+        "data folder: with DATA/gateway/keys.sqlite3 (`igora gateway keys add`), "
+        "only its keys are accepted",
     )
     market_options(p)
     common(p)

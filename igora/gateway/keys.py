@@ -26,6 +26,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from .. import arguments as arg
 from ..config import data_dir
 from ..identity import Identity, b64url, load_identity
 
@@ -152,13 +153,7 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     """``igora gateway keys add|list|remove``."""
 
     def data(q: argparse.ArgumentParser) -> None:
-        q.add_argument(
-            "--data",
-            type=Path,
-            default=argparse.SUPPRESS,
-            metavar="DATA",
-            help="the gateway's data folder (default: IGORA_DATA or ~/.local/share/igora)",
-        )
+        arg.data_folder(q, "the gateway's data folder", inner=True)
 
     p = sub.add_parser(
         "keys",
@@ -189,8 +184,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .. import arguments as arg
-
     data: Path = getattr(args, "data", None) or data_dir()
     if args.keys_command != "add":  # no file made: a file turns the check on
         found = KeyStore.existing(data)

@@ -66,13 +66,7 @@ def add_actions(p: argparse.ArgumentParser, formatter: type[argparse.HelpFormatt
     """``igora market``'s actions; without one, ``igora market`` serves."""
 
     def data(q: argparse.ArgumentParser) -> None:
-        q.add_argument(
-            "--data",
-            type=Path,
-            default=argparse.SUPPRESS,
-            metavar="DATA",
-            help="the market's data folder (default: IGORA_DATA or ~/.local/share/igora)",
-        )
+        arg.data_folder(q, "the market's data folder", inner=True)
 
     actions = p.add_subparsers(dest="market_command", metavar="ACTION")
     m = actions.add_parser(
