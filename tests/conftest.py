@@ -17,9 +17,9 @@ import pytest
 from igora.testing import Cluster, Proc, free_port, wait_http, wait_until
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, BrowserContext, Page
 
-__all__ = ["ROOT", "Cluster", "Proc", "free_port", "wait_http"]
+__all__ = ["ROOT", "Cluster", "Proc", "free_port", "open_page", "wait_http"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,3 +83,24 @@ def browser() -> Iterator[Browser]:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    """A browser context for one test: English, 1280 × 800, 30 s for any one step."""
+    ctx = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800})
+    ctx.set_default_timeout(30_000)
+    yield ctx
+    ctx.close()
+
+
+def open_page(ctx: BrowserContext, base: str, view: str = "chat") -> Page:
+    """A page of the web app at ``base`` on ``view``, once its script is ready; its
+    JavaScript errors gather in ``page.errors`` (none is expected)."""
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{base}/#{view}")
+    page.wait_for_selector("html[data-ready=true]")
+    page.errors = errors  # type: ignore[attr-defined]
+    return page

@@ -29,6 +29,7 @@ from igora.config import market_address
 from igora.identity import load_identity
 from igora.protocol import MapName
 from igora.testing import wait_until
+from tests.conftest import open_page
 
 from .conftest import free_port
 
@@ -151,24 +152,6 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         u.stop()
 
 
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
-    ctx = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800})
-    ctx.set_default_timeout(30_000)
-    yield ctx
-    ctx.close()
-
-
-def open_page(ctx: BrowserContext, up: Up, view: str = "chat") -> Page:
-    page = ctx.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{up.base}/#{view}")
-    page.wait_for_selector("html[data-ready=true]")
-    page.errors = errors  # type: ignore[attr-defined]
-    return page
-
-
 def bundled_model(up: Up) -> str:
     with urllib.request.urlopen(f"{up.base}/v1/models", timeout=5) as r:
         ids = [m["id"] for m in json.loads(r.read())["data"]]
@@ -248,7 +231,7 @@ def test_market_api_gives_agents_tasks_and_throughput(up: Up) -> None:
 def test_page_follows_the_browser_language_and_the_switch(browser: Browser, up: Up) -> None:
     ctx = browser.new_context(locale="fr-FR")
     try:
-        page = open_page(ctx, up)
+        page = open_page(ctx, up.base)
         assert page.get_attribute("html", "lang") == "fr"
         assert page.inner_text("#tab-chat") == "Discussion"
         assert page.inner_text("#send") == "Envoyer"
@@ -262,7 +245,7 @@ def test_page_follows_the_browser_language_and_the_switch(browser: Browser, up: 
         assert page.inner_text("#tab-chat") == "Chat"
         assert page.get_attribute("#lang-en", "aria-pressed") == "true"
         # The choice is remembered over the browser's language.
-        again = open_page(ctx, up, "market")
+        again = open_page(ctx, up.base, "market")
         assert again.inner_text("#tab-market") == "Market"
         again.click("#lang-fr")
         assert again.inner_text("#group-running").startswith("En cours")
@@ -275,7 +258,7 @@ def test_model_picker_lists_the_bundled_model_and_presets_fill_the_system_prompt
     context: BrowserContext, up: Up
 ) -> None:
     model = bundled_model(up)
-    page = open_page(context, up)
+    page = open_page(context, up.base)
     page.wait_for_function(
         "m => [...document.querySelectorAll('#model option')].some(o => o.value === m)", arg=model
     )
@@ -289,7 +272,7 @@ def test_model_picker_lists_the_bundled_model_and_presets_fill_the_system_prompt
 
 
 def test_enter_sends_and_the_answer_streams_in(context: BrowserContext, up: Up) -> None:
-    page = open_page(context, up)
+    page = open_page(context, up.base)
     page.evaluate(RECORD_LENGTHS)
     page.fill("#prompt", "Write two sentences")
     page.press("#prompt", "Shift+Enter")  # a new line, not a send
@@ -315,7 +298,7 @@ def test_enter_sends_and_the_answer_streams_in(context: BrowserContext, up: Up) 
 
 
 def test_a_json_answer_is_shown_indented(context: BrowserContext, up: Up) -> None:
-    page = open_page(context, up)
+    page = open_page(context, up.base)
     page.select_option("#format", "json_object")
     ask(page, "Describe a cat as JSON.", max_tokens=800)
     page.wait_for_selector(".msg-assistant[data-finish]", timeout=90_000)
@@ -345,7 +328,7 @@ WEATHER_TOOL = [
 
 
 def test_a_tool_call_is_shown_with_its_arguments(context: BrowserContext, up: Up) -> None:
-    page = open_page(context, up)
+    page = open_page(context, up.base)
     page.click("#tools-more summary")
     page.fill("#tools", "[not json")
     ask(page, "What is the weather in Paris?", max_tokens=200)
@@ -369,7 +352,7 @@ def test_a_tool_call_is_shown_with_its_arguments(context: BrowserContext, up: Up
 
 def test_stop_aborts_a_long_answer(context: BrowserContext, up: Up) -> None:
     up.ready_worker()
-    page = open_page(context, up)
+    page = open_page(context, up.base)
     ask(
         page,
         "Raconte une très longue histoire de dragons, de chevaliers et de châteaux.",
@@ -395,7 +378,7 @@ def test_stop_aborts_a_long_answer(context: BrowserContext, up: Up) -> None:
 
 
 def test_errors_are_readable(context: BrowserContext, up: Up) -> None:
-    page = open_page(context, up)
+    page = open_page(context, up.base)
     page.evaluate("""() => {
       const o = document.createElement('option');
       o.value = o.textContent = 'no-such-model';
@@ -420,7 +403,7 @@ def test_market_view_shows_the_worker_and_tasks_moving_through_their_states(
 ) -> None:
     up.ready_worker()
     model = bundled_model(up)
-    market = open_page(context, up, "market")
+    market = open_page(context, up.base, "market")
     market.wait_for_selector("#agents tr[data-type=worker]")
     row = market.locator("#agents tr[data-type=worker]")
     assert row.get_attribute("data-name").startswith("worker")
@@ -428,7 +411,7 @@ def test_market_view_shows_the_worker_and_tasks_moving_through_their_states(
     assert row.locator("td.slots").inner_text().replace(" ", "") in ("0/1", "1/1")
     market.evaluate(RECORD_STATES)
 
-    first, second = open_page(context, up), open_page(context, up)
+    first, second = open_page(context, up.base), open_page(context, up.base)
     # long enough for the second task to be seen waiting behind it
     ask(first, "Tell a long story about a cat.", max_tokens=300)
     first.wait_for_selector(".msg-assistant[data-task]")

@@ -15,12 +15,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Browser
+from playwright.sync_api import BrowserContext
 
 from igora.credits import pricing
 from igora.engines.echo import PARAMS as ECHO_PARAMS
 from igora.gateway.keys import KeyStore
 from igora.testing import Cluster, wait_until
+from tests.conftest import open_page
 from tests.test_credits_market import ROOM, balances, identity, runs, start
 from tests.test_v3_membership import igora
 
@@ -147,7 +148,7 @@ def test_a_protocol_2_room_has_no_balance(echo_market: Cluster) -> None:
 
 
 def test_the_page_shows_the_balance_and_what_each_answer_cost(
-    browser: Browser, cluster: Cluster
+    context: BrowserContext, cluster: Cluster
 ) -> None:
     """The page (no API key: the gateway's own identity) shows the grant; after an
     answer, its cost (the receipt's price, the one the ledger settled) and the balance
@@ -156,60 +157,51 @@ def test_the_page_shows_the_balance_and_what_each_answer_cost(
     start(cluster, 1, "--grant", GRANT)
     _, base = cluster.gateway("--room", ROOM, data=True)
     gateway = identity(cluster, "gateway").id
-    ctx = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800})
-    ctx.set_default_timeout(30_000)
-    try:
-        page = ctx.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(f"{base}/#chat")
-        page.wait_for_selector("html[data-ready=true]")
-        page.wait_for_selector(f"#balance[data-millicredits='{GRANT_MILLI}']")
-        assert page.inner_text("#balance") == "Balance: 10.000 credits"
+    page = open_page(context, base, "chat")
+    page.wait_for_selector(f"#balance[data-millicredits='{GRANT_MILLI}']")
+    assert page.inner_text("#balance") == "Balance: 10.000 credits"
 
-        page.wait_for_function(
-            "[...document.querySelectorAll('#model option')].some(o => o.value === 'echo')"
-        )
-        page.select_option("#model", "echo")
-        page.fill("#prompt", "how much was that?")
-        page.press("#prompt", "Enter")
-        cost = page.wait_for_selector(".msg-assistant .note-cost")
-        assert page.inner_text(".msg-assistant .body") == "Echo: how much was that?"
-        price = int(cost.get_attribute("data-millicredits") or "0")
-        assert price > 0
-        assert cost.inner_text().startswith(f"Cost: {pricing.credits_text(price)} credits (")
-        deadline = time.monotonic() + 20
-        while not runs(cluster) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        (spend,) = runs(cluster)
-        assert (spend.account, spend.amount) == (gateway, -price)
-        left = GRANT_MILLI - price
-        page.wait_for_selector(f"#balance[data-millicredits='{left}']")
-        assert page.inner_text("#balance") == f"Balance: {pricing.credits_text(left)} credits"
+    page.wait_for_function(
+        "[...document.querySelectorAll('#model option')].some(o => o.value === 'echo')"
+    )
+    page.select_option("#model", "echo")
+    page.fill("#prompt", "how much was that?")
+    page.press("#prompt", "Enter")
+    cost = page.wait_for_selector(".msg-assistant .note-cost")
+    assert page.inner_text(".msg-assistant .body") == "Echo: how much was that?"
+    price = int(cost.get_attribute("data-millicredits") or "0")
+    assert price > 0
+    assert cost.inner_text().startswith(f"Cost: {pricing.credits_text(price)} credits (")
+    deadline = time.monotonic() + 20
+    while not runs(cluster) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (spend,) = runs(cluster)
+    assert (spend.account, spend.amount) == (gateway, -price)
+    left = GRANT_MILLI - price
+    page.wait_for_selector(f"#balance[data-millicredits='{left}']")
+    assert page.inner_text("#balance") == f"Balance: {pricing.credits_text(left)} credits"
 
-        page.click("#tab-market")
-        card = page.wait_for_selector("#board section[data-group=done] li[data-cost]")
-        assert int(card.get_attribute("data-cost") or "0") == price
-        assert f"{pricing.credits_text(price)} credits (price rule)" in card.inner_text()
+    page.click("#tab-market")
+    card = page.wait_for_selector("#board section[data-group=done] li[data-cost]")
+    assert int(card.get_attribute("data-cost") or "0") == price
+    assert f"{pricing.credits_text(price)} credits (price rule)" in card.inner_text()
 
-        page.click("#lang-fr")
-        french = pricing.credits_text(price).replace(".", ",")
-        card = page.wait_for_selector("#board section[data-group=done] li[data-cost]")  # redrawn
-        assert f"{french} crédits (règle de prix)" in card.inner_text()
-        page.click("#tab-chat")
-        assert page.inner_text("#balance").startswith("Solde : ")
-        assert page.inner_text(".msg-assistant .note-cost").startswith(f"Coût : {french} crédits")
-        missing = page.evaluate(
-            """async () => {
-                const { STRINGS } = await import('/static/i18n.js');
-                const en = Object.keys(STRINGS.en), fr = Object.keys(STRINGS.fr);
-                return [...en.filter(k => !fr.includes(k)), ...fr.filter(k => !en.includes(k))];
-            }"""
-        )
-        assert missing == []
-        assert not errors
-    finally:
-        ctx.close()
+    page.click("#lang-fr")
+    french = pricing.credits_text(price).replace(".", ",")
+    card = page.wait_for_selector("#board section[data-group=done] li[data-cost]")  # redrawn
+    assert f"{french} crédits (règle de prix)" in card.inner_text()
+    page.click("#tab-chat")
+    assert page.inner_text("#balance").startswith("Solde : ")
+    assert page.inner_text(".msg-assistant .note-cost").startswith(f"Coût : {french} crédits")
+    missing = page.evaluate(
+        """async () => {
+            const { STRINGS } = await import('/static/i18n.js');
+            const en = Object.keys(STRINGS.en), fr = Object.keys(STRINGS.fr);
+            return [...en.filter(k => !fr.includes(k)), ...fr.filter(k => !en.includes(k))];
+        }"""
+    )
+    assert missing == []
+    assert not page.errors  # type: ignore[attr-defined]
     snap = json.loads(httpx.get(f"{base}/api/market", timeout=10).text)
     (done,) = snap["tasks"]["done"]
     assert done["cost"] == price and done["promptTokens"] is not None
