@@ -164,6 +164,11 @@ class V3Worker:
         # key): not run here, the broker gives the task a new attempt
         self._inherited: dict[str, int] = {}
         self._key = str(self._session_key.fields()["encKey"])
+        # the inbox as read (``_assignments``): its map, kept with its observer (pycrdt
+        # drops the observer of a map nobody references), and the entries changed since
+        self._read_inbox: Doc[Any] | None = None
+        self._entries: dict[str, Any] = {}
+        self._changed: set[str] = set()
         session.own(worker_doc(self.id))
         session.subscribe(inbox(self.id))
         session.observe(self._on_event)
@@ -282,9 +287,26 @@ class V3Worker:
 
     # ------------------------------------------------------------------ inbox
     def _assignments(self) -> dict[str, Any]:
-        if self._inbox is None:
+        """The inbox's entries (never to be changed: it is kept). Only the entries changed
+        since the last look are read again: a scan comes with every event (a prompt, a
+        receipt, a claim's answer), and converting every assignment (a header each) at
+        each one was most of a scan."""
+        doc = self._inbox
+        if doc is None:
             return {}
-        return dict(self._inbox.get(TASKS, type=Map).items())
+        if doc is not self._read_inbox:  # the first look, or a new epoch: a new Doc
+            self._read_inbox = doc
+            self._tasks = doc.get(TASKS, type=Map)
+            self._tasks_sub = self._tasks.observe(lambda event: self._changed.update(event.keys))
+            self._changed.clear()
+            self._entries = dict(self._tasks.items())
+        changed, self._changed = self._changed, set()
+        for tid in changed:
+            if tid in self._tasks:
+                self._entries[tid] = self._tasks[tid]
+            else:
+                self._entries.pop(tid, None)
+        return self._entries
 
     def _scan(self) -> None:
         assigned = self._assignments()
@@ -302,7 +324,7 @@ class V3Worker:
                 job.run.halt(Stop.ABORTED)
         self._malformed &= assigned.keys()  # logged once while it stays
         self._inherited = {t: n for t, n in self._inherited.items() if t in assigned}
-        for tid, entry in assigned.items():
+        for tid, entry in list(assigned.items()):
             if (
                 tid not in self.jobs
                 and tid not in self._malformed
