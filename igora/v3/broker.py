@@ -127,6 +127,7 @@ class V3Broker:
         self.assigned = 0
         self._leased_at: float | None = None
         self._verified: dict[str, str] = {}  # tid -> sig of a header that verified
+        self._keys: dict[str, tuple[tuple[str, int], Any]] = {}  # tid -> ``_key_given``
         self._refused: set[str] = set()  # tids whose header did not verify (logged once)
         self._handed_back: dict[str, set[str]] = {}  # tid -> workers whose engine failed it
         self._adverts: dict[str, tuple[dict[str, Any], Peer]] = {}  # id -> advert checked
@@ -359,8 +360,7 @@ class V3Broker:
             here = asker in present or rejoining or now - date < NEW_ASKER * 1000
             restarted = False
             if isinstance(worker, str) and worker in keys:
-                entry = self._assigned(worker, tid)
-                key = entry.get(Assignment.KEY) if entry else None
+                key = self._key_given(worker, tid, n)
                 restarted = isinstance(key, str) and key != keys[worker]
             view = View(
                 header, status, aborted, run, worker in present or rejoining, here, now, restarted
@@ -413,12 +413,22 @@ class V3Broker:
         if summary is not None:
             self.session.own(BOARD).get(BOARD, type=Map)[SUMMARY] = summary
 
-    def _assigned(self, worker: str, tid: str) -> dict[str, Any] | None:
-        """The assignment of ``tid`` in ``worker``'s inbox (not a copy of the whole map:
-        this is asked once per task and turn)."""
+    def _key_given(self, worker: str, tid: str, n: int) -> Any:
+        """The worker's session key that attempt ``n`` of ``tid`` was assigned under, as
+        its entry in ``worker``'s inbox says (read once per attempt, not at every turn:
+        an entry is written whole by one lease holder, with its key, and later changed
+        only to add ``abort``)."""
+        known = self._keys.get(tid)
+        if known is not None and known[0] == (worker, n):
+            return known[1]
         doc = self.session.docs.get(inbox(worker))
         entry = None if doc is None else doc.get(TASKS, type=Map).get(tid)
-        return entry if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            return None
+        key = entry.get(Assignment.KEY)
+        if number(entry.get(Assignment.ATTEMPT)) == n:
+            self._keys[tid] = ((worker, n), key)
+        return key
 
     def _unservable(
         self, waiting: list[dict[str, Any]], attempts: dict[str, int], workers: dict[str, Peer]
@@ -601,6 +611,7 @@ class V3Broker:
                 if tid in tasks:
                     del tasks[tid]
             self._verified.pop(tid, None)
+            self._keys.pop(tid, None)
             self._handed_back.pop(tid, None)
         for name in [n for n in self.session.docs if n.startswith("in/")]:
             agent = name[3:]
