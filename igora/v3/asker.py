@@ -125,6 +125,13 @@ class V3Asker:
         self._watch_inbox()
         session.subscribe("dir")
         self._dir_read: dict[str, Any] | None = None  # dir.workers as read (``_listed``)
+        # what is derived from that read of dir (``_from_dir``): the listed dict it came
+        # from, the workers as Peers, the largest size advertised per model
+        self._derived: tuple[dict[str, Any] | None, dict[str, Peer], dict[str, str]] = (
+            None,
+            {},
+            {},
+        )
         self._tracks: dict[str, Track] = {}
         self._ended: set[str] = set()
         self._balances: list[asyncio.Future[int]] = []
@@ -162,11 +169,21 @@ class V3Asker:
     # ------------------------------------------------------------------ the market
     def workers(self) -> list[Peer]:
         """The workers advertised in ``dir`` (as the v2 policies see them)."""
+        return list(self._from_dir()[0].values())
+
+    def _from_dir(self) -> tuple[dict[str, Peer], dict[str, str]]:
+        """The workers of ``dir`` as Peers, by id, and the largest size advertised per
+        model (``max_price``, filled as asked): made again only once ``dir`` changed,
+        not for every task (a client asks for the workers before each task)."""
         from .broker import worker_peer  # the one place that maps an advert to a Peer
 
-        return [
-            worker_peer(a) for a in self._listed().values() if isinstance(a, dict) and "id" in a
-        ]
+        listed = self._listed()
+        if self._derived[0] is not listed:
+            peers = {
+                i: worker_peer(a) for i, a in listed.items() if isinstance(a, dict) and "id" in a
+            }
+            self._derived = (listed, peers, {})
+        return self._derived[1], self._derived[2]
 
     def _listed(self) -> dict[str, Any]:
         """``dir.workers`` as a dict (never to be changed: it is shared), read again only
@@ -216,9 +233,8 @@ class V3Asker:
         """Up to MAX_CANDIDATES workers of ``dir`` that serve ``task``, not busy, whose
         adverts check, drawn at random (the broker picks among them first: the same
         first few for every task would pile the tasks on them): id -> session key."""
-        from .broker import worker_peer
-
         model, needs = task.get(TaskField.MODEL) or None, required(task)
+        peers = self._from_dir()[0]
         listed = list(self._listed().items())
         random.shuffle(listed)
         found: dict[str, PublicKey] = {}
@@ -228,7 +244,8 @@ class V3Asker:
             if not isinstance(raw, dict) or raw.get("state") == "busy":
                 continue
             key = self._key_of(id_, raw)
-            if key is not None and fits(worker_peer(raw), model, needs):
+            peer = peers.get(id_)
+            if key is not None and peer is not None and fits(peer, model, needs):
                 found[id_] = key
         return found
 
@@ -265,7 +282,7 @@ class V3Asker:
 
     # ------------------------------------------------------------------ credits
     def _params(self, worker: str, model: str) -> str:
-        raw = self._dir.get("workers", type=Map).get(worker) if self._dir else None
+        raw = self._listed().get(worker)
         return pricing.model_params(raw.get("models") if isinstance(raw, dict) else None, model)
 
     def prices(self) -> dict[str, Any] | None:
@@ -292,9 +309,11 @@ class V3Asker:
         if prompt_bytes is None:
             prompt_bytes = len(json.dumps(task, ensure_ascii=False).encode())
         model = task.get(TaskField.MODEL) or ANY_MODEL
-        workers = dict(self._dir.get("workers", type=Map).items()) if self._dir else {}
-        sizes = [self._params(w, model) for w in workers] or [pricing.DEFAULT_PARAMS]
-        top = max(sizes, key=pricing.factor)
+        tops = self._from_dir()[1]
+        top = tops.get(model)
+        if top is None:
+            sizes = [self._params(w, model) for w in self._listed()] or [pricing.DEFAULT_PARAMS]
+            top = tops[model] = max(sizes, key=pricing.factor)
         tokens = number(task.get(TaskField.MAX_TOKENS))
         return pricing.max_price(prompt_bytes, int(tokens or CONSENT_TOKENS), top)
 

@@ -126,7 +126,10 @@ class V3Broker:
         self.fairness = Fairness()
         self.assigned = 0
         self._leased_at: float | None = None
-        self._verified: dict[str, str] = {}  # tid -> sig of a header that verified
+        # tid -> (the header as read, as verified): an asker's document is read again at
+        # each change, and holds all its tasks in flight (a gateway's: hundreds)
+        self._verified: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._keys: dict[str, tuple[tuple[str, int], Any]] = {}  # tid -> ``_key_given``
         self._refused: set[str] = set()  # tids whose header did not verify (logged once)
         self._handed_back: dict[str, set[str]] = {}  # tid -> workers whose engine failed it
         self._adverts: dict[str, tuple[dict[str, Any], Peer]] = {}  # id -> advert checked
@@ -262,32 +265,35 @@ class V3Broker:
         headers: dict[str, dict[str, Any]] = {}
         asker = name[2:]
         for tid, raw in raw_tasks.items():
+            known = self._verified.get(tid)
+            if known is not None and known[0] == raw and known[1].get(Header.ASKER) == asker:
+                headers[tid] = known[1]  # the same content in its asker's document: verified
+                continue
             try:  # numbers come back from Yjs as floats: as signed, first
                 header = plain(raw) if isinstance(raw, dict) else None
             except SignatureError:
                 header = None
             if header is None:
                 continue
-            if self._verified.get(tid) != header.get(Header.SIG):
-                try:
-                    verify_header(header)
-                    if header.get(Header.ID) != tid or header.get(Header.ASKER) != asker:
-                        raise HeaderError("its id or asker is not where it was written")
-                except HeaderError as exc:
-                    if tid not in self._refused:
-                        self._refused.add(tid)
-                        log.warning("broker: task %s of %s refused: %s", tid, asker[:8], exc)
-                        if TASK_ID.fullmatch(tid) and tid not in self._map(inbox(asker), TASKS):
-                            self._inbox(asker)[tid] = ended(
-                                StatusState.FAILED,
-                                self.epoch,
-                                now_ms(),
-                                ErrorCode.INVALID_TASK,
-                                f"task {tid} refused: {exc}",
-                                0,
-                            )
-                    continue
-                self._verified[tid] = str(header.get(Header.SIG))
+            try:
+                verify_header(header)
+                if header.get(Header.ID) != tid or header.get(Header.ASKER) != asker:
+                    raise HeaderError("its id or asker is not where it was written")
+            except HeaderError as exc:
+                if tid not in self._refused:
+                    self._refused.add(tid)
+                    log.warning("broker: task %s of %s refused: %s", tid, asker[:8], exc)
+                    if TASK_ID.fullmatch(tid) and tid not in self._map(inbox(asker), TASKS):
+                        self._inbox(asker)[tid] = ended(
+                            StatusState.FAILED,
+                            self.epoch,
+                            now_ms(),
+                            ErrorCode.INVALID_TASK,
+                            f"task {tid} refused: {exc}",
+                            0,
+                        )
+                continue
+            self._verified[tid] = (raw, header)
             headers[tid] = header
         return headers
 
@@ -359,8 +365,7 @@ class V3Broker:
             here = asker in present or rejoining or now - date < NEW_ASKER * 1000
             restarted = False
             if isinstance(worker, str) and worker in keys:
-                entry = self._assigned(worker, tid)
-                key = entry.get(Assignment.KEY) if entry else None
+                key = self._key_given(worker, tid, n)
                 restarted = isinstance(key, str) and key != keys[worker]
             view = View(
                 header, status, aborted, run, worker in present or rejoining, here, now, restarted
@@ -413,12 +418,22 @@ class V3Broker:
         if summary is not None:
             self.session.own(BOARD).get(BOARD, type=Map)[SUMMARY] = summary
 
-    def _assigned(self, worker: str, tid: str) -> dict[str, Any] | None:
-        """The assignment of ``tid`` in ``worker``'s inbox (not a copy of the whole map:
-        this is asked once per task and turn)."""
+    def _key_given(self, worker: str, tid: str, n: int) -> Any:
+        """The worker's session key that attempt ``n`` of ``tid`` was assigned under, as
+        its entry in ``worker``'s inbox says (read once per attempt, not at every turn:
+        an entry is written whole by one lease holder, with its key, and later changed
+        only to add ``abort``)."""
+        known = self._keys.get(tid)
+        if known is not None and known[0] == (worker, n):
+            return known[1]
         doc = self.session.docs.get(inbox(worker))
         entry = None if doc is None else doc.get(TASKS, type=Map).get(tid)
-        return entry if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            return None
+        key = entry.get(Assignment.KEY)
+        if number(entry.get(Assignment.ATTEMPT)) == n:
+            self._keys[tid] = ((worker, n), key)
+        return key
 
     def _unservable(
         self, waiting: list[dict[str, Any]], attempts: dict[str, int], workers: dict[str, Peer]
@@ -601,6 +616,7 @@ class V3Broker:
                 if tid in tasks:
                     del tasks[tid]
             self._verified.pop(tid, None)
+            self._keys.pop(tid, None)
             self._handed_back.pop(tid, None)
         for name in [n for n in self.session.docs if n.startswith("in/")]:
             agent = name[3:]

@@ -211,7 +211,10 @@ def _object(r: Reader, what: str) -> dict[str, Any]:
         raise WireError(f"{what} is not JSON ({exc})") from None
     if not isinstance(value, dict):
         raise WireError(f"{what} must be a JSON object")
-    _depth(value, MAX_JSON_DEPTH)
+    # no deeper than its opening brackets (counted at C speed, those in strings too):
+    # the walk of every value is needed only for a text with more of them than the limit
+    if raw.count("{") + raw.count("[") > MAX_JSON_DEPTH:
+        _depth(value, MAX_JSON_DEPTH)
     return value
 
 

@@ -15,10 +15,11 @@ the assignment is removed after the run's end (the asker read it), it drops the 
 document and forgets the prompt.
 
 Credits (credits.md §3): when a run is done the worker claims its payment, ``CONTROL
-{"op": "claim"}`` with its usage and the hash of its chunks (settled by the market after
-``--receipt-wait`` from what it delivered, if no receipt comes), then again with the
-asker's receipt once it appears in ``p/….receipts[n]``. A claim the market has not
-answered is sent again after a reconnection.
+{"op": "claim"}`` with the asker's receipt once it appears in ``p/….receipts[n]``; its
+claim with its usage and the hash of its chunks (settled by the market after
+``--receipt-wait`` from what it delivered) goes only if no receipt pays the run
+(``_hold_unsigned``). A claim the market has not answered is sent again after a
+reconnection.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ log = logging.getLogger("igora.worker")
 CREDIT_CODES = (Code.CREDITS, Code.CREDITS_PENDING, Code.CREDITS_REFUSED)
 GRANT_WAIT = 5.0  # s after its assignment a grant that does not open may still be replaced
 RUN_ANNOUNCE = 0.5  # s after its start a run still going gets its w/ entry (``_announce``)
+RECEIPT_GRACE = 2.0
+"""Seconds a run done waits for its asker's receipt before its claim without receipt is
+sent (``_hold_unsigned``)."""
 
 
 class RunPieces(Pieces):
@@ -159,11 +163,19 @@ class V3Worker:
         self._wake = asyncio.Event()
         self._malformed: set[str] = set()  # inbox entries that are no assignment
         self.claims: dict[tuple[str, int, bool], dict[str, Any]] = {}  # not answered yet
+        # (tid, attempt) -> the claim without receipt of a run done, held back while its
+        # receipt may come (``_hold_unsigned``)
+        self._unsigned: dict[tuple[str, int], dict[str, Any]] = {}
         self.settled = 0  # claims the market settled (with a receipt or from its record)
         # tid -> attempt given to this identity's previous process (another session
         # key): not run here, the broker gives the task a new attempt
         self._inherited: dict[str, int] = {}
         self._key = str(self._session_key.fields()["encKey"])
+        # the inbox as read (``_assignments``): its map, kept with its observer (pycrdt
+        # drops the observer of a map nobody references), and the entries changed since
+        self._read_inbox: Doc[Any] | None = None
+        self._entries: dict[str, Any] = {}
+        self._changed: set[str] = set()
         session.own(worker_doc(self.id))
         session.subscribe(inbox(self.id))
         session.observe(self._on_event)
@@ -210,6 +222,8 @@ class V3Worker:
                 tick.cancel()
         finally:
             health.cancel()
+            for key in list(self._unsigned):  # what waits for a receipt is claimed now
+                self._send_unsigned(key)
             for job in self.jobs.values():
                 if job.run.job:
                     job.run.job.cancel()
@@ -248,6 +262,31 @@ class V3Worker:
         self.claims[tid, job.run.attempt, receipt is not None] = body
         self.session.control(body)
 
+    def _hold_unsigned(self, tid: str, job: Job) -> None:
+        """The claim without receipt of a run done, sent only if no receipt settles the
+        run first: once the market refused the receipt, before the run document is
+        dropped if no receipt came (the market keeps its delivery record for a claim), or
+        ``RECEIPT_GRACE`` s after the run's end unless the receipt's claim was answered
+        (a market without credits answers none). Sent at once, it cost the market a
+        claim to parse, a header to verify and an answer per task, though nearly every
+        run is paid by its receipt within milliseconds."""
+        assert job.header is not None and job.chunks is not None
+        key = (tid, job.run.attempt)
+        self._unsigned[key] = {
+            "op": "claim",
+            "header": job.header,
+            "attempt": job.run.attempt,
+            "usage": job.usage,
+            "run": run_hash(job.chunks),
+        }
+        asyncio.get_running_loop().call_later(RECEIPT_GRACE, self._send_unsigned, key)
+
+    def _send_unsigned(self, key: tuple[str, int]) -> None:
+        body = self._unsigned.pop(key, None)
+        if body is not None:
+            self.claims[(*key, False)] = body
+            self.session.control(body)
+
     def _receipt(self, name: str) -> None:
         """A prompt document changed: claim with its receipt if the run's is there."""
         tid = name.rpartition("/")[2]
@@ -272,8 +311,14 @@ class V3Worker:
             self.claims.pop((str(tid), int(number(attempt) or 0), False), None)
             return
         ours = [k for k in self.claims if k[0] == tid and k[1] == attempt]
-        for key in sorted(ours, key=lambda k: not k[2])[:1]:  # the receipt's first
+        answered = sorted(ours, key=lambda k: not k[2])[:1]  # the receipt's first
+        for key in answered:
             del self.claims[key]
+        run = (str(tid), int(number(attempt) or 0))
+        if result in ("settled", "duplicate"):  # paid: the claim without receipt is moot
+            self._unsigned.pop(run, None)
+        elif result == "refused" and answered and answered[0][2]:
+            self._send_unsigned(run)  # the receipt was refused: the record may pay
         if result == "settled":
             self.settled += 1
             log.info("%s: task %s paid %s millicredits", self.name, tid, body.get("price"))
@@ -282,9 +327,26 @@ class V3Worker:
 
     # ------------------------------------------------------------------ inbox
     def _assignments(self) -> dict[str, Any]:
-        if self._inbox is None:
+        """The inbox's entries (never to be changed: it is kept). Only the entries changed
+        since the last look are read again: a scan comes with every event (a prompt, a
+        receipt, a claim's answer), and converting every assignment (a header each) at
+        each one was most of a scan."""
+        doc = self._inbox
+        if doc is None:
             return {}
-        return dict(self._inbox.get(TASKS, type=Map).items())
+        if doc is not self._read_inbox:  # the first look, or a new epoch: a new Doc
+            self._read_inbox = doc
+            self._tasks = doc.get(TASKS, type=Map)
+            self._tasks_sub = self._tasks.observe(lambda event: self._changed.update(event.keys))
+            self._changed.clear()
+            self._entries = dict(self._tasks.items())
+        changed, self._changed = self._changed, set()
+        for tid in changed:
+            if tid in self._tasks:
+                self._entries[tid] = self._tasks[tid]
+            else:
+                self._entries.pop(tid, None)
+        return self._entries
 
     def _scan(self) -> None:
         assigned = self._assignments()
@@ -302,7 +364,7 @@ class V3Worker:
                 job.run.halt(Stop.ABORTED)
         self._malformed &= assigned.keys()  # logged once while it stays
         self._inherited = {t: n for t, n in self._inherited.items() if t in assigned}
-        for tid, entry in assigned.items():
+        for tid, entry in list(assigned.items()):
             if (
                 tid not in self.jobs
                 and tid not in self._malformed
@@ -550,7 +612,7 @@ class V3Worker:
         if final is not None and job.header is not None:
             job.chunks = [*(pieces.chunks if pieces is not None else []), final]
             job.usage = dict(end.get(RunField.USAGE) or {})
-            self._claim(tid, job, None)
+            self._hold_unsigned(tid, job)
             self._receipt(prompt_doc(job.asker, tid))  # already there, if the asker was quick
 
     def _cleanup(self, tid: str, job: Job, keep_prompt: bool = False) -> None:
@@ -560,6 +622,8 @@ class V3Worker:
         del self.jobs[tid]
         if job.run.attempt < 1:
             return
+        if not job.receipted:  # the market keeps its delivery record for a claim only
+            self._send_unsigned((tid, job.run.attempt))
         name = run_doc(self.id, tid, job.run.attempt)
         if name in self.session.docs:
             self.session.drop(name)

@@ -95,6 +95,24 @@ def test_deep_json_is_refused() -> None:
         w.decode(body)
 
 
+@pytest.mark.parametrize("extra", [0, 1])
+def test_json_depth_limit_is_exact_whatever_the_brackets_in_strings(extra: int) -> None:
+    """A value MAX_JSON_DEPTH levels below the body object passes; one more is refused.
+    Brackets inside strings count for nothing (the walk is skipped only when the text
+    has no more opening brackets than the limit)."""
+    nested: object = "{[" * 20
+    for _ in range(w.MAX_JSON_DEPTH - 1 + extra):
+        nested = [nested]
+    body = w.encode(w.Control({"op": "x", "a": nested, "b": "[[[{{{" * 10}))
+    if extra:
+        with pytest.raises(w.WireError, match="nested deeper"):
+            w.decode(body)
+    else:
+        assert isinstance(w.decode(body), w.Control)
+    shallow = w.encode(w.Control({"op": "x", "a": "[" * 100, "b": [[1]]}))
+    assert isinstance(w.decode(shallow), w.Control)
+
+
 def test_denied_is_what_y_protocols_reads() -> None:
     # y-protocols auth: [messageAuth = 2, permissionDenied = 0, varString reason]
     assert w.denied("no") == b"\x02\x00\x02no"

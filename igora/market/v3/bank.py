@@ -9,9 +9,10 @@ connections bring it (``CONTROL`` ops, protocol-v3.md §12 step 7):
 - ``claim`` with a receipt: checked (``Claim.check``) and settled at once; the answer, a
   ``NOTICE`` 201 (settled, or already settled) or 422 with the refusal's reason, comes
   once the group is on disk;
-- ``claim`` without receipt (the worker's usage and run hash): answered 202 and settled
-  ``--receipt-wait`` seconds later from the market's delivery record of the run, unless
-  a receipt settled it meanwhile (same ledger key, so never twice);
+- ``claim`` without receipt (the worker's usage and run hash, sent only when no receipt
+  paid the run: ``igora.v3.worker``): answered 202 and settled ``--receipt-wait``
+  seconds later from the market's delivery record of the run, unless a receipt settled
+  it meanwhile (same ledger key, so never twice);
 - ``transfer``: a signed order of one of the connection's ids;
 - ``balance``: the exact balance of one of the connection's ids (the gateway's 402).
 
@@ -20,7 +21,8 @@ room puts in the outbox of a reader other than its owner (the asker the broker a
 are kept; applied to an empty document, they give the run as delivered, whose state and
 chunk sizes are the ``Delivery`` of credits.md §3. They are applied only for a claim
 without receipt that a receipt did not settle first, and forgotten with the run
-document otherwise. Simplification: an update counts as
+document otherwise (a run dropped while its receipt is being settled: once that
+settlement ends, unless the receipt was refused). Simplification: an update counts as
 delivered once queued for the asker's socket, not once written (a frame queued when the
 socket broke is counted; it holds at most what the worker wrote). Records are in memory:
 a claim without receipt pending at a market's restart is lost (the worker's is not
@@ -123,6 +125,12 @@ class Bank:
             collections.OrderedDict()
         )
         self._held: dict[tuple[str, str], asyncio.TimerHandle] = {}  # claims without receipt
+        # runs whose claim with receipt is being settled: a worker sends its claim without
+        # receipt only if that one is refused, perhaps after the run document's drop
+        self._settling: collections.Counter[tuple[str, str]] = collections.Counter()
+        # what was delivered of a run dropped while its receipt was being settled: made a
+        # record only if the receipt is refused (nearly every run is paid by its receipt)
+        self._parked: dict[tuple[str, str], _Delivered] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def balance(self, account: str) -> int:
@@ -176,8 +184,15 @@ class Bank:
     def dropped(self, room: str, name: str) -> None:
         """Run document ``name`` is gone: what was delivered of it is kept a while."""
         view = self._views.pop((room, name), None)
-        if view is None or (room, name) not in self._held:
-            return  # no claim without receipt waits for it
+        if view is None:
+            return
+        if (room, name) in self._held:
+            self._keep(room, name, view)
+        elif (room, name) in self._settling:
+            self._parked[room, name] = view
+        # else no claim waits for it
+
+    def _keep(self, room: str, name: str, view: _Delivered) -> None:
         self._records[room, name] = view.record()
         while len(self._records) > KEEP_RECORDS:
             self._records.popitem(last=False)
@@ -210,7 +225,8 @@ class Bank:
         except ClaimError as exc:
             reply(422, _refused(task, exc.reason.value, str(exc)))
             return
-        if claim.receipt is not None:
+        if claim.receipt is not None:  # settling from now on (a drop may follow in this batch)
+            self._settling[room, _run_doc(claimer, claim.header, claim.attempt)] += 1
             self._spawn(self._settle(claim, claimer, params, None, task, reply, room))
             return
         key = (room, _run_doc(claimer, claim.header, claim.attempt))
@@ -250,6 +266,8 @@ class Bank:
         reply: Reply | None,
         room: str = "",
     ) -> None:
+        run = (room, _run_doc(claimer, claim.header, claim.attempt))
+        paid = False
         try:
             settlement = claim.check(claimer, self.market, params, delivery)
             moved = await self.writer.record(settlement)
@@ -263,10 +281,21 @@ class Bank:
             if reply is not None:
                 reply(422, _refused(task, "ledger", str(exc)))
             return
+        else:
+            paid = True
+        finally:
+            if delivery is None:
+                self._settling[run] -= 1
+                if self._settling[run] <= 0:
+                    del self._settling[run]
+                    parked = self._parked.pop(run, None)
+                    if parked is not None and not paid:  # the worker's claim without it follows
+                        self._keep(*run, parked)
         if delivery is None:  # paid by receipt: a claim without it has nothing left to wait for
-            held = self._held.pop((room, _run_doc(claimer, claim.header, claim.attempt)), None)
+            held = self._held.pop(run, None)
             if held is not None:
                 held.cancel()
+            self._records.pop(run, None)
         if moved:
             s = settlement
             self._moved({s.asker: -s.price, s.worker: s.price - s.tax})

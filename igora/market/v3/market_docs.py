@@ -94,6 +94,9 @@ class MarketDocs:
         self.deleted: dict[str, int] = {name: 0 for name in MARKET_DOCS}
         self.replaced = 0  # epochs started since loaded
         self._subs: dict[str, Any] = {}
+        # adverts read from dir.workers (``advert_of``, once per claim), forgotten at
+        # any change of dir
+        self._adverts: dict[str, dict[str, Any] | None] = {}
         for name in self.docs:
             self._observe(name)
         self._due: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -117,6 +120,8 @@ class MarketDocs:
 
     def _observe(self, name: str) -> None:
         def changed(event: Any) -> None:
+            if name == DIR:
+                self._adverts.clear()
             if not self._applying:
                 self._pending[name].append(event.update)
             self.deleted[name] += deleted_by(event)
@@ -237,9 +242,12 @@ class MarketDocs:
         self._changed()
 
     def advert_of(self, id_: str) -> dict[str, Any] | None:
-        """The advert of a worker connected now, as it sent it."""
-        advert = self._map(DIR, "workers").get(id_)
-        return advert if isinstance(advert, dict) else None
+        """The advert of a worker connected now, as it sent it (never to be changed: it
+        is kept until ``dir`` changes)."""
+        if id_ not in self._adverts:
+            advert = self._map(DIR, "workers").get(id_)
+            self._adverts[id_] = advert if isinstance(advert, dict) else None
+        return self._adverts[id_]
 
     def presence(self, id_: str, state: dict[str, Any]) -> None:
         """An agent's PRESENCE state: its ``type`` and ``name`` go to ``who``."""
