@@ -3,7 +3,8 @@
 Options: ``--quick`` (fewer samples, smaller sizes: a smoke run), ``--only NAME``
 (repeatable: overhead, streaming, throughput, wire, traffic, sync, scale, replicas, gateway,
 gateway_load, soak, structured, secure, priority), ``--update`` (the topics run replace
-theirs in docs/benchmarks.md, the others stay), ``--out PATH``, ``--protocol 3`` and
+theirs in docs/benchmarks.md, the others stay), ``--render`` (no run: the report again
+from its record and bench/notes.md), ``--out PATH``, ``--protocol 3`` and
 ``--tasks N`` (the soak: in a v3 room, with N tasks). A partial or quick run writes
 bench-report.md unless told otherwise; the report is rendered by ``bench.record``.
 """
@@ -45,6 +46,7 @@ REPRODUCE = """## How to reproduce
 ```sh
 make bench                                      # every topic, into this report
 .venv/bin/python -m bench --update --only gateway   # one topic again, into this report
+.venv/bin/python -m bench --render              # after an edit of bench/notes.md
 .venv/bin/python -m bench --quick               # a smoke run, to bench-report.md
 .venv/bin/python -m bench --only wire --only sync   # some topics, to bench-report.md
 .venv/bin/python -m bench --update --only soak --protocol 3 --tasks 50000   # soak, v3 room
@@ -74,7 +76,7 @@ async def main_async(args: argparse.Namespace) -> int:
     failed: list[str] = []
     start = time.monotonic()
     for name in MODULES:
-        if name not in chosen:
+        if name not in chosen or args.render:
             continue
         mod = importlib.import_module(f"bench.{name}")
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -149,6 +151,12 @@ def main() -> int:
         "others' last figures (what a whole run does too)",
     )
     p.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: render docs/benchmarks.md again from docs/benchmarks.json "
+        "and bench/notes.md (after an edit of the notes)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         help="where to write a report of the topics run alone (default: bench-report.md "
@@ -158,7 +166,7 @@ def main() -> int:
     if args.update and (args.quick or args.out is not None):
         p.error("--update writes docs/benchmarks.md from full runs: not with --quick or --out")
     if args.out is None:
-        partial = (args.only or args.quick) and not args.update
+        partial = (args.only or args.quick) and not (args.update or args.render)
         args.out = "bench-report.md" if partial else str(record.REPORT)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the processes are stopped
     logging.basicConfig(level=logging.WARNING)
