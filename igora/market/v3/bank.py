@@ -20,7 +20,10 @@ room puts in the outbox of a reader other than its owner (the asker the broker a
 are kept; applied to an empty document, they give the run as delivered, whose state and
 chunk sizes are the ``Delivery`` of credits.md §3. They are applied only for a claim
 without receipt that a receipt did not settle first, and forgotten with the run
-document otherwise. Simplification: an update counts as
+document otherwise; the record of a run dropped while its claim waits goes with the
+claim, settled from it or by a receipt that came after the drop (a worker claims
+without receipt as its run ends, then with the receipt once the asker wrote it: the
+worker may drop the run in between). Simplification: an update counts as
 delivered once queued for the asker's socket, not once written (a frame queued when the
 socket broke is counted; it holds at most what the worker wrote). Records are in memory:
 a claim without receipt pending at a market's restart is lost (the worker's is not
@@ -30,7 +33,6 @@ resent), which favours the asker.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 from collections.abc import Callable
@@ -53,8 +55,6 @@ log = logging.getLogger("igora.credits")
 
 DEFAULT_RECEIPT_WAIT = 120.0
 """Seconds a claim without receipt waits for one before it is settled from the record."""
-KEEP_RECORDS = 100_000
-"""Delivery records of dropped runs kept (the oldest go first)."""
 
 _ENDS = {
     RunState.DONE.value: RunEnd.DONE,
@@ -119,9 +119,10 @@ class Bank:
         self.on_change: Callable[[set[str]], None] = lambda accounts: None
         self._granting: dict[str, asyncio.Future[Any]] = {}
         self._views: dict[tuple[str, str], _Delivered] = {}
-        self._records: collections.OrderedDict[tuple[str, str], tuple[Delivery, frozenset[str]]] = (
-            collections.OrderedDict()
-        )
+        # The records of dropped runs whose claim without receipt is still held: each goes
+        # with its claim (settled from it, or by a receipt), so they are never more than
+        # the claims held (those of the last --receipt-wait seconds).
+        self._records: dict[tuple[str, str], tuple[Delivery, frozenset[str]]] = {}
         self._held: dict[tuple[str, str], asyncio.TimerHandle] = {}  # claims without receipt
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -179,8 +180,6 @@ class Bank:
         if view is None or (room, name) not in self._held:
             return  # no claim without receipt waits for it
         self._records[room, name] = view.record()
-        while len(self._records) > KEEP_RECORDS:
-            self._records.popitem(last=False)
 
     def _delivery(self, room: str, name: str) -> tuple[Delivery, frozenset[str]] | None:
         view = self._views.get((room, name))
@@ -264,9 +263,11 @@ class Bank:
                 reply(422, _refused(task, "ledger", str(exc)))
             return
         if delivery is None:  # paid by receipt: a claim without it has nothing left to wait for
-            held = self._held.pop((room, _run_doc(claimer, claim.header, claim.attempt)), None)
+            key = (room, _run_doc(claimer, claim.header, claim.attempt))
+            held = self._held.pop(key, None)
             if held is not None:
                 held.cancel()
+            self._records.pop(key, None)  # nor its record (kept if the run was dropped first)
         if moved:
             s = settlement
             self._moved({s.asker: -s.price, s.worker: s.price - s.tax})
