@@ -267,7 +267,8 @@ async def run(quick: bool, protocol: int = 2, tasks: int | None = None) -> Secti
         "echo workers (8 slots each), gateway and client process run for the whole soak; "
         + (
             "the owners replace their long-lived documents by new epochs, the task "
-            "documents are dropped (docs/protocol-v3.md §9). "
+            "documents are dropped (docs/protocol-v3.md §9); every run is paid (receipts, "
+            f"claims, the market's ledger: each identity granted {int(GRANT):,} credits). "
             if protocol == 3
             else "every agent compacts its own document (docs/faults.md). "
         )
