@@ -45,6 +45,9 @@ GROWTH = 0.05  # at most this growth of any process's memory from the first mark
 WINDOW = 2.5  # seconds of readings at each mark
 EXTRA = 20_000  # tasks at most after the last mark, while its readings are taken
 STARTED = re.compile(r"task (\S+) started")
+GRANT = "1000000000"
+"""Credits each identity of a v3 room gets (``--grant``): the default (100) pays for
+about 4,000 echo tasks, after which the gateway answers 402 and the asker waits."""
 
 
 def rss(pid: int) -> int:
@@ -213,7 +216,7 @@ async def soak(n: int, warmup: int = 0, protocol: int = 2) -> tuple[dict[str, An
     each task was started by a worker."""
     with Cluster("soak", protocol) as c:
         pids = {
-            "market": c.room_market().pid,
+            "market": c.room_market("--grant", GRANT).pid,
             "broker": c.room_broker("--heartbeat", "1", "--log-level", "info").pid,
         }
         for name in ("worker 1", "worker 2"):
@@ -264,7 +267,8 @@ async def run(quick: bool, protocol: int = 2, tasks: int | None = None) -> Secti
         "echo workers (8 slots each), gateway and client process run for the whole soak; "
         + (
             "the owners replace their long-lived documents by new epochs, the task "
-            "documents are dropped (docs/protocol-v3.md §9). "
+            "documents are dropped (docs/protocol-v3.md §9); every run is paid (receipts, "
+            f"claims, the market's ledger: each identity granted {int(GRANT):,} credits). "
             if protocol == 3
             else "every agent compacts its own document (docs/faults.md). "
         )

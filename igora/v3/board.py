@@ -33,8 +33,7 @@ A task's row: ``id``, ``model``, ``state`` (``waiting``, ``running``, ``done``, 
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import OrderedDict
 from typing import Any
 
 from ..protocol import number
@@ -50,18 +49,14 @@ RECENT = 50
 MAX_MODELS = 50
 """Models counted in a summary (a room with more shows the first seen)."""
 WINDOW = 60_000
-"""ms over which ``perMinute`` counts."""
-MAX_COMPLETIONS = 10_000
-"""Completions remembered for ``perMinute`` (a busier minute counts only these)."""
+"""ms over which ``perMinute`` counts (whole seconds: the oldest second of the window
+counts whole)."""
+MAX_SECONDS = 600
+"""Seconds of completions kept at most (``perMinute`` reads the last 60; a worker whose
+clock runs ahead could write ends in seconds the window has not reached yet)."""
 
 WAITING, RUNNING = "waiting", "running"
 ENDED = ("done", "failed", "aborted")
-
-
-@dataclass(frozen=True)
-class Completion:
-    end: int
-    tokens: int
 
 
 def _int(value: Any) -> int | None:
@@ -111,17 +106,21 @@ def row(
 class BoardKeeper:
     """What the broker remembers for the board: the rows of live tasks (as of its last
     turn), the last ``RECENT`` finished ones, counts since ``since`` and the completions
-    of the last minute. Its memory is bounded whatever the number of tasks served."""
+    of the last minute, per second. Its memory is bounded whatever the number and the
+    rate of tasks served: a finished task is remembered (to count it once) only while
+    its header is read, and a minute of completions is 60 counts (a list of the last
+    10,000 completions and ids grew the broker by ~3 MB over its first 10,000 tasks,
+    docs/benchmarks.md "Soak, protocol 3")."""
 
     def __init__(self, since: int, epoch: int = 0) -> None:
         self.since = since
         self.epoch = epoch
         self.live: dict[str, dict[str, Any]] = {}
         self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._counted: OrderedDict[str, None] = OrderedDict()  # tids counted as ended
+        self._counted: set[str] = set()  # tids counted as ended, their header still read
         self.ended = dict.fromkeys(ENDED, 0)
         self.done_by_model: dict[str, int] = {}
-        self._completions: deque[Completion] = deque(maxlen=MAX_COMPLETIONS)
+        self._seconds: dict[int, list[int]] = {}  # second of the end -> [done, tokens]
         self._written: dict[str, Any] | None = None
         self._written_at = -1e18
 
@@ -134,6 +133,7 @@ class BoardKeeper:
                 self._finish(tid, r)
             else:
                 self.live[tid] = r
+        self._counted.intersection_update(rows.keys())  # a header gone is not read again
 
     def gone(self, tid: str, last: dict[str, Any] | None, run: dict[str, Any] | None) -> None:
         """A task's header left (its asker read the end): its last row, updated with
@@ -158,9 +158,7 @@ class BoardKeeper:
             if tid in self.finished:
                 self.finished[tid] = r  # its row may gain what came later (tokens)
             return
-        self._counted[tid] = None
-        while len(self._counted) > MAX_COMPLETIONS:
-            self._counted.popitem(last=False)
+        self._counted.add(tid)
         self.finished[tid] = r
         while len(self.finished) > RECENT:
             self.finished.popitem(last=False)
@@ -169,7 +167,11 @@ class BoardKeeper:
             model = r["model"]
             if model in self.done_by_model or len(self.done_by_model) < MAX_MODELS:
                 self.done_by_model[model] = self.done_by_model.get(model, 0) + 1
-            self._completions.append(Completion(r["end"] or 0, r["tokens"] or 0))
+            second = self._seconds.setdefault((r["end"] or 0) // 1000, [0, 0])
+            second[0] += 1
+            second[1] += r["tokens"] or 0
+            if len(self._seconds) > MAX_SECONDS:
+                del self._seconds[min(self._seconds)]
 
     def summary(self, now: int) -> dict[str, Any]:
         """The board's ``summary`` as of ``now`` (ms)."""
@@ -184,7 +186,11 @@ class BoardKeeper:
                 m = models[r["model"]] = {WAITING: 0, RUNNING: 0, "done": 0}
             if m is not None:
                 m[r["state"]] += 1
-        recent = [c for c in self._completions if c.end > now - WINDOW]
+        first = (now - WINDOW) // 1000
+        for second in [s for s in self._seconds if s < first]:
+            del self._seconds[second]
+        done = sum(n for n, _ in self._seconds.values())
+        tokens = sum(t for _, t in self._seconds.values())
         live = sorted(self.live.values(), key=lambda r: -(r["date"] or 0))
         finished = sorted(self.finished.values(), key=lambda r: -(r["end"] or 0))
         return {
@@ -192,7 +198,7 @@ class BoardKeeper:
             "since": self.since,
             "epoch": self.epoch,
             "counts": counts,
-            "perMinute": {"done": len(recent), "tokens": sum(c.tokens for c in recent)},
+            "perMinute": {"done": done, "tokens": tokens},
             "models": models,
             "tasks": (live + finished)[:RECENT],
         }

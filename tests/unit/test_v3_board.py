@@ -4,6 +4,7 @@ keeper's counts and bounds, and the market's log of a document rewritten whole
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from pycrdt import Doc, Map
@@ -63,6 +64,35 @@ def test_the_keeper_counts_each_end_once_and_keeps_only_the_last_tasks() -> None
     assert len(s["tasks"]) == RECENT and len(keeper.finished) == RECENT
     assert s["models"] == {"echo": {"waiting": 0, "running": 0, "done": total}}
     assert s["perMinute"] == {"done": total, "tokens": 2 * total}
+
+
+def test_the_keepers_memory_does_not_grow_with_the_tasks_served() -> None:
+    """20,000 tasks at 200 a second, each read done for two turns, then its header gone:
+    the keeper holds after them what it held after the first 1,000 (it kept an id and a
+    completion per task, up to 10,000 of each: the broker grew over the v3 soak), and
+    its last minute counts every task of it (it counted only those 10,000)."""
+    keeper = BoardKeeper(since=0)
+
+    def serve(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            end = 1_000_000 + i * 5
+            done = {**row(header(tid(i)), assigned(), run("done", 2)), "end": end}
+            keeper.turn({tid(i): done})
+            keeper.turn({tid(i): done})  # read again until its asker deletes the header
+            keeper.turn({})
+            if i % 200 == 0:
+                keeper.due(now=end, clock=end / 1000)  # the broker writes once a second
+
+    serve(0, 1_000)
+    before = sys.getallocatedblocks()
+    serve(1_000, 19_000)
+    grown = sys.getallocatedblocks() - before
+    s = keeper.summary(now=1_000_000 + 19_999 * 5)
+    assert s["counts"]["done"] == 20_000
+    # 60 s at 200 a second, and the window's first second whole
+    assert 12_000 <= s["perMinute"]["done"] <= 12_200
+    assert s["perMinute"]["tokens"] == 2 * s["perMinute"]["done"]
+    assert grown < 1_000
 
 
 def test_a_task_that_ended_in_the_batch_its_header_left_is_counted_with_its_run() -> None:

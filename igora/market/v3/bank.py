@@ -22,9 +22,11 @@ are kept; applied to an empty document, they give the run as delivered, whose st
 chunk sizes are the ``Delivery`` of credits.md §3. They are applied only for a claim
 without receipt that a receipt did not settle first, and forgotten with the run
 document otherwise (a run dropped while its receipt is being settled: once that
-settlement ends, unless the receipt was refused). Simplification: an update counts as
-delivered once queued for the asker's socket, not once written (a frame queued when the
-socket broke is counted; it holds at most what the worker wrote). Records are in memory:
+settlement ends, unless the receipt was refused); the record of a run dropped while its
+claim waits goes with the claim, settled from it or by a receipt that came after the
+drop. Simplification: an update counts as delivered once queued for the asker's socket,
+not once written (a frame queued when the socket broke is counted; it holds at most what
+the worker wrote). Records are in memory:
 a claim without receipt pending at a market's restart is lost (the worker's is not
 resent), which favours the asker.
 """
@@ -55,8 +57,6 @@ log = logging.getLogger("igora.credits")
 
 DEFAULT_RECEIPT_WAIT = 120.0
 """Seconds a claim without receipt waits for one before it is settled from the record."""
-KEEP_RECORDS = 100_000
-"""Delivery records of dropped runs kept (the oldest go first)."""
 
 _ENDS = {
     RunState.DONE.value: RunEnd.DONE,
@@ -121,9 +121,10 @@ class Bank:
         self.on_change: Callable[[set[str]], None] = lambda accounts: None
         self._granting: dict[str, asyncio.Future[Any]] = {}
         self._views: dict[tuple[str, str], _Delivered] = {}
-        self._records: collections.OrderedDict[tuple[str, str], tuple[Delivery, frozenset[str]]] = (
-            collections.OrderedDict()
-        )
+        # The records of dropped runs whose claim without receipt is still held: each goes
+        # with its claim (settled from it, or by a receipt), so they are never more than
+        # the claims held (those of the last --receipt-wait seconds).
+        self._records: dict[tuple[str, str], tuple[Delivery, frozenset[str]]] = {}
         self._held: dict[tuple[str, str], asyncio.TimerHandle] = {}  # claims without receipt
         # runs whose claim with receipt is being settled: a worker sends its claim without
         # receipt only if that one is refused, perhaps after the run document's drop
@@ -194,8 +195,6 @@ class Bank:
 
     def _keep(self, room: str, name: str, view: _Delivered) -> None:
         self._records[room, name] = view.record()
-        while len(self._records) > KEEP_RECORDS:
-            self._records.popitem(last=False)
 
     def _delivery(self, room: str, name: str) -> tuple[Delivery, frozenset[str]] | None:
         view = self._views.get((room, name))
