@@ -5,14 +5,15 @@ One market, one broker and one echo worker (16 slots), each connected through a
 counting TCP proxy (``bench.proxy``: websocket framing included), one measured asker in
 this process through a proxy too, and K - 1 more askers in two load processes
 (``bench.load``), every asker in a closed loop, all starting together. The window runs
-from one answer of the measured asker to another: the first after its start, and the
-first at least ``duration`` later once the asker has had ``MIN_OWN`` answers since (the
-others ask on meanwhile, for at most ``BOUND`` s more). The proxies' counts at those two
-answers give the bytes the market sent each measured agent: the asker's are divided by
-its own answers in the window (whole tasks: it had none in flight at either end), the
-broker's and the worker's by all the answers of the window (the one worker serves them
-all). With traffic scoped to those who act on it, each figure stays constant as askers
-are added; when every agent reads the whole room, the asker's grows with them.
+from one answer of the measured asker to another: its first after the load processes'
+START, and the first at least ``duration`` later once it has had ``MIN_OWN`` answers
+since (the others ask on meanwhile, for at most ``BOUND`` s past the window's planned
+end). The proxies' counts at those two answers give the bytes the market sent each
+measured agent: the asker's are divided by its own answers in the window (whole tasks:
+it had none in flight at either end), the broker's and the worker's by all the answers
+of the window (the one worker serves them all). With traffic scoped to those who act on
+it, each figure stays constant as askers are added; when every agent reads the whole
+room, the asker's grows with them.
 """
 
 from __future__ import annotations
@@ -99,7 +100,11 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
                     marks.append((time.time(), ap.down, wp.down, bp.down))
                     if first is None and marks[-1][0] >= start:
                         first = len(marks) - 1
-                    elif first is not None and marks[-1][0] >= end and n - 1 - first >= MIN_OWN:
+                    elif (
+                        first is not None
+                        and marks[-1][0] - marks[first][0] >= duration
+                        and n - 1 - first >= MIN_OWN
+                    ):
                         break
             finally:
                 await client.close()
@@ -145,7 +150,11 @@ async def run(quick: bool) -> Section:
         f"{duration:g} s apart and {MIN_OWN} of its answers apart (at most {BOUND:g} s "
         "more): the asker's bytes are per answer of its own in the window (whole tasks: "
         "none in flight at either end), the broker's and the worker's per answer of the "
-        "whole market in the same window.\n\n"
+        "whole market in the same window. The measured asker starts with the others: "
+        "asking alone while they connected (as this topic did before), it had been served "
+        "most in the last minute, and the broker's fairness (fewest served lately first, "
+        "a task moving up a class per 10 s of waiting) served it after the 99 others, "
+        "whose closed loops kept the queue full: no task of its own ended in 10 s.\n\n"
         + table(
             [
                 "askers",
