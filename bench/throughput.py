@@ -10,6 +10,12 @@ during the measurement window (a round trip longer than the window still counts 
 A second set of cells has the same 100 closed loops share ONE ``Client`` connection, as
 a gateway does for its users: every agent of the room applies every update, so 100
 connections cost 100 times the reading of each update, one connection once.
+
+A closed loop measures the queue, not the task: with K loops, latency ≥ K ÷ tasks/s
+(Little's law). A third set measures what K participants cost each task below
+saturation: K clients with their own connections in an OPEN loop, each asking once every
+``EVERY`` seconds whether answered or not (K ÷ EVERY tasks/s offered), against 1 client at
+the same pace.
 """
 
 from __future__ import annotations
@@ -21,9 +27,19 @@ import time
 from .common import PROTOCOLS, Cluster, Section, Target, ms, pct, table
 
 NAME = "throughput"
+EVERY = 4.0
+"""Seconds between two tasks of one client in the open loop: 100 clients offer 25 tasks/s,
+under protocol 3's closed-loop tasks/s with 100 clients on the shared 2-core machine
+(34-63 with a load average of 10-18, 105-296 with 5-11), not always under protocol 2's
+(10-70: every connection reads every task)."""
+REFERENCE_TASKS = 5
+"""Tasks of the one client at that pace (its window: ``REFERENCE_TASKS × EVERY``)."""
 
 
-async def one(c: Cluster, clients: int, duration: float, shared: bool = False) -> dict[str, float]:
+async def one(
+    c: Cluster, clients: int, duration: float, shared: bool = False, every: float | None = None
+) -> dict[str, float]:
+    """One cell: ``clients`` closed loops, or with ``every`` open loops at that pace."""
     procs = 1 if shared else min(2, clients)
     share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     # protocol 3 clients connect one after the other (each reads its own identity)
@@ -32,17 +48,19 @@ async def one(c: Cluster, clients: int, duration: float, shared: bool = False) -
     outs = []
     loads = []
     for i, k in enumerate(share):
-        tag = f"load-{clients}-{i}{'-shared' if shared else ''}"
+        tag = f"load-{clients}-{i}{'-shared' if shared else ''}{'-open' if every else ''}"
         out = c.dir / f"{tag}.json"
         outs.append(out)
         loads.append(
             c.spawn(
                 c.url,
                 str(k),
-                str(start),
+                # open loop: the second process's clients between the first's
+                str(start + (every * i / clients if every else 0.0)),
                 str(duration),
                 str(out),
                 *(["--shared"] if shared else []),
+                *(["--every", str(every)] if every else []),
                 *c.load_args(tag),
                 name=f"load{clients}-{i}",
                 module="bench.load",
@@ -52,16 +70,21 @@ async def one(c: Cluster, clients: int, duration: float, shared: bool = False) -
         while p.poll() is None:
             await asyncio.sleep(0.2)
     lat: list[float] = []
+    answered = 0
     errors = 0
     late = 0.0
     for out in outs:
         r = json.loads(out.read_text())
-        # the answers that came in during the window, however long ago they were asked
-        lat += [t1 - t0 for t0, t1 in r["done"] if start <= t1 <= start + duration]
+        answers = [(t0, t1) for t0, t1 in r["done"] if start <= t1 <= start + duration]
+        answered += len(answers)
+        # closed loop: the answers that came in during the window, however long ago they
+        # were asked; open loop: the tasks due in the window, however late answered
+        timed = [(t0, t1) for t0, t1 in r["done"] if start <= t0 < start + duration]
+        lat += [t1 - t0 for t0, t1 in (timed if every else answers)]
         errors += r["errors"]
         late = max(late, r["late"])
     return {
-        "tasks_s": len(lat) / duration,
+        "tasks_s": answered / duration,
         "p50": pct(lat, 50),
         "p99": pct(lat, 99),
         "errors": errors,
@@ -71,10 +94,17 @@ async def one(c: Cluster, clients: int, duration: float, shared: bool = False) -
 
 
 async def grid(
-    protocol: int, w: int, client_counts: tuple[int, ...], duration: float, shared_loops: int
+    protocol: int,
+    w: int,
+    client_counts: tuple[int, ...],
+    duration: float,
+    shared_loops: int,
+    open_clients: int,
+    open_window: float,
 ) -> dict[str, dict[str, float]]:
     """The cells of ``w`` workers in one cluster: each count of clients with its own
-    connection, then ``shared_loops`` loops on one connection."""
+    connection, then ``shared_loops`` loops on one connection, then ``open_clients`` and 1
+    client in an open loop (keys ``WxK``, ``WxK-on-1``, ``WxK-open``)."""
     out = {}
     with Cluster(f"throughput-{w}", protocol) as c:
         c.room_market()
@@ -86,6 +116,8 @@ async def grid(
         for k in client_counts:
             out[f"{w}x{k}"] = await one(c, k, duration)
         out[f"{w}x{shared_loops}-on-1"] = await one(c, shared_loops, duration, shared=True)
+        out[f"{w}x{open_clients}-open"] = await one(c, open_clients, open_window, every=EVERY)
+        out[f"{w}x1-open"] = await one(c, 1, REFERENCE_TASKS * EVERY, every=EVERY)
     return out
 
 
@@ -101,6 +133,11 @@ def row(w: int, k: int, r2: dict[str, float], r3: dict[str, float]) -> list[obje
         f"{ms(r2['p99'])} / {ms(r3['p99'])}",
         f"{int(r2['errors'])} / {int(r3['errors'])}",
     ]
+
+
+def cost(res: dict[str, dict[str, float]], w: int, k: int) -> float:
+    """p50 of ``k`` open-loop clients ÷ p50 of 1 client at the same pace, ``w`` workers."""
+    return res[f"{w}x{k}-open"]["p50"] / res[f"{w}x1-open"]["p50"]
 
 
 HEADER = [
@@ -120,10 +157,16 @@ async def run(quick: bool) -> Section:
     worker_counts = (1, 4) if quick else (1, 4, 16)
     client_counts = (1, 10) if quick else (1, 10, 100)
     shared_loops = 20 if quick else 100
+    open_clients, open_window = (20, 8.0) if quick else (100, 12.0)
+    offered = open_clients / EVERY
     results: dict[int, dict[str, dict[str, float]]] = {p: {} for p in PROTOCOLS}
     for w in worker_counts:
         for protocol in PROTOCOLS:  # back to back, each its own cluster
-            results[protocol].update(await grid(protocol, w, client_counts, duration, shared_loops))
+            results[protocol].update(
+                await grid(
+                    protocol, w, client_counts, duration, shared_loops, open_clients, open_window
+                )
+            )
     v2, v3 = results[2], results[3]
     rows = [row(w, k, v2[f"{w}x{k}"], v3[f"{w}x{k}"]) for w in worker_counts for k in client_counts]
     shared_rows = [
@@ -136,12 +179,54 @@ async def run(quick: bool) -> Section:
         "answer, of those answers. Protocol 2 (the original room) and protocol 3 "
         "(a `--v3-room`, every agent with its own identity) measured back to back for each "
         "count of workers, each in its own cluster (market, one broker, the workers).\n\n"
-        "Each concurrent client with its own connection (each its own `Client`, in two "
-        "load processes):\n\n"
+        "Closed loop (each client asks again as soon as its answer is in: tasks/s at "
+        "saturation), each concurrent client with its own connection (each its own "
+        "`Client`, in two load processes):\n\n"
         + table(HEADER, rows)
         + f"\n\n{shared_loops} concurrent askers sharing ONE connection (one `Client`, "
         f"{shared_loops} tasks in flight, as a gateway serves its users):\n\n"
         + table(HEADER, shared_rows)
+    )
+    open_rows = [
+        [
+            w,
+            k,
+            f"{k / EVERY:g}",
+            " / ".join(f"{res[f'{w}x{k}-open']['tasks_s']:.3g}" for res in (v2, v3)),
+            " / ".join(ms(res[f"{w}x{k}-open"]["p50"]) for res in (v2, v3)),
+            " / ".join(ms(res[f"{w}x{k}-open"]["p99"]) for res in (v2, v3)),
+            " / ".join(f"{cost(res, w, k):.2f}" for res in (v2, v3)),
+            " / ".join(str(int(res[f"{w}x{k}-open"]["errors"])) for res in (v2, v3)),
+        ]
+        for w in worker_counts
+        for k in (1, open_clients)
+    ]
+    body += (
+        f"\n\nA closed loop measures the queue: with K loops each asking again at once, "
+        f"latency ≥ K ÷ tasks/s (Little's law), so the {client_counts[-1]}-client rows above "
+        "show saturation, not what each task costs. Open loop: each client (its own "
+        f"connection, in two load processes) asks once every {EVERY:g} s whether answered "
+        f"or not, the clients' first tasks spread evenly over the {EVERY:g} s, so "
+        f"{open_clients} clients offer {offered:g} tasks/s; latency = from when a task was "
+        "due to its answer, of every task due in the window (however late answered); "
+        f"window {open_window:g} s ({REFERENCE_TASKS * EVERY:g} s for 1 client: "
+        f"{REFERENCE_TASKS} tasks). *÷ 1 client* = p50 ÷ the p50 of 1 client at the same pace "
+        "in the same cluster: what the other participants cost each task. Answers/s below "
+        "the offered rate: the room could not keep up (compare the closed-loop tasks/s "
+        "above).\n\n"
+        + table(
+            [
+                "workers",
+                "clients",
+                "offered tasks/s",
+                "answers/s v2 / v3",
+                "p50 ms v2 / v3",
+                "p99 ms v2 / v3",
+                "p50 ÷ 1 client v2 / v3",
+                "errors v2 / v3",
+            ],
+            open_rows,
+        )
     )
     late = [
         f"v{p} {k}: {r['late']:.1f} s"
@@ -156,7 +241,7 @@ async def run(quick: bool) -> Section:
         )
     targets = []
     for protocol, res in results.items():
-        own = [k for k in res if not k.endswith("-on-1")]
+        own = [k for k in res if "-" not in k]
         one_conn = [k for k in res if k.endswith("-on-1")]
         best_own = max(own, key=lambda key: res[key]["tasks_s"])
         best_one = max(one_conn, key=lambda key: res[key]["tasks_s"])
@@ -178,10 +263,12 @@ async def run(quick: bool) -> Section:
         ]
     w_max, k_max = worker_counts[-1], client_counts[-1]
     for protocol, res in results.items():
-        own = [k for k in res if not k.endswith("-on-1")]
+        own = [k for k in res if "-" not in k]
         best = max(own, key=lambda key: res[key]["tasks_s"])
         small, big = res["1x1"]["tasks_s"], res[f"{w_max}x{k_max}"]["tasks_s"]
         worst_p50 = max(res[f"{w}x{k_max}"]["p50"] for w in worker_counts)
+        w_open = max(worker_counts, key=lambda w: res[f"{w}x{open_clients}-open"]["p50"])
+        o, o1 = res[f"{w_open}x{open_clients}-open"], res[f"{w_open}x1-open"]
         targets += [
             Target(
                 f"v{protocol}: {w_max} workers × {k_max} clients at least as fast as 1 × 1",
@@ -198,7 +285,17 @@ async def run(quick: bool) -> Section:
                 19,
             ),
             Target(
-                f"v{protocol}: latency p50 with {k_max} clients (worst over the workers)",
+                f"v{protocol}: latency p50 with {open_clients} clients, open loop at "
+                f"{offered:g} tasks/s offered (worst over the workers)",
+                "≤ 50 ms",
+                f"{ms(o['p50'])} ms ({w_open} workers, {o['tasks_s']:.1f} answers/s; 1 client "
+                f"at the same pace: {ms(o1['p50'])} ms, × {o['p50'] / o1['p50']:.2f})",
+                o["p50"] <= 0.050,
+                19,
+            ),
+            Target(
+                f"v{protocol}: latency p50 with {k_max} clients, closed loop (saturation: "
+                "Little's law; worst over the workers)",
                 "≤ 50 ms",
                 f"{ms(worst_p50)} ms",
                 worst_p50 <= 0.050,

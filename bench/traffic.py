@@ -3,12 +3,17 @@ askers are added, protocol 2 against protocol 3.
 
 One market, one broker and one echo worker (16 slots), each connected through a
 counting TCP proxy (``bench.proxy``: websocket framing included), one measured asker in
-this process through a proxy too, and K - 1 more askers in a load process
-(two ``bench.load`` processes), every asker in a closed loop. Over a window the proxies count the
-bytes the market sent each measured agent; the asker's are divided by its own answers,
-the broker's and the worker's by all the answers of the window (the one worker serves
-them all). With traffic scoped to those who act on it, each figure stays constant as
-askers are added; when every agent reads the whole room, the asker's grows with them.
+this process through a proxy too, and K - 1 more askers in two load processes
+(``bench.load``), every asker in a closed loop, all starting together. The window runs
+from one answer of the measured asker to another: its first after the load processes'
+START, and the first at least ``duration`` later once it has had ``MIN_OWN`` answers
+since (the others ask on meanwhile, for at most ``BOUND`` s past the window's planned
+end). The proxies' counts at those two answers give the bytes the market sent each
+measured agent: the asker's are divided by its own answers in the window (whole tasks:
+it had none in flight at either end), the broker's and the worker's by all the answers
+of the window (the one worker serves them all). With traffic scoped to those who act on
+it, each figure stays constant as askers are added; when every agent reads the whole
+room, the asker's grows with them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 
 from igora import Client
@@ -25,6 +31,10 @@ from .proxy import CountingProxy
 
 NAME = "traffic"
 ROLES = ("asker", "worker", "broker")
+MIN_OWN = 5
+"""The measured asker's own answers in the window, at least (its figure is per those)."""
+BOUND = 60.0
+"""Seconds past ``duration`` the window may run while waiting for them."""
 
 
 async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
@@ -50,7 +60,7 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
                     c.url,
                     str(n),
                     str(start),
-                    str(duration),
+                    str(duration + BOUND),  # ended with SIGUSR1 when the window closes
                     str(out),
                     *c.load_args(f"load-{i}"),
                     name=f"load-{i}",
@@ -68,46 +78,53 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
                     os.environ.pop("IGORA_DATA", None)
                 else:
                     os.environ["IGORA_DATA"] = saved
+            # at each of the measured asker's answers: when, and the bytes each role had
+            # received; the window runs from marks[first] to marks[-1]
+            marks: list[tuple[float, int, int, int]] = []
+            first: int | None = None
             try:
                 await client.wait_for_worker(None, 60)
                 if time.time() > start:
                     raise RuntimeError(
                         f"the measured asker connected {time.time() - start:.1f} s late"
                     )
-                mine: list[float] = []  # when each of its answers came in
-
-                async def ask() -> None:
-                    n = 0
-                    while time.time() < end:
-                        text = await client.chat(f"measured {n}")
-                        assert text == f"Echo: measured {n}", text
-                        n += 1
-                        mine.append(time.time())
-
-                asking = asyncio.create_task(ask())
-                # the window is read at fixed times, whatever the answers' latency
-                await asyncio.sleep(max(0.0, start - time.time()))
-                counts = {"asker": ap.down, "worker": wp.down, "broker": bp.down}
-                await asyncio.sleep(max(0.0, end - time.time()))
-                got = {"asker": ap.down, "worker": wp.down, "broker": bp.down}
-                await asking
+                # with the others, from their warm-up on: had it asked alone while they
+                # connected, the broker (fairness: fewest tasks served in the last minute
+                # first) would serve it last of 100 for up to a minute
+                await asyncio.sleep(max(0.0, start - 1.0 - time.time()))
+                n = 0
+                while time.time() < end + BOUND:
+                    text = await client.chat(f"measured {n}")
+                    assert text == f"Echo: measured {n}", text
+                    n += 1
+                    marks.append((time.time(), ap.down, wp.down, bp.down))
+                    if first is None and marks[-1][0] >= start:
+                        first = len(marks) - 1
+                    elif (
+                        first is not None
+                        and marks[-1][0] - marks[first][0] >= duration
+                        and n - 1 - first >= MIN_OWN
+                    ):
+                        break
             finally:
                 await client.close()
-            ends = list(mine)
+            for load in loads:
+                load.send(signal.SIGUSR1)
+            ends = [t for t, *_ in marks]
             for load, out in zip(loads, outs, strict=True):
                 while load.poll() is None:
                     await asyncio.sleep(0.2)
                 ends += [t1 for _, t1 in json.loads(out.read_text())["done"]]
-    mine_n = sum(1 for t in mine if start <= t <= end)
-    total = sum(1 for t in ends if start <= t <= end)
-    if loads and total == mine_n:
+    if first is None or first == len(marks) - 1:
+        raise RuntimeError(f"the measured asker had no answer within {duration + BOUND:g} s")
+    (t0, *at0), (t1, *at1) = marks[first], marks[-1]
+    mine = len(marks) - 1 - first
+    total = sum(1 for t in ends if t0 < t <= t1)
+    if loads and total == mine:
         raise RuntimeError(f"the other {askers - 1} askers answered nothing in the window")
-    per = {
-        "asker": (got["asker"] - counts["asker"]) / max(1, mine_n),
-        "worker": (got["worker"] - counts["worker"]) / max(1, total),
-        "broker": (got["broker"] - counts["broker"]) / max(1, total),
-    }
-    return {**per, "tasks": total, "mine": mine_n}
+    got = dict(zip(ROLES, (b - a for a, b in zip(at0, at1, strict=True)), strict=True))
+    per = {role: got[role] / (mine if role == "asker" else total) for role in ROLES}
+    return {**per, "tasks": total, "mine": mine, "window": t1 - t0}
 
 
 async def run(quick: bool) -> Section:
@@ -123,15 +140,31 @@ async def run(quick: bool) -> Section:
         rows.append(
             [k]
             + [f"{r2[role]:,.0f} / {r3[role]:,.0f}" for role in ROLES]
-            + [f"{int(r2['tasks'])} / {int(r3['tasks'])}"]
+            + [f"{int(r2[key])} / {int(r3[key])}" for key in ("mine", "tasks")]
+            + [f"{r2['window']:.1f} / {r3['window']:.1f}"]
         )
     body = (
-        f"Bytes the market sent each agent per task (v2 / v3), over a window of "
-        f"{duration:g} s with K askers in closed loops, one broker and one echo worker; "
-        "the asker's bytes are per answer it asked for, the broker's and the worker's per "
-        "answer of the whole market.\n\n"
+        "Bytes the market sent each agent per task (v2 / v3) with K askers in closed loops "
+        "(all starting together), one broker and one echo worker (16 slots). The window "
+        "runs from one answer of the measured asker to another, at least "
+        f"{duration:g} s apart and {MIN_OWN} of its answers apart (at most {BOUND:g} s "
+        "more): the asker's bytes are per answer of its own in the window (whole tasks: "
+        "none in flight at either end), the broker's and the worker's per answer of the "
+        "whole market in the same window. The measured asker starts with the others: "
+        "asking alone while they connected (as this topic did before), it had been served "
+        "most in the last minute, and the broker's fairness (fewest served lately first, "
+        "a task moving up a class per 10 s of waiting) served it after the 99 others, "
+        "whose closed loops kept the queue full: no task of its own ended in 10 s.\n\n"
         + table(
-            ["askers", "asker B/task v2 / v3", "worker B/task", "broker B/task", "tasks"],
+            [
+                "askers",
+                "asker B/task v2 / v3",
+                "worker B/task",
+                "broker B/task",
+                "asker's tasks v2 / v3",
+                "all tasks v2 / v3",
+                "window s v2 / v3",
+            ],
             rows,
         )
     )
