@@ -18,6 +18,7 @@ __all__ = [
     "Cluster",
     "Section",
     "Target",
+    "against_v2",
     "cpu_seconds",
     "free_port",
     "ms",
@@ -71,6 +72,18 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 PROTOCOLS = (2, 3)
 """The protocols a topic compares (issue #19): 2, the original room, and 3 (room ``v3``)."""
+
+
+def against_v2(new: Target, old: Target) -> Target:
+    """Issue 19's target is the new protocol's (3); the original protocol's figure of the
+    same run goes beside it, as the reference the issue measures against."""
+    return Target(
+        new.name,
+        new.goal,
+        f"{new.measured} (v2, the original protocol: {old.measured})",
+        new.met,
+        new.issue,
+    )
 
 
 class Cluster(testing.Cluster):

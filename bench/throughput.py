@@ -24,7 +24,7 @@ import asyncio
 import json
 import time
 
-from .common import PROTOCOLS, Cluster, Section, Target, ms, pct, table
+from .common import PROTOCOLS, Cluster, Section, Target, against_v2, ms, pct, table
 
 NAME = "throughput"
 EVERY = 4.0
@@ -262,6 +262,7 @@ async def run(quick: bool) -> Section:
             ),
         ]
     w_max, k_max = worker_counts[-1], client_counts[-1]
+    issue19: dict[int, list[Target]] = {}
     for protocol, res in results.items():
         own = [k for k in res if "-" not in k]
         best = max(own, key=lambda key: res[key]["tasks_s"])
@@ -269,7 +270,7 @@ async def run(quick: bool) -> Section:
         worst_p50 = max(res[f"{w}x{k_max}"]["p50"] for w in worker_counts)
         w_open = max(worker_counts, key=lambda w: res[f"{w}x{open_clients}-open"]["p50"])
         o, o1 = res[f"{w_open}x{open_clients}-open"], res[f"{w_open}x1-open"]
-        targets += [
+        issue19[protocol] = [
             Target(
                 f"v{protocol}: {w_max} workers × {k_max} clients at least as fast as 1 × 1",
                 "ratio ≥ 1",
@@ -302,4 +303,5 @@ async def run(quick: bool) -> Section:
                 19,
             ),
         ]
+    targets += [against_v2(new, old) for new, old in zip(issue19[3], issue19[2], strict=True)]
     return Section("Task throughput", body, targets, {f"v{p}": r for p, r in results.items()})
