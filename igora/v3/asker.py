@@ -272,7 +272,7 @@ class V3Asker:
 
     # ------------------------------------------------------------------ credits
     def _params(self, worker: str, model: str) -> str:
-        raw = self._dir.get("workers", type=Map).get(worker) if self._dir else None
+        raw = self._listed().get(worker)
         return pricing.model_params(raw.get("models") if isinstance(raw, dict) else None, model)
 
     def prices(self) -> dict[str, Any] | None:
@@ -299,8 +299,7 @@ class V3Asker:
         if prompt_bytes is None:
             prompt_bytes = len(json.dumps(task, ensure_ascii=False).encode())
         model = task.get(TaskField.MODEL) or ANY_MODEL
-        workers = dict(self._dir.get("workers", type=Map).items()) if self._dir else {}
-        sizes = [self._params(w, model) for w in workers] or [pricing.DEFAULT_PARAMS]
+        sizes = [self._params(w, model) for w in self._listed()] or [pricing.DEFAULT_PARAMS]
         top = max(sizes, key=pricing.factor)
         tokens = number(task.get(TaskField.MAX_TOKENS))
         return pricing.max_price(prompt_bytes, int(tokens or CONSENT_TOKENS), top)
