@@ -409,13 +409,19 @@ class Client:
         """Whether the balance of this identity (or ``speaker``'s) covers the most such a
         request may cost (every prompt byte a token, ``max_tokens`` completion tokens, the
         largest model size advertised): the gateway's 402. True when the market does not
-        count credits."""
-        balance = await self.balance(speaker)
-        if balance is None or self.v3 is None:
+        count credits. A balance the market answered less than a second ago admits the
+        request without asking again; a refusal is always decided on a new answer (one
+        round trip to the market)."""
+        if self.v3 is None:
             return True
+        asker = self._asker(speaker)
         size = len(json.dumps(prompt, ensure_ascii=False).encode())
-        task = {TaskField.MODEL: model, TaskField.MAX_TOKENS: max_tokens}
-        return balance >= self.v3.max_price(task, size)
+        price = self.v3.max_price({TaskField.MODEL: model, TaskField.MAX_TOKENS: max_tokens}, size)
+        recent = asker.recent_balance()
+        if recent is not None and recent >= price:
+            return True
+        balance = await asker.balance()
+        return balance is None or balance >= price
 
     def abort(self, task_id: str) -> None:
         """Ask for a task to stop; it ends ``aborted``."""

@@ -25,6 +25,7 @@ from igora.engines.echo import PARAMS as ECHO_PARAMS
 from igora.identity import Identity, load_identity
 from igora.task_handle import Answer
 from igora.testing import Cluster, Proc, wait_for, wait_until
+from igora.v3 import asker as asker_module
 from igora.v3.header import sign_header
 from igora.v3.session import Event, EventKind, Session
 from igora.v3.wire import Code
@@ -339,6 +340,49 @@ def test_the_ledger_survives_a_market_kill_9(
     assert all(paid.get(m.task["id"], 0) <= 1 for m in done)
 
 
+def send_credits(
+    cluster: Cluster, who: str, to: str, amount: str
+) -> subprocess.CompletedProcess[str]:
+    """``igora credits send TO AMOUNT`` as agent ``who``, through the market."""
+    where = ["--market", cluster.url, "--room", ROOM]
+    return subprocess.run(
+        [sys.executable, "-m", "igora", "credits", "send", to, amount, *where],
+        env={**os.environ, **cluster.agent_data(who)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_a_recent_balance_admits_without_asking_and_a_refusal_asks_again(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``can_pay`` (the gateway's 402) admits a request on a balance the market answered
+    less than BALANCE_FRESH ago, without a round trip; a request that balance cannot
+    pay is decided on a new answer. Here the asker gives its credits away on another
+    connection while its answer is recent (BALANCE_FRESH made long)."""
+    monkeypatch.setattr(asker_module, "BALANCE_FRESH", 600.0)
+    start(cluster, 1)
+    client = await asker(cluster, "alice", monkeypatch)
+    try:
+        assert client.v3 is not None
+        alice, w1 = client.id, identity(cluster, "w1").id
+        await wait_for(lambda: balances(cluster).get(alice) == GRANT, 20, cluster.logs)
+        assert client.v3.recent_balance() is None  # nothing answered yet
+        assert await client.can_pay("hello", max_tokens=10)
+        assert client.v3.recent_balance() == GRANT
+        sent = await asyncio.to_thread(send_credits, cluster, "alice", w1, "100")
+        assert sent.returncode == 0, sent.stderr
+        assert await client.can_pay("hello", max_tokens=10)  # the recent answer: no question
+        assert client.v3.recent_balance() == GRANT
+        assert not await client.can_pay("hello", max_tokens=10**6)  # over it: asked again
+        assert client.v3.recent_balance() == 0
+        assert not await client.can_pay("hello", max_tokens=10)
+    finally:
+        await client.close()
+
+
 def test_the_gateway_answers_402_when_its_identity_cannot_pay(cluster: Cluster) -> None:
     """The identity the gateway speaks as gives all its credits away (``igora credits
     send``, a transfer through the market): a request then gets 402 with an OpenAI-style
@@ -350,15 +394,7 @@ def test_the_gateway_answers_402_when_its_identity_cannot_pay(cluster: Cluster) 
     wait_until(lambda: balances(cluster).get(gateway) == GRANT, 20, cluster.logs)
 
     def send(who: str, to: str, amount: str) -> subprocess.CompletedProcess[str]:
-        where = ["--market", cluster.url, "--room", ROOM]
-        return subprocess.run(
-            [sys.executable, "-m", "igora", "credits", "send", to, amount, *where],
-            env={**os.environ, **cluster.agent_data(who)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return send_credits(cluster, who, to, amount)
 
     sent = send("gateway", w1, "100")
     assert sent.returncode == 0 and sent.stdout.splitlines()[-1] == "balance: 0.000", sent.stderr

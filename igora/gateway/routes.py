@@ -5,13 +5,18 @@ its task."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from ..capabilities import offered
 from ..client import Task
@@ -213,6 +218,45 @@ STREAM_DOC = {
 }
 
 
+class BodyRoute(APIRoute):
+    """A route whose endpoint takes ``(body: SomeModel, request: Request)``, served
+    without FastAPI's per-request machinery when its body is valid: the JSON parsed and
+    the model validated as FastAPI would (``json.loads``, then the model from Python
+    objects), the endpoint called at once. Any other body (empty, not JSON, invalid) goes
+    to FastAPI's own handler, which reads the same bytes again and answers its error as
+    always. What it saves: ~0.1-0.3 ms of each API request's time to first token
+    (dependency solving and the rest of the handler FastAPI builds for any route;
+    docs/benchmarks.md, gateway latency). The route's OpenAPI entry is FastAPI's."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        fastapi_handler = super().get_route_handler()
+        params = inspect.signature(self.endpoint, eval_str=True).parameters
+        models = [(n, p.annotation) for n, p in params.items() if _is_model(p.annotation)]
+        requests = [n for n, p in params.items() if p.annotation is Request]
+        if len(models) != 1 or len(requests) != 1 or len(params) != 2:
+            raise TypeError(
+                f"{self.path}: a BodyRoute endpoint takes (body: Model, request: Request)"
+            )
+        (body_name, model), request_name = models[0], requests[0]
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            try:
+                body = model.model_validate(json.loads(await request.body()))
+            except HTTPException:  # the body's limit (guard): 413
+                raise
+            except Exception:  # not JSON, not valid, too deep...: FastAPI's answer, as always
+                return await fastapi_handler(request)
+            response: Response = await endpoint(**{body_name: body, request_name: request})
+            return response
+
+        return handler
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def add_routes(app: FastAPI) -> None:
     @app.get(
         "/health",
@@ -272,7 +316,9 @@ def add_routes(app: FastAPI) -> None:
         gateway's), in millicredits, from the market's ledger (a protocol 3 room)."""
         return JSONResponse(Balance.model_validate(await balance_body(request)).model_dump())
 
-    @app.post(
+    api = APIRouter(route_class=BodyRoute)
+
+    @api.post(
         "/v1/chat/completions",
         response_model=ChatCompletion,
         tags=["openai"],
@@ -282,12 +328,12 @@ def add_routes(app: FastAPI) -> None:
         """A chat answer from a worker on the market (``stream: true`` for SSE chunks)."""
         return await run_job(request, chat_job(body))
 
-    @app.post("/v1/embeddings", response_model=EmbeddingList, tags=["openai"], responses=ERRORS)
+    @api.post("/v1/embeddings", response_model=EmbeddingList, tags=["openai"], responses=ERRORS)
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         """Vectors for one text or a list of texts, from a worker whose model embeds."""
         return await run_job(request, embed_job(body))
 
-    @app.post(
+    @api.post(
         "/v1/completions",
         response_model=Completion,
         tags=["openai"],
@@ -296,6 +342,8 @@ def add_routes(app: FastAPI) -> None:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Legacy text completion: the prompt is sent to a worker as one user message."""
         return await run_job(request, text_job(body))
+
+    app.include_router(api)
 
 
 def _models(gw: Gateway) -> list[Model]:

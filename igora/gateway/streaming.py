@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -45,18 +46,35 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Gone:
-    """Await ``work`` unless the HTTP client goes away first (then cancel it)."""
-    job = asyncio.ensure_future(work)
+    """Await ``work`` unless the HTTP client goes away first (then cancel it).
+
+    ``work`` is awaited in the calling task, which the disconnect cancels: its result
+    (the answer's first piece) wakes the request at once, not through a task of its own
+    and ``asyncio.wait``'s callback (two more turns of the loop, in which the client's
+    reader handles the rest of the answer first: docs/benchmarks.md, gateway latency)."""
+    me = asyncio.current_task()
+    assert me is not None
+    left = False
+
+    def cancel(watcher: asyncio.Future[None]) -> None:
+        nonlocal left
+        if not watcher.cancelled():
+            left = True
+            me.cancel()
+
     gone = asyncio.ensure_future(_disconnected(request.receive))
+    gone.add_done_callback(cancel)
     try:
-        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+        return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        if sys.version_info >= (3, 11):
+            me.uncancel()  # this cancellation ends here: none is left pending
+        return GONE
+    finally:  # before any other callback runs: ``cancel`` cannot fire any more
+        gone.remove_done_callback(cancel)
         gone.cancel()
-        if not job.done():
-            job.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
-    return job.result() if not job.cancelled() else GONE
 
 
 DONE = "data: [DONE]\n\n"
@@ -85,6 +103,15 @@ class EventStream(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            # The headers and the first piece go out now, not after a turn of the loop in
+            # which the task group starts: the request waited for the first event, and
+            # event_body yields its first piece without waiting.
+            try:
+                self.finished = await self._write_first(send)
+            except OSError:
+                return
+            if self.finished:
+                return
             async with anyio.create_task_group() as group:
 
                 async def stream() -> None:
@@ -109,15 +136,28 @@ class EventStream(StreamingResponse):
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def stream_response(self, send: Send) -> None:
+    async def _write_first(self, send: Send) -> bool:
+        """The headers and the source's first piece; whether that ended the response."""
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
+        piece = await anext(self._source, None)
+        if piece is None:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return True
+        return await self._write(send, piece)
+
+    async def _write(self, send: Send, piece: str) -> bool:
+        """One piece; whether it ended the response (it ends in ``[DONE]``)."""
+        last = piece.endswith(DONE)
+        body = piece.encode("utf-8")
+        await send({"type": "http.response.body", "body": body, "more_body": not last})
+        return last
+
+    async def stream_response(self, send: Send) -> None:
+        """The source's pieces after the first (``_write_first``)."""
         async for piece in self._source:
-            last = piece.endswith(DONE)
-            body = piece.encode("utf-8")
-            await send({"type": "http.response.body", "body": body, "more_body": not last})
-            if last:
+            if await self._write(send, piece):
                 return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,9 @@ in advance to many workers were mostly wasted)."""
 CONSENT_TOKENS = 4096
 """Completion tokens the consent (``maxPrice``) covers for a task that sets no maxTokens."""
 BALANCE_WAIT = 2.0  # seconds the market has to answer a balance question
+BALANCE_FRESH = 1.0
+"""Seconds a balance the market answered may admit a request without asking it again
+(``recent_balance``: the gateway's 402, docs/credits.md §8)."""
 
 
 @dataclass
@@ -135,6 +139,9 @@ class V3Asker:
         self._tracks: dict[str, Track] = {}
         self._ended: set[str] = set()
         self._balances: list[asyncio.Future[int]] = []
+        self._known: tuple[int, float] | None = None  # the last balance answered, and when
+        self._asked = 0.0  # when a balance was last asked (time.monotonic)
+        self._unwaited = 0  # balance questions of recent_balance's, not answered yet
         self.receipts = True  # sign a receipt for each run read (False: a test's rogue)
         session.observe(self._on_event)
 
@@ -322,7 +329,7 @@ class V3Asker:
         market does not answer within BALANCE_WAIT (or counts no credits)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._balances.append(future)
-        if not self.session.control({"op": "balance", "id": self.id}):
+        if not self._ask_balance():
             self._balances.remove(future)
             return None
         try:
@@ -333,14 +340,37 @@ class V3Asker:
             if future in self._balances:
                 self._balances.remove(future)
 
+    def recent_balance(self, fresh: float | None = None) -> int | None:
+        """The balance the market last answered, if that was less than ``fresh`` seconds
+        (BALANCE_FRESH) ago, else None (then ``balance()`` asks). An answer older than
+        half of that is asked again without waiting: steady requests find a recent one."""
+        fresh = BALANCE_FRESH if fresh is None else fresh
+        if self._known is None:
+            return None
+        value, at = self._known
+        now = time.monotonic()
+        if now - at >= fresh:
+            return None
+        if now - at >= fresh / 2 and now - self._asked >= fresh / 2 and self._ask_balance():
+            self._unwaited += 1
+        return value
+
+    def _ask_balance(self) -> bool:
+        self._asked = time.monotonic()
+        return self.session.control({"op": "balance", "id": self.id})
+
     def _credits_notice(self, event: Event) -> None:
         body = notice_answer(event.text, "balance")
-        if (
-            body is not None
-            and body.get("id") == self.id  # the session's other askers ask too
-            and self._balances
-        ):
-            value = body.get("balance")
+        if body is None or body.get("id") != self.id:  # the session's other askers ask too
+            return
+        value = body.get("balance")
+        if isinstance(value, int):
+            self._known = (value, time.monotonic())
+        # Answers come in the order asked: counted first against recent_balance's
+        # questions, a waiter's answer was asked no earlier than its own question.
+        if self._unwaited:
+            self._unwaited -= 1
+        elif self._balances:
             future = self._balances.pop(0)
             if not future.done() and isinstance(value, int):
                 future.set_result(value)
@@ -426,6 +456,7 @@ class V3Asker:
             self._credits_notice(event)
             return
         if event.kind is EventKind.CONNECTED:
+            self._unwaited = 0  # questions of the connection before are not answered
             if self.id in self.session.granted:  # refused while not admitted: read it now
                 self.session.subscribe(inbox(self.id))
                 self._watch_inbox()
