@@ -118,7 +118,9 @@ async def v3_probe(url: str, room: str, n: int) -> dict[str, float]:
             if ping is not None:
                 asyncio.get_running_loop().call_soon(mb.__setitem__, "pong", ping)
         elif event.kind is EventKind.CHANGED and event.name == "who" and who is not None:
-            entry = who.get("agents", type=Map).get(ida)
+            # b.docs, not the Doc subscribe returned: the market replaces ``who`` by a new
+            # epoch every 500 updates (protocol-v3.md §12.6), as churn soon makes it do
+            entry = b.docs["who"].get("agents", type=Map).get(ida)
             if entry is not None:
                 names.put_nowait(str(entry.get("name")))
 
@@ -130,6 +132,16 @@ async def v3_probe(url: str, room: str, n: int) -> dict[str, float]:
 
     b.observe(on_b)
     a.observe(on_a)
+    try:
+        return await _probe_loops(n, ma, a, pongs, names)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def _probe_loops(
+    n: int, ma: Map, a: Session, pongs: asyncio.Queue[int], names: asyncio.Queue[str]
+) -> dict[str, float]:
     rtt, seen = [], []
     for i in range(n + 10):
         t0 = time.perf_counter()
@@ -145,8 +157,6 @@ async def v3_probe(url: str, room: str, n: int) -> dict[str, float]:
             pass
         seen.append(time.perf_counter() - t0)
         await asyncio.sleep(0.02)
-    await a.stop()
-    await b.stop()
     return {
         "update_p50": pct(rtt, 50),
         "update_p99": pct(rtt, 99),
