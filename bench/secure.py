@@ -107,12 +107,15 @@ async def run(quick: bool) -> Section:
             "≤ 5 ms",
             f"{added * 1000:.2f} ms ({ms(s50)} against {ms(o50)} open)",
             added <= 0.005,
+            15,
         ),
         Target(
-            "Tasks/s of a secure room against an open one (echo; issue 15)",
+            "Tasks/s of a secure room against an open one (echo; issue 15 asks for the "
+            "figure, the 80 % is this project's target)",
             "≥ 80 % of open",
             f"{r_secure:.0f} against {r_open:.0f} ({r_secure / r_open:.0%})",
             r_secure >= 0.8 * r_open,
+            15,
         ),
     ]
     return Section("Secure room against open room (issue 15)", body, targets, data)

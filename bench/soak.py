@@ -299,21 +299,24 @@ async def run(quick: bool, protocol: int = 2, tasks: int | None = None) -> Secti
         and not twice
         and len(runs) == result["tasks"]
     )
+    where = " on a v3 room" if protocol == 3 else ""
     return Section(
         "Soak: memory of every process" + (" (protocol 3)" if protocol == 3 else ""),
         body,
         [
             Target(
-                f"Soak ({n:,} tasks): memory growth of every process from 10 % to the end",
+                f"Soak{where} ({n:,} tasks): memory growth of every process from 10 % to the end",
                 f"< {GROWTH * 100:.0f} %",
                 f"{worst * 100:+.1f} % (worst)",
                 worst < GROWTH,
+                17,
             ),
             Target(
-                f"Soak ({n:,} tasks): tasks lost or run twice",
+                f"Soak{where} ({n:,} tasks): tasks lost or run twice",
                 "0",
                 f"{result['lost'] + result['twice'] + twice} (wrong answers {result['wrong']})",
                 ok,
+                17,
             ),
         ],
         {"result": result, "growth": grown, "started_twice": twice},
