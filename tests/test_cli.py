@@ -174,7 +174,17 @@ def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path
         children = children_of(proc.pid)
         assert len(children) >= 3  # market + broker + worker (+ gateway)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
+        # Read on, as a terminal does: igora up relays its children's last lines, and a
+        # pipe nobody reads would block it once full.
+        try:
+            rest, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired as exc:
+            left = children_of(proc.pid)
+            raise AssertionError(
+                f"igora up still running 30 s after Ctrl-C; children {left}; "
+                f"it said: {exc.output!r}"
+            ) from None
+        assert proc.returncode == 0, rest
         wait_until(lambda: not alive(children), 5, lambda: f"left behind: {alive(children)}")
     finally:
         if proc.poll() is None:
