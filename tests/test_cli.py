@@ -156,6 +156,9 @@ def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # Ctrl-C as a terminal delivers it: a test run started in the background (nohup,
+        # `cmd &` in a script) passes SIGINT ignored, and Python then keeps it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     out = []
     try:
