@@ -174,6 +174,8 @@ class V3Worker:
         # the inbox as read (``_assignments``): its map, kept with its observer (pycrdt
         # drops the observer of a map nobody references), and the entries changed since
         self._read_inbox: Doc[Any] | None = None
+        self._inbox_tasks: Map[Any] | None = None
+        self._inbox_watch: Any = None  # the subscription of the observer
         self._entries: dict[str, Any] = {}
         self._changed: set[str] = set()
         session.own(worker_doc(self.id))
@@ -249,9 +251,9 @@ class V3Worker:
         self._wake.set()
 
     # ------------------------------------------------------------------ credits
-    def _claim(self, tid: str, job: Job, receipt: dict[str, Any] | None) -> None:
-        """Claim the payment of a run done: with the asker's receipt, or with the usage
-        and run hash (the market then settles from its delivery record)."""
+    def _claim_body(self, job: Job, receipt: dict[str, Any] | None) -> dict[str, Any]:
+        """The claim of a run done: with the asker's receipt, or with the usage and run
+        hash (the market then settles from its delivery record)."""
         assert job.header is not None and job.chunks is not None
         body: dict[str, Any] = {"op": "claim", "header": job.header, "attempt": job.run.attempt}
         if receipt is not None:
@@ -259,7 +261,11 @@ class V3Worker:
         else:
             body["usage"] = job.usage
             body["run"] = run_hash(job.chunks)
-        self.claims[tid, job.run.attempt, receipt is not None] = body
+        return body
+
+    def _send_claim(self, key: tuple[str, int, bool], body: dict[str, Any]) -> None:
+        """Send a claim, kept until the market answers it (sent again on reconnection)."""
+        self.claims[key] = body
         self.session.control(body)
 
     def _hold_unsigned(self, tid: str, job: Job) -> None:
@@ -270,22 +276,14 @@ class V3Worker:
         (a market without credits answers none). Sent at once, it cost the market a
         claim to parse, a header to verify and an answer per task, though nearly every
         run is paid by its receipt within milliseconds."""
-        assert job.header is not None and job.chunks is not None
         key = (tid, job.run.attempt)
-        self._unsigned[key] = {
-            "op": "claim",
-            "header": job.header,
-            "attempt": job.run.attempt,
-            "usage": job.usage,
-            "run": run_hash(job.chunks),
-        }
+        self._unsigned[key] = self._claim_body(job, None)
         asyncio.get_running_loop().call_later(RECEIPT_GRACE, self._send_unsigned, key)
 
     def _send_unsigned(self, key: tuple[str, int]) -> None:
         body = self._unsigned.pop(key, None)
         if body is not None:
-            self.claims[(*key, False)] = body
-            self.session.control(body)
+            self._send_claim((*key, False), body)
 
     def _receipt(self, name: str) -> None:
         """A prompt document changed: claim with its receipt if the run's is there."""
@@ -299,7 +297,7 @@ class V3Worker:
             job.receipted = True
             with contextlib.suppress(SignatureError):  # Yjs gives floats: as signed
                 receipt = plain(receipt)
-            self._claim(tid, job, receipt)
+            self._send_claim((tid, job.run.attempt, True), self._claim_body(job, receipt))
 
     def _claimed(self, event: Event) -> None:
         """The market's answer to a claim (a NOTICE whose text is JSON)."""
@@ -307,14 +305,14 @@ class V3Worker:
         if body is None:
             return
         tid, attempt, result = body.get("task"), body.get("attempt"), body.get("result")
+        run = (str(tid), int(number(attempt) or 0))
         if result == "pending":  # the market holds it: settled from its record, or a receipt
-            self.claims.pop((str(tid), int(number(attempt) or 0), False), None)
+            self.claims.pop((*run, False), None)
             return
         ours = [k for k in self.claims if k[0] == tid and k[1] == attempt]
         answered = sorted(ours, key=lambda k: not k[2])[:1]  # the receipt's first
         for key in answered:
             del self.claims[key]
-        run = (str(tid), int(number(attempt) or 0))
         if result in ("settled", "duplicate"):  # paid: the claim without receipt is moot
             self._unsigned.pop(run, None)
         elif result == "refused" and answered and answered[0][2]:
@@ -336,14 +334,16 @@ class V3Worker:
             return {}
         if doc is not self._read_inbox:  # the first look, or a new epoch: a new Doc
             self._read_inbox = doc
-            self._tasks = doc.get(TASKS, type=Map)
-            self._tasks_sub = self._tasks.observe(lambda event: self._changed.update(event.keys))
+            tasks = self._inbox_tasks = doc.get(TASKS, type=Map)
+            self._inbox_watch = tasks.observe(lambda event: self._changed.update(event.keys))
             self._changed.clear()
-            self._entries = dict(self._tasks.items())
+            self._entries = dict(tasks.items())
+        tasks = self._inbox_tasks
+        assert tasks is not None
         changed, self._changed = self._changed, set()
         for tid in changed:
-            if tid in self._tasks:
-                self._entries[tid] = self._tasks[tid]
+            if tid in tasks:
+                self._entries[tid] = tasks[tid]
             else:
                 self._entries.pop(tid, None)
         return self._entries
