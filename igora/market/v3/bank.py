@@ -270,6 +270,7 @@ class Bank:
         try:
             settlement = claim.check(claimer, self.market, params, delivery)
             moved = await self.writer.record(settlement)
+            paid = True
         except ClaimError as exc:
             log.info("credits: claim of task %s refused: %s", task["task"], exc)
             if reply is not None:
@@ -280,8 +281,6 @@ class Bank:
             if reply is not None:
                 reply(422, _refused(task, "ledger", str(exc)))
             return
-        else:
-            paid = True
         finally:
             if delivery is None:
                 self._settling[run] -= 1
