@@ -141,11 +141,8 @@ class EventStream(StreamingResponse):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        piece = await anext(self._source, None)
-        if piece is None:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return True
-        return await self._write(send, piece)
+        piece = await anext(self._source, None)  # None: stream_response ends it
+        return piece is not None and await self._write(send, piece)
 
     async def _write(self, send: Send, piece: str) -> bool:
         """One piece; whether it ended the response (it ends in ``[DONE]``)."""
