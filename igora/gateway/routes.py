@@ -222,11 +222,13 @@ class BodyRoute(APIRoute):
     """A route whose endpoint takes ``(body: SomeModel, request: Request)``, served
     without FastAPI's per-request machinery when its body is valid: the JSON parsed and
     the model validated as FastAPI would (``json.loads``, then the model from Python
-    objects), the endpoint called at once. Any other body (empty, not JSON, invalid) goes
-    to FastAPI's own handler, which reads the same bytes again and answers its error as
-    always. What it saves: ~0.1-0.3 ms of each API request's time to first token
-    (dependency solving and the rest of the handler FastAPI builds for any route;
-    docs/benchmarks.md, gateway latency). The route's OpenAPI entry is FastAPI's."""
+    objects), the endpoint called at once. Every POST body is declared JSON by then (the
+    guard does so, as OpenAI reads any body as JSON), so FastAPI too would parse it. Any
+    other body (empty, not JSON, invalid) goes to FastAPI's own handler, which reads the
+    same bytes again and answers its error as always. What it saves: ~0.1-0.3 ms of each
+    API request's time to first token (dependency solving and the rest of the handler
+    FastAPI builds for any route; docs/benchmarks.md, gateway latency). The route's
+    OpenAPI entry is FastAPI's."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         fastapi_handler = super().get_route_handler()
