@@ -80,8 +80,6 @@ class Market:
         )
         self.connections = Connections(settings.max_connections, settings.max_per_address)
         self.identity = identity
-        self.secure = settings.secure
-        self.v3_rooms = settings.v3_rooms
         # Who may hold a room's broker lease: in a secure market the market's own key and
         # --broker-key; in the v3 rooms of an open market, any identity (security.md §5).
         self.brokers: frozenset[str] | None = None
@@ -184,7 +182,7 @@ class Market:
         return PlainTextResponse("Okay")
 
     def speaks_v3(self, room: str) -> bool:
-        return self.secure or room in self.v3_rooms
+        return self.settings.secure or room in self.settings.v3_rooms
 
     async def status(self, request: Request) -> Response:
         rooms = [{**r.summary(), "protocol": 2} for r in self.server.rooms.values()]
@@ -194,8 +192,8 @@ class Market:
                 "version": __version__,
                 "market": {
                     "id": self.identity.id if self.identity is not None else None,
-                    "secure": self.secure,
-                    "v3Rooms": sorted(self.v3_rooms),
+                    "secure": self.settings.secure,
+                    "v3Rooms": sorted(self.settings.v3_rooms),
                     "members": self.membership.mode if self.membership else None,
                 },
                 "replica": self.replicas.id if self.replicas is not None else None,
