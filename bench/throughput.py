@@ -290,7 +290,7 @@ async def run(quick: bool) -> Section:
                 f"{offered:g} tasks/s offered (worst over the workers)",
                 "≤ 50 ms",
                 f"{ms(o['p50'])} ms ({w_open} workers, {o['tasks_s']:.1f} answers/s; 1 client "
-                f"at the same pace: {ms(o1['p50'])} ms, × {o['p50'] / o1['p50']:.2f})",
+                f"at the same pace: {ms(o1['p50'])} ms, × {cost(res, w_open, open_clients):.2f})",
                 o["p50"] <= 0.050,
                 19,
             ),
