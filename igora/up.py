@@ -108,8 +108,12 @@ _PRCTL = _prctl()
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child (Linux): get SIGTERM when ``igora up`` dies, even by SIGKILL."""
+def _child_signals() -> None:
+    """In the child: SIGINT, what ``stop_all`` sends, at its default (an ``igora up``
+    started in the background, ``igora up &`` in a script, passes it on ignored: its
+    agents then waited out the stop's timeout and were killed); on Linux, SIGTERM when
+    ``igora up`` dies, even by SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -137,7 +141,7 @@ class Child:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
-            preexec_fn=_die_with_parent if _PRCTL else None,
+            preexec_fn=_child_signals,
         )
         self._relay = threading.Thread(target=self._relay_output, name=f"relay-{name}", daemon=True)
         self._relay.start()
@@ -219,26 +223,32 @@ class Supervisor:
         return f"igora up: error: the {child.name} {how_it_ended(code)} {when}{said}"
 
     def stop(self, timeout: float = 8.0) -> None:
-        stop_all([c.proc for c in self.children], timeout)
+        stop_all(self.children, timeout)
         for c in self.children:
             c.drain()  # what the children said while stopping is printed before we go on
 
 
-def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 8.0) -> None:
-    """Stop the agents first (they say goodbye to the market), then the market."""
-    agents, market = procs[1:], procs[:1]
+def stop_all(children: list[Child], timeout: float = 8.0) -> None:
+    """Stop the agents first (they say goodbye to the market), then the market; one that
+    has not stopped ``timeout`` s after its SIGINT is killed, and said so."""
+    agents, market = children[1:], children[:1]
     for group in (agents, market):
-        for p in group:
-            if p.poll() is None:
+        for c in group:
+            if c.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signal.SIGINT)
+                    c.proc.send_signal(signal.SIGINT)
         end = time.monotonic() + timeout
-        for p in group:
+        for c in group:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.1, end - time.monotonic()))
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+                c.proc.wait(max(0.1, end - time.monotonic()))
+            if c.proc.poll() is None:
+                print(
+                    f"igora up: the {c.name} did not stop within {timeout:g} s of Ctrl-C: killed",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                c.proc.kill()
+                c.proc.wait()
 
 
 async def first_answer(url: str, wait: float) -> str:

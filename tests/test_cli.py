@@ -9,6 +9,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -239,7 +240,7 @@ def test_up_children_do_not_outlive_a_killed_up(tmp_path: Path) -> None:
 class Up:
     """``igora up`` on free ports, its output read line by line."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, **popen: Any) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [
@@ -259,6 +260,7 @@ class Up:
             text=True,
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            **popen,
         )
         self.lines: list[str] = []
 
@@ -305,6 +307,42 @@ def message(output: str) -> str:
     """igora up's own closing message: from its error line to the end."""
     assert "igora up: error:" in output, output
     return output[output.index("igora up: error:") :]
+
+
+def test_up_started_with_sigint_ignored_still_stops_its_children_without_killing_them(
+    tmp_path: Path,
+) -> None:
+    """``igora up &`` in a script passes SIGINT on ignored; up stops its children with
+    SIGINT, so they must not inherit that (they waited out the stop's timeout, then were
+    killed, and up said so)."""
+    up = Up(
+        tmp_path,
+        *("--no-check", "--engine", "echo", "--log-level", "warning"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        up.read_until("Ctrl-C stops all", 60)
+        children = children_of(up.proc.pid)
+        assert len(children) == 3, up.lines
+        wait_until(  # each child resets it before its exec: pgrep may see it just before
+            lambda: not [p for p in children if _ignores_sigint(p)],
+            10,
+            lambda: f"children ignoring SIGINT: {[p for p in children if _ignores_sigint(p)]}",
+        )
+        up.proc.send_signal(signal.SIGTERM)
+        code, out = up.end(60)
+        assert code == 0, out
+        assert "killed" not in out, out
+        assert not alive(children)
+    finally:
+        up.kill()
+
+
+def _ignores_sigint(pid: str) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    raise AssertionError(f"no SigIgn for process {pid}")
 
 
 def test_up_ends_at_once_when_the_worker_cannot_load_its_model(tmp_path: Path) -> None:
