@@ -202,7 +202,7 @@ class Receipt:
         """What the asker writes in ``p/….receipts[n]`` for the worker: the receipt
         without the fields the worker knows already (``worker_knows``), i.e. the token
         counts, the price and the signature (``WRITTEN``); the worker puts the rest back
-        (``completed``) before it claims. The whole receipt was 545 B per task on the
+        (``completed``) before it claims. The whole receipt was ~540 B per task on the
         worker's socket, two thirds of it hashes and ids it had."""
         whole = self.to_json()
         return {k: whole[k] for k in WRITTEN}
