@@ -29,6 +29,9 @@ from . import pricing
 RECEIPT_LABEL = b"igora3-receipt"
 RECEIPT_VERSION = 1
 MAX_COUNT = 2**53 - 1  # what a JavaScript number holds exactly
+WRITTEN = ("promptTokens", "completionTokens", "price", "sig")
+"""The fields of a receipt its asker writes for the worker (``Receipt.written``): the
+others are the worker's to put back (``worker_knows``)."""
 
 
 class Reason(Enum):
@@ -96,6 +99,39 @@ def run_hash(chunks: Iterable[bytes]) -> str:
     return b64url(h.digest())
 
 
+def worker_knows(
+    market: str, header: dict[str, Any], attempt: int, worker: str, run: str
+) -> dict[str, Any]:
+    """The fields of a receipt that its worker knows without it: its market, run and
+    attempt, and what the signed header of the task says."""
+    return {
+        "v": RECEIPT_VERSION,
+        "market": market,
+        "task": str(header.get("id")),
+        "attempt": attempt,
+        "asker": str(header.get("asker")),
+        "worker": worker,
+        "model": str(header.get("model")),
+        "header": header_hash(header),
+        "run": run,
+    }
+
+
+def completed(
+    written: dict[str, Any],
+    market: str,
+    header: dict[str, Any],
+    attempt: int,
+    worker: str,
+    run: str,
+) -> dict[str, Any]:
+    """The whole receipt a worker claims with: what its asker wrote (``Receipt.written``,
+    or a whole receipt, as an asker of before wrote: a field written wins) over what the
+    worker knows of the run. Nothing is checked here: a receipt completed wrongly fails
+    the market's signature check, as a forged one does."""
+    return {**worker_knows(market, header, attempt, worker, run), **written}
+
+
 @dataclass(frozen=True)
 class Receipt:
     """What an asker signs for one run it received."""
@@ -130,20 +166,14 @@ class Receipt:
         priced by the rule for the worker's advertised ``params``."""
         if header.get("asker") != asker.id:
             raise ClaimError(Reason.WRONG_ASKER, "an asker signs receipts for its own tasks")
-        unsigned = cls(
-            market,
-            str(header.get("id")),
-            attempt,
-            asker.id,
-            worker,
-            str(header.get("model")),
-            prompt_tokens,
-            completion_tokens,
-            header_hash(header),
-            run,
-            pricing.price(prompt_tokens, completion_tokens, params),
-        )
-        return cls.parse({**unsigned.fields(), "sig": b64url(asker.sign(unsigned.message()))})
+        fields = {
+            **worker_knows(market, header, attempt, worker, run),
+            "promptTokens": prompt_tokens,
+            "completionTokens": completion_tokens,
+            "price": pricing.price(prompt_tokens, completion_tokens, params),
+        }
+        sig = asker.sign(RECEIPT_LABEL + canonical(fields))
+        return cls.parse({**fields, "sig": b64url(sig)})
 
     def fields(self) -> dict[str, Any]:
         """The signed fields, without ``sig``."""
@@ -167,6 +197,15 @@ class Receipt:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.fields(), "sig": b64url(self.sig)}
+
+    def written(self) -> dict[str, Any]:
+        """What the asker writes in ``p/….receipts[n]`` for the worker: the receipt
+        without the fields the worker knows already (``worker_knows``), i.e. the token
+        counts, the price and the signature (``WRITTEN``); the worker puts the rest back
+        (``completed``) before it claims. The whole receipt was ~540 B per task on the
+        worker's socket, two thirds of it hashes and ids it had."""
+        whole = self.to_json()
+        return {k: whole[k] for k in WRITTEN}
 
     @classmethod
     def parse(cls, body: object) -> Receipt:

@@ -20,7 +20,8 @@ Credits (credits.md §3): the header carries ``maxPrice`` (the consent: every pr
 a token and ``maxTokens`` completion tokens at the largest size advertised in ``dir``);
 once a run is done and its final chunk checked, the asker signs a receipt (the run's
 usage, the hash of its chunks, priced by the worker's advertised ``params``) and writes
-it in ``p/….receipts[n]``, where the attached worker reads it and claims its payment.
+in ``p/….receipts[n]`` what of it the attached worker does not know (``Receipt.written``:
+the token counts, the price, the signature), which it completes and claims with.
 """
 
 from __future__ import annotations
@@ -405,7 +406,7 @@ class V3Asker:
         except (ClaimError, pricing.PriceError) as exc:
             log.warning("task %s: no receipt signed: %s", tid, exc)
             return None
-        doc.get(RECEIPTS, type=Map)[str(track.attempt)] = receipt.to_json()
+        doc.get(RECEIPTS, type=Map)[str(track.attempt)] = receipt.written()
         return receipt.price
 
     def _grant(self, tid: str, track: Track, worker: str) -> None:

@@ -9,7 +9,7 @@ for version 2).
 | ``p/<asker>/<tid>`` | ``prompt`` | ``ct`` | private request fields, sealed (``seal_prompt``) |
 | ``p/<asker>/<tid>`` | ``prompt`` | ``grants`` | worker id -> its grant (``seal_grant``) |
 | ``p/<asker>/<tid>`` | ``prompt`` | ``abort`` | ``True`` (read by the attached worker) |
-| ``p/<asker>/<tid>`` | ``receipts`` | ``<n>`` | the receipt of run n, signed (credits.md §3) |
+| ``p/<asker>/<tid>`` | ``receipts`` | ``<n>`` | run n's receipt, as written (``Receipt.written``) |
 | ``in/<worker>`` | ``tasks`` | tid | an ``Assignment`` |
 | ``in/<asker>`` | ``tasks`` | tid | a ``Status`` |
 | ``r/<worker>/<tid>.<n>`` | ``run`` | ``RunField`` | salt, state, end, finishReason, usage |
@@ -35,7 +35,7 @@ from ..protocol import TaskField
 TASKS = "tasks"  # a/ (headers), in/ (assignments, statuses)
 ABORTS = "aborts"  # a/
 PROMPT = "prompt"  # p/ (a Map)
-RECEIPTS = "receipts"  # p/ (a Map): attempt (as text) -> the asker's signed receipt
+RECEIPTS = "receipts"  # p/ (a Map): attempt (as text) -> the signed receipt, as written
 RUNS = "runs"  # w/
 RUN = "run"  # r/ (a Map)
 CHUNKS = "chunks"  # r/ (an Array)

@@ -15,7 +15,8 @@ the assignment is removed after the run's end (the asker read it), it drops the 
 document and forgets the prompt.
 
 Credits (credits.md §3): when a run is done the worker claims its payment, ``CONTROL
-{"op": "claim"}`` with the asker's receipt once it appears in ``p/….receipts[n]``; its
+{"op": "claim"}`` with the asker's receipt once it appears in ``p/….receipts[n]`` (its
+token counts, price and signature: the worker completes it with what it knows); its
 claim with its usage and the hash of its chunks (settled by the market after
 ``--receipt-wait`` from what it delivered) goes only if no receipt pays the run
 (``_hold_unsigned``). A claim the market has not answered is sent again after a
@@ -34,7 +35,7 @@ from typing import Any
 from nacl.public import PublicKey
 from pycrdt import Array, Doc, Map
 
-from ..credits.receipts import run_hash
+from ..credits.receipts import completed, run_hash
 from ..engines.base import Engine, EngineError, EngineUnavailable, Finish
 from ..identity import Identity, IdentityError, unb64url
 from ..lifecycle import usage
@@ -118,7 +119,7 @@ class Job:
     asker_key: PublicKey | None = None  # the header's ``key``
     writer: AnswerWriter | None = None
     header: dict[str, Any] | None = None
-    chunks: list[bytes] | None = None  # a run done: its chunks, for its claim
+    run_hash: str | None = None  # a run done: the hash of its chunks, for its claim
     receipted: bool = False  # its receipt was claimed
     usage: dict[str, Any] | None = None
     start: dict[str, Any] | None = None  # the run's start, until written (with a chunk)
@@ -254,13 +255,13 @@ class V3Worker:
     def _claim_body(self, job: Job, receipt: dict[str, Any] | None) -> dict[str, Any]:
         """The claim of a run done: with the asker's receipt, or with the usage and run
         hash (the market then settles from its delivery record)."""
-        assert job.header is not None and job.chunks is not None
+        assert job.header is not None and job.run_hash is not None
         body: dict[str, Any] = {"op": "claim", "header": job.header, "attempt": job.run.attempt}
         if receipt is not None:
             body["receipt"] = receipt
         else:
             body["usage"] = job.usage
-            body["run"] = run_hash(job.chunks)
+            body["run"] = job.run_hash
         return body
 
     def _send_claim(self, key: tuple[str, int, bool], body: dict[str, Any]) -> None:
@@ -286,17 +287,27 @@ class V3Worker:
             self._send_claim((*key, False), body)
 
     def _receipt(self, name: str) -> None:
-        """A prompt document changed: claim with its receipt if the run's is there."""
+        """A prompt document changed: claim with its receipt if the run's is there (the
+        asker writes only what this worker does not know: ``receipts.completed``)."""
         tid = name.rpartition("/")[2]
         job = self.jobs.get(tid)
-        if job is None or job.chunks is None or job.receipted:
+        if job is None or job.run_hash is None or job.receipted:
             return
         doc = self.session.docs.get(name)
-        receipt = doc.get(RECEIPTS, type=Map).get(str(job.run.attempt)) if doc else None
-        if isinstance(receipt, dict):
+        written = doc.get(RECEIPTS, type=Map).get(str(job.run.attempt)) if doc else None
+        if isinstance(written, dict):
             job.receipted = True
             with contextlib.suppress(SignatureError):  # Yjs gives floats: as signed
-                receipt = plain(receipt)
+                written = plain(written)
+            assert job.header is not None
+            receipt = completed(
+                written,
+                self.session.market or "",
+                job.header,
+                job.run.attempt,
+                self.id,
+                job.run_hash,
+            )
             self._send_claim((tid, job.run.attempt, True), self._claim_body(job, receipt))
 
     def _claimed(self, event: Event) -> None:
@@ -610,7 +621,7 @@ class V3Worker:
         if state is RunState.HANDBACK:
             log.warning("%s: task %s handed back: %s", self.name, tid, error)
         if final is not None and job.header is not None:
-            job.chunks = [*(pieces.chunks if pieces is not None else []), final]
+            job.run_hash = run_hash([*(pieces.chunks if pieces is not None else []), final])
             job.usage = dict(end.get(RunField.USAGE) or {})
             self._hold_unsigned(tid, job)
             self._receipt(prompt_doc(job.asker, tid))  # already there, if the asker was quick

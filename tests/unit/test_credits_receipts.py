@@ -11,10 +11,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pycrdt import Doc, Map
 
-from igora.credits.receipts import Claim, ClaimError, Reason, Receipt, run_hash
+from igora.credits.receipts import (
+    WRITTEN,
+    Claim,
+    ClaimError,
+    Reason,
+    Receipt,
+    completed,
+    run_hash,
+)
 from igora.identity import b64url
 from igora.protocol import CanonicalError, canonical
 from igora.v3.header import HeaderError, header_hash, sign_header, verify_header
+from igora.v3.signed import plain
 
 from .credits_world import ASKERS, MARKET, PARAMS, WORKERS, claim, header, receipt, task_id
 
@@ -91,6 +100,55 @@ def test_a_claim_survives_its_trip_through_json() -> None:
     again = Claim.parse(json.loads(wire))
     assert again == c
     assert again.check(WORKER.id, MARKET.id, PARAMS).price == 1_260
+
+
+def written_through_yjs(r: Receipt) -> dict[str, Any]:
+    """``r`` as its worker reads it in ``p/….receipts[n]``: written, through a Yjs map
+    (every number a float), read back as signed."""
+    receipts: Map[Any] = Doc().get("receipts", type=Map)
+    receipts["1"] = r.written()
+    return plain(receipts["1"])
+
+
+def test_the_receipt_written_for_the_worker_is_what_it_does_not_know() -> None:
+    head = header(ASKER, task_id(1))
+    r = receipt(ASKER, WORKER, head)
+    assert set(r.written()) == set(WRITTEN) == {"promptTokens", "completionTokens", "price", "sig"}
+    run = run_hash([b"chunk-0", b"chunk-1"])  # the worker's own chunks: those the asker read
+    whole = completed(written_through_yjs(r), MARKET.id, head, 1, WORKER.id, run)
+    assert whole == r.to_json()
+    settled = Claim.parse({"header": head, "attempt": 1, "receipt": whole}).check(
+        WORKER.id, MARKET.id, PARAMS
+    )
+    assert settled.price == 1_260
+    # a whole receipt (an asker of before) is kept as written: its fields win
+    assert completed(r.to_json(), "", {**head, "model": "x"}, 9, OTHER_WORKER.id, "") == (
+        r.to_json()
+    )
+
+
+@pytest.mark.parametrize(
+    "knows",
+    [
+        {"market": OTHER_ASKER.id},  # another market than the asker's
+        {"worker": OTHER_WORKER.id},  # another worker
+        {"attempt": 2},
+        {"run": run_hash([b"chunk-0", b"chunk-1", b"chunk-2"])},  # not the chunks read
+    ],
+)
+def test_a_receipt_completed_with_what_the_asker_did_not_sign_is_refused(
+    knows: dict[str, Any],
+) -> None:
+    head = header(ASKER, task_id(1))
+    r = receipt(ASKER, WORKER, head)
+    mine = {"market": MARKET.id, "attempt": 1, "worker": WORKER.id}
+    mine["run"] = run_hash([b"chunk-0", b"chunk-1"])
+    args = {**mine, **knows}
+    whole = completed(
+        written_through_yjs(r), args["market"], head, args["attempt"], args["worker"], args["run"]
+    )
+    c = Claim.parse({"header": head, "attempt": args["attempt"], "receipt": whole})
+    assert refused(c, claimer=args["worker"]) is Reason.RECEIPT_SIGNATURE
 
 
 # --- forgeries ----------------------------------------------------------------------
