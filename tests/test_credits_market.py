@@ -24,7 +24,7 @@ from igora.credits.transfer import TransferOrder
 from igora.engines.echo import PARAMS as ECHO_PARAMS
 from igora.identity import Identity, load_identity
 from igora.task_handle import Answer
-from igora.testing import Cluster, Proc, wait_for, wait_until
+from igora.testing import Cluster, Proc, bounded, wait_for, wait_until
 from igora.v3 import asker as asker_module
 from igora.v3.header import sign_header
 from igora.v3.session import Event, EventKind, Session
@@ -109,7 +109,7 @@ class Rogue:
 
     async def claim(self, body: dict[str, Any]) -> dict[str, Any]:
         assert self.session.control({"op": "claim", **body})
-        return await asyncio.wait_for(self.answers.get(), 10)
+        return await bounded(self.answers.get(), 10, "the market's answer to a claim")
 
 
 def test_served_tasks_move_balances_by_exactly_their_price(
@@ -296,7 +296,9 @@ def test_the_ledger_survives_a_market_kill_9(
         finally:
             await a.close()
 
-    first, middle = asyncio.run(main())
+    first, middle = asyncio.run(
+        bounded(main(), 180, "the asker's tasks around the restart, then its close", cluster)
+    )
     # the workers reconnect and send again the claims the killed market did not answer
     cluster.wait_agents("worker", 2)
     told = {
@@ -319,7 +321,8 @@ def test_the_ledger_survives_a_market_kill_9(
         finally:
             await session.stop()
 
-    assert asyncio.run(replay())["result"] == "duplicate"
+    replay_answer = asyncio.run(bounded(replay(), 60, "the replayed claim's answer", cluster))
+    assert replay_answer["result"] == "duplicate"
     time.sleep(float(RECEIPT_WAIT) + 1.0)  # claims without receipt sent again: settled once
     with ledger(cluster) as book:
         entries = book.entries(limit=100_000)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 from pycrdt import Doc, Map
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
@@ -855,3 +856,32 @@ async def test_documents_of_an_identity_the_market_did_not_admit_are_not_sent(
             await wait_for(lambda: f"a/{admitted.id}" in names(), 20, "the admitted's write")
             assert f"a/{refused.id}" not in names()  # ... the other was not sent before it
     assert any(f"but not {refused.id[:8]}" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stop_that_lands_as_a_handshake_frame_arrives_ends_the_session(
+    v3_market: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stop`` called in the very turn a handshake frame arrives (an agent closed while it
+    reconnects to a restarted market): the session ends there and never connects.
+    ``asyncio.wait_for`` (before Python 3.12) drops a cancellation that lands as what it
+    waits for completes: the session went on to its WELCOME, connected for good, and
+    ``stop`` waited for it forever (a test hung 300 s after a market restart)."""
+    s = session(room(v3_market), new_identity(), tmp_path, name="stopped")
+    seen: list[EventKind] = []
+    s.observe(lambda event: seen.append(event.kind))
+    stopping: list[asyncio.Task[None]] = []
+    recv = ClientConnection.recv
+
+    async def frame_then_stop(ws: ClientConnection, *args: Any, **kwargs: Any) -> Any:
+        message = await recv(ws, *args, **kwargs)
+        if not stopping:  # the CHALLENGE: the stop runs before the session reads it
+            stopping.append(asyncio.get_running_loop().create_task(s.stop()))
+        return message
+
+    monkeypatch.setattr(ClientConnection, "recv", frame_then_stop)
+    await s.start(wait=False)
+    await wait_for(lambda: stopping, 20, "a handshake frame", v3_market)
+    done, _ = await asyncio.wait(stopping, timeout=5)
+    assert done, "stop() did not end the session within 5 s"
+    await asyncio.sleep(0.5)  # a session that went on would be welcomed by now
+    assert EventKind.CONNECTED not in seen and not s.connected
