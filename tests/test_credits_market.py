@@ -272,7 +272,8 @@ def test_the_ledger_survives_a_market_kill_9(
     """The market is killed with SIGKILL while runs are being paid and started again on
     its data folder: every entry on disk before is there after, unchanged; every payment
     a worker was told of is there; no run is paid twice, though the workers send again
-    the claims not answered and a worker replays one; the audit and the sum hold."""
+    the claims not answered and a worker replays one; the audit and the sum hold; tasks
+    put after the restart are served."""
     market = start(cluster)
     before: list[Any] = []
 
@@ -292,6 +293,13 @@ def test_the_ledger_survives_a_market_kill_9(
             middle = await asyncio.gather(
                 *(asyncio.wait_for(t.result(), 20) for t in during), return_exceptions=True
             )
+            # the room goes on: tasks put after the restart are served
+            texts = [f"after the restart {i}" for i in range(4)]
+            after = [await a.submit(x, max_tokens=40, wait_worker=30) for x in texts]
+            served = await asyncio.gather(
+                *(bounded(t.result(), 30, "a task put after the restart", cluster) for t in after)
+            )
+            assert [x.text for x in served] == [f"Echo: {x}" for x in texts]
             return first, list(middle)
         finally:
             await a.close()
