@@ -344,6 +344,8 @@ class Session:
             )
 
     async def stop(self) -> None:
+        """End the connection; returns whatever the connection task does
+        (``igora.aio.stop_task``: cancelled again if it goes on, at most 3 x 15 s)."""
         if self._task is None:
             return
         task, self._task = self._task, None
