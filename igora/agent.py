@@ -37,6 +37,7 @@ from pycrdt import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
+from .aio import stop_task, within
 from .config import MarketAddress
 from .errors import MarketUnreachable
 from .protocol import PROTOCOL_VERSION, AgentField, Peer, new_id, now_ms
@@ -162,7 +163,7 @@ class Agent(Replica):
         self._task = asyncio.create_task(self._run(), name=f"agent-{self.name}")
         if wait:
             try:
-                await asyncio.wait_for(self.synced.wait(), self.connect_timeout)
+                await within(self.synced.wait(), self.connect_timeout)
             except asyncio.TimeoutError:
                 await self.stop()
                 why = f" (last error: {self.last_error})" if self.last_error else ""
@@ -180,9 +181,7 @@ class Agent(Replica):
         with contextlib.suppress(Exception):
             self.awareness.set_local_state(None)
             await asyncio.sleep(0.05)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await stop_task(task, f"{self.name}: the agent", self.log)
         self._stop_compacting()
 
     # ---------------------------------------------------------------- document

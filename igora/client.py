@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .agent import Agent
+from .aio import within
 from .answers import AnswerWatcher
 from .capabilities import unservable
 from .config import market_address
@@ -480,7 +481,7 @@ class Client:
         """Whether the market's document arrived within ``timeout`` seconds."""
         ready = self.v3.session.ready if self.v3 is not None else self.agent.synced
         try:
-            await asyncio.wait_for(ready.wait(), timeout)
+            await within(ready.wait(), timeout)
         except asyncio.TimeoutError:
             return False
         return True

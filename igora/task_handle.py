@@ -5,11 +5,11 @@ names)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .aio import within
 from .capabilities import unservable
 from .errors import NotAdmitted, NoWorkerError, TaskAborted, TaskFailed, TaskTimeout
 from .lifecycle import number
@@ -107,14 +107,11 @@ class Watch:
 
 
 async def _get_within(queue: asyncio.Queue[Any], seconds: float) -> Any:
-    """``queue.get()`` or TimeoutError after ``seconds``; without the task ``wait_for``
-    creates on Python 3.11 when the item is there already or ``asyncio.timeout`` exists."""
+    """``queue.get()`` or TimeoutError after ``seconds``; at once, without waiting, when
+    the item is there already."""
     if not queue.empty():
         return queue.get_nowait()
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await queue.get()
-    return await asyncio.wait_for(queue.get(), seconds)
+    return await within(queue.get(), seconds)
 
 
 class Task:

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar, overload
 
+from .aio import within
 from .net import wait_http as _answers
 
 T = TypeVar("T")
@@ -135,6 +136,21 @@ async def wait_for(
         if time.monotonic() > end:
             raise _timed_out(timeout, what, cluster)
         await asyncio.sleep(every)
+
+
+async def bounded(
+    awaitable: Awaitable[T], timeout: float, what: Text, cluster: Cluster | None = None
+) -> T:
+    """``await awaitable``; after ``timeout`` s, cancel it and fail with ``what`` and the
+    logs of ``cluster``, rather than leave the suite's limit to end a hang (a timeout of
+    its own, raised before, is its own)."""
+    end = time.monotonic() + timeout
+    try:
+        return await within(awaitable, timeout)
+    except asyncio.TimeoutError:
+        if time.monotonic() < end:
+            raise
+        raise _timed_out(timeout, what, cluster) from None
 
 
 class Proc:

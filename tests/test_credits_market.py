@@ -24,7 +24,7 @@ from igora.credits.transfer import TransferOrder
 from igora.engines.echo import PARAMS as ECHO_PARAMS
 from igora.identity import Identity, load_identity
 from igora.task_handle import Answer
-from igora.testing import Cluster, Proc, wait_for, wait_until
+from igora.testing import Cluster, Proc, bounded, wait_for, wait_until
 from igora.v3 import asker as asker_module
 from igora.v3.header import sign_header
 from igora.v3.session import Event, EventKind, Session
@@ -109,7 +109,7 @@ class Rogue:
 
     async def claim(self, body: dict[str, Any]) -> dict[str, Any]:
         assert self.session.control({"op": "claim", **body})
-        return await asyncio.wait_for(self.answers.get(), 10)
+        return await bounded(self.answers.get(), 10, "the market's answer to a claim")
 
 
 def test_served_tasks_move_balances_by_exactly_their_price(
@@ -272,7 +272,8 @@ def test_the_ledger_survives_a_market_kill_9(
     """The market is killed with SIGKILL while runs are being paid and started again on
     its data folder: every entry on disk before is there after, unchanged; every payment
     a worker was told of is there; no run is paid twice, though the workers send again
-    the claims not answered and a worker replays one; the audit and the sum hold."""
+    the claims not answered and a worker replays one; the audit and the sum hold; tasks
+    put after the restart are served."""
     market = start(cluster)
     before: list[Any] = []
 
@@ -292,11 +293,20 @@ def test_the_ledger_survives_a_market_kill_9(
             middle = await asyncio.gather(
                 *(asyncio.wait_for(t.result(), 20) for t in during), return_exceptions=True
             )
+            # the room goes on: tasks put after the restart are served
+            texts = [f"after the restart {i}" for i in range(4)]
+            after = [await a.submit(x, max_tokens=40, wait_worker=30) for x in texts]
+            served = await asyncio.gather(
+                *(bounded(t.result(), 30, "a task put after the restart", cluster) for t in after)
+            )
+            assert [x.text for x in served] == [f"Echo: {x}" for x in texts]
             return first, list(middle)
         finally:
             await a.close()
 
-    first, middle = asyncio.run(main())
+    first, middle = asyncio.run(
+        bounded(main(), 180, "the asker's tasks around the restart, then its close", cluster)
+    )
     # the workers reconnect and send again the claims the killed market did not answer
     cluster.wait_agents("worker", 2)
     told = {
@@ -319,7 +329,8 @@ def test_the_ledger_survives_a_market_kill_9(
         finally:
             await session.stop()
 
-    assert asyncio.run(replay())["result"] == "duplicate"
+    replay_answer = asyncio.run(bounded(replay(), 60, "the replayed claim's answer", cluster))
+    assert replay_answer["result"] == "duplicate"
     time.sleep(float(RECEIPT_WAIT) + 1.0)  # claims without receipt sent again: settled once
     with ledger(cluster) as book:
         entries = book.entries(limit=100_000)

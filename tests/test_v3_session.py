@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 from pycrdt import Doc, Map
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
@@ -219,13 +220,14 @@ async def test_a_second_session_of_the_owner_reads_what_the_first_writes(
         refused = await until(events, lambda e: e.kind is EventKind.REFUSED, "a refusal")
         assert (refused.name, refused.code) == (task, wire.Code.REFUSED)
         assert task not in other.docs
-        # In an open market's v3 room any identity may be a broker, and read by prefix.
+        # In an open market's v3 room any identity may be a broker, and read by prefix:
+        # the state of each document under it, then their updates.
         assert other.subscribe("a/", prefix=True) is None
         assert other.subscribe("board") is not None  # anyone may read the board
-        await asyncio.sleep(0.5)  # no answer is expected to a SUB accepted: let it arrive
-        doc.get("tasks", type=Map)["t3"] = {"model": "o"}
         new = await until(events, lambda e: e.kind is EventKind.NEW, "a document by prefix")
-        assert new.name == name and "t3" in tasks(other.docs[name])
+        assert new.name == name and tasks(other.docs[name]) == {"t2": {"model": "n"}}
+        doc.get("tasks", type=Map)["t3"] = {"model": "o"}
+        await wait_for(lambda: "t3" in tasks(other.docs[name]), 20, "an update", v3_market)
         assert other.connected
     # One line for the market in known_markets, written by the first session.
     lines = known_markets.path(tmp_path).read_text().splitlines()
@@ -855,3 +857,75 @@ async def test_documents_of_an_identity_the_market_did_not_admit_are_not_sent(
             await wait_for(lambda: f"a/{admitted.id}" in names(), 20, "the admitted's write")
             assert f"a/{refused.id}" not in names()  # ... the other was not sent before it
     assert any(f"but not {refused.id[:8]}" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stop_that_lands_as_a_handshake_frame_arrives_ends_the_session(
+    v3_market: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stop`` called in the very turn a handshake frame arrives (an agent closed while it
+    reconnects to a restarted market): the session ends there and never connects.
+    ``asyncio.wait_for`` (before Python 3.12) drops a cancellation that lands as what it
+    waits for completes: the session went on to its WELCOME, connected for good, and
+    ``stop`` waited for it forever (a test hung 300 s after a market restart)."""
+    s = session(room(v3_market), new_identity(), tmp_path, name="stopped")
+    seen: list[EventKind] = []
+    s.observe(lambda event: seen.append(event.kind))
+    stopping: list[asyncio.Task[None]] = []
+    recv = ClientConnection.recv
+
+    async def frame_then_stop(ws: ClientConnection, *args: Any, **kwargs: Any) -> Any:
+        message = await recv(ws, *args, **kwargs)
+        if not stopping:  # the CHALLENGE: the stop runs before the session reads it
+            stopping.append(asyncio.get_running_loop().create_task(s.stop()))
+        return message
+
+    monkeypatch.setattr(ClientConnection, "recv", frame_then_stop)
+    await s.start(wait=False)
+    await wait_for(lambda: stopping, 20, "a handshake frame", v3_market)
+    done, _ = await asyncio.wait(stopping, timeout=5)
+    assert done, "stop() did not end the session within 5 s"
+    await asyncio.sleep(0.5)  # a session that went on would be welcomed by now
+    assert EventKind.CONNECTED not in seen and not s.connected
+
+
+async def test_a_broker_back_after_a_market_restart_reads_what_askers_wrote_meanwhile(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A prefix subscription brings the state of the documents under it, not only the
+    updates that follow: the broker that comes back last after a market restart reads
+    the tasks an asker put and the ones it deleted meanwhile, and what it writes next.
+    With updates alone it never saw them, nor any later task of that asker (Yjs kept
+    them pending for want of the earlier ones): the room stalled."""
+    market = cluster.market("--v3-room", ROOM)
+    me, broker_id = new_identity(), new_identity()
+    name = f"a/{me.id}"
+
+    def held() -> dict[str, Any]:  # the broker's copy (none before the first update)
+        return tasks(broker.docs[name]) if name in broker.docs else {}
+
+    async with (
+        session(room(cluster), me, tmp_path, name="asker", backoff_max=0.5) as asker,
+        session(room(cluster), broker_id, tmp_path, name="broker") as broker,
+    ):
+        headers = asker.own(name).get("tasks", type=Map)
+        broker.subscribe("a/", prefix=True)
+        directory = broker.subscribe("dir")  # once read, the prefix's SUB was handled
+        await wait_for(lambda: entry(directory, "market", "key"), 20, "dir", cluster)
+        headers["read"] = 1
+        await wait_for(lambda: held() == {"read": 1}, 20, "read", cluster)
+        events = asker.events()
+        await broker.stop()  # it comes back last
+        market.kill()
+        await until(events, lambda e: e.kind is EventKind.DISCONNECTED, "disconnected")
+        cluster.market("--v3-room", ROOM)  # same port, same data folder
+        await until(events, lambda e: e.kind is EventKind.CONNECTED, "reconnected")
+        with asker.docs[name].transaction():
+            del headers["read"]  # its answer read
+            headers["new"] = 2  # a task put
+        async with session(room(cluster), me, tmp_path, name="probe") as probe:
+            stored = probe.subscribe(name)
+            await wait_for(lambda: tasks(stored) == {"new": 2}, 20, "at the market", cluster)
+        await broker.start()
+        await wait_for(lambda: held() == {"new": 2}, 20, "meanwhile")
+        headers["next"] = 3
+        await wait_for(lambda: "next" in held(), 20, "the next", cluster)

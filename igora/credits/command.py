@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import arguments as arg
+from ..aio import within
 from ..config import data_dir
 from ..identity import Identity, IdentityError, load_identity, public_key
 from . import pricing
@@ -241,7 +242,7 @@ def _send_to_market(args: argparse.Namespace, identity: Identity) -> int:
             session.observe(on_notice)
             session.control({"op": "transfer", **order.to_json()})
             try:
-                return await asyncio.wait_for(answer, ANSWER_WAIT)
+                return await within(answer, ANSWER_WAIT)
             except TimeoutError:
                 return {"result": "refused", "error": f"no answer within {ANSWER_WAIT:g} s"}
         finally:

@@ -47,6 +47,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
+from ..aio import within
 from ..updates import Parsed, UpdateError, check_update, is_panic
 from .frames import BadFrame, awareness_presence
 
@@ -144,7 +145,7 @@ async def check_redis(url: str, timeout: float = 5.0) -> None:
     except ValueError as exc:
         raise RedisUnreachable(f"--redis {url!r} is not a Redis URL ({exc})") from None
     try:
-        await asyncio.wait_for(client.ping(), timeout)
+        await within(client.ping(), timeout)
     except (*_DOWN, ValueError) as exc:
         raise RedisUnreachable(
             f"Redis at {url} does not answer ({exc or type(exc).__name__}): "
@@ -472,7 +473,7 @@ class Replicas:
         try:
             # Subscribed first, then read: no update falls between the two.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(link.subscribed.wait(), 5.0)
+                await within(link.subscribed.wait(), 5.0)
             await self._catch_up(link)
             await link.joined()
         except _DOWN as exc:

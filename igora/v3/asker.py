@@ -37,6 +37,7 @@ from typing import Any
 from nacl.public import PublicKey
 from pycrdt import Array, Doc, Map
 
+from ..aio import within
 from ..capabilities import fits, required
 from ..credits import pricing
 from ..credits.receipts import ClaimError, Receipt, run_hash
@@ -334,7 +335,7 @@ class V3Asker:
             self._balances.remove(future)
             return None
         try:
-            return await asyncio.wait_for(future, BALANCE_WAIT)
+            return await within(future, BALANCE_WAIT)
         except TimeoutError:
             return None
         finally:

@@ -50,6 +50,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.typing import Subprotocol
 
+from ..aio import stop_task, within
 from ..config import ConfigError, MarketAddress, check_room, check_ws_url
 from ..errors import IgoraError, MarketUnreachable
 from ..identity import Identity, IdentityError, public_key
@@ -343,12 +344,12 @@ class Session:
             )
 
     async def stop(self) -> None:
+        """End the connection; returns whatever the connection task does
+        (``igora.aio.stop_task``: cancelled again if it goes on, at most 3 x 15 s)."""
         if self._task is None:
             return
         task, self._task = self._task, None
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await stop_task(task, f"{self.name}: the session", log)
 
     # ---------------------------------------------------------------- documents
     def own(self, name: str, new: bool = False) -> Doc[Any]:
@@ -436,7 +437,7 @@ class Session:
         try:
             await ws.close(1000, "proving one more identity")
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(welcomed.wait(), self.connect_timeout)
+                await within(welcomed.wait(), self.connect_timeout)
         finally:
             remove()
         return self.connected
@@ -748,7 +749,7 @@ class Session:
         while True:
             if not self._pending:
                 try:
-                    message = await asyncio.wait_for(ws.recv(), self.connect_timeout)
+                    message = await within(ws.recv(), self.connect_timeout)
                 except asyncio.TimeoutError:
                     raise TimeoutError(
                         f"no {expected} from the market within {self.connect_timeout:g} s"

@@ -25,6 +25,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
+from ..aio import within
 from ..capabilities import BASIC, required
 from ..client import Client
 from ..errors import IgoraError
@@ -96,7 +97,7 @@ class MarketTracker:
         if self.version != version:
             return
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+            await within(self._event.wait(), timeout)
 
     # ------------------------------------------------------------------ recording
     def _on_done(self, changes: dict[str, dict[str, Any]]) -> None:

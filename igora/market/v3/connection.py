@@ -30,7 +30,6 @@ the agents' own).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -42,6 +41,7 @@ from pycrdt import get_state
 from starlette.websockets import WebSocket
 
 from ...agent import DEFAULT_HEARTBEAT
+from ...aio import within
 from ...credits import pricing
 from ...identity import ID_LENGTH, Identity
 from ...protocol import number
@@ -137,7 +137,7 @@ class V3Connection:
         if not await self._send_now(wire.encode(challenge.frame())):
             return False
         try:
-            message = await asyncio.wait_for(self.websocket.receive(), AUTH_TIMEOUT)
+            message = await within(self.websocket.receive(), AUTH_TIMEOUT)
         except TimeoutError:
             await self.close(wire.Close.NO_PROOF, f"no RESPONSE within {AUTH_TIMEOUT:g} s")
             return False
@@ -183,7 +183,7 @@ class V3Connection:
         while not self.closed:
             silence = MISSED_HEARTBEATS * self.heartbeat
             try:
-                message = await asyncio.wait_for(self.websocket.receive(), silence)
+                message = await within(self.websocket.receive(), silence)
             except TimeoutError:
                 await self.close(SILENT, f"nothing received for {silence:g} s")
                 return

@@ -235,6 +235,24 @@ class V3Room:
         the document's state, if there is one yet."""
         self.subs.setdefault(name, set()).add(peer)
         peer.subscribed.add(name)
+        self._send_state(peer, name)
+
+    def subscribe_prefix(self, peer: Peer, prefix: str) -> None:
+        """Subscribe ``peer`` to every document under ``prefix`` and send it the state of
+        those there are. Updates alone left a broker behind for good: after a market
+        restart, what the askers and workers back before it wrote (their step 2, the
+        tasks they put meanwhile) went to no reader, and Yjs keeps every later update of
+        theirs pending for want of it, so their new tasks waited unseen (a v3 room
+        stalled after a restart whenever the broker came back last)."""
+        if prefix in peer.prefixes:
+            return
+        self.prefix_subs[prefix].add(peer)
+        peer.prefixes.add(prefix)
+        for name in [n for n in self.docs if n.startswith(prefix)]:
+            self._send_state(peer, name)
+
+    def _send_state(self, peer: Peer, name: str) -> None:
+        """The state of ``name`` to a new reader, if there is one yet."""
         doc = self.docs.get(name)
         if doc is not None and doc.epoch:  # which epoch its state is: a reader that
             peer.outbox.put(_replaced(name, doc.epoch))  # holds another starts afresh
@@ -242,10 +260,6 @@ class V3Room:
             state = doc.state()
             peer.outbox.put(wire.encode(wire.Doc(name, wire.Sync.STEP2, state)))
             self._delivered(name, state, [peer])
-
-    def subscribe_prefix(self, peer: Peer, prefix: str) -> None:
-        self.prefix_subs[prefix].add(peer)
-        peer.prefixes.add(prefix)
 
     def unsubscribe_prefix(self, peer: Peer, prefix: str) -> None:
         if prefix in peer.prefixes:
