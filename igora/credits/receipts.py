@@ -99,6 +99,11 @@ def run_hash(chunks: Iterable[bytes]) -> str:
     return b64url(h.digest())
 
 
+def _message(fields: dict[str, Any]) -> bytes:
+    """What an asker signs: a receipt's fields without ``sig``, labelled."""
+    return RECEIPT_LABEL + canonical(fields)
+
+
 def worker_knows(
     market: str, header: dict[str, Any], attempt: int, worker: str, run: str
 ) -> dict[str, Any]:
@@ -172,7 +177,7 @@ class Receipt:
             "completionTokens": completion_tokens,
             "price": pricing.price(prompt_tokens, completion_tokens, params),
         }
-        sig = asker.sign(RECEIPT_LABEL + canonical(fields))
+        sig = asker.sign(_message(fields))
         return cls.parse({**fields, "sig": b64url(sig)})
 
     def fields(self) -> dict[str, Any]:
@@ -193,7 +198,7 @@ class Receipt:
         }
 
     def message(self) -> bytes:
-        return RECEIPT_LABEL + canonical(self.fields())
+        return _message(self.fields())
 
     def to_json(self) -> dict[str, Any]:
         return {**self.fields(), "sig": b64url(self.sig)}

@@ -320,7 +320,7 @@ class V3Worker:
         if result == "pending":  # the market holds it: settled from its record, or a receipt
             self.claims.pop((*run, False), None)
             return
-        ours = [k for k in self.claims if k[0] == tid and k[1] == attempt]
+        ours = [k for k in self.claims if k[:2] == run]
         answered = sorted(ours, key=lambda k: not k[2])[:1]  # the receipt's first
         for key in answered:
             del self.claims[key]
