@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--slots", type=arg.count(1), default=DEFAULT_SLOTS, help="tasks the worker runs at once"
     )
     p.add_argument("--no-check", action="store_true", help="skip the first prompt")
+    p.add_argument(
+        "--protocol",
+        type=int,
+        choices=[2, 3],
+        default=2,
+        help="what the room speaks: 2, open to any y-websocket agent; 3, each agent an "
+        "identity (its own key under DATA/agents), prompts and answers encrypted end to "
+        "end, credits (docs/protocol-v3.md)",
+    )
     _common(p)
 
     p = sub.add_parser(

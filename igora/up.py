@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from .config import ConfigError, data_dir
+from .credits.ledger import LEDGER_FILE
 from .errors import IgoraError
 from .net import POLL, port_free, wait_http_async
+from .protocol import DEFAULT_ROOM
 
 __all__ = [
     "ChildEnded",
@@ -41,6 +43,10 @@ __all__ = [
 CHECK_PROMPT = "What is the capital of France? Answer in one short sentence."
 CHECK_WAIT = 180.0
 """Seconds the first prompt waits for a worker (loading a large model takes a while)."""
+ROOM = DEFAULT_ROOM
+"""The room ``igora up`` serves: the one agents join when given no ``--room``."""
+AGENTS = "agents"
+"""Under the data folder, the folders of a protocol 3 ``igora up``'s broker and worker."""
 START_WAIT = 20.0
 """Seconds the market and the gateway have to answer HTTP once started."""
 TAIL_LINES = 15
@@ -128,6 +134,7 @@ class Child:
         log_level: str,
         out: IO[str],
         lock: threading.Lock,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.tail: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
@@ -139,7 +146,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
             preexec_fn=_child_signals,
         )
@@ -180,8 +187,8 @@ class Supervisor:
         self.started = False
         self._lock = threading.Lock()
 
-    def spawn(self, name: str, args: list[str]) -> Child:
-        child = Child(name, args, self.log_level, sys.stderr, self._lock)
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, args, self.log_level, sys.stderr, self._lock, env)
         self.children.append(child)
         return child
 
@@ -268,10 +275,9 @@ async def _start_and_watch(
     host = args.host
     url = f"ws://{host}:{args.port}"
     common = ["--market", url]
-    sup.spawn(
-        "market",
-        ["market", "--host", host, "--port", str(args.port), "--data", str(data)],
-    )
+    v3 = args.protocol == 3
+    market = ["market", "--host", host, "--port", str(args.port), "--data", str(data)]
+    sup.spawn("market", [*market, *(["--v3-room", ROOM] if v3 else [])])
     market_url = f"http://{host}:{args.port}/"
     if not await sup.unless_a_child_ends(wait_http_async(market_url, START_WAIT)):
         print(
@@ -280,11 +286,11 @@ async def _start_and_watch(
             flush=True,
         )
         return 1
-    sup.spawn("broker", ["broker", *common])
+    sup.spawn("broker", ["broker", *common], agent_data(data, "broker") if v3 else None)
     worker = ["worker", *common, "--engine", args.engine, "--slots", str(args.slots)]
     if args.model:
         worker += ["--model", args.model]
-    sup.spawn("worker", worker)
+    sup.spawn("worker", worker, agent_data(data, "worker") if v3 else None)
     web = f"http://{host}:{args.gateway_port}/"
     if gateway:
         # --data: the gateway accepts the API keys of that folder, if it has some.
@@ -315,7 +321,14 @@ async def _start_and_watch(
             flush=True,
         )
     sup.started = True
-    print(f"igora up: market {url} (room 'market'), store {data}", flush=True)
+    print(f"igora up: market {url} (room '{ROOM}'), store {data}", flush=True)
+    if v3:
+        print(
+            f"igora up: room '{ROOM}' speaks protocol 3: prompts and answers encrypted end "
+            f"to end, credits in {data / LEDGER_FILE}; broker and worker keys under "
+            f"{data / AGENTS}",
+            flush=True,
+        )
     if gateway:
         print(f"igora up: web page and OpenAI API at {web} (base_url {web}v1)", flush=True)
     print(
@@ -323,6 +336,14 @@ async def _start_and_watch(
         flush=True,
     )
     raise ChildEnded(await sup.watch())
+
+
+def agent_data(data: Path, role: str) -> dict[str, str]:
+    """The environment that gives the ``role`` child of a protocol 3 ``igora up`` its own
+    identity: a key of its own, in ``DATA/agents/ROLE`` (agents sharing one key would be
+    one agent to the broker and to the ledger). The market and the gateway keep
+    ``DATA``'s key (the gateway's API keys are there too)."""
+    return {"IGORA_DATA": str(data / AGENTS / role)}
 
 
 def up(args: argparse.Namespace) -> int:

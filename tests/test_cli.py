@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -259,8 +260,7 @@ class Up:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            **popen,
+            **{"env": {**os.environ, "PYTHONUNBUFFERED": "1"}, **popen},
         )
         self.lines: list[str] = []
 
@@ -398,6 +398,52 @@ def test_up_ends_when_a_child_dies_after_start_up(tmp_path: Path) -> None:
     assert message(output).startswith(
         "igora up: error: the broker was killed by SIGKILL (Killed) after start-up"
     ), output
+
+
+def test_up_protocol_3_gives_each_agent_a_key_encrypts_and_counts_credits(
+    tmp_path: Path,
+) -> None:
+    """``igora up --protocol 3``: the room speaks protocol 3, the broker and the worker
+    each prove a key of their own (DATA/agents), the first prompt and ``igora chat`` are
+    answered, and the ledger charges the asker for what it received."""
+    user = {"IGORA_DATA": str(tmp_path / "user")}
+    up = Up(
+        tmp_path,
+        *("--protocol", "3", "--engine", "echo", "--log-level", "warning"),
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **user},
+    )
+    try:
+        started = up.read_until("Ctrl-C stops all", timeout=60)
+        assert "A: Echo: What is the capital of France?" in started, started
+        assert "room 'market' speaks protocol 3" in started, started
+        data = tmp_path / "data"
+        keys = {
+            role: (data / "agents" / role / "identity.key").read_text()
+            for role in ("broker", "worker")
+        }
+        keys["market"] = (data / "identity.key").read_text()
+        keys["user"] = (tmp_path / "user" / "identity.key").read_text()
+        assert len(set(keys.values())) == 4, "each agent has a key of its own"
+        url = f"ws://127.0.0.1:{up.port}"
+        env = {**os.environ, **user}
+        chat = igora("chat", "--market", url, "Bonjour", env=env)
+        assert chat.returncode == 0 and chat.stdout.strip() == "Echo: Bonjour", chat
+        status = igora("status", "--market", url, env=env)
+        assert "(protocol 3)" in status.stdout, status.stdout
+        ledger = str(data / "ledger.sqlite3")
+
+        def paid() -> dict[str, Any] | None:
+            run = igora("credits", "--ledger", ledger, "--json", env=env)
+            shown: dict[str, Any] = json.loads(run.stdout)
+            return shown if shown["balance"] < 100_000 else None  # the grant, less 2 runs
+
+        shown = wait_until(paid, 30, lambda: "the user's runs were never charged")
+        assert any(e["kind"] == "spend" for e in shown["entries"]), shown
+        up.proc.send_signal(signal.SIGINT)
+        code, out = up.end(30)
+        assert code == 0, out
+    finally:
+        up.kill()
 
 
 def test_how_a_child_ended_reads_as_a_sentence() -> None:
