@@ -21,6 +21,12 @@ def _utf16(key: str) -> bytes:
     return key.encode("utf-16-be", "surrogatepass")
 
 
+_PLAIN = (str, int, bool, type(None))
+"""Types that stand for themselves in JSON (exactly these: not an IntEnum, not a str
+subclass), which ``_normal`` passes without a call of its own (it runs on every header,
+receipt and ledger entry)."""
+
+
 def _normal(value: Any, depth: int) -> Any:
     if depth > 32:
         raise CanonicalError("nested deeper than 32")
@@ -29,11 +35,24 @@ def _normal(value: Any, depth: int) -> Any:
     if isinstance(value, int):
         return int(value)  # an IntEnum prints as its number
     if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            raise CanonicalError("object keys must be strings")
-        return {k: _normal(value[k], depth + 1) for k in sorted(value, key=_utf16)}
+        if value and depth == 32:  # its values would be deeper
+            raise CanonicalError("nested deeper than 32")
+        ascii_only = True
+        for k in value:
+            if not isinstance(k, str):
+                raise CanonicalError("object keys must be strings")
+            ascii_only = ascii_only and k.isascii()
+        # ASCII keys sort the same by code point as by UTF-16 code unit
+        keys = sorted(value) if ascii_only else sorted(value, key=_utf16)
+        out = {}
+        for k in keys:
+            v = value[k]
+            out[k] = v if type(v) in _PLAIN else _normal(v, depth + 1)
+        return out
     if isinstance(value, (list, tuple)):
-        return [_normal(v, depth + 1) for v in value]
+        if value and depth == 32:
+            raise CanonicalError("nested deeper than 32")
+        return [v if type(v) in _PLAIN else _normal(v, depth + 1) for v in value]
     if isinstance(value, float):
         raise CanonicalError(f"{value!r} is not an integer: canonical JSON has integers only")
     raise CanonicalError(f"a {type(value).__name__} is not JSON")

@@ -67,6 +67,46 @@ def test_canonical_json_does_not_depend_on_key_order(obj: dict[str, Any]) -> Non
     assert canonical(dict(reversed(list(obj.items())))) == canonical(obj)
 
 
+def _reference(value: Any) -> Any:
+    """Canonical JSON's rule, spelled out: keys in UTF-16 code unit order, all the way."""
+    if isinstance(value, dict):
+        order = sorted(value, key=lambda k: k.encode("utf-16-be", "surrogatepass"))
+        return {k: _reference(value[k]) for k in order}
+    if isinstance(value, list):
+        return [_reference(v) for v in value]
+    return value
+
+
+keys = st.text(max_size=5) | st.sampled_from(["\uffff", "\U0001f600", "\ue000", "é", "a"])
+json_any = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(json_any)
+def test_canonical_json_is_the_rule_spelled_out(value: Any) -> None:
+    text = json.dumps(_reference(value), separators=(",", ":"), ensure_ascii=False)
+    assert canonical(value) == text.encode()
+
+
+def _nested(levels: int, leaf: Any, as_dict: bool) -> Any:
+    for _ in range(levels):
+        leaf = {"k": leaf} if as_dict else [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_canonical_json_takes_32_levels_of_nesting_not_33(as_dict: bool) -> None:
+    assert canonical(_nested(32, 1, as_dict))
+    assert canonical(_nested(32, [], as_dict))
+    with pytest.raises(CanonicalError, match="nested deeper than 32"):
+        canonical(_nested(33, 1, as_dict))
+    with pytest.raises(CanonicalError, match="nested deeper than 32"):
+        canonical(_nested(33, [], as_dict))
+
+
 # --- headers ----------------------------------------------------------------------
 
 
