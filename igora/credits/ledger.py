@@ -201,19 +201,17 @@ class Ledger:
             return False
         at = int(time.time() * 1000)
         seq, prev = self._head
+        rows = []
         for key, kind, account, amount, task, attempt in entries:
             seq += 1
-            entry = Entry(seq, key, kind, account, amount, task, attempt, proof, prev, at)
-            self._db.execute(
-                f"INSERT INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (seq, key, kind.value, account, amount, task, attempt, proof, prev, at),
-            )
-            self._db.execute(
-                "INSERT INTO balances VALUES (?, ?) "
-                "ON CONFLICT(account) DO UPDATE SET amount = amount + excluded.amount",
-                (account, amount),
-            )
-            prev = entry.digest()
+            rows.append((seq, key, kind.value, account, amount, task, attempt, proof, prev, at))
+            prev = Entry(seq, key, kind, account, amount, task, attempt, proof, prev, at).digest()
+        self._db.executemany(f"INSERT INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        self._db.executemany(
+            "INSERT INTO balances VALUES (?, ?) "
+            "ON CONFLICT(account) DO UPDATE SET amount = amount + excluded.amount",
+            [(account, amount) for _, _, account, amount, _, _ in entries],
+        )
         self._head = (seq, prev)
         return True
 
