@@ -255,6 +255,7 @@ class V3Worker:
                 self.session.control(body)
         elif event.kind is EventKind.NOTICE and event.code in CREDIT_CODES:
             self._claimed(event)
+            return  # a claim's answer changes no run nor assignment: nothing to scan
         elif event.kind is EventKind.CHANGED and event.name.startswith("p/"):
             self._receipt(event.name)
         self._wake.set()
