@@ -105,10 +105,16 @@ def _message(fields: dict[str, Any]) -> bytes:
 
 
 def worker_knows(
-    market: str, header: dict[str, Any], attempt: int, worker: str, run: str
+    market: str,
+    header: dict[str, Any],
+    attempt: int,
+    worker: str,
+    run: str,
+    hashed: str | None = None,
 ) -> dict[str, Any]:
     """The fields of a receipt that its worker knows without it: its market, run and
-    attempt, and what the signed header of the task says."""
+    attempt, and what the signed header of the task says (``hashed``: its hash, if the
+    caller computed it already)."""
     return {
         "v": RECEIPT_VERSION,
         "market": market,
@@ -117,7 +123,7 @@ def worker_knows(
         "asker": str(header.get("asker")),
         "worker": worker,
         "model": str(header.get("model")),
-        "header": header_hash(header),
+        "header": header_hash(header) if hashed is None else hashed,
         "run": run,
     }
 
@@ -129,12 +135,13 @@ def completed(
     attempt: int,
     worker: str,
     run: str,
+    hashed: str | None = None,
 ) -> dict[str, Any]:
     """The whole receipt a worker claims with: what its asker wrote (``Receipt.written``,
     or a whole receipt, as an asker of before wrote: a field written wins) over what the
     worker knows of the run. Nothing is checked here: a receipt completed wrongly fails
     the market's signature check, as a forged one does."""
-    return {**worker_knows(market, header, attempt, worker, run), **written}
+    return {**worker_knows(market, header, attempt, worker, run, hashed), **written}
 
 
 @dataclass(frozen=True)

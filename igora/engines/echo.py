@@ -31,9 +31,10 @@ class EchoEngine(Engine):
     def __init__(self, model: str = "echo", delay: float = 0.0) -> None:
         self.model = model
         self.delay = delay
+        self._models = (ModelInfo(model, 1_000_000, CAPABILITIES, params=PARAMS),)
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(self.model, 1_000_000, CAPABILITIES, params=PARAMS)]
+        return list(self._models)  # made once: a worker asks at every task
 
     async def embed(
         self, inputs: list[str], *, model: str | None = None, dimensions: int | None = None

@@ -21,7 +21,7 @@ import functools
 import hmac
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import nacl.bindings as sodium
 import nacl.exceptions
@@ -292,12 +292,20 @@ def _grant_plaintext(key: bytes, header: dict[str, Any]) -> bytes:
     return _key(key) + _header_digest(header) + _text(tid, "task id")
 
 
-def open_grant(session: SessionKey, grant: bytes, header: dict[str, Any]) -> bytes:
+class Granted(NamedTuple):
+    """What an open grant gives its worker."""
+
+    key: bytes  # the task key
+    header: str  # the header's hash (``header_hash``), as checked: its receipt's ``header``
+
+
+def open_grant(session: SessionKey, grant: bytes, header: dict[str, Any]) -> Granted:
     """The task key in ``grant``, for the worker holding ``session`` that was assigned
-    ``header``. GrantError if the header is not signed by its asker, the grant was sealed
-    to another key or altered, or it was made for another task or another header."""
+    ``header``, with the header's hash. GrantError if the header is not signed by its
+    asker, the grant was sealed to another key or altered, or it was made for another
+    task or another header."""
     try:
-        verify_header(header)
+        hashed = verify_header(header)
     except HeaderError as exc:
         raise GrantError(f"grant refused: {exc}") from None
     tid = header["id"]
@@ -316,9 +324,9 @@ def open_grant(session: SessionKey, grant: bytes, header: dict[str, Any]) -> byt
     if not hmac.compare_digest(granted, tid.encode("ascii")):
         shown = granted[:40].decode("utf-8", "replace")
         raise GrantError(f"the grant is for task {shown!r}, not for task {tid}")
-    if not hmac.compare_digest(digest, _header_digest(header)):
+    if not hmac.compare_digest(digest, unb64url(hashed, HASH_BYTES, "header hash")):
         raise GrantError(f"the grant for task {tid} was made for another header of that task")
-    return key
+    return Granted(key, hashed)
 
 
 # --- the answer ----------------------------------------------------------------------

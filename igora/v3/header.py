@@ -29,11 +29,21 @@ def _unsigned(header: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in header.items() if k != "sig"}
 
 
-def _message(fields: dict[str, Any]) -> bytes:
+def _canonical(value: dict[str, Any], plained: bool = False) -> bytes:
+    """The canonical JSON of ``value``, read as signed (``plain``) first unless
+    ``plained`` says it is."""
     try:
-        return LABEL + canonical(plain(fields))
+        return canonical(value if plained else plain(value))
     except (CanonicalError, SignatureError) as exc:
         raise HeaderError(f"header: {exc}") from None
+
+
+def _message(fields: dict[str, Any]) -> bytes:
+    return LABEL + _canonical(fields)
+
+
+def _hash(data: bytes) -> str:
+    return b64url(hashlib.blake2b(data, digest_size=32).digest())
 
 
 def sign_header(identity: Identity, fields: dict[str, Any]) -> dict[str, Any]:
@@ -62,9 +72,11 @@ def check_fields(header: dict[str, Any]) -> None:
         raise HeaderError(f"header version {header.get('v')!r} is not {VERSION}")
 
 
-def verify_header(header: dict[str, Any]) -> None:
-    """Return if ``header`` is well formed and signed by its ``asker``; HeaderError else.
-    (Numbers may have come back as floats from a Yjs map: read as the integers signed.)"""
+def verify_header(header: dict[str, Any]) -> str:
+    """The header's hash (``header_hash``) if ``header`` is well formed and signed by its
+    ``asker``; HeaderError else. (Numbers may have come back as floats from a Yjs map:
+    read as the integers signed.) The hash comes with the check, since a verified header
+    is then hashed (its grant, its receipt): read as signed once for both."""
     try:
         header = plain(header)
     except SignatureError as exc:
@@ -73,15 +85,12 @@ def verify_header(header: dict[str, Any]) -> None:
     sig = header.get("sig")
     try:
         raw = unb64url(sig if isinstance(sig, str) else "", 64, "header signature")
-        verify(header["asker"], _message(_unsigned(header)), raw)
+        verify(header["asker"], LABEL + _canonical(_unsigned(header), plained=True), raw)
     except (IdentityError, BadSignature) as exc:
         raise HeaderError(f"header of task {header['id']}: {exc}") from None
+    return _hash(_canonical(header, plained=True))
 
 
 def header_hash(header: dict[str, Any]) -> str:
     """BLAKE2b-256 of the signed header's canonical JSON, in base64url."""
-    try:
-        data = canonical(plain(header))
-    except (CanonicalError, SignatureError) as exc:
-        raise HeaderError(f"header: {exc}") from None
-    return b64url(hashlib.blake2b(data, digest_size=32).digest())
+    return _hash(_canonical(header))

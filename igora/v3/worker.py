@@ -92,7 +92,10 @@ sent (``_hold_unsigned``)."""
 
 class RunPieces(Pieces):
     """The answer's pieces, each appended to the run document's ``chunks`` as a chunk
-    sealed by ``job.writer``; the first with the run's start (``Job.start``)."""
+    sealed by ``job.writer``; the first with the run's start (``Job.start``). Pieces that
+    come with the engine's end go in the final chunk (``_end``)."""
+
+    HOLD_LAST = True
 
     def __init__(self, doc: Doc[Any], job: Job) -> None:
         super().__init__()
@@ -119,11 +122,16 @@ class Job:
     asker_key: PublicKey | None = None  # the header's ``key``
     writer: AnswerWriter | None = None
     header: dict[str, Any] | None = None
+    header_hash: str | None = None  # as the grant's check computed it, for the receipt
     run_hash: str | None = None  # a run done: the hash of its chunks, for its claim
     receipted: bool = False  # its receipt was claimed
     usage: dict[str, Any] | None = None
     start: dict[str, Any] | None = None  # the run's start, until written (with a chunk)
     begun: int = 0  # ms: when the run started
+    # the prompt document's Doc as last read, and its ``prompt`` map (``_abort_asked``
+    # reads it at every scan: looked up again only when the session holds another Doc)
+    prompt_doc: Doc[Any] | None = None
+    prompt: Map[Any] | None = None
 
     def write_start(self, doc: Doc[Any]) -> None:
         """Write the run's start (state, start, salt) in ``doc``, if not yet: as
@@ -247,6 +255,7 @@ class V3Worker:
                 self.session.control(body)
         elif event.kind is EventKind.NOTICE and event.code in CREDIT_CODES:
             self._claimed(event)
+            return  # a claim's answer changes no run nor assignment: nothing to scan
         elif event.kind is EventKind.CHANGED and event.name.startswith("p/"):
             self._receipt(event.name)
         self._wake.set()
@@ -307,6 +316,7 @@ class V3Worker:
                 job.run.attempt,
                 self.id,
                 job.run_hash,
+                job.header_hash,
             )
             self._send_claim((tid, job.run.attempt, True), self._claim_body(job, receipt))
 
@@ -386,8 +396,12 @@ class V3Worker:
     def _abort_asked(self, tid: str, job: Job, entry: Any) -> bool:
         if isinstance(entry, dict) and entry.get(Assignment.ABORT):
             return True
-        prompt = self.session.docs.get(prompt_doc(job.asker, tid))
-        return prompt is not None and bool(prompt.get(PROMPT, type=Map).get(ABORT))
+        doc = self.session.docs.get(prompt_doc(job.asker, tid))
+        if doc is None:
+            return False
+        if doc is not job.prompt_doc or job.prompt is None:
+            job.prompt_doc, job.prompt = doc, doc.get(PROMPT, type=Map)
+        return bool(job.prompt.get(ABORT))
 
     def _take(self, tid: str, entry: Any) -> None:
         """Start an assignment, once its prompt is here; refuse a bad one."""
@@ -435,7 +449,7 @@ class V3Worker:
             log.debug("%s: task %s waits for its prompt and grant", self.name, tid)
             return
         try:
-            key = open_grant(self._session_key, _bytes(grant), header)
+            key, hashed = open_grant(self._session_key, _bytes(grant), header)
         except GrantError as exc:
             # A grant sealed to this worker's previous session key (it restarted): the
             # asker seals a new one when it sees the new advert. Wait for it a while.
@@ -443,11 +457,11 @@ class V3Worker:
             if now_ms() - start < GRANT_WAIT * 1000:
                 log.debug("%s: task %s: %s; waiting for a new grant", self.name, tid, exc)
                 return
-            key = b""
+            key, hashed = b"", None
             error: CryptoError | None = exc
         else:
             error = None
-        job = self.jobs[tid] = Job(Running(tid, n), asker, header=header)
+        job = self.jobs[tid] = Job(Running(tid, n), asker, header=header, header_hash=hashed)
         try:
             if error is not None:
                 raise error

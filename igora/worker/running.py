@@ -52,6 +52,11 @@ class Pieces:
     every STREAM_INTERVAL, the first at once. ``AnswerStream`` writes them to a v2 room,
     the v3 worker to its run document."""
 
+    HOLD_LAST = False
+    """Whether the pieces that come with the engine's end (``add(piece, last=True)``) are
+    held for the run's end instead of written now: a v3 run writes them in its final
+    chunk, in the same update (one chunk, transaction and frame fewer per short answer)."""
+
     def __init__(self) -> None:
         # The answer as its pieces (joined when read: ``+=`` on an attribute copies the
         # whole string at each piece), and its length so far.
@@ -67,11 +72,14 @@ class Pieces:
             self._pieces = ["".join(self._pieces)]
         return self._pieces[0] if self._pieces else ""
 
-    def add(self, piece: str) -> None:
-        """A piece of the answer: written now if the last write is old enough."""
+    def add(self, piece: str, last: bool = False) -> None:
+        """A piece of the answer: written now if the last write is old enough (``last``:
+        the engine's end came with it; held for the end if ``HOLD_LAST``)."""
         self._pieces.append(piece)
         self._length += len(piece)
         self.held += piece
+        if last and self.HOLD_LAST:
+            return
         if time.monotonic() - self.last_write >= STREAM_INTERVAL:
             self.flush()
 
@@ -138,8 +146,11 @@ class AnswerStream(Pieces):
         doing[self.task_id] = lifecycle.refresh(current, self.response, piece, now_ms())
 
 
-async def coalesced(engine: Engine, request: Request) -> AsyncGenerator[list[str] | Finish]:
-    """The engine's stream, coalesced: every piece ready at once comes in one batch."""
+async def coalesced(
+    engine: Engine, request: Request
+) -> AsyncGenerator[tuple[list[str], Finish | None]]:
+    """The engine's stream, coalesced: every piece ready at once comes in one batch, with
+    the engine's ``Finish`` when it is ready too (else None)."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def produce() -> None:
@@ -158,7 +169,7 @@ async def coalesced(engine: Engine, request: Request) -> AsyncGenerator[list[str
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, Finish):
-                yield item
+                yield [], item
                 return
             batch = [item]
             while not queue.empty():
@@ -166,12 +177,12 @@ async def coalesced(engine: Engine, request: Request) -> AsyncGenerator[list[str
                 if isinstance(nxt, str):
                     batch.append(nxt)
                     continue
-                yield batch
-                if isinstance(nxt, BaseException):
-                    raise nxt
-                yield nxt
-                return
-            yield batch
+                if isinstance(nxt, Finish):
+                    yield batch, nxt
+                    return
+                yield batch, None
+                raise nxt
+            yield batch, None
     finally:
         producer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -220,12 +231,15 @@ async def stream_chat(
                 if run.stop_reason:
                     return None
             last_item = time.monotonic()
-            if isinstance(item, Finish):
-                return item
-            answer.add("".join(item))
-            if deadline and now_ms() > float(deadline):
-                run.halt(Stop.DEADLINE)
-                return None
+            pieces: list[str] = item[0]
+            finish: Finish | None = item[1]
+            if pieces:
+                answer.add("".join(pieces), last=finish is not None)
+                if deadline and now_ms() > float(deadline):
+                    run.halt(Stop.DEADLINE)
+                    return None
+            if finish is not None:
+                return finish
     finally:
         stop_wait.cancel()
         await tokens.aclose()

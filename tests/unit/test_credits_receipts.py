@@ -112,7 +112,7 @@ def test_canonical_json_takes_32_levels_of_nesting_not_33(as_dict: bool) -> None
 
 def test_a_signed_header_verifies_and_any_change_breaks_it() -> None:
     head = header(ASKER, task_id(1))
-    verify_header(head)
+    assert verify_header(head) == header_hash(head)  # the hash comes with the check
     for field, value in [("maxPrice", 10**10), ("model", "other"), ("asker", OTHER_ASKER.id)]:
         with pytest.raises(HeaderError):
             verify_header({**head, field: value})
@@ -157,6 +157,9 @@ def test_the_receipt_written_for_the_worker_is_what_it_does_not_know() -> None:
     run = run_hash([b"chunk-0", b"chunk-1"])  # the worker's own chunks: those the asker read
     whole = completed(written_through_yjs(r), MARKET.id, head, 1, WORKER.id, run)
     assert whole == r.to_json()
+    # the header's hash given (the worker has it from its grant's check): the same receipt
+    hashed = verify_header(head)
+    assert completed(written_through_yjs(r), MARKET.id, head, 1, WORKER.id, run, hashed) == whole
     settled = Claim.parse({"header": head, "attempt": 1, "receipt": whole}).check(
         WORKER.id, MARKET.id, PARAMS
     )
@@ -299,5 +302,4 @@ def test_a_header_survives_a_trip_through_a_yjs_map() -> None:
     tasks[h["id"]] = h
     back = tasks[h["id"]]
     assert back["maxTokens"] == 256.0 and isinstance(back["maxTokens"], float)  # Yjs' numbers
-    verify_header(back)
-    assert header_hash(back) == header_hash(h)
+    assert verify_header(back) == header_hash(back) == header_hash(h)

@@ -28,7 +28,7 @@ from igora.v3.crypto import (
     PromptError,
     TruncatedAnswer,
 )
-from igora.v3.header import sign_header
+from igora.v3.header import header_hash, sign_header
 
 ASKER = Identity(SigningKey.generate())
 WORKER = Identity(SigningKey.generate())
@@ -179,15 +179,16 @@ def test_a_grant_opens_for_its_worker_and_is_128_bytes() -> None:
     header = _header()
     grant = crypto.seal_grant(k, header, _advert_key(WORKER, WORKER_S))
     assert len(grant) == 128
-    assert crypto.open_grant(WORKER_S, grant, header) == k
+    # with the header's hash, as checked: the receipt's ``header`` (no second hashing)
+    assert crypto.open_grant(WORKER_S, grant, header) == (k, header_hash(header))
 
 
 def test_grants_to_several_workers_each_open_for_its_own_only() -> None:
     k = crypto.new_task_key()
     header = _header()
     grants = crypto.seal_grants(k, header, {"w": WORKER_S.public_key, "o": OTHER_S.public_key})
-    assert crypto.open_grant(WORKER_S, grants["w"], header) == k
-    assert crypto.open_grant(OTHER_S, grants["o"], header) == k
+    assert crypto.open_grant(WORKER_S, grants["w"], header).key == k
+    assert crypto.open_grant(OTHER_S, grants["o"], header).key == k
     with pytest.raises(GrantError, match="sealed to another worker"):
         crypto.open_grant(OTHER_S, grants["w"], header)
     assert crypto.seal_grants(k, header, {}) == {}
