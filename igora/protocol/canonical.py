@@ -31,7 +31,10 @@ def _normal(value: Any, depth: int) -> Any:
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise CanonicalError("object keys must be strings")
-        return {k: _normal(value[k], depth + 1) for k in sorted(value, key=_utf16)}
+        # ASCII keys sort alike by code point and by UTF-16 code unit: no key encoded
+        ascii = all(k.isascii() for k in value)
+        order = sorted(value) if ascii else sorted(value, key=_utf16)
+        return {k: _normal(value[k], depth + 1) for k in order}
     if isinstance(value, (list, tuple)):
         return [_normal(v, depth + 1) for v in value]
     if isinstance(value, float):

@@ -49,6 +49,13 @@ def test_canonical_json_sorts_keys_as_javascript_does() -> None:
     assert canonical({"\uffff": 1, "\U0001f600": 2}) == '{"\U0001f600":2,"\uffff":1}'.encode()
 
 
+@given(st.dictionaries(st.text(max_size=5), st.integers(0, 9)))
+def test_canonical_json_key_order_is_utf16s_ascii_keys_or_not(obj: dict[str, int]) -> None:
+    # ASCII keys are sorted without encoding them (the common case): the same order
+    order = sorted(obj, key=lambda k: k.encode("utf-16-be", "surrogatepass"))
+    assert list(json.loads(canonical(obj))) == order
+
+
 @pytest.mark.parametrize("value", [{"a": 1.0}, {"a": float("nan")}, {1: 2}, {"a": {1, 2}}])
 def test_canonical_json_has_no_floats_and_string_keys_only(value: Any) -> None:
     with pytest.raises(CanonicalError):
