@@ -116,6 +116,21 @@ class Track:
     run: RunHash = field(default_factory=RunHash)
 
 
+@dataclass
+class FromDir:
+    """What the asker derives from one read of ``dir.workers`` (``V3Asker._from_dir``),
+    once per change of ``dir`` rather than for every task."""
+
+    listed: dict[str, Any] | None  # the read it comes from
+    peers: dict[str, Peer] = field(default_factory=dict)  # the workers as Peers, by id
+    tops: dict[str, str] = field(default_factory=dict)  # model -> largest size advertised
+    # (model, needs) -> the workers not busy whose adverts check and that serve them,
+    # with their session keys: what a task's candidates are drawn from
+    fitting: dict[tuple[str | None, frozenset[str]], list[tuple[str, PublicKey]]] = field(
+        default_factory=dict
+    )
+
+
 class V3Asker:
     """Puts tasks in a v3 room and reads their answers, for ``identity``."""
 
@@ -135,13 +150,7 @@ class V3Asker:
         self._watch_inbox()
         session.subscribe("dir")
         self._dir_read: dict[str, Any] | None = None  # dir.workers as read (``_listed``)
-        # what is derived from that read of dir (``_from_dir``): the listed dict it came
-        # from, the workers as Peers, the largest size advertised per model
-        self._derived: tuple[dict[str, Any] | None, dict[str, Peer], dict[str, str]] = (
-            None,
-            {},
-            {},
-        )
+        self._derived = FromDir(None)  # from that read of dir (``_from_dir``)
         self._prices: tuple[dict[str, Any] | None] | None = None  # prices() once per dir
         self._enc_key = str(self._session_key.fields()["encKey"])  # in every header
         self._tracks: dict[str, Track] = {}
@@ -184,21 +193,22 @@ class V3Asker:
     # ------------------------------------------------------------------ the market
     def workers(self) -> list[Peer]:
         """The workers advertised in ``dir`` (as the v2 policies see them)."""
-        return list(self._from_dir()[0].values())
+        return list(self._from_dir().peers.values())
 
-    def _from_dir(self) -> tuple[dict[str, Peer], dict[str, str]]:
-        """The workers of ``dir`` as Peers, by id, and the largest size advertised per
-        model (``max_price``, filled as asked): made again only once ``dir`` changed,
-        not for every task (a client asks for the workers before each task)."""
+    def _from_dir(self) -> FromDir:
+        """The workers of ``dir`` as Peers, by id; the largest size advertised per model
+        (``max_price``) and the workers fit for a kind of task (``_candidates``), filled
+        as asked: made again only once ``dir`` changed, not for every task (a client
+        asks for the workers before each task)."""
         from .broker import worker_peer  # the one place that maps an advert to a Peer
 
         listed = self._listed()
-        if self._derived[0] is not listed:
+        if self._derived.listed is not listed:
             peers = {
                 i: worker_peer(a) for i, a in listed.items() if isinstance(a, dict) and "id" in a
             }
-            self._derived = (listed, peers, {})
-        return self._derived[1], self._derived[2]
+            self._derived = FromDir(listed, peers)
+        return self._derived
 
     def _listed(self) -> dict[str, Any]:
         """``dir.workers`` as a dict (never to be changed: it is shared), read again only
@@ -249,20 +259,18 @@ class V3Asker:
         adverts check, drawn at random (the broker picks among them first: the same
         first few for every task would pile the tasks on them): id -> session key."""
         model, needs = task.get(TaskField.MODEL) or None, required(task)
-        peers = self._from_dir()[0]
-        listed = list(self._listed().items())
-        random.shuffle(listed)
-        found: dict[str, PublicKey] = {}
-        for id_, raw in listed:
-            if len(found) >= MAX_CANDIDATES:
-                break
-            if not isinstance(raw, dict) or raw.get("state") == "busy":
-                continue
-            key = self._key_of(id_, raw)
-            peer = peers.get(id_)
-            if key is not None and peer is not None and fits(peer, model, needs):
-                found[id_] = key
-        return found
+        derived = self._from_dir()
+        fitting = derived.fitting.get((model, needs))
+        if fitting is None:
+            fitting = derived.fitting[(model, needs)] = []
+            for id_, raw in (derived.listed or {}).items():
+                if not isinstance(raw, dict) or raw.get("state") == "busy":
+                    continue
+                key = self._key_of(id_, raw)
+                peer = derived.peers.get(id_)
+                if key is not None and peer is not None and fits(peer, model, needs):
+                    fitting.append((id_, key))
+        return dict(random.sample(fitting, min(MAX_CANDIDATES, len(fitting))))
 
     # ------------------------------------------------------------------ tasks
     def submit(self, task: dict[str, Any], watch: Watch) -> None:
@@ -328,7 +336,7 @@ class V3Asker:
         if prompt_bytes is None:
             prompt_bytes = len(json.dumps(task, ensure_ascii=False).encode())
         model = task.get(TaskField.MODEL) or ANY_MODEL
-        tops = self._from_dir()[1]
+        tops = self._from_dir().tops
         top = tops.get(model)
         if top is None:
             sizes = [self._params(w, model) for w in self._listed()] or [pricing.DEFAULT_PARAMS]
