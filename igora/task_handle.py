@@ -88,16 +88,18 @@ class Watch:
     pieces: bool = True  # the caller may read the answer piece by piece
 
     def feed(self, attempt: int, text: str) -> None:
-        """Deliver new text of an attempt (whole-so-far or appended pieces)."""
+        """Deliver new text of an attempt (whole-so-far or appended pieces): queued only
+        for a caller that reads pieces (the final state carries the whole text)."""
         if attempt < self.attempt or self.ended:
             return
         if attempt > self.attempt:
-            if self.delivered:
+            if self.delivered and self.pieces:
                 self.queue.put_nowait(Restart(RESTART_TEXT))
             self.attempt, self.delivered = attempt, ""
         if text:
             self.delivered += text
-            self.queue.put_nowait(text)
+            if self.pieces:
+                self.queue.put_nowait(text)
 
     def feed_whole(self, attempt: int, whole: str) -> None:
         if attempt > self.attempt:

@@ -145,6 +145,10 @@ def test_worker_killed_mid_task_is_retried(
             assert "".join(pieces[restarts[-1] + 1 :]) == f"Echo: {prompt}"
             alive = next(w for w in workers if w is not killed)
             assert f"task {task.id} started (attempt 2)" in alive.log()
+            # the receipt signs attempt 2's chunks alone (the asker hashes them as it
+            # reads them, afresh for each attempt): the market pays it, refuses nothing
+            await wait_for(lambda: f"task {task.id} paid" in alive.log(), 10, "paid", cluster)
+            assert f"claim of task {task.id} refused" not in alive.log()
             assert await b.chat("from bob", max_tokens=10) == "Echo: from bob"
         finally:
             await a.close()

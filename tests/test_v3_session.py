@@ -167,6 +167,24 @@ def test_a_session_owns_only_the_documents_of_its_identities() -> None:
         s.subscribe("r/", prefix=True)
 
 
+def test_only_owned_documents_are_observed() -> None:
+    """An observer makes pycrdt encode every update applied: the documents only read (the
+    market's updates) have none; a document read first gets one once it is owned, and
+    loses it with the Doc."""
+    me = new_identity()
+    s = Session("ws://127.0.0.1:1/v3", me)
+    mine, task = f"a/{me.id}", f"p/{me.id}/{'t' * 16}"
+    s.subscribe("dir")
+    s.subscribe(f"in/{me.id}")
+    s.subscribe(mine)
+    assert set(s.docs) == {"dir", f"in/{me.id}", mine} and not s._doc_subs
+    s.own(mine)
+    s.own(task, new=True)
+    assert set(s._doc_subs) == {mine, task}
+    s.drop(task)
+    assert set(s._doc_subs) == {mine}
+
+
 # ------------------------------------------------------------------ a real market
 
 

@@ -89,14 +89,28 @@ def _hash(body: dict[str, Any], field: str) -> str:
     return value
 
 
+class RunHash:
+    """``run_hash`` of the chunks given so far, one at a time: the asker hashes each
+    chunk as it opens it, rather than read the whole run again for its receipt."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.blake2b(digest_size=32)
+
+    def update(self, chunk: bytes) -> None:
+        self._h.update(uint_bytes(len(chunk)))
+        self._h.update(chunk)
+
+    def value(self) -> str:
+        return b64url(self._h.digest())
+
+
 def run_hash(chunks: Iterable[bytes]) -> str:
     """BLAKE2b-256 over a run's chunks in order, each prefixed by its length (so no two
     lists of chunks hash alike), in base64url: the receipt's ``run``."""
-    h = hashlib.blake2b(digest_size=32)
+    h = RunHash()
     for chunk in chunks:
-        h.update(uint_bytes(len(chunk)))
         h.update(chunk)
-    return b64url(h.digest())
+    return h.value()
 
 
 def _message(fields: dict[str, Any]) -> bytes:
@@ -113,8 +127,8 @@ def worker_knows(
     hashed: str | None = None,
 ) -> dict[str, Any]:
     """The fields of a receipt that its worker knows without it: its market, run and
-    attempt, and what the signed header of the task says (``hashed``: its hash, if the
-    caller computed it already)."""
+    attempt, and what the signed header of the task says (``hashed``: its
+    ``header_hash``, when the caller has it already)."""
     return {
         "v": RECEIPT_VERSION,
         "market": market,
@@ -173,13 +187,15 @@ class Receipt:
         completion_tokens: int,
         run: str,
         params: float | int | str,
+        hashed: str | None = None,
     ) -> Receipt:
         """The receipt ``asker`` signs for run ``attempt`` of the task of ``header``,
-        priced by the rule for the worker's advertised ``params``."""
+        priced by the rule for the worker's advertised ``params`` (``hashed``: the
+        header's ``header_hash``, when the asker kept it)."""
         if header.get("asker") != asker.id:
             raise ClaimError(Reason.WRONG_ASKER, "an asker signs receipts for its own tasks")
         fields = {
-            **worker_knows(market, header, attempt, worker, run),
+            **worker_knows(market, header, attempt, worker, run, hashed),
             "promptTokens": prompt_tokens,
             "completionTokens": completion_tokens,
             "price": pricing.price(prompt_tokens, completion_tokens, params),

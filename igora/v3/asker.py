@@ -31,7 +31,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nacl.public import PublicKey
@@ -40,7 +40,7 @@ from pycrdt import Array, Doc, Map
 from ..aio import within
 from ..capabilities import fits, required
 from ..credits import pricing
-from ..credits.receipts import ClaimError, Receipt, run_hash
+from ..credits.receipts import ClaimError, Receipt, RunHash
 from ..identity import Identity, IdentityError, unb64url
 from ..protocol import ErrorCode, Peer, TaskField, now_ms, number
 from ..task_handle import NOT_ADMITTED, Watch
@@ -56,7 +56,7 @@ from .crypto import (
     seal_grants,
     seal_prompt,
 )
-from .header import sign_header
+from .header import header_hash, sign_header
 from .session import Event, EventKind, Session
 from .tasks import (
     ABORT,
@@ -104,12 +104,31 @@ class Track:
     watch: Watch
     task: dict[str, Any]
     header: dict[str, Any]
+    hashed: str  # header_hash(header): in each grant and in the receipt, computed once
     key: bytes  # the task key
     granted: dict[str, bytes]  # worker id -> the session key its grant was sealed to
     worker: str | None = None
     attempt: int = 0
     read: int = 0  # chunks of the current attempt's run fed to the watch
     reader: AnswerReader | None = None  # of the current attempt's run, once its salt is read
+    # the hash of the chunks read (the receipt's run), kept as they are read: the run's
+    # chunks are not read a second time to sign
+    run: RunHash = field(default_factory=RunHash)
+
+
+@dataclass
+class FromDir:
+    """What the asker derives from one read of ``dir.workers`` (``V3Asker._from_dir``),
+    once per change of ``dir`` rather than for every task."""
+
+    listed: dict[str, Any] | None  # the read it comes from
+    peers: dict[str, Peer] = field(default_factory=dict)  # the workers as Peers, by id
+    tops: dict[str, str] = field(default_factory=dict)  # model -> largest size advertised
+    # (model, needs) -> the workers not busy whose adverts check and that serve them,
+    # with their session keys: what a task's candidates are drawn from
+    fitting: dict[tuple[str | None, frozenset[str]], list[tuple[str, PublicKey]]] = field(
+        default_factory=dict
+    )
 
 
 class V3Asker:
@@ -131,13 +150,9 @@ class V3Asker:
         self._watch_inbox()
         session.subscribe("dir")
         self._dir_read: dict[str, Any] | None = None  # dir.workers as read (``_listed``)
-        # what is derived from that read of dir (``_from_dir``): the listed dict it came
-        # from, the workers as Peers, the largest size advertised per model
-        self._derived: tuple[dict[str, Any] | None, dict[str, Peer], dict[str, str]] = (
-            None,
-            {},
-            {},
-        )
+        self._derived = FromDir(None)  # from that read of dir (``_from_dir``)
+        self._prices: tuple[dict[str, Any] | None] | None = None  # prices() once per dir
+        self._enc_key = str(self._session_key.fields()["encKey"])  # in every header
         self._tracks: dict[str, Track] = {}
         self._ended: set[str] = set()
         self._balances: list[asyncio.Future[int]] = []
@@ -178,21 +193,22 @@ class V3Asker:
     # ------------------------------------------------------------------ the market
     def workers(self) -> list[Peer]:
         """The workers advertised in ``dir`` (as the v2 policies see them)."""
-        return list(self._from_dir()[0].values())
+        return list(self._from_dir().peers.values())
 
-    def _from_dir(self) -> tuple[dict[str, Peer], dict[str, str]]:
-        """The workers of ``dir`` as Peers, by id, and the largest size advertised per
-        model (``max_price``, filled as asked): made again only once ``dir`` changed,
-        not for every task (a client asks for the workers before each task)."""
+    def _from_dir(self) -> FromDir:
+        """The workers of ``dir`` as Peers, by id; the largest size advertised per model
+        (``max_price``) and the workers fit for a kind of task (``_candidates``), filled
+        as asked: made again only once ``dir`` changed, not for every task (a client
+        asks for the workers before each task)."""
         from .broker import worker_peer  # the one place that maps an advert to a Peer
 
         listed = self._listed()
-        if self._derived[0] is not listed:
+        if self._derived.listed is not listed:
             peers = {
                 i: worker_peer(a) for i, a in listed.items() if isinstance(a, dict) and "id" in a
             }
-            self._derived = (listed, peers, {})
-        return self._derived[1], self._derived[2]
+            self._derived = FromDir(listed, peers)
+        return self._derived
 
     def _listed(self) -> dict[str, Any]:
         """``dir.workers`` as a dict (never to be changed: it is shared), read again only
@@ -243,20 +259,18 @@ class V3Asker:
         adverts check, drawn at random (the broker picks among them first: the same
         first few for every task would pile the tasks on them): id -> session key."""
         model, needs = task.get(TaskField.MODEL) or None, required(task)
-        peers = self._from_dir()[0]
-        listed = list(self._listed().items())
-        random.shuffle(listed)
-        found: dict[str, PublicKey] = {}
-        for id_, raw in listed:
-            if len(found) >= MAX_CANDIDATES:
-                break
-            if not isinstance(raw, dict) or raw.get("state") == "busy":
-                continue
-            key = self._key_of(id_, raw)
-            peer = peers.get(id_)
-            if key is not None and peer is not None and fits(peer, model, needs):
-                found[id_] = key
-        return found
+        derived = self._from_dir()
+        fitting = derived.fitting.get((model, needs))
+        if fitting is None:
+            fitting = derived.fitting[(model, needs)] = []
+            for id_, raw in (derived.listed or {}).items():
+                if not isinstance(raw, dict) or raw.get("state") == "busy":
+                    continue
+                key = self._key_of(id_, raw)
+                peer = derived.peers.get(id_)
+                if key is not None and peer is not None and fits(peer, model, needs):
+                    fitting.append((id_, key))
+        return dict(random.sample(fitting, min(MAX_CANDIDATES, len(fitting))))
 
     # ------------------------------------------------------------------ tasks
     def submit(self, task: dict[str, Any], watch: Watch) -> None:
@@ -274,14 +288,15 @@ class V3Asker:
             Header.DATE: task[TaskField.DATE],
             Header.DEADLINE: task[TaskField.DEADLINE],
             Header.NEEDS: sorted(required(task)),
-            Header.KEY: self._session_key.fields()["encKey"],
+            Header.KEY: self._enc_key,
             Header.CANDIDATES: sorted(candidates) or None,
         }
         header = sign_header(self.identity, {k: v for k, v in fields.items() if v is not None})
+        hashed = header_hash(header)
         key = new_task_key()
-        grants = seal_grants(key, header, candidates)
+        grants = seal_grants(key, header, candidates, hashed)
         granted = {w: bytes(pk) for w, pk in candidates.items()}
-        self._tracks[tid] = Track(watch, task, header, key, granted)
+        self._tracks[tid] = Track(watch, task, header, hashed, key, granted)
         prompt = self.session.own(prompt_doc(self.id, tid), new=True)  # tid: made now
         with prompt.transaction():
             fields_map = prompt.get(PROMPT, type=Map)
@@ -296,11 +311,14 @@ class V3Asker:
 
     def prices(self) -> dict[str, Any] | None:
         """The price rule the market publishes (``dir.market.prices``); None in a market
-        that counts no credits."""
-        market = self._dir.get("market", type=Map).get("prices") if self._dir else None
-        if isinstance(market, Map):
-            market = market.to_py()
-        return market if isinstance(market, dict) else None
+        that counts no credits. Read again only once ``dir`` changed (never to be
+        changed: it is shared)."""
+        if self._prices is None:
+            market = self._dir.get("market", type=Map).get("prices") if self._dir else None
+            if isinstance(market, Map):
+                market = market.to_py()
+            self._prices = (market if isinstance(market, dict) else None,)
+        return self._prices[0]
 
     def price_of(self, worker: str, model: str, prompt_tokens: int, tokens: int) -> int | None:
         """A run's price by the published rule, at the size ``worker`` advertises for
@@ -318,7 +336,7 @@ class V3Asker:
         if prompt_bytes is None:
             prompt_bytes = len(json.dumps(task, ensure_ascii=False).encode())
         model = task.get(TaskField.MODEL) or ANY_MODEL
-        tops = self._from_dir()[1]
+        tops = self._from_dir().tops
         top = tops.get(model)
         if top is None:
             sizes = [self._params(w, model) for w in self._listed()] or [pricing.DEFAULT_PARAMS]
@@ -377,9 +395,7 @@ class V3Asker:
             if not future.done() and isinstance(value, int):
                 future.set_result(value)
 
-    def _sign(
-        self, tid: str, track: Track, chunks: Array[Any], usage: dict[str, int]
-    ) -> int | None:
+    def _sign(self, tid: str, track: Track, usage: dict[str, int]) -> int | None:
         """The receipt of a run read whole (its final chunk checked): written in the
         prompt document, where the worker reads it (credits.md §3). Returns its price
         (what the market settles from it), None when none was signed."""
@@ -401,8 +417,9 @@ class V3Asker:
                 track.worker,
                 int(usage.get(TaskField.PROMPT_TOKENS, 0)),
                 int(usage.get(TaskField.COMPLETION_TOKENS, 0)),
-                run_hash(bytes(c) for c in chunks),
+                track.run.value(),
                 self._params(track.worker, str(track.header.get(Header.MODEL))),
+                track.hashed,
             )
         except (ClaimError, pricing.PriceError) as exc:
             log.warning("task %s: no receipt signed: %s", tid, exc)
@@ -425,7 +442,7 @@ class V3Asker:
             return
         grants = doc.get(PROMPT, type=Map).get(GRANTS)
         if isinstance(grants, Map):
-            grants[worker] = seal_grant(track.key, track.header, key)
+            grants[worker] = seal_grant(track.key, track.header, key, track.hashed)
             track.granted[worker] = bytes(key)
 
     def abort(self, tid: str) -> None:
@@ -465,8 +482,8 @@ class V3Asker:
             else:
                 self._not_admitted()
             return
-        if event.kind is not EventKind.CHANGED and event.kind is not EventKind.NEW:
-            return
+        if event.kind is not EventKind.CHANGED:
+            return  # a NEW document is followed by its CHANGED at once: read once, then
         name = event.name
         if name == inbox(self.id):
             self._watch_inbox()  # a new epoch is a new Doc
@@ -475,7 +492,7 @@ class V3Asker:
                 if tid in self._tracks:
                     self._status(tid)
         elif name == "dir":  # an advert came: a grant or a reader may wait for it
-            self._dir_read = None
+            self._dir_read = self._prices = None
             for tid, track in list(self._tracks.items()):
                 if track.worker:  # a grant (or a new one) or the reader may wait for it
                     self._status(tid)
@@ -504,6 +521,7 @@ class V3Asker:
                 if old in self.session.docs:
                     self.session.unsubscribe(old)
             track.worker, track.attempt, track.read, track.reader = worker, attempt, 0, None
+            track.run = RunHash()
             track.watch.feed(attempt, "")
             self._grant(tid, track, worker)
             self._run(tid)
@@ -527,22 +545,29 @@ class V3Asker:
         doc = self.session.docs.get(run_doc(track.worker, tid, track.attempt))
         if doc is None:
             return
+        with doc.transaction():  # one for every read below, not one per read
+            final = self._ran(tid, track, doc)
+        if final is not None:
+            final[TaskField.RESPONSE] = track.watch.delivered
+            self._end(tid, track, final)
+
+    def _ran(self, tid: str, track: Track, doc: Doc[Any]) -> dict[str, Any] | None:
+        """The chunks of the run not read yet fed to the watch; the task's final state
+        once the run ended, else None."""
         run = doc.get(RUN, type=Map)
         state = run.get(RunField.STATE)
         try:
             last = self._read(tid, track, doc.get(CHUNKS, type=Array), run.get(RunField.SALT))
             if state not in FINAL_RUNS:
-                return
+                return None
             final = {**track.task, TaskField.STATE: state, TaskField.WORKER: track.worker}
-            for field in (RunField.ERROR, RunField.ERROR_CODE, RunField.END):
-                value = run.get(field)
+            for field_ in (RunField.ERROR, RunField.ERROR_CODE, RunField.END):
+                value = run.get(field_)
                 if value is not None:
-                    final[field] = value
+                    final[field_] = value
             if state == RunState.DONE.value:
                 final.update(self._answer(tid, track, last, run.get(RunField.USAGE)))
-                price = self._sign(
-                    tid, track, doc.get(CHUNKS, type=Array), final[TaskField.USAGE] or {}
-                )
+                price = self._sign(tid, track, final[TaskField.USAGE] or {})
                 if price is not None and self.prices() is not None:  # a market with credits
                     final[TaskField.PRICE] = price
         except CryptoError as exc:
@@ -555,8 +580,7 @@ class V3Asker:
                 TaskField.ERROR_CODE: ErrorCode.UNREADABLE.value,
                 TaskField.END: now_ms(),
             }
-        final[TaskField.RESPONSE] = track.watch.delivered
-        self._end(tid, track, final)
+        return final
 
     def _read(self, tid: str, track: Track, chunks: Array[Any], salt: Any) -> Final | None:
         """Open the chunks not read yet, feeding their text to the watch; the final
@@ -578,7 +602,9 @@ class V3Asker:
             track.read += 1
             if not isinstance(chunk, (bytes, bytearray)):
                 raise CryptoError(f"run {tid}.{track.attempt}: chunk {track.read - 1} is not bytes")
-            opened = track.reader.feed(bytes(chunk))
+            raw = bytes(chunk)
+            track.run.update(raw)
+            opened = track.reader.feed(raw)
             text.append(opened.text if isinstance(opened, Final) else opened)
         track.watch.feed(track.attempt, "".join(text))
         return track.reader.final

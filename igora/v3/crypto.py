@@ -265,31 +265,37 @@ def open_prompt(key: bytes, tid: str, asker: str, ct: bytes) -> dict[str, Any]:
 # --- grants --------------------------------------------------------------------------
 
 
-def _header_digest(header: dict[str, Any]) -> bytes:
-    return unb64url(header_hash(header), HASH_BYTES, "header hash")
+def _header_digest(header: dict[str, Any], hashed: str | None = None) -> bytes:
+    return unb64url(header_hash(header) if hashed is None else hashed, HASH_BYTES, "header hash")
 
 
-def seal_grant(key: bytes, header: dict[str, Any], worker_key: PublicKey) -> bytes:
+def seal_grant(
+    key: bytes, header: dict[str, Any], worker_key: PublicKey, hashed: str | None = None
+) -> bytes:
     """A grant of task key ``key`` to the worker whose session key is ``worker_key``
     (checked by the caller with ``verify_session_key``): a sealed box of ``K (32) ‖
-    H(header) (32) ‖ tid``, 128 bytes for a 16-character task id."""
-    return SealedBox(worker_key).encrypt(_grant_plaintext(key, header))
+    H(header) (32) ‖ tid``, 128 bytes for a 16-character task id. ``hashed``: the
+    header's ``header_hash``, when the caller has it already."""
+    return SealedBox(worker_key).encrypt(_grant_plaintext(key, header, hashed))
 
 
 def seal_grants(
-    key: bytes, header: dict[str, Any], worker_keys: dict[str, PublicKey]
+    key: bytes,
+    header: dict[str, Any],
+    worker_keys: dict[str, PublicKey],
+    hashed: str | None = None,
 ) -> dict[str, bytes]:
     """``seal_grant`` to each worker of ``worker_keys`` (id -> session key), the
-    header's hash computed once."""
-    plaintext = _grant_plaintext(key, header) if worker_keys else b""
+    header's hash computed once (or given: ``hashed``)."""
+    plaintext = _grant_plaintext(key, header, hashed) if worker_keys else b""
     return {w: SealedBox(pk).encrypt(plaintext) for w, pk in worker_keys.items()}
 
 
-def _grant_plaintext(key: bytes, header: dict[str, Any]) -> bytes:
+def _grant_plaintext(key: bytes, header: dict[str, Any], hashed: str | None = None) -> bytes:
     tid = header.get("id") if isinstance(header, dict) else None
     if not isinstance(tid, str):
         raise CryptoError("a grant needs a header with its task id")
-    return _key(key) + _header_digest(header) + _text(tid, "task id")
+    return _key(key) + _header_digest(header, hashed) + _text(tid, "task id")
 
 
 class Granted(NamedTuple):

@@ -16,6 +16,7 @@ A name may end in ``@<epoch>`` (a replaced long-lived document, §9); no suffix 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -97,8 +98,11 @@ class DocName:
         return self.name.partition("@")[0]
 
 
+@functools.lru_cache(maxsize=4096)
 def parse(name: str) -> DocName:
-    """The document a name designates; ``DocumentError`` if none."""
+    """The document a name designates; ``DocumentError`` if none. Remembered for the
+    last 4,096 names (a ``DocName`` never changes): a name is read again at every frame
+    of its document and every local write to it, ~5 µs each."""
     base, at, suffix = name.partition("@")
     epoch = 0
     if at:

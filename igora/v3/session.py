@@ -9,7 +9,10 @@ checks the market's key, then documents:
 - ``subscribe(name)`` / ``subscribe(prefix, prefix=True)`` / ``unsubscribe``: documents
   it reads, each kept as a ``Doc`` the market's updates are applied to. Documents the
   market sends without a subscription by name (a prefix's, or attached by the broker,
-  §5) get a ``Doc`` when their first update arrives.
+  §5) get a ``Doc`` when their first update arrives. Only owned documents are observed:
+  an observer makes pycrdt encode every update applied (about twice the cost of applying
+  one, for every update the market sends), so a document only read and written locally
+  changes this copy alone.
 - ``observe(callback)`` / ``events()``: what happens, as ``Event``s: a document appeared
   or changed, a subscription was refused (``NOTICE`` 403), a document was dropped (410:
   its ``Doc`` is forgotten), the connection came or went, or the session gave up.
@@ -297,7 +300,6 @@ class Session:
         self._fresh: set[str] = set()
         self._doc_subs: dict[str, Subscription] = {}
         self._drops: set[str] = set()  # dropped while disconnected: sent after WELCOME
-        self._unsent: set[str] = set()  # docs written locally that this session cannot send
         self._observers: list[Callable[[Event], None]] = []
         self._outbox: Outbox | None = None
         self._ws: ClientConnection | None = None
@@ -367,7 +369,6 @@ class Session:
             raise DocumentError(f"{name} is not a document this session owns (ids: {self._who})")
         if name not in self._owned:
             self._owned.add(name)
-            self._unsent.discard(name)
             if not new and self._sendable(name):
                 self._put(self._step1(name))  # the market sends back what it holds of it
         return self._doc(name)
@@ -541,9 +542,12 @@ class Session:
             parse(name)
 
     def _doc(self, name: str) -> Doc[Any]:
+        """The ``Doc`` of ``name``, made if none; observed if owned (its local writes go
+        to the market), else not (module docstring)."""
         doc = self.docs.get(name)
         if doc is None:
             doc = self.docs[name] = Doc()
+        if name in self._owned and name not in self._doc_subs:
             self._doc_subs[name] = doc.observe(lambda event: self._local(name, event))
         return doc
 
@@ -574,16 +578,13 @@ class Session:
             doc.unobserve(sub)
 
     def _local(self, name: str, event: TransactionEvent) -> None:
+        """A transaction on owned ``name`` (observed only while owned: ``_doc``)."""
         if name == self._applying:
             return  # the market's: not sent back
-        if name in self._owned:
-            if self._sendable(name):
-                self._put(encode(DocFrame(name, Sync.UPDATE, event.update)))
-            if name[:2] not in ("p/", "r/"):  # long-lived: replaced after many deletions
-                self._count_deletions(name, event)
-        elif name not in self._unsent:
-            self._unsent.add(name)
-            log.warning("%s: %s written locally is not sent: not owned (own() it)", self.name, name)
+        if self._sendable(name):
+            self._put(encode(DocFrame(name, Sync.UPDATE, event.update)))
+        if name[:2] not in ("p/", "r/"):  # long-lived: replaced after many deletions
+            self._count_deletions(name, event)
 
     def _sendable(self, name: str) -> bool:
         """Whether this connection may send ``name`` now (anything else would be closed

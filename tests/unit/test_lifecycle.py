@@ -8,7 +8,7 @@ import pytest
 
 from igora import lifecycle
 from igora.protocol import ABORTED_MARK, ErrorCode, MapName, State, TaskField, validate_task
-from igora.task_handle import error_code
+from igora.task_handle import RESTART_TEXT, Watch, error_code
 
 NOW = 1_000_000
 WORKER, BROKER = "worker-1", "broker-1"
@@ -275,3 +275,16 @@ def test_the_client_reads_the_code_not_the_sentence(
     final: dict[str, Any], code: ErrorCode | None
 ) -> None:
     assert error_code(final) is code
+
+
+def test_a_watch_queues_pieces_only_for_a_caller_that_reads_them() -> None:
+    """``chat`` without ``stream`` reads only the final state (whose text is the watch's
+    ``delivered``): neither its pieces nor a restart's marker are queued for it."""
+    streamed, whole = Watch("t", pieces=True), Watch("t", pieces=False)
+    for watch in (streamed, whole):
+        watch.feed(1, "Hel")
+        watch.feed(1, "lo")
+        watch.feed(2, "Hi")
+    assert [streamed.queue.get_nowait() for _ in range(4)] == ["Hel", "lo", RESTART_TEXT, "Hi"]
+    assert whole.queue.empty()
+    assert whole.delivered == streamed.delivered == "Hi"
