@@ -135,16 +135,31 @@ class BoardKeeper:
                 self.live[tid] = r
         self._counted.intersection_update(rows.keys())  # a header gone is not read again
 
-    def gone(self, tid: str, last: dict[str, Any] | None, run: dict[str, Any] | None) -> None:
+    def gone(
+        self,
+        tid: str,
+        last: dict[str, Any] | None,
+        run: dict[str, Any] | None,
+        status: dict[str, Any] | None = None,
+    ) -> None:
         """A task's header left (its asker read the end): its last row, updated with
-        its worker's run (which may have ended in the same batch as the header left)."""
+        its ``status`` (its row may be from the turn that assigned it, read before the
+        assignment: a short task ends before the next turn) and its worker's run (which
+        may have ended in the same batch as the header left)."""
         if tid in self._counted or last is None:
             return
         r = dict(last)
+        if status:
+            worker = status.get(Status.WORKER)
+            if isinstance(worker, str):
+                r["worker"] = worker
+            r["attempt"] = _int(status.get(Status.ATTEMPT)) or r["attempt"]
+            r["start"] = r["start"] or _int(status.get(Status.START))
         if run:
             prompt_tokens, tokens = usage_counts(run)
             state = run.get(RunField.STATE)
             r["state"] = state if state in FINAL_RUNS else r["state"]
+            r["start"] = _int(run.get(RunField.START)) or r["start"]
             r["end"] = _int(run.get(RunField.END)) or r["end"]
             if state == RunState.DONE.value:
                 r["tokens"], r["promptTokens"] = tokens, prompt_tokens

@@ -331,7 +331,7 @@ class V3Broker:
             # its asker read the end (and deleted the header), perhaps in the batch the
             # run ended in: its last row, with the run as it ended
             last = statuses.get(tid, ("", {}))[1]
-            self.board.gone(tid, self.board.live[tid], self._run_of(tid, last))
+            self.board.gone(tid, self.board.live[tid], self._run_of(tid, last), last)
         leased_for = time.monotonic() - (self._leased_at or time.monotonic())
         if self._leased_at is not None and leased_for > SETTLE:
             self._cleanup(headers, statuses)  # before this turn's writes: statuses are as read

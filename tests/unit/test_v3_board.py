@@ -106,6 +106,17 @@ def test_a_task_that_ended_in_the_batch_its_header_left_is_counted_with_its_run(
     assert keeper.summary(now=2_000)["counts"]["aborted"] == 1
 
 
+def test_a_task_that_ended_before_the_turn_after_its_assignment_names_its_worker() -> None:
+    """The turn that assigns a task read its row before the assignment; an echo task may
+    end, and its header leave, before the next turn: its worker comes from its status."""
+    keeper = BoardKeeper(since=0)
+    keeper.turn({tid(1): row(header(tid(1)), None, None)})  # waiting, then assigned
+    keeper.gone(tid(1), keeper.live.get(tid(1)), run("done", 5), assigned())
+    done = keeper.summary(now=2_000)["tasks"][0]
+    assert (done["state"], done["worker"], done["attempt"]) == ("done", WORKER, 1)
+    assert (done["start"], done["end"], done["tokens"]) == (1_200, 1_500, 5)
+
+
 def test_the_summary_is_written_at_most_every_second_and_only_when_it_changed() -> None:
     keeper = BoardKeeper(since=0)
     keeper.turn({tid(1): row(header(tid(1)), None, None)})
