@@ -142,20 +142,12 @@ def worker_knows(
     }
 
 
-def completed(
-    written: dict[str, Any],
-    market: str,
-    header: dict[str, Any],
-    attempt: int,
-    worker: str,
-    run: str,
-    hashed: str | None = None,
-) -> dict[str, Any]:
+def completed(written: dict[str, Any], knows: dict[str, Any]) -> dict[str, Any]:
     """The whole receipt a worker claims with: what its asker wrote (``Receipt.written``,
     or a whole receipt, as an asker of before wrote: a field written wins) over what the
-    worker knows of the run. Nothing is checked here: a receipt completed wrongly fails
-    the market's signature check, as a forged one does."""
-    return {**worker_knows(market, header, attempt, worker, run, hashed), **written}
+    worker ``knows`` of the run (``worker_knows``). Nothing is checked here: a receipt
+    completed wrongly fails the market's signature check, as a forged one does."""
+    return {**knows, **written}
 
 
 @dataclass(frozen=True)

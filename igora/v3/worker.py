@@ -35,7 +35,7 @@ from typing import Any
 from nacl.public import PublicKey
 from pycrdt import Array, Doc, Map
 
-from ..credits.receipts import completed, run_hash
+from ..credits.receipts import completed, run_hash, worker_knows
 from ..engines.base import Engine, EngineError, EngineUnavailable, Finish
 from ..identity import Identity, IdentityError, unb64url
 from ..lifecycle import usage
@@ -309,8 +309,7 @@ class V3Worker:
             with contextlib.suppress(SignatureError):  # Yjs gives floats: as signed
                 written = plain(written)
             assert job.header is not None
-            receipt = completed(
-                written,
+            knows = worker_knows(
                 self.session.market or "",
                 job.header,
                 job.run.attempt,
@@ -318,6 +317,7 @@ class V3Worker:
                 job.run_hash,
                 job.header_hash,
             )
+            receipt = completed(written, knows)
             self._send_claim((tid, job.run.attempt, True), self._claim_body(job, receipt))
 
     def _claimed(self, event: Event) -> None:

@@ -19,6 +19,7 @@ from igora.credits.receipts import (
     Receipt,
     completed,
     run_hash,
+    worker_knows,
 )
 from igora.identity import b64url
 from igora.protocol import CanonicalError, canonical
@@ -155,19 +156,19 @@ def test_the_receipt_written_for_the_worker_is_what_it_does_not_know() -> None:
     r = receipt(ASKER, WORKER, head)
     assert set(r.written()) == set(WRITTEN) == {"promptTokens", "completionTokens", "price", "sig"}
     run = run_hash([b"chunk-0", b"chunk-1"])  # the worker's own chunks: those the asker read
-    whole = completed(written_through_yjs(r), MARKET.id, head, 1, WORKER.id, run)
+    whole = completed(written_through_yjs(r), worker_knows(MARKET.id, head, 1, WORKER.id, run))
     assert whole == r.to_json()
     # the header's hash given (the worker has it from its grant's check): the same receipt
     hashed = verify_header(head)
-    assert completed(written_through_yjs(r), MARKET.id, head, 1, WORKER.id, run, hashed) == whole
+    knows = worker_knows(MARKET.id, head, 1, WORKER.id, run, hashed)
+    assert completed(written_through_yjs(r), knows) == whole
     settled = Claim.parse({"header": head, "attempt": 1, "receipt": whole}).check(
         WORKER.id, MARKET.id, PARAMS
     )
     assert settled.price == 1_260
     # a whole receipt (an asker of before) is kept as written: its fields win
-    assert completed(r.to_json(), "", {**head, "model": "x"}, 9, OTHER_WORKER.id, "") == (
-        r.to_json()
-    )
+    others = worker_knows("", {**head, "model": "x"}, 9, OTHER_WORKER.id, "")
+    assert completed(r.to_json(), others) == r.to_json()
 
 
 @pytest.mark.parametrize(
@@ -187,9 +188,8 @@ def test_a_receipt_completed_with_what_the_asker_did_not_sign_is_refused(
     mine = {"market": MARKET.id, "attempt": 1, "worker": WORKER.id}
     mine["run"] = run_hash([b"chunk-0", b"chunk-1"])
     args = {**mine, **knows}
-    whole = completed(
-        written_through_yjs(r), args["market"], head, args["attempt"], args["worker"], args["run"]
-    )
+    knows = worker_knows(args["market"], head, args["attempt"], args["worker"], args["run"])
+    whole = completed(written_through_yjs(r), knows)
     c = Claim.parse({"header": head, "attempt": args["attempt"], "receipt": whole})
     assert refused(c, claimer=args["worker"]) is Reason.RECEIPT_SIGNATURE
 
