@@ -380,7 +380,7 @@ class Claim:
         once ``--receipt-wait`` has passed without a receipt)."""
         header = self.header
         try:
-            verify_header(header)
+            hashed = verify_header(header)
         except HeaderError as exc:
             raise ClaimError(Reason.HEADER_SIGNATURE, str(exc)) from None
         receipt = self.receipt
@@ -397,7 +397,7 @@ class Claim:
         if claimer != receipt.worker:
             raise ClaimError(Reason.WRONG_WORKER, "the claimer is not the receipt's worker")
         theirs = (receipt.market, receipt.task, receipt.attempt, receipt.header, receipt.model)
-        ours = (market, header["id"], self.attempt, header_hash(header), header["model"])
+        ours = (market, header["id"], self.attempt, hashed, header["model"])
         names = ("market", "task", "attempt", "header", "model")
         for name, a, b in zip(names, theirs, ours, strict=True):
             if a != b:
