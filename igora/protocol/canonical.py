@@ -21,10 +21,10 @@ def _utf16(key: str) -> bytes:
     return key.encode("utf-16-be", "surrogatepass")
 
 
-_PLAIN = (str, int, bool, type(None))
+PLAIN = (str, int, bool, type(None))
 """Types that stand for themselves in JSON (exactly these: not an IntEnum, not a str
 subclass), which ``_normal`` passes without a call of its own (it runs on every header,
-receipt and ledger entry)."""
+receipt and ledger entry), as ``igora.v3.signed.plain`` does."""
 
 
 def _normal(value: Any, depth: int) -> Any:
@@ -47,12 +47,12 @@ def _normal(value: Any, depth: int) -> Any:
         out = {}
         for k in keys:
             v = value[k]
-            out[k] = v if type(v) in _PLAIN else _normal(v, depth + 1)
+            out[k] = v if type(v) in PLAIN else _normal(v, depth + 1)
         return out
     if isinstance(value, (list, tuple)):
         if value and depth == 32:
             raise CanonicalError("nested deeper than 32")
-        return [v if type(v) in _PLAIN else _normal(v, depth + 1) for v in value]
+        return [v if type(v) in PLAIN else _normal(v, depth + 1) for v in value]
     if isinstance(value, float):
         raise CanonicalError(f"{value!r} is not an integer: canonical JSON has integers only")
     raise CanonicalError(f"a {type(value).__name__} is not JSON")

@@ -330,7 +330,7 @@ def open_grant(session: SessionKey, grant: bytes, header: dict[str, Any]) -> Gra
     if not hmac.compare_digest(granted, tid.encode("ascii")):
         shown = granted[:40].decode("utf-8", "replace")
         raise GrantError(f"the grant is for task {shown!r}, not for task {tid}")
-    if not hmac.compare_digest(digest, unb64url(hashed, HASH_BYTES, "header hash")):
+    if not hmac.compare_digest(digest, _header_digest(header, hashed)):
         raise GrantError(f"the grant for task {tid} was made for another header of that task")
     return Granted(key, hashed)
 

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from ..identity import BadSignature, Identity, IdentityError, b64url, unb64url, verify
-from ..protocol.canonical import CanonicalError
+from ..protocol.canonical import PLAIN, CanonicalError
 from ..protocol.canonical import canonical as protocol_canonical
 
 ADVERT = b"igora3-advert"
@@ -32,15 +32,10 @@ def plain(value: Any) -> Any:
             raise SignatureError("a signed object holds no NaN or Infinity")
         return int(value) if value.is_integer() else value
     if isinstance(value, dict):
-        return {k: v if type(v) in _AS_IS else plain(v) for k, v in value.items()}
+        return {k: v if type(v) in PLAIN else plain(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [v if type(v) in _AS_IS else plain(v) for v in value]
+        return [v if type(v) in PLAIN else plain(v) for v in value]
     return value
-
-
-_AS_IS = (str, int, bool, type(None))
-"""What ``plain`` returns unchanged, passed without a call each (a header is checked by
-every role, and by the market in each claim)."""
 
 
 def canonical(body: dict[str, Any]) -> bytes:
