@@ -41,6 +41,13 @@ def echo_market(cluster: Cluster) -> Cluster:
     cluster.broker()
     cluster.worker()
     cluster.wait_agents("worker", 1)
+    wait_active_broker(cluster)
+    return cluster
+
+
+def wait_active_broker(cluster: Cluster) -> None:
+    """A broker on the market that took the lead: a task put before would wait for it,
+    its deadline running."""
     cluster.wait_agents("broker", 1)
     wait_until(
         lambda: any(b.get("leader") for b in cluster.agents("broker")),
@@ -48,7 +55,6 @@ def echo_market(cluster: Cluster) -> Cluster:
         "an active broker",
         cluster,
     )
-    return cluster
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 from igora import Client, TaskFailed, TaskTimeout
 from igora.protocol import MapName, State, TaskField, now_ms
 
-from .conftest import ROOT, Cluster
+from .conftest import ROOT, Cluster, wait_active_broker
 from .faults import archived_async, observer, put, raw_task, wait_for
 
 LONG = 400  # tokens; at 0.05 s each the answer would take 20 s
@@ -26,7 +26,7 @@ def slow_market(cluster: Cluster) -> None:
     cluster.broker()
     cluster.worker("--delay", "0.05", name="w")
     cluster.wait_agents("worker", 1)
-    cluster.wait_agents("broker", 1)
+    wait_active_broker(cluster)  # the 2 s deadline below must not run while one is chosen
 
 
 async def test_task_of_a_killed_client_is_aborted_and_frees_the_worker_slot(

@@ -27,8 +27,10 @@ from igora.market.replicas import Replicas, RoomLink
 from igora.market.room import MarketRoom
 from igora.market.store import Store
 from igora.protocol import MapName
-from igora.testing import Cluster, Proc, RedisServer, free_port, wait_for, wait_until
+from igora.testing import Cluster, Proc, RedisServer, free_port, wait_for
 from tests.market_peers import NodePeer, agent, ensure_node_modules, entry, until
+
+from .conftest import wait_active_broker
 
 
 @pytest.fixture
@@ -60,15 +62,6 @@ def agents_seen(cluster: Cluster, port: int, type: str) -> list[str]:
     ]
 
 
-def wait_leader(cluster: Cluster) -> None:
-    wait_until(
-        lambda: any(b.get("leader") for b in cluster.agents("broker")),
-        20,
-        "an active broker",
-        cluster,
-    )
-
-
 def replica_of(proc: Proc, cluster: Cluster) -> int:
     """The index of the replica a role (started at debug level) is connected to now."""
     found = re.findall(r"connected to ws://127\.0\.0\.1:(\d+)/", proc.log())
@@ -94,7 +87,7 @@ async def test_three_replicas_complete_tasks_with_roles_spread_over_them(three: 
             f"replica on {port} to see both workers and the broker",
             three,
         )
-    wait_leader(three)
+    wait_active_broker(three)
     for i in range(3):  # a client on each replica
         async with Client(url_of(three, i), name=f"asker{i}") as client:
             answers = await asyncio.gather(*(client.chat(f"q{i}-{k}") for k in range(5)))
@@ -116,7 +109,7 @@ async def test_kill_9_of_a_replica_with_50_tasks_in_flight_loses_none(three: Clu
     three.worker("--slots", "10", "--delay", "0.05", name="w2")
     three.worker("--slots", "10", "--delay", "0.05", name="w3")
     three.wait_agents("worker", 3)
-    wait_leader(three)
+    wait_active_broker(three)
     victim = replica_of(broker, three)  # the broker's replica: the broker moves too
     survivors = [p for i, p in enumerate(three.ports) if i != victim]
     # The client is on a replica that survives, so that the test counts its answers.
@@ -162,7 +155,7 @@ async def test_redis_restarted_mid_run_loses_no_task(three: Cluster, redis: Redi
     three.worker("--slots", "10", "--delay", "0.05", "--market", url_of(three, 1), name="w1")
     three.worker("--slots", "10", "--delay", "0.05", "--market", url_of(three, 2), name="w2")
     three.wait_agents("worker", 2)
-    wait_leader(three)
+    wait_active_broker(three)
     async with Client(url_of(three, 2), name="asker", timeout=90) as client:
         tasks = [asyncio.create_task(client.chat(f"#repeat 40 r{k}")) for k in range(30)]
         await asyncio.sleep(0.8)
