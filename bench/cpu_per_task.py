@@ -2,13 +2,15 @@
 
 ``python -m bench.cpu_per_task PROTOCOL WORKERS CLIENTS [--shared] [--duration S]
 [--spy DIR]`` starts a cluster as ``bench.throughput`` does (market, broker, WORKERS echo
-workers of 4 slots, CLIENTS closed loops in two load processes, or on one connection with
+workers of 4 slots, CLIENTS closed loops in its load processes, or on one connection with
 ``--shared``), and prints the cell's tasks/s and latency with the CPU time (user + system,
 from ``/proc/PID/stat``) each role spent during the window, per answer: the figure to
 compare before and after a change on a shared machine, where tasks/s follow the load of
-the other processes more than the code. ``--spy DIR`` also records ``py-spy`` profiles
-(raw format) of the market, the broker, the first worker and the first load process in
-``DIR`` (py-spy must be installed).
+the other processes more than the code. The main threads of the market and the broker
+are also given alone: each is one process, so on a machine with cores to spare the
+tasks/s of a cell cannot pass 1 ÷ the larger of the two. ``--spy DIR`` also records
+``py-spy`` profiles (raw format) of the market, the broker, the first worker and the first
+load process in ``DIR`` (py-spy must be installed).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .common import Cluster, cpu_seconds, pct
+from .common import Cluster, cpu_seconds, load_processes, pct
 
 
 async def cell(
@@ -31,7 +33,7 @@ async def cell(
         ws = [c.room_worker("--slots", "4", name=f"w{i}") for i in range(workers)]
         await c.wait_agents_async("worker", workers, timeout=180)
         await c.wait_agents_async("broker", 1, timeout=180)
-        procs = 1 if shared else min(2, clients)
+        procs = 1 if shared else load_processes(clients)
         share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         per_client = 0.06 if protocol == 2 else 0.3  # as bench.throughput
         start = time.time() + 3.0 + (0.0 if shared else per_client * clients)
@@ -61,8 +63,10 @@ async def cell(
                 spies.append(_spy(p.pid, spy / f"{name}.txt", duration))
             spies.append(_spy(loads[0].pid, spy / "asker.txt", duration))
         before = {r: sum(cpu_seconds(p.pid) for p in ps) for r, ps in roles.items()}
+        main0 = {r: cpu_seconds(ps[0].pid, ps[0].pid) for r, ps in roles.items()}
         await asyncio.sleep(duration)
         after = {r: sum(cpu_seconds(p.pid) for p in ps) for r, ps in roles.items()}
+        main1 = {r: cpu_seconds(ps[0].pid, ps[0].pid) for r, ps in roles.items()}
         for p in loads:
             while p.poll() is None:
                 await asyncio.sleep(0.2)
@@ -77,6 +81,10 @@ async def cell(
     n = max(len(lat), 1)
     spent = {r: after[r] - before[r] for r in roles}
     by_role = ", ".join(f"{r} {1000 * s / n:.2f}" for r, s in spent.items())
+    mains = {r: main1[r] - main0[r] for r in ("market", "broker")}
+    by_role += (
+        " (main threads: " + ", ".join(f"{r} {1000 * s / n:.2f}" for r, s in mains.items()) + ")"
+    )
     return (
         f"v{protocol} {workers} workers x {clients} clients{' (one connection)' if shared else ''}"
         f": {len(lat) / duration:.0f} tasks/s, p50 {1000 * pct(lat, 50):.1f} ms, "

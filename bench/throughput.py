@@ -24,7 +24,17 @@ import asyncio
 import json
 import time
 
-from .common import PROTOCOLS, Cluster, Section, Target, against_v2, ms, pct, table
+from .common import (
+    PROTOCOLS,
+    Cluster,
+    Section,
+    Target,
+    against_v2,
+    load_processes,
+    ms,
+    pct,
+    table,
+)
 
 NAME = "throughput"
 EVERY = 4.0
@@ -40,7 +50,7 @@ async def one(
     c: Cluster, clients: int, duration: float, shared: bool = False, every: float | None = None
 ) -> dict[str, float]:
     """One cell: ``clients`` closed loops, or with ``every`` open loops at that pace."""
-    procs = 1 if shared else min(2, clients)
+    procs = 1 if shared else load_processes(clients)
     share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     # protocol 3 clients connect one after the other (each reads its own identity)
     per_client = 0.06 if c.protocol == 2 else 0.3
@@ -181,7 +191,7 @@ async def run(quick: bool) -> Section:
         "count of workers, each in its own cluster (market, one broker, the workers).\n\n"
         "Closed loop (each client asks again as soon as its answer is in: tasks/s at "
         "saturation), each concurrent client with its own connection (each its own "
-        "`Client`, in two load processes):\n\n"
+        "`Client`, in two load processes, or one per two cores on a larger machine):\n\n"
         + table(HEADER, rows)
         + f"\n\n{shared_loops} concurrent askers sharing ONE connection (one `Client`, "
         f"{shared_loops} tasks in flight, as a gateway serves its users):\n\n"
@@ -205,7 +215,7 @@ async def run(quick: bool) -> Section:
         f"\n\nA closed loop measures the queue: with K loops each asking again at once, "
         f"latency ≥ K ÷ tasks/s (Little's law), so the {client_counts[-1]}-client rows above "
         "show saturation, not what each task costs. Open loop: each client (its own "
-        f"connection, in two load processes) asks once every {EVERY:g} s whether answered "
+        f"connection, in the same load processes) asks once every {EVERY:g} s whether answered "
         f"or not, the clients' first tasks spread evenly over the {EVERY:g} s, so "
         f"{open_clients} clients offer {offered:g} tasks/s; latency = from when a task was "
         "due to its answer, of every task due in the window (however late answered); "

@@ -52,7 +52,7 @@ async def cell(protocol: int, askers: int, duration: float) -> dict[str, float]:
             # time for the askers to connect (protocol 3's one after the other) under load
             start = time.time() + 5.0 + 0.4 * askers
             end = start + duration
-            others = askers - 1  # in two load processes, as in the throughput topic
+            others = askers - 1  # in two load processes (bytes, not speed: two suffice)
             shares = [n for n in (others - others // 2, others // 2) if n > 0]
             outs = [c.dir / f"load-{i}.json" for i in range(len(shares))]
             loads = [

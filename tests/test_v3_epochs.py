@@ -27,10 +27,12 @@ from igora.engines.echo import EchoEngine
 from igora.errors import NoWorkerError
 from igora.identity import Identity
 from igora.testing import Cluster, wait_for
+from igora.v3 import broker as broker_module
 from igora.v3.broker import V3Broker
 from igora.v3.epochs import REPLACE_AFTER
 from igora.v3.session import GONE_KEPT, EventKind, Session
-from igora.v3.tasks import prompt_doc
+from igora.v3.tasks import TASKS as TASK_ENTRIES
+from igora.v3.tasks import inbox, prompt_doc
 from igora.v3.worker import V3Worker
 
 ROOM = "v3"
@@ -158,6 +160,41 @@ def test_documents_stay_bounded_over_thousands_of_tasks(
             logs = room["bytes"]
             assert logs["a"] + logs["in"] + logs["w"] < 2 * REPLACE_AFTER * 1_000, logs
             assert set(logs) == {"a", "in", "w", "board", "dir", "who", "standing"}, logs
+
+    asyncio.run(main())
+
+
+def test_an_ended_task_leaves_the_inboxes_with_their_next_update(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """protocol-v3.md §7.2 step 10: the broker deletes an ended task's inbox entries with
+    its next write to each inbox (or after ``LINGER``), so an asker asking one task after
+    another gets one update of its inbox per task, not two (the deletion alone)."""
+    cluster.market("--v3-room", ROOM)
+    monkeypatch.setenv("IGORA_DATA", str(cluster.dir / "asker"))
+    monkeypatch.setattr(broker_module, "LINGER", 600.0)
+    asked = 6
+
+    async def main() -> None:
+        async with agents(cluster) as (_, worker, client):
+            assert client.v3 is not None
+            asker, box = client.v3.session, inbox(client.v3.id)
+            assert await client.chat("first") == "Echo: first"  # the inbox made (its sync)
+            await asyncio.sleep(broker_module.SETTLE)  # no cleanup in a lease's first second
+            updates: list[str] = []
+            asker.observe(lambda e: updates.append(e.name) if e.kind is EventKind.CHANGED else None)
+            for i in range(asked):
+                assert await client.chat(f"q{i}") == f"Echo: q{i}"
+                await asyncio.sleep(3 * broker_module.TICK)  # a turn or more in between
+            entries = asker.docs[box].get(TASK_ENTRIES, type=Map)
+            await wait_for(lambda: not client.v3.tracking, 10, "the last task forgotten")
+            assert updates.count(box) == asked  # each assignment took the previous deletion
+            assert len(entries) == 1  # the last task's status, until the next write...
+            assert len(worker.jobs) == 1
+            monkeypatch.setattr(broker_module, "LINGER", 0.2)  # ...or LINGER
+            await wait_for(lambda: len(entries) == 0, 10, "the last status deleted")
+            await wait_for(lambda: not worker.jobs, 10, "the last assignment deleted")
+            assert updates.count(box) == asked + 1
 
     asyncio.run(main())
 

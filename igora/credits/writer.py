@@ -39,14 +39,18 @@ class LedgerWriter:
         claimer: str,
         params: float | int | str,
         delivery: Delivery | None = None,
-    ) -> bool:
-        return bool(
-            await self._submit(lambda: self.ledger.settle(claim, claimer, params, delivery))
-        )
+    ) -> tuple[Settlement, bool]:
+        """Check ``claim`` (``ClaimError`` if refused) and record it: the settlement, and
+        whether it moved balances (False: that run was settled already). The check runs
+        in the writer's thread too: its signature checks are most of a claim's cost, and
+        they leave the event loop free (libsodium runs without the GIL)."""
 
-    async def record(self, settlement: Settlement) -> bool:
-        """Record a settlement checked already (``Claim.check``)."""
-        return bool(await self._submit(lambda: self.ledger.record(settlement)))
+        def op() -> tuple[Settlement, bool]:
+            settlement = claim.check(claimer, self.ledger.market, params, delivery)
+            return settlement, self.ledger.record(settlement)
+
+        result: tuple[Settlement, bool] = await self._submit(op)
+        return result
 
     async def grant(self, account: str, amount: int) -> bool:
         return bool(await self._submit(lambda: self.ledger.grant(account, amount)))

@@ -12,8 +12,8 @@ An assignment goes out as one turn: the worker's inbox entry, the asker's status
 two attaches (the prompt to the worker, the run to the asker). On gaining the lease it
 attaches again every live task's documents (the market keeps attachments in memory
 only). When an asker deletes a header (it read the answer) the broker removes both inbox
-entries. It also writes the room's ``board`` (``igora.v3.board``): counts and the last
-tasks, nothing of their text.
+entries, with its next write to each inbox (or after ``LINGER``). It also writes the
+room's ``board`` (``igora.v3.board``): counts and the last tasks, nothing of their text.
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ TURN_GAP = 1.0  # the pause after a turn, as a multiple of the time that turn to
 MAX_TURN_GAP = 0.02  # seconds: the longest such pause
 SETTLE = 1.0  # seconds after the lease before entries are cleaned up (the prefixes' state arrives)
 NEW_ASKER = 5.0  # seconds a header's asker counts as present before who lists it
+LINGER = 1.0
+"""Seconds an ended task's inbox entries may wait to be deleted with the next write to
+that inbox (protocol-v3.md §7.2 step 10): an asker in a closed loop then gets its next
+assignment and the previous task's deletion in one update, one frame, one apply."""
 _EPOCH = re.compile(r"epoch (\d+)")
 
 
@@ -132,6 +136,8 @@ class V3Broker:
         self._keys: dict[str, tuple[tuple[str, int], Any]] = {}  # tid -> ``_key_given``
         self._refused: set[str] = set()  # tids whose header did not verify (logged once)
         self._handed_back: dict[str, set[str]] = {}  # tid -> workers whose engine failed it
+        # tid -> (since, inboxes still holding its entries): tasks whose header left
+        self._leaving: dict[str, tuple[float, set[str]]] = {}
         self._adverts: dict[str, tuple[dict[str, Any], Peer]] = {}  # id -> advert checked
         # a map of a document as read, with the Doc it was read from: read again only
         # once the document changed (``_stale``) or its Doc is another
@@ -403,6 +409,7 @@ class V3Broker:
         matching = self._unservable(matching, attempts, workers)
         if matching:
             self._match(matching, attempts, workers, load, in_flight, now)
+        self._sweep()
         self.board.turn(rows)
         self._write_board()
 
@@ -604,28 +611,44 @@ class V3Broker:
     def _cleanup(
         self, headers: dict[str, dict[str, Any]], statuses: dict[str, tuple[str, Any]]
     ) -> None:
-        """Entries of tasks whose header left (the asker read the end, §7.2 step 10), and
-        workers' entries of tasks now elsewhere."""
+        """Entries of tasks whose header left (the asker read the end, §7.2 step 10), to
+        delete (``_sweep``), and workers' entries of tasks now elsewhere."""
+        now = time.monotonic()
         for tid, (asker, status) in statuses.items():
-            if tid in headers or f"a/{asker}" not in self.session.docs:
+            if tid in headers or tid in self._leaving or f"a/{asker}" not in self.session.docs:
                 continue
-            del self._inbox(asker)[tid]
+            holders = {inbox(asker)}
             worker = status.get(Status.WORKER)
             if isinstance(worker, str):
-                tasks = self._inbox(worker)
-                if tid in tasks:
-                    del tasks[tid]
+                holders.add(inbox(worker))
+            self._leaving[tid] = (now, holders)
             self._verified.pop(tid, None)
             self._keys.pop(tid, None)
             self._handed_back.pop(tid, None)
         for name in [n for n in self.session.docs if n.startswith("in/")]:
             agent = name[3:]
             for tid, entry in self._map(name, TASKS).items():
-                if not isinstance(entry, dict) or Status.STATE in entry:
-                    continue  # a status, not an assignment
+                if not isinstance(entry, dict) or Status.STATE in entry or tid in self._leaving:
+                    continue  # a status, not an assignment; or one ``_sweep`` deletes
                 owner = statuses.get(tid)
                 if owner is None or owner[1].get(Status.WORKER) != agent:
                     del self._inbox(agent)[tid]
+
+    def _sweep(self) -> None:
+        """Delete the entries of the tasks that left from the inboxes this turn writes
+        anyway, and from any inbox after ``LINGER`` s: one update fewer per task."""
+        if not self._leaving:
+            return
+        now = time.monotonic()
+        for tid, (since, holders) in list(self._leaving.items()):
+            late = now - since > LINGER
+            for name in [h for h in holders if late or h in self._writing]:
+                holders.discard(name)
+                tasks = self._inbox(name[3:])
+                if tid in tasks:
+                    del tasks[tid]
+            if not holders:
+                del self._leaving[tid]
 
 
 def _unservable(header: dict[str, Any], workers: list[Peer]) -> Unservable | None:

@@ -22,12 +22,13 @@ async def test_claims_arriving_together_commit_as_one_group(tmp_path: Path) -> N
     settled = await asyncio.gather(
         *(writer.settle(c, WORKERS[n % 4].id, PARAMS) for n, c in enumerate(claims))
     )
-    assert settled == [True] * 40
+    assert [moved for _, moved in settled] == [True] * 40
+    assert [s.task for s, _ in settled] == [c.header["id"] for c in claims]
     assert ledger.commits == 1  # forty runs, one transaction, one fsync
     again = await asyncio.gather(
         *(writer.settle(c, WORKERS[n % 4].id, PARAMS) for n, c in enumerate(claims))
     )
-    assert again == [False] * 40 and ledger.commits == 2
+    assert [moved for _, moved in again] == [False] * 40 and ledger.commits == 2
     await writer.close()
     assert ledger.verify_chain() == 120
     ledger.close()
@@ -40,7 +41,7 @@ async def test_a_refused_claim_fails_alone_and_its_caller_hears_why(tmp_path: Pa
     stolen = writer.settle(claim(ASKERS[0], WORKERS[0], 2), WORKERS[1].id, PARAMS)
     granted = writer.grant(ASKERS[1].id, 7_000)
     results = await asyncio.gather(good, stolen, granted, return_exceptions=True)
-    assert results[0] is True and results[2] is True
+    assert results[0][1] is True and results[2] is True
     assert isinstance(results[1], ClaimError) and results[1].reason is Reason.WRONG_WORKER
     assert ledger.count() == 4 and ledger.commits == 1
     await writer.close()

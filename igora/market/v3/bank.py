@@ -6,9 +6,9 @@ One ``Bank`` per market, over its ledger (``DATA/ledger.sqlite3``; in memory wit
 connections bring it (``CONTROL`` ops, protocol-v3.md §12 step 7):
 
 - a first handshake of an identity: its grant (``--grant``, once in its life);
-- ``claim`` with a receipt: checked (``Claim.check``) and settled at once; the answer, a
-  ``NOTICE`` 201 (settled, or already settled) or 422 with the refusal's reason, comes
-  once the group is on disk;
+- ``claim`` with a receipt: checked (``Claim.check``, in the ledger writer's thread) and
+  settled at once; the answer, a ``NOTICE`` 201 (settled, or already settled) or 422
+  with the refusal's reason, comes once the group is on disk;
 - ``claim`` without receipt (the worker's usage and run hash, sent only when no receipt
   paid the run: ``igora.v3.worker``): answered 202 and settled ``--receipt-wait``
   seconds later from the market's delivery record of the run, unless a receipt settled
@@ -268,8 +268,7 @@ class Bank:
         run = (room, _run_doc(claimer, claim.header, claim.attempt))
         paid = False
         try:
-            settlement = claim.check(claimer, self.market, params, delivery)
-            moved = await self.writer.record(settlement)
+            settlement, moved = await self.writer.settle(claim, claimer, params, delivery)
             paid = True
         except ClaimError as exc:
             log.info("credits: claim of task %s refused: %s", task["task"], exc)
