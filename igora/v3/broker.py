@@ -143,6 +143,8 @@ class V3Broker:
         # once the document changed (``_stale``) or its Doc is another
         self._read: dict[tuple[str, str], tuple[Doc[Any], dict[str, Any]]] = {}
         self._asker_headers: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        # tid -> (status, run, its board row): made again only when one of them changed
+        self._rows: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
         self._turn: contextlib.ExitStack | None = None  # a turn's open transactions
         self._writing: set[str] = set()  # inboxes with a transaction open this turn
         self._attaches: dict[str, list[str]] = {}  # to -> documents, sent at the turn's end
@@ -364,7 +366,7 @@ class V3Broker:
             ):
                 run = self._run_of(tid, status or {})
                 runs[tid] = run or {}
-            rows[tid] = board_row(header, status, run)
+            rows[tid] = self._row(tid, header, status, run)
             aborted = bool(self._map(f"a/{asker}", ABORTS).get(tid))
             # who is coalesced (50 ms): a header may come before its asker is in it
             date = number(header.get(Header.DATE)) or 0
@@ -406,12 +408,30 @@ class V3Broker:
             ):
                 load[worker] = load.get(worker, 0) + 1
                 in_flight[asker] = in_flight.get(asker, 0) + 1
+        if len(self._rows) > len(headers):  # tasks whose asker's document went
+            for tid in self._rows.keys() - headers.keys():
+                del self._rows[tid]
         matching = self._unservable(matching, attempts, workers)
         if matching:
             self._match(matching, attempts, workers, load, in_flight, now)
         self._sweep()
         self.board.turn(rows)
         self._write_board()
+
+    def _row(
+        self,
+        tid: str,
+        header: dict[str, Any],
+        status: dict[str, Any] | None,
+        run: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """A task's board row, as of this turn's reads (a header does not change)."""
+        known = self._rows.get(tid)
+        if known is not None and known[0] == status and known[1] == run:
+            return known[2]
+        made = board_row(header, status, run)
+        self._rows[tid] = (status, run, made)
+        return made
 
     def _write_board(self) -> None:
         """The board's summary, when due (``BoardKeeper.due``), once ``SETTLE`` s passed
@@ -623,6 +643,7 @@ class V3Broker:
                 holders.add(inbox(worker))
             self._leaving[tid] = (now, holders)
             self._verified.pop(tid, None)
+            self._rows.pop(tid, None)
             self._keys.pop(tid, None)
             self._handed_back.pop(tid, None)
         for name in [n for n in self.session.docs if n.startswith("in/")]:
