@@ -152,5 +152,6 @@ async def status(address: MarketAddress, *, as_json: bool = False) -> int:
     print(f"market {address.room_url}")
     print(_table(rows) if len(rows) > 1 else "no agents")
     print()
+    print("tasks in the room now, by state (an answered task leaves once its client read it):")
     print(_table([list(view["tasks"].keys()), [str(v) for v in view["tasks"].values()]]))
     return 0

@@ -61,6 +61,7 @@ def test_status_shows_agents_and_tasks(echo_market: Cluster) -> None:
     assert "worker" in run.stdout and "echo" in run.stdout
     assert "broker" in run.stdout and "(active)" in run.stdout
     assert "todo" in run.stdout and "failed" in run.stdout
+    assert "tasks in the room now, by state" in run.stdout
 
 
 def test_errors_are_one_clear_line_without_traceback(tmp_path: Path) -> None:
