@@ -30,6 +30,7 @@ from .common import (
     Section,
     Target,
     against_v2,
+    cpu_seconds,
     load_processes,
     ms,
     pct,
@@ -47,9 +48,15 @@ REFERENCE_TASKS = 5
 
 
 async def one(
-    c: Cluster, clients: int, duration: float, shared: bool = False, every: float | None = None
+    c: Cluster,
+    clients: int,
+    duration: float,
+    shared: bool = False,
+    every: float | None = None,
+    mains: tuple[int, int] = (0, 0),
 ) -> dict[str, float]:
-    """One cell: ``clients`` closed loops, or with ``every`` open loops at that pace."""
+    """One cell: ``clients`` closed loops, or with ``every`` open loops at that pace;
+    ``mains``: the market's and the broker's pids, whose main threads' CPU is measured."""
     procs = 1 if shared else load_processes(clients)
     share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     # protocol 3 clients connect one after the other (each reads its own identity)
@@ -76,9 +83,11 @@ async def one(
                 module="bench.load",
             )
         )
+    threads = asyncio.create_task(_main_threads(mains, start, duration))
     for p in loads:
         while p.poll() is None:
             await asyncio.sleep(0.2)
+    market_cpu, broker_cpu = await threads
     lat: list[float] = []
     answered = 0
     errors = 0
@@ -100,7 +109,18 @@ async def one(
         "errors": errors,
         "n": len(lat),
         "late": late,  # s the slowest load process connected after the window opened
+        # CPU of the one-thread roles per answer in the window (ms)
+        "market_ms": 1000 * market_cpu / answered if answered else float("nan"),
+        "broker_ms": 1000 * broker_cpu / answered if answered else float("nan"),
     }
+
+
+async def _main_threads(pids: tuple[int, int], start: float, duration: float) -> list[float]:
+    """CPU seconds the main thread of each of ``pids`` spent in the window."""
+    await asyncio.sleep(max(0.0, start - time.time()))
+    before = [cpu_seconds(p, p) if p else 0.0 for p in pids]
+    await asyncio.sleep(duration)
+    return [cpu_seconds(p, p) - b if p else 0.0 for p, b in zip(pids, before, strict=True)]
 
 
 async def grid(
@@ -117,14 +137,13 @@ async def grid(
     client in an open loop (keys ``WxK``, ``WxK-on-1``, ``WxK-open``)."""
     out = {}
     with Cluster(f"throughput-{w}", protocol) as c:
-        c.room_market()
-        c.room_broker()
+        mains = (c.room_market().pid, c.room_broker().pid)
         for i in range(w):
             c.room_worker("--slots", "4", name=f"w{i}")
         await c.wait_agents_async("worker", w, timeout=180)
         await c.wait_agents_async("broker", 1, timeout=180)
         for k in client_counts:
-            out[f"{w}x{k}"] = await one(c, k, duration)
+            out[f"{w}x{k}"] = await one(c, k, duration, mains=mains)
         out[f"{w}x{shared_loops}-on-1"] = await one(c, shared_loops, duration, shared=True)
         out[f"{w}x{open_clients}-open"] = await one(c, open_clients, open_window, every=EVERY)
         out[f"{w}x1-open"] = await one(c, 1, REFERENCE_TASKS * EVERY, every=EVERY)
@@ -142,6 +161,20 @@ def row(w: int, k: int, r2: dict[str, float], r3: dict[str, float]) -> list[obje
         f"{ms(r2['p50'])} / {ms(r3['p50'])}",
         f"{ms(r2['p99'])} / {ms(r3['p99'])}",
         f"{int(r2['errors'])} / {int(r3['errors'])}",
+    ]
+
+
+def ceiling_row(w: int, r2: dict[str, float], r3: dict[str, float]) -> list[object]:
+    """A cell's one-thread roles: CPU per answer, and 1 ÷ the larger of the two."""
+
+    def ceiling(r: dict[str, float]) -> str:
+        return f"{1000 / max(r['market_ms'], r['broker_ms']):.0f}"
+
+    return [
+        w,
+        f"{r2['market_ms']:.2f} / {r3['market_ms']:.2f}",
+        f"{r2['broker_ms']:.2f} / {r3['broker_ms']:.2f}",
+        f"{ceiling(r2)} / {ceiling(r3)}",
     ]
 
 
@@ -196,6 +229,20 @@ async def run(quick: bool) -> Section:
         + f"\n\n{shared_loops} concurrent askers sharing ONE connection (one `Client`, "
         f"{shared_loops} tasks in flight, as a gateway serves its users):\n\n"
         + table(HEADER, shared_rows)
+        + f"\n\nThe two roles that run as one thread each, in the closed-loop cells of "
+        f"{client_counts[-1]} clients: CPU per answer of the market's event loop and of the "
+        "broker (their main threads during the window, from `/proc`). Every other role "
+        "spreads over processes (the workers, the load processes), so on a machine with "
+        "cores to spare a cell cannot pass 1 ÷ the larger of the two (*ceiling*); on a "
+        "machine whose cores all the processes share, the total CPU per task decides "
+        "first.\n\n"
+        + table(
+            ["workers", "market loop ms v2 / v3", "broker ms v2 / v3", "ceiling tasks/s v2 / v3"],
+            [
+                ceiling_row(w, v2[f"{w}x{client_counts[-1]}"], v3[f"{w}x{client_counts[-1]}"])
+                for w in worker_counts
+            ],
+        )
     )
     open_rows = [
         [
