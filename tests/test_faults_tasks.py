@@ -6,6 +6,8 @@ agents keep serving.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +102,31 @@ async def test_task_running_past_its_deadline_ends_failed_and_worker_keeps_servi
         final = err.value.task
         assert final[TaskField.STATE] == State.FAILED.value
         assert 0 < len(final[TaskField.RESPONSE]) < 20 * LONG  # it ran, then was cut
+        assert await client.chat("after the deadline", timeout=60) == "Echo: after the deadline"
+
+
+async def test_task_the_broker_ends_at_its_deadline_keeps_the_text_streamed(
+    cluster: Cluster,
+) -> None:
+    """Its worker stopped (SIGSTOP) mid-answer cannot end it: the broker does, at the
+    deadline, with the text streamed so far, as the worker would have."""
+    slow_market(cluster)
+    worker = cluster.procs[2]
+    async with Client(cluster.url) as client:
+        task = await client.submit(f"#repeat {LONG}", timeout=4)
+        pieces = task.stream()
+        first = await anext(pieces)
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TaskTimeout, match="deadline passed while running") as err:
+                async for _ in pieces:
+                    pass
+            final = err.value.task
+            assert final[TaskField.STATE] == State.FAILED.value
+            assert final[TaskField.RESPONSE].startswith(first)
+            assert 0 < len(final[TaskField.RESPONSE]) < 20 * LONG
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
         assert await client.chat("after the deadline", timeout=60) == "Echo: after the deadline"
 
 

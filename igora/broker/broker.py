@@ -10,6 +10,8 @@ from collections import Counter
 from functools import partial
 from typing import Any
 
+from pycrdt import Text
+
 from .. import lifecycle
 from ..agent import Agent, discard
 from ..protocol import (
@@ -241,11 +243,21 @@ class Broker(RoomMaps):
                 for stale in mv.stale:
                     discard(self.agent.maps[stale], mv.task_id)
                 if mv.target is not None and mv.task is not None:
-                    self.agent.maps[mv.target][mv.task_id] = mv.task
+                    self.agent.maps[mv.target][mv.task_id] = self._with_text(mv)
                 if mv.drop_stream:
                     discard(self.streams, mv.drop_stream)
                 log.info("%s: task %s %s", self.agent.name, mv.task_id, mv.why)
         return touched
+
+    def _with_text(self, mv: policies.Move) -> dict[str, Any]:
+        """A task the broker ends while it runs (its deadline, its asker gone, its worker
+        lost for good) keeps the text streamed so far as its ``response``, as it would
+        had its worker ended it: the stream goes with the move."""
+        task = mv.task or {}
+        if mv.target is not MapName.DONE or not mv.drop_stream or task.get(TaskField.RESPONSE):
+            return task
+        text = self.streams.get(mv.drop_stream)
+        return {**task, TaskField.RESPONSE: str(text)} if isinstance(text, Text) else task
 
     def _assign(
         self, waiting: list[dict[str, Any]], busy: dict[str, dict[str, Any]], touched: set[str]
