@@ -236,7 +236,18 @@ class Ledger:
         """Check ``claim`` (credits.md §3; ClaimError naming the failed check) and record
         it. True if it moved balances, False if that run was already settled. A claim
         without receipt is charged from the market's ``delivery`` record."""
-        return self.record(claim.check(claimer, self.market, params, delivery))
+        return self.settlement(claim, claimer, params, delivery)[1]
+
+    def settlement(
+        self,
+        claim: Claim,
+        claimer: str,
+        params: float | int | str,
+        delivery: Delivery | None = None,
+    ) -> tuple[Settlement, bool]:
+        """``settle``, with the settlement checked (what the market logs and moves)."""
+        checked = claim.check(claimer, self.market, params, delivery)
+        return checked, self.record(checked)
 
     def grant(self, account: str, amount: int = pricing.DEFAULT_GRANT) -> bool:
         """Give ``account`` its grant, once in its life: False if it had one (or

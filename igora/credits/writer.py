@@ -45,11 +45,9 @@ class LedgerWriter:
         in the writer's thread too: its signature checks are most of a claim's cost, and
         they leave the event loop free (libsodium runs without the GIL)."""
 
-        def op() -> tuple[Settlement, bool]:
-            settlement = claim.check(claimer, self.ledger.market, params, delivery)
-            return settlement, self.ledger.record(settlement)
-
-        result: tuple[Settlement, bool] = await self._submit(op)
+        result: tuple[Settlement, bool] = await self._submit(
+            lambda: self.ledger.settlement(claim, claimer, params, delivery)
+        )
         return result
 
     async def grant(self, account: str, amount: int) -> bool:
