@@ -408,7 +408,7 @@ class V3Broker:
             ):
                 load[worker] = load.get(worker, 0) + 1
                 in_flight[asker] = in_flight.get(asker, 0) + 1
-        if len(self._rows) > len(headers):  # tasks whose asker's document went
+        if len(self._rows) > len(headers):  # rows of the tasks whose header left
             for tid in self._rows.keys() - headers.keys():
                 del self._rows[tid]
         matching = self._unservable(matching, attempts, workers)
@@ -643,7 +643,6 @@ class V3Broker:
                 holders.add(inbox(worker))
             self._leaving[tid] = (now, holders)
             self._verified.pop(tid, None)
-            self._rows.pop(tid, None)
             self._keys.pop(tid, None)
             self._handed_back.pop(tid, None)
         for name in [n for n in self.session.docs if n.startswith("in/")]:
