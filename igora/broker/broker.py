@@ -243,17 +243,16 @@ class Broker(RoomMaps):
                 for stale in mv.stale:
                     discard(self.agent.maps[stale], mv.task_id)
                 if mv.target is not None and mv.task is not None:
-                    self.agent.maps[mv.target][mv.task_id] = self._with_text(mv)
+                    self.agent.maps[mv.target][mv.task_id] = self._with_text(mv, mv.task)
                 if mv.drop_stream:
                     discard(self.streams, mv.drop_stream)
                 log.info("%s: task %s %s", self.agent.name, mv.task_id, mv.why)
         return touched
 
-    def _with_text(self, mv: policies.Move) -> dict[str, Any]:
+    def _with_text(self, mv: policies.Move, task: dict[str, Any]) -> dict[str, Any]:
         """A task the broker ends while it runs (its deadline, its asker gone, its worker
         lost for good) keeps the text streamed so far as its ``response``, as it would
         had its worker ended it: the stream goes with the move."""
-        task = mv.task or {}
         if mv.target is not MapName.DONE or not mv.drop_stream or task.get(TaskField.RESPONSE):
             return task
         text = self.streams.get(mv.drop_stream)
