@@ -232,12 +232,12 @@ async def crowd(protocol: int, agents: int, patience: float) -> dict[str, Any]:
             except OSError:  # a socket timeout too
                 connections = "unknown: the market did not answer /status within 10 s"
             return {"connected": False, "connections": connections}
-        c.room_broker()
+        broker = c.room_broker()
         c.room_worker("--slots", "4")
         await c.wait_agents_async("worker", 1, timeout=300)
         await c.wait_agents_async("broker", 1, timeout=300)
         status = await asyncio.to_thread(c.status)
-        served = await one(c, 10, 5.0)
+        served = await one(c, (market.pid, broker.pid), 10, 5.0)
         return {
             "connected": True,
             "connect_time": connect_time,

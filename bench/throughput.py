@@ -49,11 +49,11 @@ REFERENCE_TASKS = 5
 
 async def one(
     c: Cluster,
+    mains: tuple[int, int],
     clients: int,
     duration: float,
     shared: bool = False,
     every: float | None = None,
-    mains: tuple[int, int] = (0, 0),
 ) -> dict[str, float]:
     """One cell: ``clients`` closed loops, or with ``every`` open loops at that pace;
     ``mains``: the market's and the broker's pids, whose main threads' CPU is measured."""
@@ -118,9 +118,9 @@ async def one(
 async def _main_threads(pids: tuple[int, int], start: float, duration: float) -> list[float]:
     """CPU seconds the main thread of each of ``pids`` spent in the window."""
     await asyncio.sleep(max(0.0, start - time.time()))
-    before = [cpu_seconds(p, p) if p else 0.0 for p in pids]
+    before = [cpu_seconds(p, p) for p in pids]
     await asyncio.sleep(duration)
-    return [cpu_seconds(p, p) - b if p else 0.0 for p, b in zip(pids, before, strict=True)]
+    return [cpu_seconds(p, p) - b for p, b in zip(pids, before, strict=True)]
 
 
 async def grid(
@@ -143,10 +143,12 @@ async def grid(
         await c.wait_agents_async("worker", w, timeout=180)
         await c.wait_agents_async("broker", 1, timeout=180)
         for k in client_counts:
-            out[f"{w}x{k}"] = await one(c, k, duration, mains=mains)
-        out[f"{w}x{shared_loops}-on-1"] = await one(c, shared_loops, duration, shared=True)
-        out[f"{w}x{open_clients}-open"] = await one(c, open_clients, open_window, every=EVERY)
-        out[f"{w}x1-open"] = await one(c, 1, REFERENCE_TASKS * EVERY, every=EVERY)
+            out[f"{w}x{k}"] = await one(c, mains, k, duration)
+        out[f"{w}x{shared_loops}-on-1"] = await one(c, mains, shared_loops, duration, shared=True)
+        out[f"{w}x{open_clients}-open"] = await one(
+            c, mains, open_clients, open_window, every=EVERY
+        )
+        out[f"{w}x1-open"] = await one(c, mains, 1, REFERENCE_TASKS * EVERY, every=EVERY)
     return out
 
 
