@@ -95,3 +95,60 @@ def test_the_market_replaces_who_after_many_departures() -> None:
         docs.cancel()
 
     asyncio.run(main())
+
+
+class _Replicas:
+    """Two replicas' MarketDocs of one room, their dir updates exchanged by hand."""
+
+    def __init__(self) -> None:
+        self.out: dict[str, list[bytes]] = {"a": [], "b": []}
+        self.docs = {r: self._docs(r) for r in self.out}
+
+    def _docs(self, replica: str) -> MarketDocs:
+        def emit(name: str, update: bytes) -> None:
+            if name == DIR:
+                self.out[replica].append(update)
+
+        return MarketDocs({}, emit, "market-id", {}, replica=replica)
+
+    def exchange(self) -> None:
+        """Flush both and take each one's updates to the other until neither writes."""
+        for _ in range(10):  # a write is answered at most once: a few rounds
+            for docs in self.docs.values():
+                docs.flush()
+            if not any(self.out.values()):
+                return
+            sent = {r: list(updates) for r, updates in self.out.items()}
+            for updates in self.out.values():
+                updates.clear()
+            for r, updates in sent.items():
+                for update in updates:
+                    self.docs["b" if r == "a" else "a"].apply(DIR, update)
+        raise AssertionError("the replicas kept writing dir.broker")
+
+
+def test_replicas_writing_the_broker_at_once_end_on_the_newer_epoch() -> None:
+    """One replica frees the lease (its broker left) while another takes it with the
+    next epoch, each writing dir.broker before it saw the other's write. Yjs keeps one
+    of two concurrent writes by client id, not by epoch; whichever it keeps, both
+    replicas end showing the newer holder and epoch (a failed CI run saw the third
+    replica of a test keep the older)."""
+
+    async def main() -> None:
+        for older_wins_the_merge in (True, False):
+            room = _Replicas()
+            room.exchange()
+            # Yjs keeps the write of the higher client id: give that one the older epoch.
+            a, b = room.docs["a"], room.docs["b"]
+            a_higher = a.docs[DIR].client_id > b.docs[DIR].client_id
+            freeing, taking = (a, b) if a_higher == older_wins_the_merge else (b, a)
+            freeing.broker("broker-2", 1)
+            room.exchange()
+            freeing.broker(None, 1)  # broker-2 left: the lease is free
+            taking.broker("broker-1", 2)  # at once, the next epoch, elsewhere
+            room.exchange()
+            for docs in (a, b):
+                assert docs.broker_view() == {"id": "broker-1", "epoch": 2}
+                docs.cancel()
+
+    asyncio.run(main())

@@ -101,6 +101,7 @@ class MarketDocs:
             self._observe(name)
         self._due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last = 0.0
+        self._broker: tuple[str | None, int] | None = None  # dir.broker as written here
         agents, broker = self._map(WHO, "agents"), self._map(DIR, "broker")
         if replica is None:  # shared, the link prunes once it caught up
             for gone in (agents, self._map(DIR, "workers"), self._map(STANDING, "askers")):
@@ -135,6 +136,11 @@ class MarketDocs:
             self.docs[name].apply_update(update)
         finally:
             self._applying = False
+        if name == DIR and self._broker is not None and self.epoch_seen() < self._broker[1]:
+            # Two replicas wrote dir.broker at once (one freed the lease, the other took
+            # it with the next epoch) and the merge kept the older: the newer is written
+            # again, after both, so that every replica ends on it.
+            self.broker(*self._broker)
 
     def epoch_seen(self) -> int:
         """The broker lease's last epoch ``dir`` shows (0: none)."""
@@ -263,6 +269,7 @@ class MarketDocs:
 
     def broker(self, id_: str | None, epoch: int) -> None:
         """The lease holder (None: nobody holds the lease)."""
+        self._broker = (id_, epoch)
         broker = self._map(DIR, "broker")
         if id_ is None:
             if "id" in broker:
