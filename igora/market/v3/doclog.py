@@ -154,10 +154,11 @@ class DocHistory:
         self._writer.soon()
 
     def drop(self, name: str) -> None:
-        """Document ``name`` is gone: remove its rows soon."""
+        """Document ``name`` is gone: remove its rows soon. Its updates still pending
+        stay in the list (filtering it at each drop cost O(pending) per task): ``_batch``
+        skips the updates of a document it stores whole or removes."""
         if not self.writing:
             return
-        self.pending = [(n, u) for n, u in self.pending if n != name]
         self.dropped.add(name)
         self._writer.soon()
 
