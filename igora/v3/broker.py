@@ -497,7 +497,9 @@ class V3Broker:
         in_flight: dict[str, int],
         now: int,
     ) -> None:
-        pool = list(workers.values())
+        pool = [w for w in workers.values() if free_slots(w, load) > 0]
+        if not pool:  # every slot taken (most turns of a busy room): nothing to order
+            return
         buckets = {
             k: int(v) for k, v in self._map("standing", "askers").items() if number(v) is not None
         }
