@@ -101,7 +101,16 @@ class MarketDocs:
             self._observe(name)
         self._due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last = 0.0
-        self._broker: tuple[str | None, int] | None = None  # dir.broker as written here
+        # What this replica wrote and owns, written again if a merge lost it (``_restore``):
+        # dir.broker, the who entries of the identities connected here, their adverts.
+        self._broker: tuple[str | None, int] | None = None
+        self._here: dict[str, dict[str, Any]] = {}
+        self._adverts_here: dict[str, dict[str, Any]] = {}
+        self._deleted: dict[str, set[str]] = {WHO: set(), DIR: set()}  # by another's update
+        self._watches: list[Any] = []
+        if replica is not None:
+            self._watch(WHO, "agents")
+            self._watch(DIR, "workers")
         agents, broker = self._map(WHO, "agents"), self._map(DIR, "broker")
         if replica is None:  # shared, the link prunes once it caught up
             for gone in (agents, self._map(DIR, "workers"), self._map(STANDING, "askers")):
@@ -136,11 +145,38 @@ class MarketDocs:
             self.docs[name].apply_update(update)
         finally:
             self._applying = False
-        if name == DIR and self._broker is not None and self.epoch_seen() < self._broker[1]:
-            # Two replicas wrote dir.broker at once (one freed the lease, the other took
-            # it with the next epoch) and the merge kept the older: the newer is written
-            # again, after both, so that every replica ends on it.
-            self.broker(*self._broker)
+        self._restore(name)
+
+    def _watch(self, doc: str, name: str) -> None:
+        """Note the keys of ``doc.name`` that another replica's update deletes."""
+
+        def changed(event: Any) -> None:
+            if self._applying:
+                deleted = self._deleted[doc]
+                deleted.update(k for k, c in event.keys.items() if c.get("action") == "delete")
+
+        self._watches.append(self._map(doc, name).observe(changed))
+
+    def _restore(self, name: str) -> None:
+        """Write again what this replica owns that a merge with another's concurrent
+        write lost. Yjs keeps one of two concurrent writes of a map key (by client id),
+        whatever they mean: a replica freeing the broker lease while another takes it
+        with the next epoch could leave the older epoch on every replica; an identity
+        joining two replicas at once keeps one replica's ``who`` entry, which that
+        replica deletes when the identity leaves it, though it is still connected
+        here. A write made after the merge follows both, and every replica ends on it.
+        Only the keys the update deleted are looked at: O(the change), not O(agents)."""
+        lost, self._deleted[name] = sorted(self._deleted.get(name, ())), set()
+        if name == DIR:
+            if self._broker is not None and self.epoch_seen() < self._broker[1]:
+                self.broker(*self._broker)
+            for advert in [self._adverts_here[i] for i in lost if i in self._adverts_here]:
+                self.advert(advert)
+        elif name == WHO:
+            agents = self._map(WHO, "agents")
+            for id_ in [i for i in lost if i in self._here]:
+                agents[id_] = self._here[id_]
+                self._changed()
 
     def epoch_seen(self) -> int:
         """The broker lease's last epoch ``dir`` shows (0: none)."""
@@ -223,9 +259,17 @@ class MarketDocs:
     def joined(self, id_: str) -> None:
         entry = {"type": None, "name": None, "since": now_ms(), **self._mine()}
         self._map(WHO, "agents")[id_] = entry
+        self._own(self._here, id_, entry)
         self._changed()
 
+    def _own(self, mine: dict[str, dict[str, Any]], id_: str, value: dict[str, Any]) -> None:
+        """Note ``value`` as written here for ``id_`` (shared rooms: ``_restore``)."""
+        if self.replica is not None:
+            mine[id_] = value
+
     def left(self, id_: str) -> None:
+        self._here.pop(id_, None)
+        self._adverts_here.pop(id_, None)
         entry = self._map(WHO, "agents").get(id_)
         if isinstance(entry, dict) and entry.get("replica", self.replica) != self.replica:
             return  # connected to another replica since: that one's entry now
@@ -245,6 +289,7 @@ class MarketDocs:
     def advert(self, advert: dict[str, Any]) -> None:
         """A worker's checked advert, as it sent it."""
         self._map(DIR, "workers")[advert["id"]] = advert
+        self._own(self._adverts_here, advert["id"], advert)
         self._changed()
 
     def advert_of(self, id_: str) -> dict[str, Any] | None:
@@ -265,6 +310,8 @@ class MarketDocs:
         shown.update(self._mine())
         if {k: entry.get(k) for k in shown} != shown:
             agents[id_] = {**entry, **shown}
+            if id_ in self._here:
+                self._here[id_] = agents[id_]
             self._changed()
 
     def broker(self, id_: str | None, epoch: int) -> None:
