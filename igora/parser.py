@@ -46,7 +46,7 @@ EXAMPLES = """\
 Start a whole local market (market, broker, worker on the bundled model, gateway, web page):
   igora up
 Then, in another terminal:
-  igora chat "What is the capital of France?"
+  igora chat "What is the capital of France? Answer in one short sentence."
   igora status
 
 Join a remote market as a worker serving your own GGUF model:
