@@ -80,6 +80,7 @@ def test_an_identity_joining_two_replicas_at_once_stays_listed_while_connected()
             room.exchange()
             for docs in room.docs.values():
                 docs.joined("w1")
+                docs.presence("w1", {"type": "worker", "name": "w-one"})
                 docs.advert(advert)
             room.exchange()
             kept = room.docs["a"].docs[WHO].get("agents", type=Map)["w1"]["replica"]
@@ -87,7 +88,7 @@ def test_an_identity_joining_two_replicas_at_once_stays_listed_while_connected()
             left.left("w1")
             room.exchange()
             for docs in (left, stays):
-                assert [a["id"] for a in docs.agents()] == ["w1"]
+                assert [(a["id"], a["name"]) for a in docs.agents()] == [("w1", "w-one")]
                 assert [w["id"] for w in docs.workers()] == ["w1"]
                 assert docs.docs[WHO].get("agents", type=Map)["w1"]["replica"] == stays.replica
             stays.left("w1")

@@ -309,9 +309,9 @@ class MarketDocs:
         shown = {"type": _label(state.get("type")), "name": _label(state.get("name"))}
         shown.update(self._mine())
         if {k: entry.get(k) for k in shown} != shown:
-            agents[id_] = {**entry, **shown}
+            agents[id_] = entry = {**entry, **shown}
             if id_ in self._here:
-                self._here[id_] = agents[id_]
+                self._here[id_] = entry
             self._changed()
 
     def broker(self, id_: str | None, epoch: int) -> None:
