@@ -137,6 +137,26 @@ def agent_id(text: str) -> str:
     return text
 
 
+def trust_worker(p: argparse.ArgumentParser) -> None:
+    """Add ``--trust-worker ID`` (repeatable; ``@FILE``: a file of ids), the workers an
+    asker's prompts may go to (``igora.v3.trust``, docs/security.md §6)."""
+    p.add_argument(
+        "--trust-worker",
+        action="append",
+        type=_trust_entry,
+        default=None,
+        metavar="ID",
+        help="seal prompts only to this worker (its id, from `igora id` on its machine or "
+        "`igora status`); repeatable, or @FILE: a file of ids, one per line. The broker "
+        "then gives the tasks to no other worker. Protocol 3 rooms only "
+        "(default: any worker the broker chooses)",
+    )
+
+
+def _trust_entry(text: str) -> str:
+    return text if text.startswith("@") else agent_id(text)
+
+
 def invite(text: str) -> str:
     """An invitation code (``igora market invite``); the market checks the rest."""
     from .market.members import MAX_CODE, PREFIX

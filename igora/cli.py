@@ -194,6 +194,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
                 temperature=args.temperature,
                 seed=args.seed,
                 max_tokens=args.max_tokens,
+                trust_workers=args.trust_worker,
             )
         )
     if args.command == "status":

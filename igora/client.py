@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .agent import Agent
@@ -48,6 +48,7 @@ from .sync_client import SyncClient
 from .task_handle import RESTART_TEXT, Answer, Restart, Task, Watch
 from .v3.asker import V3Asker
 from .v3.session import Session, room_speaks_v3
+from .v3.trust import refused_in_protocol_2, trust_list
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -75,8 +76,14 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = 10.0,
         invite: str | None = None,
+        trust_workers: Iterable[str] | None = None,
     ) -> None:
+        """``trust_workers``: worker ids (or ``@FILE``s of them, ``igora.v3.trust``); if
+        given, a task's prompt is sealed only to those workers and the broker may give it
+        to no other (docs/security.md §6). Protocol 3 rooms only: ``connect`` raises
+        TrustError in a version 2 room, where every agent reads every prompt."""
         self.address = market_address(market, room, invite)
+        self.trust = trust_list(trust_workers) if trust_workers is not None else None
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.v3: V3Asker | None = None  # set by connect when the room speaks version 3
@@ -126,6 +133,8 @@ class Client:
                 f"{self.connect_timeout:g} s: is `igora market` (or `igora up`) running?"
             )
         if not v3:
+            if self.trust is not None:
+                raise refused_in_protocol_2(self.address.room_url)
             return False
         identity, _ = load_identity()
         session = Session(
@@ -136,10 +145,10 @@ class Client:
             connect_timeout=self.connect_timeout,
             invite=self.address.invite,
         )
-        self.v3 = V3Asker(session, identity)
+        self.v3 = V3Asker(session, identity, self.trust)
         self.askers = {identity.id: self.v3}
         for other in self._speakers.values():
-            self.askers.setdefault(other.id, V3Asker(session, other))
+            self.askers.setdefault(other.id, V3Asker(session, other, self.trust))
         await session.start(wait=wait)
         self._connected_at = time.monotonic()
         return True
@@ -160,7 +169,7 @@ class Client:
                 return
             if self.v3 is not None:
                 await self.v3.session.prove(identity)
-                self.askers[identity.id] = V3Asker(self.v3.session, identity)
+                self.askers[identity.id] = V3Asker(self.v3.session, identity, self.trust)
             self._speakers[identity.id] = identity
 
     def speaks_for(self, id: str) -> bool:
@@ -227,9 +236,12 @@ class Client:
             if why is None:
                 return
             if loop.time() >= end:
-                raise NoWorkerError(
-                    model, self.models(), why.missing, why.reason if why.missing else None
-                )
+                reason = why.reason if why.missing else None
+                if self.trust is not None:  # workers() and models() are the trusted ones
+                    reason = f"none of the {len(self.trust)} trusted workers (--trust-worker) " + (
+                        f"can take it: {why.reason}" if self.workers() else "is on the market now"
+                    )
+                raise NoWorkerError(model, self.models(), why.missing, reason)
             await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ tasks
@@ -474,7 +486,9 @@ class Client:
     async def start(self) -> None:
         """Start connecting without waiting for the market (``connect`` waits); the
         connection is retried in the background until ``close``."""
-        if not await self._v3_room(wait=False):
+        # with a trust list the room must be known to speak protocol 3 first: a market
+        # that does not answer at once is not taken for a version 2 room then
+        if not await self._v3_room(wait=self.trust is not None):
             await self.agent.start(wait=False)
 
     async def wait_synced(self, timeout: float) -> bool:

@@ -38,6 +38,7 @@ class NoWorkerError(IgoraError):
         self.model = model
         self.available = available
         self.missing = missing
+        self.reason = reason  # a sentence of the caller's (a trust list's), else None
         if reason:
             msg = reason
         elif missing:

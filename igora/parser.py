@@ -471,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the answer",
     )
     p.add_argument("--no-stream", action="store_true", help="print the answer once complete")
+    arg.trust_worker(p)
     _market_options(p)
     _common(p)
 

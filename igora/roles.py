@@ -58,12 +58,18 @@ async def chat(
     *,
     stream: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
+    trust_workers: list[str] | None = None,
     **options: Any,
 ) -> int:
     """``igora chat``: print the answer as it streams in. ``options``: ``Client.chat``'s
     (model, system, temperature, seed, max_tokens)."""
     async with Client(
-        address.url, address.room, name="igora-chat", timeout=timeout, invite=address.invite
+        address.url,
+        address.room,
+        name="igora-chat",
+        timeout=timeout,
+        invite=address.invite,
+        trust_workers=trust_workers,
     ) as c:
         options = {"wait_worker": CHAT_WAIT_WORKER, **options}
         if not stream:

@@ -66,6 +66,7 @@ def create_app(
     name: str = GATEWAY_NAME,
     key_store: KeyStore | None = None,
     invite: str | None = None,
+    trust_workers: Iterable[str] | None = None,
 ) -> FastAPI:
     """The gateway application.
 
@@ -77,11 +78,20 @@ def create_app(
     ``key_store``: the keys of ``igora gateway keys``; with it ``/v1/*`` needs one of its
     keys (or of ``api_keys``), and ``keys.speaker(request)`` names its identity.
     ``invite``: an invitation to a secure market (``igora market invite``), used once.
+    ``trust_workers``: the only workers its prompts go to (``Client``'s).
     """
     keys = tuple(k for k in api_keys if k)
 
     def default_client() -> Client:
-        return Client(market, room, name=name, style=GATEWAY_STYLE, timeout=timeout, invite=invite)
+        return Client(
+            market,
+            room,
+            name=name,
+            style=GATEWAY_STYLE,
+            timeout=timeout,
+            invite=invite,
+            trust_workers=trust_workers,
+        )
 
     factory = client_factory or default_client
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from .. import arguments as arg
 from ..client import DEFAULT_TIMEOUT
-from ..config import ConfigError, data_dir, env, market_address
+from ..config import ConfigError, MarketAddress, data_dir, env, market_address
 from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
 from ..net import port_free
+from ..v3.session import room_speaks_v3
+from ..v3.trust import refused_in_protocol_2, trust_list
 from . import keys
 from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME, WAIT_WORKER
 
@@ -77,6 +80,7 @@ def add_parser(
         metavar="S",
         help="seconds a client has to send its request headers",
     )
+    arg.trust_worker(p)
     arg.data_folder(
         p,
         "data folder: with DATA/gateway/keys.sqlite3 (`igora gateway keys add`), "
@@ -96,6 +100,21 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     return [k.strip() for k in raw.split(",") if k.strip()]
 
 
+def _check_protocol_3(address: MarketAddress) -> None:
+    """A trust list needs a protocol 3 room, known before the gateway serves: a clear
+    error now rather than a failed start-up (``Client.start`` waits for the same)."""
+    wait = 10.0
+    speaks = asyncio.run(room_speaks_v3(address, wait))
+    if speaks is None:
+        raise ConfigError(
+            f"no market answered at {address.room_url} within {wait:g} s; with "
+            "--trust-worker the gateway starts once the market is up (it must see that the "
+            "room speaks protocol 3)"
+        )
+    if not speaks:
+        raise refused_in_protocol_2(address.room_url)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.gateway_command == "keys":
         return keys.run(args)
@@ -111,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
             "stop it or choose another with --port"
         )
     plain = api_keys(args)
+    trust = trust_list(args.trust_worker) if args.trust_worker else None  # checked now
+    if trust is not None:
+        _check_protocol_3(address)
     app = create_app(
         address.url,
         address.room,
@@ -122,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         wait_worker=args.wait_worker,
         heartbeat=args.heartbeat,
         name=args.name,
+        trust_workers=trust,
     )
     checks = [f"{len(plain)} --api-key key(s)"] if plain else []
     if key_store is not None:

@@ -13,8 +13,10 @@ Status mapping (see ``docs/gateway.md``):
                                     member of a secure market, or banned)
 404   invalid_request_error         unknown model (``model_not_found``) or path
 413   invalid_request_error         request body too large
-502   server_error                  the worker failed (``worker_error``) or the task
-                                    was aborted by someone else (``task_aborted``)
+502   server_error                  the worker failed (``worker_error``), the task
+                                    was aborted by someone else (``task_aborted``), or
+                                    the broker chose a worker outside the gateway's
+                                    --trust-worker list (``untrusted_worker``)
 503   server_error                  no worker on the market, or the market is not
                                     reachable
 504   timeout                       no answer before the task's deadline
@@ -40,7 +42,7 @@ from ..errors import (
     TaskFailed,
     TaskTimeout,
 )
-from ..protocol import ProtocolError
+from ..protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger("igora.gateway")
 
@@ -111,7 +113,9 @@ def from_igora(exc: Exception, model: str | None) -> OpenAIError:
             )
         return OpenAIError(
             503,
-            "No worker is on the market right now: start one with "
+            f"No worker can take it: {exc.reason}; retry later."
+            if exc.reason
+            else "No worker is on the market right now: start one with "
             "`igora worker` (or `igora up`), then retry.",
             type=SERVER,
             code="no_worker",
@@ -128,6 +132,10 @@ def from_igora(exc: Exception, model: str | None) -> OpenAIError:
     if isinstance(exc, TaskAborted):
         return OpenAIError(
             502, f"The task was aborted on the market: {exc}.", type=SERVER, code="task_aborted"
+        )
+    if isinstance(exc, TaskFailed) and exc.code == ErrorCode.UNTRUSTED_WORKER.value:
+        return OpenAIError(
+            502, f"The market could not serve it: {exc}", type=SERVER, code="untrusted_worker"
         )
     if isinstance(exc, TaskFailed):
         return OpenAIError(

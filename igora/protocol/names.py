@@ -158,6 +158,7 @@ class ErrorCode(str, Enum):
     DOING_DELETED = "doing_deleted"  # its entry in doing was deleted while it ran
     ABORTED = "aborted"  # state ``aborted``: its asker asked it to stop, or left
     UNREADABLE = "unreadable"  # v3: its encrypted answer did not open or check (security.md §6)
+    UNTRUSTED_WORKER = "untrusted_worker"  # v3: assigned to a worker outside the asker's trust list
 
 
 class AgentField:

@@ -134,10 +134,15 @@ class FromDir:
 class V3Asker:
     """Puts tasks in a v3 room and reads their answers, for ``identity``."""
 
-    def __init__(self, session: Session, identity: Identity) -> None:
+    def __init__(
+        self, session: Session, identity: Identity, trust: frozenset[str] | None = None
+    ) -> None:
         self.session = session
         self.identity = identity
         self.id = identity.id
+        # the only workers the task key is sealed to, if given (``Client(trust_workers)``,
+        # docs/security.md §6): every header lists them with ``candidatesOnly``
+        self.trust = trust
         self._session_key = identity.session_key()  # answers are sealed to it: memory only
         self._adverts: dict[str, tuple[str, PublicKey]] = {}  # id -> (advert sig, its key)
         session.own(asker_doc(self.id))
@@ -192,8 +197,12 @@ class V3Asker:
 
     # ------------------------------------------------------------------ the market
     def workers(self) -> list[Peer]:
-        """The workers advertised in ``dir`` (as the v2 policies see them)."""
-        return list(self._from_dir().peers.values())
+        """The workers advertised in ``dir`` (as the v2 policies see them); with a trust
+        list, only those in it."""
+        peers = self._from_dir().peers
+        if self.trust is None:
+            return list(peers.values())
+        return [p for id_, p in peers.items() if id_ in self.trust]
 
     def _from_dir(self) -> FromDir:
         """The workers of ``dir`` as Peers, by id; the largest size advertised per model
@@ -257,7 +266,9 @@ class V3Asker:
     def _candidates(self, task: dict[str, Any]) -> dict[str, PublicKey]:
         """Up to MAX_CANDIDATES workers of ``dir`` that serve ``task``, not busy, whose
         adverts check, drawn at random (the broker picks among them first: the same
-        first few for every task would pile the tasks on them): id -> session key."""
+        first few for every task would pile the tasks on them): id -> session key. With
+        a trust list: every trusted worker of those (the list is short, and the broker
+        may pick no other)."""
         model, needs = task.get(TaskField.MODEL) or None, required(task)
         derived = self._from_dir()
         fitting = derived.fitting.get((model, needs))
@@ -270,6 +281,8 @@ class V3Asker:
                 peer = derived.peers.get(id_)
                 if key is not None and peer is not None and fits(peer, model, needs):
                     fitting.append((id_, key))
+        if self.trust is not None:
+            return {id_: key for id_, key in fitting if id_ in self.trust}
         return dict(random.sample(fitting, min(MAX_CANDIDATES, len(fitting))))
 
     # ------------------------------------------------------------------ tasks
@@ -291,6 +304,9 @@ class V3Asker:
             Header.KEY: self._enc_key,
             Header.CANDIDATES: sorted(candidates) or None,
         }
+        if self.trust is not None:  # all of them: one that comes later may take the task
+            fields[Header.CANDIDATES] = sorted(self.trust)
+            fields[Header.CANDIDATES_ONLY] = True
         header = sign_header(self.identity, {k: v for k, v in fields.items() if v is not None})
         hashed = header_hash(header)
         key = new_task_key()
@@ -430,7 +446,11 @@ class V3Asker:
     def _grant(self, tid: str, track: Track, worker: str) -> None:
         """The late grant (protocol-v3.md §7.2): the broker chose a worker the task key
         was not sealed to, or sealed to a session key it no longer has (it restarted);
-        seal it now, once its advert is in ``dir`` and checks."""
+        seal it now, once its advert is in ``dir`` and checks. Never to a worker outside
+        the trust list: a broker that chose one ends the task (``_untrusted``)."""
+        if self.trust is not None and worker not in self.trust:
+            self._untrusted(tid, track, worker)
+            return
         key = self.worker_key(worker)
         if key is None:
             log.debug("task %s: waiting for the advert of %s to grant it", tid, worker[:8])
@@ -444,6 +464,31 @@ class V3Asker:
         if isinstance(grants, Map):
             grants[worker] = seal_grant(track.key, track.header, key, track.hashed)
             track.granted[worker] = bytes(key)
+
+    def _untrusted(self, tid: str, track: Track, worker: str) -> None:
+        """The broker assigned ``tid`` to a worker the asker does not trust (it ignored
+        ``candidatesOnly``): the task key stays sealed from it, the task stops and fails."""
+        if tid in self._ended:
+            return
+        log.warning(
+            "task %s: the broker assigned it to worker %s, which is not a trusted worker: "
+            "its prompt was not sent to it; the task is stopped",
+            tid,
+            worker[:8],
+        )
+        self.abort(tid)
+        final = {
+            **track.task,
+            TaskField.STATE: StatusState.FAILED.value,
+            TaskField.ERROR: (
+                f"the broker assigned it to worker {worker}, which is not one of the trusted "
+                "workers: its prompt was not sent to it"
+            ),
+            TaskField.ERROR_CODE: ErrorCode.UNTRUSTED_WORKER.value,
+            TaskField.END: now_ms(),
+            TaskField.RESPONSE: "",
+        }
+        self._end(tid, track, final)
 
     def abort(self, tid: str) -> None:
         """Ask the worker (``p/…abort``) and the broker (``a/….aborts``) to stop it."""

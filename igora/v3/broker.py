@@ -522,14 +522,16 @@ class V3Broker:
                 continue
             fit = [w for w in pool if w.id not in tried] if tried else pool
             # the candidates first (they have grants); another only if none is free:
-            # the asker then grants it late (protocol-v3.md §7.2)
+            # the asker then grants it late (protocol-v3.md §7.2), unless the header
+            # says only the candidates (its asker's trusted workers: security.md §6)
             named = header.get(Header.CANDIDATES)
             granted = set(named) if isinstance(named, list) else set()
             worker = pick_for(kind, [w for w in fit if w.id in granted], load)
-            if worker is None:
+            only = header.get(Header.CANDIDATES_ONLY) is True
+            if worker is None and not only:
                 worker = pick_for(kind, fit, load)
             if worker is None or worker.id is None:
-                if not tried:
+                if not tried and not only:  # none of its candidates free: others may be
                     full.add(kind)
                 continue
             tid, n = str(header[Header.ID]), attempts[str(header[Header.ID])]
@@ -674,6 +676,13 @@ class V3Broker:
 
 
 def _unservable(header: dict[str, Any], workers: list[Peer]) -> Unservable | None:
+    """Why no worker present can take ``header``'s task; a task only for its candidates
+    (``candidatesOnly``) is judged by the candidates present, and waits while none is."""
+    if header.get(Header.CANDIDATES_ONLY) is True:
+        named = header.get(Header.CANDIDATES)
+        workers = [w for w in workers if isinstance(named, list) and w.id in named]
+        if not workers:
+            return None
     model, needs = _kind(header)[:2]
     return unservable_kind(model, needs, workers)
 

@@ -59,6 +59,8 @@ class Header:
     NEEDS = "needs"  # the capabilities the task needs (chat, tools, ...): for matching
     KEY = "key"  # the asker's session key (X25519, base64url): the worker's answer key
     CANDIDATES = "candidates"  # the workers the asker made grants for: the broker picks among them
+    # true: the broker assigns only among the candidates (the asker's trusted workers)
+    CANDIDATES_ONLY = "candidatesOnly"
     MAX_PRICE = "maxPrice"  # millicredits: the asker's consent (credits.md §1)
     VERSION = "v"
     SIG = "sig"
