@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,7 +28,7 @@ from .aio import within
 from .answers import AnswerWatcher
 from .capabilities import unservable
 from .config import market_address
-from .errors import MarketUnreachable, NotAdmitted, NoWorkerError, TaskFailed
+from .errors import IgoraError, MarketUnreachable, NotAdmitted, NoWorkerError, TaskFailed
 from .identity import Identity, load_identity
 from .protocol import (
     ABORTED_MARK,
@@ -47,10 +48,12 @@ from .protocol import (
 from .sync_client import SyncClient
 from .task_handle import RESTART_TEXT, Answer, Restart, Task, Watch
 from .v3.asker import V3Asker
-from .v3.session import Session, room_speaks_v3
+from .v3.session import Session, room_protocol, room_speaks_v3
 from .v3.trust import refused_in_protocol_2, trust_list
 
 DEFAULT_TIMEOUT = 300.0
+
+log = logging.getLogger("igora.client")
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -91,6 +94,8 @@ class Client:
         self._speakers: dict[str, Identity] = {}  # identities besides the data folder's
         self._proving: asyncio.Lock | None = None
         self._connected_at = time.monotonic()
+        self._deciding: asyncio.Task[None] | None = None  # start(): waiting for the market
+        self._failed: Exception | None = None  # why that wait ended without a connection
         self.agent = Agent(
             self.address,
             type=AgentType.CLIENT.value,
@@ -108,10 +113,18 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        if not await self._v3_room(wait=True):
-            await self.agent.start()
+        speaks = await room_speaks_v3(self.address, self.connect_timeout)
+        if speaks is None:
+            raise MarketUnreachable(
+                f"no market answered at {self.address.room_url} within "
+                f"{self.connect_timeout:g} s: is `igora market` (or `igora up`) running?"
+            )
+        await self._start_as(speaks, wait=True)
 
     async def close(self) -> None:
+        if self._deciding is not None:
+            self._deciding.cancel()
+            await asyncio.gather(self._deciding, return_exceptions=True)
         if self.v3 is not None:
             for asker in self.askers.values():
                 for tid in asker.tracking:
@@ -122,20 +135,14 @@ class Client:
         self._answers.drop_read()
         await self.agent.stop()
 
-    async def _v3_room(self, wait: bool) -> bool:
-        """Whether the room speaks version 3; if so, the v3 asker is started. With
-        ``wait``, retried until ``connect_timeout`` (MarketUnreachable after it); without,
-        a market that does not answer at once is taken as v2 (whose agent retries)."""
-        v3 = await room_speaks_v3(self.address, self.connect_timeout if wait else 0)
-        if v3 is None and wait:
-            raise MarketUnreachable(
-                f"no market answered at {self.address.room_url} within "
-                f"{self.connect_timeout:g} s: is `igora market` (or `igora up`) running?"
-            )
+    async def _start_as(self, v3: bool, wait: bool) -> None:
+        """Start the agent of the room's protocol: the v3 asker's session, or the
+        version 2 agent; ``wait``: until it is connected."""
         if not v3:
             if self.trust is not None:
                 raise refused_in_protocol_2(self.address.room_url)
-            return False
+            await self.agent.start(wait=wait)
+            return
         identity, _ = load_identity()
         session = Session(
             self.address,
@@ -151,7 +158,6 @@ class Client:
             self.askers.setdefault(other.id, V3Asker(session, other, self.trust))
         await session.start(wait=wait)
         self._connected_at = time.monotonic()
-        return True
 
     async def speak_for(self, identity: Identity) -> None:
         """Put tasks as ``identity`` too (``submit(speaker=ID)``): a gateway's API key's
@@ -185,6 +191,8 @@ class Client:
     def error(self) -> Exception | None:
         """Why the market ended this client's connection for good (a v3 refusal), if it
         did: the client does not retry."""
+        if self._failed is not None:
+            return self._failed
         return self.v3.session.error if self.v3 is not None else None
 
     def _asker(self, speaker: str | None) -> V3Asker:
@@ -485,11 +493,22 @@ class Client:
 
     async def start(self) -> None:
         """Start connecting without waiting for the market (``connect`` waits); the
-        connection is retried in the background until ``close``."""
-        # with a trust list the room must be known to speak protocol 3 first: a market
-        # that does not answer at once is not taken for a version 2 room then
-        if not await self._v3_room(wait=self.trust is not None):
-            await self.agent.start(wait=False)
+        connection is retried in the background until ``close``. A market that does not
+        answer at once is waited for in the background too, and the room's protocol
+        decided when it answers (``igora.v3.session.room_protocol``)."""
+        speaks = await room_speaks_v3(self.address, 0)
+        if speaks is not None:
+            await self._start_as(speaks, wait=False)
+            return
+
+        async def when_up() -> None:
+            try:
+                await self._start_as(await room_protocol(self.address, self.name), wait=False)
+            except IgoraError as exc:  # a trust list in a version 2 room
+                log.error("%s: %s", self.name, exc)
+                self._failed = exc
+
+        self._deciding = asyncio.get_running_loop().create_task(when_up())
 
     async def wait_synced(self, timeout: float) -> bool:
         """Whether the market's document arrived within ``timeout`` seconds."""

@@ -17,7 +17,7 @@ from .serving import WorkerSpec, serve
 from .summary import agent_order, agent_summary, tasks_by_state
 from .v3 import roles as v3_roles
 from .v3 import view as room_view
-from .v3.session import room_speaks_v3
+from .v3.session import room_protocol, room_speaks_v3
 
 __all__ = ["chat", "market_view", "run_broker", "run_worker", "status"]
 
@@ -37,7 +37,7 @@ async def run_broker(
 ) -> int:
     """``igora broker``: ``settings`` are ``Broker``'s (grace, max_attempts, ...). In a
     room that speaks version 3, the v3 broker (``igora.v3.roles``)."""
-    if await room_speaks_v3(address, v3_roles.PATIENCE):
+    if await room_protocol(address, name):
         return await v3_roles.run_broker(address, name=name, heartbeat=heartbeat, **settings)
     agent = Agent(
         address, type=AgentType.BROKER.value, name=name, style=BROKER_STYLE, heartbeat=heartbeat

@@ -19,7 +19,7 @@ from .engines.config import ECHO_MODEL, EngineConfig
 from .identity import IdentityError, load_identity
 from .protocol import TEXT_STYLE, AgentField, AgentType
 from .v3 import roles as v3_roles
-from .v3.session import room_speaks_v3
+from .v3.session import room_protocol
 from .worker.worker import DEFAULT_MAX_TOKENS, Worker
 
 WARMUP_TOKENS = 8
@@ -156,7 +156,7 @@ async def serve(specs: Sequence[WorkerSpec]) -> int:
         workers = [
             await build_worker(spec, engine) for spec, engine in zip(specs, engines, strict=True)
         ]
-        v3 = [await room_speaks_v3(spec.address, v3_roles.PATIENCE) for spec in specs]
+        v3 = [await room_protocol(spec.address, spec.name) for spec in specs]
         if any(v3):
             await asyncio.gather(
                 *(

@@ -10,9 +10,13 @@ import asyncio
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -20,7 +24,7 @@ from igora import Client
 from igora.errors import TaskAborted, TaskFailed
 from igora.identity import load_identity
 from igora.task_handle import Restart
-from igora.testing import Cluster, Proc, wait_for, wait_until
+from igora.testing import Cluster, Proc, free_port, wait_for, wait_until
 from tests.upstream_stub import Stub
 
 ROOM = "v3"
@@ -362,3 +366,55 @@ def test_a_worker_restarted_with_its_identity_gets_a_new_grant(
             await a.close()
 
     asyncio.run(main())
+
+
+def test_a_gateway_started_before_its_market_serves_the_v3_room_once_it_is_up(
+    cluster: Cluster,
+) -> None:
+    """A gateway (its Client's ``start``) and a worker started while no market answers
+    wait for it and decide the room's protocol when it does: they were taken for version
+    2 agents, which a v3 room refuses (4426) at every reconnection, for ever."""
+    port = free_port()
+    gateway = cluster.spawn(
+        "gateway",
+        "--market",
+        cluster.url,
+        "--room",
+        ROOM,
+        "--port",
+        str(port),
+        name="gw",
+        env=cluster.agent_data("gw"),
+    )
+    early = cluster.worker("--room", ROOM, name="w1", data=True)
+    health = f"http://127.0.0.1:{port}/health"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the gateway serves HTTP (503: no market yet)
+        try:
+            urllib.request.urlopen(health, timeout=2)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+            break
+        except OSError:
+            time.sleep(0.2)
+    time.sleep(1.0)
+    cluster.market("--v3-room", ROOM)
+    cluster.broker("--room", ROOM, name="b1", data=True)
+    sdk = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+
+    def answered() -> str | None:
+        try:
+            reply = sdk.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "late market"}], timeout=10
+            )
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503, exc  # not connected yet, or no worker yet
+            return None
+        return reply.choices[0].message.content
+
+    deadline = time.monotonic() + 30
+    while (text := answered()) is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert text == "Echo: late market"
+    assert "speaks Igora protocol 3" not in gateway.log() + early.log()
+    assert "waiting for it" in early.log()

@@ -18,10 +18,6 @@ from .worker import V3Worker
 
 log = logging.getLogger("igora.roles")
 
-PATIENCE = 10.0
-"""Seconds a broker or worker asks the market for its room's protocol before it takes
-the room as version 2 (whose agent keeps retrying)."""
-
 BROKER_SETTINGS = ("claim_timeout", "max_attempts")
 """The v2 broker's settings the v3 broker takes; the others (grace, retention...) have no
 v3 meaning yet and are ignored."""

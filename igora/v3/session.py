@@ -220,6 +220,28 @@ async def room_speaks_v3(address: MarketAddress, patience: float) -> bool | None
             await asyncio.sleep(0.2)
 
 
+ASK_AGAIN = 10.0
+"""Seconds between two lines of ``room_protocol``'s log while no market answers."""
+
+
+async def room_protocol(address: MarketAddress, who: str) -> bool:
+    """Whether the room speaks version 3, once a market answers: an agent started before
+    its market waits for it rather than guess (a version 2 agent in a version 3 room is
+    refused, 4426, at every reconnection). Says so in the log every ASK_AGAIN seconds."""
+    speaks = await room_speaks_v3(address, 0)
+    if speaks is not None:
+        return speaks
+    while speaks is None:
+        log.warning(
+            "%s: no market answers at %s yet (is `igora market` running?); waiting for it",
+            who,
+            address.room_url,
+        )
+        speaks = await room_speaks_v3(address, ASK_AGAIN)
+    log.info("%s: the market at %s answers", who, address.room_url)
+    return speaks
+
+
 def _check_key(key: str) -> str:
     try:
         public_key(key)
