@@ -125,6 +125,9 @@ class Agent(Replica):
         self.connect_timeout = connect_timeout
         self.backoff_max = backoff_max
         self.synced = asyncio.Event()
+        # the market answered the current (or last) connection's sync: the reconnection
+        # delay starts again from BACKOFF_START only then, not when a socket merely opened
+        self._answered = False
         self.connected = False
         self.connected_at = time.monotonic()
         self.last_error: str | None = None
@@ -265,6 +268,7 @@ class Agent(Replica):
         tried = 0  # replicas tried since the delay last doubled
         while True:
             url = self.url
+            self._answered = False
             try:
                 async with connect(
                     url,
@@ -277,7 +281,6 @@ class Agent(Replica):
                         self.log.info("%s reconnected to %s", self.name, url)
                     else:
                         self.log.debug("%s connected to %s", self.name, url)
-                    backoff.reset()
                     tried = 0
                     await self._session(ws)
                 self.log.warning("%s: market %s closed the connection", self.name, url)
@@ -287,11 +290,15 @@ class Agent(Replica):
                 backoff.reset()  # logged already; the sync of a new session repairs
             except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
+                if self._answered:  # the delay logged is the one waited (finally)
+                    backoff.reset()
                 log_unreachable(self.log, self.name, url, exc, backoff.delay, attempt)
             except Exception:
                 self.log.exception("%s: connection error", self.name)
             finally:
                 self.connected = False
+                if self._answered:  # else refused at once (a limit, a v3 room): slower
+                    backoff.reset()
             attempt += 1
             self._at = (self._at + 1) % len(self._urls)  # the next replica, if several
             tried += 1
@@ -347,8 +354,10 @@ class Agent(Replica):
                 raise _Resync from None
             finally:
                 self._applying_remote = False
-            if message[1] == YSyncMessageType.SYNC_STEP2 and not self.synced.is_set():
-                self.synced.set()
+            if message[1] == YSyncMessageType.SYNC_STEP2:
+                self._answered = True
+                if not self.synced.is_set():
+                    self.synced.set()
             return reply
         if kind == YMessageType.AWARENESS:
             self.awareness.apply_awareness_update(read_message(message[1:]), "remote")

@@ -4,11 +4,14 @@ on the same port and data folder. Agents reconnect by themselves (backoff up to 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from igora import Client
-from igora.protocol import MapName, State
+from igora.agent import Agent
+from igora.config import market_address
+from igora.protocol import TEXT_STYLE, MapName, State
 
 from .conftest import Cluster
 from .faults import archived, archived_async, executions, observer, wait_for
@@ -106,3 +109,25 @@ async def test_a_v3_room_serves_every_task_after_each_of_three_market_kills(
         assert "reconnected" in w.log()
         # a receipt priced while the worker's advert was not back in dir was refused
         assert "refused" not in w.log()
+
+
+async def test_an_agent_refused_as_soon_as_it_connects_backs_off(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A market that closes a version 2 agent's connection right after opening it (here
+    a v3 room, 4426; a room limit does the same with 1013) is retried with a growing
+    delay, as an unreachable one is: an opened socket is not a connection until the
+    market answered its sync. Before, the delay went back to 0.2 s at every opening,
+    five attempts a second for ever."""
+    cluster.market("--v3-room", "v3")
+    address = market_address(cluster.url, "v3")
+    agent = Agent(address, type="client", name="v2-agent", style=TEXT_STYLE)
+    with caplog.at_level(logging.WARNING, logger=agent.log.name):
+        await agent.start(wait=False)
+        await asyncio.sleep(4.0)
+        await agent.stop()
+    refused = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert refused and all("4426" in m for m in refused)
+    delays = [float(m.rsplit("retrying in ", 1)[1].split()[0]) for m in refused]
+    assert delays == sorted(delays) and delays[-1] >= 1.6, delays
+    assert len(refused) <= 6  # 0.2 + 0.4 + 0.8 + 1.6 s: ~5 in 4 s, not ~20

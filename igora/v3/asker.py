@@ -472,7 +472,7 @@ class V3Asker:
             return
         log.warning(
             "task %s: the broker assigned it to worker %s, which is not a trusted worker: "
-            "its prompt was not sent to it; the task is stopped",
+            "no key to its prompt was sealed to it; the task is stopped",
             tid,
             worker[:8],
         )
@@ -482,7 +482,7 @@ class V3Asker:
             TaskField.STATE: StatusState.FAILED.value,
             TaskField.ERROR: (
                 f"the broker assigned it to worker {worker}, which is not one of the trusted "
-                "workers: its prompt was not sent to it"
+                "workers: no key to its prompt was sealed to it"
             ),
             TaskField.ERROR_CODE: ErrorCode.UNTRUSTED_WORKER.value,
             TaskField.END: now_ms(),
