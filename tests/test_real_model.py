@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
 from igora import Client, NoWorkerError
+from igora.credits import pricing
 
 from .conftest import Cluster
 
@@ -68,6 +71,10 @@ async def test_real_model_worker_advertises_model_context_slots_and_speed(
     assert worker["engine"] == "llama.cpp"
     assert worker["models"][0]["name"].startswith("SmolLM2-135M-Instruct")
     assert worker["models"][0]["contextLength"] == 2048
+    # its size, counted by llama.cpp from the GGUF file, prices its runs (credits.md §1)
+    params = worker["models"][0]["params"]
+    assert Decimal("0.13") < Decimal(params) < Decimal("0.14")
+    assert pricing.factor(params) == 2
     assert worker["slots"] == 2
     assert worker["speed"] > 0
     async with Client(llama_market.url) as client:

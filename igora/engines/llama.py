@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,9 @@ class LlamaEngine(Engine):
         self._created = 0
         self._slots = max(1, slots)
         self._create_lock = threading.Lock()
-        self._pool.put(self._load())  # fail early on a bad file
+        first = self._load()  # fail early on a bad file
+        self.params = _billions(first)
+        self._pool.put(first)
 
     def _load(self) -> Any:
         Llama = llama_class()
@@ -103,9 +106,10 @@ class LlamaEngine(Engine):
 
     def models(self) -> list[ModelInfo]:
         if self.embedding_path is None:
-            return [ModelInfo(self.name, self.context_length, CHAT_CAPS | {Cap.EMBED.value})]
+            caps = CHAT_CAPS | {Cap.EMBED.value}
+            return [ModelInfo(self.name, self.context_length, caps, self.params)]
         return [
-            ModelInfo(self.name, self.context_length, CHAT_CAPS),
+            ModelInfo(self.name, self.context_length, CHAT_CAPS, self.params),
             ModelInfo(self.embedding_name, EMBED_CONTEXT, frozenset({Cap.EMBED.value})),
         ]
 
@@ -362,3 +366,17 @@ def _readable(exc: Exception, context: int) -> str:
     if isinstance(exc, MemoryError):
         return "the worker ran out of memory while generating"
     return f"llama.cpp failed: {text or type(exc).__name__}"
+
+
+def _billions(llm: Any) -> str | None:
+    """The model's size in billions of parameters, as the decimal text its advert gives
+    the price rule (credits.md §1: a 135M model is factor 2, a 7B one 70), counted by
+    llama.cpp from the GGUF file; None (the smallest factor) if it cannot say."""
+    try:
+        count = int(llm._model.n_params())  # llama-cpp-python's model, llama_model_n_params
+    except Exception as exc:  # another llama-cpp-python, a test's stand-in
+        log.debug("llama.cpp: no parameter count (%s); the model is priced as the smallest", exc)
+        return None
+    if count <= 0:
+        return None
+    return str((Decimal(count) / Decimal(10**9)).normalize())
