@@ -246,9 +246,7 @@ class Client:
             if loop.time() >= end:
                 reason = why.reason if why.missing else None
                 if self.trust is not None:  # workers() and models() are the trusted ones
-                    reason = f"none of the {len(self.trust)} trusted workers (--trust-worker) " + (
-                        f"can take it: {why.reason}" if self.workers() else "is on the market now"
-                    )
+                    reason = _untrusted_reason(len(self.trust), why.reason, bool(self.workers()))
                 raise NoWorkerError(model, self.models(), why.missing, reason)
             await asyncio.sleep(0.1)
 
@@ -564,3 +562,11 @@ class Client:
         """Call ``callback`` with the changed keys of a task map (``{key: {"action",
         "newValue", ...}}``), after each transaction that changes it."""
         self.agent.observe_keys(name, callback)
+
+
+def _untrusted_reason(trusted: int, why: str, present: bool) -> str:
+    """Why none of a trust list's workers takes a task, in one sentence."""
+    who = "the trusted worker" if trusted == 1 else f"none of the {trusted} trusted workers"
+    if present:
+        return f"{who} (--trust-worker) {'cannot' if trusted == 1 else 'can'} take it: {why}"
+    return f"{who} (--trust-worker) is {'not ' if trusted == 1 else ''}on the market now"

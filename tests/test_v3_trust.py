@@ -18,6 +18,7 @@ from openai import OpenAI
 from pycrdt import Map
 
 from igora import Client, NoWorkerError
+from igora.client import _untrusted_reason
 from igora.config import market_address
 from igora.errors import TaskFailed
 from igora.identity import load_identity
@@ -117,7 +118,7 @@ def test_no_trusted_worker_present_is_a_clear_error_until_one_comes(
             with pytest.raises(NoWorkerError) as err:
                 await a.submit("anyone?", wait_worker=0.5)
             assert str(err.value) == (
-                "none of the 1 trusted workers (--trust-worker) is on the market now"
+                "the trusted worker (--trust-worker) is not on the market now"
             )
             w1 = cluster.worker("--room", ROOM, name="w1", data=True)
             task = await a.submit("you, trusted", wait_worker=20)
@@ -268,7 +269,7 @@ def test_a_gateway_with_a_trust_list_serves_the_openai_sdk_through_that_worker(
     with pytest.raises(openai.APIStatusError) as err:
         sdk.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 503
-    assert "none of the 1 trusted workers (--trust-worker) is on the market now" in str(err.value)
+    assert "the trusted worker (--trust-worker) is not on the market now" in str(err.value)
 
 
 def test_trust_list_checks_each_entry() -> None:
@@ -304,3 +305,18 @@ def test_a_task_only_for_its_candidates_is_judged_by_the_candidates_present() ->
     assert v3_broker._unservable(header, [_worker(trusted, "m")]) is None
     open_header = {k: v for k, v in header.items() if k != Header.CANDIDATES_ONLY}
     assert v3_broker._unservable(open_header, [_worker(other, "m"), _worker(trusted, "n")]) is None
+
+
+def test_the_sentence_when_no_trusted_worker_can_take_a_task() -> None:
+    assert _untrusted_reason(1, "x", False) == (
+        "the trusted worker (--trust-worker) is not on the market now"
+    )
+    assert _untrusted_reason(3, "x", False) == (
+        "none of the 3 trusted workers (--trust-worker) is on the market now"
+    )
+    assert _untrusted_reason(1, "no model m", True) == (
+        "the trusted worker (--trust-worker) cannot take it: no model m"
+    )
+    assert _untrusted_reason(2, "no model m", True) == (
+        "none of the 2 trusted workers (--trust-worker) can take it: no model m"
+    )
