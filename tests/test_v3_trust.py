@@ -38,6 +38,12 @@ def worker_id(cluster: Cluster, name: str) -> str:
     return identity.id
 
 
+def trusting(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, trusted: str) -> Client:
+    """Alice (her own identity), trusting worker ``trusted`` alone."""
+    monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
+    return Client(cluster.url, ROOM, name="alice", timeout=60, trust_workers=[trusted])
+
+
 def started(proc: Any, tid: str) -> bool:
     return f"task {tid} started" in proc.log()
 
@@ -59,8 +65,7 @@ def test_tasks_go_only_to_the_trusted_worker_even_when_it_is_full(
     trusted = worker_id(cluster, "w1")
 
     async def main() -> None:
-        monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
-        a = Client(cluster.url, ROOM, name="alice", timeout=60, trust_workers=[trusted])
+        a = trusting(cluster, monkeypatch, trusted)
         await a.connect()
         try:
             assert a.v3 is not None
@@ -111,8 +116,7 @@ def test_no_trusted_worker_present_is_a_clear_error_until_one_comes(
     trusted = worker_id(cluster, "w1")
 
     async def main() -> None:
-        monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
-        a = Client(cluster.url, ROOM, name="alice", timeout=30, trust_workers=[trusted])
+        a = trusting(cluster, monkeypatch, trusted)
         await a.connect()
         try:
             with pytest.raises(NoWorkerError) as err:
@@ -167,8 +171,7 @@ def test_a_broker_that_assigns_an_untrusted_worker_gets_no_grant(
             v3_roles.run_broker(market_address(cluster.url, ROOM), name="rogue", heartbeat=1)
         )
         await asyncio.to_thread(cluster.wait_agents, "broker", 1)
-        monkeypatch.setenv("IGORA_DATA", cluster.agent_data("alice")["IGORA_DATA"])
-        a = Client(cluster.url, ROOM, name="alice", timeout=30, trust_workers=[trusted])
+        a = trusting(cluster, monkeypatch, trusted)
         await a.connect()
         try:
             task = await a.submit("for trusted eyes only")
