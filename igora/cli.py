@@ -86,6 +86,7 @@ def worker_spec(args: argparse.Namespace, address: MarketAddress) -> WorkerSpec:
         embedding_model=args.embedding_model,
         slots=args.slots,
         delay=args.delay,
+        params=tuple(args.params or ()),
     )
     return WorkerSpec(
         args.name or f"worker-{socket.gethostname()}",

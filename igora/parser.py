@@ -385,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-url", help="openai: the upstream's base URL (e.g. http://127.0.0.1:8000/v1)"
     )
     p.add_argument(
+        "--params",
+        action="append",
+        default=None,
+        metavar="[ALIAS=]B",
+        help="openai: a model's size in billions of parameters, advertised for its price "
+        "(docs/credits.md §1): ALIAS=8 for one model, 8 for every model not named; "
+        "repeatable (default: none, priced as the smallest)",
+    )
+    p.add_argument(
         "--api-key", default=None, help="openai: the upstream's API key (default: OPENAI_API_KEY)"
     )
     p.add_argument(

@@ -51,6 +51,11 @@ class WorkerSpec:
 def make_engine(config: EngineConfig) -> Engine:
     """The engine ``config`` names (llama: loads the model, which takes a while)."""
     models = list(config.models)
+    if config.params and config.engine != "openai":
+        raise EngineError(
+            "--params is for --engine openai (llama.cpp reads the model's size from its GGUF "
+            "file; echo advertises 0.2)"
+        )
     if config.engine == "echo":
         from .engines.echo import EchoEngine
 
@@ -63,10 +68,15 @@ def make_engine(config: EngineConfig) -> Engine:
         if not models:
             raise EngineError("--engine openai needs at least one --model NAME[=ALIAS]")
         return OpenAIEngine(
-            config.base_url, models, api_key=config.api_key, timeout=config.upstream_timeout
+            config.base_url,
+            models,
+            api_key=config.api_key,
+            timeout=config.upstream_timeout,
+            params=config.params,
         )
     if config.engine != "llama":
         raise EngineError(f"unknown engine {config.engine!r}: use llama, echo or openai")
+
     from .engines.llama import LlamaEngine, llama_class, resolve_model
 
     if len(models) > 1:

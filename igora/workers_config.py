@@ -44,6 +44,7 @@ from .engines.config import (
     EngineConfig,
 )
 from .engines.openai import check_base_url, parse_models
+from .engines.upstream import parse_params
 from .protocol import MAX_TOKENS_LIMIT
 from .serving import WorkerSpec, serve
 
@@ -64,6 +65,7 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "embedding_model": ((str,), "llama: GGUF path of a model for embeddings"),
     "slots": ((int,), "tasks run at once"),
     "delay": ((int, float), "echo: seconds per token"),
+    "params": ((str, int, float, list), "openai: [ALIAS=]BILLIONS, the models' sizes, or a list"),
     "max_tokens": ((int,), "answer length limit for tasks that set none"),
     "warmup": ((bool,), "measure the speed at start (default true)"),
     "market": ((str,), "market websocket URL"),
@@ -170,6 +172,8 @@ def _spec(label: str, name: str, s: dict[str, Any], cli: Defaults | None) -> Wor
             raise ConfigError(
                 f"{label}: the environment variable {s['api_key_env']} (api_key_env) is not set"
             )
+    params = s.get("params", [])  # "8", 8, or a list of "[ALIAS=]B"
+    params = [str(params)] if isinstance(params, (str, int, float)) else [str(p) for p in params]
     if engine == "openai":
         if not s.get("base_url"):
             raise ConfigError(
@@ -179,7 +183,7 @@ def _spec(label: str, name: str, s: dict[str, Any], cli: Defaults | None) -> Wor
             raise ConfigError(f'{label}: engine openai needs models = ["NAME[=ALIAS]", ...]')
         try:
             check_base_url(s["base_url"])
-            parse_models(models)
+            parse_params(params, parse_models(models))
         except EngineError as exc:
             raise ConfigError(f"{label}: {exc}") from None
     cli = cli or Defaults()
@@ -193,7 +197,11 @@ def _spec(label: str, name: str, s: dict[str, Any], cli: Defaults | None) -> Wor
     given: dict[str, Any] = {
         k: float(s[k]) if k in SECONDS else s[k] for k in ENGINE_KEYS if k in s
     }
-    config = EngineConfig(engine=engine, models=tuple(models), api_key=api_key, **given)
+    if params and engine != "openai":
+        raise ConfigError(f"{label}: params is for engine openai (llama.cpp reads the GGUF)")
+    config = EngineConfig(
+        engine=engine, models=tuple(models), api_key=api_key, params=tuple(params), **given
+    )
     worker: dict[str, Any] = {k: s[k] for k in ("max_tokens", "warmup") if k in s}
     heartbeat = s.get("heartbeat") or cli.heartbeat
     if heartbeat:

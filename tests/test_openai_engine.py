@@ -22,6 +22,7 @@ from igora import Client, TaskAborted, TaskFailed, TaskTimeout
 from igora.engines.base import EngineError, EngineUnavailable, Finish, Request
 from igora.engines.llama import bundled_model
 from igora.engines.openai import OpenAIEngine, UpstreamModel
+from igora.engines.upstream import parse_models, parse_params
 from igora.protocol import AgentField, State, TaskField
 from igora.testing import wait_for, wait_until
 
@@ -199,6 +200,24 @@ def test_bad_model_specs_are_refused_clearly(spec: str, what: str) -> None:
         OpenAIEngine("http://127.0.0.1:1/v1", [spec])
 
 
+def test_params_give_each_served_model_its_advertised_size() -> None:
+    served = parse_models(["a", "x=b", "c"])
+    assert parse_params([], served) == {}
+    assert parse_params(["8"], served) == {"a": "8", "b": "8", "c": "8"}
+    assert parse_params(["b=70", "0.5"], served) == {"a": "0.5", "b": "70", "c": "0.5"}
+    assert parse_params(["b=70"], served) == {"b": "70"}
+    for specs, message in [
+        (["z=1"], "'z' is not a served model \\(served: a, b, c\\)"),
+        (["0"], "must be a positive number of billions"),
+        (["b=big"], "is not a number"),
+        (["1", "2"], "one size without ALIAS= at most"),
+    ]:
+        with pytest.raises(EngineError, match=message):
+            parse_params(specs, served)
+    engine = OpenAIEngine("http://127.0.0.1:9/v1", ["a", "x=b"], params=["b=70"])
+    assert [(m.name, m.params) for m in engine.models()] == [("a", None), ("b", "70")]
+
+
 def test_model_spec_and_url_checks() -> None:
     assert UpstreamModel.parse("llama3.2:3b=llama") == UpstreamModel("llama3.2:3b", "llama")
     assert UpstreamModel.parse("qwen") == UpstreamModel("qwen", "qwen")
@@ -274,6 +293,8 @@ def stub_workers(market: Cluster) -> Iterator[tuple[Cluster, Stub]]:
         "2",
         "--slots",
         "2",
+        "--params",
+        "stub-ok=8",
     )
     worker("flaky-bad", "--model", "e503=flaky", "--slots", "3")
     worker("flaky-good", "--model", "ok=flaky")
@@ -320,6 +341,8 @@ async def test_market_task_is_answered_by_the_upstream_under_its_alias(
     advert = worker_state(cluster, "multi")
     assert advert[AgentField.ENGINE] == "openai" and advert[AgentField.SLOTS] == 2
     assert {m["name"] for m in advert[AgentField.MODELS]} >= {"stub-ok", "stub-hang", "stub-slow"}
+    sizes = {m["name"]: m.get("params") for m in advert[AgentField.MODELS]}
+    assert sizes["stub-ok"] == "8" and sizes["stub-hang"] is None  # --params stub-ok=8
     async with Client(cluster.url, timeout=30) as client:
         answer = await (await client.submit("Hi", model="stub-ok")).result()
     assert answer.text == "Hello from the stub"

@@ -91,6 +91,10 @@ def test_a_file_sets_every_option_the_command_line_has() -> None:
         "2",
         "--delay",
         "0.5",
+        "--params",
+        "b=8",
+        "--params",
+        "0.5",
         "--max-tokens",
         "77",
         "--no-warmup",
@@ -118,6 +122,7 @@ threads = 3
 embedding_model = "e.gguf"
 slots = 2
 delay = 0.5
+params = ["b=8", "0.5"]
 max_tokens = 77
 warmup = false
 market = "ws://127.0.0.1:7"
@@ -137,6 +142,7 @@ invite = "igora-invite:abc"
         embedding_model="e.gguf",
         slots=2,
         delay=0.5,
+        params=("b=8", "0.5"),
     )
     # Every flag of `igora worker` but the shared ones (--log-level) has its key.
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
@@ -155,6 +161,7 @@ invite = "igora-invite:abc"
             "embedding_model",
             "slots",
             "delay",
+            "params",
             "max_tokens",
             "warmup",
             "market",
@@ -208,6 +215,16 @@ def test_api_key_can_come_from_a_named_environment_variable(
         ("[[worker]]\nengine = 'openai'\nbase_url = 'http://h/v1'\nmodel = 'a='\n", "malformed"),
         ("[[worker]]\nengine = 'openai'\nbase_url = 'h:1'\nmodel = 'a'\n", "http://host:port/v1"),
         ("[[worker]]\nengine = 'echo'\nmarket = 'http://x'\n", "not a websocket URL"),
+        ("[[worker]]\nengine = 'llama'\nparams = 8\n", "params is for engine openai"),
+        (
+            "[[worker]]\nengine = 'openai'\nbase_url = 'http://h/v1'\nmodel = 'a'\n"
+            "params = 'z=1'\n",
+            "'z' is not a served model",
+        ),
+        (
+            "[[worker]]\nengine = 'openai'\nbase_url = 'http://h/v1'\nmodel = 'a'\nparams = -1\n",
+            "must be a positive number",
+        ),
     ],
 )
 def test_bad_files_are_refused_with_where_and_what(text: str, message: str) -> None:

@@ -36,3 +36,4 @@ class EngineConfig:
     embedding_model: str | None = None  # llama
     slots: int = DEFAULT_SLOTS  # llama (and the worker)
     delay: float = DEFAULT_DELAY  # echo
+    params: tuple[str, ...] = ()  # openai: [ALIAS=]BILLIONS, the advertised sizes

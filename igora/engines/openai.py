@@ -41,7 +41,14 @@ from .base import (
 )
 from .config import UPSTREAM_TIMEOUT
 from .openai_wire import Choices, finish_of, parse_chunk, request_body
-from .upstream import UpstreamModel, check_base_url, parse_models, upstream_message, why
+from .upstream import (
+    UpstreamModel,
+    check_base_url,
+    parse_models,
+    parse_params,
+    upstream_message,
+    why,
+)
 
 DEFAULT_TIMEOUT = UPSTREAM_TIMEOUT
 CONNECT_TIMEOUT = 10.0
@@ -77,9 +84,11 @@ class OpenAIEngine(Engine):
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
         context_length: int | None = None,
+        params: Sequence[str] = (),
     ) -> None:
         self.base_url = check_base_url(base_url)
         self.served = parse_models(models)
+        self.params = parse_params(params, self.served)  # alias -> billions, as text
         if not timeout or timeout <= 0:
             raise EngineError("the upstream timeout must be a positive number of seconds")
         self.timeout = float(timeout)
@@ -95,7 +104,10 @@ class OpenAIEngine(Engine):
 
     # ------------------------------------------------------------------ models
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(m.alias, self._context.get(m.upstream), ALL_CAPS) for m in self.served]
+        return [
+            ModelInfo(m.alias, self._context.get(m.upstream), ALL_CAPS, self.params.get(m.alias))
+            for m in self.served
+        ]
 
     def _resolve(self, alias: str | None) -> UpstreamModel:
         if not alias:

@@ -46,6 +46,36 @@ def parse_models(specs: Sequence[str]) -> list[UpstreamModel]:
     return models
 
 
+def parse_params(specs: Sequence[str], served: Sequence[UpstreamModel]) -> dict[str, str]:
+    """The size each served alias advertises, in billions of parameters (the credits
+    price factor, credits.md §1): ``ALIAS=BILLIONS`` for one model, ``BILLIONS`` for
+    every model not named. Aliases left out advertise none (priced as the smallest)."""
+    from ..credits.pricing import PriceError, params_text
+
+    aliases = [m.alias for m in served]
+    sizes: dict[str, str] = {}
+    default: str | None = None
+    for spec in specs:
+        alias, sep, size = str(spec).strip().rpartition("=")
+        try:
+            text = params_text(size.strip())
+        except PriceError as exc:
+            raise EngineError(f"--params {spec!r}: {exc} (e.g. 8, or 0.5 for 500M)") from None
+        if not sep:
+            if default is not None:
+                raise EngineError(f"--params {spec!r}: give one size without ALIAS= at most")
+            default = text
+        elif alias.strip() not in aliases:
+            raise EngineError(
+                f"--params {spec!r}: {alias.strip()!r} is not a served model "
+                f"(served: {', '.join(aliases)})"
+            )
+        else:
+            sizes[alias.strip()] = text
+    chosen = {a: sizes.get(a, default) for a in aliases}
+    return {a: size for a, size in chosen.items() if size is not None}
+
+
 def check_base_url(base_url: str) -> str:
     url = str(base_url).strip().rstrip("/")
     try:
