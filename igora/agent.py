@@ -125,9 +125,10 @@ class Agent(Replica):
         self.connect_timeout = connect_timeout
         self.backoff_max = backoff_max
         self.synced = asyncio.Event()
-        # the market answered the current (or last) connection's sync: the reconnection
-        # delay starts again from BACKOFF_START only then, not when a socket merely opened
-        self._answered = False
+        # the delay before the next reconnection: back to BACKOFF_START once the market
+        # answers a connection's sync, not when a socket merely opened (a market that
+        # closes at once, a room limit or a v3 room, is retried ever more slowly)
+        self._backoff = Backoff(backoff_max)
         self.connected = False
         self.connected_at = time.monotonic()
         self.last_error: str | None = None
@@ -263,12 +264,11 @@ class Agent(Replica):
         return self._urls[self._at]
 
     async def _run(self) -> None:
-        backoff = Backoff(self.backoff_max)
+        backoff = self._backoff
         attempt = 0
         tried = 0  # replicas tried since the delay last doubled
         while True:
             url = self.url
-            self._answered = False
             try:
                 async with connect(
                     url,
@@ -290,15 +290,11 @@ class Agent(Replica):
                 backoff.reset()  # logged already; the sync of a new session repairs
             except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
-                if self._answered:  # the delay logged is the one waited (finally)
-                    backoff.reset()
                 log_unreachable(self.log, self.name, url, exc, backoff.delay, attempt)
             except Exception:
                 self.log.exception("%s: connection error", self.name)
             finally:
                 self.connected = False
-                if self._answered:  # else refused at once (a limit, a v3 room): slower
-                    backoff.reset()
             attempt += 1
             self._at = (self._at + 1) % len(self._urls)  # the next replica, if several
             tried += 1
@@ -355,7 +351,7 @@ class Agent(Replica):
             finally:
                 self._applying_remote = False
             if message[1] == YSyncMessageType.SYNC_STEP2:
-                self._answered = True
+                self._backoff.reset()  # the market answered: this connection is made
                 if not self.synced.is_set():
                     self.synced.set()
             return reply
