@@ -48,14 +48,19 @@ class WorkerSpec:
         )
 
 
+def check_params(config: EngineConfig) -> None:
+    """EngineError if ``config`` gives model sizes to an engine that takes none."""
+    if config.params and config.engine != "openai":
+        raise EngineError(
+            "--params is for engine openai (llama.cpp reads the model's size from its GGUF "
+            "file; echo advertises 0.2)"
+        )
+
+
 def make_engine(config: EngineConfig) -> Engine:
     """The engine ``config`` names (llama: loads the model, which takes a while)."""
     models = list(config.models)
-    if config.params and config.engine != "openai":
-        raise EngineError(
-            "--params is for --engine openai (llama.cpp reads the model's size from its GGUF "
-            "file; echo advertises 0.2)"
-        )
+    check_params(config)
     if config.engine == "echo":
         from .engines.echo import EchoEngine
 
@@ -76,7 +81,6 @@ def make_engine(config: EngineConfig) -> Engine:
         )
     if config.engine != "llama":
         raise EngineError(f"unknown engine {config.engine!r}: use llama, echo or openai")
-
     from .engines.llama import LlamaEngine, llama_class, resolve_model
 
     if len(models) > 1:

@@ -46,7 +46,7 @@ from .engines.config import (
 from .engines.openai import check_base_url, parse_models
 from .engines.upstream import parse_params
 from .protocol import MAX_TOKENS_LIMIT
-from .serving import WorkerSpec, serve
+from .serving import WorkerSpec, check_params, serve
 
 __all__ = ["KEYS", "Defaults", "WorkerSpec", "describe", "load", "parse", "run_workers"]
 
@@ -197,11 +197,13 @@ def _spec(label: str, name: str, s: dict[str, Any], cli: Defaults | None) -> Wor
     given: dict[str, Any] = {
         k: float(s[k]) if k in SECONDS else s[k] for k in ENGINE_KEYS if k in s
     }
-    if params and engine != "openai":
-        raise ConfigError(f"{label}: params is for engine openai (llama.cpp reads the GGUF)")
     config = EngineConfig(
         engine=engine, models=tuple(models), api_key=api_key, params=tuple(params), **given
     )
+    try:
+        check_params(config)
+    except EngineError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
     worker: dict[str, Any] = {k: s[k] for k in ("max_tokens", "warmup") if k in s}
     heartbeat = s.get("heartbeat") or cli.heartbeat
     if heartbeat:

@@ -373,7 +373,9 @@ def _billions(llm: Any) -> str | None:
     the price rule (credits.md §1: a 135M model is factor 2, a 7B one 70), counted by
     llama.cpp from the GGUF file; None (the smallest factor) if it cannot say."""
     try:
-        count = int(llm._model.n_params())  # llama-cpp-python's model, llama_model_n_params
+        from llama_cpp import llama_model_n_params
+
+        count = int(llama_model_n_params(llm.model))
     except Exception as exc:  # another llama-cpp-python, a test's stand-in
         log.debug("llama.cpp: no parameter count (%s); the model is priced as the smallest", exc)
         return None

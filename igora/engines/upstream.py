@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from ..credits.pricing import PriceError, params_text
 from .base import EngineError
 
 
@@ -50,8 +51,6 @@ def parse_params(specs: Sequence[str], served: Sequence[UpstreamModel]) -> dict[
     """The size each served alias advertises, in billions of parameters (the credits
     price factor, credits.md §1): ``ALIAS=BILLIONS`` for one model, ``BILLIONS`` for
     every model not named. Aliases left out advertise none (priced as the smallest)."""
-    from ..credits.pricing import PriceError, params_text
-
     aliases = [m.alias for m in served]
     sizes: dict[str, str] = {}
     default: str | None = None
