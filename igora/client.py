@@ -49,7 +49,7 @@ from .sync_client import SyncClient
 from .task_handle import RESTART_TEXT, Answer, Restart, Task, Watch
 from .v3.asker import V3Asker
 from .v3.session import Session, room_protocol, room_speaks_v3
-from .v3.trust import refused_in_protocol_2, trust_list
+from .v3.trust import refused_in_protocol_2, trust_list, unavailable
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -246,7 +246,7 @@ class Client:
             if loop.time() >= end:
                 reason = why.reason if why.missing else None
                 if self.trust is not None:  # workers() and models() are the trusted ones
-                    reason = _untrusted_reason(len(self.trust), why.reason, bool(self.workers()))
+                    reason = unavailable(len(self.trust), why.reason, bool(self.workers()))
                 raise NoWorkerError(model, self.models(), why.missing, reason)
             await asyncio.sleep(0.1)
 
@@ -562,11 +562,3 @@ class Client:
         """Call ``callback`` with the changed keys of a task map (``{key: {"action",
         "newValue", ...}}``), after each transaction that changes it."""
         self.agent.observe_keys(name, callback)
-
-
-def _untrusted_reason(trusted: int, why: str, present: bool) -> str:
-    """Why none of a trust list's workers takes a task, in one sentence."""
-    who = "the trusted worker" if trusted == 1 else f"none of the {trusted} trusted workers"
-    if present:
-        return f"{who} (--trust-worker) {'cannot' if trusted == 1 else 'can'} take it: {why}"
-    return f"{who} (--trust-worker) is {'not ' if trusted == 1 else ''}on the market now"

@@ -18,7 +18,6 @@ from openai import OpenAI
 from pycrdt import Map
 
 from igora import Client, NoWorkerError
-from igora.client import _untrusted_reason
 from igora.config import market_address
 from igora.errors import TaskFailed
 from igora.identity import load_identity
@@ -26,7 +25,7 @@ from igora.testing import Cluster, free_port, wait_for
 from igora.v3 import broker as v3_broker
 from igora.v3 import roles as v3_roles
 from igora.v3.tasks import GRANTS, PROMPT, Header, prompt_doc
-from igora.v3.trust import MAX_TRUSTED, TrustError, trust_list
+from igora.v3.trust import MAX_TRUSTED, TrustError, trust_list, unavailable
 from tests.test_attacks import stored
 from tests.test_v3_roles import ROOM, SLOW, asker, v3_room, words
 
@@ -311,15 +310,15 @@ def test_a_task_only_for_its_candidates_is_judged_by_the_candidates_present() ->
 
 
 def test_the_sentence_when_no_trusted_worker_can_take_a_task() -> None:
-    assert _untrusted_reason(1, "x", False) == (
+    assert unavailable(1, "x", False) == (
         "the trusted worker (--trust-worker) is not on the market now"
     )
-    assert _untrusted_reason(3, "x", False) == (
+    assert unavailable(3, "x", False) == (
         "none of the 3 trusted workers (--trust-worker) is on the market now"
     )
-    assert _untrusted_reason(1, "no model m", True) == (
+    assert unavailable(1, "no model m", True) == (
         "the trusted worker (--trust-worker) cannot take it: no model m"
     )
-    assert _untrusted_reason(2, "no model m", True) == (
+    assert unavailable(2, "no model m", True) == (
         "none of the 2 trusted workers (--trust-worker) can take it: no model m"
     )

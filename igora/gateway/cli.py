@@ -13,7 +13,7 @@ from ..client import DEFAULT_TIMEOUT
 from ..config import ConfigError, MarketAddress, data_dir, env, market_address
 from ..header_timeout import DEFAULT_HEADER_TIMEOUT, http_protocol
 from ..net import port_free
-from ..v3.session import room_speaks_v3
+from ..v3.session import room_protocol
 from ..v3.trust import refused_in_protocol_2, trust_list
 from . import keys
 from .defaults import DEFAULT_HOST, DEFAULT_PORT, GATEWAY_NAME, WAIT_WORKER
@@ -101,17 +101,10 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 
 def _check_protocol_3(address: MarketAddress) -> None:
-    """A trust list needs a protocol 3 room, known before the gateway serves: a clear
-    error now rather than a failed start-up (``Client.start`` waits for the same)."""
-    wait = 10.0
-    speaks = asyncio.run(room_speaks_v3(address, wait))
-    if speaks is None:
-        raise ConfigError(
-            f"no market answered at {address.room_url} within {wait:g} s; with "
-            "--trust-worker the gateway starts once the market is up (it must see that the "
-            "room speaks protocol 3)"
-        )
-    if not speaks:
+    """A trust list needs a protocol 3 room: the gateway waits for the market, as every
+    role does (``room_protocol``), and refuses to start in a version 2 room rather than
+    serve 503s (``Client.start`` would only log it)."""
+    if not asyncio.run(room_protocol(address, GATEWAY_NAME)):
         raise refused_in_protocol_2(address.room_url)
 
 

@@ -49,6 +49,15 @@ def refused_in_protocol_2(room_url: str) -> TrustError:
     )
 
 
+def unavailable(trusted: int, why: str, present: bool) -> str:
+    """Why none of a trust list's ``trusted`` workers takes a task (``why``: what the
+    ones ``present`` lack), in one sentence."""
+    who = "the trusted worker" if trusted == 1 else f"none of the {trusted} trusted workers"
+    if present:
+        return f"{who} (--trust-worker) {'cannot' if trusted == 1 else 'can'} take it: {why}"
+    return f"{who} (--trust-worker) is {'not ' if trusted == 1 else ''}on the market now"
+
+
 def _read(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
