@@ -199,7 +199,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             )
         )
     if args.command == "status":
-        return _run(lambda: roles.status(address, as_json=args.json))
+        return _run(lambda: roles.status(address, as_json=args.json, invite=args.invite))
     raise SystemExit(f"unknown command {args.command}")
 
 

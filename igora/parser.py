@@ -488,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         formatter_class=Formatter,
         help="agents and tasks on the market",
-        description="Show the agents (type, state, models, slots) and the tasks by state.",
+        description="Show the agents (type, state, models, slots) and the tasks by state. "
+        "A market that admits members only shows a protocol 3 room to its members: there "
+        "`igora status` connects as the identity of its data folder (IGORA_DATA).",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _market_options(p)

@@ -93,9 +93,9 @@ def market_view(agent: Agent) -> dict[str, Any]:
     return {"agents": agents, "tasks": tasks_by_state(agent.maps)}
 
 
-async def _status_v3(address: MarketAddress, as_json: bool) -> int:
+async def _status_v3(address: MarketAddress, as_json: bool, invite: str | None) -> int:
     """``igora status`` of a v3 room: the market's view of it (``igora.v3.view``)."""
-    snap = room_view.snapshot(await room_view.fetch(address))
+    snap = room_view.snapshot(await room_view.read(address, invite=invite))
     recent = [t for g in room_view.GROUPS for t in snap["tasks"][g]]
     if as_json:
         out = {k: snap[k] for k in ("agents", "broker", "counts", "models", "perMinute")}
@@ -137,10 +137,13 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
-async def status(address: MarketAddress, *, as_json: bool = False) -> int:
-    """``igora status``: the agents and the tasks by state, as a table or JSON."""
+async def status(
+    address: MarketAddress, *, as_json: bool = False, invite: str | None = None
+) -> int:
+    """``igora status``: the agents and the tasks by state, as a table or JSON;
+    ``invite`` joins a market that shows its rooms to members only."""
     if await room_speaks_v3(address, 0):
-        return await _status_v3(address, as_json)
+        return await _status_v3(address, as_json, invite)
     agent = Agent(address, type=AgentType.CLIENT.value, name="igora-status", style=TEXT_STYLE)
     async with agent:
         await asyncio.sleep(STATUS_SETTLE)  # let awareness states arrive

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,12 +20,14 @@ from pycrdt import Map
 
 from igora.identity import load_identity
 from igora.testing import Cluster, wait_for, wait_until
+from igora.v3 import view as room_view
 from igora.v3.board import BOARD, RECENT, SUMMARY
 from igora.v3.session import Session
 from tests.test_v3_roles import ROOM, SLOW, asker, connected, v3_room
 from tests.v3_peers import new_identity
 
 MARKER = "QZX-board-marker-7731"
+NAMES = ("b1", "w1", "alice", "gateway", "eve")
 
 
 def view(cluster: Cluster, room: str = ROOM) -> dict[str, Any]:
@@ -203,3 +206,131 @@ def test_the_view_of_a_room_it_cannot_show_says_why(cluster: Cluster) -> None:
     out = status(cluster)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "not in memory" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------- who may look (docs/security.md §5)
+def igora_as(folder: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``igora ARGS`` with the identity of data folder ``folder``."""
+    return subprocess.run(
+        [sys.executable, "-m", "igora", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "IGORA_DATA": folder},
+    )
+
+
+def operator(cluster: Cluster, *args: str) -> None:
+    """``igora market ARGS --data`` the market's folder, which must succeed."""
+    done = igora_as(str(cluster.data), "market", *args, "--data", str(cluster.data))
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_members_only_market_shows_its_room_to_members_only(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outsider (no key, or a key that is no member's) learns from the market's HTTP
+    routes neither who is in the room nor what ran in it; a member's ``igora status``
+    and a member gateway's web page show it all; a banned member is shut out."""
+    ids = {n: load_identity(Path(cluster.agent_data(n)["IGORA_DATA"]))[0].id for n in NAMES}
+    cluster.market("--secure", "--broker-key", ids["b1"])  # --members list: the default
+    for name in ("b1", "w1", "alice", "gateway"):
+        igora_as(
+            str(cluster.data), "market", "members", "add", ids[name], "--data", str(cluster.data)
+        )
+    cluster.broker("--room", ROOM, name="b1", data=True)
+    cluster.worker("--room", ROOM, name="w1", data=True)
+    cluster.wait_agents("worker", 1)  # asked as the market itself (igora.testing)
+
+    async def chat() -> None:
+        async with asker(cluster, "alice", monkeypatch) as a:
+            assert await a.chat(f"{MARKER} members", max_tokens=10) == f"Echo: {MARKER} members"
+
+    asyncio.run(chat())
+
+    # The outsider's side: HTTP, with no identity at all.
+    with pytest.raises(urllib.error.HTTPError) as err:
+        view(cluster)
+    assert err.value.code == 403
+    refusal = json.loads(err.value.read())
+    assert refusal["error"]["code"] == "members_only", refusal
+    room = next(r for r in cluster.status()["rooms"] if r["name"] == ROOM)
+    assert "agents" not in room and room["identities"] == 2  # counts stay: b1, w1
+    for body in (json.dumps(refusal), json.dumps(cluster.status())):
+        assert not any(i in body for i in ids.values()) and "w1" not in body
+        assert MARKER not in body
+    # ... and with a key the market does not know: refused before it can ask.
+    out = igora_as(
+        cluster.agent_data("eve")["IGORA_DATA"], "status", "--market", cluster.url, "--room", ROOM
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "not a member of this market" in out.stderr and ids["w1"] not in out.stdout + out.stderr
+
+    # A member sees the room: the worker, the broker, the task done.
+    alice_data = cluster.agent_data("alice")["IGORA_DATA"]
+
+    def member_status() -> subprocess.CompletedProcess[str]:
+        return igora_as(alice_data, "status", "--market", cluster.url, "--room", ROOM, "--json")
+
+    def one_done() -> dict[str, Any] | None:
+        out = member_status()
+        assert out.returncode == 0, out.stderr
+        shown: dict[str, Any] = json.loads(out.stdout)
+        return shown if shown["counts"]["done"] >= 1 else None
+
+    shown = wait_until(one_done, 20, "the task done in a member's igora status", cluster)
+    assert {a["key"]: a["type"] for a in shown["agents"]}[ids["w1"]] == "worker"
+    assert shown["broker"]["id"] == ids["b1"] and shown["tasks"][0]["worker"] == ids["w1"]
+    assert MARKER not in json.dumps(shown)
+
+    # A member gateway's web page shows it too, over the gateway's own connection.
+    _, base = cluster.gateway("--room", ROOM, data=True)
+
+    def page_sees_the_worker() -> dict[str, Any] | None:
+        with urllib.request.urlopen(f"{base}/api/market", timeout=10) as r:
+            snap: dict[str, Any] = json.loads(r.read())
+        workers = [a for a in snap["agents"] if a["type"] == "worker"]
+        return snap if workers and workers[0]["key"] == ids["w1"] else None
+
+    snap = wait_until(page_sees_the_worker, 20, "the worker on the gateway's page", cluster)
+    assert snap["error"] is None and snap["counts"]["done"] >= 1
+
+    # Banned: the member's next look is refused (the market reads its bans every second).
+    igora_as(
+        str(cluster.data),
+        "market",
+        "ban",
+        ids["alice"],
+        "--reason",
+        "leaks",
+        "--data",
+        str(cluster.data),
+    )
+
+    def refused() -> str | None:
+        out = member_status()
+        return out.stderr if out.returncode == 2 else None
+
+    why = wait_until(refused, 10, "alice's igora status refused", cluster)
+    assert "banned: leaks" in why and "Traceback" not in why
+
+
+def test_an_open_market_shows_the_same_view_over_http_and_its_connections(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a room any identity may join, the view stays public over HTTP (anyone could
+    join and ask), and ``CONTROL view`` answers the same object, once per ask."""
+    v3_room(cluster)
+
+    async def main() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        over_http = await asyncio.to_thread(view, cluster)
+        async with Session(f"{cluster.url}/{ROOM}", new_identity(), data=cluster.dir) as s:
+            asked = [await room_view.ask(s) for _ in range(3)]
+        return over_http, asked
+
+    over_http, asked = asyncio.run(main())
+    assert over_http["op"] == "view" and {w["name"] for w in over_http["workers"]} == {"w1", "w2"}
+    for answer in asked:
+        assert answer["workers"] == over_http["workers"] and answer["name"] == ROOM
+        assert answer["market"] == cluster.status()["market"]["id"]
+    assert any(a["type"] == "broker" for a in asked[-1]["agents"])

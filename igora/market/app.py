@@ -184,8 +184,16 @@ class Market:
     def speaks_v3(self, room: str) -> bool:
         return self.settings.secure or room in self.settings.v3_rooms
 
+    @property
+    def members_only(self) -> bool:
+        """Whether this market's v3 rooms admit members only: then their view (who is
+        there, the adverts, the board) is for members, asked over a proved connection
+        (security.md §5), not served over HTTP."""
+        return self.membership is not None and self.membership.mode != "open"
+
     async def status(self, request: Request) -> Response:
         rooms = [{**r.summary(), "protocol": 2} for r in self.server.rooms.values()]
+        agents = not self.members_only
         return JSONResponse(
             {
                 "status": "ok",
@@ -198,7 +206,7 @@ class Market:
                 },
                 "replica": self.replicas.id if self.replicas is not None else None,
                 "connections": self.connections.total,
-                "rooms": rooms + [r.summary() for r in self.v3.rooms.values()],
+                "rooms": rooms + [r.summary(agents) for r in self.v3.rooms.values()],
             }
         )
 
@@ -212,17 +220,20 @@ class Market:
     async def room_view(self, request: Request) -> Response:
         """A v3 room in memory as ``V3Room.view`` shows it; 404 with the reason else."""
         name = request.path_params["room"].strip("/") or "market"
+        if self.speaks_v3(name) and self.members_only:
+            why = (
+                f"room {name!r} shows itself to its members only: `igora status` asks "
+                "over a connection that proves a member's identity"
+            )
+            return _error(403, why, "members_only")
         room = self.v3.rooms.get(name) if self.speaks_v3(name) else None
         if room is not None:
-            return JSONResponse(room.view())
+            return Response(room.view_text(), media_type="application/json")
         if not self.speaks_v3(name):
             why = f"room {name!r} speaks protocol 2: its agents are listed in /status"
         else:
             why = f"room {name!r} is not in memory: no agent has joined it lately"
-        return JSONResponse(
-            {"error": {"message": why, "type": "invalid_request_error", "code": "no_room"}},
-            status_code=404,
-        )
+        return _error(404, why, "no_room")
 
     async def websocket(self, websocket: WebSocket) -> None:
         room_name = websocket.path_params["room"].strip("/") or "market"
@@ -334,3 +345,9 @@ class Market:
             if not connection.closed:
                 with contextlib.suppress(Exception):
                     await websocket.close()
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    """An error in the OpenAI-style body every Igora HTTP route answers with."""
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+    return JSONResponse(body, status_code=status)

@@ -2,21 +2,35 @@
 
 No agent of a v3 room reads the whole room: an asker reads its own tasks, ``who`` is for
 brokers (protocol-v3.md §4). The market holds ``dir`` and ``who`` itself and keeps the
-broker's ``board``, so it answers ``GET /rooms/ROOM/view`` (``V3Room.view``) with the
-three; ``fetch`` reads it and ``snapshot`` turns it into the rows the v2 views show
-(``igora.summary``'s agent rows, the web page's task groups), every agent and task
-naming its key (its identity id).
+broker's ``board``, so it shows the three (``V3Room.view``) to whoever the room admits
+(security.md §5): ``ask`` reads it over a proved connection (``CONTROL view``), ``fetch``
+over HTTP (``GET /rooms/ROOM/view``, refused with ``MembersOnly`` by a market that admits
+members only), ``read`` the one that works; ``snapshot`` turns it into the rows the v2
+views show (``igora.summary``'s agent rows, the web page's task groups), every agent and
+task naming its key (its identity id).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 
 from ..config import MarketAddress
 from ..errors import IgoraError
+from ..identity import load_identity
 from ..summary import MAX_TEXT, agent_order, integer, text
+from .session import Event, EventKind, Session
+from .wire import Code, notice_answer
+
+NOT_BUILT = 501  # the NOTICE of a CONTROL op the market does not know
+
+
+class MembersOnly(IgoraError):
+    """The market shows the room to its members only (HTTP 403 ``members_only``): ask
+    over a connection that proves a member's identity."""
+
 
 GROUPS = ("waiting", "running", "done", "failed", "aborted")
 
@@ -41,8 +55,56 @@ async def fetch(address: MarketAddress, timeout: float = 5.0) -> dict[str, Any]:
     if r.status_code != 200 or not isinstance(body, dict):
         error = body.get("error") if isinstance(body, dict) else None
         why = error.get("message") if isinstance(error, dict) else f"HTTP {r.status_code}"
-        raise IgoraError(f"{url}: {why}")
+        members_only = isinstance(error, dict) and error.get("code") == "members_only"
+        raise (MembersOnly if members_only else IgoraError)(f"{url}: {why}")
     return body
+
+
+async def ask(session: Session, timeout: float = 10.0) -> dict[str, Any]:
+    """The room's view, asked over ``session`` (``CONTROL view``, answered by ``NOTICE``
+    206; asked again after a reconnection); ``IgoraError`` after ``timeout`` s or from a
+    market that does not answer it (an older one)."""
+    answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    def seen(event: Event) -> None:
+        if answer.done():
+            return
+        if event.kind is EventKind.CONNECTED:
+            session.control({"op": "view"})
+        elif event.kind is EventKind.NOTICE and event.code == Code.VIEW:
+            body = notice_answer(event.text, "view")
+            if body is not None:
+                answer.set_result(body)
+        elif event.kind is EventKind.NOTICE and event.code == NOT_BUILT and "'view'" in event.text:
+            answer.set_exception(IgoraError(f"{session.address.room_url}: {event.text}"))
+
+    stop = session.observe(seen)
+    try:
+        session.control({"op": "view"})  # not connected: sent at the next CONNECTED
+        return await asyncio.wait_for(answer, timeout)
+    except TimeoutError:
+        raise IgoraError(
+            f"the market at {session.address.room_url} did not show the room within {timeout:g} s"
+        ) from None
+    finally:
+        stop()
+
+
+async def read(
+    address: MarketAddress, timeout: float = 10.0, invite: str | None = None
+) -> dict[str, Any]:
+    """The room's view over HTTP or, from a market that shows it to its members only,
+    over a connection that proves the identity of the data folder (``IGORA_DATA``),
+    with ``invite`` if given: a non-member gets the market's refusal (``NotAdmitted``)."""
+    try:
+        return await fetch(address, timeout)
+    except MembersOnly:
+        identity, _ = load_identity()
+        session = Session(
+            address, identity, name="igora-status", connect_timeout=timeout, invite=invite
+        )
+        async with session:
+            return await ask(session, timeout)
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -69,6 +69,7 @@ class Code(IntEnum):
     CREDITS = 201  # a claim, transfer or balance answered: JSON (igora.market.v3.bank)
     CREDITS_PENDING = 202  # a claim without receipt, settled after --receipt-wait
     REPLACED = 205
+    VIEW = 206  # a room's view (CONTROL view), JSON: protocol-v3.md §12.8
     REFUSED = 403  # a subscription the read rules refuse
     LEASE_HELD = 409
     DROPPED = 410  # the document was dropped by its owner or expired

@@ -50,6 +50,8 @@ CACHE_MS = 500
 """A snapshot is reused by every page for this long while the market does not change."""
 V3_POLL = 1.0
 """Seconds between two reads of a v3 room's view (its board changes at most once a second)."""
+V3_ASK_TIMEOUT = 5.0
+"""Seconds a read of the view waits for the market's answer."""
 
 # Task states as the page groups them.
 WAITING = (State.TODO, State.PREPARED)
@@ -300,7 +302,7 @@ class V3MarketTracker(MarketTracker):
         async with self._lock:
             if time.monotonic() - self._read_at >= V3_POLL:
                 try:
-                    view: dict[str, Any] | None = await room_view.fetch(self.client.address)
+                    view: dict[str, Any] | None = await self._ask()
                     error = None
                 except IgoraError as exc:
                     view, error = None, str(exc)
@@ -309,6 +311,14 @@ class V3MarketTracker(MarketTracker):
                     self._view, self._error = view, error
                     self._changed()
         return self.snapshot()
+
+    async def _ask(self) -> dict[str, Any]:
+        """The view over the gateway's own connection (security.md §5: a market that
+        admits members only shows it to them alone)."""
+        asker = self.client.v3
+        if asker is None or not asker.session.connected:
+            raise IgoraError("the gateway is not connected to the market")
+        return await room_view.ask(asker.session, V3_ASK_TIMEOUT)
 
     async def wait_change(self, version: int, timeout: float) -> None:
         if self.version == version:

@@ -21,7 +21,8 @@ room sees it (docs/protocol-v3.md §4):
 - ``UNSUB``, ``PRESENCE``: taken; ``CONTROL``: one handler per op (``lease``,
   ``attach``, ``advert``, ``drop``, ``replace``: a new epoch of a long-lived document,
   §9; the credits' ``claim``, ``transfer``, ``balance``, answered by the market's
-  ``bank.Bank``); any other, a ``NOTICE`` 501.
+  ``bank.Bank``; ``view``, the room's view in a ``NOTICE`` 206); any other, a
+  ``NOTICE`` 501.
 
 What the market sends goes through the connection's outbox (``fanout.Outbox``): frames
 that pile up while one is written leave as one ``BATCH`` (``igora.v3.outbox.coalesce``,
@@ -339,6 +340,9 @@ class V3Connection:
                 return wire.Close.BAD_FRAME, f"a task document is dropped, not replaced: {name}"
             else:  # its new state follows as a step 2 (protocol-v3.md §9)
                 room.replace(self, name)
+            return None
+        if op == "view":  # the handshake admitted this connection: it may look
+            self.notice(wire.Code.VIEW, "", room.view_text())
             return None
         if op in CREDIT_OPS and room.bank is not None:
             self._credits(room, room.bank, op, body)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import Counter
@@ -50,6 +51,7 @@ TASK_RETENTION = DEFAULT_TASK_RETENTION
 it (protocol-v3.md §9): what an owner that never dropped it (it crashed, it restarted)
 leaves is not kept, and does not count towards its ``MAX_TASK_DOCUMENTS`` for ever."""
 SWEEP_EVERY = 60.0  # seconds between two looks for expired task documents, at most
+VIEW_EVERY = 1.0  # seconds a room's view is answered from the same copy (the board's pace)
 
 log = logging.getLogger("igora.market")
 
@@ -135,6 +137,7 @@ class V3Room:
         self.lease: Lease[Peer] = Lease(self.market_docs.epoch)  # epochs go on growing
         self.lease_asked: set[Peer] = set()  # asked, answer due (the lease is in Redis)
         self._board: tuple[bytes, dict[str, Any] | None] | None = None  # last read
+        self._view: tuple[float, str] | None = None  # (when, JSON): view_text's copy
         tune_allocator()  # merged logs of 128 KiB or more: out of the heap (compaction.py)
         self.expired = 0  # task documents dropped for retention since loaded
         self._sweep: asyncio.TimerHandle | None = None
@@ -518,6 +521,7 @@ class V3Room:
         /rooms/ROOM/view``): the market's own documents (``dir``: the broker and the
         workers' adverts; ``who``: every agent present) and the broker's ``board``."""
         return {
+            "op": "view",  # the same object answers a CONTROL view (protocol-v3.md §12.8)
             "name": self.name,
             "protocol": 3,
             "market": self.market_docs.market_id,
@@ -527,14 +531,24 @@ class V3Room:
             "board": self.board(),
         }
 
-    def summary(self) -> dict[str, Any]:
-        """The room as ``GET /status`` lists it: counts, no content."""
+    def view_text(self) -> str:
+        """``view`` as JSON, made at most once every ``VIEW_EVERY`` s: what ``GET
+        /rooms/ROOM/view`` and a ``CONTROL view`` answer (security.md §5), so that asking
+        in a loop costs the market a copy, not a view each time."""
+        now = time.monotonic()
+        if self._view is None or now - self._view[0] >= VIEW_EVERY:
+            self._view = (now, json.dumps(self.view(), separators=(",", ":")))
+        return self._view[1]
+
+    def summary(self, agents: bool = True) -> dict[str, Any]:
+        """The room as ``GET /status`` lists it: counts, no content; with ``agents``, the
+        agents present (``who``: id, type, name, since)."""
         return {
             "name": self.name,
             "protocol": 3,
             "connections": len(self.connections),
             "identities": len(self.identities),
-            "agents": self.market_docs.agents(),
+            **({"agents": self.market_docs.agents()} if agents else {}),
             "documents": len(self.docs) - len(self.docs.keys() & set(MARKET_DOCS)),  # the agents'
             "bytes": self._bytes(),
             "expired": self.expired,
