@@ -123,6 +123,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             max_per_address=args.max_per_address,
             room_idle=args.room_idle,
             task_retention=args.task_retention,
+            max_identity_bytes=args.max_identity_bytes,
             compact_every=args.compact_every,
             max_rooms=args.max_rooms,
             max_rooms_per_address=args.max_rooms_per_address,

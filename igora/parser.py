@@ -30,6 +30,7 @@ from .market import command as market_command
 from .market.limits import (  # the market's own defaults
     DEFAULT_COMPACT_EVERY,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IDENTITY_BYTES,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_MAX_ROOMS,
@@ -198,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_PER_ADDRESS,
         help="connections from one IP address",
+    )
+    p.add_argument(
+        "--max-identity-bytes",
+        type=int,
+        default=DEFAULT_MAX_IDENTITY_BYTES,
+        metavar="BYTES",
+        help="v3 rooms: bytes the documents one identity owns in a room may hold in all "
+        "(its tasks and its long-lived documents); a write past it disconnects the "
+        "writer (docs/protocol-v3.md §12.1)",
     )
     p.add_argument(
         "--task-retention",

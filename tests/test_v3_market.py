@@ -606,3 +606,44 @@ async def test_a_worker_advert_is_checked_and_listed_in_dir_while_it_is_there(
     assert code == 4400 and "bad signature" in reason
     await w.close()
     await workers_until(lambda ws: worker.id not in ws)
+
+
+async def test_the_documents_of_one_identity_hold_at_most_its_bytes(cluster: Cluster) -> None:
+    """Rule 3 (protocol-v3.md §12.1): all the documents one identity owns, its long-lived
+    ``a/`` included, hold at most --max-identity-bytes; a drop frees its share, and
+    another identity is not held back by the first one's bytes."""
+    url = secure(cluster, "--max-message", "300000", "--max-identity-bytes", "1000000")
+    alice, bob = new_identity(), new_identity()
+    peer = await RawPeer.join(url, ROOM, alice)
+    assert peer.welcome is not None and peer.welcome.limits["identityBytes"] == 1_000_000
+
+    def blob(tag: str) -> bytes:  # a task document of ~250 KB
+        return update_setting(Doc(), "m", "pt", tag * 250_000)
+
+    names = [f"p/{alice.id}/{i:016d}" for i in range(4)]
+    for n in names[:3]:  # one message each: a message holds at most --max-message
+        await peer.send(wire.Doc(n, wire.Sync.UPDATE, blob("x")))
+    await peer.send(wire.Control({"op": "drop", "doc": names[0]}))  # its bytes are freed
+    await peer.send(wire.Doc(names[3], wire.Sync.UPDATE, blob("y")))  # 750 KB again
+    await peer.barrier()
+    # The long-lived asker document had no bound: it grows until the identity's is reached.
+    mine: Doc[object] = Doc()
+    name = f"a/{alice.id}"
+    for i in range(2):
+        await peer.send(
+            wire.Doc(name, wire.Sync.UPDATE, update_setting(mine, "m", f"k{i}", "z" * 150_000))
+        )
+    code, reason = await peer.closed()
+    assert (code, reason) == (
+        4400,
+        f"refused update (over 1000000 bytes owned by one identity): {name}",
+    )
+    room = next(r for r in cluster.status()["rooms"] if r["name"] == ROOM)
+    assert 900_000 < room["bytes"]["p"] + room["bytes"]["a"] <= 1_000_000, room["bytes"]
+    # Bob's documents are his own account.
+    other = await RawPeer.join(url, ROOM, bob)
+    for i in range(3):
+        await other.send(wire.Doc(f"p/{bob.id}/{i:016d}", wire.Sync.UPDATE, blob("b")))
+    await other.barrier()
+    room = next(r for r in cluster.status()["rooms"] if r["name"] == ROOM)
+    assert room["bytes"]["p"] > 1_400_000

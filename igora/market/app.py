@@ -85,11 +85,16 @@ class Market:
         self.brokers: frozenset[str] | None = None
         if settings.secure and identity is not None:
             self.brokers = settings.broker_keys | {identity.id}
-        limits = DocLimits(task_document=settings.max_message, retention=settings.task_retention)
+        limits = DocLimits(
+            task_document=settings.max_message,
+            retention=settings.task_retention,
+            identity_bytes=settings.max_identity_bytes,
+        )
         self.v3_limits = {
             "maxMessage": settings.max_message,
             "taskDocuments": limits.task_documents,
             "taskDocumentBytes": limits.task_document,
+            "identityBytes": limits.identity_bytes,
         }
         market_id = identity.id if identity is not None else ""
         # Who a v3 room admits (security.md §5); None: the market has no v3 room.

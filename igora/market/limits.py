@@ -25,6 +25,7 @@ DEFAULT_MAX_PER_ADDRESS = 500
 DEFAULT_COMPACT_EVERY = 500  # finished tasks between two compactions of a room (0: never)
 DEFAULT_ROOM_IDLE = 60.0  # seconds a room with no connection stays in memory (with a store)
 DEFAULT_TASK_RETENTION = 600.0  # seconds an unread, unwritten v3 task document is kept
+DEFAULT_MAX_IDENTITY_BYTES = 256 * 1024 * 1024  # of documents one identity owns in a v3 room
 DEFAULT_MAX_ROOMS = 1_000  # rooms in memory; past it the one idle the longest is unloaded
 DEFAULT_MAX_ROOMS_PER_ADDRESS = 100  # rooms in memory that one IP address loaded
 MAX_ROOM_NAME = MAX_ROOM
@@ -44,6 +45,7 @@ class MarketSettings:
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS
     room_idle: float = DEFAULT_ROOM_IDLE
     task_retention: float = DEFAULT_TASK_RETENTION
+    max_identity_bytes: int = DEFAULT_MAX_IDENTITY_BYTES
     compact_every: int = DEFAULT_COMPACT_EVERY
     max_rooms: int = DEFAULT_MAX_ROOMS
     max_rooms_per_address: int = DEFAULT_MAX_ROOMS_PER_ADDRESS
@@ -74,6 +76,7 @@ class MarketSettings:
                 raise ConfigError(f"{flag} must be a positive number of seconds, not {seconds}")
         for flag, value, least in (
             ("--max-message", self.max_message, 1024),
+            ("--max-identity-bytes", self.max_identity_bytes, 1024),
             ("--max-connections", self.max_connections, 1),
             ("--max-per-address", self.max_per_address, 1),
             ("--compact-every", self.compact_every, 0),

@@ -4,6 +4,7 @@ a real SQLite store in memory and pycrdt documents, no market."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 from pycrdt import Doc, Map
@@ -76,3 +77,36 @@ async def test_stored_logs_come_back_squashed_and_a_dropped_name_starts_afresh()
     await asyncio.wait_for(again.flush(), 5)
     assert set(store.load_documents("r")) == {"a/x"}
     assert store.load_documents("other") == {}
+
+
+def test_an_owners_bytes_follow_its_logs_through_appends_merges_and_drops() -> None:
+    """The per-identity limit reads ``owned``: it must equal the sizes of the logs each
+    identity owns whatever happened to them (merges shrink a long-lived log that
+    deletes, reads merge too), and nothing once they are all disowned."""
+    owned: Counter[str] = Counter()
+    sources: dict[str, Doc[Any]] = {}
+    logs: dict[str, DocLog] = {}
+    for name, owner, collect in (("a/x", "x", True), ("p/x/t", "x", False), ("w/y", "y", True)):
+        sources[name] = Doc()
+        logs[name] = DocLog(collect=collect)
+        logs[name].own(owner, owned)
+
+    def matches() -> bool:
+        want = Counter({"x": logs["a/x"].size + logs["p/x/t"].size, "y": logs["w/y"].size})
+        return +owned == +want
+
+    for i in range(3 * MERGE_EVERY + 5):
+        for name, log in logs.items():
+            source = sources[name]
+            log.append(_setting(source, f"k{i % 7}", "v" * (i % 50)))  # rewrites: merges shrink
+            if i % 5 == 0:
+                with source.transaction():
+                    source.get("m", type=Map).pop(f"k{(i + 3) % 7}", None)
+                log.append(source.get_update(log.vector()))
+        if i % 17 == 0:
+            logs["a/x"].state()  # a read merges, and resizes
+        assert matches(), (i, owned)
+    for log in logs.values():
+        log.disown()
+        log.disown()  # twice: counted off once
+    assert owned == Counter()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from pycrdt import Doc, get_state, get_update, merge_updates
@@ -49,7 +50,17 @@ def long_lived(name: str) -> bool:
 class DocLog:
     """One document's updates, merged every ``MERGE_EVERY``."""
 
-    __slots__ = ("collect", "entries", "epoch", "idle", "rewritten", "size", "stored")
+    __slots__ = (
+        "collect",
+        "entries",
+        "epoch",
+        "idle",
+        "owned",
+        "owner",
+        "rewritten",
+        "size",
+        "stored",
+    )
 
     def __init__(
         self,
@@ -69,10 +80,29 @@ class DocLog:
         self.stored = len(self.entries)  # rows of it in the store
         self.epoch = epoch  # of its last replace (protocol-v3.md §9); 0: none since loaded
         self.idle = time.monotonic()  # since when nobody wrote or read it (task documents)
+        # The identity that owns it and the room's bytes by owner, which ``size`` is
+        # counted in while set (``own``): the per-identity limit (protocol-v3.md §12.1).
+        self.owner = ""
+        self.owned: Counter[str] | None = None
+
+    def own(self, owner: str, owned: Counter[str]) -> None:
+        """Count this log's bytes, from now on, as ``owner``'s in ``owned``."""
+        self.owner, self.owned = owner, owned
+        owned[owner] += self.size
+
+    def disown(self) -> None:
+        """Stop counting this log's bytes (it was dropped or replaced)."""
+        if self.owned is not None:
+            self.owned[self.owner] -= self.size
+            if self.owned[self.owner] <= 0:
+                del self.owned[self.owner]
+            self.owned = None
 
     def append(self, update: bytes) -> None:
         self.entries.append(update)
         self.size += len(update)
+        if self.owned is not None:
+            self.owned[self.owner] += len(update)
         self.idle = time.monotonic()
         if self.rewritten or len(self.entries) >= MERGE_EVERY:
             self._merge()
@@ -85,6 +115,8 @@ class DocLog:
                 doc.apply_update(merged)
                 merged = doc.get_update()
             self.entries = [merged]
+            if self.owned is not None:
+                self.owned[self.owner] += len(merged) - self.size
             self.size = len(merged)
 
     @property

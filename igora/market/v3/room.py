@@ -28,11 +28,11 @@ from pycrdt import Doc, Map
 
 from ...v3 import board, wire
 from ...v3.board import BOARD, SUMMARY
-from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, parse
+from ...v3.documents import PREFIXES, TASK_DOCUMENTS, DocName, DocumentError, Owner, parse
 from ...v3.signed import SignatureError, plain
 from ..compaction import release_memory, tune_allocator
 from ..fanout import Outbox
-from ..limits import DEFAULT_TASK_RETENTION
+from ..limits import DEFAULT_MAX_IDENTITY_BYTES, DEFAULT_TASK_RETENTION
 from ..room import background
 from ..store import Store
 from .bank import Bank
@@ -83,6 +83,7 @@ class DocLimits:
     task_document: int
     task_documents: int = MAX_TASK_DOCUMENTS
     retention: float = TASK_RETENTION
+    identity_bytes: int = DEFAULT_MAX_IDENTITY_BYTES  # all the documents one identity owns
 
 
 def _task_owner(name: str) -> str | None:
@@ -92,6 +93,16 @@ def _task_owner(name: str) -> str | None:
     except DocumentError:
         return None
     return doc.agent if doc.kind in TASK_DOCUMENTS else None
+
+
+def _agent_owner(name: str) -> str | None:
+    """The identity that owns ``name`` when an agent does (``a/``, ``w/``, ``p/``,
+    ``r/``); None for the broker's and the market's documents."""
+    try:
+        doc = parse(name)
+    except DocumentError:
+        return None
+    return doc.agent if doc.owner is Owner.AGENT else None
 
 
 class V3Room:
@@ -122,10 +133,12 @@ class V3Room:
         self.connections: set[Peer] = set()
         self.identities: Counter[str] = Counter()  # id -> connections that proved it
         self.task_documents: Counter[str] = Counter()  # id -> task documents it owns
-        for doc in self.docs:
-            owner = _task_owner(doc)
+        self.owned: Counter[str] = Counter()  # id -> bytes of the documents it owns
+        for name, log in self.docs.items():
+            owner = _task_owner(name)
             if owner is not None:
                 self.task_documents[owner] += 1
+            self._own(name, log)
         self.attachments: dict[str, set[str]] = {}  # id -> documents attached to it (§5)
         self.holders = 0  # connections using the room, including ones still joining
         self.idle_since = time.monotonic()
@@ -331,7 +344,8 @@ class V3Room:
         ``NOTICE`` 410. ``remote``: the owner is connected to another replica."""
         if self.link is not None and not remote:
             self.link.publish(drop_event(name))
-        if self.docs.pop(name, None) is not None:
+        if (dropped := self.docs.pop(name, None)) is not None:
+            dropped.disown()
             self.history.drop(name)
             if self.bank is not None and name.startswith("r/"):
                 self.bank.dropped(self.name, name)
@@ -371,7 +385,10 @@ class V3Room:
             epoch = max(int(time.time() * 1000), (old.epoch if old is not None else 0) + 1)
         if self.link is not None and not remote:
             self.link.publish(replace_event(name, epoch))
+        if old is not None:
+            old.disown()
         doc = self.docs[name] = DocLog(epoch=epoch, collect=True)
+        self._own(name, doc)
         doc.stored = 0
         self.history.drop(name)
         notice = _replaced(name, epoch)
@@ -435,12 +452,16 @@ class V3Room:
         name = doc.name
         log = self.docs.get(name)
         is_task = doc.kind in TASK_DOCUMENTS
+        owner = doc.agent if doc.owner is Owner.AGENT else None
+        if owner is not None and self.owned[owner] + len(update) > self.limits.identity_bytes:
+            return f"over {self.limits.identity_bytes} bytes owned by one identity"
         if log is None:
             if is_task and doc.agent is not None:
                 owned, most = self.task_documents[doc.agent], self.limits.task_documents
                 if owned >= most:
                     return f"over {most} live task documents"
             log = self.docs[name] = DocLog(collect=not is_task, rewritten=rewritten(name))
+            self._own(name, log)
             log.stored = 0
             if is_task and doc.agent is not None:
                 self.task_documents[doc.agent] += 1
@@ -457,6 +478,7 @@ class V3Room:
         log = self.docs.get(name)
         if log is None:
             log = self.docs[name] = DocLog()
+            self._own(name, log)
             log.stored = 0
             owner = _task_owner(name)
             if owner is not None:
@@ -490,6 +512,12 @@ class V3Room:
         ids = {i for r in readers for i in r.ids if i != owner}
         if ids:
             self.bank.delivered(self.name, name, update, ids)
+
+    def _own(self, name: str, log: DocLog) -> None:
+        """Count ``log`` in its owner's bytes (``owned``) if an agent owns ``name``."""
+        owner = _agent_owner(name)
+        if owner is not None:
+            log.own(owner, self.owned)
 
     def _market_write(self, name: str, update: bytes) -> None:
         """An update of ``dir`` or ``who``, the market's own documents."""
