@@ -101,7 +101,12 @@ async def read(
     except MembersOnly:
         identity, _ = load_identity()
         session = Session(
-            address, identity, name="igora-status", connect_timeout=timeout, invite=invite
+            address,
+            identity,
+            name="igora-status",
+            state={"type": "client", "name": "igora-status"},  # as it shows in `who`
+            connect_timeout=timeout,
+            invite=invite,
         )
         async with session:
             return await ask(session, timeout)
