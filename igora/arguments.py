@@ -118,6 +118,17 @@ def credits(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def model_pin(text: str) -> tuple[str, str]:
+    """``NAME=B``: a model's name and its size in billions of parameters (decimal text),
+    as ``igora market --model-params`` pins it."""
+    from .credits.pricing import PriceError, parse_pin
+
+    try:
+        return parse_pin(text)
+    except PriceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def port(text: str) -> int:
     """A TCP port, 1 to 65535."""
     try:

@@ -306,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
         "would mint credits (docs/credits.md). The ledger is DATA/ledger.sqlite3",
     )
     g.add_argument(
+        "--model-params",
+        type=arg.model_pin,
+        action="append",
+        default=[],
+        metavar="NAME=B",
+        help="the size of model NAME in billions of parameters, as this market prices it "
+        "(repeatable; e.g. smollm2=0.135): a worker advertising a size of another price "
+        "factor for that name is refused (docs/credits.md §1)",
+    )
+    g.add_argument(
         "--receipt-wait",
         type=arg.number(above=0),
         default=DEFAULT_RECEIPT_WAIT,

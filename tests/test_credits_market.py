@@ -510,3 +510,45 @@ def test_the_richer_askers_waiting_tasks_start_first(
 
     ended = asyncio.run(main())
     assert ended[1:] == ["rich"] * 4 + ["poor"] * 3, ended
+
+
+def test_a_market_pinning_a_model_size_pays_by_it_and_stops_a_worker_that_disagrees(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model-params echo=0.15``: the echo worker's own size (0.2) gives the same
+    factor, so it serves and is paid the rule's price; a market pinning echo at 7B
+    (factor 70) stops an echo worker at its advert, with the reason in its log and a
+    failed exit, and lists none."""
+    start(cluster, 1, "--model-params", "echo=0.15")
+
+    async def main() -> Answer:
+        client = await asker(cluster, "alice", monkeypatch)
+        try:
+            v3 = client.v3
+            assert v3 is not None
+            prices = await wait_for(v3.prices, 10, "the price rule in dir")
+            assert prices["pinned"] == {"echo": "0.15"}
+            (answer,) = await ask(client, ["pinned"])
+            return answer
+        finally:
+            await client.close()
+
+    answer = asyncio.run(main())
+    spent = settled(cluster, 1)
+    assert [-e.amount for e in spent] == [
+        pricing.price(answer.usage["promptTokens"], answer.usage["completionTokens"], "0.15")
+    ]
+    assert spent[0].amount == -price(answer)  # 0.15 and echo's 0.2 are one factor
+
+    (cluster.dir / "pinned-7b").mkdir()
+    other = Cluster(cluster.dir / "pinned-7b")
+    try:
+        other.market("--v3-room", ROOM, "--model-params", "echo=7")
+        worker = other.worker("--room", ROOM, name="w9", data=True)
+        wait_until(lambda: worker.poll() is not None or None, 30, worker.log)
+        assert worker.returncode not in (0, None), worker.log()
+        assert "model echo is priced here as 7 billion parameters (factor 70)" in worker.log()
+        assert "Traceback" not in worker.log()
+        assert other.agents("worker") == []
+    finally:
+        other.stop()

@@ -18,6 +18,7 @@ from pycrdt import Doc, Map
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from igora.identity import Identity
 from igora.market.run import _loopback
 from igora.v3 import advert, wire
 from igora.v3.handshake import Response
@@ -647,3 +648,50 @@ async def test_the_documents_of_one_identity_hold_at_most_its_bytes(cluster: Clu
     await other.barrier()
     room = next(r for r in cluster.status()["rooms"] if r["name"] == ROOM)
     assert room["bytes"]["p"] > 1_400_000
+
+
+async def test_a_pinned_model_size_refuses_a_worker_that_inflates_its_price(
+    cluster: Cluster,
+) -> None:
+    """``--model-params echo=0.15``: an advert of another price factor for ``echo`` (a
+    lie of 70B, or no size at all) closes 4403 with the reason and never reaches
+    ``dir``; one of the pinned factor (0.2: factor 2, as 0.15) and one for another model
+    are listed; the pins are published in ``dir.market.prices``."""
+    cluster.market("--v3-room", ROOM, "--model-params", "echo=0.15")
+    reader = await RawPeer.join(cluster.url, ROOM, new_identity())
+    await reader.send(wire.Subscribe((("dir", False),)))
+    directory: Doc[object] = Doc()
+
+    async def until(check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        for _ in range(50):
+            seen: dict[str, Any] = directory.get("workers", type=Map).to_py() or {}
+            market: dict[str, Any] = directory.get("market", type=Map).to_py() or {}
+            if check({"workers": seen, **market}):
+                return {"workers": seen, **market}
+            directory.apply_update((await reader.doc("dir")).payload)
+        raise AssertionError("dir never matched")
+
+    def offer(who: Identity, name: str, params: str | None) -> dict[str, Any]:
+        model = {"name": name, **({"params": params} if params is not None else {})}
+        made = advert.make(who, who.session_key(), name="w", engine="echo", models=[model], slots=1)
+        return {"op": "advert", **made}
+
+    published = await until(lambda d: "prices" in d)
+    assert published["prices"]["pinned"] == {"echo": "0.15"}
+    for lie in ("70", None):
+        liar = new_identity()
+        peer = await RawPeer.join(cluster.url, ROOM, liar)
+        await peer.send(wire.Control(offer(liar, "echo", lie)))
+        code, reason = await peer.closed()
+        shown = f"{lie} (factor 700)" if lie else "no size"
+        assert (code, reason) == (
+            4403,
+            f"model echo is priced here as 0.15 billion parameters (factor 2), not {shown}: "
+            "--model-params of this market",
+        )
+    honest, other = new_identity(), new_identity()
+    for who, name, size in ((honest, "echo", "0.2"), (other, "llama3", "70")):
+        peer = await RawPeer.join(cluster.url, ROOM, who)
+        await peer.send(wire.Control(offer(who, name, size)))
+    listed = await until(lambda d: {honest.id, other.id} <= set(d["workers"]))
+    assert set(listed["workers"]) == {honest.id, other.id}  # no liar among them

@@ -28,7 +28,7 @@ from igora.gateway.guard import GuardMiddleware
 from igora.gateway.keys import KeyStore, speaker
 from igora.identity import Identity, load_identity
 from igora.market.members import InviteError, make_invite, read_invite
-from igora.testing import wait_for
+from igora.testing import wait_for, wait_until
 from igora.v3 import wire
 from igora.v3.handshake import Response, Welcome
 from igora.v3.header import verify_header
@@ -444,3 +444,18 @@ def test_gateway_keys_prove_and_sign_as_their_identities(cluster: Cluster, tmp_p
         assert "Traceback" not in proc.log()
 
     asyncio.run(main())
+
+
+def test_a_worker_banned_while_it_serves_stops_with_the_reason(cluster: Cluster) -> None:
+    """A role whose session the market refuses for good (a ban, here) ends, and its
+    command exits non-zero with the reason, instead of staying up with nothing to serve."""
+    worker = load_identity(Path(cluster.agent_data("w1")["IGORA_DATA"]))[0]
+    cluster.market("--secure")  # --members list
+    add_member(cluster, worker.id)
+    proc = cluster.worker(name="w1", data=True)
+    cluster.wait_agents("worker", 1)
+    action(cluster, "ban", worker.id, "--reason", "sold fake answers")
+    wait_until(lambda: proc.poll() is not None or None, 20, proc.log)
+    assert proc.returncode not in (0, None)
+    last = proc.log().strip().splitlines()[-1]
+    assert last.startswith("igora worker: error:") and "banned: sold fake answers" in last

@@ -12,6 +12,7 @@ binary float just above it), so ``ceil`` gives every party the same factor.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -73,6 +74,43 @@ def price(prompt_tokens: int, completion_tokens: int, params: float | int | str 
     return weighted * factor(params)
 
 
+def parse_pin(spec: str) -> tuple[str, str]:
+    """``NAME=B`` (``igora market --model-params``) as the model's name and its size as
+    decimal text; PriceError saying what is wrong."""
+    name, sep, size = str(spec).strip().rpartition("=")
+    if not sep or not name.strip():
+        raise PriceError(f"{spec!r} is not NAME=BILLIONS (e.g. smollm2=0.135)")
+    try:
+        return name.strip(), params_text(size.strip())
+    except PriceError as exc:
+        raise PriceError(f"{spec!r}: {exc} (e.g. smollm2=0.135, or llama3=8)") from None
+
+
+def pin_refusal(pinned: Mapping[str, str], models: object) -> str | None:
+    """Why an advert of ``models`` contradicts the sizes a market pins (``pinned``: name
+    -> size), or None: each advertised model of a pinned name must give the pinned
+    size's factor, which is what prices (credits.md §1, pinned sizes)."""
+    if not pinned or not isinstance(models, list):
+        return None
+    for m in models:
+        name = m.get("name") if isinstance(m, dict) else None
+        if not isinstance(name, str) or name not in pinned:
+            continue
+        pin = pinned[name]
+        raw = m.get("params")
+        try:
+            said = params_text(raw) if isinstance(raw, str) else None
+        except PriceError:
+            said = None
+        if said is None or factor(said) != factor(pin):
+            shown = f"{said} (factor {factor(said)})" if said is not None else "no size"
+            return (
+                f"model {name} is priced here as {pin} billion parameters (factor "
+                f"{factor(pin)}), not {shown}: --model-params of this market"
+            )
+    return None
+
+
 def model_params(models: object, model: str) -> str:
     """The ``params`` a worker's advert gives ``model`` (its first model for a task that
     names none, ``"*"``, as the worker serves such a task with it), as the decimal text
@@ -131,10 +169,12 @@ def parse_credits(text: str) -> int:
     return int(milli)
 
 
-def prices(grant: int = DEFAULT_GRANT) -> dict[str, Any]:
+def prices(grant: int = DEFAULT_GRANT, pinned: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The rule as the market publishes it in ``dir.market.prices``: every party computes
-    the same price from it (integers only, so it fits canonical JSON)."""
+    the same price from it (integers only, so it fits canonical JSON); ``pinned``, the
+    model sizes the market pins (decimal text), when there are any."""
     return {
+        **({"pinned": dict(pinned)} if pinned else {}),
         "v": RULE_VERSION,
         "unit": "millicredit",
         "perCredit": MILLI,

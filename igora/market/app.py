@@ -113,6 +113,7 @@ class Market:
                 identity.id,
                 grant=settings.grant,
                 receipt_wait=settings.receipt_wait,
+                pinned=dict(settings.model_params),
             )
         elif identity is not None:
             log.warning(

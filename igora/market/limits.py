@@ -57,6 +57,7 @@ class MarketSettings:
     redis: str | None = None  # rooms shared with the other markets on this Redis
     grant: int = DEFAULT_GRANT  # credits given to a new identity
     receipt_wait: float = DEFAULT_RECEIPT_WAIT  # seconds before a run is charged unsigned
+    model_params: tuple[tuple[str, str], ...] = ()  # pinned sizes: (model name, billions)
 
     @property
     def speaks_v3(self) -> bool:

@@ -4,8 +4,10 @@ market accepts the ``igora.3`` subprotocol, the v2 roles otherwise)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from ..config import MarketAddress
@@ -13,7 +15,7 @@ from ..engines.base import Engine
 from ..identity import Identity, load_identity
 from ..protocol import AgentType
 from .broker import V3Broker
-from .session import Session
+from .session import Event, EventKind, Session
 from .worker import V3Worker
 
 log = logging.getLogger("igora.roles")
@@ -40,6 +42,32 @@ async def _session(
     return identity, session
 
 
+async def _while_admitted(session: Session, role: Coroutine[Any, Any, None]) -> None:
+    """Run ``role`` while ``session`` lives. A session that gives up (the market refused
+    it: banned, no longer a member, an advert it will not list, a changed market key)
+    ends the role with that error, which the command prints: a process that stayed up
+    with nothing to serve would hide it."""
+    failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def seen(event: Event) -> None:
+        if event.kind is EventKind.FAILED and not failed.done():
+            failed.set_result(None)
+
+    stop = session.observe(seen)
+    running = asyncio.ensure_future(role)
+    try:
+        await asyncio.wait({running, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if running.done():
+            running.result()
+        elif session.error is not None:
+            raise session.error
+    finally:
+        stop()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
 async def run_broker(
     address: MarketAddress, *, name: str, heartbeat: float, **settings: Any
 ) -> int:
@@ -47,7 +75,7 @@ async def run_broker(
     broker = V3Broker(session, **{k: v for k, v in settings.items() if k in BROKER_SETTINGS})
     log.info("%s (%s) brokering the v3 room %s", name, identity.id[:8], address.room_url)
     try:
-        await broker.run()
+        await _while_admitted(session, broker.run())
     finally:
         await session.stop()
     return 0
@@ -74,7 +102,7 @@ async def serve_worker(
         address.room_url,
     )
     try:
-        await worker.run()
+        await _while_admitted(session, worker.run())
     finally:
         with contextlib.suppress(Exception):
             await session.stop()

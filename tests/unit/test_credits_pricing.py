@@ -98,3 +98,21 @@ def test_a_published_rule_prices_runs_and_no_rule_prices_nothing() -> None:
         assert pricing.published_price(other, 30, 200, "0.135") is None
     with pytest.raises(pricing.PriceError):
         pricing.published_price(rule, -1, 0, "1")
+
+
+def test_a_pin_is_name_and_size_and_refuses_only_another_factor() -> None:
+    assert pricing.parse_pin(" smollm2 = 0.135 ") == ("smollm2", "0.135")
+    assert pricing.parse_pin("org/model=v2=8") == ("org/model=v2", "8")  # the last '=' splits
+    for bad in ("smollm2", "=8", "x=0", "x=-1", "x=big"):
+        with pytest.raises(pricing.PriceError):
+            pricing.parse_pin(bad)
+    pinned = {"smollm2": "0.135"}
+    gguf = [{"name": "smollm2", "params": "0.134515008"}]  # as llama.cpp reads it: factor 2
+    assert pricing.pin_refusal(pinned, gguf) is None
+    assert pricing.pin_refusal(pinned, [{"name": "other", "params": "70"}]) is None
+    assert pricing.pin_refusal({}, [{"name": "smollm2", "params": "70"}]) is None
+    for said in ({"params": "0.3"}, {}, {"params": "lots"}, {"params": 70}):
+        why = pricing.pin_refusal(pinned, [gguf[0], {"name": "smollm2", **said}])
+        assert why is not None and why.startswith("model smollm2 is priced here as 0.135")
+    assert pricing.prices(pinned=pinned)["pinned"] == pinned
+    assert "pinned" not in pricing.prices()

@@ -37,7 +37,7 @@ import asyncio
 import collections
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,14 @@ class Bank:
         *,
         grant: int = pricing.DEFAULT_GRANT,
         receipt_wait: float = DEFAULT_RECEIPT_WAIT,
+        pinned: Mapping[str, str] | None = None,
     ) -> None:
         self.ledger = Ledger(path, market)
         self.market = market
         self.grant_amount = grant
         self.receipt_wait = receipt_wait
-        self.prices = pricing.prices(grant)
+        self.pinned: dict[str, str] = dict(pinned or {})  # model -> size (--model-params)
+        self.prices = pricing.prices(grant, self.pinned)
         self.writer = LedgerWriter(self.ledger)
         self.balances: dict[str, int] = self.ledger.balances()  # exact: the one writer
         self.on_change: Callable[[set[str]], None] = lambda accounts: None

@@ -320,9 +320,14 @@ class V3Connection:
             if id_ not in self.ids:
                 return wire.Close.FORBIDDEN, f"an advert for an id not proved here: {id_!r:.60}"
             try:
-                room.advert(check_advert(body))
+                advert = check_advert(body)
             except AdvertError as exc:
                 return wire.Close.BAD_FRAME, str(exc)
+            pinned = room.bank.pinned if room.bank is not None else {}
+            refusal = pricing.pin_refusal(pinned, advert.get("models"))
+            if refusal is not None:  # retrying cannot cure it: the worker stops (credits.md §1)
+                return wire.Close.FORBIDDEN, refusal
+            room.advert(advert)
             return None
         if op in ("drop", "replace"):
             name = body.get("doc")
