@@ -368,6 +368,24 @@ def test_market_flags_are_checked_and_the_id_is_logged(cluster: Cluster, tmp_pat
         timeout=60,
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--v3-room" in bad.stderr
+    for flags, why in (
+        (["--model-params", "echo"], "is not NAME=BILLIONS"),
+        (["--model-params", "echo=0"], "positive number"),
+        (["--model-params", "echo=1"], "only protocol 3 rooms keep"),
+        (
+            ["--v3-room", "x", "--model-params", "a=1", "--model-params", "a=2"],
+            "pins a more than once",
+        ),
+        (["--v3-room", "x", "--redis", "redis://127.0.0.1:9", "--model-params", "a=1"], "replicas"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, "-m", "igora", "market", "--memory", *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 2 and why in bad.stderr, (flags, bad.stderr)
+        assert "Traceback" not in bad.stderr
 
 
 async def test_the_broker_lease_has_one_holder_and_moves_to_the_next_in_line(

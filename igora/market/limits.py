@@ -86,6 +86,16 @@ class MarketSettings:
         ):
             if value < least:
                 raise ConfigError(f"{flag} must be at least {least}, not {value}")
+        if self.model_params and not self.speaks_v3:
+            raise ConfigError(
+                "--model-params prices credits, which only protocol 3 rooms keep: "
+                "add --secure or --v3-room ROOM"
+            )
+        if self.model_params and self.redis is not None:
+            raise ConfigError(
+                "--model-params prices credits, which replicas (--redis) do not keep yet "
+                "(docs/credits.md §7)"
+            )
 
 
 class Connections:
