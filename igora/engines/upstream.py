@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from ..credits.pricing import PriceError, params_text
+from ..credits.pricing import PriceError, params_text, parse_pin
 from .base import EngineError
 
 
@@ -55,22 +55,23 @@ def parse_params(specs: Sequence[str], served: Sequence[UpstreamModel]) -> dict[
     sizes: dict[str, str] = {}
     default: str | None = None
     for spec in specs:
-        alias, sep, size = str(spec).strip().rpartition("=")
         try:
-            text = params_text(size.strip())
+            if "=" in str(spec):
+                alias, text = parse_pin(spec)  # NAME=B, as a market pins a size
+            else:
+                alias, text = "", params_text(str(spec).strip())
         except PriceError as exc:
             raise EngineError(f"--params {spec!r}: {exc} (e.g. 8, or 0.5 for 500M)") from None
-        if not sep:
+        if not alias:
             if default is not None:
                 raise EngineError(f"--params {spec!r}: give one size without ALIAS= at most")
             default = text
-        elif alias.strip() not in aliases:
+        elif alias not in aliases:
             raise EngineError(
-                f"--params {spec!r}: {alias.strip()!r} is not a served model "
-                f"(served: {', '.join(aliases)})"
+                f"--params {spec!r}: {alias!r} is not a served model (served: {', '.join(aliases)})"
             )
         else:
-            sizes[alias.strip()] = text
+            sizes[alias] = text
     chosen = {a: sizes.get(a, default) for a in aliases}
     return {a: size for a, size in chosen.items() if size is not None}
 
