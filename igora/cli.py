@@ -116,10 +116,6 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             raise ConfigError(
                 f"--members {members} needs a store for its members (--data), not --memory"
             )
-        pinned = [name for name, _ in args.model_params]
-        if len(set(pinned)) < len(pinned):
-            twice = sorted({n for n in pinned if pinned.count(n) > 1})
-            raise ConfigError(f"--model-params pins {', '.join(twice)} more than once")
         data = None if args.memory else (args.data or data_dir())
         settings = MarketSettings(
             max_message=args.max_message,

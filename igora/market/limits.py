@@ -86,6 +86,10 @@ class MarketSettings:
         ):
             if value < least:
                 raise ConfigError(f"{flag} must be at least {least}, not {value}")
+        pinned = [name for name, _ in self.model_params]
+        twice = sorted({n for n in pinned if pinned.count(n) > 1})
+        if twice:
+            raise ConfigError(f"--model-params pins {', '.join(twice)} more than once")
         if self.model_params and not self.speaks_v3:
             raise ConfigError(
                 "--model-params prices credits, which only protocol 3 rooms keep: "
