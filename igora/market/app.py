@@ -193,9 +193,9 @@ class Market:
     @property
     def members_only(self) -> bool:
         """Whether this market's v3 rooms admit members only: then their view (who is
-        there, the adverts, the board) is for members, asked over a proved connection
-        (security.md §5), not served over HTTP."""
-        return self.membership is not None and self.membership.mode != "open"
+        there, the adverts, the board) is asked over a proved connection, not served
+        over HTTP (security.md §5)."""
+        return self.membership is not None and self.membership.members_only
 
     async def status(self, request: Request) -> Response:
         rooms = [{**r.summary(), "protocol": 2} for r in self.server.rooms.values()]

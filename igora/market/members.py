@@ -127,6 +127,12 @@ class Membership:
         self.bans: dict[str, str] = {}
         self.refresh()
 
+    @property
+    def members_only(self) -> bool:
+        """Whether only members (and the market) are admitted: then a room's view is for
+        them alone (security.md §5)."""
+        return self.mode != "open"
+
     def refresh(self) -> None:
         """Read both tables again (blocking: run it in a thread)."""
         self.members, self.bans = self.store.members(), self.store.bans()
@@ -136,7 +142,7 @@ class Membership:
         for id_ in sorted(ids):
             if id_ in self.bans:
                 return banned(self.bans[id_])
-            if self.mode != "open" and id_ != self.market and id_ not in self.members:
+            if self.members_only and id_ != self.market and id_ not in self.members:
                 return REMOVED
         return None
 
@@ -150,7 +156,7 @@ class Membership:
             why: str | None = None
             if id_ in self.bans:
                 why = banned(self.bans[id_])
-            elif self.mode == "open" or id_ == self.market or id_ in self.members:
+            elif not self.members_only or id_ == self.market or id_ in self.members:
                 pass
             elif code is None:
                 why = NOT_MEMBER
