@@ -86,23 +86,24 @@ class DocLimits:
     identity_bytes: int = DEFAULT_MAX_IDENTITY_BYTES  # all the documents one identity owns
 
 
+def _parsed(name: str) -> DocName | None:
+    try:
+        return parse(name)
+    except DocumentError:
+        return None
+
+
 def _task_owner(name: str) -> str | None:
     """The owner of a stored task document, None for any other document."""
-    try:
-        doc = parse(name)
-    except DocumentError:
-        return None
-    return doc.agent if doc.kind in TASK_DOCUMENTS else None
+    doc = _parsed(name)
+    return doc.agent if doc is not None and doc.kind in TASK_DOCUMENTS else None
 
 
-def _agent_owner(name: str) -> str | None:
-    """The identity that owns ``name`` when an agent does (``a/``, ``w/``, ``p/``,
-    ``r/``); None for the broker's and the market's documents."""
-    try:
-        doc = parse(name)
-    except DocumentError:
-        return None
-    return doc.agent if doc.owner is Owner.AGENT else None
+def _agent_owner(doc: DocName | None) -> str | None:
+    """The identity that owns ``doc`` when an agent does (``a/``, ``w/``, ``p/``,
+    ``r/``): its bytes count towards that identity's limit; None for the broker's and
+    the market's documents."""
+    return doc.agent if doc is not None and doc.owner is Owner.AGENT else None
 
 
 class V3Room:
@@ -452,7 +453,7 @@ class V3Room:
         name = doc.name
         log = self.docs.get(name)
         is_task = doc.kind in TASK_DOCUMENTS
-        owner = doc.agent if doc.owner is Owner.AGENT else None
+        owner = _agent_owner(doc)
         if owner is not None and self.owned[owner] + len(update) > self.limits.identity_bytes:
             return f"over {self.limits.identity_bytes} bytes owned by one identity"
         if log is None:
@@ -515,7 +516,7 @@ class V3Room:
 
     def _own(self, name: str, log: DocLog) -> None:
         """Count ``log`` in its owner's bytes (``owned``) if an agent owns ``name``."""
-        owner = _agent_owner(name)
+        owner = _agent_owner(_parsed(name))
         if owner is not None:
             log.own(owner, self.owned)
 
