@@ -28,6 +28,7 @@ from .market_peers import JS, ensure_node_modules
 from .v3_peers import RawPeer, new_identity, update_setting
 
 TID = "abcdefghijKLMN-_"
+LONG = "SmolLM2-135M-Instruct.Q4_1"  # the bundled model: its refusal passes 123 bytes
 ROOM = "market"
 
 
@@ -675,7 +676,9 @@ async def test_a_pinned_model_size_refuses_a_worker_that_inflates_its_price(
     lie of 70B, or no size at all) closes 4403 with the reason and never reaches
     ``dir``; one of the pinned factor (0.2: factor 2, as 0.15) and one for another model
     are listed; the pins are published in ``dir.market.prices``."""
-    cluster.market("--v3-room", ROOM, "--model-params", "echo=0.15")
+    cluster.market(
+        "--v3-room", ROOM, "--model-params", "echo=0.15", "--model-params", f"{LONG}=0.135"
+    )
     reader = await RawPeer.join(cluster.url, ROOM, new_identity())
     await reader.send(wire.Subscribe((("dir", False),)))
     directory: Doc[object] = Doc()
@@ -695,7 +698,7 @@ async def test_a_pinned_model_size_refuses_a_worker_that_inflates_its_price(
         return {"op": "advert", **made}
 
     published = await until(lambda d: "prices" in d)
-    assert published["prices"]["pinned"] == {"echo": "0.15"}
+    assert published["prices"]["pinned"] == {"echo": "0.15", LONG: "0.135"}
     for lie in ("70", None):
         liar = new_identity()
         peer = await RawPeer.join(cluster.url, ROOM, liar)
@@ -707,6 +710,18 @@ async def test_a_pinned_model_size_refuses_a_worker_that_inflates_its_price(
             f"model echo is priced here as 0.15 billion parameters (factor 2), not {shown}: "
             "--model-params of this market",
         )
+    # A reason longer than a close frame carries (123 bytes) arrives whole before it.
+    liar = new_identity()
+    peer = await RawPeer.join(cluster.url, ROOM, liar)
+    await peer.send(wire.Control(offer(liar, LONG, "70")))
+    denied = await peer.until(lambda f: isinstance(f, wire.Auth), what="an AUTH DENIED")
+    assert isinstance(denied, wire.Auth) and denied.type is wire.AuthType.DENIED
+    assert denied.body == (
+        f"model {LONG} is priced here as 0.135 billion parameters (factor 2), not 70 "
+        "(factor 700): --model-params of this market"
+    )
+    code, reason = await peer.closed()
+    assert code == 4403 and len(reason.encode()) <= 123 and denied.body.startswith(reason)
     honest, other = new_identity(), new_identity()
     for who, name, size in ((honest, "echo", "0.2"), (other, "llama3", "70")):
         peer = await RawPeer.join(cluster.url, ROOM, who)

@@ -433,24 +433,26 @@ class V3Connection:
             self.outbox.close()
 
     async def deny(self, reason: str) -> None:
-        """Refuse the connection's identity (not a member, banned): the reason whole in
-        an ``AUTH DENIED`` (a close reason is cut at 123 bytes), then 4403. Nothing of
-        the room is sent after it (``closed``), and a second call does nothing."""
-        if self.closed:
-            return
-        self.closed = True
-        await self._send_now(wire.denied(reason))
-        await self.close(wire.Close.FORBIDDEN, reason)
+        """Refuse the connection's identity (not a member, banned): the reason in an
+        ``AUTH DENIED``, then 4403. A second call does nothing."""
+        if not self.closed:
+            await self.close(wire.Close.FORBIDDEN, reason, denied=True)
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str, denied: bool = False) -> None:
         """Close with ``code``: one log line saying who and why (before the handshake,
-        at most one a second per address: anyone can cause those at will)."""
+        at most one a second per address: anyone can cause those at will). The reason
+        goes whole in an ``AUTH DENIED`` first (the agent's session reads it as the
+        close's reason) when ``denied`` or when a close frame would cut it (123 bytes:
+        a pinned size's refusal is longer). Nothing of the room is sent after it."""
         if self.ids or self.refusals is None:
             log.warning("%s: disconnected (%d), %s", self.who, code, reason)
         else:
             address = self.peer.rpartition(":")[0]
             self.refusals("%s: disconnected (%d), %s", self.peer, code, reason, key=address)
+        first = not self.closed
         self.closed = True
         self.outbox.close()
+        if first and (denied or len(reason.encode("utf-8")) > MAX_REASON):
+            await self._send_now(wire.denied(reason))
         with contextlib.suppress(Exception):
             await self.websocket.close(code=int(code), reason=_short(reason))
