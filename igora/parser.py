@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=B",
-        help="the size of model NAME in billions of parameters, as this market prices it "
-        "(repeatable; e.g. smollm2=0.135): a worker advertising a size of another price "
+        help="the size of model NAME (as workers advertise it: the MODELS column of igora "
+        "status) in billions of parameters, as this market prices it (repeatable; e.g. "
+        "SmolLM2-135M-Instruct.Q4_1=0.135): a worker advertising a size of another price "
         "factor for that name is refused (docs/credits.md §1)",
     )
     g.add_argument(
