@@ -1,6 +1,7 @@
-"""What agent frameworks ask of the OpenAI API, with the official ``openai`` SDK and
-LangChain: structured outputs (``parse`` with a Pydantic model, ``json_object``), tool
-calls (forced, ``auto``, streamed), ``n`` > 1 and embeddings.
+"""What agent frameworks ask of the OpenAI API, with the official ``openai`` SDK,
+LangChain and the OpenAI Agents SDK: structured outputs (``parse`` with a Pydantic model,
+``json_object``), tool calls (forced, ``auto``, streamed), ``n`` > 1, embeddings, and the
+same through the Responses API (``/v1/responses``).
 
 Each runs through a gateway, the market, the broker and a llama.cpp worker on the bundled
 model (the session's ``llama_market``), and through an OpenAI-upstream worker on a second
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from pydantic import BaseModel
 from igora import TaskFailed
 from igora.testing import wait_until
 
-from .conftest import Cluster, Proc
+from .conftest import ROOT, Cluster, Proc
 
 
 class Person(BaseModel):
@@ -381,6 +383,140 @@ def test_logprobs_come_with_each_token(target: Target) -> None:
         for t in ch.logprobs.content
     ]
     assert [t.token for t in streamed] == [t.token for t in tokens]
+
+
+# ---------------------------------------------------------------------- the Responses API
+WEATHER_TOOL = {"type": "function", **WEATHER["function"]}  # flat, as the Responses API has it
+
+
+def test_responses_parse_with_a_pydantic_model_always_validates(target: Target) -> None:
+    for _ in range(2):
+        answer = target.sdk.responses.parse(
+            model=target.model,
+            input=ASK_PERSON,  # type: ignore[arg-type]
+            text_format=Person,
+            temperature=0.9,
+            max_output_tokens=200,
+        )
+        assert answer.status == "completed"
+        assert isinstance(answer.output_parsed, Person)
+        assert Person.model_validate_json(answer.output_text) == answer.output_parsed
+    assert answer.usage is not None and answer.usage.input_tokens > 0
+
+
+def test_responses_function_call_and_its_output_sent_back(target: Target) -> None:
+    first = target.sdk.responses.create(
+        model=target.model,
+        input=ASK_WEATHER,  # type: ignore[arg-type]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "get_weather"},
+    )
+    (call,) = first.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.call_id.startswith("call_") and call.status == "completed"
+    args = json.loads(call.arguments)
+    assert isinstance(args["city"], str) and args["unit"] in ("C", "F")
+    answer = target.sdk.responses.create(
+        model=target.model,
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        max_output_tokens=40,
+        input=[
+            *ASK_WEATHER,
+            call.model_dump(exclude_none=True),
+            {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'},
+        ],  # type: ignore[list-item]
+    )
+    assert answer.status in ("completed", "incomplete")
+    assert answer.output and answer.output[0].type in ("message", "function_call")
+
+
+def test_responses_streamed_function_call_and_text(direct: Target) -> None:
+    with direct.sdk.responses.stream(
+        model=direct.model,
+        input=ASK_WEATHER,  # type: ignore[arg-type]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice="required",
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert "response.function_call_arguments.delta" in kinds
+    assert kinds[-1] == "response.completed"
+    (call,) = final.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert isinstance(json.loads(call.arguments)["city"], str)
+    events = list(
+        direct.sdk.responses.create(
+            model=direct.model, input="Say hi.", max_output_tokens=12, stream=True
+        )
+    )
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    end = events[-1]
+    assert end.type in ("response.completed", "response.incomplete")
+    assert deltas and deltas == end.response.output_text  # type: ignore[union-attr]
+
+
+def test_responses_logprobs_come_with_each_token(direct: Target) -> None:
+    answer = direct.sdk.responses.create(
+        model=direct.model,
+        input="Say hi.",
+        max_output_tokens=12,
+        temperature=0.0,
+        top_logprobs=2,
+        include=["message.output_text.logprobs"],
+    )
+    part = answer.output[0].content[0]  # type: ignore[union-attr]
+    assert part.logprobs and "".join(t.token for t in part.logprobs) == part.text
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in part.logprobs)
+
+
+def test_langchain_on_the_responses_api(direct: Target) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        base_url=direct.base_url,
+        api_key="none",
+        model=direct.model,  # type: ignore[arg-type]
+        max_retries=0,
+        temperature=0.5,
+        use_responses_api=True,
+    )
+    assert isinstance(llm.with_structured_output(Person).invoke(ASK_PERSON[1]["content"]), Person)
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather now in a city."""
+        return "sunny"
+
+    message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(
+        "What is the weather in Paris?"
+    )
+    (call,) = message.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+    pieces = [chunk.text for chunk in llm.stream("Say hello.")]
+    assert len([p for p in pieces if p]) >= 2 and "".join(pieces).strip()
+
+
+def test_openai_agents_sdk_runs_agents_on_the_market(direct: Target) -> None:
+    """The OpenAI Agents SDK in its own venv (scripts/test-tools.sh), on its default
+    Responses API: a plain answer, a tool its runner calls, a structured output and a
+    streamed run."""
+    python = ROOT / ".venv" / "agents" / "bin" / "python"
+    assert python.exists(), "no .venv/agents: run `make test` (scripts/test-tools.sh) first"
+    run = subprocess.run(
+        [str(python), str(ROOT / "tests" / "agents_sdk_run.py"), direct.base_url, direct.model],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert isinstance(got["plain"], str) and got["plain"].strip()
+    (city,) = got["cities"]  # the runner called the tool once, with parsed arguments
+    assert got["tool_output"] == f"Sunny, 21 C in {city}."
+    assert Person.model_validate(got["person"])
+    assert len(got["deltas"]) >= 2 and "".join(got["deltas"]) == got["streamed"]
 
 
 # ---------------------------------------------------------------------- igora.Client

@@ -449,6 +449,16 @@ def test_invalid_completion_request_is_a_400(
     assert_openai_error(r, 400, code)
 
 
+def test_an_error_in_a_field_of_several_types_names_the_field_not_a_type(gw: Setup) -> None:
+    """``prompt`` is a text or a list of texts: an empty list's error is the list's, and
+    its ``param`` is ``prompt`` (not ``prompt.constrained-str``, pydantic's union member)."""
+    r = httpx.post(f"{gw.main}/v1/completions", json={"model": "echo", "prompt": []})
+    err = assert_openai_error(r, 400, "invalid_value", "prompt")
+    assert "at least 1 item" in err["message"]
+    r = httpx.post(f"{gw.main}/v1/embeddings", json={"model": "echo", "input": 7})
+    assert_openai_error(r, 400, "invalid_value", "input")
+
+
 def test_embeddings_from_echo_workers_as_floats_or_base64(gw: Setup) -> None:
     client = openai.OpenAI(base_url=f"{gw.main}/v1", api_key="unused", max_retries=0)
     floats = client.embeddings.create(model="echo", input=["a b", "c"], encoding_format="float")
@@ -598,6 +608,205 @@ def test_timeout_after_the_stream_started_is_an_error_event(gw: Setup) -> None:
         e["choices"][0]["delta"].get("content", "") for e in events[:-1] if "choices" in e
     )
     assert streamed.startswith("tok0 tok1")
+
+
+# ---------------------------------------------------------------------- the Responses API
+def responses_events(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+    """The ``event:`` / ``data:`` pairs of a Responses API stream."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    kind = ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            kind = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data = json.loads(line[len("data: ") :])
+            assert data["type"] == kind
+            out.append((kind, data))
+    return out
+
+
+def test_responses_api_answers_as_a_response_object(gw: Setup) -> None:
+    r = httpx.post(
+        f"{gw.main}/v1/responses",
+        json={
+            "model": "echo",
+            "instructions": "Be brief.",
+            "input": [
+                {"role": "user", "content": "first question"},
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": "first answer"}],
+                },
+                {"role": "developer", "content": "Answer in English."},
+                {"role": "user", "content": [{"type": "input_text", "text": "hello there"}]},
+            ],
+            "metadata": {"team": "blue"},
+            "store": True,
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    task = r.headers["x-igora-task"]
+    assert body["id"] == "resp_" + task and body["object"] == "response"
+    assert body["status"] == "completed" and body["error"] is None
+    assert body["model"] == "echo"
+    assert body["output"] == [
+        {
+            "type": "message",
+            "id": "msg_" + task,
+            "status": "completed",
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "output_text",
+                    "text": "Echo: hello there",
+                    "annotations": [],
+                    "logprobs": [],
+                }
+            ],
+        }
+    ]
+    assert body["usage"]["input_tokens"] > 0 and body["usage"]["output_tokens"] == 3
+    assert body["usage"]["total_tokens"] == body["usage"]["input_tokens"] + 3
+    assert body["instructions"] == "Be brief." and body["metadata"] == {"team": "blue"}
+    assert body["store"] is False  # nothing is kept, whatever the request asked
+    sdk = openai.OpenAI(base_url=f"{gw.main}/v1", api_key="unused", max_retries=0)
+    assert sdk.responses.create(model="echo", input="plain text").output_text == "Echo: plain text"
+
+
+def test_responses_api_cut_by_max_output_tokens_is_incomplete(gw: Setup) -> None:
+    payload = {"model": "echo", "input": "#repeat 50", "max_output_tokens": 5}
+    body = httpx.post(f"{gw.main}/v1/responses", json=payload, timeout=30).json()
+    assert body["status"] == "incomplete"
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert body["output"][0]["content"][0]["text"] == "tok0 tok1 tok2 tok3 tok4 "
+    with httpx.stream(
+        "POST", f"{gw.main}/v1/responses", json={**payload, "stream": True}, timeout=30
+    ) as r:
+        events = responses_events(r)
+    assert events[-1][0] == "response.incomplete"
+    assert events[-1][1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_responses_api_streams_openai_events_in_order(gw: Setup) -> None:
+    payload = {"model": "slow", "input": "#repeat 6", "stream": True}
+    with httpx.stream("POST", f"{gw.main}/v1/responses", json=payload, timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        task = r.headers["x-igora-task"]
+        events = responses_events(r)
+    kinds = [k for k, _ in events]
+    deltas = [d["delta"] for k, d in events if k == "response.output_text.delta"]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * len(deltas),
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert len(deltas) >= 2  # the slow worker's pieces come as it writes them
+    text = "".join(f"tok{i} " for i in range(6))
+    assert "".join(deltas) == text
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    assert events[0][1]["response"]["status"] == "in_progress"
+    assert events[0][1]["response"]["id"] == "resp_" + task
+    assert dict(events)["response.output_text.done"]["text"] == text
+    final = events[-1][1]["response"]
+    assert final["status"] == "completed" and final["output"][0]["content"][0]["text"] == text
+    assert final["usage"]["output_tokens"] == 6
+    # The SDK's stream helper reads the same events into its final response.
+    sdk = openai.OpenAI(base_url=f"{gw.main}/v1", api_key="unused", max_retries=0)
+    with sdk.responses.stream(model="echo", input="one two") as stream:
+        got = [e.type for e in stream]
+        assert stream.get_final_response().output_text == "Echo: one two"
+    assert got[0] == "response.created" and got[-1] == "response.completed"
+
+
+def test_responses_api_failures_are_errors_before_the_stream_and_events_after(
+    gw: Setup,
+) -> None:
+    r = httpx.post(f"{gw.main}/v1/responses", json={"model": "echo", "input": "#fail"})
+    assert "asked to fail" in assert_openai_error(r, 502, "worker_error")["message"]
+    auth = {"authorization": f"Bearer {KEYS[1]}"}
+    payload = {"model": "slow", "stream": True, "input": "#repeat 400"}
+    with httpx.stream(
+        "POST", f"{gw.strict}/v1/responses", headers=auth, json=payload, timeout=30
+    ) as r:
+        assert r.status_code == 200
+        events = responses_events(r)
+    assert events[-1][0] == "response.failed"
+    failed = events[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "task_timeout"
+    assert "timed out" in failed["error"]["message"]
+    streamed = "".join(d["delta"] for k, d in events if k == "response.output_text.delta")
+    assert streamed.startswith("tok0 tok1")
+
+
+BAD_RESPONSES: list[tuple[str, Any, str, str | None]] = [
+    ("no input", {"model": "echo"}, "missing_required_parameter", "input"),
+    ("empty input", {"input": []}, "invalid_value", "input"),
+    (
+        "stored response",
+        {"input": "x", "previous_response_id": "resp_1"},
+        "unsupported_parameter",
+        "previous_response_id",
+    ),
+    ("conversation", {"input": "x", "conversation": "conv_1"}, "unsupported_parameter", None),
+    ("background", {"input": "x", "background": True}, "unsupported_parameter", "background"),
+    (
+        "built-in tool",
+        {"input": "x", "tools": [{"type": "web_search"}]},
+        "unsupported_value",
+        "tools[0].type",
+    ),
+    ("nameless tool", {"input": "x", "tools": [{"type": "function"}]}, None, "tools[0].name"),
+    (
+        "image",
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+        "unsupported_value",
+        "input[0].content[0]",
+    ),
+    ("item reference", {"input": [{"type": "item_reference", "id": "x"}]}, None, "input[0]"),
+    ("roleless message", {"input": [{"content": "x"}]}, None, "input[0].role"),
+    (
+        "call without id",
+        {"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+        "missing_required_parameter",
+        None,
+    ),
+    (
+        "choice of no tool",
+        {"input": "x", "tool_choice": {"type": "function", "name": "f"}},
+        "invalid_value",
+        "tool_choice",
+    ),
+    (
+        "other choice kind",
+        {
+            "input": "x",
+            "tools": [{"type": "function", "name": "f"}],
+            "tool_choice": {"type": "mcp"},
+        },
+        "unsupported_value",
+        "tool_choice",
+    ),
+    ("bad format", {"input": "x", "text": {"format": {"type": "xml"}}}, "invalid_value", None),
+    ("string tokens", {"input": "x", "max_output_tokens": "9"}, "invalid_value", None),
+]
+
+
+@pytest.mark.parametrize("what,body,code,param", BAD_RESPONSES, ids=[b[0] for b in BAD_RESPONSES])
+def test_invalid_responses_request_is_a_400_naming_the_field(
+    gw: Setup, what: str, body: Any, code: str | None, param: str | None
+) -> None:
+    r = httpx.post(f"{gw.main}/v1/responses", json={"model": "echo", **body}, timeout=30)
+    assert_openai_error(r, 400, code, param)
 
 
 def test_api_key_is_required_when_configured(gw: Setup) -> None:

@@ -26,6 +26,7 @@ Status mapping (see ``docs/gateway.md``):
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -151,8 +152,33 @@ def from_igora(exc: Exception, model: str | None) -> OpenAIError:
     )
 
 
+TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _is_tag(part: Any) -> bool:
+    """Whether a part of an error's location names a member of a union (``str``,
+    ``constrained-str``, ``list[ChatMessage]``, ``literal['auto']``...), not a field."""
+    return isinstance(part, str) and (
+        part in TYPE_NAMES or re.fullmatch(r"[a-z_][a-z0-9_]*", part) is None
+    )
+
+
+def _fits(error: Any) -> bool:
+    """Whether an error is about the union member the value's own type selects (a list's
+    error is the list member's, not "should be a valid string")."""
+    tags = [p for p in error.get("loc", ()) if _is_tag(p)]
+    if not tags:
+        return True
+    value, tag = error.get("input"), str(tags[-1])
+    if isinstance(value, list):
+        return tag.startswith("list[")
+    if isinstance(value, str):
+        return "str" in tag
+    return True
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for p in loc if p != "body" and not _is_tag(p)]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
@@ -161,7 +187,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    first = next((e for e in errors if _fits(e)), errors[0] if errors else {})
     kind = first.get("type", "")
     param = _param(tuple(first.get("loc", ())))
     if kind == "json_invalid":

@@ -178,6 +178,82 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=5, description="Not supported.")
 
 
+class ResponsesPart(_Request):
+    """A part of an input message's content (``input_text``, an assistant's
+    ``output_text`` or ``refusal``; others are refused by the translation)."""
+
+    type: str = Field(..., max_length=64)
+    text: str | None = Field(None, max_length=MAX_TEXT)
+    refusal: str | None = Field(None, max_length=MAX_TEXT)
+
+
+PartList = Annotated[list[ResponsesPart], Field(max_length=MAX_MESSAGES)]
+
+
+class ResponsesItem(_Request):
+    """An item of ``input``: a message (``role``, ``content``; ``type`` ``message`` or
+    absent), a ``function_call`` or a ``function_call_output``; which fields an item needs
+    is checked by the translation, which names the item in its 400."""
+
+    type: str | None = Field(None, max_length=64)
+    role: Literal["user", "assistant", "system", "developer"] | None = None
+    content: Text | PartList | None = None
+    call_id: str | None = Field(None, max_length=MAX_ID)
+    name: str | None = Field(None, max_length=64)
+    arguments: str | None = Field(None, max_length=MAX_TEXT)
+    output: Text | PartList | None = None
+
+
+class ResponsesTool(_Request):
+    """A tool: ``function`` ones (flat, not under ``function`` as in chat) are served."""
+
+    type: str = Field(..., max_length=64)
+    name: str | None = Field(None, max_length=64)
+    description: str | None = Field(None, max_length=MAX_TEXT)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesTextFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, max_length=64)
+    description: str | None = Field(None, max_length=MAX_TEXT)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(_Request):
+    format: ResponsesTextFormat | None = None
+    verbosity: str | None = Field(None, max_length=16, description="Ignored.")
+
+
+class ResponsesRequest(_Request):
+    """``POST /v1/responses`` (docs/gateway.md lists what each field does)."""
+
+    model: str | None = Field(
+        None, max_length=MAX_ID, description=_Sampling.model_fields["model"].description
+    )
+    input: Text | Annotated[list[ResponsesItem], Field(min_length=1, max_length=MAX_MESSAGES)]
+    instructions: Text | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    include: Annotated[list[str], Field(max_length=16)] | None = None
+    tools: Annotated[list[ResponsesTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    text: ResponsesText | None = None
+    stream: bool | None = False
+    store: bool | None = Field(None, description="Accepted; nothing is stored.")
+    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
+    user: str | None = Field(None, max_length=MAX_USER, description="Logged only.")
+    previous_response_id: str | None = Field(None, description="Not supported.")
+    conversation: str | dict[str, Any] | None = Field(None, description="Not supported.")
+    prompt: dict[str, Any] | None = Field(None, description="Not supported.")
+    background: bool | None = Field(None, description="Only false is supported.")
+    parallel_tool_calls: bool | None = Field(None, description="Ignored.")
+
+
 # ---------------------------------------------------------------------- responses
 class _Response(BaseModel):
     model_config = ConfigDict(extra="allow")

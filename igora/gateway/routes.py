@@ -39,11 +39,13 @@ from .openai_models import (
     Health,
     Model,
     ModelList,
+    ResponsesRequest,
 )
 from .responses import completion_response, embedding_response
+from .responses_api import response_events, response_json
 from .state import Gateway, gateway_of
 from .streaming import EventStream, Gone, event_body, unless_disconnected
-from .translate import Job, chat_job, embed_job, text_job
+from .translate import Job, chat_job, embed_job, responses_job, text_job
 
 log = logging.getLogger("igora.gateway")
 
@@ -139,11 +141,15 @@ async def run_job(request: Request, job: Job) -> Response:
         return Response(status_code=499)
     if job.kind == "embed":
         return embedding_response(gw, task, job, headers)
-    if not job.stream:
+    if job.kind == "responses":
+        if not job.stream:
+            return response_json(gw, task, job, created, headers)
+        body = response_events(gw, task, job, outcome, events, created)
+    elif not job.stream:
         return completion_response(gw, task, job, created, headers)
-    return EventStream(
-        event_body(gw, task, job, outcome, events, created), headers, on_gone=lambda: _gone(task)
-    )
+    else:
+        body = event_body(gw, task, job, outcome, events, created)
+    return EventStream(body, headers, on_gone=lambda: _gone(task))
 
 
 async def balance_body(request: Request) -> dict[str, Any]:
@@ -214,6 +220,14 @@ STREAM_DOC = {
     "text/event-stream": {
         "schema": {"type": "string"},
         "example": 'data: {"object": "chat.completion.chunk", ...}\n\ndata: [DONE]\n\n',
+    }
+}
+
+RESPONSES_STREAM_DOC = {
+    "text/event-stream": {
+        "schema": {"type": "string"},
+        "example": 'event: response.created\ndata: {"type": "response.created", ...}\n\n'
+        'event: response.output_text.delta\ndata: {"delta": "Paris", ...}\n\n',
     }
 }
 
@@ -329,6 +343,16 @@ def add_routes(app: FastAPI) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """A chat answer from a worker on the market (``stream: true`` for SSE chunks)."""
         return await run_job(request, chat_job(body))
+
+    @api.post(
+        "/v1/responses",
+        tags=["openai"],
+        responses={200: {"content": RESPONSES_STREAM_DOC}, **ERRORS},
+    )
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API: the answer as a ``response`` object, or its typed events
+        (``stream: true``); put on the market as a chat task (docs/gateway.md)."""
+        return await run_job(request, responses_job(body))
 
     @api.post("/v1/embeddings", response_model=EmbeddingList, tags=["openai"], responses=ERRORS)
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:

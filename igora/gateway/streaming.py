@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -253,6 +253,26 @@ class Chunks:
         return {**self.base, "choices": [choice]}
 
 
+async def answer_items(
+    task: Task, first: Any, events: AsyncIterator[Any]
+) -> AsyncGenerator[str | dict[str, Any], None]:
+    """A task's stream from its first event on: text pieces (a ``Restart`` piece marks a
+    restart on another worker), then the finished task, last. A task that fails raises
+    its error here."""
+    try:
+        item = first
+        while not isinstance(item, dict):
+            yield item
+            try:
+                item = await anext(events)
+            except StopAsyncIteration:  # pragma: no cover - events end with the final task
+                item = task.final or {}
+        yield item
+    finally:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
+
+
 async def event_body(
     gw: Gateway, task: Task, job: Job, first: Any, events: AsyncIterator[Any], created: int
 ) -> AsyncIterator[str]:
@@ -265,46 +285,45 @@ async def event_body(
         head.append(sse(chunks.opening()))
     if job.echo:
         head.append(sse(chunks.text(job.echo)))
+    item: dict[str, Any] | None = None  # the finished task
+    pieces = answer_items(task, first, events)
     try:
-        item = first
-        while not isinstance(item, dict):
-            if isinstance(item, Restart):
-                head.append(sse(chunks.text(str(item), igora={"restart": True})))
-            elif item:
-                head.append(sse(chunks.text(item)))
-            if head:
+        async for piece in pieces:
+            if isinstance(piece, dict):
+                item = piece
+            elif isinstance(piece, Restart):
+                head.append(sse(chunks.text(str(piece), igora={"restart": True})))
+            elif piece:
+                head.append(sse(chunks.text(piece)))
+            if head and item is None:
                 yield "".join(head)
                 head = []
-            try:
-                item = await anext(events)
-            except StopAsyncIteration:  # pragma: no cover - events end with the final task
-                item = task.final or {}
-            except (IgoraError, ProtocolError) as exc:
-                err = from_igora(exc, job.requested)
-                log.info("task %s: ended mid-stream with %d (%s)", task.id, err.status, exc)
-                yield "".join(head) + sse(err.body())
-                return
-        reason = finish_reason(item)
-        choices = choices_of(item)
-        first = choices[0]
-        tail = head  # what the whole answer adds, and the end: one write
-        if chunks.chat and isinstance(first.get("toolCalls"), list):
-            tail += [sse(chunk) for chunk in chunks.tool_calls(first["toolCalls"])]
-        if chunks.chat and isinstance(first.get(TaskField.LOGPROBS_RESULT), dict):
-            # Log probabilities come with the whole answer: one chunk, without content.
-            chunk = chunks.text("")
-            chunk["choices"][0]["logprobs"] = first[TaskField.LOGPROBS_RESULT]
-            chunk["choices"][0]["delta"] = {}
-            tail.append(sse(chunk))
-        tail.append(sse(chunks.finish(reason)))
-        for choice in choices[1:]:
-            tail += [sse(chunk) for chunk in chunks.choice(choice)]
-        usage = usage_of(item)
-        if job.include_usage:
-            tail.append(sse({**chunks.usage(usage), **extension(item)}))
-        log.info("task %s: streamed (%s, %d tokens)", task.id, reason, usage["completion_tokens"])
-        tail.append(DONE)
-        yield "".join(tail)
+    except (IgoraError, ProtocolError) as exc:
+        err = from_igora(exc, job.requested)
+        log.info("task %s: ended mid-stream with %d (%s)", task.id, err.status, exc)
+        yield "".join(head) + sse(err.body())
+        return
     finally:
-        with contextlib.suppress(Exception):
-            await events.aclose()  # type: ignore[attr-defined]
+        await pieces.aclose()
+    item = item or {}
+    reason = finish_reason(item)
+    choices = choices_of(item)
+    first = choices[0]
+    tail = head  # what the whole answer adds, and the end: one write
+    if chunks.chat and isinstance(first.get("toolCalls"), list):
+        tail += [sse(chunk) for chunk in chunks.tool_calls(first["toolCalls"])]
+    if chunks.chat and isinstance(first.get(TaskField.LOGPROBS_RESULT), dict):
+        # Log probabilities come with the whole answer: one chunk, without content.
+        chunk = chunks.text("")
+        chunk["choices"][0]["logprobs"] = first[TaskField.LOGPROBS_RESULT]
+        chunk["choices"][0]["delta"] = {}
+        tail.append(sse(chunk))
+    tail.append(sse(chunks.finish(reason)))
+    for choice in choices[1:]:
+        tail += [sse(chunk) for chunk in chunks.choice(choice)]
+    usage = usage_of(item)
+    if job.include_usage:
+        tail.append(sse({**chunks.usage(usage), **extension(item)}))
+    log.info("task %s: streamed (%s, %d tokens)", task.id, reason, usage["completion_tokens"])
+    tail.append(DONE)
+    yield "".join(tail)

@@ -4,8 +4,10 @@ protocol's shapes (docs/protocol.md 4.5). Bad or unsupported parameters raise
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from pydantic import ValidationError
 
 from ..protocol import TaskField, TaskKind
 from .errors import OpenAIError
@@ -14,6 +16,9 @@ from .openai_models import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponsesItem,
+    ResponsesPart,
+    ResponsesRequest,
 )
 
 
@@ -37,6 +42,7 @@ class Job:
     user: str | None
     echo: str = ""
     encoding: str | None = None  # embeddings: "float" or "base64"
+    echoed: dict[str, Any] = field(default_factory=dict)  # responses: settings repeated
 
     @property
     def model(self) -> str | None:
@@ -44,7 +50,7 @@ class Job:
 
     @property
     def prefix(self) -> str:
-        return "chatcmpl-" if self.kind == "chat" else "cmpl-"
+        return {"chat": "chatcmpl-", "responses": "resp_"}.get(self.kind, "cmpl-")
 
 
 def _common_options(
@@ -204,4 +210,178 @@ def embed_job(body: EmbeddingRequest) -> Job:
     }
     return Job(
         "embed", None, body.model, options, False, False, body.user, encoding=body.encoding_format
+    )
+
+
+# ---------------------------------------------------------------------- the Responses API
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+PART_TEXT = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
+
+
+def responses_job(body: ResponsesRequest) -> Job:
+    """A Responses API request as the chat request it means (docs/gateway.md,
+    ``/v1/responses``): checked as one, put on the market as one chat task."""
+    for name in ("previous_response_id", "conversation", "prompt"):
+        if getattr(body, name) is not None:
+            raise _unsupported(
+                name,
+                "the gateway stores no responses or prompts; send the whole conversation in input",
+            )
+    if body.background:
+        raise _unsupported("background", "answers come in the request's own response")
+    messages: list[dict[str, Any]] = []
+    if body.instructions:
+        messages.append({"role": "system", "content": body.instructions})
+    if isinstance(body.input, str):
+        messages.append({"role": "user", "content": body.input})
+    else:
+        for i, item in enumerate(body.input):
+            _add_item(messages, item, f"input[{i}]")
+    chat: dict[str, Any] = {
+        "model": body.model,
+        "messages": messages,
+        "stream": bool(body.stream),
+        "max_completion_tokens": body.max_output_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "user": body.user,
+    }
+    tools = [_function_tool(t, i) for i, t in enumerate(body.tools or [])]
+    if tools:
+        chat["tools"] = tools
+    if body.tool_choice is not None and (tools or body.tool_choice not in ("auto", "none")):
+        chat["tool_choice"] = _tool_choice(body.tool_choice)  # auto, none: the default then
+    fmt = body.text.format if body.text else None
+    if fmt is not None:
+        chat["response_format"] = {"type": fmt.type}
+        if fmt.type == "json_schema":
+            spec = fmt.model_dump(by_alias=True, exclude_none=True, exclude={"type"})
+            spec.setdefault("name", "answer")
+            chat["response_format"]["json_schema"] = spec
+    if body.top_logprobs or LOGPROBS_INCLUDE in (body.include or []):
+        chat["logprobs"] = True
+        chat["top_logprobs"] = body.top_logprobs
+    try:
+        request = ChatCompletionRequest.model_validate(
+            {k: v for k, v in chat.items() if v is not None}
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise OpenAIError(400, f"Invalid request: {first.get('msg', 'invalid')}.") from None
+    echoed = {
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "metadata": body.metadata or {},
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+        "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
+        "parallel_tool_calls": True
+        if body.parallel_tool_calls is None
+        else body.parallel_tool_calls,
+        "text": {
+            "format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}
+        },
+        "top_logprobs": body.top_logprobs or 0,
+        "user": body.user,
+    }
+    return replace(chat_job(request), kind="responses", echoed=echoed)
+
+
+def _add_item(messages: list[dict[str, Any]], item: ResponsesItem, where: str) -> None:
+    kind = item.type or "message"
+    if kind == "reasoning":
+        return  # a reasoning model's notes: nothing a chat model reads
+    if kind == "message":
+        if item.role is None:
+            raise _missing(f"{where}.role")
+        content = item.content if item.content is not None else ""
+        messages.append({"role": item.role, "content": _text(content, f"{where}.content")})
+        return
+    if kind == "function_call":
+        if not item.call_id or not item.name or item.arguments is None:
+            raise _missing(f"{where}.call_id, name and arguments")
+        call = {
+            "id": item.call_id,
+            "type": "function",
+            "function": {"name": item.name, "arguments": item.arguments},
+        }
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant":
+            last.setdefault("tool_calls", []).append(call)  # one turn's text and calls
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        return
+    if kind == "function_call_output":
+        if not item.call_id or item.output is None:
+            raise _missing(f"{where}.call_id and output")
+        messages.append(
+            {
+                "role": "tool",
+                "tool_call_id": item.call_id,
+                "content": _text(item.output, f"{where}.output"),
+            }
+        )
+        return
+    raise OpenAIError(
+        400,
+        f"{where}: items of type {kind!r} are not supported (messages, function_call, "
+        "function_call_output and reasoning items are).",
+        param=where,
+        code="unsupported_value",
+    )
+
+
+def _text(content: str | list[ResponsesPart], where: str) -> str:
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        key = PART_TEXT.get(part.type)
+        text = getattr(part, key) if key else None
+        if text is None:
+            raise OpenAIError(
+                400,
+                f"{where}[{j}]: only text parts are supported (got type {part.type!r}).",
+                param=f"{where}[{j}]",
+                code="unsupported_value",
+            )
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _function_tool(tool: Any, i: int) -> dict[str, Any]:
+    if tool.type != "function":
+        raise OpenAIError(
+            400,
+            f"tools[{i}]: only function tools are supported (got type {tool.type!r}).",
+            param=f"tools[{i}].type",
+            code="unsupported_value",
+        )
+    if not tool.name:
+        raise _missing(f"tools[{i}].name")
+    spec = tool.model_dump(exclude_none=True, exclude={"type"})
+    return {"type": "function", "function": spec}
+
+
+def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        return choice
+    name = choice.get("name")
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise OpenAIError(
+            400,
+            'tool_choice must be auto, none, required or {"type": "function", "name": ...}.',
+            param="tool_choice",
+            code="unsupported_value",
+        )
+    return {"type": "function", "function": {"name": name}}
+
+
+def _missing(param: str) -> OpenAIError:
+    return OpenAIError(
+        400,
+        f"Missing required parameter: {param!r}.",
+        param=param,
+        code="missing_required_parameter",
     )
