@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml scripts/install-llama.sh
 
 install: $(STAMP)
 
-$(TESTSTAMP): $(STAMP) tests/js/package.json
+$(TESTSTAMP): $(STAMP) tests/js/package.json scripts/test-tools.sh
 	$(BIN)/pip install --progress-bar off --quiet -e '.[llama,dev]'
 	bash scripts/test-tools.sh
 	@touch $(TESTSTAMP)
