@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -414,6 +415,11 @@ async def test_idle_room_leaves_memory_and_comes_back_from_the_store_with_its_ar
     assert "idle" not in [r["name"] for r in cluster.status()["rooms"]]
     _, body = http_get(f"http://127.0.0.1:{cluster.port}/rooms/idle/tasks/d1")
     assert json.loads(body) == done
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        http_get(f"http://127.0.0.1:{cluster.port}/rooms/idle/tasks/t1")  # not finished
+    assert missing.value.code == 404
+    error = json.loads(missing.value.read())["error"]
+    assert error["code"] == "no_task" and "'t1'" in error["message"]
     async with agent(cluster.url, "idle", name="reader") as r:
         assert entry(r, "todos", "t1") == {"id": "t1", "state": "todo"}
         assert entry(r, "done", "d1") == done

@@ -220,7 +220,8 @@ class Market:
         room, task_id = request.path_params["room"], request.path_params["task_id"]
         task = self.store.archived(room, task_id)
         if task is None:
-            return JSONResponse({"error": f"no archived task {task_id!r} in {room!r}"}, 404)
+            why = f"no archived task {task_id!r} in room {room!r}: it is not finished, or never was"
+            return _error(404, why, "no_task")
         return JSONResponse(task)
 
     async def room_view(self, request: Request) -> Response:
