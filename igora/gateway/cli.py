@@ -36,9 +36,10 @@ def add_parser(
         "gateway",
         formatter_class=formatter,
         help="serve an OpenAI-compatible API (and the web page) for a market",
-        description="Serve /v1/chat/completions, /v1/completions and /v1/models: every "
-        "request becomes a task on the market. Point any OpenAI client at "
-        "base_url http://HOST:PORT/v1.",
+        description="Serve the OpenAI API (/v1/chat/completions, /v1/responses, "
+        "/v1/embeddings, /v1/completions, /v1/models) and the web page: every request "
+        "becomes a task on the market. Point any OpenAI client at base_url "
+        "http://HOST:PORT/v1; docs/gateway.md lists every field.",
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: everyone)")
     p.add_argument("--port", type=arg.port, default=DEFAULT_PORT, help="port")
