@@ -321,17 +321,26 @@ def test_embeddings_have_a_fixed_dimension_and_are_deterministic(target: Target)
 
 
 # ---------------------------------------------------------------------- LangChain
-def test_langchain_structured_output_and_bound_tools(direct: Target) -> None:
-    from langchain_core.tools import tool
+def langchain(target: Target, **extra: Any) -> Any:
+    """LangChain's ``ChatOpenAI`` on a gateway."""
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(
-        base_url=direct.base_url,
-        api_key="none",
-        model=direct.model,  # type: ignore[arg-type]
+    return ChatOpenAI(
+        base_url=target.base_url,
+        api_key="none",  # type: ignore[arg-type]
+        model=target.model,
         max_retries=0,
         temperature=0.5,
+        **extra,
     )
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_langchain_structured_output_bound_tools_and_stream(direct: Target, api: str) -> None:
+    """On either API: ``use_responses_api=True`` takes the Responses API."""
+    from langchain_core.tools import tool
+
+    llm = langchain(direct, use_responses_api=api == "responses")
     person = llm.with_structured_output(Person).invoke(ASK_PERSON[1]["content"])
     assert isinstance(person, Person)
 
@@ -346,6 +355,8 @@ def test_langchain_structured_output_and_bound_tools(direct: Target) -> None:
     (call,) = message.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
     assert not message.invalid_tool_calls
+    pieces = [chunk.text for chunk in llm.stream("Say hello.")]
+    assert len([p for p in pieces if p]) >= 2 and "".join(pieces).strip()
 
 
 def test_logprobs_come_with_each_token(target: Target) -> None:
@@ -468,34 +479,6 @@ def test_responses_logprobs_come_with_each_token(direct: Target) -> None:
     part = answer.output[0].content[0]  # type: ignore[union-attr]
     assert part.logprobs and "".join(t.token for t in part.logprobs) == part.text
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in part.logprobs)
-
-
-def test_langchain_on_the_responses_api(direct: Target) -> None:
-    from langchain_core.tools import tool
-    from langchain_openai import ChatOpenAI
-
-    llm = ChatOpenAI(
-        base_url=direct.base_url,
-        api_key="none",
-        model=direct.model,  # type: ignore[arg-type]
-        max_retries=0,
-        temperature=0.5,
-        use_responses_api=True,
-    )
-    assert isinstance(llm.with_structured_output(Person).invoke(ASK_PERSON[1]["content"]), Person)
-
-    @tool
-    def get_weather(city: str) -> str:
-        """The weather now in a city."""
-        return "sunny"
-
-    message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(
-        "What is the weather in Paris?"
-    )
-    (call,) = message.tool_calls
-    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
-    pieces = [chunk.text for chunk in llm.stream("Say hello.")]
-    assert len([p for p in pieces if p]) >= 2 and "".join(pieces).strip()
 
 
 def test_openai_agents_sdk_runs_agents_on_the_market(direct: Target) -> None:

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from ..client import Restart, Task
-from ..errors import IgoraError
-from ..protocol import ProtocolError, TaskField
-from .errors import from_igora
+from ..client import Task
+from ..protocol import TaskField
+from .errors import OpenAIError
 from .responses import choices_of, extension, usage_of
 from .state import Gateway
-from .streaming import ARGUMENT_PIECE, answer_items
+from .streaming import ARGUMENT_PIECE, AnswerStream
 from .translate import Job
 
 log = logging.getLogger("igora.gateway")
@@ -111,124 +110,109 @@ def response_json(
     return JSONResponse(body, headers=headers)
 
 
-async def response_events(
-    gw: Gateway, task: Task, job: Job, first: Any, events: AsyncIterator[Any], created: int
-) -> AsyncIterator[str]:
-    """The event stream: pieces as ``response.output_text.delta`` events, the end as the
-    items' closing events and ``response.completed`` (docs/gateway.md lists the order)."""
-    shape = Shape(gw, task, job, created)
-    out = Events()
-    head = [
-        out.event("response.created", response=shape.response("in_progress", [])),
-        out.event("response.in_progress", response=shape.response("in_progress", [])),
-    ]
-    opened = False  # the message item, opened by the first text
-    text = ""
+@dataclass
+class ResponsesStream(AnswerStream):
+    """The Responses API's events (docs/gateway.md lists their order): pieces as
+    ``response.output_text.delta`` of a message item opened by the first text, the end as
+    the items' closing events and ``response.completed`` (or ``response.incomplete``), an
+    error after the start as ``response.failed``."""
 
-    def open_message() -> list[str]:
+    def __post_init__(self) -> None:
+        self.shape = Shape(self.gw, self.task, self.job, self.created)
+        self.out = Events()
+        self.opened = False  # the message item, opened by the first text
+        self.text = ""
+        self.at = {"item_id": self.shape.message_id, "output_index": 0, "content_index": 0}
+
+    def opening(self) -> list[str]:
+        started = self.shape.response("in_progress", [])
         return [
-            out.event(
-                "response.output_item.added",
-                output_index=0,
-                item=shape.message("", "in_progress", None),
-            ),
-            out.event(
-                "response.content_part.added",
-                item_id=shape.message_id,
-                output_index=0,
-                content_index=0,
-                part=shape.part("", None),
-            ),
+            self.out.event("response.created", response=started),
+            self.out.event("response.in_progress", response=started),
         ]
 
-    def delta(piece: str, **extra: Any) -> str:
-        return out.event(
-            "response.output_text.delta",
-            item_id=shape.message_id,
-            output_index=0,
-            content_index=0,
-            delta=piece,
-            logprobs=[],
-            **extra,
+    def piece(self, text: str, restart: bool) -> list[str]:
+        extra = {"igora": {"restart": True}} if restart else {}
+        self.text += text
+        opening = self._open()  # numbered before the delta
+        delta = self.out.event(
+            "response.output_text.delta", **self.at, delta=text, logprobs=[], **extra
+        )
+        return [*opening, delta]
+
+    def failed(self, err: OpenAIError) -> str:
+        error = {"code": err.code, "message": err.message}
+        return self.out.event(
+            "response.failed", response=self.shape.response("failed", [], error=error)
         )
 
-    final: dict[str, Any] | None = None  # the finished task
-    pieces = answer_items(task, first, events)
-    try:
-        async for item in pieces:
-            if isinstance(item, dict):
-                final = item
-            elif item:
-                if not opened:
-                    head += open_message()
-                    opened = True
-                extra = {"igora": {"restart": True}} if isinstance(item, Restart) else {}
-                head.append(delta(item, **extra))
-                text += item
-            if head and final is None:
-                yield "".join(head)
-                head = []
-    except (IgoraError, ProtocolError) as exc:
-        err = from_igora(exc, job.requested)
-        log.info("task %s: ended mid-stream with %d (%s)", task.id, err.status, exc)
-        failed = shape.response("failed", [], error={"code": err.code, "message": err.message})
-        yield "".join(head) + out.event("response.failed", response=failed)
-        return
-    finally:
-        await pieces.aclose()
-    final = final or {}
-    choice = choices_of(final)[0]
-    whole = str(choice.get("content") or "")
-    calls = _calls(choice)
-    tail = head
-    if not opened and (whole or not calls):
-        tail += open_message()
-        opened = True
-        if whole:
-            tail.append(delta(whole))
-            text = whole
-    index = 0
-    if opened:
-        logprobs = _logprobs(choice)
-        ids = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
-        tail += [
-            out.event("response.output_text.done", **ids, text=text, logprobs=logprobs or []),
-            out.event("response.content_part.done", **ids, part=shape.part(text, logprobs)),
-            out.event(
-                "response.output_item.done",
+    def ending(self, final: dict[str, Any]) -> list[str]:
+        shape, event = self.shape, self.out.event
+        choice = choices_of(final)[0]
+        whole = str(choice.get("content") or "")
+        calls = _calls(choice)
+        tail: list[str] = []
+        if not self.opened and (whole or not calls):  # an answer that came whole
+            tail += self.piece(whole, False) if whole else self._open()
+        output = []
+        if self.opened:
+            logprobs = _logprobs(choice)
+            message = shape.message(self.text, "completed", logprobs)
+            tail += [
+                event(
+                    "response.output_text.done", **self.at, text=self.text, logprobs=logprobs or []
+                ),
+                event(
+                    "response.content_part.done", **self.at, part=shape.part(self.text, logprobs)
+                ),
+                event("response.output_item.done", output_index=0, item=message),
+            ]
+            output.append(message)
+        for i, call in enumerate(calls):
+            done = shape.call(i, call, "completed")
+            index = len(output)
+            at = {"item_id": done["id"], "output_index": index}
+            args = done["arguments"]
+            tail.append(
+                event(
+                    "response.output_item.added",
+                    output_index=index,
+                    item=shape.call(i, call, "in_progress"),
+                )
+            )
+            tail += [
+                event(
+                    "response.function_call_arguments.delta",
+                    **at,
+                    delta=args[k : k + ARGUMENT_PIECE],
+                )
+                for k in range(0, len(args), ARGUMENT_PIECE)
+            ]
+            tail += [
+                event("response.function_call_arguments.done", **at, arguments=args),
+                event("response.output_item.done", output_index=index, item=done),
+            ]
+            output.append(done)
+        status = status_of(final)
+        tail.append(event(f"response.{status}", response=shape.response(status, output, final)))
+        log.info("task %s: streamed (%s, %d tokens)", self.task.id, status, _tokens(final))
+        return tail
+
+    def _open(self) -> list[str]:
+        """The message item's opening events, the first time."""
+        if self.opened:
+            return []
+        self.opened = True
+        return [
+            self.out.event(
+                "response.output_item.added",
                 output_index=0,
-                item=shape.message(text, "completed", logprobs),
+                item=self.shape.message("", "in_progress", None),
+            ),
+            self.out.event(
+                "response.content_part.added", **self.at, part=self.shape.part("", None)
             ),
         ]
-        index = 1
-    for i, call in enumerate(calls):
-        done = shape.call(i, call, "completed")
-        at = {"item_id": done["id"], "output_index": index + i}
-        tail.append(
-            out.event(
-                "response.output_item.added",
-                output_index=index + i,
-                item=shape.call(i, call, "in_progress"),
-            )
-        )
-        args = done["arguments"]
-        tail += [
-            out.event(
-                "response.function_call_arguments.delta", **at, delta=args[k : k + ARGUMENT_PIECE]
-            )
-            for k in range(0, len(args), ARGUMENT_PIECE)
-        ]
-        tail += [
-            out.event("response.function_call_arguments.done", **at, arguments=args),
-            out.event("response.output_item.done", output_index=index + i, item=done),
-        ]
-    status = status_of(final)
-    output = ([shape.message(text, "completed", _logprobs(choice))] if opened else []) + [
-        shape.call(i, c, "completed") for i, c in enumerate(calls)
-    ]
-    tail.append(out.event(f"response.{status}", response=shape.response(status, output, final)))
-    log.info("task %s: streamed (%s, %d tokens)", task.id, status, _tokens(final))
-    yield "".join(tail)
 
 
 class Events:

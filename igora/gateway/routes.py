@@ -42,9 +42,9 @@ from .openai_models import (
     ResponsesRequest,
 )
 from .responses import completion_response, embedding_response
-from .responses_api import response_events, response_json
+from .responses_api import ResponsesStream, response_json
 from .state import Gateway, gateway_of
-from .streaming import EventStream, Gone, event_body, unless_disconnected
+from .streaming import AnswerStream, ChatStream, EventStream, Gone, unless_disconnected
 from .translate import Job, chat_job, embed_job, responses_job, text_job
 
 log = logging.getLogger("igora.gateway")
@@ -141,15 +141,16 @@ async def run_job(request: Request, job: Job) -> Response:
         return Response(status_code=499)
     if job.kind == "embed":
         return embedding_response(gw, task, job, headers)
+    stream: AnswerStream
     if job.kind == "responses":
         if not job.stream:
             return response_json(gw, task, job, created, headers)
-        body = response_events(gw, task, job, outcome, events, created)
+        stream = ResponsesStream(gw, task, job, outcome, events, created)
     elif not job.stream:
         return completion_response(gw, task, job, created, headers)
     else:
-        body = event_body(gw, task, job, outcome, events, created)
-    return EventStream(body, headers, on_gone=lambda: _gone(task))
+        stream = ChatStream(gw, task, job, outcome, events, created)
+    return EventStream(stream.body(), headers, on_gone=lambda: _gone(task))
 
 
 async def balance_body(request: Request) -> dict[str, Any]:

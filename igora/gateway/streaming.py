@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -19,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from ..client import Restart, Task
 from ..errors import IgoraError
 from ..protocol import ProtocolError, TaskField
-from .errors import from_igora
+from .errors import OpenAIError, from_igora
 from .responses import choices_of, extension, finish_reason, usage_of
 from .state import Gateway
 from .translate import Job
@@ -253,7 +254,61 @@ class Chunks:
         return {**self.base, "choices": [choice]}
 
 
-async def answer_items(
+@dataclass
+class AnswerStream:
+    """The body of one streamed answer (a dataclass: its subclasses add what they
+    need in ``__post_init__``). The loop is here: each text piece written as it
+    comes (what ``opening`` gives goes with the first), the end in one write, and an
+    error after the response started as an event of the API's own; what an API writes
+    is in its subclass's hooks. A worker lost mid-answer restarts it elsewhere: the piece
+    that says so is marked ``restart``, and what follows is the new answer."""
+
+    gw: Gateway
+    task: Task
+    job: Job
+    first: Any  # the task's first event: the request waited for it
+    events: AsyncIterator[Any]
+    created: int
+
+    def opening(self) -> list[str]:
+        """What goes before the first piece, in its write."""
+        return []
+
+    def piece(self, text: str, restart: bool) -> list[str]:
+        raise NotImplementedError
+
+    def failed(self, err: OpenAIError) -> str:
+        """The event that ends a stream whose task failed after it started."""
+        raise NotImplementedError
+
+    def ending(self, final: dict[str, Any]) -> list[str]:
+        """What the finished task adds after its pieces, and the stream's end."""
+        raise NotImplementedError
+
+    async def body(self) -> AsyncIterator[str]:
+        head = self.opening()
+        final: dict[str, Any] | None = None
+        items = _answer_items(self.task, self.first, self.events)
+        try:
+            async for item in items:
+                if isinstance(item, dict):
+                    final = item
+                elif item:
+                    head += self.piece(item, isinstance(item, Restart))
+                if head and final is None:
+                    yield "".join(head)
+                    head = []
+        except (IgoraError, ProtocolError) as exc:
+            err = from_igora(exc, self.job.requested)
+            log.info("task %s: ended mid-stream with %d (%s)", self.task.id, err.status, exc)
+            yield "".join(head) + self.failed(err)
+            return
+        finally:
+            await items.aclose()
+        yield "".join(head + self.ending(final or {}))
+
+
+async def _answer_items(
     task: Task, first: Any, events: AsyncIterator[Any]
 ) -> AsyncGenerator[str | dict[str, Any], None]:
     """A task's stream from its first event on: text pieces (a ``Restart`` piece marks a
@@ -273,57 +328,47 @@ async def answer_items(
             await events.aclose()  # type: ignore[attr-defined]
 
 
-async def event_body(
-    gw: Gateway, task: Task, job: Job, first: Any, events: AsyncIterator[Any], created: int
-) -> AsyncIterator[str]:
-    """The SSE body. A worker lost mid-answer restarts it elsewhere: its chunk carries
-    the notice text and ``"igora": {"restart": true}``; what follows is the new answer.
-    An error after the stream started is sent as ``data: {"error": {...}}`` (no [DONE])."""
-    chunks = Chunks(job, job.prefix + task.id, created, gw.served_model(task, job.model))
-    head = []  # sent with the first piece: one write
-    if chunks.chat:
-        head.append(sse(chunks.opening()))
-    if job.echo:
-        head.append(sse(chunks.text(job.echo)))
-    item: dict[str, Any] | None = None  # the finished task
-    pieces = answer_items(task, first, events)
-    try:
-        async for piece in pieces:
-            if isinstance(piece, dict):
-                item = piece
-            elif isinstance(piece, Restart):
-                head.append(sse(chunks.text(str(piece), igora={"restart": True})))
-            elif piece:
-                head.append(sse(chunks.text(piece)))
-            if head and item is None:
-                yield "".join(head)
-                head = []
-    except (IgoraError, ProtocolError) as exc:
-        err = from_igora(exc, job.requested)
-        log.info("task %s: ended mid-stream with %d (%s)", task.id, err.status, exc)
-        yield "".join(head) + sse(err.body())
-        return
-    finally:
-        await pieces.aclose()
-    item = item or {}
-    reason = finish_reason(item)
-    choices = choices_of(item)
-    first = choices[0]
-    tail = head  # what the whole answer adds, and the end: one write
-    if chunks.chat and isinstance(first.get("toolCalls"), list):
-        tail += [sse(chunk) for chunk in chunks.tool_calls(first["toolCalls"])]
-    if chunks.chat and isinstance(first.get(TaskField.LOGPROBS_RESULT), dict):
-        # Log probabilities come with the whole answer: one chunk, without content.
-        chunk = chunks.text("")
-        chunk["choices"][0]["logprobs"] = first[TaskField.LOGPROBS_RESULT]
-        chunk["choices"][0]["delta"] = {}
-        tail.append(sse(chunk))
-    tail.append(sse(chunks.finish(reason)))
-    for choice in choices[1:]:
-        tail += [sse(chunk) for chunk in chunks.choice(choice)]
-    usage = usage_of(item)
-    if job.include_usage:
-        tail.append(sse({**chunks.usage(usage), **extension(item)}))
-    log.info("task %s: streamed (%s, %d tokens)", task.id, reason, usage["completion_tokens"])
-    tail.append(DONE)
-    yield "".join(tail)
+@dataclass
+class ChatStream(AnswerStream):
+    """Chat and text completions as OpenAI streams them: ``data:`` chunks, then
+    ``[DONE]``; an error after the start is ``data: {"error": {...}}`` (no [DONE])."""
+
+    def __post_init__(self) -> None:
+        model = self.gw.served_model(self.task, self.job.model)
+        self.chunks = Chunks(self.job, self.job.prefix + self.task.id, self.created, model)
+
+    def opening(self) -> list[str]:
+        head = [sse(self.chunks.opening())] if self.chunks.chat else []
+        return head + ([sse(self.chunks.text(self.job.echo))] if self.job.echo else [])
+
+    def piece(self, text: str, restart: bool) -> list[str]:
+        extra = {"igora": {"restart": True}} if restart else {}
+        return [sse(self.chunks.text(str(text), **extra))]
+
+    def failed(self, err: OpenAIError) -> str:
+        return sse(err.body())
+
+    def ending(self, final: dict[str, Any]) -> list[str]:
+        chunks = self.chunks
+        reason = finish_reason(final)
+        choices = choices_of(final)
+        first = choices[0]
+        tail = []
+        if chunks.chat and isinstance(first.get("toolCalls"), list):
+            tail += [sse(chunk) for chunk in chunks.tool_calls(first["toolCalls"])]
+        if chunks.chat and isinstance(first.get(TaskField.LOGPROBS_RESULT), dict):
+            # Log probabilities come with the whole answer: one chunk, without content.
+            chunk = chunks.text("")
+            chunk["choices"][0]["logprobs"] = first[TaskField.LOGPROBS_RESULT]
+            chunk["choices"][0]["delta"] = {}
+            tail.append(sse(chunk))
+        tail.append(sse(chunks.finish(reason)))
+        for choice in choices[1:]:
+            tail += [sse(chunk) for chunk in chunks.choice(choice)]
+        usage = usage_of(final)
+        if self.job.include_usage:
+            tail.append(sse({**chunks.usage(usage), **extension(final)}))
+        log.info(
+            "task %s: streamed (%s, %d tokens)", self.task.id, reason, usage["completion_tokens"]
+        )
+        return [*tail, DONE]
