@@ -922,37 +922,41 @@ async def test_client_giving_up_on_a_plain_request_aborts_its_task(gw: Setup) ->
     assert len((final.get("response") or "").split()) < 200
 
 
-def test_worker_lost_mid_stream_restarts_the_answer_with_a_marked_chunk(gw: Setup) -> None:
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_worker_lost_mid_stream_restarts_the_answer_with_a_marked_chunk(
+    gw: Setup, api: str
+) -> None:
     c = gw.cluster
     relays = {
         name: c.worker("--model", "relay", "--delay", "0.05", name=name)
-        for name in ("relay-a", "relay-b")
+        for name in (f"relay-a-{api}", f"relay-b-{api}")
     }
     try:
         wait_until(
             lambda: (
                 "relay" in _models(gw.main)
-                and len([w for w in c.agents("worker") if w["name"].startswith("relay")]) == 2
+                and len([w for w in c.agents("worker") if w["name"] in relays]) == 2
             ),
             60,
             "two relay workers",
         )
-        payload = {
-            "model": "relay",
-            "stream": True,
-            "messages": [{"role": "user", "content": "#repeat 60"}],
-        }
+        if api == "chat":
+            path = "/v1/chat/completions"
+            payload = {"messages": [{"role": "user", "content": "#repeat 60"}]}
+        else:
+            path, payload = "/v1/responses", {"input": "#repeat 60"}
+        payload = {**payload, "model": "relay", "stream": True}
         events: list[Any] = []
-        with httpx.stream("POST", f"{gw.main}/v1/chat/completions", json=payload, timeout=60) as r:
+        with httpx.stream("POST", f"{gw.main}{path}", json=payload, timeout=60) as r:
             lines = r.iter_lines()
             for line in lines:
-                if line.startswith("data: ") and '"content":"tok' in line:
+                if line.startswith("data: ") and '"tok' in line:
                     break
             busy = wait_until(
                 lambda: [
                     w["name"]
                     for w in c.agents("worker")
-                    if w["name"].startswith("relay") and w.get("running")
+                    if w["name"] in relays and w.get("running")
                 ],
                 15,
                 "the relay worker running the task",
@@ -962,13 +966,16 @@ def test_worker_lost_mid_stream_restarts_the_answer_with_a_marked_chunk(gw: Setu
                 if line.startswith("data: "):
                     data = line[len("data: ") :]
                     events.append(data if data == "[DONE]" else json.loads(data))
-        assert events[-1] == "[DONE]"
-        marked = [i for i, e in enumerate(events[:-1]) if e.get("igora", {}).get("restart")]
+        if api == "chat":
+            assert events.pop() == "[DONE]"
+        else:
+            assert events.pop()["type"] == "response.completed"
+        marked = [i for i, e in enumerate(events) if e.get("igora", {}).get("restart")]
         assert len(marked) == 1, events
         after = "".join(
-            e["choices"][0]["delta"].get("content", "")
-            for e in events[marked[0] + 1 : -1]
-            if e["choices"]
+            e["choices"][0]["delta"].get("content", "") if api == "chat" else e.get("delta", "")
+            for e in events[marked[0] + 1 :]
+            if api != "chat" or e["choices"]
         )
         assert after == "".join(f"tok{i} " for i in range(60))
     finally:
