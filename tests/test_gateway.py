@@ -748,6 +748,15 @@ def test_responses_api_failures_are_errors_before_the_stream_and_events_after(
     assert streamed.startswith("tok0 tok1")
 
 
+def test_stored_responses_are_a_404_that_says_none_is_kept(gw: Setup) -> None:
+    sdk = openai.OpenAI(base_url=f"{gw.main}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        sdk.responses.retrieve("resp_123")
+    for method in ("GET", "DELETE"):
+        r = httpx.request(method, f"{gw.main}/v1/responses/resp_123")
+        assert_openai_error(r, 404, "response_not_found")
+
+
 BAD_RESPONSES: list[tuple[str, Any, str, str | None]] = [
     ("no input", {"model": "echo"}, "missing_required_parameter", "input"),
     ("empty input", {"input": []}, "invalid_value", "input"),

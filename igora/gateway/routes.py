@@ -355,6 +355,21 @@ def add_routes(app: FastAPI) -> None:
         (``stream: true``); put on the market as a chat task (docs/gateway.md)."""
         return await run_job(request, responses_job(body))
 
+    @app.api_route(
+        "/v1/responses/{response_id:path}",
+        methods=["GET", "DELETE", "POST"],
+        tags=["openai"],
+        responses={404: {"model": ErrorBody, "description": "The gateway stores no responses"}},
+    )
+    async def stored_response(response_id: str) -> JSONResponse:
+        """Stored responses (retrieve, delete, cancel, input items): none is kept."""
+        raise OpenAIError(
+            404,
+            f"No response {response_id!r}: the gateway stores no responses (each answer "
+            "comes in its request's own response; docs/gateway.md, /v1/responses).",
+            code="response_not_found",
+        )
+
     @api.post("/v1/embeddings", response_model=EmbeddingList, tags=["openai"], responses=ERRORS)
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         """Vectors for one text or a list of texts, from a worker whose model embeds."""
