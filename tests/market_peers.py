@@ -27,8 +27,9 @@ JS = Path(__file__).resolve().parent / "js"
 
 
 def ensure_node_modules() -> None:
-    """Install the npm packages of tests/js (yjs, y-websocket, ws) if they are missing."""
-    if (JS / "node_modules" / "y-websocket").is_dir() and (JS / "node_modules" / "ws").is_dir():
+    """Install the npm packages of tests/js (yjs, y-websocket, ws, openai) if they are
+    missing."""
+    if all((JS / "node_modules" / name).is_dir() for name in ("y-websocket", "ws", "openai")):
         return
     npm = shutil.which("npm")
     assert npm, "npm is needed by the wire tests: run scripts/test-tools.sh"

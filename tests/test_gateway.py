@@ -33,6 +33,7 @@ from igora.protocol import GATEWAY_STYLE, MapName
 from igora.testing import wait_until
 
 from .conftest import Cluster, Proc, free_port
+from .market_peers import JS, ensure_node_modules
 
 KEYS = ("key-one", "key-two")
 ALLOWED_ORIGIN = "http://allowed.example"
@@ -746,6 +747,29 @@ def test_responses_api_failures_are_errors_before_the_stream_and_events_after(
     assert "timed out" in failed["error"]["message"]
     streamed = "".join(d["delta"] for k, d in events if k == "response.output_text.delta")
     assert streamed.startswith("tok0 tok1")
+
+
+def test_the_javascript_openai_package_against_the_gateway(gw: Setup) -> None:
+    """The official openai package for JavaScript (tests/js/openai_client.mjs): chat,
+    streamed with usage, the Responses API and its stream helper, embeddings, an error."""
+    ensure_node_modules()
+    run = subprocess.run(
+        ["node", str(JS / "openai_client.mjs"), f"{gw.main}/v1", "echo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["chat"] == "Echo: hello there" and got["task"].startswith("chatcmpl-")
+    assert got["streamed"] == "Echo: one two three"
+    assert got["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert got["responses"] == "Echo: plain text"
+    assert got["responsesStreamed"] == "Echo: streamed text"
+    assert got["responseEvents"][0] == "response.created"
+    assert got["responseEvents"][-1] == "response.completed"
+    assert got["dimensions"] == [16, 16]
+    assert got["error"] == {"status": 404, "code": "model_not_found", "type": "NotFoundError"}
 
 
 def test_stored_responses_are_a_404_that_says_none_is_kept(gw: Setup) -> None:
