@@ -466,22 +466,34 @@ async def test_bad_input_from_the_market_is_one_line_and_a_new_connection(
     ],
 )
 async def test_a_refusal_names_the_reason_the_market_gave(
-    tmp_path: Path, denied: str | None, code: int, reason: str, expected: str
+    tmp_path: Path,
+    denied: str | None,
+    code: int,
+    reason: str,
+    expected: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def script(ws: ServerConnection, n: int) -> None:
         await rogue.read(ws, n)
 
     rogue = RogueMarket(script)
     rogue.refuse = (denied, code, reason)
+    caplog.set_level(logging.DEBUG, "igora.v3")
     async with rogue.running():
         with pytest.raises(Refused) as err:
             async with Session(rogue.url, new_identity(), data=tmp_path):
                 pass
     assert expected in str(err.value) and err.value.code == code
     assert rogue.connections == 1  # no retry: retrying cannot cure it
+    # Raised to the caller of start, which says it (a command prints it): not logged
+    # as an error too, which would print the same sentence twice.
+    said = [r for r in caplog.records if expected in r.getMessage()]
+    assert said and all(r.levelno == logging.DEBUG for r in said)
 
 
-async def test_a_session_banned_after_its_welcome_gives_up_and_says_why(tmp_path: Path) -> None:
+async def test_a_session_banned_after_its_welcome_gives_up_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def script(ws: ServerConnection, n: int) -> None:
         await asyncio.sleep(0.2)
         await ws.send(wire.denied("banned: spam"))
@@ -494,6 +506,11 @@ async def test_a_session_banned_after_its_welcome_gives_up_and_says_why(tmp_path
         async with s:
             failed = await until(events, lambda e: e.kind is EventKind.FAILED, "a failure")
             assert isinstance(s.error, Refused) and s.error.code == 4403
+            # Nobody waits for it now: the log says it, as an error.
+            assert any(
+                r.levelno == logging.ERROR and "banned: spam" in r.getMessage()
+                for r in caplog.records
+            )
             assert "banned: spam" in failed.text and not s.connected
             assert not s.control({"op": "x"})  # nothing is sent any more
     assert rogue.connections == 1

@@ -110,6 +110,12 @@ def create_app(
         await client.start()
         if await client.wait_synced(STARTUP_SYNC_WAIT):
             log.info("%s connected to %s", client.name, client.address.room_url)
+        elif client.error is not None:  # refused for good: said above, as the session's error
+            log.warning(
+                "%s: requests fail with 503 market_refused; restart the gateway once the "
+                "market admits it",
+                client.name,
+            )
         else:
             log.warning(
                 "%s: market %s not reachable yet; /health answers 503 and requests "

@@ -306,6 +306,7 @@ class Session:
         self.ready = asyncio.Event()  # set at the first WELCOME
         self.error: IgoraError | None = None
         self.last_error: str | None = None
+        self._waited = False  # ``start`` waits for the first WELCOME
 
         self._owned: set[str] = set()
         self._subs: dict[str, bool] = {}  # name or prefix -> is a prefix
@@ -346,6 +347,7 @@ class Session:
         if not wait:
             return
         ready = asyncio.create_task(self.ready.wait())
+        self._waited = True
         try:
             await asyncio.wait(
                 {ready, self._task},
@@ -353,6 +355,7 @@ class Session:
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
+            self._waited = False
             ready.cancel()
         if self.ready.is_set():
             return
@@ -694,7 +697,9 @@ class Session:
 
     def _fail(self, error: IgoraError) -> None:
         self.error = error
-        log.error("%s: %s", self.name, error)
+        # Logged as an error unless ``start`` is waiting: it raises the error to its
+        # caller then, and a command would print the same sentence twice.
+        log.log(logging.DEBUG if self._waited else logging.ERROR, "%s: %s", self.name, error)
         self._emit(EventKind.FAILED, text=str(error))
 
     def _disconnected(self) -> None:
