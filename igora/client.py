@@ -509,10 +509,12 @@ class Client:
         self._deciding = asyncio.get_running_loop().create_task(when_up())
 
     async def wait_synced(self, timeout: float) -> bool:
-        """Whether the market's document arrived within ``timeout`` seconds."""
-        ready = self.v3.session.ready if self.v3 is not None else self.agent.synced
+        """Whether the market's document arrived within ``timeout`` seconds (in a v3
+        room, False at once if the market refused the session for good)."""
+        if self.v3 is not None:
+            return await self.v3.session.wait_ready(timeout)
         try:
-            await within(ready.wait(), timeout)
+            await within(self.agent.synced.wait(), timeout)
         except asyncio.TimeoutError:
             return False
         return True

@@ -346,19 +346,12 @@ class Session:
         self._task = asyncio.create_task(self._run(), name=f"session-{self.name}")
         if not wait:
             return
-        ready = asyncio.create_task(self.ready.wait())
         self._waited = True
         try:
-            await asyncio.wait(
-                {ready, self._task},
-                timeout=self.connect_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            if await self.wait_ready(self.connect_timeout):
+                return
         finally:
             self._waited = False
-            ready.cancel()
-        if self.ready.is_set():
-            return
         if self.error is not None:
             await self.stop()
             raise self.error
@@ -369,6 +362,22 @@ class Session:
                 f"no market answered at {self.address.room_url} within "
                 f"{self.connect_timeout:g} s{why}: is `igora market` running?"
             )
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Whether the first ``WELCOME`` came within ``timeout`` seconds; False as soon as
+        the session gave up (refused for good), without waiting the rest."""
+        if self.ready.is_set():
+            return True
+        if self._task is None or self._task.done():
+            return False
+        ready = asyncio.create_task(self.ready.wait())
+        try:
+            await asyncio.wait(
+                {ready, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+        return self.ready.is_set()
 
     async def stop(self) -> None:
         """End the connection; returns whatever the connection task does
