@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -287,45 +287,27 @@ class AnswerStream:
 
     async def body(self) -> AsyncIterator[str]:
         head = self.opening()
-        final: dict[str, Any] | None = None
-        items = _answer_items(self.task, self.first, self.events)
+        item = self.first
         try:
-            async for item in items:
-                if isinstance(item, dict):
-                    final = item
-                elif item:
+            while not isinstance(item, dict):  # a text piece: a Restart one marks a restart
+                if item:
                     head += self.piece(item, isinstance(item, Restart))
-                if head and final is None:
+                if head:
                     yield "".join(head)
                     head = []
+                try:
+                    item = await anext(self.events)
+                except StopAsyncIteration:  # pragma: no cover - events end with the task
+                    item = self.task.final or {}
         except (IgoraError, ProtocolError) as exc:
             err = from_igora(exc, self.job.requested)
             log.info("task %s: ended mid-stream with %d (%s)", self.task.id, err.status, exc)
             yield "".join(head) + self.failed(err)
             return
         finally:
-            await items.aclose()
-        yield "".join(head + self.ending(final or {}))
-
-
-async def _answer_items(
-    task: Task, first: Any, events: AsyncIterator[Any]
-) -> AsyncGenerator[str | dict[str, Any], None]:
-    """A task's stream from its first event on: text pieces (a ``Restart`` piece marks a
-    restart on another worker), then the finished task, last. A task that fails raises
-    its error here."""
-    try:
-        item = first
-        while not isinstance(item, dict):
-            yield item
-            try:
-                item = await anext(events)
-            except StopAsyncIteration:  # pragma: no cover - events end with the final task
-                item = task.final or {}
-        yield item
-    finally:
-        with contextlib.suppress(Exception):
-            await events.aclose()  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):
+                await self.events.aclose()  # type: ignore[attr-defined]
+        yield "".join(head + self.ending(item))
 
 
 @dataclass
@@ -343,7 +325,7 @@ class ChatStream(AnswerStream):
 
     def piece(self, text: str, restart: bool) -> list[str]:
         extra = {"igora": {"restart": True}} if restart else {}
-        return [sse(self.chunks.text(str(text), **extra))]
+        return [sse(self.chunks.text(text, **extra))]
 
     def failed(self, err: OpenAIError) -> str:
         return sse(err.body())
