@@ -76,24 +76,26 @@ class Shape:
     def part(self, text: str, logprobs: list[Any] | None) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
-    def call(self, i: int, call: dict[str, Any], status: str) -> dict[str, Any]:
+    def call(self, i: int, call: dict[str, Any]) -> dict[str, Any]:
         fn = call.get("function") or {}
         return {
             "type": "function_call",
             "id": f"{self.call_prefix}_{i}",
             "call_id": str(call.get("id") or f"call_{self.call_prefix}_{i}"),
             "name": str(fn.get("name") or ""),
-            "arguments": str(fn.get("arguments") or "") if status == "completed" else "",
-            "status": status,
+            "arguments": str(fn.get("arguments") or ""),
+            "status": "completed",
         }
 
-    def output(self, final: dict[str, Any]) -> list[dict[str, Any]]:
-        """The items of a finished task: its text as a message, then its tool calls."""
+    def output(self, final: dict[str, Any], streamed: str | None = None) -> list[dict[str, Any]]:
+        """The items of a finished task: its text as a message (``streamed``: the text a
+        stream's message item gave, which a restart notice may precede), then its calls."""
         first = choices_of(final)[0]
-        text = str(first.get("content") or "")
+        text = str(first.get("content") or "") if streamed is None else streamed
         calls = _calls(first)
-        items = [self.message(text, "completed", _logprobs(first))] if text or not calls else []
-        return items + [self.call(i, c, "completed") for i, c in enumerate(calls)]
+        message = streamed is not None or text or not calls
+        items = [self.message(text, "completed", _logprobs(first))] if message else []
+        return items + [self.call(i, c) for i, c in enumerate(calls)]
 
 
 def status_of(final: dict[str, Any]) -> str:
@@ -121,7 +123,7 @@ class ResponsesStream(AnswerStream):
         self.shape = Shape(self.gw, self.task, self.job, self.created)
         self.out = Events()
         self.opened = False  # the message item, opened by the first text
-        self.text = ""
+        self.pieces: list[str] = []  # its text (joined once, at the end)
         self.at = {"item_id": self.shape.message_id, "output_index": 0, "content_index": 0}
 
     def opening(self) -> list[str]:
@@ -133,7 +135,7 @@ class ResponsesStream(AnswerStream):
 
     def piece(self, text: str, restart: bool) -> list[str]:
         extra = {"igora": {"restart": True}} if restart else {}
-        self.text += text
+        self.pieces.append(text)
         opening = self._open()  # numbered before the delta
         delta = self.out.event(
             "response.output_text.delta", **self.at, delta=text, logprobs=[], **extra
@@ -147,56 +149,52 @@ class ResponsesStream(AnswerStream):
         )
 
     def ending(self, final: dict[str, Any]) -> list[str]:
-        shape, event = self.shape, self.out.event
         choice = choices_of(final)[0]
         whole = str(choice.get("content") or "")
-        calls = _calls(choice)
         tail: list[str] = []
-        if not self.opened and (whole or not calls):  # an answer that came whole
+        if not self.opened and (whole or not _calls(choice)):  # an answer that came whole
             tail += self.piece(whole, False) if whole else self._open()
-        output = []
-        if self.opened:
-            logprobs = _logprobs(choice)
-            message = shape.message(self.text, "completed", logprobs)
-            tail += [
+        output = self.shape.output(final, "".join(self.pieces) if self.opened else None)
+        for index, item in enumerate(output):
+            tail += self._closing(index, item)
+        status = status_of(final)
+        response = self.shape.response(status, output, final)
+        tail.append(self.out.event(f"response.{status}", response=response))
+        log.info("task %s: streamed (%s, %d tokens)", self.task.id, status, _tokens(final))
+        return tail
+
+    def _closing(self, index: int, item: dict[str, Any]) -> list[str]:
+        """The events that end an output item: the message opened by the text, or a
+        function call sent whole (added, its arguments in fragments, done)."""
+        event = self.out.event
+        if item["type"] == "message":
+            part = item["content"][0]
+            return [
                 event(
-                    "response.output_text.done", **self.at, text=self.text, logprobs=logprobs or []
+                    "response.output_text.done",
+                    **self.at,
+                    text=part["text"],
+                    logprobs=part["logprobs"],
                 ),
-                event(
-                    "response.content_part.done", **self.at, part=shape.part(self.text, logprobs)
-                ),
-                event("response.output_item.done", output_index=0, item=message),
+                event("response.content_part.done", **self.at, part=part),
+                event("response.output_item.done", output_index=index, item=item),
             ]
-            output.append(message)
-        for i, call in enumerate(calls):
-            done = shape.call(i, call, "completed")
-            index = len(output)
-            at = {"item_id": done["id"], "output_index": index}
-            args = done["arguments"]
-            tail.append(
-                event(
-                    "response.output_item.added",
-                    output_index=index,
-                    item=shape.call(i, call, "in_progress"),
-                )
-            )
-            tail += [
+        at = {"item_id": item["id"], "output_index": index}
+        args = item["arguments"]
+        started = {**item, "arguments": "", "status": "in_progress"}
+        return [
+            event("response.output_item.added", output_index=index, item=started),
+            *(
                 event(
                     "response.function_call_arguments.delta",
                     **at,
                     delta=args[k : k + ARGUMENT_PIECE],
                 )
                 for k in range(0, len(args), ARGUMENT_PIECE)
-            ]
-            tail += [
-                event("response.function_call_arguments.done", **at, arguments=args),
-                event("response.output_item.done", output_index=index, item=done),
-            ]
-            output.append(done)
-        status = status_of(final)
-        tail.append(event(f"response.{status}", response=shape.response(status, output, final)))
-        log.info("task %s: streamed (%s, %d tokens)", self.task.id, status, _tokens(final))
-        return tail
+            ),
+            event("response.function_call_arguments.done", **at, arguments=args),
+            event("response.output_item.done", output_index=index, item=item),
+        ]
 
     def _open(self) -> list[str]:
         """The message item's opening events, the first time."""
