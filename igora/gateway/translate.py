@@ -134,18 +134,8 @@ def chat_job(body: ChatCompletionRequest) -> Job:
     messages: list[dict[str, Any]] = []
     for i, m in enumerate(body.messages):
         if isinstance(m.content, list):
-            parts = []
-            for j, part in enumerate(m.content):
-                if part.type != "text" or part.text is None:
-                    raise OpenAIError(
-                        400,
-                        f"messages[{i}].content[{j}]: only text parts are "
-                        f"supported (got type {part.type!r}).",
-                        param=f"messages[{i}].content[{j}]",
-                        code="unsupported_value",
-                    )
-                parts.append(part.text)
-            content = "\n".join(parts)
+            parts = [(p.type, p.text if p.type == "text" else None) for p in m.content]
+            content = _joined(parts, f"messages[{i}].content")
         else:
             content = m.content or ""
         role = "system" if m.role == "developer" else m.role
@@ -335,19 +325,24 @@ def _add_item(messages: list[dict[str, Any]], item: ResponsesItem, where: str) -
 def _text(content: str | list[ResponsesPart], where: str) -> str:
     if isinstance(content, str):
         return content
-    texts = []
-    for j, part in enumerate(content):
-        key = PART_TEXT.get(part.type)
-        text = getattr(part, key) if key else None
+    parts = [
+        (p.type, getattr(p, PART_TEXT[p.type]) if p.type in PART_TEXT else None) for p in content
+    ]
+    return _joined(parts, where)
+
+
+def _joined(parts: list[tuple[str, str | None]], where: str) -> str:
+    """The text of a message's parts (type, text), one a line; a part without text (an
+    image, a file...) is a 400 naming it."""
+    for j, (kind, text) in enumerate(parts):
         if text is None:
             raise OpenAIError(
                 400,
-                f"{where}[{j}]: only text parts are supported (got type {part.type!r}).",
+                f"{where}[{j}]: only text parts are supported (got type {kind!r}).",
                 param=f"{where}[{j}]",
                 code="unsupported_value",
             )
-        texts.append(text)
-    return "\n".join(texts)
+    return "\n".join(text for _, text in parts if text is not None)
 
 
 def _function_tool(tool: Any, i: int) -> dict[str, Any]:
