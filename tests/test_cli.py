@@ -261,7 +261,13 @@ class Up:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-            **{"env": {**os.environ, "PYTHONUNBUFFERED": "1"}, **popen},
+            **{
+                "env": {**os.environ, "PYTHONUNBUFFERED": "1"},
+                # SIGINT as a terminal delivers it, however the test run was started (one
+                # started in the background passes it on ignored); a test may choose.
+                "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                **popen,
+            },
         )
         self.lines: list[str] = []
 
