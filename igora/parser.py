@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="share the rooms with every market started with the same Redis "
         "(redis://host:6379/0; default: IGORA_REDIS): agents may join any of these "
-        "replicas (see docs/market.md, Replicas)",
+        "replicas (see docs/market.md, Replicas). Replicas share one --data folder: "
+        "the one holding the ledger's lease keeps the credits there",
     )
     p.add_argument(
         "--max-message",

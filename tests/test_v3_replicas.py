@@ -10,6 +10,7 @@ the list of replicas starting with its own, so it moves to the next when its own
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from pycrdt import Doc, Map
 
 from igora.client import Client
+from igora.credits import pricing
 from igora.identity import load_identity
 from igora.market.replicas import Replicas
 from igora.market.store import Store
@@ -153,10 +155,11 @@ def test_three_secure_replicas_complete_encrypted_tasks(
                 assert (await peer.notice(name)).code == wire.Code.REFUSED
                 await peer.send(wire.Control({"op": "lease"}))
                 assert (await peer.notice("")).code == wire.Code.REFUSED
-                # Replicas keep no credits yet (market.md): a balance gets a 501 saying so.
+                # One ledger for every replica (credits.md §7): its grant, on any replica.
                 await peer.send(wire.Control({"op": "balance", "id": rogue.id}))
                 notice = await peer.notice("")
-                assert (notice.code, "keeps no credits" in notice.text) == (501, True), notice
+                assert notice.code == wire.Code.CREDITS, notice
+                assert json.loads(notice.text)["balance"] == pricing.DEFAULT_GRANT
                 update = update_setting(Doc(), TASKS, "t" * 16, {"state": "failed"})
                 await peer.send(wire.Doc(name, wire.Sync.UPDATE, update))
                 assert await peer.closed() == (4403, f"write to a document you do not own: {name}")

@@ -169,6 +169,8 @@ class Ledger:
             head, level = self._head, self._depth
             name = f"s{level}"
             self._db.execute(f"SAVEPOINT {name}" if level else "BEGIN IMMEDIATE")
+            if not level:  # another process may have appended (replicas, credits.md §7)
+                self._head = self._read_head()
             self._depth += 1
             try:
                 yield

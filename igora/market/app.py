@@ -39,8 +39,9 @@ from .replicas import Replicas
 from .room import MarketRoom
 from .server import MarketServer
 from .store import Store
-from .v3.bank import Bank, ledger_path
+from .v3.bank import Bank, Credits, ledger_path
 from .v3.connection import V3Connection
+from .v3.ledger_link import ReplicaBank
 from .v3.room import DocLimits, V3Rooms
 
 log = logging.getLogger("igora.market")
@@ -103,23 +104,26 @@ class Market:
             self.membership = Membership(self.store, settings.members, identity.id)
         self.v3_connections: set[V3Connection] = set()  # welcomed, for the ban checks
         self._denials: set[asyncio.Task[None]] = set()  # closing banned connections
-        # Credits (credits.md): the ledger beside the store, for the market's v3 rooms.
-        # Not on replicas: each process would keep its own chain of entries and grant
-        # anew (the ledger lease of credits.md §7 is not built), so none is kept there.
-        self.bank: Bank | None = None
-        if identity is not None and redis is None:
-            self.bank = Bank(
-                ledger_path(data),
-                identity.id,
-                grant=settings.grant,
-                receipt_wait=settings.receipt_wait,
-                pinned=dict(settings.model_params),
-            )
-        elif identity is not None:
-            log.warning(
-                "market: replicas keep no credits yet (credits.md §7): no grants, and "
-                "claims, transfers and balances are answered 501"
-            )
+        # Credits (credits.md): the ledger beside the store, for the market's v3 rooms;
+        # on replicas, kept by the one holding its lease (credits.md §7).
+        self.bank: Credits | None = None
+        self.replica_bank: ReplicaBank | None = None
+        if identity is not None:
+            kept = {
+                "grant": settings.grant,
+                "receipt_wait": settings.receipt_wait,
+                "pinned": dict(settings.model_params),
+            }
+            if self.replicas is None:
+                self.bank = Bank(ledger_path(data), identity.id, **kept)  # type: ignore[arg-type]
+            else:
+                self.replica_bank = ReplicaBank(
+                    self.replicas,
+                    ledger_path(data),
+                    identity.id,
+                    **kept,  # type: ignore[arg-type]
+                )
+                self.bank = self.replica_bank
         self.v3 = V3Rooms(
             self.store,
             limits,
@@ -150,6 +154,8 @@ class Market:
             checks = asyncio.create_task(self._check_members(self.membership))
         if self.replicas is not None:
             await self.replicas.start()
+        if self.replica_bank is not None:
+            await self.replica_bank.start()
         async with self.server:
             yield
             if checks is not None:

@@ -95,11 +95,6 @@ class MarketSettings:
                 "--model-params prices credits, which only protocol 3 rooms keep: "
                 "add --secure or --v3-room ROOM"
             )
-        if self.model_params and self.redis is not None:
-            raise ConfigError(
-                "--model-params prices credits, which replicas (--redis) do not keep yet "
-                "(docs/credits.md §7)"
-            )
 
 
 class Connections:

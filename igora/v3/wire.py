@@ -74,6 +74,7 @@ class Code(IntEnum):
     LEASE_HELD = 409
     DROPPED = 410  # the document was dropped by its owner or expired
     CREDITS_REFUSED = 422  # a claim or transfer refused: JSON with the reason
+    CREDITS_UNAVAILABLE = 503  # replicas: the ledger's holder did not answer (ask again)
 
 
 class WireError(ValueError):

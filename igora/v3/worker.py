@@ -82,9 +82,17 @@ from .wire import Code, notice_answer
 
 log = logging.getLogger("igora.worker")
 
-CREDIT_CODES = (Code.CREDITS, Code.CREDITS_PENDING, Code.CREDITS_REFUSED)
+CREDIT_CODES = (
+    Code.CREDITS,
+    Code.CREDITS_PENDING,
+    Code.CREDITS_REFUSED,
+    Code.CREDITS_UNAVAILABLE,
+)
 GRANT_WAIT = 5.0  # s after its assignment a grant that does not open may still be replaced
 RUN_ANNOUNCE = 0.5  # s after its start a run still going gets its w/ entry (``_announce``)
+CLAIM_RETRY = 5.0
+"""Seconds before a claim the market could not settle yet (``NOTICE 503``: replicas
+with no ledger holder for now, credits.md §7) is sent again."""
 RECEIPT_GRACE = 2.0
 """Seconds a run done waits for its asker's receipt before its claim without receipt is
 sent (``_hold_unsigned``)."""
@@ -278,6 +286,11 @@ class V3Worker:
         self.claims[key] = body
         self.session.control(body)
 
+    def _resend_claim(self, key: tuple[str, int, bool]) -> None:
+        body = self.claims.get(key)
+        if body is not None:
+            self.session.control(body)
+
     def _hold_unsigned(self, tid: str, job: Job) -> None:
         """The claim without receipt of a run done, sent only if no receipt settles the
         run first: once the market refused the receipt, before the run document is
@@ -331,6 +344,10 @@ class V3Worker:
             self.claims.pop((*run, False), None)
             return
         ours = [k for k in self.claims if k[:2] == run]
+        if result == "unavailable":  # kept, and sent again (a second time is a duplicate)
+            for key in ours:
+                asyncio.get_running_loop().call_later(CLAIM_RETRY, self._resend_claim, key)
+            return
         answered = sorted(ours, key=lambda k: not k[2])[:1]  # the receipt's first
         for key in answered:
             del self.claims[key]

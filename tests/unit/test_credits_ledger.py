@@ -154,6 +154,18 @@ def test_the_ledger_reopens_with_the_same_chain_and_market(tmp_path: Path) -> No
         Ledger(path, ASKER.id)
 
 
+def test_two_writers_of_one_file_append_to_one_chain(tmp_path: Path) -> None:
+    """Two replicas overlapping as the ledger's holder (credits.md §7): each reads the
+    chain's head inside its transaction, so their entries interleave in one chain."""
+    path = tmp_path / "ledger.sqlite3"
+    with Ledger(path, MARKET.id) as first, Ledger(path, MARKET.id) as second:
+        first.grant(ASKER.id)
+        assert second.settle(claim(ASKER, WORKER, 1), WORKER.id, PARAMS)
+        assert first.settle(claim(ASKER, WORKER, 2), WORKER.id, PARAMS)
+        assert not second.settle(claim(ASKER, WORKER, 2), WORKER.id, PARAMS)  # once
+        assert first.verify_chain() == second.verify_chain() == 7
+
+
 def test_no_ledger_and_not_a_ledger_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="no ledger at"):
         Ledger(tmp_path / "absent.sqlite3")

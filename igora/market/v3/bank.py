@@ -37,9 +37,9 @@ import asyncio
 import collections
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pycrdt import Array, Doc, Map
 
@@ -69,8 +69,36 @@ _ENDS = {
 Reply = Callable[[int, dict[str, Any]], None]
 """How an answer goes back: a NOTICE code and its JSON body."""
 
+Record = tuple[Delivery, frozenset[str]]
+"""What was delivered of a run, and to which ids (credits.md §3)."""
 
-class _Delivered:
+
+class Credits(Protocol):
+    """What a market's rooms and connections ask of its credits: a ``Bank`` on one
+    market, a ``ledger_link.ReplicaBank`` on replicas (credits.md §7)."""
+
+    prices: dict[str, Any]
+    pinned: dict[str, str]
+    on_change: Callable[[set[str]], None]
+
+    def bucket(self, account: str) -> int: ...
+    def welcome(self, ids: frozenset[str]) -> None: ...
+    def delivered(self, room: str, name: str, update: bytes, readers: set[str]) -> None: ...
+    def dropped(self, room: str, name: str) -> None: ...
+    def claim(
+        self,
+        room: str,
+        ids: frozenset[str],
+        body: dict[str, Any],
+        params_of: Callable[[str, str], str],
+        reply: Reply,
+    ) -> None: ...
+    def transfer(self, ids: frozenset[str], body: dict[str, Any], reply: Reply) -> None: ...
+    def balance_of(self, ids: frozenset[str], body: dict[str, Any], reply: Reply) -> None: ...
+    async def close(self) -> None: ...
+
+
+class DeliveredRun:
     """A run document as its asker received it: the updates queued for it, applied only
     when a claim without receipt needs the record (most runs are paid by receipt)."""
 
@@ -78,7 +106,7 @@ class _Delivered:
         self.updates: list[bytes] = []
         self.readers: set[str] = set()
 
-    def record(self) -> tuple[Delivery, frozenset[str]]:
+    def record(self) -> Record:
         doc: Doc[Any] = Doc()
         for update in self.updates:
             try:
@@ -121,19 +149,23 @@ class Bank:
         self.writer = LedgerWriter(self.ledger)
         self.balances: dict[str, int] = self.ledger.balances()  # exact: the one writer
         self.on_change: Callable[[set[str]], None] = lambda accounts: None
+        # On replicas (credits.md §7): a run paid by receipt, and where the record of a
+        # run delivered by another replica is asked for.
+        self.on_paid: Callable[[str, str], None] = lambda room, name: None
+        self.find_record: Callable[[str, str], Awaitable[Record | None]] | None = None
         self._granting: dict[str, asyncio.Future[Any]] = {}
-        self._views: dict[tuple[str, str], _Delivered] = {}
+        self._views: dict[tuple[str, str], DeliveredRun] = {}
         # The records of dropped runs whose claim without receipt is still held: each goes
         # with its claim (settled from it, or by a receipt), so they are never more than
         # the claims held (those of the last --receipt-wait seconds).
-        self._records: dict[tuple[str, str], tuple[Delivery, frozenset[str]]] = {}
+        self._records: dict[tuple[str, str], Record] = {}
         self._held: dict[tuple[str, str], asyncio.TimerHandle] = {}  # claims without receipt
         # runs whose claim with receipt is being settled: a worker sends its claim without
         # receipt only if that one is refused, perhaps after the run document's drop
         self._settling: collections.Counter[tuple[str, str]] = collections.Counter()
         # what was delivered of a run dropped while its receipt was being settled: made a
         # record only if the receipt is refused (nearly every run is paid by its receipt)
-        self._parked: dict[tuple[str, str], _Delivered] = {}
+        self._parked: dict[tuple[str, str], DeliveredRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def balance(self, account: str) -> int:
@@ -180,7 +212,7 @@ class Bank:
         """An update of run document ``name`` queued for readers proving ``readers``."""
         view = self._views.get((room, name))
         if view is None:
-            view = self._views[room, name] = _Delivered()
+            view = self._views[room, name] = DeliveredRun()
         view.updates.append(update)
         view.readers |= readers
 
@@ -195,10 +227,10 @@ class Bank:
             self._parked[room, name] = view
         # else no claim waits for it
 
-    def _keep(self, room: str, name: str, view: _Delivered) -> None:
+    def _keep(self, room: str, name: str, view: DeliveredRun) -> None:
         self._records[room, name] = view.record()
 
-    def _delivery(self, room: str, name: str) -> tuple[Delivery, frozenset[str]] | None:
+    def _delivery(self, room: str, name: str) -> Record | None:
         view = self._views.get((room, name))
         return view.record() if view is not None else self._records.get((room, name))
 
@@ -251,6 +283,8 @@ class Bank:
         self._held.pop(key, None)
         record = self._delivery(*key)
         self._records.pop(key, None)
+        if record is None and self.find_record is not None:  # delivered by another replica
+            record = await self.find_record(*key)
         asker = str(claim.header.get("asker"))
         if record is None or asker not in record[1]:
             log.info("credits: task %s: no delivery to its asker recorded", task["task"])
@@ -291,6 +325,7 @@ class Bank:
                     if parked is not None and not paid:  # the worker's claim without it follows
                         self._keep(*run, parked)
         if delivery is None:  # paid by receipt: a claim without it has nothing left to wait for
+            self.on_paid(*run)
             held = self._held.pop(run, None)
             if held is not None:
                 held.cancel()

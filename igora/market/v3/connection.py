@@ -63,7 +63,7 @@ from ...v3.handshake import Challenge, HandshakeError, Response, Welcome
 from ...v3.outbox import coalesce
 from ..fanout import Outbox
 from ..members import Membership
-from .bank import Bank, notice_text
+from .bank import Credits, notice_text
 from .room import V3Room
 
 AUTH_TIMEOUT = 5.0
@@ -353,12 +353,12 @@ class V3Connection:
             self._credits(room, room.bank, op, body)
             return None
         if op in CREDIT_OPS:
-            self.notice(501, "", f"CONTROL {op!r}: this market keeps no credits (replicas)")
+            self.notice(501, "", f"CONTROL {op!r}: this market keeps no credits")
             return None
         self.notice(501, "", f"CONTROL {op[:40]!r} is not built (protocol-v3.md §12)")
         return None
 
-    def _credits(self, room: V3Room, bank: Bank, op: str, body: dict[str, Any]) -> None:
+    def _credits(self, room: V3Room, bank: Credits, op: str, body: dict[str, Any]) -> None:
         """A credits op (credits.md §3, §5): answered by a ``NOTICE`` (201 done, 202 a
         claim waiting for its receipt, 422 refused) whose text is JSON."""
 

@@ -35,7 +35,7 @@ from ..fanout import Outbox
 from ..limits import DEFAULT_MAX_IDENTITY_BYTES, DEFAULT_TASK_RETENTION
 from ..room import background
 from ..store import Store
-from .bank import Bank
+from .bank import Credits
 from .doclog import EMPTY_UPDATE, DocHistory, DocLog, rewritten
 from .lease import Lease
 from .market_docs import MARKET_DOCS, MarketDocs
@@ -117,7 +117,7 @@ class V3Room:
         market: str = "",
         info: dict[str, Any] | None = None,
         replica: str | None = None,
-        bank: Bank | None = None,
+        bank: Credits | None = None,
     ) -> None:
         """``market``: the market's id, ``info`` the limits it announces (in ``dir``);
         ``replica``: this replica's id when the room is shared (``link``), else None;
@@ -617,7 +617,7 @@ class V3Rooms:
         market: str = "",
         info: dict[str, Any] | None = None,
         replicas: Replicas | None = None,
-        bank: Bank | None = None,
+        bank: Credits | None = None,
     ) -> None:
         self.store = store
         self.replicas = replicas
