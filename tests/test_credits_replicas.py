@@ -209,3 +209,26 @@ def test_kill_9_of_the_ledger_holder_loses_no_payment(
     wait_for_holder = lambda: any(_holds(p) for p in survivors)  # noqa: E731
     wait_until(wait_for_holder, 30, "a surviving replica keeps the ledger", cluster)
     check_books(cluster, answers)
+
+
+def test_redis_restarted_empty_mid_run_loses_no_payment(
+    cluster: Cluster, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis restarted empty while tasks run: the stream, the lease and the balances in
+    Redis are gone; a replica takes the lease again, the claims that could not be sent
+    are answered 503 and sent again by their workers, and every run is paid once."""
+    procs = start(cluster, redis, "--slots", "4", "--delay", "0.02")
+    holder(cluster, procs)
+
+    async def main() -> list[tuple[str, Answer]]:
+        async with asker(cluster, "alice", 1, monkeypatch) as c:
+            first = [await c.submit(f"before {k}", max_tokens=30) for k in range(8)]
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(redis.restart, 1.0)
+            got = [(c.id, await t.result()) for t in first]
+            later = [await c.submit(f"after {k}", max_tokens=10) for k in range(6)]
+            got += [(c.id, await t.result()) for t in later]
+            return got
+
+    answers = asyncio.run(main())
+    check_books(cluster, answers)
