@@ -106,6 +106,20 @@ class DeliveredRun:
         self.updates: list[bytes] = []
         self.readers: set[str] = set()
 
+    @staticmethod
+    def note(
+        views: dict[tuple[str, str], DeliveredRun],
+        run: tuple[str, str],
+        update: bytes,
+        readers: set[str],
+    ) -> None:
+        """Add ``update``, queued for ``readers``, to the view of ``run`` in ``views``."""
+        view = views.get(run)
+        if view is None:
+            view = views[run] = DeliveredRun()
+        view.updates.append(update)
+        view.readers |= readers
+
     def record(self) -> Record:
         doc: Doc[Any] = Doc()
         for update in self.updates:
@@ -210,11 +224,7 @@ class Bank:
     # ------------------------------------------------------------------ deliveries
     def delivered(self, room: str, name: str, update: bytes, readers: set[str]) -> None:
         """An update of run document ``name`` queued for readers proving ``readers``."""
-        view = self._views.get((room, name))
-        if view is None:
-            view = self._views[room, name] = DeliveredRun()
-        view.updates.append(update)
-        view.readers |= readers
+        DeliveredRun.note(self._views, (room, name), update, readers)
 
     def dropped(self, room: str, name: str) -> None:
         """Run document ``name`` is gone: what was delivered of it is kept a while."""

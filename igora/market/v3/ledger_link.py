@@ -422,11 +422,7 @@ class ReplicaBank:
 
     # ------------------------------------------------------------------ deliveries
     def delivered(self, room: str, name: str, update: bytes, readers: set[str]) -> None:
-        view = self._views.get((room, name))
-        if view is None:
-            view = self._views[room, name] = DeliveredRun()
-        view.updates.append(update)
-        view.readers |= readers
+        DeliveredRun.note(self._views, (room, name), update, readers)
 
     def dropped(self, room: str, name: str) -> None:
         view = self._views.pop((room, name), None)
