@@ -13,7 +13,8 @@ it holds the lease, else through Redis to the holder:
 - ``igora:{MARKET}:ledger:out:REPLICA``, a channel: the holder's answers to that
   replica's requests (the ``NOTICE`` code and JSON), and the delivery records it asked for;
 - ``igora:{MARKET}:ledger:moved``, a channel: the balances the holder moved (kept in the
-  hash ``igora:{MARKET}:ledger:balances`` for a replica that starts), and the runs paid;
+  hash ``igora:{MARKET}:ledger:balances`` for a replica that starts), and the runs paid,
+  one message per turn of the holder's loop;
 - ``igora:{MARKET}:ledger:ask``, a channel: the holder asks every replica for the
   delivery record of a run (a claim without receipt come due).
 
@@ -103,6 +104,9 @@ class ReplicaBank:
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[Any]] = set()
         self._serving: asyncio.Task[None] | None = None
+        self._moved_out: dict[str, int] = {}  # what the holder moved and has not said yet
+        self._paid_out: list[list[str]] = []
+        self._announcing = False
 
     # ------------------------------------------------------------------ lifespan
     async def start(self) -> None:
@@ -289,25 +293,36 @@ class ReplicaBank:
         return True
 
     def _moved_here(self, accounts: set[str]) -> None:
-        """The holder's ``Bank`` moved balances: here at once, the others through Redis."""
+        """The holder's ``Bank`` moved balances: here at once, the others through Redis
+        (what one turn of the loop moved, in one message: a group of settlements)."""
         bank = self.bank
         if bank is None:
             return
         moved = {a: bank.balance(a) for a in accounts}
         self._apply_moved(moved)
-        self._spawn(self._publish_moved(moved))
-
-    async def _publish_moved(self, moved: dict[str, int]) -> None:
-        with contextlib.suppress(*_DOWN):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(self.hash, mapping=dict[Any, Any](moved))
-                pipe.publish(self.moved_channel, json.dumps({"b": moved}))
-                await pipe.execute()
+        self._moved_out.update(moved)
+        self._announce()
 
     def _paid_here(self, room: str, name: str) -> None:
         self._forget_paid(room, name)
-        message = json.dumps({"paid": [room, name]})
-        self._spawn(self._publish(self.moved_channel, message))
+        self._paid_out.append([room, name])
+        self._announce()
+
+    def _announce(self) -> None:
+        if not self._announcing:
+            self._announcing = True
+            asyncio.get_running_loop().call_soon(self._spawn, self._publish_moved())
+
+    async def _publish_moved(self) -> None:
+        self._announcing = False
+        moved, self._moved_out = self._moved_out, {}
+        paid, self._paid_out = self._paid_out, []
+        with contextlib.suppress(*_DOWN):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if moved:
+                    pipe.hset(self.hash, mapping=dict[Any, Any](moved))
+                pipe.publish(self.moved_channel, json.dumps({"b": moved, "paid": paid}))
+                await pipe.execute()
 
     async def _publish(self, channel: str, message: str) -> None:
         with contextlib.suppress(*_DOWN):
@@ -504,9 +519,9 @@ class ReplicaBank:
             moved = body.get("b")
             if isinstance(moved, dict) and self.bank is None:  # the holder applied its own
                 self._apply_moved({str(a): int(v) for a, v in moved.items()})
-            paid = body.get("paid")
-            if isinstance(paid, list) and len(paid) == 2:
-                self._forget_paid(str(paid[0]), str(paid[1]))
+            for run in body.get("paid") or []:
+                if isinstance(run, list) and len(run) == 2:
+                    self._forget_paid(str(run[0]), str(run[1]))
         elif name == self.ask_channel:
             self._asked(body)
 
