@@ -77,3 +77,17 @@ def test_an_unanswered_op_is_answered_with_what_its_sender_matches_on() -> None:
     transfer = {"op": "transfer", "ids": ["a"], "body": {"nonce": "n1"}}
     assert _echo(transfer) == {"op": "transfer", "nonce": "n1"}
     assert _echo({"op": "balance", "ids": ["b", "a"], "body": {}}) == {"op": "balance", "id": "a"}
+
+
+def test_an_op_too_large_for_redis_is_refused_by_the_replica_itself() -> None:
+    bank = _bank()
+    answers: list[tuple[int, dict[str, Any]]] = []
+    header = {"id": "t" * 16, "model": "echo", "junk": "x" * 300_000}
+    body = {"op": "claim", "header": header, "attempt": 1}
+    bank.claim(
+        ROOM, frozenset({"w"}), body, lambda w, m: "0.2", lambda c, a: answers.append((c, a))
+    )
+    assert [(c, a["result"], a["reason"], a["task"]) for c, a in answers] == [
+        (422, "refused", "malformed", "t" * 16)
+    ]
+    assert not bank._out and not bank._requests  # nothing queued for Redis

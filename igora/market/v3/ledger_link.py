@@ -52,6 +52,8 @@ ASK_WAIT = 2.0
 """Seconds the holder waits for the other replicas' delivery records of a run."""
 PARK_EXTRA = 10.0
 """Seconds past ``--receipt-wait`` an unpaid dropped run stays parked."""
+MAX_OP = 256 * 1024
+"""Bytes of JSON an operation may have to go through Redis (a claim is ~1-2 KB)."""
 GROUP = "holder"
 BATCH = 200
 
@@ -94,7 +96,8 @@ class ReplicaBank:
         self.ask_channel = _key(market, "ledger:ask")
         self.out = _key(market, f"ledger:out:{replicas.id}")
         self._numbers = itertools.count(1)
-        self._out: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        # (request number, op, its JSON), in the order the connections asked
+        self._out: collections.deque[tuple[str, str, str]] = collections.deque()
         self._wake = asyncio.Event()
         self._requests: dict[str, tuple[dict[str, Any], Reply, asyncio.TimerHandle]] = {}
         self._asks: dict[str, asyncio.Future[Record]] = {}
@@ -390,13 +393,21 @@ class ReplicaBank:
             self._send({"op": "balance", "ids": sorted(ids), "body": body}, reply)
 
     def _send(self, op: dict[str, Any], reply: Reply | None) -> None:
+        encoded = json.dumps(op, separators=(",", ":"))
+        if len(encoded) > MAX_OP:  # junk for Redis and the holder: refused here
+            if reply is not None:
+                error = f"a credits op is at most {MAX_OP} bytes of JSON"
+                reply(
+                    422, {**_echo(op), "result": "refused", "reason": "malformed", "error": error}
+                )
+            return
         number = str(next(self._numbers))
         if reply is not None:
             timer = asyncio.get_running_loop().call_later(
                 ANSWER_WAIT, self._unanswered, number, True
             )
             self._requests[number] = (_echo(op), reply, timer)
-        self._out.append((number, op))
+        self._out.append((number, str(op["op"]), encoded))
         self._wake.set()
 
     async def _append_loop(self) -> None:
@@ -409,13 +420,13 @@ class ReplicaBank:
                 batch = [self._out.popleft() for _ in range(min(BATCH, len(self._out)))]
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
-                        for number, op in batch:
-                            fields = {"r": self.replicas.id, "q": number, "o": json.dumps(op)}
+                        for number, _, encoded in batch:
+                            fields = {"r": self.replicas.id, "q": number, "o": encoded}
                             pipe.xadd(self.stream, fields)  # type: ignore[arg-type]
                         await pipe.execute()
                 except _DOWN as exc:
                     log.warning("credits: %d op(s) not sent to the ledger: %s", len(batch), exc)
-                    for number, _ in batch:
+                    for number, _, _ in batch:
                         self._unanswered(number, False)
 
     def _unanswered(self, number: str, queued: bool) -> None:
