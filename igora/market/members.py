@@ -12,7 +12,8 @@ A secure market admits, after the handshake proved an id (``igora.market.v3.conn
 A banned id (table ``bans``) is refused in every mode. The tables live in the market's
 store (``DATA/market.sqlite3``); ``igora market members|ban|unban|invite`` write them
 from another process, and the running market reads them again every ``REFRESH`` seconds
-and closes the connections of the ids no longer admitted (``Membership.expelled``).
+and closes the connections of the ids no longer admitted (``Membership.expelled``), and
+before refusing an id that is no member (``REREAD``).
 
 An invitation is ``igora-invite:`` and the base64url of ``payload ‖ sig``: ``payload`` the
 canonical JSON of ``{"v": 1, "market": M, "nonce": 16 random bytes, "exp": ms, "uses":
@@ -37,6 +38,9 @@ from .store import Store
 MODES = ("open", "list", "invite")
 REFRESH = 1.0
 """Seconds between two reads of ``members`` and ``bans`` by a running market."""
+REREAD = 0.2
+"""Seconds after a read past which a handshake of an id that is no member reads the tables
+again before refusing it (a member added a moment ago; at most five reads a second)."""
 PREFIX = "igora-invite:"
 LABEL = b"igora3-invite"
 NONCE = 16
@@ -125,6 +129,7 @@ class Membership:
         self.market = market
         self.members: dict[str, str] = {}
         self.bans: dict[str, str] = {}
+        self.read_at = 0.0
         self.refresh()
 
     @property
@@ -136,6 +141,7 @@ class Membership:
     def refresh(self) -> None:
         """Read both tables again (blocking: run it in a thread)."""
         self.members, self.bans = self.store.members(), self.store.bans()
+        self.read_at = time.monotonic()
 
     def expelled(self, ids: Iterable[str]) -> str | None:
         """Why a connection that proved ``ids`` may no longer stay, if it may not."""
@@ -152,6 +158,13 @@ class Membership:
         admitted: list[str] = []
         refusal: str | None = None
         invite: Invite | None = None
+        strangers = self.members_only and any(
+            i != self.market and i not in self.members for i in ids
+        )
+        if strangers and time.monotonic() - self.read_at >= REREAD:
+            # Perhaps added since the last read (igora market members add, then the
+            # member joins at once): read again rather than refuse for good.
+            await asyncio.to_thread(self.refresh)
         for id_ in ids:
             why: str | None = None
             if id_ in self.bans:
