@@ -171,6 +171,22 @@ def test_served_tasks_move_balances_by_exactly_their_price(
     )
     expected = pricing.credits_text(GRANT - spent[identity(cluster, "alice").id])
     assert shown.stdout.splitlines()[0] == f"balance: {expected}"
+    # From another machine: the same, asked of the market over alice's connection.
+    local, remote = (
+        subprocess.run(
+            [sys.executable, "-m", "igora", "credits", "--data", alice, "--json", *where],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        for where in (
+            ["--ledger", str(cluster.data / LEDGER_FILE)],
+            ["--market", cluster.url, "--room", ROOM],
+        )
+    )
+    assert json.loads(remote) == json.loads(local)
+    assert len(json.loads(remote)["entries"]) == 1 + 6  # her grant and her six runs
 
 
 def test_a_worker_replaying_inflating_or_inventing_gains_nothing(

@@ -154,6 +154,31 @@ def test_tasks_on_three_replicas_are_paid_once_in_one_ledger(
     with book(cluster) as ledger:
         moved = [e for e in ledger.entries(to, limit=50) if e.kind is Kind.TRANSFER]
     assert [e.amount for e in moved] == [1500]
+    # Asked through that replica, asker1's balance and entries are the ledger's.
+    data = cluster.agent_data("asker1")["IGORA_DATA"]
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "igora",
+            "credits",
+            "--json",
+            "--market",
+            market,
+            "--room",
+            ROOM,
+            "--data",
+            data,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    with book(cluster) as ledger:
+        expected = (ledger.balance(to), [e.seq for e in ledger.entries(to, limit=20)])
+    got = json.loads(shown.stdout)
+    assert (got["balance"], [e["seq"] for e in got["entries"]]) == expected
     assert all(_holds(p) == (i == kept) for i, p in enumerate(procs))
 
 

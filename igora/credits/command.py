@@ -1,7 +1,8 @@
 """``igora credits``: an identity's balance and recent entries, and ``igora credits send``.
 
 ``igora credits`` reads the ledger a market keeps in its data folder
-(``DATA/ledger.sqlite3``), or the file given with ``--ledger``. ``send`` hands its signed
+(``DATA/ledger.sqlite3``), or the file given with ``--ledger``; with ``--market`` it asks
+the market over its connection (``CONTROL {"op": "entries"}``). ``send`` hands its signed
 order to the market (``CONTROL {"op": "transfer"}``, answered once on disk); with
 ``--ledger FILE`` it applies it to a ledger file no market is running on (offline), and
 with ``--print`` it prints it.
@@ -32,7 +33,9 @@ ANSWER_WAIT = 10.0  # seconds the market has to answer a transfer
 DESCRIPTION = f"""\
 Show the balance of this data folder's identity (the key of `igora id`) and its last
 {RECENT} entries, read from a market's ledger: DATA/ledger.sqlite3 in the market's data
-folder (the default finds it when the market shares yours), or --ledger FILE.
+folder (the default finds it when the market shares yours), or --ledger FILE. On another
+machine than the market's, --market URL (and --room ROOM, a protocol 3 room) asks the
+market over its connection, as this identity: it answers for that identity only.
 
 Amounts are credits with three decimals (the ledger counts millicredits). A run costs
 (prompt tokens + 3 x completion tokens) x a factor of the model's size (ceil of 10 x its
@@ -56,6 +59,7 @@ EXAMPLES = """\
 examples:
   igora credits                              # balance and last entries, default data folder
   igora credits --data ./alice --ledger /srv/igora/ledger.sqlite3
+  igora credits --market ws://market.example:1234 --room v3    # asked over the network
   igora credits send 3OdLLbH7n1DyLJGaGT2kkQnZ6eB4zTAAZK4fZr_i8LU 1.5 --market ws://127.0.0.1:1234
 """
 
@@ -99,6 +103,15 @@ def add_parser(
         epilog=EXAMPLES,
     )
     _where(p)
+    p.add_argument(
+        "--market",
+        type=arg.market_url,
+        default=None,
+        metavar="URL",
+        help="ask this market over its connection instead of reading a ledger file "
+        "(for an identity on another machine than the market's)",
+    )
+    p.add_argument("--room", type=arg.room, default=None, help="with --market: a protocol 3 room")
     p.add_argument("--json", action="store_true", help="print the balance and entries as JSON")
     common(p)
     actions = p.add_subparsers(dest="credits_command", metavar="ACTION")
@@ -158,10 +171,16 @@ def _open(path: Path) -> Ledger:
         ) from None
 
 
-def _line(e: Entry) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at / 1000))
-    what = f"task {e.task} attempt {e.attempt}" if e.task else e.key.split(":", 1)[0]
-    return f"{when}  #{e.seq:<6} {e.kind.value:<8} {pricing.credits_text(e.amount):>12}  {what}"
+def _line(e: dict[str, Any]) -> str:
+    """An entry (``Entry.to_json`` with its ``key``) as one line."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(e["at"]) / 1000))
+    what = f"task {e['task']} attempt {e['attempt']}" if e["task"] else e["key"].split(":", 1)[0]
+    amount = pricing.credits_text(int(e["amount"]))
+    return f"{when}  #{e['seq']:<6} {e['kind']:<8} {amount:>12}  {what}"
+
+
+def _entry_json(e: Entry) -> dict[str, Any]:
+    return {**e.to_json(), "key": e.key}
 
 
 def _identity(args: argparse.Namespace) -> Identity:
@@ -172,21 +191,42 @@ def _identity(args: argparse.Namespace) -> Identity:
 
 
 def show(args: argparse.Namespace) -> int:
+    if args.market is not None:
+        return _show_from_market(args)
     with _open(_ledger_path(args)) as ledger:
         identity = _identity(args)
         balance = ledger.balance(identity.id)
-        entries = ledger.entries(identity.id, RECENT)
+        entries = [_entry_json(e) for e in ledger.entries(identity.id, RECENT)]
+    return _print_entries(args, identity.id, balance, entries)
+
+
+def _show_from_market(args: argparse.Namespace) -> int:
+    """What the market's ledger holds for this identity, asked over its connection
+    (``CONTROL entries``): for an identity on another machine than the market's."""
+    identity = _identity(args)
+    body = _ask_market(
+        args,
+        identity,
+        lambda market: {"op": "entries", "id": identity.id, "limit": RECENT},
+        "entries",
+        lambda answer: answer.get("id") == identity.id,
+    )
+    balance, entries = body.get("balance"), body.get("entries")
+    if body.get("result") != "ok" or not isinstance(balance, int) or not isinstance(entries, list):
+        return arg.fail("igora credits", str(body.get("error") or "the market did not answer"))
+    return _print_entries(args, identity.id, balance, entries)
+
+
+def _print_entries(
+    args: argparse.Namespace, id_: str, balance: int, entries: list[dict[str, Any]]
+) -> int:
     if args.json:
-        body = {
-            "id": identity.id,
-            "balance": balance,
-            "unit": "millicredit",
-            "entries": [e.to_json() for e in entries],
-        }
-        print(json.dumps(body))
+        print(
+            json.dumps({"id": id_, "balance": balance, "unit": "millicredit", "entries": entries})
+        )
         return 0
     print(f"balance: {pricing.credits_text(balance)}")
-    print(f"id: {identity.id}")
+    print(f"id: {id_}")
     if not entries:
         print("no entries yet")
     for e in entries:
@@ -220,6 +260,38 @@ def send(args: argparse.Namespace) -> int:
 
 
 def _send_to_market(args: argparse.Namespace, identity: Identity) -> int:
+    orders: list[TransferOrder] = []
+
+    def order_for(market: str) -> dict[str, Any]:
+        orders.append(TransferOrder.make(identity, market, args.id, args.amount))
+        return {"op": "transfer", **orders[0].to_json()}
+
+    body = _ask_market(
+        args,
+        identity,
+        order_for,
+        "transfer",
+        lambda answer: bool(orders) and answer.get("nonce") == orders[0].nonce,
+    )
+    if body.get("result") not in ("settled", "duplicate"):
+        return arg.fail("igora credits send", str(body.get("error") or "refused"))
+    print(f"sent {pricing.credits_text(args.amount)} credits to {args.id}")
+    balance = body.get("balance")
+    if isinstance(balance, int):
+        print(f"balance: {pricing.credits_text(balance)}")
+    return 0
+
+
+def _ask_market(
+    args: argparse.Namespace,
+    identity: Identity,
+    request: Callable[[str], dict[str, Any]],
+    op: str,
+    mine: Callable[[dict[str, Any]], bool],
+) -> dict[str, Any]:
+    """Connect to ``--market``/``--room`` as ``identity``, send ``CONTROL request(the
+    market's id)`` and return the market's answer to it (a ``NOTICE`` whose JSON is for
+    ``op`` and ``mine``), or a refusal after ``ANSWER_WAIT`` s."""
     from ..config import market_address
     from ..v3.session import Session
     from ..v3.wire import notice_answer
@@ -231,16 +303,16 @@ def _send_to_market(args: argparse.Namespace, identity: Identity) -> int:
         await session.start()  # a refusal raises its typed error: one line, exit 2
         try:
             assert session.market is not None
-            order = TransferOrder.make(identity, session.market, args.id, args.amount)
+            body = request(session.market)
             answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
             def on_notice(event: Any) -> None:
-                body = notice_answer(event.text, "transfer")
-                if body is not None and body.get("nonce") == order.nonce and not answer.done():
-                    answer.set_result(body)
+                got = notice_answer(event.text, op)
+                if got is not None and mine(got) and not answer.done():
+                    answer.set_result(got)
 
             session.observe(on_notice)
-            session.control({"op": "transfer", **order.to_json()})
+            session.control(body)
             try:
                 return await within(answer, ANSWER_WAIT)
             except TimeoutError:
@@ -248,14 +320,7 @@ def _send_to_market(args: argparse.Namespace, identity: Identity) -> int:
         finally:
             await session.stop()
 
-    body = asyncio.run(main())
-    if body.get("result") not in ("settled", "duplicate"):
-        return arg.fail("igora credits send", str(body.get("error") or "refused"))
-    print(f"sent {pricing.credits_text(args.amount)} credits to {args.id}")
-    balance = body.get("balance")
-    if isinstance(balance, int):
-        print(f"balance: {pricing.credits_text(balance)}")
-    return 0
+    return asyncio.run(main())
 
 
 def run(args: argparse.Namespace) -> int:

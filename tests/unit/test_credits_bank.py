@@ -102,3 +102,32 @@ def test_a_refused_receipt_leaves_the_record_for_the_claim_without_receipt() -> 
             await bank.close()
 
     asyncio.run(main())
+
+
+def test_entries_are_answered_for_an_id_the_connection_proved_only() -> None:
+    """``CONTROL entries`` (``igora credits --market``): the balance and last entries of
+    one's own id, at most ``limit`` of them; another's id is refused."""
+
+    async def main() -> None:
+        bank = Bank(":memory:", MARKET.id, grant=5_000)
+        replies: list[tuple[int, dict[str, Any]]] = []
+
+        def reply(code: int, answer: dict[str, Any]) -> None:
+            replies.append((code, answer))
+
+        mine = frozenset({ASKER.id})
+        try:
+            bank.welcome(mine)
+            bank.entries_of(mine, {"op": "entries", "id": ASKER.id, "limit": 5}, reply)
+            bank.entries_of(mine, {"op": "entries", "id": WORKER.id}, reply)
+            await _until(replies, 2)
+            (code, refused), (ok, answer) = sorted(replies, key=lambda r: r[0] != 422)
+            assert (code, refused["reason"]) == (422, "not_yours")
+            assert (ok, answer["id"], answer["balance"]) == (201, ASKER.id, 5_000)
+            assert [(e["kind"], e["amount"], e["key"]) for e in answer["entries"]] == [
+                ("grant", 5_000, f"grant:{ASKER.id}")
+            ]
+        finally:
+            await bank.close()
+
+    asyncio.run(main())

@@ -55,6 +55,10 @@ from ...v3.tasks import CHUNKS, RUN, RunField, RunState, run_doc
 
 log = logging.getLogger("igora.credits")
 
+ENTRIES_SHOWN = 20
+"""Entries a ``CONTROL entries`` answers unless it asks for another ``limit``."""
+ENTRIES_MAX = 100
+
 DEFAULT_RECEIPT_WAIT = 120.0
 """Seconds a claim without receipt waits for one before it is settled from the record."""
 
@@ -95,6 +99,7 @@ class Credits(Protocol):
     ) -> None: ...
     def transfer(self, ids: frozenset[str], body: dict[str, Any], reply: Reply) -> None: ...
     def balance_of(self, ids: frozenset[str], body: dict[str, Any], reply: Reply) -> None: ...
+    def entries_of(self, ids: frozenset[str], body: dict[str, Any], reply: Reply) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -391,6 +396,29 @@ class Bank:
         if granting is not None:
             await granting  # a first handshake's grant is on its way
         reply(201, {"op": "balance", "id": id_, "balance": self.balance(id_), "result": "ok"})
+
+    def entries_of(self, ids: frozenset[str], body: dict[str, Any], reply: Reply) -> None:
+        """The balance and last entries of one of the connection's ids (``igora credits
+        --market``): what the ledger file shows on the market's machine."""
+        id_ = body.get("id", min(ids))
+        if id_ not in ids:
+            reply(422, _refused({"op": "entries"}, "not_yours", "the entries of an id you proved"))
+            return
+        limit = body.get("limit", ENTRIES_SHOWN)
+        limit = limit if type(limit) is int and 1 <= limit <= ENTRIES_MAX else ENTRIES_SHOWN
+        self._spawn(self._entries(str(id_), limit, reply))
+
+    async def _entries(self, id_: str, limit: int, reply: Reply) -> None:
+        granting = self._granting.get(id_)
+        if granting is not None:
+            await granting
+        rows = await asyncio.to_thread(self.ledger.entries, id_, limit)
+        entries = [{**e.to_json(), "key": e.key} for e in rows]
+        balance = self.balance(id_)
+        reply(
+            201,
+            {"op": "entries", "id": id_, "balance": balance, "entries": entries, "result": "ok"},
+        )
 
     # ------------------------------------------------------------------ lifespan
     async def close(self) -> None:

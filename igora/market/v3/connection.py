@@ -79,7 +79,7 @@ MAX_STATE = 4096  # bytes of a PRESENCE state
 MAX_ATTACHMENTS = 10_000
 """Documents one identity may be attached to at once."""
 MAX_REASON = 123  # bytes of a websocket close reason
-CREDIT_OPS = ("claim", "transfer", "balance")
+CREDIT_OPS = ("claim", "transfer", "balance", "entries")
 ID = re.compile(rf"[A-Za-z0-9_-]{{{ID_LENGTH}}}")
 
 log = logging.getLogger("igora.market")
@@ -374,8 +374,10 @@ class V3Connection:
             bank.claim(room.name, self.ids, body, params_of, reply)
         elif op == "transfer":
             bank.transfer(self.ids, body, reply)
-        else:
+        elif op == "balance":
             bank.balance_of(self.ids, body, reply)
+        else:
+            bank.entries_of(self.ids, body, reply)
 
     def _lease(self, room: V3Room) -> None:
         if not self.broker:

@@ -125,7 +125,7 @@ class ReplicaBank:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self._give_up("the market stops")
+        await self._give_up("the market stops", logging.INFO)
         for *_, timer in self._requests.values():
             timer.cancel()
         self._requests.clear()
@@ -192,7 +192,7 @@ class ReplicaBank:
             await pipe.execute()
         self._serving = asyncio.get_running_loop().create_task(self._serve(bank))
 
-    async def _give_up(self, why: str) -> None:
+    async def _give_up(self, why: str, level: int = logging.WARNING) -> None:
         bank, self.bank = self.bank, None
         if bank is None:
             return
@@ -203,37 +203,44 @@ class ReplicaBank:
             self._serving = None
         await bank.close()
         await self.replicas.release(self.lease)
-        log.warning("credits: this replica no longer keeps the ledger: %s", why)
+        log.log(level, "credits: this replica no longer keeps the ledger: %s", why)
 
     # ------------------------------------------------------------------ the holder
     async def _serve(self, bank: Bank) -> None:
         """Do what the others appended: first what a former holder left pending, then
-        each new entry as it comes."""
-        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        start = "0-0"
-        while True:
-            claimed: Any = await self.redis.xautoclaim(
-                self.stream, GROUP, self.replicas.id, 0, start_id=start, count=BATCH
-            )
-            next_id, entries = claimed[0], claimed[1]
-            for entry_id, fields in entries:
-                self._entry(bank, entry_id, fields)
-            if next_id in (b"0-0", "0-0") or not entries:
-                break
-            start = next_id
+        each new entry as it comes. Redis away: again once it is back (emptied by a
+        restart: the group is made again)."""
+        pending = True
         while True:
             try:
+                if pending:
+                    await self._take_pending(bank)
+                    pending = False
                 batches: Any = await self.redis.xreadgroup(
                     GROUP, self.replicas.id, {self.stream: ">"}, count=BATCH, block=1000
                 )
             except _DOWN as exc:
                 log.debug("credits: the ledger's stream cannot be read: %s", exc)
+                pending = pending or "NOGROUP" in str(exc)
                 await asyncio.sleep(1.0)
                 continue
             for _, entries in batches or []:
                 for entry_id, fields in entries:
                     self._entry(bank, entry_id, fields)
+
+    async def _take_pending(self, bank: Bank) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        start: Any = "0-0"
+        while True:
+            claimed: Any = await self.redis.xautoclaim(
+                self.stream, GROUP, self.replicas.id, 0, start_id=start, count=BATCH
+            )
+            for entry_id, fields in claimed[1]:
+                self._entry(bank, entry_id, fields)
+            start = claimed[0]
+            if start in (b"0-0", "0-0"):
+                return
 
     def _entry(self, bank: Bank, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
@@ -291,6 +298,8 @@ class ReplicaBank:
             bank.transfer(ids, body, reply)
         elif kind == "balance":
             bank.balance_of(ids, body, reply)
+        elif kind == "entries":
+            bank.entries_of(ids, body, reply)
         else:
             reply(422, {"op": kind, "result": "refused", "error": "not a credits op"})
         return True
@@ -391,6 +400,13 @@ class ReplicaBank:
             bank.balance_of(ids, body, reply)
         else:
             self._send({"op": "balance", "ids": sorted(ids), "body": body}, reply)
+
+    def entries_of(self, ids: frozenset[str], body: dict[str, Any], reply: Reply) -> None:
+        bank = self._holding()
+        if bank is not None:
+            bank.entries_of(ids, body, reply)
+        else:
+            self._send({"op": "entries", "ids": sorted(ids), "body": body}, reply)
 
     def _send(self, op: dict[str, Any], reply: Reply | None) -> None:
         encoded = json.dumps(op, separators=(",", ":"))
