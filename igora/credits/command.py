@@ -128,14 +128,17 @@ def add_parser(
         action="store_true",
         help="print the signed order as JSON instead of applying it to the ledger",
     )
+    # SUPPRESS: given before `send` (igora credits --market URL send ...), they stand.
     s.add_argument(
         "--market",
         type=arg.market_url,
-        default=None,
+        default=argparse.SUPPRESS,
         metavar="URL",
         help="the market to send the order to (default: YJS_LOCAL_URL, else ws://localhost:1234)",
     )
-    s.add_argument("--room", type=arg.room, default=None, help="a protocol 3 room of it")
+    s.add_argument(
+        "--room", type=arg.room, default=argparse.SUPPRESS, help="a protocol 3 room of it"
+    )
     s.add_argument(
         "--market-key",
         type=_agent,

@@ -39,3 +39,19 @@ def test_a_real_option_still_parses_and_a_wrong_one_is_still_refused(
         build_parser().parse_args(["market", "ban", "-" + "x" * 10])
     assert exit_.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+BOB = Identity(SigningKey.generate()).id
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["credits", "--market", "ws://h:1", "--room", "r", "send", BOB, "1"],
+        ["credits", "send", BOB, "1", "--market", "ws://h:1", "--room", "r"],
+    ],
+)
+def test_credits_send_takes_the_market_before_or_after_send(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    assert (args.market, args.room, args.credits_command) == ("ws://h:1", "r", "send")
+    assert build_parser().parse_args(["credits", "send", BOB, "1"]).market is None
